@@ -1,0 +1,1 @@
+"""asyncflow: an embedded, asyncio-native DAG workflow engine on SQL."""

@@ -1,0 +1,338 @@
+"""Frozen records and parameter objects shared by the service, the repos and the driver.
+
+Repos return these records, never ORM rows. Timestamps ``created_at``/``updated_at``/``started_at``
+are unix seconds (as in Go); ``next_run_at`` is unix milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ParamInvalidError
+
+__all__ = [
+    "InstanceFields",
+    "InstanceWhere",
+    "NewWorkflowInstance",
+    "NodeExternalEvent",
+    "Pager",
+    "QueryTaskInstanceParams",
+    "QueryWorkflowInstanceParams",
+    "Step",
+    "StepResult",
+    "TaskFields",
+    "TaskInsert",
+    "TaskInstanceDetail",
+    "TaskInstanceRecord",
+    "TaskUpdate",
+    "TaskWhere",
+    "WorkflowInstance",
+    "WorkflowInstanceDetail",
+    "WorkflowInstanceRecord",
+]
+
+JSONDict = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Pager:
+    """Paging of a query. ``page``/``size`` of 0 mean the defaults 1 and 10; negatives are invalid."""
+
+    page: int = 1
+    size: int = 10
+    no_limit: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("page", "size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ParamInvalidError(f"Pager.{name} must be an int, got {value!r}")
+            if value < 0:
+                raise ParamInvalidError(f"Pager.{name} must not be negative, got {value}")
+
+    def resolved(self) -> tuple[int, int]:
+        """``(page, size)`` with the defaults applied (the object itself is never changed)."""
+        return (self.page or 1, self.size or 10)
+
+    @property
+    def offset(self) -> int:
+        page, size = self.resolved()
+        return (page - 1) * size
+
+    @property
+    def limit(self) -> int:
+        return self.resolved()[1]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueryWorkflowInstanceParams:
+    """Filters of the instance queries, AND-ed (Go's ``QueryWorkflowInstanceParams``).
+
+    Empty sequences and ``None`` mean "no filter". ``order_by_id_asc=None`` still pages in id order
+    (ascending) so paging is stable. ``page`` is ignored by counts.
+    """
+
+    workflow_instance_id: int | None = None
+    workflow_type_in: tuple[str, ...] = ()
+    business_id: str | None = None
+    status_in: tuple[str, ...] = ()
+    id_greater_than: int | None = None
+    task_id: int | None = None
+    order_by_id_asc: bool | None = None
+    page: Pager = field(default_factory=Pager)
+
+    def __post_init__(self) -> None:
+        # accept any sequence (a list is natural for callers) but store tuples so the object is hashable
+        for name in ("workflow_type_in", "status_in"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ParamInvalidError(f"{name} must be a sequence of strings, not a string")
+            object.__setattr__(self, name, tuple(str(v) for v in value))
+        for name in ("workflow_instance_id", "id_greater_than", "task_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ParamInvalidError(f"{name} must be an int or None, got {value!r}")
+        if self.business_id is not None and not isinstance(self.business_id, str):
+            raise ParamInvalidError(f"business_id must be a str or None, got {self.business_id!r}")
+        if not isinstance(self.page, Pager):
+            raise ParamInvalidError(f"page must be a Pager, got {self.page!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueryTaskInstanceParams:
+    """Filters of the node queries, AND-ed. ``page=None`` returns every matching row (ordered by id)."""
+
+    id: int | None = None
+    workflow_instance_id: int | None = None
+    task_type: str | None = None
+    status_in: tuple[str, ...] = ()
+    id_greater_than: int | None = None
+    order_by_id_asc: bool | None = None
+    page: Pager | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowInstanceRecord:
+    """A ``workflow_instance`` row. ``workflow_context`` is a plain ``dict``."""
+
+    id: int
+    workflow_type: str
+    business_id: str
+    status: str
+    workflow_context: JSONDict
+    task_id: int
+    created_at: int
+    updated_at: int
+    next_run_at: int = 0
+    version: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowInstance:
+    """What the service returns for an instance: the record's fields plus the definition if loaded."""
+
+    id: int
+    workflow_type: str
+    business_id: str
+    status: str
+    workflow_context: JSONDict
+    task_id: int
+    created_at: int
+    updated_at: int
+    definition: Any = None  # WorkflowDefinition | None (kept Any to keep records free of definitions)
+
+    @classmethod
+    def from_record(cls, record: WorkflowInstanceRecord, definition: Any = None) -> WorkflowInstance:
+        return cls(
+            id=record.id,
+            workflow_type=record.workflow_type,
+            business_id=record.business_id,
+            status=record.status,
+            workflow_context=record.workflow_context,
+            task_id=record.task_id,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+            definition=definition,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskInstanceRecord:
+    """A ``task_instance`` row (one node of one instance).
+
+    ``started_at`` is the node's timeout clock (set at creation and reset by restarts); ``version`` is
+    bumped by every write and is what compare-and-set updates name.
+    """
+
+    id: int
+    workflow_instance_id: int
+    task_type: str
+    status: str
+    node_context: JSONDict
+    fail_count: int
+    created_at: int
+    updated_at: int
+    started_at: int
+    version: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewWorkflowInstance:
+    """What ``create_workflow_instance`` inserts (status ``init`` unless given)."""
+
+    workflow_type: str
+    business_id: str
+    workflow_context: JSONDict
+    task_id: int = 0
+    status: str = "init"
+    next_run_at: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskInsert:
+    """A node row to insert inside a :class:`Step` (or through ``create_task_instance``)."""
+
+    task_type: str
+    status: str
+    node_context: JSONDict
+    fail_count: int = 0
+    started_at: int = 0  # 0: the repo's "now"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskUpdate:
+    """A compare-and-set update of one node row inside a :class:`Step`.
+
+    Applies only if the row still has ``expected_version``; ``None`` fields are left unchanged.
+    """
+
+    id: int
+    expected_version: int
+    status: str | None = None
+    node_context: JSONDict | None = None
+    fail_count: int | None = None
+    started_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    """One atomic write of a pass: everything in it commits together or not at all.
+
+    The repo applies it in one transaction:
+
+    1. the instance row is updated (``updated_at``, ``version + 1`` and the optional ``instance_status``
+       and ``next_run_at``) only if its status is in ``instance_status_in``; otherwise nothing is
+       written and the result is not applied;
+    2. each update applies only if the row's version is still ``expected_version``;
+    3. each insert must not collide with an existing ``(instance, task_type)`` row;
+    4. with ``cancel_other_tasks``, every other non-terminal node row of the instance becomes
+       ``canceled``.
+
+    Any failed condition rolls the whole step back and returns ``StepResult(applied=False)``.
+    """
+
+    instance_id: int
+    instance_status_in: tuple[str, ...] = ("init", "running")
+    instance_status: str | None = None
+    next_run_at: int | None = None
+    inserts: tuple[TaskInsert, ...] = ()
+    updates: tuple[TaskUpdate, ...] = ()
+    cancel_other_tasks: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """``applied`` is False when a condition of the step failed (nothing was written).
+
+    ``inserted`` holds the new rows, in the order of ``Step.inserts``.
+    """
+
+    applied: bool
+    inserted: tuple[TaskInstanceRecord, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceWhere:
+    """Rows an instance update applies to (AND-ed). At least ``ids`` must be given."""
+
+    ids: tuple[int, ...]
+    status_in: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceFields:
+    """Fields an instance update sets (``None`` = unchanged). ``updated_at`` and ``version`` always move."""
+
+    status: str | None = None
+    workflow_context: JSONDict | None = None
+    next_run_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskWhere:
+    """Rows a node update applies to (AND-ed). ``ids`` or ``workflow_instance_id`` must be given."""
+
+    ids: tuple[int, ...] = ()
+    workflow_instance_id: int | None = None
+    task_type_in: tuple[str, ...] = ()
+    status_in: tuple[str, ...] = ()
+    version: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskFields:
+    """Fields a node update sets (``None`` = unchanged). ``updated_at`` and ``version`` always move."""
+
+    status: str | None = None
+    node_context: JSONDict | None = None
+    fail_count: int | None = None
+    started_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeExternalEvent:
+    """An external event for a node: ``event_ts`` is its version, ``event_content`` any JSON value."""
+
+    event_ts: int
+    event_content: Any = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskInstanceDetail:
+    """One node of an instance in a detail query (``id`` 0 and status ``uncreated`` when no row)."""
+
+    id: int
+    workflow_instance_id: int
+    task_type: str
+    task_name: str
+    status: str
+    node_context: JSONDict | None
+    fail_count: int
+    created_at: int
+    updated_at: int
+    pre_nodes_keys: list[str]
+    next_nodes_keys: list[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowInstanceDetail:
+    """An instance with one :class:`TaskInstanceDetail` per definition node, in definition order."""
+
+    id: int
+    workflow_type: str
+    business_id: str
+    status: str
+    workflow_context: JSONDict
+    task_id: int
+    created_at: int
+    updated_at: int
+    task_instances: tuple[TaskInstanceDetail, ...]
+
+    def node(self, task_type: str) -> TaskInstanceDetail:
+        """The entry of ``task_type`` (``KeyError`` if the definition has no such node)."""
+        for item in self.task_instances:
+            if item.task_type == task_type:
+                return item
+        raise KeyError(task_type)
+

@@ -1,0 +1,94 @@
+"""``WorkflowRepo``: the narrow storage Protocol the engine and the driver need."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol, runtime_checkable
+
+from ..records import (
+    InstanceFields,
+    InstanceWhere,
+    NewWorkflowInstance,
+    QueryTaskInstanceParams,
+    QueryWorkflowInstanceParams,
+    Step,
+    StepResult,
+    TaskFields,
+    TaskInsert,
+    TaskInstanceRecord,
+    TaskWhere,
+    WorkflowInstanceRecord,
+)
+
+__all__ = ["WorkflowRepo"]
+
+
+@runtime_checkable
+class WorkflowRepo(Protocol):
+    """Storage of instances and node rows.
+
+    Every method raises ``StoreError`` (driver error as ``__cause__``) for database failures and
+    ``ParamInvalidError`` for invalid arguments (negative paging, a NUL in a business id, empty
+    where/fields). Methods called inside ``transaction()`` (in the same task or a task it spawned)
+    run in that transaction.
+    """
+
+    async def create_schema(self) -> None:
+        """Create the tables and indexes if missing, and record the schema version (idempotent)."""
+
+    async def aclose(self) -> None:
+        """Release what the repo owns (an engine it created); a caller's engine is left alone."""
+
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        """One transaction: commit on success, roll back on any exception (``CancelledError`` too).
+
+        Nested use joins the outer transaction. Commit failures are raised as ``StoreError``.
+        """
+
+    async def create_workflow_instance(self, new: NewWorkflowInstance) -> WorkflowInstanceRecord:
+        """Insert one instance (``created_at = updated_at = now``) and return it with its id."""
+
+    async def create_workflow_instances(self, news: Sequence[NewWorkflowInstance]) -> list[int]:
+        """Bulk insert (one statement per batch); ids in input order."""
+
+    async def get_workflow_instance(self, instance_id: int) -> WorkflowInstanceRecord | None:
+        """The instance, or ``None``."""
+
+    async def query_workflow_instances(
+        self, params: QueryWorkflowInstanceParams
+    ) -> list[WorkflowInstanceRecord]:
+        """Filtered (AND), ordered by id (ascending unless ``order_by_id_asc`` is False), paged."""
+
+    async def count_workflow_instances(self, params: QueryWorkflowInstanceParams) -> int:
+        """How many instances match the filters (paging and order ignored)."""
+
+    async def create_task_instance(self, instance_id: int, new: TaskInsert) -> TaskInstanceRecord:
+        """Insert one node row; a duplicate ``(instance, task_type)`` raises ``UniqueViolationError``."""
+
+    async def query_task_instances(self, params: QueryTaskInstanceParams) -> list[TaskInstanceRecord]:
+        """Filtered (AND) node rows, ordered by id."""
+
+    async def load_task_instances(self, instance_id: int) -> list[TaskInstanceRecord]:
+        """Every node row of one instance, ordered by id."""
+
+    async def update_workflow_instances(self, where: InstanceWhere, fields: InstanceFields) -> int:
+        """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
+
+    async def update_task_instances(self, where: TaskWhere, fields: TaskFields) -> int:
+        """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
+
+    async def apply_step(self, step: Step) -> StepResult:
+        """Apply one pass step atomically (see :class:`~asyncflow.records.Step`)."""
+
+    async def claim_due_instances(
+        self, *, now_ms: int, limit: int, lease_ms: int, workflow_types: Sequence[str] | None = None
+    ) -> list[int]:
+        """Pick up to ``limit`` instances in ``init``/``running`` with ``next_run_at <= now_ms``.
+
+        Oldest due first. Claimed rows get ``next_run_at = now_ms + lease_ms`` in the same statement
+        or transaction, so concurrent claimers (other driver processes) never get the same id.
+        """
+
+    async def next_due_at(self, workflow_types: Sequence[str] | None = None) -> int | None:
+        """The smallest ``next_run_at`` among ``init``/``running`` instances, or ``None``."""

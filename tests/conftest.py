@@ -1,0 +1,61 @@
+"""Shared fixtures: service URLs and isolated PostgreSQL schemas.
+
+PostgreSQL and Redis tests read ``ASYNCFLOW_TEST_POSTGRES_URL`` (a ``postgresql+asyncpg://`` URL) and
+``ASYNCFLOW_TEST_REDIS_URL``. ``.ci/run`` always sets both, so in CI those tests never skip; on a
+developer machine without them they are skipped with the reason shown.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+POSTGRES_URL_ENV = "ASYNCFLOW_TEST_POSTGRES_URL"
+REDIS_URL_ENV = "ASYNCFLOW_TEST_REDIS_URL"
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if not url:
+        pytest.skip(f"{POSTGRES_URL_ENV} is not set (.ci/run sets it)")
+    return url
+
+
+@pytest.fixture
+def redis_url() -> str:
+    url = os.environ.get(REDIS_URL_ENV)
+    if not url:
+        pytest.skip(f"{REDIS_URL_ENV} is not set (.ci/run sets it)")
+    return url
+
+
+@pytest.fixture
+async def pg_engine(postgres_url: str) -> AsyncIterator[object]:
+    """An AsyncEngine whose connections use a fresh, private schema (dropped afterwards)."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(postgres_url)
+    async with admin.begin() as conn:
+        await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    engine = create_async_engine(
+        postgres_url, connect_args={"server_settings": {"search_path": schema}}, pool_size=20, max_overflow=20
+    )
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+        async with admin.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        await admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: object) -> str:
+    """A fresh SQLite file per test."""
+    return f"sqlite+aiosqlite:///{tmp_path}/asyncflow.db"  # type: ignore[str-bytes-safe]
