@@ -335,4 +335,3 @@ class WorkflowInstanceDetail:
             if item.task_type == task_type:
                 return item
         raise KeyError(task_type)
-

@@ -7,9 +7,11 @@ developer machine without them they are skipped with the reason shown.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -33,8 +35,8 @@ def redis_url() -> str:
     return url
 
 
-@pytest.fixture
-async def pg_engine(postgres_url: str) -> AsyncIterator[object]:
+@contextlib.asynccontextmanager
+async def isolated_pg_engine(postgres_url: str, **kwargs: Any) -> AsyncIterator[Any]:
     """An AsyncEngine whose connections use a fresh, private schema (dropped afterwards)."""
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -43,8 +45,10 @@ async def pg_engine(postgres_url: str) -> AsyncIterator[object]:
     admin = create_async_engine(postgres_url)
     async with admin.begin() as conn:
         await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    options: dict[str, Any] = {"pool_size": 20, "max_overflow": 20}
+    options.update(kwargs)
     engine = create_async_engine(
-        postgres_url, connect_args={"server_settings": {"search_path": schema}}, pool_size=20, max_overflow=20
+        postgres_url, connect_args={"server_settings": {"search_path": schema}}, **options
     )
     try:
         yield engine
@@ -53,6 +57,13 @@ async def pg_engine(postgres_url: str) -> AsyncIterator[object]:
         async with admin.begin() as conn:
             await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         await admin.dispose()
+
+
+@pytest.fixture
+async def pg_engine(postgres_url: str) -> AsyncIterator[Any]:
+    """An AsyncEngine whose connections use a fresh, private schema (dropped afterwards)."""
+    async with isolated_pg_engine(postgres_url) as engine:
+        yield engine
 
 
 @pytest.fixture

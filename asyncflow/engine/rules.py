@@ -1,0 +1,189 @@
+"""The engine's pure rules: what a worker outcome does to a node, node contexts, scheduling.
+
+Nothing here does I/O, so every rule is testable without a database.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ..errors import (
+    ParamInvalidError,
+    TaskFailedContinue,
+    TaskFailedTerminate,
+    TaskNotReady,
+    find_in_chain,
+)
+from ..status import NODE_EVENT, PRE_NODE_CONTEXT, REASON, SYSTEM, TIMEOUT_REASON, WORKFLOW_CONTEXT
+
+__all__ = [
+    "NodeOutcome",
+    "Outcome",
+    "SchedulePolicy",
+    "build_node_context",
+    "classify_failure",
+    "error_text",
+    "json_copy",
+    "record_error",
+    "sanitize_json",
+]
+
+_STRIPPED = (SYSTEM, PRE_NODE_CONTEXT, WORKFLOW_CONTEXT)
+
+
+class Outcome(enum.Enum):
+    """What a failed worker call does to its node (reference §4.7, SEMANTICS "Outcomes")."""
+
+    NOT_READY = "not_ready"  # keep status and fail count; poll again later
+    CONTINUE = "continue"  # completed, fail_count + 1; successors run
+    FATAL = "fatal"  # node failed + instance failed + other nodes canceled
+    RETRY = "retry"  # fail_count + 1, status kept, retried on a later pass
+
+
+@dataclass(frozen=True, slots=True)
+class NodeOutcome:
+    """The decision for one failed worker call."""
+
+    outcome: Outcome
+    last_error: str
+    timed_out: bool = False
+
+
+def error_text(exc: BaseException) -> str:
+    """The text stored in ``system.last_error`` (type and message, like Go's ``err.Error()``)."""
+    message = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {message}" if message else name
+
+
+def classify_failure(
+    exc: BaseException,
+    *,
+    fail_count: int,
+    fail_max_count: int,
+    max_wait_time_ts: int,
+    started_at: int,
+    now: int,
+) -> NodeOutcome:
+    """Go's order: timeout, not ready, continue, fail max count, terminate, else retry.
+
+    ``fail_count`` is the count before this failure. The timeout is strict: ``now - started_at >
+    max_wait_time_ts > 0``. ``fail_max_count = N > 0`` fails the node on its N-th counted failure.
+    """
+    text = error_text(exc)
+    if max_wait_time_ts > 0 and now - started_at > max_wait_time_ts:
+        return NodeOutcome(Outcome.FATAL, text, timed_out=True)
+    if find_in_chain(exc, TaskNotReady) is not None:
+        return NodeOutcome(Outcome.NOT_READY, text)
+    if find_in_chain(exc, TaskFailedContinue) is not None:
+        return NodeOutcome(Outcome.CONTINUE, text)
+    if fail_max_count > 0 and fail_count + 1 >= fail_max_count:
+        return NodeOutcome(
+            Outcome.FATAL, f"fail max count reached ({fail_count + 1}/{fail_max_count}): {text}"
+        )
+    if find_in_chain(exc, TaskFailedTerminate) is not None:
+        return NodeOutcome(Outcome.FATAL, text)
+    return NodeOutcome(Outcome.RETRY, text)
+
+
+def record_error(context: dict[str, Any], outcome: NodeOutcome, now: float) -> None:
+    """Write ``system.last_error``/``last_error_time`` (RFC 3339, local time) and the timeout reason."""
+    system = context.get(SYSTEM)
+    if not isinstance(system, dict):
+        system = {}
+        context[SYSTEM] = system
+    system["last_error"] = outcome.last_error
+    system["last_error_time"] = datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds")
+    if outcome.timed_out:
+        reason = context.get(REASON)
+        if not (isinstance(reason, str) and reason):
+            context[REASON] = TIMEOUT_REASON
+
+
+def json_copy(value: Any) -> Any:
+    """Deep copy of JSON-shaped data (dicts, lists, scalars); other objects are shared as they are."""
+    if isinstance(value, dict):
+        return {k: json_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_copy(v) for v in value]
+    return value
+
+
+def sanitize_json(value: Any) -> Any:
+    """A JSON-safe copy: non-JSON values become their ``repr``, NaN/inf their text, NUL U+FFFD."""
+    if isinstance(value, dict):
+        return {_clean_str(str(k)): sanitize_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [sanitize_json(v) for v in value]
+    if isinstance(value, str):
+        return _clean_str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return _clean_str(repr(value))
+
+
+def _clean_str(text: str) -> str:
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def build_node_context(
+    pre_contexts: Iterable[tuple[str, Mapping[str, Any]]],
+    workflow_context: Mapping[str, Any],
+    *,
+    keep_event_from: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A node's initial context, exactly as Go builds it (reference §4.5.1).
+
+    ``pre_node_context`` maps each direct predecessor to a copy of its context minus ``system``,
+    ``pre_node_context`` and ``workflow_context``; ``workflow_context`` is a copy of the instance's.
+    A restarted node keeps the ``node_event`` of its previous context (``keep_event_from``).
+    """
+    pre: dict[str, Any] = {}
+    for task_type, ctx in pre_contexts:
+        pre[task_type] = {k: json_copy(v) for k, v in ctx.items() if k not in _STRIPPED}
+    context: dict[str, Any] = {PRE_NODE_CONTEXT: pre, WORKFLOW_CONTEXT: json_copy(dict(workflow_context))}
+    if keep_event_from is not None and NODE_EVENT in keep_event_from:
+        context[NODE_EVENT] = json_copy(keep_event_from[NODE_EVENT])
+    return context
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulePolicy:
+    """When the driver should next look at an instance after a pass.
+
+    ``poll_interval``: seconds before a node that is not ready (or pending) is checked again.
+    Retryable failures back off exponentially: ``retry_base * 2 ** (fail_count - 1)`` seconds, capped
+    at ``retry_max``, with ``±retry_jitter`` relative jitter.
+    """
+
+    poll_interval: float = 1.0
+    retry_base: float = 1.0
+    retry_max: float = 60.0
+    retry_jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("poll_interval", "retry_base", "retry_max", "retry_jitter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ParamInvalidError(f"SchedulePolicy.{name} must be a finite number, got {value!r}")
+            if value < 0:
+                raise ParamInvalidError(f"SchedulePolicy.{name} must not be negative, got {value}")
+        if self.retry_jitter >= 1:
+            raise ParamInvalidError("SchedulePolicy.retry_jitter must be below 1")
+
+    def retry_delay(self, fail_count: int, rng: random.Random | None = None) -> float:
+        """Back-off in seconds after the ``fail_count``-th consecutive counted failure."""
+        exponent = min(max(fail_count - 1, 0), 62)
+        delay = min(self.retry_base * (2.0**exponent), self.retry_max)
+        if self.retry_jitter:
+            spread = (rng or random).uniform(-self.retry_jitter, self.retry_jitter)
+            delay = min(delay * (1.0 + spread), self.retry_max)
+        return max(delay, 0.0)

@@ -1,0 +1,597 @@
+"""One pass over one instance (``run_workflow``): run every ready node as far as it can go now.
+
+Nodes on independent branches run concurrently (bounded); a node's successors that become ready run in
+the same pass. Every write is one atomic :class:`~asyncflow.records.Step`, conditional on what the pass
+last saw (instance status, row versions); a step that does not apply means someone else (a cancel, a
+restart, another runner) got there first, and the pass stops without writing more.
+
+Writes per node: one (``completed``) for a node without a wait check, two (``pending`` then
+``completed``) with one. The implicit ``root`` rides along with the first write of the pass and ``end``
+(with the instance's completion) with the write of the last node before it. Writes that do not advance
+the workflow (not ready, retryable failures) are gathered into one final write together with the
+instance's next due time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..context import JSONContext
+from ..errors import LockFailedError, ParamInvalidError, is_serious_error
+from ..records import (
+    Step,
+    TaskInsert,
+    TaskInstanceRecord,
+    TaskUpdate,
+    WorkflowInstance,
+    WorkflowInstanceRecord,
+)
+from ..status import END_NODE, ROOT_NODE, InstanceStatus, TaskStatus
+from ..worker import NodeInfo, node_scope
+from .rules import Outcome, build_node_context, classify_failure, record_error, sanitize_json
+
+if TYPE_CHECKING:
+    from ..clock import Clock
+    from ..definition import NodeDefinition, WorkflowDefinition
+    from ..lock.protocol import LockLease
+    from ..store.protocol import WorkflowRepo
+    from .rules import SchedulePolicy
+
+__all__ = ["PassRunner", "active_passes", "run_shielded"]
+
+logger = logging.getLogger("asyncflow.engine")
+
+T = TypeVar("T")
+
+_COMPLETED = TaskStatus.COMPLETED.value
+_RUNNING = TaskStatus.RUNNING.value
+_PENDING = TaskStatus.PENDING.value
+_FINISHING = TaskStatus.FINISHING.value
+_RESTARTING = TaskStatus.RESTARTING.value
+_FAILED = TaskStatus.FAILED.value
+_CANCELED = TaskStatus.CANCELED.value
+_ACTIVE_INSTANCE = (InstanceStatus.INIT.value, InstanceStatus.RUNNING.value)
+
+#: instance ids whose pass runs in the current asyncio context (a worker must not run its own instance)
+active_passes: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "asyncflow_active_passes", default=frozenset()
+)
+
+
+async def run_shielded(aw: Awaitable[T]) -> T:
+    """Await ``aw`` so that a cancellation waits for it to finish (a write lands or fails whole).
+
+    The cancellation is re-raised afterwards; ``CancelledError`` is never swallowed.
+    """
+    inner = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(inner)
+    except asyncio.CancelledError:
+        while not inner.done():
+            try:
+                await asyncio.shield(inner)
+            except asyncio.CancelledError:
+                continue
+            except Exception:  # the write's own failure is moot: we are being cancelled
+                break
+        if not inner.cancelled():
+            inner.exception()  # mark a failure of the write as retrieved
+        raise
+
+
+class _PassStopped(Exception):
+    """A step did not apply: the instance changed under the pass. Stop quietly."""
+
+
+class _PassFailed(Exception):
+    """A node failed the instance; stop the other branches."""
+
+
+_Write = TaskInsert | TaskUpdate
+
+
+class PassRunner:
+    """Runs one pass. Create one per pass, under the instance lock, with everything read under it."""
+
+    def __init__(
+        self,
+        *,
+        repo: WorkflowRepo,
+        clock: Clock,
+        lease: LockLease | None,
+        instance: WorkflowInstanceRecord,
+        definition: WorkflowDefinition,
+        rows: list[TaskInstanceRecord],
+        schedule: SchedulePolicy,
+        wait_interval: float,
+        branch_concurrency: int,
+    ) -> None:
+        self._repo = repo
+        self._clock = clock
+        self._lease = lease
+        self._instance = instance
+        self._definition = definition
+        self._rows: dict[str, TaskInstanceRecord] = {row.task_type: row for row in rows}
+        self._schedule = schedule
+        self._wait_interval = wait_interval
+        self._slots = asyncio.Semaphore(branch_concurrency)
+        self._status = instance.status
+        self._visited: set[str] = set()
+        self._deferred: dict[str, _Write] = {}
+        self._carry: list[tuple[str, _Write]] = []
+        self._carry_done: asyncio.Event | None = None
+        self._delays: list[float] = []
+        self._stopped = False
+
+    # ------------------------------------------------------------------ entry point
+
+    async def run(self) -> WorkflowInstance:
+        token = active_passes.set(active_passes.get() | {self._instance.id})
+        try:
+            if await self._repair():
+                return self._result()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for task_type in self._initially_ready():
+                        self._spawn(tg, task_type)
+            except BaseExceptionGroup as group:
+                _, rest = group.split((_PassStopped, _PassFailed))
+                if rest is not None:
+                    raise _first_leaf(rest) from None
+            if self._stopped:
+                return await self._reload()
+            if self._status in _ACTIVE_INSTANCE:
+                await self._flush()
+                if self._stopped:
+                    return await self._reload()
+            return self._result()
+        finally:
+            active_passes.reset(token)
+
+    # ------------------------------------------------------------------ readiness
+
+    def _completed(self, task_type: str) -> bool:
+        row = self._rows.get(task_type)
+        return row is not None and row.status == _COMPLETED
+
+    def _initially_ready(self) -> list[str]:
+        ready = []
+        for node in self._definition.nodes:
+            row = self._rows.get(node.task_type)
+            if row is None or row.status == _RESTARTING:
+                if all(self._completed(p) for p in node.pre_nodes):
+                    ready.append(node.task_type)
+            elif row.status in (_RUNNING, _PENDING, _FINISHING):
+                ready.append(node.task_type)
+        self._visited.update(ready)
+        return ready
+
+    def _newly_ready(self, done: str) -> list[str]:
+        ready = []
+        for succ in self._definition.node(done).next_nodes:
+            if succ in self._visited:
+                continue
+            row = self._rows.get(succ)
+            if row is not None and row.status != _RESTARTING:
+                continue
+            if all(self._completed(p) for p in self._definition.node(succ).pre_nodes):
+                self._visited.add(succ)
+                ready.append(succ)
+        return ready
+
+    def _spawn(self, tg: asyncio.TaskGroup, task_type: str) -> None:
+        tg.create_task(self._drive(tg, task_type), name=f"asyncflow-{self._instance.id}-{task_type}")
+
+    async def _drive(self, tg: asyncio.TaskGroup, task_type: str) -> None:
+        """Process a node, then keep going inline with one newly ready successor (spawn the others)."""
+        current: str | None = task_type
+        while current is not None:
+            async with self._slots:
+                completed = await self._process(self._definition.node(current))
+            if not completed:
+                return
+            ready = self._newly_ready(current)
+            for other in ready[1:]:
+                self._spawn(tg, other)
+            current = ready[0] if ready else None
+
+    # ------------------------------------------------------------------ one node
+
+    async def _process(self, node: NodeDefinition) -> bool:
+        """Advance one node as far as it goes; True when it ends the pass completed."""
+        task_type = node.task_type
+        row = self._rows.get(task_type)
+        if row is None or row.status == _RESTARTING:
+            context = self._fresh_context(node, row)
+            status, fail_count = _RUNNING, 0 if row is None else row.fail_count
+            started_at = int(self._clock.time()) if row is None else row.started_at
+        else:
+            context, status = row.node_context, row.status
+            fail_count, started_at = row.fail_count, row.started_at
+        if task_type == ROOT_NODE:
+            self._carry_root(row, context)
+            return True
+        if task_type == END_NODE:
+            await self._write_completed(node, row, context, fail_count, started_at)
+            return True
+        ctx = JSONContext.from_map(context)
+        if status == _RUNNING:
+            try:
+                await self._call(node, ctx, fail_count, check=False)
+            except Exception as exc:
+                return await self._failed(node, row, context, _RUNNING, fail_count, started_at, exc)
+            if node.has_wait_check:
+                pending = _write_for(node.task_type, row, _PENDING, context, fail_count, started_at)
+                try:
+                    row = await self._write_one(node.task_type, pending)
+                except ParamInvalidError as exc:
+                    return await self._not_json(node, row, context, _RUNNING, fail_count, started_at, exc)
+                status = _PENDING
+        if status == _PENDING:
+            try:
+                await self._call(node, ctx, fail_count, check=True)
+            except Exception as exc:
+                return await self._failed(node, row, context, _PENDING, fail_count, started_at, exc)
+        try:
+            await self._write_completed(node, row, context, fail_count, started_at)
+        except ParamInvalidError as exc:
+            return await self._not_json(node, row, context, status, fail_count, started_at, exc)
+        return True
+
+    async def _not_json(
+        self,
+        node: NodeDefinition,
+        row: TaskInstanceRecord | None,
+        context: dict[str, Any],
+        status: str,
+        fail_count: int,
+        started_at: int,
+        exc: ParamInvalidError,
+    ) -> bool:
+        """The worker left a context that cannot be stored: a counted failure, stored sanitized."""
+        problem = ParamInvalidError(f"the worker left a node context that is not JSON: {exc}")
+        return await self._failed(node, row, sanitize_json(context), status, fail_count, started_at, problem)
+
+    async def _call(self, node: NodeDefinition, ctx: JSONContext, fail_count: int, *, check: bool) -> None:
+        info = NodeInfo(
+            instance_id=self._instance.id,
+            workflow_type=self._instance.workflow_type,
+            business_id=self._instance.business_id,
+            task_type=node.task_type,
+            fail_count=fail_count,
+        )
+        with node_scope(info):
+            if check:
+                await node.worker.wait_check(ctx)
+            else:
+                await node.worker.run(ctx)
+
+    async def _failed(
+        self,
+        node: NodeDefinition,
+        row: TaskInstanceRecord | None,
+        context: dict[str, Any],
+        status: str,
+        fail_count: int,
+        started_at: int,
+        exc: Exception,
+    ) -> bool:
+        now = self._clock.time()
+        decision = classify_failure(
+            exc,
+            fail_count=fail_count,
+            fail_max_count=node.fail_max_count,
+            max_wait_time_ts=node.max_wait_time_ts,
+            started_at=started_at,
+            now=int(now),
+        )
+        record_error(context, decision, now)
+        outcome = decision.outcome
+        self._log_failure(node.task_type, status, outcome, decision.last_error, exc)
+        if outcome is Outcome.NOT_READY:
+            self._deferred[node.task_type] = _write_for(
+                node.task_type, row, status, context, fail_count, started_at
+            )
+            self._delays.append(self._wait_interval)
+            return False
+        if outcome is Outcome.RETRY:
+            self._deferred[node.task_type] = _write_for(
+                node.task_type, row, status, context, fail_count + 1, started_at
+            )
+            self._delays.append(self._schedule.retry_delay(fail_count + 1))
+            return False
+        if outcome is Outcome.CONTINUE:
+            await self._write_completed(node, row, context, fail_count + 1, started_at)
+            return True
+        write = _write_for(node.task_type, row, _FAILED, context, fail_count + 1, started_at)
+        await self._apply([(node.task_type, write)], instance_status=InstanceStatus.FAILED.value, cancel=True)
+        logger.error(
+            "workflow instance %s failed at node %s: %s",
+            self._instance.id,
+            node.task_type,
+            decision.last_error,
+            extra=self._extra(node.task_type, _FAILED),
+        )
+        raise _PassFailed
+
+    def _log_failure(self, task_type: str, status: str, outcome: Outcome, text: str, exc: Exception) -> None:
+        if outcome is Outcome.NOT_READY or outcome is Outcome.FATAL:
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "node %s of instance %s: %s (%s)",
+                    task_type,
+                    self._instance.id,
+                    outcome.value,
+                    text,
+                    extra=self._extra(task_type, status),
+                )
+            return
+        level = logging.ERROR if is_serious_error(exc) else logging.WARNING
+        logger.log(
+            level,
+            "node %s of instance %s failed (%s): %s",
+            task_type,
+            self._instance.id,
+            outcome.value,
+            text,
+            extra=self._extra(task_type, status),
+        )
+
+    def _extra(self, task_type: str, status: str) -> dict[str, Any]:
+        return {
+            "instance_id": self._instance.id,
+            "workflow_type": self._instance.workflow_type,
+            "task_type": task_type,
+            "status": status,
+        }
+
+    # ------------------------------------------------------------------ contexts
+
+    def _fresh_context(self, node: NodeDefinition, row: TaskInstanceRecord | None) -> dict[str, Any]:
+        pre = ((p, self._rows[p].node_context) for p in node.pre_nodes if p in self._rows)
+        return build_node_context(
+            pre,
+            self._instance.workflow_context,
+            keep_event_from=row.node_context if row is not None else None,
+        )
+
+    # ------------------------------------------------------------------ writes
+
+    def _carry_root(self, row: TaskInstanceRecord | None, context: dict[str, Any]) -> None:
+        """The root does no work: its write rides along with the next step of this pass."""
+        write = _write_for(ROOT_NODE, row, _COMPLETED, context, 0, int(self._clock.time()))
+        self._carry.append((ROOT_NODE, write))
+        self._rows[ROOT_NODE] = _provisional(self._instance.id, ROOT_NODE, row, write)
+
+    async def _write_completed(
+        self,
+        node: NodeDefinition,
+        row: TaskInstanceRecord | None,
+        context: dict[str, Any],
+        fail_count: int,
+        started_at: int,
+    ) -> None:
+        writes = [
+            (node.task_type, _write_for(node.task_type, row, _COMPLETED, context, fail_count, started_at))
+        ]
+        instance_status = None
+        if node.task_type == END_NODE:
+            instance_status = InstanceStatus.COMPLETED.value
+        else:
+            end_write = self._end_if_ready(node.task_type, context)
+            if end_write is not None:
+                writes.append((END_NODE, end_write))
+                instance_status = InstanceStatus.COMPLETED.value
+        await self._apply(writes, instance_status=instance_status)
+        if instance_status is not None:
+            logger.info(
+                "workflow instance %s completed",
+                self._instance.id,
+                extra=self._extra(END_NODE, _COMPLETED),
+            )
+
+    def _end_if_ready(self, finishing: str, finishing_context: dict[str, Any]) -> _Write | None:
+        """``end`` joins this write when ``finishing`` is the last of its predecessors to complete."""
+        end = self._definition.end
+        if finishing not in end.pre_nodes or END_NODE in self._visited:
+            return None
+        row = self._rows.get(END_NODE)
+        if row is not None and row.status != _RESTARTING:
+            return None
+        if not all(p == finishing or self._completed(p) for p in end.pre_nodes):
+            return None
+        self._visited.add(END_NODE)
+        pre = (
+            (p, finishing_context if p == finishing else self._rows[p].node_context) for p in end.pre_nodes
+        )
+        context = build_node_context(
+            pre,
+            self._instance.workflow_context,
+            keep_event_from=row.node_context if row is not None else None,
+        )
+        started_at = int(self._clock.time()) if row is None else row.started_at
+        fail_count = 0 if row is None else row.fail_count
+        return _write_for(END_NODE, row, _COMPLETED, context, fail_count, started_at)
+
+    async def _write_one(self, task_type: str, write: _Write) -> TaskInstanceRecord:
+        await self._apply([(task_type, write)])
+        return self._rows[task_type]
+
+    async def _apply(
+        self,
+        writes: list[tuple[str, _Write]],
+        *,
+        instance_status: str | None = None,
+        cancel: bool = False,
+        next_run_at: int | None = None,
+    ) -> None:
+        """Apply one step; on success record the new rows; if it does not apply, stop the pass."""
+        if self._lease is not None:
+            self._lease.raise_if_lost()
+        done_event: asyncio.Event | None = None
+        carried = self._carry
+        if carried:
+            writes = carried + writes
+            self._carry = []
+            done_event = self._carry_done = asyncio.Event()
+        elif self._carry_done is not None and not self._carry_done.is_set():
+            await self._carry_done.wait()
+        if instance_status is None and self._status == InstanceStatus.INIT.value:
+            instance_status = InstanceStatus.RUNNING.value
+        inserts = [(tt, w) for tt, w in writes if isinstance(w, TaskInsert)]
+        updates = [(tt, w) for tt, w in writes if isinstance(w, TaskUpdate)]
+        step = Step(
+            instance_id=self._instance.id,
+            instance_status=instance_status,
+            next_run_at=next_run_at,
+            inserts=tuple(w for _, w in inserts),
+            updates=tuple(w for _, w in updates),
+            cancel_other_tasks=cancel,
+        )
+        try:
+            result = await run_shielded(self._repo.apply_step(step))
+        except BaseException:
+            self._carry = carried + self._carry  # not written: the next step carries it
+            raise
+        finally:
+            if done_event is not None:
+                done_event.set()
+        if not result.applied:
+            self._stopped = True
+            logger.info(
+                "pass of instance %s stopped: the instance changed under it (cancel, restart or "
+                "another runner)",
+                self._instance.id,
+                extra=self._extra("", self._status),
+            )
+            raise _PassStopped
+        for (task_type, _), record in zip(inserts, result.inserted, strict=True):
+            self._rows[task_type] = record
+        for task_type, update in updates:
+            self._rows[task_type] = _updated(self._rows[task_type], update)
+        if instance_status is not None:
+            self._status = instance_status
+
+    async def _flush(self) -> None:
+        """The pass's last write: deferred node writes, the root if still carried, the next due time."""
+        now = self._clock.time()
+        delay = min(self._delays) if self._delays else self._wait_interval
+        writes = list(self._deferred.items())
+        self._deferred = {}
+        next_run_at = int((now + delay) * 1000)
+        try:
+            try:
+                await self._apply(writes, next_run_at=next_run_at)
+            except ParamInvalidError:  # a worker left a context that is not JSON: store it sanitized
+                await self._apply([(t, _sanitized(w)) for t, w in writes], next_run_at=next_run_at)
+        except _PassStopped:
+            pass
+
+    async def _reload(self) -> WorkflowInstance:
+        record = await self._repo.get_workflow_instance(self._instance.id)
+        return WorkflowInstance.from_record(record or self._instance, self._definition)
+
+    async def _repair(self) -> bool:
+        """Finish transitions a crash (or an older engine) left half-done; True if the pass is over."""
+        end = self._rows.get(END_NODE)
+        if end is not None and end.status == _COMPLETED:
+            await self._apply_quietly(InstanceStatus.COMPLETED.value, cancel=False)
+            return True
+        statuses = {row.status for row in self._rows.values()}
+        if _FAILED in statuses:
+            await self._apply_quietly(InstanceStatus.FAILED.value, cancel=True)
+            return True
+        if _CANCELED in statuses:
+            await self._apply_quietly(InstanceStatus.CANCELED.value, cancel=True)
+            return True
+        return False
+
+    async def _apply_quietly(self, instance_status: str, *, cancel: bool) -> None:
+        logger.warning(
+            "repairing instance %s: its nodes say %s",
+            self._instance.id,
+            instance_status,
+            extra=self._extra("", instance_status),
+        )
+        with contextlib.suppress(_PassStopped):
+            await self._apply([], instance_status=instance_status, cancel=cancel)
+
+    def _result(self) -> WorkflowInstance:
+        record = dataclasses.replace(self._instance, status=self._status, updated_at=int(self._clock.time()))
+        return WorkflowInstance.from_record(record, self._definition)
+
+
+def _write_for(
+    task_type: str,
+    row: TaskInstanceRecord | None,
+    status: str,
+    context: dict[str, Any],
+    fail_count: int,
+    started_at: int,
+) -> _Write:
+    """An insert for a node without a committed row, else a compare-and-set update of its row."""
+    if row is None or row.id == 0:
+        return TaskInsert(
+            task_type=task_type,
+            status=status,
+            node_context=context,
+            fail_count=fail_count,
+            started_at=started_at,
+        )
+    return TaskUpdate(
+        id=row.id,
+        expected_version=row.version,
+        status=status,
+        node_context=context,
+        fail_count=fail_count,
+        started_at=started_at,
+    )
+
+
+def _provisional(
+    instance_id: int, task_type: str, row: TaskInstanceRecord | None, write: _Write
+) -> TaskInstanceRecord:
+    """An in-memory row for a write not yet committed (the carried root)."""
+    return TaskInstanceRecord(
+        id=0 if row is None else row.id,
+        workflow_instance_id=instance_id,
+        task_type=task_type,
+        status=write.status or _COMPLETED,
+        node_context=write.node_context or {},
+        fail_count=0,
+        created_at=0 if row is None else row.created_at,
+        updated_at=0,
+        started_at=0 if row is None else row.started_at,
+        version=0 if row is None else row.version,
+    )
+
+
+def _updated(row: TaskInstanceRecord, update: TaskUpdate) -> TaskInstanceRecord:
+    return dataclasses.replace(
+        row,
+        status=update.status if update.status is not None else row.status,
+        node_context=update.node_context if update.node_context is not None else row.node_context,
+        fail_count=update.fail_count if update.fail_count is not None else row.fail_count,
+        started_at=update.started_at if update.started_at is not None else row.started_at,
+        version=row.version + 1,
+    )
+
+
+def _sanitized(write: _Write) -> _Write:
+    if write.node_context is None:
+        return write
+    return dataclasses.replace(write, node_context=sanitize_json(write.node_context))
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_leaf(exc)
+        return exc
+    return LockFailedError("pass aborted")  # pragma: no cover - groups are never empty

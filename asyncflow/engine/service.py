@@ -1,0 +1,550 @@
+"""``WorkflowService``: create, run, cancel, restart and query workflow instances.
+
+Every mutating operation on an existing instance takes the instance lock
+(``workflow_instance_execute_<id>``), except ``cancel_workflow_instance``, which must succeed while a
+pass runs: it is one transaction, and the running pass stops at its next (compare-and-set) write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from ..clock import SYSTEM_CLOCK, Clock
+from ..context import JSONContext
+from ..definition import WorkflowDefinition
+from ..errors import (
+    AsyncflowError,
+    InstanceNotFoundError,
+    InvalidStateError,
+    LockFailedError,
+    ParamInvalidError,
+    TaskInstanceNotFoundError,
+)
+from ..lock.protocol import WorkflowLock
+from ..records import (
+    InstanceFields,
+    InstanceWhere,
+    NewWorkflowInstance,
+    NodeExternalEvent,
+    QueryTaskInstanceParams,
+    QueryWorkflowInstanceParams,
+    TaskFields,
+    TaskInstanceDetail,
+    TaskInstanceRecord,
+    TaskWhere,
+    WorkflowInstance,
+    WorkflowInstanceDetail,
+    WorkflowInstanceRecord,
+)
+from ..registry import Registry, default_registry
+from ..status import NODE_EVENT, InstanceStatus, TaskStatus, is_over_instance_status, is_over_task_status
+from ..store.protocol import WorkflowRepo
+from .rules import SchedulePolicy
+from .runner import PassRunner, active_passes
+
+__all__ = ["WorkflowService", "lock_key"]
+
+logger = logging.getLogger("asyncflow.engine")
+
+_NON_TERMINAL_TASK = (
+    TaskStatus.INIT.value,
+    TaskStatus.RESTARTING.value,
+    TaskStatus.RUNNING.value,
+    TaskStatus.PENDING.value,
+    TaskStatus.FINISHING.value,
+)
+_ACTIVE = (InstanceStatus.INIT.value, InstanceStatus.RUNNING.value)
+
+
+def lock_key(instance_id: int) -> str:
+    """The lock key of an instance, as in Go."""
+    return f"workflow_instance_execute_{instance_id}"
+
+
+def _check_id(instance_id: object, name: str = "instance_id") -> int:
+    if isinstance(instance_id, bool) or not isinstance(instance_id, int) or instance_id <= 0:
+        raise ParamInvalidError(f"{name} must be a positive int, got {instance_id!r}")
+    return instance_id
+
+
+def _context_dict(context: object, name: str) -> dict[str, Any]:
+    if context is None:
+        return {}
+    if isinstance(context, JSONContext):
+        return context.clone().to_map()
+    if isinstance(context, Mapping):
+        return dict(context)
+    raise ParamInvalidError(f"{name} must be a mapping or JSONContext, got {type(context).__name__}")
+
+
+class WorkflowService:
+    """The engine's operations on workflow instances.
+
+    ``repo`` stores instances and nodes; ``lock`` keeps one runner per instance (leases of
+    ``lock_ttl`` seconds, renewed while held). ``schedule`` decides when the driver looks at an instance
+    again after a pass; ``branch_concurrency`` bounds the nodes of one instance run at once in a pass.
+    """
+
+    def __init__(
+        self,
+        repo: WorkflowRepo,
+        lock: WorkflowLock,
+        registry: Registry = default_registry,
+        *,
+        lock_ttl: float = 30.0,
+        schedule: SchedulePolicy | None = None,
+        branch_concurrency: int = 16,
+        clock: Clock | None = None,
+    ) -> None:
+        if not isinstance(lock_ttl, int | float) or isinstance(lock_ttl, bool) or lock_ttl <= 0:
+            raise ParamInvalidError(f"lock_ttl must be a positive number of seconds, got {lock_ttl!r}")
+        if isinstance(branch_concurrency, bool) or not isinstance(branch_concurrency, int):
+            raise ParamInvalidError(f"branch_concurrency must be an int, got {branch_concurrency!r}")
+        if branch_concurrency < 1:
+            raise ParamInvalidError(f"branch_concurrency must be at least 1, got {branch_concurrency}")
+        self.repo = repo
+        self.lock = lock
+        self.registry = registry
+        self.lock_ttl = float(lock_ttl)
+        self.schedule = schedule or SchedulePolicy()
+        self.branch_concurrency = branch_concurrency
+        self.clock: Clock = clock or SYSTEM_CLOCK
+
+    def _now_ms(self) -> int:
+        return int(self.clock.time() * 1000)
+
+    # ------------------------------------------------------------------ create and run
+
+    async def create_workflow(
+        self,
+        workflow_type: str,
+        business_id: str,
+        *,
+        context: Mapping[str, Any] | JSONContext | None = None,
+        run: bool = False,
+        task_id: int = 0,
+    ) -> WorkflowInstance:
+        """Create an instance (status ``init``); with ``run=True`` return it after its first pass.
+
+        The definition must build (``ConfigNotFoundError``/``ConfigError`` otherwise, nothing written).
+        A context that is not a JSON object raises ``ParamInvalidError``. If the first pass fails
+        (lock or store error), the error is raised with the new id in ``exc.instance_id``.
+        """
+        if not isinstance(workflow_type, str) or not workflow_type:
+            raise ParamInvalidError(f"workflow_type must be a non-empty str, got {workflow_type!r}")
+        if not isinstance(business_id, str):
+            raise ParamInvalidError(f"business_id must be a str, got {business_id!r}")
+        if isinstance(task_id, bool) or not isinstance(task_id, int):
+            raise ParamInvalidError(f"task_id must be an int, got {task_id!r}")
+        definition = self.registry.get_workflow_definition(workflow_type)
+        now_ms = self._now_ms()
+        # with run=True this call runs the first pass itself: keep drivers away for one lease
+        next_run_at = now_ms + int(self.lock_ttl * 1000) if run else now_ms
+        record = await self.repo.create_workflow_instance(
+            NewWorkflowInstance(
+                workflow_type=workflow_type,
+                business_id=business_id,
+                workflow_context=_context_dict(context, "context"),
+                task_id=task_id,
+                next_run_at=next_run_at,
+            )
+        )
+        logger.debug(
+            "created workflow instance %s (%s)",
+            record.id,
+            workflow_type,
+            extra={"instance_id": record.id, "workflow_type": workflow_type, "status": record.status},
+        )
+        if not run:
+            return WorkflowInstance.from_record(record, definition)
+        try:
+            return await self._run(record.id, known=(record, []))
+        except AsyncflowError as exc:
+            exc.instance_id = record.id  # type: ignore[attr-defined]
+            exc.add_note(f"workflow instance {record.id} was created; its first pass failed")
+            raise
+
+    async def run_workflow(self, instance_id: int) -> WorkflowInstance:
+        """One pass: run every ready node as far as it goes now; return the instance after it.
+
+        A terminal instance is returned unchanged. Raises ``ParamInvalidError``,
+        ``InstanceNotFoundError``, definition errors, ``LockFailedError`` and ``StoreError`` only;
+        worker failures are recorded on their nodes.
+        """
+        return await self._run(_check_id(instance_id))
+
+    async def run_pass(self, instance_id: int, *, wait_interval: float | None = None) -> WorkflowInstance:
+        """``run_workflow`` with the driver's poll interval for nodes that are not ready."""
+        return await self._run(_check_id(instance_id), wait_interval=wait_interval)
+
+    async def _run(
+        self,
+        instance_id: int,
+        *,
+        known: tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None = None,
+        wait_interval: float | None = None,
+    ) -> WorkflowInstance:
+        if instance_id in active_passes.get():
+            raise LockFailedError(
+                f"workflow instance {instance_id} is being run by this very task (a worker cannot run "
+                "its own instance)"
+            )
+        async with self.lock.hold(lock_key(instance_id), self.lock_ttl) as lease:
+            if known is not None:
+                instance, rows = known
+            else:
+                loaded = await self.repo.get_workflow_instance(instance_id)
+                if loaded is None:
+                    raise InstanceNotFoundError(f"workflow instance {instance_id} not found")
+                instance = loaded
+                rows = []
+            if is_over_instance_status(instance.status):
+                return WorkflowInstance.from_record(instance, self._definition_or_none(instance))
+            definition = self.registry.get_workflow_definition(instance.workflow_type)
+            if known is None:
+                rows = await self.repo.load_task_instances(instance_id)
+            runner = PassRunner(
+                repo=self.repo,
+                clock=self.clock,
+                lease=lease,
+                instance=instance,
+                definition=definition,
+                rows=rows,
+                schedule=self.schedule,
+                wait_interval=self.schedule.poll_interval if wait_interval is None else wait_interval,
+                branch_concurrency=self.branch_concurrency,
+            )
+            return await runner.run()
+
+    def _definition_or_none(self, instance: WorkflowInstanceRecord) -> WorkflowDefinition | None:
+        try:
+            return self.registry.get_workflow_definition(instance.workflow_type)
+        except AsyncflowError:
+            return None
+
+    async def _get(self, instance_id: int) -> WorkflowInstanceRecord:
+        record = await self.repo.get_workflow_instance(instance_id)
+        if record is None:
+            raise InstanceNotFoundError(f"workflow instance {instance_id} not found")
+        return record
+
+    # ------------------------------------------------------------------ cancel
+
+    async def cancel_workflow_instance(self, instance_id: int) -> None:
+        """Cancel the instance and every non-terminal node, in one transaction.
+
+        A terminal instance is left as it is (no error). Works while a pass runs: that pass stops at
+        its next write.
+        """
+        _check_id(instance_id)
+        async with self.repo.transaction():
+            record = await self._get(instance_id)
+            if is_over_instance_status(record.status):
+                return
+            changed = await self.repo.update_workflow_instances(
+                InstanceWhere(ids=(instance_id,), status_in=_ACTIVE),
+                InstanceFields(status=InstanceStatus.CANCELED.value),
+            )
+            if changed == 0:  # became terminal meanwhile; nothing to cancel
+                return
+            await self.repo.update_task_instances(
+                TaskWhere(workflow_instance_id=instance_id, status_in=_NON_TERMINAL_TASK),
+                TaskFields(status=TaskStatus.CANCELED.value),
+            )
+        logger.info(
+            "workflow instance %s canceled",
+            instance_id,
+            extra={"instance_id": instance_id, "status": InstanceStatus.CANCELED.value},
+        )
+
+    # ------------------------------------------------------------------ events
+
+    async def add_node_external_event(
+        self,
+        instance_id: int,
+        task_type: str,
+        event: NodeExternalEvent,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - API.md: seconds to wait for the instance lock
+    ) -> None:
+        """Store ``event`` under the node's ``node_event`` and wake the instance.
+
+        ``event_ts`` is the version: an older one raises ``InvalidStateError`` (an equal one
+        overwrites). The node must exist (``TaskInstanceNotFoundError``) and neither it nor the instance
+        may be terminal (``InvalidStateError``). While a pass holds the instance lock this raises
+        ``LockFailedError`` (nothing is written), unless ``timeout`` gives seconds to wait for it.
+        """
+        _check_id(instance_id)
+        if not isinstance(task_type, str) or not task_type:
+            raise ParamInvalidError(f"task_type must be a non-empty str, got {task_type!r}")
+        if not isinstance(event, NodeExternalEvent):
+            raise ParamInvalidError(f"event must be a NodeExternalEvent, got {type(event).__name__}")
+        if isinstance(event.event_ts, bool) or not isinstance(event.event_ts, int):
+            raise ParamInvalidError(f"event_ts must be an int, got {event.event_ts!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
+            raise ParamInvalidError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        deadline = None if timeout is None else self.clock.monotonic() + max(0.0, float(timeout))
+        delay = 0.005
+        while True:
+            try:
+                async with self.lock.hold(lock_key(instance_id), self.lock_ttl):
+                    await self._store_event(instance_id, task_type, event)
+                    return
+            except LockFailedError:
+                if deadline is None or self.clock.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(min(delay, max(0.0, deadline - self.clock.monotonic())))
+            delay = min(delay * 2, 0.1)
+
+    async def _store_event(self, instance_id: int, task_type: str, event: NodeExternalEvent) -> None:
+        record = await self._get(instance_id)
+        if is_over_instance_status(record.status):
+            raise InvalidStateError(f"workflow instance {instance_id} is {record.status}")
+        rows = await self.repo.query_task_instances(
+            QueryTaskInstanceParams(workflow_instance_id=instance_id, task_type=task_type)
+        )
+        if not rows:
+            raise TaskInstanceNotFoundError(
+                f"workflow instance {instance_id} has no node {task_type!r} yet (not created)"
+            )
+        row = rows[0]
+        if is_over_task_status(row.status):
+            raise InvalidStateError(f"node {task_type!r} of instance {instance_id} is {row.status}")
+        context = JSONContext(row.node_context)
+        stored_ts, _ = context.get_int64(NODE_EVENT, "event_ts")
+        if event.event_ts < stored_ts:
+            raise InvalidStateError(
+                f"event_ts {event.event_ts} is older than the stored event_ts {stored_ts} of node "
+                f"{task_type!r} (instance {instance_id})"
+            )
+        current = context.get(NODE_EVENT)[0]
+        node_event = dict(current) if isinstance(current, dict) else {}
+        node_event["event_ts"] = event.event_ts
+        node_event["event_content"] = event.event_content
+        context.set([NODE_EVENT], node_event)
+        async with self.repo.transaction():
+            changed = await self.repo.update_task_instances(
+                TaskWhere(ids=(row.id,), version=row.version),
+                TaskFields(node_context=context.to_map()),
+            )
+            if changed == 0:
+                raise InvalidStateError(f"node {task_type!r} of instance {instance_id} changed meanwhile")
+            await self._wake(instance_id)
+
+    async def _wake(self, instance_id: int) -> None:
+        await self.repo.update_workflow_instances(
+            InstanceWhere(ids=(instance_id,), status_in=_ACTIVE),
+            InstanceFields(next_run_at=self._now_ms()),
+        )
+
+    # ------------------------------------------------------------------ restarts
+
+    async def restart_workflow_node(
+        self, instance_id: int, task_type: str, *, force: bool = False, run: bool = False
+    ) -> WorkflowInstance:
+        """Reset the node and every descendant that has a row to ``restarting`` (one transaction).
+
+        Fail counts go to 0 and timeout clocks restart. A terminal instance needs ``force=True`` (it
+        becomes ``running``, and nodes its failure or cancel had canceled are restarted too), else
+        ``InvalidStateError``. ``run=True`` runs a pass before returning.
+        """
+        _check_id(instance_id)
+        if not isinstance(task_type, str) or not task_type:
+            raise ParamInvalidError(f"task_type must be a non-empty str, got {task_type!r}")
+        async with self.lock.hold(lock_key(instance_id), self.lock_ttl):
+            record = await self._get(instance_id)
+            definition = self.registry.get_workflow_definition(record.workflow_type)
+            if definition.get_node(task_type) is None:
+                raise ParamInvalidError(f"workflow type {record.workflow_type!r} has no node {task_type!r}")
+            over = is_over_instance_status(record.status)
+            if over and not force:
+                raise InvalidStateError(
+                    f"workflow instance {instance_id} is {record.status}; pass force=True to restart it"
+                )
+            reset = (task_type, *definition.descendants(task_type))
+            now = int(self.clock.time())
+            restart = TaskFields(status=TaskStatus.RESTARTING.value, fail_count=0, started_at=now)
+            async with self.repo.transaction():
+                fields = InstanceFields(
+                    status=InstanceStatus.RUNNING.value if over else None, next_run_at=self._now_ms()
+                )
+                changed = await self.repo.update_workflow_instances(
+                    InstanceWhere(ids=(instance_id,), status_in=(record.status,)), fields
+                )
+                if changed == 0:
+                    raise InvalidStateError(f"workflow instance {instance_id} changed meanwhile")
+                await self.repo.update_task_instances(
+                    TaskWhere(workflow_instance_id=instance_id, task_type_in=reset), restart
+                )
+                if over:
+                    await self.repo.update_task_instances(
+                        TaskWhere(workflow_instance_id=instance_id, status_in=(TaskStatus.CANCELED.value,)),
+                        restart,
+                    )
+            logger.info(
+                "restarted node %s of workflow instance %s",
+                task_type,
+                instance_id,
+                extra={"instance_id": instance_id, "task_type": task_type, "status": "restarting"},
+            )
+            if run:
+                return await self._run(instance_id)
+            return WorkflowInstance.from_record(await self._get(instance_id), definition)
+
+    async def restart_workflow_instance(
+        self, instance_id: int, *, context: Mapping[str, Any] | JSONContext | None = None, run: bool = False
+    ) -> WorkflowInstance:
+        """Restart a ``failed`` or ``canceled`` instance: its failed and canceled nodes restart.
+
+        ``completed`` raises ``InvalidStateError``; ``init``/``running`` is a no-op. ``context``, if
+        given, replaces the workflow context that restarted nodes see. One transaction.
+        """
+        _check_id(instance_id)
+        new_context = None if context is None else _context_dict(context, "context")
+        async with self.lock.hold(lock_key(instance_id), self.lock_ttl):
+            record = await self._get(instance_id)
+            definition = self.registry.get_workflow_definition(record.workflow_type)
+            if record.status == InstanceStatus.COMPLETED.value:
+                raise InvalidStateError(f"workflow instance {instance_id} is completed; it cannot restart")
+            if record.status in _ACTIVE:
+                return WorkflowInstance.from_record(record, definition)
+            now = int(self.clock.time())
+            async with self.repo.transaction():
+                changed = await self.repo.update_workflow_instances(
+                    InstanceWhere(ids=(instance_id,), status_in=(record.status,)),
+                    InstanceFields(
+                        status=InstanceStatus.RUNNING.value,
+                        workflow_context=new_context,
+                        next_run_at=self._now_ms(),
+                    ),
+                )
+                if changed == 0:
+                    raise InvalidStateError(f"workflow instance {instance_id} changed meanwhile")
+                await self.repo.update_task_instances(
+                    TaskWhere(
+                        workflow_instance_id=instance_id,
+                        status_in=(TaskStatus.FAILED.value, TaskStatus.CANCELED.value),
+                    ),
+                    TaskFields(status=TaskStatus.RESTARTING.value, fail_count=0, started_at=now),
+                )
+            logger.info(
+                "restarted workflow instance %s",
+                instance_id,
+                extra={"instance_id": instance_id, "status": InstanceStatus.RUNNING.value},
+            )
+            if run:
+                return await self._run(instance_id)
+            return WorkflowInstance.from_record(await self._get(instance_id), definition)
+
+    # ------------------------------------------------------------------ queries
+
+    async def count_workflow_instances(self, params: QueryWorkflowInstanceParams | None = None) -> int:
+        """How many instances match (paging ignored)."""
+        return await self.repo.count_workflow_instances(_params(params))
+
+    async def query_workflow_instances(
+        self, params: QueryWorkflowInstanceParams | None = None
+    ) -> list[WorkflowInstanceRecord]:
+        """The matching instance records, paged (defaults: page 1, size 10; stable id order)."""
+        return await self.repo.query_workflow_instances(_params(params))
+
+    async def get_workflow_instance(self, instance_id: int) -> WorkflowInstance:
+        """One instance (``InstanceNotFoundError`` if there is none)."""
+        record = await self._get(_check_id(instance_id))
+        return WorkflowInstance.from_record(record, self._definition_or_none(record))
+
+    async def query_workflow_instance_detail(
+        self, params: QueryWorkflowInstanceParams | None = None
+    ) -> list[WorkflowInstanceDetail]:
+        """Instances with one entry per definition node, in definition order (``uncreated`` if no row).
+
+        An instance whose definition is not loaded in this process is still returned, with one entry
+        per existing row (task name = task type, no pre/next keys).
+        """
+        records = await self.repo.query_workflow_instances(_params(params))
+        details = []
+        for record in records:
+            rows = await self.repo.load_task_instances(record.id)
+            details.append(_detail(record, rows, self._definition_or_none(record)))
+        return details
+
+
+def _params(params: QueryWorkflowInstanceParams | None) -> QueryWorkflowInstanceParams:
+    if params is None:
+        return QueryWorkflowInstanceParams()
+    if not isinstance(params, QueryWorkflowInstanceParams):
+        raise ParamInvalidError(f"params must be QueryWorkflowInstanceParams, got {type(params).__name__}")
+    return params
+
+
+def _detail(
+    record: WorkflowInstanceRecord, rows: list[TaskInstanceRecord], definition: WorkflowDefinition | None
+) -> WorkflowInstanceDetail:
+    by_type = {row.task_type: row for row in rows}
+    entries: list[TaskInstanceDetail] = []
+    if definition is None:
+        entries = [_entry(record.id, row.task_type, row.task_type, row, [], []) for row in rows]
+    else:
+        for node in definition.nodes:
+            row = by_type.get(node.task_type)
+            entries.append(
+                _entry(
+                    record.id,
+                    node.task_type,
+                    node.task_name,
+                    row,
+                    list(node.pre_nodes),
+                    list(node.next_nodes),
+                )
+            )
+    return WorkflowInstanceDetail(
+        id=record.id,
+        workflow_type=record.workflow_type,
+        business_id=record.business_id,
+        status=record.status,
+        workflow_context=record.workflow_context,
+        task_id=record.task_id,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        task_instances=tuple(entries),
+    )
+
+
+def _entry(
+    instance_id: int,
+    task_type: str,
+    task_name: str,
+    row: TaskInstanceRecord | None,
+    pre: list[str],
+    nxt: list[str],
+) -> TaskInstanceDetail:
+    if row is None:
+        return TaskInstanceDetail(
+            id=0,
+            workflow_instance_id=instance_id,
+            task_type=task_type,
+            task_name=task_name,
+            status=TaskStatus.UNCREATED.value,
+            node_context=None,
+            fail_count=0,
+            created_at=0,
+            updated_at=0,
+            pre_nodes_keys=pre,
+            next_nodes_keys=nxt,
+        )
+    return TaskInstanceDetail(
+        id=row.id,
+        workflow_instance_id=instance_id,
+        task_type=task_type,
+        task_name=task_name,
+        status=row.status,
+        node_context=row.node_context,
+        fail_count=row.fail_count,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        pre_nodes_keys=pre,
+        next_nodes_keys=nxt,
+    )

@@ -1,0 +1,161 @@
+"""Validation and canonical JSON shared by every repo, so all backends accept and refuse the same values.
+
+Contexts are stored as canonical compact JSON text (sorted keys, no spaces, UTF-8, no NaN). Whatever a
+backend cannot store faithfully is refused with ``ParamInvalidError`` *before* the database is touched:
+a NUL character (PostgreSQL ``text``/``jsonb`` cannot hold it), a lone surrogate (not encodable as
+UTF-8), NaN/infinity, non-JSON values, and integers outside the signed 64-bit range of the columns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from ..errors import ParamInvalidError
+from ..records import Pager, QueryTaskInstanceParams, QueryWorkflowInstanceParams
+
+logger = logging.getLogger(__name__)
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+_ENCODER = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":"), check_circular=True
+)
+# ``\u0000`` in JSON text is a NUL only when the backslash itself is not escaped (``\\u0000`` is text).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def check_text(value: object, what: str) -> str:
+    """Return ``value`` if it is a ``str`` every backend can store, else raise ``ParamInvalidError``."""
+    if not isinstance(value, str):
+        raise ParamInvalidError(f"{what} must be a str, got {type(value).__name__}")
+    if "\x00" in value:
+        raise ParamInvalidError(f"{what} must not contain a NUL character (\\x00): {value!r}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ParamInvalidError(f"{what} is not valid Unicode (lone surrogate): {value!r}") from exc
+    return value
+
+
+def check_texts(values: Iterable[object], what: str) -> tuple[str, ...]:
+    """:func:`check_text` over a sequence (a lone ``str`` is refused: it is not a list of strings)."""
+    if isinstance(values, str):
+        raise ParamInvalidError(f"{what} must be a sequence of strings, not a string")
+    return tuple(check_text(v, what) for v in values)
+
+
+def check_int(value: object, what: str, *, minimum: int = INT64_MIN) -> int:
+    """Return ``value`` if it is an ``int`` (not ``bool``) in ``[minimum, 2**63 - 1]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamInvalidError(f"{what} must be an int, got {type(value).__name__}")
+    if value < minimum or value > INT64_MAX:
+        raise ParamInvalidError(f"{what} is out of range [{minimum}, {INT64_MAX}]: {value}")
+    return value
+
+
+def check_ints(values: Iterable[object], what: str) -> tuple[int, ...]:
+    """:func:`check_int` over a sequence."""
+    return tuple(check_int(v, what) for v in values)
+
+
+def dumps_context(value: object, what: str) -> str:
+    """Serialize a context ``dict`` to canonical compact JSON, or raise ``ParamInvalidError``."""
+    if not isinstance(value, dict):
+        raise ParamInvalidError(f"{what} must be a dict, got {type(value).__name__}")
+    try:
+        text = _ENCODER.encode(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ParamInvalidError(f"{what} is not JSON-serializable: {exc}") from exc
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise ParamInvalidError(f"{what} must not contain a NUL character (\\x00) in a key or string")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ParamInvalidError(f"{what} holds a string that is not valid Unicode: {exc}") from exc
+    return text
+
+
+def loads_context(raw: object, column: str, row_id: object) -> dict[str, Any]:
+    """Parse a stored context; anything but a JSON object becomes ``{}`` with a WARNING (never raises).
+
+    PostgreSQL's driver hands back decoded ``jsonb`` (already a ``dict``); SQLite hands back text.
+    ``NULL`` (a row written by someone else) is an empty context without a warning.
+    """
+    if isinstance(raw, dict):
+        return raw
+    if raw is None:
+        return {}
+    if isinstance(raw, str | bytes | bytearray):
+        try:
+            parsed = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            logger.warning(
+                "%s of row %s holds invalid JSON; read as an empty context: %s", column, row_id, exc
+            )
+            return {}
+        if isinstance(parsed, dict):
+            return parsed
+        raw = parsed
+    logger.warning(
+        "%s of row %s holds a JSON %s, not an object; read as an empty context",
+        column,
+        row_id,
+        type(raw).__name__,
+    )
+    return {}
+
+
+def copy_context(text: str) -> dict[str, Any]:
+    """A fresh ``dict`` from canonical JSON text (what a read of the stored value would return)."""
+    result: dict[str, Any] = json.loads(text)
+    return result
+
+
+def page_window(pager: Pager | None) -> tuple[int, int] | None:
+    """``(offset, limit)`` of a pager with the defaults applied, or ``None`` for every row."""
+    if pager is None:
+        return None
+    if not isinstance(pager, Pager):
+        raise ParamInvalidError(f"page must be a Pager or None, got {type(pager).__name__}")
+    page = check_int(pager.page, "Pager.page", minimum=0)
+    size = check_int(pager.size, "Pager.size", minimum=0)
+    if pager.no_limit:
+        return None
+    page, size = page or 1, size or 10
+    return check_int((page - 1) * size, "Pager offset (page - 1) * size", minimum=0), size
+
+
+def validate_instance_query(params: QueryWorkflowInstanceParams) -> None:
+    """Refuse filters a backend could not evaluate alike (NUL characters, out-of-range ints)."""
+    if not isinstance(params, QueryWorkflowInstanceParams):
+        raise ParamInvalidError(f"expected QueryWorkflowInstanceParams, got {type(params).__name__}")
+    for name in ("workflow_instance_id", "id_greater_than", "task_id"):
+        value = getattr(params, name)
+        if value is not None:
+            check_int(value, name)
+    check_texts(params.workflow_type_in, "workflow_type_in")
+    check_texts(params.status_in, "status_in")
+    if params.business_id is not None:
+        check_text(params.business_id, "business_id")
+    page_window(params.page)
+
+
+def validate_task_query(params: QueryTaskInstanceParams) -> None:
+    """As :func:`validate_instance_query`, for node queries."""
+    if not isinstance(params, QueryTaskInstanceParams):
+        raise ParamInvalidError(f"expected QueryTaskInstanceParams, got {type(params).__name__}")
+    for name in ("id", "workflow_instance_id", "id_greater_than"):
+        value = getattr(params, name)
+        if value is not None:
+            check_int(value, name)
+    if params.task_type is not None:
+        check_text(params.task_type, "task_type")
+    check_texts(params.status_in, "status_in")
+    page_window(params.page)

@@ -1,0 +1,203 @@
+"""Checked, serialized forms of what callers hand a repo, built before any database work.
+
+Both repos run these, so a value refused by one backend is refused by every backend, and nothing is
+written when an argument is invalid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ParamInvalidError
+from ..records import (
+    InstanceFields,
+    InstanceWhere,
+    NewWorkflowInstance,
+    Step,
+    TaskFields,
+    TaskInsert,
+    TaskUpdate,
+    TaskWhere,
+)
+from ._json import check_int, check_ints, check_text, check_texts, dumps_context
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRow:
+    """A new instance, checked; ``context`` is canonical JSON text."""
+
+    workflow_type: str
+    business_id: str
+    status: str
+    context: str
+    task_id: int
+    next_run_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    """A new node row, checked; ``started_at`` 0 means "now"."""
+
+    task_type: str
+    status: str
+    context: str
+    fail_count: int
+    started_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceChange:
+    """Checked ``InstanceFields`` (``None`` = unchanged)."""
+
+    status: str | None
+    context: str | None
+    next_run_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskChange:
+    """Checked ``TaskFields`` / the fields of a ``TaskUpdate`` (``None`` = unchanged)."""
+
+    status: str | None
+    context: str | None
+    fail_count: int | None
+    started_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """Checked ``TaskWhere``."""
+
+    ids: tuple[int, ...]
+    workflow_instance_id: int | None
+    task_type_in: tuple[str, ...]
+    status_in: tuple[str, ...]
+    version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedStep:
+    """A checked :class:`~asyncflow.records.Step`; updates are ``(id, expected_version, change)``."""
+
+    instance_id: int
+    instance_status_in: tuple[str, ...]
+    instance_change: InstanceChange
+    updates: tuple[tuple[int, int, TaskChange], ...]
+    inserts: tuple[TaskRow, ...]
+    cancel_other_tasks: bool
+
+
+def instance_row(new: NewWorkflowInstance) -> InstanceRow:
+    """Check a :class:`~asyncflow.records.NewWorkflowInstance`."""
+    if not isinstance(new, NewWorkflowInstance):
+        raise ParamInvalidError(f"expected NewWorkflowInstance, got {type(new).__name__}")
+    return InstanceRow(
+        workflow_type=check_text(new.workflow_type, "workflow_type"),
+        business_id=check_text(new.business_id, "business_id"),
+        status=check_text(new.status, "status"),
+        context=dumps_context(new.workflow_context, "workflow_context"),
+        task_id=check_int(new.task_id, "task_id"),
+        next_run_at=check_int(new.next_run_at, "next_run_at", minimum=0),
+    )
+
+
+def task_row(new: TaskInsert) -> TaskRow:
+    """Check a :class:`~asyncflow.records.TaskInsert`."""
+    if not isinstance(new, TaskInsert):
+        raise ParamInvalidError(f"expected TaskInsert, got {type(new).__name__}")
+    return TaskRow(
+        task_type=check_text(new.task_type, "task_type"),
+        status=check_text(new.status, "status"),
+        context=dumps_context(new.node_context, "node_context"),
+        fail_count=check_int(new.fail_count, "fail_count", minimum=0),
+        started_at=check_int(new.started_at, "started_at", minimum=0),
+    )
+
+
+def _optional_text(value: object, what: str) -> str | None:
+    return None if value is None else check_text(value, what)
+
+
+def _optional_int(value: object, what: str, minimum: int = 0) -> int | None:
+    return None if value is None else check_int(value, what, minimum=minimum)
+
+
+def instance_change(fields: InstanceFields, *, allow_empty: bool = False) -> InstanceChange:
+    """Check :class:`~asyncflow.records.InstanceFields`; all ``None`` is refused unless allowed."""
+    change = InstanceChange(
+        status=_optional_text(fields.status, "status"),
+        context=None
+        if fields.workflow_context is None
+        else dumps_context(fields.workflow_context, "workflow_context"),
+        next_run_at=_optional_int(fields.next_run_at, "next_run_at"),
+    )
+    if not allow_empty and change == InstanceChange(None, None, None):
+        raise ParamInvalidError("an instance update needs at least one field to set")
+    return change
+
+
+def task_change(fields: TaskFields | TaskUpdate, *, allow_empty: bool = False) -> TaskChange:
+    """Check :class:`~asyncflow.records.TaskFields` (or the fields of a ``TaskUpdate``)."""
+    change = TaskChange(
+        status=_optional_text(fields.status, "status"),
+        context=None if fields.node_context is None else dumps_context(fields.node_context, "node_context"),
+        fail_count=_optional_int(fields.fail_count, "fail_count"),
+        started_at=_optional_int(fields.started_at, "started_at"),
+    )
+    if not allow_empty and change == TaskChange(None, None, None, None):
+        raise ParamInvalidError("a node update needs at least one field to set")
+    return change
+
+
+def instance_where(where: InstanceWhere) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Check :class:`~asyncflow.records.InstanceWhere`: ``(ids, status_in)``; ids are required."""
+    ids = check_ints(where.ids, "InstanceWhere.ids")
+    if not ids:
+        raise ParamInvalidError("an instance update needs InstanceWhere.ids (refusing to update every row)")
+    return ids, check_texts(where.status_in, "InstanceWhere.status_in")
+
+
+def task_filter(where: TaskWhere) -> TaskFilter:
+    """Check :class:`~asyncflow.records.TaskWhere`; ``ids`` or ``workflow_instance_id`` is required."""
+    result = TaskFilter(
+        ids=check_ints(where.ids, "TaskWhere.ids"),
+        workflow_instance_id=_optional_int(
+            where.workflow_instance_id, "workflow_instance_id", minimum=-(2**63)
+        ),
+        task_type_in=check_texts(where.task_type_in, "TaskWhere.task_type_in"),
+        status_in=check_texts(where.status_in, "TaskWhere.status_in"),
+        version=_optional_int(where.version, "TaskWhere.version", minimum=-(2**63)),
+    )
+    if not result.ids and result.workflow_instance_id is None:
+        raise ParamInvalidError("a node update needs TaskWhere.ids or workflow_instance_id")
+    return result
+
+
+def prepared_step(step: Step) -> PreparedStep:
+    """Check a :class:`~asyncflow.records.Step` and serialize its contexts."""
+    if not isinstance(step, Step):
+        raise ParamInvalidError(f"expected Step, got {type(step).__name__}")
+    updates = []
+    for update in step.updates:
+        if not isinstance(update, TaskUpdate):
+            raise ParamInvalidError(f"Step.updates must hold TaskUpdate, got {type(update).__name__}")
+        updates.append(
+            (
+                check_int(update.id, "TaskUpdate.id"),
+                check_int(update.expected_version, "TaskUpdate.expected_version"),
+                task_change(update, allow_empty=True),
+            )
+        )
+    inserts = tuple(task_row(new) for new in step.inserts)
+    return PreparedStep(
+        instance_id=check_int(step.instance_id, "Step.instance_id"),
+        instance_status_in=check_texts(step.instance_status_in, "Step.instance_status_in"),
+        instance_change=InstanceChange(
+            status=_optional_text(step.instance_status, "Step.instance_status"),
+            context=None,
+            next_run_at=_optional_int(step.next_run_at, "Step.next_run_at"),
+        ),
+        updates=tuple(updates),
+        inserts=inserts,
+        cancel_other_tasks=bool(step.cancel_other_tasks),
+    )

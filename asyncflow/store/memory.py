@@ -1,0 +1,481 @@
+"""``MemoryWorkflowRepo``: the whole ``WorkflowRepo`` contract in process memory.
+
+A real implementation, not a mock: it passes the same contract suite as the SQL repo. Rows keep their
+contexts as canonical JSON text, so callers never alias stored state, and values are accepted or
+refused exactly as on SQLite and PostgreSQL (same checks, same normalization). One ``asyncio.Lock``
+serializes writers: a ``transaction()`` holds it until it ends and restores a snapshot on rollback.
+Nothing is persisted; the data lives as long as the object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from ..clock import SYSTEM_CLOCK, Clock
+from ..errors import StoreError, UniqueViolationError
+from ..records import (
+    InstanceFields,
+    InstanceWhere,
+    NewWorkflowInstance,
+    Pager,
+    QueryTaskInstanceParams,
+    QueryWorkflowInstanceParams,
+    Step,
+    StepResult,
+    TaskFields,
+    TaskInsert,
+    TaskInstanceRecord,
+    TaskWhere,
+    WorkflowInstanceRecord,
+)
+from . import _prepare as prep
+from ._json import (
+    check_int,
+    check_texts,
+    copy_context,
+    page_window,
+    validate_instance_query,
+    validate_task_query,
+)
+
+__all__ = ["MemoryWorkflowRepo"]
+
+_RUNNABLE = ("init", "running")
+_TERMINAL = ("completed", "failed", "canceled")
+
+
+@dataclass(frozen=True, slots=True)
+class _Instance:
+    id: int
+    workflow_type: str
+    business_id: str
+    status: str
+    context: str
+    task_id: int
+    created_at: int
+    updated_at: int
+    next_run_at: int
+    version: int
+
+    def record(self) -> WorkflowInstanceRecord:
+        return WorkflowInstanceRecord(
+            id=self.id,
+            workflow_type=self.workflow_type,
+            business_id=self.business_id,
+            status=self.status,
+            workflow_context=copy_context(self.context),
+            task_id=self.task_id,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            next_run_at=self.next_run_at,
+            version=self.version,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Task:
+    id: int
+    workflow_instance_id: int
+    task_type: str
+    status: str
+    context: str
+    fail_count: int
+    created_at: int
+    updated_at: int
+    started_at: int
+    version: int
+
+    def record(self) -> TaskInstanceRecord:
+        return TaskInstanceRecord(
+            id=self.id,
+            workflow_instance_id=self.workflow_instance_id,
+            task_type=self.task_type,
+            status=self.status,
+            node_context=copy_context(self.context),
+            fail_count=self.fail_count,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            started_at=self.started_at,
+            version=self.version,
+        )
+
+
+@dataclass(slots=True)
+class _State:
+    instances: dict[int, _Instance]
+    tasks: dict[int, _Task]
+    task_keys: dict[tuple[int, str], int]  # UNIQUE(workflow_instance_id, task_type)
+    last_instance_id: int = 0
+    last_task_id: int = 0
+
+    def copy(self) -> _State:
+        # rows are immutable, so copying the maps is a full snapshot
+        return _State(
+            dict(self.instances),
+            dict(self.tasks),
+            dict(self.task_keys),
+            self.last_instance_id,
+            self.last_task_id,
+        )
+
+
+class _MemTx:
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = True
+
+
+class MemoryWorkflowRepo:
+    """The :class:`~asyncflow.store.protocol.WorkflowRepo` in memory (for tests and single processes)."""
+
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        self._clock: Clock = clock if clock is not None else SYSTEM_CLOCK
+        self._state = _State({}, {}, {})
+        self._lock = asyncio.Lock()
+        self._tx: ContextVar[_MemTx | None] = ContextVar(f"asyncflow_memory_tx_{id(self):x}", default=None)
+
+    def _now(self) -> int:
+        return int(self._clock.time())
+
+    async def __aenter__(self) -> MemoryWorkflowRepo:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def create_schema(self) -> None:
+        """Nothing to create (idempotent)."""
+
+    async def aclose(self) -> None:
+        """Nothing to release; the data stays readable."""
+
+    def _joined(self) -> bool:
+        tx = self._tx.get()
+        if tx is None:
+            return False
+        if not tx.active:
+            raise StoreError("the transaction() this task runs in has already ended")
+        return True
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """One transaction: all or nothing; nested use (and tasks spawned inside) join it."""
+        if self._joined():
+            yield
+            return
+        async with self._lock:
+            snapshot = self._state.copy()
+            tx = _MemTx()
+            token = self._tx.set(tx)
+            try:
+                yield
+            except BaseException:
+                self._state = snapshot
+                raise
+            finally:
+                tx.active = False
+                self._tx.reset(token)
+
+    @asynccontextmanager
+    async def _unit(self) -> AsyncIterator[_State]:
+        """The state for one call: inside the open transaction, or once no transaction holds it."""
+        if self._joined():
+            yield self._state
+            return
+        async with self._lock:
+            yield self._state
+
+    # ------------------------------------------------------------------------------- instances
+
+    def _insert_instance(self, state: _State, row: prep.InstanceRow, now: int) -> _Instance:
+        state.last_instance_id += 1
+        instance = _Instance(
+            state.last_instance_id,
+            row.workflow_type,
+            row.business_id,
+            row.status,
+            row.context,
+            row.task_id,
+            now,
+            now,
+            row.next_run_at,
+            1,
+        )
+        state.instances[instance.id] = instance
+        return instance
+
+    async def create_workflow_instance(self, new: NewWorkflowInstance) -> WorkflowInstanceRecord:
+        """Insert one instance and return it with its id."""
+        row = prep.instance_row(new)
+        async with self._unit() as state:
+            return self._insert_instance(state, row, self._now()).record()
+
+    async def create_workflow_instances(self, news: Sequence[NewWorkflowInstance]) -> list[int]:
+        """Bulk insert; ids in input order."""
+        rows = [prep.instance_row(new) for new in news]
+        async with self._unit() as state:
+            now = self._now()
+            return [self._insert_instance(state, row, now).id for row in rows]
+
+    async def get_workflow_instance(self, instance_id: int) -> WorkflowInstanceRecord | None:
+        """The instance, or ``None``."""
+        check_int(instance_id, "instance_id")
+        async with self._unit() as state:
+            instance = state.instances.get(instance_id)
+            return None if instance is None else instance.record()
+
+    def _matching(self, state: _State, params: QueryWorkflowInstanceParams) -> list[_Instance]:
+        validate_instance_query(params)
+        result = []
+        for item in state.instances.values():
+            if params.workflow_instance_id is not None and item.id != params.workflow_instance_id:
+                continue
+            if params.workflow_type_in and item.workflow_type not in params.workflow_type_in:
+                continue
+            if params.business_id is not None and item.business_id != params.business_id:
+                continue
+            if params.status_in and item.status not in params.status_in:
+                continue
+            if params.id_greater_than is not None and item.id <= params.id_greater_than:
+                continue
+            if params.task_id is not None and item.task_id != params.task_id:
+                continue
+            result.append(item)
+        return result
+
+    async def query_workflow_instances(
+        self, params: QueryWorkflowInstanceParams
+    ) -> list[WorkflowInstanceRecord]:
+        """Filtered (AND), ordered by id (descending only for ``order_by_id_asc=False``), paged."""
+        async with self._unit() as state:
+            rows = self._matching(state, params)
+            return [row.record() for row in _paged(rows, params.order_by_id_asc, params.page)]
+
+    async def count_workflow_instances(self, params: QueryWorkflowInstanceParams) -> int:
+        """How many instances match the filters (paging and order ignored)."""
+        async with self._unit() as state:
+            return len(self._matching(state, params))
+
+    async def update_workflow_instances(self, where: InstanceWhere, fields: InstanceFields) -> int:
+        """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
+        ids, status_in = prep.instance_where(where)
+        change = prep.instance_change(fields)
+        async with self._unit() as state:
+            now, count = self._now(), 0
+            for instance_id in dict.fromkeys(ids):
+                instance = state.instances.get(instance_id)
+                if instance is None or (status_in and instance.status not in status_in):
+                    continue
+                state.instances[instance_id] = _changed_instance(instance, change, now)
+                count += 1
+            return count
+
+    # ----------------------------------------------------------------------------------- nodes
+
+    def _insert_task(self, state: _State, instance_id: int, row: prep.TaskRow, now: int) -> _Task:
+        if instance_id not in state.instances:
+            raise StoreError(f"create_task_instance failed: no workflow_instance {instance_id} (foreign key)")
+        if (instance_id, row.task_type) in state.task_keys:
+            raise UniqueViolationError(
+                f"create_task_instance failed: instance {instance_id} already has a {row.task_type!r} row"
+            )
+        state.last_task_id += 1
+        task = _Task(
+            state.last_task_id,
+            instance_id,
+            row.task_type,
+            row.status,
+            row.context,
+            row.fail_count,
+            now,
+            now,
+            row.started_at or now,
+            1,
+        )
+        state.tasks[task.id] = task
+        state.task_keys[(instance_id, row.task_type)] = task.id
+        return task
+
+    async def create_task_instance(self, instance_id: int, new: TaskInsert) -> TaskInstanceRecord:
+        """Insert one node row; a duplicate ``(instance, task_type)`` raises ``UniqueViolationError``."""
+        check_int(instance_id, "instance_id")
+        row = prep.task_row(new)
+        async with self._unit() as state:
+            return self._insert_task(state, instance_id, row, self._now()).record()
+
+    async def query_task_instances(self, params: QueryTaskInstanceParams) -> list[TaskInstanceRecord]:
+        """Filtered (AND) node rows, ordered by id."""
+        validate_task_query(params)
+        status_in = tuple(params.status_in)
+        async with self._unit() as state:
+            rows = [
+                task
+                for task in state.tasks.values()
+                if (params.id is None or task.id == params.id)
+                and (
+                    params.workflow_instance_id is None
+                    or task.workflow_instance_id == params.workflow_instance_id
+                )
+                and (params.task_type is None or task.task_type == params.task_type)
+                and (not status_in or task.status in status_in)
+                and (params.id_greater_than is None or task.id > params.id_greater_than)
+            ]
+            return [row.record() for row in _paged(rows, params.order_by_id_asc, params.page)]
+
+    async def load_task_instances(self, instance_id: int) -> list[TaskInstanceRecord]:
+        """Every node row of one instance, ordered by id."""
+        check_int(instance_id, "instance_id")
+        async with self._unit() as state:
+            rows = [task for task in state.tasks.values() if task.workflow_instance_id == instance_id]
+            return [row.record() for row in sorted(rows, key=lambda task: task.id)]
+
+    def _matching_tasks(self, state: _State, filt: prep.TaskFilter) -> Iterable[_Task]:
+        if filt.ids:
+            candidates: Iterable[_Task] = (
+                state.tasks[i] for i in dict.fromkeys(filt.ids) if i in state.tasks
+            )
+        else:
+            candidates = list(state.tasks.values())
+        for task in candidates:
+            if (
+                filt.workflow_instance_id is not None
+                and task.workflow_instance_id != filt.workflow_instance_id
+            ):
+                continue
+            if filt.task_type_in and task.task_type not in filt.task_type_in:
+                continue
+            if filt.status_in and task.status not in filt.status_in:
+                continue
+            if filt.version is not None and task.version != filt.version:
+                continue
+            yield task
+
+    async def update_task_instances(self, where: TaskWhere, fields: TaskFields) -> int:
+        """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
+        filt = prep.task_filter(where)
+        change = prep.task_change(fields)
+        async with self._unit() as state:
+            now = self._now()
+            matched = list(self._matching_tasks(state, filt))
+            for task in matched:
+                state.tasks[task.id] = _changed_task(task, change, now)
+            return len(matched)
+
+    # ------------------------------------------------------------------------------------ step
+
+    async def apply_step(self, step: Step) -> StepResult:
+        """Apply one pass step atomically: every condition is checked before anything is written."""
+        p = prep.prepared_step(step)
+        async with self._unit() as state:
+            now = self._now()
+            instance = state.instances.get(p.instance_id)
+            if instance is None or (p.instance_status_in and instance.status not in p.instance_status_in):
+                return StepResult(applied=False)
+            for task_id, expected_version, _ in p.updates:
+                task = state.tasks.get(task_id)
+                if (
+                    task is None
+                    or task.workflow_instance_id != p.instance_id
+                    or task.version != expected_version
+                ):
+                    return StepResult(applied=False)
+            if len(p.updates) != len({task_id for task_id, _, _ in p.updates}):
+                return StepResult(applied=False)  # the second update of a row sees a stale version
+            new_types = [row.task_type for row in p.inserts]
+            if len(set(new_types)) != len(new_types) or any(
+                (p.instance_id, task_type) in state.task_keys for task_type in new_types
+            ):
+                return StepResult(applied=False)
+            state.instances[p.instance_id] = _changed_instance(instance, p.instance_change, now)
+            touched = set()
+            for task_id, _, change in p.updates:
+                state.tasks[task_id] = _changed_task(state.tasks[task_id], change, now)
+                touched.add(task_id)
+            inserted = tuple(self._insert_task(state, p.instance_id, row, now) for row in p.inserts)
+            touched.update(task.id for task in inserted)
+            if p.cancel_other_tasks:
+                canceled = prep.TaskChange("canceled", None, None, None)
+                for task in list(state.tasks.values()):
+                    if (
+                        task.workflow_instance_id == p.instance_id
+                        and task.id not in touched
+                        and task.status not in _TERMINAL
+                    ):
+                        state.tasks[task.id] = _changed_task(task, canceled, now)
+            return StepResult(applied=True, inserted=tuple(task.record() for task in inserted))
+
+    # ---------------------------------------------------------------------------------- driver
+
+    def _due(self, state: _State, now_ms: int, types: tuple[str, ...]) -> list[_Instance]:
+        due = [
+            item
+            for item in state.instances.values()
+            if item.status in _RUNNABLE
+            and item.next_run_at <= now_ms
+            and (not types or item.workflow_type in types)
+        ]
+        return sorted(due, key=lambda item: (item.next_run_at, item.id))
+
+    async def claim_due_instances(
+        self, *, now_ms: int, limit: int, lease_ms: int, workflow_types: Sequence[str] | None = None
+    ) -> list[int]:
+        """Lease up to ``limit`` due ``init``/``running`` instances, oldest due first."""
+        check_int(now_ms, "now_ms", minimum=0)
+        check_int(lease_ms, "lease_ms", minimum=0)
+        lease = check_int(now_ms + lease_ms, "now_ms + lease_ms", minimum=0)
+        check_int(limit, "limit", minimum=0)
+        types = check_texts(workflow_types or (), "workflow_types")
+        async with self._unit() as state:
+            picked = self._due(state, now_ms, types)[:limit]
+            for item in picked:
+                state.instances[item.id] = replace(item, next_run_at=lease)
+            return [item.id for item in picked]
+
+    async def next_due_at(self, workflow_types: Sequence[str] | None = None) -> int | None:
+        """The smallest ``next_run_at`` among ``init``/``running`` instances, or ``None``."""
+        types = check_texts(workflow_types or (), "workflow_types")
+        async with self._unit() as state:
+            values = [
+                item.next_run_at
+                for item in state.instances.values()
+                if item.status in _RUNNABLE and (not types or item.workflow_type in types)
+            ]
+            return min(values) if values else None
+
+
+_Row = TypeVar("_Row", _Instance, _Task)
+
+
+def _paged(rows: list[_Row], ascending: bool | None, pager: Pager | None) -> list[_Row]:
+    rows = sorted(rows, key=lambda row: row.id, reverse=ascending is False)
+    window = page_window(pager)
+    return rows if window is None else rows[window[0] : window[0] + window[1]]
+
+
+def _changed_instance(instance: _Instance, change: prep.InstanceChange, now: int) -> _Instance:
+    return replace(
+        instance,
+        status=instance.status if change.status is None else change.status,
+        context=instance.context if change.context is None else change.context,
+        next_run_at=instance.next_run_at if change.next_run_at is None else change.next_run_at,
+        updated_at=now,
+        version=instance.version + 1,
+    )
+
+
+def _changed_task(task: _Task, change: prep.TaskChange, now: int) -> _Task:
+    return replace(
+        task,
+        status=task.status if change.status is None else change.status,
+        context=task.context if change.context is None else change.context,
+        fail_count=task.fail_count if change.fail_count is None else change.fail_count,
+        started_at=task.started_at if change.started_at is None else change.started_at,
+        updated_at=now,
+        version=task.version + 1,
+    )

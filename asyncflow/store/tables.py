@@ -1,0 +1,105 @@
+"""The SQL schema: ``workflow_instance``, ``task_instance`` and ``asyncflow_schema``.
+
+``metadata`` is public so applications can fold these tables into their own Alembic migrations
+(``target_metadata = [app_metadata, asyncflow.store.tables.metadata]``) instead of calling
+``create_schema()``. The columns are Go's plus what the engine and the driver need:
+
+* ``workflow_instance.next_run_at`` (unix **milliseconds**): when the driver should next look at the
+  instance; ``INDEX(status, next_run_at)`` serves the due scan.
+* ``version`` on both tables: bumped by every write, named by compare-and-set updates.
+* ``task_instance.started_at`` (unix seconds): the node's timeout clock.
+
+``created_at``/``updated_at`` are unix seconds, as in Go. Contexts are ``JSON`` (``JSONB`` on
+PostgreSQL). Primary keys are ``BIGINT`` (``INTEGER PRIMARY KEY AUTOINCREMENT`` on SQLite, a rowid
+alias whose values are never reused).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "asyncflow_schema",
+    "metadata",
+    "task_instance",
+    "workflow_instance",
+]
+
+SCHEMA_VERSION = 1
+"""The version ``create_schema()`` records in ``asyncflow_schema``."""
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_ID = BigInteger().with_variant(Integer(), "sqlite")
+_JSON = JSON().with_variant(JSONB(), "postgresql")
+_EMPTY_OBJECT = text("'{}'")
+
+workflow_instance = Table(
+    "workflow_instance",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("workflow_type", Text, nullable=False),
+    Column("business_id", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("workflow_context", _JSON, nullable=False, server_default=_EMPTY_OBJECT),
+    Column("task_id", BigInteger, nullable=False, server_default=text("0")),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Column("next_run_at", BigInteger, nullable=False, server_default=text("0")),
+    Column("version", BigInteger, nullable=False, server_default=text("1")),
+    Index(None, "status", "next_run_at"),
+    Index(None, "business_id"),
+    Index(None, "task_id"),
+    sqlite_autoincrement=True,
+)
+
+task_instance = Table(
+    "task_instance",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column(
+        "workflow_instance_id",
+        BigInteger,
+        ForeignKey("workflow_instance.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("task_type", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("node_context", _JSON, nullable=False, server_default=_EMPTY_OBJECT),
+    Column("fail_count", BigInteger, nullable=False, server_default=text("0")),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Column("started_at", BigInteger, nullable=False, server_default=text("0")),
+    Column("version", BigInteger, nullable=False, server_default=text("1")),
+    # also serves "every row of an instance" (its leading column), so no separate index is needed
+    UniqueConstraint("workflow_instance_id", "task_type"),
+    sqlite_autoincrement=True,
+)
+
+asyncflow_schema = Table(
+    "asyncflow_schema",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("applied_at", BigInteger, nullable=False),
+)

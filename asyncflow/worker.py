@@ -1,0 +1,217 @@
+"""Task workers: what a node does (``run``) and how it learns it is done (``wait_check``).
+
+A worker signals outcomes by raising (see :mod:`asyncflow.errors`): ``TaskNotReady``,
+``TaskFailedContinue``, ``TaskFailedTerminate``; anything else is a retryable failure. Mutations a worker
+makes to its ``ctx`` are persisted by the engine.
+
+Inside ``run``/``wait_check``, :func:`current_node` tells the worker which instance and node it serves.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
+
+import anyio.to_thread
+
+if TYPE_CHECKING:
+    from asyncflow.context import JSONContext
+
+__all__ = [
+    "NOT_IMPLEMENTED",
+    "BaseTaskWorker",
+    "EmptyTaskWorker",
+    "EndNodeWorker",
+    "NodeInfo",
+    "NormalTaskWorker",
+    "RootNodeWorker",
+    "TaskWorker",
+    "WorkerFunction",
+    "current_node",
+    "node_scope",
+    "worker_has_wait_check",
+]
+
+#: The message of the error raised by a worker that has no implementation (the Go text).
+NOT_IMPLEMENTED = "Not implemented"
+
+#: A ``run``/``wait_check`` function: ``async def f(ctx)`` or a plain ``def f(ctx)`` (run in a thread).
+WorkerFunction: TypeAlias = "Callable[[JSONContext], Awaitable[None]] | Callable[[JSONContext], None]"
+
+
+@runtime_checkable
+class TaskWorker(Protocol):
+    """What the engine calls for a node (Go ``WorkflowTaskNodeWorker``).
+
+    ``run`` starts the work; ``wait_check`` is polled after ``run`` succeeded until it returns without
+    raising. Both return ``None`` on success and signal everything else by raising.
+    """
+
+    async def run(self, ctx: JSONContext) -> None:
+        """Do the node's work; mutate ``ctx`` to pass data on."""
+        ...
+
+    async def wait_check(self, ctx: JSONContext) -> None:
+        """Return when the work started by ``run`` is done; raise ``TaskNotReady`` while it is not."""
+        ...
+
+
+class EmptyTaskWorker:
+    """A worker with no implementation: ``run`` and ``wait_check`` both raise ``NotImplementedError``."""
+
+    async def run(self, ctx: JSONContext) -> None:
+        """Always fails with ``NotImplementedError("Not implemented")`` (a retryable failure)."""
+        raise NotImplementedError(NOT_IMPLEMENTED)
+
+    async def wait_check(self, ctx: JSONContext) -> None:
+        """Always fails with ``NotImplementedError("Not implemented")``."""
+        raise NotImplementedError(NOT_IMPLEMENTED)
+
+
+class BaseTaskWorker(EmptyTaskWorker):
+    """Base class for workers: override ``run``; ``wait_check`` succeeds at once (a synchronous node).
+
+    Override ``wait_check`` too for a node that polls for completion.
+    """
+
+    async def wait_check(self, ctx: JSONContext) -> None:
+        """Succeeds: the node is done as soon as ``run`` succeeded."""
+        return None
+
+
+class RootNodeWorker(BaseTaskWorker):
+    """The worker of the implicit ``root`` node: does nothing."""
+
+    async def run(self, ctx: JSONContext) -> None:
+        """No-op."""
+        return None
+
+
+class EndNodeWorker(BaseTaskWorker):
+    """The worker of the implicit ``end`` node: does nothing."""
+
+    async def run(self, ctx: JSONContext) -> None:
+        """No-op."""
+        return None
+
+
+async def _call(fn: WorkerFunction, is_async: bool, ctx: JSONContext) -> None:
+    if is_async:
+        result: object = fn(ctx)
+    else:
+        # A plain callable may block: run it in a worker thread (contextvars are copied, so
+        # current_node() works there). On cancellation the await ends at once; the thread cannot be
+        # interrupted and finishes on its own, its result discarded.
+        result = await anyio.to_thread.run_sync(fn, ctx, abandon_on_cancel=True)
+    if inspect.isawaitable(result):
+        await result
+
+
+def _is_async_callable(fn: object) -> bool:
+    if not callable(fn):
+        return False
+    if inspect.iscoroutinefunction(fn):
+        return True
+    # an object whose class defines ``async def __call__``
+    return not inspect.isroutine(fn) and inspect.iscoroutinefunction(type(fn).__call__)
+
+
+class NormalTaskWorker(BaseTaskWorker):
+    """A worker made of functions (Go ``NewNormalTaskWorker``).
+
+    ``run`` and ``wait_check`` take the node context. Each may be an ``async def`` function or a plain
+    callable; a plain one runs in a worker thread (``anyio.to_thread``) so it never blocks the event loop.
+    Without ``run`` the node fails with ``"Not implemented"`` on every attempt; without ``wait_check`` the
+    node is synchronous (it completes as soon as ``run`` succeeds).
+    """
+
+    def __init__(self, run: WorkerFunction | None = None, wait_check: WorkerFunction | None = None) -> None:
+        for label, fn in (("run", run), ("wait_check", wait_check)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"NormalTaskWorker {label} must be callable, got {type(fn).__name__}")
+        self._run = run
+        self._run_is_async = _is_async_callable(run)
+        self._wait_check = wait_check
+        self._wait_check_is_async = _is_async_callable(wait_check)
+
+    @property
+    def run_function(self) -> WorkerFunction | None:
+        """The ``run`` function given to the constructor."""
+        return self._run
+
+    @property
+    def wait_check_function(self) -> WorkerFunction | None:
+        """The ``wait_check`` function given to the constructor (``None``: a synchronous node)."""
+        return self._wait_check
+
+    async def run(self, ctx: JSONContext) -> None:
+        """Call the ``run`` function, or fail with ``NotImplementedError`` when there is none."""
+        if self._run is None:
+            raise NotImplementedError(NOT_IMPLEMENTED)
+        await _call(self._run, self._run_is_async, ctx)
+
+    async def wait_check(self, ctx: JSONContext) -> None:
+        """Call the ``wait_check`` function; succeed at once when there is none."""
+        if self._wait_check is not None:
+            await _call(self._wait_check, self._wait_check_is_async, ctx)
+
+    def __repr__(self) -> str:
+        name = getattr(self._run, "__qualname__", None) or repr(self._run)
+        return f"NormalTaskWorker(run={name}, wait_check={self._wait_check is not None})"
+
+
+def worker_has_wait_check(worker: TaskWorker) -> bool:
+    """Whether ``worker.wait_check`` may do anything but succeed at once.
+
+    ``False`` for :class:`NormalTaskWorker` without a ``wait_check`` function, for :class:`BaseTaskWorker`
+    subclasses that keep its ``wait_check`` (the root and end workers included); ``True`` otherwise,
+    including :class:`EmptyTaskWorker` and any other implementation of the protocol. The engine may
+    complete a node without a wait check in the same write that records ``run``'s success.
+    """
+    func = getattr(getattr(worker, "wait_check", None), "__func__", None)
+    if func is BaseTaskWorker.wait_check:
+        return False
+    if func is NormalTaskWorker.wait_check and isinstance(worker, NormalTaskWorker):
+        return worker.wait_check_function is not None
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """Which node a worker call serves: see :func:`current_node`."""
+
+    instance_id: int
+    workflow_type: str
+    business_id: str
+    task_type: str
+    fail_count: int
+
+
+_current_node: contextvars.ContextVar[NodeInfo] = contextvars.ContextVar("asyncflow_current_node")
+
+
+def current_node() -> NodeInfo:
+    """The node whose ``run`` or ``wait_check`` is executing (also inside sync workers' threads).
+
+    Raises ``LookupError`` when called outside a worker call.
+    """
+    try:
+        return _current_node.get()
+    except LookupError:
+        raise LookupError(
+            "asyncflow.current_node() is only available inside a worker's run() or wait_check()"
+        ) from None
+
+
+@contextmanager
+def node_scope(info: NodeInfo) -> Iterator[NodeInfo]:
+    """For the engine: make ``info`` what :func:`current_node` returns inside the block."""
+    token = _current_node.set(info)
+    try:
+        yield info
+    finally:
+        _current_node.reset(token)

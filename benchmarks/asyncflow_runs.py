@@ -1,0 +1,356 @@
+"""Running asyncflow workflows under measurement, in the two modes of the benchmark.
+
+* ``direct``: ``concurrency`` tasks each call ``create_workflow(..., run=True)`` (then ``run_workflow``
+  until the instance is over, sending the approval event first where the scenario needs one) for the
+  next workflow, until ``n`` are done. Latency is the duration of those calls.
+* ``driver``: ``n`` instances are created first (``create_workflow`` at ``concurrency``, or the repo's
+  bulk insert), then one ``WorkflowDriver(concurrency=...)`` drives them. Throughput is ``n`` over the
+  driving time; latency runs from each instance's creation to its last node's ``run`` (a stride sample).
+
+:func:`run_direct` and :func:`run_driver` take any service and workflow type, so a user can benchmark
+their own workflows the same way (see ``benchmarks/README.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncflow as af
+from asyncflow.records import NewWorkflowInstance
+
+from .databases import PgAdmin, sqlite_file
+from .harness import LatencySampler, ResourceProbe, RunMeasurement, SqlCommitCounter
+from .scenarios import BenchHooks, ScenarioSpec, build_registry, get_scenario
+
+__all__ = ["AsyncflowRun", "BenchmarkError", "run_asyncflow_once", "run_direct", "run_driver"]
+
+_TERMINAL = frozenset({"completed", "failed", "canceled"})
+_MAX_PASSES = 50
+_CREATE_BATCH = 1000
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark run did not do what it measures (an instance did not complete, a service failed)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AsyncflowRun:
+    """What one asyncflow row runs."""
+
+    scenario: str
+    mode: str  # "direct" | "driver"
+    backend: str  # "postgres" | "sqlite" | "memory"
+    lock: str  # "local" | "redis"
+    n: int
+    concurrency: int
+    poll_interval: float = 0.05
+    create: str = "service"  # driver mode: "service" (create_workflow) | "bulk" (repo bulk insert)
+
+
+def _approval_event() -> af.NodeExternalEvent:
+    return af.NodeExternalEvent(event_ts=1, event_content={"approved": True})
+
+
+async def _finish(svc: af.WorkflowService, spec: ScenarioSpec | None, instance: Any) -> str:
+    """Run passes until the instance is over (approving first if needed); its final status."""
+    status = str(instance.status)
+    approved = False
+    passes = 0
+    while status not in _TERMINAL:
+        if passes >= _MAX_PASSES:
+            raise BenchmarkError(f"instance {instance.id} still {status!r} after {passes} extra passes")
+        if spec is not None and spec.approval_node is not None and not approved:
+            await svc.add_node_external_event(
+                instance.id, spec.approval_node, _approval_event(), timeout=10.0
+            )
+            approved = True
+        instance = await svc.run_workflow(instance.id)
+        status = str(instance.status)
+        passes += 1
+    return status
+
+
+async def run_direct(
+    svc: af.WorkflowService,
+    workflow_type: str,
+    n: int,
+    concurrency: int,
+    *,
+    spec: ScenarioSpec | None = None,
+    sampler: LatencySampler | None = None,
+) -> float:
+    """Complete ``n`` workflows with ``concurrency`` concurrent ``create_workflow(run=True)`` callers.
+
+    Returns the elapsed seconds. Raises :class:`BenchmarkError` if an instance ends other than
+    ``completed``.
+    """
+    sampler = sampler if sampler is not None else LatencySampler(n)
+    indexes = iter(range(n))
+
+    async def worker() -> None:
+        for i in indexes:
+            start = time.perf_counter()
+            instance = await svc.create_workflow(workflow_type, f"bench-{i}", run=True)
+            status = await _finish(svc, spec, instance)
+            if status != "completed":
+                raise BenchmarkError(f"instance {instance.id} of {workflow_type} ended {status!r}")
+            if sampler.wants(i):
+                sampler.add(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as group:
+        for slot in range(min(concurrency, n)):
+            group.create_task(worker(), name=f"bench-direct-{slot}")
+    return time.perf_counter() - start
+
+
+async def _create_all(
+    svc: af.WorkflowService,
+    repo: Any,
+    workflow_type: str,
+    n: int,
+    concurrency: int,
+    sampler: LatencySampler,
+    bulk: bool,
+) -> None:
+    if bulk:
+        for first in range(0, n, _CREATE_BATCH):
+            batch = range(first, min(n, first + _CREATE_BATCH))
+            news = [
+                NewWorkflowInstance(
+                    workflow_type=workflow_type, business_id=f"bench-{i}", workflow_context={}
+                )
+                for i in batch
+            ]
+            ids = await repo.create_workflow_instances(news)
+            now = time.perf_counter()
+            for i, instance_id in zip(batch, ids, strict=True):
+                if sampler.wants(i):
+                    sampler.started(instance_id, now)
+        return
+    indexes = iter(range(n))
+
+    async def worker() -> None:
+        for i in indexes:
+            instance = await svc.create_workflow(workflow_type, f"bench-{i}")
+            if sampler.wants(i):
+                sampler.started(instance.id, time.perf_counter())
+
+    async with asyncio.TaskGroup() as group:
+        for slot in range(min(concurrency, n)):
+            group.create_task(worker(), name=f"bench-create-{slot}")
+
+
+async def _approve_while_driving(
+    svc: af.WorkflowService, driver: af.WorkflowDriver, hooks: BenchHooks, n: int, node: str, senders: int
+) -> None:
+    """Drive in the background, approving each instance as its approval node is found waiting."""
+    waiting: asyncio.Queue[int | None] = asyncio.Queue()
+    done: set[int] = set()
+    all_done = asyncio.Event()
+    previous = hooks.on_completed
+
+    def completed(instance_id: int, at: float) -> None:
+        if previous is not None:
+            previous(instance_id, at)
+        done.add(instance_id)
+        if len(done) >= n:
+            all_done.set()
+
+    hooks.on_completed = completed
+    hooks.on_waiting = waiting.put_nowait
+
+    async def sender() -> None:
+        while (instance_id := await waiting.get()) is not None:
+            await svc.add_node_external_event(instance_id, node, _approval_event(), timeout=10.0)
+
+    async with driver, asyncio.TaskGroup() as group:
+        for slot in range(senders):
+            group.create_task(sender(), name=f"bench-approver-{slot}")
+        await all_done.wait()
+        for _ in range(senders):
+            waiting.put_nowait(None)
+
+
+async def run_driver(
+    svc: af.WorkflowService,
+    workflow_type: str,
+    n: int,
+    concurrency: int,
+    *,
+    hooks: BenchHooks,
+    poll_interval: float = 0.05,
+    sampler: LatencySampler | None = None,
+    repo: Any = None,
+    approval_node: str | None = None,
+) -> tuple[float, float, Any]:
+    """Create ``n`` instances, then drive them with one ``WorkflowDriver(concurrency=concurrency)``.
+
+    ``hooks`` must be the ones the workflow's last node reports to. With ``repo`` the instances are
+    bulk-inserted. Returns ``(create_seconds, drive_seconds, driver.stats)``.
+    """
+    sampler = sampler if sampler is not None else LatencySampler(n)
+    previous = hooks.on_completed
+
+    def completed(instance_id: int, at: float) -> None:
+        if previous is not None:
+            previous(instance_id, at)
+        sampler.completed(instance_id, at)
+
+    hooks.on_completed = completed
+    start = time.perf_counter()
+    await _create_all(svc, repo, workflow_type, n, concurrency, sampler, bulk=repo is not None)
+    create_s = time.perf_counter() - start
+    driver = af.WorkflowDriver(
+        svc, concurrency=concurrency, poll_interval=poll_interval, workflow_types=[workflow_type]
+    )
+    start = time.perf_counter()
+    if approval_node is None:
+        await driver.run_until_idle()
+    else:
+        senders = max(1, min(concurrency, n) // 4)
+        await _approve_while_driving(svc, driver, hooks, n, approval_node, senders)
+    drive_s = time.perf_counter() - start
+    return create_s, drive_s, driver.stats
+
+
+async def _count_completed(svc: af.WorkflowService, workflow_type: str) -> int:
+    params = af.QueryWorkflowInstanceParams(workflow_type_in=(workflow_type,), status_in=("completed",))
+    return int(await svc.count_workflow_instances(params))
+
+
+def _make_lock(kind: str, redis_url: str | None) -> Any:
+    if kind == "local":
+        return af.LocalWorkflowLock()
+    if kind == "redis":
+        if not redis_url:
+            raise BenchmarkError("the redis lock needs --redis-url")
+        return af.RedisWorkflowLock(redis_url, prefix=f"asyncflow_bench_{os.getpid()}_{time.time_ns()}:")
+    raise ValueError(f"unknown lock {kind!r}: local or redis")
+
+
+def _repo_engine(repo: Any) -> Any:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    for name in ("engine", "_engine"):
+        engine = getattr(repo, name, None)
+        if isinstance(engine, AsyncEngine):
+            return engine
+    return None
+
+
+@contextlib.asynccontextmanager
+async def _backend(
+    run: AsyncflowRun, pg_admin: PgAdmin | None
+) -> AsyncIterator[tuple[Callable[[], Any], Callable[[], Any]]]:
+    """Yields ``(make_repo, read_commits)``; ``read_commits()`` is awaited after the repo is closed."""
+    if run.backend == "memory":
+
+        async def none() -> None:
+            return None
+
+        yield af.MemoryWorkflowRepo, none
+    elif run.backend == "sqlite":
+        with sqlite_file(run.scenario) as path:
+            url = f"sqlite+aiosqlite:///{path}"
+            setup = af.SQLAlchemyWorkflowRepo(url)
+            await setup.create_schema()
+            await setup.aclose()
+            counter = SqlCommitCounter()
+
+            def make_sqlite() -> Any:
+                repo = af.SQLAlchemyWorkflowRepo(url)
+                engine = _repo_engine(repo)
+                if engine is not None:
+                    counter.attach(engine)
+                return repo
+
+            async def sqlite_commits() -> tuple[int, int] | None:
+                if not counter.attached:
+                    return None
+                counter.detach()
+                return counter.commits, counter.write_commits
+
+            yield make_sqlite, sqlite_commits
+    elif run.backend == "postgres":
+        if pg_admin is None:
+            raise BenchmarkError("the postgres backend needs --pg-url")
+        async with pg_admin.fresh_database(run.scenario.replace("-", "_")) as db:
+            setup = af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url)
+            await setup.create_schema()
+            await setup.aclose()
+            before = await pg_admin.xact_commit(db.name)
+
+            async def pg_commits() -> tuple[int, None]:
+                return await pg_admin.xact_commit(db.name) - before, None
+
+            yield (lambda: af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url)), pg_commits
+    else:
+        raise ValueError(f"unknown backend {run.backend!r}: postgres, sqlite or memory")
+
+
+async def run_asyncflow_once(
+    run: AsyncflowRun, *, pg_admin: PgAdmin | None = None, redis_url: str | None = None
+) -> RunMeasurement:
+    """One measured run of an asyncflow row on a fresh database (or file, or memory repo)."""
+    spec = get_scenario(run.scenario)
+    hooks = BenchHooks()
+    registry = build_registry(spec, hooks)
+    sampler = LatencySampler(run.n)
+    extra: dict[str, Any] = {}
+    async with _backend(run, pg_admin) as (make_repo, read_commits):
+        repo = make_repo()
+        lock = _make_lock(run.lock, redis_url)
+        try:
+            svc = af.WorkflowService(repo, lock, registry=registry)
+            with ResourceProbe() as probe:
+                if run.mode == "direct":
+                    elapsed = await run_direct(
+                        svc, spec.workflow_type, run.n, run.concurrency, spec=spec, sampler=sampler
+                    )
+                    setup_s = 0.0
+                elif run.mode == "driver":
+                    setup_s, elapsed, stats = await run_driver(
+                        svc,
+                        spec.workflow_type,
+                        run.n,
+                        run.concurrency,
+                        hooks=hooks,
+                        poll_interval=run.poll_interval,
+                        sampler=sampler,
+                        repo=repo if run.create == "bulk" else None,
+                        approval_node=spec.approval_node,
+                    )
+                    extra["driver_stats"] = {
+                        name: getattr(stats, name, None)
+                        for name in ("passes", "completed", "failed", "errors", "lock_skips")
+                    }
+                else:
+                    raise ValueError(f"unknown mode {run.mode!r}: direct or driver")
+            completed = await _count_completed(svc, spec.workflow_type)
+        finally:
+            await repo.aclose()
+            if hasattr(lock, "aclose"):
+                await lock.aclose()
+        commits = await read_commits()
+    if completed != run.n:
+        raise BenchmarkError(f"{run.scenario}/{run.mode}: {completed} of {run.n} instances completed")
+    if run.mode == "driver" and sampler.open_count:
+        extra["latency_samples_missing"] = sampler.open_count
+    return RunMeasurement(
+        n=run.n,
+        elapsed_s=elapsed,
+        cpu_s=probe.cpu_s,
+        peak_rss_bytes=probe.peak_rss_bytes,
+        latencies_s=sampler.latencies(),
+        commits=None if commits is None else commits[0],
+        write_commits=None if commits is None else commits[1],
+        setup_s=setup_s,
+        extra=extra,
+    )

@@ -1,0 +1,227 @@
+"""DBOS Transact reference rows: the same ``linear3`` and ``diamond`` shapes as DBOS workflows of steps.
+
+DBOS keeps process-global state (one launched instance per process), so every measured run happens in
+a fresh subprocess (``python -m benchmarks.reference_dbos``) on a fresh PostgreSQL database that DBOS
+uses as its system database. The subprocess times itself (wall, CPU, peak RSS, per-workflow latency)
+and reads the database's commit counter before and after; the parent only creates and drops the
+database and parses the result line.
+
+Launch modes: ``bounded`` (the default, the fastest measured) keeps ``concurrency`` workflows in flight
+with ``DBOS.start_workflow_async`` and awaits each handle; ``queue`` enqueues all ``n`` on a DBOS queue
+with ``worker_concurrency = concurrency`` and awaits every handle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .databases import PgAdmin
+from .harness import LatencySampler, ResourceProbe, RunMeasurement
+
+__all__ = ["DBOS_SHAPES", "DbosUnavailableError", "dbos_version", "run_dbos_once"]
+
+DBOS_SHAPES = ("linear3", "diamond")
+LAUNCH_MODES = ("bounded", "queue")
+_RESULT_PREFIX = "BENCH_RESULT "
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class DbosUnavailableError(RuntimeError):
+    """The ``dbos`` package is not installed (``pip install 'asyncflow[bench]'``)."""
+
+
+def dbos_version() -> str | None:
+    """The installed DBOS Transact version, or ``None``."""
+    if importlib.util.find_spec("dbos") is None:
+        return None
+    try:
+        return importlib.metadata.version("dbos")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+async def run_dbos_once(
+    shape: str,
+    n: int,
+    concurrency: int,
+    *,
+    admin: PgAdmin,
+    launch: str = "bounded",
+    timeout_s: float = 1800.0,
+) -> RunMeasurement:
+    """One measured DBOS run of ``n`` workflows of ``shape`` in a subprocess, on a fresh database."""
+    if shape not in DBOS_SHAPES:
+        raise ValueError(f"DBOS reference shapes are {DBOS_SHAPES}, got {shape!r}")
+    if launch not in LAUNCH_MODES:
+        raise ValueError(f"DBOS launch modes are {LAUNCH_MODES}, got {launch!r}")
+    if dbos_version() is None:
+        raise DbosUnavailableError("dbos is not installed: pip install 'asyncflow[bench]'")
+    async with admin.fresh_database(f"dbos_{shape}") as db:
+        args = [
+            sys.executable, "-m", "benchmarks.reference_dbos",
+            "--shape", shape, "-n", str(n), "-c", str(concurrency), "--launch", launch,
+            "--database", db.name, "--dsn", db.dsn, "--admin-url", admin.url,
+        ]  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            *args,
+            cwd=_REPO_ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(timeout_s):
+                out, err = await proc.communicate()
+        except BaseException:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            raise
+    lines = [line for line in out.decode(errors="replace").splitlines() if line.startswith(_RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = err.decode(errors="replace").strip().splitlines()[-15:]
+        raise RuntimeError(f"DBOS subprocess failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    data = json.loads(lines[-1][len(_RESULT_PREFIX) :])
+    return RunMeasurement(
+        n=data["n"],
+        elapsed_s=data["elapsed_s"],
+        cpu_s=data["cpu_s"],
+        peak_rss_bytes=data["peak_rss_bytes"],
+        latencies_s=data["latencies_s"],
+        commits=data["commits"],
+        setup_s=data["setup_s"],
+        extra={"launch": launch, "sys_db_pool_size": data["sys_db_pool_size"]},
+    )
+
+
+# -- the subprocess ------------------------------------------------------------------------------------
+
+
+def _define_workflows(dbos: Any) -> dict[str, Any]:
+    """The two shapes as DBOS async workflows of async steps with tiny outputs."""
+
+    @dbos.step()
+    async def step(x: int) -> int:
+        return x + 1
+
+    @dbos.workflow()
+    async def linear3(x: int) -> int:
+        a = await step(x)
+        b = await step(a)
+        return await step(b)
+
+    @dbos.workflow()
+    async def diamond(x: int) -> int:
+        a = await step(x)
+        branches = await asyncio.gather(step(a), step(a), step(a), step(a))
+        return await step(sum(branches))
+
+    return {"linear3": linear3, "diamond": diamond}
+
+
+def _expected(shape: str, x: int) -> int:
+    return x + 3 if shape == "linear3" else 4 * (x + 2) + 1
+
+
+async def _timed(dbos: Any, workflow: Any, args: argparse.Namespace) -> tuple[ResourceProbe, list[float]]:
+    n, concurrency = args.n, args.c
+    sampler = LatencySampler(n)
+    with ResourceProbe() as probe:
+        if args.launch == "bounded":
+            counter = iter(range(n))
+
+            async def worker() -> None:
+                for i in counter:
+                    start = time.perf_counter()
+                    handle = await dbos.start_workflow_async(workflow, i)
+                    result = await handle.get_result()
+                    if result != _expected(args.shape, i):
+                        raise RuntimeError(f"DBOS workflow {i} returned {result!r}")
+                    if sampler.wants(i):
+                        sampler.add(time.perf_counter() - start)
+
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(concurrency, n)):
+                    group.create_task(worker())
+        else:
+            queue = await dbos.register_queue_async(
+                "asyncflow_bench", worker_concurrency=concurrency, polling_interval_sec=0.01
+            )
+            starts = []
+            handles = []
+            for i in range(n):
+                starts.append(time.perf_counter())
+                handles.append(await queue.enqueue_async(workflow, i))
+
+            async def wait(i: int) -> None:
+                result = await handles[i].get_result()
+                if result != _expected(args.shape, i):
+                    raise RuntimeError(f"DBOS workflow {i} returned {result!r}")
+                if sampler.wants(i):
+                    sampler.add(time.perf_counter() - starts[i])
+
+            await asyncio.gather(*(wait(i) for i in range(n)))
+    return probe, sampler.latencies()
+
+
+def _subprocess_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.reference_dbos")
+    parser.add_argument("--shape", choices=DBOS_SHAPES, required=True)
+    parser.add_argument("-n", type=int, required=True)
+    parser.add_argument("-c", type=int, required=True)
+    parser.add_argument("--launch", choices=LAUNCH_MODES, default="bounded")
+    parser.add_argument("--database", required=True)
+    parser.add_argument("--dsn", required=True)
+    parser.add_argument("--admin-url", required=True)
+    args = parser.parse_args(argv)
+
+    from dbos import DBOS
+
+    pool_size = max(20, args.c + 4)
+    setup_start = time.perf_counter()
+    DBOS(
+        config={
+            "name": "asyncflow_bench",
+            "system_database_url": args.dsn,
+            "sys_db_pool_size": pool_size,
+            "log_level": "WARNING",
+        }
+    )
+    workflows = _define_workflows(DBOS)
+    DBOS.launch()
+    admin = PgAdmin(args.admin_url)
+
+    async def measure() -> tuple[int, ResourceProbe, list[float]]:
+        before = await admin.xact_commit(args.database, wait_idle=False)
+        probe, latencies = await _timed(DBOS, workflows[args.shape], args)
+        return before, probe, latencies
+
+    setup_s = time.perf_counter() - setup_start
+    before, probe, latencies = asyncio.run(measure())
+    DBOS.destroy()
+    after = asyncio.run(admin.xact_commit(args.database))
+    result = {
+        "n": args.n,
+        "elapsed_s": probe.wall_s,
+        "cpu_s": probe.cpu_s,
+        "peak_rss_bytes": probe.peak_rss_bytes,
+        "latencies_s": latencies,
+        "commits": after - before,
+        "setup_s": setup_s,
+        "sys_db_pool_size": pool_size,
+        "pid": os.getpid(),
+    }
+    print(_RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_subprocess_main(sys.argv[1:]))

@@ -1,0 +1,237 @@
+"""The benchmark matrix: which rows to run, in which order, and what to do when a service is missing.
+
+Repeats are interleaved (round-robin over the rows) so a passing disturbance on the machine spreads
+over every row instead of sinking one. A row whose service or package is missing is skipped with the
+reason; a row that fails is reported as failed; neither stops the other rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import report
+from .databases import PgAdmin, check_postgres, check_redis, sqlite_file
+from .harness import RunMeasurement
+from .reference_dbos import DBOS_SHAPES, dbos_version, run_dbos_once
+from .reference_floor import run_floor_postgres, run_floor_sqlite
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ALL_SCENARIOS", "BenchOptions", "asyncflow_unavailable", "run_benchmarks"]
+
+ALL_SCENARIOS = ("linear3", "linear3-wait", "diamond", "approval")
+_ENGINE_NAMES = ("Registry", "WorkflowService", "SQLAlchemyWorkflowRepo", "MemoryWorkflowRepo", "LocalWorkflowLock")
+_NODE_COUNTS = {"linear3": 3, "linear3-wait": 3, "diamond": 6, "approval": 3}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BenchOptions:
+    """Everything the runner needs (the CLI's parsed arguments)."""
+
+    scenarios: tuple[str, ...]
+    modes: tuple[str, ...] = ("direct",)
+    backends: tuple[str, ...] = ("postgres",)
+    locks: tuple[str, ...] = ("local",)
+    n: int = 2000
+    concurrencies: tuple[int, ...] = (32,)
+    repeat: int = 3
+    references: tuple[str, ...] = ("dbos", "floor")
+    pg_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    poll_interval: float = 0.05
+    create: str = "service"
+    dbos_launch: str = "bounded"
+    command: str = field(default_factory=lambda: "python -m benchmarks " + shlex.join(sys.argv[1:]))
+
+
+def asyncflow_unavailable(mode: str = "direct") -> str | None:
+    """``None`` if the asyncflow engine can be benchmarked in ``mode``, else why not."""
+    try:
+        import asyncflow
+    except ImportError as exc:
+        return f"asyncflow is not importable: {exc}"
+    needed = _ENGINE_NAMES + (("WorkflowDriver",) if mode == "driver" else ())
+    missing = [name for name in needed if not hasattr(asyncflow, name)]
+    return f"asyncflow does not export {', '.join(missing)} yet" if missing else None
+
+
+@dataclass(slots=True)
+class _Row:
+    key: report.RowKey
+    run: Callable[[], Awaitable[RunMeasurement]]
+    runs: list[RunMeasurement] = field(default_factory=list)
+    failure: str | None = None
+
+
+def _plan(
+    options: BenchOptions, pg: PgAdmin | None, services: dict[str, str], skipped: dict[str, str]
+) -> list[_Row]:
+    """The rows to run; rows that cannot run go into ``skipped`` (label -> reason)."""
+    rows: list[_Row] = []
+
+    def skip(label: str, reason: str) -> None:
+        skipped[label] = reason
+
+    wants_floor = "floor" in options.references and (not options.scenarios or "linear3" in options.scenarios)
+    dbos_shapes = [s for s in DBOS_SHAPES if not options.scenarios or s in options.scenarios]
+    for c in options.concurrencies:
+        for backend in options.backends:
+            if backend == "postgres" and pg is None:
+                skip(f"every postgres row, c={c}", services["postgres"])
+                continue
+            if wants_floor and backend in ("postgres", "sqlite"):
+                key = report.RowKey("floor", "linear3", "raw", backend, None, options.n, c, 3)
+                rows.append(_Row(key, _floor_runner(key, pg)))
+            if "dbos" in options.references:
+                for shape in dbos_shapes:
+                    key = report.RowKey("dbos", shape, options.dbos_launch, backend, None, options.n, c,
+                                        _NODE_COUNTS[shape])  # fmt: skip
+                    if backend != "postgres":
+                        continue  # the DBOS reference runs on PostgreSQL only
+                    elif dbos_version() is None:
+                        skip(key.label(), "dbos is not installed: pip install 'asyncflow[bench]'")
+                    else:
+                        rows.append(_Row(key, _dbos_runner(key, pg, options.dbos_launch)))
+            for scenario in options.scenarios:
+                for mode in options.modes:
+                    for lock in options.locks:
+                        key = report.RowKey("asyncflow", scenario, mode, backend, lock, options.n, c,
+                                            _NODE_COUNTS[scenario])  # fmt: skip
+                        reason = asyncflow_unavailable(mode)
+                        if reason:
+                            skip(key.label(), reason)
+                        elif lock == "redis" and "redis" in services:
+                            skip(key.label(), services["redis"])
+                        else:
+                            rows.append(_Row(key, _asyncflow_runner(key, options, pg)))
+    return rows
+
+
+def _floor_runner(key: report.RowKey, pg: PgAdmin | None) -> Callable[[], Awaitable[RunMeasurement]]:
+    async def run() -> RunMeasurement:
+        if key.backend == "sqlite":
+            with sqlite_file("floor") as path:
+                return await run_floor_sqlite(path, key.n, key.concurrency)
+        assert pg is not None
+        async with pg.fresh_database("floor") as db:
+            return await run_floor_postgres(db.dsn, key.n, key.concurrency, admin=pg, database=db.name)
+
+    return run
+
+
+def _dbos_runner(
+    key: report.RowKey, pg: PgAdmin | None, launch: str
+) -> Callable[[], Awaitable[RunMeasurement]]:
+    async def run() -> RunMeasurement:
+        assert pg is not None
+        return await run_dbos_once(key.scenario, key.n, key.concurrency, admin=pg, launch=launch)
+
+    return run
+
+
+def _asyncflow_runner(
+    key: report.RowKey, options: BenchOptions, pg: PgAdmin | None
+) -> Callable[[], Awaitable[RunMeasurement]]:
+    async def run() -> RunMeasurement:
+        from .asyncflow_runs import AsyncflowRun, run_asyncflow_once
+
+        assert key.lock is not None
+        spec = AsyncflowRun(
+            scenario=key.scenario,
+            mode=key.mode,
+            backend=key.backend,
+            lock=key.lock,
+            n=key.n,
+            concurrency=key.concurrency,
+            poll_interval=options.poll_interval,
+            create=options.create,
+        )
+        return await run_asyncflow_once(spec, pg_admin=pg, redis_url=options.redis_url)
+
+    return run
+
+
+async def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the matrix and return the JSON payload (``results``, ``skipped``, ``environment``, ...)."""
+    unavailable: dict[str, str] = {}
+    pg: PgAdmin | None = None
+    pg_version: str | None = None
+    redis_version: str | None = None
+    if "postgres" in options.backends or "dbos" in options.references:
+        reason = await check_postgres(options.pg_url)
+        if reason is None:
+            pg = PgAdmin(options.pg_url)
+            pg_version = await pg.server_version()
+        else:
+            unavailable["postgres"] = reason
+            progress(f"skipping PostgreSQL rows: {reason}")
+    if "redis" in options.locks:
+        reason = await check_redis(options.redis_url)
+        if reason is None:
+            redis_version = await _redis_version(options.redis_url)
+        else:
+            unavailable["redis"] = reason
+            progress(f"skipping Redis-lock rows: {reason}")
+    skipped: dict[str, str] = {}
+    rows = _plan(options, pg, unavailable, skipped)
+    for label, reason in skipped.items():
+        progress(f"skip {label}: {reason}")
+    for attempt in range(options.repeat):
+        for row in rows:
+            if row.failure is not None:
+                continue
+            progress(f"[{attempt + 1}/{options.repeat}] {row.key.label()} ...")
+            try:
+                measurement = await row.run()
+            except Exception as exc:  # one failing row must not sink the others; reported below
+                log.debug("row %s failed", row.key.label(), exc_info=True)
+                row.failure = f"{type(exc).__name__}: {exc}"
+                progress(f"    FAILED: {row.failure}")
+                continue
+            row.runs.append(measurement)
+            cpu_ms = measurement.cpu_s / measurement.n * 1000
+            wfs = measurement.workflows_per_s
+            progress(f"    {wfs:,.1f} wf/s, {cpu_ms:.2f} CPU ms/wf, {measurement.elapsed_s:.2f} s")
+    results = [report.aggregate(row.key, row.runs) for row in rows if row.runs and row.failure is None]
+    report.attach_ratios(results)
+    skipped_list = [{"row": label, "reason": reason} for label, reason in skipped.items()]
+    skipped_list += [
+        {"row": row.key.label(), "reason": f"failed: {row.failure}"} for row in rows if row.failure
+    ]
+    return {
+        "schema": report.JSON_SCHEMA_VERSION,
+        "generated_at": report.now_iso(),
+        "command": options.command,
+        "environment": report.environment(postgres=pg_version, redis=redis_version),
+        "results": results,
+        "skipped": skipped_list,
+    }
+
+
+async def _redis_version(url: str) -> str | None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=2.0)
+    try:
+        info = await client.info("server")
+        return str(info.get("redis_version"))
+    finally:
+        await client.aclose()
+
+
+def parse_list(value: str, allowed: Sequence[str], name: str) -> tuple[str, ...]:
+    """``"a,b"`` → ``("a", "b")``, ``"all"`` → every allowed value, ``"none"`` → ``()``."""
+    if value == "all":
+        return tuple(allowed)
+    if value in ("none", ""):
+        return ()
+    items = tuple(item.strip() for item in value.split(",") if item.strip())
+    unknown = [item for item in items if item not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {name}: {', '.join(unknown)} (choose from {', '.join(allowed)}, all)")
+    return items

@@ -1,0 +1,153 @@
+"""The benchmark workflows: configs and workers of the four scenarios, on a fresh ``asyncflow.Registry``.
+
+==============  ==========================================  ===========  =================================
+scenario        shape (root and end implicit)               nodes/run    workers
+==============  ==========================================  ===========  =================================
+linear3         A → B → C                                   3            synchronous (no wait check)
+linear3-wait    A → B → C                                   3            wait check ok at its first call
+diamond         A → [B, C, D, E] → F                        6            synchronous
+approval        A → approve → B                             3            ``approve`` is not ready until
+                                                                         the benchmark sends it an event
+==============  ==========================================  ===========  =================================
+
+Every worker writes a tiny output (``{"out": 1}``) into its node context. The last node's ``run``
+reports the instance as done to :class:`BenchHooks`, which is how driver mode times completions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncflow as af
+
+__all__ = ["SCENARIOS", "BenchHooks", "ScenarioSpec", "build_registry", "get_scenario"]
+
+APPROVAL_NODE = "approve"
+
+
+@dataclass(frozen=True, slots=True)
+class ScenarioSpec:
+    """One benchmark workflow: its config (Go JSON shape) and what the harness must know about it."""
+
+    name: str
+    workflow_type: str
+    nodes: tuple[tuple[str, tuple[str, ...]], ...]  # (node id, next nodes) in config order
+    wait_check: bool = False
+    approval_node: str | None = None
+
+    @property
+    def node_count(self) -> int:
+        """Config nodes per run (root and end not counted): what "node steps" counts."""
+        return len(self.nodes)
+
+    @property
+    def last_node(self) -> str:
+        return self.nodes[-1][0]
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "id": self.workflow_type,
+            "name": f"benchmark {self.name}",
+            "nodes": [{"id": node, "name": node, "next_nodes": list(nxt)} for node, nxt in self.nodes],
+        }
+
+
+_LINEAR = (("A", ("B",)), ("B", ("C",)), ("C", ()))
+SCENARIOS: dict[str, ScenarioSpec] = {
+    spec.name: spec
+    for spec in (
+        ScenarioSpec("linear3", "bench_linear3", _LINEAR),
+        ScenarioSpec("linear3-wait", "bench_linear3_wait", _LINEAR, wait_check=True),
+        ScenarioSpec(
+            "diamond",
+            "bench_diamond",
+            (
+                ("A", ("B", "C", "D", "E")),
+                ("B", ("F",)),
+                ("C", ("F",)),
+                ("D", ("F",)),
+                ("E", ("F",)),
+                ("F", ()),
+            ),
+        ),
+        ScenarioSpec(
+            "approval",
+            "bench_approval",
+            (("A", (APPROVAL_NODE,)), (APPROVAL_NODE, ("B",)), ("B", ())),
+            approval_node=APPROVAL_NODE,
+        ),
+    )
+}
+
+
+def get_scenario(name: str) -> ScenarioSpec:
+    """The scenario called ``name``; ``KeyError`` lists the known ones."""
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise KeyError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}") from None
+
+
+@dataclass(slots=True)
+class BenchHooks:
+    """What the workers tell the harness.
+
+    ``on_completed(instance_id, perf_counter)`` runs when the last node's ``run`` is called;
+    ``on_waiting(instance_id)`` runs the first time an approval node is found not ready.
+    """
+
+    on_completed: Callable[[int, float], None] | None = None
+    on_waiting: Callable[[int], None] | None = None
+    _waiting_seen: set[int] = field(default_factory=set)
+
+    def waiting(self, instance_id: int) -> None:
+        if self.on_waiting is not None and instance_id not in self._waiting_seen:
+            self._waiting_seen.add(instance_id)
+            self.on_waiting(instance_id)
+
+    def forget(self, instance_id: int) -> None:
+        self._waiting_seen.discard(instance_id)
+
+
+async def _output(ctx: af.JSONContext) -> None:
+    ctx.set(["out"], 1)
+
+
+async def _ready(ctx: af.JSONContext) -> None:
+    return None
+
+
+def build_registry(spec: ScenarioSpec, hooks: BenchHooks | None = None) -> af.Registry:
+    """A fresh registry holding ``spec``'s config and workers (built and validated)."""
+    hooks = hooks if hooks is not None else BenchHooks()
+    registry = af.Registry()
+    registry.load_workflow_config(spec.config())
+
+    async def last(ctx: af.JSONContext) -> None:
+        ctx.set(["out"], 1)
+        if hooks.on_completed is not None:
+            hooks.on_completed(af.current_node().instance_id, time.perf_counter())
+
+    async def approval_check(ctx: af.JSONContext) -> None:
+        _, has_event = ctx.get(af.NODE_EVENT, "event_ts")
+        if has_event:
+            hooks.forget(af.current_node().instance_id)
+            return
+        hooks.waiting(af.current_node().instance_id)
+        raise af.TaskNotReady("waiting for the benchmark's approval event")
+
+    for node, _ in spec.nodes:
+        run = last if node == spec.last_node else _output
+        wait_check: Callable[[af.JSONContext], Any] | None = None
+        if node == spec.approval_node:
+            wait_check = approval_check
+        elif spec.wait_check:
+            wait_check = _ready
+        registry.register_workflow_task(
+            spec.workflow_type, node, af.NormalTaskWorker(run=run, wait_check=wait_check)
+        )
+    registry.get_workflow_definition(spec.workflow_type)
+    return registry

@@ -1,0 +1,46 @@
+"""Developer entry points: ``nox -s lint typecheck tests`` before every commit; ``nox -s bench``."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff: lint rules (incl. ASYNC and G) and formatting."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package."""
+    session.install("-e", ".[test]", "mypy")
+    session.run("mypy", "asyncflow")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite against real SQLite files, PostgreSQL and Redis (URLs from the environment)."""
+    session.install("-e", ".[test]")
+    env = {
+        "ASYNCFLOW_TEST_POSTGRES_URL": os.environ.get("ASYNCFLOW_TEST_POSTGRES_URL", PG_URL),
+        "ASYNCFLOW_TEST_REDIS_URL": os.environ.get("ASYNCFLOW_TEST_REDIS_URL", REDIS_URL),
+    }
+    session.run("pytest", *session.posargs, env=env)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark runner (pass runner arguments after --), e.g. ``nox -s bench -- run --scenario all``."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "benchmarks", *(session.posargs or ["run", "--scenario", "all"]))
