@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,39 +245,59 @@ def _repo_engine(repo: Any) -> Any:
     return None
 
 
+class _CountingRepos:
+    """Makes SQL repos whose engine's commits a :class:`SqlCommitCounter` counts."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.counter = SqlCommitCounter()
+
+    def make(self) -> Any:
+        repo = af.SQLAlchemyWorkflowRepo(self.url)
+        engine = _repo_engine(repo)
+        if engine is not None:
+            self.counter.attach(engine)
+        return repo
+
+    def counted(self) -> tuple[int, int] | None:
+        if not self.counter.attached:
+            return None
+        self.counter.detach()
+        return self.counter.commits, self.counter.write_commits
+
+
+# (make_repo, read_commits): read_commits() is awaited after the repo is closed and returns
+# (commits, write_commits), either of which may be None
+_Backend = tuple[Callable[[], Any], Callable[[], Awaitable[tuple[int | None, int | None]]]]
+
+
 @contextlib.asynccontextmanager
-async def _backend(
-    run: AsyncflowRun, pg_admin: PgAdmin | None
-) -> AsyncIterator[tuple[Callable[[], Any], Callable[[], Any]]]:
-    """Yields ``(make_repo, read_commits)``; ``read_commits()`` is awaited after the repo is closed."""
+async def _backend(run: AsyncflowRun, pg_admin: PgAdmin | None) -> AsyncIterator[_Backend]:
+    """A fresh store for one run.
+
+    Commits: on PostgreSQL ``pg_stat_database.xact_commit`` of the run's own database (every
+    committed transaction, reads and connection set-up included) and, from SQLAlchemy events, those
+    that wrote; on SQLite both from SQLAlchemy events; none for the memory repo.
+    """
     if run.backend == "memory":
 
-        async def none() -> None:
-            return None
+        async def nothing() -> tuple[None, None]:
+            return None, None
 
-        yield af.MemoryWorkflowRepo, none
+        yield af.MemoryWorkflowRepo, nothing
     elif run.backend == "sqlite":
         with sqlite_file(run.scenario) as path:
             url = f"sqlite+aiosqlite:///{path}"
             setup = af.SQLAlchemyWorkflowRepo(url)
             await setup.create_schema()
             await setup.aclose()
-            counter = SqlCommitCounter()
+            repos = _CountingRepos(url)
 
-            def make_sqlite() -> Any:
-                repo = af.SQLAlchemyWorkflowRepo(url)
-                engine = _repo_engine(repo)
-                if engine is not None:
-                    counter.attach(engine)
-                return repo
+            async def sqlite_commits() -> tuple[int | None, int | None]:
+                counted = repos.counted()
+                return (None, None) if counted is None else counted
 
-            async def sqlite_commits() -> tuple[int, int] | None:
-                if not counter.attached:
-                    return None
-                counter.detach()
-                return counter.commits, counter.write_commits
-
-            yield make_sqlite, sqlite_commits
+            yield repos.make, sqlite_commits
     elif run.backend == "postgres":
         if pg_admin is None:
             raise BenchmarkError("the postgres backend needs --pg-url")
@@ -286,11 +306,13 @@ async def _backend(
             await setup.create_schema()
             await setup.aclose()
             before = await pg_admin.xact_commit(db.name)
+            repos = _CountingRepos(db.sqlalchemy_url)
 
-            async def pg_commits() -> tuple[int, None]:
-                return await pg_admin.xact_commit(db.name) - before, None
+            async def pg_commits() -> tuple[int | None, int | None]:
+                counted = repos.counted()
+                return await pg_admin.xact_commit(db.name) - before, None if counted is None else counted[1]
 
-            yield (lambda: af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url)), pg_commits
+            yield repos.make, pg_commits
     else:
         raise ValueError(f"unknown backend {run.backend!r}: postgres, sqlite or memory")
 
@@ -338,7 +360,7 @@ async def run_asyncflow_once(
             await repo.aclose()
             if hasattr(lock, "aclose"):
                 await lock.aclose()
-        commits = await read_commits()
+        commits, write_commits = await read_commits()
     if completed != run.n:
         raise BenchmarkError(f"{run.scenario}/{run.mode}: {completed} of {run.n} instances completed")
     if run.mode == "driver" and sampler.open_count:
@@ -349,8 +371,8 @@ async def run_asyncflow_once(
         cpu_s=probe.cpu_s,
         peak_rss_bytes=probe.peak_rss_bytes,
         latencies_s=sampler.latencies(),
-        commits=None if commits is None else commits[0],
-        write_commits=None if commits is None else commits[1],
+        commits=commits,
+        write_commits=write_commits,
         setup_s=setup_s,
         extra=extra,
     )

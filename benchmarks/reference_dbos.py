@@ -105,8 +105,9 @@ async def run_dbos_once(
 # -- the subprocess ------------------------------------------------------------------------------------
 
 
-def _define_workflows(dbos: Any) -> dict[str, Any]:
+def _define_workflows() -> dict[str, Any]:
     """The two shapes as DBOS async workflows of async steps with tiny outputs."""
+    from dbos import DBOS as dbos
 
     @dbos.step()
     async def step(x: int) -> int:
@@ -195,7 +196,7 @@ def _subprocess_main(argv: list[str]) -> int:
             "log_level": "WARNING",
         }
     )
-    workflows = _define_workflows(DBOS)
+    workflows = _define_workflows()
     DBOS.launch()
     admin = PgAdmin(args.admin_url)
 

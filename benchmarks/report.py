@@ -177,7 +177,7 @@ def _opt(value: Any, fmt: str = "{}") -> str:
 
 _HEADERS = (
     "row", "scenario", "mode", "backend", "lock", "N", "c", "wf/s [min-max]", "steps/s",
-    "commits/wf", "p50 ms", "p99 ms", "CPU ms/wf", "RSS MiB", "vs DBOS", "of floor",
+    "commits/wf", "writes/wf", "p50 ms", "p99 ms", "CPU ms/wf", "RSS MiB", "vs DBOS", "of floor",
 )  # fmt: skip
 
 
@@ -194,6 +194,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
         _spread(row["workflows_per_s"]),
         f"{row['node_steps_per_s']['median']:,.0f}",
         _opt(row["commits_per_workflow"], "{:.2f}"),
+        _opt(row["write_commits_per_workflow"], "{:.2f}"),
         _opt(latency["p50"], "{:.1f}"),
         _opt(latency["p99"], "{:.1f}"),
         f"{row['cpu_ms_per_workflow']:.2f}",

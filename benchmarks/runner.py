@@ -25,7 +25,13 @@ log = logging.getLogger(__name__)
 __all__ = ["ALL_SCENARIOS", "BenchOptions", "asyncflow_unavailable", "run_benchmarks"]
 
 ALL_SCENARIOS = ("linear3", "linear3-wait", "diamond", "approval")
-_ENGINE_NAMES = ("Registry", "WorkflowService", "SQLAlchemyWorkflowRepo", "MemoryWorkflowRepo", "LocalWorkflowLock")
+_ENGINE_NAMES = (
+    "Registry",
+    "WorkflowService",
+    "SQLAlchemyWorkflowRepo",
+    "MemoryWorkflowRepo",
+    "LocalWorkflowLock",
+)
 _NODE_COUNTS = {"linear3": 3, "linear3-wait": 3, "diamond": 6, "approval": 3}
 
 

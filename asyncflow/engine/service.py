@@ -8,8 +8,9 @@ pass runs: it is one transaction, and the running pass stops at its next (compar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..clock import SYSTEM_CLOCK, Clock
@@ -112,6 +113,27 @@ class WorkflowService:
         self.schedule = schedule or SchedulePolicy()
         self.branch_concurrency = branch_concurrency
         self.clock: Clock = clock or SYSTEM_CLOCK
+        self._due_listeners: list[Callable[[int], None]] = []
+
+    def add_due_listener(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(instance_id)`` whenever this service makes an instance due now.
+
+        That is after ``create_workflow(run=False)``, an external event and a restart without ``run``.
+        A driver in the same process uses it to wake at once. Callbacks must not block or raise.
+        """
+        self._due_listeners.append(callback)
+
+    def remove_due_listener(self, callback: Callable[[int], None]) -> None:
+        """Undo :meth:`add_due_listener` (no error if it was not added)."""
+        with contextlib.suppress(ValueError):
+            self._due_listeners.remove(callback)
+
+    def _announce_due(self, instance_id: int) -> None:
+        for callback in list(self._due_listeners):
+            try:
+                callback(instance_id)
+            except Exception:  # a listener must never break the operation that made work due
+                logger.exception("due listener %r failed", callback)
 
     def _now_ms(self) -> int:
         return int(self.clock.time() * 1000)
@@ -159,6 +181,7 @@ class WorkflowService:
             extra={"instance_id": record.id, "workflow_type": workflow_type, "status": record.status},
         )
         if not run:
+            self._announce_due(record.id)
             return WorkflowInstance.from_record(record, definition)
         try:
             return await self._run(record.id, known=(record, []))
@@ -292,7 +315,8 @@ class WorkflowService:
             try:
                 async with self.lock.hold(lock_key(instance_id), self.lock_ttl):
                     await self._store_event(instance_id, task_type, event)
-                    return
+                self._announce_due(instance_id)
+                return
             except LockFailedError:
                 if deadline is None or self.clock.monotonic() >= deadline:
                     raise
@@ -392,6 +416,7 @@ class WorkflowService:
             )
             if run:
                 return await self._run(instance_id)
+            self._announce_due(instance_id)
             return WorkflowInstance.from_record(await self._get(instance_id), definition)
 
     async def restart_workflow_instance(
@@ -437,6 +462,7 @@ class WorkflowService:
             )
             if run:
                 return await self._run(instance_id)
+            self._announce_due(instance_id)
             return WorkflowInstance.from_record(await self._get(instance_id), definition)
 
     # ------------------------------------------------------------------ queries

@@ -9,9 +9,9 @@
 * Single statements outside a transaction run on an autocommit connection (no BEGIN/COMMIT round
   trips): PostgreSQL's ``AUTOCOMMIT`` isolation level; on SQLite the ``begin`` listener skips BEGIN.
 * Unique violations: SQLSTATE ``23505`` or ``SQLITE_CONSTRAINT_UNIQUE``.
-* Claiming due instances: one ``UPDATE ... FOR UPDATE SKIP LOCKED ... RETURNING`` on PostgreSQL; on
-  SQLite (which can neither lock rows nor return the sub-select's columns) a SELECT followed by an
-  UPDATE that re-checks the due condition, so two claimers never get the same id.
+* Claiming due instances: one ``UPDATE ... FOR UPDATE SKIP LOCKED ... RETURNING`` on PostgreSQL
+  (autocommit); on SQLite, which can neither lock rows nor return a sub-select's columns, a SELECT and
+  an UPDATE that re-checks the due condition, in one ``BEGIN IMMEDIATE`` transaction.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",
     "autocommit_engine",
     "claim_due",
+    "claim_is_one_statement",
     "configure_engine",
     "create_engine_from_url",
     "is_unique_violation",
@@ -149,6 +150,11 @@ async def lock_schema(conn: AsyncConnection) -> None:
     """Serialize concurrent ``create_schema()`` calls (SQLite's BEGIN IMMEDIATE already does)."""
     if conn.dialect.name == "postgresql":
         await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+
+
+def claim_is_one_statement(engine: AsyncEngine) -> bool:
+    """Whether :func:`claim_due` is a single statement (else it needs a transaction of its own)."""
+    return engine.dialect.name == "postgresql"
 
 
 async def claim_due(

@@ -111,6 +111,7 @@ class SQLAlchemyWorkflowRepo:
             raise ParamInvalidError(f"expected an AsyncEngine or a URL, got {type(engine_or_url).__name__}")
         _dialect.configure_engine(self._engine)
         self._autocommit = _dialect.autocommit_engine(self._engine)
+        self._claim_is_one_statement = _dialect.claim_is_one_statement(self._engine)
         self._clock: Clock = clock if clock is not None else SYSTEM_CLOCK
         self._tx: ContextVar[_Tx | None] = ContextVar(f"asyncflow_sql_tx_{id(self):x}", default=None)
         self._closed = False
@@ -436,7 +437,7 @@ class SQLAlchemyWorkflowRepo:
         """Lease up to ``limit`` due ``init``/``running`` instances, oldest due first.
 
         Claimed rows get ``next_run_at = now_ms + lease_ms`` in the same statement (PostgreSQL, with
-        ``FOR UPDATE SKIP LOCKED``) or behind a re-checked condition (SQLite), so concurrent claimers
+        ``FOR UPDATE SKIP LOCKED``) or the same write transaction (SQLite), so concurrent claimers
         never get the same id. A claim is a lease, not a change: ``updated_at``/``version`` stay.
         """
         check_int(now_ms, "now_ms", minimum=0)
@@ -445,8 +446,9 @@ class SQLAlchemyWorkflowRepo:
         if check_int(limit, "limit", minimum=0) == 0:
             return []
         types = check_texts(workflow_types or (), "workflow_types")
+        unit = self._connection() if self._claim_is_one_statement else self._atomic()
         with _Errors("claim_due_instances"):
-            async with self._connection() as conn:
+            async with unit as conn:
                 return await _dialect.claim_due(
                     conn, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types
                 )

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pytest
 
 from asyncflow.errors import LockFailedError, ParamInvalidError
-from asyncflow.lock._reentrant import Lease, ReentrantLock
+from asyncflow.lock._reentrant import ReentrantLock
 from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.lock.protocol import LockLease, WorkflowLock
 from tests.conftest import POSTGRES_URL_ENV, REDIS_URL_ENV
@@ -96,7 +96,7 @@ def unrelated(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
     return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
-async def try_hold(lock: WorkflowLock, key: str, ttl: float = 5.0) -> LockLease:
+async def try_hold(lock: WorkflowLock, key: str, ttl: float = 5.0) -> Any:
     """Hold ``key`` briefly; return the lease (raises ``LockFailedError`` if held elsewhere)."""
     async with lock.hold(key, ttl) as lease:
         return lease
@@ -155,7 +155,7 @@ async def test_reentrant_in_a_child_task(lock: ReentrantLock[Any]) -> None:
         child_lease = await asyncio.create_task(try_hold(lock, k))
         assert child_lease is outer
 
-        async def spawns_a_grandchild() -> LockLease:
+        async def spawns_a_grandchild() -> Any:
             return await asyncio.create_task(try_hold(lock, k))
 
         async with asyncio.TaskGroup() as group:
@@ -169,7 +169,7 @@ async def test_not_reentrant_from_an_unrelated_task(lock: ReentrantLock[Any]) ->
     k = key()
     go = asyncio.Event()
 
-    async def started_before_the_hold() -> LockLease:
+    async def started_before_the_hold() -> Any:
         await go.wait()
         return await try_hold(lock, k)
 
@@ -184,7 +184,7 @@ async def test_child_that_outlives_the_block_acquires_afresh(lock: ReentrantLock
     k = key()
     block_done = asyncio.Event()
 
-    async def child() -> LockLease:
+    async def child() -> Any:
         await block_done.wait()
         return await try_hold(lock, k)
 
@@ -219,7 +219,7 @@ async def test_released_after_an_exception(lock: ReentrantLock[Any]) -> None:
 async def test_released_after_cancellation(lock: ReentrantLock[Any]) -> None:
     k = key()
     inside = asyncio.Event()
-    leases: list[LockLease] = []
+    leases: list[Any] = []
 
     async def holder() -> None:
         async with lock.hold(k, 5.0) as lease:
@@ -303,7 +303,7 @@ async def test_a_holder_that_stops_renewing_frees_the_key_within_one_ttl(lock: R
     k = key()
     taken = asyncio.Event()
     done = asyncio.Event()
-    second: list[LockLease] = []
+    second: list[Any] = []
 
     async def next_holder() -> None:
         async with lock.hold(k, 5.0) as lease:
@@ -312,13 +312,12 @@ async def test_a_holder_that_stops_renewing_frees_the_key_within_one_ttl(lock: R
             await done.wait()
 
     async with lock.hold(k, SHORT_TTL) as first:
-        first_lease: Lease = first  # type: ignore[assignment]
-        first_lease._suspend_renewal()  # the simulated crash
+        first._suspend_renewal()  # the simulated crash
         await asyncio.sleep(SHORT_TTL + 0.15)
         task = unrelated(next_holder())
         await taken.wait()
         assert first.lost
-        assert first.lost_event.is_set()  # type: ignore[attr-defined]
+        assert first.lost_event.is_set()
         with pytest.raises(LockFailedError, match="lost"):
             first.raise_if_lost()
         with pytest.raises(LockFailedError):
@@ -335,9 +334,9 @@ async def test_a_holder_that_stops_renewing_frees_the_key_within_one_ttl(lock: R
 async def test_lost_event_is_set_when_the_loss_is_detected(lock: ReentrantLock[Any]) -> None:
     k = key()
     async with lock.hold(k, SHORT_TTL) as lease:
-        event = lease.lost_event  # type: ignore[attr-defined]
+        event = lease.lost_event
         assert not event.is_set()
-        lease._suspend_renewal()  # type: ignore[attr-defined]
+        lease._suspend_renewal()
         async with asyncio.timeout(GUARD):
             while not lease.lost:  # detection may be lazy (local) or timed (redis)
                 await asyncio.sleep(0.02)

@@ -1,0 +1,307 @@
+"""The benchmark scenarios as pytest tests, with a small N, plus self-tests of the harness.
+
+The scenario tests are marked ``benchmark``, which the default test run deselects (and the default
+``testpaths`` does not even reach this folder): run them with ``python -m pytest benchmarks -m benchmark``.
+The harness self-tests at the bottom are unmarked and fast (``python -m pytest benchmarks``).
+They check what the benchmark reports, never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import report
+from benchmarks.databases import PgAdmin, sqlite_file
+from benchmarks.harness import (
+    LatencySampler,
+    ResourceProbe,
+    RunMeasurement,
+    SqlCommitCounter,
+    percentile,
+    summarize,
+)
+from benchmarks.reference_dbos import dbos_version, run_dbos_once
+from benchmarks.reference_floor import COMMITS_PER_WORKFLOW, run_floor_postgres, run_floor_sqlite
+from benchmarks.runner import ALL_SCENARIOS, asyncflow_unavailable, parse_list
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+N = 20
+C = 4
+
+
+def _needs_asyncflow(mode: str) -> None:
+    reason = asyncflow_unavailable(mode)
+    if reason:
+        pytest.skip(reason)
+
+
+def _check_measurement(m: RunMeasurement, n: int) -> None:
+    assert m.n == n
+    assert m.elapsed_s > 0
+    assert m.cpu_s > 0
+    assert m.peak_rss_bytes > 10 * 2**20
+    assert len(m.latencies_s) == n  # stride 1 below MAX_LATENCY_SAMPLES
+    assert all(latency > 0 for latency in m.latencies_s)
+
+
+async def _asyncflow(
+    scenario: str, mode: str, backend: str, lock: str = "local", **kw: Any
+) -> RunMeasurement:
+    from benchmarks.asyncflow_runs import AsyncflowRun, run_asyncflow_once
+
+    run = AsyncflowRun(scenario=scenario, mode=mode, backend=backend, lock=lock, n=N, concurrency=C)
+    return await run_asyncflow_once(run, **kw)
+
+
+# -- the scenarios -----------------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("mode", ["direct", "driver"])
+@pytest.mark.parametrize("scenario", ALL_SCENARIOS)
+async def test_scenario_sqlite(scenario: str, mode: str) -> None:
+    _needs_asyncflow(mode)
+    m = await _asyncflow(scenario, mode, "sqlite")
+    _check_measurement(m, N)
+    assert m.commits is not None and m.write_commits is not None
+    # at least the instance insert and one write per node, and never a write without a commit
+    assert m.write_commits >= N * 2
+    assert m.commits >= m.write_commits
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("mode", ["direct", "driver"])
+@pytest.mark.parametrize("scenario", ALL_SCENARIOS)
+async def test_scenario_memory(scenario: str, mode: str) -> None:
+    _needs_asyncflow(mode)
+    m = await _asyncflow(scenario, mode, "memory")
+    _check_measurement(m, N)
+    assert m.commits is None
+
+
+@pytest.mark.benchmark
+@pytest.mark.postgres
+@pytest.mark.parametrize("mode", ["direct", "driver"])
+@pytest.mark.parametrize("scenario", ALL_SCENARIOS)
+async def test_scenario_postgres(postgres_url: str, scenario: str, mode: str) -> None:
+    _needs_asyncflow(mode)
+    m = await _asyncflow(scenario, mode, "postgres", pg_admin=PgAdmin(postgres_url))
+    _check_measurement(m, N)
+    assert m.commits is not None and m.write_commits is not None
+    assert m.write_commits >= N * 2
+    assert m.commits >= m.write_commits  # the database's own count includes reads and set-up
+
+
+@pytest.mark.benchmark
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.parametrize("mode", ["direct", "driver"])
+async def test_scenario_redis_lock(postgres_url: str, redis_url: str, mode: str) -> None:
+    _needs_asyncflow(mode)
+    m = await _asyncflow(
+        "diamond", mode, "postgres", "redis", pg_admin=PgAdmin(postgres_url), redis_url=redis_url
+    )
+    _check_measurement(m, N)
+
+
+# -- the reference rows ------------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark
+@pytest.mark.postgres
+async def test_floor_postgres_commits_exactly_four_per_workflow(postgres_url: str) -> None:
+    admin = PgAdmin(postgres_url)
+    async with admin.fresh_database("floor_test") as db:
+        m = await run_floor_postgres(db.dsn, N, C, admin=admin, database=db.name)
+    _check_measurement(m, N)
+    # counted by PostgreSQL itself, so this also checks the commit counting of every PostgreSQL row
+    assert m.commits == N * COMMITS_PER_WORKFLOW
+
+
+@pytest.mark.benchmark
+async def test_floor_sqlite() -> None:
+    with sqlite_file("floor_test") as path:
+        m = await run_floor_sqlite(path, N, C)
+    _check_measurement(m, N)
+    assert m.commits == N * COMMITS_PER_WORKFLOW
+
+
+@pytest.mark.benchmark
+@pytest.mark.postgres
+@pytest.mark.parametrize("shape", ["linear3", "diamond"])
+async def test_dbos_reference(postgres_url: str, shape: str) -> None:
+    if dbos_version() is None:
+        pytest.skip("dbos is not installed: pip install 'asyncflow[bench]'")
+    m = await run_dbos_once(shape, N, C, admin=PgAdmin(postgres_url))
+    _check_measurement(m, N)
+    steps = 3 if shape == "linear3" else 6
+    assert m.commits is not None and m.commits >= N * steps  # DBOS checkpoints every step
+
+
+@pytest.mark.benchmark
+@pytest.mark.postgres
+def test_cli_writes_json_and_skips_a_missing_service(tmp_path: Path, postgres_url: str) -> None:
+    out = tmp_path / "out.json"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{report.README_START}\nold\n{report.README_END}\ntail\n", encoding="utf-8")
+    cmd = [
+        sys.executable, "-m", "benchmarks", "run", "--scenario", "linear3", "--backend", "postgres,sqlite",
+        "--reference", "floor", "--pg-url", "postgresql+asyncpg://postgres@127.0.0.1:9/none", "-n", "10",
+        "-c", "2", "--repeat", "3", "--json", str(out), "--readme", str(readme),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=100, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped every postgres row" in proc.stdout
+    payload = json.loads(out.read_text(encoding="utf-8"))
+    kinds = {(row["kind"], row["backend"]) for row in payload["results"]}
+    assert ("floor", "sqlite") in kinds
+    assert not any(row["backend"] == "postgres" for row in payload["results"])
+    floor = next(row for row in payload["results"] if row["kind"] == "floor")
+    assert floor["repeats"] == 3
+    assert floor["commits_per_workflow"] == 4.0
+    for name in ("workflows_per_s", "node_steps_per_s", "latency_ms", "cpu_ms_per_workflow", "peak_rss_mib"):
+        assert floor[name] is not None
+    assert payload["environment"]["versions"]["python"]
+    text = readme.read_text(encoding="utf-8")
+    assert "old" not in text and "| floor | linear3 | raw | sqlite |" in text and text.endswith("tail\n")
+
+
+# -- harness self-tests (unmarked: fast, no services) ------------------------------------------------
+
+
+def test_percentile_interpolates_and_summarize_spreads() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile([3.0], 99) == 3.0
+    spread = summarize([3.0, 1.0, 2.0])
+    assert (spread.median, spread.min, spread.max) == (2.0, 1.0, 3.0)
+    with pytest.raises(ValueError, match="at least one"):
+        summarize([])
+
+
+def test_latency_sampler_keeps_a_bounded_stride_sample() -> None:
+    sampler = LatencySampler(100_000, max_samples=1000)
+    assert sampler.stride == 100
+    kept = [i for i in range(100_000) if sampler.wants(i)]
+    assert len(kept) == 1000
+    sampler.started(7, 1.0)
+    sampler.completed(8, 5.0)  # not sampled: ignored
+    sampler.completed(7, 1.25)
+    sampler.completed(7, 9.0)  # a second report of the same instance is ignored
+    assert sampler.latencies() == [0.25]
+    assert sampler.open_count == 0
+
+
+def test_resource_probe_sees_cpu_and_a_fresh_peak() -> None:
+    with ResourceProbe() as probe:
+        block = bytearray(64 * 2**20)  # touch 64 MiB
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        del block
+    assert probe.cpu_s > 0
+    assert probe.peak_rss_bytes >= 64 * 2**20
+    if probe.rss_scope == "block":
+        with ResourceProbe() as small:
+            sum(range(1000))
+        assert small.peak_rss_bytes < probe.peak_rss_bytes
+
+
+async def test_sql_commit_counter_counts_transactions_and_autocommit_statements(tmp_path: Path) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/c.db")
+    counter = SqlCommitCounter()
+    counter.attach(engine)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        assert (counter.commits, counter.write_commits) == (1, 0)  # DDL is not a row write
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO t VALUES (1)"))
+            await conn.execute(text("INSERT INTO t VALUES (2)"))
+        assert (counter.commits, counter.write_commits) == (2, 1)
+        async with engine.connect() as conn:
+            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await auto.execute(text("INSERT INTO t VALUES (3)"))
+            await auto.execute(text("UPDATE t SET x = x + 1"))
+            await auto.execute(text("SELECT count(*) FROM t"))
+        assert (counter.commits, counter.write_commits) == (5, 3)
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            await conn.exec_driver_sql("DELETE FROM t WHERE x = 2")
+            await conn.exec_driver_sql("COMMIT")
+        assert (counter.commits, counter.write_commits) == (6, 4)
+    finally:
+        counter.detach()
+        await engine.dispose()
+
+
+def test_report_ratios_and_readme(tmp_path: Path) -> None:
+    def row(kind: str, scenario: str, wfs: float) -> dict[str, Any]:
+        key = report.RowKey(kind, scenario, "direct", "postgres", None, 100, 32, 3)
+        m = RunMeasurement(
+            n=100, elapsed_s=100 / wfs, cpu_s=0.5, peak_rss_bytes=50 * 2**20, latencies_s=[0.01]
+        )
+        return report.aggregate(key, [m, m, m])
+
+    rows = [
+        row("asyncflow", "linear3", 1000.0),
+        row("dbos", "linear3", 100.0),
+        row("floor", "linear3", 2500.0),
+    ]
+    report.attach_ratios(rows)
+    assert rows[0]["ratio_vs_dbos"] == 10.0
+    assert rows[0]["fraction_of_floor"] == 0.4
+    assert rows[1]["ratio_vs_dbos"] is None
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{report.README_START}\n{report.README_END}\nb\n", encoding="utf-8")
+    payload = {
+        "generated_at": "now",
+        "command": "python -m benchmarks run",
+        "environment": report.environment(postgres="15", redis=None),
+        "results": rows,
+        "skipped": [{"row": "x", "reason": "y"}],
+    }
+    report.update_readme(readme, payload)
+    text = readme.read_text(encoding="utf-8")
+    assert "| asyncflow | linear3 | direct | postgres |" in text and "10.0x" in text and "40%" in text
+    assert "- x: y" in text
+    table = report.format_table(rows).splitlines()
+    assert len(table) == 2 + len(rows) and table[2].startswith("asyncflow")
+
+
+def test_parse_list() -> None:
+    assert parse_list("all", ("a", "b"), "x") == ("a", "b")
+    assert parse_list("none", ("a", "b"), "x") == ()
+    assert parse_list("b,a", ("a", "b"), "x") == ("b", "a")
+    with pytest.raises(ValueError, match="unknown x: c"):
+        parse_list("a,c", ("a", "b"), "x")
+
+
+def test_benchmarks_are_not_in_the_default_test_run() -> None:
+    import tomllib
+
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["pytest"][
+        "ini_options"
+    ]
+    assert "benchmarks" not in config["testpaths"]
+    assert "not benchmark" in config["addopts"]
+
+
+def test_scenarios_build() -> None:
+    pytest.importorskip("asyncflow")
+    if asyncflow_unavailable("direct"):
+        pytest.skip("asyncflow engine not available")
+    from benchmarks.scenarios import SCENARIOS, build_registry
+
+    for spec in SCENARIOS.values():
+        definition = build_registry(spec).get_workflow_definition(spec.workflow_type)
+        assert [node.task_type for node in definition.nodes][1:-1] == [node for node, _ in spec.nodes]

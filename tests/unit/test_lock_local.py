@@ -1,0 +1,168 @@
+"""``LocalWorkflowLock`` with a ``FakeClock``: expiry, take-over, no double release, no two holders."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from asyncflow.clock import FakeClock
+from asyncflow.errors import LockFailedError
+from asyncflow.lock.local import LocalLease, LocalWorkflowLock
+from asyncflow.lock.protocol import WorkflowLock
+
+T = TypeVar("T")
+
+
+def unrelated(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+
+
+async def try_hold(lock: LocalWorkflowLock, key: str, ttl: float = 10.0) -> LocalLease:
+    async with lock.hold(key, ttl) as lease:
+        return lease
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def lock(clock: FakeClock) -> Any:
+    async with LocalWorkflowLock(clock=clock) as lock:
+        yield lock
+
+
+def test_is_a_workflow_lock() -> None:
+    assert isinstance(LocalWorkflowLock(), WorkflowLock)
+
+
+async def test_a_live_holder_never_expires(lock: LocalWorkflowLock, clock: FakeClock) -> None:
+    async with lock.hold("k", 1.0) as lease:
+        clock.advance(3600)
+        assert not lease.lost
+        with pytest.raises(LockFailedError):
+            await unrelated(try_hold(lock, "k"))
+
+
+async def test_a_suspended_lease_expires_after_exactly_one_ttl(
+    lock: LocalWorkflowLock, clock: FakeClock
+) -> None:
+    async with lock.hold("k", 5.0) as lease:
+        lease._suspend_renewal()
+        clock.advance(4.99)
+        assert not lease.lost
+        with pytest.raises(LockFailedError):
+            await unrelated(try_hold(lock, "k"))
+        clock.advance(0.01)
+        assert lease.lost
+        taken = await unrelated(try_hold(lock, "k"))
+        assert taken is not lease
+        with pytest.raises(LockFailedError, match="lost"):
+            lease.raise_if_lost()
+
+
+async def test_take_over_marks_the_old_lease_lost_at_once(lock: LocalWorkflowLock, clock: FakeClock) -> None:
+    done = asyncio.Event()
+    async with lock.hold("k", 1.0) as old:
+        event = old.lost_event
+        old._suspend_renewal()
+        clock.advance(1.0)
+
+        async def next_holder() -> LocalLease:
+            async with lock.hold("k", 1.0) as lease:
+                await done.wait()
+                return lease
+
+        task = unrelated(next_holder())
+        await asyncio.sleep(0)
+        assert event.is_set()
+        assert lock.held_keys == {"k"}
+    # the old block's release did not remove the new holder
+    assert lock.held_keys == {"k"}
+    with pytest.raises(LockFailedError):
+        await unrelated(try_hold(lock, "k"))
+    done.set()
+    new = await task
+    assert not new.lost
+    assert lock.held_keys == frozenset()
+
+
+async def test_release_is_idempotent(lock: LocalWorkflowLock) -> None:
+    block = lock.hold("k", 1.0)
+    lease = await block.__aenter__()
+    await block.__aexit__(None, None, None)
+    await block.__aexit__(None, None, None)  # a second exit releases nothing
+    other = await unrelated(try_hold(lock, "k"))
+    async with lock.hold("k", 1.0) as current:
+        await lock._release(lease)  # a stale lease's release must not free the current holder
+        assert lock.held_keys == {"k"}
+        assert current is not other
+
+
+async def test_a_hold_block_cannot_be_entered_twice(lock: LocalWorkflowLock) -> None:
+    block = lock.hold("k", 1.0)
+    async with block:
+        with pytest.raises(RuntimeError, match="twice"):
+            await block.__aenter__()
+
+
+async def test_many_contenders_one_holder(lock: LocalWorkflowLock) -> None:
+    inside = most = wins = refusals = 0
+
+    async def contender() -> None:
+        nonlocal inside, most, wins, refusals
+        for _ in range(20):
+            try:
+                async with lock.hold("k", 1.0):
+                    inside += 1
+                    most = max(most, inside)
+                    wins += 1
+                    await asyncio.sleep(0)
+                    inside -= 1
+            except LockFailedError:
+                refusals += 1
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(unrelated(contender()) for _ in range(50)))
+    assert most == 1
+    assert wins >= 1 and refusals >= 1
+    assert wins + refusals == 1000
+    assert lock.held_keys == frozenset()
+
+
+async def test_separate_local_locks_do_not_exclude_each_other() -> None:
+    async with (
+        LocalWorkflowLock() as first,
+        LocalWorkflowLock() as second,
+        first.hold("k", 1.0) as a,
+        second.hold("k", 1.0) as b,
+    ):
+        assert a is not b
+        with pytest.raises(LockFailedError):
+            await unrelated(try_hold(second, "k"))
+
+
+async def test_lease_reports_its_state(lock: LocalWorkflowLock) -> None:
+    async with lock.hold("k", 2.5) as lease:
+        assert lease.key == "k"
+        assert lease.ttl == 2.5
+        assert "held" in repr(lease)
+    assert lease.released
+    assert "released" in repr(lease)
+
+
+async def test_loss_while_held_is_logged(
+    lock: LocalWorkflowLock, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncflow.lock._reentrant")
+    async with lock.hold("k", 1.0) as lease:
+        lease._suspend_renewal()
+        clock.advance(2.0)
+        assert lease.lost
+    assert any("lost while held" in record.getMessage() for record in caplog.records)
