@@ -167,7 +167,7 @@ async def test_without_a_lock_compare_and_set_prevents_double_completion() -> No
         # without a lock several runners did run the same node...
         assert max(calls.runs(node) for node in EDGES) > 1
         # ...but each node was completed by exactly one write
-        assert {node: completions[node] for node in (*EDGES, "end")} == {n: 1 for n in (*EDGES, "end")}
+        assert {node: completions[node] for node in (*EDGES, "end")} == dict.fromkeys((*EDGES, "end"), 1)
 
 
 async def test_local_lock_many_concurrent_runs_in_one_process(engine_repo: Any) -> None:
