@@ -409,3 +409,53 @@ async def test_hundred_concurrent_creates(engine_repo: Any, local_lock: Any) -> 
     svc = make(engine_repo, local_lock, registry_with(config("cc", {"A": []}), Calls()))
     created = await asyncio.gather(*(svc.create_workflow("cc", f"CONCURRENT-{i}") for i in range(100)))
     assert len({c.id for c in created}) == 100
+
+
+async def test_forced_node_restart_revives_collateral_cancels(engine_repo: Any, local_lock: Any) -> None:
+    calls = Calls()
+    state = {"fail": True}
+
+    def run(ctx: JSONContext) -> None:
+        if state["fail"]:
+            from asyncflow.errors import TaskFailedTerminate
+
+            raise TaskFailedTerminate("stop")
+
+    cfg = config("coll", {"W": [], "X": []})
+    workers = {"W": waiting_for_event(calls), "X": recording_worker(calls, run)}
+    svc = make(engine_repo, local_lock, registry_with(cfg, calls, workers), branch_concurrency=1)
+    inst = await svc.create_workflow("coll", "b")
+    await svc.run_workflow(inst.id)  # W pending (first in config order), then X fails the instance
+    assert await statuses(svc, inst.id) == {"root": "completed", "W": "canceled", "X": "failed"}
+    state["fail"] = False
+    after = await svc.restart_workflow_node(inst.id, "X", force=True)
+    assert after.status == "running"
+    assert (await statuses(svc, inst.id))["W"] == "restarting"
+    await svc.run_workflow(inst.id)
+    await svc.add_node_external_event(inst.id, "W", NodeExternalEvent(1, {"approved": 1}))
+    assert (await svc.run_workflow(inst.id)).status == "completed"
+
+
+async def test_event_from_a_worker_of_the_same_instance_is_not_overwritten(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    calls = Calls()
+    holder: dict[str, Any] = {}
+
+    async def send(ctx: JSONContext) -> None:
+        from asyncflow.worker import current_node
+
+        await holder["svc"].add_node_external_event(
+            current_node().instance_id, "W", NodeExternalEvent(1, {"approved": "by A"})
+        )
+
+    cfg = config("self", {"W": [], "A": []})
+    workers = {"W": waiting_for_event(calls), "A": recording_worker(calls, send)}
+    svc = make(engine_repo, local_lock, registry_with(cfg, calls, workers), branch_concurrency=1)
+    holder["svc"] = svc
+    inst = await svc.create_workflow("self", "b")
+    await svc.run_workflow(inst.id)
+    row = (await rows_of(svc, inst.id))["W"]
+    assert row.node_context[NODE_EVENT]["event_content"] == {"approved": "by A"}
+    assert (await svc.run_workflow(inst.id)).status == "completed"
+    assert (await rows_of(svc, inst.id))["W"].node_context["decision"] == "by A"

@@ -1,0 +1,209 @@
+"""What only PostgreSQL does: JSONB, row locks, commit failures, an unreachable or silent server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from asyncflow.errors import StoreError, UniqueViolationError
+from asyncflow.records import (
+    NewWorkflowInstance,
+    QueryWorkflowInstanceParams,
+    Step,
+    TaskInsert,
+)
+from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+
+
+def new(business_id: str = "b", **kw: Any) -> NewWorkflowInstance:
+    return NewWorkflowInstance(workflow_type="wf", business_id=business_id, workflow_context={}, **kw)
+
+
+@pytest.fixture
+async def repo(pg_engine: AsyncEngine) -> AsyncIterator[SQLAlchemyWorkflowRepo]:
+    made = SQLAlchemyWorkflowRepo(pg_engine)
+    await made.create_schema()
+    yield made
+    await made.aclose()
+
+
+async def test_unreachable_server_is_a_store_error() -> None:
+    repo = SQLAlchemyWorkflowRepo("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")
+    try:
+        with pytest.raises(StoreError) as caught:
+            await repo.get_workflow_instance(1)
+        assert caught.value.__cause__ is not None
+    finally:
+        await repo.aclose()
+
+
+async def test_a_silent_server_times_out_as_a_store_error() -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    repo = SQLAlchemyWorkflowRepo(
+        f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test", connect_args={"timeout": 0.3}
+    )
+    try:
+        with pytest.raises(StoreError) as caught:
+            await repo.create_workflow_instance(new())
+        assert isinstance(caught.value.__cause__, TimeoutError)
+        assert accepted  # it really connected, then waited for an answer that never came
+    finally:
+        await repo.aclose()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_a_missing_asyncpg_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # what an uninstalled package looks like to import
+    with pytest.raises(ImportError, match=r"asyncflow\[postgres\]"):
+        SQLAlchemyWorkflowRepo("postgresql+asyncpg://postgres@127.0.0.1/test")
+    with pytest.raises(ImportError, match=r"asyncflow\[postgres\]"):
+        SQLAlchemyWorkflowRepo("postgresql://postgres@127.0.0.1/test")
+
+
+@pytest.mark.postgres
+async def test_contexts_are_jsonb_and_indexes_exist(repo: SQLAlchemyWorkflowRepo) -> None:
+    async with repo.engine.connect() as conn:
+        types = dict(
+            (
+                await conn.execute(
+                    text(
+                        "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns"
+                        " WHERE table_schema = current_schema() AND column_name LIKE '%context'"
+                    )
+                )
+            ).all()
+        )
+        indexes = set(
+            (
+                await conn.execute(
+                    text("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")
+                )
+            ).scalars()
+        )
+    assert types == {"workflow_instance.workflow_context": "jsonb", "task_instance.node_context": "jsonb"}
+    assert {
+        "ix_workflow_instance_status_next_run_at",
+        "ix_workflow_instance_business_id",
+        "ix_workflow_instance_task_id",
+        "uq_task_instance_workflow_instance_id_task_type",
+    } <= indexes
+
+
+@pytest.mark.postgres
+async def test_unique_violation_carries_the_asyncpg_error(repo: SQLAlchemyWorkflowRepo) -> None:
+    import asyncpg
+
+    made = await repo.create_workflow_instance(new())
+    await repo.create_task_instance(made.id, TaskInsert(task_type="a", status="running", node_context={}))
+    with pytest.raises(UniqueViolationError) as caught:
+        await repo.create_task_instance(made.id, TaskInsert(task_type="a", status="init", node_context={}))
+    assert isinstance(caught.value.__cause__, asyncpg.UniqueViolationError)
+
+
+@pytest.mark.postgres
+async def test_a_commit_failure_is_raised_as_store_error(repo: SQLAlchemyWorkflowRepo) -> None:
+    async with repo.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN IF NEW.business_id = 'refused' THEN RAISE EXCEPTION 'refused at commit'; END IF;"
+                " RETURN NULL; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON workflow_instance"
+                " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+        )
+    with pytest.raises(StoreError, match="refused at commit"):
+        async with repo.transaction():
+            await repo.create_workflow_instance(new("accepted"))
+            await repo.create_workflow_instance(new("refused"))
+    assert await repo.count_workflow_instances(QueryWorkflowInstanceParams()) == 0
+    made = await repo.create_workflow_instance(new("after"))
+    assert await repo.get_workflow_instance(made.id) == made
+
+
+@pytest.mark.postgres
+async def test_claim_skips_rows_locked_by_another_transaction(repo: SQLAlchemyWorkflowRepo) -> None:
+    ids = await repo.create_workflow_instances([new(str(i), next_run_at=i) for i in range(4)])
+    async with repo.engine.connect() as other, other.begin():
+        await other.execute(text("SELECT id FROM workflow_instance WHERE id = :i FOR UPDATE"), {"i": ids[0]})
+        claimed = await repo.claim_due_instances(now_ms=100, limit=10, lease_ms=1000)
+        assert claimed == ids[1:]
+    assert await repo.claim_due_instances(now_ms=100, limit=10, lease_ms=1000) == ids[:1]
+
+
+@pytest.mark.postgres
+async def test_a_step_waits_for_a_concurrent_writer_of_its_instance(repo: SQLAlchemyWorkflowRepo) -> None:
+    made = await repo.create_workflow_instance(new(status="running"))
+    step = Step(instance_id=made.id, inserts=(TaskInsert(task_type="a", status="running", node_context={}),))
+    async with repo.engine.connect() as canceler, canceler.begin():
+        await canceler.execute(
+            text("UPDATE workflow_instance SET status = 'canceled' WHERE id = :i"), {"i": made.id}
+        )
+        pending = asyncio.create_task(repo.apply_step(step))
+        waiting = 0
+        while not waiting and not pending.done():  # until the step's connection waits on the row lock
+            await asyncio.sleep(0.01)
+            query = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'")
+            waiting = (await canceler.execute(query)).scalar_one()
+        assert not pending.done()  # blocked on the instance row, before any node write
+    result = await pending  # the cancel committed first: the step's status condition fails
+    assert not result.applied
+    assert await repo.load_task_instances(made.id) == []
+
+
+@pytest.mark.postgres
+async def test_non_object_json_reads_as_empty_with_a_warning(
+    repo: SQLAlchemyWorkflowRepo, caplog: pytest.LogCaptureFixture
+) -> None:
+    made = await repo.create_workflow_instance(new())
+    async with repo.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE workflow_instance SET workflow_context = '[1, 2]'::jsonb WHERE id = :i"),
+            {"i": made.id},
+        )
+    with caplog.at_level(logging.WARNING, logger="asyncflow.store._json"):
+        read = await repo.get_workflow_instance(made.id)
+    assert read is not None and read.workflow_context == {}
+    assert any("not an object" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.postgres
+async def test_url_built_repo_owns_its_engine_and_schema_creation_is_serialized(
+    pg_engine: AsyncEngine, postgres_url: str
+) -> None:
+    async with pg_engine.connect() as conn:
+        schema = (await conn.execute(text("SELECT current_schema()"))).scalar_one()
+    settings = {"connect_args": {"server_settings": {"search_path": schema}}}
+    repos = [SQLAlchemyWorkflowRepo(postgres_url, **settings) for _ in range(4)]
+    try:
+        await asyncio.gather(*(repo.create_schema() for repo in repos))
+        made = await repos[0].create_workflow_instance(new())
+        assert await repos[3].get_workflow_instance(made.id) == made
+    finally:
+        for repo in repos:
+            await repo.aclose()
+    assert all(repo.engine.pool.checkedin() == 0 for repo in repos)
+    shared = SQLAlchemyWorkflowRepo(pg_engine)
+    await shared.aclose()
+    async with pg_engine.connect() as conn:  # the caller's engine still works
+        assert (await conn.execute(text("SELECT count(*) FROM workflow_instance"))).scalar() == 1
