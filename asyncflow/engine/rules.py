@@ -131,7 +131,13 @@ def sanitize_json(value: Any) -> Any:
 
 
 def _clean_str(text: str) -> str:
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no database stores it
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def build_node_context(

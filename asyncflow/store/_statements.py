@@ -37,7 +37,8 @@ from ..records import (
     TaskInstanceRecord,
     WorkflowInstanceRecord,
 )
-from ._json import loads_context, page_window
+from ._json import copy_context, loads_context, page_window
+from ._prepare import InstanceChange, InstanceRow, TaskChange, TaskRow
 from .tables import task_instance as ti
 from .tables import workflow_instance as wi
 
@@ -321,3 +322,71 @@ def query_tasks(params: QueryTaskInstanceParams) -> Select[Any]:
     if window is not None:
         query = query.offset(window[0]).limit(window[1])
     return query
+
+
+# ------------------------------------------------------------------------------ bind parameters
+
+
+def instance_params(row: InstanceRow, now: int) -> dict[str, Any]:
+    """Bind parameters of :data:`INSERT_INSTANCE`."""
+    return {
+        "workflow_type": row.workflow_type,
+        "business_id": row.business_id,
+        "status": row.status,
+        "workflow_context": row.context,
+        "task_id": row.task_id,
+        "created_at": now,
+        "updated_at": now,
+        "next_run_at": row.next_run_at,
+    }
+
+
+def instance_change_params(change: InstanceChange, now: int) -> dict[str, Any]:
+    """Bind parameters of the instance updates (``None`` = unchanged)."""
+    return {
+        "p_status": change.status,
+        "p_context": change.context,
+        "p_next_run_at": change.next_run_at,
+        "p_now": now,
+    }
+
+
+def task_params(instance_id: int, row: TaskRow, now: int) -> dict[str, Any]:
+    """Bind parameters of :data:`INSERT_TASK` (``started_at`` 0 = now)."""
+    return {
+        "workflow_instance_id": instance_id,
+        "task_type": row.task_type,
+        "status": row.status,
+        "node_context": row.context,
+        "fail_count": row.fail_count,
+        "created_at": now,
+        "updated_at": now,
+        "started_at": row.started_at or now,
+    }
+
+
+def task_change_params(change: TaskChange, now: int) -> dict[str, Any]:
+    """Bind parameters of the node updates (``None`` = unchanged)."""
+    return {
+        "p_status": change.status,
+        "p_context": change.context,
+        "p_fail_count": change.fail_count,
+        "p_started_at": change.started_at,
+        "p_now": now,
+    }
+
+
+def inserted_task_record(task_id: int, instance_id: int, row: TaskRow, now: int) -> TaskInstanceRecord:
+    """The record of a node row just inserted (no read back needed)."""
+    return TaskInstanceRecord(
+        id=task_id,
+        workflow_instance_id=instance_id,
+        task_type=row.task_type,
+        status=row.status,
+        node_context=copy_context(row.context),
+        fail_count=row.fail_count,
+        created_at=now,
+        updated_at=now,
+        started_at=row.started_at or now,
+        version=1,
+    )

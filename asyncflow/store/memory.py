@@ -13,8 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
-from typing import TypeVar
+from dataclasses import replace
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import StoreError, UniqueViolationError
@@ -22,7 +21,6 @@ from ..records import (
     InstanceFields,
     InstanceWhere,
     NewWorkflowInstance,
-    Pager,
     QueryTaskInstanceParams,
     QueryWorkflowInstanceParams,
     Step,
@@ -37,91 +35,15 @@ from . import _prepare as prep
 from ._json import (
     check_int,
     check_texts,
-    copy_context,
-    page_window,
     validate_instance_query,
     validate_task_query,
 )
+from ._memory_rows import Instance, State, Task, changed_instance, changed_task, paged
 
 __all__ = ["MemoryWorkflowRepo"]
 
 _RUNNABLE = ("init", "running")
 _TERMINAL = ("completed", "failed", "canceled")
-
-
-@dataclass(frozen=True, slots=True)
-class _Instance:
-    id: int
-    workflow_type: str
-    business_id: str
-    status: str
-    context: str
-    task_id: int
-    created_at: int
-    updated_at: int
-    next_run_at: int
-    version: int
-
-    def record(self) -> WorkflowInstanceRecord:
-        return WorkflowInstanceRecord(
-            id=self.id,
-            workflow_type=self.workflow_type,
-            business_id=self.business_id,
-            status=self.status,
-            workflow_context=copy_context(self.context),
-            task_id=self.task_id,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            next_run_at=self.next_run_at,
-            version=self.version,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class _Task:
-    id: int
-    workflow_instance_id: int
-    task_type: str
-    status: str
-    context: str
-    fail_count: int
-    created_at: int
-    updated_at: int
-    started_at: int
-    version: int
-
-    def record(self) -> TaskInstanceRecord:
-        return TaskInstanceRecord(
-            id=self.id,
-            workflow_instance_id=self.workflow_instance_id,
-            task_type=self.task_type,
-            status=self.status,
-            node_context=copy_context(self.context),
-            fail_count=self.fail_count,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            started_at=self.started_at,
-            version=self.version,
-        )
-
-
-@dataclass(slots=True)
-class _State:
-    instances: dict[int, _Instance]
-    tasks: dict[int, _Task]
-    task_keys: dict[tuple[int, str], int]  # UNIQUE(workflow_instance_id, task_type)
-    last_instance_id: int = 0
-    last_task_id: int = 0
-
-    def copy(self) -> _State:
-        # rows are immutable, so copying the maps is a full snapshot
-        return _State(
-            dict(self.instances),
-            dict(self.tasks),
-            dict(self.task_keys),
-            self.last_instance_id,
-            self.last_task_id,
-        )
 
 
 class _MemTx:
@@ -136,7 +58,7 @@ class MemoryWorkflowRepo:
 
     def __init__(self, *, clock: Clock | None = None) -> None:
         self._clock: Clock = clock if clock is not None else SYSTEM_CLOCK
-        self._state = _State({}, {}, {})
+        self._state = State({}, {}, {})
         self._lock = asyncio.Lock()
         self._tx: ContextVar[_MemTx | None] = ContextVar(f"asyncflow_memory_tx_{id(self):x}", default=None)
 
@@ -183,7 +105,7 @@ class MemoryWorkflowRepo:
                 self._tx.reset(token)
 
     @asynccontextmanager
-    async def _unit(self) -> AsyncIterator[_State]:
+    async def _unit(self) -> AsyncIterator[State]:
         """The state for one call: inside the open transaction, or once no transaction holds it."""
         if self._joined():
             yield self._state
@@ -193,9 +115,9 @@ class MemoryWorkflowRepo:
 
     # ------------------------------------------------------------------------------- instances
 
-    def _insert_instance(self, state: _State, row: prep.InstanceRow, now: int) -> _Instance:
+    def _insert_instance(self, state: State, row: prep.InstanceRow, now: int) -> Instance:
         state.last_instance_id += 1
-        instance = _Instance(
+        instance = Instance(
             state.last_instance_id,
             row.workflow_type,
             row.business_id,
@@ -230,7 +152,7 @@ class MemoryWorkflowRepo:
             instance = state.instances.get(instance_id)
             return None if instance is None else instance.record()
 
-    def _matching(self, state: _State, params: QueryWorkflowInstanceParams) -> list[_Instance]:
+    def _matching(self, state: State, params: QueryWorkflowInstanceParams) -> list[Instance]:
         validate_instance_query(params)
         result = []
         for item in state.instances.values():
@@ -255,7 +177,7 @@ class MemoryWorkflowRepo:
         """Filtered (AND), ordered by id (descending only for ``order_by_id_asc=False``), paged."""
         async with self._unit() as state:
             rows = self._matching(state, params)
-            return [row.record() for row in _paged(rows, params.order_by_id_asc, params.page)]
+            return [row.record() for row in paged(rows, params.order_by_id_asc, params.page)]
 
     async def count_workflow_instances(self, params: QueryWorkflowInstanceParams) -> int:
         """How many instances match the filters (paging and order ignored)."""
@@ -272,13 +194,13 @@ class MemoryWorkflowRepo:
                 instance = state.instances.get(instance_id)
                 if instance is None or (status_in and instance.status not in status_in):
                     continue
-                state.instances[instance_id] = _changed_instance(instance, change, now)
+                state.instances[instance_id] = changed_instance(instance, change, now)
                 count += 1
             return count
 
     # ----------------------------------------------------------------------------------- nodes
 
-    def _insert_task(self, state: _State, instance_id: int, row: prep.TaskRow, now: int) -> _Task:
+    def _insert_task(self, state: State, instance_id: int, row: prep.TaskRow, now: int) -> Task:
         if instance_id not in state.instances:
             raise StoreError(f"create_task_instance failed: no workflow_instance {instance_id} (foreign key)")
         if (instance_id, row.task_type) in state.task_keys:
@@ -286,7 +208,7 @@ class MemoryWorkflowRepo:
                 f"create_task_instance failed: instance {instance_id} already has a {row.task_type!r} row"
             )
         state.last_task_id += 1
-        task = _Task(
+        task = Task(
             state.last_task_id,
             instance_id,
             row.task_type,
@@ -326,7 +248,7 @@ class MemoryWorkflowRepo:
                 and (not status_in or task.status in status_in)
                 and (params.id_greater_than is None or task.id > params.id_greater_than)
             ]
-            return [row.record() for row in _paged(rows, params.order_by_id_asc, params.page)]
+            return [row.record() for row in paged(rows, params.order_by_id_asc, params.page)]
 
     async def load_task_instances(self, instance_id: int) -> list[TaskInstanceRecord]:
         """Every node row of one instance, ordered by id."""
@@ -335,11 +257,9 @@ class MemoryWorkflowRepo:
             rows = [task for task in state.tasks.values() if task.workflow_instance_id == instance_id]
             return [row.record() for row in sorted(rows, key=lambda task: task.id)]
 
-    def _matching_tasks(self, state: _State, filt: prep.TaskFilter) -> Iterable[_Task]:
+    def _matching_tasks(self, state: State, filt: prep.TaskFilter) -> Iterable[Task]:
         if filt.ids:
-            candidates: Iterable[_Task] = (
-                state.tasks[i] for i in dict.fromkeys(filt.ids) if i in state.tasks
-            )
+            candidates: Iterable[Task] = (state.tasks[i] for i in dict.fromkeys(filt.ids) if i in state.tasks)
         else:
             candidates = list(state.tasks.values())
         for task in candidates:
@@ -364,7 +284,7 @@ class MemoryWorkflowRepo:
             now = self._now()
             matched = list(self._matching_tasks(state, filt))
             for task in matched:
-                state.tasks[task.id] = _changed_task(task, change, now)
+                state.tasks[task.id] = changed_task(task, change, now)
             return len(matched)
 
     # ------------------------------------------------------------------------------------ step
@@ -392,10 +312,10 @@ class MemoryWorkflowRepo:
                 (p.instance_id, task_type) in state.task_keys for task_type in new_types
             ):
                 return StepResult(applied=False)
-            state.instances[p.instance_id] = _changed_instance(instance, p.instance_change, now)
+            state.instances[p.instance_id] = changed_instance(instance, p.instance_change, now)
             touched = set()
             for task_id, _, change in p.updates:
-                state.tasks[task_id] = _changed_task(state.tasks[task_id], change, now)
+                state.tasks[task_id] = changed_task(state.tasks[task_id], change, now)
                 touched.add(task_id)
             inserted = tuple(self._insert_task(state, p.instance_id, row, now) for row in p.inserts)
             touched.update(task.id for task in inserted)
@@ -407,12 +327,12 @@ class MemoryWorkflowRepo:
                         and task.id not in touched
                         and task.status not in _TERMINAL
                     ):
-                        state.tasks[task.id] = _changed_task(task, canceled, now)
+                        state.tasks[task.id] = changed_task(task, canceled, now)
             return StepResult(applied=True, inserted=tuple(task.record() for task in inserted))
 
     # ---------------------------------------------------------------------------------- driver
 
-    def _due(self, state: _State, now_ms: int, types: tuple[str, ...]) -> list[_Instance]:
+    def _due(self, state: State, now_ms: int, types: tuple[str, ...]) -> list[Instance]:
         due = [
             item
             for item in state.instances.values()
@@ -447,35 +367,3 @@ class MemoryWorkflowRepo:
                 if item.status in _RUNNABLE and (not types or item.workflow_type in types)
             ]
             return min(values) if values else None
-
-
-_Row = TypeVar("_Row", _Instance, _Task)
-
-
-def _paged(rows: list[_Row], ascending: bool | None, pager: Pager | None) -> list[_Row]:
-    rows = sorted(rows, key=lambda row: row.id, reverse=ascending is False)
-    window = page_window(pager)
-    return rows if window is None else rows[window[0] : window[0] + window[1]]
-
-
-def _changed_instance(instance: _Instance, change: prep.InstanceChange, now: int) -> _Instance:
-    return replace(
-        instance,
-        status=instance.status if change.status is None else change.status,
-        context=instance.context if change.context is None else change.context,
-        next_run_at=instance.next_run_at if change.next_run_at is None else change.next_run_at,
-        updated_at=now,
-        version=instance.version + 1,
-    )
-
-
-def _changed_task(task: _Task, change: prep.TaskChange, now: int) -> _Task:
-    return replace(
-        task,
-        status=task.status if change.status is None else change.status,
-        context=task.context if change.context is None else change.context,
-        fail_count=task.fail_count if change.fail_count is None else change.fail_count,
-        started_at=task.started_at if change.started_at is None else change.started_at,
-        updated_at=now,
-        version=task.version + 1,
-    )

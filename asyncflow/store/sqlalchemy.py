@@ -10,12 +10,8 @@ SAVEPOINT so that a step that does not apply leaves the outer transaction usable
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from contextvars import ContextVar
-from types import TracebackType
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from sqlalchemy import func, insert, select
@@ -43,48 +39,17 @@ from . import _dialect
 from . import _prepare as prep
 from . import _statements as st
 from ._json import check_int, check_texts, copy_context, validate_instance_query, validate_task_query
+from ._units import ConnectionUnits, StoreErrors
 from .tables import SCHEMA_VERSION, asyncflow_schema, metadata
 
 __all__ = ["SQLAlchemyWorkflowRepo"]
-
-logger = logging.getLogger(__name__)
 
 BULK_PAGE_SIZE = 2000
 """Rows per multi-row INSERT of ``create_workflow_instances`` (9 parameters a row, under both limits)."""
 
 
-class _Tx:
-    """The connection of an open ``transaction()``; ``lock`` keeps tasks that share it one at a time."""
-
-    __slots__ = ("active", "conn", "lock")
-
-    def __init__(self, conn: AsyncConnection) -> None:
-        self.conn = conn
-        self.lock = asyncio.Lock()
-        self.active = True
-
-
 class _StepConflict(Exception):
     """A condition of a step failed: roll it back and report ``applied=False``."""
-
-
-class _Errors:
-    """``with _Errors("op"):`` turns driver/SQLAlchemy errors into ``StoreError`` (cause = driver's)."""
-
-    __slots__ = ("operation",)
-
-    def __init__(self, operation: str) -> None:
-        self.operation = operation
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if error is not None and isinstance(error, _dialect.DB_ERRORS):
-            wrapped = _dialect.store_error(error, self.operation)
-            raise wrapped from wrapped.__cause__
 
 
 class SQLAlchemyWorkflowRepo:
@@ -110,11 +75,11 @@ class SQLAlchemyWorkflowRepo:
         else:
             raise ParamInvalidError(f"expected an AsyncEngine or a URL, got {type(engine_or_url).__name__}")
         _dialect.configure_engine(self._engine)
-        self._autocommit = _dialect.autocommit_engine(self._engine)
+        self._units = ConnectionUnits(self._engine)
+        self._connection = self._units.connection
+        self._atomic = self._units.atomic
         self._claim_is_one_statement = _dialect.claim_is_one_statement(self._engine)
         self._clock: Clock = clock if clock is not None else SYSTEM_CLOCK
-        self._tx: ContextVar[_Tx | None] = ContextVar(f"asyncflow_sql_tx_{id(self):x}", default=None)
-        self._closed = False
 
     @property
     def engine(self) -> AsyncEngine:
@@ -138,7 +103,7 @@ class SQLAlchemyWorkflowRepo:
         Concurrent calls are serialized (an advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite).
         A database recorded with a newer schema version than this code knows raises ``StoreError``.
         """
-        with _Errors("create_schema"):
+        with StoreErrors("create_schema"):
             async with self._atomic() as conn:
                 await _dialect.lock_schema(conn)
                 await conn.run_sync(metadata.create_all)
@@ -154,91 +119,21 @@ class SQLAlchemyWorkflowRepo:
 
     async def aclose(self) -> None:
         """Dispose the engine if the repo built it (idempotent); a caller's engine is left alone."""
-        if self._closed:
+        if self._units.closed:
             return
-        self._closed = True
+        self._units.closed = True
         if self._owns_engine:
             await self._engine.dispose()
 
     # ---------------------------------------------------------------------------- transactions
 
-    def _joined(self) -> _Tx | None:
-        tx = self._tx.get()
-        if tx is not None and not tx.active:
-            raise StoreError("the transaction() this task runs in has already ended")
-        if tx is None and self._closed:
-            raise StoreError("the repo is closed")
-        return tx
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[None]:
+    def transaction(self) -> AbstractAsyncContextManager[None]:
         """One transaction: commit on success, roll back on any exception (``CancelledError`` too).
 
         Nested use (also from tasks spawned inside) joins the outer transaction. A commit failure is
         raised as ``StoreError``. On SQLite the transaction holds the write lock from its start.
         """
-        if self._joined() is not None:
-            yield
-            return
-        with _Errors("transaction begin"):
-            conn = await self._engine.connect()
-            try:
-                await conn.begin()
-            except BaseException:
-                await conn.close()
-                raise
-        tx = _Tx(conn)
-        token = self._tx.set(tx)
-        try:
-            try:
-                yield
-            except BaseException:
-                async with tx.lock:
-                    tx.active = False
-                    await self._rollback_quietly(conn)
-                raise
-            async with tx.lock:
-                tx.active = False
-                with _Errors("transaction commit"):
-                    await conn.commit()
-        finally:
-            tx.active = False
-            self._tx.reset(token)
-            await self._close_quietly(conn)
-
-    async def _rollback_quietly(self, conn: AsyncConnection) -> None:
-        try:
-            await conn.rollback()
-        except _dialect.DB_ERRORS as error:  # the body's exception is the one to raise
-            logger.warning("rollback failed: %s", error)
-
-    async def _close_quietly(self, conn: AsyncConnection) -> None:
-        try:
-            await conn.close()
-        except _dialect.DB_ERRORS as error:
-            logger.warning("closing a connection failed: %s", error)
-
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for one statement: the transaction's, or an autocommit one of its own."""
-        tx = self._joined()
-        if tx is not None:
-            async with tx.lock:
-                yield tx.conn
-            return
-        async with self._autocommit.connect() as conn:
-            yield conn
-
-    @asynccontextmanager
-    async def _atomic(self) -> AsyncIterator[AsyncConnection]:
-        """Several statements as one: a transaction of their own, or a SAVEPOINT in the open one."""
-        tx = self._joined()
-        if tx is not None:
-            async with tx.lock, tx.conn.begin_nested():
-                yield tx.conn
-            return
-        async with self._engine.connect() as conn, conn.begin():
-            yield conn
+        return self._units.transaction()
 
     # ------------------------------------------------------------------------------- instances
 
@@ -246,9 +141,9 @@ class SQLAlchemyWorkflowRepo:
         """Insert one instance (``created_at = updated_at = now``) and return it with its id."""
         row = prep.instance_row(new)
         now = self._now()
-        with _Errors("create_workflow_instance"):
+        with StoreErrors("create_workflow_instance"):
             async with self._connection() as conn:
-                result = await conn.execute(st.INSERT_INSTANCE, _instance_params(row, now))
+                result = await conn.execute(st.INSERT_INSTANCE, st.instance_params(row, now))
                 instance_id = result.scalar_one()
         return WorkflowInstanceRecord(
             id=instance_id,
@@ -269,9 +164,9 @@ class SQLAlchemyWorkflowRepo:
         if not rows:
             return []
         now = self._now()
-        params = [_instance_params(row, now) for row in rows]
+        params = [st.instance_params(row, now) for row in rows]
         ids: list[int] = []
-        with _Errors("create_workflow_instances"):
+        with StoreErrors("create_workflow_instances"):
             async with self._atomic() as conn:
                 for start in range(0, len(params), BULK_PAGE_SIZE):
                     page = params[start : start + BULK_PAGE_SIZE]
@@ -283,7 +178,7 @@ class SQLAlchemyWorkflowRepo:
     async def get_workflow_instance(self, instance_id: int) -> WorkflowInstanceRecord | None:
         """The instance, or ``None``."""
         check_int(instance_id, "instance_id")
-        with _Errors("get_workflow_instance"):
+        with StoreErrors("get_workflow_instance"):
             async with self._connection() as conn:
                 row = (await conn.execute(st.GET_INSTANCE, {"id": instance_id})).first()
         return None if row is None else st.instance_record(row)
@@ -294,7 +189,7 @@ class SQLAlchemyWorkflowRepo:
         """Filtered (AND), ordered by id (ascending unless ``order_by_id_asc`` is False), paged."""
         validate_instance_query(params)
         query = st.query_instances(params)
-        with _Errors("query_workflow_instances"):
+        with StoreErrors("query_workflow_instances"):
             async with self._connection() as conn:
                 rows = (await conn.execute(query)).all()
         return [st.instance_record(row) for row in rows]
@@ -303,7 +198,7 @@ class SQLAlchemyWorkflowRepo:
         """How many instances match the filters (paging and order ignored)."""
         validate_instance_query(params)
         query = st.count_instances(params)
-        with _Errors("count_workflow_instances"):
+        with StoreErrors("count_workflow_instances"):
             async with self._connection() as conn:
                 count: int = (await conn.execute(query)).scalar_one()
         return count
@@ -312,12 +207,12 @@ class SQLAlchemyWorkflowRepo:
         """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
         ids, status_in = prep.instance_where(where)
         change = prep.instance_change(fields)
-        params = _instance_change_params(change, self._now())
+        params = st.instance_change_params(change, self._now())
         params["p_ids"] = list(ids)
         stmt = st.UPDATE_INSTANCES
         if status_in:
             stmt, params["p_status_in"] = st.UPDATE_INSTANCES_IN_STATUS, list(status_in)
-        with _Errors("update_workflow_instances"):
+        with StoreErrors("update_workflow_instances"):
             async with self._connection() as conn:
                 return (await conn.execute(stmt, params)).rowcount
 
@@ -328,17 +223,17 @@ class SQLAlchemyWorkflowRepo:
         check_int(instance_id, "instance_id")
         row = prep.task_row(new)
         now = self._now()
-        with _Errors("create_task_instance"):
+        with StoreErrors("create_task_instance"):
             async with self._connection() as conn:
-                result = await conn.execute(st.INSERT_TASK, _task_params(instance_id, row, now))
-                task_id = result.first()[0]  # type: ignore[index]
-        return _task_record(task_id, instance_id, row, now)
+                result = await conn.execute(st.INSERT_TASK, st.task_params(instance_id, row, now))
+                task_id = result.scalar_one()
+        return st.inserted_task_record(task_id, instance_id, row, now)
 
     async def query_task_instances(self, params: QueryTaskInstanceParams) -> list[TaskInstanceRecord]:
         """Filtered (AND) node rows, ordered by id."""
         validate_task_query(params)
         query = st.query_tasks(params)
-        with _Errors("query_task_instances"):
+        with StoreErrors("query_task_instances"):
             async with self._connection() as conn:
                 rows = (await conn.execute(query)).all()
         return [st.task_record(row) for row in rows]
@@ -346,7 +241,7 @@ class SQLAlchemyWorkflowRepo:
     async def load_task_instances(self, instance_id: int) -> list[TaskInstanceRecord]:
         """Every node row of one instance, ordered by id."""
         check_int(instance_id, "instance_id")
-        with _Errors("load_task_instances"):
+        with StoreErrors("load_task_instances"):
             async with self._connection() as conn:
                 rows = (await conn.execute(st.LOAD_TASKS, {"workflow_instance_id": instance_id})).all()
         return [st.task_record(row) for row in rows]
@@ -354,7 +249,7 @@ class SQLAlchemyWorkflowRepo:
     async def update_task_instances(self, where: TaskWhere, fields: TaskFields) -> int:
         """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
         filt = prep.task_filter(where)
-        params = _task_change_params(prep.task_change(fields), self._now())
+        params = st.task_change_params(prep.task_change(fields), self._now())
         stmt = st.update_tasks(
             bool(filt.ids),
             filt.workflow_instance_id is not None,
@@ -369,7 +264,7 @@ class SQLAlchemyWorkflowRepo:
             p_status_in=list(filt.status_in),
             p_version=filt.version,
         )
-        with _Errors("update_task_instances"):
+        with StoreErrors("update_task_instances"):
             async with self._connection() as conn:
                 return (await conn.execute(stmt, params)).rowcount
 
@@ -385,7 +280,7 @@ class SQLAlchemyWorkflowRepo:
         prepared = prep.prepared_step(step)
         now = self._now()
         try:
-            with _Errors("apply_step"):
+            with StoreErrors("apply_step"):
                 async with self._atomic() as conn:
                     inserted = await self._apply(conn, prepared, now)
         except _StepConflict:
@@ -395,7 +290,7 @@ class SQLAlchemyWorkflowRepo:
     async def _apply(
         self, conn: AsyncConnection, step: prep.PreparedStep, now: int
     ) -> tuple[TaskInstanceRecord, ...]:
-        params = _instance_change_params(step.instance_change, now)
+        params = st.instance_change_params(step.instance_change, now)
         params["p_ids"] = [step.instance_id]
         stmt = st.UPDATE_INSTANCES
         if step.instance_status_in:
@@ -405,14 +300,14 @@ class SQLAlchemyWorkflowRepo:
         touched = []
         update_stmt = st.update_tasks(True, True, False, False, True)
         for task_id, expected_version, change in step.updates:
-            params = _task_change_params(change, now)
+            params = st.task_change_params(change, now)
             params.update(p_ids=[task_id], p_instance=step.instance_id, p_version=expected_version)
             if (await conn.execute(update_stmt, params)).rowcount != 1:
                 raise _StepConflict
             touched.append(task_id)
         inserted: tuple[TaskInstanceRecord, ...] = ()
         if step.inserts:
-            rows = [_task_params(step.instance_id, row, now) for row in step.inserts]
+            rows = [st.task_params(step.instance_id, row, now) for row in step.inserts]
             try:
                 result = await conn.execute(st.INSERT_TASK, rows)
             except IntegrityError as error:
@@ -421,7 +316,8 @@ class SQLAlchemyWorkflowRepo:
                 raise _StepConflict from None
             ids_by_type = {task_type: task_id for task_id, task_type in result.all()}
             inserted = tuple(
-                _task_record(ids_by_type[row.task_type], step.instance_id, row, now) for row in step.inserts
+                st.inserted_task_record(ids_by_type[row.task_type], step.instance_id, row, now)
+                for row in step.inserts
             )
             touched.extend(record.id for record in inserted)
         if step.cancel_other_tasks:
@@ -447,7 +343,7 @@ class SQLAlchemyWorkflowRepo:
             return []
         types = check_texts(workflow_types or (), "workflow_types")
         unit = self._connection() if self._claim_is_one_statement else self._atomic()
-        with _Errors("claim_due_instances"):
+        with StoreErrors("claim_due_instances"):
             async with unit as conn:
                 return await _dialect.claim_due(
                     conn, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types
@@ -457,67 +353,7 @@ class SQLAlchemyWorkflowRepo:
         """The smallest ``next_run_at`` among ``init``/``running`` instances, or ``None``."""
         types = check_texts(workflow_types or (), "workflow_types")
         stmt, params = (st.NEXT_DUE_TYPED, {"types": list(types)}) if types else (st.NEXT_DUE, {})
-        with _Errors("next_due_at"):
+        with StoreErrors("next_due_at"):
             async with self._connection() as conn:
                 value: int | None = (await conn.execute(stmt, params)).scalar()
         return value
-
-
-def _instance_params(row: prep.InstanceRow, now: int) -> dict[str, Any]:
-    return {
-        "workflow_type": row.workflow_type,
-        "business_id": row.business_id,
-        "status": row.status,
-        "workflow_context": row.context,
-        "task_id": row.task_id,
-        "created_at": now,
-        "updated_at": now,
-        "next_run_at": row.next_run_at,
-    }
-
-
-def _instance_change_params(change: prep.InstanceChange, now: int) -> dict[str, Any]:
-    return {
-        "p_status": change.status,
-        "p_context": change.context,
-        "p_next_run_at": change.next_run_at,
-        "p_now": now,
-    }
-
-
-def _task_params(instance_id: int, row: prep.TaskRow, now: int) -> dict[str, Any]:
-    return {
-        "workflow_instance_id": instance_id,
-        "task_type": row.task_type,
-        "status": row.status,
-        "node_context": row.context,
-        "fail_count": row.fail_count,
-        "created_at": now,
-        "updated_at": now,
-        "started_at": row.started_at or now,
-    }
-
-
-def _task_change_params(change: prep.TaskChange, now: int) -> dict[str, Any]:
-    return {
-        "p_status": change.status,
-        "p_context": change.context,
-        "p_fail_count": change.fail_count,
-        "p_started_at": change.started_at,
-        "p_now": now,
-    }
-
-
-def _task_record(task_id: int, instance_id: int, row: prep.TaskRow, now: int) -> TaskInstanceRecord:
-    return TaskInstanceRecord(
-        id=task_id,
-        workflow_instance_id=instance_id,
-        task_type=row.task_type,
-        status=row.status,
-        node_context=copy_context(row.context),
-        fail_count=row.fail_count,
-        created_at=now,
-        updated_at=now,
-        started_at=row.started_at or now,
-        version=1,
-    )

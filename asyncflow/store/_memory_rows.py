@@ -1,0 +1,105 @@
+"""The rows and the state of ``MemoryWorkflowRepo``: immutable rows, contexts kept as JSON text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from ..records import Pager, TaskInstanceRecord, WorkflowInstanceRecord
+from ._json import copy_context, page_window
+from ._prepare import InstanceChange, TaskChange
+
+__all__ = ["Instance", "State", "Task", "changed_instance", "changed_task", "paged"]
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """A stored instance: the record's fields, the context as canonical JSON text."""
+
+    id: int
+    workflow_type: str
+    business_id: str
+    status: str
+    workflow_context: str
+    task_id: int
+    created_at: int
+    updated_at: int
+    next_run_at: int
+    version: int
+
+    def record(self) -> WorkflowInstanceRecord:
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values["workflow_context"] = copy_context(self.workflow_context)
+        return WorkflowInstanceRecord(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A stored node row: the record's fields, the context as canonical JSON text."""
+
+    id: int
+    workflow_instance_id: int
+    task_type: str
+    status: str
+    node_context: str
+    fail_count: int
+    created_at: int
+    updated_at: int
+    started_at: int
+    version: int
+
+    def record(self) -> TaskInstanceRecord:
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values["node_context"] = copy_context(self.node_context)
+        return TaskInstanceRecord(**values)
+
+
+@dataclass(slots=True)
+class State:
+    instances: dict[int, Instance]
+    tasks: dict[int, Task]
+    task_keys: dict[tuple[int, str], int]  # UNIQUE(workflow_instance_id, task_type)
+    last_instance_id: int = 0
+    last_task_id: int = 0
+
+    def copy(self) -> State:
+        # rows are immutable, so copying the maps is a full snapshot
+        return State(
+            dict(self.instances),
+            dict(self.tasks),
+            dict(self.task_keys),
+            self.last_instance_id,
+            self.last_task_id,
+        )
+
+
+Row = TypeVar("Row", Instance, Task)
+
+
+def paged(rows: list[Row], ascending: bool | None, pager: Pager | None) -> list[Row]:
+    rows = sorted(rows, key=lambda row: row.id, reverse=ascending is False)
+    window = page_window(pager)
+    return rows if window is None else rows[window[0] : window[0] + window[1]]
+
+
+def changed_instance(instance: Instance, change: InstanceChange, now: int) -> Instance:
+    return replace(
+        instance,
+        status=instance.status if change.status is None else change.status,
+        workflow_context=instance.workflow_context if change.context is None else change.context,
+        next_run_at=instance.next_run_at if change.next_run_at is None else change.next_run_at,
+        updated_at=now,
+        version=instance.version + 1,
+    )
+
+
+def changed_task(task: Task, change: TaskChange, now: int) -> Task:
+    return replace(
+        task,
+        status=task.status if change.status is None else change.status,
+        node_context=task.node_context if change.context is None else change.context,
+        fail_count=task.fail_count if change.fail_count is None else change.fail_count,
+        started_at=task.started_at if change.started_at is None else change.started_at,
+        updated_at=now,
+        version=task.version + 1,
+    )
