@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--poll-interval", type=float, default=0.05, help="driver poll interval, seconds")
     run.add_argument("--create", choices=("service", "bulk"), default="service",
                      help="driver mode: create_workflow or the repo's bulk insert")  # fmt: skip
+    run.add_argument("--pool-size", type=int, default=None,
+                     help="PostgreSQL pool of asyncflow (default: the concurrency)")  # fmt: skip
     run.add_argument("--dbos-launch", choices=("bounded", "queue"), default="bounded")
     run.add_argument("--json", metavar="FILE", help="write the results as JSON")
     run.add_argument("--readme", nargs="?", const=str(README), metavar="PATH",
@@ -72,6 +74,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         poll_interval=args.poll_interval,
         create=args.create,
         dbos_launch=args.dbos_launch,
+        pool_size=args.pool_size,
     )
 
 

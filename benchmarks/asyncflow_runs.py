@@ -14,18 +14,17 @@ their own workflows the same way (see ``benchmarks/README.md``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncflow as af
+from asyncflow.driver import WorkflowDriver
 from asyncflow.records import NewWorkflowInstance
 
-from .databases import PgAdmin, sqlite_file
-from .harness import LatencySampler, ResourceProbe, RunMeasurement, SqlCommitCounter
+from .backends import BenchmarkError, make_lock, open_backend
+from .databases import PgAdmin
+from .harness import LatencySampler, ResourceProbe, RunMeasurement
 from .scenarios import BenchHooks, ScenarioSpec, build_registry, get_scenario
 
 __all__ = ["AsyncflowRun", "BenchmarkError", "run_asyncflow_once", "run_direct", "run_driver"]
@@ -33,10 +32,6 @@ __all__ = ["AsyncflowRun", "BenchmarkError", "run_asyncflow_once", "run_direct",
 _TERMINAL = frozenset({"completed", "failed", "canceled"})
 _MAX_PASSES = 50
 _CREATE_BATCH = 1000
-
-
-class BenchmarkError(RuntimeError):
-    """A benchmark run did not do what it measures (an instance did not complete, a service failed)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,6 +46,12 @@ class AsyncflowRun:
     concurrency: int
     poll_interval: float = 0.05
     create: str = "service"  # driver mode: "service" (create_workflow) | "bulk" (repo bulk insert)
+    pool_size: int | None = None  # PostgreSQL pool: None = concurrency (+4), 0 = SQLAlchemy's default
+    timeout_s: float | None = None  # None: 120 s plus 50 ms per workflow (a run below 20 wf/s is stuck)
+
+    @property
+    def deadline_s(self) -> float:
+        return self.timeout_s if self.timeout_s is not None else 120.0 + 0.05 * self.n
 
 
 def _approval_event() -> af.NodeExternalEvent:
@@ -148,7 +149,7 @@ async def _create_all(
 
 
 async def _approve_while_driving(
-    svc: af.WorkflowService, driver: af.WorkflowDriver, hooks: BenchHooks, n: int, node: str, senders: int
+    svc: af.WorkflowService, driver: WorkflowDriver, hooks: BenchHooks, n: int, node: str, senders: int
 ) -> None:
     """Drive in the background, approving each instance as its approval node is found waiting."""
     waiting: asyncio.Queue[int | None] = asyncio.Queue()
@@ -207,7 +208,7 @@ async def run_driver(
     start = time.perf_counter()
     await _create_all(svc, repo, workflow_type, n, concurrency, sampler, bulk=repo is not None)
     create_s = time.perf_counter() - start
-    driver = af.WorkflowDriver(
+    driver = WorkflowDriver(
         svc, concurrency=concurrency, poll_interval=poll_interval, workflow_types=[workflow_type]
     )
     start = time.perf_counter()
@@ -225,96 +226,46 @@ async def _count_completed(svc: af.WorkflowService, workflow_type: str) -> int:
     return int(await svc.count_workflow_instances(params))
 
 
-def _make_lock(kind: str, redis_url: str | None) -> Any:
-    if kind == "local":
-        return af.LocalWorkflowLock()
-    if kind == "redis":
-        if not redis_url:
-            raise BenchmarkError("the redis lock needs --redis-url")
-        return af.RedisWorkflowLock(redis_url, prefix=f"asyncflow_bench_{os.getpid()}_{time.time_ns()}:")
-    raise ValueError(f"unknown lock {kind!r}: local or redis")
-
-
-def _repo_engine(repo: Any) -> Any:
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
-    for name in ("engine", "_engine"):
-        engine = getattr(repo, name, None)
-        if isinstance(engine, AsyncEngine):
-            return engine
-    return None
-
-
-class _CountingRepos:
-    """Makes SQL repos whose engine's commits a :class:`SqlCommitCounter` counts."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.counter = SqlCommitCounter()
-
-    def make(self) -> Any:
-        repo = af.SQLAlchemyWorkflowRepo(self.url)
-        engine = _repo_engine(repo)
-        if engine is not None:
-            self.counter.attach(engine)
-        return repo
-
-    def counted(self) -> tuple[int, int] | None:
-        if not self.counter.attached:
-            return None
-        self.counter.detach()
-        return self.counter.commits, self.counter.write_commits
-
-
-# (make_repo, read_commits): read_commits() is awaited after the repo is closed and returns
-# (commits, write_commits), either of which may be None
-_Backend = tuple[Callable[[], Any], Callable[[], Awaitable[tuple[int | None, int | None]]]]
-
-
-@contextlib.asynccontextmanager
-async def _backend(run: AsyncflowRun, pg_admin: PgAdmin | None) -> AsyncIterator[_Backend]:
-    """A fresh store for one run.
-
-    Commits: on PostgreSQL ``pg_stat_database.xact_commit`` of the run's own database (every
-    committed transaction, reads and connection set-up included) and, from SQLAlchemy events, those
-    that wrote; on SQLite both from SQLAlchemy events; none for the memory repo.
-    """
-    if run.backend == "memory":
-
-        async def nothing() -> tuple[None, None]:
-            return None, None
-
-        yield af.MemoryWorkflowRepo, nothing
-    elif run.backend == "sqlite":
-        with sqlite_file(run.scenario) as path:
-            url = f"sqlite+aiosqlite:///{path}"
-            setup = af.SQLAlchemyWorkflowRepo(url)
-            await setup.create_schema()
-            await setup.aclose()
-            repos = _CountingRepos(url)
-
-            async def sqlite_commits() -> tuple[int | None, int | None]:
-                counted = repos.counted()
-                return (None, None) if counted is None else counted
-
-            yield repos.make, sqlite_commits
-    elif run.backend == "postgres":
-        if pg_admin is None:
-            raise BenchmarkError("the postgres backend needs --pg-url")
-        async with pg_admin.fresh_database(run.scenario.replace("-", "_")) as db:
-            setup = af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url)
-            await setup.create_schema()
-            await setup.aclose()
-            before = await pg_admin.xact_commit(db.name)
-            repos = _CountingRepos(db.sqlalchemy_url)
-
-            async def pg_commits() -> tuple[int | None, int | None]:
-                counted = repos.counted()
-                return await pg_admin.xact_commit(db.name) - before, None if counted is None else counted[1]
-
-            yield repos.make, pg_commits
-    else:
-        raise ValueError(f"unknown backend {run.backend!r}: postgres, sqlite or memory")
+async def _measured(
+    run: AsyncflowRun,
+    spec: ScenarioSpec,
+    svc: af.WorkflowService,
+    repo: Any,
+    hooks: BenchHooks,
+    sampler: LatencySampler,
+    extra: dict[str, Any],
+) -> tuple[float, float]:
+    """The timed part of a run: ``(setup_seconds, measured_seconds)``, bounded by ``run.deadline_s``."""
+    try:
+        async with asyncio.timeout(run.deadline_s):
+            if run.mode == "direct":
+                elapsed = await run_direct(
+                    svc, spec.workflow_type, run.n, run.concurrency, spec=spec, sampler=sampler
+                )
+                setup_s = 0.0
+            elif run.mode == "driver":
+                setup_s, elapsed, stats = await run_driver(
+                    svc,
+                    spec.workflow_type,
+                    run.n,
+                    run.concurrency,
+                    hooks=hooks,
+                    poll_interval=run.poll_interval,
+                    sampler=sampler,
+                    repo=repo if run.create == "bulk" else None,
+                    approval_node=spec.approval_node,
+                )
+                extra["driver_stats"] = {
+                    name: getattr(stats, name, None)
+                    for name in ("passes", "completed", "failed", "errors", "lock_skips")
+                }
+            else:
+                raise ValueError(f"unknown mode {run.mode!r}: direct or driver")
+    except TimeoutError:
+        raise BenchmarkError(
+            f"{run.scenario}/{run.mode} did not finish within {run.deadline_s:.0f} s"
+        ) from None
+    return setup_s, elapsed
 
 
 async def run_asyncflow_once(
@@ -326,35 +277,15 @@ async def run_asyncflow_once(
     registry = build_registry(spec, hooks)
     sampler = LatencySampler(run.n)
     extra: dict[str, Any] = {}
-    async with _backend(run, pg_admin) as (make_repo, read_commits):
+    pool_size = run.concurrency if run.pool_size is None else run.pool_size
+    backend = open_backend(run.backend, run.scenario, pg_admin, pool_size=pool_size)
+    async with backend as (make_repo, read_commits):
         repo = make_repo()
-        lock = _make_lock(run.lock, redis_url)
+        lock = make_lock(run.lock, redis_url)
         try:
             svc = af.WorkflowService(repo, lock, registry=registry)
             with ResourceProbe() as probe:
-                if run.mode == "direct":
-                    elapsed = await run_direct(
-                        svc, spec.workflow_type, run.n, run.concurrency, spec=spec, sampler=sampler
-                    )
-                    setup_s = 0.0
-                elif run.mode == "driver":
-                    setup_s, elapsed, stats = await run_driver(
-                        svc,
-                        spec.workflow_type,
-                        run.n,
-                        run.concurrency,
-                        hooks=hooks,
-                        poll_interval=run.poll_interval,
-                        sampler=sampler,
-                        repo=repo if run.create == "bulk" else None,
-                        approval_node=spec.approval_node,
-                    )
-                    extra["driver_stats"] = {
-                        name: getattr(stats, name, None)
-                        for name in ("passes", "completed", "failed", "errors", "lock_skips")
-                    }
-                else:
-                    raise ValueError(f"unknown mode {run.mode!r}: direct or driver")
+                setup_s, elapsed = await _measured(run, spec, svc, repo, hooks, sampler, extra)
             completed = await _count_completed(svc, spec.workflow_type)
         finally:
             await repo.aclose()

@@ -10,7 +10,7 @@ Scenarios, all in the same run against the same Redis:
 
 Each concurrent worker uses its own key, so every attempt succeeds. Within a run the scenarios take turns
 in short slices (so load from other processes hits them alike); the table shows the median of the runs
-with [min-max], and the ratios of the medians. Run it with::
+with [min-max], and the lock's rate over each floor, computed per run. Run it with::
 
     python benchmarks/bench_lock.py [--url redis://127.0.0.1:6379/0] [--pairs 4000] [--runs 3]
 """
@@ -126,8 +126,10 @@ async def run(url: str, pairs: int, runs: int, slices: int) -> None:
         return f"{statistics.median(rates):>9,.0f} [{min(rates):,.0f}-{max(rates):,.0f}]"
 
     def ratio(concurrency: int, floor: str) -> str:
-        lock_rate = statistics.median(results[("redis lock", concurrency)])
-        return f"{lock_rate / statistics.median(results[(floor, concurrency)]):.0%}"
+        """The lock's rate over the floor's, per run (same slices), as median [min-max]."""
+        runs_ = zip(results[("redis lock", concurrency)], results[(floor, concurrency)], strict=True)
+        ratios = [lock_rate / floor_rate for lock_rate, floor_rate in runs_]
+        return f"{statistics.median(ratios):>9.0%} [{min(ratios):.0%}-{max(ratios):.0%}]"
 
     print(
         f"Python {platform.python_version()}, redis-py {redis.__version__}, {os.cpu_count()} CPUs, "

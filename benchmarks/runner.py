@@ -51,6 +51,7 @@ class BenchOptions:
     redis_url: str = "redis://127.0.0.1:6379/0"
     poll_interval: float = 0.05
     create: str = "service"
+    pool_size: int | None = None
     dbos_launch: str = "bounded"
     command: str = field(default_factory=lambda: "python -m benchmarks " + shlex.join(sys.argv[1:]))
 
@@ -61,9 +62,15 @@ def asyncflow_unavailable(mode: str = "direct") -> str | None:
         import asyncflow
     except ImportError as exc:
         return f"asyncflow is not importable: {exc}"
-    needed = _ENGINE_NAMES + (("WorkflowDriver",) if mode == "driver" else ())
-    missing = [name for name in needed if not hasattr(asyncflow, name)]
-    return f"asyncflow does not export {', '.join(missing)} yet" if missing else None
+    missing = [name for name in _ENGINE_NAMES if not hasattr(asyncflow, name)]
+    if missing:
+        return f"asyncflow does not export {', '.join(missing)} yet"
+    if mode == "driver":
+        try:
+            from asyncflow.driver import WorkflowDriver  # noqa: F401
+        except ImportError as exc:
+            return f"asyncflow has no WorkflowDriver yet ({exc})"
+    return None
 
 
 @dataclass(slots=True)
@@ -156,6 +163,7 @@ def _asyncflow_runner(
             concurrency=key.concurrency,
             poll_interval=options.poll_interval,
             create=options.create,
+            pool_size=options.pool_size,
         )
         return await run_asyncflow_once(spec, pg_admin=pg, redis_url=options.redis_url)
 

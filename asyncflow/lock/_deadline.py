@@ -20,13 +20,14 @@ __all__ = ["Deadlines"]
 class Deadlines:
     """Bounds ``with deadlines():`` blocks (in tasks of one event loop) to about ``timeout`` seconds."""
 
-    __slots__ = ("_active", "_tick", "_timeout", "_timer")
+    __slots__ = ("_active", "_loop", "_tick", "_timeout", "_timer")
 
     def __init__(self, timeout: float) -> None:
         self._timeout = timeout
         self._tick = timeout / 4
         self._active: dict[_Bound, None] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def timeout(self) -> float:
@@ -43,10 +44,11 @@ class Deadlines:
             self._timer.cancel()
             self._timer = None
 
-    def _add(self, bound: _Bound) -> None:
+    def _add(self, bound: _Bound, loop: asyncio.AbstractEventLoop) -> None:
         self._active[bound] = None
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._tick, self._check)
+        if self._timer is None or loop is not self._loop:  # none yet, or left behind on an old loop
+            self._loop = loop
+            self._timer = loop.call_later(self._tick, self._check)
 
     def _check(self) -> None:
         self._timer = None
@@ -67,13 +69,14 @@ class _Bound:
         self._expired = False
 
     def __enter__(self) -> None:
-        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("a deadline must be used inside an asyncio task")
         self._task = task
         self._cancelling = task.cancelling()
         self._deadline = time.monotonic() + self._owner._timeout
-        self._owner._add(self)
+        self._owner._add(self, loop)
 
     def __exit__(
         self,

@@ -3,8 +3,11 @@
 While anything is held, a renewal round runs about every ``ttl / 3``: it hands every lease that is due
 (within half an interval of its due time, so that leases share a round trip) to the lock's ``renew``
 callback, in batches. The callback renews them and calls :meth:`Renewer.renewed` or
-:meth:`Renewer.lose` for each. A timer that fires with nothing due is a no-op and is left to lapse, so
-the hot path (one hold per workflow pass) creates neither a timer nor a task.
+:meth:`Renewer.lose` for each; it should bound its wait by the earliest validity in the batch. A lease
+whose validity already ran out (the event loop was blocked for that long) is lost, not renewed.
+
+A timer that fires with nothing due is a no-op and is left to lapse, so the hot path (one hold per
+workflow pass) creates neither a timer nor a task.
 """
 
 from __future__ import annotations
@@ -18,13 +21,22 @@ from typing import Any, Generic, TypeVar
 
 from asyncflow.lock._reentrant import Lease
 
-__all__ = ["RenewableLease", "Renewer"]
+__all__ = ["RenewableLease", "Renewer", "validity"]
 
 logger = logging.getLogger(__name__)
 
 
+def validity(ttl: float) -> float:
+    """How long a lease is trusted after a renewal was sent: the TTL less a clock-drift margin."""
+    return max(0.0, ttl - (ttl * 0.01 + 0.002))
+
+
 class RenewableLease(Lease):
-    """A lease that a :class:`Renewer` keeps alive; valid until its last renewal (as sent) + TTL."""
+    """A lease that a :class:`Renewer` keeps alive.
+
+    It is trusted until its last renewal (taken at the moment the request was sent) plus the TTL, less
+    a clock-drift margin of 1 % + 2 ms, so the holder stops trusting it before the backend can expire it.
+    """
 
     __slots__ = ("_due", "_expiry_handle", "_interval", "_renewer", "_valid_until")
 
@@ -33,7 +45,7 @@ class RenewableLease(Lease):
         self._renewer = renewer
         self._interval = ttl / 3
         self._due = sent + self._interval  # next renewal
-        self._valid_until = sent + ttl  # the backend cannot keep it longer without a renewal
+        self._valid_until = sent + validity(ttl)  # the backend may free it soon after, without renewal
         self._expiry_handle: asyncio.TimerHandle | None = None
 
     def _suspend_renewal(self) -> None:
@@ -57,6 +69,7 @@ class Renewer(Generic[L]):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = math.inf
         self._round: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     def __contains__(self, lease: L) -> bool:
@@ -65,6 +78,12 @@ class Renewer(Generic[L]):
     def track(self, lease: L) -> None:
         """Start renewing ``lease``."""
         self._leases[lease] = None
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # first use, or a new event loop: the old timer and round are gone
+            self._loop = loop
+            self._timer = None
+            self._timer_due = math.inf
+            self._round = None
         if self._round is None and lease._due < self._timer_due:
             self._schedule(lease._due)
 
@@ -81,7 +100,7 @@ class Renewer(Generic[L]):
     def renewed(self, lease: L, sent: float) -> None:
         """Record a successful renewal sent at ``sent`` (ignored if the lease was untracked meanwhile)."""
         if lease in self._leases:
-            lease._valid_until = sent + lease._ttl
+            lease._valid_until = sent + validity(lease._ttl)
             lease._due = sent + lease._interval
 
     def lose(self, lease: L, reason: str, cause: BaseException | None = None) -> None:
@@ -133,6 +152,10 @@ class Renewer(Generic[L]):
         try:
             now = time.monotonic()
             due = [lease for lease in self._leases if self._is_due(lease, now)]
+            for lease in [lease for lease in due if lease._valid_until <= now]:
+                # too late to renew (the loop was blocked): the backend may already have freed it
+                self.lose(lease, "its validity ran out before it could be renewed")
+            due = [lease for lease in due if lease._valid_until > now]
             for start in range(0, len(due), self._batch):
                 batch = due[start : start + self._batch]
                 try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
@@ -21,6 +22,10 @@ class LockLease(Protocol):
 
     @property
     def lost(self) -> bool: ...
+
+    @property
+    def lost_event(self) -> asyncio.Event:
+        """Set when the loss is detected, for code that prefers to wait on it."""
 
     def raise_if_lost(self) -> None:
         """Raise ``LockFailedError`` if the lease was lost."""

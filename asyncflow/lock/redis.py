@@ -181,7 +181,10 @@ class RedisWorkflowLock(ReentrantLock[RedisLease]):
         """Compare-and-delete ``name`` if it still holds ``token``; failures are logged, never raised."""
         try:
             with self._deadline():
-                deleted = await self._eval(self._release_sha, _RELEASE_LUA, name, token)
+                try:
+                    deleted = await self._client.evalsha(self._release_sha, 1, name, token)
+                except self._no_script:  # a restarted or flushed Redis: EVAL loads the script again
+                    deleted = await self._client.eval(_RELEASE_LUA, 1, name, token)
         except self._errors as exc:
             logger.warning("lock release of %r failed (the key expires on its own): %r", name, exc)
         else:

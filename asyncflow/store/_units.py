@@ -94,9 +94,8 @@ class ConnectionUnits:
         if self._joined() is not None:
             yield
             return
-        async with self._gated():
-            async with self._transaction():
-                yield
+        async with self._gated(), self._transaction():
+            yield
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:

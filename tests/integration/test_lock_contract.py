@@ -24,7 +24,8 @@ from tests.conftest import POSTGRES_URL_ENV, REDIS_URL_ENV
 
 T = TypeVar("T")
 
-SHORT_TTL = 0.3  # a real, short lease: renewal must keep it alive, a suspended one must expire
+SHORT_TTL = 0.3  # a real, short lease: a suspended one must expire within it
+RENEWED_TTL = 0.5  # a short lease that renewal must keep alive (slack for a busy machine)
 GUARD = 10.0  # a generous bound on waits that must end (not a performance assertion)
 
 
@@ -291,8 +292,8 @@ async def test_concurrent_contenders_get_exactly_one_holder(lock: ReentrantLock[
 
 async def test_renewal_keeps_a_short_lease_while_held(lock: ReentrantLock[Any]) -> None:
     k = key()
-    async with lock.hold(k, SHORT_TTL) as lease:
-        await asyncio.sleep(SHORT_TTL * 4)  # several TTLs: only renewal can keep the key
+    async with lock.hold(k, RENEWED_TTL) as lease:
+        await asyncio.sleep(RENEWED_TTL * 3)  # several TTLs: only renewal can keep the key
         assert not lease.lost
         lease.raise_if_lost()
         await assert_held_elsewhere(lock, k)

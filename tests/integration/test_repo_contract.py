@@ -669,6 +669,19 @@ async def test_step_cancels_only_other_non_terminal_rows(repo: WorkflowRepo) -> 
     assert await repo.load_task_instances(other_id) == [other_rows["a"]]
 
 
+async def test_cancel_step_without_rows_of_its_own_cancels_every_open_row(repo: WorkflowRepo) -> None:
+    instance_id, _ = await _instance_with_nodes(
+        repo, ("root", "completed"), ("a", "pending"), ("b", "running")
+    )
+    step = Step(instance_id=instance_id, instance_status="canceled", cancel_other_tasks=True)
+    assert (await repo.apply_step(step)).applied
+    rows = await repo.load_task_instances(instance_id)
+    assert [(row.status, row.version) for row in rows] == [("completed", 1), ("canceled", 2), ("canceled", 2)]
+    instance = await repo.get_workflow_instance(instance_id)
+    assert instance is not None and instance.status == "canceled"
+    assert not (await repo.apply_step(step)).applied  # canceled is not in the default status condition
+
+
 async def test_step_with_empty_status_condition_applies_in_any_status(repo: WorkflowRepo) -> None:
     made = await repo.create_workflow_instance(new(status="completed"))
     assert not (await repo.apply_step(Step(instance_id=made.id, instance_status="running"))).applied

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 
 import pytest
 
-from asyncflow.errors import ParamInvalidError
+from asyncflow.errors import LockFailedError, ParamInvalidError
 from asyncflow.lock._deadline import Deadlines
+from asyncflow.lock._renewal import RenewableLease, Renewer, validity
 from asyncflow.lock.redis import RedisWorkflowLock
 
 
@@ -82,3 +84,62 @@ def test_missing_redis_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)  # makes ``import redis.asyncio`` fail
     with pytest.raises(ImportError, match=r"asyncflow\[redis\]"):
         RedisWorkflowLock("redis://127.0.0.1:6379/0")
+
+
+def test_renewer_keeps_working_on_a_new_event_loop() -> None:
+    renewed: list[str] = []
+
+    async def renew(batch: list[RenewableLease]) -> None:
+        for lease in batch:
+            renewed.append(lease.key)
+            renewer.renewed(lease, time.monotonic())
+
+    renewer: Renewer[RenewableLease] = Renewer(renew, name="asyncflow-test-renewer")
+
+    async def hold_briefly(key: str, seconds: float) -> None:
+        lease = RenewableLease(key, 0.15, renewer, time.monotonic())
+        renewer.track(lease)
+        await asyncio.sleep(seconds)
+        renewer.untrack(lease)
+
+    asyncio.run(hold_briefly("first", 0.0))  # leaves a pending timer behind on a closed loop
+    asyncio.run(hold_briefly("second", 0.4))
+    assert "second" in renewed
+    assert "first" not in renewed
+
+
+async def test_suspended_renewable_lease_is_marked_lost_when_its_validity_ends() -> None:
+    async def renew(batch: list[RenewableLease]) -> None:
+        for lease in batch:
+            renewer.renewed(lease, time.monotonic())
+
+    renewer: Renewer[RenewableLease] = Renewer(renew, name="asyncflow-test-renewer")
+    lease = RenewableLease("k", 0.1, renewer, time.monotonic())
+    renewer.track(lease)
+    assert validity(lease.ttl) == pytest.approx(0.097)  # 1 % + 2 ms of drift margin
+    assert validity(30.0) == pytest.approx(29.698)
+    lease._suspend_renewal()
+    assert lease not in renewer
+    async with asyncio.timeout(5.0):
+        await lease.lost_event.wait()
+    assert lease.lost
+    assert await renewer.aclose() == []
+
+
+async def test_a_lease_past_its_validity_is_lost_not_renewed() -> None:
+    seen: list[str] = []
+
+    async def renew(batch: list[RenewableLease]) -> None:
+        seen.extend(lease.key for lease in batch)
+
+    renewer: Renewer[RenewableLease] = Renewer(renew, name="asyncflow-test-renewer")
+    late = RenewableLease("late", 0.3, renewer, time.monotonic() - 1.0)  # as after a blocked loop
+    renewer.track(late)
+    async with asyncio.timeout(5.0):
+        while late in renewer:  # the round drops it
+            await asyncio.sleep(0.01)
+    with pytest.raises(LockFailedError, match="before it could be renewed"):
+        late.raise_if_lost()
+    assert late.lost_event.is_set()
+    assert seen == []
+    await renewer.aclose()
