@@ -4,9 +4,11 @@ Scenarios, all in the same run against the same Redis:
 
 - ``local``: ``LocalWorkflowLock`` (no I/O: the Python cost of ``hold()``).
 - ``redis lock``: ``RedisWorkflowLock`` (``SET NX PX`` + Lua compare-and-delete, renewal, re-entrancy
-  marker, timeouts, shielded release).
+  marker, operation deadlines, cancellation-safe release).
 - ``raw SET NX PX + DEL``: plain redis-py, the floor the lock is measured against.
 - ``raw SET NX PX + Lua``: plain redis-py with the same compare-and-delete script as the lock.
+- ``raw exec SET + Lua``: the same through ``execute_command`` and ``evalsha`` (as the lock sends them):
+  the floor for a correct lock with redis-py.
 
 Each concurrent worker uses its own key, so every attempt succeeds. Within a run the scenarios take turns
 in short slices (so load from other processes hits them alike); the table shows the median of the runs
@@ -80,6 +82,7 @@ async def run(url: str, pairs: int, runs: int, slices: int) -> None:
     lock = RedisWorkflowLock(url, prefix=PREFIX + "lock:", op_timeout=OP_TIMEOUT)
     raw = aioredis.Redis.from_url(url, socket_timeout=OP_TIMEOUT, socket_connect_timeout=OP_TIMEOUT)
     release = raw.register_script(_RELEASE_LUA)
+    release_sha = release.sha
     ttl_ms = int(TTL * 1000)
 
     async def local_pair(key: str) -> None:
@@ -96,6 +99,13 @@ async def run(url: str, pairs: int, runs: int, slices: int) -> None:
             raise RuntimeError(f"{name} was taken")
         await raw.delete(name)
 
+    async def raw_exec_lua_pair(key: str) -> None:
+        name = PREFIX + "exec:" + key
+        token = secrets.token_hex(16)
+        if not await raw.execute_command("SET", name, token, "PX", ttl_ms, "NX"):
+            raise RuntimeError(f"{name} was taken")
+        await raw.evalsha(release_sha, 1, name, token)
+
     async def raw_lua_pair(key: str) -> None:
         name = PREFIX + "lua:" + key
         token = secrets.token_hex(16)
@@ -108,6 +118,7 @@ async def run(url: str, pairs: int, runs: int, slices: int) -> None:
         ("redis lock", lock_pair, pairs),
         ("raw SET NX PX + DEL", raw_del_pair, pairs),
         ("raw SET NX PX + Lua", raw_lua_pair, pairs),
+        ("raw exec SET + Lua", raw_exec_lua_pair, pairs),
     ]
     results: dict[tuple[str, int], list[float]] = {}
     try:
@@ -135,13 +146,13 @@ async def run(url: str, pairs: int, runs: int, slices: int) -> None:
         f"Python {platform.python_version()}, redis-py {redis.__version__}, {os.cpu_count()} CPUs, "
         f"{pairs} pairs per Redis run ({pairs * 10} local), median of {runs} [min-max], pairs/s"
     )
-    print(f"| {'scenario':<22} | {'c=1':<28} | {'c=32':<28} |")
-    print(f"|{'-' * 24}|{'-' * 30}|{'-' * 30}|")
+    print(f"| {'scenario':<30} | {'c=1':<28} | {'c=32':<28} |")
+    print(f"|{'-' * 32}|{'-' * 30}|{'-' * 30}|")
     for name, _, _ in scenarios:
-        print(f"| {name:<22} | {cell(name, 1):<28} | {cell(name, 32):<28} |")
-    for floor in ("raw SET NX PX + DEL", "raw SET NX PX + Lua"):
+        print(f"| {name:<30} | {cell(name, 1):<28} | {cell(name, 32):<28} |")
+    for floor in ("raw SET NX PX + DEL", "raw SET NX PX + Lua", "raw exec SET + Lua"):
         label = f"redis lock / {floor.removeprefix('raw ')}"
-        print(f"| {label:<22} | {ratio(1, floor):<28} | {ratio(32, floor):<28} |")
+        print(f"| {label:<30} | {ratio(1, floor):<28} | {ratio(32, floor):<28} |")
 
 
 def main() -> None:

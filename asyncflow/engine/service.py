@@ -224,7 +224,7 @@ class WorkflowService:
                     raise InstanceNotFoundError(f"workflow instance {instance_id} not found")
                 instance = loaded
                 rows = []
-            if is_over_instance_status(instance.status):
+            if instance.status not in _ACTIVE:  # terminal, or a status this engine does not know
                 return WorkflowInstance.from_record(instance, self._definition_or_none(instance))
             definition = self.registry.get_workflow_definition(instance.workflow_type)
             if known is None:

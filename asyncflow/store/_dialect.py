@@ -39,6 +39,7 @@ __all__ = [
     "create_engine_from_url",
     "is_unique_violation",
     "lock_schema",
+    "sqlstate",
     "store_error",
 ]
 
@@ -185,6 +186,15 @@ def _driver_exception(error: BaseException) -> BaseException:
             return orig.__cause__
         return orig
     return error
+
+
+def sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error, raw from asyncpg or wrapped by SQLAlchemy (else ``None``)."""
+    for item in (error, _driver_exception(error)):
+        code = getattr(item, "sqlstate", None)
+        if isinstance(code, str):
+            return code
+    return None
 
 
 def is_unique_violation(error: BaseException) -> bool:

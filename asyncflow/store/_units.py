@@ -15,11 +15,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from types import TracebackType
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..errors import StoreError
 from . import _dialect
+from ._lanes import PgLanes, SqliteLane, lane_limit
 
 __all__ = ["ConnectionUnits", "StoreErrors"]
 
@@ -68,17 +70,51 @@ class ConnectionUnits:
         self._autocommit = _dialect.autocommit_engine(engine)
         self._tx: ContextVar[_Tx | None] = ContextVar(f"asyncflow_sql_tx_{id(self):x}", default=None)
         self.closed = False
-        # SQLite has one writer at a time: queueing in-process units here is far cheaper than letting
-        # connections spin on busy_timeout (other processes still queue on busy_timeout).
-        self._gate: asyncio.Lock | None = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        # SQLite has one writer at a time: queueing in-process units behind one gate is far cheaper
+        # than letting connections spin on busy_timeout (other processes still queue on busy_timeout).
+        # The hot path keeps connections between calls while the repo is busy (see _lanes).
+        self._sqlite: SqliteLane | None = None
+        self._pg: PgLanes | None = None
+        if engine.dialect.name == "sqlite":
+            self._sqlite = SqliteLane(engine)
+        elif engine.dialect.name == "postgresql" and engine.dialect.driver == "asyncpg":
+            self._pg = PgLanes(engine, lane_limit(engine))
 
     @asynccontextmanager
     async def _gated(self) -> AsyncIterator[None]:
-        if self._gate is None:
+        if self._sqlite is None:
             yield
             return
-        async with self._gate:
+        async with self._sqlite.exclusive():
             yield
+
+    def in_transaction(self) -> bool:
+        """Whether the calling task runs inside this repo's ``transaction()``."""
+        return self._joined() is not None
+
+    @asynccontextmanager
+    async def lane(self) -> AsyncIterator[Any]:
+        """The driver connection (asyncpg's or aiosqlite's) for one hot-path unit outside a transaction."""
+        if self.closed:
+            raise StoreError("the repo is closed")
+        if self._sqlite is not None:
+            async with self._sqlite.lane() as driver:
+                yield driver
+        elif self._pg is not None:
+            async with self._pg.lane() as driver:
+                yield driver
+        else:
+            raise StoreError(f"no hot path for the {self.engine.dialect.name!r} dialect")
+
+    async def close(self) -> None:
+        """Mark the units closed and return every kept connection to the pool."""
+        self.closed = True
+        if self._pg is not None:
+            self._pg.closed = True
+            await self._pg.trim()
+        if self._sqlite is not None:
+            async with self._sqlite.exclusive():
+                pass
 
     def _joined(self) -> _Tx | None:
         tx = self._tx.get()

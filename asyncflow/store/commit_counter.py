@@ -1,7 +1,9 @@
 """Count the transactions an engine commits, to measure commits per workflow.
 
 Explicit transactions are counted at ``COMMIT``; a write run on an autocommit connection (one statement
-is one transaction) counts as one commit too. Reads outside transactions are not commits.
+is one transaction) counts as one commit too, and so does a writing unit of the repo's hot path, which
+runs on the driver connection past SQLAlchemy's events (:mod:`asyncflow.store._observers`). Reads
+outside transactions are not commits.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ._observers import add_observer, remove_observer
 
 __all__ = ["CommitCounter"]
 
@@ -28,6 +32,10 @@ class CommitCounter:
     def _on_commit(self, conn: Any) -> None:
         self.commits += 1
 
+    def _on_hot_unit(self, wrote: bool) -> None:
+        if wrote:
+            self.commits += 1
+
     def _on_execute(
         self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
     ) -> None:
@@ -41,6 +49,7 @@ class CommitCounter:
     def __enter__(self) -> CommitCounter:
         event.listen(self._engine, "commit", self._on_commit)
         event.listen(self._engine, "after_cursor_execute", self._on_execute)
+        add_observer(self._engine, self._on_hot_unit)
         return self
 
     def __exit__(
@@ -51,3 +60,4 @@ class CommitCounter:
     ) -> None:
         event.remove(self._engine, "commit", self._on_commit)
         event.remove(self._engine, "after_cursor_execute", self._on_execute)
+        remove_observer(self._engine, self._on_hot_unit)

@@ -6,6 +6,9 @@ single statement runs on an autocommit connection (one round trip, no BEGIN/COMM
 bulk creates run in a transaction of their own. Inside ``transaction()`` (in the task that opened it
 or a task it spawned) calls share its connection, one at a time, and ``apply_step`` runs in a
 SAVEPOINT so that a step that does not apply leaves the outer transaction usable.
+
+The calls a workflow pass makes (create, get, load, step, claim) take a faster route outside
+``transaction()``, with the same semantics: one driver-level unit each (:mod:`asyncflow.store._hot`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,7 @@ from typing import Any
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ParamInvalidError, StoreError
@@ -35,9 +37,11 @@ from ..records import (
     TaskWhere,
     WorkflowInstanceRecord,
 )
-from . import _dialect
+from . import _dialect, _pg_fast
 from . import _prepare as prep
 from . import _statements as st
+from ._core_step import StepConflict, apply_core
+from ._hot import FunctionMissing, HotPath
 from ._json import check_int, check_texts, copy_context, validate_instance_query, validate_task_query
 from ._units import ConnectionUnits, StoreErrors
 from .tables import SCHEMA_VERSION, asyncflow_schema, metadata
@@ -46,10 +50,6 @@ __all__ = ["SQLAlchemyWorkflowRepo"]
 
 BULK_PAGE_SIZE = 2000
 """Rows per multi-row INSERT of ``create_workflow_instances`` (9 parameters a row, under both limits)."""
-
-
-class _StepConflict(Exception):
-    """A condition of a step failed: roll it back and report ``applied=False``."""
 
 
 class SQLAlchemyWorkflowRepo:
@@ -79,6 +79,7 @@ class SQLAlchemyWorkflowRepo:
         self._connection = self._units.connection
         self._atomic = self._units.atomic
         self._claim_is_one_statement = _dialect.claim_is_one_statement(self._engine)
+        self._hot = HotPath(self._units, self._engine)
         self._clock: Clock = clock if clock is not None else SYSTEM_CLOCK
 
     @property
@@ -116,12 +117,15 @@ class SQLAlchemyWorkflowRepo:
                         f"the database has asyncflow schema version {found}, newer than this "
                         f"asyncflow's {SCHEMA_VERSION}: upgrade asyncflow"
                     )
+                if conn.dialect.name == "postgresql":  # also on a database made by an older asyncflow
+                    await conn.exec_driver_sql(_pg_fast.STEP_FUNCTION)
+        self._hot.step_function = self._hot.kind == "pg"
 
     async def aclose(self) -> None:
         """Dispose the engine if the repo built it (idempotent); a caller's engine is left alone."""
         if self._units.closed:
             return
-        self._units.closed = True
+        await self._units.close()
         if self._owns_engine:
             await self._engine.dispose()
 
@@ -142,9 +146,12 @@ class SQLAlchemyWorkflowRepo:
         row = prep.instance_row(new)
         now = self._now()
         with StoreErrors("create_workflow_instance"):
-            async with self._connection() as conn:
-                result = await conn.execute(st.INSERT_INSTANCE, st.instance_params(row, now))
-                instance_id = result.scalar_one()
+            if self._hot.usable():
+                instance_id = await self._hot.create(row, now)
+            else:
+                async with self._connection() as conn:
+                    result = await conn.execute(st.INSERT_INSTANCE, st.instance_params(row, now))
+                    instance_id = result.scalar_one()
         return WorkflowInstanceRecord(
             id=instance_id,
             workflow_type=row.workflow_type,
@@ -179,6 +186,8 @@ class SQLAlchemyWorkflowRepo:
         """The instance, or ``None``."""
         check_int(instance_id, "instance_id")
         with StoreErrors("get_workflow_instance"):
+            if self._hot.usable():
+                return await self._hot.get(instance_id)
             async with self._connection() as conn:
                 row = (await conn.execute(st.GET_INSTANCE, {"id": instance_id})).first()
         return None if row is None else st.instance_record(row)
@@ -242,6 +251,8 @@ class SQLAlchemyWorkflowRepo:
         """Every node row of one instance, ordered by id."""
         check_int(instance_id, "instance_id")
         with StoreErrors("load_task_instances"):
+            if self._hot.usable():
+                return await self._hot.load(instance_id)
             async with self._connection() as conn:
                 rows = (await conn.execute(st.LOAD_TASKS, {"workflow_instance_id": instance_id})).all()
         return [st.task_record(row) for row in rows]
@@ -274,56 +285,31 @@ class SQLAlchemyWorkflowRepo:
         """Apply one pass step atomically (see :class:`~asyncflow.records.Step`).
 
         Order: the instance row (which also takes its row lock on PostgreSQL, so a concurrent cancel
-        serializes against the step), the node updates, the inserts (one multi-row statement), then
-        ``cancel_other_tasks``. A failed condition rolls everything back: ``applied=False``.
+        serializes against the step), the node updates, the inserts, then ``cancel_other_tasks``. A
+        failed condition rolls everything back: ``applied=False``. On PostgreSQL the step is one call
+        of the ``asyncflow_step_v1()`` function that ``create_schema()`` installs.
         """
         prepared = prep.prepared_step(step)
         now = self._now()
         try:
             with StoreErrors("apply_step"):
-                async with self._atomic() as conn:
-                    inserted = await self._apply(conn, prepared, now)
-        except _StepConflict:
+                inserted = await self._apply(prepared, now)
+        except StepConflict:
             return StepResult(applied=False)
         return StepResult(applied=True, inserted=inserted)
 
-    async def _apply(
-        self, conn: AsyncConnection, step: prep.PreparedStep, now: int
-    ) -> tuple[TaskInstanceRecord, ...]:
-        params = st.instance_change_params(step.instance_change, now)
-        params["p_ids"] = [step.instance_id]
-        stmt = st.UPDATE_INSTANCES
-        if step.instance_status_in:
-            stmt, params["p_status_in"] = st.UPDATE_INSTANCES_IN_STATUS, list(step.instance_status_in)
-        if (await conn.execute(stmt, params)).rowcount != 1:
-            raise _StepConflict
-        touched = []
-        update_stmt = st.update_tasks(True, True, False, False, True)
-        for task_id, expected_version, change in step.updates:
-            params = st.task_change_params(change, now)
-            params.update(p_ids=[task_id], p_instance=step.instance_id, p_version=expected_version)
-            if (await conn.execute(update_stmt, params)).rowcount != 1:
-                raise _StepConflict
-            touched.append(task_id)
-        inserted: tuple[TaskInstanceRecord, ...] = ()
-        if step.inserts:
-            rows = [st.task_params(step.instance_id, row, now) for row in step.inserts]
-            try:
-                result = await conn.execute(st.INSERT_TASK, rows)
-            except IntegrityError as error:
-                if not _dialect.is_unique_violation(error):
-                    raise
-                raise _StepConflict from None
-            ids_by_type = {task_type: task_id for task_id, task_type in result.all()}
-            inserted = tuple(
-                st.inserted_task_record(ids_by_type[row.task_type], step.instance_id, row, now)
-                for row in step.inserts
-            )
-            touched.extend(record.id for record in inserted)
-        if step.cancel_other_tasks:
-            cancel = {"p_now": now, "p_instance": step.instance_id, "p_exclude": touched}
-            await conn.execute(st.CANCEL_OTHER_TASKS, cancel)
-        return inserted
+    async def _apply(self, step: prep.PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
+        hot = self._hot
+        try:
+            if hot.steps_usable():
+                return await hot.apply(step, now)
+            if hot.function_in_transaction():
+                async with self._atomic() as conn:
+                    return await hot.apply_on(conn, step, now)
+        except FunctionMissing:
+            pass
+        async with self._atomic() as conn:
+            return await apply_core(conn, step, now)
 
     # ---------------------------------------------------------------------------------- driver
 
@@ -342,6 +328,9 @@ class SQLAlchemyWorkflowRepo:
         if check_int(limit, "limit", minimum=0) == 0:
             return []
         types = check_texts(workflow_types or (), "workflow_types")
+        if self._hot.usable():
+            with StoreErrors("claim_due_instances"):
+                return await self._hot.claim(now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
         unit = self._connection() if self._claim_is_one_statement else self._atomic()
         with StoreErrors("claim_due_instances"):
             async with unit as conn:

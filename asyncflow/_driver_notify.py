@@ -1,0 +1,174 @@
+"""PostgreSQL wake-ups for the driver: a trigger that NOTIFYs when an instance becomes due, and a LISTEN.
+
+``install_notify_trigger(conn)`` installs (idempotently) a row trigger on ``workflow_instance`` that
+calls ``pg_notify('asyncflow_due', <schema>)`` after an INSERT, or an UPDATE that sets ``next_run_at``,
+leaves an ``init``/``running`` row due now by the database's clock. The driver's own claims and the
+passes' "look again later" writes put ``next_run_at`` in the future, so they do not notify; creates,
+events and restarts do. The payload is the table's schema, so drivers on other schemas of the same
+database ignore it.
+
+:class:`DueNotifier` keeps one dedicated connection LISTENing and calls back on each notification. If
+the connection drops or LISTEN fails, the driver simply goes on polling, and LISTEN is retried later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+__all__ = ["CHANNEL", "DueNotifier", "install_notify_trigger", "notifier_for"]
+
+logger = logging.getLogger("asyncflow.driver")
+
+CHANNEL = "asyncflow_due"
+"""The NOTIFY channel (channels are per database; the payload names the schema)."""
+
+_TRIGGER = "asyncflow_due_notify"
+_INSTALL_LOCK_KEY = 0x61737964  # "asyd": serializes concurrent installs (advisory, per transaction)
+_RETRY_MIN = 1.0
+_RETRY_MAX = 60.0
+_HEALTH_INTERVAL = 10.0
+
+_FUNCTION_SQL = f"""
+CREATE OR REPLACE FUNCTION asyncflow_notify_due() RETURNS trigger LANGUAGE plpgsql AS $asyncflow$
+BEGIN
+    PERFORM pg_notify('{CHANNEL}', TG_TABLE_SCHEMA);
+    RETURN NULL;
+END
+$asyncflow$
+"""
+
+_TRIGGER_SQL = f"""
+CREATE TRIGGER {_TRIGGER}
+AFTER INSERT OR UPDATE OF next_run_at ON workflow_instance
+FOR EACH ROW
+WHEN (NEW.status IN ('init', 'running')
+      AND NEW.next_run_at <= extract(epoch FROM clock_timestamp()) * 1000)
+EXECUTE FUNCTION asyncflow_notify_due()
+"""
+
+_TRIGGER_EXISTS_SQL = text(
+    f"SELECT 1 FROM pg_trigger WHERE tgrelid = 'workflow_instance'::regclass AND tgname = '{_TRIGGER}'"
+)
+
+
+async def install_notify_trigger(conn: AsyncConnection) -> None:
+    """Install the NOTIFY trigger on ``workflow_instance`` (PostgreSQL only; a no-op elsewhere).
+
+    Idempotent and safe to run from several processes at once. Run it in a transaction, after the
+    tables exist, on a connection whose ``search_path`` finds them.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _INSTALL_LOCK_KEY})
+    await conn.exec_driver_sql(_FUNCTION_SQL)
+    if (await conn.execute(_TRIGGER_EXISTS_SQL)).first() is None:
+        await conn.exec_driver_sql(_TRIGGER_SQL)
+
+
+def notifier_for(repo: object, callback: Callable[[], None]) -> DueNotifier | None:
+    """A :class:`DueNotifier` for ``repo`` if it is a SQL repo on PostgreSQL with asyncpg, else None."""
+    engine = getattr(repo, "engine", None)
+    if not isinstance(engine, AsyncEngine):
+        return None
+    if engine.dialect.name != "postgresql" or engine.dialect.driver != "asyncpg":
+        return None
+    return DueNotifier(engine, callback)
+
+
+class DueNotifier:
+    """LISTENs on :data:`CHANNEL` on a dedicated connection and calls ``callback()`` per notification.
+
+    ``run()`` runs until cancelled: it installs the trigger once, LISTENs, and when the connection is
+    lost (or cannot be had) waits with back-off and tries again. ``listening`` tells whether a LISTEN
+    is active right now; ``notifications`` counts what was received for this schema.
+    """
+
+    def __init__(self, engine: AsyncEngine, callback: Callable[[], None], *, install: bool = True) -> None:
+        self._engine = engine
+        self._callback = callback
+        self._install = install
+        self.listening = False
+        self.notifications = 0
+
+    async def run(self) -> None:
+        delay = _RETRY_MIN
+        while True:
+            try:
+                if self._install:
+                    self._install = False  # one attempt per driver run: a failure is not fatal
+                    await self._install_trigger()
+                await self._listen()
+                delay = _RETRY_MIN
+                logger.warning("the LISTEN connection was lost; polling until it is back")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any database failure: poll, and try again later
+                logger.warning("LISTEN %s failed (%s); polling, retrying in %.0f s", CHANNEL, exc, delay)
+            finally:
+                self.listening = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RETRY_MAX)
+
+    async def _install_trigger(self) -> None:
+        try:
+            async with self._engine.begin() as conn:
+                await install_notify_trigger(conn)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning(
+                "could not install the %s trigger (%s); drivers on other processes will be polled only",
+                _TRIGGER,
+                exc,
+            )
+
+    async def _listen(self) -> None:
+        """LISTEN until the connection is lost (returns) or the task is cancelled."""
+        async with self._engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            lost = asyncio.Event()
+            schema = await driver.fetchval("SELECT current_schema()")
+
+            def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+                if payload in ("", schema):
+                    self.notifications += 1
+                    self._callback()
+
+            def on_close(_conn: Any) -> None:
+                lost.set()
+
+            driver.add_termination_listener(on_close)
+            try:
+                await driver.add_listener(CHANNEL, on_notify)
+                self.listening = True
+                self._callback()  # whatever became due while nobody listened
+                while not lost.is_set() and not driver.is_closed():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_HEALTH_INTERVAL):
+                            await lost.wait()
+            finally:
+                self.listening = False
+                driver.remove_termination_listener(on_close)
+                await self._unlisten(conn, driver, on_notify)
+
+    async def _unlisten(self, conn: AsyncConnection, driver: Any, on_notify: Any) -> None:
+        """UNLISTEN before the connection goes back to the pool; a broken one is discarded instead."""
+        if not driver.is_closed():
+            try:
+                async with asyncio.timeout(2.0):
+                    await driver.remove_listener(CHANNEL, on_notify)
+                return
+            except asyncio.CancelledError:
+                await conn.invalidate()
+                raise
+            except Exception as exc:
+                logger.debug("UNLISTEN failed (%r); discarding the connection", exc)
+        await conn.invalidate()

@@ -1,0 +1,232 @@
+"""``asyncflow``: the command line (argument parsing, logging set-up, error messages, exit codes).
+
+Exit codes: 0 success; 1 not found, refused by the current state, busy, or a database/Redis that cannot
+be reached; 2 usage errors and bad input; 130 interrupted. Expected errors print one line on stderr
+(``asyncflow: error: ...``), never a traceback (``-vv`` logs it at DEBUG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import (
+    AsyncflowError,
+    ConfigError,
+    ConfigNotFoundError,
+    InstanceNotFoundError,
+    InvalidStateError,
+    LockFailedError,
+    ParamInvalidError,
+    StoreError,
+    TaskInstanceNotFoundError,
+)
+from ..status import InstanceStatus
+from .backend import DB_ENV, DEFAULT_DB_URL, REDIS_ENV, CLIError
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("asyncflow.cli")
+
+_EPILOG = f"""\
+The database is --db URL, else ${DB_ENV}, else {DEFAULT_DB_URL} (a file in the current directory).
+The instance lock is Redis with --redis URL (or ${REDIS_ENV}), else local to the process: give every
+process that works on one database the same Redis. Exit codes: 0 ok, 1 not found / refused /
+unreachable, 2 bad usage or input.
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number of seconds, got {text!r}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``asyncflow`` command."""
+
+    # Options accepted before and after the subcommand: the sub-parser copies default to SUPPRESS so a
+    # value given before the subcommand is not overwritten.
+    def common(suppress: bool) -> argparse.ArgumentParser:
+        parent = argparse.ArgumentParser(add_help=False)
+        default = argparse.SUPPRESS if suppress else None
+        parent.add_argument("--db", metavar="URL", default=default, help=f"database URL (${DB_ENV})")
+        parent.add_argument(
+            "--redis", metavar="URL", default=default, help=f"Redis URL for the lock (${REDIS_ENV})"
+        )
+        parent.add_argument(
+            "-v",
+            "--verbose",
+            action="count",
+            default=argparse.SUPPRESS if suppress else 0,
+            help="more logging (-v info, -vv debug)",
+        )
+        return parent
+
+    parser = argparse.ArgumentParser(
+        prog="asyncflow",
+        description="Run and operate asyncflow workflows.",
+        epilog=_EPILOG,
+        parents=[common(False)],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    shared = [common(True)]
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, parents=shared)
+
+    demo = add("demo", "run the sample order workflow N times with a live progress line and a summary")
+    demo.add_argument("-n", type=_positive_int, default=200, help="instances to run (default 200)")
+    demo.add_argument("--concurrency", type=_positive_int, default=64, help="passes at once (default 64)")
+    demo.add_argument("--timeout", type=_seconds, default=300.0, help="give up after this many seconds")
+    demo.add_argument("--no-progress", action="store_true", help="no progress output, only the summary")
+
+    add("init-db", "create the asyncflow tables (idempotent)")
+
+    worker = add("worker", "run a driver on APP's workflows until SIGINT/SIGTERM (then stop gracefully)")
+    worker.add_argument("app", metavar="APP", help="module:attribute giving a Registry or WorkflowService")
+    worker.add_argument("--concurrency", type=_positive_int, default=64, help="passes at once (default 64)")
+    worker.add_argument("--poll-interval", type=_seconds, default=1.0, help="seconds between looks when idle")
+    worker.add_argument("--type", action="append", metavar="TYPE", help="only these workflow types")
+    worker.add_argument("--grace", type=_seconds, default=10.0, help="seconds in-flight passes get at stop")
+
+    ls = add("ls", "list workflow instances, newest first")
+    ls.add_argument("--type", action="append", metavar="TYPE", help="workflow type (repeatable)")
+    ls.add_argument(
+        "--status", action="append", choices=[s.value for s in InstanceStatus], help="status (repeatable)"
+    )
+    ls.add_argument("--business-id", metavar="ID", help="business id (exact)")
+    ls.add_argument("--limit", type=_positive_int, default=20, help="rows per page (default 20)")
+    ls.add_argument("--page", type=_positive_int, default=1, help="page number (default 1)")
+    ls.add_argument("--oldest-first", action="store_true", help="ascending ids")
+    ls.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    show = add("show", "one instance and every node: status, fail count, timestamps, last error")
+    show.add_argument("id", type=_positive_int, metavar="ID")
+    show.add_argument("--html", metavar="FILE", help="write a self-contained HTML page of the DAG instead")
+    show.add_argument("--json", action="store_true", help="JSON instead of text")
+    show.add_argument("--context", action="store_true", help="also print every node's context")
+    show.add_argument("--app", metavar="APP", help="module:attribute that loads the workflow definitions")
+
+    cancel = add("cancel", "cancel an instance and its unfinished nodes")
+    cancel.add_argument("id", type=_positive_int, metavar="ID")
+
+    restart = add("restart", "restart a failed/canceled instance, or one node and its descendants")
+    restart.add_argument("id", type=_positive_int, metavar="ID")
+    restart.add_argument("--node", metavar="TASK_TYPE", help="restart this node and everything after it")
+    restart.add_argument("--force", action="store_true", help="with --node: also when the instance is over")
+    restart.add_argument("--context", metavar="JSON", help="new workflow context (instance restart only)")
+    restart.add_argument("--app", metavar="APP", help="module:attribute that loads the workflow definitions")
+
+    event = add("event", "store an external event on a node (it wakes the instance)")
+    event.add_argument("id", type=_positive_int, metavar="ID")
+    event.add_argument("node", metavar="NODE", help="task type of the node")
+    event.add_argument("--ts", type=_integer, help="event version (default: now in unix milliseconds)")
+    event.add_argument("--content", metavar="JSON", help="event content, any JSON value (default null)")
+    event.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for a busy instance")
+
+    graph = add("graph", "draw a workflow type or an instance (Mermaid, Graphviz DOT or text)")
+    graph.add_argument("type", nargs="?", metavar="TYPE", help="workflow type")
+    graph.add_argument(
+        "--instance", type=_positive_int, metavar="ID", help="an instance, nodes coloured by status"
+    )
+    graph.add_argument(
+        "--format", choices=("mermaid", "dot", "text"), default="mermaid", help="default mermaid"
+    )
+    graph.add_argument("--app", metavar="APP", help="module:attribute that loads the workflow definitions")
+    graph.add_argument("--config", metavar="FILE", help="a workflow config JSON file (Go shape) to draw")
+    return parser
+
+
+def _configure_logging(verbose: int, command: str) -> None:
+    base = logging.INFO if command in ("worker",) else logging.WARNING
+    level = {0: base, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _error_code(error: BaseException) -> tuple[int, str]:
+    """Exit code and message for an expected error (``(0, "")`` if it is not one)."""
+    if isinstance(error, CLIError):
+        return error.code, error.message
+    if isinstance(error, ParamInvalidError | ConfigError):
+        return 2, str(error)
+    if isinstance(error, InstanceNotFoundError | TaskInstanceNotFoundError | ConfigNotFoundError):
+        return 1, str(error)
+    if isinstance(error, LockFailedError):
+        return 1, f"{error} (the instance is busy: try again, or raise --timeout)"
+    if isinstance(error, InvalidStateError | StoreError | AsyncflowError):
+        return 1, str(error)
+    if isinstance(error, ExceptionGroup):
+        parts = [_error_code(e) for e in error.exceptions]
+        if all(code for code, _ in parts):
+            return max(code for code, _ in parts), "; ".join([str(error.message), *(m for _, m in parts)])
+    return 0, ""
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from ..demo.runner import run_demo_command
+
+        return await run_demo_command(args)
+    if args.command == "worker":
+        from .worker import run_worker
+
+        return await run_worker(args)
+    from .commands import COMMANDS
+
+    return await COMMANDS[args.command](args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from .. import __version__
+
+        print(f"asyncflow {__version__}")
+        return 0
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _configure_logging(args.verbose, args.command)
+    try:
+        return asyncio.run(_dispatch(args))
+    except KeyboardInterrupt:
+        print("asyncflow: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        code, message = _error_code(error)
+        if not code:
+            raise
+        logger.debug("expected error, details", exc_info=True)
+        print(f"asyncflow: error: {message}", file=sys.stderr)
+        return code

@@ -1,0 +1,109 @@
+"""``asyncflow worker APP``: run a :class:`~asyncflow.driver.WorkflowDriver` until SIGINT or SIGTERM.
+
+APP (``module:attribute``) gives a ``Registry`` (the worker builds the service on ``--db`` and
+``--redis``) or a ready ``WorkflowService`` (used as it is: its own repo and lock). On the first signal the
+driver stops claiming work, in-flight passes get ``--grace`` seconds, then they are cancelled (their
+nodes stay resumable). A second signal is reported and ignored: the stop is already bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+from ..driver import WorkflowDriver
+from ..engine.service import WorkflowService
+from ..lock.local import LocalWorkflowLock
+from ..records import QueryWorkflowInstanceParams
+from ..store.sqlalchemy import SQLAlchemyWorkflowRepo
+from .app import load_app
+from .backend import open_service, redact
+
+__all__ = ["run_worker"]
+
+logger = logging.getLogger("asyncflow.cli.worker")
+
+
+@contextlib.asynccontextmanager
+async def _service(args: argparse.Namespace) -> AsyncIterator[WorkflowService]:
+    app = await load_app(args.app)
+    if isinstance(app, WorkflowService):
+        if args.db or args.redis:
+            logger.warning(
+                "%s is a WorkflowService with its own repo and lock: --db/--redis are ignored", args.app
+            )
+        yield app
+        return
+    async with open_service(args.db, args.redis, app) as svc:
+        yield svc
+
+
+def _describe(svc: WorkflowService, args: argparse.Namespace) -> str:
+    repo = svc.repo
+    where = redact(str(repo.engine.url)) if isinstance(repo, SQLAlchemyWorkflowRepo) else type(repo).__name__
+    lock = type(svc.lock).__name__
+    types = ", ".join(args.type) if args.type else ", ".join(svc.registry.workflow_types()) or "(none loaded)"
+    return f"database {where}, lock {lock}, workflow types {types}, concurrency {args.concurrency}"
+
+
+def _install_signals(stop: asyncio.Event) -> list[signal.Signals]:
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set():
+            logger.warning("received %s again: already stopping", signum.name)
+            return
+        logger.info("received %s: stopping (in-flight passes finish first)", signum.name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, on_signal, signum)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - not on the main thread/Windows
+            continue
+        installed.append(signum)
+    return installed
+
+
+async def run_worker(args: argparse.Namespace) -> int:
+    """Drive APP's workflows until a signal; returns 0 after a clean stop."""
+    async with _service(args) as svc:
+        svc.registry.preload_workflow_definitions()  # a broken config fails now, not on the first pass
+        await svc.count_workflow_instances(QueryWorkflowInstanceParams())  # reachable, tables present
+        repo = svc.repo
+        on_postgres = isinstance(repo, SQLAlchemyWorkflowRepo) and repo.engine.dialect.name == "postgresql"
+        if isinstance(svc.lock, LocalWorkflowLock) and on_postgres:
+            logger.warning(
+                "no --redis: the instance lock is local to this process; run one worker process per "
+                "database, or give every process the same --redis URL"
+            )
+        driver = WorkflowDriver(
+            svc,
+            concurrency=args.concurrency,
+            poll_interval=args.poll_interval,
+            workflow_types=args.type or None,
+        )
+        stop = asyncio.Event()
+        installed = _install_signals(stop)
+        logger.info("asyncflow worker started: %s", _describe(svc, args))
+        try:
+            async with driver:
+                await stop.wait()
+                await driver.stop(grace=args.grace)
+        finally:
+            loop = asyncio.get_running_loop()
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+        stats = driver.stats
+        summary = (
+            f"asyncflow worker stopped: {stats.passes} passes, {stats.completed} completed, "
+            f"{stats.failed} failed, {stats.errors} errors, {stats.lock_skips} lock skips"
+        )
+        print(summary, file=sys.stderr)
+    return 0

@@ -1,0 +1,416 @@
+"""``WorkflowDriver``: claims due instances and runs their passes, many at once.
+
+Every instance row says when it should next be looked at (``next_run_at``). The driver claims due
+``init``/``running`` rows in batches with one indexed query (the claim leases them for
+``claim_lease`` seconds, so other drivers skip them), runs one pass per claimed instance under a hard
+cap of ``concurrency`` simultaneous passes, and sleeps until the next due time, the poll interval or a
+wake-up, whichever comes first: an in-process create/event/restart, or on PostgreSQL a NOTIFY from any
+process. Lock conflicts are skipped quietly (and re-tried briefly, in case the holder was an event);
+a pass that raises is logged and its instance pushed back with exponential back-off; one failing
+instance never stops the others. ``stop()`` stops claiming, waits ``grace`` seconds for running
+passes, then cancels them (their nodes stay resumable) and waits ``stop_deadline`` more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._driver_config import DriverConfig, DriverStats, bounded, merge_config, seconds, wait_for_wake
+from ._driver_notify import DueNotifier, notifier_for
+from .clock import SystemClock
+from .engine.rules import SchedulePolicy
+from .engine.service import WorkflowService
+from .errors import AsyncflowError, InvalidStateError, LockFailedError, ParamInvalidError, is_serious_error
+from .records import InstanceFields, InstanceWhere
+
+__all__ = ["DriverConfig", "DriverStats", "WorkflowDriver"]
+
+logger = logging.getLogger(__name__)
+
+_ACTIVE = ("init", "running")
+_FAILURE_MEMORY = 10_000  # instances whose consecutive pass errors are remembered (for back-off)
+_LOCK_RETRIES = 8  # re-tries of a lock conflict: 10 ms, 20 ms, ... (capped at the poll interval)
+_SHORT_WAIT = 0.01
+_SHORT_MS = 10
+_NEVER = 2**62
+
+
+@dataclass(slots=True)
+class _Recheck:
+    lease_until: int  # ms: the claim's lease; the instance is ours to retry until then
+    attempt: int
+    at: int  # ms
+
+
+class WorkflowDriver:
+    """Runs the due instances of ``service`` until idle (:meth:`run_until_idle`) or until :meth:`stop`.
+
+    ``async with driver:`` runs :meth:`run_forever` in a background task for the block. Keyword
+    arguments ``concurrency``, ``poll_interval``, ``workflow_types`` and any other
+    :class:`DriverConfig` field build the config; with ``config=`` given they override its fields
+    (``concurrency``/``poll_interval``/``workflow_types`` only when they differ from their defaults).
+    """
+
+    def __init__(
+        self,
+        service: WorkflowService,
+        *,
+        concurrency: int = 64,
+        poll_interval: float = 1.0,
+        workflow_types: Sequence[str] | None = None,
+        config: DriverConfig | None = None,
+        **more: Any,
+    ) -> None:
+        if not isinstance(service, WorkflowService):
+            raise ParamInvalidError(f"service must be a WorkflowService, got {type(service).__name__}")
+        options = dict(
+            more, concurrency=concurrency, poll_interval=poll_interval, workflow_types=workflow_types
+        )
+        config = merge_config(config, options)
+        self.service = service
+        self.config = config
+        self._types = tuple(config.workflow_types or ())
+        self._cap = config.concurrency
+        self._batch = min(config.batch_size or config.concurrency, config.concurrency)
+        self._refill = max(1, self._batch // 8)
+        lease = config.claim_lease if config.claim_lease is not None else service.lock_ttl
+        self._lease_ms = max(1, int(lease * 1000))
+        self._backoff = SchedulePolicy(
+            retry_base=config.error_backoff_base,
+            retry_max=config.error_backoff_max,
+            retry_jitter=config.error_backoff_jitter,
+        )
+        self._stats = DriverStats()
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._rechecks: dict[int, _Recheck] = {}
+        self._failures: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._interrupted: set[int] = set()
+        self._running = False
+        self._stopping = False
+        self._grace = config.stop_grace
+        self._wake = asyncio.Event()
+        self._done = asyncio.Event()
+        self._claim_hint = self._query_hint = self._want_slots = False
+        self._passes_done = 0
+        self._notifier: DueNotifier | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._fake_time = not isinstance(service.clock, SystemClock)  # e.g. a FakeClock in tests
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def stats(self) -> DriverStats:
+        """Live counters of what this driver did."""
+        return self._stats
+
+    @property
+    def running(self) -> bool:
+        """True while ``run_until_idle``/``run_forever`` (or an ``async with`` block) runs."""
+        return self._running
+
+    @property
+    def in_flight(self) -> int:
+        """Passes running right now."""
+        return len(self._inflight)
+
+    @property
+    def listening(self) -> bool:
+        """True while a PostgreSQL LISTEN connection is active."""
+        return self._notifier is not None and self._notifier.listening
+
+    async def run_until_idle(self) -> None:
+        """Claim and run passes until nothing is due now and nothing is running, then return."""
+        await self._run(until_idle=True)
+
+    async def run_forever(self) -> None:
+        """Claim and run passes until :meth:`stop` (or cancellation)."""
+        await self._run(until_idle=False)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming, wait up to ``grace`` s for running passes, then cancel them (two phases).
+
+        Returns when the driver has stopped, or after ``grace + stop_deadline`` (plus a second) if a
+        worker ignores cancellation (logged at ERROR). A no-op when the driver is not running.
+        """
+        grace = seconds("grace", grace)
+        if not self._running:
+            return
+        self._grace = grace
+        self._stopping = True
+        self._wake.set()
+        try:
+            async with asyncio.timeout(grace + self.config.stop_deadline + 1.0):
+                await self._done.wait()
+        except TimeoutError:
+            logger.error("driver did not stop in time: %d passes ignore cancellation", self.in_flight)
+
+    async def __aenter__(self) -> WorkflowDriver:
+        if self._running or self._task is not None:
+            raise InvalidStateError("this WorkflowDriver is already running")
+        self._reserve()  # now, so that a stop() right after the block starts is not lost
+        self._task = asyncio.create_task(self._run(until_idle=False, reserved=True), name="asyncflow-driver")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        task, self._task = self._task, None
+        await self.stop(self.config.stop_grace)
+        if task is not None and task.done() and not task.cancelled() and exc_info[0] is None:
+            error = task.exception()
+            if error is not None:
+                raise error
+
+    # ------------------------------------------------------------------ the loop
+
+    def _reserve(self) -> None:
+        if self._running:
+            raise InvalidStateError("this WorkflowDriver is already running")
+        self._running = True
+        self._stopping = False
+        self._wake, self._done = asyncio.Event(), asyncio.Event()
+
+    async def _run(self, *, until_idle: bool, reserved: bool = False) -> None:
+        if not reserved:
+            self._reserve()
+        self._notifier = (
+            None if until_idle or not self.config.listen else notifier_for(self.service.repo, self._on_notify)
+        )
+        self.service.add_due_listener(self._on_due)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                listener = None
+                if self._notifier is not None:
+                    listener = tg.create_task(self._notifier.run(), name="asyncflow-driver-listen")
+                try:
+                    await self._loop(tg, until_idle)
+                    await self._drain()
+                finally:
+                    if listener is not None:
+                        listener.cancel()
+        finally:
+            self.service.remove_due_listener(self._on_due)
+            self._interrupted.update(self._rechecks)
+            self._rechecks.clear()
+            await self._release_interrupted()
+            self._running = False
+            self._done.set()
+
+    async def _loop(self, tg: asyncio.TaskGroup, until_idle: bool) -> None:
+        poll_ms = int(self.config.poll_interval * 1000)
+        claim_at: int | None = None  # ms; None: claim as soon as there are free slots
+        look_at = _NEVER  # ms: when to read the next due time (at least once per poll interval)
+        query = False  # read it now
+        errors = 0
+        while not self._stopping:
+            self._wake.clear()
+            self._spawn_rechecks(tg)
+            free = self._cap - len(self._inflight)
+            can_claim = free >= self._refill or (free > 0 and not self._inflight)
+            try:
+                if (claim_at is None or claim_at <= self._now_ms()) and can_claim:
+                    requested = min(free, self._batch)
+                    ids, lease_until = await self._claim(requested)
+                    for instance_id in ids:
+                        if instance_id not in self._inflight:
+                            self._spawn(tg, instance_id, lease_until, 0)
+                    if len(ids) == requested or self._stopping:
+                        claim_at = None
+                        continue
+                    claim_at, look_at = _NEVER, self._now_ms() + poll_ms  # drained
+                    query = query or not self._inflight  # else the passes still running will tell
+                if query or look_at <= self._now_ms():
+                    mark = (self._passes_done, self._claim_hint)
+                    due = await self._next_due()
+                    query, now = False, self._now_ms()
+                    look_at = now + poll_ms
+                    if due is not None:  # due now right after a claim: others are claiming it, wait a bit
+                        claim_at = min(now if claim_at is None else claim_at, max(due, now + _SHORT_MS))
+                    if until_idle and (due is None or due > now) and self._idle(mark):
+                        return
+            except AsyncflowError as exc:  # a database failure: wait, then try again
+                errors += 1
+                self._stats.errors += 1
+                logger.warning("claiming due instances failed: %s", exc)
+                query = True
+                await self._wait(min(self._backoff.retry_delay(errors), max(self.config.poll_interval, 5.0)))
+                continue
+            errors = 0
+            now = self._now_ms()
+            self._want_slots = claim_at is None or claim_at <= now
+            timeout = None if self._want_slots else (min(look_at, claim_at or _NEVER) - now) / 1000
+            if self._inflight and self._fake_time:
+                timeout = None  # fake time moves only while no pass runs: passes see a fixed "now"
+            if self._rechecks:
+                soonest = (min(r.at for r in self._rechecks.values()) - now) / 1000
+                timeout = max(0.0, soonest if timeout is None else min(timeout, soonest))
+            await self._wait(timeout)
+            self._want_slots = False
+            if self._claim_hint:
+                claim_at = None
+            query = query or self._query_hint
+            self._claim_hint = self._query_hint = False
+
+    def _idle(self, mark: tuple[int, bool]) -> bool:
+        """Nothing running or waiting to be re-tried, and nothing finished or woke us since ``mark``."""
+        unchanged = mark == (self._passes_done, False) and not self._claim_hint
+        return unchanged and not self._inflight and not self._rechecks
+
+    async def _wait(self, seconds: float | None) -> bool:
+        return await wait_for_wake(self._wake, self.service.clock, seconds)
+
+    def _on_due(self, instance_id: int) -> None:
+        self._claim_hint = True
+        self._wake.set()
+
+    def _on_notify(self) -> None:
+        self._stats.notifications += 1
+        self._on_due(0)
+
+    def _now_ms(self) -> int:
+        return int(self.service.clock.time() * 1000)
+
+    async def _claim(self, limit: int) -> tuple[list[int], int]:
+        now = self._now_ms()
+        ids = await self.service.repo.claim_due_instances(
+            now_ms=now, limit=limit, lease_ms=self._lease_ms, workflow_types=self._types or None
+        )
+        self._stats.claims += 1
+        self._stats.claimed += len(ids)
+        return ids, now + self._lease_ms
+
+    async def _next_due(self) -> int | None:
+        self._stats.idle_polls += 1
+        return await self.service.repo.next_due_at(self._types or None)
+
+    # ------------------------------------------------------------------ passes
+
+    def _spawn(self, tg: asyncio.TaskGroup, instance_id: int, lease_until: int, attempt: int) -> None:
+        name = f"asyncflow-driver-pass-{instance_id}"
+        # a fresh context: a pass must not inherit the caller's lock holds (re-entrant by context)
+        coro = self._pass(instance_id, lease_until, attempt)
+        self._inflight[instance_id] = tg.create_task(coro, name=name, context=contextvars.Context())
+
+    def _spawn_rechecks(self, tg: asyncio.TaskGroup) -> None:
+        if not self._rechecks:
+            return
+        now = self._now_ms()
+        for instance_id, recheck in list(self._rechecks.items()):
+            if len(self._inflight) >= self._cap:
+                return
+            if recheck.at <= now and instance_id not in self._inflight:
+                del self._rechecks[instance_id]
+                self._spawn(tg, instance_id, recheck.lease_until, recheck.attempt)
+
+    async def _pass(self, instance_id: int, lease_until: int, attempt: int) -> None:
+        try:
+            await self._attempt(instance_id, lease_until, attempt)
+        except asyncio.CancelledError:
+            self._interrupted.add(instance_id)
+            self._stats.cancelled += 1
+            raise
+        finally:
+            self._inflight.pop(instance_id, None)
+            self._pass_done()
+
+    async def _attempt(self, instance_id: int, lease_until: int, attempt: int) -> None:
+        """One pass, counted; a lock conflict is re-tried later, an error backs the instance off."""
+        extra = {"instance_id": instance_id}
+        try:
+            if attempt and not await self._still_ours(instance_id, lease_until):
+                return
+            instance = await self.service.run_pass(instance_id, wait_interval=self.config.poll_interval)
+        except LockFailedError as exc:
+            self._stats.lock_skips += 1
+            logger.debug("instance %s is locked elsewhere, skipped: %s", instance_id, exc, extra=extra)
+            self._recheck_later(instance_id, lease_until, attempt + 1)
+            return
+        except Exception as exc:  # one failing instance never stops the others
+            self._stats.errors += 1
+            level = logging.ERROR if is_serious_error(exc) else logging.WARNING
+            trace = None if isinstance(exc, AsyncflowError) else exc
+            logger.log(level, "pass of instance %s failed: %s", instance_id, exc, exc_info=trace, extra=extra)
+            await self._back_off(instance_id)
+            return
+        self._stats.passes += 1
+        if instance.status == "completed":
+            self._stats.completed += 1
+        elif instance.status == "failed":
+            self._stats.failed += 1
+        self._failures.pop(instance_id, None)
+
+    def _pass_done(self) -> None:
+        self._passes_done += 1
+        if not self._inflight:  # all done: time to read when the next instance is due
+            self._query_hint = True
+            self._wake.set()
+        elif self._want_slots and self._cap - len(self._inflight) >= self._refill:
+            self._wake.set()
+
+    async def _still_ours(self, instance_id: int, lease_until: int) -> bool:
+        """Before re-trying a lock conflict: still active, and not rescheduled by whoever held it?"""
+        record = await self.service.repo.get_workflow_instance(instance_id)
+        if record is None or record.status not in _ACTIVE:
+            return False
+        return record.next_run_at == lease_until or record.next_run_at <= self._now_ms()
+
+    def _recheck_later(self, instance_id: int, lease_until: int, attempt: int) -> None:
+        """The holder may be a quick event or restart that just made the instance due: look again soon."""
+        now = self._now_ms()
+        if attempt > _LOCK_RETRIES or now >= lease_until:
+            return  # a pass holds it: that pass writes the next due time itself
+        delay = min(self.config.poll_interval, _SHORT_WAIT * 2 ** (attempt - 1))
+        self._rechecks[instance_id] = _Recheck(lease_until, attempt, now + int(delay * 1000))
+
+    async def _back_off(self, instance_id: int) -> None:
+        count = self._failures.pop(instance_id, 0) + 1
+        self._failures[instance_id] = count
+        while len(self._failures) > _FAILURE_MEMORY:
+            self._failures.popitem(last=False)
+        due = self._now_ms() + int(self._backoff.retry_delay(count) * 1000)
+        try:
+            await self.service.repo.update_workflow_instances(
+                InstanceWhere(ids=(instance_id,), status_in=_ACTIVE), InstanceFields(next_run_at=due)
+            )
+        except AsyncflowError as exc:  # the claim's lease delays the instance anyway
+            logger.debug("could not back off instance %s: %s", instance_id, exc)
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def _drain(self) -> None:
+        """Second half of ``stop()``: wait ``grace`` for running passes, then cancel them."""
+        running = set(self._inflight.values())
+        if not running:
+            return
+        _, pending = await asyncio.wait(running, timeout=self._grace)
+        if not pending:
+            return
+        logger.warning("cancelling %d passes still running after the %.1f s grace", len(pending), self._grace)
+        for task in pending:
+            task.cancel()
+        _, stuck = await asyncio.wait(pending, timeout=self.config.stop_deadline)
+        if stuck:
+            logger.error(
+                "%d passes ignored cancellation: %s", len(stuck), sorted(t.get_name() for t in stuck)
+            )
+        await self._release_interrupted()
+
+    async def _release_interrupted(self) -> None:
+        """Make interrupted instances due now (not after the claim lease), so any driver resumes them."""
+        ids, self._interrupted = tuple(sorted(self._interrupted)), set()
+        if not ids:
+            return
+        write = self.service.repo.update_workflow_instances(
+            InstanceWhere(ids=ids, status_in=_ACTIVE), InstanceFields(next_run_at=self._now_ms())
+        )
+        problem = await bounded(write, max(self.config.stop_deadline, 0.1))
+        if problem is not None:
+            logger.warning(
+                "could not release %d interrupted instances (%s): they wait out their lease",
+                len(ids),
+                problem,
+            )

@@ -1,0 +1,146 @@
+"""The SQL repo's hot path: create, get, load, step and claim as one driver-level unit each.
+
+Outside ``transaction()`` these calls bypass SQLAlchemy's per-statement machinery and run on a kept
+connection (:mod:`asyncflow.store._lanes`): on PostgreSQL one autocommit statement on asyncpg
+(:mod:`asyncflow.store._pg_fast`), on SQLite one trip to aiosqlite's thread
+(:mod:`asyncflow.store._sqlite_fast`). Inside ``transaction()`` the repo uses its Core statements on
+the transaction's connection, except that a PostgreSQL step still runs the step function (in the
+SAVEPOINT the repo opens around it). Units that bypass SQLAlchemy are reported to
+:mod:`asyncflow.store._observers`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ..records import TaskInstanceRecord, WorkflowInstanceRecord
+from . import _pg_fast as pg
+from . import _sqlite_fast as lite
+from ._core_step import StepConflict
+from ._dialect import sqlstate
+from ._observers import notify
+from ._prepare import InstanceRow, PreparedStep
+from ._units import ConnectionUnits
+
+__all__ = ["FunctionMissing", "HotPath"]
+
+logger = logging.getLogger(__name__)
+
+
+class FunctionMissing(Exception):
+    """The database has no step function (schema made without ``create_schema()``): use Core."""
+
+
+class HotPath:
+    """Dispatches the hot-path calls to the backend's driver-level implementation."""
+
+    def __init__(self, units: ConnectionUnits, engine: AsyncEngine) -> None:
+        self._units = units
+        self._engine = engine.sync_engine
+        dialect = engine.dialect
+        self.kind: str | None = None
+        if dialect.name == "postgresql" and dialect.driver == "asyncpg":
+            self.kind = "pg"
+        elif dialect.name == "sqlite" and dialect.driver == "aiosqlite" and lite.SUPPORTED:
+            self.kind = "sqlite"
+        self.step_function = self.kind == "pg"  # until the database says it has none
+
+    def usable(self) -> bool:
+        """Whether this call can take the hot path (raises ``StoreError`` if the repo is closed)."""
+        return not self._units.in_transaction() and self.kind is not None
+
+    def steps_usable(self) -> bool:
+        """Whether ``apply_step`` can take the hot path."""
+        return self.usable() and (self.kind == "sqlite" or self.step_function)
+
+    def function_in_transaction(self) -> bool:
+        """Whether ``apply_step`` inside ``transaction()`` runs the PostgreSQL step function."""
+        return self.kind == "pg" and self.step_function
+
+    async def _sqlite(self, fn: Any, *args: Any) -> Any:
+        async with self._units.lane() as aio:
+            return await lite.run(aio, fn, *args)
+
+    async def create(self, row: InstanceRow, now: int) -> int:
+        """Insert one instance; its id."""
+        if self.kind == "pg":
+            async with self._units.lane() as conn:
+                instance_id = await pg.create_instance(conn, row, now)
+        else:
+            instance_id = await self._sqlite(lite.create_instance, row, now)
+        notify(self._engine, True)
+        return instance_id
+
+    async def get(self, instance_id: int) -> WorkflowInstanceRecord | None:
+        """The instance, or ``None``."""
+        if self.kind == "pg":
+            async with self._units.lane() as conn:
+                record = await pg.get_instance(conn, instance_id)
+        else:
+            record = await self._sqlite(lite.get_instance, instance_id)
+        notify(self._engine, False)
+        return record
+
+    async def load(self, instance_id: int) -> list[TaskInstanceRecord]:
+        """Every node row of one instance, ordered by id."""
+        if self.kind == "pg":
+            async with self._units.lane() as conn:
+                rows = await pg.load_tasks(conn, instance_id)
+        else:
+            rows = await self._sqlite(lite.load_tasks, instance_id)
+        notify(self._engine, False)
+        return rows
+
+    async def apply(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
+        """Apply a step; ``StepConflict`` if a condition failed (nothing written)."""
+        if self.kind == "pg":
+            try:
+                async with self._units.lane() as conn:
+                    inserted = await pg.apply_step(conn, step, now)
+            except Exception as error:
+                self._step_error(error)
+                raise
+        else:
+            result = await self._sqlite(lite.apply_step, step, now)
+            if result is None:
+                raise StepConflict
+            inserted = result
+        notify(self._engine, True)
+        return inserted
+
+    async def apply_on(
+        self, conn: AsyncConnection, step: PreparedStep, now: int
+    ) -> tuple[TaskInstanceRecord, ...]:
+        """The PostgreSQL step function on ``conn`` (inside a SAVEPOINT the caller holds)."""
+        try:
+            result = await conn.exec_driver_sql(pg.STEP_CALL, pg.step_arguments(step, now))
+        except Exception as error:
+            self._step_error(error)
+            raise
+        return pg.inserted_records(step, result.scalar_one(), now)
+
+    def _step_error(self, error: Exception) -> None:
+        code = sqlstate(error)
+        if code == pg.CONFLICT_SQLSTATE:
+            raise StepConflict from None
+        if code == pg.UNDEFINED_FUNCTION_SQLSTATE and "asyncflow_step_v1" in str(error):
+            self.step_function = False
+            logger.warning(
+                "the database has no asyncflow_step_v1() function (run create_schema() to install it): "
+                "steps use the slower multi-statement path"
+            )
+            raise FunctionMissing from error
+
+    async def claim(self, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]) -> list[int]:
+        """Lease up to ``limit`` due instances, ordered by ``(next_run_at, id)``."""
+        if self.kind == "pg":
+            async with self._units.lane() as conn:
+                ids = await pg.claim_due(conn, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
+        else:
+            ids = await self._sqlite(lite.claim_due, now_ms, limit, lease_ms, tuple(types))
+        notify(self._engine, True)
+        return ids

@@ -1,0 +1,248 @@
+"""Connections the SQL repo keeps checked out while it is busy, for its single-statement hot path.
+
+A checkout from SQLAlchemy's pool and its return cost about as much as the statement itself
+(``AsyncConnection`` set-up, pool events, reset on return: on SQLite a ROLLBACK sent to aiosqlite's
+thread), so the hot path keeps connections ("lanes") between calls and hands them straight to the
+next caller. Lanes go back to the pool as soon as the repo is idle (no call in flight and none
+waiting), so an idle repo holds nothing, and a busy one never starves the rest of the pool:
+
+* PostgreSQL (:class:`PgLanes`): at most ``limit`` lanes, a quarter of the pool's capacity left for
+  ``transaction()``, the repo's other calls and whoever else shares the engine. A pool whose capacity
+  is unknown or too small for that gets no lanes (each call checks a connection out and back in).
+* SQLite (:class:`SqliteLane`): one lane behind the in-process write gate (one unit at a time). A unit
+  that needs a SQLAlchemy connection of its own (``exclusive()``) first returns the lane to the pool,
+  so even a one-connection pool never waits on the lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import QueuePool
+
+from ._dialect import DB_ERRORS
+
+__all__ = ["Lane", "PgLanes", "SqliteLane", "lane_limit"]
+
+_PG_ERRORS: tuple[type[BaseException], ...] = ()
+_PG_CONNECTION_ERRORS: tuple[type[BaseException], ...] = ()
+try:  # asyncpg is an optional extra
+    import asyncpg
+except ImportError:  # pragma: no cover - depends on the installed extras
+    pass
+else:
+    _PG_ERRORS = (asyncpg.PostgresError,)
+    _PG_CONNECTION_ERRORS = (asyncpg.PostgresConnectionError,)
+
+
+class Lane:
+    """A checked-out ``AsyncConnection`` and the driver connection underneath it."""
+
+    __slots__ = ("conn", "driver")
+
+    def __init__(self, conn: AsyncConnection, driver: Any) -> None:
+        self.conn = conn
+        self.driver = driver
+
+    @classmethod
+    async def open(cls, engine: AsyncEngine) -> Lane:
+        conn = await engine.connect()
+        try:
+            raw = await conn.get_raw_connection()
+        except BaseException:
+            await _close_quietly(conn)
+            raise
+        return cls(conn, raw.driver_connection)
+
+    async def close(self) -> None:
+        """Return the connection to the pool (run to completion even if the caller is cancelled)."""
+        await _to_completion(_close_quietly(self.conn))
+
+    async def discard(self) -> None:
+        """Invalidate the connection (it may be mid-statement or broken): the pool replaces it."""
+        await _to_completion(_invalidate(self.conn))
+
+
+def pg_reusable(lane: Lane, error: BaseException) -> bool:
+    """After ``error`` in a PostgreSQL lane: only a server error leaves the connection in a known state."""
+    if isinstance(error, _PG_ERRORS) and not isinstance(error, _PG_CONNECTION_ERRORS):
+        closed = getattr(lane.driver, "is_closed", None)
+        return not (closed is not None and closed())
+    return False
+
+
+def sqlite_reusable(lane: Lane, error: BaseException) -> bool:
+    """After ``error`` in a SQLite lane: fine unless the connection itself is gone.
+
+    A unit in aiosqlite's thread ends its transaction itself, even when the caller was cancelled.
+    """
+    return not isinstance(error, ValueError | sqlite3.ProgrammingError)
+
+
+async def _to_completion(coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(coro)
+    cancelled: BaseException | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as error:
+            cancelled = error
+        except BaseException:
+            break
+    task.result()
+    if cancelled is not None:
+        raise cancelled
+
+
+async def _close_quietly(conn: AsyncConnection) -> None:
+    with contextlib.suppress(*DB_ERRORS):  # already broken: the pool drops it
+        await conn.close()
+
+
+async def _invalidate(conn: AsyncConnection) -> None:
+    try:
+        await conn.invalidate()
+    finally:
+        await _close_quietly(conn)
+
+
+def lane_limit(engine: AsyncEngine) -> int:
+    """How many lanes a PostgreSQL repo may hold: three quarters of a ``QueuePool``'s capacity."""
+    pool = engine.sync_engine.pool
+    if not isinstance(pool, QueuePool):
+        return 0
+    overflow = getattr(pool, "_max_overflow", 0)
+    if not isinstance(overflow, int) or overflow < 0:  # unbounded overflow: the pool size still bounds
+        overflow = 0
+    capacity = pool.size() + overflow
+    return capacity - max(1, capacity // 4)
+
+
+class PgLanes:
+    """Lanes of a PostgreSQL repo (see the module doc); ``lane()`` yields the asyncpg connection."""
+
+    def __init__(self, engine: AsyncEngine, limit: int) -> None:
+        self._engine = engine
+        self._limit = limit
+        self._slots = asyncio.Semaphore(max(limit, 1))
+        self._idle: list[Lane] = []
+        self._busy = 0
+        self._wanting = 0
+        self.closed = False
+
+    @asynccontextmanager
+    async def lane(self) -> AsyncIterator[Any]:
+        """An asyncpg connection for one statement, outside any transaction."""
+        if self._limit <= 0:
+            lane = await Lane.open(self._engine)
+            try:
+                yield lane.driver
+            except BaseException as error:
+                if not pg_reusable(lane, error):
+                    await lane.discard()
+                    raise
+                await lane.close()
+                raise
+            await lane.close()
+            return
+        lane = await self._acquire()
+        try:
+            yield lane.driver
+        except BaseException as error:
+            await self._release(lane, pg_reusable(lane, error))
+            raise
+        await self._release(lane, True)
+
+    async def _acquire(self) -> Lane:
+        self._wanting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._wanting -= 1
+        self._busy += 1
+        try:
+            return self._idle.pop() if self._idle else await Lane.open(self._engine)
+        except BaseException:
+            self._busy -= 1
+            self._slots.release()
+            raise
+
+    async def _release(self, lane: Lane, reusable: bool) -> None:
+        self._busy -= 1
+        self._slots.release()
+        if not reusable:
+            await lane.discard()
+            return
+        self._idle.append(lane)
+        if self.closed or (self._busy == 0 and self._wanting == 0):
+            await self.trim()
+
+    async def trim(self) -> None:
+        """Return every idle lane to the pool (when the repo goes idle, and on ``aclose()``)."""
+        while self._idle:
+            lane = self._idle.pop()
+            try:
+                await lane.close()
+            except BaseException:
+                self._idle.append(lane)  # closed on the next trim
+                raise
+
+
+class SqliteLane:
+    """The in-process write gate of a SQLite repo and the one lane its gated hot-path calls share."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._gate = asyncio.Lock()
+        self._waiting = 0
+        self._lane: Lane | None = None
+
+    async def _enter(self) -> None:
+        self._waiting += 1
+        try:
+            await self._gate.acquire()
+        finally:
+            self._waiting -= 1
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold the gate with the lane back in the pool (for a unit that checks out its own)."""
+        await self._enter()
+        try:
+            await self.trim()
+            yield
+        finally:
+            self._gate.release()
+
+    @asynccontextmanager
+    async def lane(self) -> AsyncIterator[Any]:
+        """Hold the gate and the lane; yields the aiosqlite connection."""
+        await self._enter()
+        try:
+            if self._lane is None:
+                self._lane = await Lane.open(self._engine)
+            lane = self._lane
+            try:
+                yield lane.driver
+            except BaseException as error:
+                if not sqlite_reusable(lane, error):
+                    self._lane = None
+                    await lane.discard()
+                raise
+            finally:
+                if self._waiting == 0:  # nobody queued behind: the repo goes idle
+                    await self.trim()
+        finally:
+            self._gate.release()
+
+    async def trim(self) -> None:
+        """Return the lane to the pool (the gate must be held, or the repo closing)."""
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            await lane.close()

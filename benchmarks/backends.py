@@ -1,0 +1,124 @@
+"""The stores and locks of asyncflow benchmark runs, and how their commits are counted.
+
+Every run gets a fresh store: a new PostgreSQL database (dropped afterwards), a new SQLite file in a
+temporary directory, or a new memory repo; the Redis lock gets a per-run key prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncflow as af
+
+from .databases import PgAdmin, sqlite_file
+from .harness import SqlCommitCounter
+
+__all__ = ["Backend", "BenchmarkError", "make_lock", "open_backend"]
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark run did not do what it measures (an instance did not complete, a service failed)."""
+
+
+def make_lock(kind: str, redis_url: str | None) -> Any:
+    """A fresh ``local`` or ``redis`` lock (the Redis one with a key prefix of its own)."""
+    if kind == "local":
+        return af.LocalWorkflowLock()
+    if kind == "redis":
+        if not redis_url:
+            raise BenchmarkError("the redis lock needs --redis-url")
+        return af.RedisWorkflowLock(redis_url, prefix=f"asyncflow_bench_{os.getpid()}_{time.time_ns()}:")
+    raise ValueError(f"unknown lock {kind!r}: local or redis")
+
+
+def _repo_engine(repo: Any) -> Any:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    for name in ("engine", "_engine"):
+        engine = getattr(repo, name, None)
+        if isinstance(engine, AsyncEngine):
+            return engine
+    return None
+
+
+class _CountingRepos:
+    """Makes SQL repos whose engine's commits a :class:`SqlCommitCounter` counts."""
+
+    def __init__(self, url: str, engine_kwargs: dict[str, Any]) -> None:
+        self.url = url
+        self.engine_kwargs = engine_kwargs
+        self.counter = SqlCommitCounter()
+
+    def make(self) -> Any:
+        repo = af.SQLAlchemyWorkflowRepo(self.url, **self.engine_kwargs)
+        engine = _repo_engine(repo)
+        if engine is not None:
+            self.counter.attach(engine)
+        return repo
+
+    def counted(self) -> tuple[int, int] | None:
+        if not self.counter.attached:
+            return None
+        self.counter.detach()
+        return self.counter.commits, self.counter.write_commits
+
+
+# (make_repo, read_commits): read_commits() is awaited after the repo is closed and returns
+# (commits, write_commits), either of which may be None
+Backend = tuple[Callable[[], Any], Callable[[], Awaitable[tuple[int | None, int | None]]]]
+
+
+@contextlib.asynccontextmanager
+async def open_backend(
+    backend: str, tag: str, pg_admin: PgAdmin | None, *, pool_size: int = 0
+) -> AsyncIterator[Backend]:
+    """A fresh store for one run.
+
+    On PostgreSQL ``pool_size > 0`` sizes the repo's connection pool (``max_overflow=4``); 0 keeps
+    SQLAlchemy's default (5 + 10 overflow). SQLite keeps its default pool.
+
+    Commits: on PostgreSQL ``pg_stat_database.xact_commit`` of the run's own database (every
+    committed transaction, reads and connection set-up included) and, from SQLAlchemy events, those
+    that wrote; on SQLite both from SQLAlchemy events; none for the memory repo.
+    """
+    if backend == "memory":
+
+        async def nothing() -> tuple[None, None]:
+            return None, None
+
+        yield af.MemoryWorkflowRepo, nothing
+    elif backend == "sqlite":
+        with sqlite_file(tag) as path:
+            url = f"sqlite+aiosqlite:///{path}"
+            setup = af.SQLAlchemyWorkflowRepo(url)
+            await setup.create_schema()
+            await setup.aclose()
+            repos = _CountingRepos(url, {})
+
+            async def sqlite_commits() -> tuple[int | None, int | None]:
+                counted = repos.counted()
+                return (None, None) if counted is None else counted
+
+            yield repos.make, sqlite_commits
+    elif backend == "postgres":
+        if pg_admin is None:
+            raise BenchmarkError("the postgres backend needs --pg-url")
+        async with pg_admin.fresh_database(tag.replace("-", "_")) as db:
+            setup = af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url)
+            await setup.create_schema()
+            await setup.aclose()
+            before = await pg_admin.xact_commit(db.name)
+            sizing = {"pool_size": pool_size, "max_overflow": 4} if pool_size > 0 else {}
+            repos = _CountingRepos(db.sqlalchemy_url, sizing)
+
+            async def pg_commits() -> tuple[int | None, int | None]:
+                counted = repos.counted()
+                return await pg_admin.xact_commit(db.name) - before, None if counted is None else counted[1]
+
+            yield repos.make, pg_commits
+    else:
+        raise ValueError(f"unknown backend {backend!r}: postgres, sqlite or memory")

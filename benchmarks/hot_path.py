@@ -1,0 +1,207 @@
+"""A quick, small-footprint measurement of the SQL repo's hot path: ``linear3`` wf/s next to the floor.
+
+Unlike ``python -m benchmarks run`` it keeps PostgreSQL connections few (the repo's pool and the floor
+share ``--pool`` connections, so it runs beside other users of a small server) and it can profile a row.
+
+    python -m benchmarks.hot_path --backend postgres,sqlite --rows floor,direct,driver -n 2000 -c 32
+    python -m benchmarks.hot_path --backend postgres --rows direct --profile 25
+
+Each ``--repeat`` round runs every row once (rows interleaved); it prints each run, then per row the
+median wf/s with [min-max], the median CPU ms per workflow, and ``median / floor median``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncflow as af
+
+from .asyncflow_runs import run_direct, run_driver
+from .databases import PgAdmin
+from .reference_floor import (
+    _NODES,
+    _OUTPUT,
+    _PG_DDL,
+    _PG_INSERT_INSTANCE,
+    _PG_INSERT_LAST_NODE,
+    _PG_INSERT_NODE,
+    run_floor_sqlite,
+)
+from .scenarios import BenchHooks, build_registry, get_scenario
+
+PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+
+async def _pg_floor(dsn: str, n: int, concurrency: int, connections: int) -> float:
+    """``n`` floor workflows, ``concurrency`` in flight over ``connections`` raw asyncpg connections."""
+    import asyncpg
+
+    setup = await asyncpg.connect(dsn)
+    try:
+        await setup.execute(_PG_DDL)
+    finally:
+        await setup.close()
+    conns = [await asyncpg.connect(dsn) for _ in range(connections)]
+    free: asyncio.Queue[Any] = asyncio.Queue()
+    for conn in conns:
+        free.put_nowait(conn)
+
+    async def run(conn: Any, sql: str, *args: Any) -> Any:
+        return await conn.fetchval(sql, *args)
+
+    async def one(index: int) -> None:
+        now = int(time.time())
+        steps: list[tuple[str, tuple[Any, ...]]] = []
+        conn = await free.get()
+        try:
+            instance_id = await run(conn, _PG_INSERT_INSTANCE, f"floor-{index}", now)
+        finally:
+            free.put_nowait(conn)
+        steps = [(_PG_INSERT_NODE, (instance_id, node, _OUTPUT, now)) for node in _NODES[:-1]]
+        steps.append((_PG_INSERT_LAST_NODE, (instance_id, _NODES[-1], _OUTPUT, now)))
+        for sql, args in steps:
+            conn = await free.get()
+            try:
+                await run(conn, sql, *args)
+            finally:
+                free.put_nowait(conn)
+
+    try:
+        await asyncio.gather(*(one(-1 - i) for i in range(connections)))  # prepare everywhere
+        return await _timed(n, concurrency, one)
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+async def _timed(n: int, concurrency: int, one: Callable[[int], Awaitable[None]]) -> float:
+    indexes = iter(range(n))
+
+    async def worker() -> None:
+        for index in indexes:
+            await one(index)
+
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as group:
+        for _ in range(min(n, concurrency)):
+            group.create_task(worker())
+    return time.perf_counter() - start
+
+
+async def _asyncflow(repo: Any, mode: str, n: int, concurrency: int) -> float:
+    spec = get_scenario("linear3")
+    hooks = BenchHooks()
+    svc = af.WorkflowService(repo, af.LocalWorkflowLock(), registry=build_registry(spec, hooks))
+    await run_direct(svc, spec.workflow_type, min(50, n), concurrency, spec=spec)  # warm-up
+    if mode == "direct":
+        return await run_direct(svc, spec.workflow_type, n, concurrency, spec=spec)
+    _, elapsed, stats = await run_driver(svc, spec.workflow_type, n, concurrency, hooks=hooks, repo=repo)
+    if stats.completed != n:
+        raise RuntimeError(f"driver completed {stats.completed} of {n}")
+    return elapsed
+
+
+async def one_run(backend: str, row: str, args: argparse.Namespace, admin: PgAdmin | None) -> float:
+    """Seconds for ``args.n`` workflows of one row on a fresh database."""
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "bench.db")
+            if row == "floor":
+                return (await run_floor_sqlite(path, args.n, args.c)).elapsed_s
+            repo = af.SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{path}")
+            try:
+                await repo.create_schema()
+                return await _asyncflow(repo, row, args.n, args.c)
+            finally:
+                await repo.aclose()
+    assert admin is not None
+    async with admin.fresh_database("hot_path") as db:
+        if row == "floor":
+            return await _pg_floor(db.dsn, args.n, args.c, min(args.c, args.pool))
+        repo = af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url, pool_size=args.pool, max_overflow=4)
+        try:
+            await repo.create_schema()
+            return await _asyncflow(repo, row, args.n, args.c)
+        finally:
+            await repo.aclose()
+
+
+async def main(args: argparse.Namespace) -> None:
+    admin = PgAdmin(args.pg_url)
+    rows = [(b, r) for b in args.backend.split(",") for r in args.rows.split(",")]
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {row: [] for row in rows}
+    for round_ in range(args.repeat):
+        for backend, row in rows:
+            profile = cProfile.Profile() if args.profile and row != "floor" else None
+            cpu = time.process_time()
+            if profile is not None:
+                profile.enable()
+            elapsed = await one_run(backend, row, args, admin)
+            if profile is not None:
+                profile.disable()
+            cpu = time.process_time() - cpu
+            rate = args.n / elapsed
+            results[(backend, row)].append((rate, cpu / args.n * 1000))
+            print(
+                f"[{round_ + 1}] {backend:7s} {row:7s} {rate:8.1f} wf/s  {cpu / args.n * 1000:.2f} CPU ms/wf"
+            )
+            if profile is not None:
+                out = io.StringIO()
+                pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.profile)
+                print(out.getvalue())
+    summary = {}
+    for (backend, row), runs in results.items():
+        rates = sorted(r for r, _ in runs)
+        cpus = sorted(c for _, c in runs)
+        summary[f"{backend}/{row}"] = {
+            "median": statistics.median(rates),
+            "min": rates[0],
+            "max": rates[-1],
+            "cpu_ms": statistics.median(cpus),
+        }
+    for key, value in summary.items():
+        backend = key.split("/")[0]
+        floor = summary.get(f"{backend}/floor")
+        ratio = f"  {value['median'] / floor['median']:.0%} of floor" if floor and "floor" not in key else ""
+        print(
+            f"{key:16s} {value['median']:8.1f} wf/s [{value['min']:.1f}-{value['max']:.1f}] "
+            f"{value['cpu_ms']:.2f} CPU ms/wf{ratio}"
+        )
+    if args.json:
+        text = json.dumps({"args": vars(args), "summary": summary}, indent=2)
+        await asyncio.to_thread(_write_text, args.json, text)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.hot_path", description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="postgres,sqlite")
+    parser.add_argument("--rows", default="floor,direct,driver")
+    parser.add_argument("-n", type=int, default=2000)
+    parser.add_argument("-c", type=int, default=32)
+    parser.add_argument("--pool", type=int, default=20, help="PostgreSQL connections (repo pool, floor)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--pg-url", default=PG_URL)
+    parser.add_argument("--profile", type=int, default=0, help="print the top N cProfile entries per run")
+    parser.add_argument("--json")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse(sys.argv[1:])))

@@ -1,0 +1,141 @@
+"""``asyncflow worker APP`` as a real process: it drives the app's instances to the end, stops cleanly on
+SIGTERM/SIGINT with a summary, and refuses a bad APP with a clear message."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from asyncflow.engine.service import WorkflowService
+from asyncflow.lock.local import LocalWorkflowLock
+from asyncflow.records import QueryWorkflowInstanceParams
+from asyncflow.registry import Registry
+from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+from asyncflow.worker import NormalTaskWorker
+
+from .cli_helpers import assert_clean_error, call_cli, cli_env, run_cli, scratch_database
+
+APP = """
+import asyncflow as af
+
+CONFIG = {"id": "ticket", "nodes": [{"id": "triage", "next_nodes": ["answer"]}, {"id": "answer"}]}
+registry = af.Registry()
+registry.load_workflow_config(CONFIG)
+
+
+@registry.task("ticket", "triage")
+async def triage(ctx):
+    ctx.set(["queue"], "support")
+
+
+@registry.task("ticket", "answer")
+async def answer(ctx):
+    queue, _ = ctx.get_string(af.PRE_NODE_CONTEXT, "triage", "queue")
+    ctx.set(["answered_by"], queue)
+
+
+def broken():
+    other = af.Registry()
+    other.load_workflow_config({"id": "half", "nodes": [{"id": "has_no_worker"}]})
+    return other
+"""
+
+CONFIG = {"id": "ticket", "nodes": [{"id": "triage", "next_nodes": ["answer"]}, {"id": "answer"}]}
+
+
+async def _create(url: str, count: int) -> None:
+    registry = Registry()
+    registry.load_workflow_config(CONFIG)
+    for key in ("triage", "answer"):  # create_workflow checks the definition builds
+        registry.register_workflow_task("ticket", key, NormalTaskWorker(run=lambda ctx: None))
+    repo = SQLAlchemyWorkflowRepo(url)
+    try:
+        svc = WorkflowService(repo, LocalWorkflowLock(), registry)
+        for number in range(count):
+            await svc.create_workflow("ticket", f"T-{number}")
+    finally:
+        await repo.aclose()
+
+
+async def _completed(url: str) -> int:
+    repo = SQLAlchemyWorkflowRepo(url)
+    try:
+        return await repo.count_workflow_instances(QueryWorkflowInstanceParams(status_in=("completed",)))
+    finally:
+        await repo.aclose()
+
+
+def _drive_with_worker(
+    tmp_path: pathlib.Path, url: str, stop_signal: signal.Signals, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "helpdesk.py").write_text(APP)
+    assert call_cli("init-db", "--db", url, cwd=tmp_path).returncode == 0
+    asyncio.run(_create(url, 5))
+    args = ["worker", "helpdesk:registry", "--db", url, "--poll-interval", "0.2", "--grace", "5", *extra]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncflow", *args],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while asyncio.run(_completed(url)) < 5:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the worker did not complete the instances"
+            time.sleep(0.2)
+        proc.send_signal(stop_signal)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_worker_on_sqlite_stops_on_sigterm(tmp_path: pathlib.Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/worker.db"
+    result = _drive_with_worker(tmp_path, url, signal.SIGTERM)
+    assert result.returncode == 0, result.stderr
+    assert "asyncflow worker started" in result.stderr
+    assert "received SIGTERM: stopping" in result.stderr
+    assert "asyncflow worker stopped:" in result.stderr and "5 completed" in result.stderr
+    assert "Traceback" not in result.stderr
+    shown = run_cli("show", "1", "--app", "helpdesk:registry", "--json", "--db", url, cwd=tmp_path)
+    assert '"answered_by": "support"' in shown.stdout
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_worker_on_postgres_and_redis_stops_on_sigint(
+    tmp_path: pathlib.Path, postgres_url: str, redis_url: str
+) -> None:
+    with scratch_database(postgres_url, f"worker_{uuid.uuid4().hex[:12]}") as url:
+        result = _drive_with_worker(tmp_path, url, signal.SIGINT, ("--redis", redis_url))
+    assert result.returncode == 0, result.stderr
+    assert "lock RedisWorkflowLock" in result.stderr
+    assert "received SIGINT: stopping" in result.stderr
+    assert "5 completed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_refuses_a_bad_app(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "helpdesk.py").write_text(APP)
+    url = f"sqlite+aiosqlite:///{tmp_path}/w.db"
+    assert call_cli("init-db", "--db", url, cwd=tmp_path).returncode == 0
+    assert_clean_error(run_cli("worker", "helpdesk:missing", "--db", url, cwd=tmp_path), 2, "no attribute")
+    broken = run_cli("worker", "helpdesk:broken", "--db", url, cwd=tmp_path)
+    assert_clean_error(broken, 2, "has_no_worker")
+    no_tables = run_cli(
+        "worker", "helpdesk:registry", "--db", f"sqlite+aiosqlite:///{tmp_path}/w2.db", cwd=tmp_path
+    )
+    assert_clean_error(no_tables, 1, "does not exist")

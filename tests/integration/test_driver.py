@@ -1,0 +1,535 @@
+"""WorkflowDriver: throughput to idle, the concurrency cap, polling, wake-ups, back-off, lock conflicts,
+errors, shutdown and idle cost, on the memory repo, a SQLite file and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from asyncflow.clock import FakeClock
+from asyncflow.config import NodeConfig, WorkflowConfig
+from asyncflow.context import JSONContext
+from asyncflow.driver import DriverConfig, WorkflowDriver
+from asyncflow.engine.rules import SchedulePolicy
+from asyncflow.engine.service import WorkflowService, lock_key
+from asyncflow.errors import InvalidStateError, ParamInvalidError, TaskFailedTerminate, TaskNotReady
+from asyncflow.lock.local import LocalWorkflowLock
+from asyncflow.records import NewWorkflowInstance, NodeExternalEvent, QueryWorkflowInstanceParams
+from asyncflow.registry import Registry
+from asyncflow.status import NODE_EVENT
+from asyncflow.store.memory import MemoryWorkflowRepo
+from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+from asyncflow.worker import NormalTaskWorker, current_node
+from tests.conftest import isolated_pg_engine
+
+DAG = {"A": ["B", "C"], "B": [], "C": []}  # the 3-node DAG: A, then B and C in parallel
+
+CAP_SQLITE = 2  # SQLite has one writer at a time: more passes at once only queue for it
+LINEAR = {"A": ["B"], "B": ["C"], "C": []}
+_BOUND = 2000  # polls of 10 ms at most while waiting for the driver (a bound, not a timing)
+
+Worker = Callable[[JSONContext], Any]
+
+
+class Runs:
+    """Counts ``run`` calls per (instance, node) and the most simultaneous ones."""
+
+    def __init__(self) -> None:
+        self.count: collections.Counter[tuple[int, str]] = collections.Counter()
+        self.active = 0
+        self.peak = 0
+
+    def of(self, node: str) -> int:
+        return sum(n for (_, task), n in self.count.items() if task == node)
+
+
+def registry_for(
+    workflow_type: str,
+    edges: dict[str, list[str]],
+    runs: Runs,
+    *,
+    run: Worker | None = None,
+    checks: dict[str, Worker] | None = None,
+) -> Registry:
+    """``workflow_type`` over ``edges``; every node counts its runs, then awaits ``run(ctx)`` if given."""
+    registry = Registry()
+    nodes = tuple(NodeConfig(id=node, name=node, next_nodes=tuple(nxt)) for node, nxt in edges.items())
+    registry.load_workflow_config(WorkflowConfig(id=workflow_type, name=workflow_type, nodes=nodes))
+
+    async def counted(ctx: JSONContext) -> None:
+        info = current_node()
+        runs.count[(info.instance_id, info.task_type)] += 1
+        runs.active += 1
+        runs.peak = max(runs.peak, runs.active)
+        try:
+            if run is not None:
+                await run(ctx)
+        finally:
+            runs.active -= 1
+
+    for node in edges:
+        check = (checks or {}).get(node)
+        registry.register_workflow_task(workflow_type, node, NormalTaskWorker(run=counted, wait_check=check))
+    return registry
+
+
+async def create_many(service: WorkflowService, workflow_type: str, n: int) -> list[int]:
+    news = [
+        NewWorkflowInstance(workflow_type=workflow_type, business_id=f"b{i}", workflow_context={})
+        for i in range(n)
+    ]
+    return await service.repo.create_workflow_instances(news)
+
+
+async def count(service: WorkflowService, status: str) -> int:
+    return await service.count_workflow_instances(QueryWorkflowInstanceParams(status_in=(status,)))
+
+
+async def eventually(predicate: Callable[[], Any]) -> None:
+    """Yield until ``predicate()`` (awaited if needed) is true; fail after a generous bound."""
+    for _ in range(_BOUND):
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the driver did not get there")
+
+
+def driver_tasks() -> list[str]:
+    return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("asyncflow-driver")]
+
+
+def is_sqlite(repo: Any) -> bool:
+    return isinstance(repo, SQLAlchemyWorkflowRepo) and repo.engine.dialect.name == "sqlite"
+
+
+# ---------------------------------------------------------------- throughput and the cap
+
+
+async def test_run_until_idle_completes_1000_instances_of_a_3_node_dag(engine_repo: Any) -> None:
+    runs = Runs()
+    service = WorkflowService(engine_repo, LocalWorkflowLock(), registry_for("dag", DAG, runs))
+    ids = await create_many(service, "dag", 1000)
+    driver = WorkflowDriver(
+        service, concurrency=CAP_SQLITE if is_sqlite(engine_repo) else 16, poll_interval=0.05
+    )
+    await driver.run_until_idle()
+    assert await count(service, "completed") == 1000
+    assert runs.count == {(i, node): 1 for i in ids for node in DAG}
+    stats = driver.stats
+    assert (stats.passes, stats.completed, stats.failed, stats.errors, stats.lock_skips) == (
+        1000,
+        1000,
+        0,
+        0,
+        0,
+    )
+    assert stats.claimed == 1000
+    assert driver.in_flight == 0 and not driver.running
+    assert driver_tasks() == []
+
+
+@pytest.mark.parametrize("cap", [1, 5])
+async def test_simultaneous_runs_never_exceed_concurrency(cap: int, tmp_path: Any) -> None:
+    runs = Runs()
+
+    async def slow(ctx: JSONContext) -> None:
+        await asyncio.sleep(0.002)
+
+    repo = SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{tmp_path}/cap.db")
+    await repo.create_schema()
+    try:
+        service = WorkflowService(repo, LocalWorkflowLock(), registry_for("lin", LINEAR, runs, run=slow))
+        await create_many(service, "lin", 30)
+        driver = WorkflowDriver(service, concurrency=cap, poll_interval=0.05, batch_size=64)
+        await driver.run_until_idle()
+        assert await count(service, "completed") == 30
+    finally:
+        await repo.aclose()
+    assert runs.peak == cap  # reached, never exceeded (a linear workflow runs one node per pass)
+
+
+async def test_concurrency_cap_holds_with_parallel_branches_and_memory_repo() -> None:
+    runs = Runs()
+
+    async def slow(ctx: JSONContext) -> None:
+        await asyncio.sleep(0.001)
+
+    registry = registry_for("dag", DAG, runs, run=slow)
+    service = WorkflowService(MemoryWorkflowRepo(), LocalWorkflowLock(), registry, branch_concurrency=1)
+    await create_many(service, "dag", 200)
+    driver = WorkflowDriver(service, concurrency=7, poll_interval=0.05)
+    await driver.run_until_idle()
+    assert await count(service, "completed") == 200
+    assert runs.peak == 7
+
+
+# ---------------------------------------------------------------- polling, wake-ups, back-off
+
+
+async def test_not_ready_check_is_polled_at_the_poll_interval_not_in_a_busy_loop() -> None:
+    clock = FakeClock()
+    checked: list[float] = []
+
+    async def never_ready(ctx: JSONContext) -> None:
+        checked.append(clock.time())
+        raise TaskNotReady("not yet")
+
+    registry = registry_for("wait", {"A": []}, Runs(), checks={"A": never_ready})
+    service = WorkflowService(MemoryWorkflowRepo(), LocalWorkflowLock(), registry, clock=clock)
+    await service.create_workflow("wait", "b")
+    driver = WorkflowDriver(service, concurrency=4, poll_interval=2.0)
+    async with driver:
+        start = clock.time()
+        await eventually(lambda: clock.time() >= start + 60.0)  # fake time moves as the driver sleeps
+        window = clock.time() - start
+        before_stop = list(checked)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(before_stop)]
+    assert len(before_stop) >= 3
+    assert min(gaps) >= 2.0  # never checked again before the poll interval passed
+    assert len(before_stop) <= window / 2.0 + 1
+    assert driver.stats.passes == len(checked)
+    assert driver.stats.idle_polls + driver.stats.claims <= 3 * (window / 2.0 + 2)  # no busy loop
+
+
+async def test_an_event_finishes_the_instance_without_waiting_out_the_back_off(engine_repo: Any) -> None:
+    checks: list[bool] = []
+
+    async def approved(ctx: JSONContext) -> None:
+        _, ok = ctx.get(NODE_EVENT, "event_content")
+        checks.append(ok)
+        if not ok:
+            raise RuntimeError("not approved yet")  # a retryable failure: back-off of 60 s
+
+    registry = registry_for("ev", {"A": [], "B": []}, Runs(), checks={"A": approved})
+    schedule = SchedulePolicy(retry_base=60.0, retry_jitter=0.0)
+    service = WorkflowService(engine_repo, LocalWorkflowLock(), registry, schedule=schedule)
+    driver = WorkflowDriver(service, concurrency=4, poll_interval=60.0)
+    async with driver:
+        instance = await service.create_workflow("ev", "b")  # wakes the driver at once
+        await eventually(lambda: len(checks) == 1)
+
+        async def backing_off() -> bool:  # for a minute, once the pass has written its outcome
+            record = await engine_repo.get_workflow_instance(instance.id)
+            return bool(record.next_run_at >= service.clock.time() * 1000 + 50_000)
+
+        await eventually(backing_off)
+        await service.add_node_external_event(instance.id, "A", NodeExternalEvent(1, {"ok": True}), timeout=5)
+        await eventually(lambda: count(service, "completed"))
+    assert checks == [False, True]
+    assert driver.stats.completed == 1
+
+
+async def test_retry_back_off_grows_and_caps() -> None:
+    clock = FakeClock()
+
+    async def failing(ctx: JSONContext) -> None:
+        raise RuntimeError("flaky")
+
+    registry = registry_for("flaky", {"A": []}, Runs(), run=failing)
+    schedule = SchedulePolicy(retry_base=1.0, retry_max=8.0, retry_jitter=0.0)
+    service = WorkflowService(
+        MemoryWorkflowRepo(), LocalWorkflowLock(), registry, schedule=schedule, clock=clock
+    )
+    instance = await service.create_workflow("flaky", "b")
+    driver = WorkflowDriver(service, concurrency=2, poll_interval=1.0)
+    delays = []
+    for _ in range(6):
+        await driver.run_until_idle()  # one pass, then nothing is due until the back-off ends
+        record = await service.repo.get_workflow_instance(instance.id)
+        delay = record.next_run_at / 1000 - clock.time()
+        delays.append(round(delay, 3))
+        clock.advance(delay)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert driver.stats.passes == 6 and driver.stats.errors == 0
+
+
+async def test_in_process_create_wakes_an_idle_driver_at_once(engine_repo: Any) -> None:
+    runs = Runs()
+    service = WorkflowService(engine_repo, LocalWorkflowLock(), registry_for("lin", LINEAR, runs))
+    driver = WorkflowDriver(service, concurrency=4, poll_interval=3600.0)
+    async with driver:
+        await eventually(lambda: driver.stats.idle_polls >= 1)  # asleep for an hour
+        for i in range(3):
+            await service.create_workflow("lin", f"b{i}")
+        await eventually(lambda: driver.stats.completed == 3)
+    assert runs.of("C") == 3
+
+
+async def test_workflow_types_limits_what_the_driver_runs() -> None:
+    runs = Runs()
+    registry = registry_for("mine", {"A": []}, runs)
+    service = WorkflowService(MemoryWorkflowRepo(), LocalWorkflowLock(), registry)
+    await create_many(service, "mine", 3)
+    await create_many(service, "theirs", 2)  # no definition here: would fail if claimed
+    driver = WorkflowDriver(service, concurrency=4, workflow_types=["mine"])
+    await driver.run_until_idle()
+    assert driver.stats.completed == 3 and driver.stats.errors == 0
+    assert await count(service, "init") == 2
+
+
+# ---------------------------------------------------------------- errors and lock conflicts
+
+
+async def test_failing_instances_do_not_stop_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+
+    async def terminate_odd(ctx: JSONContext) -> None:
+        if current_node().business_id in ("b1", "b3"):
+            raise TaskFailedTerminate("refused")
+
+    registry = registry_for("lin", LINEAR, Runs(), run=terminate_odd)
+    service = WorkflowService(MemoryWorkflowRepo(), LocalWorkflowLock(), registry, clock=clock)
+    await create_many(service, "lin", 6)
+    (ghost,) = await create_many(service, "ghost", 1)  # its definition is unknown: every pass raises
+    driver = WorkflowDriver(
+        service, concurrency=3, error_backoff_base=1.0, error_backoff_max=4.0, error_backoff_jitter=0.0
+    )
+    delays = []
+    with caplog.at_level(logging.WARNING, logger="asyncflow.driver"):
+        for _ in range(4):
+            await driver.run_until_idle()
+            record = await service.repo.get_workflow_instance(ghost)
+            delays.append(record.next_run_at / 1000 - clock.time())
+            clock.advance(delays[-1])
+    assert (driver.stats.completed, driver.stats.failed, driver.stats.errors) == (4, 2, 4)
+    assert delays == [1.0, 2.0, 4.0, 4.0]  # the driver's own back-off for passes that raise
+    errors = [r for r in caplog.records if r.name == "asyncflow.driver" and r.levelno == logging.ERROR]
+    assert len(errors) == 4 and all(f"instance {ghost}" in r.getMessage() for r in errors)  # serious
+
+
+async def test_a_store_error_is_logged_as_a_warning_and_backed_off(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{tmp_path}/broken.db")
+    await repo.create_schema()
+    try:
+        service = WorkflowService(repo, LocalWorkflowLock(), registry_for("lin", LINEAR, Runs()))
+        (instance_id,) = await create_many(service, "lin", 1)
+        async with repo.engine.begin() as conn:
+            await conn.exec_driver_sql("DROP TABLE task_instance")  # a real database failure
+        driver = WorkflowDriver(service, concurrency=2, error_backoff_jitter=0.0)
+        with caplog.at_level(logging.WARNING, logger="asyncflow.driver"):
+            await driver.run_until_idle()
+        record = await repo.get_workflow_instance(instance_id)
+    finally:
+        await repo.aclose()
+    assert driver.stats.errors == 1 and driver.stats.passes == 0
+    (logged,) = [r for r in caplog.records if r.name == "asyncflow.driver"]
+    assert logged.levelno == logging.WARNING
+    assert record.status == "init" and record.next_run_at > service.clock.time() * 1000 + 500
+
+
+async def test_a_lock_conflict_is_skipped_quietly_then_retried(
+    engine_repo: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    runs = Runs()
+    service = WorkflowService(engine_repo, LocalWorkflowLock(), registry_for("lin", LINEAR, runs))
+    ids = await create_many(service, "lin", 5)
+    driver = WorkflowDriver(service, concurrency=8, poll_interval=0.05)
+    with caplog.at_level(logging.DEBUG, logger="asyncflow.driver"):
+        async with service.lock.hold(lock_key(ids[0]), 30.0):  # e.g. an event being stored right now
+            idle = asyncio.create_task(driver.run_until_idle())
+            await eventually(lambda: driver.stats.lock_skips >= 1)
+        await idle
+    assert await count(service, "completed") == 5  # the held one too, once its holder let go
+    assert runs.count[(ids[0], "A")] == 1
+    assert driver.stats.errors == 0
+    assert not [r for r in caplog.records if r.name == "asyncflow.driver" and r.levelno >= logging.WARNING]
+
+
+async def test_an_instance_held_elsewhere_is_left_to_its_holder() -> None:
+    clock = FakeClock()
+    service = WorkflowService(
+        MemoryWorkflowRepo(), LocalWorkflowLock(), registry_for("lin", LINEAR, Runs()), clock=clock
+    )
+    held, _ = await create_many(service, "lin", 2)
+    driver = WorkflowDriver(service, concurrency=4, poll_interval=0.05, claim_lease=5.0)
+    async with service.lock.hold(lock_key(held), 30.0):  # a long pass of another runner
+        await driver.run_until_idle()  # re-tries briefly, then returns: the holder owns it
+        skips = driver.stats.lock_skips
+    record = await service.repo.get_workflow_instance(held)
+    assert record.status == "init" and driver.stats.completed == 1 and driver.stats.errors == 0
+    assert 1 <= skips <= 9
+    clock.advance(5.0)  # the claim lease ran out: any driver may take it
+    await driver.run_until_idle()
+    assert await count(service, "completed") == 2
+
+
+# ---------------------------------------------------------------- shutdown
+
+
+async def test_stop_during_long_workers_then_a_new_driver_completes_everything(engine_repo: Any) -> None:
+    runs = Runs()
+    hang = {"on": True}
+    started: list[int] = []
+
+    async def long_worker(ctx: JSONContext) -> None:
+        if current_node().task_type == "A" and hang["on"]:
+            started.append(current_node().instance_id)
+            await asyncio.Event().wait()  # runs until cancelled
+
+    service = WorkflowService(
+        engine_repo, LocalWorkflowLock(), registry_for("lin", LINEAR, runs, run=long_worker)
+    )
+    ids = await create_many(service, "lin", 6)
+    driver = WorkflowDriver(service, concurrency=6, poll_interval=0.05, stop_deadline=2.0)
+    forever = asyncio.create_task(driver.run_forever())
+    await eventually(lambda: len(started) == 6)
+    async with asyncio.timeout(0.2 + 2.0 + 5.0):  # grace + deadline, with room for a slow machine
+        await driver.stop(grace=0.2)
+    await forever
+    assert driver.stats.cancelled == 6 and driver.in_flight == 0 and not driver.running
+    assert driver_tasks() == []
+    now_ms = service.clock.time() * 1000
+    for instance_id in ids:  # resumable at once: not failed, and due now rather than after the lease
+        record = await engine_repo.get_workflow_instance(instance_id)
+        assert record.status in ("init", "running") and record.next_run_at <= now_ms
+    hang["on"] = False
+    successor = WorkflowDriver(service, concurrency=6, poll_interval=0.05)
+    await successor.run_until_idle()
+    assert await count(service, "completed") == 6
+    assert [runs.count[(i, "A")] for i in ids] == [2] * 6  # cancelled once, then run again
+    assert [runs.count[(i, "C")] for i in ids] == [1] * 6
+
+
+async def test_stop_returns_even_if_a_worker_ignores_cancellation(caplog: pytest.LogCaptureFixture) -> None:
+    release = asyncio.Event()
+
+    async def stubborn(ctx: JSONContext) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await release.wait()  # swallows the cancellation until the test lets go
+
+    service = WorkflowService(
+        MemoryWorkflowRepo(), LocalWorkflowLock(), registry_for("s", {"A": []}, Runs(), run=stubborn)
+    )
+    await service.create_workflow("s", "b")
+    driver = WorkflowDriver(service, concurrency=2, stop_deadline=0.05)
+    forever = asyncio.create_task(driver.run_forever())
+    await eventually(lambda: driver.in_flight == 1)
+    with caplog.at_level(logging.ERROR, logger="asyncflow.driver"):
+        await driver.stop(grace=0.05)  # returns although the pass is still running
+    assert driver.in_flight == 1
+    assert any("ignore" in r.getMessage() for r in caplog.records)
+    release.set()
+    await forever
+    assert driver_tasks() == [] and not driver.running
+
+
+async def test_stop_of_an_idle_driver_and_misuse() -> None:
+    service = WorkflowService(MemoryWorkflowRepo(), LocalWorkflowLock(), registry_for("x", {"A": []}, Runs()))
+    driver = WorkflowDriver(service, poll_interval=3600.0)
+    await driver.stop()  # not running: nothing to do
+    await driver.run_until_idle()  # nothing due: returns at once
+    async with driver:
+        assert driver.running
+        with pytest.raises(InvalidStateError):
+            await driver.run_until_idle()
+        with pytest.raises(InvalidStateError):
+            await driver.__aenter__()
+    assert not driver.running and driver_tasks() == []
+    async with driver:  # reusable after a stop
+        await service.create_workflow("x", "b")
+        await eventually(lambda: driver.stats.completed == 1)
+    with pytest.raises(ParamInvalidError):
+        await driver.stop(grace=-1)
+    with pytest.raises(ParamInvalidError):
+        WorkflowDriver(service, concurrency=0)
+    with pytest.raises(ParamInvalidError):
+        WorkflowDriver(service, no_such_option=1)
+    with pytest.raises(ParamInvalidError):
+        WorkflowDriver(object())  # type: ignore[arg-type]
+    merged = WorkflowDriver(service, config=DriverConfig(concurrency=3, poll_interval=0.5), batch_size=2)
+    assert (merged.config.concurrency, merged.config.poll_interval, merged.config.batch_size) == (3, 0.5, 2)
+
+
+# ---------------------------------------------------------------- idle cost and PostgreSQL wake-ups
+
+
+class StatementCounter:
+    def __init__(self, engine: Any) -> None:
+        self.count = 0
+        self._engine = engine.sync_engine
+        event.listen(self._engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, *args: Any) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        event.remove(self._engine, "before_cursor_execute", self._seen)
+
+
+async def _idle_statements(
+    repo: SQLAlchemyWorkflowRepo, *, poll: float, window: float
+) -> tuple[int, WorkflowDriver]:
+    service = WorkflowService(repo, LocalWorkflowLock(), registry_for("x", {"A": []}, Runs()))
+    driver = WorkflowDriver(service, concurrency=8, poll_interval=poll)
+    counter = StatementCounter(repo.engine)
+    try:
+        async with driver:
+            await eventually(lambda: driver.stats.idle_polls >= 1 and (driver.listening or is_sqlite(repo)))
+            counter.count = 0
+            await asyncio.sleep(window)
+            seen = counter.count
+    finally:
+        counter.close()
+    return seen, driver
+
+
+async def test_an_idle_driver_queries_at_most_once_per_poll_interval_sqlite(tmp_path: Any) -> None:
+    repo = SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{tmp_path}/idle.db")
+    await repo.create_schema()
+    try:
+        seen, driver = await _idle_statements(repo, poll=0.1, window=1.0)
+    finally:
+        await repo.aclose()
+    assert 1 <= seen <= 1.0 / 0.1 + 2
+    assert driver.stats.claims <= 2  # idle: it reads the next due time, it does not claim
+
+
+@pytest.mark.postgres
+async def test_an_idle_driver_queries_at_most_once_per_poll_interval_postgres(postgres_url: str) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        await repo.create_schema()
+        seen, driver = await _idle_statements(repo, poll=0.1, window=1.0)
+    assert 1 <= seen <= 1.0 / 0.1 + 2
+    assert driver.stats.claims <= 3
+
+
+@pytest.mark.postgres
+async def test_notify_wakes_the_driver_when_another_process_makes_work_due(postgres_url: str) -> None:
+    runs = Runs()
+    async with isolated_pg_engine(postgres_url) as engine:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        await repo.create_schema()
+        registry = registry_for("lin", LINEAR, runs)
+        service = WorkflowService(repo, LocalWorkflowLock(), registry)
+        driver = WorkflowDriver(service, concurrency=4, poll_interval=3600.0)  # would sleep for an hour
+        # "another process": its own engine and service, so no in-process wake-up reaches the driver
+        other_engine = engine.execution_options()
+        other = WorkflowService(SQLAlchemyWorkflowRepo(other_engine), LocalWorkflowLock(), registry)
+        async with driver:
+            await eventually(lambda: driver.listening)
+            await eventually(lambda: driver.stats.idle_polls >= 1)
+            for i in range(3):
+                await other.create_workflow("lin", f"b{i}")
+            await eventually(lambda: driver.stats.completed == 3)
+            async with engine.connect() as conn:
+                triggers = (
+                    await conn.exec_driver_sql("SELECT tgname FROM pg_trigger WHERE tgname LIKE 'asyncflow%'")
+                ).all()
+    assert driver.stats.notifications >= 1
+    assert [t[0] for t in triggers] == ["asyncflow_due_notify"]
+    assert runs.of("C") == 3

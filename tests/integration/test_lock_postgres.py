@@ -1,0 +1,128 @@
+"""``PostgresAdvisoryLock`` beyond the shared contract: the session is the lease."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import QueuePool
+
+from asyncflow.errors import LockFailedError, ParamInvalidError
+from asyncflow.lock.postgres import PostgresAdvisoryLock, PostgresLease, advisory_lock_id
+
+pytestmark = pytest.mark.postgres
+
+GUARD = 10.0  # a generous bound on waits that must end (not a performance assertion)
+
+
+@pytest.fixture
+async def admin(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(postgres_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def lock(postgres_url: str) -> AsyncIterator[PostgresAdvisoryLock]:
+    async with PostgresAdvisoryLock(postgres_url, namespace=f"test:{uuid.uuid4().hex[:8]}:") as lock:
+        yield lock
+
+
+async def advisory_locks(admin: AsyncEngine, ident: int) -> int:
+    """How many sessions hold the advisory lock ``ident`` (pg_locks splits a bigint in two halves)."""
+    unsigned = ident & 0xFFFFFFFFFFFFFFFF
+    async with admin.connect() as conn:
+        query = text(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND classid::bigint = :high AND objid::bigint = :low AND objsubid = 1"
+        )
+        result = await conn.execute(query, {"high": unsigned >> 32, "low": unsigned & 0xFFFFFFFF})
+        return int(result.scalar_one())
+
+
+def test_advisory_lock_id_is_a_stable_signed_bigint() -> None:
+    ident = advisory_lock_id("asyncflow:lock:workflow_instance_execute_1")
+    assert ident == advisory_lock_id("asyncflow:lock:workflow_instance_execute_1")
+    assert ident != advisory_lock_id("asyncflow:lock:workflow_instance_execute_2")
+    assert -(2**63) <= ident < 2**63
+
+
+async def test_held_lock_is_visible_in_pg_locks(lock: PostgresAdvisoryLock, admin: AsyncEngine) -> None:
+    async with lock.hold("k", 5.0) as lease:
+        assert isinstance(lease, PostgresLease)
+        assert await advisory_locks(admin, lease.advisory_id) == 1
+    assert await advisory_locks(admin, lease.advisory_id) == 0
+
+
+async def test_a_killed_session_marks_the_lease_lost(lock: PostgresAdvisoryLock, admin: AsyncEngine) -> None:
+    async with lock.hold("k", 1.0) as lease:
+        async with admin.connect() as conn:
+            pid_query = text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND classid::bigint = :high AND objid::bigint = :low"
+            )
+            unsigned = lease.advisory_id & 0xFFFFFFFFFFFFFFFF
+            pid = (
+                await conn.execute(pid_query, {"high": unsigned >> 32, "low": unsigned & 0xFFFFFFFF})
+            ).scalar_one()
+            await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        async with asyncio.timeout(GUARD):
+            await lease.lost_event.wait()
+        with pytest.raises(LockFailedError, match="session failed") as caught:
+            lease.raise_if_lost()
+        assert isinstance(caught.value.__cause__, SQLAlchemyError)
+        other = await asyncio.create_task(_hold_elsewhere(lock, "k"))
+        assert other is not lease  # the server freed the lock with the session
+    assert await advisory_locks(admin, lease.advisory_id) == 0
+
+
+async def _hold_elsewhere(lock: PostgresAdvisoryLock, key: str) -> Any:
+    import contextvars
+
+    async def hold() -> Any:
+        async with lock.hold(key, 5.0) as lease:
+            return lease
+
+    return await asyncio.get_running_loop().create_task(hold(), context=contextvars.Context())
+
+
+async def test_unreachable_postgres_fails_with_the_cause() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with PostgresAdvisoryLock(
+        f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test", op_timeout=1.0
+    ) as lock:
+        async with asyncio.timeout(GUARD):
+            with pytest.raises(LockFailedError) as caught:
+                async with lock.hold("k", 5.0):
+                    pass
+    assert caught.value.__cause__ is not None
+
+
+async def test_given_engine_is_not_disposed_and_gets_its_session_back_clean(postgres_url: str) -> None:
+    engine = create_async_engine(postgres_url, pool_size=1, max_overflow=0)
+    try:
+        async with engine.connect() as conn:
+            before = (await conn.execute(text("SHOW idle_session_timeout"))).scalar_one()
+        async with PostgresAdvisoryLock(engine) as lock, lock.hold("k", 5.0):
+            assert cast(QueuePool, engine.pool).checkedout() == 1
+        assert cast(QueuePool, engine.pool).checkedout() == 0
+        async with engine.connect() as conn:  # the same pooled session the lock used
+            assert (await conn.execute(text("SHOW idle_session_timeout"))).scalar_one() == before
+    finally:
+        await engine.dispose()
+
+
+def test_non_postgres_backends_are_refused() -> None:
+    with pytest.raises(ParamInvalidError, match="PostgreSQL"):
+        PostgresAdvisoryLock("sqlite+aiosqlite:///:memory:")
