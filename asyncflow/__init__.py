@@ -11,6 +11,7 @@ from .clock import Clock, FakeClock, SystemClock
 from .config import NodeConfig, WorkflowConfig
 from .context import JSONContext, merge_json_contexts
 from .definition import MissingWorkerError, NodeDefinition, WorkflowDefinition
+from .driver import DriverConfig, DriverStats, WorkflowDriver
 from .engine.rules import SchedulePolicy
 from .engine.service import WorkflowService
 from .errors import (
@@ -36,6 +37,7 @@ from .errors import (
     is_serious_error,
 )
 from .lock.local import LocalWorkflowLock
+from .lock.postgres import PostgresAdvisoryLock
 from .lock.protocol import LockLease, WorkflowLock
 from .lock.redis import RedisWorkflowLock
 from .records import (
@@ -97,6 +99,8 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "ConfigError",
     "ConfigNotFoundError",
     "DefinitionNotFoundError",
+    "DriverConfig",
+    "DriverStats",
     "END_NODE",
     "EmptyTaskWorker",
     "EndNodeWorker",
@@ -119,6 +123,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "PRE_NODE_CONTEXT",
     "Pager",
     "ParamInvalidError",
+    "PostgresAdvisoryLock",
     "QueryWorkflowInstanceParams",
     "REASON",
     "ROOT_NODE",
@@ -145,6 +150,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "WorkerSignal",
     "WorkflowConfig",
     "WorkflowDefinition",
+    "WorkflowDriver",
     "WorkflowInstance",
     "WorkflowInstanceDetail",
     "WorkflowInstanceRecord",

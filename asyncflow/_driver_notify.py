@@ -7,6 +7,12 @@ passes' "look again later" writes put ``next_run_at`` in the future, so they do 
 events and restarts do. The payload is the table's schema, so drivers on other schemas of the same
 database ignore it.
 
+PostgreSQL commits notifying transactions one at a time (each holds a database-wide lock through its
+WAL flush), which would cap creates and events near one per fsync. So the trigger only notifies when
+no other transaction is notifying for the same schema right now (``pg_try_advisory_xact_lock``);
+the others skip it, since a wake-up is already on its way. A row committed just after the woken
+drivers claimed may then wait for their next claim (at most a poll interval).
+
 :class:`DueNotifier` keeps one dedicated connection LISTENing and calls back on each notification. If
 the connection drops or LISTEN fails, the driver simply goes on polling, and LISTEN is retried later.
 """
@@ -31,6 +37,7 @@ CHANNEL = "asyncflow_due"
 
 _TRIGGER = "asyncflow_due_notify"
 _INSTALL_LOCK_KEY = 0x61737964  # "asyd": serializes concurrent installs (advisory, per transaction)
+_NOTIFY_LOCK_CLASS = 0x6173796E  # "asyn": with the schema's hash, "a wake-up is on its way"
 _RETRY_MIN = 1.0
 _RETRY_MAX = 60.0
 _HEALTH_INTERVAL = 10.0
@@ -38,7 +45,9 @@ _HEALTH_INTERVAL = 10.0
 _FUNCTION_SQL = f"""
 CREATE OR REPLACE FUNCTION asyncflow_notify_due() RETURNS trigger LANGUAGE plpgsql AS $asyncflow$
 BEGIN
-    PERFORM pg_notify('{CHANNEL}', TG_TABLE_SCHEMA);
+    IF pg_try_advisory_xact_lock({_NOTIFY_LOCK_CLASS}, hashtext(TG_TABLE_SCHEMA)) THEN
+        PERFORM pg_notify('{CHANNEL}', TG_TABLE_SCHEMA);
+    END IF;
     RETURN NULL;
 END
 $asyncflow$
@@ -87,7 +96,7 @@ class DueNotifier:
 
     ``run()`` runs until cancelled: it installs the trigger once, LISTENs, and when the connection is
     lost (or cannot be had) waits with back-off and tries again. ``listening`` tells whether a LISTEN
-    is active right now; ``notifications`` counts what was received for this schema.
+    is active right now.
     """
 
     def __init__(self, engine: AsyncEngine, callback: Callable[[], None], *, install: bool = True) -> None:
@@ -95,7 +104,7 @@ class DueNotifier:
         self._callback = callback
         self._install = install
         self.listening = False
-        self.notifications = 0
+        self.server_pid: int | None = None  # the PostgreSQL backend of the LISTEN connection
 
     async def run(self) -> None:
         delay = _RETRY_MIN
@@ -138,8 +147,7 @@ class DueNotifier:
             schema = await driver.fetchval("SELECT current_schema()")
 
             def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
-                if payload in ("", schema):
-                    self.notifications += 1
+                if payload in ("", schema):  # other schemas of this database have drivers of their own
                     self._callback()
 
             def on_close(_conn: Any) -> None:
@@ -148,6 +156,7 @@ class DueNotifier:
             driver.add_termination_listener(on_close)
             try:
                 await driver.add_listener(CHANNEL, on_notify)
+                self.server_pid = driver.get_server_pid()
                 self.listening = True
                 self._callback()  # whatever became due while nobody listened
                 while not lost.is_set() and not driver.is_closed():

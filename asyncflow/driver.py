@@ -9,6 +9,10 @@ process. Lock conflicts are skipped quietly (and re-tried briefly, in case the h
 a pass that raises is logged and its instance pushed back with exponential back-off; one failing
 instance never stops the others. ``stop()`` stops claiming, waits ``grace`` seconds for running
 passes, then cancels them (their nodes stay resumable) and waits ``stop_deadline`` more.
+
+Passes run in a fresh ``contextvars`` context (they never inherit a caller's lock holds). With a clock
+other than the system clock (``FakeClock`` in tests) the driver's sleeps move fake time, but only
+while no pass runs, so a pass sees the time it started with.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ logger = logging.getLogger(__name__)
 _ACTIVE = ("init", "running")
 _FAILURE_MEMORY = 10_000  # instances whose consecutive pass errors are remembered (for back-off)
 _LOCK_RETRIES = 8  # re-tries of a lock conflict: 10 ms, 20 ms, ... (capped at the poll interval)
-_SHORT_WAIT = 0.01
+_SHORT_WAIT = 0.01  # s: first lock re-try; also the pause before re-claiming a row others claim
 _SHORT_MS = 10
 _NEVER = 2**62
 
@@ -155,6 +159,7 @@ class WorkflowDriver:
             raise InvalidStateError("this WorkflowDriver is already running")
         self._reserve()  # now, so that a stop() right after the block starts is not lost
         self._task = asyncio.create_task(self._run(until_idle=False, reserved=True), name="asyncflow-driver")
+        self._task.add_done_callback(_report_crash)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -245,7 +250,7 @@ class WorkflowDriver:
             timeout = None if self._want_slots else (min(look_at, claim_at or _NEVER) - now) / 1000
             if self._inflight and self._fake_time:
                 timeout = None  # fake time moves only while no pass runs: passes see a fixed "now"
-            if self._rechecks:
+            if self._rechecks and len(self._inflight) < self._cap:  # at the cap: a finishing pass wakes us
                 soonest = (min(r.at for r in self._rechecks.values()) - now) / 1000
                 timeout = max(0.0, soonest if timeout is None else min(timeout, soonest))
             await self._wait(timeout)
@@ -292,6 +297,7 @@ class WorkflowDriver:
     def _spawn(self, tg: asyncio.TaskGroup, instance_id: int, lease_until: int, attempt: int) -> None:
         name = f"asyncflow-driver-pass-{instance_id}"
         # a fresh context: a pass must not inherit the caller's lock holds (re-entrant by context)
+        self._rechecks.pop(instance_id, None)
         coro = self._pass(instance_id, lease_until, attempt)
         self._inflight[instance_id] = tg.create_task(coro, name=name, context=contextvars.Context())
 
@@ -348,7 +354,7 @@ class WorkflowDriver:
         if not self._inflight:  # all done: time to read when the next instance is due
             self._query_hint = True
             self._wake.set()
-        elif self._want_slots and self._cap - len(self._inflight) >= self._refill:
+        elif self._rechecks or (self._want_slots and self._cap - len(self._inflight) >= self._refill):
             self._wake.set()
 
     async def _still_ours(self, instance_id: int, lease_until: int) -> bool:
@@ -414,3 +420,9 @@ class WorkflowDriver:
                 len(ids),
                 problem,
             )
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    """A background driver that dies says so at once (``__aexit__`` raises it again later)."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("the background WorkflowDriver stopped", exc_info=task.exception())

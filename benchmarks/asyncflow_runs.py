@@ -13,9 +13,12 @@ their own workflows the same way (see ``benchmarks/README.md``).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import asyncflow as af
@@ -25,9 +28,17 @@ from asyncflow.records import NewWorkflowInstance
 from .backends import BenchmarkError, make_lock, open_backend
 from .databases import PgAdmin
 from .harness import LatencySampler, ResourceProbe, RunMeasurement
+from .isolated import print_result, run_module
 from .scenarios import BenchHooks, ScenarioSpec, build_registry, get_scenario
 
-__all__ = ["AsyncflowRun", "BenchmarkError", "run_asyncflow_once", "run_direct", "run_driver"]
+__all__ = [
+    "AsyncflowRun",
+    "BenchmarkError",
+    "run_asyncflow_isolated",
+    "run_asyncflow_once",
+    "run_direct",
+    "run_driver",
+]
 
 _TERMINAL = frozenset({"completed", "failed", "canceled"})
 _MAX_PASSES = 50
@@ -307,3 +318,34 @@ async def run_asyncflow_once(
         setup_s=setup_s,
         extra=extra,
     )
+
+
+async def run_asyncflow_isolated(
+    run: AsyncflowRun, *, pg_url: str | None = None, redis_url: str | None = None
+) -> RunMeasurement:
+    """:func:`run_asyncflow_once` in a subprocess of its own, killed past ``run.deadline_s + 60`` s."""
+    args = ["--run", json.dumps(asdict(run))]
+    if pg_url:
+        args += ["--pg-url", pg_url]
+    if redis_url:
+        args += ["--redis-url", redis_url]
+    pg_admin = PgAdmin(pg_url) if pg_url else None
+    return await run_module(
+        "benchmarks.asyncflow_runs", args, timeout_s=run.deadline_s + 60, pg_admin=pg_admin
+    )
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.asyncflow_runs")
+    parser.add_argument("--run", required=True, help="an AsyncflowRun as JSON")
+    parser.add_argument("--pg-url")
+    parser.add_argument("--redis-url")
+    args = parser.parse_args(argv)
+    run = AsyncflowRun(**json.loads(args.run))
+    pg_admin = PgAdmin(args.pg_url) if args.pg_url else None
+    print_result(asyncio.run(run_asyncflow_once(run, pg_admin=pg_admin, redis_url=args.redis_url)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -46,6 +46,7 @@ from benchmarks.harness import LatencySampler, ResourceProbe, percentile
 from benchmarks.scenarios import BenchHooks, build_registry, get_scenario
 
 _BATCH = 1000
+_COMPLETED = af.QueryWorkflowInstanceParams(status_in=("completed",))
 
 
 class Statements:
@@ -76,7 +77,7 @@ async def fresh_repo(backend: str, pg_url: str, tag: str, trigger: bool) -> Asyn
                 await repo.aclose()
         return
     async with PgAdmin(pg_url).fresh_database(tag) as db:
-        repo = af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url, pool_size=20, max_overflow=20)
+        repo = af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url, pool_size=20, max_overflow=10)
         await repo.create_schema()
         if trigger:
             async with repo.engine.begin() as conn:
@@ -106,7 +107,10 @@ async def run_once(args: argparse.Namespace, backend: str, scenario: str) -> dic
     async with fresh_repo(backend, args.pg_url, tag, args.trigger == "on") as repo:
         service = af.WorkflowService(repo, af.LocalWorkflowLock(), registry=registry)
         driver = WorkflowDriver(
-            service, concurrency=concurrency, poll_interval=args.poll_interval, listen=args.mode == "live"
+            service,
+            concurrency=concurrency,
+            poll_interval=args.poll_interval,
+            listen=args.mode == "live" and args.trigger == "on",  # listen=True installs the trigger
         )
         with ResourceProbe() as probe:
             if args.mode == "backlog":
@@ -125,6 +129,11 @@ async def run_once(args: argparse.Namespace, backend: str, scenario: str) -> dic
                             sampler.started(instance_id, now)
                 start = time.perf_counter()
                 await driver.run_until_idle()
+                for _ in range(60):  # passes that raised (a busy server) are backing off: finish them
+                    if await service.count_workflow_instances(_COMPLETED) >= n:
+                        break
+                    await asyncio.sleep(0.5)
+                    await driver.run_until_idle()
                 elapsed = time.perf_counter() - start
             else:
                 indexes = iter(range(n))
@@ -144,9 +153,7 @@ async def run_once(args: argparse.Namespace, backend: str, scenario: str) -> dic
                     for slot in range(concurrency):
                         group.create_task(producer(), name=f"bench-producer-{slot}")
                 elapsed = time.perf_counter() - start
-        finished = await service.count_workflow_instances(
-            af.QueryWorkflowInstanceParams(status_in=("completed",))
-        )
+        finished = await service.count_workflow_instances(_COMPLETED)
     if finished != n:
         raise RuntimeError(f"{scenario}/{backend}: {finished} of {n} instances completed")
     latencies = sampler.latencies()
@@ -190,6 +197,70 @@ async def idle_queries(args: argparse.Namespace, backend: str) -> dict[str, Any]
     }
 
 
+async def trigger_cost(args: argparse.Namespace, rounds: int = 6, per_round: int = 400) -> dict[str, Any]:
+    """Microseconds per autocommit statement on ``workflow_instance`` without and with the NOTIFY trigger.
+
+    8 connections send, in turn: INSERTs of due rows (they notify), UPDATEs that set ``next_run_at``
+    in the future (the trigger's WHEN is false) and UPDATEs that make a row due (they notify). Rounds
+    alternate off/on (the trigger is dropped and re-created) so that machine noise hits both alike.
+    """
+    import asyncpg
+
+    async with PgAdmin(args.pg_url).fresh_database("drv_trigger") as db:
+        repo = af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url)
+        await repo.create_schema()
+        await repo.aclose()
+        conns = [await asyncpg.connect(db.dsn) for _ in range(8)]
+        samples: dict[str, list[float]] = {}
+        try:
+            for r in range(rounds):
+                on = r % 2 == 1
+                if on:
+                    await conns[0].execute(_install_sql())
+                else:
+                    await conns[0].execute("DROP TRIGGER IF EXISTS asyncflow_due_notify ON workflow_instance")
+                ids: list[int] = []
+                for kind in ("insert", "update_later", "update_due"):
+                    now_ms = int(time.time() * 1000)
+                    chunk = per_round // len(conns)
+                    start = time.perf_counter()
+                    await asyncio.gather(
+                        *(
+                            _send(conn, kind, range(k * chunk, (k + 1) * chunk), ids, now_ms)
+                            for k, conn in enumerate(conns)
+                        )
+                    )
+                    per_statement = (time.perf_counter() - start) / (chunk * len(conns)) * 1e6
+                    samples.setdefault(f"{kind}_{'on' if on else 'off'}", []).append(per_statement)
+        finally:
+            for conn in conns:
+                await conn.close()
+    return {key: round(sorted(values)[len(values) // 2], 1) for key, values in sorted(samples.items())}
+
+
+_INSERT = (
+    "INSERT INTO workflow_instance (workflow_type, business_id, status, created_at, updated_at,"
+    " next_run_at) VALUES ('t', $1, 'init', 0, 0, $2) RETURNING id"
+)
+_UPDATE = "UPDATE workflow_instance SET next_run_at = $2 WHERE id = $1"
+
+
+async def _send(conn: Any, kind: str, part: range, ids: list[int], now_ms: int) -> None:
+    for i in part:
+        if kind == "insert":
+            ids.append(await conn.fetchval(_INSERT, f"b{i}", now_ms))
+        else:
+            await conn.execute(_UPDATE, ids[i], now_ms + 60_000 if kind == "update_later" else now_ms - 1)
+
+
+def _install_sql() -> str:
+    from asyncflow._driver_notify import _FUNCTION_SQL, _TRIGGER_SQL
+
+    return (
+        f"{_FUNCTION_SQL};\nDROP TRIGGER IF EXISTS asyncflow_due_notify ON workflow_instance;\n{_TRIGGER_SQL}"
+    )
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     head = "scenario  backend   mode     N       c   wf/s     steps/s  p50 ms    p99 ms    CPU ms/wf  RSS MiB"
     lines = [head, "-" * len(head)]
@@ -219,8 +290,13 @@ async def main(argv: list[str] | None = None) -> int:
             "ASYNCFLOW_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
         ),
     )
+    parser.add_argument("--trigger-cost", action="store_true", help="only measure the NOTIFY trigger's cost")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    if args.trigger_cost:
+        cost = await trigger_cost(args)
+        print("µs per statement (median of 3 rounds each, 8 connections):", json.dumps(cost))
+        return 0
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     rows = []
     for backend in backends:

@@ -97,6 +97,16 @@ class PgAdmin:
     async def drop_database(self, name: str) -> None:
         await self._execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
+    async def drop_databases_of(self, pid: int) -> list[str]:
+        """Drop the benchmark databases process ``pid`` created (after it was killed); their names."""
+        rows = await self._fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE $1", f"asyncflow_bench_{pid}_%"
+        )
+        names = [str(row[0]) for row in rows]
+        for name in names:
+            await self.drop_database(name)
+        return names
+
     @asynccontextmanager
     async def fresh_database(self, tag: str) -> AsyncIterator[PgDatabase]:
         """A new database for one run, dropped on exit (even on failure or cancellation)."""

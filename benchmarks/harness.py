@@ -208,7 +208,10 @@ class SqlCommitCounter:
     A transaction ends with a SQLAlchemy ``commit`` while one is open (including the end of an
     ``engine.begin()`` block and a ``BEGIN`` sent as SQL by a ``begin`` listener), with an explicit
     ``COMMIT`` statement, or is a single statement run outside any transaction (an autocommit
-    connection, or a driver that reports ``in_transaction`` False after it). ``write_commits`` counts
+    connection, or a driver that reports ``in_transaction`` False after it), or a unit that asyncflow's
+    SQL repo ran past SQLAlchemy on its hot path (reported through ``asyncflow.store._observers``).
+    Hot-path units count as commits; on PostgreSQL several may share one transaction (group commit),
+    which is why PostgreSQL rows take ``commits`` from the database instead. ``write_commits`` counts
     those that ran at least one INSERT/UPDATE/DELETE. Used for SQLite, where the database keeps no
     such counter (PostgreSQL rows use ``pg_stat_database.xact_commit`` instead).
     """
@@ -221,13 +224,16 @@ class SqlCommitCounter:
         self._engine: Any = None
 
     def attach(self, engine: Any) -> None:
-        """Listen on ``engine`` (an ``Engine`` or ``AsyncEngine``)."""
+        """Listen on ``engine`` (an ``Engine`` or ``AsyncEngine``), and on asyncflow's hot path if any."""
         from sqlalchemy import event
 
         sync_engine = getattr(engine, "sync_engine", engine)
         event.listen(sync_engine, "after_cursor_execute", self._after_execute)
         event.listen(sync_engine, "commit", self._on_commit)
         event.listen(sync_engine, "rollback", self._on_rollback)
+        observers = _hot_path_observers()
+        if observers is not None:
+            observers[0](sync_engine, self._on_hot_unit)
         self._engine = sync_engine
 
     @property
@@ -242,7 +248,15 @@ class SqlCommitCounter:
         event.remove(self._engine, "after_cursor_execute", self._after_execute)
         event.remove(self._engine, "commit", self._on_commit)
         event.remove(self._engine, "rollback", self._on_rollback)
+        observers = _hot_path_observers()
+        if observers is not None:
+            observers[1](self._engine, self._on_hot_unit)
         self._engine = None
+
+    def _on_hot_unit(self, wrote: bool) -> None:
+        """A unit asyncflow's repo ran on the driver connection, past SQLAlchemy, as its own transaction."""
+        self.commits += 1
+        self.write_commits += int(wrote)
 
     @staticmethod
     def _key(conn: Any) -> int:
@@ -287,6 +301,19 @@ class SqlCommitCounter:
         key = self._key(conn)
         self._explicit.discard(key)
         self._dirty.pop(key, None)
+
+
+def _hot_path_observers() -> tuple[Any, Any] | None:
+    """asyncflow's ``(add_observer, remove_observer)`` for statements its SQL repo sends past SQLAlchemy.
+
+    The repo's hot path talks to asyncpg / ``sqlite3`` directly, so engine events miss it; it reports
+    each unit (a transaction of its own) to these observers instead. ``None`` when asyncflow has none.
+    """
+    try:
+        from asyncflow.store._observers import add_observer, remove_observer
+    except ImportError:
+        return None
+    return add_observer, remove_observer
 
 
 def _is_autocommit(conn: Any) -> bool:

@@ -17,22 +17,18 @@ import argparse
 import asyncio
 import importlib.metadata
 import importlib.util
-import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from .databases import PgAdmin
 from .harness import LatencySampler, ResourceProbe, RunMeasurement
+from .isolated import print_result, run_module
 
 __all__ = ["DBOS_SHAPES", "DbosUnavailableError", "dbos_version", "run_dbos_once"]
 
 DBOS_SHAPES = ("linear3", "diamond")
 LAUNCH_MODES = ("bounded", "queue")
-_RESULT_PREFIX = "BENCH_RESULT "
-_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 class DbosUnavailableError(RuntimeError):
@@ -67,39 +63,10 @@ async def run_dbos_once(
         raise DbosUnavailableError("dbos is not installed: pip install 'asyncflow[bench]'")
     async with admin.fresh_database(f"dbos_{shape}") as db:
         args = [
-            sys.executable, "-m", "benchmarks.reference_dbos",
             "--shape", shape, "-n", str(n), "-c", str(concurrency), "--launch", launch,
             "--database", db.name, "--dsn", db.dsn, "--admin-url", admin.url,
         ]  # fmt: skip
-        proc = await asyncio.create_subprocess_exec(
-            *args,
-            cwd=_REPO_ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            async with asyncio.timeout(timeout_s):
-                out, err = await proc.communicate()
-        except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            raise
-    lines = [line for line in out.decode(errors="replace").splitlines() if line.startswith(_RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        tail = err.decode(errors="replace").strip().splitlines()[-15:]
-        raise RuntimeError(f"DBOS subprocess failed (exit {proc.returncode}):\n" + "\n".join(tail))
-    data = json.loads(lines[-1][len(_RESULT_PREFIX) :])
-    return RunMeasurement(
-        n=data["n"],
-        elapsed_s=data["elapsed_s"],
-        cpu_s=data["cpu_s"],
-        peak_rss_bytes=data["peak_rss_bytes"],
-        latencies_s=data["latencies_s"],
-        commits=data["commits"],
-        setup_s=data["setup_s"],
-        extra={"launch": launch, "sys_db_pool_size": data["sys_db_pool_size"]},
-    )
+        return await run_module("benchmarks.reference_dbos", args, timeout_s=timeout_s)
 
 
 # -- the subprocess ------------------------------------------------------------------------------------
@@ -209,18 +176,18 @@ def _subprocess_main(argv: list[str]) -> int:
     before, probe, latencies = asyncio.run(measure())
     DBOS.destroy()
     after = asyncio.run(admin.xact_commit(args.database))
-    result = {
-        "n": args.n,
-        "elapsed_s": probe.wall_s,
-        "cpu_s": probe.cpu_s,
-        "peak_rss_bytes": probe.peak_rss_bytes,
-        "latencies_s": latencies,
-        "commits": after - before,
-        "setup_s": setup_s,
-        "sys_db_pool_size": pool_size,
-        "pid": os.getpid(),
-    }
-    print(_RESULT_PREFIX + json.dumps(result), flush=True)
+    print_result(
+        RunMeasurement(
+            n=args.n,
+            elapsed_s=probe.wall_s,
+            cpu_s=probe.cpu_s,
+            peak_rss_bytes=probe.peak_rss_bytes,
+            latencies_s=latencies,
+            commits=after - before,
+            setup_s=setup_s,
+            extra={"launch": args.launch, "sys_db_pool_size": pool_size},
+        )
+    )
     return 0
 
 

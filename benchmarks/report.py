@@ -75,7 +75,7 @@ def aggregate(key: RowKey, runs: Sequence[RunMeasurement]) -> dict[str, Any]:
         "node_steps_per_s": steps.as_dict(1),
         "nodes_per_workflow": key.node_count,
         "commits_per_workflow": round(summarize(commits).median, 2) if commits else None,
-        "write_commits_per_workflow": round(summarize(writes).median, 2) if writes else None,
+        "writes_per_workflow": round(summarize(writes).median, 2) if writes else None,
         "latency_ms": {
             "p50": round(percentile(latencies, 50) * 1000, 2) if latencies else None,
             "p99": round(percentile(latencies, 99) * 1000, 2) if latencies else None,
@@ -194,7 +194,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
         _spread(row["workflows_per_s"]),
         f"{row['node_steps_per_s']['median']:,.0f}",
         _opt(row["commits_per_workflow"], "{:.2f}"),
-        _opt(row["write_commits_per_workflow"], "{:.2f}"),
+        _opt(row["writes_per_workflow"], "{:.2f}"),
         _opt(latency["p50"], "{:.1f}"),
         _opt(latency["p99"], "{:.1f}"),
         f"{row['cpu_ms_per_workflow']:.2f}",
@@ -232,6 +232,9 @@ def _machine_line(env: dict[str, Any]) -> str:
         f"asyncpg {versions['asyncpg']}" if versions.get("asyncpg") else None,
         f"DBOS {versions['dbos']}" if versions.get("dbos") else None,
     ]
+    load = machine.get("load_average_1m")
+    if load and load.get("start") is not None:
+        parts.append(f"1-min load average {load['start']} at the start, {load['end']} at the end")
     return ", ".join(part for part in parts if part)
 
 

@@ -8,6 +8,7 @@ reason; a row that fails is reported as failed; neither stops the other rows.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,6 +33,7 @@ _ENGINE_NAMES = (
     "MemoryWorkflowRepo",
     "LocalWorkflowLock",
 )
+_MAX_FAILURES = 2  # a row that failed this often is not tried again in this run
 _NODE_COUNTS = {"linear3": 3, "linear3-wait": 3, "diamond": 6, "approval": 3}
 
 
@@ -78,7 +80,7 @@ class _Row:
     key: report.RowKey
     run: Callable[[], Awaitable[RunMeasurement]]
     runs: list[RunMeasurement] = field(default_factory=list)
-    failure: str | None = None
+    failures: list[str] = field(default_factory=list)
 
 
 def _plan(
@@ -121,7 +123,7 @@ def _plan(
                         elif lock == "redis" and "redis" in services:
                             skip(key.label(), services["redis"])
                         else:
-                            rows.append(_Row(key, _asyncflow_runner(key, options, pg)))
+                            rows.append(_Row(key, _asyncflow_runner(key, options)))
     return rows
 
 
@@ -147,11 +149,9 @@ def _dbos_runner(
     return run
 
 
-def _asyncflow_runner(
-    key: report.RowKey, options: BenchOptions, pg: PgAdmin | None
-) -> Callable[[], Awaitable[RunMeasurement]]:
+def _asyncflow_runner(key: report.RowKey, options: BenchOptions) -> Callable[[], Awaitable[RunMeasurement]]:
     async def run() -> RunMeasurement:
-        from .asyncflow_runs import AsyncflowRun, run_asyncflow_once
+        from .asyncflow_runs import AsyncflowRun, run_asyncflow_isolated
 
         assert key.lock is not None
         spec = AsyncflowRun(
@@ -165,13 +165,16 @@ def _asyncflow_runner(
             create=options.create,
             pool_size=options.pool_size,
         )
-        return await run_asyncflow_once(spec, pg_admin=pg, redis_url=options.redis_url)
+        pg_url = options.pg_url if key.backend == "postgres" else None
+        redis_url = options.redis_url if key.lock == "redis" else None
+        return await run_asyncflow_isolated(spec, pg_url=pg_url, redis_url=redis_url)
 
     return run
 
 
 async def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the matrix and return the JSON payload (``results``, ``skipped``, ``environment``, ...)."""
+    load_at_start = _load_average()
     unavailable: dict[str, str] = {}
     pg: PgAdmin | None = None
     pg_version: str | None = None
@@ -197,34 +200,75 @@ async def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], Non
         progress(f"skip {label}: {reason}")
     for attempt in range(options.repeat):
         for row in rows:
-            if row.failure is not None:
+            if len(row.failures) >= _MAX_FAILURES:
                 continue
             progress(f"[{attempt + 1}/{options.repeat}] {row.key.label()} ...")
             try:
                 measurement = await row.run()
             except Exception as exc:  # one failing row must not sink the others; reported below
                 log.debug("row %s failed", row.key.label(), exc_info=True)
-                row.failure = f"{type(exc).__name__}: {exc}"
-                progress(f"    FAILED: {row.failure}")
+                row.failures.append(describe_error(exc))
+                progress(f"    FAILED: {row.failures[-1]}")
                 continue
             row.runs.append(measurement)
             cpu_ms = measurement.cpu_s / measurement.n * 1000
             wfs = measurement.workflows_per_s
             progress(f"    {wfs:,.1f} wf/s, {cpu_ms:.2f} CPU ms/wf, {measurement.elapsed_s:.2f} s")
-    results = [report.aggregate(row.key, row.runs) for row in rows if row.runs and row.failure is None]
+    results = []
+    for row in rows:
+        if row.runs:
+            results.append(report.aggregate(row.key, row.runs))
+            results[-1]["failed_runs"] = len(row.failures)
     report.attach_ratios(results)
     skipped_list = [{"row": label, "reason": reason} for label, reason in skipped.items()]
     skipped_list += [
-        {"row": row.key.label(), "reason": f"failed: {row.failure}"} for row in rows if row.failure
+        {
+            "row": row.key.label(),
+            "reason": f"{len(row.failures)} of {len(row.failures) + len(row.runs)} runs failed: "
+            + "; ".join(dict.fromkeys(row.failures)),
+        }
+        for row in rows
+        if row.failures
     ]
+    env = report.environment(postgres=pg_version, redis=redis_version)
+    env["machine"]["load_average_1m"] = {"start": load_at_start, "end": _load_average()}
     return {
         "schema": report.JSON_SCHEMA_VERSION,
         "generated_at": report.now_iso(),
         "command": options.command,
-        "environment": report.environment(postgres=pg_version, redis=redis_version),
+        "environment": env,
         "results": results,
         "skipped": skipped_list,
     }
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` of ``exc``, or of the distinct leaf errors of an exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return " | ".join(dict.fromkeys(_leaf_errors(exc)))
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    if cause is not None and not isinstance(cause, BaseExceptionGroup):
+        text += f" (from {type(cause).__name__}: {cause})"
+    return text
+
+
+def _leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[str]:
+    leaves: list[str] = []
+    for inner in group.exceptions:
+        if isinstance(inner, BaseExceptionGroup):
+            leaves += _leaf_errors(inner)
+        else:
+            leaves.append(describe_error(inner))
+    return leaves
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (other work on the machine disturbs every figure)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 async def _redis_version(url: str) -> str | None:

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 import asyncflow as af
-from asyncflow.driver import WorkflowDriver
 from asyncflow.integrations.aiohttp import driver_cleanup_ctx
 
 from ._orders import WORKFLOW_TYPE, build_registry, describe
@@ -27,7 +26,7 @@ def create_app(database_url: str | None = None) -> web.Application:
     """The app, on ``database_url`` (else ``$ASYNCFLOW_EXAMPLE_DB``, else a local SQLite file)."""
     repo = af.SQLAlchemyWorkflowRepo(database_url or os.environ.get("ASYNCFLOW_EXAMPLE_DB", DEFAULT_DB))
     service = af.WorkflowService(repo, af.LocalWorkflowLock(), registry=build_registry())
-    driver = WorkflowDriver(service, concurrency=16, poll_interval=0.5)
+    driver = af.WorkflowDriver(service, concurrency=16, poll_interval=0.5)
 
     async def storage(app: web.Application) -> AsyncIterator[None]:
         await repo.create_schema()

@@ -18,7 +18,6 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 import asyncflow as af
-from asyncflow.driver import WorkflowDriver
 from asyncflow.integrations.fastapi import workflow_lifespan
 
 from ._orders import WORKFLOW_TYPE, build_registry, describe
@@ -36,7 +35,7 @@ def create_app(database_url: str | None = None) -> FastAPI:
     """The app, on ``database_url`` (else ``$ASYNCFLOW_EXAMPLE_DB``, else a local SQLite file)."""
     repo = af.SQLAlchemyWorkflowRepo(database_url or os.environ.get("ASYNCFLOW_EXAMPLE_DB", DEFAULT_DB))
     service = af.WorkflowService(repo, af.LocalWorkflowLock(), registry=build_registry())
-    driver = WorkflowDriver(service, concurrency=16, poll_interval=0.5)
+    driver = af.WorkflowDriver(service, concurrency=16, poll_interval=0.5)
 
     @asynccontextmanager
     async def storage(app: FastAPI) -> AsyncIterator[None]:

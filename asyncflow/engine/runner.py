@@ -432,7 +432,9 @@ class PassRunner:
         next_run_at: int | None = None,
     ) -> None:
         """Apply one step; on success record the new rows; if it does not apply, stop the pass."""
-        if self._lease is not None:
+        if self._carry_done is not None and not self._carry_done.is_set() and not self._carry:
+            await self._carry_done.wait()
+        if self._lease is not None:  # checked right before the write (no await in between)
             self._lease.raise_if_lost()
         done_event: asyncio.Event | None = None
         carried = self._carry
@@ -440,8 +442,6 @@ class PassRunner:
             writes = carried + writes
             self._carry = []
             done_event = self._carry_done = asyncio.Event()
-        elif self._carry_done is not None and not self._carry_done.is_set():
-            await self._carry_done.wait()
         if instance_status is None and self._status == InstanceStatus.INIT.value:
             instance_status = InstanceStatus.RUNNING.value
         inserts = [(tt, w) for tt, w in writes if isinstance(w, TaskInsert)]

@@ -59,7 +59,8 @@ try:  # asyncpg is an optional extra
 except ImportError:  # pragma: no cover - depends on the installed extras
     pass
 else:
-    _errors += [_asyncpg.PostgresError, _asyncpg.InterfaceError]
+    # InternalClientError: a query on a connection the server just dropped (seen under pg_terminate_backend)
+    _errors += [_asyncpg.PostgresError, _asyncpg.InterfaceError, _asyncpg.InternalClientError]
 DB_ERRORS: tuple[type[BaseException], ...] = tuple(_errors)
 """What a database call may raise besides our own errors; repos turn these into ``StoreError``."""
 

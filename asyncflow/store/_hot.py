@@ -3,10 +3,11 @@
 Outside ``transaction()`` these calls bypass SQLAlchemy's per-statement machinery and run on a kept
 connection (:mod:`asyncflow.store._lanes`): on PostgreSQL one autocommit statement on asyncpg
 (:mod:`asyncflow.store._pg_fast`), on SQLite one trip to aiosqlite's thread
-(:mod:`asyncflow.store._sqlite_fast`). Inside ``transaction()`` the repo uses its Core statements on
-the transaction's connection, except that a PostgreSQL step still runs the step function (in the
-SAVEPOINT the repo opens around it). Units that bypass SQLAlchemy are reported to
-:mod:`asyncflow.store._observers`.
+(:mod:`asyncflow.store._sqlite_fast`). PostgreSQL steps that wait at the same time share one
+statement and one commit (:mod:`asyncflow.store._pg_batch`). Inside ``transaction()`` the repo uses
+its Core statements on the transaction's connection, except that a PostgreSQL step still runs the
+step function (in the SAVEPOINT the repo opens around it). Units that bypass SQLAlchemy are reported
+to :mod:`asyncflow.store._observers`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ..errors import StoreError
 from ..records import TaskInstanceRecord, WorkflowInstanceRecord
 from . import _pg_fast as pg
 from . import _sqlite_fast as lite
 from ._core_step import StepConflict
 from ._dialect import sqlstate
 from ._observers import notify
+from ._pg_batch import BATCH_SLOTS, RUN_ALONE, StepBatcher
 from ._prepare import InstanceRow, PreparedStep
 from ._units import ConnectionUnits
 
@@ -48,6 +51,10 @@ class HotPath:
         elif dialect.name == "sqlite" and dialect.driver == "aiosqlite" and lite.SUPPORTED:
             self.kind = "sqlite"
         self.step_function = self.kind == "pg"  # until the database says it has none
+        lanes = units.pg_lanes
+        self.batcher: StepBatcher | None = None
+        if self.kind == "pg" and lanes is not None and lanes.limit > 0:
+            self.batcher = StepBatcher(lanes, min(BATCH_SLOTS, lanes.limit))
 
     def usable(self) -> bool:
         """Whether this call can take the hot path (raises ``StoreError`` if the repo is closed)."""
@@ -99,8 +106,7 @@ class HotPath:
         """Apply a step; ``StepConflict`` if a condition failed (nothing written)."""
         if self.kind == "pg":
             try:
-                async with self._units.lane() as conn:
-                    inserted = await pg.apply_step(conn, step, now)
+                inserted = await self._apply_pg(step, now)
             except Exception as error:
                 self._step_error(error)
                 raise
@@ -112,12 +118,31 @@ class HotPath:
         notify(self._engine, True)
         return inserted
 
+    async def _apply_pg(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
+        batcher = self.batcher
+        if batcher is not None and batcher.enabled:
+            if self._units.closed:
+                raise StoreError("the repo is closed")
+            outcome = await batcher.submit(step.instance_id, pg.step_json(step, now))
+            if outcome is not RUN_ALONE:
+                code, ids = outcome
+                if code == pg.CONFLICT_SQLSTATE:
+                    raise StepConflict
+                return pg.inserted_records(step, ids, now)
+        async with self._units.lane() as conn:
+            return await pg.apply_step(conn, step, now)
+
+    async def aclose(self) -> None:
+        """Wait for the step batches in flight."""
+        if self.batcher is not None:
+            await self.batcher.aclose()
+
     async def apply_on(
         self, conn: AsyncConnection, step: PreparedStep, now: int
     ) -> tuple[TaskInstanceRecord, ...]:
         """The PostgreSQL step function on ``conn`` (inside a SAVEPOINT the caller holds)."""
         try:
-            result = await conn.exec_driver_sql(pg.STEP_CALL, pg.step_arguments(step, now))
+            result = await conn.exec_driver_sql(pg.STEP_CALL, (pg.step_json(step, now),))
         except Exception as error:
             self._step_error(error)
             raise
@@ -128,11 +153,13 @@ class HotPath:
         if code == pg.CONFLICT_SQLSTATE:
             raise StepConflict from None
         if code == pg.UNDEFINED_FUNCTION_SQLSTATE and "asyncflow_step_v1" in str(error):
-            self.step_function = False
-            logger.warning(
-                "the database has no asyncflow_step_v1() function (run create_schema() to install it): "
-                "steps use the slower multi-statement path"
-            )
+            if self.step_function:  # once, not once per step already in flight
+                self.step_function = False
+                logger.warning(
+                    "the database has no asyncflow_step_v1() function (run create_schema() to install "
+                    "it): steps use the slower multi-statement path (%s)",
+                    error,
+                )
             raise FunctionMissing from error
 
     async def claim(self, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]) -> list[int]:

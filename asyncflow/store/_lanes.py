@@ -44,11 +44,12 @@ else:
 class Lane:
     """A checked-out ``AsyncConnection`` and the driver connection underneath it."""
 
-    __slots__ = ("conn", "driver")
+    __slots__ = ("conn", "driver", "raw")
 
-    def __init__(self, conn: AsyncConnection, driver: Any) -> None:
+    def __init__(self, conn: AsyncConnection, raw: Any) -> None:
         self.conn = conn
-        self.driver = driver
+        self.raw = raw  # the pool's proxy of the DBAPI connection
+        self.driver = raw.driver_connection
 
     @classmethod
     async def open(cls, engine: AsyncEngine) -> Lane:
@@ -58,14 +59,24 @@ class Lane:
         except BaseException:
             await _close_quietly(conn)
             raise
-        return cls(conn, raw.driver_connection)
+        return cls(conn, raw)
 
     async def close(self) -> None:
         """Return the connection to the pool (run to completion even if the caller is cancelled)."""
         await _to_completion(_close_quietly(self.conn))
 
-    async def discard(self) -> None:
-        """Invalidate the connection (it may be mid-statement or broken): the pool replaces it."""
+    async def discard(self, error: BaseException) -> None:
+        """Invalidate the connection (it may be mid-statement or broken): the pool replaces it.
+
+        A connection the server dropped also ages out every connection the pool made before it,
+        as SQLAlchemy does on a disconnect (a restarted server has dropped them all).
+        """
+        closed = getattr(self.driver, "is_closed", None)
+        if callable(closed) and closed():
+            pool = self.conn.sync_engine.pool
+            invalidate_generation = getattr(pool, "_invalidate", None)
+            if callable(invalidate_generation):
+                invalidate_generation(self.raw, error, _checkin=False)
         await _to_completion(_invalidate(self.conn))
 
 
@@ -129,7 +140,7 @@ class PgLanes:
 
     def __init__(self, engine: AsyncEngine, limit: int) -> None:
         self._engine = engine
-        self._limit = limit
+        self.limit = limit
         self._slots = asyncio.Semaphore(max(limit, 1))
         self._idle: list[Lane] = []
         self._busy = 0
@@ -139,13 +150,13 @@ class PgLanes:
     @asynccontextmanager
     async def lane(self) -> AsyncIterator[Any]:
         """An asyncpg connection for one statement, outside any transaction."""
-        if self._limit <= 0:
+        if self.limit <= 0:
             lane = await Lane.open(self._engine)
             try:
                 yield lane.driver
             except BaseException as error:
                 if not pg_reusable(lane, error):
-                    await lane.discard()
+                    await lane.discard(error)
                     raise
                 await lane.close()
                 raise
@@ -155,9 +166,9 @@ class PgLanes:
         try:
             yield lane.driver
         except BaseException as error:
-            await self._release(lane, pg_reusable(lane, error))
+            await self._release(lane, error)
             raise
-        await self._release(lane, True)
+        await self._release(lane, None)
 
     async def _acquire(self) -> Lane:
         self._wanting += 1
@@ -173,11 +184,11 @@ class PgLanes:
             self._slots.release()
             raise
 
-    async def _release(self, lane: Lane, reusable: bool) -> None:
+    async def _release(self, lane: Lane, error: BaseException | None) -> None:
         self._busy -= 1
         self._slots.release()
-        if not reusable:
-            await lane.discard()
+        if error is not None and not pg_reusable(lane, error):
+            await lane.discard(error)
             return
         self._idle.append(lane)
         if self.closed or (self._busy == 0 and self._wanting == 0):
@@ -233,7 +244,7 @@ class SqliteLane:
             except BaseException as error:
                 if not sqlite_reusable(lane, error):
                     self._lane = None
-                    await lane.discard()
+                    await lane.discard(error)
                 raise
             finally:
                 if self._waiting == 0:  # nobody queued behind: the repo goes idle

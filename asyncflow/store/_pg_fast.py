@@ -6,6 +6,8 @@ the optional cancel run inside one statement, so they commit together without ``
 round trips; a failed condition raises SQLSTATE :data:`CONFLICT_SQLSTATE`, which rolls the statement
 back and becomes ``StepResult(applied=False)``. Inside ``transaction()`` the same function runs in a
 SAVEPOINT (:data:`STEP_CALL` through SQLAlchemy), because an error aborts the enclosing transaction.
+The step travels as one JSON argument (:func:`step_json`): cheaper to send than a dozen arrays, and
+the shape :mod:`asyncflow.store._pg_batch` concatenates to apply several steps in one statement.
 
 The statements skip SQLAlchemy's per-statement work (compilation, execution context, result objects);
 asyncpg prepares each text once per connection and caches it. Contexts travel as the canonical JSON
@@ -15,6 +17,7 @@ text the repo produced (``::text::jsonb`` in, ``::text`` out), so no codec of th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from json.encoder import encode_basestring as _encode_text
 from typing import Any
 
 from ..records import TaskInstanceRecord, WorkflowInstanceRecord
@@ -31,7 +34,7 @@ __all__ = [
     "create_instance",
     "get_instance",
     "load_tasks",
-    "step_arguments",
+    "step_json",
 ]
 
 CONFLICT_SQLSTATE = "AF409"
@@ -41,54 +44,56 @@ UNDEFINED_FUNCTION_SQLSTATE = "42883"
 """The function is missing (a schema made without ``create_schema()``): the repo falls back to Core."""
 
 STEP_FUNCTION = """
-CREATE OR REPLACE FUNCTION asyncflow_step_v1(
-    p_instance bigint, p_status_in text[], p_status text, p_next_run_at bigint, p_now bigint,
-    p_update_ids bigint[], p_update_versions bigint[], p_update_status text[], p_update_context text[],
-    p_update_fail_count bigint[], p_update_started_at bigint[],
-    p_insert_types text[], p_insert_status text[], p_insert_context text[], p_insert_fail_count bigint[],
-    p_insert_started_at bigint[], p_cancel boolean
-) RETURNS bigint[] LANGUAGE plpgsql AS $asyncflow$
+CREATE OR REPLACE FUNCTION asyncflow_step_v1(p_step jsonb) RETURNS bigint[] LANGUAGE plpgsql AS $asyncflow$
 -- One step of asyncflow's engine (asyncflow.records.Step), all or nothing: any failed condition
--- raises SQLSTATE AF409, which rolls back everything this call wrote.
+-- raises SQLSTATE AF409, which rolls back everything this call wrote. p_step is the JSON array
+-- [instance_id, [status_in...], status, next_run_at, now, cancel_other_tasks,
+--  [[node_id, expected_version, status, context, fail_count, started_at], ...],
+--  [[task_type, status, context, fail_count, started_at], ...]]  (null: leave the column as it is).
 DECLARE
+    v_instance bigint := (p_step->>0)::bigint;
+    v_now bigint := (p_step->>4)::bigint;
+    v_touched bigint[] := '{}';
     v_ids bigint[] := '{}';
     v_count bigint;
+    v_update jsonb;
 BEGIN
     UPDATE workflow_instance
-       SET status = coalesce(p_status, status),
-           next_run_at = coalesce(p_next_run_at, next_run_at),
-           updated_at = p_now,
+       SET status = coalesce(p_step->>2, status),
+           next_run_at = coalesce((p_step->>3)::bigint, next_run_at),
+           updated_at = v_now,
            version = version + 1
-     WHERE id = p_instance AND (cardinality(p_status_in) = 0 OR status = ANY (p_status_in));
+     WHERE id = v_instance
+       AND (jsonb_array_length(p_step->1) = 0
+            OR status IN (SELECT jsonb_array_elements_text(p_step->1)));
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'AF409',
-            MESSAGE = format('asyncflow step: instance %s is missing or not in %s', p_instance, p_status_in);
+            MESSAGE = format('asyncflow step: instance %s is missing or not in %s', v_instance, p_step->1);
     END IF;
-    FOR i IN 1 .. cardinality(p_update_ids) LOOP
+    FOR v_update IN SELECT jsonb_array_elements(p_step->6) LOOP
         UPDATE task_instance
-           SET status = coalesce(p_update_status[i], status),
-               node_context = coalesce(p_update_context[i]::jsonb, node_context),
-               fail_count = coalesce(p_update_fail_count[i], fail_count),
-               started_at = coalesce(p_update_started_at[i], started_at),
-               updated_at = p_now,
+           SET status = coalesce(v_update->>2, status),
+               node_context = coalesce(nullif(v_update->3, 'null'::jsonb), node_context),
+               fail_count = coalesce((v_update->>4)::bigint, fail_count),
+               started_at = coalesce((v_update->>5)::bigint, started_at),
+               updated_at = v_now,
                version = version + 1
-         WHERE id = p_update_ids[i] AND workflow_instance_id = p_instance
-           AND version = p_update_versions[i];
+         WHERE id = (v_update->>0)::bigint AND workflow_instance_id = v_instance
+           AND version = (v_update->>1)::bigint;
         IF NOT FOUND THEN
             RAISE EXCEPTION USING ERRCODE = 'AF409', MESSAGE = format(
                 'asyncflow step: node row %s of instance %s is not at version %s',
-                p_update_ids[i], p_instance, p_update_versions[i]);
+                v_update->0, v_instance, v_update->1);
         END IF;
+        v_touched := v_touched || (v_update->>0)::bigint;
     END LOOP;
-    IF cardinality(p_insert_types) > 0 THEN
+    IF jsonb_array_length(p_step->7) > 0 THEN
         WITH inserted AS (
             INSERT INTO task_instance (workflow_instance_id, task_type, status, node_context, fail_count,
                                        created_at, updated_at, started_at, version)
-            SELECT p_instance, r.task_type, r.status, r.context::jsonb, r.fail_count, p_now, p_now,
-                   r.started_at, 1
-              FROM unnest(p_insert_types, p_insert_status, p_insert_context, p_insert_fail_count,
-                          p_insert_started_at) WITH ORDINALITY
-                   AS r(task_type, status, context, fail_count, started_at, ord)
+            SELECT v_instance, r.row->>0, r.row->>1, r.row->2, (r.row->>3)::bigint, v_now, v_now,
+                   (r.row->>4)::bigint, 1
+              FROM jsonb_array_elements(p_step->7) WITH ORDINALITY AS r(row, ord)
              ORDER BY r.ord
             ON CONFLICT (workflow_instance_id, task_type) DO NOTHING
             RETURNING id, task_type
@@ -96,33 +101,29 @@ BEGIN
         SELECT (SELECT count(*) FROM inserted),
                (SELECT array_agg(inserted.id ORDER BY r.ord)
                   FROM inserted
-                  JOIN unnest(p_insert_types) WITH ORDINALITY AS r(task_type, ord)
-                    ON r.task_type = inserted.task_type)
+                  JOIN jsonb_array_elements(p_step->7) WITH ORDINALITY AS r(row, ord)
+                    ON r.row->>0 = inserted.task_type)
           INTO v_count, v_ids;
-        IF v_count <> cardinality(p_insert_types) THEN
+        IF v_count <> jsonb_array_length(p_step->7) THEN
             RAISE EXCEPTION USING ERRCODE = 'AF409',
-                MESSAGE = format('asyncflow step: instance %s already has a node row of %s',
-                                 p_instance, p_insert_types);
+                MESSAGE = format('asyncflow step: instance %s already has one of these node rows: %s',
+                                 v_instance, p_step->7);
         END IF;
     END IF;
-    IF p_cancel THEN
+    IF (p_step->>5)::boolean THEN
         UPDATE task_instance
-           SET status = 'canceled', updated_at = p_now, version = version + 1
-         WHERE workflow_instance_id = p_instance
+           SET status = 'canceled', updated_at = v_now, version = version + 1
+         WHERE workflow_instance_id = v_instance
            AND status NOT IN ('completed', 'failed', 'canceled')
-           AND id <> ALL (p_update_ids || v_ids);
+           AND id <> ALL (v_touched || v_ids);
     END IF;
     RETURN v_ids;
 END
-$asyncflow$
+$asyncflow$;
 """
 """``CREATE OR REPLACE`` DDL of the step function (``create_schema()`` runs it; also for Alembic users)."""
 
-STEP_CALL = (
-    "SELECT asyncflow_step_v1($1::bigint, $2::text[], $3::text, $4::bigint, $5::bigint, $6::bigint[], "
-    "$7::bigint[], $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::text[], $13::text[], "
-    "$14::text[], $15::bigint[], $16::bigint[], $17::boolean)"
-)
+STEP_CALL = "SELECT asyncflow_step_v1($1::text::jsonb)"
 
 _INSERT_INSTANCE = (
     "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, task_id, "
@@ -149,28 +150,35 @@ _CLAIM_ANY = _CLAIM.format(typed="")
 _CLAIM_TYPED = _CLAIM.format(typed=" AND workflow_type = ANY ($4::text[])")
 
 
-def step_arguments(step: PreparedStep, now: int) -> tuple[Any, ...]:
-    """The 17 arguments of :data:`STEP_CALL` (``started_at`` 0 of an insert resolved to ``now``)."""
-    updates = step.updates
-    inserts = step.inserts
+def _text(value: str | None) -> str:
+    return "null" if value is None else _encode_text(value)
+
+
+def _int(value: int | None) -> str:
+    return "null" if value is None else str(value)
+
+
+def step_json(step: PreparedStep, now: int) -> str:
+    """The JSON argument of :data:`STEP_CALL` (see the function's comment), built from checked values.
+
+    Contexts are already canonical JSON text: they are embedded as they are, not encoded twice.
+    """
+    change = step.instance_change
+    updates = ",".join(
+        f"[{task_id},{version},{_text(c.status)},{c.context or 'null'},{_int(c.fail_count)},"
+        f"{_int(c.started_at)}]"
+        for task_id, version, c in step.updates
+    )
+    inserts = ",".join(
+        f"[{_encode_text(row.task_type)},{_encode_text(row.status)},{row.context},{row.fail_count},"
+        f"{row.started_at or now}]"
+        for row in step.inserts
+    )
+    statuses = ",".join(map(_encode_text, step.instance_status_in))
+    cancel = "true" if step.cancel_other_tasks else "false"
     return (
-        step.instance_id,
-        list(step.instance_status_in),
-        step.instance_change.status,
-        step.instance_change.next_run_at,
-        now,
-        [u[0] for u in updates],
-        [u[1] for u in updates],
-        [u[2].status for u in updates],
-        [u[2].context for u in updates],
-        [u[2].fail_count for u in updates],
-        [u[2].started_at for u in updates],
-        [row.task_type for row in inserts],
-        [row.status for row in inserts],
-        [row.context for row in inserts],
-        [row.fail_count for row in inserts],
-        [row.started_at or now for row in inserts],
-        step.cancel_other_tasks,
+        f"[{step.instance_id},[{statuses}],{_text(change.status)},{_int(change.next_run_at)},{now},"
+        f"{cancel},[{updates}],[{inserts}]]"
     )
 
 
@@ -215,7 +223,7 @@ async def load_tasks(conn: Any, instance_id: int) -> list[TaskInstanceRecord]:
 
 async def apply_step(conn: Any, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
     """One call of the step function (raises the conflict SQLSTATE when a condition fails)."""
-    ids = await conn.fetchval(STEP_CALL, *step_arguments(step, now))
+    ids = await conn.fetchval(STEP_CALL, step_json(step, now))
     return inserted_records(step, ids, now)
 
 

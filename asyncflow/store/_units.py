@@ -88,6 +88,11 @@ class ConnectionUnits:
         async with self._sqlite.exclusive():
             yield
 
+    @property
+    def pg_lanes(self) -> PgLanes | None:
+        """The PostgreSQL lanes (``None`` on SQLite)."""
+        return self._pg
+
     def in_transaction(self) -> bool:
         """Whether the calling task runs inside this repo's ``transaction()``."""
         return self._joined() is not None

@@ -8,7 +8,8 @@ or a task it spawned) calls share its connection, one at a time, and ``apply_ste
 SAVEPOINT so that a step that does not apply leaves the outer transaction usable.
 
 The calls a workflow pass makes (create, get, load, step, claim) take a faster route outside
-``transaction()``, with the same semantics: one driver-level unit each (:mod:`asyncflow.store._hot`).
+``transaction()``, with the same semantics: one driver-level unit each, and on PostgreSQL concurrent
+steps grouped into one statement and commit (:mod:`asyncflow.store._hot`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from . import _statements as st
 from ._core_step import StepConflict, apply_core
 from ._hot import FunctionMissing, HotPath
 from ._json import check_int, check_texts, copy_context, validate_instance_query, validate_task_query
+from ._pg_batch import BATCH_FUNCTION
 from ._units import ConnectionUnits, StoreErrors
 from .tables import SCHEMA_VERSION, asyncflow_schema, metadata
 
@@ -103,6 +105,9 @@ class SQLAlchemyWorkflowRepo:
 
         Concurrent calls are serialized (an advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite).
         A database recorded with a newer schema version than this code knows raises ``StoreError``.
+        On PostgreSQL it also (re)installs the step functions (``CREATE OR REPLACE``), on a database
+        of an older asyncflow too; without them (tables made by migrations alone) steps still work,
+        through slower multi-statement transactions, with a warning.
         """
         with StoreErrors("create_schema"):
             async with self._atomic() as conn:
@@ -119,12 +124,16 @@ class SQLAlchemyWorkflowRepo:
                     )
                 if conn.dialect.name == "postgresql":  # also on a database made by an older asyncflow
                     await conn.exec_driver_sql(_pg_fast.STEP_FUNCTION)
+                    await conn.exec_driver_sql(BATCH_FUNCTION)
         self._hot.step_function = self._hot.kind == "pg"
+        if self._hot.batcher is not None:
+            self._hot.batcher.enabled = True
 
     async def aclose(self) -> None:
         """Dispose the engine if the repo built it (idempotent); a caller's engine is left alone."""
         if self._units.closed:
             return
+        await self._hot.aclose()
         await self._units.close()
         if self._owns_engine:
             await self._engine.dispose()
@@ -287,7 +296,8 @@ class SQLAlchemyWorkflowRepo:
         Order: the instance row (which also takes its row lock on PostgreSQL, so a concurrent cancel
         serializes against the step), the node updates, the inserts, then ``cancel_other_tasks``. A
         failed condition rolls everything back: ``applied=False``. On PostgreSQL the step is one call
-        of the ``asyncflow_step_v1()`` function that ``create_schema()`` installs.
+        of the ``asyncflow_step_v1()`` function that ``create_schema()`` installs (with
+        ``asyncflow_steps_v1()``, which applies concurrent steps in one statement, each on its own).
         """
         prepared = prep.prepared_step(step)
         now = self._now()

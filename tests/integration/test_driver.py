@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from asyncflow.clock import FakeClock
 from asyncflow.config import NodeConfig, WorkflowConfig
@@ -533,3 +533,28 @@ async def test_notify_wakes_the_driver_when_another_process_makes_work_due(postg
     assert driver.stats.notifications >= 1
     assert [t[0] for t in triggers] == ["asyncflow_due_notify"]
     assert runs.of("C") == 3
+
+
+@pytest.mark.postgres
+async def test_a_lost_listen_connection_falls_back_to_polling_and_listens_again(postgres_url: str) -> None:
+    runs = Runs()
+    async with isolated_pg_engine(postgres_url) as engine:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        await repo.create_schema()
+        registry = registry_for("lin", LINEAR, runs)
+        service = WorkflowService(repo, LocalWorkflowLock(), registry)
+        other = WorkflowService(
+            SQLAlchemyWorkflowRepo(engine.execution_options()), LocalWorkflowLock(), registry
+        )
+        driver = WorkflowDriver(service, concurrency=4, poll_interval=3600.0)
+        async with driver:
+            await eventually(lambda: driver.listening)
+            notifier = driver._notifier
+            assert notifier is not None and notifier.server_pid is not None
+            first = notifier.server_pid
+            async with engine.connect() as conn:  # the server drops the LISTEN connection
+                await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+            await eventually(lambda: notifier.server_pid != first and driver.listening)  # back, retried
+            await other.create_workflow("lin", "b")
+            await eventually(lambda: driver.stats.completed == 1)
+    assert runs.of("C") == 1

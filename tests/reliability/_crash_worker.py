@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import sys
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from asyncflow.driver import WorkflowDriver
@@ -51,7 +53,7 @@ SIDE_TABLES = (
 def engine_for(settings: dict[str, Any], name: str) -> AsyncEngine:
     server = {"search_path": settings["schema"], "application_name": name}
     return create_async_engine(
-        settings["url"], connect_args={"server_settings": server}, pool_size=20, max_overflow=20
+        settings["url"], connect_args={"server_settings": server}, pool_size=8, max_overflow=8
     )
 
 
@@ -69,8 +71,16 @@ async def main(settings: dict[str, Any]) -> None:
         event = "start" if moment == "start" else "done"
         if moment == "start":
             await asyncio.sleep(rng.uniform(0.0, 0.004))  # some work, so kills land inside workers too
-        async with side.connect() as conn:
-            await conn.execute(insert, {"i": instance_id, "n": node, "p": phase, "e": event, "pid": pid})
+        row = {"i": instance_id, "n": node, "p": phase, "e": event, "pid": pid}
+        for attempt in range(100):  # the record must not fail the worker: retry a busy server
+            try:
+                async with side.connect() as conn:
+                    await conn.execute(insert, row)
+                return
+            except DBAPIError:
+                if attempt == 99:
+                    raise
+                await asyncio.sleep(0.05)
 
     repo = SQLAlchemyWorkflowRepo(engine)
     lock = RedisWorkflowLock(settings["redis_url"], prefix=settings["prefix"], op_timeout=2.0)
@@ -82,16 +92,8 @@ async def main(settings: dict[str, Any]) -> None:
     try:
         async with driver:
             print(f"READY {pid}", flush=True)
-            while True:  # until nothing is left to run (checked every 100 ms)
+            while await _left(engine):  # until nothing is left to run (checked every 100 ms)
                 await asyncio.sleep(0.1)
-                async with engine.connect() as conn:
-                    left = (
-                        await conn.execute(
-                            text("SELECT count(*) FROM workflow_instance WHERE status IN ('init', 'running')")
-                        )
-                    ).scalar_one()
-                if left == 0:
-                    break
         stats = driver.stats
         print(f"DONE {json.dumps({'passes': stats.passes, 'errors': stats.errors})}", flush=True)
     finally:
@@ -99,5 +101,16 @@ async def main(settings: dict[str, Any]) -> None:
         await engine.dispose()
 
 
+async def _left(engine: AsyncEngine) -> int:
+    query = text("SELECT count(*) FROM workflow_instance WHERE status IN ('init', 'running')")
+    try:
+        async with engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+    except DBAPIError as exc:  # a busy server: ask again later
+        logging.getLogger(__name__).warning("counting instances left failed: %s", exc)
+        return -1
+
+
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.ERROR, format="%(process)d %(name)s %(levelname)s %(message)s")
     asyncio.run(main(json.loads(sys.argv[1])))

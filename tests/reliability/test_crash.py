@@ -38,7 +38,7 @@ from tests.conftest import isolated_pg_engine
 from ._crash_worker import SIDE_TABLES
 from .helpers import ALL_ROWS, MIXED, MIXED_EDGES, WITH_CHECK
 
-pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[2]
 KILLS = 5
@@ -46,31 +46,40 @@ INSTANCES = int(os.environ.get("ASYNCFLOW_CRASH_INSTANCES", "1000"))
 SEED = int(os.environ.get("ASYNCFLOW_CRASH_SEED", "20241127"))
 
 
-async def start_worker(settings: dict[str, Any]) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.reliability._crash_worker",
-        json.dumps(settings),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-    )
+async def start_worker(settings: dict[str, Any], log: Path) -> asyncio.subprocess.Process:
+    with log.open("ab") as stderr:  # the child keeps its own copy of the descriptor
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.reliability._crash_worker",
+            json.dumps(settings),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+        )
     assert proc.stdout is not None
     async with asyncio.timeout(60):
         line = (await proc.stdout.readline()).decode()
-    assert line.startswith("READY"), f"the driver process did not start: {line!r}"
+    assert line.startswith("READY"), f"the driver process did not start: {line!r}\n{_tail(log)}"
     return proc
 
 
-async def left(engine: Any) -> int:
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+async def progress(engine: Any) -> tuple[int, int]:
+    """(instances completed, node rows completed) right now."""
     async with engine.connect() as conn:
-        query = text("SELECT count(*) FROM workflow_instance WHERE status IN ('init', 'running')")
-        return int((await conn.execute(query)).scalar_one())
+        done = text("SELECT count(*) FROM workflow_instance WHERE status = 'completed'")
+        nodes = text("SELECT count(*) FROM task_instance WHERE status = 'completed'")
+        return int((await conn.execute(done)).scalar_one()), int((await conn.execute(nodes)).scalar_one())
 
 
 async def test_sigkilled_drivers_lose_nothing_and_complete_each_node_once(
-    pg_url: str, redis_url: str
+    pg_url: str, redis_url: str, tmp_path: Path
 ) -> None:
+    log = tmp_path / "drivers.log"
     rng = random.Random(SEED)
     print(f"crash test: seed {SEED}, {INSTANCES} instances, {KILLS} kills")
     async with isolated_pg_engine(pg_url) as engine:
@@ -82,7 +91,10 @@ async def test_sigkilled_drivers_lose_nothing_and_complete_each_node_once(
             for statement in SIDE_TABLES:
                 await conn.exec_driver_sql(statement)
         await repo.create_workflow_instances(
-            [NewWorkflowInstance(MIXED, f"crash-{i}", {"i": i}) for i in range(INSTANCES)]
+            [
+                NewWorkflowInstance(workflow_type=MIXED, business_id=f"crash-{i}", workflow_context={"i": i})
+                for i in range(INSTANCES)
+            ]
         )
         settings = {
             "url": pg_url,
@@ -94,21 +106,24 @@ async def test_sigkilled_drivers_lose_nothing_and_complete_each_node_once(
         }
         killed: list[int] = []
         for kill in range(KILLS):
-            proc = await start_worker(settings)
-            delay = rng.uniform(0.3, 1.5)
+            proc = await start_worker(settings, log)
+            delay = rng.uniform(0.5, 2.5)
             await asyncio.sleep(delay)
-            assert proc.returncode is None, "the driver finished before its kill: raise INSTANCES"
-            remaining = await left(engine)
+            assert proc.returncode is None, f"the driver ended before its kill:\n{_tail(log)}"
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
             killed.append(proc.pid)
-            print(f"kill {kill + 1}: pid {proc.pid} after {delay:.3f} s, {remaining} instances not done")
-            assert remaining > 0
-        last = await start_worker(settings)
+            instances, nodes = await progress(engine)
+            print(
+                f"kill {kill + 1}: pid {proc.pid} after {delay:.3f} s; by then {instances} instances and "
+                f"{nodes}/{INSTANCES * len(ALL_ROWS)} node rows completed"
+            )
+            assert instances < INSTANCES, "nothing left to run: raise INSTANCES"
+        last = await start_worker(settings, log)
         assert last.stdout is not None
         async with asyncio.timeout(100):
             output = (await last.stdout.read()).decode()
-            assert await last.wait() == 0, output
+            assert await last.wait() == 0, f"{output}\n{_tail(log)}"
         print(f"last driver pid {last.pid}: {output.strip()}")
         await check(engine, killed, last.pid)
 

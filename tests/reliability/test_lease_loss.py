@@ -259,3 +259,41 @@ async def test_compare_and_set_stops_a_runner_that_believes_it_still_holds_the_l
         assert loser.completions[(instance_id, "D")] == 0
         assert journal.done(instance_id, "D", "run") == 2
         await finish(setup, journal, instance_id, [repo1, repo2])
+
+
+async def test_a_write_that_waited_behind_another_rechecks_the_lease() -> None:
+    """A branch whose write waits for a sibling's write (the one carrying ``root``) checks its lease
+    again after the wait: a loss detected meanwhile stops it instead of letting it write."""
+    from asyncflow.config import NodeConfig, WorkflowConfig
+    from asyncflow.registry import Registry
+    from asyncflow.worker import NormalTaskWorker
+
+    registry = Registry()
+    registry.load_workflow_config(WorkflowConfig(id="two", nodes=(NodeConfig(id="A"), NodeConfig(id="B"))))
+
+    async def quick(ctx: Any) -> None:
+        return None
+
+    async def slower(ctx: Any) -> None:
+        await asyncio.sleep(0.01)  # B finishes while A's write (carrying root) is in flight
+
+    registry.register_workflow_task("two", "A", NormalTaskWorker(run=quick))
+    registry.register_workflow_task("two", "B", NormalTaskWorker(run=slower))
+    lock = CapturingLock(LocalWorkflowLock())
+    writes: list[tuple[int, bool]] = []
+
+    class LosingRepo(CompletionCounter):
+        async def apply_step(self, step: Any) -> Any:
+            lease = lock.leases[-1]
+            writes.append((len(step.inserts), lease.lost))
+            if len(writes) == 1:  # the first write: B's write queues behind it, then the lease is lost
+                await asyncio.sleep(0.05)
+                lease._mark_lost("renewal failed (test)")
+            return await super().apply_step(step)
+
+    repo = LosingRepo(MemoryWorkflowRepo())
+    svc = WorkflowService(repo, lock, registry)  # type: ignore[arg-type]
+    inst = await svc.create_workflow("two", "b")
+    with pytest.raises(LockFailedError, match="lost"):
+        await svc.run_workflow(inst.id)
+    assert writes == [(2, False)], "a write was issued after the lease was known to be lost"

@@ -1,0 +1,253 @@
+"""The SQLite hot path: one trip to aiosqlite's thread per call, atomic steps, the kept connection."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+import aiosqlite
+import pytest
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
+
+from asyncflow.errors import StoreError
+from asyncflow.records import (
+    InstanceFields,
+    InstanceWhere,
+    NewWorkflowInstance,
+    QueryWorkflowInstanceParams,
+    Step,
+    TaskInsert,
+    TaskInstanceRecord,
+    TaskUpdate,
+)
+from asyncflow.store import _sqlite_fast
+from asyncflow.store.commit_counter import CommitCounter
+from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+
+
+def new(business_id: str = "b") -> NewWorkflowInstance:
+    return NewWorkflowInstance(workflow_type="wf", business_id=business_id, workflow_context={})
+
+
+def task(task_type: str, status: str = "running") -> TaskInsert:
+    return TaskInsert(task_type=task_type, status=status, node_context={"n": task_type})
+
+
+def db_path(sqlite_url: str) -> str:
+    return sqlite_url.split("///", 1)[1]
+
+
+@pytest.fixture
+async def repo(sqlite_url: str) -> AsyncIterator[SQLAlchemyWorkflowRepo]:
+    made = SQLAlchemyWorkflowRepo(sqlite_url)
+    await made.create_schema()
+    yield made
+    await made.aclose()
+
+
+async def instance_with(
+    repo: SQLAlchemyWorkflowRepo, *types: str
+) -> tuple[int, dict[str, TaskInstanceRecord]]:
+    made = await repo.create_workflow_instance(new())
+    return made.id, {t: await repo.create_task_instance(made.id, task(t)) for t in types}
+
+
+@contextmanager
+def hops_and_statements(engine: AsyncEngine) -> Iterator[tuple[list[int], list[str]]]:
+    """Trips to aiosqlite's worker thread, and statements SQLAlchemy runs, meanwhile."""
+    hops = [0]
+    seen: list[str] = []
+    original: Any = aiosqlite.Connection._execute
+
+    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        hops[0] += 1
+        return await original(self, fn, *args, **kwargs)
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    aiosqlite.Connection._execute = counted  # type: ignore[method-assign]
+    try:
+        yield hops, seen
+    finally:
+        aiosqlite.Connection._execute = original  # type: ignore[method-assign]
+        event.remove(engine.sync_engine, "before_cursor_execute", record)
+
+
+def write_elsewhere(path: str) -> str:
+    """A write from another connection that must not wait: proves no transaction was left open."""
+    conn = sqlite3.connect(path, timeout=0)
+    try:
+        conn.execute("UPDATE workflow_instance SET task_id = task_id")
+        conn.commit()
+        return "written"
+    except sqlite3.OperationalError as error:
+        return str(error)
+    finally:
+        conn.close()
+
+
+def test_this_aiosqlite_is_a_tested_version() -> None:
+    # if this fails after an aiosqlite upgrade, re-check _sqlite_fast against the new version and
+    # widen TESTED_AIOSQLITE (until then the repo silently takes its slower Core path)
+    assert _sqlite_fast.SUPPORTED, aiosqlite.__version__
+
+
+async def test_every_hot_call_is_one_trip_to_the_database_thread(repo: SQLAlchemyWorkflowRepo) -> None:
+    made = await asyncio.gather(*(instance_with(repo, "a") for _ in range(10)))
+    with hops_and_statements(repo.engine) as (hops, seen), CommitCounter(repo.engine) as counter:
+        steps = [
+            Step(
+                instance_id=instance_id,
+                instance_status="running",
+                updates=(TaskUpdate(id=rows["a"].id, expected_version=1, status="completed"),),
+                inserts=(task("b"), task("c")),
+            )
+            for instance_id, rows in made
+        ]
+        results = await asyncio.gather(*(repo.apply_step(step) for step in steps))
+        loaded = await asyncio.gather(*(repo.load_task_instances(i) for i, _ in made))
+        got = await asyncio.gather(*(repo.get_workflow_instance(i) for i, _ in made))
+        claimed = await repo.claim_due_instances(now_ms=10**12, limit=100, lease_ms=1000)
+        created = await repo.create_workflow_instance(new("one more"))
+    assert all(r.applied for r in results) and len(claimed) == 10
+    assert [[r.task_type for r in rows] for rows in loaded] == [["a", "b", "c"]] * 10
+    assert all(g is not None and g.status == "running" for g in got) and created.id > 0
+    assert seen == []  # nothing went through SQLAlchemy's statements
+    calls = 10 + 10 + 10 + 1 + 1
+    bursts = 5  # after each, the repo is idle: the kept connection goes back (a ROLLBACK by the pool)
+    assert calls <= hops[0] <= calls + bursts
+    assert counter.commits == 10 + 1 + 1  # steps, claim, create
+
+
+async def test_a_failure_mid_step_rolls_back_the_whole_step(
+    repo: SQLAlchemyWorkflowRepo, sqlite_url: str
+) -> None:
+    async with repo.engine.begin() as conn:
+        await conn.exec_driver_sql(
+            "CREATE TRIGGER refuse BEFORE INSERT ON task_instance WHEN NEW.task_type = 'refused' "
+            "BEGIN SELECT RAISE(ABORT, 'refused node'); END"
+        )
+    instance_id, rows = await instance_with(repo, "a", "b")
+    step = Step(
+        instance_id=instance_id,
+        instance_status="running",
+        next_run_at=5,
+        updates=(TaskUpdate(id=rows["a"].id, expected_version=1, status="completed"),),
+        inserts=(task("fine"), task("refused")),
+        cancel_other_tasks=True,
+    )
+    with pytest.raises(StoreError, match="refused node") as caught:
+        await repo.apply_step(step)
+    assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+    assert await repo.load_task_instances(instance_id) == [rows["a"], rows["b"]]
+    instance = await repo.get_workflow_instance(instance_id)
+    assert instance is not None and (instance.status, instance.version, instance.next_run_at) == (
+        "init",
+        1,
+        0,
+    )
+    assert await asyncio.to_thread(write_elsewhere, db_path(sqlite_url)) == "written"
+    fine = Step(instance_id=instance_id, inserts=(task("fine"),))
+    assert (await repo.apply_step(fine)).applied
+
+
+async def test_a_conflict_writes_nothing_and_leaves_no_transaction_open(
+    repo: SQLAlchemyWorkflowRepo, sqlite_url: str
+) -> None:
+    instance_id, rows = await instance_with(repo, "a", "b")
+    step = Step(
+        instance_id=instance_id,
+        instance_status="running",
+        updates=(
+            TaskUpdate(id=rows["a"].id, expected_version=1, status="completed"),
+            TaskUpdate(id=rows["b"].id, expected_version=3, status="completed"),
+        ),
+        inserts=(task("c"),),
+    )
+    assert not (await repo.apply_step(step)).applied
+    assert await repo.load_task_instances(instance_id) == [rows["a"], rows["b"]]
+    assert await asyncio.to_thread(write_elsewhere, db_path(sqlite_url)) == "written"
+    duplicate = Step(instance_id=instance_id, inserts=(task("c"), task("a")))
+    assert not (await repo.apply_step(duplicate)).applied
+    assert [r.task_type for r in await repo.load_task_instances(instance_id)] == ["a", "b"]
+
+
+async def test_without_aiosqlite_internals_the_core_path_serves(
+    monkeypatch: pytest.MonkeyPatch, sqlite_url: str
+) -> None:
+    monkeypatch.setattr(_sqlite_fast, "SUPPORTED", False)
+    async with SQLAlchemyWorkflowRepo(sqlite_url) as repo:
+        await repo.create_schema()
+        with hops_and_statements(repo.engine) as (_, seen):
+            instance_id, rows = await instance_with(repo, "a")
+            ok = Step(
+                instance_id=instance_id,
+                updates=(TaskUpdate(id=rows["a"].id, expected_version=1, status="x"),),
+            )
+            assert (await repo.apply_step(ok)).applied
+            assert not (await repo.apply_step(ok)).applied  # the version moved on
+            assert await repo.claim_due_instances(now_ms=1, limit=5, lease_ms=10) == [instance_id]
+            loaded = await repo.load_task_instances(instance_id)
+        assert [(r.status, r.version) for r in loaded] == [("x", 2)]
+        assert any(s.startswith("UPDATE task_instance") for s in seen)  # SQLAlchemy's statements
+
+
+async def test_cancelled_calls_neither_tear_a_step_nor_lose_an_in_memory_database() -> None:
+    async with SQLAlchemyWorkflowRepo("sqlite+aiosqlite://") as repo:
+        await repo.create_schema()
+        made = [await instance_with(repo, "a") for _ in range(20)]
+        steps = [
+            Step(
+                instance_id=instance_id,
+                instance_status="running",
+                updates=(TaskUpdate(id=rows["a"].id, expected_version=1, status="completed"),),
+                inserts=(task("b"),),
+            )
+            for instance_id, rows in made
+        ]
+        calls = [asyncio.create_task(repo.apply_step(step)) for step in steps]
+        await asyncio.sleep(0)
+        for call in calls[::2]:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        for instance_id, _ in made:
+            rows = await repo.load_task_instances(instance_id)
+            instance = await repo.get_workflow_instance(instance_id)
+            assert instance is not None
+            shape = ([(r.task_type, r.status) for r in rows], instance.status)
+            assert shape in (
+                ([("a", "running")], "init"),
+                ([("a", "completed"), ("b", "running")], "running"),
+            )
+        assert not any(c.cancelled() for c in calls[1::2])
+
+
+async def test_core_units_and_the_hot_path_share_a_one_connection_pool() -> None:
+    async with SQLAlchemyWorkflowRepo("sqlite+aiosqlite://") as repo:  # pool_size=1, max_overflow=0
+        await repo.create_schema()
+        made = [await repo.create_workflow_instance(new(str(i))) for i in range(10)]
+
+        async def in_transaction(i: int) -> None:
+            async with repo.transaction():
+                await repo.update_workflow_instances(
+                    InstanceWhere(ids=(made[i].id,)), InstanceFields(next_run_at=i)
+                )
+                await repo.get_workflow_instance(made[i].id)
+
+        async with asyncio.timeout(20):
+            await asyncio.gather(
+                *(repo.get_workflow_instance(m.id) for m in made),
+                *(in_transaction(i) for i in range(10)),
+                *(repo.query_workflow_instances(QueryWorkflowInstanceParams()) for _ in range(5)),
+                *(repo.apply_step(Step(instance_id=m.id, inserts=(task("a"),))) for m in made),
+            )
+        pool = cast(QueuePool, repo.engine.pool)
+        assert pool.checkedout() == 0  # idle: the kept connection went back
+        assert [(await repo.get_workflow_instance(m.id)) is not None for m in made] == [True] * 10
