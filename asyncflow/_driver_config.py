@@ -134,7 +134,8 @@ async def wait_for_wake(event: asyncio.Event, clock: Clock, timeout_s: float | N
         await event.wait()
         return True
     if timeout_s <= 0:
-        return False
+        await asyncio.sleep(0)  # never spin without letting the passes run
+        return event.is_set()
     if isinstance(clock, SystemClock):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):

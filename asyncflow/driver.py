@@ -250,8 +250,9 @@ class WorkflowDriver:
             timeout = None if self._want_slots else (min(look_at, claim_at or _NEVER) - now) / 1000
             if self._inflight and self._fake_time:
                 timeout = None  # fake time moves only while no pass runs: passes see a fixed "now"
-            if self._rechecks and len(self._inflight) < self._cap:  # at the cap: a finishing pass wakes us
-                soonest = (min(r.at for r in self._rechecks.values()) - now) / 1000
+            waiting = [r.at for i, r in self._rechecks.items() if i not in self._inflight]
+            if waiting and len(self._inflight) < self._cap:  # at the cap: a finishing pass wakes us
+                soonest = (min(waiting) - now) / 1000
                 timeout = max(0.0, soonest if timeout is None else min(timeout, soonest))
             await self._wait(timeout)
             self._want_slots = False

@@ -33,6 +33,15 @@ def print_result(measurement: RunMeasurement) -> None:
     print(RESULT_PREFIX + json.dumps(asdict(measurement)), flush=True)
 
 
+def _last_error_line(stderr: str) -> str:
+    """The last line of ``stderr`` that names an error (else its last line): one line for the report."""
+    lines = [line.strip(" |+-") for line in stderr.strip().splitlines() if line.strip(" |+-")]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line:
+            return line
+    return lines[-1] if lines else "(no output)"
+
+
 def _parse(data: dict[str, Any]) -> RunMeasurement:
     return RunMeasurement(**data)
 
@@ -42,7 +51,7 @@ async def run_module(
 ) -> RunMeasurement:
     """Run ``python -m module *args`` and return the measurement it printed.
 
-    Raises :class:`RunFailedError` with the tail of the child's stderr when it fails, and when it
+    Raises :class:`RunFailedError` naming the child's last error line when it fails, and when it
     runs past ``timeout_s`` (the child is killed; with ``pg_admin`` its databases are dropped).
     """
     proc = await asyncio.create_subprocess_exec(
@@ -71,12 +80,10 @@ async def run_module(
     finally:
         if pg_admin is not None and proc.returncode is not None and proc.returncode != 0:
             await asyncio.shield(pg_admin.drop_databases_of(proc.pid))
-    tail = "\n".join(err.decode(errors="replace").strip().splitlines()[-12:])
+    last = _last_error_line(err.decode(errors="replace"))
     if timed_out:
-        raise RunFailedError(
-            f"{module} did not finish within {timeout_s:.0f} s and was killed; stderr:\n{tail}"
-        )
+        raise RunFailedError(f"{module} did not finish within {timeout_s:.0f} s (killed); last error: {last}")
     lines = [line for line in out.decode(errors="replace").splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
-        raise RunFailedError(f"{module} failed (exit {proc.returncode}); stderr:\n{tail}")
+        raise RunFailedError(f"{module} failed (exit {proc.returncode}): {last}")
     return _parse(json.loads(lines[-1][len(RESULT_PREFIX) :]))

@@ -171,12 +171,18 @@ def _spread(value: dict[str, float]) -> str:
     return f"{value['median']:,.0f} [{value['min']:,.0f}-{value['max']:,.0f}]"
 
 
+def _runs(row: dict[str, Any]) -> str:
+    """Runs the medians come from; ``2/3`` when one of three failed."""
+    failed = int(row.get("failed_runs") or 0)
+    return f"{row['repeats']}/{row['repeats'] + failed}" if failed else str(row["repeats"])
+
+
 def _opt(value: Any, fmt: str = "{}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
 _HEADERS = (
-    "row", "scenario", "mode", "backend", "lock", "N", "c", "wf/s [min-max]", "steps/s",
+    "row", "scenario", "mode", "backend", "lock", "N", "c", "runs", "wf/s [min-max]", "steps/s",
     "commits/wf", "writes/wf", "p50 ms", "p99 ms", "CPU ms/wf", "RSS MiB", "vs DBOS", "of floor",
 )  # fmt: skip
 
@@ -191,6 +197,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
         row["lock"] or "-",
         f"{row['n']:,}",
         str(row["concurrency"]),
+        _runs(row),
         _spread(row["workflows_per_s"]),
         f"{row['node_steps_per_s']['median']:,.0f}",
         _opt(row["commits_per_workflow"], "{:.2f}"),

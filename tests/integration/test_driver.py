@@ -528,7 +528,10 @@ async def test_notify_wakes_the_driver_when_another_process_makes_work_due(postg
             await eventually(lambda: driver.stats.completed == 3)
             async with engine.connect() as conn:
                 triggers = (
-                    await conn.exec_driver_sql("SELECT tgname FROM pg_trigger WHERE tgname LIKE 'asyncflow%'")
+                    await conn.exec_driver_sql(
+                        "SELECT tgname FROM pg_trigger WHERE tgname LIKE 'asyncflow%' "
+                        "AND tgrelid = 'workflow_instance'::regclass"
+                    )
                 ).all()
     assert driver.stats.notifications >= 1
     assert [t[0] for t in triggers] == ["asyncflow_due_notify"]
