@@ -21,7 +21,10 @@ from typing import Any
 
 from asyncflow.config import NodeConfig, WorkflowConfig
 from asyncflow.context import JSONContext
+from asyncflow.engine.rules import SchedulePolicy
+from asyncflow.engine.service import WorkflowService
 from asyncflow.errors import TaskNotReady
+from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.records import (
     Pager,
     QueryTaskInstanceParams,
@@ -134,6 +137,15 @@ async def _call_hook(hook: Hook | None, node: str, phase: str, moment: str) -> N
         result = hook(node, phase, moment)
         if result is not None:
             await result
+
+
+FAST = SchedulePolicy(poll_interval=0.01, retry_base=0.01, retry_max=0.05)
+
+
+def service(repo: Any, journal: Journal, **kwargs: Any) -> WorkflowService:
+    """A service on ``repo`` with a local lock, the mixed workflow and fast polls and retries."""
+    kwargs.setdefault("schedule", FAST)
+    return WorkflowService(repo, LocalWorkflowLock(), mixed_registry(journal), **kwargs)
 
 
 # ---------------------------------------------------------------------------------- stored state

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from asyncflow.context import JSONContext
-from asyncflow.engine.rules import SchedulePolicy
 from asyncflow.engine.service import WorkflowService
 from asyncflow.errors import (
     AsyncflowError,
@@ -33,7 +32,7 @@ from asyncflow.records import (
 from asyncflow.registry import Registry
 from asyncflow.worker import NormalTaskWorker
 
-from .helpers import ALL_ROWS, MIXED, Journal, mixed_registry, rows_by_type, snapshot
+from .helpers import ALL_ROWS, MIXED, Journal, rows_by_type, service, snapshot
 
 NOT_JSON_CONTEXTS: list[Any] = [
     {"x": math.nan},
@@ -67,14 +66,6 @@ INJECTIONS = [
     "/* */",
     "业务'); --",
 ]
-
-
-FAST = SchedulePolicy(poll_interval=0.01, retry_base=0.01, retry_max=0.05)
-
-
-def service(repo: Any, journal: Journal, **kwargs: Any) -> WorkflowService:
-    kwargs.setdefault("schedule", FAST)
-    return WorkflowService(repo, LocalWorkflowLock(), mixed_registry(journal), **kwargs)
 
 
 async def seeded(svc: WorkflowService) -> dict[str, int]:

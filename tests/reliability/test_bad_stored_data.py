@@ -26,8 +26,7 @@ from asyncflow.records import (
     TaskInsert,
 )
 
-from .helpers import ALL_ROWS, MIXED, Journal, rows_by_type, snapshot
-from .test_bad_input import service
+from .helpers import ALL_ROWS, MIXED, Journal, rows_by_type, service, snapshot
 
 
 async def test_an_instance_of_a_type_this_process_does_not_know(repo: Any, caplog: Any) -> None:

@@ -356,6 +356,7 @@ async def hold_exclusive(path: str, seconds: float) -> str:
 async def test_sqlite_file_locked_by_another_process(busy_timeout_ms: int | None, tmp_path: Any) -> None:
     path = str(tmp_path / "outage.db")
     engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+    reader = create_async_engine(f"sqlite+aiosqlite:///{path}")  # WAL: reads never wait for writers
     repo = SQLAlchemyWorkflowRepo(engine)  # installs its own connection settings first
     if busy_timeout_ms is not None:
 
@@ -371,14 +372,15 @@ async def test_sqlite_file_locked_by_another_process(busy_timeout_ms: int | None
             for statement in SQLITE_SIDE_TABLES:
                 await conn.exec_driver_sql(statement)
 
-        async def count(query: str) -> int:
-            async with engine.connect() as conn:
+        async def count(query: str) -> int:  # a plain reader: the repo's engine begins IMMEDIATE
+            async with reader.connect() as conn:
                 return int((await conn.execute(text(query))).scalar_one())
 
         figures = await run_through_outage(repo, count, lambda: hold_exclusive(path, 3.0))
     finally:
         await repo.aclose()
         await engine.dispose()
+        await reader.dispose()
     print(f"SQLite lock (busy_timeout {busy_timeout_ms or 30000} ms): {figures}")
     if busy_timeout_ms is None:  # writers wait the lock out: no error at all
         assert figures["store errors"] == {} and figures["driver errors"] == 0
