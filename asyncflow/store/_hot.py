@@ -22,10 +22,11 @@ from ..errors import StoreError
 from ..records import TaskInstanceRecord, WorkflowInstanceRecord
 from . import _pg_fast as pg
 from . import _sqlite_fast as lite
+from ._batcher import StepBatcher
 from ._core_step import StepConflict
 from ._dialect import sqlstate
 from ._observers import notify
-from ._pg_batch import BATCH_SLOTS, RUN_ALONE, StepBatcher
+from ._pg_batch import BATCH_SLOTS, MAX_BATCH, RUN_ALONE, PgStepBatches
 from ._prepare import InstanceRow, PreparedStep
 from ._units import ConnectionUnits
 
@@ -52,9 +53,14 @@ class HotPath:
             self.kind = "sqlite"
         self.step_function = self.kind == "pg"  # until the database says it has none
         lanes = units.pg_lanes
-        self.batcher: StepBatcher | None = None
+        self.pg_batches: PgStepBatches | None = None
+        self._batcher: StepBatcher[Any] | None = None
         if self.kind == "pg" and lanes is not None and lanes.limit > 0:
-            self.batcher = StepBatcher(lanes, min(BATCH_SLOTS, lanes.limit))
+            self.pg_batches = PgStepBatches(lanes)
+            slots = min(BATCH_SLOTS, lanes.limit)
+            self._batcher = StepBatcher(self.pg_batches, slots=slots, max_batch=MAX_BATCH)
+        elif self.kind == "sqlite":  # one writer at a time: one batch in flight, the rest gather
+            self._batcher = StepBatcher(self._sqlite_batch, slots=1, max_batch=lite.MAX_BATCH)
 
     def usable(self) -> bool:
         """Whether this call can take the hot path (raises ``StoreError`` if the repo is closed)."""
@@ -111,16 +117,22 @@ class HotPath:
                 self._step_error(error)
                 raise
         else:
-            result = await self._sqlite(lite.apply_step, step, now)
+            if self._units.closed:
+                raise StoreError("the repo is closed")
+            assert self._batcher is not None
+            result = await self._batcher.submit(step.instance_id, (step, now))
             if result is None:
                 raise StepConflict
             inserted = result
         notify(self._engine, True)
         return inserted
 
+    async def _sqlite_batch(self, steps: Sequence[tuple[PreparedStep, int]]) -> list[Any]:
+        return list(await self._sqlite(lite.apply_steps, steps))
+
     async def _apply_pg(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
-        batcher = self.batcher
-        if batcher is not None and batcher.enabled:
+        batcher = self._batcher
+        if batcher is not None and self.pg_batches is not None and self.pg_batches.enabled:
             if self._units.closed:
                 raise StoreError("the repo is closed")
             outcome = await batcher.submit(step.instance_id, pg.step_json(step, now))
@@ -134,8 +146,8 @@ class HotPath:
 
     async def aclose(self) -> None:
         """Wait for the step batches in flight."""
-        if self.batcher is not None:
-            await self.batcher.aclose()
+        if self._batcher is not None:
+            await self._batcher.aclose()
 
     async def apply_on(
         self, conn: AsyncConnection, step: PreparedStep, now: int

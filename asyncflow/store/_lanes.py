@@ -4,11 +4,14 @@ A checkout from SQLAlchemy's pool and its return cost about as much as the state
 (``AsyncConnection`` set-up, pool events, reset on return: on SQLite a ROLLBACK sent to aiosqlite's
 thread), so the hot path keeps connections ("lanes") between calls and hands them straight to the
 next caller. Lanes go back to the pool as soon as the repo is idle (no call in flight and none
-waiting), so an idle repo holds nothing, and a busy one never starves the rest of the pool:
+waiting), so an idle repo holds nothing (even one never closed), and a busy one never starves the
+rest of the pool:
 
 * PostgreSQL (:class:`PgLanes`): at most ``limit`` lanes, a quarter of the pool's capacity left for
-  ``transaction()``, the repo's other calls and whoever else shares the engine. A pool whose capacity
-  is unknown or too small for that gets no lanes (each call checks a connection out and back in).
+  ``transaction()``, the repo's other calls and whoever else shares the engine; and a lane that is
+  not needed right away goes back while every connection of the pool is out (someone may be waiting
+  for one). A pool whose capacity is unknown or too small gets no lanes (each call checks a
+  connection out and back in).
 * SQLite (:class:`SqliteLane`): one lane behind the in-process write gate (one unit at a time). A unit
   that needs a SQLAlchemy connection of its own (``exclusive()``) first returns the lane to the pool,
   so even a one-connection pool never waits on the lane.
@@ -123,15 +126,20 @@ async def _invalidate(conn: AsyncConnection) -> None:
         await _close_quietly(conn)
 
 
-def lane_limit(engine: AsyncEngine) -> int:
-    """How many lanes a PostgreSQL repo may hold: three quarters of a ``QueuePool``'s capacity."""
+def pool_capacity(engine: AsyncEngine) -> int:
+    """Connections a ``QueuePool`` hands out at most (0 for other pools: no lanes)."""
     pool = engine.sync_engine.pool
     if not isinstance(pool, QueuePool):
         return 0
     overflow = getattr(pool, "_max_overflow", 0)
     if not isinstance(overflow, int) or overflow < 0:  # unbounded overflow: the pool size still bounds
         overflow = 0
-    capacity = pool.size() + overflow
+    return pool.size() + overflow
+
+
+def lane_limit(engine: AsyncEngine) -> int:
+    """How many lanes a PostgreSQL repo may hold: three quarters of a ``QueuePool``'s capacity."""
+    capacity = pool_capacity(engine)
     return capacity - max(1, capacity // 4)
 
 
@@ -141,11 +149,15 @@ class PgLanes:
     def __init__(self, engine: AsyncEngine, limit: int) -> None:
         self._engine = engine
         self.limit = limit
+        self._capacity = pool_capacity(engine)
         self._slots = asyncio.Semaphore(max(limit, 1))
         self._idle: list[Lane] = []
         self._busy = 0
         self._wanting = 0
         self.closed = False
+
+    def _is_idle(self) -> bool:
+        return self._busy == 0 and self._wanting == 0
 
     @asynccontextmanager
     async def lane(self) -> AsyncIterator[Any]:
@@ -155,10 +167,7 @@ class PgLanes:
             try:
                 yield lane.driver
             except BaseException as error:
-                if not pg_reusable(lane, error):
-                    await lane.discard(error)
-                    raise
-                await lane.close()
+                await (lane.close() if pg_reusable(lane, error) else lane.discard(error))
                 raise
             await lane.close()
             return
@@ -190,12 +199,24 @@ class PgLanes:
         if error is not None and not pg_reusable(lane, error):
             await lane.discard(error)
             return
+        if self._pool_is_out():  # someone else may wait for a connection: the pool serves in turn
+            await lane.close()
+            return
         self._idle.append(lane)
-        if self.closed or (self._busy == 0 and self._wanting == 0):
+        if self.closed or self._is_idle():  # an idle repo holds nothing, even one never closed
             await self.trim()
 
+    def _pool_is_out(self) -> bool:
+        pool = self._engine.sync_engine.pool
+        return isinstance(pool, QueuePool) and pool.checkedout() >= self._capacity
+
+    async def aclose(self) -> None:
+        """Return every lane to the pool; lanes still in use go back when released."""
+        self.closed = True
+        await self.trim()
+
     async def trim(self) -> None:
-        """Return every idle lane to the pool (when the repo goes idle, and on ``aclose()``)."""
+        """Return every idle lane to the pool (when the repo goes idle, and on close)."""
         while self._idle:
             lane = self._idle.pop()
             try:
@@ -247,13 +268,18 @@ class SqliteLane:
                     await lane.discard(error)
                 raise
             finally:
-                if self._waiting == 0:  # nobody queued behind: the repo goes idle
+                if self._waiting == 0:  # nobody queued behind: the repo goes idle (a trim is cheap here)
                     await self.trim()
         finally:
             self._gate.release()
 
+    async def aclose(self) -> None:
+        """Return the lane to the pool."""
+        async with self.exclusive():
+            pass
+
     async def trim(self) -> None:
-        """Return the lane to the pool (the gate must be held, or the repo closing)."""
+        """Return the lane to the pool (the gate must be held)."""
         lane, self._lane = self._lane, None
         if lane is not None:
             await lane.close()

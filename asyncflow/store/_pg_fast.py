@@ -1,11 +1,12 @@
 """The PostgreSQL hot path: each call is one autocommit statement on the asyncpg connection itself.
 
-``apply_step`` is one call of the plpgsql function :data:`STEP_FUNCTION` (installed by
-``create_schema()``): the guarded instance update, the compare-and-set node updates, the inserts and
-the optional cancel run inside one statement, so they commit together without ``BEGIN``/``COMMIT``
-round trips; a failed condition raises SQLSTATE :data:`CONFLICT_SQLSTATE`, which rolls the statement
-back and becomes ``StepResult(applied=False)``. Inside ``transaction()`` the same function runs in a
-SAVEPOINT (:data:`STEP_CALL` through SQLAlchemy), because an error aborts the enclosing transaction.
+``apply_step`` is one call of the plpgsql function ``asyncflow_step_v1``
+(:data:`asyncflow.store.pg_functions.STEP_FUNCTION`, installed by ``create_schema()``): the guarded
+instance update, the compare-and-set node updates, the inserts and the optional cancel run inside one
+statement, so they commit together without ``BEGIN``/``COMMIT`` round trips; a failed condition
+raises SQLSTATE :data:`CONFLICT_SQLSTATE`, which rolls the statement back and becomes
+``StepResult(applied=False)``. Inside ``transaction()`` the same function runs in a SAVEPOINT
+(:data:`STEP_CALL` through SQLAlchemy), because an error aborts the enclosing transaction.
 The step travels as one JSON argument (:func:`step_json`): cheaper to send than a dozen arrays, and
 the shape :mod:`asyncflow.store._pg_batch` concatenates to apply several steps in one statement.
 
@@ -27,7 +28,6 @@ from ._prepare import InstanceRow, PreparedStep
 __all__ = [
     "CONFLICT_SQLSTATE",
     "STEP_CALL",
-    "STEP_FUNCTION",
     "UNDEFINED_FUNCTION_SQLSTATE",
     "apply_step",
     "claim_due",
@@ -38,90 +38,10 @@ __all__ = [
 ]
 
 CONFLICT_SQLSTATE = "AF409"
-"""Raised by :data:`STEP_FUNCTION` when a condition of the step fails (nothing is written)."""
+"""Raised by the step function when a condition of the step fails (nothing is written)."""
 
 UNDEFINED_FUNCTION_SQLSTATE = "42883"
 """The function is missing (a schema made without ``create_schema()``): the repo falls back to Core."""
-
-STEP_FUNCTION = """
-CREATE OR REPLACE FUNCTION asyncflow_step_v1(p_step jsonb) RETURNS bigint[] LANGUAGE plpgsql AS $asyncflow$
--- One step of asyncflow's engine (asyncflow.records.Step), all or nothing: any failed condition
--- raises SQLSTATE AF409, which rolls back everything this call wrote. p_step is the JSON array
--- [instance_id, [status_in...], status, next_run_at, now, cancel_other_tasks,
---  [[node_id, expected_version, status, context, fail_count, started_at], ...],
---  [[task_type, status, context, fail_count, started_at], ...]]  (null: leave the column as it is).
-DECLARE
-    v_instance bigint := (p_step->>0)::bigint;
-    v_now bigint := (p_step->>4)::bigint;
-    v_touched bigint[] := '{}';
-    v_ids bigint[] := '{}';
-    v_count bigint;
-    v_update jsonb;
-BEGIN
-    UPDATE workflow_instance
-       SET status = coalesce(p_step->>2, status),
-           next_run_at = coalesce((p_step->>3)::bigint, next_run_at),
-           updated_at = v_now,
-           version = version + 1
-     WHERE id = v_instance
-       AND (jsonb_array_length(p_step->1) = 0
-            OR status IN (SELECT jsonb_array_elements_text(p_step->1)));
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'AF409',
-            MESSAGE = format('asyncflow step: instance %s is missing or not in %s', v_instance, p_step->1);
-    END IF;
-    FOR v_update IN SELECT jsonb_array_elements(p_step->6) LOOP
-        UPDATE task_instance
-           SET status = coalesce(v_update->>2, status),
-               node_context = coalesce(nullif(v_update->3, 'null'::jsonb), node_context),
-               fail_count = coalesce((v_update->>4)::bigint, fail_count),
-               started_at = coalesce((v_update->>5)::bigint, started_at),
-               updated_at = v_now,
-               version = version + 1
-         WHERE id = (v_update->>0)::bigint AND workflow_instance_id = v_instance
-           AND version = (v_update->>1)::bigint;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION USING ERRCODE = 'AF409', MESSAGE = format(
-                'asyncflow step: node row %s of instance %s is not at version %s',
-                v_update->0, v_instance, v_update->1);
-        END IF;
-        v_touched := v_touched || (v_update->>0)::bigint;
-    END LOOP;
-    IF jsonb_array_length(p_step->7) > 0 THEN
-        WITH inserted AS (
-            INSERT INTO task_instance (workflow_instance_id, task_type, status, node_context, fail_count,
-                                       created_at, updated_at, started_at, version)
-            SELECT v_instance, r.row->>0, r.row->>1, r.row->2, (r.row->>3)::bigint, v_now, v_now,
-                   (r.row->>4)::bigint, 1
-              FROM jsonb_array_elements(p_step->7) WITH ORDINALITY AS r(row, ord)
-             ORDER BY r.ord
-            ON CONFLICT (workflow_instance_id, task_type) DO NOTHING
-            RETURNING id, task_type
-        )
-        SELECT (SELECT count(*) FROM inserted),
-               (SELECT array_agg(inserted.id ORDER BY r.ord)
-                  FROM inserted
-                  JOIN jsonb_array_elements(p_step->7) WITH ORDINALITY AS r(row, ord)
-                    ON r.row->>0 = inserted.task_type)
-          INTO v_count, v_ids;
-        IF v_count <> jsonb_array_length(p_step->7) THEN
-            RAISE EXCEPTION USING ERRCODE = 'AF409',
-                MESSAGE = format('asyncflow step: instance %s already has one of these node rows: %s',
-                                 v_instance, p_step->7);
-        END IF;
-    END IF;
-    IF (p_step->>5)::boolean THEN
-        UPDATE task_instance
-           SET status = 'canceled', updated_at = v_now, version = version + 1
-         WHERE workflow_instance_id = v_instance
-           AND status NOT IN ('completed', 'failed', 'canceled')
-           AND id <> ALL (v_touched || v_ids);
-    END IF;
-    RETURN v_ids;
-END
-$asyncflow$;
-"""
-"""``CREATE OR REPLACE`` DDL of the step function (``create_schema()`` runs it; also for Alembic users)."""
 
 STEP_CALL = "SELECT asyncflow_step_v1($1::text::jsonb)"
 

@@ -25,8 +25,10 @@ from ._dialect import is_unique_violation
 from ._prepare import InstanceRow, PreparedStep
 
 __all__ = [
+    "MAX_BATCH",
     "TESTED_AIOSQLITE",
     "apply_step",
+    "apply_steps",
     "claim_due",
     "create_instance",
     "get_instance",
@@ -35,6 +37,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+MAX_BATCH = 64
+"""Steps per transaction at most when steps are grouped (:func:`apply_steps`)."""
 
 TESTED_AIOSQLITE = ((0, 17), (0, 22))
 """The aiosqlite versions (major, minor), inclusive, whose private ``_execute`` this module relies on."""
@@ -221,8 +226,42 @@ def apply_step(
 ) -> tuple[TaskInstanceRecord, ...] | None:
     """The step in one ``BEGIN IMMEDIATE`` transaction; ``None`` (rolled back) if a condition failed."""
     ids = _write(conn, _step, step, now)
-    if ids is None:
-        return None
+    return None if ids is None else _inserted(step, ids, now)
+
+
+def apply_steps(conn: sqlite3.Connection, steps: Sequence[tuple[PreparedStep, int]]) -> list[Any]:
+    """Several steps in one ``BEGIN IMMEDIATE`` transaction, each in a SAVEPOINT, and one commit.
+
+    Outcome per step: its inserted records, ``None`` (a condition failed: rolled back), or the
+    exception it raised (rolled back alone). An error that ends the whole transaction is raised.
+    """
+    outcomes: list[Any] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for step, now in steps:
+            outcome: Any
+            conn.execute("SAVEPOINT asyncflow_step")
+            try:
+                ids = _step(conn, step, now)
+            except sqlite3.Error as error:
+                if not conn.in_transaction:  # SQLite rolled back the whole transaction itself
+                    raise
+                ids, outcome = None, error
+            else:
+                outcome = None if ids is None else _inserted(step, ids, now)
+            if ids is None:
+                conn.execute("ROLLBACK TO asyncflow_step")
+            conn.execute("RELEASE asyncflow_step")
+            outcomes.append(outcome)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+def _inserted(step: PreparedStep, ids: Sequence[int], now: int) -> tuple[TaskInstanceRecord, ...]:
     return tuple(
         st.inserted_task_record(task_id, step.instance_id, row, now)
         for task_id, row in zip(ids, step.inserts, strict=True)

@@ -115,11 +115,9 @@ class ConnectionUnits:
         """Mark the units closed and return every kept connection to the pool."""
         self.closed = True
         if self._pg is not None:
-            self._pg.closed = True
-            await self._pg.trim()
+            await self._pg.aclose()
         if self._sqlite is not None:
-            async with self._sqlite.exclusive():
-                pass
+            await self._sqlite.aclose()
 
     def _joined(self) -> _Tx | None:
         tx = self._tx.get()

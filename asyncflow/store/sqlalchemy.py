@@ -38,13 +38,12 @@ from ..records import (
     TaskWhere,
     WorkflowInstanceRecord,
 )
-from . import _dialect, _pg_fast
+from . import _dialect, pg_functions
 from . import _prepare as prep
 from . import _statements as st
 from ._core_step import StepConflict, apply_core
 from ._hot import FunctionMissing, HotPath
 from ._json import check_int, check_texts, copy_context, validate_instance_query, validate_task_query
-from ._pg_batch import BATCH_FUNCTION
 from ._units import ConnectionUnits, StoreErrors
 from .tables import SCHEMA_VERSION, asyncflow_schema, metadata
 
@@ -123,11 +122,11 @@ class SQLAlchemyWorkflowRepo:
                         f"asyncflow's {SCHEMA_VERSION}: upgrade asyncflow"
                     )
                 if conn.dialect.name == "postgresql":  # also on a database made by an older asyncflow
-                    await conn.exec_driver_sql(_pg_fast.STEP_FUNCTION)
-                    await conn.exec_driver_sql(BATCH_FUNCTION)
+                    for ddl in pg_functions.ALL:
+                        await conn.exec_driver_sql(ddl)
         self._hot.step_function = self._hot.kind == "pg"
-        if self._hot.batcher is not None:
-            self._hot.batcher.enabled = True
+        if self._hot.pg_batches is not None:
+            self._hot.pg_batches.enabled = True
 
     async def aclose(self) -> None:
         """Dispose the engine if the repo built it (idempotent); a caller's engine is left alone."""

@@ -112,6 +112,7 @@ async def test_every_hot_call_is_one_trip_to_the_database_thread(repo: SQLAlchem
             for instance_id, rows in made
         ]
         results = await asyncio.gather(*(repo.apply_step(step) for step in steps))
+        step_hops = hops[0]
         loaded = await asyncio.gather(*(repo.load_task_instances(i) for i, _ in made))
         got = await asyncio.gather(*(repo.get_workflow_instance(i) for i, _ in made))
         claimed = await repo.claim_due_instances(now_ms=10**12, limit=100, lease_ms=1000)
@@ -120,10 +121,11 @@ async def test_every_hot_call_is_one_trip_to_the_database_thread(repo: SQLAlchem
     assert [[r.task_type for r in rows] for rows in loaded] == [["a", "b", "c"]] * 10
     assert all(g is not None and g.status == "running" for g in got) and created.id > 0
     assert seen == []  # nothing went through SQLAlchemy's statements
-    calls = 10 + 10 + 10 + 1 + 1
-    bursts = 5  # after each, the repo is idle: the kept connection goes back (a ROLLBACK by the pool)
-    assert calls <= hops[0] <= calls + bursts
-    assert counter.commits == 10 + 1 + 1  # steps, claim, create
+    assert 1 <= step_hops <= 2 + 1  # the ten steps waited together: one or two transactions
+    calls = 10 + 10 + 1 + 1
+    bursts = 4  # after each, the repo is idle: the kept connection goes back (a ROLLBACK by the pool)
+    assert calls <= hops[0] - step_hops <= calls + bursts
+    assert counter.commits == 10 + 1 + 1  # steps (each counts as a write), claim, create
 
 
 async def test_a_failure_mid_step_rolls_back_the_whole_step(
@@ -251,3 +253,40 @@ async def test_core_units_and_the_hot_path_share_a_one_connection_pool() -> None
         pool = cast(QueuePool, repo.engine.pool)
         assert pool.checkedout() == 0  # idle: the kept connection went back
         assert [(await repo.get_workflow_instance(m.id)) is not None for m in made] == [True] * 10
+
+
+async def test_concurrent_steps_share_a_transaction_but_fail_and_conflict_alone(
+    repo: SQLAlchemyWorkflowRepo, sqlite_url: str
+) -> None:
+    async with repo.engine.begin() as conn:
+        await conn.exec_driver_sql(
+            "CREATE TRIGGER refuse BEFORE INSERT ON task_instance WHEN NEW.task_type = 'refused' "
+            "BEGIN SELECT RAISE(ABORT, 'refused node'); END"
+        )
+    made = [await instance_with(repo, "a") for _ in range(6)]
+
+    def step(i: int, *, version: int = 1, insert: str = "b") -> Step:
+        instance_id, rows = made[i]
+        update = TaskUpdate(id=rows["a"].id, expected_version=version, status="completed")
+        return Step(
+            instance_id=instance_id, instance_status="running", updates=(update,), inserts=(task(insert),)
+        )
+
+    steps = [step(0), step(1, version=9), step(2, insert="refused"), step(3), step(4, insert="a"), step(5)]
+    with hops_and_statements(repo.engine) as (hops, _):
+        results = await asyncio.gather(*(repo.apply_step(s) for s in steps), return_exceptions=True)
+    assert hops[0] <= 3  # one transaction for the six (plus the kept connection's reset)
+    assert [getattr(r, "applied", None) for r in results] == [True, False, None, True, False, True]
+    failure = results[2]
+    assert isinstance(failure, StoreError) and "refused node" in str(failure)
+    assert isinstance(failure.__cause__, sqlite3.IntegrityError)  # the step's own driver error
+    for i, (instance_id, rows) in enumerate(made):
+        loaded = await repo.load_task_instances(instance_id)
+        instance = await repo.get_workflow_instance(instance_id)
+        assert instance is not None
+        if i in (0, 3, 5):
+            assert [(r.task_type, r.status) for r in loaded] == [("a", "completed"), ("b", "running")]
+            assert instance.version == 2
+        else:  # rolled back alone: untouched
+            assert loaded == [rows["a"]] and instance.version == 1
+    assert await asyncio.to_thread(write_elsewhere, db_path(sqlite_url)) == "written"

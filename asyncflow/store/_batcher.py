@@ -1,0 +1,88 @@
+"""Group commit: steps that wait at the same time go to the database together, as one commit.
+
+A workflow pass needs each step durable before it goes on, but many passes run at once, and each
+step alone costs a round trip (or a trip to SQLite's thread), a commit (an fsync) and the driver's
+per-statement work. :class:`StepBatcher` keeps at most ``slots`` batches in flight; steps submitted
+meanwhile (and in the same event-loop turn) queue up and leave together. The backend's runner
+applies each step of a batch on its own (a subtransaction or SAVEPOINT), so one step's failed
+condition or error rolls back that step alone, and commits the batch once. Under light load a step
+goes alone, as before; a caller cancelled while waiting does not stop its batch (its step lands
+whole or not at all, as a single statement would).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+__all__ = ["StepBatcher"]
+
+T = TypeVar("T")
+
+BatchRunner = Callable[[Sequence[T]], Awaitable[Sequence[Any]]]
+"""Applies a batch; one outcome per item, in order. An exception outcome is raised in its caller; an
+exception the runner raises is raised in every caller of the batch."""
+
+
+class StepBatcher(Generic[T]):
+    """Queues items and hands them to ``run`` in batches of at most ``max_batch``, ``slots`` at a time."""
+
+    def __init__(self, run: BatchRunner[T], *, slots: int, max_batch: int) -> None:
+        self._runner = run
+        self._slots = max(1, slots)
+        self._max_batch = max_batch
+        self._queue: list[tuple[int, T, asyncio.Future[Any]]] = []
+        self._inflight = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, order: int, item: T) -> Any:
+        """The outcome of ``item`` once its batch is done (batches are sorted by ``order``)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((order, item, future))
+        self._kick(loop)
+        return await future
+
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._queue and not self._scheduled and self._inflight < self._slots:
+            self._scheduled = True
+            loop.call_soon(self._start)  # after this turn: what else is submitted in it joins
+
+    def _start(self) -> None:
+        self._scheduled = False
+        while self._queue and self._inflight < self._slots:
+            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            batch.sort(key=lambda entry: entry[0])  # rows locked in one order: no deadlock between batches
+            self._inflight += 1
+            task = asyncio.get_running_loop().create_task(self._run(batch), name="asyncflow-step-batch")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[int, T, asyncio.Future[Any]]]) -> None:
+        try:
+            outcomes = await self._runner([item for _, item, _ in batch])
+            for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+        except Exception as error:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+        except BaseException:
+            for _, _, future in batch:
+                future.cancel()
+            raise
+        finally:
+            self._inflight -= 1
+            self._kick(asyncio.get_running_loop())
+
+    async def aclose(self) -> None:
+        """Wait for the batches in flight."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

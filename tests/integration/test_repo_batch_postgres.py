@@ -1,0 +1,148 @@
+"""Group commit on PostgreSQL: concurrent steps share statements, each applied (or not) on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from asyncflow.errors import StoreError
+from asyncflow.records import Step, TaskUpdate
+from asyncflow.store.commit_counter import CommitCounter
+from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+
+from .pg_hot_helpers import (
+    BLOCKED_BY_ME,
+    add_refusing_trigger,
+    instance_with,
+    task,
+)
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def repo(pg_engine: AsyncEngine) -> AsyncIterator[SQLAlchemyWorkflowRepo]:
+    made = SQLAlchemyWorkflowRepo(pg_engine)
+    await made.create_schema()
+    yield made
+    await made.aclose()
+
+
+@contextmanager
+def batch_sizes(repo: SQLAlchemyWorkflowRepo) -> Iterator[list[int]]:
+    """The size of every multi-step statement the repo's batcher sends meanwhile."""
+    batcher = repo._hot._batcher
+    assert batcher is not None
+    sizes: list[int] = []
+    original = batcher._runner
+
+    async def counted(batch: Any) -> Any:
+        if len(batch) > 1:
+            sizes.append(len(batch))
+        return await original(batch)
+
+    batcher._runner = counted
+    try:
+        yield sizes
+    finally:
+        batcher._runner = original
+
+
+async def test_concurrent_steps_share_statements_and_get_their_own_rows(repo: SQLAlchemyWorkflowRepo) -> None:
+    made = [await instance_with(repo, "a") for _ in range(40)]
+    steps = [
+        Step(
+            instance_id=instance_id,
+            instance_status="running",
+            updates=(
+                TaskUpdate(id=rows["a"].id, expected_version=1, status="completed", node_context={"i": i}),
+            ),
+            inserts=(task(f"b{i}"), task("c")),
+        )
+        for i, (instance_id, rows) in enumerate(made)
+    ]
+    with batch_sizes(repo) as sizes, CommitCounter(repo.engine) as counter:
+        results = await asyncio.gather(*(repo.apply_step(step) for step in steps))
+    assert sizes and max(sizes) > 1 and sum(sizes) <= len(steps)  # some steps went together
+    assert counter.commits == len(steps)  # each applied step counts as one write
+    for i, ((instance_id, _), result) in enumerate(zip(made, results, strict=True)):
+        loaded = await repo.load_task_instances(instance_id)
+        assert result.applied and list(result.inserted) == loaded[1:]
+        assert [(r.task_type, r.status, r.node_context) for r in loaded] == [
+            ("a", "completed", {"i": i}),
+            (f"b{i}", "running", {"n": f"b{i}"}),
+            ("c", "running", {"n": "c"}),
+        ]
+
+
+async def test_one_batch_applies_conflicts_and_failures_step_by_step(repo: SQLAlchemyWorkflowRepo) -> None:
+    import asyncpg
+
+    await add_refusing_trigger(repo.engine)
+    batcher = repo._hot._batcher
+    assert batcher is not None
+    batcher._slots = 1  # one statement in flight: the others queue behind it and go together
+    blocker_id, _ = await instance_with(repo)
+    ok_id, ok_rows = await instance_with(repo, "a")
+    stale_id, stale_rows = await instance_with(repo, "a")
+    refused_id, refused_rows = await instance_with(repo, "a")
+    ok = Step(instance_id=ok_id, updates=(TaskUpdate(id=ok_rows["a"].id, expected_version=1, status="done"),))
+    stale = Step(
+        instance_id=stale_id,
+        updates=(TaskUpdate(id=stale_rows["a"].id, expected_version=5, status="done"),),
+        inserts=(task("never"),),
+    )
+    refused = Step(
+        instance_id=refused_id,
+        updates=(TaskUpdate(id=refused_rows["a"].id, expected_version=1, status="done"),),
+        inserts=(task("refused"),),
+    )
+    also_ok = Step(instance_id=ok_id, inserts=(task("b"),))  # the same instance, after `ok`
+    with batch_sizes(repo) as sizes:
+        async with repo.engine.connect() as other, other.begin():
+            await other.execute(
+                text("SELECT 1 FROM workflow_instance WHERE id = :i FOR UPDATE"), {"i": blocker_id}
+            )
+            first = asyncio.create_task(repo.apply_step(Step(instance_id=blocker_id, inserts=(task("x"),))))
+            while not (await other.execute(BLOCKED_BY_ME)).scalars().all():
+                await asyncio.sleep(0.01)
+            queued = [asyncio.create_task(repo.apply_step(s)) for s in (ok, stale, refused, also_ok)]
+            await asyncio.sleep(0.05)
+        results = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert sizes == [4]
+    assert [getattr(r, "applied", None) for r in results] == [True, True, False, None, True]
+    failure = results[3]
+    assert isinstance(failure, StoreError) and "refused node" in str(failure)
+    assert isinstance(failure.__cause__, asyncpg.PostgresError)  # the step's own error, run alone
+    assert [(r.task_type, r.status) for r in await repo.load_task_instances(ok_id)] == [
+        ("a", "done"),
+        ("b", "running"),
+    ]
+    assert await repo.load_task_instances(stale_id) == [stale_rows["a"]]
+    assert await repo.load_task_instances(refused_id) == [refused_rows["a"]]
+    refused_instance = await repo.get_workflow_instance(refused_id)
+    assert refused_instance is not None and refused_instance.version == 1
+
+
+async def test_without_the_batch_function_steps_go_one_by_one(
+    repo: SQLAlchemyWorkflowRepo, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with repo.engine.begin() as conn:
+        await conn.execute(text("DROP FUNCTION asyncflow_steps_v1"))
+    made = [await instance_with(repo) for _ in range(20)]
+    with caplog.at_level(logging.WARNING, logger="asyncflow.store._pg_batch"):
+        results = await asyncio.gather(
+            *(repo.apply_step(Step(instance_id=i, inserts=(task("a"),))) for i, _ in made),
+            *(repo.apply_step(Step(instance_id=i, inserts=(task("a"),))) for i, _ in made),
+        )
+    assert sorted(r.applied for r in results) == [False] * 20 + [True] * 20  # each instance: one of two
+    assert len([r for r in caplog.records if "asyncflow_steps_v1" in r.getMessage()]) == 1
+    for instance_id, _ in made:
+        assert [r.task_type for r in await repo.load_task_instances(instance_id)] == ["a"]
