@@ -282,6 +282,7 @@ def test_preload_reports_every_failure_and_caches_the_good_13_11() -> None:
 def test_preload_all_good() -> None:
     registry = ready("w", "A")
     registry.preload_workflow_definitions()  # raises nothing
+    assert registry.get_workflow_definition("w") is registry.get_workflow_definition("w")  # cached
     Registry().preload_workflow_definitions()  # nothing loaded: nothing to do
 
 
