@@ -547,30 +547,17 @@ def _entry(
     pre: list[str],
     nxt: list[str],
 ) -> TaskInstanceDetail:
-    if row is None:
-        return TaskInstanceDetail(
-            id=0,
-            workflow_instance_id=instance_id,
-            task_type=task_type,
-            task_name=task_name,
-            status=TaskStatus.UNCREATED.value,
-            node_context=None,
-            fail_count=0,
-            created_at=0,
-            updated_at=0,
-            pre_nodes_keys=pre,
-            next_nodes_keys=nxt,
-        )
+    """One detail entry: from the node's row, or ``uncreated`` (id 0, no context) when it has none."""
     return TaskInstanceDetail(
-        id=row.id,
+        id=row.id if row else 0,
         workflow_instance_id=instance_id,
         task_type=task_type,
         task_name=task_name,
-        status=row.status,
-        node_context=row.node_context,
-        fail_count=row.fail_count,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
+        status=row.status if row else TaskStatus.UNCREATED.value,
+        node_context=row.node_context if row else None,
+        fail_count=row.fail_count if row else 0,
+        created_at=row.created_at if row else 0,
+        updated_at=row.updated_at if row else 0,
         pre_nodes_keys=pre,
         next_nodes_keys=nxt,
     )
