@@ -216,19 +216,14 @@ class WorkflowService:
                 "its own instance)"
             )
         async with self.lock.hold(lock_key(instance_id), self.lock_ttl) as lease:
-            if known is not None:
-                instance, rows = known
-            else:
-                loaded = await self.repo.get_workflow_instance(instance_id)
-                if loaded is None:
+            if known is None:
+                known = await self.repo.load_instance_state(instance_id)
+                if known is None:
                     raise InstanceNotFoundError(f"workflow instance {instance_id} not found")
-                instance = loaded
-                rows = []
+            instance, rows = known
             if instance.status not in _ACTIVE:  # terminal, or a status this engine does not know
                 return WorkflowInstance.from_record(instance, self._definition_or_none(instance))
             definition = self.registry.get_workflow_definition(instance.workflow_type)
-            if known is None:
-                rows = await self.repo.load_task_instances(instance_id)
             runner = PassRunner(
                 repo=self.repo,
                 clock=self.clock,

@@ -26,7 +26,7 @@ from ._batcher import StepBatcher
 from ._core_step import StepConflict
 from ._dialect import sqlstate
 from ._observers import notify
-from ._pg_batch import BATCH_SLOTS, MAX_BATCH, RUN_ALONE, PgStepBatches
+from ._pg_batch import BATCH_SLOTS, MAX_BATCH, RUN_ALONE, PgCreateBatches, PgStateReads, PgStepBatches
 from ._prepare import InstanceRow, PreparedStep
 from ._units import ConnectionUnits
 
@@ -55,10 +55,14 @@ class HotPath:
         lanes = units.pg_lanes
         self.pg_batches: PgStepBatches | None = None
         self._batcher: StepBatcher[Any] | None = None
+        self._creates: StepBatcher[Any] | None = None
+        self._reads: StepBatcher[Any] | None = None
         if self.kind == "pg" and lanes is not None and lanes.limit > 0:
             self.pg_batches = PgStepBatches(lanes)
             slots = min(BATCH_SLOTS, lanes.limit)
             self._batcher = StepBatcher(self.pg_batches, slots=slots, max_batch=MAX_BATCH)
+            self._creates = StepBatcher(PgCreateBatches(lanes), slots=slots, max_batch=MAX_BATCH)
+            self._reads = StepBatcher(PgStateReads(lanes), slots=slots, max_batch=MAX_BATCH)
         elif self.kind == "sqlite":  # one writer at a time: one batch in flight, the rest gather
             self._batcher = StepBatcher(self._sqlite_batch, slots=1, max_batch=lite.MAX_BATCH)
 
@@ -81,8 +85,14 @@ class HotPath:
     async def create(self, row: InstanceRow, now: int) -> int:
         """Insert one instance; its id."""
         if self.kind == "pg":
-            async with self._units.lane() as conn:
-                instance_id = await pg.create_instance(conn, row, now)
+            outcome: Any = RUN_ALONE
+            if self._creates is not None:
+                self._check_open()
+                outcome = await self._creates.submit(0, (row, now))
+            if outcome is RUN_ALONE:
+                async with self._units.lane() as conn:
+                    outcome = await pg.create_instance(conn, row, now)
+            instance_id: int = outcome
         else:
             instance_id = await self._sqlite(lite.create_instance, row, now)
         notify(self._engine, True)
@@ -97,6 +107,27 @@ class HotPath:
             record = await self._sqlite(lite.get_instance, instance_id)
         notify(self._engine, False)
         return record
+
+    async def load_state(
+        self, instance_id: int
+    ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
+        """The instance and its node rows (ordered by id) in one unit, or ``None``."""
+        state: tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None
+        if self.kind == "pg":
+            if self._reads is not None:
+                self._check_open()
+                state = await self._reads.submit(instance_id, instance_id)
+            else:
+                async with self._units.lane() as conn:
+                    state = (await pg.load_states(conn, (instance_id,))).get(instance_id)
+        else:
+            state = await self._sqlite(lite.load_state, instance_id)
+        notify(self._engine, False)
+        return state
+
+    def _check_open(self) -> None:
+        if self._units.closed:
+            raise StoreError("the repo is closed")
 
     async def load(self, instance_id: int) -> list[TaskInstanceRecord]:
         """Every node row of one instance, ordered by id."""
@@ -145,9 +176,10 @@ class HotPath:
             return await pg.apply_step(conn, step, now)
 
     async def aclose(self) -> None:
-        """Wait for the step batches in flight."""
-        if self._batcher is not None:
-            await self._batcher.aclose()
+        """Wait for the batches in flight."""
+        for batcher in (self._batcher, self._creates, self._reads):
+            if batcher is not None:
+                await batcher.aclose()
 
     async def apply_on(
         self, conn: AsyncConnection, step: PreparedStep, now: int

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from ..records import Pager, TaskInstanceRecord, WorkflowInstanceRecord
@@ -61,16 +61,30 @@ class State:
     task_keys: dict[tuple[int, str], int]  # UNIQUE(workflow_instance_id, task_type)
     last_instance_id: int = 0
     last_task_id: int = 0
+    instance_tasks: dict[int, tuple[int, ...]] = field(default_factory=dict)  # ids by instance, ascending
 
     def copy(self) -> State:
-        # rows are immutable, so copying the maps is a full snapshot
+        # rows and the id tuples are immutable, so copying the maps is a full snapshot
         return State(
             dict(self.instances),
             dict(self.tasks),
             dict(self.task_keys),
             self.last_instance_id,
             self.last_task_id,
+            dict(self.instance_tasks),
         )
+
+    def add_task(self, task: Task) -> None:
+        self.tasks[task.id] = task
+        self.task_keys[(task.workflow_instance_id, task.task_type)] = task.id
+        self.instance_tasks[task.workflow_instance_id] = (
+            *self.instance_tasks.get(task.workflow_instance_id, ()),
+            task.id,
+        )
+
+    def tasks_of(self, instance_id: int) -> list[Task]:
+        """The node rows of one instance, ordered by id."""
+        return [self.tasks[task_id] for task_id in self.instance_tasks.get(instance_id, ())]
 
 
 Row = TypeVar("Row", Instance, Task)

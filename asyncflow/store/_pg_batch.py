@@ -1,5 +1,8 @@
 """Group commit on PostgreSQL (see :mod:`asyncflow.store._batcher`): a batch is one statement.
 
+Steps, instance creations and pass reads each have their batches (:class:`PgStepBatches`,
+:class:`PgCreateBatches`, :class:`PgStateReads`); the rest of this text is about steps.
+
 A batch of several steps is one call of ``asyncflow_steps_v1``
 (:data:`asyncflow.store.pg_functions.BATCH_FUNCTION`), which applies each step in a
 subtransaction of its own (``BEGIN ... EXCEPTION``), so one step's failed condition or error rolls
@@ -12,14 +15,23 @@ cancelled) raises its error in every caller, as a single statement would.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from ._lanes import PgLanes
-from ._pg_fast import CONFLICT_SQLSTATE, STEP_CALL, UNDEFINED_FUNCTION_SQLSTATE
+from ._pg_fast import (
+    CONFLICT_SQLSTATE,
+    STEP_CALL,
+    UNDEFINED_FUNCTION_SQLSTATE,
+    create_instance,
+    create_instances,
+    load_states,
+)
+from ._prepare import InstanceRow
 
-__all__ = ["BATCH_SLOTS", "MAX_BATCH", "RUN_ALONE", "PgStepBatches"]
+__all__ = ["BATCH_SLOTS", "MAX_BATCH", "RUN_ALONE", "PgCreateBatches", "PgStateReads", "PgStepBatches"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,3 +80,49 @@ class PgStepBatches:
                 logger.debug("a batch of %d steps failed (%s): each runs alone", len(payloads), error)
             return [RUN_ALONE] * len(payloads)  # the server refused the statement: nothing was written
         return [(row[0], row[1]) if row[0] in (None, CONFLICT_SQLSTATE) else RUN_ALONE for row in rows]
+
+
+class PgCreateBatches:
+    """Instance inserts that wait at the same time, as one multi-row ``INSERT`` and one commit.
+
+    Outcomes: the new id, or :data:`RUN_ALONE` when the server refused the statement (nothing was
+    written), so each caller inserts its row alone and gets its own result or error.
+    """
+
+    def __init__(self, lanes: PgLanes) -> None:
+        self._lanes = lanes
+
+    async def __call__(self, rows: Sequence[tuple[InstanceRow, int]]) -> list[Any]:
+        async with self._lanes.lane() as conn:
+            if len(rows) == 1:
+                return [await create_instance(conn, *rows[0])]
+            try:
+                return list(await create_instances(conn, rows))
+            except Exception as error:
+                code = getattr(error, "sqlstate", None)
+                if code is None or code.startswith("08"):
+                    raise  # the connection failed: as a single statement would
+                logger.debug("a batch of %d inserts failed (%s): each runs alone", len(rows), error)
+                return [RUN_ALONE] * len(rows)
+
+
+class PgStateReads:
+    """Pass reads (an instance and its node rows) that wait at the same time, as one statement.
+
+    Outcomes: ``(instance, rows)`` or ``None`` for a missing instance. A failed read raises its
+    error in every caller (nothing was written).
+    """
+
+    def __init__(self, lanes: PgLanes) -> None:
+        self._lanes = lanes
+
+    async def __call__(self, instance_ids: Sequence[int]) -> list[Any]:
+        async with self._lanes.lane() as conn:
+            states = await load_states(conn, sorted(set(instance_ids)))
+        outcomes: list[Any] = []
+        given: set[int] = set()
+        for instance_id in instance_ids:  # callers own their records (the engine edits contexts)
+            state = states.get(instance_id)
+            outcomes.append(copy.deepcopy(state) if instance_id in given else state)
+            given.add(instance_id)
+        return outcomes

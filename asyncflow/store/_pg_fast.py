@@ -32,7 +32,9 @@ __all__ = [
     "apply_step",
     "claim_due",
     "create_instance",
+    "create_instances",
     "get_instance",
+    "load_states",
     "load_tasks",
     "step_json",
 ]
@@ -59,6 +61,25 @@ _LOAD_TASKS = (
     "SELECT id, workflow_instance_id, task_type, status, node_context::text, fail_count, created_at, "
     "updated_at, started_at, version FROM task_instance WHERE workflow_instance_id = $1::bigint ORDER BY id"
 )
+_INSERT_INSTANCES = (
+    "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, task_id, "
+    "created_at, updated_at, next_run_at, version) "
+    "SELECT r.workflow_type, r.business_id, r.status, r.context::jsonb, r.task_id, r.now, r.now, "
+    "r.next_run_at, 1 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], "
+    "$6::bigint[], $7::bigint[]) WITH ORDINALITY "
+    "AS r(workflow_type, business_id, status, context, task_id, now, next_run_at, ord) "
+    "ORDER BY r.ord RETURNING id"
+)
+_NO_INSTANCE = "NULL::bigint, " + "NULL::text, " * 4 + "NULL::bigint, " * 5
+_NO_TASK = "NULL::bigint, " * 2 + "NULL::text, " * 3 + "NULL::bigint, " * 4 + "NULL::bigint "
+_LOAD_STATES = (
+    "SELECT id, workflow_type, business_id, status, workflow_context::text, task_id, created_at, "
+    "updated_at, next_run_at, version, " + _NO_TASK + "FROM workflow_instance WHERE id = ANY ($1::bigint[]) "
+    "UNION ALL SELECT " + _NO_INSTANCE + "id, workflow_instance_id, task_type, status, node_context::text, "
+    "fail_count, created_at, updated_at, started_at, version FROM task_instance "
+    "WHERE workflow_instance_id = ANY ($1::bigint[]) ORDER BY 11 NULLS FIRST"
+)
+"""Instances (columns 0-9) and then their node rows by id (columns 10-19), for several ids at once."""
 _CLAIM = (
     "UPDATE workflow_instance AS w SET next_run_at = $3::bigint "
     "FROM (SELECT id, next_run_at AS due FROM workflow_instance "
@@ -128,6 +149,38 @@ async def create_instance(conn: Any, row: InstanceRow, now: int) -> int:
         row.next_run_at,
     )
     return instance_id
+
+
+async def create_instances(conn: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int]:
+    """Insert several instances (each with its own ``now``) in one statement; their ids, in order."""
+    ids = await conn.fetch(
+        _INSERT_INSTANCES,
+        [row.workflow_type for row, _ in rows],
+        [row.business_id for row, _ in rows],
+        [row.status for row, _ in rows],
+        [row.context for row, _ in rows],
+        [row.task_id for row, _ in rows],
+        [now for _, now in rows],
+        [row.next_run_at for row, _ in rows],
+    )
+    # ids come from one sequence in the order of the rows: sorted, they follow the input
+    return sorted(record[0] for record in ids)
+
+
+async def load_states(
+    conn: Any, instance_ids: Sequence[int]
+) -> dict[int, tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]]]:
+    """Instances and their node rows (ordered by id) in one statement; missing ids are left out."""
+    states: dict[int, tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]]] = {}
+    for row in await conn.fetch(_LOAD_STATES, list(instance_ids)):
+        if row[0] is not None:
+            states[row[0]] = (st.instance_record(row), [])
+        else:
+            task = st.task_record(row[10:])
+            state = states.get(task.workflow_instance_id)
+            if state is not None:  # else its instance row is gone (possible only without the FK)
+                state[1].append(task)
+    return states
 
 
 async def get_instance(conn: Any, instance_id: int) -> WorkflowInstanceRecord | None:

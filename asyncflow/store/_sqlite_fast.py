@@ -32,6 +32,7 @@ __all__ = [
     "claim_due",
     "create_instance",
     "get_instance",
+    "load_state",
     "load_tasks",
     "run",
 ]
@@ -188,6 +189,18 @@ def get_instance(conn: sqlite3.Connection, instance_id: int) -> WorkflowInstance
 def load_tasks(conn: sqlite3.Connection, instance_id: int) -> list[TaskInstanceRecord]:
     """Every node row of one instance, ordered by id."""
     return [st.task_record(row) for row in conn.execute(_LOAD_TASKS, (instance_id,)).fetchall()]
+
+
+def load_state(
+    conn: sqlite3.Connection, instance_id: int
+) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
+    """The instance and its node rows (ordered by id), or ``None``; one read transaction (snapshot)."""
+    conn.execute("BEGIN")
+    try:
+        instance = get_instance(conn, instance_id)
+        return None if instance is None else (instance, load_tasks(conn, instance_id))
+    finally:
+        conn.execute("COMMIT")
 
 
 def _step(conn: sqlite3.Connection, step: PreparedStep, now: int) -> list[int] | None:

@@ -220,8 +220,7 @@ class MemoryWorkflowRepo:
             row.started_at or now,
             1,
         )
-        state.tasks[task.id] = task
-        state.task_keys[(instance_id, row.task_type)] = task.id
+        state.add_task(task)
         return task
 
     async def create_task_instance(self, instance_id: int, new: TaskInsert) -> TaskInstanceRecord:
@@ -236,9 +235,14 @@ class MemoryWorkflowRepo:
         validate_task_query(params)
         status_in = tuple(params.status_in)
         async with self._unit() as state:
+            candidates = (
+                state.tasks.values()
+                if params.workflow_instance_id is None
+                else state.tasks_of(params.workflow_instance_id)
+            )
             rows = [
                 task
-                for task in state.tasks.values()
+                for task in candidates
                 if (params.id is None or task.id == params.id)
                 and (
                     params.workflow_instance_id is None
@@ -254,12 +258,24 @@ class MemoryWorkflowRepo:
         """Every node row of one instance, ordered by id."""
         check_int(instance_id, "instance_id")
         async with self._unit() as state:
-            rows = [task for task in state.tasks.values() if task.workflow_instance_id == instance_id]
-            return [row.record() for row in sorted(rows, key=lambda task: task.id)]
+            return [row.record() for row in state.tasks_of(instance_id)]
+
+    async def load_instance_state(
+        self, instance_id: int
+    ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
+        """The instance and every node row of it (ordered by id), read together; ``None`` if missing."""
+        check_int(instance_id, "instance_id")
+        async with self._unit() as state:
+            instance = state.instances.get(instance_id)
+            if instance is None:
+                return None
+            return instance.record(), [row.record() for row in state.tasks_of(instance_id)]
 
     def _matching_tasks(self, state: State, filt: prep.TaskFilter) -> Iterable[Task]:
         if filt.ids:
             candidates: Iterable[Task] = (state.tasks[i] for i in dict.fromkeys(filt.ids) if i in state.tasks)
+        elif filt.workflow_instance_id is not None:
+            candidates = state.tasks_of(filt.workflow_instance_id)
         else:
             candidates = list(state.tasks.values())
         for task in candidates:
@@ -321,12 +337,8 @@ class MemoryWorkflowRepo:
             touched.update(task.id for task in inserted)
             if p.cancel_other_tasks:
                 canceled = prep.TaskChange("canceled", None, None, None)
-                for task in list(state.tasks.values()):
-                    if (
-                        task.workflow_instance_id == p.instance_id
-                        and task.id not in touched
-                        and task.status not in _TERMINAL
-                    ):
+                for task in state.tasks_of(p.instance_id):
+                    if task.id not in touched and task.status not in _TERMINAL:
                         state.tasks[task.id] = changed_task(task, canceled, now)
             return StepResult(applied=True, inserted=tuple(task.record() for task in inserted))
 

@@ -72,6 +72,14 @@ class WorkflowRepo(Protocol):
     async def load_task_instances(self, instance_id: int) -> list[TaskInstanceRecord]:
         """Every node row of one instance, ordered by id."""
 
+    async def load_instance_state(
+        self, instance_id: int
+    ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
+        """The instance and every node row of it (ordered by id), read together; ``None`` if missing.
+
+        What a pass reads first. One consistent read: the rows are those of the instance as returned.
+        """
+
     async def update_workflow_instances(self, where: InstanceWhere, fields: InstanceFields) -> int:
         """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
 

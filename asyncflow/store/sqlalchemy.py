@@ -265,6 +265,24 @@ class SQLAlchemyWorkflowRepo:
                 rows = (await conn.execute(st.LOAD_TASKS, {"workflow_instance_id": instance_id})).all()
         return [st.task_record(row) for row in rows]
 
+    async def load_instance_state(
+        self, instance_id: int
+    ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
+        """The instance and every node row of it (ordered by id), read together; ``None`` if missing.
+
+        One statement on PostgreSQL (concurrent reads share it), one read transaction on SQLite.
+        """
+        check_int(instance_id, "instance_id")
+        with StoreErrors("load_instance_state"):
+            if self._hot.usable():
+                return await self._hot.load_state(instance_id)
+            async with self._atomic() as conn:
+                row = (await conn.execute(st.GET_INSTANCE, {"id": instance_id})).first()
+                if row is None:
+                    return None
+                tasks = (await conn.execute(st.LOAD_TASKS, {"workflow_instance_id": instance_id})).all()
+        return st.instance_record(row), [st.task_record(task) for task in tasks]
+
     async def update_task_instances(self, where: TaskWhere, fields: TaskFields) -> int:
         """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
         filt = prep.task_filter(where)

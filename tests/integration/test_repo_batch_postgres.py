@@ -21,6 +21,7 @@ from .pg_hot_helpers import (
     BLOCKED_BY_ME,
     add_refusing_trigger,
     instance_with,
+    new,
     task,
 )
 
@@ -146,3 +147,83 @@ async def test_without_the_batch_function_steps_go_one_by_one(
     assert len([r for r in caplog.records if "asyncflow_steps_v1" in r.getMessage()]) == 1
     for instance_id, _ in made:
         assert [r.task_type for r in await repo.load_task_instances(instance_id)] == ["a"]
+
+
+@contextmanager
+def runner_batches(batcher: Any) -> Iterator[list[int]]:
+    """The size of every batch ``batcher`` hands its runner meanwhile."""
+    sizes: list[int] = []
+    original = batcher._runner
+
+    async def counted(batch: Any) -> Any:
+        sizes.append(len(batch))
+        return await original(batch)
+
+    batcher._runner = counted
+    try:
+        yield sizes
+    finally:
+        batcher._runner = original
+
+
+async def test_concurrent_creates_share_statements_and_get_their_own_ids(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    news = [new(f"c{i}") for i in range(70)]
+    with runner_batches(repo._hot._creates) as sizes, CommitCounter(repo.engine) as counter:
+        made = await asyncio.gather(*(repo.create_workflow_instance(item) for item in news))
+    assert max(sizes) > 1 and sum(sizes) == 70 and len(sizes) < 70
+    assert counter.commits == 70  # each create still counts as one write
+    assert len({item.id for item in made}) == 70
+    for i, item in enumerate(made):
+        assert item.business_id == f"c{i}"
+        assert await repo.get_workflow_instance(item.id) == item
+
+
+async def test_a_refused_create_in_a_batch_fails_alone(repo: SQLAlchemyWorkflowRepo) -> None:
+    async with repo.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "CREATE FUNCTION refuse_instance() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.business_id = 'refused' THEN RAISE EXCEPTION 'refused instance'; END IF; "
+                "RETURN NEW; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER refuse BEFORE INSERT ON workflow_instance"
+                " FOR EACH ROW EXECUTE FUNCTION refuse_instance()"
+            )
+        )
+    names = ["ok-1", "refused", "ok-2", "ok-3"]
+    with runner_batches(repo._hot._creates) as sizes:
+        results = await asyncio.gather(
+            *(repo.create_workflow_instance(new(name)) for name in names), return_exceptions=True
+        )
+    assert sizes[0] == 4  # they went together first, then each alone
+    failure = results[1]
+    assert isinstance(failure, StoreError) and "refused instance" in str(failure)
+    made = [r for r in results if not isinstance(r, BaseException)]
+    assert [r.business_id for r in made] == ["ok-1", "ok-2", "ok-3"]
+    for item in made:
+        assert await repo.get_workflow_instance(item.id) == item
+    async with repo.engine.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM workflow_instance"))).scalar() == 3
+
+
+async def test_concurrent_state_reads_share_statements(repo: SQLAlchemyWorkflowRepo) -> None:
+    made = [await instance_with(repo, "a", "b") for _ in range(40)]
+    with runner_batches(repo._hot._reads) as sizes:
+        states = await asyncio.gather(*(repo.load_instance_state(i) for i, _ in made))
+    assert max(sizes) > 1 and sum(sizes) == 40
+    for (instance_id, rows), state in zip(made, states, strict=True):
+        assert state == (await repo.get_workflow_instance(instance_id), [rows["a"], rows["b"]])
+
+
+async def test_creates_and_reads_of_a_closed_repo_are_store_errors(repo: SQLAlchemyWorkflowRepo) -> None:
+    instance_id, _ = await instance_with(repo)
+    await repo.aclose()
+    with pytest.raises(StoreError, match="closed"):
+        await repo.create_workflow_instance(new())
+    with pytest.raises(StoreError, match="closed"):
+        await repo.load_instance_state(instance_id)

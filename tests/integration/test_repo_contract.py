@@ -247,12 +247,17 @@ async def test_bulk_create_returns_ids_in_input_order(repo: WorkflowRepo) -> Non
 
 
 async def test_a_hundred_concurrent_creates_get_distinct_ids(repo: WorkflowRepo) -> None:
-    made = await asyncio.gather(*(repo.create_workflow_instance(new(f"c{i}")) for i in range(100)))
+    made = await asyncio.gather(
+        *(
+            repo.create_workflow_instance(new(f"c{i}", workflow_context={"i": i}, task_id=i))
+            for i in range(100)
+        )
+    )
     assert len({item.id for item in made}) == 100
     assert await count(repo) == 100
-    for item in made[::17]:
-        read = await repo.get_workflow_instance(item.id)
-        assert read is not None and read.business_id == item.business_id
+    for i, item in enumerate(made):  # each caller got the id of its own row
+        assert (item.business_id, item.workflow_context, item.task_id) == (f"c{i}", {"i": i}, i)
+        assert await repo.get_workflow_instance(item.id) == item
 
 
 async def test_create_schema_is_idempotent(repo: WorkflowRepo) -> None:
@@ -425,6 +430,50 @@ async def test_node_rows_create_load_and_unique(repo: WorkflowRepo, backend: str
     if backend != "memory":
         assert caught.value.__cause__ is not None  # the driver's exception
     assert await repo.load_task_instances(made.id) == [root, node]
+
+
+async def test_load_instance_state_reads_the_instance_with_its_rows(repo: WorkflowRepo) -> None:
+    made = await repo.create_workflow_instance(new(workflow_context={"w": [1]}))
+    other = await repo.create_workflow_instance(new())
+    assert await repo.load_instance_state(made.id) == (made, [])
+    rows = [await repo.create_task_instance(made.id, task(t, node_context={"t": t})) for t in ("b", "a")]
+    await repo.create_task_instance(other.id, task("a"))
+    await repo.update_workflow_instances(InstanceWhere(ids=(made.id,)), InstanceFields(status="running"))
+    state = await repo.load_instance_state(made.id)
+    assert state == (await repo.get_workflow_instance(made.id), rows)
+    assert state is not None and state[0].status == "running" and state[0].version == 2
+    state[0].workflow_context["w"].append(2)  # the caller's copy
+    state[1][0].node_context["t"] = "changed"
+    assert await repo.load_instance_state(made.id) == (await repo.get_workflow_instance(made.id), rows)
+    assert await repo.load_instance_state(made.id + other.id + 1000) is None
+    with pytest.raises(ParamInvalidError, match="instance_id"):
+        await repo.load_instance_state("1")  # type: ignore[arg-type]
+
+
+async def test_load_instance_state_inside_a_transaction_sees_its_writes(repo: WorkflowRepo) -> None:
+    async with repo.transaction():
+        made = await repo.create_workflow_instance(new())
+        row = await repo.create_task_instance(made.id, task("a"))
+        assert await repo.load_instance_state(made.id) == (made, [row])
+
+
+async def test_concurrent_state_reads_each_get_their_own_records(repo: WorkflowRepo) -> None:
+    made = [await repo.create_workflow_instance(new(f"s{i}", workflow_context={"i": i})) for i in range(30)]
+    rows = {
+        item.id: [await repo.create_task_instance(item.id, task("a", node_context={"i": i}))]
+        for i, item in enumerate(made)
+    }
+    asked = [item.id for item in made] + [made[0].id, made[0].id, 10**9]
+    states = await asyncio.gather(*(repo.load_instance_state(i) for i in asked))
+    for item, state in zip(made, states, strict=False):
+        assert state == (item, rows[item.id])
+    assert states[-1] is None
+    first, second = states[30], states[31]
+    assert first == second == states[0]
+    assert first is not None and second is not None
+    first[0].workflow_context["i"] = "mine"
+    first[1][0].node_context["i"] = "mine"
+    assert second == states[0] == (made[0], rows[made[0].id])  # the same instance, asked twice: two copies
 
 
 async def test_node_row_for_a_missing_instance_is_a_store_error(repo: WorkflowRepo) -> None:
