@@ -6,7 +6,7 @@ Examples::
         -n 2000 -c 32 --repeat 3 --json out.json
     python -m benchmarks run --scenario all --mode all --backend postgres,sqlite -c 32,64 --readme
     python -m benchmarks run --scenario none --reference dbos,floor -c 32,64     # references only
-    python -m benchmarks readme out.json                                          # table from a JSON file
+    python -m benchmarks readme pg.json sqlite.json                               # tables from JSON files
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", metavar="FILE", help="write the results as JSON")
     run.add_argument("--readme", nargs="?", const=str(README), metavar="PATH",
                      help="rewrite the results table of benchmarks/README.md (or PATH)")  # fmt: skip
-    readme = sub.add_parser("readme", help="rewrite the README results table from a JSON file")
-    readme.add_argument("json_file")
+    readme = sub.add_parser("readme", help="rewrite the README results from JSON files (a section each)")
+    readme.add_argument("json_files", nargs="+", metavar="json_file")
     readme.add_argument("--path", default=str(README))
     return parser
 
@@ -82,8 +82,8 @@ def _options(args: argparse.Namespace) -> BenchOptions:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "readme":
-        payload = json.loads(Path(args.json_file).read_text(encoding="utf-8"))
-        report.update_readme(args.path, payload)
+        payloads = [json.loads(Path(name).read_text(encoding="utf-8")) for name in args.json_files]
+        report.update_readme(args.path, payloads)
         print(f"updated {args.path}")
         return 0
     try:

@@ -260,14 +260,19 @@ def results_section(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: str | Path, payload: dict[str, Any]) -> None:
-    """Replace the text between :data:`README_START` and :data:`README_END` in ``path``."""
+def update_readme(path: str | Path, payload: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+    """Replace the text between :data:`README_START` and :data:`README_END` in ``path``.
+
+    Several payloads (runs) give one section each, in order, each with its own time and command.
+    """
     readme = Path(path)
     text = readme.read_text(encoding="utf-8")
     pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.DOTALL)
     if not pattern.search(text):
         raise ValueError(f"{readme} has no {README_START} ... {README_END} markers")
-    block = f"{README_START}\n{results_section(payload)}\n{README_END}"
+    payloads = [payload] if isinstance(payload, dict) else list(payload)
+    sections = "\n\n".join(results_section(item) for item in payloads)
+    block = f"{README_START}\n{sections}\n{README_END}"
     readme.write_text(pattern.sub(lambda _: block, text, count=1), encoding="utf-8")
 
 

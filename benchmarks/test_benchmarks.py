@@ -282,6 +282,11 @@ def test_report_ratios_and_readme(tmp_path: Path) -> None:
     assert "- x: y" in text
     table = report.format_table(rows).splitlines()
     assert len(table) == 2 + len(rows) and table[2].startswith("asyncflow")
+    second = dict(payload, command="python -m benchmarks run --backend sqlite", skipped=[])
+    report.update_readme(readme, [payload, second])  # one section per run, each with its command
+    text = readme.read_text(encoding="utf-8")
+    assert text.count("Command: `python -m benchmarks run") == 2 and "--backend sqlite`" in text
+    assert text.startswith("a\n") and text.endswith("\nb\n") and text.count(report.README_START) == 1
 
 
 async def test_isolated_run_is_killed_past_its_deadline_and_needs_a_result() -> None:
@@ -314,8 +319,8 @@ def test_benchmarks_are_not_in_the_default_test_run() -> None:
     config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["pytest"][
         "ini_options"
     ]
-    assert "benchmarks" not in config["testpaths"]
-    assert "not benchmark" in config["addopts"]
+    assert "benchmarks" in config["testpaths"]  # the harness's quick checks run with the tests
+    assert "not benchmark" in config["addopts"]  # the measured scenarios do not
 
 
 def test_scenarios_build() -> None:

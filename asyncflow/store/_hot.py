@@ -3,8 +3,10 @@
 Outside ``transaction()`` these calls bypass SQLAlchemy's per-statement machinery and run on a kept
 connection (:mod:`asyncflow.store._lanes`): on PostgreSQL one autocommit statement on asyncpg
 (:mod:`asyncflow.store._pg_fast`), on SQLite one trip to aiosqlite's thread
-(:mod:`asyncflow.store._sqlite_fast`). PostgreSQL steps that wait at the same time share one
-statement and one commit (:mod:`asyncflow.store._pg_batch`). Inside ``transaction()`` the repo uses
+(:mod:`asyncflow.store._sqlite_fast`). On PostgreSQL, calls of one kind that wait at the same time
+share one statement (:mod:`asyncflow.store._pg_batch`): steps (one commit, each step in a
+subtransaction of its own), creates (one multi-row insert) and pass reads (``load_instance_state``:
+instances and node rows of several passes). Inside ``transaction()`` the repo uses
 its Core statements on the transaction's connection, except that a PostgreSQL step still runs the
 step function (in the SAVEPOINT the repo opens around it). Units that bypass SQLAlchemy are reported
 to :mod:`asyncflow.store._observers`.

@@ -7,9 +7,10 @@ bulk creates run in a transaction of their own. Inside ``transaction()`` (in the
 or a task it spawned) calls share its connection, one at a time, and ``apply_step`` runs in a
 SAVEPOINT so that a step that does not apply leaves the outer transaction usable.
 
-The calls a workflow pass makes (create, get, load, step, claim) take a faster route outside
-``transaction()``, with the same semantics: one driver-level unit each, and on PostgreSQL concurrent
-steps grouped into one statement and commit (:mod:`asyncflow.store._hot`).
+The calls a workflow pass makes (create, get, load, load_instance_state, step, claim) take a faster
+route outside ``transaction()``, with the same semantics: one driver-level unit each, and on
+PostgreSQL concurrent creates, pass reads and steps grouped into one statement per kind
+(:mod:`asyncflow.store._hot`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import time
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -160,8 +163,14 @@ async def test_an_idle_repo_holds_no_connection(repo: SQLAlchemyWorkflowRepo) ->
     made = await asyncio.gather(*(repo.create_workflow_instance(new(str(i))) for i in range(30)))
     await asyncio.gather(*(repo.get_workflow_instance(m.id) for m in made))
     pool = cast(QueuePool, repo.engine.pool)
-    assert pool.checkedout() == 0
-    assert pool.checkedin() >= 2  # calls ran side by side, and their connections went back
+    assert pool.checkedout() >= 2  # calls ran side by side; their connections wait for the next calls
+    await repo.get_workflow_instance(made[0].id)  # a call soon after reuses one: nothing is opened
+    assert pool.checkedout() >= 2
+    start = time.monotonic()
+    while pool.checkedout() > 0 and time.monotonic() - start < 5:
+        await asyncio.sleep(0.01)
+    assert pool.checkedout() == 0  # the idle repo gave them all back, without being closed
+    assert pool.checkedin() >= 2
 
 
 async def test_concurrent_calls_never_take_the_whole_pool(postgres_url: str) -> None:
@@ -265,3 +274,37 @@ async def test_a_server_dropped_connection_is_one_store_error_then_the_pool_reco
         assert caught.value.__cause__ is not None
         assert await repo.get_workflow_instance(made[0].id) == made[0]  # the older connections aged out
         await repo.aclose()
+
+
+async def test_disposing_the_engine_of_a_repo_never_closed_closes_its_kept_connections(
+    postgres_url: str,
+) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        other = SQLAlchemyWorkflowRepo(engine.execution_options())  # shares the pool and dispose()
+        async with engine.connect() as conn:
+            others = set((await conn.execute(text(CONNECTED_PIDS))).scalars().all())  # not this engine's
+        await repo.create_schema()
+        made = await asyncio.gather(*(repo.create_workflow_instance(new(str(i))) for i in range(20)))
+        await asyncio.gather(*(other.get_workflow_instance(m.id) for m in made))
+        async with engine.connect() as conn:
+            pids = set((await conn.execute(text(CONNECTED_PIDS))).scalars().all()) - others
+        assert cast(QueuePool, engine.pool).checkedout() >= 2  # kept for the next calls
+        await engine.dispose()  # neither repo was closed
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gc.collect()
+        assert [str(w.message) for w in caught] == []  # no connection left for the GC to clean up
+        still = pids
+        async with asyncio.timeout(10), engine.connect() as conn:
+            while pids & still:  # the server sees every one of them close (backends exit in a moment)
+                await asyncio.sleep(0.02)
+                still = set((await conn.execute(text(CONNECTED_PIDS))).scalars().all())
+        assert pids
+        assert await repo.get_workflow_instance(made[0].id) == made[0]  # the repo goes on working
+
+
+CONNECTED_PIDS = (
+    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+    "AND application_name = ''"
+)

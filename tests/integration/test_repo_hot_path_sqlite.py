@@ -11,7 +11,7 @@ from typing import Any, cast
 import aiosqlite
 import pytest
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
 from asyncflow.errors import StoreError
@@ -251,7 +251,9 @@ async def test_core_units_and_the_hot_path_share_a_one_connection_pool() -> None
                 *(repo.apply_step(Step(instance_id=m.id, inserts=(task("a"),))) for m in made),
             )
         pool = cast(QueuePool, repo.engine.pool)
-        assert pool.checkedout() == 0  # idle: the kept connection went back
+        async with asyncio.timeout(5):
+            while pool.checkedout() > 0:  # idle: the kept connection goes back soon
+                await asyncio.sleep(0.01)
         assert [(await repo.get_workflow_instance(m.id)) is not None for m in made] == [True] * 10
 
 
@@ -290,3 +292,21 @@ async def test_concurrent_steps_share_a_transaction_but_fail_and_conflict_alone(
         else:  # rolled back alone: untouched
             assert loaded == [rows["a"]] and instance.version == 1
     assert await asyncio.to_thread(write_elsewhere, db_path(sqlite_url)) == "written"
+
+
+async def test_disposing_the_engine_of_a_repo_never_closed_closes_its_kept_connection(
+    sqlite_url: str,
+) -> None:
+    engine = create_async_engine(sqlite_url)
+    repo = SQLAlchemyWorkflowRepo(engine)
+    await repo.create_schema()
+    made = await repo.create_workflow_instance(new("a"))
+    lane = repo._units._sqlite._lane  # type: ignore[union-attr]
+    assert lane is not None  # kept for the next call
+    await engine.dispose()  # the repo was not closed
+    assert repo._units._sqlite._lane is None  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="no active connection"):
+        await lane.driver.execute("SELECT 1")  # aiosqlite's connection is closed
+    assert await repo.get_workflow_instance(made.id) == made  # the repo goes on working
+    await repo.aclose()
+    await engine.dispose()
