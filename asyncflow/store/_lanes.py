@@ -72,9 +72,18 @@ class IdleRelease:
         self._idle_since = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _same_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop; a timer or task of an earlier loop (one that has ended) is forgotten."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._timer = self._task = None
+            self._loop = loop
+        return loop
 
     def arm(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._same_loop()
         self._idle_since = loop.time()
         if self._timer is None and self._task is None:
             self._timer = loop.call_later(self._delay, self._fire)
@@ -100,6 +109,7 @@ class IdleRelease:
 
     async def aclose(self) -> None:
         """Cancel the timer and wait for a release in progress."""
+        self._same_loop()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -284,7 +294,8 @@ class PgLanes:
         """The engine was disposed: close the kept connections now (lanes in use go back when released)."""
         if os.getpid() != self._pid:  # a forked child's copies belong to the parent's connections
             return
-        self._idle = [lane for lane in self._idle if not _close_now(lane)]
+        lanes, self._idle = self._idle, []  # nobody takes a lane while it closes (closing yields)
+        self._idle.extend(lane for lane in lanes if not _close_now(lane))
 
     @asynccontextmanager
     async def lane(self) -> AsyncIterator[Any]:
@@ -369,6 +380,7 @@ class SqliteLane:
         self._waiting = 0
         self._lane: Lane | None = None
         self._idle_release = IdleRelease(self._is_idle, self._trim_if_idle, IDLE_RELEASE_S)
+        self._pid = os.getpid()
         watch_dispose(engine, self)
 
     def _is_idle(self) -> bool:
@@ -376,8 +388,11 @@ class SqliteLane:
 
     def drop_idle_lanes(self) -> None:
         """The engine was disposed: close the kept connection now, unless a unit is using it."""
-        if self._lane is not None and self._is_idle() and _close_now(self._lane):
-            self._lane = None
+        if os.getpid() != self._pid or self._lane is None or not self._is_idle():
+            return  # a forked child's copy belongs to the parent (and its thread is not here)
+        lane, self._lane = self._lane, None  # the next unit opens a new one meanwhile
+        if not _close_now(lane) and self._lane is None:
+            self._lane = lane
 
     async def _trim_if_idle(self) -> None:
         if self._lane is not None and self._is_idle():

@@ -93,17 +93,18 @@ class PgCreateBatches:
         self._lanes = lanes
 
     async def __call__(self, rows: Sequence[tuple[InstanceRow, int]]) -> list[Any]:
-        async with self._lanes.lane() as conn:
-            if len(rows) == 1:
+        if len(rows) == 1:
+            async with self._lanes.lane() as conn:
                 return [await create_instance(conn, *rows[0])]
-            try:
+        try:  # outside the lane: the lane sees the error and drops a connection that broke
+            async with self._lanes.lane() as conn:
                 return list(await create_instances(conn, rows))
-            except Exception as error:
-                code = getattr(error, "sqlstate", None)
-                if code is None or code.startswith("08"):
-                    raise  # the connection failed: as a single statement would
-                logger.debug("a batch of %d inserts failed (%s): each runs alone", len(rows), error)
-                return [RUN_ALONE] * len(rows)
+        except Exception as error:
+            code = getattr(error, "sqlstate", None)
+            if code is None or code.startswith("08"):
+                raise  # the connection failed: as a single statement would
+            logger.debug("a batch of %d inserts failed (%s): each runs alone", len(rows), error)
+            return [RUN_ALONE] * len(rows)
 
 
 class PgStateReads:

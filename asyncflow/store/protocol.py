@@ -77,7 +77,9 @@ class WorkflowRepo(Protocol):
     ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
         """The instance and every node row of it (ordered by id), read together; ``None`` if missing.
 
-        What a pass reads first. One consistent read: the rows are those of the instance as returned.
+        What a pass reads first (under the instance lock). One statement on PostgreSQL's hot path and
+        one read transaction on SQLite, so the rows are those of the instance as returned; inside
+        ``transaction()`` the reads share the caller's transaction (and its isolation level).
         """
 
     async def update_workflow_instances(self, where: InstanceWhere, fields: InstanceFields) -> int:

@@ -310,3 +310,57 @@ async def test_disposing_the_engine_of_a_repo_never_closed_closes_its_kept_conne
     assert await repo.get_workflow_instance(made.id) == made  # the repo goes on working
     await repo.aclose()
     await engine.dispose()
+
+
+def test_a_repo_used_by_a_second_event_loop_still_gives_its_connection_back(sqlite_url: str) -> None:
+    repo = SQLAlchemyWorkflowRepo(sqlite_url)
+
+    async def first() -> int:
+        await repo.create_schema()
+        return (await repo.create_workflow_instance(new("a"))).id  # the loop ends at once after it
+
+    async def second(instance_id: int) -> int:
+        assert await repo.get_workflow_instance(instance_id) is not None
+        await asyncio.sleep(0.3)  # idle for longer than IDLE_RELEASE_S
+        out = cast(QueuePool, repo.engine.pool).checkedout()
+        await repo.aclose()
+        return out
+
+    instance_id = asyncio.run(first())
+    assert asyncio.run(second(instance_id)) == 0
+
+
+async def test_dispose_in_a_forked_child_leaves_the_parents_connection_alone(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncflow.store import _lanes
+
+    engine = create_async_engine(sqlite_url)
+    repo = SQLAlchemyWorkflowRepo(engine)
+    await repo.create_schema()
+    made = await repo.create_workflow_instance(new("a"))
+    lane = repo._units._sqlite._lane  # type: ignore[union-attr]
+    assert lane is not None
+    real_pid = _lanes.os.getpid()
+    monkeypatch.setattr(_lanes.os, "getpid", lambda: real_pid + 1)  # as in a child after fork()
+    await engine.dispose(close=False)
+    monkeypatch.undo()
+    assert repo._units._sqlite._lane is lane  # type: ignore[union-attr]
+    assert await repo.get_workflow_instance(made.id) == made  # its thread was never asked to close it
+    await repo.aclose()
+    await engine.dispose()
+
+
+async def test_calls_racing_an_engine_dispose_get_a_working_connection(sqlite_url: str) -> None:
+    engine = create_async_engine(sqlite_url)
+    repo = SQLAlchemyWorkflowRepo(engine)
+    await repo.create_schema()
+    made = await repo.create_workflow_instance(new("a"))
+    for _ in range(20):
+        await repo.get_workflow_instance(made.id)  # a kept connection again
+        results = await asyncio.gather(
+            engine.dispose(), *(repo.get_workflow_instance(made.id) for _ in range(3))
+        )
+        assert results[1:] == [made] * 3
+    await repo.aclose()
+    await engine.dispose()
