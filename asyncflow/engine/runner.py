@@ -57,6 +57,7 @@ _RESTARTING = TaskStatus.RESTARTING.value
 _FAILED = TaskStatus.FAILED.value
 _CANCELED = TaskStatus.CANCELED.value
 _ACTIVE_INSTANCE = (InstanceStatus.INIT.value, InstanceStatus.RUNNING.value)
+_SETTLED = (_COMPLETED, _FAILED, _CANCELED)
 
 #: instance ids whose pass runs in the current asyncio context (a worker must not run its own instance)
 active_passes: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
@@ -169,6 +170,15 @@ class PassRunner:
                     ready.append(node.task_type)
             elif row.status in (_RUNNING, _PENDING, _FINISHING):
                 ready.append(node.task_type)
+            elif row.status not in _SETTLED:
+                logger.warning(  # as in Go, it is left alone; say why the instance does not advance
+                    "node %s of instance %s has status %r, which the engine does not run: the instance "
+                    "cannot advance past it (restart the node to run it again)",
+                    node.task_type,
+                    self._instance.id,
+                    row.status,
+                    extra=self._extra(node.task_type, row.status),
+                )
         self._visited.update(ready)
         return ready
 

@@ -23,6 +23,7 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
+    literal_column,
     select,
     type_coerce,
     update,
@@ -127,7 +128,9 @@ UPDATE_INSTANCES: Update = update(wi).values(_INSTANCE_SET).where(wi.c.id.in_(_i
 """``None`` parameters leave a column unchanged (``COALESCE``), so one statement serves every update."""
 UPDATE_INSTANCES_IN_STATUS: Update = UPDATE_INSTANCES.where(wi.c.status.in_(_texts("p_status_in")))
 
-_RUNNABLE_DUE = (wi.c.status.in_(RUNNABLE), wi.c.next_run_at <= _int("now_ms"))
+# literal values, so the planner matches the partial index ix_workflow_instance_due (tables.due_index)
+_RUNNABLE_STATUS = wi.c.status.in_([literal_column(f"'{status}'") for status in RUNNABLE])
+_RUNNABLE_DUE = (_RUNNABLE_STATUS, wi.c.next_run_at <= _int("now_ms"))
 _DUE_ORDER = (wi.c.next_run_at, wi.c.id)
 
 
@@ -159,7 +162,7 @@ CLAIM_IDS: Update = (
     .where(wi.c.id.in_(_ids("p_ids")), *_RUNNABLE_DUE)
     .returning(wi.c.id)
 )
-NEXT_DUE: Select[Any] = select(func.min(wi.c.next_run_at)).where(wi.c.status.in_(RUNNABLE))
+NEXT_DUE: Select[Any] = select(func.min(wi.c.next_run_at)).where(_RUNNABLE_STATUS)
 NEXT_DUE_TYPED: Select[Any] = NEXT_DUE.where(wi.c.workflow_type.in_(_texts("types")))
 
 

@@ -46,7 +46,7 @@ from ._core_step import StepConflict, apply_core
 from ._hot import FunctionMissing, HotPath
 from ._json import check_int, check_texts, copy_context, validate_instance_query, validate_task_query
 from ._units import ConnectionUnits, StoreErrors
-from .tables import SCHEMA_VERSION, asyncflow_schema, metadata
+from .tables import SCHEMA_VERSION, asyncflow_schema, due_index, metadata
 
 __all__ = ["SQLAlchemyWorkflowRepo"]
 
@@ -113,6 +113,7 @@ class SQLAlchemyWorkflowRepo:
             async with self._atomic() as conn:
                 await _dialect.lock_schema(conn)
                 await conn.run_sync(metadata.create_all)
+                await conn.run_sync(lambda sync: due_index.create(sync, checkfirst=True))  # older databases
                 found = (await conn.execute(select(func.max(asyncflow_schema.c.version)))).scalar()
                 if found is None:
                     row = {"version": SCHEMA_VERSION, "applied_at": self._now()}

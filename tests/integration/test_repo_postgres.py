@@ -14,11 +14,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from asyncflow.errors import StoreError, UniqueViolationError
 from asyncflow.records import (
+    InstanceFields,
+    InstanceWhere,
     NewWorkflowInstance,
     QueryWorkflowInstanceParams,
     Step,
     TaskInsert,
 )
+from asyncflow.store import _pg_fast
+from asyncflow.store import _statements as st
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 
 
@@ -101,8 +105,37 @@ async def test_contexts_are_jsonb_and_indexes_exist(repo: SQLAlchemyWorkflowRepo
         "ix_workflow_instance_status_next_run_at",
         "ix_workflow_instance_business_id",
         "ix_workflow_instance_task_id",
+        "ix_workflow_instance_due",
         "uq_task_instance_workflow_instance_id_task_type",
     } <= indexes
+
+
+async def test_claims_read_the_due_index_and_create_schema_adds_it_to_older_databases(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    async with repo.engine.begin() as conn:
+        await conn.execute(text("DROP INDEX ix_workflow_instance_due"))  # a database made before it
+    await repo.create_schema()
+    news = [new(str(i), next_run_at=i) for i in range(20_000)]
+    ids = await repo.create_workflow_instances(news)
+    await repo.update_workflow_instances(
+        InstanceWhere(ids=tuple(ids[::2])), InstanceFields(status="completed")
+    )
+    async with repo.engine.connect() as conn:
+        await conn.execute(text("ANALYZE workflow_instance"))
+        values = {"now_ms": 30_000, "limit": 64, "p_lease": 99}
+        core = st.CLAIM_PG.compile(dialect=conn.dialect)
+        statements = {
+            "hot": (_pg_fast._CLAIM_ANY, (30_000, 64, 99)),
+            "core": (str(core), tuple(values[name] for name in core.positiontup or ())),
+        }
+        plans = {}
+        for name, (sql, args) in statements.items():
+            plan = (await conn.exec_driver_sql(f"EXPLAIN {sql}", args)).scalars().all()
+            plans[name] = "\n".join(plan)
+    for name, plan in plans.items():  # walks the index: no sort of every runnable row
+        assert "ix_workflow_instance_due" in plan and "Sort" not in plan, (name, plan)
+    assert await repo.claim_due_instances(now_ms=30_000, limit=3, lease_ms=10) == [ids[1], ids[3], ids[5]]
 
 
 @pytest.mark.postgres

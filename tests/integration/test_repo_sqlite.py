@@ -23,6 +23,8 @@ from asyncflow.records import (
     TaskInsert,
     TaskUpdate,
 )
+from asyncflow.store import _sqlite_fast
+from asyncflow.store import _statements as st
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from asyncflow.store.tables import SCHEMA_VERSION
 
@@ -195,11 +197,32 @@ async def test_create_schema_records_its_version_once_and_refuses_newer(sqlite_u
             "ix_workflow_instance_status_next_run_at",
             "ix_workflow_instance_business_id",
             "ix_workflow_instance_task_id",
+            "ix_workflow_instance_due",
         } <= names
         async with repo.engine.begin() as conn:
             await conn.execute(text("INSERT INTO asyncflow_schema VALUES (:v, 0)"), {"v": SCHEMA_VERSION + 1})
         with pytest.raises(StoreError, match="newer"):
             await repo.create_schema()
+
+
+async def test_claims_read_the_due_index_and_create_schema_adds_it_to_older_databases(
+    sqlite_url: str,
+) -> None:
+    async with SQLAlchemyWorkflowRepo(sqlite_url) as repo:
+        await repo.create_schema()
+        async with repo.engine.begin() as conn:
+            await conn.execute(text("DROP INDEX ix_workflow_instance_due"))  # a database made before it
+        await repo.create_schema()
+        ids = await repo.create_workflow_instances([new(str(i), next_run_at=i) for i in range(2000)])
+        async with repo.engine.connect() as conn:
+            await conn.execute(text("ANALYZE"))
+            core = st.DUE_SELECT.compile(dialect=conn.dialect)
+            core_args = tuple({"now_ms": 5000, "limit": 3}.get(name, 0) for name in core.positiontup or ())
+            for sql, args in ((_sqlite_fast._due_select(0), (5000, 3)), (str(core), core_args)):
+                plan = (await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", args)).all()
+                details = " | ".join(str(row[-1]) for row in plan)
+                assert "ix_workflow_instance_due" in details and "TEMP B-TREE" not in details, details
+        assert await repo.claim_due_instances(now_ms=5000, limit=3, lease_ms=10) == ids[:3]
 
 
 async def test_missing_tables_say_create_schema(sqlite_url: str) -> None:
