@@ -30,11 +30,12 @@ from ..records import (
     InstanceWhere,
     NewWorkflowInstance,
     NodeExternalEvent,
-    QueryTaskInstanceParams,
     QueryWorkflowInstanceParams,
+    Step,
     TaskFields,
     TaskInstanceDetail,
     TaskInstanceRecord,
+    TaskUpdate,
     TaskWhere,
     WorkflowInstance,
     WorkflowInstanceDetail,
@@ -319,17 +320,18 @@ class WorkflowService:
             delay = min(delay * 2, 0.1)
 
     async def _store_event(self, instance_id: int, task_type: str, event: NodeExternalEvent) -> None:
-        record = await self._get(instance_id)
+        """One read and one atomic step: the node's context and the instance's due time, together."""
+        state = await self.repo.load_instance_state(instance_id)
+        if state is None:
+            raise InstanceNotFoundError(f"workflow instance {instance_id} not found")
+        record, rows = state
         if is_over_instance_status(record.status):
             raise InvalidStateError(f"workflow instance {instance_id} is {record.status}")
-        rows = await self.repo.query_task_instances(
-            QueryTaskInstanceParams(workflow_instance_id=instance_id, task_type=task_type)
-        )
-        if not rows:
+        row = next((r for r in rows if r.task_type == task_type), None)
+        if row is None:
             raise TaskInstanceNotFoundError(
                 f"workflow instance {instance_id} has no node {task_type!r} yet (not created)"
             )
-        row = rows[0]
         if is_over_task_status(row.status):
             raise InvalidStateError(f"node {task_type!r} of instance {instance_id} is {row.status}")
         context = JSONContext(row.node_context)
@@ -344,20 +346,16 @@ class WorkflowService:
         node_event["event_ts"] = event.event_ts
         node_event["event_content"] = event.event_content
         context.set([NODE_EVENT], node_event)
-        async with self.repo.transaction():
-            changed = await self.repo.update_task_instances(
-                TaskWhere(ids=(row.id,), version=row.version),
-                TaskFields(node_context=context.to_map()),
-            )
-            if changed == 0:
-                raise InvalidStateError(f"node {task_type!r} of instance {instance_id} changed meanwhile")
-            await self._wake(instance_id)
-
-    async def _wake(self, instance_id: int) -> None:
-        await self.repo.update_workflow_instances(
-            InstanceWhere(ids=(instance_id,), status_in=_ACTIVE),
-            InstanceFields(next_run_at=self._now_ms()),
+        step = Step(
+            instance_id=instance_id,
+            instance_status_in=_ACTIVE,
+            next_run_at=self._now_ms(),  # wake it
+            updates=(TaskUpdate(id=row.id, expected_version=row.version, node_context=context.to_map()),),
         )
+        if not (await self.repo.apply_step(step)).applied:
+            raise InvalidStateError(
+                f"node {task_type!r} of instance {instance_id} (or the instance) changed meanwhile"
+            )
 
     # ------------------------------------------------------------------ restarts
 

@@ -17,7 +17,15 @@ from asyncflow.errors import (
     TaskInstanceNotFoundError,
     TaskNotReady,
 )
-from asyncflow.records import NodeExternalEvent, Pager, QueryWorkflowInstanceParams
+from asyncflow.records import (
+    InstanceFields,
+    InstanceWhere,
+    NodeExternalEvent,
+    Pager,
+    QueryWorkflowInstanceParams,
+    TaskFields,
+    TaskWhere,
+)
 from asyncflow.status import NODE_EVENT
 
 from .engine_helpers import Calls, config, detail_of, recording_worker, registry_with, rows_of, statuses
@@ -158,6 +166,64 @@ async def test_event_versioning_and_errors(engine_repo: Any, local_lock: Any) ->
     await svc.cancel_workflow_instance(inst.id)
     with pytest.raises(InvalidStateError):
         await svc.add_node_external_event(inst.id, "A", NodeExternalEvent(20, "late"))
+
+
+class ChangesAfterRead:
+    """A repo that lets something else change the instance right after the event's read."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.change: Any = None
+
+    async def load_instance_state(self, instance_id: int) -> Any:
+        state = await self.inner.load_instance_state(instance_id)
+        if self.change is not None:
+            change, self.change = self.change, None
+            await change()
+        return state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_an_event_is_one_atomic_write_that_refuses_a_change_since_its_read(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    calls = Calls()
+    cfg = config("ev5", {"A": []})
+    repo = ChangesAfterRead(engine_repo)
+    svc = make(repo, local_lock, registry_with(cfg, calls, {"A": waiting_for_event(calls, "never")}))
+    inst = await svc.create_workflow("ev5", "b", run=True)
+    before = (await engine_repo.get_workflow_instance(inst.id)).next_run_at
+    row = (await rows_of(svc, inst.id))["A"]
+    assert before > svc.clock.time() * 1000  # not due: it waits for the event
+    await svc.add_node_external_event(inst.id, "A", NodeExternalEvent(1, "one"))
+    woken = await engine_repo.get_workflow_instance(inst.id)
+    assert woken.next_run_at <= svc.clock.time() * 1000 < before  # due now, in the same write
+    assert (await rows_of(svc, inst.id))["A"].version == row.version + 1
+
+    async def a_worker_wrote_the_node() -> None:
+        now = await rows_of(svc, inst.id)
+        await engine_repo.update_task_instances(
+            TaskWhere(ids=(now["A"].id,)), TaskFields(node_context={"by": "worker"})
+        )
+
+    repo.change = a_worker_wrote_the_node
+    with pytest.raises(InvalidStateError, match="changed meanwhile"):
+        await svc.add_node_external_event(inst.id, "A", NodeExternalEvent(2, "two"))
+    assert (await rows_of(svc, inst.id))["A"].node_context == {"by": "worker"}  # not overwritten
+    unchanged = await engine_repo.get_workflow_instance(inst.id)
+    assert unchanged.version == woken.version  # and the instance was not touched either
+
+    async def someone_cancelled_it() -> None:
+        await engine_repo.update_workflow_instances(
+            InstanceWhere(ids=(inst.id,)), InstanceFields(status="canceled")
+        )
+
+    repo.change = someone_cancelled_it
+    with pytest.raises(InvalidStateError, match="changed meanwhile"):
+        await svc.add_node_external_event(inst.id, "A", NodeExternalEvent(3, "three"))
+    assert (await rows_of(svc, inst.id))["A"].node_context == {"by": "worker"}
 
 
 async def test_event_keeps_other_keys_and_replaces_non_objects(engine_repo: Any, local_lock: Any) -> None:
