@@ -7,8 +7,10 @@ cap of ``concurrency`` simultaneous passes, and sleeps until the next due time, 
 wake-up, whichever comes first: an in-process create/event/restart, or on PostgreSQL a NOTIFY from any
 process. Lock conflicts are skipped quietly (and re-tried briefly, in case the holder was an event);
 a pass that raises is logged and its instance pushed back with exponential back-off; one failing
-instance never stops the others. ``stop()`` stops claiming, waits ``grace`` seconds for running
-passes, then cancels them (their nodes stay resumable) and waits ``stop_deadline`` more.
+instance never stops the others. A claim that fails (a database outage, or any other exception) is
+logged and tried again with back-off: the driver keeps going until it is stopped or cancelled.
+``stop()`` stops claiming, waits ``grace`` seconds for running passes, then cancels them (their nodes
+stay resumable) and waits ``stop_deadline`` more.
 
 Passes run in a fresh ``contextvars`` context (they never inherit a caller's lock holds). With a clock
 other than the system clock (``FakeClock`` in tests) the driver's sleeps move fake time, but only
@@ -237,10 +239,13 @@ class WorkflowDriver:
                         claim_at = min(now if claim_at is None else claim_at, max(due, now + _SHORT_MS))
                     if until_idle and (due is None or due > now) and self._idle(mark):
                         return
-            except AsyncflowError as exc:  # a database failure: wait, then try again
+            except Exception as exc:  # a database failure (or a bug): wait, then try again
                 errors += 1
                 self._stats.errors += 1
-                logger.warning("claiming due instances failed: %s", exc)
+                if isinstance(exc, AsyncflowError):
+                    logger.warning("claiming due instances failed: %s", exc)
+                else:  # not the repo's own error type: keep going, but with the traceback
+                    logger.error("claiming due instances failed unexpectedly: %r", exc, exc_info=exc)
                 query = True
                 await self._wait(min(self._backoff.retry_delay(errors), max(self.config.poll_interval, 5.0)))
                 continue

@@ -329,6 +329,41 @@ async def test_a_store_error_is_logged_as_a_warning_and_backed_off(
     assert record.status == "init" and record.next_run_at > service.clock.time() * 1000 + 500
 
 
+class ClaimsFailFirst:
+    """A repo whose first claims raise something other than a StoreError (a bug, a driver quirk)."""
+
+    def __init__(self, inner: Any, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    async def claim_due_instances(self, **kwargs: Any) -> list[int]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("unexpected claim failure")
+        result: list[int] = await self.inner.claim_due_instances(**kwargs)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_an_unexpected_claim_error_is_logged_with_its_traceback_and_the_driver_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runs = Runs()
+    repo = ClaimsFailFirst(MemoryWorkflowRepo(), failures=2)
+    service = WorkflowService(repo, LocalWorkflowLock(), registry_for("lin", LINEAR, runs))  # type: ignore[arg-type]
+    await create_many(service, "lin", 3)
+    driver = WorkflowDriver(service, concurrency=2, poll_interval=0.01, error_backoff_base=0.01)
+    with caplog.at_level(logging.WARNING, logger="asyncflow.driver"):
+        async with asyncio.timeout(10):
+            await driver.run_until_idle()
+    assert driver.stats.completed == 3 and driver.stats.errors == 2
+    logged = [r for r in caplog.records if "claiming due instances failed" in r.getMessage()]
+    assert len(logged) == 2 and all(r.levelno == logging.ERROR and r.exc_info for r in logged)
+    assert "unexpected claim failure" in logged[0].getMessage()
+
+
 async def test_a_lock_conflict_is_skipped_quietly_then_retried(
     engine_repo: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
