@@ -8,7 +8,8 @@ wake-up, whichever comes first: an in-process create/event/restart, or on Postgr
 process. Lock conflicts are skipped quietly (and re-tried briefly, in case the holder was an event);
 a pass that raises is logged and its instance pushed back with exponential back-off; one failing
 instance never stops the others. A claim that fails (a database outage, or any other exception) is
-logged and tried again with back-off: the driver keeps going until it is stopped or cancelled.
+logged and tried again with back-off: ``run_forever`` keeps going until it is stopped or cancelled
+(``run_until_idle`` raises an exception that is not an ``AsyncflowError``).
 ``stop()`` stops claiming, waits ``grace`` seconds for running passes, then cancels them (their nodes
 stay resumable) and waits ``stop_deadline`` more.
 
@@ -199,6 +200,11 @@ class WorkflowDriver:
                 finally:
                     if listener is not None:
                         listener.cancel()
+        except BaseExceptionGroup as group:  # the loop's own error, not wrapped by the task group
+            if len(group.exceptions) != 1:
+                raise
+            leaf = group.exceptions[0]
+            raise leaf from leaf.__cause__
         finally:
             self.service.remove_due_listener(self._on_due)
             self._interrupted.update(self._rechecks)
@@ -240,6 +246,8 @@ class WorkflowDriver:
                     if until_idle and (due is None or due > now) and self._idle(mark):
                         return
             except Exception as exc:  # a database failure (or a bug): wait, then try again
+                if until_idle and not isinstance(exc, AsyncflowError):
+                    raise  # run_until_idle (tests, batch jobs): a bug surfaces instead of retrying forever
                 errors += 1
                 self._stats.errors += 1
                 if isinstance(exc, AsyncflowError):

@@ -15,6 +15,7 @@ instance's next due time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from ..store.protocol import WorkflowRepo
     from .rules import SchedulePolicy
 
-__all__ = ["PassRunner", "active_passes", "run_shielded"]
+__all__ = ["PassRunner", "StallWarnings", "active_passes", "run_shielded"]
 
 logger = logging.getLogger("asyncflow.engine")
 
@@ -86,6 +87,23 @@ async def run_shielded(aw: Awaitable[T]) -> T:
         raise
 
 
+class StallWarnings:
+    """What a service has already warned about (bounded), so a stalled node warns once, not every poll."""
+
+    def __init__(self, memory: int = 10_000) -> None:
+        self._seen: collections.OrderedDict[tuple[int, str, str], None] = collections.OrderedDict()
+        self._memory = memory
+
+    def first_time(self, key: tuple[int, str, str]) -> bool:
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return False
+        self._seen[key] = None
+        while len(self._seen) > self._memory:
+            self._seen.popitem(last=False)
+        return True
+
+
 class _PassStopped(Exception):
     """A step did not apply: the instance changed under the pass. Stop quietly."""
 
@@ -112,6 +130,7 @@ class PassRunner:
         schedule: SchedulePolicy,
         wait_interval: float,
         branch_concurrency: int,
+        stalls: StallWarnings | None = None,
     ) -> None:
         self._repo = repo
         self._clock = clock
@@ -129,6 +148,7 @@ class PassRunner:
         self._carry_done: asyncio.Event | None = None
         self._delays: list[float] = []
         self._stopped = False
+        self._stalls = stalls if stalls is not None else StallWarnings()
 
     # ------------------------------------------------------------------ entry point
 
@@ -170,8 +190,10 @@ class PassRunner:
                     ready.append(node.task_type)
             elif row.status in (_RUNNING, _PENDING, _FINISHING):
                 ready.append(node.task_type)
-            elif row.status not in _SETTLED:
-                logger.warning(  # as in Go, it is left alone; say why the instance does not advance
+            elif row.status not in _SETTLED:  # as in Go, left alone; say once why the instance stalls
+                first = self._stalls.first_time((self._instance.id, node.task_type, row.status))
+                logger.log(
+                    logging.WARNING if first else logging.DEBUG,
                     "node %s of instance %s has status %r, which the engine does not run: the instance "
                     "cannot advance past it (restart the node to run it again)",
                     node.task_type,

@@ -45,7 +45,7 @@ from ..registry import Registry, default_registry
 from ..status import NODE_EVENT, InstanceStatus, TaskStatus, is_over_instance_status, is_over_task_status
 from ..store.protocol import WorkflowRepo
 from .rules import SchedulePolicy
-from .runner import PassRunner, active_passes
+from .runner import PassRunner, StallWarnings, active_passes
 
 __all__ = ["WorkflowService", "lock_key"]
 
@@ -115,6 +115,7 @@ class WorkflowService:
         self.branch_concurrency = branch_concurrency
         self.clock: Clock = clock or SYSTEM_CLOCK
         self._due_listeners: list[Callable[[int], None]] = []
+        self._stalls = StallWarnings()
 
     def add_due_listener(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(instance_id)`` whenever this service makes an instance due now.
@@ -235,6 +236,7 @@ class WorkflowService:
                 schedule=self.schedule,
                 wait_interval=self.schedule.poll_interval if wait_interval is None else wait_interval,
                 branch_concurrency=self.branch_concurrency,
+                stalls=self._stalls,
             )
             return await runner.run()
 
@@ -348,13 +350,14 @@ class WorkflowService:
         context.set([NODE_EVENT], node_event)
         step = Step(
             instance_id=instance_id,
-            instance_status_in=_ACTIVE,
+            instance_status_in=(record.status,),  # as read: a cancel since then refuses the event
             next_run_at=self._now_ms(),  # wake it
             updates=(TaskUpdate(id=row.id, expected_version=row.version, node_context=context.to_map()),),
         )
         if not (await self.repo.apply_step(step)).applied:
             raise InvalidStateError(
-                f"node {task_type!r} of instance {instance_id} (or the instance) changed meanwhile"
+                f"node {task_type!r} of instance {instance_id}, or the instance's status, changed since "
+                "the event read them: send it again"
             )
 
     # ------------------------------------------------------------------ restarts

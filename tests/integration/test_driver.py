@@ -356,12 +356,25 @@ async def test_an_unexpected_claim_error_is_logged_with_its_traceback_and_the_dr
     await create_many(service, "lin", 3)
     driver = WorkflowDriver(service, concurrency=2, poll_interval=0.01, error_backoff_base=0.01)
     with caplog.at_level(logging.WARNING, logger="asyncflow.driver"):
-        async with asyncio.timeout(10):
-            await driver.run_until_idle()
+        async with asyncio.timeout(10), driver:  # run_forever in the background
+            while driver.stats.completed < 3:
+                await asyncio.sleep(0.01)
     assert driver.stats.completed == 3 and driver.stats.errors == 2
     logged = [r for r in caplog.records if "claiming due instances failed" in r.getMessage()]
     assert len(logged) == 2 and all(r.levelno == logging.ERROR and r.exc_info for r in logged)
     assert "unexpected claim failure" in logged[0].getMessage()
+
+
+async def test_run_until_idle_raises_an_unexpected_claim_error() -> None:
+    repo = ClaimsFailFirst(MemoryWorkflowRepo(), failures=1)
+    service = WorkflowService(repo, LocalWorkflowLock(), registry_for("lin", LINEAR, Runs()))  # type: ignore[arg-type]
+    await create_many(service, "lin", 1)
+    driver = WorkflowDriver(service, concurrency=2)
+    with pytest.raises(RuntimeError, match="unexpected claim failure"):
+        await driver.run_until_idle()
+    assert not driver.running
+    await driver.run_until_idle()  # usable again
+    assert driver.stats.completed == 1
 
 
 async def test_a_lock_conflict_is_skipped_quietly_then_retried(

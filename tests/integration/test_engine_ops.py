@@ -209,7 +209,7 @@ async def test_an_event_is_one_atomic_write_that_refuses_a_change_since_its_read
         )
 
     repo.change = a_worker_wrote_the_node
-    with pytest.raises(InvalidStateError, match="changed meanwhile"):
+    with pytest.raises(InvalidStateError, match="changed since"):
         await svc.add_node_external_event(inst.id, "A", NodeExternalEvent(2, "two"))
     assert (await rows_of(svc, inst.id))["A"].node_context == {"by": "worker"}  # not overwritten
     unchanged = await engine_repo.get_workflow_instance(inst.id)
@@ -221,9 +221,15 @@ async def test_an_event_is_one_atomic_write_that_refuses_a_change_since_its_read
         )
 
     repo.change = someone_cancelled_it
-    with pytest.raises(InvalidStateError, match="changed meanwhile"):
+    with pytest.raises(InvalidStateError, match="changed since"):
         await svc.add_node_external_event(inst.id, "A", NodeExternalEvent(3, "three"))
     assert (await rows_of(svc, inst.id))["A"].node_context == {"by": "worker"}
+
+    await engine_repo.update_workflow_instances(  # a status this engine does not know (a newer one's)
+        InstanceWhere(ids=(inst.id,)), InstanceFields(status="paused")
+    )
+    await svc.add_node_external_event(inst.id, "A", NodeExternalEvent(4, "four"))  # stored, as before
+    assert (await rows_of(svc, inst.id))["A"].node_context[NODE_EVENT]["event_ts"] == 4
 
 
 async def test_event_keeps_other_keys_and_replaces_non_objects(engine_repo: Any, local_lock: Any) -> None:
