@@ -227,3 +227,51 @@ async def test_creates_and_reads_of_a_closed_repo_are_store_errors(repo: SQLAlch
         await repo.create_workflow_instance(new())
     with pytest.raises(StoreError, match="closed"):
         await repo.load_instance_state(instance_id)
+
+
+async def test_a_create_batch_whose_connection_the_server_ends_fails_whole_then_creates_work(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    async with repo.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "CREATE FUNCTION slow_instance() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.business_id = 'slow' THEN PERFORM pg_sleep(0.5); END IF; RETURN NEW; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER slow BEFORE INSERT ON workflow_instance"
+                " FOR EACH ROW EXECUTE FUNCTION slow_instance()"
+            )
+        )
+    terminated: list[int] = []
+
+    async def end_the_batchs_backend() -> None:
+        async with repo.engine.connect() as conn:
+            while not terminated:
+                found = await conn.execute(
+                    text(
+                        "SELECT pid FROM pg_stat_activity WHERE state = 'active' "
+                        "AND query LIKE 'INSERT INTO workflow_instance%unnest%'"
+                    )
+                )
+                for pid in found.scalars().all():
+                    await conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                    terminated.append(pid)
+                await conn.rollback()  # pg_stat_activity is a snapshot per transaction: take a new one
+                await asyncio.sleep(0.01)
+
+    killer = asyncio.create_task(end_the_batchs_backend())
+    async with asyncio.timeout(20):
+        results = await asyncio.gather(
+            *(repo.create_workflow_instance(new(name)) for name in ("a", "slow", "b")),
+            return_exceptions=True,
+        )
+        await killer
+    assert terminated  # the server ended the batch's connection mid-statement
+    assert all(isinstance(r, StoreError) for r in results)  # every caller, as for a single statement
+    async with repo.engine.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM workflow_instance"))).scalar() == 0
+    made = await asyncio.gather(*(repo.create_workflow_instance(new(f"c{i}")) for i in range(5)))
+    assert [m.business_id for m in made] == [f"c{i}" for i in range(5)]  # the dead lane was dropped
