@@ -150,8 +150,7 @@ class HotPath:
                 self._step_error(error)
                 raise
         else:
-            if self._units.closed:
-                raise StoreError("the repo is closed")
+            self._check_open()
             assert self._batcher is not None
             result = await self._batcher.submit(step.instance_id, (step, now))
             if result is None:
@@ -166,8 +165,7 @@ class HotPath:
     async def _apply_pg(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
         batcher = self._batcher
         if batcher is not None and self.pg_batches is not None and self.pg_batches.enabled:
-            if self._units.closed:
-                raise StoreError("the repo is closed")
+            self._check_open()
             outcome = await batcher.submit(step.instance_id, pg.step_json(step, now))
             if outcome is not RUN_ALONE:
                 code, ids = outcome

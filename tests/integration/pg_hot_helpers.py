@@ -64,21 +64,28 @@ async def function_exists(engine: AsyncEngine) -> bool:
         return found.scalar() is not None
 
 
-async def add_refusing_trigger(engine: AsyncEngine) -> None:
-    """A trigger that fails the insert of a node row of type ``refused``."""
+async def add_trigger(engine: AsyncEngine, table: str, name: str, body: str) -> None:
+    """A ``BEFORE INSERT`` row trigger ``name`` on ``table`` running the plpgsql ``body``."""
     async with engine.begin() as conn:
         await conn.execute(
             text(
-                "CREATE FUNCTION refuse_node() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "IF NEW.task_type = 'refused' THEN RAISE EXCEPTION 'refused node'; END IF; RETURN NEW; END $$"
+                f"CREATE FUNCTION {name}_fn() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN {body} "
+                "RETURN NEW; END $$"
             )
         )
         await conn.execute(
-            text(
-                "CREATE TRIGGER refuse BEFORE INSERT ON task_instance"
-                " FOR EACH ROW EXECUTE FUNCTION refuse_node()"
-            )
+            text(f"CREATE TRIGGER {name} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {name}_fn()")
         )
+
+
+async def add_refusing_trigger(engine: AsyncEngine) -> None:
+    """A trigger that fails the insert of a node row of type ``refused``."""
+    await add_trigger(
+        engine,
+        "task_instance",
+        "refuse",
+        "IF NEW.task_type = 'refused' THEN RAISE EXCEPTION 'refused node'; END IF;",
+    )
 
 
 # pg_locks, not pg_stat_activity: the latter is a snapshot taken once per transaction

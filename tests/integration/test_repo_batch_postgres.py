@@ -20,6 +20,7 @@ from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from .pg_hot_helpers import (
     BLOCKED_BY_ME,
     add_refusing_trigger,
+    add_trigger,
     instance_with,
     new,
     task,
@@ -37,15 +38,14 @@ async def repo(pg_engine: AsyncEngine) -> AsyncIterator[SQLAlchemyWorkflowRepo]:
 
 
 @contextmanager
-def batch_sizes(repo: SQLAlchemyWorkflowRepo) -> Iterator[list[int]]:
-    """The size of every multi-step statement the repo's batcher sends meanwhile."""
-    batcher = repo._hot._batcher
+def runner_batches(batcher: Any, *, least: int = 1) -> Iterator[list[int]]:
+    """The size of every batch of at least ``least`` items ``batcher`` hands its runner meanwhile."""
     assert batcher is not None
     sizes: list[int] = []
     original = batcher._runner
 
     async def counted(batch: Any) -> Any:
-        if len(batch) > 1:
+        if len(batch) >= least:
             sizes.append(len(batch))
         return await original(batch)
 
@@ -54,6 +54,11 @@ def batch_sizes(repo: SQLAlchemyWorkflowRepo) -> Iterator[list[int]]:
         yield sizes
     finally:
         batcher._runner = original
+
+
+def batch_sizes(repo: SQLAlchemyWorkflowRepo) -> Any:
+    """The size of every multi-step statement the repo's step batcher sends meanwhile."""
+    return runner_batches(repo._hot._batcher, least=2)
 
 
 async def test_concurrent_steps_share_statements_and_get_their_own_rows(repo: SQLAlchemyWorkflowRepo) -> None:
@@ -149,23 +154,6 @@ async def test_without_the_batch_function_steps_go_one_by_one(
         assert [r.task_type for r in await repo.load_task_instances(instance_id)] == ["a"]
 
 
-@contextmanager
-def runner_batches(batcher: Any) -> Iterator[list[int]]:
-    """The size of every batch ``batcher`` hands its runner meanwhile."""
-    sizes: list[int] = []
-    original = batcher._runner
-
-    async def counted(batch: Any) -> Any:
-        sizes.append(len(batch))
-        return await original(batch)
-
-    batcher._runner = counted
-    try:
-        yield sizes
-    finally:
-        batcher._runner = original
-
-
 async def test_concurrent_creates_share_statements_and_get_their_own_ids(
     repo: SQLAlchemyWorkflowRepo,
 ) -> None:
@@ -181,20 +169,12 @@ async def test_concurrent_creates_share_statements_and_get_their_own_ids(
 
 
 async def test_a_refused_create_in_a_batch_fails_alone(repo: SQLAlchemyWorkflowRepo) -> None:
-    async with repo.engine.begin() as conn:
-        await conn.execute(
-            text(
-                "CREATE FUNCTION refuse_instance() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "IF NEW.business_id = 'refused' THEN RAISE EXCEPTION 'refused instance'; END IF; "
-                "RETURN NEW; END $$"
-            )
-        )
-        await conn.execute(
-            text(
-                "CREATE TRIGGER refuse BEFORE INSERT ON workflow_instance"
-                " FOR EACH ROW EXECUTE FUNCTION refuse_instance()"
-            )
-        )
+    await add_trigger(
+        repo.engine,
+        "workflow_instance",
+        "refuse_instance",
+        "IF NEW.business_id = 'refused' THEN RAISE EXCEPTION 'refused instance'; END IF;",
+    )
     names = ["ok-1", "refused", "ok-2", "ok-3"]
     with runner_batches(repo._hot._creates) as sizes:
         results = await asyncio.gather(
@@ -232,19 +212,12 @@ async def test_creates_and_reads_of_a_closed_repo_are_store_errors(repo: SQLAlch
 async def test_a_create_batch_whose_connection_the_server_ends_fails_whole_then_creates_work(
     repo: SQLAlchemyWorkflowRepo,
 ) -> None:
-    async with repo.engine.begin() as conn:
-        await conn.execute(
-            text(
-                "CREATE FUNCTION slow_instance() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "IF NEW.business_id = 'slow' THEN PERFORM pg_sleep(0.5); END IF; RETURN NEW; END $$"
-            )
-        )
-        await conn.execute(
-            text(
-                "CREATE TRIGGER slow BEFORE INSERT ON workflow_instance"
-                " FOR EACH ROW EXECUTE FUNCTION slow_instance()"
-            )
-        )
+    await add_trigger(
+        repo.engine,
+        "workflow_instance",
+        "slow_instance",
+        "IF NEW.business_id = 'slow' THEN PERFORM pg_sleep(0.5); END IF;",
+    )
     terminated: list[int] = []
 
     async def end_the_batchs_backend() -> None:

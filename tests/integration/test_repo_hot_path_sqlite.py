@@ -294,15 +294,21 @@ async def test_concurrent_steps_share_a_transaction_but_fail_and_conflict_alone(
     assert await asyncio.to_thread(write_elsewhere, db_path(sqlite_url)) == "written"
 
 
-async def test_disposing_the_engine_of_a_repo_never_closed_closes_its_kept_connection(
-    sqlite_url: str,
-) -> None:
+async def repo_with_a_kept_lane(sqlite_url: str) -> tuple[AsyncEngine, SQLAlchemyWorkflowRepo, Any, Any]:
+    """A repo on an engine of the test's own, one instance made, and the connection it keeps meanwhile."""
     engine = create_async_engine(sqlite_url)
     repo = SQLAlchemyWorkflowRepo(engine)
     await repo.create_schema()
     made = await repo.create_workflow_instance(new("a"))
     lane = repo._units._sqlite._lane  # type: ignore[union-attr]
     assert lane is not None  # kept for the next call
+    return engine, repo, made, lane
+
+
+async def test_disposing_the_engine_of_a_repo_never_closed_closes_its_kept_connection(
+    sqlite_url: str,
+) -> None:
+    engine, repo, made, lane = await repo_with_a_kept_lane(sqlite_url)
     await engine.dispose()  # the repo was not closed
     assert repo._units._sqlite._lane is None  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="no active connection"):
@@ -335,12 +341,7 @@ async def test_dispose_in_a_forked_child_leaves_the_parents_connection_alone(
 ) -> None:
     from asyncflow.store import _lanes
 
-    engine = create_async_engine(sqlite_url)
-    repo = SQLAlchemyWorkflowRepo(engine)
-    await repo.create_schema()
-    made = await repo.create_workflow_instance(new("a"))
-    lane = repo._units._sqlite._lane  # type: ignore[union-attr]
-    assert lane is not None
+    engine, repo, made, lane = await repo_with_a_kept_lane(sqlite_url)
     real_pid = _lanes.os.getpid()
     monkeypatch.setattr(_lanes.os, "getpid", lambda: real_pid + 1)  # as in a child after fork()
     await engine.dispose(close=False)
