@@ -222,11 +222,9 @@ class WorkflowDriver:
         while not self._stopping:
             self._wake.clear()
             self._spawn_rechecks(tg)
-            free = self._cap - len(self._inflight)
-            can_claim = free >= self._refill or (free > 0 and not self._inflight)
             try:
-                if (claim_at is None or claim_at <= self._now_ms()) and can_claim:
-                    requested = min(free, self._batch)
+                if (claim_at is None or claim_at <= self._now_ms()) and self._can_claim():
+                    requested = min(self._cap - len(self._inflight), self._batch)
                     ids, lease_until = await self._claim(requested)
                     for instance_id in ids:
                         if instance_id not in self._inflight:
@@ -259,7 +257,10 @@ class WorkflowDriver:
                 continue
             errors = 0
             now = self._now_ms()
-            self._want_slots = claim_at is None or claim_at <= now
+            claim_due = claim_at is None or claim_at <= now
+            if claim_due and self._can_claim():
+                continue  # the claim time came (or slots freed) during the reads above: claim now
+            self._want_slots = claim_due  # at the cap: a pass that ends wakes us
             timeout = None if self._want_slots else (min(look_at, claim_at or _NEVER) - now) / 1000
             if self._inflight and self._fake_time:
                 timeout = None  # fake time moves only while no pass runs: passes see a fixed "now"
@@ -273,6 +274,11 @@ class WorkflowDriver:
                 claim_at = None
             query = query or self._query_hint
             self._claim_hint = self._query_hint = False
+
+    def _can_claim(self) -> bool:
+        """Enough free slots for a claim: a batch's worth of refill, or any when nothing runs."""
+        free = self._cap - len(self._inflight)
+        return free >= self._refill or (free > 0 and not self._inflight)
 
     def _idle(self, mark: tuple[int, bool]) -> bool:
         """Nothing running or waiting to be re-tried, and nothing finished or woke us since ``mark``."""

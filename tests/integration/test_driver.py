@@ -7,6 +7,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,13 @@ from asyncflow.engine.rules import SchedulePolicy
 from asyncflow.engine.service import WorkflowService, lock_key
 from asyncflow.errors import InvalidStateError, ParamInvalidError, TaskFailedTerminate, TaskNotReady
 from asyncflow.lock.local import LocalWorkflowLock
-from asyncflow.records import NewWorkflowInstance, NodeExternalEvent, QueryWorkflowInstanceParams
+from asyncflow.records import (
+    InstanceFields,
+    InstanceWhere,
+    NewWorkflowInstance,
+    NodeExternalEvent,
+    QueryWorkflowInstanceParams,
+)
 from asyncflow.registry import Registry
 from asyncflow.status import NODE_EVENT
 from asyncflow.store.memory import MemoryWorkflowRepo
@@ -363,6 +370,42 @@ async def test_an_unexpected_claim_error_is_logged_with_its_traceback_and_the_dr
     logged = [r for r in caplog.records if "claiming due instances failed" in r.getMessage()]
     assert len(logged) == 2 and all(r.levelno == logging.ERROR and r.exc_info for r in logged)
     assert "unexpected claim failure" in logged[0].getMessage()
+
+
+class SlowNextDue:
+    """A repo whose reads of the next due time, from the second on, last until just past that time."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.reads = 0
+        self.outlasted = 0
+
+    async def next_due_at(self, workflow_types: Any = None) -> int | None:
+        due: int | None = await self.inner.next_due_at(workflow_types)
+        self.reads += 1
+        if due is not None and self.reads >= 2 and due / 1000 > time.time():
+            self.outlasted += 1
+            await asyncio.sleep(due / 1000 - time.time() + 0.02)
+        return due
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_due_time_that_passes_while_the_driver_reads_it_is_still_claimed() -> None:
+    """Regression: the due time came during the read of the next due time (nothing running, no wake
+    to come), and the driver used to wait for a wake-up forever instead of claiming."""
+    runs = Runs()
+    repo = SlowNextDue(MemoryWorkflowRepo())
+    service = WorkflowService(repo, LocalWorkflowLock(), registry_for("lin", LINEAR, runs))  # type: ignore[arg-type]
+    (instance_id,) = await create_many(service, "lin", 1)
+    due = int(time.time() * 1000) + 300
+    await repo.update_workflow_instances(InstanceWhere(ids=(instance_id,)), InstanceFields(next_run_at=due))
+    driver = WorkflowDriver(service, concurrency=4, poll_interval=0.05)
+    async with asyncio.timeout(10), driver:  # run_forever: only a claim can start the pass
+        await eventually(lambda: driver.stats.completed == 1)
+    assert repo.outlasted >= 1, "no read of the due time outlasted it: the race was not set up"
+    assert runs.of("C") == 1 and driver.stats.errors == 0
 
 
 async def test_run_until_idle_raises_an_unexpected_claim_error() -> None:

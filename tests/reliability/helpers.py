@@ -13,14 +13,17 @@ never from wall-clock time or memory, so every run of it takes the same steps, a
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import dataclasses
+import io
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from asyncflow.config import NodeConfig, WorkflowConfig
 from asyncflow.context import JSONContext
+from asyncflow.driver import WorkflowDriver
 from asyncflow.engine.rules import SchedulePolicy
 from asyncflow.engine.service import WorkflowService
 from asyncflow.errors import TaskNotReady
@@ -207,3 +210,40 @@ async def closing(*closables: Any) -> AsyncIterator[None]:
     finally:
         for obj in reversed(closables):
             await obj.aclose()
+
+
+async def stall_report(inner: Any, driver: WorkflowDriver) -> str:
+    """Why a driver run did not finish: the driver's state, the active rows, the connection lanes and
+    where every task waits (its whole chain of awaits)."""
+    out = io.StringIO()
+    print(f"driver: in flight {sorted(driver._inflight)}, rechecks {driver._rechecks}", file=out)
+    print(f"driver stats: {driver.stats}", file=out)
+    everything = await snapshot(inner)
+    for record in everything.instances:
+        if record.status in ("init", "running"):
+            nodes = {t.task_type: t.status for t in everything.tasks if t.workflow_instance_id == record.id}
+            print(f"instance {record.id}: {record.status} next_run_at {record.next_run_at} {nodes}", file=out)
+    print(
+        f"driver state: want_slots={driver._want_slots} wake={driver._wake.is_set()} "
+        f"claim_hint={driver._claim_hint} query_hint={driver._query_hint} stopping={driver._stopping}",
+        file=out,
+    )
+    lanes = getattr(getattr(inner, "_units", None), "pg_lanes", None)
+    if lanes is not None:
+        print(
+            f"lanes: busy={lanes._busy} wanting={lanes._wanting} idle={len(lanes._idle)} "
+            f"slots={lanes._slots._value} waiters={len(lanes._slots._waiters or ())} "
+            f"pool={inner._engine.sync_engine.pool.status()}",
+            file=out,
+        )
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}", file=out)
+        coro: Any = task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:
+                print(f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}", file=out)
+            else:
+                print(f"  awaiting {coro!r:.200}", file=out)
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    return out.getvalue()

@@ -35,7 +35,7 @@ from asyncflow.worker import current_node
 from tests.conftest import isolated_pg_engine
 
 from .conftest import PrivateRedis
-from .helpers import ALL_ROWS, MIXED, CompletionCounter, Journal, mixed_registry, snapshot
+from .helpers import ALL_ROWS, MIXED, CompletionCounter, Journal, mixed_registry, snapshot, stall_report
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -155,9 +155,13 @@ async def test_redis_outage_mid_run(
                     )
                     await private_redis.start()
                     figures["outage seconds"] = round(time.monotonic() - started, 2)
-                    async with asyncio.timeout(90):
-                        while await inner.count_workflow_instances(_ACTIVE) > 0:
-                            await asyncio.sleep(0.05)
+                    try:
+                        async with asyncio.timeout(90):
+                            while await inner.count_workflow_instances(_ACTIVE) > 0:
+                                await asyncio.sleep(0.05)
+                    except TimeoutError:
+                        report = await stall_report(inner, driver)
+                        pytest.fail(f"not finished 90 s after Redis came back:\n{report}")
                     figures["recovery seconds"] = round(time.monotonic() - started, 2)
                     figures["holds after restart"] = lock.held - holds_before
         finally:
