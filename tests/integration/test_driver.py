@@ -399,7 +399,7 @@ async def test_a_due_time_that_passes_while_the_driver_reads_it_is_still_claimed
     repo = SlowNextDue(MemoryWorkflowRepo())
     service = WorkflowService(repo, LocalWorkflowLock(), registry_for("lin", LINEAR, runs))  # type: ignore[arg-type]
     (instance_id,) = await create_many(service, "lin", 1)
-    due = int(time.time() * 1000) + 300
+    due = int(time.time() * 1000) + 1000  # a second read comes ~50 ms after the first, long before
     await repo.update_workflow_instances(InstanceWhere(ids=(instance_id,)), InstanceFields(next_run_at=due))
     driver = WorkflowDriver(service, concurrency=4, poll_interval=0.05)
     async with asyncio.timeout(10), driver:  # run_forever: only a claim can start the pass
