@@ -5,7 +5,9 @@ Every instance row says when it should next be looked at (``next_run_at``). The 
 ``claim_lease`` seconds, so other drivers skip them), runs one pass per claimed instance under a hard
 cap of ``concurrency`` simultaneous passes, and sleeps until the next due time, the poll interval or a
 wake-up, whichever comes first: an in-process create/event/restart, or on PostgreSQL a NOTIFY from any
-process. Lock conflicts are skipped quietly (and re-tried briefly, in case the holder was an event);
+process. Near the cap it claims once an eighth of the slots are free, or after one poll interval with
+any slot free (long passes never keep due work waiting longer). An instance claimed while its previous
+pass is still ending (an event came during its lock release) runs again as soon as that pass ends. Lock conflicts are skipped quietly (and re-tried briefly, in case the holder was an event);
 a pass that raises is logged and its instance pushed back with exponential back-off; one failing
 instance never stops the others. A claim that fails (a database outage, or any other exception) is
 logged and tried again with back-off: ``run_forever`` keeps going until it is stopped or cancelled
@@ -219,15 +221,19 @@ class WorkflowDriver:
         look_at = _NEVER  # ms: when to read the next due time (at least once per poll interval)
         query = False  # read it now
         errors = 0
+        starved = False  # a poll interval passed with free slots below the refill: claim them anyway
         while not self._stopping:
             self._wake.clear()
             self._spawn_rechecks(tg)
             try:
-                if (claim_at is None or claim_at <= self._now_ms()) and self._can_claim():
+                if (claim_at is None or claim_at <= self._now_ms()) and self._can_claim(starved):
+                    starved = False
                     requested = min(self._cap - len(self._inflight), self._batch)
                     ids, lease_until = await self._claim(requested)
                     for instance_id in ids:
-                        if instance_id not in self._inflight:
+                        if instance_id in self._inflight:  # its pass is still ending: run it again after
+                            self._rechecks[instance_id] = _Recheck(lease_until, 1, self._now_ms())
+                        else:
                             self._spawn(tg, instance_id, lease_until, 0)
                     if len(ids) == requested or self._stopping:
                         claim_at = None
@@ -240,7 +246,10 @@ class WorkflowDriver:
                     query, now = False, self._now_ms()
                     look_at = now + poll_ms
                     if due is not None:  # due now right after a claim: others are claiming it, wait a bit
-                        claim_at = min(now if claim_at is None else claim_at, max(due, now + _SHORT_MS))
+                        pause = (
+                            0 if self._fake_time and self._inflight else _SHORT_MS
+                        )  # fake time stands still
+                        claim_at = min(now if claim_at is None else claim_at, max(due, now + pause))
                     if until_idle and (due is None or due > now) and self._idle(mark):
                         return
             except Exception as exc:  # a database failure (or a bug): wait, then try again
@@ -262,23 +271,26 @@ class WorkflowDriver:
                 continue  # the claim time came (or slots freed) during the reads above: claim now
             self._want_slots = claim_due  # at the cap: a pass that ends wakes us
             timeout = None if self._want_slots else (min(look_at, claim_at or _NEVER) - now) / 1000
+            if self._want_slots and len(self._inflight) < self._cap:  # long passes may keep those slots
+                timeout = self.config.poll_interval
             if self._inflight and self._fake_time:
                 timeout = None  # fake time moves only while no pass runs: passes see a fixed "now"
             waiting = [r.at for i, r in self._rechecks.items() if i not in self._inflight]
             if waiting and len(self._inflight) < self._cap:  # at the cap: a finishing pass wakes us
                 soonest = (min(waiting) - now) / 1000
                 timeout = max(0.0, soonest if timeout is None else min(timeout, soonest))
-            await self._wait(timeout)
+            woke = await self._wait(timeout)
+            starved = self._want_slots and not woke
             self._want_slots = False
             if self._claim_hint:
                 claim_at = None
             query = query or self._query_hint
             self._claim_hint = self._query_hint = False
 
-    def _can_claim(self) -> bool:
+    def _can_claim(self, any_free: bool = False) -> bool:
         """Enough free slots for a claim: a batch's worth of refill, or any when nothing runs."""
         free = self._cap - len(self._inflight)
-        return free >= self._refill or (free > 0 and not self._inflight)
+        return free >= self._refill or (free > 0 and (any_free or not self._inflight))
 
     def _idle(self, mark: tuple[int, bool]) -> bool:
         """Nothing running or waiting to be re-tried, and nothing finished or woke us since ``mark``."""
@@ -286,6 +298,10 @@ class WorkflowDriver:
         return unchanged and not self._inflight and not self._rechecks
 
     async def _wait(self, seconds: float | None) -> bool:
+        if seconds is None and self._fake_time and not self._want_slots:
+            # fake time stands still while passes run: look at the fake clock again every (real) poll
+            # interval, in case it was moved past a due time meanwhile (a test's advance())
+            return await wait_for_wake(self._wake, SystemClock(), self.config.poll_interval)
         return await wait_for_wake(self._wake, self.service.clock, seconds)
 
     def _on_due(self, instance_id: int) -> None:

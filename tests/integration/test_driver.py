@@ -21,7 +21,7 @@ from asyncflow.driver import DriverConfig, WorkflowDriver
 from asyncflow.engine.rules import SchedulePolicy
 from asyncflow.engine.service import WorkflowService, lock_key
 from asyncflow.errors import InvalidStateError, ParamInvalidError, TaskFailedTerminate, TaskNotReady
-from asyncflow.lock.local import LocalWorkflowLock
+from asyncflow.lock.local import LocalLease, LocalWorkflowLock
 from asyncflow.records import (
     InstanceFields,
     InstanceWhere,
@@ -406,6 +406,107 @@ async def test_a_due_time_that_passes_while_the_driver_reads_it_is_still_claimed
         await eventually(lambda: driver.stats.completed == 1)
     assert repo.outlasted >= 1, "no read of the due time outlasted it: the race was not set up"
     assert runs.of("C") == 1 and driver.stats.errors == 0
+
+
+class SlowRelease(LocalWorkflowLock):
+    """A lock whose release of ``target``'s key returns ``delay`` s after the key is free (as the reply
+    of a Redis or PostgreSQL release does)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.target: int | None = None
+        self.releasing = asyncio.Event()
+
+    async def _release(self, lease: LocalLease) -> None:
+        await super()._release(lease)
+        if self.target is not None and lease.key == lock_key(self.target):
+            self.target = None
+            self.releasing.set()
+            await asyncio.sleep(self.delay)
+
+
+async def test_an_event_stored_while_the_pass_releases_its_lock_runs_without_waiting_out_the_lease() -> None:
+    """Regression: the claim returned an instance whose pass was still ending and leased it, but the
+    driver skipped it, so the event's wake-up waited out the whole claim lease (30 s here)."""
+    checks: list[bool] = []
+
+    async def approved(ctx: JSONContext) -> None:
+        _, ok = ctx.get(NODE_EVENT, "event_content")
+        checks.append(bool(ok))
+        if not ok:
+            raise TaskNotReady("waiting for approval")
+
+    lock = SlowRelease(delay=0.2)
+    registry = registry_for("ev", {"A": [], "B": []}, Runs(), checks={"A": approved})
+    service = WorkflowService(MemoryWorkflowRepo(), lock, registry, lock_ttl=30.0)
+    driver = WorkflowDriver(service, concurrency=4, poll_interval=60.0)
+    async with asyncio.timeout(10), driver:
+        instance = await service.create_workflow("ev", "b")
+        lock.target = instance.id
+        await lock.releasing.wait()  # the first pass wrote "not ready, look again in 60 s" and let go
+        await service.add_node_external_event(instance.id, "A", NodeExternalEvent(1, {"ok": True}))
+        started = time.monotonic()
+        await eventually(lambda: count(service, "completed"))
+        waited = time.monotonic() - started
+    assert checks == [False, True]
+    assert waited < 5.0, f"the event waited {waited:.1f} s: the claim's lease, not the old pass"
+
+
+async def test_due_work_gets_a_free_slot_below_the_refill_size_within_a_poll_interval() -> None:
+    """cap 16 (claims refill 2 slots at a time): 15 passes that do not end; a new instance still runs."""
+    gate = asyncio.Event()
+    runs = Runs()
+
+    async def work(ctx: JSONContext) -> None:
+        if current_node().instance_id in long_ids:
+            await gate.wait()
+
+    service = WorkflowService(
+        MemoryWorkflowRepo(), LocalWorkflowLock(), registry_for("lin", LINEAR, runs, run=work)
+    )
+    long_ids = set(await create_many(service, "lin", 15))
+    driver = WorkflowDriver(service, concurrency=16, poll_interval=0.05)
+    async with asyncio.timeout(10), driver:
+        try:
+            await eventually(lambda: driver.in_flight == 15)
+            new = await service.create_workflow("lin", "new")
+            await eventually(lambda: runs.count[(new.id, "C")] == 1)
+            assert driver.in_flight == 15  # the long passes never ended: the free slot ran it
+        finally:
+            gate.set()
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["system clock", "fake clock"])
+async def test_a_pass_waiting_for_another_instance_that_becomes_due_finishes(fake: bool) -> None:
+    """One pass waits for another instance's worker; that instance becomes due while the pass runs (with
+    a fake clock: moved past its due time). Regression for the fake clock: the driver waited for the
+    running pass to end before it looked at the clock again."""
+    clock = FakeClock() if fake else None
+    gate = asyncio.Event()
+
+    async def work(ctx: JSONContext) -> None:
+        if current_node().instance_id == waiting_id:
+            await gate.wait()
+        else:
+            gate.set()
+
+    registry = registry_for("one", {"A": []}, Runs(), run=work)
+    service = WorkflowService(MemoryWorkflowRepo(), LocalWorkflowLock(), registry, clock=clock)
+    waiting_id, other = await create_many(service, "one", 2)
+    later = int(service.clock.time() * 1000) + 300
+    await service.repo.update_workflow_instances(
+        InstanceWhere(ids=(other,)), InstanceFields(next_run_at=later)
+    )
+    driver = WorkflowDriver(service, concurrency=4, poll_interval=0.05)
+    async with asyncio.timeout(10), driver:
+        await eventually(lambda: driver.in_flight == 1)
+        if clock is not None:
+            clock.advance(1.0)
+        try:
+            await eventually(lambda: driver.stats.completed == 2)
+        finally:
+            gate.set()  # a failed run still stops at once
 
 
 async def test_run_until_idle_raises_an_unexpected_claim_error() -> None:
