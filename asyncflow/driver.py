@@ -7,8 +7,9 @@ cap of ``concurrency`` simultaneous passes, and sleeps until the next due time, 
 wake-up, whichever comes first: an in-process create/event/restart, or on PostgreSQL a NOTIFY from any
 process. Near the cap it claims once an eighth of the slots are free, or after one poll interval with
 any slot free (long passes never keep due work waiting longer). An instance claimed while its previous
-pass is still ending (an event came during its lock release) runs again as soon as that pass ends. Lock conflicts are skipped quietly (and re-tried briefly, in case the holder was an event);
-a pass that raises is logged and its instance pushed back with exponential back-off; one failing
+pass is still ending (an event came during its lock release) runs again as soon as that pass ends.
+Lock conflicts are skipped quietly (and re-tried briefly, in case the holder was an event); a pass
+that raises is logged and its instance pushed back with exponential back-off; one failing
 instance never stops the others. A claim that fails (a database outage, or any other exception) is
 logged and tried again with back-off: ``run_forever`` keeps going until it is stopped or cancelled
 (``run_until_idle`` raises an exception that is not an ``AsyncflowError``).
@@ -246,9 +247,8 @@ class WorkflowDriver:
                     query, now = False, self._now_ms()
                     look_at = now + poll_ms
                     if due is not None:  # due now right after a claim: others are claiming it, wait a bit
-                        pause = (
-                            0 if self._fake_time and self._inflight else _SHORT_MS
-                        )  # fake time stands still
+                        # (with a fake clock and passes running, time stands still: no pause)
+                        pause = 0 if self._fake_time and self._inflight else _SHORT_MS
                         claim_at = min(now if claim_at is None else claim_at, max(due, now + pause))
                     if until_idle and (due is None or due > now) and self._idle(mark):
                         return

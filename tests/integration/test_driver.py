@@ -507,6 +507,8 @@ async def test_a_pass_waiting_for_another_instance_that_becomes_due_finishes(fak
             await eventually(lambda: driver.stats.completed == 2)
         finally:
             gate.set()  # a failed run still stops at once
+    assert await count(service, "completed") == 2
+    assert driver.stats.errors == 0
 
 
 async def test_run_until_idle_raises_an_unexpected_claim_error() -> None:
