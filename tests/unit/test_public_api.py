@@ -42,6 +42,7 @@ LAYERS = {
     "driver": 7,
     "integrations": 8,
     "cli": 8,
+    "web": 8,
     "demo": 8,
     "__main__": 9,
 }

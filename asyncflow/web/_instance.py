@@ -1,0 +1,146 @@
+"""The instance page: facts, the DAG coloured by status (the SVG of ``asyncflow show --html``), every
+node's status, attempts, timings, context, last error, progress and children, and the action links.
+
+While the instance runs the page reloads itself with ``<meta http-equiv="refresh">`` (no script).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+from ..cli.graph import STATUS_COLORS, nodes_of_detail
+from ..cli.html import _svg as dag_svg  # the static page's renderer: one drawing of a DAG
+from ..cli.table import format_json, format_ts
+from ..records import TaskInstanceDetail, WorkflowInstanceDetail
+from ..status import is_over_instance_status, is_over_task_status
+from ._data import children, duration, last_error, progress
+from ._html import e, page, status_badge
+
+__all__ = ["DONE_MESSAGES", "instance_page"]
+
+#: What a finished action says on the instance page (``?done=...``); never text from the request.
+DONE_MESSAGES = {
+    "cancel": "The instance was canceled.",
+    "restart": "The node was restarted; a driver on this database runs it.",
+    "event": "The event was stored; the instance was woken.",
+}
+
+
+def _seconds(value: int | None) -> str:
+    return "-" if value is None else f"{value} s"
+
+
+def _node_actions(base: str, detail: WorkflowInstanceDetail, entry: TaskInstanceDetail) -> str:
+    query = urlencode({"node": entry.task_type})
+    links = [f'<a class="restart" href="{e(base)}/instances/{detail.id}/restart?{e(query)}">restart node</a>']
+    if entry.id and not is_over_task_status(entry.status) and not is_over_instance_status(detail.status):
+        links.append(
+            f'<a class="event" href="{e(base)}/instances/{detail.id}/event?{e(query)}">send event</a>'
+        )
+    return f'<span class="actions">{"".join(links)}</span>'
+
+
+def _children(base: str, entry: TaskInstanceDetail) -> str:
+    found = children(entry)
+    if not found:
+        return ""
+    items = "".join(
+        f'<li>{e(key)}: <a href="{e(base)}/instances/{int(child["instance_id"])}">'
+        f"#{int(child['instance_id'])}</a> {status_badge(str(child.get('status', '')))}</li>"
+        for key, child in found.items()
+    )
+    return f'<p>children:</p><ul class="children">{items}</ul>'
+
+
+def _node_detail(
+    base: str, detail: WorkflowInstanceDetail, i: int, entry: TaskInstanceDetail, actions: bool
+) -> str:
+    error = last_error(entry)
+    done = progress(entry)
+    started = getattr(entry, "started_at", None)
+    facts = [
+        ("row id", entry.id or "-"),
+        ("failed attempts", entry.fail_count),
+        ("created", format_ts(entry.created_at)),
+        ("updated", format_ts(entry.updated_at)),
+    ]
+    if started:
+        facts.append(("started", format_ts(started)))
+    facts.append(("duration", _seconds(duration(entry))))
+    facts_html = "".join(f"<span>{e(k)}: <b>{e(v)}</b></span>" for k, v in facts)
+    parts = [
+        f'<details class="node-detail" id="node-{i}" data-task-type="{e(entry.task_type)}">',
+        f"<summary>{e(entry.task_name or entry.task_type)} <code>{e(entry.task_type)}</code> "
+        f"{status_badge(entry.status)}</summary>",
+        f'<p class="facts">{facts_html}</p>',
+    ]
+    if actions:
+        parts.append(_node_actions(base, detail, entry))
+    if error:
+        parts.append(f'<p class="error">last error: {e(error)}</p>')
+    if done is not None:
+        parts.append(f'<p>progress:</p><pre class="progress">{e(format_json(done))}</pre>')
+    parts.append(_children(base, entry))
+    parts.append(f"<p>node context:</p><pre>{e(format_json(entry.node_context))}</pre></details>")
+    return "".join(parts)
+
+
+def _node_row(i: int, entry: TaskInstanceDetail) -> str:
+    error = last_error(entry)
+    return (
+        f'<tr data-task-type="{e(entry.task_type)}"><td><a href="#node-{i}">{e(entry.task_type)}</a></td>'
+        f"<td>{e(entry.task_name)}</td><td>{status_badge(entry.status)}</td>"
+        f'<td class="num">{entry.fail_count}</td><td>{e(format_ts(entry.created_at))}</td>'
+        f"<td>{e(format_ts(entry.updated_at))}</td><td>{e(_seconds(duration(entry)))}</td>"
+        f"<td>{e(error[:200])}</td></tr>"
+    )
+
+
+def instance_page(
+    base: str, detail: WorkflowInstanceDetail, *, actions: bool, refresh: float, done: str | None = None
+) -> str:
+    """The whole instance page; ``actions`` adds the action links (dashboard not read-only)."""
+    running = not is_over_instance_status(detail.status)
+    entries = {entry.task_type: entry for entry in detail.task_instances}
+    nodes = nodes_of_detail(detail)
+    legend = "".join(f'<span><i class="st-{e(status)}"></i>{e(status)}</span>' for status in STATUS_COLORS)
+    facts = [
+        ("business id", detail.business_id),
+        ("task id", detail.task_id),
+        ("created", format_ts(detail.created_at)),
+        ("updated", format_ts(detail.updated_at)),
+    ]
+    facts_html = "".join(f"<span>{e(k)}: <b>{e(v)}</b></span>" for k, v in facts)
+    notes = []
+    if done in DONE_MESSAGES:
+        notes.append(f'<p class="ok" id="done">{e(DONE_MESSAGES[done])}</p>')
+    if running:
+        notes.append(f'<p class="note" id="live">Running: this page reloads every {refresh:g} s.</p>')
+    if not any(n.next_nodes for n in nodes):
+        notes.append(
+            '<p class="note">The workflow definition is not loaded here: only created nodes are shown, '
+            "without edges (run the dashboard with <code>--app module:attribute</code>).</p>"
+        )
+    top_actions = ""
+    if actions and running:
+        top_actions = (
+            f'<p class="actions"><a id="cancel" href="{e(base)}/instances/{detail.id}/cancel">'
+            "cancel instance</a></p>"
+        )
+    rows = "".join(_node_row(i, entry) for i, entry in enumerate(detail.task_instances))
+    details = "".join(
+        _node_detail(base, detail, i, entry, actions) for i, entry in enumerate(detail.task_instances)
+    )
+    body = (
+        f"<h1>{e(detail.workflow_type)} #{detail.id} {status_badge(detail.status, 'instance-status')}</h1>"
+        f'<p class="facts">{facts_html}</p>{"".join(notes)}{top_actions}'
+        f'<details><summary>workflow context</summary><pre id="workflow-context">'
+        f"{e(format_json(detail.workflow_context))}</pre></details>"
+        f'<div class="legend">{legend}</div>'
+        f'<div id="canvas">{dag_svg(nodes, entries)}</div>'
+        '<h2>Nodes</h2><table id="nodes"><thead><tr><th>node</th><th>name</th><th>status</th>'
+        "<th>failed attempts</th><th>created</th><th>updated</th><th>duration</th><th>last error</th>"
+        f"</tr></thead><tbody>{rows}</tbody></table>{details}"
+    )
+    title = f"{detail.workflow_type} #{detail.id} ({detail.status})"
+    return page(base, title, body, refresh=refresh if running else None)

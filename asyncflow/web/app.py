@@ -1,0 +1,153 @@
+"""``dashboard(svc)``: the web UI as an ASGI (Starlette) app to mount under any prefix.
+
+Routes (relative to the mount point):
+
+* ``GET /``: instances, newest first; ``?type=&status=&business_id=&page=&size=`` filter and page.
+* ``GET /instances/{id}``: one instance; reloads itself while it runs.
+* ``GET /schedules``: the registry's schedules (a note when this version has none).
+* ``GET /api/instances``, ``/api/instances/{id}``, ``/api/schedules``: the same data as JSON.
+* ``GET|POST /instances/{id}/cancel|restart|event``: only when ``read_only=False``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from ..engine.service import WorkflowService
+from ..errors import AsyncflowError, ParamInvalidError
+from ._actions import Authorize, action_routes, base_of, error_response, error_status
+from ._data import ListFilters, instance_dict, load_detail, load_list, record_dict
+from ._html import CSS, list_page, schedules_page
+from ._instance import instance_page
+from ._security import CsrfSigner, SecurityHeaders
+
+__all__ = ["dashboard"]
+
+_FAVICON = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
+    'fill="#2563eb"/><path d="M4 4h8M4 8h8M4 12h5" stroke="#fff" stroke-width="2"/></svg>'
+)
+
+
+def _schedules(svc: WorkflowService) -> tuple[Any, ...] | None:
+    """The registry's schedules, or ``None`` when this version has no schedules at all."""
+    found = getattr(svc.registry, "schedules", None)
+    return None if found is None else tuple(found)
+
+
+def _schedule_dict(schedule: Any) -> dict[str, Any]:
+    names = ("id", "workflow_type", "cron", "timezone", "catch_up", "context")
+    return {name: getattr(schedule, name, None) for name in names}
+
+
+def dashboard(
+    svc: WorkflowService,
+    read_only: bool = True,
+    authorize: Authorize | None = None,
+    *,
+    refresh_seconds: float = 2.0,
+    csrf_secret: bytes | None = None,
+) -> Starlette:
+    """The dashboard of ``svc``'s database as an ASGI app (mount it, or serve it with uvicorn).
+
+    ``read_only=False`` adds cancel, restart node and send event, each confirmed on a page, CSRF
+    protected and allowed only when ``authorize(request, action)`` (sync or async) returns ``True``
+    for ``action`` in ``"cancel"``, ``"restart_node"``, ``"send_event"``; without ``authorize``
+    every action is refused. ``refresh_seconds``: how often a running instance's page reloads.
+    ``csrf_secret`` signs the CSRF cookie (default: random per app; give one when several processes
+    serve the same dashboard).
+    """
+    if not isinstance(svc, WorkflowService):
+        raise ParamInvalidError(f"svc must be a WorkflowService, got {type(svc).__name__}")
+    if authorize is not None and not callable(authorize):
+        raise ParamInvalidError("authorize must be a function (request, action) -> bool, or None")
+    if (
+        isinstance(refresh_seconds, bool)
+        or not isinstance(refresh_seconds, int | float)
+        or refresh_seconds <= 0
+    ):
+        raise ParamInvalidError(f"refresh_seconds must be a positive number, got {refresh_seconds!r}")
+    actions = not read_only
+
+    def filters(request: Request) -> ListFilters:
+        multi = {key: request.query_params.getlist(key) for key in request.query_params}
+        return ListFilters.parse(multi)
+
+    async def instances(request: Request) -> Response:
+        try:
+            view = await load_list(svc, filters(request))
+        except AsyncflowError as error:
+            return error_response(request, error)
+        return HTMLResponse(list_page(base_of(request), view))
+
+    async def instance(request: Request) -> Response:
+        try:
+            detail = await load_detail(svc, int(request.path_params["id"]))
+        except AsyncflowError as error:
+            return error_response(request, error)
+        done = request.query_params.get("done")
+        page = instance_page(base_of(request), detail, actions=actions, refresh=refresh_seconds, done=done)
+        return HTMLResponse(page)
+
+    async def schedules(request: Request) -> Response:
+        return HTMLResponse(schedules_page(base_of(request), _schedules(svc)))
+
+    async def api_instances(request: Request) -> Response:
+        try:
+            view = await load_list(svc, filters(request))
+        except AsyncflowError as error:
+            return _json_error(error)
+        f = view.filters
+        return JSONResponse(
+            {
+                "instances": [record_dict(r) for r in view.instances],
+                "counts": view.counts,
+                "total": view.total,
+                "page": f.page,
+                "size": f.size,
+                "pages": view.pages,
+            }
+        )
+
+    async def api_instance(request: Request) -> Response:
+        try:
+            detail = await load_detail(svc, int(request.path_params["id"]))
+        except AsyncflowError as error:
+            return _json_error(error)
+        return JSONResponse(instance_dict(detail))
+
+    async def api_schedules(request: Request) -> Response:
+        found = _schedules(svc)
+        return JSONResponse(
+            {"available": found is not None, "schedules": [_schedule_dict(s) for s in found or ()]}
+        )
+
+    async def css(request: Request) -> Response:
+        return Response(CSS, media_type="text/css", headers={"cache-control": "max-age=300"})
+
+    async def favicon(request: Request) -> Response:
+        return Response(_FAVICON, media_type="image/svg+xml", headers={"cache-control": "max-age=3600"})
+
+    routes = [
+        Route("/", instances),
+        Route("/instances/{id:int}", instance),
+        Route("/schedules", schedules),
+        Route("/api/instances", api_instances),
+        Route("/api/instances/{id:int}", api_instance),
+        Route("/api/schedules", api_schedules),
+        Route("/static/dashboard.css", css),
+        Route("/static/favicon.svg", favicon),
+    ]
+    if actions:
+        routes += action_routes(svc, authorize, CsrfSigner(csrf_secret))
+    return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
+
+
+def _json_error(error: AsyncflowError) -> Response:
+    return JSONResponse({"error": str(error)}, status_code=error_status(error))
