@@ -161,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     graph.add_argument("--app", metavar="APP", help="module:attribute that loads the workflow definitions")
     graph.add_argument("--config", metavar="FILE", help="a workflow config JSON file (Go shape) to draw")
+
+    web = add("dashboard", "serve the web dashboard (read-only unless --allow-actions); needs asyncflow[web]")
+    web.add_argument("--app", metavar="APP", help="module:attribute that loads the workflow definitions")
+    web.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    web.add_argument("--port", type=_positive_int, default=8080, help="port (default 8080)")
+    web.add_argument(
+        "--allow-actions", action="store_true", help="let anyone who reaches it cancel, restart, send events"
+    )
     return parser
 
 
@@ -200,6 +208,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from .worker import run_worker
 
         return await run_worker(args)
+    if args.command == "dashboard":
+        from .dashboard import run_dashboard
+
+        return await run_dashboard(args)
     from .commands import COMMANDS
 
     return await COMMANDS[args.command](args)

@@ -1,0 +1,324 @@
+"""The dashboard through HTTP (httpx on the ASGI app, mounted under a prefix): pages, filters, paging,
+escaping, headers, the JSON API, read-only mode, and actions with authorize and CSRF."""
+
+from __future__ import annotations
+
+import html
+import pathlib
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from asyncflow.engine.service import WorkflowService
+from asyncflow.errors import ParamInvalidError
+from asyncflow.records import QueryWorkflowInstanceParams, TaskFields, TaskWhere
+from asyncflow.web import dashboard
+
+from .dashboard_helpers import EVIL, Seeded, make_service, seed
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def seeded(tmp_path: pathlib.Path) -> AsyncIterator[tuple[WorkflowService, Seeded]]:
+    url = f"sqlite+aiosqlite:///{tmp_path}/board.db"
+    ids = await seed(url)
+    svc = make_service(url)
+    try:
+        yield svc, ids
+    finally:
+        await svc.repo.aclose()
+
+
+def client(app: Any, prefix: str = "/wf") -> httpx.AsyncClient:
+    outer = Starlette(routes=[Mount(prefix, app)])
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=outer), base_url="http://board.test")
+
+
+def csrf_of(page: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert found, page
+    return found.group(1)
+
+
+def row_ids(page: str) -> list[int]:
+    return [int(x) for x in re.findall(r'<tr data-id="(\d+)">', page)]
+
+
+async def test_list_newest_first_with_counts_filters_and_paging(
+    seeded: tuple[WorkflowService, Seeded],
+) -> None:
+    svc, ids = seeded
+    async with client(dashboard(svc)) as c:
+        page = (await c.get("/wf/")).text
+        assert row_ids(page) == sorted([ids.waiting, ids.failed, ids.evil, *ids.others], reverse=True)
+        assert 'id="count-all">all 6</a>' in page
+        assert re.search(r'id="count-failed">.*?</span> 1</a>', page)
+        assert re.search(r'id="count-running">.*?</span> 5</a>', page)
+
+        failed = (await c.get("/wf/", params={"status": "failed"})).text
+        assert row_ids(failed) == [ids.failed]
+        typed = (await c.get("/wf/", params={"type": "doomed, nothing"})).text
+        assert row_ids(typed) == [ids.failed]
+        assert 'id="count-all">all 1</a>' in typed  # counts follow the type filter
+        business = (await c.get("/wf/", params={"business_id": "order-1"})).text
+        assert row_ids(business) == [ids.waiting]
+
+        first = (await c.get("/wf/", params={"size": 4})).text
+        assert len(row_ids(first)) == 4 and "page 1 of 2 · 6 instances" in first
+        older = re.search(r'rel="next" href="([^"]+)"', first)
+        assert older
+        second = (await c.get(html.unescape(older.group(1)))).text
+        assert len(row_ids(second)) == 2 and set(row_ids(first)).isdisjoint(row_ids(second))
+
+        bad = await c.get("/wf/", params={"status": "nope"})
+        assert bad.status_code == 400 and "unknown status" in bad.text
+        assert (await c.get("/wf/", params={"size": "0"})).status_code == 400
+
+
+async def test_every_value_is_escaped_and_nothing_loads_from_outside(
+    seeded: tuple[WorkflowService, Seeded],
+) -> None:
+    svc, ids = seeded
+    async with client(dashboard(svc, read_only=False, authorize=lambda r, a: True)) as c:
+        pages = [
+            await c.get("/wf/"),
+            await c.get(f"/wf/instances/{ids.evil}"),
+            await c.get(f"/wf/instances/{ids.failed}"),
+            await c.get(f"/wf/instances/{ids.evil}/cancel"),
+            await c.get(f"/wf/instances/{ids.evil}/restart", params={"node": EVIL}),
+            await c.get("/wf/schedules"),
+            await c.get("/wf/no/such/page"),
+        ]
+    for response in pages:
+        assert "content-security-policy" in response.headers, response.url
+        csp = response.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src 'none'" in csp and "unsafe" not in csp
+        assert response.headers["x-content-type-options"] == "nosniff"
+        text = response.text
+        assert "<script" not in text and "onerror=alert" not in text.replace("onerror=alert(1)&gt;", "")
+        assert not re.search(r"(src|href|action)\s*=\s*[\"']?(https?:)?//", text)
+        assert " style=" not in text  # inline styles would break the CSP
+    evil_page = pages[1].text
+    assert html.escape(EVIL, quote=True) in evil_page  # shown, escaped (business id and context)
+    failed_page = pages[2].text
+    assert "last error: " in failed_page and "boom &lt;script&gt;" in failed_page
+
+
+async def test_instance_page_refreshes_only_while_running(seeded: tuple[WorkflowService, Seeded]) -> None:
+    svc, ids = seeded
+    async with client(dashboard(svc, refresh_seconds=3)) as c:
+        running = (await c.get(f"/wf/instances/{ids.waiting}")).text
+        over = (await c.get(f"/wf/instances/{ids.failed}")).text
+        missing = await c.get("/wf/instances/999999")
+    assert '<meta http-equiv="refresh" content="3">' in running
+    assert 'data-task-type="approve" data-status="pending"' in running  # the DAG, coloured by status
+    assert 'id="instance-status" data-status="running"' in running
+    assert "http-equiv" not in over and 'data-status="failed"' in over
+    assert missing.status_code == 404 and "not found" in missing.text
+
+
+async def test_progress_and_children_show_when_a_node_has_them(
+    seeded: tuple[WorkflowService, Seeded],
+) -> None:
+    svc, ids = seeded
+    context = {
+        "system": {"progress": {"done": 7, "of": 10}},
+        "children": {"a": {"instance_id": ids.failed, "status": "failed", "output": None}},
+    }
+    changed = await svc.repo.update_task_instances(
+        TaskWhere(workflow_instance_id=ids.waiting, task_type_in=("approve",)),
+        TaskFields(node_context=context),
+    )
+    assert changed == 1
+    async with client(dashboard(svc)) as c:
+        page = (await c.get(f"/wf/instances/{ids.waiting}")).text
+        data = (await c.get(f"/wf/api/instances/{ids.waiting}")).json()
+    assert '<pre class="progress">' in page and "&quot;done&quot;: 7" in page
+    assert f'<a href="/wf/instances/{ids.failed}">#{ids.failed}</a>' in page
+    approve = next(n for n in data["nodes"] if n["task_type"] == "approve")
+    assert (
+        approve["progress"] == {"done": 7, "of": 10} and approve["children"]["a"]["instance_id"] == ids.failed
+    )
+
+
+async def test_json_api(seeded: tuple[WorkflowService, Seeded]) -> None:
+    svc, ids = seeded
+    async with client(dashboard(svc)) as c:
+        listing = (await c.get("/wf/api/instances", params={"status": "running", "size": 2})).json()
+        one = (await c.get(f"/wf/api/instances/{ids.failed}")).json()
+        missing = await c.get("/wf/api/instances/424242")
+        bad = await c.get("/wf/api/instances", params={"page": "x"})
+        schedules = (await c.get("/wf/api/schedules")).json()
+    assert listing["total"] == 5 and listing["pages"] == 3 and len(listing["instances"]) == 2
+    assert listing["counts"] == {"init": 0, "running": 5, "completed": 0, "failed": 1, "canceled": 0}
+    assert [i["id"] for i in listing["instances"]] == sorted([ids.evil, *ids.others], reverse=True)[:2]
+    assert one["status"] == "failed" and one["nodes"][1]["task_type"] == "explode"
+    assert "boom" in one["nodes"][1]["last_error"]
+    assert missing.status_code == 404 and "not found" in missing.json()["error"]
+    assert bad.status_code == 400
+    assert schedules == {"available": False, "schedules": []}
+
+
+async def test_schedules_page_says_there_are_none(seeded: tuple[WorkflowService, Seeded]) -> None:
+    svc, _ = seeded
+    async with client(dashboard(svc)) as c:
+        page = (await c.get("/wf/schedules")).text
+    assert 'id="no-schedules"' in page and "no cron schedules" in page
+
+
+async def test_read_only_has_no_action_endpoints(seeded: tuple[WorkflowService, Seeded]) -> None:
+    svc, ids = seeded
+    async with client(dashboard(svc)) as c:
+        page = (await c.get(f"/wf/instances/{ids.waiting}")).text
+        for path in ("cancel", "restart?node=approve", "event?node=approve"):
+            assert (await c.get(f"/wf/instances/{ids.waiting}/{path}")).status_code == 404
+            assert (await c.post(f"/wf/instances/{ids.waiting}/{path}")).status_code == 404
+    assert "/cancel" not in page and "/restart" not in page and "/event" not in page
+    assert (await svc.get_workflow_instance(ids.waiting)).status == "running"
+
+
+async def _cancel(c: httpx.AsyncClient, instance_id: int, token: str | None) -> httpx.Response:
+    data = {} if token is None else {"csrf_token": token}
+    return await c.post(f"/wf/instances/{instance_id}/cancel", data=data)
+
+
+@pytest.mark.parametrize("authorize", [None, lambda request, action: False], ids=["no-function", "refuses"])
+async def test_actions_are_refused_without_authorization(
+    seeded: tuple[WorkflowService, Seeded], authorize: Callable[..., bool] | None
+) -> None:
+    svc, ids = seeded
+    async with client(dashboard(svc, read_only=False, authorize=authorize)) as c:
+        confirm = await c.get(f"/wf/instances/{ids.waiting}/cancel")
+        assert confirm.status_code == 403 and "not allowed to cancel" in confirm.text
+        assert (await _cancel(c, ids.waiting, "forged")).status_code == 403
+    assert (await svc.get_workflow_instance(ids.waiting)).status == "running"
+
+
+async def test_actions_need_the_csrf_token(seeded: tuple[WorkflowService, Seeded]) -> None:
+    svc, ids = seeded
+    asked: list[str] = []
+
+    async def authorize(request: Any, action: str) -> bool:  # async is accepted too
+        asked.append(action)
+        return True
+
+    async with client(dashboard(svc, read_only=False, authorize=authorize)) as c:
+        confirm = await c.get(f"/wf/instances/{ids.waiting}/cancel")
+        assert (
+            confirm.status_code == 200
+            and 'id="confirm"' in confirm.text
+            and "Cancel instance #" in confirm.text
+        )
+        token = csrf_of(confirm.text)
+        assert (await _cancel(c, ids.waiting, None)).status_code == 403
+        assert (await _cancel(c, ids.waiting, token + "x")).status_code == 403
+        assert (await svc.get_workflow_instance(ids.waiting)).status == "running"
+        c.cookies.clear()  # the field alone, without its cookie, is refused too
+        assert (await _cancel(c, ids.waiting, token)).status_code == 403
+        assert (await svc.get_workflow_instance(ids.waiting)).status == "running"
+        token = csrf_of((await c.get(f"/wf/instances/{ids.waiting}/cancel")).text)
+        done = await _cancel(c, ids.waiting, token)
+        assert (
+            done.status_code == 303 and done.headers["location"] == f"/wf/instances/{ids.waiting}?done=cancel"
+        )
+        after = (await c.get(done.headers["location"])).text
+    assert 'id="done"' in after and "canceled" in after
+    assert (await svc.get_workflow_instance(ids.waiting)).status == "canceled"
+    assert asked == ["cancel", "cancel", "cancel"]  # two confirmation pages and the POST that ran
+
+
+async def test_send_event_and_restart_node(seeded: tuple[WorkflowService, Seeded]) -> None:
+    svc, ids = seeded
+    async with client(dashboard(svc, read_only=False, authorize=lambda r, a: True)) as c:
+        form = (await c.get(f"/wf/instances/{ids.waiting}/event", params={"node": "approve"})).text
+        assert 'name="event_content"' in form
+        data = {"csrf_token": csrf_of(form), "node": "approve", "event_content": '{"ok": true}'}
+        bad = await c.post(f"/wf/instances/{ids.waiting}/event", data={**data, "event_content": "{nope"})
+        assert bad.status_code == 400 and "not valid JSON" in bad.text
+        sent = await c.post(f"/wf/instances/{ids.waiting}/event", data=data)
+        assert sent.status_code == 303
+        assert (await svc.run_workflow(ids.waiting)).status == "completed"
+
+        form = (await c.get(f"/wf/instances/{ids.waiting}/restart", params={"node": "approve"})).text
+        assert 'name="force"' in form
+        data = {"csrf_token": csrf_of(form), "node": "approve"}
+        refused = await c.post(f"/wf/instances/{ids.waiting}/restart", data=data)
+        assert refused.status_code == 409 and "force" in refused.text  # completed: needs force
+        restarted = await c.post(f"/wf/instances/{ids.waiting}/restart", data={**data, "force": "on"})
+        assert restarted.status_code == 303
+    record = await svc.get_workflow_instance(ids.waiting)
+    rows = {r.task_type: r for r in await svc.repo.load_task_instances(ids.waiting)}
+    assert record.status == "running" and rows["approve"].status == "restarting"
+    assert rows["prepare"].status == "completed"
+
+
+async def test_grouped_counts_are_used_when_the_repo_has_them(seeded: tuple[WorkflowService, Seeded]) -> None:
+    svc, _ = seeded
+    calls: list[QueryWorkflowInstanceParams] = []
+    repo = svc.repo
+
+    async def grouped(params: QueryWorkflowInstanceParams) -> dict[str, int]:
+        calls.append(params)
+        return {"running": 41, "failed": 1}
+
+    repo.count_workflow_instances_by_status = grouped  # type: ignore[attr-defined]
+    try:
+        async with client(dashboard(svc)) as c:
+            data = (await c.get("/wf/api/instances", params={"type": "approval", "status": "failed"})).json()
+    finally:
+        del repo.count_workflow_instances_by_status  # type: ignore[attr-defined]
+    assert data["counts"] == {"init": 0, "running": 41, "completed": 0, "failed": 1, "canceled": 0}
+    assert data["total"] == 1
+    assert calls and calls[0].status_in == () and calls[0].workflow_type_in == ("approval",)
+
+
+async def test_mounts_in_fastapi_and_at_the_root(seeded: tuple[WorkflowService, Seeded]) -> None:
+    from fastapi import FastAPI
+
+    svc, ids = seeded
+    api = FastAPI()
+    api.mount("/ops/workflows", dashboard(svc))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://x") as c:
+        page = (await c.get("/ops/workflows/")).text
+        assert f'href="/ops/workflows/instances/{ids.failed}"' in page
+        assert 'href="/ops/workflows/static/dashboard.css"' in page
+        css = await c.get("/ops/workflows/static/dashboard.css")
+        assert css.headers["content-type"].startswith("text/css") and ".st-failed" in css.text
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=dashboard(svc)), base_url="http://x") as c:
+        assert f'href="/instances/{ids.failed}"' in (await c.get("/")).text
+
+
+async def test_served_by_aiohttp(seeded: tuple[WorkflowService, Seeded]) -> None:
+    from aiohttp import ClientSession, CookieJar, web
+    from aiohttp.test_utils import TestServer
+
+    from asyncflow.web import mount_on_aiohttp
+
+    svc, ids = seeded
+    app = web.Application()
+    mount_on_aiohttp(app, "/wf", dashboard(svc, read_only=False, authorize=lambda r, a: True))
+    # unsafe=True: aiohttp's client keeps no cookies of an IP address (the server is 127.0.0.1) otherwise
+    async with TestServer(app) as server, ClientSession(cookie_jar=CookieJar(unsafe=True)) as session:
+        async with session.get(server.make_url("/wf/")) as response:
+            page = await response.text()
+            assert response.status == 200 and "content-security-policy" in response.headers
+        assert f'href="/wf/instances/{ids.failed}"' in page
+        async with session.get(server.make_url(f"/wf/instances/{ids.waiting}/cancel")) as response:
+            token = csrf_of(await response.text())
+        url = server.make_url(f"/wf/instances/{ids.waiting}/cancel")
+        async with session.post(url, data={"csrf_token": token}, allow_redirects=False) as response:
+            assert response.status == 303
+    assert (await svc.get_workflow_instance(ids.waiting)).status == "canceled"
+    with pytest.raises(ParamInvalidError):
+        mount_on_aiohttp(web.Application(), "wf/", dashboard(svc))
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ParamInvalidError):
+        dashboard("not a service")  # type: ignore[arg-type]
