@@ -7,6 +7,7 @@ Examples::
     python -m benchmarks run --scenario all --mode all --backend postgres,sqlite -c 32,64 --readme
     python -m benchmarks run --scenario none --reference dbos,floor -c 32,64     # references only
     python -m benchmarks readme pg.json sqlite.json                               # tables from JSON files
+    python -m benchmarks dashboard -n 100000 --nodes 200                          # dashboard page times
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import report
+from . import dashboard, report
 from .runner import ALL_SCENARIOS, BenchOptions, parse_list, run_benchmarks
 
 README = Path(__file__).resolve().parent / "README.md"
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", metavar="FILE", help="write the results as JSON")
     run.add_argument("--readme", nargs="?", const=str(README), metavar="PATH",
                      help="rewrite the results table of benchmarks/README.md (or PATH)")  # fmt: skip
+    dashboard.add_parser(sub)
     readme = sub.add_parser("readme", help="rewrite the README results from JSON files (a section each)")
     readme.add_argument("json_files", nargs="+", metavar="json_file")
     readme.add_argument("--path", default=str(README))
@@ -81,6 +83,8 @@ def _options(args: argparse.Namespace) -> BenchOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "dashboard":
+        return dashboard.main(args)
     if args.command == "readme":
         payloads = [json.loads(Path(name).read_text(encoding="utf-8")) for name in args.json_files]
         report.update_readme(args.path, payloads)

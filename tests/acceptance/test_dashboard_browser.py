@@ -262,7 +262,6 @@ def test_watch_an_instance_complete_after_an_authorized_event(browser: Browser) 
     assert b.all("#live")
 
     # not authorized (no operator cookie): the confirmation is refused and nothing changes
-    b.css('details[data-task-type="approve"] a.event').get_attribute("href")
     b.get(f"/instances/{ids.waiting}/event?node=approve")
     assert "not allowed to send event" in b.css("#error").text
     b.shot("refused")
@@ -271,7 +270,7 @@ def test_watch_an_instance_complete_after_an_authorized_event(browser: Browser) 
 
     driver.add_cookie({"name": "operator", "value": "yes", "path": "/"})
     b.get(f"/instances/{ids.waiting}")
-    driver.execute_script("document.querySelector('details[data-task-type=\"approve\"]').open = true")
+    b.css('details[data-task-type="approve"] summary').click()
     b.css('details[data-task-type="approve"] a.event').click()
     b.wait_for(lambda: "/event?node=approve" in driver.current_url)
     b.css("#event_content").send_keys('{"ok": true}')
