@@ -104,7 +104,8 @@ def pages(big: int) -> dict[str, str]:
     return {
         "list first page": "/wf/",
         "list by status": "/wf/?status=failed",
-        "list by type+status": "/wf/?type=refund&status=canceled",
+        "list by type+status": "/wf/?type=shipping&status=canceled",
+        "list by type+status (no match)": "/wf/?type=refund&status=canceled",
         "list by business id": "/wf/?business_id=order-54321",
         "list page 50": "/wf/?page=50",
         "api list": "/wf/api/instances",

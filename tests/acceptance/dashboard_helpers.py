@@ -10,6 +10,7 @@ carry the cookie ``operator=yes``, and runs a driver, so instances progress whil
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -124,3 +125,9 @@ def make_app() -> Starlette:
 
     board = dashboard(svc, read_only=False, authorize=operator_only, refresh_seconds=1)
     return Starlette(routes=[Mount("/wf", board)], lifespan=lifespan)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -13,7 +13,6 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 
 from .cli_helpers import cli_env
-from .dashboard_helpers import DB_ENV, EVIL, Seeded, seed
+from .dashboard_helpers import DB_ENV, EVIL, Seeded, free_port, seed
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,17 +60,11 @@ class Server:
     db: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path: pathlib.Path) -> Iterator[Server]:
     db = f"sqlite+aiosqlite:///{tmp_path}/browser.db"
     ids = asyncio.run(seed(db))
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable,
         "-m",
