@@ -74,6 +74,7 @@ def dashboard(
     ):
         raise ParamInvalidError(f"refresh_seconds must be a positive number, got {refresh_seconds!r}")
     actions = not read_only
+    links = actions and authorize is not None  # without authorize every action is refused: offer none
 
     def filters(request: Request) -> ListFilters:
         multi = {key: request.query_params.getlist(key) for key in request.query_params}
@@ -92,7 +93,7 @@ def dashboard(
         except AsyncflowError as error:
             return error_response(request, error)
         done = request.query_params.get("done")
-        page = instance_page(base_of(request), detail, actions=actions, refresh=refresh_seconds, done=done)
+        page = instance_page(base_of(request), detail, actions=links, refresh=refresh_seconds, done=done)
         return HTMLResponse(page)
 
     async def schedules(request: Request) -> Response:

@@ -194,6 +194,8 @@ async def test_actions_are_refused_without_authorization(
 ) -> None:
     svc, ids = seeded
     async with client(dashboard(svc, read_only=False, authorize=authorize)) as c:
+        page = (await c.get(f"/wf/instances/{ids.waiting}")).text
+        assert ("/cancel" in page) == (authorize is not None)  # no function: no links that always refuse
         confirm = await c.get(f"/wf/instances/{ids.waiting}/cancel")
         assert confirm.status_code == 403 and "not allowed to cancel" in confirm.text
         assert (await _cancel(c, ids.waiting, "forged")).status_code == 403
@@ -209,6 +211,8 @@ async def test_actions_need_the_csrf_token(seeded: tuple[WorkflowService, Seeded
         return True
 
     async with client(dashboard(svc, read_only=False, authorize=authorize)) as c:
+        page = (await c.get(f"/wf/instances/{ids.waiting}")).text
+        assert ("/cancel" in page) == (authorize is not None)  # no function: no links that always refuse
         confirm = await c.get(f"/wf/instances/{ids.waiting}/cancel")
         assert (
             confirm.status_code == 200
