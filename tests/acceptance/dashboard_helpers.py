@@ -77,8 +77,9 @@ def make_registry() -> Registry:
     return registry
 
 
-def make_service(url: str) -> WorkflowService:
-    repo = SQLAlchemyWorkflowRepo(url)
+def make_service(target: Any) -> WorkflowService:
+    """A service on ``target``: a database URL, or an engine (left open)."""
+    repo = SQLAlchemyWorkflowRepo(target)
     return WorkflowService(
         repo, LocalWorkflowLock(), make_registry(), schedule=SchedulePolicy(poll_interval=0.2)
     )
@@ -92,9 +93,9 @@ class Seeded:
     others: tuple[int, ...]  # approval instances, pending
 
 
-async def seed(url: str, extra: int = 3) -> Seeded:
+async def seed(target: Any, extra: int = 3) -> Seeded:
     """Create the schema and instances in known states (each has had its first pass)."""
-    svc = make_service(url)
+    svc = make_service(target)
     try:
         await svc.repo.create_schema()
         waiting = await svc.create_workflow("approval", "order-1", context={"amount": 5}, run=True)

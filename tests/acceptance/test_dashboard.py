@@ -3,6 +3,7 @@ escaping, headers, the JSON API, read-only mode, and actions with authorize and 
 
 from __future__ import annotations
 
+import contextlib
 import html
 import pathlib
 import re
@@ -19,20 +20,27 @@ from asyncflow.errors import ParamInvalidError
 from asyncflow.records import QueryWorkflowInstanceParams, TaskFields, TaskWhere
 from asyncflow.web import dashboard
 
+from ..conftest import isolated_pg_engine
 from .dashboard_helpers import EVIL, Seeded, make_service, seed
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def seeded(tmp_path: pathlib.Path) -> AsyncIterator[tuple[WorkflowService, Seeded]]:
-    url = f"sqlite+aiosqlite:///{tmp_path}/board.db"
-    ids = await seed(url)
-    svc = make_service(url)
-    try:
+@pytest.fixture(params=["sqlite", "postgres"])
+async def seeded(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path
+) -> AsyncIterator[tuple[WorkflowService, Seeded]]:
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "sqlite":
+            target: Any = f"sqlite+aiosqlite:///{tmp_path}/board.db"
+        else:
+            target = await stack.enter_async_context(
+                isolated_pg_engine(request.getfixturevalue("postgres_url"))
+            )
+        ids = await seed(target)
+        svc = make_service(target)
+        stack.push_async_callback(svc.repo.aclose)
         yield svc, ids
-    finally:
-        await svc.repo.aclose()
 
 
 def client(app: Any, prefix: str = "/wf") -> httpx.AsyncClient:
