@@ -11,7 +11,6 @@ from collections.abc import Iterable, Sequence
 
 from ..cli.graph import STATUS_COLORS
 from ..cli.table import format_ts
-from ..status import InstanceStatus
 from ._data import MAX_PAGE_SIZE, STATUSES, ListView
 from ._security import CSRF_FIELD
 
@@ -27,7 +26,8 @@ _STATUS_CSS = "\n".join(f".st-{status}{{background:{color}}}" for status, color 
 
 CSS = (
     """
-body{font-family:system-ui,"Noto Sans",sans-serif;margin:0;color:#111827;background:#f9fafb;font-size:14px}
+body{font-family:system-ui,"Noto Sans","Noto Sans CJK SC",sans-serif;margin:0;color:#111827;
+  background:#f9fafb;font-size:14px}
 nav{background:#111827;padding:10px 24px}
 nav a{color:#f9fafb;margin-right:18px;text-decoration:none;font-weight:600}
 main{padding:16px 24px}
@@ -59,7 +59,7 @@ pre{white-space:pre-wrap;word-break:break-word;font-size:12px;background:#f3f4f6
 .legend span{display:inline-block;margin:4px 10px 0 0;font-size:12px}
 .legend i{display:inline-block;width:12px;height:12px;border:1px solid #6b7280;margin-right:4px}
 details.node-detail{background:#fff;border:1px solid #e5e7eb;margin:6px 0;padding:6px 10px}
-details.node-detail:target{outline:2px solid #2563eb}
+details.node-detail:has(:target){outline:2px solid #2563eb}
 .actions form,.actions a{display:inline-block;margin-right:10px}
 button{cursor:pointer}
 """
@@ -208,6 +208,3 @@ def confirm_page(
         '<p><button type="submit" id="confirm">Yes, do it</button></p></form>'
     )
     return page(base, title, body)
-
-
-ACTIVE = (InstanceStatus.INIT.value, InstanceStatus.RUNNING.value)

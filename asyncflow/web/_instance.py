@@ -69,10 +69,11 @@ def _node_detail(
     facts.append(("duration", _seconds(duration(entry))))
     facts_html = "".join(f"<span>{e(k)}: <b>{e(v)}</b></span>" for k, v in facts)
     parts = [
-        f'<details class="node-detail" id="node-{i}" data-task-type="{e(entry.task_type)}">',
+        f'<details class="node-detail" data-task-type="{e(entry.task_type)}">',
         f"<summary>{e(entry.task_name or entry.task_type)} <code>{e(entry.task_type)}</code> "
         f"{status_badge(entry.status)}</summary>",
-        f'<p class="facts">{facts_html}</p>',
+        # the anchor is inside: following #node-N opens the closed details (no script needed)
+        f'<p class="facts" id="node-{i}">{facts_html}</p>',
     ]
     if actions:
         parts.append(_node_actions(base, detail, entry))

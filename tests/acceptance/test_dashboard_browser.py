@@ -233,8 +233,11 @@ def test_list_filter_and_open_an_instance_without_javascript(server: Server, tmp
         node = b.css('#dag g.node[data-task-type="explode"]')
         assert node.get_attribute("data-status") == "failed"
         assert b.css('#dag g.node[data-task-type="explode"] rect').get_attribute("fill") == "#fca5a5"
-        b.css('a[href="#node-1"]').click()  # the node's details, opened without script
-        assert "boom " + EVIL in b.css("#node-1").get_attribute("textContent")
+        details = b.css('details[data-task-type="explode"]')
+        assert details.get_attribute("open") is None
+        b.css('a[href="#node-1"]').click()  # the node's details open, without script
+        b.wait_for(lambda: details.get_attribute("open") is not None)
+        assert "boom " + EVIL in details.text  # visible text now
         assert b.all("meta[http-equiv='refresh']") == []  # over: no reloads
         b.shot("instance-failed")
 
