@@ -71,8 +71,11 @@ class MemoryWorkflowRepo:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    async def migrate(self) -> None:
+        """Nothing to create or upgrade (idempotent)."""
+
     async def create_schema(self) -> None:
-        """Nothing to create (idempotent)."""
+        """The same as :meth:`migrate`."""
 
     async def aclose(self) -> None:
         """Nothing to release; the data stays readable."""

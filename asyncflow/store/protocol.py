@@ -34,8 +34,11 @@ class WorkflowRepo(Protocol):
     run in that transaction.
     """
 
+    async def migrate(self) -> None:
+        """Create the schema or upgrade it to ``SCHEMA_VERSION`` (forward-only, idempotent, concurrent)."""
+
     async def create_schema(self) -> None:
-        """Create the tables and indexes if missing, and record the schema version (idempotent)."""
+        """The same as :meth:`migrate` (the 0.1 name)."""
 
     async def aclose(self) -> None:
         """Release what the repo owns (an engine it created); a caller's engine is left alone."""

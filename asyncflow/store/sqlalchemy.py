@@ -19,12 +19,11 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from sqlalchemy import func, insert, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import ParamInvalidError, StoreError
+from ..errors import ParamInvalidError
 from ..records import (
     InstanceFields,
     InstanceWhere,
@@ -39,14 +38,15 @@ from ..records import (
     TaskWhere,
     WorkflowInstanceRecord,
 )
-from . import _dialect, pg_functions
+from . import _dialect, migrations
 from . import _prepare as prep
 from . import _statements as st
 from ._core_step import StepConflict, apply_core
 from ._hot import FunctionMissing, HotPath
 from ._json import check_int, check_texts, copy_context, validate_instance_query, validate_task_query
 from ._units import ConnectionUnits, StoreErrors
-from .tables import SCHEMA_VERSION, asyncflow_schema, due_index, metadata
+from .postgres import schema as pg_schema
+from .sqlite import schema as sqlite_schema
 
 __all__ = ["SQLAlchemyWorkflowRepo"]
 
@@ -83,6 +83,7 @@ class SQLAlchemyWorkflowRepo:
         self._claim_is_one_statement = _dialect.claim_is_one_statement(self._engine)
         self._hot = HotPath(self._units, self._engine)
         self._clock: Clock = clock if clock is not None else SYSTEM_CLOCK
+        self._schema = pg_schema if self._engine.dialect.name == "postgresql" else sqlite_schema
 
     @property
     def engine(self) -> AsyncEngine:
@@ -100,40 +101,32 @@ class SQLAlchemyWorkflowRepo:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def create_schema(self) -> None:
-        """Create the tables and indexes if missing and record the schema version (idempotent).
+    async def migrate(self) -> None:
+        """Create the schema, or upgrade it to :data:`~asyncflow.store.tables.SCHEMA_VERSION`.
 
-        Concurrent calls are serialized (an advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite).
-        A database recorded with a newer schema version than this code knows raises ``StoreError``.
-        On PostgreSQL it also (re)installs the step functions (``CREATE OR REPLACE``), on a database
-        of an older asyncflow too; without them (tables made by migrations alone) steps still work,
-        through slower multi-statement transactions, with a warning. On a database made before the
-        claim index ``ix_workflow_instance_due`` existed it builds it with a plain ``CREATE INDEX``,
-        which blocks writes to ``workflow_instance`` while it runs (47 ms for 100,000 runnable rows
-        on a 2-core test machine); on a large live table build it first with ``CREATE INDEX CONCURRENTLY
-        ix_workflow_instance_due ON workflow_instance (next_run_at, id) WHERE status IN ('init',
-        'running')`` and this finds it.
+        Forward-only: each missing version (:mod:`asyncflow.store.migrations`) is applied in a
+        transaction of its own and recorded in ``asyncflow_schema``. Concurrent calls, from any number
+        of processes, are safe (an advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite). A
+        database recorded with a newer version than this code knows raises ``StoreError``. On a
+        database of asyncflow 0.1.0 it keeps every row; on PostgreSQL it installs the step functions
+        the repo needs. Version 1 builds the claim index ``ix_workflow_instance_due`` only if it is
+        missing, with a plain ``CREATE INDEX`` (blocking writes while it runs: 47 ms for 100,000
+        runnable rows on a 2-core test machine); on a large live table made before it existed, build
+        it first with ``CREATE INDEX CONCURRENTLY ix_workflow_instance_due ON workflow_instance
+        (next_run_at, id) WHERE status IN ('init', 'running')``.
         """
-        with StoreErrors("create_schema"):
-            async with self._atomic() as conn:
-                await _dialect.lock_schema(conn)
-                await conn.run_sync(metadata.create_all)
-                await conn.run_sync(lambda sync: due_index.create(sync, checkfirst=True))  # older databases
-                found = (await conn.execute(select(func.max(asyncflow_schema.c.version)))).scalar()
-                if found is None:
-                    row = {"version": SCHEMA_VERSION, "applied_at": self._now()}
-                    await conn.execute(insert(asyncflow_schema), row)
-                elif found > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"the database has asyncflow schema version {found}, newer than this "
-                        f"asyncflow's {SCHEMA_VERSION}: upgrade asyncflow"
-                    )
-                if conn.dialect.name == "postgresql":  # also on a database made by an older asyncflow
-                    for ddl in pg_functions.ALL:
-                        await conn.exec_driver_sql(ddl)
+        schema = self._schema
+        with StoreErrors("migrate"):
+            await migrations.migrate(
+                self._atomic, schema.lock_schema, schema.MIGRATIONS, self._now, schema.REPAIR
+            )
         self._hot.step_function = self._hot.kind == "pg"
         if self._hot.pg_batches is not None:
             self._hot.pg_batches.enabled = True
+
+    async def create_schema(self) -> None:
+        """The same as :meth:`migrate` (the 0.1 name)."""
+        await self.migrate()
 
     async def aclose(self) -> None:
         """Dispose the engine if the repo built it (idempotent); a caller's engine is left alone."""

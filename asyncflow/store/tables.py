@@ -40,8 +40,8 @@ __all__ = [
     "workflow_instance",
 ]
 
-SCHEMA_VERSION = 1
-"""The version ``create_schema()`` records in ``asyncflow_schema``."""
+SCHEMA_VERSION = 2
+"""The schema version this asyncflow migrates to (:mod:`asyncflow.store.migrations`)."""
 
 metadata = MetaData(
     naming_convention={

@@ -17,8 +17,8 @@ from sqlalchemy.pool import QueuePool
 
 from asyncflow.errors import StoreError
 from asyncflow.records import Step, TaskUpdate
-from asyncflow.store import pg_functions
 from asyncflow.store.commit_counter import CommitCounter
+from asyncflow.store.postgres import functions as pg_functions
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from tests.conftest import isolated_pg_engine
 
@@ -94,11 +94,11 @@ async def test_create_schema_installs_the_function_on_an_existing_database(
     async with repo.engine.begin() as conn:
         await conn.execute(text("DROP FUNCTION asyncflow_step_v1"))
     assert not await function_exists(repo.engine)
-    await repo.create_schema()  # a database made before the function existed (schema version 1)
+    await repo.create_schema()  # a database whose function was dropped: migrate() re-installs it
     assert await function_exists(repo.engine)
     async with repo.engine.connect() as conn:
         versions = (await conn.execute(text("SELECT version FROM asyncflow_schema"))).scalars().all()
-    assert versions == [1]
+    assert versions == [1, 2]
 
 
 async def test_a_migration_can_install_the_functions_itself(repo: SQLAlchemyWorkflowRepo) -> None:
