@@ -31,6 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
+from ._sql import RUNNABLE_SQL
+
 __all__ = [
     "SCHEMA_VERSION",
     "asyncflow_schema",
@@ -75,7 +77,7 @@ workflow_instance = Table(
     sqlite_autoincrement=True,
 )
 
-_RUNNABLE = text("status IN ('init', 'running')")
+_RUNNABLE = text(f"status IN ({RUNNABLE_SQL})")
 due_index = Index(
     "ix_workflow_instance_due",
     workflow_instance.c.next_run_at,

@@ -14,9 +14,11 @@ through slower multi-statement transactions, and logs a warning.
 
 from __future__ import annotations
 
+from .._sql import TERMINAL_SQL
+
 __all__ = ["ALL", "BATCH_FUNCTION", "STEP_FUNCTION"]
 
-STEP_FUNCTION = """
+STEP_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION asyncflow_step_v1(p_step jsonb) RETURNS bigint[] LANGUAGE plpgsql AS $asyncflow$
 -- One step of asyncflow's engine (asyncflow.records.Step), all or nothing: any failed condition
 -- raises SQLSTATE AF409, which rolls back everything this call wrote. p_step is the JSON array
@@ -26,8 +28,8 @@ CREATE OR REPLACE FUNCTION asyncflow_step_v1(p_step jsonb) RETURNS bigint[] LANG
 DECLARE
     v_instance bigint := (p_step->>0)::bigint;
     v_now bigint := (p_step->>4)::bigint;
-    v_touched bigint[] := '{}';
-    v_ids bigint[] := '{}';
+    v_touched bigint[] := '{{}}';
+    v_ids bigint[] := '{{}}';
     v_count bigint;
     v_update jsonb;
 BEGIN
@@ -82,7 +84,7 @@ BEGIN
         UPDATE task_instance
            SET status = 'canceled', updated_at = v_now, version = version + 1
          WHERE workflow_instance_id = v_instance
-           AND status NOT IN ('completed', 'failed', 'canceled')
+           AND status NOT IN ({TERMINAL_SQL})
            AND id <> ALL (v_touched || v_ids);
     END IF;
     RETURN v_ids;
