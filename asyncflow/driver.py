@@ -37,13 +37,14 @@ from .engine.rules import SchedulePolicy
 from .engine.service import WorkflowService
 from .errors import AsyncflowError, InvalidStateError, LockFailedError, ParamInvalidError, is_serious_error
 from .records import InstanceFields, InstanceWhere
+from .status import RUNNABLE_INSTANCE_STATUSES
 from .store.protocol import DueListener, ListensDue
 
 __all__ = ["DriverConfig", "DriverStats", "WorkflowDriver"]
 
 logger = logging.getLogger(__name__)
 
-_ACTIVE = ("init", "running")
+_ACTIVE = RUNNABLE_INSTANCE_STATUSES
 _FAILURE_MEMORY = 10_000  # instances whose consecutive pass errors are remembered (for back-off)
 _LOCK_RETRIES = 8  # re-tries of a lock conflict: 10 ms, 20 ms, ... (capped at the poll interval)
 _SHORT_WAIT = 0.01  # s: first lock re-try; also the pause before re-claiming a row others claim

@@ -31,6 +31,7 @@ from ..records import (
     TaskWhere,
     WorkflowInstanceRecord,
 )
+from ..status import RUNNABLE_INSTANCE_STATUSES, TERMINAL_STATUSES
 from . import _prepare as prep
 from ._json import (
     check_int,
@@ -42,8 +43,8 @@ from ._memory_rows import Instance, State, Task, changed_instance, changed_task,
 
 __all__ = ["MemoryWorkflowRepo"]
 
-_RUNNABLE = ("init", "running")
-_TERMINAL = ("completed", "failed", "canceled")
+_RUNNABLE = RUNNABLE_INSTANCE_STATUSES
+_TERMINAL = TERMINAL_STATUSES
 
 
 class _MemTx:
