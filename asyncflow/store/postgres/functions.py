@@ -1,10 +1,9 @@
 """The PostgreSQL functions of asyncflow's SQL repo, as ``CREATE OR REPLACE`` DDL.
 
-``create_schema()`` installs them (on every call, so a database made by an older asyncflow gets them
-too). An application that builds the schema with its own migrations (Alembic, with
-:data:`asyncflow.store.tables.metadata`) should run each statement of :data:`ALL` in a migration
-as well, e.g. ``for ddl in ALL: op.execute(ddl)``; without them the repo still works on PostgreSQL,
-through slower multi-statement transactions, and logs a warning.
+Migration 2 installs them, and every ``repo.migrate()`` re-installs them (``CREATE OR REPLACE``), so
+a database whose functions were dropped gets them back. The repo needs them: a step without them
+raises ``StoreError`` naming ``migrate()``. The status lists in them come from
+:mod:`asyncflow.status`.
 
 * ``asyncflow_step_v1(jsonb)``: one step of the engine, all or nothing (SQLSTATE ``AF409`` when a
   condition fails).
