@@ -22,11 +22,7 @@ from ._units import ConnectionUnits
 from .migrations import Migration
 from .protocol import DueListener
 
-__all__ = ["SchemaOps", "SqlBackend", "StepConflict", "backend_for"]
-
-
-class StepConflict(Exception):
-    """A condition of a step failed: it was rolled back; the repo reports ``applied=False``."""
+__all__ = ["SchemaOps", "SqlBackend", "backend_for"]
 
 
 class SchemaOps(Protocol):

@@ -10,7 +10,7 @@ from sqlalchemy import exc
 
 from ..errors import StoreError, UniqueViolationError
 
-__all__ = ["DB_ERRORS", "StoreErrors", "is_unique_violation", "sqlstate", "store_error"]
+__all__ = ["DB_ERRORS", "StepConflict", "StoreErrors", "is_unique_violation", "sqlstate", "store_error"]
 
 _errors: list[type[BaseException]] = [exc.SQLAlchemyError, OSError, TimeoutError, sqlite3.Error]
 try:  # asyncpg is an optional extra
@@ -94,3 +94,7 @@ class StoreErrors:
         if error is not None and isinstance(error, DB_ERRORS):
             wrapped = store_error(error, self.operation)
             raise wrapped from wrapped.__cause__
+
+
+class StepConflict(Exception):
+    """A condition of a step failed: it was rolled back; the repo reports ``applied=False``."""

@@ -41,9 +41,9 @@ from ..records import (
 from . import _prepare as prep
 from . import _statements as st
 from . import migrations
-from ._backend import SqlBackend, StepConflict, backend_for
+from ._backend import SqlBackend, backend_for
 from ._engine import create_engine_from_url
-from ._errors import StoreErrors
+from ._errors import StepConflict, StoreErrors
 from ._json import check_int, check_texts, copy_context, validate_instance_query, validate_task_query
 from ._records import inserted_task_record, instance_record, task_record
 from ._units import ConnectionUnits

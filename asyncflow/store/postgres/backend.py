@@ -21,9 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ...errors import ParamInvalidError, StoreError
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
-from .._backend import StepConflict
 from .._batcher import StepBatcher
-from .._errors import sqlstate
+from .._errors import StepConflict, sqlstate
 from .._observers import notify
 from .._prepare import InstanceRow, PreparedStep
 from .._units import ConnectionUnits

@@ -18,8 +18,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
-from .._backend import StepConflict
 from .._batcher import StepBatcher
+from .._errors import StepConflict
 from .._lanes import to_completion
 from .._observers import notify
 from .._prepare import InstanceRow, PreparedStep
