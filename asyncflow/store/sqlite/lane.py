@@ -9,7 +9,9 @@ Through SQLAlchemy and aiosqlite every statement costs several hand-offs to a wo
 waiting for the GIL while the event loop is busy. So for a database file the backend keeps a plain
 ``sqlite3`` connection (:class:`ThreadConnection`) in a one-thread executor of its own, and a whole unit
 (a step in ``BEGIN IMMEDIATE ... COMMIT``, a claim, an insert, a read) is one function run there: one
-hop. It is closed once the repo has been idle for :data:`~asyncflow.store._lanes.IDLE_RELEASE_S`, so
+hop. It runs with the settings of the engine's connections (:data:`COPIED_PRAGMAS`, read from one of
+them when it opens, so a ``busy_timeout`` the caller sets on the engine holds for it too). It is
+closed once the repo has been idle for :data:`~asyncflow.store._lanes.IDLE_RELEASE_S`, so
 an idle repo holds nothing. An in-memory database (private to each connection) has no such
 connection: its calls run on the engine's connection (:attr:`SqliteLane.own` is False).
 """
@@ -29,7 +31,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from .._lanes import IDLE_RELEASE_S, IdleRelease
 from .engine import connect
 
-__all__ = ["SqliteLane", "ThreadConnection", "own_path"]
+__all__ = ["COPIED_PRAGMAS", "SqliteLane", "ThreadConnection", "own_path"]
+
+COPIED_PRAGMAS = ("busy_timeout", "foreign_keys", "synchronous", "cache_size")
+"""Connection settings the own connection takes from the engine's connections."""
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +58,15 @@ class ThreadConnection:
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncflow-sqlite")
         self._conn: Any = None
+        self.settings: dict[str, Any] = {}  # PRAGMA values to copy when the connection opens
 
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         conn = self._conn
         if conn is None:
-            conn = self._conn = connect(self._path)
+            conn = connect(self._path)
+            for name, value in self.settings.items():
+                conn.execute(f"PRAGMA {name} = {int(value)}")
+            self._conn = conn
         return fn(conn, *args)
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -87,6 +96,7 @@ class SqliteLane:
     """The write gate of a SQLite repo, and its own connection when the database is a file."""
 
     def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
         self._gate = asyncio.Lock()
         self._waiting = 0
         path = own_path(engine)
@@ -133,9 +143,19 @@ class SqliteLane:
         assert self._thread is not None
         await self._enter()
         try:
+            if not self._thread.is_open:
+                self._thread.settings = await self._engine_settings()
             yield self._thread
         finally:
             self._leave()
+
+    async def _engine_settings(self) -> dict[str, Any]:
+        """The PRAGMAs the engine's connections run with (the caller may have changed them in a
+        ``connect`` listener): the own connection copies them."""
+        async with self._engine.connect() as conn:
+            return {
+                name: (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar_one() for name in COPIED_PRAGMAS
+            }
 
     async def aclose(self) -> None:
         """Close the own connection and stop its thread."""
