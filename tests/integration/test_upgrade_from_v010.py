@@ -7,6 +7,7 @@ import asyncio
 import pathlib
 import shutil
 import sqlite3
+import sys
 from typing import Any
 
 import pytest
@@ -104,30 +105,52 @@ async def test_a_postgres_database_of_v010_upgrades_and_its_instances_finish(pos
             await _upgrade_and_finish(repo)
 
 
-@pytest.mark.parametrize("processes", [3])
-async def test_concurrent_migrators_in_processes_on_a_v010_sqlite_file(
-    tmp_path: pathlib.Path, processes: int
-) -> None:
-    path = tmp_path / "v010.sqlite"
-    shutil.copy(FIXTURES / "v010.sqlite", path)
-    url = f"sqlite+aiosqlite:///{path}"
-    code = (
-        "import asyncio, sys, asyncflow as af\n"
-        "async def main():\n"
-        "    async with af.SQLAlchemyWorkflowRepo(sys.argv[1]) as repo:\n"
-        "        await repo.migrate()\n"
-        "asyncio.run(main())\n"
-    )
-    import sys
+_MIGRATE_IN_A_PROCESS = """
+import asyncio, sys
+import asyncflow as af
+from sqlalchemy.ext.asyncio import create_async_engine
 
+async def main(url, schema):
+    options = {"server_settings": {"search_path": schema}} if schema else {}
+    engine = create_async_engine(url, connect_args=options)
+    async with af.SQLAlchemyWorkflowRepo(engine) as repo:
+        await repo.migrate()
+    await engine.dispose()
+
+asyncio.run(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))
+"""
+
+
+async def _migrate_in_processes(count: int, *args: str) -> None:
     runs = [
-        await asyncio.create_subprocess_exec(sys.executable, "-c", code, url, stderr=asyncio.subprocess.PIPE)
-        for _ in range(processes)
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _MIGRATE_IN_A_PROCESS, *args, stderr=asyncio.subprocess.PIPE
+        )
+        for _ in range(count)
     ]
     results = [await run.communicate() for run in runs]
-    assert [run.returncode for run in runs] == [0] * processes, results
+    assert [run.returncode for run in runs] == [0] * count, results
+
+
+async def test_concurrent_migrators_in_processes_on_a_v010_sqlite_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "v010.sqlite"
+    shutil.copy(FIXTURES / "v010.sqlite", path)
+    await _migrate_in_processes(3, f"sqlite+aiosqlite:///{path}")
     with sqlite3.connect(path) as db:
         versions = [row[0] for row in db.execute("SELECT version FROM asyncflow_schema ORDER BY version")]
         count = db.execute("SELECT count(*) FROM workflow_instance").fetchone()[0]
     assert versions == list(range(1, af.SCHEMA_VERSION + 1))
     assert count == len(EXPECTED)
+
+
+@pytest.mark.parametrize("fixture", ["fresh", "v010"])
+async def test_concurrent_migrators_in_processes_on_postgres(postgres_url: str, fixture: str) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        if fixture == "v010":
+            await _load_pg_fixture(engine)
+        async with engine.connect() as conn:
+            schema = (await conn.execute(text("SELECT current_schema()"))).scalar_one()
+        await _migrate_in_processes(3, postgres_url, schema)
+        assert await _versions(engine) == list(range(1, af.SCHEMA_VERSION + 1))
+        expected = len(EXPECTED) if fixture == "v010" else 0
+        assert len(await _rows(engine, "workflow_instance")) == expected
