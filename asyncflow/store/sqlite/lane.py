@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from queue import SimpleQueue
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -50,13 +52,17 @@ def own_path(engine: AsyncEngine) -> str | None:
 class ThreadConnection:
     """A ``sqlite3`` connection that lives in one worker thread: :meth:`run` is one hop there.
 
-    The connection is opened on first use (in the thread) and closed by :meth:`close`. A caller
+    The thread (a daemon, fed by a queue, as aiosqlite's is) starts on first use, and the connection
+    opens in it then; :meth:`close` closes the connection, :meth:`shutdown` ends the thread. A caller
     cancelled while its function runs does not stop the function: a unit ends its transaction itself.
     """
 
     def __init__(self, path: str) -> None:
         self._path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncflow-sqlite")
+        self._queue: SimpleQueue[tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]] | None]
+        self._queue = SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._pid = 0
         self._conn: Any = None
         self.settings: dict[str, Any] = {}  # PRAGMA values to copy when the connection opens
 
@@ -69,9 +75,33 @@ class ThreadConnection:
             self._conn = conn
         return fn(conn, *args)
 
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            try:
+                result = fn(*args)
+            except BaseException as error:  # handed to the caller, as raised
+                future.get_loop().call_soon_threadsafe(_fail, future, error)
+            else:
+                future.get_loop().call_soon_threadsafe(_succeed, future, result)
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or self._pid != os.getpid():  # a forked child starts its own
+            if self._pid != os.getpid():
+                self._queue, self._conn = SimpleQueue(), None
+            self._pid = os.getpid()
+            self._worker = threading.Thread(target=self._work, name="asyncflow-sqlite", daemon=True)
+            self._worker.start()
+
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(sqlite3_connection, *args)`` in the worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn, args)
+        return await self._submit(self._call, fn, args)
+
+    async def _submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self._ensure_worker()
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put((future, fn, args))
+        return await future
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
@@ -85,11 +115,23 @@ class ThreadConnection:
     async def close(self) -> None:
         """Close the connection (it reopens on the next :meth:`run`)."""
         if self._conn is not None:
-            await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._executor, self._close))
+            await asyncio.shield(self._submit(self._close))
 
     def shutdown(self) -> None:
-        """Stop the worker thread once it has nothing left to run."""
-        self._executor.shutdown(wait=False)
+        """End the worker thread once it has run what it was given."""
+        if self._worker is not None and self._pid == os.getpid():
+            self._queue.put(None)
+            self._worker = None
+
+
+def _succeed(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():  # else the caller was cancelled meanwhile
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 class SqliteLane:
