@@ -138,9 +138,9 @@ class Lane:
         If the engine was disposed meanwhile, its old pool would keep the connection open for the
         garbage collector: it is closed instead.
         """
-        await _to_completion(_close_quietly(self.conn))
+        await to_completion(_close_quietly(self.conn))
         if self.conn.sync_engine.pool is not self.pool:
-            await _to_completion(_close_driver(self.driver))
+            await to_completion(_close_driver(self.driver))
 
     @property
     def born(self) -> float:
@@ -150,7 +150,7 @@ class Lane:
 
     async def discard(self, error: BaseException | None = None) -> None:
         """Invalidate the connection (it may be mid-statement or broken): the pool replaces it."""
-        await _to_completion(_invalidate(self.conn))
+        await to_completion(_invalidate(self.conn))
 
 
 async def to_completion(coro: Coroutine[Any, Any, T]) -> T:
@@ -168,9 +168,6 @@ async def to_completion(coro: Coroutine[Any, Any, T]) -> T:
     if cancelled is not None:
         raise cancelled
     return result
-
-
-_to_completion = to_completion
 
 
 async def _close_driver(driver: Any) -> None:
