@@ -76,7 +76,7 @@ from .status import (
 from .store.memory import MemoryWorkflowRepo
 from .store.protocol import WorkflowRepo
 from .store.sqlalchemy import SQLAlchemyWorkflowRepo
-from .store.tables import metadata
+from .store.tables import SCHEMA_VERSION, metadata
 from .worker import (
     BaseTaskWorker,
     EmptyTaskWorker,
@@ -130,6 +130,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "RedisWorkflowLock",
     "Registry",
     "RootNodeWorker",
+    "SCHEMA_VERSION",
     "SQLAlchemyWorkflowRepo",
     "SYSTEM",
     "SchedulePolicy",

@@ -32,18 +32,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._driver_config import DriverConfig, DriverStats, bounded, merge_config, seconds, wait_for_wake
-from ._driver_notify import DueNotifier, notifier_for
 from .clock import SystemClock
 from .engine.rules import SchedulePolicy
 from .engine.service import WorkflowService
 from .errors import AsyncflowError, InvalidStateError, LockFailedError, ParamInvalidError, is_serious_error
 from .records import InstanceFields, InstanceWhere
+from .status import RUNNABLE_INSTANCE_STATUSES
+from .store.protocol import DueListener, ListensDue
 
 __all__ = ["DriverConfig", "DriverStats", "WorkflowDriver"]
 
 logger = logging.getLogger(__name__)
 
-_ACTIVE = ("init", "running")
+_ACTIVE = RUNNABLE_INSTANCE_STATUSES
 _FAILURE_MEMORY = 10_000  # instances whose consecutive pass errors are remembered (for back-off)
 _LOCK_RETRIES = 8  # re-tries of a lock conflict: 10 ms, 20 ms, ... (capped at the poll interval)
 _SHORT_WAIT = 0.01  # s: first lock re-try; also the pause before re-claiming a row others claim
@@ -108,7 +109,7 @@ class WorkflowDriver:
         self._done = asyncio.Event()
         self._claim_hint = self._query_hint = self._want_slots = False
         self._passes_done = 0
-        self._notifier: DueNotifier | None = None
+        self._notifier: DueListener | None = None
         self._task: asyncio.Task[None] | None = None
         self._fake_time = not isinstance(service.clock, SystemClock)  # e.g. a FakeClock in tests
 
@@ -131,7 +132,7 @@ class WorkflowDriver:
 
     @property
     def listening(self) -> bool:
-        """True while a PostgreSQL LISTEN connection is active."""
+        """True while the repo's wake-ups arrive (a PostgreSQL LISTEN connection is active)."""
         return self._notifier is not None and self._notifier.listening
 
     async def run_until_idle(self) -> None:
@@ -188,9 +189,10 @@ class WorkflowDriver:
     async def _run(self, *, until_idle: bool, reserved: bool = False) -> None:
         if not reserved:
             self._reserve()
-        self._notifier = (
-            None if until_idle or not self.config.listen else notifier_for(self.service.repo, self._on_notify)
-        )
+        repo = self.service.repo
+        self._notifier = None
+        if not until_idle and self.config.listen and isinstance(repo, ListensDue):
+            self._notifier = repo.listen_due(self._on_notify)
         self.service.add_due_listener(self._on_due)
         try:
             async with asyncio.TaskGroup() as tg:

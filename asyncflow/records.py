@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ParamInvalidError
+from .status import RUNNABLE_INSTANCE_STATUSES
 
 __all__ = [
     "InstanceFields",
@@ -233,7 +234,7 @@ class Step:
     """
 
     instance_id: int
-    instance_status_in: tuple[str, ...] = ("init", "running")
+    instance_status_in: tuple[str, ...] = RUNNABLE_INSTANCE_STATUSES
     instance_status: str | None = None
     next_run_at: int | None = None
     inserts: tuple[TaskInsert, ...] = ()

@@ -12,7 +12,9 @@ __all__ = [
     "REASON",
     "ROOT_NODE",
     "ROOT_NODE_NAME",
+    "RUNNABLE_INSTANCE_STATUSES",
     "SYSTEM",
+    "TERMINAL_STATUSES",
     "TIMEOUT_REASON",
     "WORKFLOW_CONTEXT",
     "InstanceStatus",
@@ -48,7 +50,17 @@ class TaskStatus(StrEnum):
     CANCELED = "canceled"
 
 
-_OVER = frozenset({"completed", "failed", "canceled"})
+RUNNABLE_INSTANCE_STATUSES: tuple[str, ...] = (InstanceStatus.INIT.value, InstanceStatus.RUNNING.value)
+"""Instance statuses the driver claims and passes run (every SQL list of them is built from this)."""
+
+TERMINAL_STATUSES: tuple[str, ...] = (
+    InstanceStatus.COMPLETED.value,
+    InstanceStatus.FAILED.value,
+    InstanceStatus.CANCELED.value,
+)
+"""The terminal statuses, of instances and nodes alike (every SQL list of them is built from this)."""
+
+_OVER = frozenset(TERMINAL_STATUSES)
 
 _INSTANCE_TEXT = {
     "init": "初始化",

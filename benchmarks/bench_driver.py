@@ -38,9 +38,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from sqlalchemy import event
 
 import asyncflow as af
-from asyncflow._driver_notify import install_notify_trigger
 from asyncflow.driver import WorkflowDriver
 from asyncflow.records import NewWorkflowInstance
+from asyncflow.store.postgres.notify import install_notify_trigger
 from benchmarks.databases import PgAdmin, sqlite_file
 from benchmarks.harness import LatencySampler, ResourceProbe, percentile
 from benchmarks.scenarios import BenchHooks, build_registry, get_scenario
@@ -254,7 +254,7 @@ async def _send(conn: Any, kind: str, part: range, ids: list[int], now_ms: int) 
 
 
 def _install_sql() -> str:
-    from asyncflow._driver_notify import _FUNCTION_SQL, _TRIGGER_SQL
+    from asyncflow.store.postgres.notify import _FUNCTION_SQL, _TRIGGER_SQL
 
     return (
         f"{_FUNCTION_SQL};\nDROP TRIGGER IF EXISTS asyncflow_due_notify ON workflow_instance;\n{_TRIGGER_SQL}"

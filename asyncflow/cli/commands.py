@@ -22,6 +22,7 @@ from ..errors import ConfigNotFoundError
 from ..records import NodeExternalEvent, Pager, QueryWorkflowInstanceParams, WorkflowInstanceDetail
 from ..registry import Registry
 from ..status import instance_status_text, is_over_instance_status
+from ..store.tables import SCHEMA_VERSION
 from ..worker import EmptyTaskWorker
 from .app import load_app
 from .backend import CLIError, open_service, redact, resolve_db_url
@@ -63,14 +64,14 @@ def _parse_json(text: str | None, what: str) -> Any:
         raise CLIError(f"{what} is not valid JSON: {error.msg} (at character {error.pos})", 2) from error
 
 
-# ------------------------------------------------------------------------------------ init-db
+# ---------------------------------------------------------------------------- migrate / init-db
 
 
 async def cmd_init_db(args: argparse.Namespace) -> int:
-    """Create the tables (idempotent)."""
+    """Create the tables or upgrade them to this version (``repo.migrate()``; idempotent)."""
     async with open_service(args.db, args.redis, Registry(), create_file=True) as svc:
-        await svc.repo.create_schema()
-    _out(f"asyncflow tables are ready in {redact(resolve_db_url(args.db))}")
+        await svc.repo.migrate()
+    _out(f"asyncflow tables are ready (schema version {SCHEMA_VERSION}) in {redact(resolve_db_url(args.db))}")
     return 0
 
 
@@ -328,6 +329,7 @@ async def cmd_graph(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "init-db": cmd_init_db,
+    "migrate": cmd_init_db,
     "ls": cmd_ls,
     "show": cmd_show,
     "cancel": cmd_cancel,

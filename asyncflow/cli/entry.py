@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=_seconds, default=300.0, help="give up after this many seconds")
     demo.add_argument("--no-progress", action="store_true", help="no progress output, only the summary")
 
-    add("init-db", "create the asyncflow tables (idempotent)")
+    add("init-db", "create the asyncflow tables or upgrade them to this version (idempotent)")
+    add("migrate", "the same as init-db: create the asyncflow tables or upgrade them (idempotent)")
 
     worker = add("worker", "run a driver on APP's workflows until SIGINT/SIGTERM (then stop gracefully)")
     worker.add_argument("app", metavar="APP", help="module:attribute giving a Registry or WorkflowService")

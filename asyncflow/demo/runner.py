@@ -25,7 +25,7 @@ from ..engine.rules import SchedulePolicy
 from ..engine.service import WorkflowService
 from ..errors import InvalidStateError, LockFailedError, TaskInstanceNotFoundError
 from ..records import NodeExternalEvent, QueryWorkflowInstanceParams
-from ..status import InstanceStatus
+from ..status import TERMINAL_STATUSES, InstanceStatus
 from . import order
 from .order import APPROVAL_LIMIT, WORKFLOW_TYPE, ApprovalDesk, make_registry, sample_order
 
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_SCHEDULE = SchedulePolicy(poll_interval=0.1, retry_base=0.1, retry_max=1.0)
 _STATUSES = [s.value for s in InstanceStatus]
-_TERMINAL = ("completed", "failed", "canceled")
+_TERMINAL = TERMINAL_STATUSES
 _MANAGERS = 32  # approvals decided at once
 DEMO_CLAIM_LEASE = 2.0
 

@@ -42,7 +42,14 @@ from ..records import (
     WorkflowInstanceRecord,
 )
 from ..registry import Registry, default_registry
-from ..status import NODE_EVENT, InstanceStatus, TaskStatus, is_over_instance_status, is_over_task_status
+from ..status import (
+    NODE_EVENT,
+    RUNNABLE_INSTANCE_STATUSES,
+    InstanceStatus,
+    TaskStatus,
+    is_over_instance_status,
+    is_over_task_status,
+)
 from ..store.protocol import WorkflowRepo
 from .rules import SchedulePolicy
 from .runner import PassRunner, StallWarnings, active_passes
@@ -58,7 +65,7 @@ _NON_TERMINAL_TASK = (
     TaskStatus.PENDING.value,
     TaskStatus.FINISHING.value,
 )
-_ACTIVE = (InstanceStatus.INIT.value, InstanceStatus.RUNNING.value)
+_ACTIVE = RUNNABLE_INSTANCE_STATUSES
 
 
 def lock_key(instance_id: int) -> str:

@@ -1,4 +1,4 @@
-"""Connections the SQL repo keeps checked out while it is busy, for its single-statement hot path.
+"""Connections a SQL backend keeps checked out while it is busy, for its single-statement calls.
 
 A checkout from SQLAlchemy's pool and its return cost about as much as the statement itself
 (``AsyncConnection`` set-up, pool events, reset on return: on SQLite a ROLLBACK sent to aiosqlite's
@@ -8,14 +8,8 @@ waiting) for :data:`IDLE_RELEASE_S` (a busy repo has many short idle gaps betwee
 and re-opening its lanes in each cost up to a tenth of its throughput), so an idle repo holds nothing
 (even one never closed), and a busy one never starves the rest of the pool:
 
-* PostgreSQL (:class:`PgLanes`): at most ``limit`` lanes, a quarter of the pool's capacity left for
-  ``transaction()``, the repo's other calls and whoever else shares the engine; and a lane that is
-  not needed right away goes back while every connection of the pool is out (someone may be waiting
-  for one). A pool whose capacity is unknown or too small gets no lanes (each call checks a
-  connection out and back in).
-* SQLite (:class:`SqliteLane`): one lane behind the in-process write gate (one unit at a time). A unit
-  that needs a SQLAlchemy connection of its own (``exclusive()``) first returns the lane to the pool,
-  so even a one-connection pool never waits on the lane.
+Backends build on :class:`Lane` and :class:`IdleRelease`: PostgreSQL's
+:class:`~asyncflow.store.postgres.lanes.PgLanes`, SQLite's :class:`~asyncflow.store.sqlite.lane.SqliteLane`.
 """
 
 from __future__ import annotations
@@ -23,36 +17,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager
-from typing import Any, Protocol
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 from weakref import WeakKeyDictionary, WeakSet
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.pool import QueuePool
 
-from ._dialect import DB_ERRORS
+from ._errors import DB_ERRORS
 
-__all__ = ["IDLE_RELEASE_S", "IdleRelease", "Lane", "PgLanes", "SqliteLane", "lane_limit"]
+__all__ = [
+    "IDLE_RELEASE_S",
+    "IdleRelease",
+    "Lane",
+    "close_now",
+    "stamp_births",
+    "to_completion",
+    "watch_dispose",
+]
 
 logger = logging.getLogger(__name__)
 
 IDLE_RELEASE_S = 0.05
 """Seconds a repo stays idle before its lanes go back to the pool."""
 
-_PG_ERRORS: tuple[type[BaseException], ...] = ()
-_PG_CONNECTION_ERRORS: tuple[type[BaseException], ...] = ()
-try:  # asyncpg is an optional extra
-    import asyncpg
-except ImportError:  # pragma: no cover - depends on the installed extras
-    pass
-else:
-    _PG_ERRORS = (asyncpg.PostgresError,)
-    _PG_CONNECTION_ERRORS = (asyncpg.PostgresConnectionError,)
+_BORN = "asyncflow_born"
+
+T = TypeVar("T")
 
 
 class IdleRelease:
@@ -145,42 +138,23 @@ class Lane:
         If the engine was disposed meanwhile, its old pool would keep the connection open for the
         garbage collector: it is closed instead.
         """
-        await _to_completion(_close_quietly(self.conn))
+        await to_completion(_close_quietly(self.conn))
         if self.conn.sync_engine.pool is not self.pool:
-            await _to_completion(_close_driver(self.driver))
+            await to_completion(_close_driver(self.driver))
 
-    async def discard(self, error: BaseException) -> None:
-        """Invalidate the connection (it may be mid-statement or broken): the pool replaces it.
+    @property
+    def born(self) -> float:
+        """When the pool opened this connection (``time.monotonic()``; 0 if before :func:`stamp_births`)."""
+        born = self.raw.info.get(_BORN, 0.0)
+        return born if isinstance(born, float) else 0.0
 
-        A connection the server dropped also ages out every connection the pool made before it,
-        as SQLAlchemy does on a disconnect (a restarted server has dropped them all).
-        """
-        closed = getattr(self.driver, "is_closed", None)
-        if callable(closed) and closed():
-            pool = self.conn.sync_engine.pool
-            invalidate_generation = getattr(pool, "_invalidate", None)
-            if callable(invalidate_generation):
-                invalidate_generation(self.raw, error, _checkin=False)
-        await _to_completion(_invalidate(self.conn))
+    async def discard(self, error: BaseException | None = None) -> None:
+        """Invalidate the connection (it may be mid-statement or broken): the pool replaces it."""
+        await to_completion(_invalidate(self.conn))
 
 
-def pg_reusable(lane: Lane, error: BaseException) -> bool:
-    """After ``error`` in a PostgreSQL lane: only a server error leaves the connection in a known state."""
-    if isinstance(error, _PG_ERRORS) and not isinstance(error, _PG_CONNECTION_ERRORS):
-        closed = getattr(lane.driver, "is_closed", None)
-        return not (closed is not None and closed())
-    return False
-
-
-def sqlite_reusable(lane: Lane, error: BaseException) -> bool:
-    """After ``error`` in a SQLite lane: fine unless the connection itself is gone.
-
-    A unit in aiosqlite's thread ends its transaction itself, even when the caller was cancelled.
-    """
-    return not isinstance(error, ValueError | sqlite3.ProgrammingError)
-
-
-async def _to_completion(coro: Coroutine[Any, Any, None]) -> None:
+async def to_completion(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to its end even if the caller is cancelled meanwhile (then re-raise the cancel)."""
     task = asyncio.ensure_future(coro)
     cancelled: BaseException | None = None
     while not task.done():
@@ -190,9 +164,10 @@ async def _to_completion(coro: Coroutine[Any, Any, None]) -> None:
             cancelled = error
         except BaseException:
             break
-    task.result()
+    result = task.result()
     if cancelled is not None:
         raise cancelled
+    return result
 
 
 async def _close_driver(driver: Any) -> None:
@@ -216,23 +191,6 @@ async def _invalidate(conn: AsyncConnection) -> None:
         await _close_quietly(conn)
 
 
-def pool_capacity(engine: AsyncEngine) -> int:
-    """Connections a ``QueuePool`` hands out at most (0 for other pools: no lanes)."""
-    pool = engine.sync_engine.pool
-    if not isinstance(pool, QueuePool):
-        return 0
-    overflow = getattr(pool, "_max_overflow", 0)
-    if not isinstance(overflow, int) or overflow < 0:  # unbounded overflow: the pool size still bounds
-        overflow = 0
-    return pool.size() + overflow
-
-
-def lane_limit(engine: AsyncEngine) -> int:
-    """How many lanes a PostgreSQL repo may hold: three quarters of a ``QueuePool``'s capacity."""
-    capacity = pool_capacity(engine)
-    return capacity - max(1, capacity // 4)
-
-
 class _KeepsLanes(Protocol):
     def drop_idle_lanes(self) -> None: ...
 
@@ -240,11 +198,24 @@ class _KeepsLanes(Protocol):
 _keepers: WeakKeyDictionary[Engine, WeakSet[_KeepsLanes]] = WeakKeyDictionary()
 
 
-def watch_dispose(engine: AsyncEngine, keeper: _KeepsLanes) -> None:
-    """Have ``keeper`` close its idle lanes when ``engine`` is disposed (a repo never closed, say)."""
+def stamp_births(engine: AsyncEngine) -> None:
+    """Record in each new pooled connection's ``info`` when it was opened (see :attr:`Lane.born`)."""
     sync_engine = engine.sync_engine
-    while isinstance(getattr(sync_engine, "_proxied", None), Engine):  # execution_options(): the root's
-        sync_engine = sync_engine._proxied  # type: ignore[attr-defined]  # pool and dispose() are shared
+    if not event.contains(sync_engine, "connect", _stamp):
+        event.listen(sync_engine, "connect", _stamp)
+
+
+def _stamp(dbapi_connection: Any, connection_record: Any) -> None:
+    connection_record.info[_BORN] = time.monotonic()
+
+
+def watch_dispose(engine: AsyncEngine, keeper: _KeepsLanes) -> None:
+    """Have ``keeper`` close its idle lanes when ``engine`` is disposed (a repo never closed, say).
+
+    The event is the engine's own: a view made by ``execution_options()`` that is disposed through
+    its root engine does not see it, and its lanes go back (and are closed) at the next idle release.
+    """
+    sync_engine = engine.sync_engine
     keepers = _keepers.get(sync_engine)
     if keepers is None:
         keepers = _keepers[sync_engine] = WeakSet()
@@ -257,7 +228,7 @@ def _on_engine_disposed(engine: Engine) -> None:
         keeper.drop_idle_lanes()
 
 
-def _close_now(lane: Lane) -> bool:
+def close_now(lane: Lane) -> bool:
     """Close a lane's DBAPI connection from synchronous code (``Engine.dispose()`` in a greenlet)."""
     connection = lane.conn.sync_connection
     if connection is None:  # already closed
@@ -269,181 +240,3 @@ def _close_now(lane: Lane) -> bool:
         logger.debug("could not close an idle connection on engine dispose: %s", error)
         return False
     return True
-
-
-class PgLanes:
-    """Lanes of a PostgreSQL repo (see the module doc); ``lane()`` yields the asyncpg connection."""
-
-    def __init__(self, engine: AsyncEngine, limit: int) -> None:
-        self._engine = engine
-        self.limit = limit
-        self._capacity = pool_capacity(engine)
-        self._slots = asyncio.Semaphore(max(limit, 1))
-        self._idle: list[Lane] = []
-        self._busy = 0
-        self._wanting = 0
-        self.closed = False
-        self._idle_release = IdleRelease(self._is_idle, self._trim_if_idle, IDLE_RELEASE_S)
-        self._pid = os.getpid()
-        watch_dispose(engine, self)
-
-    def _is_idle(self) -> bool:
-        return self._busy == 0 and self._wanting == 0
-
-    def drop_idle_lanes(self) -> None:
-        """The engine was disposed: close the kept connections now (lanes in use go back when released)."""
-        if os.getpid() != self._pid:  # a forked child's copies belong to the parent's connections
-            return
-        lanes, self._idle = self._idle, []  # nobody takes a lane while it closes (closing yields)
-        self._idle.extend(lane for lane in lanes if not _close_now(lane))
-
-    @asynccontextmanager
-    async def lane(self) -> AsyncIterator[Any]:
-        """An asyncpg connection for one statement, outside any transaction."""
-        if self.limit <= 0:
-            lane = await Lane.open(self._engine)
-            try:
-                yield lane.driver
-            except BaseException as error:
-                await (lane.close() if pg_reusable(lane, error) else lane.discard(error))
-                raise
-            await lane.close()
-            return
-        lane = await self._acquire()
-        try:
-            yield lane.driver
-        except BaseException as error:
-            await self._release(lane, error)
-            raise
-        await self._release(lane, None)
-
-    async def _acquire(self) -> Lane:
-        self._wanting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self._wanting -= 1
-        self._busy += 1
-        try:
-            return self._idle.pop() if self._idle else await Lane.open(self._engine)
-        except BaseException:
-            self._busy -= 1
-            self._slots.release()
-            raise
-
-    async def _release(self, lane: Lane, error: BaseException | None) -> None:
-        self._busy -= 1
-        self._slots.release()
-        if error is not None and not pg_reusable(lane, error):
-            await lane.discard(error)
-            return
-        if self._pool_is_out():  # someone else may wait for a connection: the pool serves in turn
-            await lane.close()
-            return
-        self._idle.append(lane)
-        if self.closed:
-            await self.trim()
-        elif self._is_idle():  # an idle repo holds nothing, even one never closed
-            self._idle_release.arm()
-
-    def _pool_is_out(self) -> bool:
-        pool = self._engine.sync_engine.pool
-        return isinstance(pool, QueuePool) and pool.checkedout() >= self._capacity
-
-    async def aclose(self) -> None:
-        """Return every lane to the pool; lanes still in use go back when released."""
-        self.closed = True
-        await self._idle_release.aclose()
-        await self.trim()
-
-    async def _trim_if_idle(self) -> None:
-        while self._idle and self._is_idle():
-            await self._idle.pop().close()
-
-    async def trim(self) -> None:
-        """Return every idle lane to the pool (on close)."""
-        while self._idle:
-            lane = self._idle.pop()
-            try:
-                await lane.close()
-            except BaseException:
-                self._idle.append(lane)  # closed on the next trim
-                raise
-
-
-class SqliteLane:
-    """The in-process write gate of a SQLite repo and the one lane its gated hot-path calls share."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._gate = asyncio.Lock()
-        self._waiting = 0
-        self._lane: Lane | None = None
-        self._idle_release = IdleRelease(self._is_idle, self._trim_if_idle, IDLE_RELEASE_S)
-        self._pid = os.getpid()
-        watch_dispose(engine, self)
-
-    def _is_idle(self) -> bool:
-        return self._waiting == 0 and not self._gate.locked()
-
-    def drop_idle_lanes(self) -> None:
-        """The engine was disposed: close the kept connection now, unless a unit is using it."""
-        if os.getpid() != self._pid or self._lane is None or not self._is_idle():
-            return  # a forked child's copy belongs to the parent (and its thread is not here)
-        lane, self._lane = self._lane, None  # the next unit opens a new one meanwhile
-        if not _close_now(lane) and self._lane is None:
-            self._lane = lane
-
-    async def _trim_if_idle(self) -> None:
-        if self._lane is not None and self._is_idle():
-            async with self.exclusive():
-                pass
-
-    async def _enter(self) -> None:
-        self._waiting += 1
-        try:
-            await self._gate.acquire()
-        finally:
-            self._waiting -= 1
-
-    @asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        """Hold the gate with the lane back in the pool (for a unit that checks out its own)."""
-        await self._enter()
-        try:
-            await self.trim()
-            yield
-        finally:
-            self._gate.release()
-
-    @asynccontextmanager
-    async def lane(self) -> AsyncIterator[Any]:
-        """Hold the gate and the lane; yields the aiosqlite connection."""
-        await self._enter()
-        try:
-            if self._lane is None:
-                self._lane = await Lane.open(self._engine)
-            lane = self._lane
-            try:
-                yield lane.driver
-            except BaseException as error:
-                if not sqlite_reusable(lane, error):
-                    self._lane = None
-                    await lane.discard(error)
-                raise
-        finally:
-            self._gate.release()
-            if self._waiting == 0 and self._lane is not None:  # nobody queued behind: the repo goes idle
-                self._idle_release.arm()
-
-    async def aclose(self) -> None:
-        """Return the lane to the pool."""
-        await self._idle_release.aclose()
-        async with self.exclusive():
-            pass
-
-    async def trim(self) -> None:
-        """Return the lane to the pool (the gate must be held)."""
-        lane, self._lane = self._lane, None
-        if lane is not None:
-            await lane.close()

@@ -1,10 +1,11 @@
 """Observers of the statements the SQL repo runs on the driver connection, past SQLAlchemy's events.
 
-The hot path (:mod:`asyncflow.store._hot`) sends its statements through asyncpg or ``sqlite3``
-directly, so SQLAlchemy's ``before/after_cursor_execute`` and ``commit`` events do not see them.
-Whoever counts commits (:class:`~asyncflow.store.commit_counter.CommitCounter`, a benchmark) registers
-a callback here; it is called once per hot-path unit that ran as a transaction of its own, with
-``wrote`` telling whether that transaction wrote (and committed) anything.
+The backends (:mod:`asyncflow.store.postgres`, :mod:`asyncflow.store.sqlite`) send their calls
+outside ``transaction()`` through asyncpg or ``sqlite3`` directly, so SQLAlchemy's
+``before/after_cursor_execute`` and ``commit`` events do not see them. Whoever counts commits
+(:class:`~asyncflow.store.commit_counter.CommitCounter`, a benchmark) registers a callback here; it
+is called once per such unit that ran as a transaction of its own, with ``wrote`` telling whether
+that transaction wrote (and committed) anything.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
-"""Prebuilt SQLAlchemy Core statements of the SQL repo, and the row → record conversions.
+"""SQLAlchemy Core statements shared by the SQL backends: queries, counts, updates, node inserts.
 
-Statements are built once at import and reused (SQLAlchemy caches their compiled form); the few whose
-shape depends on which filters are given are built per call (queries) or cached per shape (updates).
+The per-instance calls of a workflow pass (create, read, step, claim) are each backend's own
+(:mod:`asyncflow.store.postgres.sql`, :mod:`asyncflow.store.sqlite.sql`); what is left here is the
+same on every backend. Statements are built once at import and reused (SQLAlchemy caches their
+compiled form); the few whose shape depends on which filters are given are built per call (queries)
+or cached per shape (updates).
 Contexts bypass SQLAlchemy's JSON processing: the repo binds canonical JSON text it produced itself
 and reads raw values, so a corrupt stored document can be read as ``{}`` instead of failing the read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -35,16 +37,12 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 from ..records import (
     QueryTaskInstanceParams,
     QueryWorkflowInstanceParams,
-    TaskInstanceRecord,
-    WorkflowInstanceRecord,
 )
-from ._json import copy_context, loads_context, page_window
-from ._prepare import InstanceChange, InstanceRow, TaskChange, TaskRow
+from ._json import page_window
+from ._prepare import InstanceChange, TaskChange, TaskRow
+from ._sql import RUNNABLE
 from .tables import task_instance as ti
 from .tables import workflow_instance as wi
-
-RUNNABLE = ("init", "running")
-TERMINAL = ("completed", "failed", "canceled")
 
 
 class RawJSON(TypeDecorator[Any]):
@@ -99,23 +97,6 @@ INSTANCE_COLUMNS = (
     wi.c.version,
 )
 
-INSERT_INSTANCE: Insert = (
-    insert(wi)
-    .values(
-        workflow_type=_text("workflow_type"),
-        business_id=_text("business_id"),
-        status=_text("status"),
-        workflow_context=bindparam("workflow_context", type_=_RAW),
-        task_id=_int("task_id"),
-        created_at=_int("created_at"),
-        updated_at=_int("updated_at"),
-        next_run_at=_int("next_run_at"),
-        version=1,
-    )
-    .returning(wi.c.id)
-)
-
-GET_INSTANCE: Select[Any] = select(*INSTANCE_COLUMNS).where(wi.c.id == _int("id"))
 
 _INSTANCE_SET = {
     "status": func.coalesce(_text("p_status"), wi.c.status),
@@ -130,56 +111,8 @@ UPDATE_INSTANCES_IN_STATUS: Update = UPDATE_INSTANCES.where(wi.c.status.in_(_tex
 
 # literal values, so the planner matches the partial index ix_workflow_instance_due (tables.due_index)
 _RUNNABLE_STATUS = wi.c.status.in_([literal_column(f"'{status}'") for status in RUNNABLE])
-_RUNNABLE_DUE = (_RUNNABLE_STATUS, wi.c.next_run_at <= _int("now_ms"))
-_DUE_ORDER = (wi.c.next_run_at, wi.c.id)
-
-
-def _picked(typed: bool) -> Any:
-    query = select(wi.c.id, wi.c.next_run_at.label("due")).where(*_RUNNABLE_DUE)
-    if typed:
-        query = query.where(wi.c.workflow_type.in_(_texts("types")))
-    subquery = query.order_by(*_DUE_ORDER).limit(_int("limit")).with_for_update(skip_locked=True)
-    return subquery.subquery("picked")
-
-
-def _claim_pg(typed: bool) -> Update:
-    picked = _picked(typed)
-    return (
-        update(wi)
-        .values(next_run_at=_int("p_lease"))
-        .where(wi.c.id == picked.c.id)
-        .returning(wi.c.id, picked.c.due)
-    )
-
-
-CLAIM_PG = _claim_pg(False)
-CLAIM_PG_TYPED = _claim_pg(True)
-DUE_SELECT: Select[Any] = select(wi.c.id).where(*_RUNNABLE_DUE).order_by(*_DUE_ORDER).limit(_int("limit"))
-DUE_SELECT_TYPED: Select[Any] = DUE_SELECT.where(wi.c.workflow_type.in_(_texts("types")))
-CLAIM_IDS: Update = (
-    update(wi)
-    .values(next_run_at=_int("p_lease"))
-    .where(wi.c.id.in_(_ids("p_ids")), *_RUNNABLE_DUE)
-    .returning(wi.c.id)
-)
 NEXT_DUE: Select[Any] = select(func.min(wi.c.next_run_at)).where(_RUNNABLE_STATUS)
 NEXT_DUE_TYPED: Select[Any] = NEXT_DUE.where(wi.c.workflow_type.in_(_texts("types")))
-
-
-def instance_record(row: Sequence[Any]) -> WorkflowInstanceRecord:
-    """A record from a row of :data:`INSTANCE_COLUMNS`."""
-    return WorkflowInstanceRecord(
-        id=row[0],
-        workflow_type=row[1],
-        business_id=row[2],
-        status=row[3],
-        workflow_context=loads_context(row[4], "workflow_instance.workflow_context", row[0]),
-        task_id=row[5],
-        created_at=row[6],
-        updated_at=row[7],
-        next_run_at=row[8],
-        version=row[9],
-    )
 
 
 # -------------------------------------------------------------------------------------------- tasks
@@ -213,10 +146,6 @@ INSERT_TASK: Insert = (
     .returning(ti.c.id, ti.c.task_type)
 )
 
-LOAD_TASKS: Select[Any] = (
-    select(*TASK_COLUMNS).where(ti.c.workflow_instance_id == _int("workflow_instance_id")).order_by(ti.c.id)
-)
-
 _TASK_SET = {
     "status": func.coalesce(_text("p_status"), ti.c.status),
     "node_context": func.coalesce(bindparam("p_context", type_=_RAW), ti.c.node_context),
@@ -242,33 +171,6 @@ def update_tasks(ids: bool, instance: bool, types: bool, statuses: bool, version
     if version:
         conditions.append(ti.c.version == _int("p_version"))
     return update(ti).values(_TASK_SET).where(*conditions)
-
-
-CANCEL_OTHER_TASKS: Update = (
-    update(ti)
-    .values(status="canceled", updated_at=_int("p_now"), version=ti.c.version + 1)
-    .where(
-        ti.c.workflow_instance_id == _int("p_instance"),
-        ti.c.status.not_in(TERMINAL),
-        ti.c.id.not_in(_ids("p_exclude")),
-    )
-)
-
-
-def task_record(row: Sequence[Any]) -> TaskInstanceRecord:
-    """A record from a row of :data:`TASK_COLUMNS`."""
-    return TaskInstanceRecord(
-        id=row[0],
-        workflow_instance_id=row[1],
-        task_type=row[2],
-        status=row[3],
-        node_context=loads_context(row[4], "task_instance.node_context", row[0]),
-        fail_count=row[5],
-        created_at=row[6],
-        updated_at=row[7],
-        started_at=row[8],
-        version=row[9],
-    )
 
 
 # ------------------------------------------------------------------------------------------ queries
@@ -330,20 +232,6 @@ def query_tasks(params: QueryTaskInstanceParams) -> Select[Any]:
 # ------------------------------------------------------------------------------ bind parameters
 
 
-def instance_params(row: InstanceRow, now: int) -> dict[str, Any]:
-    """Bind parameters of :data:`INSERT_INSTANCE`."""
-    return {
-        "workflow_type": row.workflow_type,
-        "business_id": row.business_id,
-        "status": row.status,
-        "workflow_context": row.context,
-        "task_id": row.task_id,
-        "created_at": now,
-        "updated_at": now,
-        "next_run_at": row.next_run_at,
-    }
-
-
 def instance_change_params(change: InstanceChange, now: int) -> dict[str, Any]:
     """Bind parameters of the instance updates (``None`` = unchanged)."""
     return {
@@ -377,19 +265,3 @@ def task_change_params(change: TaskChange, now: int) -> dict[str, Any]:
         "p_started_at": change.started_at,
         "p_now": now,
     }
-
-
-def inserted_task_record(task_id: int, instance_id: int, row: TaskRow, now: int) -> TaskInstanceRecord:
-    """The record of a node row just inserted (no read back needed)."""
-    return TaskInstanceRecord(
-        id=task_id,
-        workflow_instance_id=instance_id,
-        task_type=row.task_type,
-        status=row.status,
-        node_context=copy_context(row.context),
-        fail_count=row.fail_count,
-        created_at=now,
-        updated_at=now,
-        started_at=row.started_at or now,
-        version=1,
-    )

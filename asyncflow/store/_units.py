@@ -1,4 +1,4 @@
-"""How the SQL repo gets a connection for a unit of work, and how its errors become ``StoreError``.
+"""How the SQL repo gets a SQLAlchemy connection for a unit of work.
 
 Outside ``transaction()`` a single statement runs on an autocommit connection of its own (one round
 trip) and a multi-statement unit in a transaction of its own. Inside ``transaction()`` a ContextVar
@@ -11,44 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
-from types import TracebackType
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..errors import StoreError
-from . import _dialect
-from ._lanes import PgLanes, SqliteLane, lane_limit
+from ._errors import DB_ERRORS, StoreErrors
 
-__all__ = ["ConnectionUnits", "StoreErrors"]
+__all__ = ["ConnectionUnits", "Gate"]
+
+Gate = Callable[[], AbstractAsyncContextManager[None]]
+"""Held around every unit on a SQLAlchemy connection (SQLite's in-process write gate)."""
 
 logger = logging.getLogger(__name__)
-
-
-class StoreErrors:
-    """``with StoreErrors("op"):`` turns driver and SQLAlchemy errors into ``StoreError``.
-
-    The driver's own exception (asyncpg's, sqlite3's) becomes ``__cause__``; a unique violation
-    becomes ``UniqueViolationError``. Other exceptions (ours, ``CancelledError``) pass untouched.
-    """
-
-    __slots__ = ("operation",)
-
-    def __init__(self, operation: str) -> None:
-        self.operation = operation
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if error is not None and isinstance(error, _dialect.DB_ERRORS):
-            wrapped = _dialect.store_error(error, self.operation)
-            raise wrapped from wrapped.__cause__
 
 
 class _Tx:
@@ -65,59 +42,33 @@ class _Tx:
 class ConnectionUnits:
     """Connections of one repo: its transactions, its autocommit statements, its atomic units."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, autocommit: AsyncEngine, gate: Gate | None = None) -> None:
         self.engine = engine
-        self._autocommit = _dialect.autocommit_engine(engine)
+        self._autocommit = autocommit
         self._tx: ContextVar[_Tx | None] = ContextVar(f"asyncflow_sql_tx_{id(self):x}", default=None)
         self.closed = False
-        # SQLite has one writer at a time: queueing in-process units behind one gate is far cheaper
-        # than letting connections spin on busy_timeout (other processes still queue on busy_timeout).
-        # The hot path keeps connections between calls while the repo is busy (see _lanes).
-        self._sqlite: SqliteLane | None = None
-        self._pg: PgLanes | None = None
-        if engine.dialect.name == "sqlite":
-            self._sqlite = SqliteLane(engine)
-        elif engine.dialect.name == "postgresql" and engine.dialect.driver == "asyncpg":
-            self._pg = PgLanes(engine, lane_limit(engine))
+        self._gate = gate
 
     @asynccontextmanager
     async def _gated(self) -> AsyncIterator[None]:
-        if self._sqlite is None:
+        if self._gate is None:
             yield
             return
-        async with self._sqlite.exclusive():
+        async with self._gate():
             yield
-
-    @property
-    def pg_lanes(self) -> PgLanes | None:
-        """The PostgreSQL lanes (``None`` on SQLite)."""
-        return self._pg
 
     def in_transaction(self) -> bool:
         """Whether the calling task runs inside this repo's ``transaction()``."""
         return self._joined() is not None
 
-    @asynccontextmanager
-    async def lane(self) -> AsyncIterator[Any]:
-        """The driver connection (asyncpg's or aiosqlite's) for one hot-path unit outside a transaction."""
+    def close(self) -> None:
+        """Mark the units closed (the backend returns its kept connections)."""
+        self.closed = True
+
+    def check_open(self) -> None:
+        """Raise ``StoreError`` if the repo is closed."""
         if self.closed:
             raise StoreError("the repo is closed")
-        if self._sqlite is not None:
-            async with self._sqlite.lane() as driver:
-                yield driver
-        elif self._pg is not None:
-            async with self._pg.lane() as driver:
-                yield driver
-        else:
-            raise StoreError(f"no hot path for the {self.engine.dialect.name!r} dialect")
-
-    async def close(self) -> None:
-        """Mark the units closed and return every kept connection to the pool."""
-        self.closed = True
-        if self._pg is not None:
-            await self._pg.aclose()
-        if self._sqlite is not None:
-            await self._sqlite.aclose()
 
     def _joined(self) -> _Tx | None:
         tx = self._tx.get()
@@ -190,12 +141,12 @@ class ConnectionUnits:
 async def _rollback_quietly(conn: AsyncConnection) -> None:
     try:
         await conn.rollback()
-    except _dialect.DB_ERRORS as error:  # the body's exception is the one to raise
+    except DB_ERRORS as error:  # the body's exception is the one to raise
         logger.warning("rollback failed: %s", error)
 
 
 async def _close_quietly(conn: AsyncConnection) -> None:
     try:
         await conn.close()
-    except _dialect.DB_ERRORS as error:
+    except DB_ERRORS as error:
         logger.warning("closing a connection failed: %s", error)

@@ -31,6 +31,7 @@ from ..records import (
     TaskWhere,
     WorkflowInstanceRecord,
 )
+from ..status import RUNNABLE_INSTANCE_STATUSES, TERMINAL_STATUSES
 from . import _prepare as prep
 from ._json import (
     check_int,
@@ -42,8 +43,8 @@ from ._memory_rows import Instance, State, Task, changed_instance, changed_task,
 
 __all__ = ["MemoryWorkflowRepo"]
 
-_RUNNABLE = ("init", "running")
-_TERMINAL = ("completed", "failed", "canceled")
+_RUNNABLE = RUNNABLE_INSTANCE_STATUSES
+_TERMINAL = TERMINAL_STATUSES
 
 
 class _MemTx:
@@ -71,8 +72,11 @@ class MemoryWorkflowRepo:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    async def migrate(self) -> None:
+        """Nothing to create or upgrade (idempotent)."""
+
     async def create_schema(self) -> None:
-        """Nothing to create (idempotent)."""
+        """The same as :meth:`migrate`."""
 
     async def aclose(self) -> None:
         """Nothing to release; the data stays readable."""

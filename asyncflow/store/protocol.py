@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
@@ -21,7 +21,7 @@ from ..records import (
     WorkflowInstanceRecord,
 )
 
-__all__ = ["WorkflowRepo"]
+__all__ = ["DueListener", "ListensDue", "WorkflowRepo"]
 
 
 @runtime_checkable
@@ -34,8 +34,11 @@ class WorkflowRepo(Protocol):
     run in that transaction.
     """
 
+    async def migrate(self) -> None:
+        """Create the schema or upgrade it to ``SCHEMA_VERSION`` (forward-only, idempotent, concurrent)."""
+
     async def create_schema(self) -> None:
-        """Create the tables and indexes if missing, and record the schema version (idempotent)."""
+        """The same as :meth:`migrate` (the 0.1 name)."""
 
     async def aclose(self) -> None:
         """Release what the repo owns (an engine it created); a caller's engine is left alone."""
@@ -102,3 +105,21 @@ class WorkflowRepo(Protocol):
 
     async def next_due_at(self, workflow_types: Sequence[str] | None = None) -> int | None:
         """The smallest ``next_run_at`` among ``init``/``running`` instances, or ``None``."""
+
+
+class DueListener(Protocol):
+    """Wake-ups for a driver: ``run()`` (a task of the driver's, until cancelled) calls back whenever an
+    instance may have become due; ``listening`` tells whether wake-ups arrive right now."""
+
+    @property
+    def listening(self) -> bool: ...
+
+    async def run(self) -> None: ...
+
+
+@runtime_checkable
+class ListensDue(Protocol):
+    """An optional capability of a repo: wake-ups when instances become due (the driver polls without)."""
+
+    def listen_due(self, callback: Callable[[], None]) -> DueListener | None:
+        """A listener calling ``callback()``, or ``None`` when this database has no wake-ups."""

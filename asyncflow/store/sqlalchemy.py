@@ -1,30 +1,29 @@
-"""``SQLAlchemyWorkflowRepo``: the repo on SQLAlchemy Core (asyncio), for SQLite and PostgreSQL.
+"""``SQLAlchemyWorkflowRepo``: the repo on SQLAlchemy (asyncio), for SQLite and PostgreSQL.
 
-One code path serves ``sqlite+aiosqlite://`` and ``postgresql+asyncpg://``; what differs lives in
-:mod:`asyncflow.store._dialect`. Outside ``transaction()`` every call is its own short unit of work: a
-single statement runs on an autocommit connection (one round trip, no BEGIN/COMMIT); ``apply_step`` and
-bulk creates run in a transaction of their own. Inside ``transaction()`` (in the task that opened it
-or a task it spawned) calls share its connection, one at a time, and ``apply_step`` runs in a
-SAVEPOINT so that a step that does not apply leaves the outer transaction usable.
+The repo picks its backend once, from the engine's dialect (:func:`asyncflow.store._backend.backend_for`):
+:mod:`asyncflow.store.postgres` or :mod:`asyncflow.store.sqlite`, each holding everything its database
+does differently: migrations, connections, and the per-instance calls of a workflow pass (create,
+get, load, load_instance_state, step, claim), each written once. The repo checks arguments, maps
+errors and runs the shared Core statements (queries, counts, updates, node inserts).
 
-The calls a workflow pass makes (create, get, load, load_instance_state, step, claim) take a faster
-route outside ``transaction()``, with the same semantics: one driver-level unit each, and on
-PostgreSQL concurrent creates, pass reads and steps grouped into one statement per kind
-(:mod:`asyncflow.store._hot`).
+Outside ``transaction()`` every call is its own short unit of work: a single statement runs on an
+autocommit connection (one round trip, no BEGIN/COMMIT); ``apply_step`` and bulk creates run in a
+transaction of their own. Inside ``transaction()`` (in the task that opened it or a task it spawned)
+calls share its connection, one at a time, and ``apply_step`` runs in a SAVEPOINT so that a step
+that does not apply leaves the outer transaction usable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from sqlalchemy import func, insert, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import ParamInvalidError, StoreError
+from ..errors import ParamInvalidError
 from ..records import (
     InstanceFields,
     InstanceWhere,
@@ -39,19 +38,18 @@ from ..records import (
     TaskWhere,
     WorkflowInstanceRecord,
 )
-from . import _dialect, pg_functions
 from . import _prepare as prep
 from . import _statements as st
-from ._core_step import StepConflict, apply_core
-from ._hot import FunctionMissing, HotPath
+from . import migrations
+from ._backend import SqlBackend, backend_for
+from ._engine import create_engine_from_url
+from ._errors import StepConflict, StoreErrors
 from ._json import check_int, check_texts, copy_context, validate_instance_query, validate_task_query
-from ._units import ConnectionUnits, StoreErrors
-from .tables import SCHEMA_VERSION, asyncflow_schema, due_index, metadata
+from ._records import inserted_task_record, instance_record, task_record
+from ._units import ConnectionUnits
+from .protocol import DueListener
 
 __all__ = ["SQLAlchemyWorkflowRepo"]
-
-BULK_PAGE_SIZE = 2000
-"""Rows per multi-row INSERT of ``create_workflow_instances`` (9 parameters a row, under both limits)."""
 
 
 class SQLAlchemyWorkflowRepo:
@@ -72,17 +70,20 @@ class SQLAlchemyWorkflowRepo:
                 raise ParamInvalidError("engine keyword arguments need a URL, not an engine")
             self._engine, self._owns_engine = engine_or_url, False
         elif isinstance(engine_or_url, str | URL):
-            self._engine = _dialect.create_engine_from_url(engine_or_url, engine_kwargs)
+            self._engine = create_engine_from_url(engine_or_url, engine_kwargs)
             self._owns_engine = True
         else:
             raise ParamInvalidError(f"expected an AsyncEngine or a URL, got {type(engine_or_url).__name__}")
-        _dialect.configure_engine(self._engine)
-        self._units = ConnectionUnits(self._engine)
+        self._clock: Clock = clock if clock is not None else SYSTEM_CLOCK
+        try:
+            self._backend: SqlBackend = backend_for(self._engine)
+        except BaseException:
+            if self._owns_engine:
+                self._engine.sync_engine.dispose()
+            raise
+        self._units: ConnectionUnits = self._backend.units
         self._connection = self._units.connection
         self._atomic = self._units.atomic
-        self._claim_is_one_statement = _dialect.claim_is_one_statement(self._engine)
-        self._hot = HotPath(self._units, self._engine)
-        self._clock: Clock = clock if clock is not None else SYSTEM_CLOCK
 
     @property
     def engine(self) -> AsyncEngine:
@@ -100,47 +101,37 @@ class SQLAlchemyWorkflowRepo:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def create_schema(self) -> None:
-        """Create the tables and indexes if missing and record the schema version (idempotent).
+    async def migrate(self) -> None:
+        """Create the schema, or upgrade it to :data:`~asyncflow.store.tables.SCHEMA_VERSION`.
 
-        Concurrent calls are serialized (an advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite).
-        A database recorded with a newer schema version than this code knows raises ``StoreError``.
-        On PostgreSQL it also (re)installs the step functions (``CREATE OR REPLACE``), on a database
-        of an older asyncflow too; without them (tables made by migrations alone) steps still work,
-        through slower multi-statement transactions, with a warning. On a database made before the
-        claim index ``ix_workflow_instance_due`` existed it builds it with a plain ``CREATE INDEX``,
-        which blocks writes to ``workflow_instance`` while it runs (47 ms for 100,000 runnable rows
-        on a 2-core test machine); on a large live table build it first with ``CREATE INDEX CONCURRENTLY
-        ix_workflow_instance_due ON workflow_instance (next_run_at, id) WHERE status IN ('init',
-        'running')`` and this finds it.
+        Forward-only: each missing version (:mod:`asyncflow.store.migrations`) is applied in a
+        transaction of its own and recorded in ``asyncflow_schema``. Concurrent calls, from any number
+        of processes, are safe (an advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite). A
+        database recorded with a newer version than this code knows raises ``StoreError``. On a
+        database of asyncflow 0.1.0 it keeps every row; on PostgreSQL it installs the step functions
+        the repo needs. Version 1 builds the claim index ``ix_workflow_instance_due`` only if it is
+        missing, with a plain ``CREATE INDEX`` (blocking writes while it runs: 47 ms for 100,000
+        runnable rows on a 2-core test machine); on a large live table made before it existed, build
+        it first with ``CREATE INDEX CONCURRENTLY ix_workflow_instance_due ON workflow_instance
+        (next_run_at, id) WHERE status IN ('init', 'running')``.
         """
-        with StoreErrors("create_schema"):
-            async with self._atomic() as conn:
-                await _dialect.lock_schema(conn)
-                await conn.run_sync(metadata.create_all)
-                await conn.run_sync(lambda sync: due_index.create(sync, checkfirst=True))  # older databases
-                found = (await conn.execute(select(func.max(asyncflow_schema.c.version)))).scalar()
-                if found is None:
-                    row = {"version": SCHEMA_VERSION, "applied_at": self._now()}
-                    await conn.execute(insert(asyncflow_schema), row)
-                elif found > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"the database has asyncflow schema version {found}, newer than this "
-                        f"asyncflow's {SCHEMA_VERSION}: upgrade asyncflow"
-                    )
-                if conn.dialect.name == "postgresql":  # also on a database made by an older asyncflow
-                    for ddl in pg_functions.ALL:
-                        await conn.exec_driver_sql(ddl)
-        self._hot.step_function = self._hot.kind == "pg"
-        if self._hot.pg_batches is not None:
-            self._hot.pg_batches.enabled = True
+        schema = self._backend.schema
+        with StoreErrors("migrate"):
+            await migrations.migrate(
+                self._atomic, schema.lock_schema, schema.MIGRATIONS, self._now, schema.REPAIR
+            )
+        self._backend.migrated()
+
+    async def create_schema(self) -> None:
+        """The same as :meth:`migrate` (the 0.1 name)."""
+        await self.migrate()
 
     async def aclose(self) -> None:
         """Dispose the engine if the repo built it (idempotent); a caller's engine is left alone."""
         if self._units.closed:
             return
-        await self._hot.aclose()
-        await self._units.close()
+        self._units.close()
+        await self._backend.aclose()
         if self._owns_engine:
             await self._engine.dispose()
 
@@ -161,12 +152,7 @@ class SQLAlchemyWorkflowRepo:
         row = prep.instance_row(new)
         now = self._now()
         with StoreErrors("create_workflow_instance"):
-            if self._hot.usable():
-                instance_id = await self._hot.create(row, now)
-            else:
-                async with self._connection() as conn:
-                    result = await conn.execute(st.INSERT_INSTANCE, st.instance_params(row, now))
-                    instance_id = result.scalar_one()
+            [instance_id] = await self._backend.create([row], now)
         return WorkflowInstanceRecord(
             id=instance_id,
             workflow_type=row.workflow_type,
@@ -181,31 +167,18 @@ class SQLAlchemyWorkflowRepo:
         )
 
     async def create_workflow_instances(self, news: Sequence[NewWorkflowInstance]) -> list[int]:
-        """Bulk insert: one multi-row ``INSERT ... RETURNING id`` per page, all in one transaction."""
+        """Bulk insert in one transaction (a few multi-row statements); ids in input order."""
         rows = [prep.instance_row(new) for new in news]
         if not rows:
             return []
-        now = self._now()
-        params = [st.instance_params(row, now) for row in rows]
-        ids: list[int] = []
         with StoreErrors("create_workflow_instances"):
-            async with self._atomic() as conn:
-                for start in range(0, len(params), BULK_PAGE_SIZE):
-                    page = params[start : start + BULK_PAGE_SIZE]
-                    result = await conn.execute(st.INSERT_INSTANCE, page)
-                    # ids come from one sequence in VALUES order: sorted ids are the input order
-                    ids.extend(sorted(result.scalars().all()))
-        return ids
+            return await self._backend.create(rows, self._now())
 
     async def get_workflow_instance(self, instance_id: int) -> WorkflowInstanceRecord | None:
         """The instance, or ``None``."""
         check_int(instance_id, "instance_id")
         with StoreErrors("get_workflow_instance"):
-            if self._hot.usable():
-                return await self._hot.get(instance_id)
-            async with self._connection() as conn:
-                row = (await conn.execute(st.GET_INSTANCE, {"id": instance_id})).first()
-        return None if row is None else st.instance_record(row)
+            return await self._backend.get(instance_id)
 
     async def query_workflow_instances(
         self, params: QueryWorkflowInstanceParams
@@ -216,7 +189,7 @@ class SQLAlchemyWorkflowRepo:
         with StoreErrors("query_workflow_instances"):
             async with self._connection() as conn:
                 rows = (await conn.execute(query)).all()
-        return [st.instance_record(row) for row in rows]
+        return [instance_record(row) for row in rows]
 
     async def count_workflow_instances(self, params: QueryWorkflowInstanceParams) -> int:
         """How many instances match the filters (paging and order ignored)."""
@@ -238,7 +211,8 @@ class SQLAlchemyWorkflowRepo:
             stmt, params["p_status_in"] = st.UPDATE_INSTANCES_IN_STATUS, list(status_in)
         with StoreErrors("update_workflow_instances"):
             async with self._connection() as conn:
-                return (await conn.execute(stmt, params)).rowcount
+                changed: int = (await conn.execute(stmt, params)).rowcount
+                return changed
 
     # ----------------------------------------------------------------------------------- nodes
 
@@ -251,7 +225,7 @@ class SQLAlchemyWorkflowRepo:
             async with self._connection() as conn:
                 result = await conn.execute(st.INSERT_TASK, st.task_params(instance_id, row, now))
                 task_id = result.scalar_one()
-        return st.inserted_task_record(task_id, instance_id, row, now)
+        return inserted_task_record(task_id, instance_id, row, now)
 
     async def query_task_instances(self, params: QueryTaskInstanceParams) -> list[TaskInstanceRecord]:
         """Filtered (AND) node rows, ordered by id."""
@@ -260,17 +234,13 @@ class SQLAlchemyWorkflowRepo:
         with StoreErrors("query_task_instances"):
             async with self._connection() as conn:
                 rows = (await conn.execute(query)).all()
-        return [st.task_record(row) for row in rows]
+        return [task_record(row) for row in rows]
 
     async def load_task_instances(self, instance_id: int) -> list[TaskInstanceRecord]:
         """Every node row of one instance, ordered by id."""
         check_int(instance_id, "instance_id")
         with StoreErrors("load_task_instances"):
-            if self._hot.usable():
-                return await self._hot.load(instance_id)
-            async with self._connection() as conn:
-                rows = (await conn.execute(st.LOAD_TASKS, {"workflow_instance_id": instance_id})).all()
-        return [st.task_record(row) for row in rows]
+            return await self._backend.load(instance_id)
 
     async def load_instance_state(
         self, instance_id: int
@@ -281,14 +251,7 @@ class SQLAlchemyWorkflowRepo:
         """
         check_int(instance_id, "instance_id")
         with StoreErrors("load_instance_state"):
-            if self._hot.usable():
-                return await self._hot.load_state(instance_id)
-            async with self._atomic() as conn:
-                row = (await conn.execute(st.GET_INSTANCE, {"id": instance_id})).first()
-                if row is None:
-                    return None
-                tasks = (await conn.execute(st.LOAD_TASKS, {"workflow_instance_id": instance_id})).all()
-        return st.instance_record(row), [st.task_record(task) for task in tasks]
+            return await self._backend.load_state(instance_id)
 
     async def update_task_instances(self, where: TaskWhere, fields: TaskFields) -> int:
         """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
@@ -310,7 +273,8 @@ class SQLAlchemyWorkflowRepo:
         )
         with StoreErrors("update_task_instances"):
             async with self._connection() as conn:
-                return (await conn.execute(stmt, params)).rowcount
+                changed: int = (await conn.execute(stmt, params)).rowcount
+                return changed
 
     # ------------------------------------------------------------------------------------ step
 
@@ -320,30 +284,16 @@ class SQLAlchemyWorkflowRepo:
         Order: the instance row (which also takes its row lock on PostgreSQL, so a concurrent cancel
         serializes against the step), the node updates, the inserts, then ``cancel_other_tasks``. A
         failed condition rolls everything back: ``applied=False``. On PostgreSQL the step is one call
-        of the ``asyncflow_step_v1()`` function that ``create_schema()`` installs (with
+        of the ``asyncflow_step_v1()`` function that ``migrate()`` installs (with
         ``asyncflow_steps_v1()``, which applies concurrent steps in one statement, each on its own).
         """
         prepared = prep.prepared_step(step)
-        now = self._now()
         try:
             with StoreErrors("apply_step"):
-                inserted = await self._apply(prepared, now)
+                inserted = await self._backend.apply_step(prepared, self._now())
         except StepConflict:
             return StepResult(applied=False)
         return StepResult(applied=True, inserted=inserted)
-
-    async def _apply(self, step: prep.PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
-        hot = self._hot
-        try:
-            if hot.steps_usable():
-                return await hot.apply(step, now)
-            if hot.function_in_transaction():
-                async with self._atomic() as conn:
-                    return await hot.apply_on(conn, step, now)
-        except FunctionMissing:
-            pass
-        async with self._atomic() as conn:
-            return await apply_core(conn, step, now)
 
     # ---------------------------------------------------------------------------------- driver
 
@@ -362,15 +312,8 @@ class SQLAlchemyWorkflowRepo:
         if check_int(limit, "limit", minimum=0) == 0:
             return []
         types = check_texts(workflow_types or (), "workflow_types")
-        if self._hot.usable():
-            with StoreErrors("claim_due_instances"):
-                return await self._hot.claim(now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
-        unit = self._connection() if self._claim_is_one_statement else self._atomic()
         with StoreErrors("claim_due_instances"):
-            async with unit as conn:
-                return await _dialect.claim_due(
-                    conn, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types
-                )
+            return await self._backend.claim(now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
 
     async def next_due_at(self, workflow_types: Sequence[str] | None = None) -> int | None:
         """The smallest ``next_run_at`` among ``init``/``running`` instances, or ``None``."""
@@ -380,3 +323,11 @@ class SQLAlchemyWorkflowRepo:
             async with self._connection() as conn:
                 value: int | None = (await conn.execute(stmt, params)).scalar()
         return value
+
+    def listen_due(self, callback: Callable[[], None]) -> DueListener | None:
+        """Wake-ups for a driver, if the backend has them (PostgreSQL's LISTEN/NOTIFY), else ``None``.
+
+        The returned object's ``run()`` (a task of the caller's) calls ``callback()`` whenever an
+        instance may have become due; ``listening`` tells whether wake-ups arrive right now.
+        """
+        return self._backend.listen_due(callback)

@@ -1,8 +1,10 @@
 """The SQL schema: ``workflow_instance``, ``task_instance`` and ``asyncflow_schema``.
 
-``metadata`` is public so applications can fold these tables into their own Alembic migrations
-(``target_metadata = [app_metadata, asyncflow.store.tables.metadata]``) instead of calling
-``create_schema()``. The columns are Go's plus what the engine and the driver need:
+This is the schema of :data:`SCHEMA_VERSION`; ``repo.migrate()`` builds or upgrades a database to it
+through the numbered migrations of each backend (:mod:`asyncflow.store.migrations`). ``metadata``
+(``af.metadata``) is public for applications that reflect on it or reference these tables; leave
+creating and altering them to ``migrate()`` (docs/storage.md shows how beside Alembic). The columns
+are Go's plus what the engine and the driver need:
 
 * ``workflow_instance.next_run_at`` (unix **milliseconds**): when the driver should next look at the
   instance; ``INDEX(status, next_run_at)`` serves the due scan.
@@ -31,6 +33,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
+from ._sql import RUNNABLE_SQL
+
 __all__ = [
     "SCHEMA_VERSION",
     "asyncflow_schema",
@@ -40,8 +44,8 @@ __all__ = [
     "workflow_instance",
 ]
 
-SCHEMA_VERSION = 1
-"""The version ``create_schema()`` records in ``asyncflow_schema``."""
+SCHEMA_VERSION = 2
+"""The schema version this asyncflow migrates to (:mod:`asyncflow.store.migrations`)."""
 
 metadata = MetaData(
     naming_convention={
@@ -75,7 +79,7 @@ workflow_instance = Table(
     sqlite_autoincrement=True,
 )
 
-_RUNNABLE = text("status IN ('init', 'running')")
+_RUNNABLE = text(f"status IN ({RUNNABLE_SQL})")
 due_index = Index(
     "ix_workflow_instance_due",
     workflow_instance.c.next_run_at,
@@ -84,8 +88,8 @@ due_index = Index(
     sqlite_where=_RUNNABLE,
 )
 """The driver's claim order over runnable instances only: a claim reads its few rows, not every
-runnable one (a backlog of 100,000 sorted per claim halved a driver's throughput). ``create_schema()``
-adds it to a database made before it existed."""
+runnable one (a backlog of 100,000 sorted per claim halved a driver's throughput). Migration 2 adds
+it to a database made before it existed."""
 
 task_instance = Table(
     "task_instance",

@@ -58,7 +58,7 @@ def runner_batches(batcher: Any, *, least: int = 1) -> Iterator[list[int]]:
 
 def batch_sizes(repo: SQLAlchemyWorkflowRepo) -> Any:
     """The size of every multi-step statement the repo's step batcher sends meanwhile."""
-    return runner_batches(repo._hot._batcher, least=2)
+    return runner_batches(repo._backend._step_batcher, least=2)
 
 
 async def test_concurrent_steps_share_statements_and_get_their_own_rows(repo: SQLAlchemyWorkflowRepo) -> None:
@@ -92,7 +92,7 @@ async def test_one_batch_applies_conflicts_and_failures_step_by_step(repo: SQLAl
     import asyncpg
 
     await add_refusing_trigger(repo.engine)
-    batcher = repo._hot._batcher
+    batcher = repo._backend._step_batcher
     assert batcher is not None
     batcher._slots = 1  # one statement in flight: the others queue behind it and go together
     blocker_id, _ = await instance_with(repo)
@@ -143,7 +143,7 @@ async def test_without_the_batch_function_steps_go_one_by_one(
     async with repo.engine.begin() as conn:
         await conn.execute(text("DROP FUNCTION asyncflow_steps_v1"))
     made = [await instance_with(repo) for _ in range(20)]
-    with caplog.at_level(logging.WARNING, logger="asyncflow.store._pg_batch"):
+    with caplog.at_level(logging.WARNING, logger="asyncflow.store.postgres.batches"):
         results = await asyncio.gather(
             *(repo.apply_step(Step(instance_id=i, inserts=(task("a"),))) for i, _ in made),
             *(repo.apply_step(Step(instance_id=i, inserts=(task("a"),))) for i, _ in made),
@@ -158,7 +158,7 @@ async def test_concurrent_creates_share_statements_and_get_their_own_ids(
     repo: SQLAlchemyWorkflowRepo,
 ) -> None:
     news = [new(f"c{i}") for i in range(70)]
-    with runner_batches(repo._hot._creates) as sizes, CommitCounter(repo.engine) as counter:
+    with runner_batches(repo._backend._creates) as sizes, CommitCounter(repo.engine) as counter:
         made = await asyncio.gather(*(repo.create_workflow_instance(item) for item in news))
     assert max(sizes) > 1 and sum(sizes) == 70 and len(sizes) < 70
     assert counter.commits == 70  # each create still counts as one write
@@ -176,7 +176,7 @@ async def test_a_refused_create_in_a_batch_fails_alone(repo: SQLAlchemyWorkflowR
         "IF NEW.business_id = 'refused' THEN RAISE EXCEPTION 'refused instance'; END IF;",
     )
     names = ["ok-1", "refused", "ok-2", "ok-3"]
-    with runner_batches(repo._hot._creates) as sizes:
+    with runner_batches(repo._backend._creates) as sizes:
         results = await asyncio.gather(
             *(repo.create_workflow_instance(new(name)) for name in names), return_exceptions=True
         )
@@ -193,7 +193,7 @@ async def test_a_refused_create_in_a_batch_fails_alone(repo: SQLAlchemyWorkflowR
 
 async def test_concurrent_state_reads_share_statements(repo: SQLAlchemyWorkflowRepo) -> None:
     made = [await instance_with(repo, "a", "b") for _ in range(40)]
-    with runner_batches(repo._hot._reads) as sizes:
+    with runner_batches(repo._backend._reads) as sizes:
         states = await asyncio.gather(*(repo.load_instance_state(i) for i, _ in made))
     assert max(sizes) > 1 and sum(sizes) == 40
     for (instance_id, rows), state in zip(made, states, strict=True):

@@ -27,13 +27,47 @@ from asyncflow.records import (
 from asyncflow.store.memory import MemoryWorkflowRepo
 from asyncflow.store.protocol import WorkflowRepo
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+from tests.conftest import isolated_pg_engine
 
 T0 = 1_700_000_000
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+PG = pytest.mark.postgres
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",  # calls on the backend's own connection, steps grouped
+        "sqlite-memory",  # an in-memory database: the same calls on SQLAlchemy's connection
+        "sqlite-tx",  # every call inside repo.transaction()
+        pytest.param("postgres", marks=PG),  # lanes, grouped steps, creates and reads
+        pytest.param("postgres-alone", marks=PG),  # no lanes: no grouping, a connection per call
+        pytest.param("postgres-tx", marks=PG),  # every call inside repo.transaction()
+    ]
+)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+class InTransaction:
+    """A repo whose every call runs inside its own ``transaction()`` (the repo's in-transaction path)."""
+
+    _OWN = frozenset({"transaction", "aclose", "create_schema", "migrate"})
+
+    def __init__(self, repo: SQLAlchemyWorkflowRepo) -> None:
+        self.repo = repo
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.repo, name)
+        if name in self._OWN or not callable(attribute):
+            return attribute
+
+        async def in_transaction(*args: Any, **kwargs: Any) -> Any:
+            async with self.repo.transaction():
+                return await attribute(*args, **kwargs)
+
+        return in_transaction
 
 
 @pytest.fixture
@@ -44,20 +78,33 @@ def clock() -> FakeClock:
 @pytest.fixture
 def engine_if_postgres(backend: str, request: pytest.FixtureRequest) -> Any:
     # resolved from a sync fixture: an async fixture cannot request another one dynamically
-    return request.getfixturevalue("pg_engine") if backend == "postgres" else None
+    if backend == "postgres-alone":
+        return request.getfixturevalue("pg_engine_without_lanes")
+    return request.getfixturevalue("pg_engine") if backend.startswith("postgres") else None
+
+
+@pytest.fixture
+async def pg_engine_without_lanes(postgres_url: str) -> AsyncIterator[Any]:
+    """A pool of size 1 (overflow 10): the repo keeps no lanes, so nothing is grouped."""
+    async with isolated_pg_engine(postgres_url, pool_size=1, max_overflow=10) as engine:
+        yield engine
 
 
 @pytest.fixture
 async def repo(
     backend: str, engine_if_postgres: Any, sqlite_url: str, clock: FakeClock
 ) -> AsyncIterator[WorkflowRepo]:
-    made: WorkflowRepo
+    made: Any
     if backend == "memory":
         made = MemoryWorkflowRepo(clock=clock)
-    elif backend == "sqlite":
-        made = SQLAlchemyWorkflowRepo(sqlite_url, clock=clock)
+    elif backend.startswith("sqlite"):
+        made = SQLAlchemyWorkflowRepo("sqlite://" if backend == "sqlite-memory" else sqlite_url, clock=clock)
     else:
         made = SQLAlchemyWorkflowRepo(engine_if_postgres, clock=clock)
+    if backend.endswith("-tx"):
+        made = InTransaction(made)
+    elif backend == "postgres-alone":
+        assert made._backend._step_batcher is None  # no grouping on this one
     await made.create_schema()
     try:
         yield made

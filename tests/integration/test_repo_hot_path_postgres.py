@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 import time
 import warnings
 from collections.abc import AsyncIterator
@@ -17,8 +16,8 @@ from sqlalchemy.pool import QueuePool
 
 from asyncflow.errors import StoreError
 from asyncflow.records import Step, TaskUpdate
-from asyncflow.store import pg_functions
 from asyncflow.store.commit_counter import CommitCounter
+from asyncflow.store.postgres import functions as pg_functions
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from tests.conftest import isolated_pg_engine
 
@@ -94,11 +93,11 @@ async def test_create_schema_installs_the_function_on_an_existing_database(
     async with repo.engine.begin() as conn:
         await conn.execute(text("DROP FUNCTION asyncflow_step_v1"))
     assert not await function_exists(repo.engine)
-    await repo.create_schema()  # a database made before the function existed (schema version 1)
+    await repo.create_schema()  # a database whose function was dropped: migrate() re-installs it
     assert await function_exists(repo.engine)
     async with repo.engine.connect() as conn:
         versions = (await conn.execute(text("SELECT version FROM asyncflow_schema"))).scalars().all()
-    assert versions == [1]
+    assert versions == [1, 2]
 
 
 async def test_a_migration_can_install_the_functions_itself(repo: SQLAlchemyWorkflowRepo) -> None:
@@ -115,24 +114,20 @@ async def test_a_migration_can_install_the_functions_itself(repo: SQLAlchemyWork
     assert seen == []
 
 
-async def test_without_the_function_steps_fall_back_to_core_statements(
-    repo: SQLAlchemyWorkflowRepo, caplog: pytest.LogCaptureFixture
+async def test_without_the_function_a_step_is_a_store_error_naming_migrate(
+    repo: SQLAlchemyWorkflowRepo,
 ) -> None:
     async with repo.engine.begin() as conn:
-        await conn.execute(text("DROP FUNCTION asyncflow_step_v1"))  # a schema made by migrations alone
-    instance_id, rows = await instance_with(repo, "a", "b")
-    with caplog.at_level(logging.WARNING, logger="asyncflow.store._hot"):
-        assert not (await repo.apply_step(partly_applicable_step(instance_id, rows))).applied
-        done = await repo.apply_step(Step(instance_id=instance_id, inserts=(task("c"),)))
+        await conn.execute(text("DROP FUNCTION asyncflow_step_v1"))  # a schema made by other tools
+    instance_id, _ = await instance_with(repo, "a", "b")
+    with pytest.raises(StoreError, match=r"asyncflow_step_v1\(\).*repo\.migrate\(\)"):
+        await repo.apply_step(Step(instance_id=instance_id, inserts=(task("c"),)))
+    with pytest.raises(StoreError, match="migrate"):
         async with repo.transaction():
-            inside = await repo.apply_step(Step(instance_id=instance_id, inserts=(task("d"),)))
-            assert not (await repo.apply_step(Step(instance_id=instance_id, inserts=(task("d"),)))).applied
-    assert done.applied and inside.applied
-    warnings = [r for r in caplog.records if "asyncflow_step_v1" in r.getMessage()]
-    assert len(warnings) == 1 and "create_schema()" in warnings[0].getMessage()
+            await repo.apply_step(Step(instance_id=instance_id, inserts=(task("d"),)))
     loaded = await repo.load_task_instances(instance_id)
-    assert [(r.task_type, r.version) for r in loaded] == [("a", 1), ("b", 1), ("c", 1), ("d", 1)]
-    await repo.create_schema()  # installs it: the fast path is back
+    assert [r.task_type for r in loaded] == ["a", "b"]  # nothing written
+    await repo.migrate()  # installs it: steps work again
     with statements(repo.engine) as seen:
         assert (await repo.apply_step(Step(instance_id=instance_id, inserts=(task("e"),)))).applied
     assert seen == []

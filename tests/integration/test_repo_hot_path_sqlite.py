@@ -1,4 +1,4 @@
-"""The SQLite hot path: one trip to aiosqlite's thread per call, atomic steps, the kept connection."""
+"""The SQLite backend: one trip to its own connection's thread per call, atomic steps, the in-memory path."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
-import aiosqlite
 import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -25,9 +24,10 @@ from asyncflow.records import (
     TaskInstanceRecord,
     TaskUpdate,
 )
-from asyncflow.store import _sqlite_fast
+from asyncflow.store._lanes import IDLE_RELEASE_S
 from asyncflow.store.commit_counter import CommitCounter
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+from asyncflow.store.sqlite.lane import ThreadConnection
 
 
 def new(business_id: str = "b") -> NewWorkflowInstance:
@@ -59,24 +59,24 @@ async def instance_with(
 
 @contextmanager
 def hops_and_statements(engine: AsyncEngine) -> Iterator[tuple[list[int], list[str]]]:
-    """Trips to aiosqlite's worker thread, and statements SQLAlchemy runs, meanwhile."""
+    """Trips to the backend's own thread, and statements SQLAlchemy runs, meanwhile."""
     hops = [0]
     seen: list[str] = []
-    original: Any = aiosqlite.Connection._execute
+    original: Any = ThreadConnection.run
 
-    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    async def counted(self: Any, fn: Any, *args: Any) -> Any:
         hops[0] += 1
-        return await original(self, fn, *args, **kwargs)
+        return await original(self, fn, *args)
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
     event.listen(engine.sync_engine, "before_cursor_execute", record)
-    aiosqlite.Connection._execute = counted  # type: ignore[method-assign]
+    ThreadConnection.run = counted  # type: ignore[method-assign]
     try:
         yield hops, seen
     finally:
-        aiosqlite.Connection._execute = original  # type: ignore[method-assign]
+        ThreadConnection.run = original  # type: ignore[method-assign]
         event.remove(engine.sync_engine, "before_cursor_execute", record)
 
 
@@ -93,10 +93,12 @@ def write_elsewhere(path: str) -> str:
         conn.close()
 
 
-def test_this_aiosqlite_is_a_tested_version() -> None:
-    # if this fails after an aiosqlite upgrade, re-check _sqlite_fast against the new version and
-    # widen TESTED_AIOSQLITE (until then the repo silently takes its slower Core path)
-    assert _sqlite_fast.SUPPORTED, aiosqlite.__version__
+async def test_a_file_gets_a_connection_of_its_own_and_an_in_memory_database_none(sqlite_url: str) -> None:
+    async with (
+        SQLAlchemyWorkflowRepo(sqlite_url) as on_file,
+        SQLAlchemyWorkflowRepo("sqlite://") as in_memory,
+    ):
+        assert on_file._backend._lane.own and not in_memory._backend._lane.own
 
 
 async def test_every_hot_call_is_one_trip_to_the_database_thread(repo: SQLAlchemyWorkflowRepo) -> None:
@@ -123,7 +125,7 @@ async def test_every_hot_call_is_one_trip_to_the_database_thread(repo: SQLAlchem
     assert seen == []  # nothing went through SQLAlchemy's statements
     assert 1 <= step_hops <= 2 + 1  # the ten steps waited together: one or two transactions
     calls = 10 + 10 + 1 + 1
-    bursts = 4  # after each, the repo is idle: the kept connection goes back (a ROLLBACK by the pool)
+    bursts = 0  # idle gaps close the own connection in the thread itself, not through run()
     assert calls <= hops[0] - step_hops <= calls + bursts
     assert counter.commits == 10 + 1 + 1  # steps (each counts as a write), claim, create
 
@@ -181,13 +183,10 @@ async def test_a_conflict_writes_nothing_and_leaves_no_transaction_open(
     assert [r.task_type for r in await repo.load_task_instances(instance_id)] == ["a", "b"]
 
 
-async def test_without_aiosqlite_internals_the_core_path_serves(
-    monkeypatch: pytest.MonkeyPatch, sqlite_url: str
-) -> None:
-    monkeypatch.setattr(_sqlite_fast, "SUPPORTED", False)
-    async with SQLAlchemyWorkflowRepo(sqlite_url) as repo:
+async def test_an_in_memory_database_runs_the_same_calls_on_sqlalchemys_connection() -> None:
+    async with SQLAlchemyWorkflowRepo("sqlite+aiosqlite://") as repo:
         await repo.create_schema()
-        with hops_and_statements(repo.engine) as (_, seen):
+        with hops_and_statements(repo.engine) as (hops, seen):
             instance_id, rows = await instance_with(repo, "a")
             ok = Step(
                 instance_id=instance_id,
@@ -198,7 +197,7 @@ async def test_without_aiosqlite_internals_the_core_path_serves(
             assert await repo.claim_due_instances(now_ms=1, limit=5, lease_ms=10) == [instance_id]
             loaded = await repo.load_task_instances(instance_id)
         assert [(r.status, r.version) for r in loaded] == [("x", 2)]
-        assert any(s.startswith("UPDATE task_instance") for s in seen)  # SQLAlchemy's statements
+        assert hops == [0] and any(s.startswith("UPDATE task_instance") for s in seen)  # through SQLAlchemy
 
 
 async def test_cancelled_calls_neither_tear_a_step_nor_lose_an_in_memory_database() -> None:
@@ -294,28 +293,17 @@ async def test_concurrent_steps_share_a_transaction_but_fail_and_conflict_alone(
     assert await asyncio.to_thread(write_elsewhere, db_path(sqlite_url)) == "written"
 
 
-async def repo_with_a_kept_lane(sqlite_url: str) -> tuple[AsyncEngine, SQLAlchemyWorkflowRepo, Any, Any]:
-    """A repo on an engine of the test's own, one instance made, and the connection it keeps meanwhile."""
-    engine = create_async_engine(sqlite_url)
-    repo = SQLAlchemyWorkflowRepo(engine)
-    await repo.create_schema()
-    made = await repo.create_workflow_instance(new("a"))
-    lane = repo._units._sqlite._lane  # type: ignore[union-attr]
-    assert lane is not None  # kept for the next call
-    return engine, repo, made, lane
-
-
-async def test_disposing_the_engine_of_a_repo_never_closed_closes_its_kept_connection(
-    sqlite_url: str,
-) -> None:
-    engine, repo, made, lane = await repo_with_a_kept_lane(sqlite_url)
-    await engine.dispose()  # the repo was not closed
-    assert repo._units._sqlite._lane is None  # type: ignore[union-attr]
-    with pytest.raises(ValueError, match="no active connection"):
-        await lane.driver.execute("SELECT 1")  # aiosqlite's connection is closed
-    assert await repo.get_workflow_instance(made.id) == made  # the repo goes on working
-    await repo.aclose()
-    await engine.dispose()
+async def test_an_idle_repo_closes_its_own_connection_and_opens_it_again(sqlite_url: str) -> None:
+    async with SQLAlchemyWorkflowRepo(sqlite_url) as repo:
+        await repo.create_schema()
+        made = await repo.create_workflow_instance(new("a"))
+        thread = repo._backend._lane._thread
+        assert thread is not None and thread.is_open  # kept for the next call
+        async with asyncio.timeout(5):
+            while thread.is_open:
+                await asyncio.sleep(IDLE_RELEASE_S)
+        assert await repo.get_workflow_instance(made.id) == made  # reopened
+    assert not thread.is_open  # closed with the repo
 
 
 def test_a_repo_used_by_a_second_event_loop_still_gives_its_connection_back(sqlite_url: str) -> None:
@@ -334,22 +322,6 @@ def test_a_repo_used_by_a_second_event_loop_still_gives_its_connection_back(sqli
 
     instance_id = asyncio.run(first())
     assert asyncio.run(second(instance_id)) == 0
-
-
-async def test_dispose_in_a_forked_child_leaves_the_parents_connection_alone(
-    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from asyncflow.store import _lanes
-
-    engine, repo, made, lane = await repo_with_a_kept_lane(sqlite_url)
-    real_pid = _lanes.os.getpid()
-    monkeypatch.setattr(_lanes.os, "getpid", lambda: real_pid + 1)  # as in a child after fork()
-    await engine.dispose(close=False)
-    monkeypatch.undo()
-    assert repo._units._sqlite._lane is lane  # type: ignore[union-attr]
-    assert await repo.get_workflow_instance(made.id) == made  # its thread was never asked to close it
-    await repo.aclose()
-    await engine.dispose()
 
 
 async def test_calls_racing_an_engine_dispose_get_a_working_connection(sqlite_url: str) -> None:

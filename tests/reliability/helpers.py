@@ -228,7 +228,7 @@ async def stall_report(inner: Any, driver: WorkflowDriver) -> str:
         f"claim_hint={driver._claim_hint} query_hint={driver._query_hint} stopping={driver._stopping}",
         file=out,
     )
-    lanes = getattr(getattr(inner, "_units", None), "pg_lanes", None)
+    lanes = getattr(getattr(inner, "_backend", None), "_lanes", None)
     if lanes is not None:
         print(
             f"lanes: busy={lanes._busy} wanting={lanes._wanting} idle={len(lanes._idle)} "

@@ -160,7 +160,7 @@ def test_asyncpg_internal_client_errors_are_store_errors() -> None:
     another operation (2) is in progress") for a query on a connection the server just dropped. It is a
     database failure like any other: the repo raises ``StoreError`` (a raw one killed the driver)."""
     asyncpg = pytest.importorskip("asyncpg")
-    from asyncflow.store._units import StoreErrors
+    from asyncflow.store._errors import StoreErrors
 
     cause = asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
     with pytest.raises(StoreError) as info, StoreErrors("get_workflow_instance"):

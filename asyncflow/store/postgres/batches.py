@@ -4,7 +4,7 @@ Steps, instance creations and pass reads each have their batches (:class:`PgStep
 :class:`PgCreateBatches`, :class:`PgStateReads`); the rest of this text is about steps.
 
 A batch of several steps is one call of ``asyncflow_steps_v1``
-(:data:`asyncflow.store.pg_functions.BATCH_FUNCTION`), which applies each step in a
+(:data:`asyncflow.store.postgres.functions.BATCH_FUNCTION`), which applies each step in a
 subtransaction of its own (``BEGIN ... EXCEPTION``), so one step's failed condition or error rolls
 back that step alone, and the batch commits once. Outcomes per step: the inserted ids, a conflict
 (``applied=False``), or "run it alone": the step raised another error inside the batch, or the batch
@@ -20,16 +20,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from ._lanes import PgLanes
-from ._pg_fast import (
-    CONFLICT_SQLSTATE,
-    STEP_CALL,
-    UNDEFINED_FUNCTION_SQLSTATE,
-    create_instance,
-    create_instances,
-    load_states,
-)
-from ._prepare import InstanceRow
+from .._prepare import InstanceRow
+from .lanes import PgLanes
+from .sql import CONFLICT_SQLSTATE, STEP_CALL, UNDEFINED_FUNCTION_SQLSTATE, create_instances, load_states
 
 __all__ = ["BATCH_SLOTS", "MAX_BATCH", "RUN_ALONE", "PgCreateBatches", "PgStateReads", "PgStepBatches"]
 
@@ -74,7 +67,7 @@ class PgStepBatches:
                 if self.enabled:
                     self.enabled = False
                     logger.warning(
-                        "no asyncflow_steps_v1() function (run create_schema()): steps go one by one"
+                        "no asyncflow_steps_v1() function (run repo.migrate()): steps go one by one"
                     )
             else:
                 logger.debug("a batch of %d steps failed (%s): each runs alone", len(payloads), error)
@@ -95,7 +88,7 @@ class PgCreateBatches:
     async def __call__(self, rows: Sequence[tuple[InstanceRow, int]]) -> list[Any]:
         if len(rows) == 1:
             async with self._lanes.lane() as conn:
-                return [await create_instance(conn, *rows[0])]
+                return list(await create_instances(conn, rows))
         try:  # outside the lane: the lane sees the error and drops a connection that broke
             async with self._lanes.lane() as conn:
                 return list(await create_instances(conn, rows))

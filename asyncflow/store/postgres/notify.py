@@ -1,4 +1,5 @@
-"""PostgreSQL wake-ups for the driver: a trigger that NOTIFYs when an instance becomes due, and a LISTEN.
+"""PostgreSQL wake-ups for drivers (``repo.listen_due()``): a trigger that NOTIFYs when an instance
+becomes due, and a LISTEN.
 
 ``install_notify_trigger(conn)`` installs (idempotently) a row trigger on ``workflow_instance`` that
 calls ``pg_notify('asyncflow_due', <schema>)`` after an INSERT, or an UPDATE that sets ``next_run_at``,
@@ -28,7 +29,9 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-__all__ = ["CHANNEL", "DueNotifier", "install_notify_trigger", "notifier_for"]
+from .._sql import RUNNABLE_SQL
+
+__all__ = ["CHANNEL", "DueNotifier", "install_notify_trigger"]
 
 logger = logging.getLogger("asyncflow.driver")
 
@@ -57,7 +60,7 @@ _TRIGGER_SQL = f"""
 CREATE TRIGGER {_TRIGGER}
 AFTER INSERT OR UPDATE OF next_run_at ON workflow_instance
 FOR EACH ROW
-WHEN (NEW.status IN ('init', 'running')
+WHEN (NEW.status IN ({RUNNABLE_SQL})
       AND NEW.next_run_at <= extract(epoch FROM clock_timestamp()) * 1000)
 EXECUTE FUNCTION asyncflow_notify_due()
 """
@@ -79,16 +82,6 @@ async def install_notify_trigger(conn: AsyncConnection) -> None:
     await conn.exec_driver_sql(_FUNCTION_SQL)
     if (await conn.execute(_TRIGGER_EXISTS_SQL)).first() is None:
         await conn.exec_driver_sql(_TRIGGER_SQL)
-
-
-def notifier_for(repo: object, callback: Callable[[], None]) -> DueNotifier | None:
-    """A :class:`DueNotifier` for ``repo`` if it is a SQL repo on PostgreSQL with asyncpg, else None."""
-    engine = getattr(repo, "engine", None)
-    if not isinstance(engine, AsyncEngine):
-        return None
-    if engine.dialect.name != "postgresql" or engine.dialect.driver != "asyncpg":
-        return None
-    return DueNotifier(engine, callback)
 
 
 class DueNotifier:

@@ -1,0 +1,97 @@
+"""Versioned, forward-only schema migrations of the SQL repo.
+
+Each backend package lists its migrations (``MIGRATIONS`` in ``asyncflow.store.<backend>.schema``):
+one :class:`Migration` per schema version, numbered 1, 2, ... :data:`~asyncflow.store.tables.SCHEMA_VERSION`,
+with that backend's DDL. Version 1 is the schema of asyncflow 0.1.0 as it was (written with
+``IF NOT EXISTS``, so a database whose tables were made from ``metadata`` by other tools upgrades
+too). A feature that adds a column adds one entry per backend and the column in
+:mod:`asyncflow.store.tables`; ``tests/integration/test_migrations.py`` checks that a database
+migrated from scratch matches ``metadata``.
+
+:func:`migrate` applies the missing versions in order, each in a transaction of its own (PostgreSQL
+and SQLite both run DDL in transactions) that first takes the backend's schema lock (an advisory lock
+on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) and re-reads the recorded version, so several
+processes migrating at once apply each version exactly once. Every applied version is a row of
+``asyncflow_schema``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..errors import StoreError
+from .tables import SCHEMA_VERSION, asyncflow_schema
+
+__all__ = ["VERSION_TABLE", "Migration", "check_migrations", "migrate", "recorded_version"]
+
+VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS asyncflow_schema (version INTEGER NOT NULL, applied_at BIGINT NOT NULL, "
+    "CONSTRAINT pk_asyncflow_schema PRIMARY KEY (version))"
+)
+"""The table of applied versions (the same on every backend; made by version 1 of asyncflow 0.1.0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema version of one backend: the statements that bring version ``version - 1`` to it."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+def check_migrations(migrations: Sequence[Migration]) -> tuple[Migration, ...]:
+    """The migrations if they are numbered 1 to :data:`SCHEMA_VERSION` in order (else ``AssertionError``)."""
+    versions = [migration.version for migration in migrations]
+    if versions != list(range(1, SCHEMA_VERSION + 1)):
+        raise AssertionError(f"migrations must be numbered 1..{SCHEMA_VERSION}, got {versions}")
+    return tuple(migrations)
+
+
+async def recorded_version(conn: AsyncConnection) -> int:
+    """The highest version recorded in ``asyncflow_schema`` (0 if none; the table must exist)."""
+    found = (await conn.execute(select(func.max(asyncflow_schema.c.version)))).scalar()
+    return int(found or 0)
+
+
+Unit = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+"""A transaction of its own (a SAVEPOINT inside the caller's ``transaction()``)."""
+
+
+async def migrate(
+    unit: Unit,
+    lock: Callable[[AsyncConnection], Awaitable[None]],
+    migrations: Sequence[Migration],
+    now: Callable[[], int],
+    repair: Sequence[str] = (),
+) -> list[int]:
+    """Apply the missing versions, one transaction each; the versions this call applied.
+
+    ``repair`` (idempotent DDL, e.g. ``CREATE OR REPLACE FUNCTION``) runs in the last transaction,
+    so a database whose objects of this version were dropped or never made gets them back.
+    """
+    applied: list[int] = []
+    while True:
+        async with unit() as conn:
+            await lock(conn)
+            await conn.exec_driver_sql(VERSION_TABLE)
+            current = await recorded_version(conn)
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the database has asyncflow schema version {current}, newer than this "
+                    f"asyncflow's {SCHEMA_VERSION}: upgrade asyncflow"
+                )
+            if current == SCHEMA_VERSION:
+                for statement in repair:
+                    await conn.exec_driver_sql(statement)
+                return applied
+            migration = migrations[current]
+            for statement in migration.statements:
+                await conn.exec_driver_sql(statement)
+            await conn.execute(insert(asyncflow_schema), {"version": migration.version, "applied_at": now()})
+        applied.append(migration.version)

@@ -1,0 +1,184 @@
+"""The PostgreSQL backend: every per-instance call as one statement on asyncpg, grouped when concurrent.
+
+Outside ``transaction()`` a call runs on a kept asyncpg connection (:mod:`.lanes`) as one autocommit
+statement, past SQLAlchemy's per-statement machinery; calls of one kind that wait at the same time
+share one statement (:mod:`.batches`): steps (one commit, each step in a subtransaction of its own),
+creates (one multi-row insert) and pass reads (instances and node rows of several passes). Inside
+``transaction()`` the same statements (:mod:`.sql`) run on the transaction's connection, a step in a
+SAVEPOINT. Units that bypass SQLAlchemy are reported to :mod:`asyncflow.store._observers`.
+
+A step is the ``asyncflow_step_v1()`` function that ``migrate()`` installs; without it a step raises
+``StoreError`` naming the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ...errors import ParamInvalidError, StoreError
+from ...records import TaskInstanceRecord, WorkflowInstanceRecord
+from .._batcher import StepBatcher
+from .._errors import StepConflict, sqlstate
+from .._observers import notify
+from .._prepare import InstanceRow, PreparedStep
+from .._units import ConnectionUnits
+from . import schema
+from . import sql as pg
+from .batches import BATCH_SLOTS, MAX_BATCH, RUN_ALONE, PgCreateBatches, PgStateReads, PgStepBatches
+from .lanes import PgLanes, lane_limit
+from .notify import DueNotifier
+
+__all__ = ["BULK_PAGE_SIZE", "PostgresBackend"]
+
+BULK_PAGE_SIZE = 2000
+"""Rows per statement of a bulk create."""
+
+
+class PostgresBackend:
+    """The :class:`~asyncflow.store._backend.SqlBackend` of PostgreSQL (asyncpg)."""
+
+    schema = schema
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        if engine.dialect.driver != "asyncpg":
+            raise ParamInvalidError(
+                f"PostgreSQL needs the asyncpg driver (postgresql+asyncpg://), not {engine.dialect.driver!r}"
+            )
+        self._engine = engine
+        self.units = ConnectionUnits(engine, engine.execution_options(isolation_level="AUTOCOMMIT"))
+        self._lanes = PgLanes(engine, lane_limit(engine))
+        self._observed = engine.sync_engine
+        self._steps: PgStepBatches | None = None
+        self._step_batcher: StepBatcher[Any] | None = None
+        self._creates: StepBatcher[Any] | None = None
+        self._reads: StepBatcher[Any] | None = None
+        if self._lanes.limit > 0:
+            slots = min(BATCH_SLOTS, self._lanes.limit)
+            self._steps = PgStepBatches(self._lanes)
+            self._step_batcher = StepBatcher(self._steps, slots=slots, max_batch=MAX_BATCH)
+            self._creates = StepBatcher(PgCreateBatches(self._lanes), slots=slots, max_batch=MAX_BATCH)
+            self._reads = StepBatcher(PgStateReads(self._lanes), slots=slots, max_batch=MAX_BATCH)
+
+    def _direct(self) -> bool:
+        """Outside ``transaction()`` (raises ``StoreError`` if the repo is closed)."""
+        if self.units.in_transaction():
+            return False
+        self.units.check_open()
+        return True
+
+    @asynccontextmanager
+    async def _db(self, wrote: bool) -> AsyncIterator[Any]:
+        """A connection for one statement: the transaction's, or a lane (reported to observers)."""
+        if not self._direct():
+            async with self.units.connection() as conn:
+                yield pg.TxConnection(conn)
+            return
+        async with self._lanes.lane() as driver:
+            yield driver
+        notify(self._observed, wrote)
+
+    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int]:
+        """Insert instances; their ids in order (concurrent single creates share a statement)."""
+        stamped = [(row, now) for row in rows]
+        if len(stamped) == 1 and self._creates is not None and self._direct():
+            outcome = await self._creates.submit(0, stamped[0])
+            if outcome is not RUN_ALONE:
+                notify(self._observed, True)
+                return [outcome]
+        if len(stamped) == 1:
+            async with self._db(wrote=True) as db:
+                return await pg.create_instances(db, stamped)
+        ids: list[int] = []
+        async with self.units.atomic() as conn:
+            for start in range(0, len(stamped), BULK_PAGE_SIZE):
+                ids += await pg.create_instances(
+                    pg.TxConnection(conn), stamped[start : start + BULK_PAGE_SIZE]
+                )
+        return ids
+
+    async def get(self, instance_id: int) -> WorkflowInstanceRecord | None:
+        async with self._db(wrote=False) as db:
+            return await pg.get_instance(db, instance_id)
+
+    async def load(self, instance_id: int) -> list[TaskInstanceRecord]:
+        async with self._db(wrote=False) as db:
+            return await pg.load_tasks(db, instance_id)
+
+    async def load_state(
+        self, instance_id: int
+    ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
+        """One statement (concurrent reads outside ``transaction()`` share it)."""
+        if self._reads is not None and self._direct():
+            state: tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None
+            state = await self._reads.submit(instance_id, instance_id)
+            notify(self._observed, False)
+            return state
+        async with self._db(wrote=False) as db:
+            return (await pg.load_states(db, (instance_id,))).get(instance_id)
+
+    async def apply_step(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
+        """The step function; ``StepConflict`` (nothing written) if a condition failed."""
+        try:
+            if not self._direct():
+                async with self.units.atomic() as conn:  # a SAVEPOINT: a conflict leaves the rest usable
+                    try:
+                        return await pg.apply_step(pg.TxConnection(conn), step, now)
+                    except Exception as error:
+                        _step_error(error)
+                        raise
+            inserted = await self._apply_direct(step, now)
+        except StepConflict:
+            raise
+        except Exception as error:
+            _step_error(error)
+            raise
+        notify(self._observed, True)
+        return inserted
+
+    async def _apply_direct(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
+        if self._step_batcher is not None and self._steps is not None and self._steps.enabled:
+            outcome = await self._step_batcher.submit(step.instance_id, pg.step_json(step, now))
+            if outcome is not RUN_ALONE:
+                code, ids = outcome
+                if code == pg.CONFLICT_SQLSTATE:
+                    raise StepConflict
+                return pg.inserted_records(step, ids, now)
+        async with self._lanes.lane() as driver:
+            return await pg.apply_step(driver, step, now)
+
+    async def claim(self, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]) -> list[int]:
+        """One ``UPDATE ... FOR UPDATE SKIP LOCKED ... RETURNING``."""
+        async with self._db(wrote=True) as db:
+            return await pg.claim_due(db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
+
+    def listen_due(self, callback: Callable[[], None]) -> DueNotifier:
+        """LISTEN/NOTIFY wake-ups (:mod:`.notify`): ``callback()`` when an instance becomes due."""
+        return DueNotifier(self._engine, callback)
+
+    def migrated(self) -> None:
+        """The functions are installed: grouped steps may run again."""
+        if self._steps is not None:
+            self._steps.enabled = True
+
+    async def aclose(self) -> None:
+        """Wait for the batches in flight, then return the lanes."""
+        for batcher in (self._step_batcher, self._creates, self._reads):
+            if batcher is not None:
+                await batcher.aclose()
+        await self._lanes.aclose()
+
+
+def _step_error(error: Exception) -> None:
+    """A conflict becomes :class:`StepConflict`; a missing function a ``StoreError`` naming the fix."""
+    code = sqlstate(error)
+    if code == pg.CONFLICT_SQLSTATE:
+        raise StepConflict from None
+    if code == pg.UNDEFINED_FUNCTION_SQLSTATE and "asyncflow_step" in str(error):
+        raise StoreError(
+            "the database has no asyncflow_step_v1() function: run `await repo.migrate()` "
+            f"(or `asyncflow migrate`) to install it ({error})"
+        ) from error

@@ -1,0 +1,119 @@
+"""The PostgreSQL functions of asyncflow's SQL repo, as ``CREATE OR REPLACE`` DDL.
+
+Migration 2 installs them, and every ``repo.migrate()`` re-installs them (``CREATE OR REPLACE``), so
+a database whose functions were dropped gets them back. The repo needs them: a step without them
+raises ``StoreError`` naming ``migrate()``. The status lists in them come from
+:mod:`asyncflow.status`.
+
+* ``asyncflow_step_v1(jsonb)``: one step of the engine, all or nothing (SQLSTATE ``AF409`` when a
+  condition fails).
+* ``asyncflow_steps_v1(jsonb)``: several steps in one statement and one commit, each in a
+  subtransaction of its own (group commit).
+"""
+
+from __future__ import annotations
+
+from .._sql import TERMINAL_SQL
+
+__all__ = ["ALL", "BATCH_FUNCTION", "STEP_FUNCTION"]
+
+STEP_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION asyncflow_step_v1(p_step jsonb) RETURNS bigint[] LANGUAGE plpgsql AS $asyncflow$
+-- One step of asyncflow's engine (asyncflow.records.Step), all or nothing: any failed condition
+-- raises SQLSTATE AF409, which rolls back everything this call wrote. p_step is the JSON array
+-- [instance_id, [status_in...], status, next_run_at, now, cancel_other_tasks,
+--  [[node_id, expected_version, status, context, fail_count, started_at], ...],
+--  [[task_type, status, context, fail_count, started_at], ...]]  (null: leave the column as it is).
+DECLARE
+    v_instance bigint := (p_step->>0)::bigint;
+    v_now bigint := (p_step->>4)::bigint;
+    v_touched bigint[] := '{{}}';
+    v_ids bigint[] := '{{}}';
+    v_count bigint;
+    v_update jsonb;
+BEGIN
+    UPDATE workflow_instance
+       SET status = coalesce(p_step->>2, status),
+           next_run_at = coalesce((p_step->>3)::bigint, next_run_at),
+           updated_at = v_now,
+           version = version + 1
+     WHERE id = v_instance
+       AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status);
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'AF409',
+            MESSAGE = format('asyncflow step: instance %s is missing or not in %s', v_instance, p_step->1);
+    END IF;
+    FOR v_update IN SELECT jsonb_array_elements(p_step->6) LOOP
+        UPDATE task_instance
+           SET status = coalesce(v_update->>2, status),
+               node_context = coalesce(nullif(v_update->3, 'null'::jsonb), node_context),
+               fail_count = coalesce((v_update->>4)::bigint, fail_count),
+               started_at = coalesce((v_update->>5)::bigint, started_at),
+               updated_at = v_now,
+               version = version + 1
+         WHERE id = (v_update->>0)::bigint AND workflow_instance_id = v_instance
+           AND version = (v_update->>1)::bigint;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'AF409', MESSAGE = format(
+                'asyncflow step: node row %s of instance %s is not at version %s',
+                v_update->0, v_instance, v_update->1);
+        END IF;
+        v_touched := v_touched || (v_update->>0)::bigint;
+    END LOOP;
+    IF jsonb_array_length(p_step->7) > 0 THEN
+        WITH inserted AS (
+            INSERT INTO task_instance (workflow_instance_id, task_type, status, node_context, fail_count,
+                                       created_at, updated_at, started_at, version)
+            SELECT v_instance, r.row->>0, r.row->>1, r.row->2, (r.row->>3)::bigint, v_now, v_now,
+                   (r.row->>4)::bigint, 1
+              FROM jsonb_array_elements(p_step->7) WITH ORDINALITY AS r(row, ord)
+             ORDER BY r.ord
+            ON CONFLICT (workflow_instance_id, task_type) DO NOTHING
+            RETURNING id
+        )
+        -- ids come from one sequence in the order of the rows: sorted, they follow p_step->7
+        SELECT count(*), array_agg(id ORDER BY id) INTO v_count, v_ids FROM inserted;
+        IF v_count <> jsonb_array_length(p_step->7) THEN
+            RAISE EXCEPTION USING ERRCODE = 'AF409',
+                MESSAGE = format('asyncflow step: instance %s already has one of these node rows: %s',
+                                 v_instance, p_step->7);
+        END IF;
+    END IF;
+    IF (p_step->>5)::boolean THEN
+        UPDATE task_instance
+           SET status = 'canceled', updated_at = v_now, version = version + 1
+         WHERE workflow_instance_id = v_instance
+           AND status NOT IN ({TERMINAL_SQL})
+           AND id <> ALL (v_touched || v_ids);
+    END IF;
+    RETURN v_ids;
+END
+$asyncflow$;
+"""
+"""The step function."""
+
+BATCH_FUNCTION = """
+CREATE OR REPLACE FUNCTION asyncflow_steps_v1(p_steps jsonb)
+RETURNS TABLE (code text, ids bigint[]) LANGUAGE plpgsql AS $asyncflow$
+-- Several asyncflow_step_v1() calls in one statement and one commit; each in a subtransaction, so a
+-- failing step is rolled back alone. code: NULL (applied: ids), AF409 (conflict) or another SQLSTATE.
+DECLARE
+    v_step jsonb;
+BEGIN
+    FOR v_step IN SELECT e.v FROM jsonb_array_elements(p_steps) WITH ORDINALITY AS e(v, n) ORDER BY e.n LOOP
+        BEGIN
+            ids := asyncflow_step_v1(v_step);
+            code := NULL;
+        EXCEPTION WHEN OTHERS THEN
+            ids := NULL;
+            code := SQLSTATE;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$asyncflow$;
+"""
+"""The batch function (its steps run through the step function)."""
+
+ALL = (STEP_FUNCTION, BATCH_FUNCTION)
+"""Every function, in the order to create them."""

@@ -1,0 +1,70 @@
+"""The PostgreSQL schema as numbered migrations (see :mod:`asyncflow.store.migrations`)."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..migrations import Migration, check_migrations
+from .functions import BATCH_FUNCTION, STEP_FUNCTION
+
+__all__ = ["MIGRATIONS", "REPAIR", "lock_schema"]
+
+_SCHEMA_LOCK_CLASS = 0x61737966  # "asyf": with the schema's hash, serializes concurrent migrate()
+
+_V1 = (
+    """CREATE TABLE IF NOT EXISTS workflow_instance (
+    id BIGSERIAL NOT NULL,
+    workflow_type TEXT NOT NULL,
+    business_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    workflow_context JSONB DEFAULT '{}' NOT NULL,
+    task_id BIGINT DEFAULT 0 NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    next_run_at BIGINT DEFAULT 0 NOT NULL,
+    version BIGINT DEFAULT 1 NOT NULL,
+    CONSTRAINT pk_workflow_instance PRIMARY KEY (id))""",
+    "CREATE INDEX IF NOT EXISTS ix_workflow_instance_status_next_run_at "
+    "ON workflow_instance (status, next_run_at)",
+    "CREATE INDEX IF NOT EXISTS ix_workflow_instance_task_id ON workflow_instance (task_id)",
+    "CREATE INDEX IF NOT EXISTS ix_workflow_instance_business_id ON workflow_instance (business_id)",
+    "CREATE INDEX IF NOT EXISTS ix_workflow_instance_due ON workflow_instance (next_run_at, id) "
+    "WHERE status IN ('init', 'running')",
+    """CREATE TABLE IF NOT EXISTS task_instance (
+    id BIGSERIAL NOT NULL,
+    workflow_instance_id BIGINT NOT NULL,
+    task_type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    node_context JSONB DEFAULT '{}' NOT NULL,
+    fail_count BIGINT DEFAULT 0 NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    started_at BIGINT DEFAULT 0 NOT NULL,
+    version BIGINT DEFAULT 1 NOT NULL,
+    CONSTRAINT pk_task_instance PRIMARY KEY (id),
+    CONSTRAINT uq_task_instance_workflow_instance_id_task_type UNIQUE (workflow_instance_id, task_type),
+    CONSTRAINT fk_task_instance_workflow_instance_id_workflow_instance FOREIGN KEY (workflow_instance_id)
+        REFERENCES workflow_instance (id) ON DELETE CASCADE)""",
+)
+"""The tables and indexes of asyncflow 0.1.0."""
+
+_DUE_INDEX = _V1[4]
+_V2 = (_DUE_INDEX, STEP_FUNCTION, BATCH_FUNCTION)
+
+MIGRATIONS = check_migrations(
+    [
+        Migration(1, "the tables of asyncflow 0.1.0", _V1),
+        Migration(2, "the step functions; the claim index on databases from before it", _V2),
+    ]
+)
+
+REPAIR = (STEP_FUNCTION, BATCH_FUNCTION)
+"""Run by every ``migrate()`` (``CREATE OR REPLACE``): functions someone dropped come back."""
+
+
+async def lock_schema(conn: AsyncConnection) -> None:
+    """Serialize concurrent migrations of one schema (an advisory lock held until the commit)."""
+    await conn.execute(
+        text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))"), {"key": _SCHEMA_LOCK_CLASS}
+    )

@@ -1,0 +1,158 @@
+"""The SQLite backend: every per-instance call as one trip to its own connection's thread.
+
+Outside ``transaction()``, on a database file, a call is one function of :mod:`.sql` run on the
+backend's own ``sqlite3`` connection in its worker thread (:mod:`.lane`): a write in ``BEGIN
+IMMEDIATE ... COMMIT``, a pass read in one read transaction; steps that wait at the same time go
+together, one transaction with a SAVEPOINT per step (group commit). Inside ``transaction()``, and on
+an in-memory database, the same functions run on the SQLAlchemy connection (``run_sync``), in the
+transaction (a SAVEPOINT) or a transaction of their own. Every unit holds the in-process write gate.
+Units on the own connection are reported to :mod:`asyncflow.store._observers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ...records import TaskInstanceRecord, WorkflowInstanceRecord
+from .._batcher import StepBatcher
+from .._errors import StepConflict
+from .._lanes import to_completion
+from .._observers import notify
+from .._prepare import InstanceRow, PreparedStep
+from .._units import ConnectionUnits
+from . import schema
+from . import sql as lite
+from .engine import autocommit_engine, configure_engine
+from .lane import SqliteLane
+
+__all__ = ["SqliteBackend"]
+
+
+class _RolledBack(Exception):
+    """A body returned ``None``: leave the transaction (or SAVEPOINT) without its writes."""
+
+
+def _on(sync_conn: Connection, body: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    return body(lite.SyncConnection(sync_conn), *args)
+
+
+class SqliteBackend:
+    """The :class:`~asyncflow.store._backend.SqlBackend` of SQLite (aiosqlite for SQLAlchemy's units)."""
+
+    schema = schema
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        configure_engine(engine)
+        self._lane = SqliteLane(engine)
+        self.units = ConnectionUnits(engine, autocommit_engine(engine), self._lane.exclusive)
+        self._observed = engine.sync_engine
+        # one writer at a time: one batch in flight, the rest gather
+        self._batcher: StepBatcher[Any] | None = None
+        if self._lane.own:
+            self._batcher = StepBatcher(self._apply_batch, slots=1, max_batch=lite.MAX_BATCH)
+
+    def _direct(self) -> bool:
+        """Whether a call runs on the own connection (outside ``transaction()``, a database file)."""
+        if self.units.in_transaction():
+            return False
+        self.units.check_open()
+        return self._lane.own
+
+    async def _write(self, body: Callable[..., Any], *args: Any) -> Any:
+        """``body`` as one write unit; ``None`` (nothing kept) if it returned ``None``."""
+        if self._direct():
+            async with self._lane.thread() as thread:
+                result = await thread.run(lite.write, body, *args)
+            notify(self._observed, True)
+            return result
+        return await self._on_sqlalchemy(self._sa_write(body, args))
+
+    async def _sa_write(self, body: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        try:
+            async with self.units.atomic() as conn:
+                result = await conn.run_sync(_on, body, args)
+                if result is None:
+                    raise _RolledBack
+        except _RolledBack:
+            return None
+        return result
+
+    async def _on_sqlalchemy(self, unit: Coroutine[Any, Any, Any]) -> Any:
+        """A unit on SQLAlchemy's connection; outside ``transaction()`` (an in-memory database) a
+        cancelled caller does not cancel it: a connection cancelled mid-statement would be discarded,
+        and an in-memory database with it."""
+        if self.units.in_transaction():
+            return await unit
+        return await to_completion(unit)
+
+    async def _read(self, body: Callable[..., Any], *args: Any, snapshot: bool = False) -> Any:
+        """``body`` as one read (``snapshot``: several statements in one read transaction)."""
+        if self._direct():
+            async with self._lane.thread() as thread:
+                result = await (thread.run(lite.read, body, *args) if snapshot else thread.run(body, *args))
+            notify(self._observed, False)
+            return result
+        return await self._on_sqlalchemy(self._sa_read(body, args, snapshot))
+
+    async def _sa_read(self, body: Callable[..., Any], args: tuple[Any, ...], snapshot: bool) -> Any:
+        async with self.units.atomic() if snapshot else self.units.connection() as conn:
+            return await conn.run_sync(_on, body, args)
+
+    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int]:
+        ids: list[int] = await self._write(lite.create_instances, [(row, now) for row in rows])
+        return ids
+
+    async def get(self, instance_id: int) -> WorkflowInstanceRecord | None:
+        record: WorkflowInstanceRecord | None = await self._read(lite.get_instance, instance_id)
+        return record
+
+    async def load(self, instance_id: int) -> list[TaskInstanceRecord]:
+        rows: list[TaskInstanceRecord] = await self._read(lite.load_tasks, instance_id)
+        return rows
+
+    async def load_state(
+        self, instance_id: int
+    ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
+        state: tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None
+        state = await self._read(lite.load_state, instance_id, snapshot=True)
+        return state
+
+    async def apply_step(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
+        """One transaction (or SAVEPOINT); ``StepConflict`` (nothing written) if a condition failed."""
+        if self._batcher is not None and self._direct():
+            outcome = await self._batcher.submit(step.instance_id, (step, now))
+            if outcome is None:
+                raise StepConflict
+            notify(self._observed, True)
+            inserted: tuple[TaskInstanceRecord, ...] = outcome
+            return inserted
+        ids = await self._write(lite.step, step, now)
+        if ids is None:
+            raise StepConflict
+        return lite.inserted(step, ids, now)
+
+    async def _apply_batch(self, steps: Sequence[tuple[PreparedStep, int]]) -> list[Any]:
+        async with self._lane.thread() as thread:
+            return list(await thread.run(lite.apply_steps, steps))
+
+    async def claim(self, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]) -> list[int]:
+        """A SELECT and an UPDATE that re-checks the due condition, in one write transaction."""
+        ids: list[int] = await self._write(lite.claim_due, now_ms, limit, lease_ms, tuple(types))
+        return ids
+
+    def listen_due(self, callback: Callable[[], None]) -> None:
+        """No wake-ups on SQLite: drivers poll."""
+        return None
+
+    def migrated(self) -> None:
+        """Nothing to re-enable."""
+
+    async def aclose(self) -> None:
+        """Wait for the batch in flight, then close the own connection."""
+        if self._batcher is not None:
+            await self._batcher.aclose()
+        await self._lane.aclose()

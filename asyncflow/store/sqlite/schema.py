@@ -1,0 +1,64 @@
+"""The SQLite schema as numbered migrations (see :mod:`asyncflow.store.migrations`).
+
+Concurrent migrations need no lock of their own: each runs in ``BEGIN IMMEDIATE`` (the write lock
+from the start), so a second migrator waits, then reads the version the first one recorded.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..migrations import Migration, check_migrations
+
+__all__ = ["MIGRATIONS", "REPAIR", "lock_schema"]
+
+_V1 = (
+    """CREATE TABLE IF NOT EXISTS workflow_instance (
+    id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+    workflow_type TEXT NOT NULL,
+    business_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    workflow_context JSON DEFAULT '{}' NOT NULL,
+    task_id BIGINT DEFAULT 0 NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    next_run_at BIGINT DEFAULT 0 NOT NULL,
+    version BIGINT DEFAULT 1 NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS ix_workflow_instance_status_next_run_at "
+    "ON workflow_instance (status, next_run_at)",
+    "CREATE INDEX IF NOT EXISTS ix_workflow_instance_task_id ON workflow_instance (task_id)",
+    "CREATE INDEX IF NOT EXISTS ix_workflow_instance_business_id ON workflow_instance (business_id)",
+    "CREATE INDEX IF NOT EXISTS ix_workflow_instance_due ON workflow_instance (next_run_at, id) "
+    "WHERE status IN ('init', 'running')",
+    """CREATE TABLE IF NOT EXISTS task_instance (
+    id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+    workflow_instance_id BIGINT NOT NULL,
+    task_type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    node_context JSON DEFAULT '{}' NOT NULL,
+    fail_count BIGINT DEFAULT 0 NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    started_at BIGINT DEFAULT 0 NOT NULL,
+    version BIGINT DEFAULT 1 NOT NULL,
+    CONSTRAINT uq_task_instance_workflow_instance_id_task_type UNIQUE (workflow_instance_id, task_type),
+    CONSTRAINT fk_task_instance_workflow_instance_id_workflow_instance FOREIGN KEY (workflow_instance_id)
+        REFERENCES workflow_instance (id) ON DELETE CASCADE)""",
+)
+"""The tables and indexes of asyncflow 0.1.0."""
+
+_V2 = (_V1[4],)
+
+MIGRATIONS = check_migrations(
+    [
+        Migration(1, "the tables of asyncflow 0.1.0", _V1),
+        Migration(2, "the claim index on databases from before it (PostgreSQL: the step functions)", _V2),
+    ]
+)
+
+REPAIR: tuple[str, ...] = ()
+"""Nothing to re-install on SQLite."""
+
+
+async def lock_schema(conn: AsyncConnection) -> None:
+    """Nothing to do: the migration's ``BEGIN IMMEDIATE`` already holds the write lock."""

@@ -1,0 +1,112 @@
+"""Group commit (asyncflow.store._batcher.StepBatcher): items waiting together leave together, at most
+``slots`` batches in flight and ``max_batch`` items each, sorted; outcomes and errors reach their callers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from asyncflow.store._batcher import StepBatcher
+
+
+class Runner:
+    def __init__(self, *, gate: asyncio.Event | None = None) -> None:
+        self.batches: list[list[Any]] = []
+        self.gate = gate
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def __call__(self, items: Sequence[Any]) -> list[Any]:
+        self.batches.append(list(items))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            await asyncio.sleep(0)
+            return [item * 10 if not isinstance(item, str) else ValueError(item) for item in items]
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_lone_item_goes_alone() -> None:
+    runner = Runner()
+    batcher: StepBatcher[Any] = StepBatcher(runner, slots=2, max_batch=8)
+    assert await batcher.submit(1, 1) == 10
+    assert runner.batches == [[1]]
+
+
+async def test_items_submitted_together_share_a_batch_sorted_by_order() -> None:
+    runner = Runner()
+    batcher: StepBatcher[Any] = StepBatcher(runner, slots=1, max_batch=8)
+    results = await asyncio.gather(*(batcher.submit(order, order) for order in (5, 3, 9, 1)))
+    assert results == [50, 30, 90, 10]
+    assert runner.batches == [[1, 3, 5, 9]]
+
+
+async def test_slots_and_max_batch_bound_the_batches() -> None:
+    gate = asyncio.Event()
+    runner = Runner(gate=gate)
+    batcher: StepBatcher[Any] = StepBatcher(runner, slots=2, max_batch=3)
+    calls = [asyncio.create_task(batcher.submit(i, i)) for i in range(10)]
+    await asyncio.sleep(0.01)
+    assert [len(b) for b in runner.batches] == [3, 3]  # two slots busy, the rest wait
+    gate.set()
+    assert await asyncio.gather(*calls) == [i * 10 for i in range(10)]
+    assert runner.most_in_flight == 2
+    assert all(len(b) <= 3 for b in runner.batches) and sum(len(b) for b in runner.batches) == 10
+
+
+async def test_an_exception_outcome_reaches_its_caller_only() -> None:
+    batcher: StepBatcher[Any] = StepBatcher(Runner(), slots=1, max_batch=8)
+    results = await asyncio.gather(batcher.submit(1, 1), batcher.submit(2, "bad"), return_exceptions=True)
+    assert results[0] == 10 and isinstance(results[1], ValueError) and str(results[1]) == "bad"
+
+
+async def test_a_failing_runner_fails_every_caller_of_its_batch_and_the_next_batch_runs() -> None:
+    calls = 0
+
+    async def flaky(items: Sequence[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("lost")
+        return list(items)
+
+    batcher: StepBatcher[int] = StepBatcher(flaky, slots=1, max_batch=8)
+    first = await asyncio.gather(batcher.submit(1, 1), batcher.submit(2, 2), return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in first)
+    assert await batcher.submit(3, 3) == 3
+
+
+async def test_a_cancelled_caller_does_not_stop_its_batch() -> None:
+    gate = asyncio.Event()
+    runner = Runner(gate=gate)
+    batcher: StepBatcher[Any] = StepBatcher(runner, slots=1, max_batch=8)
+    cancelled = asyncio.create_task(batcher.submit(1, 1))
+    kept = asyncio.create_task(batcher.submit(2, 2))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    gate.set()
+    assert await kept == 20
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert runner.batches == [[1, 2]]  # the cancelled caller's item was applied all the same
+    await batcher.aclose()
+
+
+async def test_aclose_waits_for_batches_in_flight() -> None:
+    gate = asyncio.Event()
+    runner = Runner(gate=gate)
+    batcher: StepBatcher[Any] = StepBatcher(runner, slots=1, max_batch=8)
+    call = asyncio.create_task(batcher.submit(1, 1))
+    await asyncio.sleep(0.01)
+    closing = asyncio.create_task(batcher.aclose())
+    await asyncio.sleep(0.01)
+    assert not closing.done()
+    gate.set()
+    await closing
+    assert call.done() and call.result() == 10
