@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from .._json_depth import loads_json_checked
 from ..config import WorkflowConfig
 from ..definition import WorkflowDefinition, build_definition
 from ..engine.service import WorkflowService
@@ -58,7 +59,7 @@ def _parse_json(text: str | None, what: str) -> Any:
     if text is None:
         return None
     try:
-        return json.loads(text)
+        return loads_json_checked(text, what)
     except json.JSONDecodeError as error:
         raise CLIError(f"{what} is not valid JSON: {error.msg} (at character {error.pos})", 2) from error
 
