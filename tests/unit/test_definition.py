@@ -417,3 +417,24 @@ def test_to_dot() -> None:
         '    "B" -> "end";\n'
         "}\n"
     )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"id": "w\x00", "nodes": [{"id": "a"}]},
+        {"id": "w\ud800", "nodes": [{"id": "a"}]},
+        {"id": "w", "name": "n\x00", "nodes": [{"id": "a"}]},
+        {"id": "w", "nodes": [{"id": "a\x00b"}]},
+        {"id": "w", "nodes": [{"id": "lone \udc80"}]},
+        {"id": "w", "nodes": [{"id": "a", "name": "x\x00"}]},
+        {"id": "w", "nodes": [{"id": "a", "next_nodes": ["b\x00"]}, {"id": "b\x00"}]},
+    ],
+    ids=["wf-nul", "wf-surrogate", "wf-name-nul", "node-nul", "node-surrogate", "name-nul", "next-nul"],
+)
+def test_ids_and_names_no_database_can_store_are_refused_at_load(config: dict[str, object]) -> None:
+    """They would load, and every instance of the workflow would then fail to be written."""
+    from asyncflow.registry import Registry
+
+    with pytest.raises(ConfigError, match=r"NUL|lone surrogate"):
+        Registry().load_workflow_config(config)
