@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from asyncflow._text import dot_text, mermaid_text
 from asyncflow.config import WorkflowConfig, count_problem
 from asyncflow.errors import ConfigError, TaskWorkerNotFoundError
 from asyncflow.status import END_NODE, END_NODE_NAME, ROOT_NODE, ROOT_NODE_NAME
@@ -169,7 +170,7 @@ class WorkflowDefinition:
         lines = ["flowchart TD"]
         ids = {node.task_type: f"n{i}" for i, node in enumerate(self.nodes)}
         for node in self.nodes:
-            label = _mermaid_text(node.task_name or node.task_type)
+            label = mermaid_text(node.task_name or node.task_type)
             if node.task_type in _RESERVED:
                 lines.append(f'    {ids[node.task_type]}(["{label}"])')
             else:
@@ -180,30 +181,18 @@ class WorkflowDefinition:
 
     def to_dot(self) -> str:
         """A Graphviz ``digraph`` of the DAG; node ids are the task types, labels the node names."""
-        lines = [f"digraph {_dot_text(self.id)} {{", "    rankdir=TB;", "    node [shape=box];"]
+        lines = [f"digraph {dot_text(self.id)} {{", "    rankdir=TB;", "    node [shape=box];"]
         for node in self.nodes:
             shape = ", shape=oval" if node.task_type in _RESERVED else ""
-            label = _dot_text(node.task_name or node.task_type)
-            lines.append(f"    {_dot_text(node.task_type)} [label={label}{shape}];")
+            label = dot_text(node.task_name or node.task_type)
+            lines.append(f"    {dot_text(node.task_type)} [label={label}{shape}];")
         for node in self.nodes:
-            lines.extend(f"    {_dot_text(node.task_type)} -> {_dot_text(nxt)};" for nxt in node.next_nodes)
+            lines.extend(f"    {dot_text(node.task_type)} -> {dot_text(nxt)};" for nxt in node.next_nodes)
         lines.append("}")
         return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
         return f"WorkflowDefinition(id={self.id!r}, name={self.name!r}, nodes_count={self.nodes_count})"
-
-
-def _mermaid_text(text: str) -> str:
-    # Mermaid entity codes; '#' first so the codes we add are not escaped again.
-    for raw, code in (("#", "#35;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;")):
-        text = text.replace(raw, code)
-    return " ".join(text.splitlines())
-
-
-def _dot_text(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "").replace("\n", "\\n")
-    return f'"{escaped}"'
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from .._json_depth import loads_json_checked
+from .._text import inert, inert_lines
 from ..config import WorkflowConfig
 from ..definition import WorkflowDefinition, build_definition
 from ..engine.service import WorkflowService
@@ -34,7 +35,8 @@ __all__ = ["COMMANDS"]
 
 
 def _out(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
+    """Print a line (or lines): control and bidi characters from stored data are escaped."""
+    sys.stdout.write(inert_lines(text) + "\n")
 
 
 async def _registry(args: argparse.Namespace) -> Registry:
@@ -178,8 +180,8 @@ async def cmd_show(args: argparse.Namespace) -> int:
         _out(json.dumps(_detail_dict(detail), ensure_ascii=False, indent=2))
         return 0
     d = detail
-    _out(f"instance {d.id}  type {d.workflow_type}  business id {d.business_id!r}")
-    _out(f"status {d.status} ({instance_status_text(d.status)})  task id {d.task_id}")
+    _out(f"instance {d.id}  type {inert(d.workflow_type)}  business id {inert(repr(d.business_id))}")
+    _out(f"status {inert(d.status)} ({instance_status_text(d.status)})  task id {d.task_id}")
     _out(f"created {format_ts(d.created_at)}  updated {format_ts(d.updated_at)}")
     _out(f"workflow context {format_json(d.workflow_context, indent=None)}")
     if not registry.has_workflow(d.workflow_type):
@@ -204,7 +206,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
     if args.context:
         for t in d.task_instances:
             if t.node_context is not None:
-                _out(f"\n[{t.task_type}] context:\n{format_json(t.node_context)}")
+                _out(f"\n[{inert(t.task_type)}] context:\n{format_json(t.node_context)}")
     return 0
 
 

@@ -15,7 +15,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from .._text import inert, inert_lines
 from .._urls import scrub_secrets
 from ..errors import (
     AsyncflowError,
@@ -172,11 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _ScrubbingFormatter(logging.Formatter):
-    """Log lines (tracebacks included) with the passwords of the command's URLs hidden."""
+    """Log lines (tracebacks included) with the passwords of the command's URLs hidden and control and
+    bidi characters escaped (worker logs quote ids, business ids and workers' errors)."""
 
     def __init__(self, fmt: str, urls: Sequence[str | None]) -> None:
         super().__init__(fmt)
         self._urls = [u for u in urls if u]
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = inert(record.message)  # one record, one line: stored text cannot add lines
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return inert_lines(super().formatException(ei))
 
     def format(self, record: logging.LogRecord) -> str:
         return scrub_secrets(super().format(record), *self._urls)

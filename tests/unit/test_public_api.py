@@ -31,6 +31,7 @@ LAYERS = {
     "status": 0,
     "clock": 0,
     "_json_depth": 0,
+    "_text": 0,
     "records": 1,
     "_urls": 1,
     "context": 1,
