@@ -20,8 +20,14 @@ from .._text import inert, inert_lines
 from ..config import WorkflowConfig
 from ..definition import WorkflowDefinition, build_definition
 from ..engine.service import WorkflowService
-from ..errors import ConfigNotFoundError
-from ..records import NodeExternalEvent, Pager, QueryWorkflowInstanceParams, WorkflowInstanceDetail
+from ..errors import ConfigNotFoundError, InvalidStateError
+from ..records import (
+    NodeExternalEvent,
+    Pager,
+    QueryWorkflowInstanceParams,
+    WorkflowInstance,
+    WorkflowInstanceDetail,
+)
 from ..registry import Registry
 from ..status import instance_status_text, is_over_instance_status
 from ..worker import EmptyTaskWorker
@@ -197,7 +203,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
             t.fail_count,
             format_ts(t.created_at),
             format_ts(t.updated_at),
-            _last_error(t.node_context) or "-",
+            (_last_error(t.node_context) if t.status != "completed" else "") or "-",  # not stale ones
         ]
         for t in d.task_instances
     ]
@@ -229,6 +235,18 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ restart
 
 
+async def _restart_node(svc: WorkflowService, args: argparse.Namespace) -> WorkflowInstance:
+    try:
+        return await svc.restart_workflow_node(args.id, args.node, force=args.force)
+    except InvalidStateError as error:
+        if args.force or "force=True" not in str(error):
+            raise
+        status = (await svc.get_workflow_instance(args.id)).status
+        raise CLIError(
+            f"workflow instance {args.id} is {status}; add --force to restart node {args.node} anyway", 1
+        ) from error
+
+
 async def cmd_restart(args: argparse.Namespace) -> int:
     """Restart a node (and its descendants) or a failed/canceled instance."""
     if args.force and not args.node:
@@ -244,7 +262,7 @@ async def cmd_restart(args: argparse.Namespace) -> int:
         if not registry.has_workflow(before.workflow_type):
             raise _not_loaded(before.workflow_type)
         if args.node:
-            inst = await svc.restart_workflow_node(args.id, args.node, force=args.force)
+            inst = await _restart_node(svc, args)
             what = f"node {args.node} and its descendants restarted"
         elif before.status == "completed":
             raise CLIError(
