@@ -47,6 +47,14 @@ class MissingWorkerError(ConfigError, TaskWorkerNotFoundError):
     """
 
 
+def node_label(task_type: str, task_name: str) -> str:
+    """What a drawing shows for a node: its name (else its id); the implicit nodes show both, e.g.
+    ``root · 开始节点``, so they read right on a machine without CJK fonts."""
+    if task_type in _RESERVED and task_name and task_name != task_type:
+        return f"{task_type} · {task_name}"
+    return task_name or task_type
+
+
 def _names(items: Sequence[str]) -> str:
     return ", ".join(repr(item) for item in items)
 
@@ -170,7 +178,7 @@ class WorkflowDefinition:
         lines = ["flowchart TD"]
         ids = {node.task_type: f"n{i}" for i, node in enumerate(self.nodes)}
         for node in self.nodes:
-            label = mermaid_text(node.task_name or node.task_type)
+            label = mermaid_text(node_label(node.task_type, node.task_name))
             if node.task_type in _RESERVED:
                 lines.append(f'    {ids[node.task_type]}(["{label}"])')
             else:
@@ -184,7 +192,7 @@ class WorkflowDefinition:
         lines = [f"digraph {dot_text(self.id)} {{", "    rankdir=TB;", "    node [shape=box];"]
         for node in self.nodes:
             shape = ", shape=oval" if node.task_type in _RESERVED else ""
-            label = dot_text(node.task_name or node.task_type)
+            label = dot_text(node_label(node.task_type, node.task_name))
             lines.append(f"    {dot_text(node.task_type)} [label={label}{shape}];")
         for node in self.nodes:
             lines.extend(f"    {dot_text(node.task_type)} -> {dot_text(nxt)};" for nxt in node.next_nodes)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .._text import dot_text, inert, mermaid_text
-from ..definition import WorkflowDefinition
+from ..definition import WorkflowDefinition, node_label
 from ..records import WorkflowInstanceDetail
 from ..status import END_NODE, ROOT_NODE
 from .table import format_table
@@ -55,8 +55,8 @@ class GraphNode:
 
     @property
     def label(self) -> str:
-        """The node name, or the task type when it has none."""
-        return self.name or self.task_type
+        """The node name, or the task type when it has none; root and end show both."""
+        return node_label(self.task_type, self.name)
 
 
 def nodes_of_definition(definition: WorkflowDefinition) -> list[GraphNode]:

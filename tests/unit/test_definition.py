@@ -389,11 +389,11 @@ def test_to_mermaid() -> None:
     )
     assert build(config).to_mermaid() == (
         "flowchart TD\n"
-        '    n0(["开始节点"])\n'
+        '    n0(["root · 开始节点"])\n'
         '    n1["Pay"]\n'
         '    n2["Say #quot;hi#quot; #35;1 #lt;b#gt;"]\n'
         '    n3["C"]\n'
-        '    n4(["结束节点"])\n'
+        '    n4(["end · 结束节点"])\n'
         "    n0 --> n1\n"
         "    n0 --> n3\n"
         "    n1 --> n2\n"
@@ -408,10 +408,10 @@ def test_to_dot() -> None:
         'digraph "w\\"1" {\n'
         "    rankdir=TB;\n"
         "    node [shape=box];\n"
-        '    "root" [label="开始节点", shape=oval];\n'
+        '    "root" [label="root · 开始节点", shape=oval];\n'
         '    "A" [label="a \\"quoted\\"\\\\name"];\n'
         '    "B" [label="B"];\n'
-        '    "end" [label="结束节点", shape=oval];\n'
+        '    "end" [label="end · 结束节点", shape=oval];\n'
         '    "root" -> "A";\n'
         '    "A" -> "B";\n'
         '    "B" -> "end";\n'
