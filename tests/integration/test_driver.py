@@ -596,6 +596,39 @@ async def test_stop_during_long_workers_then_a_new_driver_completes_everything(e
     assert [runs.count[(i, "C")] for i in ids] == [1] * 6
 
 
+async def test_a_second_stop_with_no_grace_cancels_the_running_passes_at_once(engine_repo: Any) -> None:
+    """A second Ctrl-C: ``stop(grace=0)`` during a ``stop(grace=60)`` cancels the passes now; their
+    instances stay resumable and a later driver completes them."""
+    runs = Runs()
+    hang = {"on": True}
+    started: list[int] = []
+
+    async def long_worker(ctx: JSONContext) -> None:
+        if current_node().task_type == "A" and hang["on"]:
+            started.append(current_node().instance_id)
+            await asyncio.Event().wait()  # runs until cancelled
+
+    service = WorkflowService(
+        engine_repo, LocalWorkflowLock(), registry_for("lin", LINEAR, runs, run=long_worker)
+    )
+    ids = await create_many(service, "lin", 3)
+    driver = WorkflowDriver(service, concurrency=3, poll_interval=0.05, stop_deadline=2.0)
+    forever = asyncio.create_task(driver.run_forever())
+    await eventually(lambda: len(started) == 3)
+    patient = asyncio.create_task(driver.stop(grace=60))
+    await asyncio.sleep(0.3)  # the first stop is waiting out its grace (a minute)
+    assert not patient.done() and driver.in_flight == 3
+    async with asyncio.timeout(2.0 + 5.0):  # the cancel deadline, with room for a slow machine
+        await driver.stop(grace=0)
+        await patient
+    await forever
+    assert driver.stats.cancelled == 3 and not driver.running and driver_tasks() == []
+    hang["on"] = False
+    await WorkflowDriver(service, concurrency=3, poll_interval=0.05).run_until_idle()
+    assert await count(service, "completed") == 3
+    assert [runs.count[(i, "C")] for i in ids] == [1] * 3
+
+
 async def test_stop_returns_even_if_a_worker_ignores_cancellation(caplog: pytest.LogCaptureFixture) -> None:
     release = asyncio.Event()
 
