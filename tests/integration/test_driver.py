@@ -28,6 +28,7 @@ from asyncflow.records import (
     NewWorkflowInstance,
     NodeExternalEvent,
     QueryWorkflowInstanceParams,
+    Step,
 )
 from asyncflow.registry import Registry
 from asyncflow.status import NODE_EVENT
@@ -462,8 +463,18 @@ async def test_due_work_gets_a_free_slot_below_the_refill_size_within_a_poll_int
         if current_node().instance_id in long_ids:
             await gate.wait()
 
+    class SlowLastWrite(MemoryWorkflowRepo):
+        """The new pass's writes after its last worker take a while, as under load (the old version of
+        this test asserted in that gap and failed 16 == 15 on a busy machine)."""
+
+        async def apply_step(self, step: Step) -> Any:
+            if step.instance_id == new_id.get("id") and runs.count[(step.instance_id, "C")]:
+                await asyncio.sleep(0.2)
+            return await super().apply_step(step)
+
+    new_id: dict[str, int] = {}
     service = WorkflowService(
-        MemoryWorkflowRepo(), LocalWorkflowLock(), registry_for("lin", LINEAR, runs, run=work)
+        SlowLastWrite(), LocalWorkflowLock(), registry_for("lin", LINEAR, runs, run=work)
     )
     long_ids = set(await create_many(service, "lin", 15))
     driver = WorkflowDriver(service, concurrency=16, poll_interval=0.05)
@@ -471,8 +482,12 @@ async def test_due_work_gets_a_free_slot_below_the_refill_size_within_a_poll_int
         try:
             await eventually(lambda: driver.in_flight == 15)
             new = await service.create_workflow("lin", "new")
-            await eventually(lambda: runs.count[(new.id, "C")] == 1)
-            assert driver.in_flight == 15  # the long passes never ended: the free slot ran it
+            new_id["id"] = new.id
+            # the new pass ran its last node and then left its slot (its worker ending is not the pass
+            # ending: under load the pass may still be writing when C's count moves, so wait for both)
+            await eventually(lambda: runs.count[(new.id, "C")] == 1 and driver.in_flight == 15)
+            assert (await service.get_workflow_instance(new.id)).status == "completed"
+            assert all(runs.count[(i, "C")] == 0 for i in long_ids)  # the long passes never ended
         finally:
             gate.set()
 
