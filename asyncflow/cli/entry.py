@@ -279,5 +279,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.debug("unexpected error, details", exc_info=True)
         else:
             logger.debug("expected error, details", exc_info=True)
-        print(f"asyncflow: error: {scrub_secrets(message, *urls)}", file=sys.stderr)
+        print(f"asyncflow: error: {inert(scrub_secrets(message, *urls))}", file=sys.stderr)
         return code
