@@ -68,7 +68,8 @@ def count_problem(value: object, field: str) -> str | None:
 def _as_str_tuple(value: object, field: str) -> tuple[tuple[str, ...] | None, str | None]:
     if value is None:
         return (), None
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+    if isinstance(value, str | bytes | Mapping | set | frozenset) or not isinstance(value, Iterable):
+        # a mapping would give its keys and a set no order: Go's JSON accepts only an array here
         return None, f"{field} must be a list of strings, got {type(value).__name__} {value!r}"
     items = tuple(value)
     for item in items:

@@ -102,6 +102,8 @@ def test_configs_store_tuples_and_are_hashable() -> None:
         ({"id": "w", "nodes": [{"id": 1}]}, r"workflow 'w': node #0: id must be a string"),
         ({"id": "w", "nodes": [{"id": "A", "name": 2}]}, r"node 'A': name must be a string"),
         ({"id": "w", "nodes": [{"id": "A", "next_nodes": "B"}]}, r"node 'A': next_nodes must be a list"),
+        ({"id": "w", "nodes": [{"id": "A", "next_nodes": {}}]}, r"node 'A': next_nodes must be a list"),
+        ({"id": "w", "nodes": [{"id": "A", "next_nodes": {"B": 1}}]}, r"node 'A': next_nodes must be a list"),
         (
             {"id": "w", "nodes": [{"id": "A", "next_nodes": ["B", 1]}]},
             r"node 'A': next_nodes must hold strings",
