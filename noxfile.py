@@ -1,4 +1,5 @@
-"""Developer entry points: ``nox -s lint typecheck tests`` before every commit; ``nox -s bench``."""
+"""Developer entry points: ``nox -s lint typecheck tests`` before every commit; ``nox -s lowest`` (the
+lowest allowed dependency versions); ``nox -s bench``."""
 
 from __future__ import annotations
 
@@ -37,6 +38,30 @@ def tests(session: nox.Session) -> None:
         "ASYNCFLOW_TEST_REDIS_URL": os.environ.get("ASYNCFLOW_TEST_REDIS_URL", REDIS_URL),
     }
     session.run("pytest", *session.posargs, env=env)
+
+
+@nox.session
+def lowest(session: nox.Session) -> None:
+    """The unit and integration tests on the lowest core and driver versions pyproject.toml allows
+    (pinned in .ci/lowest.txt); `.ci/run` runs it. Pass pytest arguments after ``--``."""
+    session.install("-c", ".ci/lowest.txt", ".[test]")
+    session.run("python", "-c", LOWEST_CHECK)  # the venv really holds the pinned versions
+    env = {
+        "ASYNCFLOW_TEST_POSTGRES_URL": os.environ.get("ASYNCFLOW_TEST_POSTGRES_URL", PG_URL),
+        "ASYNCFLOW_TEST_REDIS_URL": os.environ.get("ASYNCFLOW_TEST_REDIS_URL", REDIS_URL),
+    }
+    args = session.posargs or ["-x", "-q", "-p", "no:cacheprovider", "tests/unit", "tests/integration"]
+    session.run("python", "-m", "pytest", *args, env=env)
+
+
+LOWEST_CHECK = """
+import importlib.metadata as m, pathlib
+pins = [l.split("==") for l in pathlib.Path(".ci/lowest.txt").read_text().splitlines()
+        if l.strip() and not l.startswith("#")]
+wrong = [(n, v, m.version(n)) for n, v in pins if m.version(n) != v]
+assert not wrong, f"not the lowest versions: {wrong}"
+print("lowest versions:", ", ".join(f"{n} {v}" for n, v in pins))
+"""
 
 
 @nox.session

@@ -13,11 +13,11 @@ is loaded or built: see :func:`asyncflow.definition.validate_config`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from asyncflow._json_depth import loads_json_checked
 from asyncflow.errors import ConfigError
 
 __all__ = ["INT64_MAX", "NodeConfig", "WorkflowConfig"]
@@ -68,7 +68,8 @@ def count_problem(value: object, field: str) -> str | None:
 def _as_str_tuple(value: object, field: str) -> tuple[tuple[str, ...] | None, str | None]:
     if value is None:
         return (), None
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+    if isinstance(value, str | bytes | Mapping | set | frozenset) or not isinstance(value, Iterable):
+        # a mapping would give its keys and a set no order: Go's JSON accepts only an array here
         return None, f"{field} must be a list of strings, got {type(value).__name__} {value!r}"
     items = tuple(value)
     for item in items:
@@ -216,7 +217,7 @@ class WorkflowConfig:
                 f"workflow config JSON must be str or bytes, got {type(text_or_bytes).__name__}"
             )
         try:
-            data = json.loads(text_or_bytes)
+            data = loads_json_checked(text_or_bytes, "workflow config", error=ConfigError)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             raise ConfigError(f"workflow config is not valid JSON: {exc}") from exc
         return cls.from_dict(data)

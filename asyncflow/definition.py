@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from asyncflow._text import dot_text, mermaid_text
 from asyncflow.config import WorkflowConfig, count_problem
 from asyncflow.errors import ConfigError, TaskWorkerNotFoundError
 from asyncflow.status import END_NODE, END_NODE_NAME, ROOT_NODE, ROOT_NODE_NAME
@@ -44,6 +45,14 @@ class MissingWorkerError(ConfigError, TaskWorkerNotFoundError):
     Both a :class:`ConfigError` (the definition cannot build) and a :class:`TaskWorkerNotFoundError`
     (Go's ``ErrWorkflowTaskWorkerNotFound``).
     """
+
+
+def node_label(task_type: str, task_name: str) -> str:
+    """What a drawing shows for a node: its name (else its id); the implicit nodes show both, e.g.
+    ``root · 开始节点``, so they read right on a machine without CJK fonts."""
+    if task_type in _RESERVED and task_name and task_name != task_type:
+        return f"{task_type} · {task_name}"
+    return task_name or task_type
 
 
 def _names(items: Sequence[str]) -> str:
@@ -169,7 +178,7 @@ class WorkflowDefinition:
         lines = ["flowchart TD"]
         ids = {node.task_type: f"n{i}" for i, node in enumerate(self.nodes)}
         for node in self.nodes:
-            label = _mermaid_text(node.task_name or node.task_type)
+            label = mermaid_text(node_label(node.task_type, node.task_name))
             if node.task_type in _RESERVED:
                 lines.append(f'    {ids[node.task_type]}(["{label}"])')
             else:
@@ -180,30 +189,18 @@ class WorkflowDefinition:
 
     def to_dot(self) -> str:
         """A Graphviz ``digraph`` of the DAG; node ids are the task types, labels the node names."""
-        lines = [f"digraph {_dot_text(self.id)} {{", "    rankdir=TB;", "    node [shape=box];"]
+        lines = [f"digraph {dot_text(self.id)} {{", "    rankdir=TB;", "    node [shape=box];"]
         for node in self.nodes:
             shape = ", shape=oval" if node.task_type in _RESERVED else ""
-            label = _dot_text(node.task_name or node.task_type)
-            lines.append(f"    {_dot_text(node.task_type)} [label={label}{shape}];")
+            label = dot_text(node_label(node.task_type, node.task_name))
+            lines.append(f"    {dot_text(node.task_type)} [label={label}{shape}];")
         for node in self.nodes:
-            lines.extend(f"    {_dot_text(node.task_type)} -> {_dot_text(nxt)};" for nxt in node.next_nodes)
+            lines.extend(f"    {dot_text(node.task_type)} -> {dot_text(nxt)};" for nxt in node.next_nodes)
         lines.append("}")
         return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
         return f"WorkflowDefinition(id={self.id!r}, name={self.name!r}, nodes_count={self.nodes_count})"
-
-
-def _mermaid_text(text: str) -> str:
-    # Mermaid entity codes; '#' first so the codes we add are not escaped again.
-    for raw, code in (("#", "#35;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;")):
-        text = text.replace(raw, code)
-    return " ".join(text.splitlines())
-
-
-def _dot_text(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "").replace("\n", "\\n")
-    return f'"{escaped}"'
 
 
 @dataclass(slots=True)
@@ -215,10 +212,37 @@ class _Graph:
     pred: list[list[int]]
 
 
+def _unstorable(text: str) -> str | None:
+    """Why a database cannot store ``text`` (a NUL, a lone surrogate), or ``None``."""
+    if "\x00" in text:
+        return "holds a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds a lone surrogate (not valid Unicode text)"
+    return None
+
+
+def _check_storable(config: WorkflowConfig) -> None:
+    """Ids and names are stored with every instance: one no database can store would load fine and
+    leave every instance of the workflow unable to run."""
+    wid = config.id
+    problem = _unstorable(wid) or _unstorable(config.name)
+    if problem is not None:
+        raise ConfigError(f"workflow id or name {wid!r} {problem}", workflow_type=wid, nodes=())
+    for node in config.nodes:
+        texts = [("id", node.id), ("name", node.name), *(("next node", n) for n in node.next_nodes)]
+        for what, text in texts:
+            problem = _unstorable(text)
+            if problem is not None:
+                raise _error(wid, f"node {node.id!r}: {what} {text!r} {problem}", [node.id])
+
+
 def _check_nodes(config: WorkflowConfig) -> dict[str, int]:
     wid = config.id
     if not wid:
         raise ConfigError(f"workflow id is empty (workflow name {config.name!r})", nodes=())
+    _check_storable(config)
     nodes = config.nodes
     if not nodes:
         raise _error(wid, "has no nodes")

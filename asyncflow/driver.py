@@ -105,6 +105,8 @@ class WorkflowDriver:
         self._running = False
         self._stopping = False
         self._grace = config.stop_grace
+        self._drain_deadline: float | None = None  # loop time the grace ends, once the drain began
+        self._regrace = asyncio.Event()  # a later stop() shortened the grace
         self._wake = asyncio.Event()
         self._done = asyncio.Event()
         self._claim_hint = self._query_hint = self._want_slots = False
@@ -147,12 +149,21 @@ class WorkflowDriver:
         """Stop claiming, wait up to ``grace`` s for running passes, then cancel them (two phases).
 
         Returns when the driver has stopped, or after ``grace + stop_deadline`` (plus a second) if a
-        worker ignores cancellation (logged at ERROR). A no-op when the driver is not running.
+        worker ignores cancellation (logged at ERROR). A no-op when the driver is not running. Called
+        again while stopping, a shorter ``grace`` cuts the wait short (``stop(grace=0)``: cancel the
+        running passes now; their nodes stay resumable).
         """
         grace = seconds("grace", grace)
         if not self._running:
             return
-        self._grace = grace
+        if self._stopping:
+            self._grace = min(self._grace, grace)
+            if self._drain_deadline is not None:
+                now = asyncio.get_running_loop().time()
+                self._drain_deadline = min(self._drain_deadline, now + grace)
+                self._regrace.set()
+        else:
+            self._grace = grace
         self._stopping = True
         self._wake.set()
         try:
@@ -184,6 +195,7 @@ class WorkflowDriver:
             raise InvalidStateError("this WorkflowDriver is already running")
         self._running = True
         self._stopping = False
+        self._drain_deadline = None
         self._wake, self._done = asyncio.Event(), asyncio.Event()
 
     async def _run(self, *, until_idle: bool, reserved: bool = False) -> None:
@@ -430,7 +442,7 @@ class WorkflowDriver:
         running = set(self._inflight.values())
         if not running:
             return
-        _, pending = await asyncio.wait(running, timeout=self._grace)
+        pending = await self._wait_grace(running)
         if not pending:
             return
         logger.warning("cancelling %d passes still running after the %.1f s grace", len(pending), self._grace)
@@ -442,6 +454,25 @@ class WorkflowDriver:
                 "%d passes ignored cancellation: %s", len(stuck), sorted(t.get_name() for t in stuck)
             )
         await self._release_interrupted()
+
+    async def _wait_grace(self, running: set[asyncio.Task[None]]) -> set[asyncio.Task[None]]:
+        """Wait until ``running`` finished or the grace ended (a later ``stop()`` may shorten it)."""
+        loop = asyncio.get_running_loop()
+        self._drain_deadline = loop.time() + self._grace
+        pending = set(running)
+        while pending:
+            remaining = self._drain_deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._regrace.clear()
+            regraced: asyncio.Future[Any] = asyncio.ensure_future(self._regrace.wait())
+            try:
+                waiting: set[asyncio.Future[Any]] = {*pending, regraced}
+                await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                regraced.cancel()
+            pending = {task for task in pending if not task.done()}
+        return pending
 
     async def _release_interrupted(self) -> None:
         """Make interrupted instances due now (not after the claim lease), so any driver resumes them."""

@@ -3,14 +3,16 @@
     POST /orders {"order_id": "o-1", "sku": "book", "amount": 42}  → 201 {"id": ..., "status": "init"}
     GET  /orders/{id}                                                → status and node statuses
 
-Run it with ``python -m examples.aiohttp_app``. The database is the URL in ``ASYNCFLOW_EXAMPLE_DB``
+Run it with ``python -m examples.aiohttp_app --host 127.0.0.1 --port 8080`` (those are the defaults;
+``pip install -e ".[aiohttp]"`` first). The database is the URL in ``ASYNCFLOW_EXAMPLE_DB``
 (default: ``sqlite+aiosqlite:///asyncflow_example.db``).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
@@ -61,5 +63,16 @@ def create_app(database_url: str | None = None) -> web.Application:
     return app
 
 
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m examples.aiohttp_app [--host HOST] [--port PORT]``: serve the app."""
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.aiohttp_app", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    args = parser.parse_args(argv)
+    web.run_app(create_app(), host=args.host, port=args.port)
+
+
 if __name__ == "__main__":
-    web.run_app(create_app())
+    main()

@@ -3,7 +3,8 @@
     POST /orders {"order_id": "o-1", "sku": "book", "amount": 42}  → 201 {"id": ..., "status": "init"}
     GET  /orders/{id}                                                → status and node statuses
 
-Run it with ``uvicorn --factory examples.fastapi_app:create_app``. The database is the URL in
+Run it with ``uvicorn --factory examples.fastapi_app:create_app --host 127.0.0.1 --port 8000`` from
+the checkout (``pip install -e ".[fastapi]"`` brings FastAPI and uvicorn). The database is the URL in
 ``ASYNCFLOW_EXAMPLE_DB`` (default: ``sqlite+aiosqlite:///asyncflow_example.db``; a
 ``postgresql+asyncpg://`` URL works the same).
 """

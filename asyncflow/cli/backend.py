@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import make_url
 
+from .._urls import check_database_url, redact_url, scrub_secrets
 from ..engine.rules import SchedulePolicy
 from ..engine.service import WorkflowService
 from ..errors import ParamInvalidError, StoreError, iter_exception_chain
@@ -69,13 +70,8 @@ def resolve_redis_url(flag: str | None, environ: Mapping[str, str] | None = None
 
 
 def redact(url: str) -> str:
-    """The URL with its password hidden (as given if it does not parse)."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except sa_exc.ArgumentError:
-        return url
-    except ValueError:
-        return url
+    """The URL with its password hidden (never the raw text, even when it does not parse)."""
+    return redact_url(url)
 
 
 def sqlite_file(url: str) -> pathlib.Path | None:
@@ -108,8 +104,8 @@ def _open_lock(redis_url: str | None) -> WorkflowLock:
         return LocalWorkflowLock()
     try:
         return RedisWorkflowLock(redis_url)
-    except (ValueError, ParamInvalidError) as error:
-        raise CLIError(f"bad Redis URL {redact(redis_url)!r}: {error}", 2) from error
+    except ParamInvalidError as error:  # its message names the URL with the password hidden
+        raise CLIError(str(error), 2) from error
     except ImportError as error:
         raise CLIError(str(error), 2) from error
 
@@ -141,6 +137,10 @@ async def open_service(
     :class:`CLIError` naming the database.
     """
     url = resolve_db_url(db_flag)
+    try:
+        check_database_url(url)
+    except ParamInvalidError as error:
+        raise CLIError(str(error), 2) from error
     path = sqlite_file(url)
     if path is not None and not create_file and not path.exists():
         raise CLIError(
@@ -152,8 +152,8 @@ async def open_service(
         raise CLIError(f"cannot create {str(path)!r}: folder {str(path.parent)!r} does not exist", 1)
     try:
         repo = SQLAlchemyWorkflowRepo(url)
-    except ParamInvalidError as error:
-        raise CLIError(f"bad database URL {redact(url)!r}: {error}", 2) from error
+    except ParamInvalidError as error:  # the repo's message may quote the URL: hide its password
+        raise CLIError(scrub_secrets(f"bad database URL {redact(url)!r}: {error}", url), 2) from error
     except ImportError as error:
         raise CLIError(str(error), 2) from error
     redis_url = resolve_redis_url(redis_flag)

@@ -15,11 +15,19 @@ import sys
 import time
 from typing import Any
 
+from .._json_depth import loads_json_checked
+from .._text import inert, inert_lines
 from ..config import WorkflowConfig
 from ..definition import WorkflowDefinition, build_definition
 from ..engine.service import WorkflowService
-from ..errors import ConfigNotFoundError
-from ..records import NodeExternalEvent, Pager, QueryWorkflowInstanceParams, WorkflowInstanceDetail
+from ..errors import ConfigNotFoundError, InvalidStateError
+from ..records import (
+    NodeExternalEvent,
+    Pager,
+    QueryWorkflowInstanceParams,
+    WorkflowInstance,
+    WorkflowInstanceDetail,
+)
 from ..registry import Registry
 from ..status import instance_status_text, is_over_instance_status
 from ..store.tables import SCHEMA_VERSION
@@ -34,7 +42,8 @@ __all__ = ["COMMANDS"]
 
 
 def _out(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
+    """Print a line (or lines): control and bidi characters from stored data are escaped."""
+    sys.stdout.write(inert_lines(text) + "\n")
 
 
 async def _registry(args: argparse.Namespace) -> Registry:
@@ -59,7 +68,7 @@ def _parse_json(text: str | None, what: str) -> Any:
     if text is None:
         return None
     try:
-        return json.loads(text)
+        return loads_json_checked(text, what)
     except json.JSONDecodeError as error:
         raise CLIError(f"{what} is not valid JSON: {error.msg} (at character {error.pos})", 2) from error
 
@@ -178,8 +187,8 @@ async def cmd_show(args: argparse.Namespace) -> int:
         _out(json.dumps(_detail_dict(detail), ensure_ascii=False, indent=2))
         return 0
     d = detail
-    _out(f"instance {d.id}  type {d.workflow_type}  business id {d.business_id!r}")
-    _out(f"status {d.status} ({instance_status_text(d.status)})  task id {d.task_id}")
+    _out(f"instance {d.id}  type {inert(d.workflow_type)}  business id {inert(repr(d.business_id))}")
+    _out(f"status {inert(d.status)} ({instance_status_text(d.status)})  task id {d.task_id}")
     _out(f"created {format_ts(d.created_at)}  updated {format_ts(d.updated_at)}")
     _out(f"workflow context {format_json(d.workflow_context, indent=None)}")
     if not registry.has_workflow(d.workflow_type):
@@ -195,7 +204,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
             t.fail_count,
             format_ts(t.created_at),
             format_ts(t.updated_at),
-            _last_error(t.node_context) or "-",
+            (_last_error(t.node_context) if t.status != "completed" else "") or "-",  # not stale ones
         ]
         for t in d.task_instances
     ]
@@ -204,7 +213,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
     if args.context:
         for t in d.task_instances:
             if t.node_context is not None:
-                _out(f"\n[{t.task_type}] context:\n{format_json(t.node_context)}")
+                _out(f"\n[{inert(t.task_type)}] context:\n{format_json(t.node_context)}")
     return 0
 
 
@@ -227,6 +236,18 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ restart
 
 
+async def _restart_node(svc: WorkflowService, args: argparse.Namespace) -> WorkflowInstance:
+    try:
+        return await svc.restart_workflow_node(args.id, args.node, force=args.force)
+    except InvalidStateError as error:
+        if args.force or "force=True" not in str(error):
+            raise
+        status = (await svc.get_workflow_instance(args.id)).status
+        raise CLIError(
+            f"workflow instance {args.id} is {status}; add --force to restart node {args.node} anyway", 1
+        ) from error
+
+
 async def cmd_restart(args: argparse.Namespace) -> int:
     """Restart a node (and its descendants) or a failed/canceled instance."""
     if args.force and not args.node:
@@ -242,7 +263,7 @@ async def cmd_restart(args: argparse.Namespace) -> int:
         if not registry.has_workflow(before.workflow_type):
             raise _not_loaded(before.workflow_type)
         if args.node:
-            inst = await svc.restart_workflow_node(args.id, args.node, force=args.force)
+            inst = await _restart_node(svc, args)
             what = f"node {args.node} and its descendants restarted"
         elif before.status == "completed":
             raise CLIError(

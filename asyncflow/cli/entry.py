@@ -1,18 +1,24 @@
 """``asyncflow``: the command line (argument parsing, logging set-up, error messages, exit codes).
 
-Exit codes: 0 success; 1 not found, refused by the current state, busy, or a database/Redis that cannot
-be reached; 2 usage errors and bad input; 130 interrupted. Expected errors print one line on stderr
-(``asyncflow: error: ...``), never a traceback (``-vv`` logs it at DEBUG).
+Exit codes: 0 success; 1 not found, refused by the current state, busy, a database/Redis that cannot
+be reached, or an unexpected failure; 2 usage errors and bad input; 130 interrupted; 141 the reader of
+the output went away (broken pipe). Every error prints one line on stderr (``asyncflow: error: ...``),
+never a traceback (``-vv`` logs it at DEBUG) and never a URL's password.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from .._text import inert, inert_lines
+from .._urls import scrub_secrets
 from ..errors import (
     AsyncflowError,
     ConfigError,
@@ -25,11 +31,14 @@ from ..errors import (
     TaskInstanceNotFoundError,
 )
 from ..status import InstanceStatus
-from .backend import DB_ENV, DEFAULT_DB_URL, REDIS_ENV, CLIError
+from .backend import DB_ENV, DEFAULT_DB_URL, REDIS_ENV, CLIError, resolve_db_url, resolve_redis_url
 
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("asyncflow.cli")
+
+BROKEN_PIPE_EXIT = 141
+"""Exit code when the reader of the output goes away, as for a command killed by SIGPIPE (128 + 13)."""
 
 _EPILOG = f"""\
 The database is --db URL, else ${DB_ENV}, else {DEFAULT_DB_URL} (a file in the current directory).
@@ -173,12 +182,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: int, command: str) -> None:
+class _ScrubbingFormatter(logging.Formatter):
+    """Log lines (tracebacks included) with the passwords of the command's URLs hidden and control and
+    bidi characters escaped (worker logs quote ids, business ids and workers' errors)."""
+
+    def __init__(self, fmt: str, urls: Sequence[str | None]) -> None:
+        super().__init__(fmt)
+        self._urls = [u for u in urls if u]
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = inert(record.message)  # one record, one line: stored text cannot add lines
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return inert_lines(super().formatException(ei))
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub_secrets(super().format(record), *self._urls)
+
+
+def _urls(args: argparse.Namespace) -> list[str | None]:
+    return [resolve_db_url(getattr(args, "db", None)), resolve_redis_url(getattr(args, "redis", None))]
+
+
+def _configure_logging(verbose: int, command: str, urls: Sequence[str | None] = ()) -> None:
     base = logging.INFO if command in ("worker",) else logging.WARNING
     level = {0: base, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", urls))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def _stdout_gone() -> int:
+    """The reader of our output went away (``asyncflow show 7 | head -1``): say so once, quietly exit."""
+    try:  # later writes (and the interpreter's final flush) go nowhere instead of failing again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests capture it): nothing to redirect
+        pass
+    with contextlib.suppress(OSError):
+        print("asyncflow: error: output closed early (broken pipe)", file=sys.stderr)
+    return BROKEN_PIPE_EXIT
 
 
 def _error_code(error: BaseException) -> tuple[int, str]:
@@ -230,16 +274,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    _configure_logging(args.verbose, args.command)
+    urls = _urls(args)
+    _configure_logging(args.verbose, args.command, urls)
     try:
         return asyncio.run(_dispatch(args))
     except KeyboardInterrupt:
         print("asyncflow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_gone()
     except Exception as error:
         code, message = _error_code(error)
-        if not code:
-            raise
-        logger.debug("expected error, details", exc_info=True)
-        print(f"asyncflow: error: {message}", file=sys.stderr)
+        if not code:  # a bug or a failure nobody foresaw: still one line (the traceback with -vv)
+            code = 1
+            detail = str(error) or "no details"
+            message = f"unexpected {type(error).__name__}: {detail} (run with -vv for the traceback)"
+            logger.debug("unexpected error, details", exc_info=True)
+        else:
+            logger.debug("expected error, details", exc_info=True)
+        print(f"asyncflow: error: {inert(scrub_secrets(message, *urls))}", file=sys.stderr)
         return code

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ..definition import WorkflowDefinition
+from .._text import dot_text, inert, mermaid_text
+from ..definition import WorkflowDefinition, node_label
 from ..records import WorkflowInstanceDetail
 from ..status import END_NODE, ROOT_NODE
 from .table import format_table
@@ -54,8 +55,8 @@ class GraphNode:
 
     @property
     def label(self) -> str:
-        """The node name, or the task type when it has none."""
-        return self.name or self.task_type
+        """The node name, or the task type when it has none; root and end show both."""
+        return node_label(self.task_type, self.name)
 
 
 def nodes_of_definition(definition: WorkflowDefinition) -> list[GraphNode]:
@@ -130,19 +131,13 @@ def layout(nodes: Sequence[GraphNode]) -> Layout:
     return Layout([row for row in rows if row])
 
 
-def _mermaid_text(text: str) -> str:
-    for raw, code in (("#", "#35;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;")):
-        text = text.replace(raw, code)
-    return " ".join(text.splitlines())
-
-
-def _dot_text(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "").replace("\n", "\\n")
-    return f'"{escaped}"'
-
-
 def _statuses(nodes: Iterable[GraphNode]) -> list[str]:
     return list(dict.fromkeys(n.status for n in nodes if n.status is not None))
+
+
+def _class_name(status: str) -> str:
+    """A Mermaid class name for a status: a stored status is data, never Mermaid syntax."""
+    return status if status in STATUS_COLORS else "unknown_status"
 
 
 def instance_mermaid(nodes: Sequence[GraphNode]) -> str:
@@ -150,32 +145,33 @@ def instance_mermaid(nodes: Sequence[GraphNode]) -> str:
     ids = {n.task_type: f"n{i}" for i, n in enumerate(nodes)}
     lines = ["flowchart TD"]
     for n in nodes:
-        text = _mermaid_text(n.label) + (f"<br/>{_mermaid_text(n.status)}" if n.status else "")
+        text = mermaid_text(n.label) + (f"<br/>{mermaid_text(n.status)}" if n.status else "")
         shape = ('(["', '"])') if n.task_type in (ROOT_NODE, END_NODE) else ('["', '"]')
         lines.append(f"    {ids[n.task_type]}{shape[0]}{text}{shape[1]}")
     for n in nodes:
         lines.extend(f"    {ids[n.task_type]} --> {ids[m]}" for m in n.next_nodes if m in ids)
-    for status in _statuses(nodes):
-        color = STATUS_COLORS.get(status, _UNKNOWN_COLOR)
-        lines.append(f"    classDef {status} fill:{color},stroke:#374151,color:#111827")
-        members = ",".join(ids[n.task_type] for n in nodes if n.status == status)
-        lines.append(f"    class {members} {status}")
+    classes = list(dict.fromkeys(_class_name(status) for status in _statuses(nodes)))
+    for name in classes:
+        color = STATUS_COLORS.get(name, _UNKNOWN_COLOR)
+        lines.append(f"    classDef {name} fill:{color},stroke:#374151,color:#111827")
+        members = ",".join(ids[n.task_type] for n in nodes if n.status and _class_name(n.status) == name)
+        lines.append(f"    class {members} {name}")
     return "\n".join(lines) + "\n"
 
 
 def instance_dot(nodes: Sequence[GraphNode], name: str) -> str:
     """A Graphviz ``digraph`` whose nodes show and are filled by their status."""
-    lines = [f"digraph {_dot_text(name)} {{", "    rankdir=TB;", "    node [shape=box, style=filled];"]
+    lines = [f"digraph {dot_text(name)} {{", "    rankdir=TB;", "    node [shape=box, style=filled];"]
     for n in nodes:
-        label = f"{n.label}\n{n.status}" if n.status else n.label
+        label = f"{inert(n.label)}\n{inert(n.status)}" if n.status else n.label
         color = STATUS_COLORS.get(n.status or "", _UNKNOWN_COLOR)
         shape = ", shape=oval" if n.task_type in (ROOT_NODE, END_NODE) else ""
         lines.append(
-            f"    {_dot_text(n.task_type)} [label={_dot_text(label)}, fillcolor={_dot_text(color)}{shape}];"
+            f"    {dot_text(n.task_type)} [label={dot_text(label)}, fillcolor={dot_text(color)}{shape}];"
         )
     known = {n.task_type for n in nodes}
     for n in nodes:
-        lines.extend(f"    {_dot_text(n.task_type)} -> {_dot_text(m)};" for m in n.next_nodes if m in known)
+        lines.extend(f"    {dot_text(n.task_type)} -> {dot_text(m)};" for m in n.next_nodes if m in known)
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -12,6 +12,8 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
+from .._text import inert
+
 __all__ = ["cell_width", "clip", "format_json", "format_table", "format_ts", "one_line"]
 
 
@@ -61,13 +63,14 @@ def format_table(
 ) -> str:
     """An aligned text table: a header line, a rule, one line per row (no trailing newline).
 
-    Cells are ``str()``-ed and put on one line; ``right`` lists the column indexes aligned right;
-    ``max_width`` maps a column index to the most cells it may take (longer cells are clipped).
+    Cells are ``str()``-ed, put on one line and made inert (control and bidi characters escaped);
+    ``right`` lists the column indexes aligned right; ``max_width`` maps a column index to the most
+    cells it may take (longer cells are clipped).
     """
     limits = max_width or {}
-    table = [[one_line(str(h)) for h in headers]]
+    table = [[inert(one_line(str(h))) for h in headers]]
     for row in rows:
-        cells = [one_line("" if cell is None else str(cell)) for cell in row]
+        cells = [inert(one_line("" if cell is None else str(cell))) for cell in row]
         table.append([clip(c, limits[i]) if i in limits else c for i, c in enumerate(cells)])
     widths = [max(cell_width(line[i]) for line in table) for i in range(len(headers))]
     lines = []

@@ -3,7 +3,8 @@
 APP (``module:attribute``) gives a ``Registry`` (the worker builds the service on ``--db`` and
 ``--redis``) or a ready ``WorkflowService`` (used as it is: its own repo and lock). On the first signal the
 driver stops claiming work, in-flight passes get ``--grace`` seconds, then they are cancelled (their
-nodes stay resumable). A second signal is reported and ignored: the stop is already bounded.
+nodes stay resumable). A second signal stops at once: in-flight passes are cancelled now (their nodes
+stay resumable). Further signals are reported and ignored.
 """
 
 from __future__ import annotations
@@ -51,16 +52,24 @@ def _describe(svc: WorkflowService, args: argparse.Namespace) -> str:
     return f"database {where}, lock {lock}, workflow types {types}, concurrency {args.concurrency}"
 
 
-def _install_signals(stop: asyncio.Event) -> list[signal.Signals]:
+def _install_signals(stop: asyncio.Event, now: asyncio.Event) -> list[signal.Signals]:
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
 
     def on_signal(signum: signal.Signals) -> None:
-        if stop.is_set():
-            logger.warning("received %s again: already stopping", signum.name)
-            return
-        logger.info("received %s: stopping (in-flight passes finish first)", signum.name)
-        stop.set()
+        if now.is_set():
+            logger.warning("received %s again: already stopping now", signum.name)
+        elif stop.is_set():
+            logger.warning(
+                "received %s again: stopping now (cancelling in-flight passes; their nodes stay resumable)",
+                signum.name,
+            )
+            now.set()
+        else:
+            logger.info(
+                "received %s: stopping (in-flight passes finish first; again to stop at once)", signum.name
+            )
+            stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -69,6 +78,20 @@ def _install_signals(stop: asyncio.Event) -> list[signal.Signals]:
             continue
         installed.append(signum)
     return installed
+
+
+async def _stop(driver: WorkflowDriver, grace: float, now: asyncio.Event) -> None:
+    """``driver.stop(grace)``, cut short (grace 0: in-flight passes cancelled) when ``now`` is set."""
+    stopping = asyncio.create_task(driver.stop(grace=grace), name="asyncflow-worker-stop")
+    hurry = asyncio.create_task(now.wait(), name="asyncflow-worker-stop-now")
+    try:
+        await asyncio.wait({stopping, hurry}, return_when=asyncio.FIRST_COMPLETED)
+        if not stopping.done():
+            await driver.stop(grace=0)
+        await stopping
+    finally:
+        hurry.cancel()
+        stopping.cancel()
 
 
 async def run_worker(args: argparse.Namespace) -> int:
@@ -89,13 +112,13 @@ async def run_worker(args: argparse.Namespace) -> int:
             poll_interval=args.poll_interval,
             workflow_types=args.type or None,
         )
-        stop = asyncio.Event()
-        installed = _install_signals(stop)
+        stop, now = asyncio.Event(), asyncio.Event()
+        installed = _install_signals(stop, now)
         logger.info("asyncflow worker started: %s", _describe(svc, args))
         try:
             async with driver:
                 await stop.wait()
-                await driver.stop(grace=args.grace)
+                await _stop(driver, args.grace, now)
         finally:
             loop = asyncio.get_running_loop()
             for signum in installed:

@@ -182,6 +182,9 @@ async def run_demo(
                     if progress is not None:
                         progress.update(counts, elapsed, final=done >= n)
                     if done >= n:
+                        # the counts above are one query per status: an instance that finished between
+                        # two of them was counted twice; finished ones no longer move, so count again
+                        counts = await _count(svc, first_id)
                         break
                     if elapsed > time_limit:
                         raise CLIError(

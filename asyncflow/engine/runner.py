@@ -23,6 +23,7 @@ import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
 from ..context import JSONContext
 from ..errors import LockFailedError, ParamInvalidError, is_serious_error
 from ..records import (
@@ -59,6 +60,10 @@ _FAILED = TaskStatus.FAILED.value
 _CANCELED = TaskStatus.CANCELED.value
 _ACTIVE_INSTANCE = (InstanceStatus.INIT.value, InstanceStatus.RUNNING.value)
 _SETTLED = (_COMPLETED, _FAILED, _CANCELED)
+
+STORED_DEPTH_SLACK = 8
+"""Levels the engine's own keys (``node_event``, ``pre_node_context``, ...) and workers may add to a
+context on top of :data:`~asyncflow._json_depth.MAX_JSON_DEPTH` before a pass refuses it."""
 
 #: instance ids whose pass runs in the current asyncio context (a worker must not run its own instance)
 active_passes: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
@@ -155,6 +160,8 @@ class PassRunner:
     async def run(self) -> WorkflowInstance:
         token = active_passes.set(active_passes.get() | {self._instance.id})
         try:
+            if await self._too_deep():
+                return self._result()
             if await self._repair():
                 return self._result()
             try:
@@ -543,6 +550,27 @@ class PassRunner:
             await self._apply_quietly(InstanceStatus.CANCELED.value, cancel=True)
             return True
         return False
+
+    async def _too_deep(self) -> bool:
+        """Fail the instance if a stored context nests deeper than the engine can work on (written by
+        an older version or by a worker): every pass would fail on it otherwise. True if it did."""
+        documents = [("the workflow context", self._instance.workflow_context)]
+        documents += [(f"the context of node {t!r}", r.node_context) for t, r in self._rows.items()]
+        limit = MAX_JSON_DEPTH + STORED_DEPTH_SLACK
+        where = next((what for what, doc in documents if json_depth_exceeds(doc, limit)), None)
+        if where is None:
+            return False
+        failed = InstanceStatus.FAILED.value
+        logger.error(
+            "workflow instance %s fails: %s is nested more than %d levels deep (the most asyncflow works on)",
+            self._instance.id,
+            where,
+            limit,
+            extra=self._extra("", failed),
+        )
+        with contextlib.suppress(_PassStopped):
+            await self._apply([], instance_status=failed, cancel=True)
+        return True
 
     async def _apply_quietly(self, instance_status: str, *, cancel: bool) -> None:
         logger.warning(

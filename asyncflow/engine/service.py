@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .._json_depth import MAX_JSON_DEPTH, check_json_depth
 from ..clock import SYSTEM_CLOCK, Clock
-from ..context import JSONContext
+from ..context import INT64_MAX, INT64_MIN, JSONContext
 from ..definition import WorkflowDefinition
 from ..errors import (
     AsyncflowError,
@@ -83,8 +85,10 @@ def _context_dict(context: object, name: str) -> dict[str, Any]:
     if context is None:
         return {}
     if isinstance(context, JSONContext):
+        check_json_depth(context.to_map(), name)  # before the (recursive) copy
         return context.clone().to_map()
     if isinstance(context, Mapping):
+        check_json_depth(context, name)
         return dict(context)
     raise ParamInvalidError(f"{name} must be a mapping or JSONContext, got {type(context).__name__}")
 
@@ -108,8 +112,13 @@ class WorkflowService:
         branch_concurrency: int = 16,
         clock: Clock | None = None,
     ) -> None:
-        if not isinstance(lock_ttl, int | float) or isinstance(lock_ttl, bool) or lock_ttl <= 0:
-            raise ParamInvalidError(f"lock_ttl must be a positive number of seconds, got {lock_ttl!r}")
+        if (
+            not isinstance(lock_ttl, int | float)
+            or isinstance(lock_ttl, bool)
+            or not math.isfinite(lock_ttl)
+            or lock_ttl < 0.001
+        ):
+            raise ParamInvalidError(f"lock_ttl must be a finite number of seconds >= 0.001, got {lock_ttl!r}")
         if isinstance(branch_concurrency, bool) or not isinstance(branch_concurrency, int):
             raise ParamInvalidError(f"branch_concurrency must be an int, got {branch_concurrency!r}")
         if branch_concurrency < 1:
@@ -312,6 +321,9 @@ class WorkflowService:
             raise ParamInvalidError(f"event must be a NodeExternalEvent, got {type(event).__name__}")
         if isinstance(event.event_ts, bool) or not isinstance(event.event_ts, int):
             raise ParamInvalidError(f"event_ts must be an int, got {event.event_ts!r}")
+        if not INT64_MIN <= event.event_ts <= INT64_MAX:  # the stored version is read back as an int64
+            raise ParamInvalidError(f"event_ts must fit in 64 bits (signed), got {event.event_ts!r}")
+        check_json_depth(event.event_content, "event_content", limit=MAX_JSON_DEPTH)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
             raise ParamInvalidError(f"timeout must be a number of seconds or None, got {timeout!r}")
         deadline = None if timeout is None else self.clock.monotonic() + max(0.0, float(timeout))

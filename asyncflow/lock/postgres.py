@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from asyncflow._urls import check_database_url
 from asyncflow.errors import LockFailedError, ParamInvalidError
 from asyncflow.lock._reentrant import ReentrantLock
 from asyncflow.lock._renewal import RenewableLease, Renewer
@@ -109,6 +110,7 @@ class PostgresAdvisoryLock(ReentrantLock[PostgresLease]):
             from sqlalchemy.engine import make_url
             from sqlalchemy.ext.asyncio import create_async_engine
 
+            check_database_url(engine_or_url)  # a typed error, password hidden
             backend = make_url(engine_or_url).get_backend_name()
             if backend != "postgresql":
                 raise ParamInvalidError(f"PostgresAdvisoryLock needs PostgreSQL, not {backend}")

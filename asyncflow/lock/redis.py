@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from asyncflow._urls import redact_url, scrub_secrets
 from asyncflow.errors import LockFailedError, ParamInvalidError
 from asyncflow.lock._deadline import Deadlines
 from asyncflow.lock._reentrant import ReentrantLock
@@ -115,9 +116,13 @@ class RedisWorkflowLock(ReentrantLock[RedisLease]):
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         self._no_script: type[BaseException] = NoScriptError
         if isinstance(client_or_url, str):
-            self._client: Redis = aioredis.Redis.from_url(
-                client_or_url, socket_timeout=self._op_timeout, socket_connect_timeout=self._op_timeout
-            )
+            try:
+                self._client: Redis = aioredis.Redis.from_url(
+                    client_or_url, socket_timeout=self._op_timeout, socket_connect_timeout=self._op_timeout
+                )
+            except (ValueError, TypeError) as exc:  # the message never carries the password
+                message = f"bad Redis URL {redact_url(client_or_url)!r}: {exc}"
+                raise ParamInvalidError(scrub_secrets(message, client_or_url)) from None
             self._owns_client = True
         else:
             self._client = client_or_url

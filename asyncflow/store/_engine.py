@@ -10,6 +10,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
+from .._urls import redact_url
 from ..errors import ParamInvalidError
 
 __all__ = ["POSTGRES_CONNECT_TIMEOUT", "create_engine_from_url"]
@@ -23,7 +24,9 @@ def create_engine_from_url(url: str | URL, engine_kwargs: dict[str, Any]) -> Asy
     try:
         parsed = make_url(url)
     except exc.ArgumentError as error:
-        raise ParamInvalidError(f"not a database URL: {url!r}") from error
+        # the parser's own message repeats the URL, password and all: neither it nor the raw text is shown
+        shown = redact_url(url) if isinstance(url, str) else url.render_as_string(hide_password=True)
+        raise ParamInvalidError(f"not a database URL: {shown!r} ({type(error).__name__})") from None
     backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
     kwargs = dict(engine_kwargs)
     if backend == "postgresql":

@@ -92,6 +92,10 @@ def test_show_lists_every_node(db_url: str, instances: Instances, tmp_path: path
     assert "payment gateway timed out" in rows["charge_payment"]  # the last error
     assert " 1 " in rows["charge_payment"]  # its fail count
     assert "pending" in rows["manager_approval"]
+    done = call_cli("show", str(instances.completed), "--db", db_url, cwd=tmp_path).stdout
+    done_rows = {line.split()[0]: line for line in done.splitlines() if line.split()[:1]}
+    assert "completed" in done_rows["charge_payment"] and " 2 " in done_rows["charge_payment"]
+    assert "timed out" not in done_rows["charge_payment"]  # no stale LAST ERROR once it succeeded
 
     as_json = json.loads(
         call_cli("show", str(instances.failed), "--json", "--db", db_url, cwd=tmp_path).stdout
@@ -135,6 +139,11 @@ def test_restart(db_url: str, instances: Instances, tmp_path: pathlib.Path) -> N
 
     refused = call_cli("restart", str(instances.completed), "--db", db_url, cwd=tmp_path)
     assert_clean_error(refused, 1, "completed")
+    node_refused = call_cli(
+        "restart", str(instances.completed), "--node", "notify_customer", "--db", db_url, cwd=tmp_path
+    )
+    assert_clean_error(node_refused, 1, "is completed", "add --force")
+    assert "force=True" not in node_refused.stderr  # the CLI's words, not the library's
     forced = call_cli(
         "restart",
         str(instances.completed),

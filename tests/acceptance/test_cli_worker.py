@@ -139,3 +139,64 @@ def test_worker_refuses_a_bad_app(tmp_path: pathlib.Path) -> None:
         "worker", "helpdesk:registry", "--db", f"sqlite+aiosqlite:///{tmp_path}/w2.db", cwd=tmp_path
     )
     assert_clean_error(no_tables, 1, "does not exist")
+
+
+SLOW_APP = """
+import asyncio, pathlib
+import asyncflow as af
+
+registry = af.Registry()
+registry.load_workflow_config(
+    {"id": "ticket", "nodes": [{"id": "triage", "next_nodes": ["answer"]}, {"id": "answer"}]}
+)
+
+
+@registry.task("ticket", "triage")
+async def triage(ctx):
+    pathlib.Path("triage-started").touch()
+    await asyncio.Event().wait()  # until cancelled
+
+
+@registry.task("ticket", "answer")
+async def answer(ctx):
+    pass
+"""
+
+
+def test_a_second_sigint_stops_the_worker_at_once(tmp_path: pathlib.Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/slow.db"
+    (tmp_path / "slowdesk.py").write_text(SLOW_APP)
+    assert call_cli("init-db", "--db", url, cwd=tmp_path).returncode == 0
+    asyncio.run(_create(url, 1))
+    args = ["worker", "slowdesk:registry", "--db", url, "--poll-interval", "0.2", "--grace", "120"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "asyncflow", *args],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "triage-started").exists():
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the worker did not start the node"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)  # the first stop waits out its 120 s grace ...
+            assert proc.poll() is None
+            began = time.monotonic()
+            proc.send_signal(signal.SIGINT)  # ... the second one does not
+            _, stderr = proc.communicate(timeout=30)
+            took = time.monotonic() - began
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert took < 15, took
+    assert "received SIGINT again: stopping now" in stderr and "Traceback" not in stderr
+    assert "cancelling 1 passes" in stderr
+    shown = run_cli("show", "1", "--app", "slowdesk:registry", "--json", "--db", url, cwd=tmp_path)
+    assert '"status": "failed"' not in shown.stdout  # resumable: nothing failed, the node runs again

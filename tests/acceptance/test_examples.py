@@ -4,6 +4,13 @@ its WorkflowDriver runs beside it (FastAPI lifespan, aiohttp cleanup_ctx)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+import tomllib
 from typing import Any
 
 import httpx
@@ -13,6 +20,7 @@ import asyncflow as af
 from asyncflow.driver import WorkflowDriver
 from examples import aiohttp_app, fastapi_app
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 ORDER = {"order_id": "o-1", "sku": "book", "amount": 42}
 _POLLS = 1000  # bounded: the driver completes the order within a few passes
 
@@ -88,3 +96,65 @@ async def test_aiohttp_app_completes_an_order_with_the_driver_in_cleanup_ctx(tmp
         assert (await client.get(f"/orders/{instance_id + 1000}")).status == 404
         assert (await client.post("/orders", json={"order_id": "x"})).status == 400
     assert _no_driver_tasks()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serve_and_order(command: list[str], port: int, tmp_path: pathlib.Path) -> dict[str, Any]:
+    """Start the example app as the docs say, create an order over HTTP, wait for it to complete."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), ASYNCFLOW_EXAMPLE_DB=f"sqlite+aiosqlite:///{tmp_path}/o.db")
+    with subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as proc:
+        try:
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(300):  # up to ~30 s to start
+                try:
+                    created = httpx.post(f"{base}/orders", json=ORDER, timeout=2)
+                    break
+                except httpx.TransportError:
+                    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                    time.sleep(0.1)
+            else:
+                raise AssertionError("the app did not start")
+            assert created.status_code == 201, created.text
+            instance_id = created.json()["id"]
+            body: dict[str, Any] = {}
+            for _ in range(300):
+                body = httpx.get(f"{base}/orders/{instance_id}", timeout=2).json()
+                if body["status"] == "completed":
+                    break
+                time.sleep(0.05)
+            return body
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def test_the_fastapi_extra_brings_an_asgi_server_and_the_documented_command_serves() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert any(r.startswith("uvicorn") for r in project["optional-dependencies"]["fastapi"])
+
+
+def test_the_fastapi_example_runs_under_uvicorn(tmp_path: pathlib.Path) -> None:
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "examples.fastapi_app:create_app",
+        "--port",
+        str(port),
+    ]
+    assert _serve_and_order(command, port, tmp_path)["status"] == "completed"
+
+
+def test_the_aiohttp_example_takes_host_and_port(tmp_path: pathlib.Path) -> None:
+    port = _free_port()
+    command = [sys.executable, "-m", "examples.aiohttp_app", "--host", "127.0.0.1", "--port", str(port)]
+    assert _serve_and_order(command, port, tmp_path)["status"] == "completed"

@@ -50,6 +50,8 @@ def test_page_is_self_contained(page: tuple[pathlib.Path, Instances]) -> None:
     titles = re.findall(r"<title>(.*?)</title>", text, flags=re.DOTALL)
     hover = html.unescape(next(t for t in titles if t.startswith("Manager approval")))
     assert "too expensive" in hover and '"node_event"' in hover  # the context shows on hover
+    names = re.findall(r'<text class="name"[^>]*>(.*?)</text>', text)
+    assert "root · 开始节点" in names and "end · 结束节点" in names  # readable without CJK fonts
 
 
 def _chromium() -> str:

@@ -28,6 +28,7 @@ from asyncflow.records import (
     NewWorkflowInstance,
     NodeExternalEvent,
     QueryWorkflowInstanceParams,
+    Step,
 )
 from asyncflow.registry import Registry
 from asyncflow.status import NODE_EVENT
@@ -462,8 +463,18 @@ async def test_due_work_gets_a_free_slot_below_the_refill_size_within_a_poll_int
         if current_node().instance_id in long_ids:
             await gate.wait()
 
+    class SlowLastWrite(MemoryWorkflowRepo):
+        """The new pass's writes after its last worker take a while, as under load (the old version of
+        this test asserted in that gap and failed 16 == 15 on a busy machine)."""
+
+        async def apply_step(self, step: Step) -> Any:
+            if step.instance_id == new_id.get("id") and runs.count[(step.instance_id, "C")]:
+                await asyncio.sleep(0.2)
+            return await super().apply_step(step)
+
+    new_id: dict[str, int] = {}
     service = WorkflowService(
-        MemoryWorkflowRepo(), LocalWorkflowLock(), registry_for("lin", LINEAR, runs, run=work)
+        SlowLastWrite(), LocalWorkflowLock(), registry_for("lin", LINEAR, runs, run=work)
     )
     long_ids = set(await create_many(service, "lin", 15))
     driver = WorkflowDriver(service, concurrency=16, poll_interval=0.05)
@@ -471,8 +482,12 @@ async def test_due_work_gets_a_free_slot_below_the_refill_size_within_a_poll_int
         try:
             await eventually(lambda: driver.in_flight == 15)
             new = await service.create_workflow("lin", "new")
-            await eventually(lambda: runs.count[(new.id, "C")] == 1)
-            assert driver.in_flight == 15  # the long passes never ended: the free slot ran it
+            new_id["id"] = new.id
+            # the new pass ran its last node and then left its slot (its worker ending is not the pass
+            # ending: under load the pass may still be writing when C's count moves, so wait for both)
+            await eventually(lambda: runs.count[(new.id, "C")] == 1 and driver.in_flight == 15)
+            assert (await service.get_workflow_instance(new.id)).status == "completed"
+            assert all(runs.count[(i, "C")] == 0 for i in long_ids)  # the long passes never ended
         finally:
             gate.set()
 
@@ -594,6 +609,39 @@ async def test_stop_during_long_workers_then_a_new_driver_completes_everything(e
     assert await count(service, "completed") == 6
     assert [runs.count[(i, "A")] for i in ids] == [2] * 6  # cancelled once, then run again
     assert [runs.count[(i, "C")] for i in ids] == [1] * 6
+
+
+async def test_a_second_stop_with_no_grace_cancels_the_running_passes_at_once(engine_repo: Any) -> None:
+    """A second Ctrl-C: ``stop(grace=0)`` during a ``stop(grace=60)`` cancels the passes now; their
+    instances stay resumable and a later driver completes them."""
+    runs = Runs()
+    hang = {"on": True}
+    started: list[int] = []
+
+    async def long_worker(ctx: JSONContext) -> None:
+        if current_node().task_type == "A" and hang["on"]:
+            started.append(current_node().instance_id)
+            await asyncio.Event().wait()  # runs until cancelled
+
+    service = WorkflowService(
+        engine_repo, LocalWorkflowLock(), registry_for("lin", LINEAR, runs, run=long_worker)
+    )
+    ids = await create_many(service, "lin", 3)
+    driver = WorkflowDriver(service, concurrency=3, poll_interval=0.05, stop_deadline=2.0)
+    forever = asyncio.create_task(driver.run_forever())
+    await eventually(lambda: len(started) == 3)
+    patient = asyncio.create_task(driver.stop(grace=60))
+    await asyncio.sleep(0.3)  # the first stop is waiting out its grace (a minute)
+    assert not patient.done() and driver.in_flight == 3
+    async with asyncio.timeout(2.0 + 5.0):  # the cancel deadline, with room for a slow machine
+        await driver.stop(grace=0)
+        await patient
+    await forever
+    assert driver.stats.cancelled == 3 and not driver.running and driver_tasks() == []
+    hang["on"] = False
+    await WorkflowDriver(service, concurrency=3, poll_interval=0.05).run_until_idle()
+    assert await count(service, "completed") == 3
+    assert [runs.count[(i, "C")] for i in ids] == [1] * 3
 
 
 async def test_stop_returns_even_if_a_worker_ignores_cancellation(caplog: pytest.LogCaptureFixture) -> None:

@@ -317,3 +317,28 @@ async def test_scripts_are_reloaded_after_a_script_flush(
         assert lease._valid_until > valid_until
         await raw.script_flush()
     assert await raw.exists(lease.redis_key) == 0  # the release fell back to EVAL
+
+
+async def test_a_redis_that_forgets_the_key_opens_a_window_of_one_renewal_interval(
+    redis_url: str, prefix: str, raw: aioredis.Redis
+) -> None:
+    """docs/reliability.md (Limits): a Redis that restarts empty forgets every key at once (simulated
+    here by deleting this test's own key). Another process takes the key at once, while the old holder
+    still trusts its lease until its next renewal finds the key gone: the window is at most one renewal
+    interval (ttl / 3) plus that renewal's round trip."""
+    ttl = 1.5
+    async with (
+        RedisWorkflowLock(redis_url, prefix=prefix) as first,
+        RedisWorkflowLock(redis_url, prefix=prefix) as second,
+        first.hold("k", ttl) as old,
+    ):
+        await raw.delete(old.redis_key)  # the restart: the key is gone
+        loop = asyncio.get_running_loop()
+        forgotten = loop.time()
+        async with second.hold("k", ttl) as new:  # taken at once by another holder ...
+            assert not old.lost  # ... while the old holder still believes in its lease
+            async with asyncio.timeout(GUARD):
+                await old.lost_event.wait()  # its next renewal finds the key gone
+            window = loop.time() - forgotten
+            assert not new.lost
+        assert window <= ttl / 3 + 2.0  # one renewal interval + at most op_timeout (2 s)

@@ -120,6 +120,15 @@ def _count_ok(value: Any) -> bool:
     return value is None or (_is_int(value) and 0 <= value <= INT64_MAX)
 
 
+def _storable(text: str) -> bool:
+    """No NUL and no lone surrogate: text every database stores (docs/reliability.md)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 def oracle(config: Any) -> bool:
     """Is this config valid? Written from SEMANTICS.md and docs/differences.md, not from the code."""
     if not isinstance(config, dict) or set(config) - {"id", "name", "nodes"}:
@@ -127,7 +136,7 @@ def oracle(config: Any) -> bool:
     wid, name, nodes = config.get("id", ""), config.get("name", ""), config.get("nodes", [])
     if not isinstance(wid, str) or not isinstance(name, str) or not isinstance(nodes, list):
         return False
-    if not wid or not nodes:
+    if not wid or not nodes or not _storable(wid) or not _storable(name):
         return False
     graph: dict[str, list[str]] = {}
     for node in nodes:
@@ -140,6 +149,8 @@ def oracle(config: Any) -> bool:
         if nxt is None:
             nxt = []
         if not isinstance(nxt, list) or not all(isinstance(n, str) for n in nxt):
+            return False
+        if not all(_storable(text) for text in (node_id, node_name, *nxt)):
             return False
         if not _count_ok(node.get("fail_max_count")) or not _count_ok(node.get("max_wait_time_ts")):
             return False

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from asyncflow._json_depth import MAX_JSON_DEPTH
 from asyncflow.context import JSONContext
 from asyncflow.engine.service import WorkflowService
 from asyncflow.errors import (
@@ -130,6 +131,35 @@ def bad_calls(svc: WorkflowService, ids: dict[str, int]) -> list[tuple[str, Call
         add(
             f"restart(context={ctx!r:.40})",
             lambda c=ctx: svc.restart_workflow_instance(ids["canceled"], context=c),
+            ParamInvalidError,
+        )
+    for depth in (MAX_JSON_DEPTH, 500):  # {"deep": [...]} is one level more than the list
+        add(
+            f"create(context nested {depth + 1} deep)",
+            lambda d=depth: svc.create_workflow(MIXED, "x", context=_deep(d)),
+            ParamInvalidError,
+        )
+        add(
+            f"create(JSONContext nested {depth + 1} deep)",
+            lambda d=depth: svc.create_workflow(MIXED, "x", context=JSONContext.from_map(_deep(d))),
+            ParamInvalidError,
+        )
+        add(
+            f"restart(context nested {depth + 1} deep)",
+            lambda d=depth: svc.restart_workflow_instance(ids["canceled"], context=_deep(d)),
+            ParamInvalidError,
+        )
+        add(
+            f"event content nested {depth + 1} deep",
+            lambda d=depth: svc.add_node_external_event(
+                mid, "B", NodeExternalEvent(event_ts=5, event_content=_deep(d))
+            ),
+            ParamInvalidError,
+        )
+    for ts in (2**63, 2**70, -(2**63) - 1):  # read back as int64: a later, older ts would be let in
+        add(
+            f"event_ts={ts!r}",
+            lambda t=ts: svc.add_node_external_event(mid, "B", NodeExternalEvent(event_ts=t)),
             ParamInvalidError,
         )
     add(
@@ -281,6 +311,9 @@ async def test_bad_service_settings_are_refused(repo: Any) -> None:
         {"lock_ttl": -1},
         {"lock_ttl": "30"},
         {"lock_ttl": True},
+        {"lock_ttl": math.inf},
+        {"lock_ttl": math.nan},
+        {"lock_ttl": 0.0001},
         {"branch_concurrency": 0},
         {"branch_concurrency": 1.5},
         {"branch_concurrency": True},
@@ -357,3 +390,16 @@ async def test_business_ids_shaped_like_sql_injection_are_plain_text(repo: Any, 
     assert set(await rows_by_type(repo, inst.id)) == ALL_ROWS
     assert (await rows_by_type(repo, inst.id))["A"].node_context["workflow_context"] == {"q": business_id}
     assert await svc.count_workflow_instances() == 2
+
+
+async def test_contexts_at_the_depth_limit_run_to_completion(repo: Any) -> None:
+    """MAX_JSON_DEPTH levels are accepted everywhere a context comes in, and the engine runs them."""
+    svc = service(repo, Journal())
+    at_limit = _deep(MAX_JSON_DEPTH - 1)
+    inst = await svc.create_workflow(MIXED, "deep", context=at_limit, run=True)
+    await svc.add_node_external_event(inst.id, "B", NodeExternalEvent(event_ts=1, event_content=at_limit))
+    while (await svc.run_workflow(inst.id)).status == "running":
+        pass
+    done = await svc.get_workflow_instance(inst.id)
+    assert done.status == "completed"
+    assert done.workflow_context == at_limit

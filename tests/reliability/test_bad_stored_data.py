@@ -23,7 +23,9 @@ from asyncflow.records import (
     InstanceWhere,
     NewWorkflowInstance,
     QueryWorkflowInstanceParams,
+    TaskFields,
     TaskInsert,
+    TaskWhere,
 )
 
 from .helpers import ALL_ROWS, MIXED, Journal, rows_by_type, service, snapshot
@@ -182,3 +184,44 @@ async def _corrupt_run(repo: Any, documents: list[str], caplog: pytest.LogCaptur
         ] == kept
     finally:
         await repo.aclose()
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: Any = 1
+    for _ in range(depth - 1):
+        value = [value]
+    return {"deep": value}  # ``depth`` levels
+
+
+@pytest.mark.parametrize("depth", [150, 500])
+async def test_a_stored_context_too_deep_fails_its_instance_once_with_the_reason(
+    repo: Any, depth: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Contexts written past the service's depth check (an older version, a hand edit, a worker) would
+    fail every pass with RecursionError: the next pass fails the instance with an ERROR naming the
+    document; other instances run on."""
+    journal = Journal()
+    svc = service(repo, journal)
+    [deep_workflow] = await repo.create_workflow_instances(
+        [NewWorkflowInstance(workflow_type=MIXED, business_id="deep-wf", workflow_context=_nested(depth))]
+    )
+    deep_node = await svc.create_workflow(MIXED, "deep-node", run=True)
+    rows = await rows_by_type(repo, deep_node.id)
+    changed = await repo.update_task_instances(
+        TaskWhere(ids=(rows["B"].id,)), TaskFields(node_context={"node_event": _nested(depth)})
+    )
+    assert changed == 1
+    good = await svc.create_workflow(MIXED, "good")
+    with caplog.at_level(logging.ERROR, logger="asyncflow.engine"):
+        for instance_id in (deep_workflow, deep_node.id, good.id):
+            for _ in range(50):  # a few passes complete "good"; the deep ones fail at their first
+                if (await svc.run_workflow(instance_id)).status != "running":
+                    break
+    statuses = {
+        i: (await svc.get_workflow_instance(i)).status for i in (deep_workflow, deep_node.id, good.id)
+    }
+    assert statuses == {deep_workflow: "failed", deep_node.id: "failed", good.id: "completed"}
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(f"instance {deep_workflow} fails: the workflow context is nested" in m for m in errors)
+    assert any(f"instance {deep_node.id} fails: the context of node 'B' is nested" in m for m in errors)
+    assert journal.done(deep_workflow, "A", "run") == 0, "no worker ran on a context it cannot use"

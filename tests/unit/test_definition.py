@@ -102,6 +102,8 @@ def test_configs_store_tuples_and_are_hashable() -> None:
         ({"id": "w", "nodes": [{"id": 1}]}, r"workflow 'w': node #0: id must be a string"),
         ({"id": "w", "nodes": [{"id": "A", "name": 2}]}, r"node 'A': name must be a string"),
         ({"id": "w", "nodes": [{"id": "A", "next_nodes": "B"}]}, r"node 'A': next_nodes must be a list"),
+        ({"id": "w", "nodes": [{"id": "A", "next_nodes": {}}]}, r"node 'A': next_nodes must be a list"),
+        ({"id": "w", "nodes": [{"id": "A", "next_nodes": {"B": 1}}]}, r"node 'A': next_nodes must be a list"),
         (
             {"id": "w", "nodes": [{"id": "A", "next_nodes": ["B", 1]}]},
             r"node 'A': next_nodes must hold strings",
@@ -389,11 +391,11 @@ def test_to_mermaid() -> None:
     )
     assert build(config).to_mermaid() == (
         "flowchart TD\n"
-        '    n0(["开始节点"])\n'
+        '    n0(["root · 开始节点"])\n'
         '    n1["Pay"]\n'
         '    n2["Say #quot;hi#quot; #35;1 #lt;b#gt;"]\n'
         '    n3["C"]\n'
-        '    n4(["结束节点"])\n'
+        '    n4(["end · 结束节点"])\n'
         "    n0 --> n1\n"
         "    n0 --> n3\n"
         "    n1 --> n2\n"
@@ -408,12 +410,33 @@ def test_to_dot() -> None:
         'digraph "w\\"1" {\n'
         "    rankdir=TB;\n"
         "    node [shape=box];\n"
-        '    "root" [label="开始节点", shape=oval];\n'
+        '    "root" [label="root · 开始节点", shape=oval];\n'
         '    "A" [label="a \\"quoted\\"\\\\name"];\n'
         '    "B" [label="B"];\n'
-        '    "end" [label="结束节点", shape=oval];\n'
+        '    "end" [label="end · 结束节点", shape=oval];\n'
         '    "root" -> "A";\n'
         '    "A" -> "B";\n'
         '    "B" -> "end";\n'
         "}\n"
     )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"id": "w\x00", "nodes": [{"id": "a"}]},
+        {"id": "w\ud800", "nodes": [{"id": "a"}]},
+        {"id": "w", "name": "n\x00", "nodes": [{"id": "a"}]},
+        {"id": "w", "nodes": [{"id": "a\x00b"}]},
+        {"id": "w", "nodes": [{"id": "lone \udc80"}]},
+        {"id": "w", "nodes": [{"id": "a", "name": "x\x00"}]},
+        {"id": "w", "nodes": [{"id": "a", "next_nodes": ["b\x00"]}, {"id": "b\x00"}]},
+    ],
+    ids=["wf-nul", "wf-surrogate", "wf-name-nul", "node-nul", "node-surrogate", "name-nul", "next-nul"],
+)
+def test_ids_and_names_no_database_can_store_are_refused_at_load(config: dict[str, object]) -> None:
+    """They would load, and every instance of the workflow would then fail to be written."""
+    from asyncflow.registry import Registry
+
+    with pytest.raises(ConfigError, match=r"NUL|lone surrogate"):
+        Registry().load_workflow_config(config)

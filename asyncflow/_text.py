@@ -1,0 +1,45 @@
+"""Text made inert for terminals, logs and diagrams: control characters (C0, DEL, C1), line and
+paragraph separators and the bidirectional-text controls become visible ``\\uXXXX`` escapes, so a stored
+id, business id, context or error cannot move the cursor, recolour the terminal, hide text, reorder a
+line (Trojan Source) or start a new line of a diagram or a log.
+
+The escapes are also valid JSON string escapes: JSON text stays valid JSON after :func:`inert`.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["dot_text", "inert", "inert_lines", "mermaid_text"]
+
+_BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI}]")
+_UNSAFE_KEEP_NEWLINE = re.compile(f"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029{_BIDI}]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def inert(text: str) -> str:
+    """``text`` with every control, separator and bidi character written as ``\\uXXXX`` (newlines too)."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def inert_lines(text: str) -> str:
+    """:func:`inert`, but ``\\n`` kept (for multi-line text such as a traceback)."""
+    return _UNSAFE_KEEP_NEWLINE.sub(_escape, text)
+
+
+def mermaid_text(text: str) -> str:
+    """``text`` for a quoted Mermaid label: on one line, inert, ``#"<>`` as Mermaid entity codes."""
+    text = inert(" ".join(text.splitlines()))
+    for raw, code in (("#", "#35;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;")):  # '#' first
+        text = text.replace(raw, code)
+    return text
+
+
+def dot_text(text: str) -> str:
+    """``text`` as a quoted Graphviz DOT string (inert; a newline is DOT's ``\\n``)."""
+    escaped = inert_lines(text.replace("\r", "")).replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n") + '"'
