@@ -128,6 +128,7 @@ class MemoryWorkflowRepo:
             now,
             row.next_run_at,
             1,
+            row.trace_context,
         )
         state.instances[instance.id] = instance
         return instance
