@@ -26,6 +26,8 @@ from ..errors import (
 )
 from ..status import InstanceStatus
 from .backend import DB_ENV, DEFAULT_DB_URL, REDIS_ENV, CLIError
+from .logjson import JSONFormatter
+from .metrics import metrics_address
 
 __all__ = ["build_parser", "main"]
 
@@ -115,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--poll-interval", type=_seconds, default=1.0, help="seconds between looks when idle")
     worker.add_argument("--type", action="append", metavar="TYPE", help="only these workflow types")
     worker.add_argument("--grace", type=_seconds, default=10.0, help="seconds in-flight passes get at stop")
+    worker.add_argument(
+        "--metrics-port",
+        type=metrics_address,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (PORT alone: every interface; "
+        "needs asyncflow[prometheus])",
+    )
+    worker.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log lines as text (default) or JSON"
+    )
 
     ls = add("ls", "list workflow instances, newest first")
     ls.add_argument("--type", action="append", metavar="TYPE", help="workflow type (repeatable)")
@@ -164,9 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: int, command: str) -> None:
+def _configure_logging(verbose: int, command: str, log_format: str = "text") -> None:
     base = logging.INFO if command in ("worker",) else logging.WARNING
     level = {0: base, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    if log_format == "json":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JSONFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+        return
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -217,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    _configure_logging(args.verbose, args.command)
+    _configure_logging(args.verbose, args.command, getattr(args, "log_format", "text"))
     try:
         return asyncio.run(_dispatch(args))
     except KeyboardInterrupt:

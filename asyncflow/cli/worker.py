@@ -23,6 +23,7 @@ from ..records import QueryWorkflowInstanceParams
 from ..store.sqlalchemy import SQLAlchemyWorkflowRepo
 from .app import load_app
 from .backend import open_service, redact
+from .metrics import serve_metrics
 
 __all__ = ["run_worker"]
 
@@ -93,7 +94,7 @@ async def run_worker(args: argparse.Namespace) -> int:
         installed = _install_signals(stop)
         logger.info("asyncflow worker started: %s", _describe(svc, args))
         try:
-            async with driver:
+            async with serve_metrics(driver, getattr(args, "metrics_port", None)), driver:
                 await stop.wait()
                 await driver.stop(grace=args.grace)
         finally:
@@ -106,4 +107,5 @@ async def run_worker(args: argparse.Namespace) -> int:
             f"{stats.failed} failed, {stats.errors} errors, {stats.lock_skips} lock skips"
         )
         print(summary, file=sys.stderr)
+        await svc.aclose()
     return 0
