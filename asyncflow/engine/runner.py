@@ -179,9 +179,9 @@ class PassRunner:
             return self._result()
         finally:
             active_passes.reset(token)
-            ended = self._status != self._instance.status and self._status in _SETTLED
-            if ended and self._observers is not None:  # this pass ended the instance
-                self._observers.instance_finished(self._result())
+            observers = self._observers
+            if observers is not None and self._status != self._instance.status and self._status in _SETTLED:
+                observers.instance_finished(self._result())  # this pass ended the instance
 
     # ------------------------------------------------------------------ readiness
 
