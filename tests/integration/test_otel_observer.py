@@ -111,3 +111,18 @@ async def test_failures_set_error_status_and_record_the_exception() -> None:
     assert failed.attributes["asyncflow.outcome"] == "failed"
     assert failed.status.status_code is StatusCode.ERROR
     assert [e.name for e in failed.events] == ["exception"]
+
+
+async def test_a_pass_run_in_another_traced_operation_links_to_it() -> None:
+    provider, exporter = tracing()
+    tracer = provider.get_tracer("app")
+    registry = registry_with(config("one", {"A": []}), Calls())
+    observer = OpenTelemetryObserver(tracer_provider=provider)
+    svc = af.WorkflowService(MemoryWorkflowRepo(), LocalWorkflowLock(), registry, observers=[observer])
+    with tracer.start_as_current_span("POST /start") as creating:
+        inst = await svc.create_workflow("one", "b")
+    with tracer.start_as_current_span("POST /run-now") as later:
+        await svc.run_workflow(inst.id)
+    span = node_spans(exporter)["A"]
+    assert span.context.trace_id == creating.get_span_context().trace_id  # the stored trace wins
+    assert [link.context.span_id for link in span.links] == [later.get_span_context().span_id]
