@@ -12,6 +12,7 @@ from .config import NodeConfig, WorkflowConfig
 from .context import JSONContext, merge_json_contexts
 from .definition import MissingWorkerError, NodeDefinition, WorkflowDefinition
 from .driver import DriverConfig, DriverStats, WorkflowDriver
+from .engine.observers import WorkflowObserver
 from .engine.rules import SchedulePolicy
 from .engine.service import WorkflowService
 from .errors import (
@@ -156,6 +157,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "WorkflowInstanceDetail",
     "WorkflowInstanceRecord",
     "WorkflowLock",
+    "WorkflowObserver",
     "WorkflowRepo",
     "WorkflowService",
     "__version__",

@@ -82,8 +82,8 @@ class DriverStats:
 
     ``passes`` counts passes that returned, ``errors`` passes (and claims) that raised, ``lock_skips``
     passes skipped because another runner held the instance, ``cancelled`` passes cut by ``stop()``;
-    ``claims``/``claimed`` claim queries and the instances they returned, ``idle_polls`` next-due
-    queries, ``notifications`` PostgreSQL wake-ups received.
+    ``claims``/``claimed`` claim queries and the instances they returned, ``claim_seconds`` the time
+    they took in all, ``idle_polls`` next-due queries, ``notifications`` PostgreSQL wake-ups received.
     """
 
     passes: int = 0
@@ -96,8 +96,9 @@ class DriverStats:
     claimed: int = 0
     idle_polls: int = 0
     notifications: int = 0
+    claim_seconds: float = 0.0
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         """The counters as a plain dict."""
         return dataclasses.asdict(self)
 

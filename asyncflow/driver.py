@@ -27,6 +27,7 @@ import asyncio
 import collections
 import contextvars
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -331,9 +332,11 @@ class WorkflowDriver:
 
     async def _claim(self, limit: int) -> tuple[list[int], int]:
         now = self._now_ms()
+        started = time.perf_counter()
         ids = await self.service.repo.claim_due_instances(
             now_ms=now, limit=limit, lease_ms=self._lease_ms, workflow_types=self._types or None
         )
+        self._stats.claim_seconds += time.perf_counter() - started
         self._stats.claims += 1
         self._stats.claimed += len(ids)
         return ids, now + self._lease_ms

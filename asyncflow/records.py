@@ -127,6 +127,7 @@ class WorkflowInstanceRecord:
     updated_at: int
     next_run_at: int = 0
     version: int = 1
+    trace_context: str | None = None  # W3C traceparent of the request that created it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,6 +189,7 @@ class NewWorkflowInstance:
     task_id: int = 0
     status: str = "init"
     next_run_at: int = 0
+    trace_context: str | None = None  # stored with the instance (observers' trace_context())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

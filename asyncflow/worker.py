@@ -189,6 +189,7 @@ class NodeInfo:
     business_id: str
     task_type: str
     fail_count: int
+    trace_context: str | None = None  # what an observer stored with the instance (W3C traceparent)
 
 
 _current_node: contextvars.ContextVar[NodeInfo] = contextvars.ContextVar("asyncflow_current_node")

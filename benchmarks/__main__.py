@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from . import dashboard, report
+from .observers import OBSERVERS
 from .runner import ALL_SCENARIOS, BenchOptions, parse_list, run_benchmarks
 
 README = Path(__file__).resolve().parent / "README.md"
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--pool-size", type=int, default=None,
                      help="PostgreSQL pool of asyncflow (default: the concurrency)")  # fmt: skip
     run.add_argument("--dbos-launch", choices=("bounded", "queue"), default="bounded")
+    run.add_argument("--observer", default="none",
+                     help="asyncflow rows with these service observers: none, noop, prometheus, otel "
+                     "(comma list) or all; each is a row of its own")  # fmt: skip
     run.add_argument("--json", metavar="FILE", help="write the results as JSON")
     run.add_argument("--readme", nargs="?", const=str(README), metavar="PATH",
                      help="rewrite the results table of benchmarks/README.md (or PATH)")  # fmt: skip
@@ -78,6 +82,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         create=args.create,
         dbos_launch=args.dbos_launch,
         pool_size=args.pool_size,
+        observers=parse_list(args.observer, OBSERVERS, "observer") or ("none",),
     )
 
 

@@ -29,6 +29,7 @@ from .backends import BenchmarkError, make_lock, open_backend
 from .databases import PgAdmin
 from .harness import LatencySampler, ResourceProbe, RunMeasurement
 from .isolated import print_result, run_module
+from .observers import make_observers
 from .scenarios import BenchHooks, ScenarioSpec, build_registry, get_scenario
 
 __all__ = [
@@ -59,6 +60,7 @@ class AsyncflowRun:
     create: str = "service"  # driver mode: "service" (create_workflow) | "bulk" (repo bulk insert)
     pool_size: int | None = None  # PostgreSQL pool: None = concurrency (+4), 0 = SQLAlchemy's default
     timeout_s: float | None = None  # None: 120 s plus 50 ms per workflow (a run below 20 wf/s is stuck)
+    observer: str = "none"  # the service's observers: none, noop, prometheus or otel (observers.py)
 
     @property
     def deadline_s(self) -> float:
@@ -294,7 +296,7 @@ async def run_asyncflow_once(
         repo = make_repo()
         lock = make_lock(run.lock, redis_url)
         try:
-            svc = af.WorkflowService(repo, lock, registry=registry)
+            svc = af.WorkflowService(repo, lock, registry=registry, observers=make_observers(run.observer))
             with ResourceProbe() as probe:
                 setup_s, elapsed = await _measured(run, spec, svc, repo, hooks, sampler, extra)
             completed = await _count_completed(svc, spec.workflow_type)

@@ -49,10 +49,13 @@ class RowKey:
     n: int
     concurrency: int
     node_count: int
+    observer: str | None = None  # asyncflow rows: the service's observers (None: not asked for)
 
     def label(self) -> str:
         lock = f"/{self.lock}" if self.lock else ""
-        return f"{self.kind} {self.scenario} {self.mode} {self.backend}{lock} n={self.n} c={self.concurrency}"
+        obs = f" observer={self.observer}" if self.observer else ""
+        where = f"{self.backend}{lock} n={self.n} c={self.concurrency}"
+        return f"{self.kind} {self.scenario} {self.mode} {where}{obs}"
 
 
 def aggregate(key: RowKey, runs: Sequence[RunMeasurement]) -> dict[str, Any]:
@@ -68,6 +71,7 @@ def aggregate(key: RowKey, runs: Sequence[RunMeasurement]) -> dict[str, Any]:
         "mode": key.mode,
         "backend": key.backend,
         "lock": key.lock,
+        "observer": key.observer,
         "n": key.n,
         "concurrency": key.concurrency,
         "repeats": len(runs),
@@ -190,7 +194,7 @@ _HEADERS = (
 def _cells(row: dict[str, Any]) -> list[str]:
     latency = row["latency_ms"]
     return [
-        row["kind"],
+        f"{row['kind']}+{row['observer']}" if row.get("observer") else row["kind"],
         row["scenario"],
         row["mode"],
         row["backend"],

@@ -18,6 +18,7 @@ from typing import Any
 from . import report
 from .databases import PgAdmin, check_postgres, check_redis, sqlite_file
 from .harness import RunMeasurement
+from .observers import observers_unavailable
 from .reference_dbos import DBOS_SHAPES, dbos_version, run_dbos_once
 from .reference_floor import run_floor_postgres, run_floor_sqlite
 
@@ -55,6 +56,7 @@ class BenchOptions:
     create: str = "service"
     pool_size: int | None = None
     dbos_launch: str = "bounded"
+    observers: tuple[str, ...] = ("none",)
     command: str = field(default_factory=lambda: "python -m benchmarks " + shlex.join(sys.argv[1:]))
 
 
@@ -115,15 +117,17 @@ def _plan(
             for scenario in options.scenarios:
                 for mode in options.modes:
                     for lock in options.locks:
-                        key = report.RowKey("asyncflow", scenario, mode, backend, lock, options.n, c,
-                                            _NODE_COUNTS[scenario])  # fmt: skip
-                        reason = asyncflow_unavailable(mode)
-                        if reason:
-                            skip(key.label(), reason)
-                        elif lock == "redis" and "redis" in services:
-                            skip(key.label(), services["redis"])
-                        else:
-                            rows.append(_Row(key, _asyncflow_runner(key, options)))
+                        for observer in options.observers:
+                            shown = None if options.observers == ("none",) else observer
+                            key = report.RowKey("asyncflow", scenario, mode, backend, lock, options.n, c,
+                                                _NODE_COUNTS[scenario], shown)  # fmt: skip
+                            reason = asyncflow_unavailable(mode) or observers_unavailable(observer)
+                            if reason:
+                                skip(key.label(), reason)
+                            elif lock == "redis" and "redis" in services:
+                                skip(key.label(), services["redis"])
+                            else:
+                                rows.append(_Row(key, _asyncflow_runner(key, options)))
     return rows
 
 
@@ -164,6 +168,7 @@ def _asyncflow_runner(key: report.RowKey, options: BenchOptions) -> Callable[[],
             poll_interval=options.poll_interval,
             create=options.create,
             pool_size=options.pool_size,
+            observer=key.observer or "none",
         )
         pg_url = options.pg_url if key.backend == "postgres" else None
         redis_url = options.redis_url if key.lock == "redis" else None

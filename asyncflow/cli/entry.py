@@ -32,6 +32,8 @@ from ..errors import (
 )
 from ..status import InstanceStatus
 from .backend import DB_ENV, DEFAULT_DB_URL, REDIS_ENV, CLIError, resolve_db_url, resolve_redis_url
+from .logjson import JSONFormatter
+from .metrics import metrics_address
 
 __all__ = ["build_parser", "main"]
 
@@ -125,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--poll-interval", type=_seconds, default=1.0, help="seconds between looks when idle")
     worker.add_argument("--type", action="append", metavar="TYPE", help="only these workflow types")
     worker.add_argument("--grace", type=_seconds, default=10.0, help="seconds in-flight passes get at stop")
+    worker.add_argument(
+        "--metrics-port",
+        type=metrics_address,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (PORT alone: every interface; "
+        "needs asyncflow[prometheus])",
+    )
+    worker.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log lines as text (default) or JSON"
+    )
 
     ls = add("ls", "list workflow instances, newest first")
     ls.add_argument("--type", action="append", metavar="TYPE", help="workflow type (repeatable)")
@@ -205,11 +217,27 @@ def _urls(args: argparse.Namespace) -> list[str | None]:
     return [resolve_db_url(getattr(args, "db", None)), resolve_redis_url(getattr(args, "redis", None))]
 
 
-def _configure_logging(verbose: int, command: str, urls: Sequence[str | None] = ()) -> None:
+class _ScrubbingJSONFormatter(JSONFormatter):
+    """``--log-format json`` lines with the same redaction and escaping (``\\uXXXX`` is valid JSON)."""
+
+    def __init__(self, urls: Sequence[str | None]) -> None:
+        super().__init__()
+        self._urls = [u for u in urls if u]
+
+    def format(self, record: logging.LogRecord) -> str:
+        return inert(scrub_secrets(super().format(record), *self._urls))
+
+
+def _configure_logging(
+    verbose: int, command: str, urls: Sequence[str | None] = (), log_format: str = "text"
+) -> None:
     base = logging.INFO if command in ("worker",) else logging.WARNING
     level = {0: base, 1: logging.INFO}.get(verbose, logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", urls))
+    if log_format == "json":
+        handler.setFormatter(_ScrubbingJSONFormatter(urls))
+    else:
+        handler.setFormatter(_ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", urls))
     logging.basicConfig(level=level, handlers=[handler])
 
 
@@ -275,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     urls = _urls(args)
-    _configure_logging(args.verbose, args.command, urls)
+    _configure_logging(args.verbose, args.command, urls, getattr(args, "log_format", "text"))
     try:
         return asyncio.run(_dispatch(args))
     except KeyboardInterrupt:

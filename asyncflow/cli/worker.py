@@ -24,6 +24,7 @@ from ..records import QueryWorkflowInstanceParams
 from ..store.sqlalchemy import SQLAlchemyWorkflowRepo
 from .app import load_app
 from .backend import open_service, redact
+from .metrics import serve_metrics
 
 __all__ = ["run_worker"]
 
@@ -116,7 +117,7 @@ async def run_worker(args: argparse.Namespace) -> int:
         installed = _install_signals(stop, now)
         logger.info("asyncflow worker started: %s", _describe(svc, args))
         try:
-            async with driver:
+            async with serve_metrics(driver, getattr(args, "metrics_port", None)), driver:
                 await stop.wait()
                 await _stop(driver, args.grace, now)
         finally:
@@ -129,4 +130,5 @@ async def run_worker(args: argparse.Namespace) -> int:
             f"{stats.failed} failed, {stats.errors} errors, {stats.lock_skips} lock skips"
         )
         print(summary, file=sys.stderr)
+        await svc.aclose()
     return 0

@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from ..definition import NodeDefinition, WorkflowDefinition
     from ..lock.protocol import LockLease
     from ..store.protocol import WorkflowRepo
+    from .observers import ObserverSet
     from .rules import SchedulePolicy
 
 __all__ = ["PassRunner", "StallWarnings", "active_passes", "run_shielded"]
@@ -136,6 +138,7 @@ class PassRunner:
         wait_interval: float,
         branch_concurrency: int,
         stalls: StallWarnings | None = None,
+        observers: ObserverSet | None = None,
     ) -> None:
         self._repo = repo
         self._clock = clock
@@ -154,6 +157,8 @@ class PassRunner:
         self._delays: list[float] = []
         self._stopped = False
         self._stalls = stalls if stalls is not None else StallWarnings()
+        self._observers = observers  # None when there are none: the pass then costs nothing extra
+        self._outcomes: dict[str, tuple[str, Exception]] = {}  # a failed attempt's outcome, for them
 
     # ------------------------------------------------------------------ entry point
 
@@ -181,6 +186,9 @@ class PassRunner:
             return self._result()
         finally:
             active_passes.reset(token)
+            observers = self._observers
+            if observers is not None and self._status != self._instance.status and self._status in _SETTLED:
+                observers.instance_finished(self._result())  # this pass ended the instance
 
     # ------------------------------------------------------------------ readiness
 
@@ -232,7 +240,11 @@ class PassRunner:
         current: str | None = task_type
         while current is not None:
             async with self._slots:
-                completed = await self._process(self._definition.node(current))
+                node = self._definition.node(current)
+                if self._observers is None or current in (ROOT_NODE, END_NODE):
+                    completed = await self._process(node)
+                else:
+                    completed = await self._observed(node, self._observers)
             if not completed:
                 return
             ready = self._newly_ready(current)
@@ -283,6 +295,36 @@ class PassRunner:
             return await self._not_json(node, row, context, status, fail_count, started_at, exc)
         return True
 
+    async def _observed(self, node: NodeDefinition, observers: ObserverSet) -> bool:
+        """:meth:`_process` between ``node_started`` and ``node_finished`` (always both)."""
+        row = self._rows.get(node.task_type)
+        info = NodeInfo(
+            instance_id=self._instance.id,
+            workflow_type=self._instance.workflow_type,
+            business_id=self._instance.business_id,
+            task_type=node.task_type,
+            fail_count=0 if row is None else row.fail_count,
+            trace_context=self._instance.trace_context,
+        )
+        observers.node_started(info)
+        started = time.perf_counter()
+        outcome: str = "interrupted"
+        error: BaseException | None = None
+        try:
+            completed = await self._process(node)
+            outcome, error = self._outcomes.pop(node.task_type, ("completed", None))
+            return completed
+        except _PassFailed:
+            outcome, error = self._outcomes.pop(node.task_type, ("failed", None))
+            raise
+        except _PassStopped:
+            raise
+        except BaseException as exc:  # cancelled, lease lost, store error: the attempt was cut
+            error = exc
+            raise
+        finally:
+            observers.node_finished(info, outcome, error, time.perf_counter() - started)
+
     async def _not_json(
         self,
         node: NodeDefinition,
@@ -304,6 +346,7 @@ class PassRunner:
             business_id=self._instance.business_id,
             task_type=node.task_type,
             fail_count=fail_count,
+            trace_context=self._instance.trace_context,
         )
         with node_scope(info):
             if check:
@@ -333,6 +376,8 @@ class PassRunner:
         record_error(context, decision, now)
         outcome = decision.outcome
         self._log_failure(node.task_type, status, outcome, decision.last_error, exc)
+        if self._observers is not None:
+            self._outcomes[node.task_type] = (_observed_outcome(outcome, status), exc)
         if outcome is Outcome.NOT_READY:
             self._deferred[node.task_type] = _write_for(
                 node.task_type, row, status, context, fail_count, started_at
@@ -346,10 +391,20 @@ class PassRunner:
             self._delays.append(self._schedule.retry_delay(fail_count + 1))
             return False
         if outcome is Outcome.CONTINUE:
-            await self._write_completed(node, row, context, fail_count + 1, started_at)
+            try:
+                await self._write_completed(node, row, context, fail_count + 1, started_at)
+            except BaseException:
+                self._outcomes.pop(node.task_type, None)  # not written: the attempt was cut
+                raise
             return True
         write = _write_for(node.task_type, row, _FAILED, context, fail_count + 1, started_at)
-        await self._apply([(node.task_type, write)], instance_status=InstanceStatus.FAILED.value, cancel=True)
+        try:
+            await self._apply(
+                [(node.task_type, write)], instance_status=InstanceStatus.FAILED.value, cancel=True
+            )
+        except BaseException:
+            self._outcomes.pop(node.task_type, None)  # not written: the attempt was cut
+            raise
         logger.error(
             "workflow instance %s failed at node %s: %s",
             self._instance.id,
@@ -585,6 +640,17 @@ class PassRunner:
     def _result(self) -> WorkflowInstance:
         record = dataclasses.replace(self._instance, status=self._status, updated_at=int(self._clock.time()))
         return WorkflowInstance.from_record(record, self._definition)
+
+
+def _observed_outcome(outcome: Outcome, status: str) -> str:
+    """The observers' name of a failed attempt's outcome (``pending``: waiting in its wait check)."""
+    if outcome is Outcome.NOT_READY:
+        return "pending" if status == _PENDING else "not_ready"
+    if outcome is Outcome.CONTINUE:
+        return "failed_continue"
+    if outcome is Outcome.FATAL:
+        return "failed"
+    return "retry"
 
 
 def _write_for(

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .._json_depth import MAX_JSON_DEPTH, check_json_depth
@@ -53,6 +54,7 @@ from ..status import (
     is_over_task_status,
 )
 from ..store.protocol import WorkflowRepo
+from .observers import ObserverSet, WorkflowObserver
 from .rules import SchedulePolicy
 from .runner import PassRunner, StallWarnings, active_passes
 
@@ -99,6 +101,8 @@ class WorkflowService:
     ``repo`` stores instances and nodes; ``lock`` keeps one runner per instance (leases of
     ``lock_ttl`` seconds, renewed while held). ``schedule`` decides when the driver looks at an instance
     again after a pass; ``branch_concurrency`` bounds the nodes of one instance run at once in a pass.
+    ``observers`` (:class:`~asyncflow.engine.observers.WorkflowObserver`) are told about instances and
+    node attempts; :meth:`aclose` waits for their async calls still running.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class WorkflowService:
         schedule: SchedulePolicy | None = None,
         branch_concurrency: int = 16,
         clock: Clock | None = None,
+        observers: Iterable[WorkflowObserver] = (),
     ) -> None:
         if (
             not isinstance(lock_ttl, int | float)
@@ -132,6 +137,16 @@ class WorkflowService:
         self.clock: Clock = clock or SYSTEM_CLOCK
         self._due_listeners: list[Callable[[int], None]] = []
         self._stalls = StallWarnings()
+        self._observers = ObserverSet(observers)
+
+    def add_observer(self, observer: WorkflowObserver) -> None:
+        """Tell ``observer`` too, from the next operation on (``ParamInvalidError`` if it has no hook)."""
+        self._observers.add(observer)
+
+    async def aclose(self) -> None:
+        """Wait briefly for async observer calls still running, then cancel them (the repo and lock
+        stay open: they are the caller's)."""
+        await self._observers.aclose()
 
     def add_due_listener(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(instance_id)`` whenever this service makes an instance due now.
@@ -181,6 +196,7 @@ class WorkflowService:
             raise ParamInvalidError(f"task_id must be an int, got {task_id!r}")
         definition = self.registry.get_workflow_definition(workflow_type)
         now_ms = self._now_ms()
+        observers = self._observers if self._observers.active else None
         # with run=True this call runs the first pass itself: keep drivers away for one lease
         next_run_at = now_ms + int(self.lock_ttl * 1000) if run else now_ms
         record = await self.repo.create_workflow_instance(
@@ -190,6 +206,7 @@ class WorkflowService:
                 workflow_context=_context_dict(context, "context"),
                 task_id=task_id,
                 next_run_at=next_run_at,
+                trace_context=None if observers is None else observers.trace_context(),
             )
         )
         logger.debug(
@@ -198,6 +215,8 @@ class WorkflowService:
             workflow_type,
             extra={"instance_id": record.id, "workflow_type": workflow_type, "status": record.status},
         )
+        if observers is not None:
+            observers.instance_created(WorkflowInstance.from_record(record, definition))
         if not run:
             self._announce_due(record.id)
             return WorkflowInstance.from_record(record, definition)
@@ -253,6 +272,7 @@ class WorkflowService:
                 wait_interval=self.schedule.poll_interval if wait_interval is None else wait_interval,
                 branch_concurrency=self.branch_concurrency,
                 stalls=self._stalls,
+                observers=self._observers if self._observers.active else None,
             )
             return await runner.run()
 
@@ -290,6 +310,11 @@ class WorkflowService:
             await self.repo.update_task_instances(
                 TaskWhere(workflow_instance_id=instance_id, status_in=_NON_TERMINAL_TASK),
                 TaskFields(status=TaskStatus.CANCELED.value),
+            )
+        if self._observers.active:
+            canceled = dataclasses.replace(record, status=InstanceStatus.CANCELED.value)
+            self._observers.instance_finished(
+                WorkflowInstance.from_record(canceled, self._definition_or_none(record))
             )
         logger.info(
             "workflow instance %s canceled",

@@ -26,6 +26,7 @@ class Instance:
     updated_at: int
     next_run_at: int
     version: int
+    trace_context: str | None = None
 
     def record(self) -> WorkflowInstanceRecord:
         values = {name: getattr(self, name) for name in self.__slots__}

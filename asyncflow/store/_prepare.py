@@ -32,6 +32,7 @@ class InstanceRow:
     context: str
     task_id: int
     next_run_at: int
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +99,16 @@ def instance_row(new: NewWorkflowInstance) -> InstanceRow:
         context=dumps_context(new.workflow_context, "workflow_context"),
         task_id=check_int(new.task_id, "task_id"),
         next_run_at=check_int(new.next_run_at, "next_run_at", minimum=0),
+        trace_context=_trace_context(new.trace_context),
     )
+
+
+def _trace_context(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 1024:
+        raise ParamInvalidError(f"trace_context must be a str of at most 1024 characters or None: {value!r}")
+    return check_text(value, "trace_context")
 
 
 def task_row(new: TaskInsert) -> TaskRow:

@@ -132,6 +132,7 @@ class MemoryWorkflowRepo:
             now,
             row.next_run_at,
             1,
+            row.trace_context,
         )
         state.instances[instance.id] = instance
         return instance

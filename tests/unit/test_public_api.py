@@ -20,7 +20,7 @@ InstanceNotFoundError TaskInstanceNotFoundError InvalidStateError LockFailedErro
 BusinessCriticalError BusinessWarningError is_serious_error SQLAlchemyWorkflowRepo MemoryWorkflowRepo
 WorkflowRepo LocalWorkflowLock RedisWorkflowLock WorkflowLock WorkflowService NodeExternalEvent WorkflowDriver
 QueryWorkflowInstanceParams Pager WorkflowInstance WorkflowInstanceRecord WorkflowInstanceDetail
-TaskInstanceDetail WorkflowDefinition NodeDefinition
+TaskInstanceDetail WorkflowDefinition NodeDefinition WorkflowObserver
 """.split()  # noqa: SIM905
 
 PACKAGE = pathlib.Path(af.__file__).parent

@@ -1,0 +1,250 @@
+"""Observers (API.md "Observing"): what they are told, in which order, and that they never break a pass."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import pytest
+
+import asyncflow as af
+from asyncflow.engine.observers import OUTCOMES, ObserverSet
+from asyncflow.errors import ParamInvalidError, TaskFailedContinue, TaskFailedTerminate, TaskNotReady
+from asyncflow.lock.local import LocalWorkflowLock
+from asyncflow.store.memory import MemoryWorkflowRepo
+from asyncflow.worker import NodeInfo, NormalTaskWorker, current_node
+
+from .engine_helpers import Calls, config, recording_worker, registry_with
+
+
+class Recorder:
+    """A plain observer that writes down every call."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def instance_created(self, instance: af.WorkflowInstance) -> None:
+        self.events.append(("created", instance.id, instance.status))
+
+    def node_started(self, node: NodeInfo) -> None:
+        self.events.append(("started", node.task_type, node.fail_count))
+
+    def node_finished(
+        self, node: NodeInfo, outcome: str, error: BaseException | None, duration: float
+    ) -> None:
+        assert outcome in OUTCOMES
+        assert duration >= 0
+        self.events.append(("finished", node.task_type, outcome, type(error).__name__ if error else None))
+
+    def instance_finished(self, instance: af.WorkflowInstance) -> None:
+        self.events.append(("ended", instance.id, instance.status))
+
+    def node_events(self) -> list[tuple[Any, ...]]:
+        return [e for e in self.events if e[0] in ("started", "finished")]
+
+
+def service(registry: af.Registry, *observers: Any) -> af.WorkflowService:
+    return af.WorkflowService(MemoryWorkflowRepo(), LocalWorkflowLock(), registry, observers=observers)
+
+
+async def test_a_linear_workflow_is_told_in_order() -> None:
+    rec = Recorder()
+    svc = service(registry_with(config("lin", {"A": ["B"], "B": []}), Calls()), rec)
+    inst = await svc.create_workflow("lin", "b-1")
+    await svc.run_workflow(inst.id)
+    assert rec.events == [
+        ("created", inst.id, "init"),
+        ("started", "A", 0),
+        ("finished", "A", "completed", None),
+        ("started", "B", 0),
+        ("finished", "B", "completed", None),
+        ("ended", inst.id, "completed"),
+    ]
+
+
+async def test_every_outcome_is_reported_with_its_error() -> None:
+    calls = Calls()
+
+    def not_ready(ctx: Any) -> None:
+        raise TaskNotReady("later")
+
+    def flaky(ctx: Any) -> None:
+        raise RuntimeError("boom")
+
+    def go_on(ctx: Any) -> None:
+        raise TaskFailedContinue("never mind")
+
+    cfg = config(
+        "all",
+        {"W": ["E"], "P": ["E"], "R": ["E"], "C": ["E"], "E": []},
+    )
+    workers = {
+        "W": recording_worker(calls, not_ready),
+        "P": recording_worker(calls, check=not_ready),
+        "R": recording_worker(calls, flaky),
+        "C": recording_worker(calls, go_on),
+    }
+    rec = Recorder()
+    svc = service(registry_with(cfg, calls, workers), rec)
+    inst = await svc.create_workflow("all", "b")
+    await svc.run_workflow(inst.id)
+    finished = {e[1]: e[2:] for e in rec.events if e[0] == "finished"}
+    assert finished == {
+        "W": ("not_ready", "TaskNotReady"),
+        "P": ("pending", "TaskNotReady"),
+        "R": ("retry", "RuntimeError"),
+        "C": ("failed_continue", "TaskFailedContinue"),
+    }
+    await svc.run_workflow(inst.id)  # R is retried: its fail count says so
+    assert ("started", "R", 1) in rec.events
+
+    def fatal(ctx: Any) -> None:
+        raise TaskFailedTerminate("stop")
+
+    rec2 = Recorder()
+    svc2 = service(registry_with(config("f", {"X": []}), calls, {"X": recording_worker(calls, fatal)}), rec2)
+    inst2 = await svc2.create_workflow("f", "b")
+    await svc2.run_workflow(inst2.id)
+    assert rec2.events[-2:] == [
+        ("finished", "X", "failed", "TaskFailedTerminate"),
+        ("ended", inst2.id, "failed"),
+    ]
+
+
+async def test_cancel_is_an_instance_end_and_cuts_the_running_attempt() -> None:
+    rec = Recorder()
+    holder: dict[str, af.WorkflowService] = {}
+
+    async def cancel_self(ctx: Any) -> None:
+        await holder["svc"].cancel_workflow_instance(current_node().instance_id)
+
+    cfg = config("c", {"X": ["Y"], "Y": []})
+    svc = service(registry_with(cfg, Calls(), {"X": NormalTaskWorker(run=cancel_self)}), rec)
+    holder["svc"] = svc
+    inst = await svc.create_workflow("c", "b")
+    await svc.run_workflow(inst.id)
+    assert ("ended", inst.id, "canceled") in rec.events
+    assert ("finished", "X", "interrupted", None) in rec.events
+    assert ("started", "Y", 0) not in rec.events
+
+
+class Broken:
+    def instance_created(self, instance: Any) -> None:
+        raise RuntimeError("observer bug")
+
+    def node_started(self, node: Any) -> None:
+        raise RuntimeError("observer bug")
+
+    async def node_finished(self, *args: Any) -> None:
+        raise RuntimeError("async observer bug")
+
+    def instance_finished(self, instance: Any) -> None:
+        raise ValueError("observer bug")
+
+
+async def test_an_observer_that_raises_is_logged_once_and_never_breaks_a_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rec = Recorder()
+    svc = service(registry_with(config("lin", {"A": ["B"], "B": []}), Calls()), Broken(), rec)
+    caplog.set_level(logging.DEBUG, logger="asyncflow.observers")
+    for n in range(3):
+        inst = await svc.create_workflow("lin", f"b-{n}")
+        assert (await svc.run_workflow(inst.id)).status == "completed"
+    await svc.aclose()
+    assert rec.events.count(("finished", "B", "completed", None)) == 3  # the others were still told
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    hooks = sorted(r.args[1] for r in errors)  # type: ignore[index]
+    assert hooks == ["instance_created", "instance_finished", "node_finished", "node_started"]
+    assert all(r.exc_info for r in errors)
+
+
+class Slow:
+    def __init__(self) -> None:
+        self.started = 0
+        self.cancelled = 0
+
+    async def node_finished(self, *args: Any) -> None:
+        self.started += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+async def test_a_slow_async_observer_never_stalls_a_pass_and_is_cancelled_at_close() -> None:
+    slow = Slow()
+    svc = service(registry_with(config("lin", {"A": ["B"], "B": []}), Calls()), slow)
+    started = time.perf_counter()
+    inst = await svc.create_workflow("lin", "b", run=True)
+    assert inst.status == "completed"
+    assert time.perf_counter() - started < 2.0
+    await asyncio.sleep(0)
+    assert slow.started == 2
+    await svc.aclose()
+    assert slow.cancelled == 2
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("asyncflow-observer")] == []
+
+
+async def test_slow_async_calls_time_out_and_are_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    slow = Slow()
+    observers = ObserverSet([slow], timeout=0.05, max_pending=2)
+    info = NodeInfo(instance_id=1, workflow_type="t", business_id="b", task_type="X", fail_count=0)
+    for _ in range(5):
+        observers.node_finished(info, "completed", None, 0.0)
+    assert observers.pending == 2
+    assert observers.dropped == 3
+    await asyncio.sleep(0.2)
+    assert observers.pending == 0
+    assert slow.cancelled == 2
+    assert any("was cancelled" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_slow_plain_observer_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    class Sleepy:
+        def node_started(self, node: Any) -> None:
+            time.sleep(0.06)
+
+    svc = service(registry_with(config("one", {"A": []}), Calls()), Sleepy())
+    await svc.create_workflow("one", "b", run=True)
+    assert any("called inline" in r.getMessage() for r in caplog.records)
+
+
+async def test_trace_context_is_stored_and_handed_to_nodes_and_workers() -> None:
+    seen: list[str | None] = []
+
+    class Tracer(Recorder):
+        def trace_context(self) -> str:
+            return "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+        def node_started(self, node: NodeInfo) -> None:
+            seen.append(node.trace_context)
+
+    async def run(ctx: Any) -> None:
+        seen.append(current_node().trace_context)
+
+    registry = registry_with(config("one", {"A": []}), Calls(), {"A": NormalTaskWorker(run=run)})
+    svc = service(registry, Tracer())
+    inst = await svc.create_workflow("one", "b")
+    record = await svc.repo.get_workflow_instance(inst.id)
+    assert record is not None
+    assert record.trace_context == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    await svc.run_workflow(inst.id)
+    assert seen == [record.trace_context, record.trace_context]
+
+
+async def test_without_observers_nothing_is_stored_and_bad_observers_are_refused() -> None:
+    svc = service(registry_with(config("one", {"A": []}), Calls()))
+    inst = await svc.create_workflow("one", "b", run=True)
+    record = await svc.repo.get_workflow_instance(inst.id)
+    assert record is not None and record.trace_context is None
+    with pytest.raises(ParamInvalidError, match="none of the WorkflowObserver methods"):
+        service(registry_with(config("one", {"A": []}), Calls()), object())
+    rec = Recorder()
+    svc.add_observer(rec)
+    await svc.run_workflow((await svc.create_workflow("one", "c")).id)
+    assert rec.events[0][0] == "created"
+    assert rec.events[-1][2] == "completed"
