@@ -160,8 +160,17 @@ class Browser:
         return path
 
     def wait_for(self, check: Any, timeout: float = 30) -> None:
+        """Poll ``check`` until true; a page that reloads itself between finding an element and
+        reading it (the live refresh) makes that one poll false, not an error."""
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
         deadline = time.monotonic() + timeout
-        while not check():
+        while True:
+            try:
+                if check():
+                    return
+            except (StaleElementReferenceException, NoSuchElementException):
+                pass
             assert time.monotonic() < deadline, "timed out waiting in the browser"
             time.sleep(0.2)
 
