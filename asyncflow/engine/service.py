@@ -226,7 +226,8 @@ class WorkflowService:
             )
         async with self.lock.hold(lock_key(instance_id), self.lock_ttl) as lease:
             if known is None:
-                known = await self.repo.load_instance_state(instance_id)
+                # the pass's first read takes its lease epoch (a new instance's first pass has 0)
+                known = await self.repo.load_instance_state(instance_id, lease=True)
                 if known is None:
                     raise InstanceNotFoundError(f"workflow instance {instance_id} not found")
             instance, rows = known

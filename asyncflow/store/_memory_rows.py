@@ -26,6 +26,7 @@ class Instance:
     updated_at: int
     next_run_at: int
     version: int
+    lease_epoch: int = 0
 
     def record(self) -> WorkflowInstanceRecord:
         values = {name: getattr(self, name) for name in self.__slots__}

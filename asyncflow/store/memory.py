@@ -198,7 +198,9 @@ class MemoryWorkflowRepo:
                 instance = state.instances.get(instance_id)
                 if instance is None or (status_in and instance.status not in status_in):
                     continue
-                state.instances[instance_id] = changed_instance(instance, change, now)
+                changed = changed_instance(instance, change, now)
+                # an update outside passes fences the passes in flight
+                state.instances[instance_id] = replace(changed, lease_epoch=changed.lease_epoch + 1)
                 count += 1
             return count
 
@@ -265,14 +267,21 @@ class MemoryWorkflowRepo:
             return [row.record() for row in state.tasks_of(instance_id)]
 
     async def load_instance_state(
-        self, instance_id: int
+        self, instance_id: int, *, lease: bool = False
     ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
-        """The instance and every node row of it (ordered by id), read together; ``None`` if missing."""
+        """The instance and every node row of it (ordered by id), read together; ``None`` if missing.
+
+        ``lease=True`` also takes a new lease epoch (``lease_epoch + 1``, returned on the record).
+        """
         check_int(instance_id, "instance_id")
         async with self._unit() as state:
             instance = state.instances.get(instance_id)
             if instance is None:
                 return None
+            if lease:
+                instance = state.instances[instance_id] = replace(
+                    instance, lease_epoch=instance.lease_epoch + 1
+                )
             return instance.record(), [row.record() for row in state.tasks_of(instance_id)]
 
     def _matching_tasks(self, state: State, filt: prep.TaskFilter) -> Iterable[Task]:
@@ -317,6 +326,8 @@ class MemoryWorkflowRepo:
             instance = state.instances.get(p.instance_id)
             if instance is None or (p.instance_status_in and instance.status not in p.instance_status_in):
                 return StepResult(applied=False)
+            if p.lease_epoch is not None and instance.lease_epoch != p.lease_epoch:
+                return StepResult(applied=False, stale=True)
             for task_id, expected_version, _ in p.updates:
                 task = state.tasks.get(task_id)
                 if (

@@ -76,17 +76,20 @@ class WorkflowRepo(Protocol):
         """Every node row of one instance, ordered by id."""
 
     async def load_instance_state(
-        self, instance_id: int
+        self, instance_id: int, *, lease: bool = False
     ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
         """The instance and every node row of it (ordered by id), read together; ``None`` if missing.
 
-        What a pass reads first (under the instance lock). One statement on PostgreSQL's hot path and
+        What a pass reads first (under the instance lock), with ``lease=True``: the same statement
+        takes a new lease epoch (``lease_epoch + 1``, returned on the record), which the pass's steps
+        name (``Step.lease_epoch``), so an older pass of the instance can write nothing more. One statement on PostgreSQL's hot path and
         one read transaction on SQLite, so the rows are those of the instance as returned; inside
         ``transaction()`` the reads share the caller's transaction (and its isolation level).
         """
 
     async def update_workflow_instances(self, where: InstanceWhere, fields: InstanceFields) -> int:
-        """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
+        """Conditional update; bumps ``updated_at``, ``version`` and ``lease_epoch`` (an update
+        outside passes fences the passes in flight); returns the rows changed."""
 
     async def update_task_instances(self, where: TaskWhere, fields: TaskFields) -> int:
         """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""

@@ -43,7 +43,7 @@ from . import _statements as st
 from . import migrations
 from ._backend import SqlBackend, backend_for
 from ._engine import create_engine_from_url
-from ._errors import StepConflict, StoreErrors
+from ._errors import StaleStep, StepConflict, StoreErrors
 from ._json import check_int, check_texts, copy_context, validate_instance_query, validate_task_query
 from ._records import inserted_task_record, instance_record, task_record
 from ._units import ConnectionUnits
@@ -243,15 +243,17 @@ class SQLAlchemyWorkflowRepo:
             return await self._backend.load(instance_id)
 
     async def load_instance_state(
-        self, instance_id: int
+        self, instance_id: int, *, lease: bool = False
     ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
         """The instance and every node row of it (ordered by id), read together; ``None`` if missing.
 
         One statement on PostgreSQL (concurrent reads share it), one read transaction on SQLite.
+        ``lease=True`` (a pass's first read) also takes a new lease epoch in the same statement
+        (transaction on SQLite): ``lease_epoch + 1``, returned on the record.
         """
         check_int(instance_id, "instance_id")
         with StoreErrors("load_instance_state"):
-            return await self._backend.load_state(instance_id)
+            return await self._backend.load_state(instance_id, bool(lease))
 
     async def update_task_instances(self, where: TaskWhere, fields: TaskFields) -> int:
         """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
@@ -291,8 +293,8 @@ class SQLAlchemyWorkflowRepo:
         try:
             with StoreErrors("apply_step"):
                 inserted = await self._backend.apply_step(prepared, self._now())
-        except StepConflict:
-            return StepResult(applied=False)
+        except StepConflict as conflict:
+            return StepResult(applied=False, stale=isinstance(conflict, StaleStep))
         return StepResult(applied=True, inserted=inserted)
 
     # ---------------------------------------------------------------------------------- driver

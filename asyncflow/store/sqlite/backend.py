@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._batcher import StepBatcher
-from .._errors import StepConflict
+from .._errors import StaleStep, StepConflict
 from .._lanes import to_completion
 from .._observers import notify
 from .._prepare import InstanceRow, PreparedStep
@@ -75,10 +75,10 @@ class SqliteBackend:
         try:
             async with self.units.atomic() as conn:
                 result = await conn.run_sync(_on, body, args)
-                if result is None:
-                    raise _RolledBack
-        except _RolledBack:
-            return None
+                if result is None or result is lite.STALE:
+                    raise _RolledBack(result)
+        except _RolledBack as rolled_back:
+            return rolled_back.args[0]
         return result
 
     async def _on_sqlalchemy(self, unit: Coroutine[Any, Any, Any]) -> Any:
@@ -115,10 +115,14 @@ class SqliteBackend:
         return rows
 
     async def load_state(
-        self, instance_id: int
+        self, instance_id: int, lease: bool
     ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
+        """One read transaction; ``lease``: one write transaction that also takes a new lease epoch."""
         state: tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None
-        state = await self._read(lite.load_state, instance_id, snapshot=True)
+        if lease:
+            state = await self._write(lite.load_state, instance_id, True)
+        else:
+            state = await self._read(lite.load_state, instance_id, snapshot=True)
         return state
 
     async def apply_step(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
@@ -127,12 +131,16 @@ class SqliteBackend:
             outcome = await self._batcher.submit(step.instance_id, (step, now))
             if outcome is None:
                 raise StepConflict
+            if outcome is lite.STALE:
+                raise StaleStep
             notify(self._observed, True)
             inserted: tuple[TaskInstanceRecord, ...] = outcome
             return inserted
         ids = await self._write(lite.step, step, now)
         if ids is None:
             raise StepConflict
+        if ids is lite.STALE:
+            raise StaleStep
         return lite.inserted(step, ids, now)
 
     async def _apply_batch(self, steps: Sequence[tuple[PreparedStep, int]]) -> list[Any]:

@@ -48,11 +48,20 @@ _V1 = (
 """The tables and indexes of asyncflow 0.1.0."""
 
 _V2 = (_V1[4],)
+_V3 = (
+    "ALTER TABLE workflow_instance ADD COLUMN lease_epoch BIGINT DEFAULT 0 NOT NULL",
+    """CREATE TABLE IF NOT EXISTS asyncflow_lock (
+    key TEXT NOT NULL PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at BIGINT NOT NULL)""",
+)
+"""The pass fence (``lease_epoch``) and DatabaseWorkflowLock's table."""
 
 MIGRATIONS = check_migrations(
     [
         Migration(1, "the tables of asyncflow 0.1.0", _V1),
         Migration(2, "the claim index on databases from before it (PostgreSQL: the step functions)", _V2),
+        Migration(3, "fenced passes (workflow_instance.lease_epoch); the asyncflow_lock table", _V3),
     ]
 )
 
