@@ -121,8 +121,9 @@ class PostgresBackend:
         if reads is not None and self._direct():
             state: tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None
             state = await reads.submit(instance_id, instance_id)
-            notify(self._observed, lease)
-            return state
+            if state is not RUN_ALONE:
+                notify(self._observed, lease)
+                return state
         async with self._db(wrote=lease) as db:
             return (await pg.load_states(db, (instance_id,), lease)).get(instance_id)
 

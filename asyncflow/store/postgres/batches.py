@@ -114,7 +114,8 @@ class PgStateReads:
 
     Outcomes: ``(instance, rows)`` or ``None`` for a missing instance. A failed read raises its
     error in every caller (nothing was written). With ``lease`` the statement also takes a new lease
-    epoch of each instance (the reads that begin passes).
+    epoch of each instance (the reads that begin passes), so a second read of the same instance in
+    the batch gets :data:`RUN_ALONE` (it takes an epoch of its own).
     """
 
     def __init__(self, lanes: PgLanes, *, lease: bool = False) -> None:
@@ -128,6 +129,11 @@ class PgStateReads:
         given: set[int] = set()
         for instance_id in instance_ids:  # callers own their records (the engine edits contexts)
             state = states.get(instance_id)
-            outcomes.append(copy.deepcopy(state) if instance_id in given else state)
+            if instance_id not in given:
+                outcomes.append(state)
+            elif self._lease:  # one epoch per read: a second pass of the instance takes its own
+                outcomes.append(RUN_ALONE)
+            else:
+                outcomes.append(copy.deepcopy(state))
             given.add(instance_id)
         return outcomes

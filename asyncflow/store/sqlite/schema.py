@@ -6,6 +6,8 @@ from the start), so a second migrator waits, then reads the version the first on
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..migrations import Migration, check_migrations
@@ -48,8 +50,21 @@ _V1 = (
 """The tables and indexes of asyncflow 0.1.0."""
 
 _V2 = (_V1[4],)
+
+
+def _add_column(table: str, column: str, ddl: str) -> Callable[[AsyncConnection], Awaitable[None]]:
+    """``ALTER TABLE ... ADD COLUMN`` unless the table has the column (made from ``af.metadata``)."""
+
+    async def add(conn: AsyncConnection) -> None:
+        columns = (await conn.exec_driver_sql(f"PRAGMA table_info({table})")).all()
+        if column not in {row[1] for row in columns}:
+            await conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+
+    return add
+
+
 _V3 = (
-    "ALTER TABLE workflow_instance ADD COLUMN lease_epoch BIGINT DEFAULT 0 NOT NULL",
+    _add_column("workflow_instance", "lease_epoch", "BIGINT DEFAULT 0 NOT NULL"),
     """CREATE TABLE IF NOT EXISTS asyncflow_lock (
     key TEXT NOT NULL PRIMARY KEY,
     holder TEXT NOT NULL,
