@@ -10,7 +10,15 @@ from sqlalchemy import exc
 
 from ..errors import StoreError, UniqueViolationError
 
-__all__ = ["DB_ERRORS", "StaleStep", "StepConflict", "StoreErrors", "is_unique_violation", "sqlstate", "store_error"]
+__all__ = [
+    "DB_ERRORS",
+    "StaleStep",
+    "StepConflict",
+    "StoreErrors",
+    "is_unique_violation",
+    "sqlstate",
+    "store_error",
+]
 
 _errors: list[type[BaseException]] = [exc.SQLAlchemyError, OSError, TimeoutError, sqlite3.Error]
 try:  # asyncpg is an optional extra

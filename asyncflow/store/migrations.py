@@ -96,10 +96,10 @@ async def migrate(
                     await conn.exec_driver_sql(statement)
                 return applied
             migration = migrations[current]
-            for statement in migration.statements:
-                if isinstance(statement, str):
-                    await conn.exec_driver_sql(statement)
+            for ddl in migration.statements:
+                if isinstance(ddl, str):
+                    await conn.exec_driver_sql(ddl)
                 else:
-                    await statement(conn)
+                    await ddl(conn)
             await conn.execute(insert(asyncflow_schema), {"version": migration.version, "applied_at": now()})
         applied.append(migration.version)

@@ -82,9 +82,10 @@ class WorkflowRepo(Protocol):
 
         What a pass reads first (under the instance lock), with ``lease=True``: the same statement
         takes a new lease epoch (``lease_epoch + 1``, returned on the record), which the pass's steps
-        name (``Step.lease_epoch``), so an older pass of the instance can write nothing more. One statement on PostgreSQL's hot path and
-        one read transaction on SQLite, so the rows are those of the instance as returned; inside
-        ``transaction()`` the reads share the caller's transaction (and its isolation level).
+        name (``Step.lease_epoch``), so an older pass of the instance can write nothing more. One
+        statement on PostgreSQL's hot path and one transaction on SQLite, so the rows are those of
+        the instance as returned; inside ``transaction()`` the reads share the caller's transaction
+        (and its isolation level).
         """
 
     async def update_workflow_instances(self, where: InstanceWhere, fields: InstanceFields) -> int:

@@ -15,16 +15,16 @@ from asyncflow.records import (
 )
 from asyncflow.store.protocol import WorkflowRepo
 
+from . import test_repo_contract as contract
+
 # the contract's fixtures: every backend, inside and outside transaction()
-from .test_repo_contract import (  # noqa: F401
-    backend,
-    clock,
-    engine_if_postgres,
-    new,
-    pg_engine_without_lanes,
-    repo,
-    task,
-)
+backend = contract.backend
+clock = contract.clock
+engine_if_postgres = contract.engine_if_postgres
+pg_engine_without_lanes = contract.pg_engine_without_lanes
+repo = contract.repo
+new = contract.new
+task = contract.task
 
 
 async def _leased(repo: WorkflowRepo, instance_id: int) -> int:
@@ -58,9 +58,15 @@ async def test_a_step_of_an_older_epoch_writes_nothing_and_says_stale(repo: Work
     newer = await _leased(repo, created.id)
     before = await repo.load_instance_state(created.id)
 
-    def step(epoch: int, **kw: object) -> Step:
-        update = TaskUpdate(id=row.id, expected_version=row.version, status="completed", node_context={"x": 1})
-        return Step(instance_id=created.id, instance_status="running", updates=(update,), lease_epoch=epoch, **kw)  # type: ignore[arg-type]
+    def step(epoch: int, next_run_at: int | None = None) -> Step:
+        update = TaskUpdate(id=row.id, expected_version=row.version, status="completed", node_context={})
+        return Step(
+            instance_id=created.id,
+            instance_status="running",
+            next_run_at=next_run_at,
+            updates=(update,),
+            lease_epoch=epoch,
+        )
 
     stale = await repo.apply_step(step(old, next_run_at=5))
     assert (stale.applied, stale.stale, stale.inserted) == (False, True, ())

@@ -105,7 +105,7 @@ async def test_a_stale_pass_stops_at_its_next_write_logs_once_and_cancels_its_wo
         WorkflowConfig(
             id="two",
             name="two",
-            nodes=(NodeConfig(id="x", name="x", fail_max_count=5), NodeConfig(id="y", name="y", fail_max_count=5)),
+            nodes=tuple(NodeConfig(id=node, name=node, fail_max_count=5) for node in ("x", "y")),
         )
     )
     for node in ("x", "y"):

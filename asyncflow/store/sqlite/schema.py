@@ -56,8 +56,8 @@ def _add_column(table: str, column: str, ddl: str) -> Callable[[AsyncConnection]
     """``ALTER TABLE ... ADD COLUMN`` unless the table has the column (made from ``af.metadata``)."""
 
     async def add(conn: AsyncConnection) -> None:
-        columns = (await conn.exec_driver_sql(f"PRAGMA table_info({table})")).all()
-        if column not in {row[1] for row in columns}:
+        found = await conn.exec_driver_sql(f"SELECT name FROM pragma_table_info('{table}')")
+        if column not in set(found.scalars()):
             await conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
 
     return add

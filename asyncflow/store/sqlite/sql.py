@@ -162,7 +162,8 @@ def apply_steps(conn: sqlite3.Connection, steps: Sequence[tuple[PreparedStep, in
     """Several steps in one ``BEGIN IMMEDIATE`` transaction, each in a SAVEPOINT, and one commit.
 
     Outcome per step: its inserted records, ``None`` (a condition failed: rolled back), ``STALE``
-    (its lease epoch is gone: rolled back), or the exception it raised (rolled back alone). An error that ends the whole transaction is raised.
+    (its lease epoch is gone: rolled back), or the exception it raised (rolled back alone). An error
+    that ends the whole transaction is raised.
     """
     outcomes: list[Any] = []
     conn.execute("BEGIN IMMEDIATE")
@@ -177,7 +178,7 @@ def apply_steps(conn: sqlite3.Connection, steps: Sequence[tuple[PreparedStep, in
                     raise
                 ids, outcome = None, error
             else:
-                outcome = ids if ids is None or ids is STALE else inserted(prepared, ids, now)
+                outcome = ids if ids is None or isinstance(ids, _Stale) else inserted(prepared, ids, now)
             if ids is None or ids is STALE:
                 conn.execute("ROLLBACK TO asyncflow_step")
             conn.execute("RELEASE asyncflow_step")
