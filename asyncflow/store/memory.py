@@ -35,10 +35,12 @@ from ..status import RUNNABLE_INSTANCE_STATUSES, TERMINAL_STATUSES
 from . import _prepare as prep
 from ._json import (
     check_int,
+    check_text,
     check_texts,
     validate_instance_query,
     validate_task_query,
 )
+from ._memory_leases import MemoryLeases
 from ._memory_rows import Instance, State, Task, changed_instance, changed_task, paged
 
 __all__ = ["MemoryWorkflowRepo"]
@@ -60,6 +62,7 @@ class MemoryWorkflowRepo:
     def __init__(self, *, clock: Clock | None = None) -> None:
         self._clock: Clock = clock if clock is not None else SYSTEM_CLOCK
         self._state = State({}, {}, {})
+        self._leases = MemoryLeases()  # DatabaseWorkflowLock's, outside transactions (never rolled back)
         self._lock = asyncio.Lock()
         self._tx: ContextVar[_MemTx | None] = ContextVar(f"asyncflow_memory_tx_{id(self):x}", default=None)
 
@@ -383,6 +386,21 @@ class MemoryWorkflowRepo:
             for item in picked:
                 state.instances[item.id] = replace(item, next_run_at=lease)
             return [item.id for item in picked]
+
+    async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        """Take ``key`` for ``holder`` for ``ttl_ms`` if it is free or expired (DatabaseWorkflowLock)."""
+        check_text(key, "key")
+        check_text(holder, "holder")
+        check_int(ttl_ms, "ttl_ms", minimum=1)
+        return self._leases.acquire(key, holder, ttl_ms)
+
+    async def renew_leases(self, held: Sequence[tuple[str, str, int]]) -> list[bool]:
+        """Extend each ``(key, holder, ttl_ms)`` still held and unexpired; whether each was."""
+        return self._leases.renew(held)
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        """Free ``key`` if ``holder`` still holds it; whether it did."""
+        return self._leases.release(key, holder)
 
     async def next_due_at(self, workflow_types: Sequence[str] | None = None) -> int | None:
         """The smallest ``next_run_at`` among ``init``/``running`` instances, or ``None``."""

@@ -21,7 +21,7 @@ from ..records import (
     WorkflowInstanceRecord,
 )
 
-__all__ = ["DueListener", "ListensDue", "WorkflowRepo"]
+__all__ = ["DueListener", "KeepsLeases", "ListensDue", "WorkflowRepo"]
 
 
 @runtime_checkable
@@ -127,3 +127,19 @@ class ListensDue(Protocol):
 
     def listen_due(self, callback: Callable[[], None]) -> DueListener | None:
         """A listener calling ``callback()``, or ``None`` when this database has no wake-ups."""
+
+
+@runtime_checkable
+class KeepsLeases(Protocol):
+    """An optional capability of a repo: lock leases kept in its own database (``asyncflow_lock``),
+    what :class:`~asyncflow.lock.database.DatabaseWorkflowLock` is built on. ``ttl_ms`` counts from
+    the moment the database runs the call."""
+
+    async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        """Take ``key`` for ``holder`` if it is free or its lease expired; whether it did."""
+
+    async def renew_leases(self, held: Sequence[tuple[str, str, int]]) -> list[bool]:
+        """Extend each ``(key, holder, ttl_ms)`` still held by ``holder`` and unexpired; whether each was."""
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        """Free ``key`` if ``holder`` still holds it; whether it did."""

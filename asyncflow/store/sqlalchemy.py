@@ -44,7 +44,14 @@ from . import migrations
 from ._backend import SqlBackend, backend_for
 from ._engine import create_engine_from_url
 from ._errors import StaleStep, StepConflict, StoreErrors
-from ._json import check_int, check_texts, copy_context, validate_instance_query, validate_task_query
+from ._json import (
+    check_int,
+    check_text,
+    check_texts,
+    copy_context,
+    validate_instance_query,
+    validate_task_query,
+)
 from ._records import inserted_task_record, instance_record, task_record
 from ._units import ConnectionUnits
 from .protocol import DueListener
@@ -325,6 +332,33 @@ class SQLAlchemyWorkflowRepo:
             async with self._connection() as conn:
                 value: int | None = (await conn.execute(stmt, params)).scalar()
         return value
+
+    # ---------------------------------------------------------------------------------- leases
+
+    async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        """Take ``key`` for ``holder`` for ``ttl_ms`` if it is free or expired (``asyncflow_lock``).
+
+        What :class:`~asyncflow.lock.database.DatabaseWorkflowLock` is built on. On PostgreSQL the
+        lease calls run on a connection of their own (never in ``transaction()``) and expiry is the
+        database's clock; on SQLite the host's clock.
+        """
+        check_text(key, "key")
+        check_text(holder, "holder")
+        check_int(ttl_ms, "ttl_ms", minimum=1)
+        with StoreErrors("acquire_lease"):
+            return await self._backend.acquire_lease(key, holder, ttl_ms)
+
+    async def renew_leases(self, held: Sequence[tuple[str, str, int]]) -> list[bool]:
+        """Extend each ``(key, holder, ttl_ms)`` still held and unexpired; whether each was."""
+        if not held:
+            return []
+        with StoreErrors("renew_leases"):
+            return await self._backend.renew_leases(list(held))
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        """Free ``key`` if ``holder`` still holds it; whether it did."""
+        with StoreErrors("release_lease"):
+            return await self._backend.release_lease(key, holder)
 
     def listen_due(self, callback: Callable[[], None]) -> DueListener | None:
         """Wake-ups for a driver, if the backend has them (PostgreSQL's LISTEN/NOTIFY), else ``None``.

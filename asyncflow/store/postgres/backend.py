@@ -26,7 +26,7 @@ from .._errors import StaleStep, StepConflict, sqlstate
 from .._observers import notify
 from .._prepare import InstanceRow, PreparedStep
 from .._units import ConnectionUnits
-from . import schema
+from . import leases, schema
 from . import sql as pg
 from .batches import BATCH_SLOTS, MAX_BATCH, RUN_ALONE, PgCreateBatches, PgStateReads, PgStepBatches
 from .lanes import PgLanes, lane_limit
@@ -163,6 +163,22 @@ class PostgresBackend:
         """One ``UPDATE ... FOR UPDATE SKIP LOCKED ... RETURNING``."""
         async with self._db(wrote=True) as db:
             return await pg.claim_due(db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
+
+    async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        """DatabaseWorkflowLock's leases (:mod:`.leases`): on a lane, never in ``transaction()``."""
+        self.units.check_open()
+        async with self._lanes.lane() as db:
+            return await leases.acquire(db, key, holder, ttl_ms)
+
+    async def renew_leases(self, held: Sequence[tuple[str, str, int]]) -> list[bool]:
+        self.units.check_open()
+        async with self._lanes.lane() as db:
+            return await leases.renew(db, held)
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        self.units.check_open()
+        async with self._lanes.lane() as db:
+            return await leases.release(db, key, holder)
 
     def listen_due(self, callback: Callable[[], None]) -> DueNotifier:
         """LISTEN/NOTIFY wake-ups (:mod:`.notify`): ``callback()`` when an instance becomes due."""

@@ -11,6 +11,7 @@ Units on the own connection are reported to :mod:`asyncflow.store._observers`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -24,12 +25,16 @@ from .._lanes import to_completion
 from .._observers import notify
 from .._prepare import InstanceRow, PreparedStep
 from .._units import ConnectionUnits
-from . import schema
+from . import leases, schema
 from . import sql as lite
 from .engine import autocommit_engine, configure_engine
 from .lane import SqliteLane
 
 __all__ = ["SqliteBackend"]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class _RolledBack(Exception):
@@ -151,6 +156,18 @@ class SqliteBackend:
         """A SELECT and an UPDATE that re-checks the due condition, in one write transaction."""
         ids: list[int] = await self._write(lite.claim_due, now_ms, limit, lease_ms, tuple(types))
         return ids
+
+    async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        """DatabaseWorkflowLock's leases (:mod:`.leases`), each one write transaction (inside
+        ``transaction()`` it joins it: SQLite has one writer, which the transaction already is)."""
+        return bool(await self._write(leases.acquire, key, holder, ttl_ms, _now_ms()))
+
+    async def renew_leases(self, held: Sequence[tuple[str, str, int]]) -> list[bool]:
+        renewed: list[bool] = await self._write(leases.renew, held, _now_ms())
+        return renewed
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        return bool(await self._write(leases.release, key, holder))
 
     def listen_due(self, callback: Callable[[], None]) -> None:
         """No wake-ups on SQLite: drivers poll."""
