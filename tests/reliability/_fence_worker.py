@@ -2,11 +2,12 @@
 ``python -m tests.reliability._fence_worker '<json settings>'``.
 
 Settings: ``url``, ``schema``, ``redis_url``, ``prefix``, ``lock_ttl``, ``fence`` (send the steps'
-lease epochs), ``role`` and ``out``. Role ``driver`` runs a ``WorkflowDriver``; role ``runner`` calls
-``run_workflow`` on every unfinished instance over and over (a second process running the same
-instances, taking each instance's lock whenever it can). Both use ``RedisWorkflowLock`` on the test's
-private redis-server, journal their leased reads and fenced steps (:class:`FenceJournal`), print
-``READY`` once started, stop when no instance is left to run, and write the journal to ``out``.
+lease epochs), ``role``, ``out`` and ``go`` (a file the runner waits for before it starts). Role
+``driver`` runs a ``WorkflowDriver``; role ``runner`` calls ``run_workflow`` on every unfinished
+instance over and over (a second process running the same instances, taking each instance's lock
+whenever it can). Both use ``RedisWorkflowLock`` on the test's private redis-server, journal their
+leased reads and fenced steps (:class:`FenceJournal`), print ``READY`` once started, stop when no
+instance is left to run, and write the journal to ``out``.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from tests.reliability.fencing import FenceJournal
 
 WORKFLOW = "slow4"
 NODES = ("a", "b", "c", "d")
-NODE_SECONDS = 0.25
-"""Each node's work: a pass of an instance takes about a second, so a restart lands inside passes."""
+NODE_SECONDS = 0.5
+"""Each node's work: a pass of an instance takes about two seconds, so a restart lands inside passes."""
 
 
 def registry() -> Registry:
@@ -76,6 +77,9 @@ async def main(settings: dict[str, Any]) -> None:
                     await asyncio.sleep(0.1)
         else:
             print("READY", flush=True)
+            go = Path(settings["go"])
+            while not go.exists():  # noqa: ASYNC240 - a file another process makes: poll it
+                await asyncio.sleep(0.01)
             while ids := await _pending(engine, left):
                 await asyncio.gather(*(_try_run(svc, i) for i in ids))
                 await asyncio.sleep(0.05)

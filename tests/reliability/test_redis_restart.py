@@ -73,7 +73,10 @@ async def _run(pg_url: str, redis: PrivateRedis, tmp_path: Path, *, fence: bool)
             schema = (await conn.execute(text("SELECT current_schema()"))).scalar_one()
         repo = SQLAlchemyWorkflowRepo(engine)
         await repo.migrate()
-        news = [NewWorkflowInstance(workflow_type=WORKFLOW, business_id=f"r{i}") for i in range(INSTANCES)]
+        news = [
+            NewWorkflowInstance(workflow_type=WORKFLOW, business_id=f"r{i}", workflow_context={})
+            for i in range(INSTANCES)
+        ]
         await repo.create_workflow_instances(news)
         base = {
             "url": pg_url,
@@ -84,12 +87,15 @@ async def _run(pg_url: str, redis: PrivateRedis, tmp_path: Path, *, fence: bool)
             "fence": fence,
         }
         outs = [tmp_path / f"{role}.json" for role in ("driver", "runner")]
+        go = tmp_path / "go"
+        base["go"] = str(go)
+        runner = await _start({**base, "role": "runner", "out": str(outs[1])}, log)
         driver = await _start({**base, "role": "driver", "out": str(outs[0])}, log)
         async with asyncio.timeout(30):  # the driver's passes are in flight ...
             while await _in_flight(engine) < INSTANCES // 2:
                 await asyncio.sleep(0.02)
-        runner = await _start({**base, "role": "runner", "out": str(outs[1])}, log)
-        await asyncio.sleep(0.2)  # ... and the second process's attempts fail on the held keys
+        go.touch()
+        await asyncio.sleep(0.3)  # ... and the second process's attempts fail on the held keys
         await redis.stop()  # SIGKILL: every key is lost
         await redis.start()  # empty
         async with asyncio.timeout(120):
