@@ -55,6 +55,9 @@ async def _race_two_services(repo: Any, *, fence: bool) -> tuple[FenceJournal, C
 
 async def test_two_services_without_mutual_exclusion_make_no_stale_write(repo: Any) -> None:
     journal, counter = await _race_two_services(repo, fence=True)
+    refused = refused_as_stale(journal.writes)
+    passes, writes = len(journal.leases), len(journal.writes)
+    print(f"two services: {passes} passes, {writes} writes, {refused} refused as stale")
     assert stale_writes(journal.leases, journal.writes) == []
     assert refused_as_stale(journal.writes) > 0  # the passes did overlap: the fence refused writes
     everything = QueryWorkflowInstanceParams(page=Pager(no_limit=True))
@@ -65,7 +68,9 @@ async def test_two_services_without_mutual_exclusion_make_no_stale_write(repo: A
 
 async def test_without_the_fence_the_same_race_has_stale_writes(repo: Any) -> None:
     journal, _ = await _race_two_services(repo, fence=False)
-    assert len(stale_writes(journal.leases, journal.writes)) > 0
+    stale = stale_writes(journal.leases, journal.writes)
+    print(f"two services, unfenced: {len(stale)} of {len(journal.writes)} writes stale")
+    assert len(stale) > 0
 
 
 # ------------------------------------------------------------------ one stale pass, step by step
