@@ -57,6 +57,8 @@ class PostgresBackend:
         self._creates: StepBatcher[Any] | None = None
         self._reads: StepBatcher[Any] | None = None
         self._leased_reads: StepBatcher[Any] | None = None
+        self._acquires: StepBatcher[Any] | None = None
+        self._releases: StepBatcher[Any] | None = None
         if self._lanes.limit > 0:
             slots = min(BATCH_SLOTS, self._lanes.limit)
             self._steps = PgStepBatches(self._lanes)
@@ -65,6 +67,10 @@ class PostgresBackend:
             self._reads = StepBatcher(PgStateReads(self._lanes), slots=slots, max_batch=MAX_BATCH)
             self._leased_reads = StepBatcher(
                 PgStateReads(self._lanes, lease=True), slots=slots, max_batch=MAX_BATCH
+            )
+            self._acquires = StepBatcher(leases.LeaseBatches(self._lanes), slots=slots, max_batch=MAX_BATCH)
+            self._releases = StepBatcher(
+                leases.LeaseBatches(self._lanes, release=True), slots=slots, max_batch=MAX_BATCH
             )
 
     def _direct(self) -> bool:
@@ -165,10 +171,9 @@ class PostgresBackend:
             return await pg.claim_due(db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
 
     async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
-        """DatabaseWorkflowLock's leases (:mod:`.leases`): on a lane, never in ``transaction()``."""
-        self.units.check_open()
-        async with self._lanes.lane() as db:
-            return await leases.acquire(db, key, holder, ttl_ms)
+        """DatabaseWorkflowLock's leases (:mod:`.leases`): on a lane, never in ``transaction()``;
+        concurrent acquires (and releases) share a statement."""
+        return await self._lease_call(self._acquires, (key, holder, ttl_ms), leases.acquire)
 
     async def renew_leases(self, held: Sequence[tuple[str, str, int]]) -> list[bool]:
         self.units.check_open()
@@ -176,9 +181,17 @@ class PostgresBackend:
             return await leases.renew(db, held)
 
     async def release_lease(self, key: str, holder: str) -> bool:
+        return await self._lease_call(self._releases, (key, holder, 0), _release_one)
+
+    async def _lease_call(
+        self, batcher: StepBatcher[Any] | None, item: tuple[str, str, int], alone: Any
+    ) -> bool:
         self.units.check_open()
+        if batcher is not None:
+            return bool(await batcher.submit(0, item))
         async with self._lanes.lane() as db:
-            return await leases.release(db, key, holder)
+            [done] = await alone(db, [item])
+            return bool(done)
 
     def listen_due(self, callback: Callable[[], None]) -> DueNotifier:
         """LISTEN/NOTIFY wake-ups (:mod:`.notify`): ``callback()`` when an instance becomes due."""
@@ -191,10 +204,21 @@ class PostgresBackend:
 
     async def aclose(self) -> None:
         """Wait for the batches in flight, then return the lanes."""
-        for batcher in (self._step_batcher, self._creates, self._reads, self._leased_reads):
+        for batcher in (
+            self._step_batcher,
+            self._creates,
+            self._reads,
+            self._leased_reads,
+            self._acquires,
+            self._releases,
+        ):
             if batcher is not None:
                 await batcher.aclose()
         await self._lanes.aclose()
+
+
+async def _release_one(db: Any, items: Sequence[tuple[str, str, int]]) -> list[bool]:
+    return await leases.release(db, [(key, holder) for key, holder, _ in items])
 
 
 def _step_error(error: Exception) -> None:
