@@ -37,6 +37,7 @@ from .errors import (
     WorkerSignal,
     is_serious_error,
 )
+from .lock.database import DatabaseWorkflowLock
 from .lock.local import LocalWorkflowLock
 from .lock.postgres import PostgresAdvisoryLock
 from .lock.protocol import LockLease, WorkflowLock
@@ -99,6 +100,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "Clock",
     "ConfigError",
     "ConfigNotFoundError",
+    "DatabaseWorkflowLock",
     "DefinitionNotFoundError",
     "DriverConfig",
     "DriverStats",

@@ -128,6 +128,9 @@ class WorkflowInstanceRecord:
     next_run_at: int = 0
     version: int = 1
     trace_context: str | None = None  # W3C traceparent of the request that created it
+    lease_epoch: int = 0
+    """The epoch of the newest pass (taken by ``load_instance_state(id, lease=True)``): a step that
+    names an older one is refused (``StepResult.stale``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -232,6 +235,10 @@ class Step:
     4. with ``cancel_other_tasks``, every other non-terminal node row of the instance becomes
        ``canceled``.
 
+    With ``lease_epoch`` (a pass's fence) the instance row must also still be at that epoch: once a
+    newer pass took the instance (or an update outside passes moved the epoch), the step writes
+    nothing and returns ``StepResult(applied=False, stale=True)``.
+
     Any failed condition rolls the whole step back and returns ``StepResult(applied=False)``.
     """
 
@@ -242,17 +249,21 @@ class Step:
     inserts: tuple[TaskInsert, ...] = ()
     updates: tuple[TaskUpdate, ...] = ()
     cancel_other_tasks: bool = False
+    lease_epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
     """``applied`` is False when a condition of the step failed (nothing was written).
 
-    ``inserted`` holds the new rows, in the order of ``Step.inserts``.
+    ``inserted`` holds the new rows, in the order of ``Step.inserts``. ``stale`` tells that the
+    step's ``lease_epoch`` was no longer the instance's (the instance's status was as required): a
+    newer pass began, so the step's pass must write nothing more.
     """
 
     applied: bool
     inserted: tuple[TaskInstanceRecord, ...] = ()
+    stale: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--scenario", default="linear3", help=f"{scenarios} (comma list), all or none")
     run.add_argument("--mode", default="direct", help="direct, driver or all")
     run.add_argument("--backend", default="postgres", help="postgres, sqlite, memory (comma list) or all")
-    run.add_argument("--lock", default="local", help="local, redis or all")
+    run.add_argument("--lock", default="local", help="local, redis, database or all")
     run.add_argument("-n", type=int, default=2000, help="workflows per run (default 2000)")
     run.add_argument("-c", "--concurrency", default="32", help="in-flight workflows, e.g. 32 or 32,64")
     run.add_argument("--repeat", type=int, default=3, help="runs per row; the median is reported (>= 3)")
@@ -71,7 +71,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         scenarios=parse_list(args.scenario, ALL_SCENARIOS, "scenario"),
         modes=parse_list(args.mode, ("direct", "driver"), "mode"),
         backends=parse_list(args.backend, ("postgres", "sqlite", "memory"), "backend"),
-        locks=parse_list(args.lock, ("local", "redis"), "lock"),
+        locks=parse_list(args.lock, ("local", "redis", "database"), "lock"),
         n=args.n,
         concurrencies=concurrencies,
         repeat=args.repeat,

@@ -53,7 +53,7 @@ class AsyncflowRun:
     scenario: str
     mode: str  # "direct" | "driver"
     backend: str  # "postgres" | "sqlite" | "memory"
-    lock: str  # "local" | "redis"
+    lock: str  # "local" | "redis" | "database"
     n: int
     concurrency: int
     poll_interval: float = 0.05
@@ -294,7 +294,7 @@ async def run_asyncflow_once(
     backend = open_backend(run.backend, run.scenario, pg_admin, pool_size=pool_size)
     async with backend as (make_repo, read_commits):
         repo = make_repo()
-        lock = make_lock(run.lock, redis_url)
+        lock = make_lock(run.lock, redis_url, repo)
         try:
             svc = af.WorkflowService(repo, lock, registry=registry, observers=make_observers(run.observer))
             with ResourceProbe() as probe:

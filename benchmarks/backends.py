@@ -24,15 +24,18 @@ class BenchmarkError(RuntimeError):
     """A benchmark run did not do what it measures (an instance did not complete, a service failed)."""
 
 
-def make_lock(kind: str, redis_url: str | None) -> Any:
-    """A fresh ``local`` or ``redis`` lock (the Redis one with a key prefix of its own)."""
+def make_lock(kind: str, redis_url: str | None, repo: Any = None) -> Any:
+    """A fresh ``local``, ``redis`` or ``database`` lock (Redis: a key prefix of its own; database:
+    ``DatabaseWorkflowLock`` on the run's repo)."""
     if kind == "local":
         return af.LocalWorkflowLock()
+    if kind == "database":
+        return af.DatabaseWorkflowLock(repo, prefix=f"asyncflow_bench_{os.getpid()}_{time.time_ns()}:")
     if kind == "redis":
         if not redis_url:
             raise BenchmarkError("the redis lock needs --redis-url")
         return af.RedisWorkflowLock(redis_url, prefix=f"asyncflow_bench_{os.getpid()}_{time.time_ns()}:")
-    raise ValueError(f"unknown lock {kind!r}: local or redis")
+    raise ValueError(f"unknown lock {kind!r}: local, redis or database")
 
 
 def _repo_engine(repo: Any) -> Any:

@@ -17,6 +17,7 @@ from .._urls import check_database_url, redact_url, scrub_secrets
 from ..engine.rules import SchedulePolicy
 from ..engine.service import WorkflowService
 from ..errors import ParamInvalidError, StoreError, iter_exception_chain
+from ..lock.database import DatabaseWorkflowLock
 from ..lock.local import LocalWorkflowLock
 from ..lock.protocol import WorkflowLock
 from ..lock.redis import RedisWorkflowLock
@@ -64,7 +65,8 @@ def resolve_db_url(flag: str | None, environ: Mapping[str, str] | None = None) -
 
 
 def resolve_redis_url(flag: str | None, environ: Mapping[str, str] | None = None) -> str | None:
-    """``--redis``, else ``ASYNCFLOW_REDIS_URL``, else ``None`` (a lock local to the process)."""
+    """``--redis``, else ``ASYNCFLOW_REDIS_URL``, else ``None`` (the lock in the database on
+    PostgreSQL, a lock local to the process on SQLite)."""
     env = os.environ if environ is None else environ
     return flag or env.get(REDIS_ENV) or None
 
@@ -99,8 +101,12 @@ def describe_store_error(error: StoreError, url: str) -> str:
     return f"database {redact(url)}: {text}{hint}"
 
 
-def _open_lock(redis_url: str | None) -> WorkflowLock:
+def _open_lock(redis_url: str | None, repo: SQLAlchemyWorkflowRepo) -> WorkflowLock:
+    """Redis with a URL; else on PostgreSQL the lock in the database itself (every worker process
+    on one database shares it); else (SQLite) a lock local to the process."""
     if redis_url is None:
+        if repo.engine.dialect.name == "postgresql":
+            return DatabaseWorkflowLock(repo)
         return LocalWorkflowLock()
     try:
         return RedisWorkflowLock(redis_url)
@@ -158,7 +164,7 @@ async def open_service(
         raise CLIError(str(error), 2) from error
     redis_url = resolve_redis_url(redis_flag)
     try:
-        lock = _open_lock(redis_url)
+        lock = _open_lock(redis_url, repo)
         try:
             if isinstance(lock, RedisWorkflowLock) and redis_url is not None:
                 await _ping(lock, redis_url)
@@ -166,7 +172,7 @@ async def open_service(
         except StoreError as error:
             raise CLIError(describe_store_error(error, url), 1) from error
         finally:
-            if isinstance(lock, RedisWorkflowLock):
+            if isinstance(lock, RedisWorkflowLock | DatabaseWorkflowLock):
                 await lock.aclose()
     finally:
         await repo.aclose()

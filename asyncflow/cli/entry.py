@@ -44,9 +44,9 @@ BROKEN_PIPE_EXIT = 141
 
 _EPILOG = f"""\
 The database is --db URL, else ${DB_ENV}, else {DEFAULT_DB_URL} (a file in the current directory).
-The instance lock is Redis with --redis URL (or ${REDIS_ENV}), else local to the process: give every
-process that works on one database the same Redis. Exit codes: 0 ok, 1 not found / refused /
-unreachable, 2 bad usage or input.
+The instance lock is Redis with --redis URL (or ${REDIS_ENV}); else, on PostgreSQL, a lock kept in
+the database itself (every process on one database shares it: no Redis needed); else (SQLite) local
+to the process. Exit codes: 0 ok, 1 not found / refused / unreachable, 2 bad usage or input.
 """
 
 

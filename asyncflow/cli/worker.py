@@ -102,10 +102,10 @@ async def run_worker(args: argparse.Namespace) -> int:
         await svc.count_workflow_instances(QueryWorkflowInstanceParams())  # reachable, tables present
         repo = svc.repo
         on_postgres = isinstance(repo, SQLAlchemyWorkflowRepo) and repo.engine.dialect.name == "postgresql"
-        if isinstance(svc.lock, LocalWorkflowLock) and on_postgres:
+        if isinstance(svc.lock, LocalWorkflowLock) and on_postgres:  # an app's own service
             logger.warning(
-                "no --redis: the instance lock is local to this process; run one worker process per "
-                "database, or give every process the same --redis URL"
+                "the instance lock is local to this process; run one worker process per database, or "
+                "give every process the same DatabaseWorkflowLock or RedisWorkflowLock"
             )
         driver = WorkflowDriver(
             svc,

@@ -2,8 +2,11 @@
 
 Nodes on independent branches run concurrently (bounded); a node's successors that become ready run in
 the same pass. Every write is one atomic :class:`~asyncflow.records.Step`, conditional on what the pass
-last saw (instance status, row versions); a step that does not apply means someone else (a cancel, a
-restart, another runner) got there first, and the pass stops without writing more.
+last saw (instance status, row versions) and fenced by the pass's lease epoch (taken with its first
+read); a step that does not apply means someone else (a cancel, a restart, another runner) got there
+first, and the pass stops without writing more. A stale pass (a newer pass of the instance began:
+its lock was lost to an expiry, a Redis restart, a pause) is told so by the store and logged once; its
+worker calls in flight are cancelled.
 
 Writes per node: one (``completed``) for a node without a wait check, two (``pending`` then
 ``completed``) with one. The implicit ``root`` rides along with the first write of the pass and ``end``
@@ -547,6 +550,7 @@ class PassRunner:
             inserts=tuple(w for _, w in inserts),
             updates=tuple(w for _, w in updates),
             cancel_other_tasks=cancel,
+            lease_epoch=self._instance.lease_epoch,
         )
         try:
             result = await run_shielded(self._repo.apply_step(step))
@@ -558,6 +562,15 @@ class PassRunner:
                 done_event.set()
         if not result.applied:
             self._stopped = True
+            if result.stale:
+                logger.warning(
+                    "pass of instance %s stopped: a newer pass of the instance began (this pass's "
+                    "lease epoch %s is stale: its lock was lost); nothing more of it is written",
+                    self._instance.id,
+                    self._instance.lease_epoch,
+                    extra=self._extra("", self._status),
+                )
+                raise _PassStopped
             logger.info(
                 "pass of instance %s stopped: the instance changed under it (cancel, restart or "
                 "another runner)",

@@ -253,8 +253,10 @@ class WorkflowService:
                 "its own instance)"
             )
         async with self.lock.hold(lock_key(instance_id), self.lock_ttl) as lease:
-            if known is None:
-                known = await self.repo.load_instance_state(instance_id)
+            if known is None or known[0].lease_epoch != 0:
+                # the pass's first read takes its lease epoch; only the first pass of an instance just
+                # created runs on what the create returned (epoch 0: every other pass takes 1 or more)
+                known = await self.repo.load_instance_state(instance_id, lease=True)
                 if known is None:
                     raise InstanceNotFoundError(f"workflow instance {instance_id} not found")
             instance, rows = known

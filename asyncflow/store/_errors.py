@@ -10,7 +10,15 @@ from sqlalchemy import exc
 
 from ..errors import StoreError, UniqueViolationError
 
-__all__ = ["DB_ERRORS", "StepConflict", "StoreErrors", "is_unique_violation", "sqlstate", "store_error"]
+__all__ = [
+    "DB_ERRORS",
+    "StaleStep",
+    "StepConflict",
+    "StoreErrors",
+    "is_unique_violation",
+    "sqlstate",
+    "store_error",
+]
 
 _errors: list[type[BaseException]] = [exc.SQLAlchemyError, OSError, TimeoutError, sqlite3.Error]
 try:  # asyncpg is an optional extra
@@ -98,3 +106,7 @@ class StoreErrors:
 
 class StepConflict(Exception):
     """A condition of a step failed: it was rolled back; the repo reports ``applied=False``."""
+
+
+class StaleStep(StepConflict):
+    """The step's lease epoch is no longer the instance's: ``applied=False, stale=True``."""

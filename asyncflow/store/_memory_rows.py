@@ -27,6 +27,7 @@ class Instance:
     next_run_at: int
     version: int
     trace_context: str | None = None
+    lease_epoch: int = 0
 
     def record(self) -> WorkflowInstanceRecord:
         values = {name: getattr(self, name) for name in self.__slots__}

@@ -86,6 +86,7 @@ class PreparedStep:
     updates: tuple[tuple[int, int, TaskChange], ...]
     inserts: tuple[TaskRow, ...]
     cancel_other_tasks: bool
+    lease_epoch: int | None = None
 
 
 def instance_row(new: NewWorkflowInstance) -> InstanceRow:
@@ -210,4 +211,5 @@ def prepared_step(step: Step) -> PreparedStep:
         updates=tuple(updates),
         inserts=inserts,
         cancel_other_tasks=bool(step.cancel_other_tasks),
+        lease_epoch=_optional_int(step.lease_epoch, "Step.lease_epoch"),
     )

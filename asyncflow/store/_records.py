@@ -14,7 +14,7 @@ __all__ = ["inserted_task_record", "instance_record", "task_record"]
 
 def instance_record(row: Sequence[Any]) -> WorkflowInstanceRecord:
     """A record from ``id, workflow_type, business_id, status, workflow_context, task_id, created_at,
-    updated_at, next_run_at, version``."""
+    updated_at, next_run_at, version, lease_epoch``."""
     return WorkflowInstanceRecord(
         id=row[0],
         workflow_type=row[1],
@@ -26,6 +26,7 @@ def instance_record(row: Sequence[Any]) -> WorkflowInstanceRecord:
         updated_at=row[7],
         next_run_at=row[8],
         version=row[9],
+        lease_epoch=row[10],
     )
 
 

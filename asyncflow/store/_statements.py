@@ -95,6 +95,7 @@ INSTANCE_COLUMNS = (
     wi.c.updated_at,
     wi.c.next_run_at,
     wi.c.version,
+    wi.c.lease_epoch,
 )
 
 
@@ -104,6 +105,7 @@ _INSTANCE_SET = {
     "next_run_at": func.coalesce(_int("p_next_run_at"), wi.c.next_run_at),
     "updated_at": _int("p_now"),
     "version": wi.c.version + 1,
+    "lease_epoch": wi.c.lease_epoch + 1,  # an update outside passes fences the passes in flight
 }
 UPDATE_INSTANCES: Update = update(wi).values(_INSTANCE_SET).where(wi.c.id.in_(_ids("p_ids")))
 """``None`` parameters leave a column unchanged (``COALESCE``), so one statement serves every update."""

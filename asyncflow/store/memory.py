@@ -35,10 +35,12 @@ from ..status import RUNNABLE_INSTANCE_STATUSES, TERMINAL_STATUSES
 from . import _prepare as prep
 from ._json import (
     check_int,
+    check_text,
     check_texts,
     validate_instance_query,
     validate_task_query,
 )
+from ._memory_leases import MemoryLeases
 from ._memory_rows import Instance, State, Task, changed_instance, changed_task, paged
 
 __all__ = ["MemoryWorkflowRepo"]
@@ -60,6 +62,7 @@ class MemoryWorkflowRepo:
     def __init__(self, *, clock: Clock | None = None) -> None:
         self._clock: Clock = clock if clock is not None else SYSTEM_CLOCK
         self._state = State({}, {}, {})
+        self._leases = MemoryLeases()  # DatabaseWorkflowLock's, outside transactions (never rolled back)
         self._lock = asyncio.Lock()
         self._tx: ContextVar[_MemTx | None] = ContextVar(f"asyncflow_memory_tx_{id(self):x}", default=None)
 
@@ -199,7 +202,9 @@ class MemoryWorkflowRepo:
                 instance = state.instances.get(instance_id)
                 if instance is None or (status_in and instance.status not in status_in):
                     continue
-                state.instances[instance_id] = changed_instance(instance, change, now)
+                changed = changed_instance(instance, change, now)
+                # an update outside passes fences the passes in flight
+                state.instances[instance_id] = replace(changed, lease_epoch=changed.lease_epoch + 1)
                 count += 1
             return count
 
@@ -266,14 +271,21 @@ class MemoryWorkflowRepo:
             return [row.record() for row in state.tasks_of(instance_id)]
 
     async def load_instance_state(
-        self, instance_id: int
+        self, instance_id: int, *, lease: bool = False
     ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
-        """The instance and every node row of it (ordered by id), read together; ``None`` if missing."""
+        """The instance and every node row of it (ordered by id), read together; ``None`` if missing.
+
+        ``lease=True`` also takes a new lease epoch (``lease_epoch + 1``, returned on the record).
+        """
         check_int(instance_id, "instance_id")
         async with self._unit() as state:
             instance = state.instances.get(instance_id)
             if instance is None:
                 return None
+            if lease:
+                instance = state.instances[instance_id] = replace(
+                    instance, lease_epoch=instance.lease_epoch + 1
+                )
             return instance.record(), [row.record() for row in state.tasks_of(instance_id)]
 
     def _matching_tasks(self, state: State, filt: prep.TaskFilter) -> Iterable[Task]:
@@ -318,6 +330,8 @@ class MemoryWorkflowRepo:
             instance = state.instances.get(p.instance_id)
             if instance is None or (p.instance_status_in and instance.status not in p.instance_status_in):
                 return StepResult(applied=False)
+            if p.lease_epoch is not None and instance.lease_epoch != p.lease_epoch:
+                return StepResult(applied=False, stale=True)
             for task_id, expected_version, _ in p.updates:
                 task = state.tasks.get(task_id)
                 if (
@@ -373,6 +387,21 @@ class MemoryWorkflowRepo:
             for item in picked:
                 state.instances[item.id] = replace(item, next_run_at=lease)
             return [item.id for item in picked]
+
+    async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        """Take ``key`` for ``holder`` for ``ttl_ms`` if it is free or expired (DatabaseWorkflowLock)."""
+        check_text(key, "key")
+        check_text(holder, "holder")
+        check_int(ttl_ms, "ttl_ms", minimum=1)
+        return self._leases.acquire(key, holder, ttl_ms)
+
+    async def renew_leases(self, held: Sequence[tuple[str, str, int]]) -> list[bool]:
+        """Extend each ``(key, holder, ttl_ms)`` still held and unexpired; whether each was."""
+        return self._leases.renew(held)
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        """Free ``key`` if ``holder`` still holds it; whether it did."""
+        return self._leases.release(key, holder)
 
     async def next_due_at(self, workflow_types: Sequence[str] | None = None) -> int | None:
         """The smallest ``next_run_at`` among ``init``/``running`` instances, or ``None``."""

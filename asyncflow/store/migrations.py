@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..errors import StoreError
 from .tables import SCHEMA_VERSION, asyncflow_schema
 
-__all__ = ["VERSION_TABLE", "Migration", "check_migrations", "migrate", "recorded_version"]
+__all__ = ["VERSION_TABLE", "Migration", "Statement", "check_migrations", "migrate", "recorded_version"]
 
 VERSION_TABLE = (
     "CREATE TABLE IF NOT EXISTS asyncflow_schema (version INTEGER NOT NULL, applied_at BIGINT NOT NULL, "
@@ -36,13 +36,18 @@ VERSION_TABLE = (
 """The table of applied versions (the same on every backend; made by version 1 of asyncflow 0.1.0)."""
 
 
+Statement = str | Callable[[AsyncConnection], Awaitable[None]]
+"""DDL text, or a step that needs to look first (e.g. SQLite's ``ADD COLUMN``, which has no ``IF NOT
+EXISTS``: a table made from ``metadata`` already has the column)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     """One schema version of one backend: the statements that bring version ``version - 1`` to it."""
 
     version: int
     description: str
-    statements: tuple[str, ...]
+    statements: tuple[Statement, ...]
 
 
 def check_migrations(migrations: Sequence[Migration]) -> tuple[Migration, ...]:
@@ -91,7 +96,10 @@ async def migrate(
                     await conn.exec_driver_sql(statement)
                 return applied
             migration = migrations[current]
-            for statement in migration.statements:
-                await conn.exec_driver_sql(statement)
+            for ddl in migration.statements:
+                if isinstance(ddl, str):
+                    await conn.exec_driver_sql(ddl)
+                else:
+                    await ddl(conn)
             await conn.execute(insert(asyncflow_schema), {"version": migration.version, "applied_at": now()})
         applied.append(migration.version)

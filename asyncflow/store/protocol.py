@@ -21,7 +21,7 @@ from ..records import (
     WorkflowInstanceRecord,
 )
 
-__all__ = ["DueListener", "ListensDue", "WorkflowRepo"]
+__all__ = ["DueListener", "KeepsLeases", "ListensDue", "WorkflowRepo"]
 
 
 @runtime_checkable
@@ -76,17 +76,21 @@ class WorkflowRepo(Protocol):
         """Every node row of one instance, ordered by id."""
 
     async def load_instance_state(
-        self, instance_id: int
+        self, instance_id: int, *, lease: bool = False
     ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
         """The instance and every node row of it (ordered by id), read together; ``None`` if missing.
 
-        What a pass reads first (under the instance lock). One statement on PostgreSQL's hot path and
-        one read transaction on SQLite, so the rows are those of the instance as returned; inside
-        ``transaction()`` the reads share the caller's transaction (and its isolation level).
+        What a pass reads first (under the instance lock), with ``lease=True``: the same statement
+        takes a new lease epoch (``lease_epoch + 1``, returned on the record), which the pass's steps
+        name (``Step.lease_epoch``), so an older pass of the instance can write nothing more. One
+        statement on PostgreSQL's hot path and one transaction on SQLite, so the rows are those of
+        the instance as returned; inside ``transaction()`` the reads share the caller's transaction
+        (and its isolation level).
         """
 
     async def update_workflow_instances(self, where: InstanceWhere, fields: InstanceFields) -> int:
-        """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
+        """Conditional update; bumps ``updated_at``, ``version`` and ``lease_epoch`` (an update
+        outside passes fences the passes in flight); returns the rows changed."""
 
     async def update_task_instances(self, where: TaskWhere, fields: TaskFields) -> int:
         """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
@@ -123,3 +127,19 @@ class ListensDue(Protocol):
 
     def listen_due(self, callback: Callable[[], None]) -> DueListener | None:
         """A listener calling ``callback()``, or ``None`` when this database has no wake-ups."""
+
+
+@runtime_checkable
+class KeepsLeases(Protocol):
+    """An optional capability of a repo: lock leases kept in its own database (``asyncflow_lock``),
+    what :class:`~asyncflow.lock.database.DatabaseWorkflowLock` is built on. ``ttl_ms`` counts from
+    the moment the database runs the call."""
+
+    async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        """Take ``key`` for ``holder`` if it is free or its lease expired; whether it did."""
+
+    async def renew_leases(self, held: Sequence[tuple[str, str, int]]) -> list[bool]:
+        """Extend each ``(key, holder, ttl_ms)`` still held by ``holder`` and unexpired; whether each was."""
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        """Free ``key`` if ``holder`` still holds it; whether it did."""

@@ -43,8 +43,15 @@ from . import _statements as st
 from . import migrations
 from ._backend import SqlBackend, backend_for
 from ._engine import create_engine_from_url
-from ._errors import StepConflict, StoreErrors
-from ._json import check_int, check_texts, copy_context, validate_instance_query, validate_task_query
+from ._errors import StaleStep, StepConflict, StoreErrors
+from ._json import (
+    check_int,
+    check_text,
+    check_texts,
+    copy_context,
+    validate_instance_query,
+    validate_task_query,
+)
 from ._records import inserted_task_record, instance_record, task_record
 from ._units import ConnectionUnits
 from .protocol import DueListener
@@ -243,15 +250,17 @@ class SQLAlchemyWorkflowRepo:
             return await self._backend.load(instance_id)
 
     async def load_instance_state(
-        self, instance_id: int
+        self, instance_id: int, *, lease: bool = False
     ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
         """The instance and every node row of it (ordered by id), read together; ``None`` if missing.
 
         One statement on PostgreSQL (concurrent reads share it), one read transaction on SQLite.
+        ``lease=True`` (a pass's first read) also takes a new lease epoch in the same statement
+        (transaction on SQLite): ``lease_epoch + 1``, returned on the record.
         """
         check_int(instance_id, "instance_id")
         with StoreErrors("load_instance_state"):
-            return await self._backend.load_state(instance_id)
+            return await self._backend.load_state(instance_id, bool(lease))
 
     async def update_task_instances(self, where: TaskWhere, fields: TaskFields) -> int:
         """Conditional update; bumps ``updated_at`` and ``version``; returns the rows changed."""
@@ -291,8 +300,8 @@ class SQLAlchemyWorkflowRepo:
         try:
             with StoreErrors("apply_step"):
                 inserted = await self._backend.apply_step(prepared, self._now())
-        except StepConflict:
-            return StepResult(applied=False)
+        except StepConflict as conflict:
+            return StepResult(applied=False, stale=isinstance(conflict, StaleStep))
         return StepResult(applied=True, inserted=inserted)
 
     # ---------------------------------------------------------------------------------- driver
@@ -323,6 +332,33 @@ class SQLAlchemyWorkflowRepo:
             async with self._connection() as conn:
                 value: int | None = (await conn.execute(stmt, params)).scalar()
         return value
+
+    # ---------------------------------------------------------------------------------- leases
+
+    async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        """Take ``key`` for ``holder`` for ``ttl_ms`` if it is free or expired (``asyncflow_lock``).
+
+        What :class:`~asyncflow.lock.database.DatabaseWorkflowLock` is built on. On PostgreSQL the
+        lease calls run on a connection of their own (never in ``transaction()``) and expiry is the
+        database's clock; on SQLite the host's clock.
+        """
+        check_text(key, "key")
+        check_text(holder, "holder")
+        check_int(ttl_ms, "ttl_ms", minimum=1)
+        with StoreErrors("acquire_lease"):
+            return await self._backend.acquire_lease(key, holder, ttl_ms)
+
+    async def renew_leases(self, held: Sequence[tuple[str, str, int]]) -> list[bool]:
+        """Extend each ``(key, holder, ttl_ms)`` still held and unexpired; whether each was."""
+        if not held:
+            return []
+        with StoreErrors("renew_leases"):
+            return await self._backend.renew_leases(list(held))
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        """Free ``key`` if ``holder`` still holds it; whether it did."""
+        with StoreErrors("release_lease"):
+            return await self._backend.release_lease(key, holder)
 
     def listen_due(self, callback: Callable[[], None]) -> DueListener | None:
         """Wake-ups for a driver, if the backend has them (PostgreSQL's LISTEN/NOTIFY), else ``None``.

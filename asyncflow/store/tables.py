@@ -10,6 +10,10 @@ are Go's plus what the engine and the driver need:
   instance; ``INDEX(status, next_run_at)`` serves the due scan.
 * ``version`` on both tables: bumped by every write, named by compare-and-set updates.
 * ``task_instance.started_at`` (unix seconds): the node's timeout clock.
+* ``workflow_instance.lease_epoch``: the fence of the passes. Each pass takes a new epoch with its
+  first read, and every write of the pass requires it, so an older pass can write nothing more.
+* ``asyncflow_lock``: the leases of :class:`~asyncflow.lock.database.DatabaseWorkflowLock`
+  (``expires_at`` in unix milliseconds: the database's clock on PostgreSQL).
 
 ``created_at``/``updated_at`` are unix seconds, as in Go. Contexts are ``JSON`` (``JSONB`` on
 PostgreSQL). Primary keys are ``BIGINT`` (``INTEGER PRIMARY KEY AUTOINCREMENT`` on SQLite, a rowid
@@ -37,6 +41,7 @@ from ._sql import RUNNABLE_SQL
 
 __all__ = [
     "SCHEMA_VERSION",
+    "asyncflow_lock",
     "asyncflow_schema",
     "due_index",
     "metadata",
@@ -44,7 +49,7 @@ __all__ = [
     "workflow_instance",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version this asyncflow migrates to (:mod:`asyncflow.store.migrations`)."""
 
 metadata = MetaData(
@@ -73,6 +78,7 @@ workflow_instance = Table(
     Column("updated_at", BigInteger, nullable=False),
     Column("next_run_at", BigInteger, nullable=False, server_default=text("0")),
     Column("version", BigInteger, nullable=False, server_default=text("1")),
+    Column("lease_epoch", BigInteger, nullable=False, server_default=text("0")),
     Index(None, "status", "next_run_at"),
     Index(None, "business_id"),
     Index(None, "task_id"),
@@ -120,3 +126,13 @@ asyncflow_schema = Table(
     Column("version", Integer, primary_key=True, autoincrement=False),
     Column("applied_at", BigInteger, nullable=False),
 )
+
+asyncflow_lock = Table(
+    "asyncflow_lock",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("holder", Text, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+)
+"""The leases of ``DatabaseWorkflowLock``: a row per held key (its holder's token); an expired row
+is taken over by the next acquirer. Migration 3 adds it."""

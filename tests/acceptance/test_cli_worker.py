@@ -128,6 +128,18 @@ def test_worker_on_postgres_and_redis_stops_on_sigint(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.postgres
+def test_worker_on_postgres_alone_keeps_the_lock_in_the_database(
+    tmp_path: pathlib.Path, postgres_url: str
+) -> None:
+    with scratch_database(postgres_url, f"worker_{uuid.uuid4().hex[:12]}") as url:
+        result = _drive_with_worker(tmp_path, url, signal.SIGINT)
+    assert result.returncode == 0, result.stderr
+    assert "lock DatabaseWorkflowLock" in result.stderr
+    assert "5 completed" in result.stderr
+    assert "Traceback" not in result.stderr and "WARNING" not in result.stderr
+
+
 def test_worker_refuses_a_bad_app(tmp_path: pathlib.Path) -> None:
     (tmp_path / "helpdesk.py").write_text(APP)
     url = f"sqlite+aiosqlite:///{tmp_path}/w.db"

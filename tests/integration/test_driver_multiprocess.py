@@ -1,11 +1,13 @@
-"""Three driver processes on one PostgreSQL database with the Redis lock: every node's ``run`` happens
-exactly once (recorded in a side table by the workers themselves), and each process does some of the work."""
+"""Three driver processes on one PostgreSQL database, with the Redis lock or with ``DatabaseWorkflowLock``
+(no Redis at all: the processes never import the redis package): every node's ``run`` happens exactly
+once (recorded in a side table by the workers themselves), and each process does some of the work."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import multiprocessing
+import sys
 import uuid
 from typing import Any
 
@@ -17,7 +19,7 @@ PROCESSES = 3
 INSTANCES = 3000
 NODES = {"A": ["B", "C"], "B": [], "C": []}
 
-pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+pytestmark = [pytest.mark.postgres]
 
 
 def _engine(url: str, schema: str, pool_size: int = 4) -> Any:
@@ -26,13 +28,13 @@ def _engine(url: str, schema: str, pool_size: int = 4) -> Any:
     )
 
 
-async def _drive(url: str, schema: str, redis_url: str, prefix: str, go: Any) -> dict[str, int]:
+async def _drive(url: str, schema: str, redis_url: str | None, prefix: str, go: Any) -> dict[str, int]:
     from asyncflow.config import NodeConfig, WorkflowConfig
     from asyncflow.context import JSONContext
     from asyncflow.driver import WorkflowDriver
     from asyncflow.engine.service import WorkflowService
     from asyncflow.errors import StoreError
-    from asyncflow.lock.redis import RedisWorkflowLock
+    from asyncflow.lock.database import DatabaseWorkflowLock
     from asyncflow.records import QueryWorkflowInstanceParams
     from asyncflow.registry import Registry
     from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
@@ -56,7 +58,13 @@ async def _drive(url: str, schema: str, redis_url: str, prefix: str, go: Any) ->
     for node in NODES:
         registry.register_workflow_task("dag", node, NormalTaskWorker(run=record))
     repo = SQLAlchemyWorkflowRepo(engine)
-    lock = RedisWorkflowLock(redis_url, prefix=prefix)
+    lock: Any
+    if redis_url is None:
+        lock = DatabaseWorkflowLock(repo, prefix=prefix)
+    else:
+        from asyncflow.lock.redis import RedisWorkflowLock
+
+        lock = RedisWorkflowLock(redis_url, prefix=prefix)
     service = WorkflowService(repo, lock, registry, lock_ttl=10.0)
     driver = WorkflowDriver(service, concurrency=8, poll_interval=0.2)
     done = QueryWorkflowInstanceParams(status_in=("completed",))
@@ -68,13 +76,16 @@ async def _drive(url: str, schema: str, redis_url: str, prefix: str, go: Any) ->
                     if await service.count_workflow_instances(done) >= INSTANCES:
                         break
                 await asyncio.sleep(0.1)
-        return driver.stats.as_dict()
+        stats = driver.stats.as_dict()
+        stats["imported_redis"] = int("redis" in sys.modules)
+        return stats
     finally:
         await lock.aclose()
+        await repo.aclose()
         await engine.dispose()
 
 
-def _child(url: str, schema: str, redis_url: str, prefix: str, go: Any, results: Any) -> None:
+def _child(url: str, schema: str, redis_url: str | None, prefix: str, go: Any, results: Any) -> None:
     try:
         results.put(asyncio.run(_drive(url, schema, redis_url, prefix, go)))
     except BaseException as exc:  # report it to the parent rather than dying silently
@@ -82,10 +93,14 @@ def _child(url: str, schema: str, redis_url: str, prefix: str, go: Any, results:
         raise
 
 
-async def test_three_driver_processes_run_every_node_exactly_once(postgres_url: str, redis_url: str) -> None:
+@pytest.mark.parametrize("lock_kind", [pytest.param("redis", marks=pytest.mark.redis), "database"])
+async def test_three_driver_processes_run_every_node_exactly_once(
+    postgres_url: str, lock_kind: str, request: pytest.FixtureRequest
+) -> None:
     from asyncflow.records import NewWorkflowInstance
     from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 
+    redis_url = request.getfixturevalue("redis_url") if lock_kind == "redis" else None
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = create_async_engine(postgres_url)
     async with admin.begin() as conn:
@@ -133,6 +148,8 @@ async def test_three_driver_processes_run_every_node_exactly_once(postgres_url: 
         assert sum(s["completed"] for s in stats) == INSTANCES
         assert all(s["passes"] > 0 for s in stats)  # the work was spread among the processes
         assert sum(s["errors"] for s in stats) == 0
+        if lock_kind == "database":
+            assert [s["imported_redis"] for s in stats] == [0] * PROCESSES  # PostgreSQL alone
     finally:
         for process in processes:
             if process.is_alive():

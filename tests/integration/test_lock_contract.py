@@ -1,4 +1,5 @@
-"""The ``WorkflowLock`` contract, run against every implementation (local, redis, postgres).
+"""The ``WorkflowLock`` contract, run against every implementation (local, redis, postgres advisory, and
+``DatabaseWorkflowLock`` on the memory repo, SQLite and PostgreSQL).
 
 Every test holds keys through the Protocol's ``hold(key, ttl)`` and the shared test hook
 ``lease._suspend_renewal()`` (a holder that stopped renewing, as after a crash). "Unrelated" tasks run
@@ -8,6 +9,7 @@ in a fresh ``contextvars.Context``, so they carry no re-entrancy marker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
 import uuid
@@ -19,9 +21,12 @@ import pytest
 from asyncflow.clock import FakeClock
 from asyncflow.errors import LockFailedError, ParamInvalidError
 from asyncflow.lock._reentrant import ReentrantLock
+from asyncflow.lock.database import DatabaseWorkflowLock
 from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.lock.protocol import LockLease, WorkflowLock
-from tests.conftest import POSTGRES_URL_ENV, REDIS_URL_ENV
+from asyncflow.store.memory import MemoryWorkflowRepo
+from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+from tests.conftest import POSTGRES_URL_ENV, REDIS_URL_ENV, isolated_pg_engine
 
 T = TypeVar("T")
 
@@ -45,6 +50,11 @@ def _params() -> list[Any]:
     ]
     if _postgres_available():
         params.append(pytest.param("postgres", id="postgres", marks=pytest.mark.postgres))
+    params += [
+        pytest.param("database-memory", id="database-memory"),
+        pytest.param("database-sqlite", id="database-sqlite"),
+        pytest.param("database-postgres", id="database-postgres", marks=pytest.mark.postgres),
+    ]
     return params
 
 
@@ -53,39 +63,78 @@ LockFactory = Callable[[], Awaitable[ReentrantLock[Any]]]
 
 @pytest.fixture(params=_params())
 async def make_lock(request: pytest.FixtureRequest) -> AsyncIterator[LockFactory]:
-    """Builds locks of one kind; all built in a test share the backend (and the Redis prefix)."""
+    """Builds locks of one kind; all built in a test share the backend (and the Redis prefix).
+
+    ``DatabaseWorkflowLock``s of a test share one database, each through a repo object of its own
+    (as processes would), except on the memory repo (one object: nothing else can share it)."""
     kind = request.param
     made: list[ReentrantLock[Any]] = []
     prefix = f"asyncflow-test:{uuid.uuid4().hex[:12]}:"
+    async with contextlib.AsyncExitStack() as stack:
+        database = await _lock_database(kind, request, stack)
 
-    async def factory() -> ReentrantLock[Any]:
-        lock: ReentrantLock[Any]
-        if kind == "local":
-            lock = LocalWorkflowLock(clock=FakeClock())  # its time moves only in elapse(): no sleeping
-        elif kind == "redis":
-            url = os.environ.get(REDIS_URL_ENV)
-            if not url:
-                pytest.skip(f"{REDIS_URL_ENV} is not set (.ci/run sets it)")
-            from asyncflow.lock.redis import RedisWorkflowLock
+        async def factory() -> ReentrantLock[Any]:
+            lock = await _new_lock(kind, prefix, database, stack)
+            made.append(lock)
+            return lock
 
-            lock = RedisWorkflowLock(url, prefix=prefix, op_timeout=2.0)
-        else:
-            url = os.environ.get(POSTGRES_URL_ENV)
-            if not url:
-                pytest.skip(f"{POSTGRES_URL_ENV} is not set (.ci/run sets it)")
-            from asyncflow.lock.postgres import PostgresAdvisoryLock
+        try:
+            yield factory
+        finally:
+            for lock in made:
+                await lock.aclose()
+            leftover = [t for t in asyncio.all_tasks() if t.get_name().startswith("asyncflow-")]
+            assert leftover == [], f"tasks left running after aclose(): {leftover}"
 
-            lock = PostgresAdvisoryLock(url, namespace=prefix)
-        made.append(lock)
-        return lock
 
-    try:
-        yield factory
-    finally:
-        for lock in made:
-            await lock.aclose()
-        leftover = [t for t in asyncio.all_tasks() if t.get_name().startswith("asyncflow-")]
-        assert leftover == [], f"tasks left running after aclose(): {leftover}"
+async def _lock_database(kind: str, request: pytest.FixtureRequest, stack: contextlib.AsyncExitStack) -> Any:
+    """What the database locks of a test share: a memory repo, a SQLite URL or a PostgreSQL engine."""
+    if kind == "database-memory":
+        return MemoryWorkflowRepo()
+    if kind == "database-sqlite":
+        url = f"sqlite+aiosqlite:///{request.getfixturevalue('tmp_path')}/locks.db"
+        repo = SQLAlchemyWorkflowRepo(url)
+        await repo.migrate()
+        await repo.aclose()
+        return url
+    if kind == "database-postgres":
+        url = os.environ.get(POSTGRES_URL_ENV)
+        if not url:
+            pytest.skip(f"{POSTGRES_URL_ENV} is not set (.ci/run sets it)")
+        engine = await stack.enter_async_context(isolated_pg_engine(url))
+        repo = SQLAlchemyWorkflowRepo(engine)
+        await repo.migrate()
+        await repo.aclose()
+        return engine
+    return None
+
+
+async def _new_lock(kind: str, prefix: str, database: Any, stack: contextlib.AsyncExitStack) -> Any:
+    if kind.startswith("database-"):
+        repo = database
+        if not isinstance(database, MemoryWorkflowRepo):
+            repo = SQLAlchemyWorkflowRepo(database)
+            stack.push_async_callback(repo.aclose)  # after the locks (callbacks run in reverse)
+        return DatabaseWorkflowLock(repo, prefix=prefix)
+    return await _other_lock(kind, prefix)
+
+
+async def _other_lock(kind: str, prefix: str) -> Any:
+    if kind == "local":
+        return LocalWorkflowLock(clock=FakeClock())  # its time moves only in elapse(): no sleeping
+    if kind == "redis":
+        url = os.environ.get(REDIS_URL_ENV)
+        if not url:
+            pytest.skip(f"{REDIS_URL_ENV} is not set (.ci/run sets it)")
+        from asyncflow.lock.redis import RedisWorkflowLock
+
+        return RedisWorkflowLock(url, prefix=prefix, op_timeout=2.0)
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if not url:
+        pytest.skip(f"{POSTGRES_URL_ENV} is not set (.ci/run sets it)")
+    from asyncflow.lock.postgres import PostgresAdvisoryLock
+
+    return PostgresAdvisoryLock(url, namespace=prefix)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from asyncflow.driver import WorkflowDriver
 from asyncflow.engine.rules import SchedulePolicy
 from asyncflow.engine.service import WorkflowService
-from asyncflow.lock.redis import RedisWorkflowLock
+from asyncflow.lock.database import DatabaseWorkflowLock
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from tests.reliability.helpers import Journal, mixed_registry
 
@@ -83,7 +83,13 @@ async def main(settings: dict[str, Any]) -> None:
                 await asyncio.sleep(0.05)
 
     repo = SQLAlchemyWorkflowRepo(engine)
-    lock = RedisWorkflowLock(settings["redis_url"], prefix=settings["prefix"], op_timeout=2.0)
+    lock: Any
+    if settings["redis_url"] is None:  # the lock in PostgreSQL itself
+        lock = DatabaseWorkflowLock(repo, prefix=settings["prefix"], op_timeout=2.0)
+    else:
+        from asyncflow.lock.redis import RedisWorkflowLock
+
+        lock = RedisWorkflowLock(settings["redis_url"], prefix=settings["prefix"], op_timeout=2.0)
     schedule = SchedulePolicy(poll_interval=0.1, retry_base=0.1, retry_max=0.5)
     svc = WorkflowService(
         repo, lock, mixed_registry(Journal(), hook=hook), lock_ttl=settings["lock_ttl"], schedule=schedule
@@ -98,6 +104,7 @@ async def main(settings: dict[str, Any]) -> None:
         print(f"DONE {json.dumps({'passes': stats.passes, 'errors': stats.errors})}", flush=True)
     finally:
         await lock.aclose()
+        await repo.aclose()
         await engine.dispose()
 
 

@@ -170,6 +170,12 @@ async def snapshot(repo: Any) -> Snapshot:
     return Snapshot(tuple(instances), tuple(tasks))
 
 
+def without_epochs(taken: Snapshot) -> Snapshot:
+    """The snapshot with every ``lease_epoch`` at 0: a pass that writes nothing still takes an epoch."""
+    instances = tuple(dataclasses.replace(record, lease_epoch=0) for record in taken.instances)
+    return Snapshot(instances, taken.tasks)
+
+
 class CompletionCounter:
     """Wraps a repo; counts, per ``(instance, task type)``, the applied writes that completed a node."""
 

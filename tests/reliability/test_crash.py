@@ -1,8 +1,9 @@
 """Issue 8, item 1: driver processes SIGKILLed at random moments lose nothing and double nothing.
 
 1,000 instances of the mixed workflow (fan-out, join, a wait check, a retry) on PostgreSQL (a private
-schema) with the Redis lock (a private key prefix). A driver process (``_crash_worker.py``) is started
-and killed with SIGKILL at a random moment (seeded RNG, printed) five times; a sixth process finishes.
+schema) with the Redis lock (a private key prefix) or with ``DatabaseWorkflowLock`` (no Redis). A
+driver process (``_crash_worker.py``) is started and killed with SIGKILL at a random moment (seeded
+RNG, printed) five times; a sixth process finishes.
 Then:
 
 * every instance is ``completed``, with exactly one row per node, all ``completed``;
@@ -38,7 +39,7 @@ from tests.conftest import isolated_pg_engine
 from ._crash_worker import SIDE_TABLES
 from .helpers import ALL_ROWS, MIXED, MIXED_EDGES, WITH_CHECK
 
-pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[2]
 KILLS = 5
@@ -76,9 +77,12 @@ async def progress(engine: Any) -> tuple[int, int]:
         return int((await conn.execute(done)).scalar_one()), int((await conn.execute(nodes)).scalar_one())
 
 
+@pytest.mark.parametrize("lock_kind", [pytest.param("redis", marks=pytest.mark.redis), "database"])
 async def test_sigkilled_drivers_lose_nothing_and_complete_each_node_once(
-    pg_url: str, redis_url: str, tmp_path: Path
+    pg_url: str, lock_kind: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    """With the Redis lock, or with ``DatabaseWorkflowLock`` (PostgreSQL alone: no Redis URL at all)."""
+    redis_url = request.getfixturevalue("redis_url") if lock_kind == "redis" else None
     log = tmp_path / "drivers.log"
     rng = random.Random(SEED)
     print(f"crash test: seed {SEED}, {INSTANCES} instances, {KILLS} kills")

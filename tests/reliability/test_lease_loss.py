@@ -8,9 +8,9 @@ its success completes it in one write) blocks; its lease renewal is stalled on p
 * With the real lease, runner 1 learns of the loss before its next write: ``LockFailedError``, nothing
   written after the loss.
 * A runner that does *not* learn it (a "zombie": its lease is wrapped to always look valid, like a
-  process paused past its TTL that writes the moment it wakes) is stopped by the compare-and-set: of
-  the two completions of ``D``, exactly one applies, whichever comes first, and the other pass stops
-  quietly.
+  process paused past its TTL that writes the moment it wakes) is stopped by the fence (issue 15):
+  runner 2's pass began later, so the zombie's completion of ``D`` is refused even when it comes
+  first, and runner 2's applies; the zombie's pass stops quietly.
 
 In every case the instance then completes with each node completed by exactly one applied write. The
 worker of ``D`` itself did run twice: a lease cannot undo work already done outside the database.
@@ -246,17 +246,16 @@ async def test_compare_and_set_stops_a_runner_that_believes_it_still_holds_the_l
             async with asyncio.timeout(30):
                 await gate2.entered.wait()  # both runners are inside D's run now
             gate1.release.set()
-            await zombie  # its completion of D applies: it got there first
+            await zombie  # its completion of D is refused although it comes first: a newer pass began
+            assert repo1.completions[(instance_id, "D")] == 0
             gate2.release.set()
-            await second  # ...and runner 2's is refused: its pass stops without an error
-            winner, loser = repo1, repo2
+            await second  # ...and runner 2's applies
         else:
             await second
             gate1.release.set()
-            await zombie  # refused by the compare-and-set, no error
-            winner, loser = repo2, repo1
-        assert winner.completions[(instance_id, "D")] == 1
-        assert loser.completions[(instance_id, "D")] == 0
+            await zombie  # refused (the fence, and the compare-and-set), no error
+        assert repo2.completions[(instance_id, "D")] == 1
+        assert repo1.completions[(instance_id, "D")] == 0
         assert journal.done(instance_id, "D", "run") == 2
         await finish(setup, journal, instance_id, [repo1, repo2])
 

@@ -22,11 +22,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ...errors import ParamInvalidError, StoreError
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._batcher import StepBatcher
-from .._errors import StepConflict, sqlstate
+from .._errors import StaleStep, StepConflict, sqlstate
 from .._observers import notify
 from .._prepare import InstanceRow, PreparedStep
 from .._units import ConnectionUnits
-from . import schema
+from . import leases, schema
 from . import sql as pg
 from .batches import BATCH_SLOTS, MAX_BATCH, RUN_ALONE, PgCreateBatches, PgStateReads, PgStepBatches
 from .lanes import PgLanes, lane_limit
@@ -56,12 +56,22 @@ class PostgresBackend:
         self._step_batcher: StepBatcher[Any] | None = None
         self._creates: StepBatcher[Any] | None = None
         self._reads: StepBatcher[Any] | None = None
+        self._leased_reads: StepBatcher[Any] | None = None
+        self._acquires: StepBatcher[Any] | None = None
+        self._releases: StepBatcher[Any] | None = None
         if self._lanes.limit > 0:
             slots = min(BATCH_SLOTS, self._lanes.limit)
             self._steps = PgStepBatches(self._lanes)
             self._step_batcher = StepBatcher(self._steps, slots=slots, max_batch=MAX_BATCH)
             self._creates = StepBatcher(PgCreateBatches(self._lanes), slots=slots, max_batch=MAX_BATCH)
             self._reads = StepBatcher(PgStateReads(self._lanes), slots=slots, max_batch=MAX_BATCH)
+            self._leased_reads = StepBatcher(
+                PgStateReads(self._lanes, lease=True), slots=slots, max_batch=MAX_BATCH
+            )
+            self._acquires = StepBatcher(leases.LeaseBatches(self._lanes), slots=slots, max_batch=MAX_BATCH)
+            self._releases = StepBatcher(
+                leases.LeaseBatches(self._lanes, release=True), slots=slots, max_batch=MAX_BATCH
+            )
 
     def _direct(self) -> bool:
         """Outside ``transaction()`` (raises ``StoreError`` if the repo is closed)."""
@@ -109,16 +119,19 @@ class PostgresBackend:
             return await pg.load_tasks(db, instance_id)
 
     async def load_state(
-        self, instance_id: int
+        self, instance_id: int, lease: bool
     ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
-        """One statement (concurrent reads outside ``transaction()`` share it)."""
-        if self._reads is not None and self._direct():
+        """One statement (concurrent reads outside ``transaction()`` share it); ``lease``: it also
+        takes a new lease epoch."""
+        reads = self._leased_reads if lease else self._reads
+        if reads is not None and self._direct():
             state: tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None
-            state = await self._reads.submit(instance_id, instance_id)
-            notify(self._observed, False)
-            return state
-        async with self._db(wrote=False) as db:
-            return (await pg.load_states(db, (instance_id,))).get(instance_id)
+            state = await reads.submit(instance_id, instance_id)
+            if state is not RUN_ALONE:
+                notify(self._observed, lease)
+                return state
+        async with self._db(wrote=lease) as db:
+            return (await pg.load_states(db, (instance_id,), lease)).get(instance_id)
 
     async def apply_step(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
         """The step function; ``StepConflict`` (nothing written) if a condition failed."""
@@ -146,6 +159,8 @@ class PostgresBackend:
                 code, ids = outcome
                 if code == pg.CONFLICT_SQLSTATE:
                     raise StepConflict
+                if code == pg.STALE_SQLSTATE:
+                    raise StaleStep
                 return pg.inserted_records(step, ids, now)
         async with self._lanes.lane() as driver:
             return await pg.apply_step(driver, step, now)
@@ -154,6 +169,29 @@ class PostgresBackend:
         """One ``UPDATE ... FOR UPDATE SKIP LOCKED ... RETURNING``."""
         async with self._db(wrote=True) as db:
             return await pg.claim_due(db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
+
+    async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        """DatabaseWorkflowLock's leases (:mod:`.leases`): on a lane, never in ``transaction()``;
+        concurrent acquires (and releases) share a statement."""
+        return await self._lease_call(self._acquires, (key, holder, ttl_ms), leases.acquire)
+
+    async def renew_leases(self, held: Sequence[tuple[str, str, int]]) -> list[bool]:
+        self.units.check_open()
+        async with self._lanes.lane() as db:
+            return await leases.renew(db, held)
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        return await self._lease_call(self._releases, (key, holder, 0), _release_one)
+
+    async def _lease_call(
+        self, batcher: StepBatcher[Any] | None, item: tuple[str, str, int], alone: Any
+    ) -> bool:
+        self.units.check_open()
+        if batcher is not None:
+            return bool(await batcher.submit(0, item))
+        async with self._lanes.lane() as db:
+            [done] = await alone(db, [item])
+            return bool(done)
 
     def listen_due(self, callback: Callable[[], None]) -> DueNotifier:
         """LISTEN/NOTIFY wake-ups (:mod:`.notify`): ``callback()`` when an instance becomes due."""
@@ -166,10 +204,21 @@ class PostgresBackend:
 
     async def aclose(self) -> None:
         """Wait for the batches in flight, then return the lanes."""
-        for batcher in (self._step_batcher, self._creates, self._reads):
+        for batcher in (
+            self._step_batcher,
+            self._creates,
+            self._reads,
+            self._leased_reads,
+            self._acquires,
+            self._releases,
+        ):
             if batcher is not None:
                 await batcher.aclose()
         await self._lanes.aclose()
+
+
+async def _release_one(db: Any, items: Sequence[tuple[str, str, int]]) -> list[bool]:
+    return await leases.release(db, [(key, holder) for key, holder, _ in items])
 
 
 def _step_error(error: Exception) -> None:
@@ -177,6 +226,8 @@ def _step_error(error: Exception) -> None:
     code = sqlstate(error)
     if code == pg.CONFLICT_SQLSTATE:
         raise StepConflict from None
+    if code == pg.STALE_SQLSTATE:
+        raise StaleStep from None
     if code == pg.UNDEFINED_FUNCTION_SQLSTATE and "asyncflow_step" in str(error):
         raise StoreError(
             "the database has no asyncflow_step_v1() function: run `await repo.migrate()` "

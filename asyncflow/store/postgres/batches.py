@@ -22,7 +22,14 @@ from typing import Any
 
 from .._prepare import InstanceRow
 from .lanes import PgLanes
-from .sql import CONFLICT_SQLSTATE, STEP_CALL, UNDEFINED_FUNCTION_SQLSTATE, create_instances, load_states
+from .sql import (
+    CONFLICT_SQLSTATE,
+    STALE_SQLSTATE,
+    STEP_CALL,
+    UNDEFINED_FUNCTION_SQLSTATE,
+    create_instances,
+    load_states,
+)
 
 __all__ = ["BATCH_SLOTS", "MAX_BATCH", "RUN_ALONE", "PgCreateBatches", "PgStateReads", "PgStepBatches"]
 
@@ -35,6 +42,8 @@ RUN_ALONE = object()
 
 BATCH_SLOTS = 4
 """Step statements a repo keeps in flight at most; steps beyond them wait and go together."""
+
+_OUTCOMES = (None, CONFLICT_SQLSTATE, STALE_SQLSTATE)
 
 MAX_BATCH = 32
 """Steps per statement at most (each is a subtransaction; PostgreSQL caches 64 per transaction)."""
@@ -72,7 +81,7 @@ class PgStepBatches:
             else:
                 logger.debug("a batch of %d steps failed (%s): each runs alone", len(payloads), error)
             return [RUN_ALONE] * len(payloads)  # the server refused the statement: nothing was written
-        return [(row[0], row[1]) if row[0] in (None, CONFLICT_SQLSTATE) else RUN_ALONE for row in rows]
+        return [(row[0], row[1]) if row[0] in _OUTCOMES else RUN_ALONE for row in rows]
 
 
 class PgCreateBatches:
@@ -104,19 +113,27 @@ class PgStateReads:
     """Pass reads (an instance and its node rows) that wait at the same time, as one statement.
 
     Outcomes: ``(instance, rows)`` or ``None`` for a missing instance. A failed read raises its
-    error in every caller (nothing was written).
+    error in every caller (nothing was written). With ``lease`` the statement also takes a new lease
+    epoch of each instance (the reads that begin passes), so a second read of the same instance in
+    the batch gets :data:`RUN_ALONE` (it takes an epoch of its own).
     """
 
-    def __init__(self, lanes: PgLanes) -> None:
+    def __init__(self, lanes: PgLanes, *, lease: bool = False) -> None:
         self._lanes = lanes
+        self._lease = lease
 
     async def __call__(self, instance_ids: Sequence[int]) -> list[Any]:
         async with self._lanes.lane() as conn:
-            states = await load_states(conn, sorted(set(instance_ids)))
+            states = await load_states(conn, sorted(set(instance_ids)), self._lease)
         outcomes: list[Any] = []
         given: set[int] = set()
         for instance_id in instance_ids:  # callers own their records (the engine edits contexts)
             state = states.get(instance_id)
-            outcomes.append(copy.deepcopy(state) if instance_id in given else state)
+            if instance_id not in given:
+                outcomes.append(state)
+            elif self._lease:  # one epoch per read: a second pass of the instance takes its own
+                outcomes.append(RUN_ALONE)
+            else:
+                outcomes.append(copy.deepcopy(state))
             given.add(instance_id)
         return outcomes

@@ -6,7 +6,8 @@ raises ``StoreError`` naming ``migrate()``. The status lists in them come from
 :mod:`asyncflow.status`.
 
 * ``asyncflow_step_v1(jsonb)``: one step of the engine, all or nothing (SQLSTATE ``AF409`` when a
-  condition fails).
+  condition fails, ``AF410`` when the step's lease epoch is no longer the instance's). Migration 3
+  re-installs it with the lease check (a step without an epoch is checked as before).
 * ``asyncflow_steps_v1(jsonb)``: several steps in one statement and one commit, each in a
   subtransaction of its own (group commit).
 """
@@ -23,7 +24,9 @@ CREATE OR REPLACE FUNCTION asyncflow_step_v1(p_step jsonb) RETURNS bigint[] LANG
 -- raises SQLSTATE AF409, which rolls back everything this call wrote. p_step is the JSON array
 -- [instance_id, [status_in...], status, next_run_at, now, cancel_other_tasks,
 --  [[node_id, expected_version, status, context, fail_count, started_at], ...],
---  [[task_type, status, context, fail_count, started_at], ...]]  (null: leave the column as it is).
+--  [[task_type, status, context, fail_count, started_at], ...], lease_epoch]
+-- (null: leave the column as it is; a lease_epoch, when given, must still be the instance's, else
+-- SQLSTATE AF410: a newer pass began, this one is stale).
 DECLARE
     v_instance bigint := (p_step->>0)::bigint;
     v_now bigint := (p_step->>4)::bigint;
@@ -38,8 +41,16 @@ BEGIN
            updated_at = v_now,
            version = version + 1
      WHERE id = v_instance
-       AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status);
+       AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)
+       AND (p_step->>8 IS NULL OR lease_epoch = (p_step->>8)::bigint);
     IF NOT FOUND THEN
+        IF p_step->>8 IS NOT NULL AND EXISTS (
+            SELECT 1 FROM workflow_instance
+             WHERE id = v_instance AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)) THEN
+            RAISE EXCEPTION USING ERRCODE = 'AF410', MESSAGE = format(
+                'asyncflow step: instance %s is no longer at lease epoch %s (a newer pass began)',
+                v_instance, p_step->8);
+        END IF;
         RAISE EXCEPTION USING ERRCODE = 'AF409',
             MESSAGE = format('asyncflow step: instance %s is missing or not in %s', v_instance, p_step->1);
     END IF;
@@ -96,7 +107,8 @@ BATCH_FUNCTION = """
 CREATE OR REPLACE FUNCTION asyncflow_steps_v1(p_steps jsonb)
 RETURNS TABLE (code text, ids bigint[]) LANGUAGE plpgsql AS $asyncflow$
 -- Several asyncflow_step_v1() calls in one statement and one commit; each in a subtransaction, so a
--- failing step is rolled back alone. code: NULL (applied: ids), AF409 (conflict) or another SQLSTATE.
+-- failing step is rolled back alone. code: NULL (applied: ids), AF409 (conflict), AF410 (stale) or another
+-- SQLSTATE.
 DECLARE
     v_step jsonb;
 BEGIN

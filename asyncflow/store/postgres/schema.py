@@ -51,11 +51,22 @@ _V1 = (
 
 _DUE_INDEX = _V1[4]
 _V2 = (_DUE_INDEX, STEP_FUNCTION, BATCH_FUNCTION)
+_V3 = (
+    "ALTER TABLE workflow_instance ADD COLUMN IF NOT EXISTS lease_epoch BIGINT DEFAULT 0 NOT NULL",
+    """CREATE TABLE IF NOT EXISTS asyncflow_lock (
+    key TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    CONSTRAINT pk_asyncflow_lock PRIMARY KEY (key))""",
+    STEP_FUNCTION,
+)
+"""The pass fence (``lease_epoch``, checked by the step function) and DatabaseWorkflowLock's table."""
 
 MIGRATIONS = check_migrations(
     [
         Migration(1, "the tables of asyncflow 0.1.0", _V1),
         Migration(2, "the step functions; the claim index on databases from before it", _V2),
+        Migration(3, "fenced passes (workflow_instance.lease_epoch); the asyncflow_lock table", _V3),
     ]
 )
 

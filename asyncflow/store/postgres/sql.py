@@ -31,6 +31,7 @@ from .._sql import RUNNABLE_SQL
 
 __all__ = [
     "CONFLICT_SQLSTATE",
+    "STALE_SQLSTATE",
     "STEP_CALL",
     "UNDEFINED_FUNCTION_SQLSTATE",
     "TxConnection",
@@ -47,6 +48,9 @@ __all__ = [
 CONFLICT_SQLSTATE = "AF409"
 """Raised by the step function when a condition of the step fails (nothing is written)."""
 
+STALE_SQLSTATE = "AF410"
+"""Raised by the step function when the step's lease epoch is no longer the instance's (nothing written)."""
+
 UNDEFINED_FUNCTION_SQLSTATE = "42883"
 """A function is missing: the database was not migrated (``repo.migrate()`` installs it)."""
 
@@ -54,7 +58,7 @@ STEP_CALL = "SELECT asyncflow_step_v1($1::text::jsonb)"
 
 _INSTANCE_COLUMNS = (
     "id, workflow_type, business_id, status, workflow_context::text, task_id, created_at, updated_at, "
-    "next_run_at, version"
+    "next_run_at, version, lease_epoch"
 )
 _TASK_COLUMNS = (
     "id, workflow_instance_id, task_type, status, node_context::text, fail_count, created_at, "
@@ -72,14 +76,22 @@ _INSERT_INSTANCES = (
     "ORDER BY r.ord RETURNING id"
 )
 """One or many instances in one statement (a single create is a batch of one)."""
-_NO_INSTANCE = "NULL::bigint, " + "NULL::text, " * 4 + "NULL::bigint, " * 5
+_NO_INSTANCE = "NULL::bigint, " + "NULL::text, " * 4 + "NULL::bigint, " * 6
 _NO_TASK = "NULL::bigint, " * 2 + "NULL::text, " * 3 + "NULL::bigint, " * 4 + "NULL::bigint "
-_LOAD_STATES = (
-    f"SELECT {_INSTANCE_COLUMNS}, {_NO_TASK}FROM workflow_instance WHERE id = ANY ($1::bigint[]) "
+_TASKS_OF = (
     f"UNION ALL SELECT {_NO_INSTANCE}{_TASK_COLUMNS} FROM task_instance "
-    "WHERE workflow_instance_id = ANY ($1::bigint[]) ORDER BY 11 NULLS FIRST"
+    "WHERE workflow_instance_id = ANY ($1::bigint[]) ORDER BY 12 NULLS FIRST"
 )
-"""Instances (columns 0-9) and then their node rows by id (columns 10-19), for several ids at once."""
+_LOAD_STATES = (
+    f"SELECT {_INSTANCE_COLUMNS}, {_NO_TASK}FROM workflow_instance WHERE id = ANY ($1::bigint[]) {_TASKS_OF}"
+)
+"""Instances (columns 0-10) and then their node rows by id (columns 11-20), for several ids at once."""
+_LEASE_STATES = (
+    "WITH leased AS (UPDATE workflow_instance SET lease_epoch = lease_epoch + 1 "
+    f"WHERE id = ANY ($1::bigint[]) RETURNING {_INSTANCE_COLUMNS}) "
+    f"SELECT *, {_NO_TASK}FROM leased {_TASKS_OF}"
+)
+""":data:`_LOAD_STATES` that also takes a new lease epoch of each instance (the passes' first read)."""
 _CLAIM = (
     "UPDATE workflow_instance AS w SET next_run_at = $3::bigint "
     "FROM (SELECT id, next_run_at AS due FROM workflow_instance "
@@ -140,7 +152,7 @@ def step_json(step: PreparedStep, now: int) -> str:
     cancel = "true" if step.cancel_other_tasks else "false"
     return (
         f"[{step.instance_id},[{statuses}],{_text(change.status)},{_int(change.next_run_at)},{now},"
-        f"{cancel},[{updates}],[{inserts}]]"
+        f"{cancel},[{updates}],[{inserts}],{_int(step.lease_epoch)}]"
     )
 
 
@@ -174,15 +186,19 @@ async def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> 
 
 
 async def load_states(
-    db: Any, instance_ids: Sequence[int]
+    db: Any, instance_ids: Sequence[int], lease: bool = False
 ) -> dict[int, tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]]]:
-    """Instances and their node rows (ordered by id) in one statement; missing ids are left out."""
+    """Instances and their node rows (ordered by id) in one statement; missing ids are left out.
+
+    ``lease``: the same statement also takes a new lease epoch of each instance (``lease_epoch + 1``,
+    returned on the records).
+    """
     states: dict[int, tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]]] = {}
-    for row in await db.fetch(_LOAD_STATES, list(instance_ids)):
+    for row in await db.fetch(_LEASE_STATES if lease else _LOAD_STATES, list(instance_ids)):
         if row[0] is not None:
             states[row[0]] = (instance_record(row), [])
         else:
-            task = task_record(row[10:])
+            task = task_record(row[11:])
             state = states.get(task.workflow_instance_id)
             if state is not None:  # else its instance row is gone (possible only without the FK)
                 state[1].append(task)

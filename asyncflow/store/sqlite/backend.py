@@ -11,6 +11,7 @@ Units on the own connection are reported to :mod:`asyncflow.store._observers`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -19,17 +20,21 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._batcher import StepBatcher
-from .._errors import StepConflict
+from .._errors import StaleStep, StepConflict
 from .._lanes import to_completion
 from .._observers import notify
 from .._prepare import InstanceRow, PreparedStep
 from .._units import ConnectionUnits
-from . import schema
+from . import leases, schema
 from . import sql as lite
 from .engine import autocommit_engine, configure_engine
 from .lane import SqliteLane
 
 __all__ = ["SqliteBackend"]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class _RolledBack(Exception):
@@ -75,10 +80,10 @@ class SqliteBackend:
         try:
             async with self.units.atomic() as conn:
                 result = await conn.run_sync(_on, body, args)
-                if result is None:
-                    raise _RolledBack
-        except _RolledBack:
-            return None
+                if result is None or result is lite.STALE:
+                    raise _RolledBack(result)
+        except _RolledBack as rolled_back:
+            return rolled_back.args[0]
         return result
 
     async def _on_sqlalchemy(self, unit: Coroutine[Any, Any, Any]) -> Any:
@@ -115,10 +120,14 @@ class SqliteBackend:
         return rows
 
     async def load_state(
-        self, instance_id: int
+        self, instance_id: int, lease: bool
     ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
+        """One read transaction; ``lease``: one write transaction that also takes a new lease epoch."""
         state: tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None
-        state = await self._read(lite.load_state, instance_id, snapshot=True)
+        if lease:
+            state = await self._write(lite.load_state, instance_id, True)
+        else:
+            state = await self._read(lite.load_state, instance_id, snapshot=True)
         return state
 
     async def apply_step(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
@@ -127,12 +136,16 @@ class SqliteBackend:
             outcome = await self._batcher.submit(step.instance_id, (step, now))
             if outcome is None:
                 raise StepConflict
+            if outcome is lite.STALE:
+                raise StaleStep
             notify(self._observed, True)
             inserted: tuple[TaskInstanceRecord, ...] = outcome
             return inserted
         ids = await self._write(lite.step, step, now)
         if ids is None:
             raise StepConflict
+        if ids is lite.STALE:
+            raise StaleStep
         return lite.inserted(step, ids, now)
 
     async def _apply_batch(self, steps: Sequence[tuple[PreparedStep, int]]) -> list[Any]:
@@ -143,6 +156,18 @@ class SqliteBackend:
         """A SELECT and an UPDATE that re-checks the due condition, in one write transaction."""
         ids: list[int] = await self._write(lite.claim_due, now_ms, limit, lease_ms, tuple(types))
         return ids
+
+    async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
+        """DatabaseWorkflowLock's leases (:mod:`.leases`), each one write transaction (inside
+        ``transaction()`` it joins it: SQLite has one writer, which the transaction already is)."""
+        return bool(await self._write(leases.acquire, key, holder, ttl_ms, _now_ms()))
+
+    async def renew_leases(self, held: Sequence[tuple[str, str, int]]) -> list[bool]:
+        renewed: list[bool] = await self._write(leases.renew, held, _now_ms())
+        return renewed
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        return bool(await self._write(leases.release, key, holder))
 
     def listen_due(self, callback: Callable[[], None]) -> None:
         """No wake-ups on SQLite: drivers poll."""

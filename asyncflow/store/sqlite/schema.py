@@ -6,6 +6,8 @@ from the start), so a second migrator waits, then reads the version the first on
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..migrations import Migration, check_migrations
@@ -49,10 +51,32 @@ _V1 = (
 
 _V2 = (_V1[4],)
 
+
+def _add_column(table: str, column: str, ddl: str) -> Callable[[AsyncConnection], Awaitable[None]]:
+    """``ALTER TABLE ... ADD COLUMN`` unless the table has the column (made from ``af.metadata``)."""
+
+    async def add(conn: AsyncConnection) -> None:
+        found = await conn.exec_driver_sql(f"SELECT name FROM pragma_table_info('{table}')")
+        if column not in set(found.scalars()):
+            await conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+
+    return add
+
+
+_V3 = (
+    _add_column("workflow_instance", "lease_epoch", "BIGINT DEFAULT 0 NOT NULL"),
+    """CREATE TABLE IF NOT EXISTS asyncflow_lock (
+    key TEXT NOT NULL PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at BIGINT NOT NULL)""",
+)
+"""The pass fence (``lease_epoch``) and DatabaseWorkflowLock's table."""
+
 MIGRATIONS = check_migrations(
     [
         Migration(1, "the tables of asyncflow 0.1.0", _V1),
         Migration(2, "the claim index on databases from before it (PostgreSQL: the step functions)", _V2),
+        Migration(3, "fenced passes (workflow_instance.lease_epoch); the asyncflow_lock table", _V3),
     ]
 )
 

@@ -27,6 +27,7 @@ from .._sql import RUNNABLE_SQL, TERMINAL_SQL, marks
 
 __all__ = [
     "MAX_BATCH",
+    "STALE",
     "SyncConnection",
     "apply_steps",
     "claim_due",
@@ -49,8 +50,10 @@ _INSERT_INSTANCE = (
 )
 _GET_INSTANCE = (
     "SELECT id, workflow_type, business_id, status, workflow_context, task_id, created_at, updated_at, "
-    "next_run_at, version FROM workflow_instance WHERE id = ?"
+    "next_run_at, version, lease_epoch FROM workflow_instance WHERE id = ?"
 )
+_TAKE_LEASE = "UPDATE workflow_instance SET lease_epoch = lease_epoch + 1 WHERE id = ?"
+_IN_STATUS = "SELECT status FROM workflow_instance WHERE id = ?"
 _LOAD_TASKS = (
     "SELECT id, workflow_instance_id, task_type, status, node_context, fail_count, created_at, "
     "updated_at, started_at, version FROM task_instance WHERE workflow_instance_id = ? ORDER BY id"
@@ -67,6 +70,19 @@ _INSERT_TASK = (
 _INTEGRITY_ERRORS = (sqlite3.IntegrityError, exc.IntegrityError)
 
 
+class _Stale:
+    """What :func:`step` returns when the step's lease epoch is no longer the instance's."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "STALE"
+
+
+STALE = _Stale()
+"""The outcome of a stale step (rolled back, like ``None``)."""
+
+
 class SyncConnection:
     """``execute(sql, params)`` on a SQLAlchemy ``Connection`` (inside ``AsyncConnection.run_sync``)."""
 
@@ -80,12 +96,13 @@ class SyncConnection:
 
 
 @cache
-def _update_instance(statuses: int) -> str:
+def _update_instance(statuses: int, fenced: bool) -> str:
     sql = (
         "UPDATE workflow_instance SET status = coalesce(?, status), "
         "next_run_at = coalesce(?, next_run_at), updated_at = ?, version = version + 1 WHERE id = ?"
     )
-    return f"{sql} AND status IN ({marks(statuses)})" if statuses else sql
+    sql = f"{sql} AND status IN ({marks(statuses)})" if statuses else sql
+    return f"{sql} AND lease_epoch = ?" if fenced else sql
 
 
 @cache
@@ -119,11 +136,12 @@ def _claim_ids(ids: int) -> str:
 
 
 def write(conn: sqlite3.Connection, body: Callable[..., Any], *args: Any) -> Any:
-    """``body(conn, *args)`` in ``BEGIN IMMEDIATE``; committed unless it returns ``None`` or raises."""
+    """``body(conn, *args)`` in ``BEGIN IMMEDIATE``; committed unless it returns ``None``/``STALE`` or
+    raises."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = body(conn, *args)
-        conn.execute("COMMIT" if result is not None else "ROLLBACK")
+        conn.execute("COMMIT" if result is not None and result is not STALE else "ROLLBACK")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
@@ -143,8 +161,9 @@ def read(conn: sqlite3.Connection, body: Callable[..., Any], *args: Any) -> Any:
 def apply_steps(conn: sqlite3.Connection, steps: Sequence[tuple[PreparedStep, int]]) -> list[Any]:
     """Several steps in one ``BEGIN IMMEDIATE`` transaction, each in a SAVEPOINT, and one commit.
 
-    Outcome per step: its inserted records, ``None`` (a condition failed: rolled back), or the
-    exception it raised (rolled back alone). An error that ends the whole transaction is raised.
+    Outcome per step: its inserted records, ``None`` (a condition failed: rolled back), ``STALE``
+    (its lease epoch is gone: rolled back), or the exception it raised (rolled back alone). An error
+    that ends the whole transaction is raised.
     """
     outcomes: list[Any] = []
     conn.execute("BEGIN IMMEDIATE")
@@ -159,8 +178,8 @@ def apply_steps(conn: sqlite3.Connection, steps: Sequence[tuple[PreparedStep, in
                     raise
                 ids, outcome = None, error
             else:
-                outcome = None if ids is None else inserted(prepared, ids, now)
-            if ids is None:
+                outcome = ids if ids is None or isinstance(ids, _Stale) else inserted(prepared, ids, now)
+            if ids is None or ids is STALE:
                 conn.execute("ROLLBACK TO asyncflow_step")
             conn.execute("RELEASE asyncflow_step")
             outcomes.append(outcome)
@@ -195,25 +214,39 @@ def load_tasks(db: Any, instance_id: int) -> list[TaskInstanceRecord]:
     return [task_record(row) for row in db.execute(_LOAD_TASKS, (instance_id,)).fetchall()]
 
 
-def load_state(db: Any, instance_id: int) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
-    """The instance and its node rows (ordered by id), or ``None`` (run it in one transaction)."""
+def load_state(
+    db: Any, instance_id: int, lease: bool = False
+) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
+    """The instance and its node rows (ordered by id), or ``None`` (run it in one transaction).
+
+    ``lease``: first take a new lease epoch (a write: run it in a write transaction).
+    """
+    if lease:
+        db.execute(_TAKE_LEASE, (instance_id,))
     instance = get_instance(db, instance_id)
     return None if instance is None else (instance, load_tasks(db, instance_id))
 
 
-def step(db: Any, prepared: PreparedStep, now: int) -> list[int] | None:
-    """Apply a step: the ids of the inserted rows, or ``None`` if a condition failed (roll back then).
+def step(db: Any, prepared: PreparedStep, now: int) -> list[int] | _Stale | None:
+    """Apply a step: the ids of the inserted rows, or ``None`` if a condition failed, ``STALE`` if its
+    lease epoch is no longer the instance's (roll back then).
 
     Order: the instance row, the node updates (compare-and-set), the inserts, then the cancel.
     """
     change = prepared.instance_change
     instance_id = prepared.instance_id
+    statuses = prepared.instance_status_in
+    epoch = prepared.lease_epoch
+    fence = () if epoch is None else (epoch,)
     cursor = db.execute(
-        _update_instance(len(prepared.instance_status_in)),
-        (change.status, change.next_run_at, now, instance_id, *prepared.instance_status_in),
+        _update_instance(len(statuses), epoch is not None),
+        (change.status, change.next_run_at, now, instance_id, *statuses, *fence),
     )
     if cursor.rowcount != 1:
-        return None
+        if epoch is None:
+            return None
+        row = db.execute(_IN_STATUS, (instance_id,)).fetchone()
+        return STALE if row is not None and (not statuses or row[0] in statuses) else None
     touched = []
     for task_id, version, fields in prepared.updates:
         changes = (fields.status, fields.context, fields.fail_count, fields.started_at, now)

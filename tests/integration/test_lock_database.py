@@ -1,0 +1,96 @@
+"""``DatabaseWorkflowLock`` beyond the lock contract: the repo's lease calls, many locks on one repo
+(whose concurrent acquires and releases share statements on PostgreSQL), and bad arguments."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from asyncflow.errors import LockFailedError, ParamInvalidError
+from asyncflow.lock.database import DatabaseWorkflowLock
+from asyncflow.store.memory import MemoryWorkflowRepo
+from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest) -> Any:
+    # resolved from a sync fixture: an async fixture cannot request another one dynamically
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_engine")
+    return request.param
+
+
+@pytest.fixture
+async def repo(store: Any, sqlite_url: str) -> AsyncIterator[Any]:
+    if store == "memory":
+        yield MemoryWorkflowRepo()
+        return
+    made = SQLAlchemyWorkflowRepo(sqlite_url if store == "sqlite" else store)
+    await made.migrate()
+    try:
+        yield made
+    finally:
+        await made.aclose()
+
+
+async def test_the_repo_lease_calls(repo: Any) -> None:
+    assert await repo.acquire_lease("k", "h1", 10_000)
+    assert not await repo.acquire_lease("k", "h2", 10_000)  # held
+    assert await repo.renew_leases([("k", "h1", 10_000), ("k", "h2", 10_000), ("x", "h1", 10)]) == [
+        True,
+        False,
+        False,
+    ]
+    assert not await repo.release_lease("k", "h2")  # only by its holder
+    assert await repo.release_lease("k", "h1")
+    assert not await repo.release_lease("k", "h1")
+    assert await repo.acquire_lease("k", "h2", 1)
+    await asyncio.sleep(0.05)  # expired: the next acquirer takes it over, the old holder cannot renew
+    assert await repo.renew_leases([("k", "h2", 10_000)]) == [False]
+    assert await repo.acquire_lease("k", "h3", 10_000)
+    assert not await repo.release_lease("k", "h2")
+
+
+async def test_many_locks_on_one_repo(repo: Any) -> None:
+    locks = [DatabaseWorkflowLock(repo) for _ in range(8)]
+    holders: list[int] = []
+    gate = asyncio.Event()
+
+    async def contend(index: int) -> None:
+        try:
+            async with locks[index].hold("one", 5.0):
+                holders.append(index)
+                await gate.wait()
+        except LockFailedError:
+            pass
+
+    contenders = [
+        asyncio.get_running_loop().create_task(contend(i), context=contextvars.Context()) for i in range(8)
+    ]
+    await asyncio.sleep(0.3)
+    gate.set()
+    await asyncio.gather(*contenders)
+    assert len(holders) == 1  # concurrent acquires of one key (one statement on PostgreSQL): one holder
+
+    async def hold_briefly(index: int) -> None:
+        async with locks[index % 8].hold(f"key-{index}", 5.0):
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(hold_briefly(i) for i in range(40)))  # distinct keys: every one is taken
+    for index in range(40):  # ... and released: free again at once
+        assert await repo.acquire_lease(f"asyncflow:lock:key-{index}", "after", 1000)
+    for lock in locks:
+        await lock.aclose()
+
+
+async def test_bad_arguments_are_refused(repo: Any) -> None:
+    with pytest.raises(ParamInvalidError, match="keeps leases"):
+        DatabaseWorkflowLock(object())  # type: ignore[arg-type]
+    with pytest.raises(ParamInvalidError, match="op_timeout"):
+        DatabaseWorkflowLock(repo, op_timeout=0)
+    with pytest.raises(ParamInvalidError, match="ttl_ms"):
+        await repo.acquire_lease("k", "h", 0)
