@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from ..clock import SYSTEM_CLOCK, Clock
@@ -51,6 +52,7 @@ from ..status import (
     is_over_task_status,
 )
 from ..store.protocol import WorkflowRepo
+from ._starting import start_ms
 from .rules import SchedulePolicy
 from .runner import PassRunner, StallWarnings, active_passes
 
@@ -157,12 +159,18 @@ class WorkflowService:
         context: Mapping[str, Any] | JSONContext | None = None,
         run: bool = False,
         task_id: int = 0,
+        start_at: datetime | None = None,
+        start_in: float | timedelta | None = None,
     ) -> WorkflowInstance:
         """Create an instance (status ``init``); with ``run=True`` return it after its first pass.
 
-        The definition must build (``ConfigNotFoundError``/``ConfigError`` otherwise, nothing written).
-        A context that is not a JSON object raises ``ParamInvalidError``. If the first pass fails
-        (lock or store error), the error is raised with the new id in ``exc.instance_id``.
+        ``start_at`` (a timezone-aware ``datetime``) or ``start_in`` (seconds or a ``timedelta``), not
+        both: the instance is stored now, but no driver runs it before that time (an explicit
+        ``run_workflow`` runs it at once). The definition must build (``ConfigNotFoundError``/
+        ``ConfigError`` otherwise, nothing written). A context that is not a JSON object, a naive
+        ``start_at`` or ``run=True`` with a start in the future raise ``ParamInvalidError``. If the
+        first pass fails (lock or store error), the error is raised with the new id in
+        ``exc.instance_id``.
         """
         if not isinstance(workflow_type, str) or not workflow_type:
             raise ParamInvalidError(f"workflow_type must be a non-empty str, got {workflow_type!r}")
@@ -170,10 +178,13 @@ class WorkflowService:
             raise ParamInvalidError(f"business_id must be a str, got {business_id!r}")
         if isinstance(task_id, bool) or not isinstance(task_id, int):
             raise ParamInvalidError(f"task_id must be an int, got {task_id!r}")
-        definition = self.registry.get_workflow_definition(workflow_type)
         now_ms = self._now_ms()
+        start = start_ms(start_at, start_in, now_ms)
+        if run and start is not None and start > now_ms:
+            raise ParamInvalidError("run=True cannot run an instance whose start is in the future")
+        definition = self.registry.get_workflow_definition(workflow_type)
         # with run=True this call runs the first pass itself: keep drivers away for one lease
-        next_run_at = now_ms + int(self.lock_ttl * 1000) if run else now_ms
+        next_run_at = now_ms + int(self.lock_ttl * 1000) if run else now_ms if start is None else start
         record = await self.repo.create_workflow_instance(
             NewWorkflowInstance(
                 workflow_type=workflow_type,
@@ -190,7 +201,7 @@ class WorkflowService:
             extra={"instance_id": record.id, "workflow_type": workflow_type, "status": record.status},
         )
         if not run:
-            self._announce_due(record.id)
+            self._announce_due(record.id)  # a delayed one too: an idle driver learns its due time
             return WorkflowInstance.from_record(record, definition)
         try:
             return await self._run(record.id, known=(record, []))

@@ -1,0 +1,64 @@
+"""Checks of ``create_workflow``'s 0.2 arguments: delayed starts and uniqueness.
+
+Each check raises ``ParamInvalidError`` naming the argument before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+from typing import Literal
+
+from ..errors import ParamInvalidError
+
+__all__ = ["ON_DUPLICATE", "UNIQUE_MODES", "check_unique", "start_ms"]
+
+UNIQUE_MODES = ("active", "always")
+"""The values of ``create_workflow(unique=...)`` besides ``None``."""
+
+ON_DUPLICATE = ("return", "raise")
+"""The values of ``create_workflow(on_duplicate=...)``."""
+
+
+def start_ms(start_at: object, start_in: object, now_ms: int) -> int | None:
+    """The start time (unix ms) asked for by ``start_at`` or ``start_in``, or ``None`` (start now).
+
+    ``start_at`` must be a timezone-aware ``datetime``; ``start_in`` a finite non-negative number of
+    seconds or a ``timedelta``; not both.
+    """
+    if start_at is not None and start_in is not None:
+        raise ParamInvalidError("give start_at or start_in, not both")
+    if start_at is not None:
+        if not isinstance(start_at, datetime):
+            raise ParamInvalidError(f"start_at must be a datetime, got {type(start_at).__name__}")
+        if start_at.tzinfo is None or start_at.utcoffset() is None:
+            raise ParamInvalidError(
+                f"start_at must be timezone-aware (e.g. datetime.now(timezone.utc)), got naive {start_at}"
+            )
+        return max(0, math.ceil(start_at.timestamp() * 1000))
+    if start_in is None:
+        return None
+    if isinstance(start_in, timedelta):
+        seconds = start_in.total_seconds()
+    elif isinstance(start_in, int | float) and not isinstance(start_in, bool):
+        seconds = float(start_in)
+    else:
+        raise ParamInvalidError(
+            f"start_in must be seconds (int/float) or a timedelta, got {type(start_in).__name__}"
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ParamInvalidError(f"start_in must be a finite number of seconds >= 0, got {start_in!r}")
+    return now_ms + math.ceil(seconds * 1000)
+
+
+def check_unique(unique: object, on_duplicate: object) -> Literal["active", "always"] | None:
+    """``unique`` (``None``, ``"active"``, ``"always"``) after checking it and ``on_duplicate``."""
+    if on_duplicate not in ON_DUPLICATE:
+        raise ParamInvalidError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
+    if unique is None:
+        return None
+    if unique == "active":
+        return "active"
+    if unique == "always":
+        return "always"
+    raise ParamInvalidError(f"unique must be None, 'active' or 'always', got {unique!r}")
