@@ -188,6 +188,7 @@ class NewWorkflowInstance:
     task_id: int = 0
     status: str = "init"
     next_run_at: int = 0
+    unique: str | None = None  # "active" | "always": refused when a unique instance of the key exists
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -14,7 +14,7 @@ from ..errors import ParamInvalidError
 __all__ = ["ON_DUPLICATE", "UNIQUE_MODES", "check_unique", "start_ms"]
 
 UNIQUE_MODES = ("active", "always")
-"""The values of ``create_workflow(unique=...)`` besides ``None``."""
+"""The values of ``create_workflow(unique=...)`` besides ``None`` (the store's unique_key values)."""
 
 ON_DUPLICATE = ("return", "raise")
 """The values of ``create_workflow(on_duplicate=...)``."""

@@ -12,13 +12,14 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..context import JSONContext
 from ..definition import WorkflowDefinition
 from ..errors import (
     AsyncflowError,
+    DuplicateWorkflowError,
     InstanceNotFoundError,
     InvalidStateError,
     LockFailedError,
@@ -52,7 +53,7 @@ from ..status import (
     is_over_task_status,
 )
 from ..store.protocol import WorkflowRepo
-from ._starting import start_ms
+from ._starting import check_unique, start_ms
 from .rules import SchedulePolicy
 from .runner import PassRunner, StallWarnings, active_passes
 
@@ -161,6 +162,8 @@ class WorkflowService:
         task_id: int = 0,
         start_at: datetime | None = None,
         start_in: float | timedelta | None = None,
+        unique: Literal["active", "always"] | None = None,
+        on_duplicate: Literal["return", "raise"] = "return",
     ) -> WorkflowInstance:
         """Create an instance (status ``init``); with ``run=True`` return it after its first pass.
 
@@ -171,6 +174,12 @@ class WorkflowService:
         ``start_at`` or ``run=True`` with a start in the future raise ``ParamInvalidError``. If the
         first pass fails (lock or store error), the error is raised with the new id in
         ``exc.instance_id``.
+
+        ``unique="active"``: no row is inserted if an ``init``/``running`` instance of this type and
+        business id, created with ``unique`` set, exists; ``unique="always"``: the same for such an
+        instance in any status. Then ``on_duplicate="return"`` returns the existing instance (it is not
+        run) and ``"raise"`` raises ``DuplicateWorkflowError`` (``.instance_id`` is the existing id).
+        The database's unique indexes decide, so concurrent creates leave exactly one instance.
         """
         if not isinstance(workflow_type, str) or not workflow_type:
             raise ParamInvalidError(f"workflow_type must be a non-empty str, got {workflow_type!r}")
@@ -178,6 +187,7 @@ class WorkflowService:
             raise ParamInvalidError(f"business_id must be a str, got {business_id!r}")
         if isinstance(task_id, bool) or not isinstance(task_id, int):
             raise ParamInvalidError(f"task_id must be an int, got {task_id!r}")
+        mode = check_unique(unique, on_duplicate)
         now_ms = self._now_ms()
         start = start_ms(start_at, start_in, now_ms)
         if run and start is not None and start > now_ms:
@@ -185,15 +195,20 @@ class WorkflowService:
         definition = self.registry.get_workflow_definition(workflow_type)
         # with run=True this call runs the first pass itself: keep drivers away for one lease
         next_run_at = now_ms + int(self.lock_ttl * 1000) if run else now_ms if start is None else start
-        record = await self.repo.create_workflow_instance(
-            NewWorkflowInstance(
-                workflow_type=workflow_type,
-                business_id=business_id,
-                workflow_context=_context_dict(context, "context"),
-                task_id=task_id,
-                next_run_at=next_run_at,
-            )
+        new = NewWorkflowInstance(
+            workflow_type=workflow_type,
+            business_id=business_id,
+            workflow_context=_context_dict(context, "context"),
+            task_id=task_id,
+            next_run_at=next_run_at,
+            unique=mode,
         )
+        try:
+            record = await self.repo.create_workflow_instance(new)
+        except DuplicateWorkflowError as duplicate:
+            if on_duplicate == "raise":
+                raise
+            return WorkflowInstance.from_record(await self._get(duplicate.instance_id), definition)
         logger.debug(
             "created workflow instance %s (%s)",
             record.id,

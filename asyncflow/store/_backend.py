@@ -40,7 +40,8 @@ class SqlBackend(Protocol):
     units: ConnectionUnits
     schema: SchemaOps
 
-    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int]: ...
+    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | None]:
+        """Ids in input order; ``None`` where a unique row was refused (a unique instance exists)."""
 
     async def get(self, instance_id: int) -> WorkflowInstanceRecord | None: ...
 

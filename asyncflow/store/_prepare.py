@@ -20,6 +20,7 @@ from ..records import (
     TaskWhere,
 )
 from ._json import check_int, check_ints, check_text, check_texts, dumps_context
+from ._sql import UNIQUE_MODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,7 @@ class InstanceRow:
     context: str
     task_id: int
     next_run_at: int
+    unique: str | None = None  # None, "active" or "always" (stored as workflow_instance.unique_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +100,14 @@ def instance_row(new: NewWorkflowInstance) -> InstanceRow:
         context=dumps_context(new.workflow_context, "workflow_context"),
         task_id=check_int(new.task_id, "task_id"),
         next_run_at=check_int(new.next_run_at, "next_run_at", minimum=0),
+        unique=_unique(new.unique),
     )
+
+
+def _unique(value: object) -> str | None:
+    if value is None or value in UNIQUE_MODES:
+        return value
+    raise ParamInvalidError(f"unique must be None, 'active' or 'always', got {value!r}")
 
 
 def task_row(new: TaskInsert) -> TaskRow:

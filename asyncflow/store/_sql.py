@@ -6,10 +6,12 @@ from collections.abc import Iterable
 
 from ..status import RUNNABLE_INSTANCE_STATUSES, TERMINAL_STATUSES
 
-__all__ = ["RUNNABLE", "RUNNABLE_SQL", "TERMINAL", "TERMINAL_SQL", "marks", "sql_list"]
+__all__ = ["RUNNABLE", "RUNNABLE_SQL", "TERMINAL", "TERMINAL_SQL", "UNIQUE_MODES", "marks", "sql_list"]
 
 RUNNABLE = RUNNABLE_INSTANCE_STATUSES
 TERMINAL = TERMINAL_STATUSES
+UNIQUE_MODES = ("active", "always")
+"""The values of ``workflow_instance.unique_key`` besides NULL (``create_workflow(unique=...)``)."""
 
 
 def sql_list(values: Iterable[str]) -> str:

@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from dataclasses import replace
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import StoreError, UniqueViolationError
+from ..errors import DuplicateWorkflowError, StoreError, UniqueViolationError
 from ..records import (
     InstanceFields,
     InstanceWhere,
@@ -120,6 +120,16 @@ class MemoryWorkflowRepo:
     # ------------------------------------------------------------------------------- instances
 
     def _insert_instance(self, state: State, row: prep.InstanceRow, now: int) -> Instance:
+        key = (row.workflow_type, row.business_id)
+        if row.unique is not None:
+            existing = state.unique_holder(*key, row.unique)
+            if existing is not None:
+                raise DuplicateWorkflowError(
+                    f"a workflow instance of type {row.workflow_type!r} with business id "
+                    f"{row.business_id!r} exists (id {existing}; unique={row.unique!r})",
+                    instance_id=existing,
+                )
+            state.unique[key] = (*state.unique.get(key, ()), state.last_instance_id + 1)
         state.last_instance_id += 1
         instance = Instance(
             state.last_instance_id,
@@ -147,7 +157,13 @@ class MemoryWorkflowRepo:
         rows = [prep.instance_row(new) for new in news]
         async with self._unit() as state:
             now = self._now()
-            return [self._insert_instance(state, row, now).id for row in rows]
+            return [self._insert_or_existing(state, row, now) for row in rows]
+
+    def _insert_or_existing(self, state: State, row: prep.InstanceRow, now: int) -> int:
+        try:
+            return self._insert_instance(state, row, now).id
+        except DuplicateWorkflowError as duplicate:
+            return duplicate.instance_id
 
     async def get_workflow_instance(self, instance_id: int) -> WorkflowInstanceRecord | None:
         """The instance, or ``None``."""

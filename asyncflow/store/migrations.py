@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, inspect, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import StoreError
@@ -43,6 +44,10 @@ class Migration:
     version: int
     description: str
     statements: tuple[str, ...]
+    add_columns: tuple[tuple[str, str, str], ...] = ()
+    """``(table, column, type and default)`` added before ``statements`` unless the column exists
+    (tables made from ``metadata`` by other tools have it already; SQLite has no ``ADD COLUMN IF NOT
+    EXISTS``)."""
 
 
 def check_migrations(migrations: Sequence[Migration]) -> tuple[Migration, ...]:
@@ -91,7 +96,14 @@ async def migrate(
                     await conn.exec_driver_sql(statement)
                 return applied
             migration = migrations[current]
+            for table, column, kind in migration.add_columns:
+                if column not in await conn.run_sync(_columns, table):
+                    await conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             for statement in migration.statements:
                 await conn.exec_driver_sql(statement)
             await conn.execute(insert(asyncflow_schema), {"version": migration.version, "applied_at": now()})
         applied.append(migration.version)
+
+
+def _columns(conn: Connection, table: str) -> set[str]:
+    return {column["name"] for column in inspect(conn).get_columns(table)}

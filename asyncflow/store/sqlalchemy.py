@@ -23,7 +23,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import ParamInvalidError
+from ..errors import DuplicateWorkflowError, ParamInvalidError, StoreError
 from ..records import (
     InstanceFields,
     InstanceWhere,
@@ -50,6 +50,17 @@ from ._units import ConnectionUnits
 from .protocol import DueListener
 
 __all__ = ["SQLAlchemyWorkflowRepo"]
+
+_DUPLICATE_READS = 5
+"""Inserts of a unique row at most, when the instance that refused it ended before it was read."""
+
+
+def _duplicate_message(row: prep.InstanceRow, existing: int) -> str:
+    which = "an active" if row.unique == "active" else "a"
+    return (
+        f"{which} workflow instance of type {row.workflow_type!r} with business id {row.business_id!r} "
+        f"exists (id {existing}; unique={row.unique!r})"
+    )
 
 
 class SQLAlchemyWorkflowRepo:
@@ -148,11 +159,27 @@ class SQLAlchemyWorkflowRepo:
     # ------------------------------------------------------------------------------- instances
 
     async def create_workflow_instance(self, new: NewWorkflowInstance) -> WorkflowInstanceRecord:
-        """Insert one instance (``created_at = updated_at = now``) and return it with its id."""
+        """Insert one instance (``created_at = updated_at = now``) and return it with its id.
+
+        With ``new.unique`` set, a unique instance of the same key that refuses it (see
+        :class:`~asyncflow.records.NewWorkflowInstance`) raises ``DuplicateWorkflowError`` carrying its
+        id; the unique indexes decide, so concurrent creates leave exactly one.
+        """
         row = prep.instance_row(new)
-        now = self._now()
-        with StoreErrors("create_workflow_instance"):
-            [instance_id] = await self._backend.create([row], now)
+        for _ in range(_DUPLICATE_READS):
+            now = self._now()
+            with StoreErrors("create_workflow_instance"):
+                [instance_id] = await self._backend.create([row], now)
+                if instance_id is None:
+                    existing = await self._existing(row)
+                    if existing is None:
+                        continue  # it ended (or was purged) since it refused the row: insert again
+                    raise DuplicateWorkflowError(_duplicate_message(row, existing), instance_id=existing)
+            break
+        else:
+            raise StoreError(
+                f"could not create {row.workflow_type!r}/{row.business_id!r}: keys keep changing"
+            )
         return WorkflowInstanceRecord(
             id=instance_id,
             workflow_type=row.workflow_type,
@@ -172,7 +199,26 @@ class SQLAlchemyWorkflowRepo:
         if not rows:
             return []
         with StoreErrors("create_workflow_instances"):
-            return await self._backend.create(rows, self._now())
+            ids = await self._backend.create(rows, self._now())
+            return [
+                await self._existing_id(row) if i is None else i for row, i in zip(rows, ids, strict=True)
+            ]
+
+    async def _existing(self, row: prep.InstanceRow) -> int | None:
+        """The unique instance of ``row``'s key that refused it, or ``None`` if it is gone."""
+        stmt = st.UNIQUE_ANY if row.unique == "always" else st.UNIQUE_ACTIVE
+        async with self._connection() as conn:
+            key = {"workflow_type": row.workflow_type, "business_id": row.business_id}
+            found: int | None = (await conn.execute(stmt, key)).scalar()
+        return found
+
+    async def _existing_id(self, row: prep.InstanceRow) -> int:
+        found = await self._existing(row)
+        if found is None:
+            raise StoreError(
+                f"{row.workflow_type!r}/{row.business_id!r}: a duplicate vanished; create it again"
+            )
+        return found
 
     async def get_workflow_instance(self, instance_id: int) -> WorkflowInstanceRecord | None:
         """The instance, or ``None``."""

@@ -10,6 +10,8 @@ are Go's plus what the engine and the driver need:
   instance; ``INDEX(status, next_run_at)`` serves the due scan.
 * ``version`` on both tables: bumped by every write, named by compare-and-set updates.
 * ``task_instance.started_at`` (unix seconds): the node's timeout clock.
+* ``workflow_instance.unique_key`` (schema 3): ``NULL``, or how the instance was created with
+  ``create_workflow(unique=...)`` (``'active'``/``'always'``); two partial unique indexes enforce it.
 
 ``created_at``/``updated_at`` are unix seconds, as in Go. Contexts are ``JSON`` (``JSONB`` on
 PostgreSQL). Primary keys are ``BIGINT`` (``INTEGER PRIMARY KEY AUTOINCREMENT`` on SQLite, a rowid
@@ -41,10 +43,12 @@ __all__ = [
     "due_index",
     "metadata",
     "task_instance",
+    "unique_active_index",
+    "unique_always_index",
     "workflow_instance",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version this asyncflow migrates to (:mod:`asyncflow.store.migrations`)."""
 
 metadata = MetaData(
@@ -73,6 +77,7 @@ workflow_instance = Table(
     Column("updated_at", BigInteger, nullable=False),
     Column("next_run_at", BigInteger, nullable=False, server_default=text("0")),
     Column("version", BigInteger, nullable=False, server_default=text("1")),
+    Column("unique_key", Text, nullable=True),
     Index(None, "status", "next_run_at"),
     Index(None, "business_id"),
     Index(None, "task_id"),
@@ -90,6 +95,28 @@ due_index = Index(
 """The driver's claim order over runnable instances only: a claim reads its few rows, not every
 runnable one (a backlog of 100,000 sorted per claim halved a driver's throughput). Migration 2 adds
 it to a database made before it existed."""
+
+_UNIQUE_ACTIVE = text(f"unique_key IS NOT NULL AND status IN ({RUNNABLE_SQL})")
+_UNIQUE_ALWAYS = text("unique_key = 'always'")
+unique_active_index = Index(
+    "uq_workflow_instance_active",
+    workflow_instance.c.workflow_type,
+    workflow_instance.c.business_id,
+    unique=True,
+    postgresql_where=_UNIQUE_ACTIVE,
+    sqlite_where=_UNIQUE_ACTIVE,
+)
+"""At most one ``init``/``running`` instance per (type, business id) among those created with
+``unique=`` ("active" or "always"); migration 3."""
+unique_always_index = Index(
+    "uq_workflow_instance_always",
+    workflow_instance.c.workflow_type,
+    workflow_instance.c.business_id,
+    unique=True,
+    postgresql_where=_UNIQUE_ALWAYS,
+    sqlite_where=_UNIQUE_ALWAYS,
+)
+"""At most one instance ever per (type, business id) among those created with ``unique="always"``."""
 
 task_instance = Table(
     "task_instance",

@@ -81,8 +81,9 @@ class PostgresBackend:
             yield driver
         notify(self._observed, wrote)
 
-    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int]:
-        """Insert instances; their ids in order (concurrent single creates share a statement)."""
+    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | None]:
+        """Insert instances; their ids in order, ``None`` for a refused unique row (concurrent single
+        creates share a statement)."""
         stamped = [(row, now) for row in rows]
         if len(stamped) == 1 and self._creates is not None and self._direct():
             outcome = await self._creates.submit(0, stamped[0])
@@ -92,7 +93,7 @@ class PostgresBackend:
         if len(stamped) == 1:
             async with self._db(wrote=True) as db:
                 return await pg.create_instances(db, stamped)
-        ids: list[int] = []
+        ids: list[int | None] = []
         async with self.units.atomic() as conn:
             for start in range(0, len(stamped), BULK_PAGE_SIZE):
                 ids += await pg.create_instances(

@@ -102,8 +102,8 @@ class SqliteBackend:
         async with self.units.atomic() if snapshot else self.units.connection() as conn:
             return await conn.run_sync(_on, body, args)
 
-    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int]:
-        ids: list[int] = await self._write(lite.create_instances, [(row, now) for row in rows])
+    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | None]:
+        ids: list[int | None] = await self._write(lite.create_instances, [(row, now) for row in rows])
         return ids
 
     async def get(self, instance_id: int) -> WorkflowInstanceRecord | None:

@@ -49,10 +49,24 @@ _V1 = (
 
 _V2 = (_V1[4],)
 
+_V3_COLUMNS = (("workflow_instance", "unique_key", "TEXT"),)
+_V3 = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS uq_workflow_instance_active "
+    "ON workflow_instance (workflow_type, business_id) "
+    "WHERE unique_key IS NOT NULL AND status IN ('init', 'running')",
+    "CREATE UNIQUE INDEX IF NOT EXISTS uq_workflow_instance_always "
+    "ON workflow_instance (workflow_type, business_id) "
+    "WHERE unique_key = 'always'",
+)
+"""create_workflow(unique=...): the column and its two partial unique indexes."""
+
 MIGRATIONS = check_migrations(
     [
         Migration(1, "the tables of asyncflow 0.1.0", _V1),
         Migration(2, "the claim index on databases from before it (PostgreSQL: the step functions)", _V2),
+        Migration(
+            3, "create_workflow(unique=...): workflow_instance.unique_key and its indexes", _V3, _V3_COLUMNS
+        ),
     ]
 )
 

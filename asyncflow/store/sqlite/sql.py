@@ -47,6 +47,14 @@ _INSERT_INSTANCE = (
     "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, task_id, "
     "created_at, updated_at, next_run_at, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)"
 )
+_INSERT_UNIQUE = (
+    "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, task_id, "
+    "created_at, updated_at, next_run_at, version, unique_key) SELECT ?, ?, ?, ?, ?, ?, ?, ?, 1, ? "
+    "WHERE ? <> 'always' OR NOT EXISTS (SELECT 1 FROM workflow_instance WHERE workflow_type = ? "
+    "AND business_id = ? AND unique_key IS NOT NULL) ON CONFLICT DO NOTHING"
+)
+"""A unique instance, unless a unique index (or, for ``'always'``, any unique instance of the key)
+refuses it: then no row, and nothing else fails."""
 _GET_INSTANCE = (
     "SELECT id, workflow_type, business_id, status, workflow_context, task_id, created_at, updated_at, "
     "next_run_at, version FROM workflow_instance WHERE id = ?"
@@ -175,12 +183,17 @@ def apply_steps(conn: sqlite3.Connection, steps: Sequence[tuple[PreparedStep, in
 # ------------------------------------------------------------------------------------ bodies
 
 
-def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int]:
-    """Insert instances (each with its own ``now``); their ids, in order."""
-    ids = []
+def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int | None]:
+    """Insert instances (each with its own ``now``); their ids, in order (``None``: a refused unique row)."""
+    ids: list[int | None] = []
     for row, now in rows:
         params = (row.workflow_type, row.business_id, row.status, row.context, row.task_id, now, now)
-        ids.append(db.execute(_INSERT_INSTANCE, (*params, row.next_run_at)).lastrowid)
+        if row.unique is None:
+            ids.append(db.execute(_INSERT_INSTANCE, (*params, row.next_run_at)).lastrowid)
+            continue
+        key = (row.workflow_type, row.business_id)
+        cursor = db.execute(_INSERT_UNIQUE, (*params, row.next_run_at, row.unique, row.unique, *key))
+        ids.append(cursor.lastrowid if cursor.rowcount == 1 else None)
     return ids
 
 
