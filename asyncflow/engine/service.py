@@ -56,6 +56,7 @@ from ..store.protocol import WorkflowRepo
 from ._starting import check_unique, start_ms
 from .rules import SchedulePolicy
 from .runner import PassRunner, StallWarnings, active_passes
+from .waiting import Waiters
 
 __all__ = ["WorkflowService", "lock_key"]
 
@@ -126,6 +127,7 @@ class WorkflowService:
         self.clock: Clock = clock or SYSTEM_CLOCK
         self._due_listeners: list[Callable[[int], None]] = []
         self._stalls = StallWarnings()
+        self._waiters = Waiters(repo)
 
     def add_due_listener(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(instance_id)`` whenever this service makes an instance due now.
@@ -225,6 +227,30 @@ class WorkflowService:
             exc.add_note(f"workflow instance {record.id} was created; its first pass failed")
             raise
 
+    async def wait_for_workflow(
+        self,
+        instance_id: int,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - API.md: seconds to wait at most
+    ) -> WorkflowInstance:
+        """The instance once it is ``completed``, ``failed`` or ``canceled`` (at once if it is).
+
+        ``TimeoutError`` after ``timeout`` seconds; ``InstanceNotFoundError`` for an unknown id. An
+        instance that ends in this process wakes the waiter at once; on PostgreSQL one that ends in
+        another process wakes it through LISTEN/NOTIFY (one connection for every waiter of this
+        service); otherwise it is polled about once a second.
+        """
+        _check_id(instance_id)
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
+        ):
+            raise ParamInvalidError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+        record = await self._get(instance_id)  # a terminal one is returned even with timeout=0
+        if not is_over_instance_status(record.status):
+            async with asyncio.timeout(timeout):
+                record = await self._waiters.wait(instance_id, self.repo.get_workflow_instance)
+        return WorkflowInstance.from_record(record, self._definition_or_none(record))
+
     async def run_workflow(self, instance_id: int) -> WorkflowInstance:
         """One pass: run every ready node as far as it goes now; return the instance after it.
 
@@ -271,7 +297,10 @@ class WorkflowService:
                 branch_concurrency=self.branch_concurrency,
                 stalls=self._stalls,
             )
-            return await runner.run()
+            after = await runner.run()
+        if is_over_instance_status(after.status):
+            self._waiters.finished(instance_id)
+        return after
 
     def _definition_or_none(self, instance: WorkflowInstanceRecord) -> WorkflowDefinition | None:
         try:
@@ -308,6 +337,7 @@ class WorkflowService:
                 TaskWhere(workflow_instance_id=instance_id, status_in=_NON_TERMINAL_TASK),
                 TaskFields(status=TaskStatus.CANCELED.value),
             )
+        self._waiters.finished(instance_id)
         logger.info(
             "workflow instance %s canceled",
             instance_id,

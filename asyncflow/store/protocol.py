@@ -21,7 +21,7 @@ from ..records import (
     WorkflowInstanceRecord,
 )
 
-__all__ = ["DueListener", "ListensDue", "WorkflowRepo"]
+__all__ = ["DueListener", "ListensDue", "ListensFinished", "WorkflowRepo"]
 
 
 @runtime_checkable
@@ -123,3 +123,12 @@ class ListensDue(Protocol):
 
     def listen_due(self, callback: Callable[[], None]) -> DueListener | None:
         """A listener calling ``callback()``, or ``None`` when this database has no wake-ups."""
+
+
+@runtime_checkable
+class ListensFinished(Protocol):
+    """An optional capability of a repo: wake-ups when instances end (``wait_for_workflow`` polls without)."""
+
+    def listen_finished(self, callback: Callable[[int | None], None]) -> DueListener | None:
+        """A listener calling ``callback(id)`` per ended instance and ``callback(None)`` when it (re)starts
+        listening; ``None`` when this database has no wake-ups."""

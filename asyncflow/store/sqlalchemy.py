@@ -377,3 +377,11 @@ class SQLAlchemyWorkflowRepo:
         instance may have become due; ``listening`` tells whether wake-ups arrive right now.
         """
         return self._backend.listen_due(callback)
+
+    def listen_finished(self, callback: Callable[[int | None], None]) -> DueListener | None:
+        """Wake-ups for ``wait_for_workflow`` (PostgreSQL's LISTEN/NOTIFY), else ``None``.
+
+        The returned object's ``run()`` calls ``callback(instance_id)`` when an instance ends in any
+        process, and ``callback(None)`` when listening (re)starts.
+        """
+        return self._backend.listen_finished(callback)

@@ -29,6 +29,7 @@ from .._units import ConnectionUnits
 from . import schema
 from . import sql as pg
 from .batches import BATCH_SLOTS, MAX_BATCH, RUN_ALONE, PgCreateBatches, PgStateReads, PgStepBatches
+from .finished import FinishedNotifier
 from .lanes import PgLanes, lane_limit
 from .notify import DueNotifier
 
@@ -159,6 +160,10 @@ class PostgresBackend:
     def listen_due(self, callback: Callable[[], None]) -> DueNotifier:
         """LISTEN/NOTIFY wake-ups (:mod:`.notify`): ``callback()`` when an instance becomes due."""
         return DueNotifier(self._engine, callback)
+
+    def listen_finished(self, callback: Callable[[int | None], None]) -> FinishedNotifier:
+        """LISTEN/NOTIFY (:mod:`.finished`): ``callback(id)`` when an instance ends in any process."""
+        return FinishedNotifier(self._engine, callback)
 
     def migrated(self) -> None:
         """The functions are installed: grouped steps may run again."""

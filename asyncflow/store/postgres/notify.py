@@ -89,8 +89,10 @@ class DueNotifier:
 
     ``run()`` runs until cancelled: it installs the trigger once, LISTENs, and when the connection is
     lost (or cannot be had) waits with back-off and tries again. ``listening`` tells whether a LISTEN
-    is active right now.
+    is active right now. Subclasses listen on another ``channel`` and read payloads in ``_deliver``.
     """
+
+    channel = CHANNEL
 
     def __init__(self, engine: AsyncEngine, callback: Callable[[], None], *, install: bool = True) -> None:
         self._engine = engine
@@ -112,7 +114,7 @@ class DueNotifier:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any database failure: poll, and try again later
-                logger.warning("LISTEN %s failed (%s); polling, retrying in %.0f s", CHANNEL, exc, delay)
+                logger.warning("LISTEN %s failed (%s); polling, retrying in %.0f s", self.channel, exc, delay)
             finally:
                 self.listening = False
             await asyncio.sleep(delay)
@@ -140,15 +142,14 @@ class DueNotifier:
             schema = await driver.fetchval("SELECT current_schema()")
 
             def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
-                if payload in ("", schema):  # other schemas of this database have drivers of their own
-                    self._callback()
+                self._deliver(payload, schema)
 
             def on_close(_conn: Any) -> None:
                 lost.set()
 
             driver.add_termination_listener(on_close)
             try:
-                await driver.add_listener(CHANNEL, on_notify)
+                await driver.add_listener(self.channel, on_notify)
                 self.server_pid = driver.get_server_pid()
                 self.listening = True
                 self._callback()  # whatever became due while nobody listened
@@ -161,12 +162,16 @@ class DueNotifier:
                 driver.remove_termination_listener(on_close)
                 await self._unlisten(conn, driver, on_notify)
 
+    def _deliver(self, payload: str, schema: str) -> None:
+        if payload in ("", schema):  # other schemas of this database have drivers of their own
+            self._callback()
+
     async def _unlisten(self, conn: AsyncConnection, driver: Any, on_notify: Any) -> None:
         """UNLISTEN before the connection goes back to the pool; a broken one is discarded instead."""
         if not driver.is_closed():
             try:
                 async with asyncio.timeout(2.0):
-                    await driver.remove_listener(CHANNEL, on_notify)
+                    await driver.remove_listener(self.channel, on_notify)
                 return
             except asyncio.CancelledError:
                 await conn.invalidate()

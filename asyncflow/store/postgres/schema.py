@@ -6,6 +6,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..migrations import Migration, check_migrations
+from .finished import FINISHED_DDL
 from .functions import BATCH_FUNCTION, STEP_FUNCTION
 
 __all__ = ["MIGRATIONS", "REPAIR", "lock_schema"]
@@ -70,6 +71,7 @@ MIGRATIONS = check_migrations(
         Migration(
             3, "create_workflow(unique=...): workflow_instance.unique_key and its indexes", _V3, _V3_COLUMNS
         ),
+        Migration(4, "wait_for_workflow: NOTIFY asyncflow_finished when an instance ends", FINISHED_DDL),
     ]
 )
 

@@ -148,6 +148,10 @@ class SqliteBackend:
         """No wake-ups on SQLite: drivers poll."""
         return None
 
+    def listen_finished(self, callback: Callable[[int | None], None]) -> None:
+        """No wake-ups on SQLite: waiters poll."""
+        return None
+
     def migrated(self) -> None:
         """Nothing to re-enable."""
 

@@ -67,6 +67,7 @@ MIGRATIONS = check_migrations(
         Migration(
             3, "create_workflow(unique=...): workflow_instance.unique_key and its indexes", _V3, _V3_COLUMNS
         ),
+        Migration(4, "nothing on SQLite (PostgreSQL: the asyncflow_finished NOTIFY trigger)", ()),
     ]
 )
 
