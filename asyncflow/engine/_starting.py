@@ -6,12 +6,14 @@ Each check raises ``ParamInvalidError`` naming the argument before anything is w
 from __future__ import annotations
 
 import math
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Literal
 
 from ..errors import ParamInvalidError
+from ..store.protocol import JoinsSessions, WorkflowRepo
 
-__all__ = ["ON_DUPLICATE", "UNIQUE_MODES", "check_unique", "start_ms"]
+__all__ = ["ON_DUPLICATE", "UNIQUE_MODES", "check_unique", "session_scope", "start_ms"]
 
 UNIQUE_MODES = ("active", "always")
 """The values of ``create_workflow(unique=...)`` besides ``None`` (the store's unique_key values)."""
@@ -62,3 +64,14 @@ def check_unique(unique: object, on_duplicate: object) -> Literal["active", "alw
     if unique == "always":
         return "always"
     raise ParamInvalidError(f"unique must be None, 'active' or 'always', got {unique!r}")
+
+
+def session_scope(repo: WorkflowRepo, session: object, run: bool) -> AbstractAsyncContextManager[None]:
+    """Where the create runs: in ``session``'s transaction (an SQL repo's ``joined``), or on its own."""
+    if session is None:
+        return nullcontext()
+    if run:
+        raise ParamInvalidError("run=True cannot run an instance inside the caller's session (not committed)")
+    if not isinstance(repo, JoinsSessions):
+        raise ParamInvalidError(f"session= needs an SQL repo, not {type(repo).__name__}")
+    return repo.joined(session)

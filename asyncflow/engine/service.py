@@ -53,7 +53,7 @@ from ..status import (
     is_over_task_status,
 )
 from ..store.protocol import WorkflowRepo
-from ._starting import check_unique, start_ms
+from ._starting import check_unique, session_scope, start_ms
 from .rules import SchedulePolicy
 from .runner import PassRunner, StallWarnings, active_passes
 from .waiting import Waiters
@@ -166,6 +166,7 @@ class WorkflowService:
         start_in: float | timedelta | None = None,
         unique: Literal["active", "always"] | None = None,
         on_duplicate: Literal["return", "raise"] = "return",
+        session: object | None = None,
     ) -> WorkflowInstance:
         """Create an instance (status ``init``); with ``run=True`` return it after its first pass.
 
@@ -182,6 +183,11 @@ class WorkflowService:
         instance in any status. Then ``on_duplicate="return"`` returns the existing instance (it is not
         run) and ``"raise"`` raises ``DuplicateWorkflowError`` (``.instance_id`` is the existing id).
         The database's unique indexes decide, so concurrent creates leave exactly one instance.
+
+        ``session``: an SQLAlchemy ``AsyncSession`` or ``AsyncConnection`` in an open transaction on
+        the repo's database: the instance is inserted in that transaction (drivers see it once the
+        caller commits; a rollback undoes it). Not with ``run=True``, nor on a repo without SQL
+        (``ParamInvalidError``).
         """
         if not isinstance(workflow_type, str) or not workflow_type:
             raise ParamInvalidError(f"workflow_type must be a non-empty str, got {workflow_type!r}")
@@ -190,6 +196,7 @@ class WorkflowService:
         if isinstance(task_id, bool) or not isinstance(task_id, int):
             raise ParamInvalidError(f"task_id must be an int, got {task_id!r}")
         mode = check_unique(unique, on_duplicate)
+        in_session = session_scope(self.repo, session, run)
         now_ms = self._now_ms()
         start = start_ms(start_at, start_in, now_ms)
         if run and start is not None and start > now_ms:
@@ -205,12 +212,13 @@ class WorkflowService:
             next_run_at=next_run_at,
             unique=mode,
         )
-        try:
-            record = await self.repo.create_workflow_instance(new)
-        except DuplicateWorkflowError as duplicate:
-            if on_duplicate == "raise":
-                raise
-            return WorkflowInstance.from_record(await self._get(duplicate.instance_id), definition)
+        async with in_session:
+            try:
+                record = await self.repo.create_workflow_instance(new)
+            except DuplicateWorkflowError as duplicate:
+                if on_duplicate == "raise":
+                    raise
+                return WorkflowInstance.from_record(await self._get(duplicate.instance_id), definition)
         logger.debug(
             "created workflow instance %s (%s)",
             record.id,

@@ -21,7 +21,7 @@ from ..records import (
     WorkflowInstanceRecord,
 )
 
-__all__ = ["DueListener", "ListensDue", "ListensFinished", "WorkflowRepo"]
+__all__ = ["DueListener", "JoinsSessions", "ListensDue", "ListensFinished", "WorkflowRepo"]
 
 
 @runtime_checkable
@@ -132,3 +132,12 @@ class ListensFinished(Protocol):
     def listen_finished(self, callback: Callable[[int | None], None]) -> DueListener | None:
         """A listener calling ``callback(id)`` per ended instance and ``callback(None)`` when it (re)starts
         listening; ``None`` when this database has no wake-ups."""
+
+
+@runtime_checkable
+class JoinsSessions(Protocol):
+    """An optional capability of a repo: running calls in a caller's SQLAlchemy transaction."""
+
+    def joined(self, session: object) -> AbstractAsyncContextManager[None]:
+        """Calls inside the block run in ``session``'s open transaction (``ParamInvalidError`` if it
+        has none or is on another database)."""

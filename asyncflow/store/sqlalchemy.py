@@ -15,8 +15,8 @@ that does not apply leaves the outer transaction usable.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from sqlalchemy.engine import URL
@@ -46,6 +46,7 @@ from ._engine import create_engine_from_url
 from ._errors import StepConflict, StoreErrors
 from ._json import check_int, check_texts, copy_context, validate_instance_query, validate_task_query
 from ._records import inserted_task_record, instance_record, task_record
+from ._session import caller_connection
 from ._units import ConnectionUnits
 from .protocol import DueListener
 
@@ -155,6 +156,15 @@ class SQLAlchemyWorkflowRepo:
         raised as ``StoreError``. On SQLite the transaction holds the write lock from its start.
         """
         return self._units.transaction()
+
+    @asynccontextmanager
+    async def joined(self, session: object) -> AsyncIterator[None]:
+        """Calls inside the block run in the transaction of ``session`` (an ``AsyncSession`` or
+        ``AsyncConnection`` of the caller, in an open transaction on this repo's database; else
+        ``ParamInvalidError``). The caller commits or rolls back; nothing is begun or ended here."""
+        conn = await caller_connection(session, self._engine)
+        async with self._units.join(conn):
+            yield
 
     # ------------------------------------------------------------------------------- instances
 
