@@ -59,6 +59,7 @@ from .registry import (
     preload_workflow_definitions,
     register_workflow_task,
 )
+from .schedules import Schedule
 from .status import (
     END_NODE,
     NODE_EVENT,
@@ -135,6 +136,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "SCHEMA_VERSION",
     "SQLAlchemyWorkflowRepo",
     "SYSTEM",
+    "Schedule",
     "SchedulePolicy",
     "StoreError",
     "SystemClock",

@@ -20,6 +20,7 @@ __all__ = [
     "Pager",
     "QueryTaskInstanceParams",
     "QueryWorkflowInstanceParams",
+    "ScheduleState",
     "Step",
     "StepResult",
     "TaskFields",
@@ -337,3 +338,12 @@ class WorkflowInstanceDetail:
             if item.task_type == task_type:
                 return item
         raise KeyError(task_type)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleState:
+    """What the store knows of a schedule: first seen by a driver (unix ms), the latest tick fired."""
+
+    id: str
+    first_seen_at: int
+    last_tick: str | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from ..records import Pager, TaskInstanceRecord, WorkflowInstanceRecord
+from ..records import Pager, ScheduleState, TaskInstanceRecord, WorkflowInstanceRecord
 from ..status import RUNNABLE_INSTANCE_STATUSES
 from ._json import copy_context, page_window
 from ._prepare import InstanceChange, TaskChange
@@ -65,6 +65,8 @@ class State:
     instance_tasks: dict[int, tuple[int, ...]] = field(default_factory=dict)  # ids by instance, ascending
     # (workflow_type, business_id) -> ids of the instances created unique (workflow_instance.unique_key)
     unique: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
+    schedules: dict[str, ScheduleState] = field(default_factory=dict)
+    ticks: dict[tuple[str, str], int] = field(default_factory=dict)  # (schedule id, tick) -> instance id
 
     def copy(self) -> State:
         # rows and the id tuples are immutable, so copying the maps is a full snapshot
@@ -76,6 +78,8 @@ class State:
             self.last_task_id,
             dict(self.instance_tasks),
             dict(self.unique),
+            dict(self.schedules),
+            dict(self.ticks),
         )
 
     def unique_holder(self, workflow_type: str, business_id: str, mode: str) -> int | None:

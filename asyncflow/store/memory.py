@@ -23,6 +23,7 @@ from ..records import (
     NewWorkflowInstance,
     QueryTaskInstanceParams,
     QueryWorkflowInstanceParams,
+    ScheduleState,
     Step,
     StepResult,
     TaskFields,
@@ -399,3 +400,34 @@ class MemoryWorkflowRepo:
                 if item.status in _RUNNABLE and (not types or item.workflow_type in types)
             ]
             return min(values) if values else None
+
+    # ------------------------------------------------------------------------------- schedules
+
+    async def schedule_states(self) -> dict[str, ScheduleState]:
+        """Every schedule a driver has seen, by id."""
+        async with self._unit() as state:
+            return dict(state.schedules)
+
+    async def register_schedules(self, ids: Sequence[str], now_ms: int) -> None:
+        """Record schedules first seen now (those already known keep their state)."""
+        ids = check_texts(ids, "schedule id")
+        async with self._unit() as state:
+            for schedule_id in ids:
+                state.schedules.setdefault(schedule_id, ScheduleState(id=schedule_id, first_seen_at=now_ms))
+
+    async def fire_schedule_tick(
+        self, schedule_id: str, tick: str, new: NewWorkflowInstance, *, now_ms: int, prune_before: str
+    ) -> int | None:
+        """Create ``new`` for ``tick`` unless that tick was fired already (then ``None``)."""
+        row = prep.instance_row(new)
+        async with self._unit() as state:
+            if (schedule_id, tick) in state.ticks:
+                return None
+            instance = self._insert_instance(state, row, self._now())
+            state.ticks[(schedule_id, tick)] = instance.id
+            for key in [key for key in state.ticks if key[0] == schedule_id and key[1] < prune_before]:
+                del state.ticks[key]
+            known = state.schedules.get(schedule_id) or ScheduleState(id=schedule_id, first_seen_at=now_ms)
+            if known.last_tick is None or known.last_tick < tick:
+                state.schedules[schedule_id] = replace(known, last_tick=tick)
+            return instance.id

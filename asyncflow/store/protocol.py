@@ -12,6 +12,7 @@ from ..records import (
     NewWorkflowInstance,
     QueryTaskInstanceParams,
     QueryWorkflowInstanceParams,
+    ScheduleState,
     Step,
     StepResult,
     TaskFields,
@@ -21,7 +22,7 @@ from ..records import (
     WorkflowInstanceRecord,
 )
 
-__all__ = ["DueListener", "JoinsSessions", "ListensDue", "ListensFinished", "WorkflowRepo"]
+__all__ = ["DueListener", "JoinsSessions", "ListensDue", "ListensFinished", "StoresSchedules", "WorkflowRepo"]
 
 
 @runtime_checkable
@@ -141,3 +142,19 @@ class JoinsSessions(Protocol):
     def joined(self, session: object) -> AbstractAsyncContextManager[None]:
         """Calls inside the block run in ``session``'s open transaction (``ParamInvalidError`` if it
         has none or is on another database)."""
+
+
+@runtime_checkable
+class StoresSchedules(Protocol):
+    """An optional capability of a repo: the state of cron schedules (drivers fire them with it)."""
+
+    async def schedule_states(self) -> dict[str, ScheduleState]:
+        """Every schedule a driver has seen, by id."""
+
+    async def register_schedules(self, ids: Sequence[str], now_ms: int) -> None:
+        """Record schedules first seen now (those already known keep their state)."""
+
+    async def fire_schedule_tick(
+        self, schedule_id: str, tick: str, new: NewWorkflowInstance, *, now_ms: int, prune_before: str
+    ) -> int | None:
+        """Create ``new`` for ``tick`` (one transaction) unless it was fired already (``None``)."""

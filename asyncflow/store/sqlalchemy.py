@@ -30,6 +30,7 @@ from ..records import (
     NewWorkflowInstance,
     QueryTaskInstanceParams,
     QueryWorkflowInstanceParams,
+    ScheduleState,
     Step,
     StepResult,
     TaskFields,
@@ -46,6 +47,7 @@ from ._engine import create_engine_from_url
 from ._errors import StepConflict, StoreErrors
 from ._json import check_int, check_texts, copy_context, validate_instance_query, validate_task_query
 from ._records import inserted_task_record, instance_record, task_record
+from ._schedules import SqlSchedules
 from ._session import caller_connection
 from ._units import ConnectionUnits
 from .protocol import DueListener
@@ -96,6 +98,7 @@ class SQLAlchemyWorkflowRepo:
         self._units: ConnectionUnits = self._backend.units
         self._connection = self._units.connection
         self._atomic = self._units.atomic
+        self._schedules = SqlSchedules(self._connection, self.transaction, self.create_workflow_instance)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -395,3 +398,23 @@ class SQLAlchemyWorkflowRepo:
         process, and ``callback(None)`` when listening (re)starts.
         """
         return self._backend.listen_finished(callback)
+
+    # ------------------------------------------------------------------------------- schedules
+
+    async def schedule_states(self) -> dict[str, ScheduleState]:
+        """Every schedule a driver has seen, by id."""
+        with StoreErrors("schedule_states"):
+            return await self._schedules.states()
+
+    async def register_schedules(self, ids: Sequence[str], now_ms: int) -> None:
+        """Record schedules first seen now (those already known keep their state)."""
+        with StoreErrors("register_schedules"):
+            await self._schedules.register(ids, now_ms)
+
+    async def fire_schedule_tick(
+        self, schedule_id: str, tick: str, new: NewWorkflowInstance, *, now_ms: int, prune_before: str
+    ) -> int | None:
+        """Create ``new`` for ``tick`` unless that tick was fired already (then ``None``), in one
+        transaction with the tick's row, whose primary key lets exactly one caller fire it."""
+        with StoreErrors("fire_schedule_tick"):
+            return await self._schedules.fire(schedule_id, tick, new, now_ms, prune_before)

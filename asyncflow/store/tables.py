@@ -42,13 +42,15 @@ __all__ = [
     "asyncflow_schema",
     "due_index",
     "metadata",
+    "schedule",
+    "schedule_tick",
     "task_instance",
     "unique_active_index",
     "unique_always_index",
     "workflow_instance",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The schema version this asyncflow migrates to (:mod:`asyncflow.store.migrations`)."""
 
 metadata = MetaData(
@@ -147,3 +149,25 @@ asyncflow_schema = Table(
     Column("version", Integer, primary_key=True, autoincrement=False),
     Column("applied_at", BigInteger, nullable=False),
 )
+
+schedule = Table(
+    "asyncflow_schedule",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("first_seen_at", BigInteger, nullable=False),
+    Column("last_tick", Text, nullable=True),
+)
+"""Schedules (``af.Schedule``) drivers have seen: since when (unix ms), and the latest tick fired
+(``YYYY-MM-DDTHH:MM:SSZ``); migration 5."""
+
+schedule_tick = Table(
+    "asyncflow_schedule_tick",
+    metadata,
+    Column("schedule_id", Text, primary_key=True),
+    Column("tick", Text, primary_key=True),
+    Column("instance_id", BigInteger, nullable=True),
+    Column("fired_at", BigInteger, nullable=False),
+)
+"""One row per fired tick: its primary key lets exactly one driver fire a tick (the row is inserted
+in the transaction that creates the tick's instance). Rows older than a week before the latest
+fired tick are pruned."""

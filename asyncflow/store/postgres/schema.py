@@ -64,6 +64,21 @@ _V3 = (
 """create_workflow(unique=...): the column and its two partial unique indexes."""
 _V2 = (_DUE_INDEX, STEP_FUNCTION, BATCH_FUNCTION)
 
+_V5 = (
+    """CREATE TABLE IF NOT EXISTS asyncflow_schedule (
+    id TEXT NOT NULL,
+    first_seen_at BIGINT NOT NULL,
+    last_tick TEXT,
+    CONSTRAINT pk_asyncflow_schedule PRIMARY KEY (id))""",
+    """CREATE TABLE IF NOT EXISTS asyncflow_schedule_tick (
+    schedule_id TEXT NOT NULL,
+    tick TEXT NOT NULL,
+    instance_id BIGINT,
+    fired_at BIGINT NOT NULL,
+    CONSTRAINT pk_asyncflow_schedule_tick PRIMARY KEY (schedule_id, tick))""",
+)
+"""Schedules: the schedules seen and their fired ticks (the primary key fires a tick once)."""
+
 MIGRATIONS = check_migrations(
     [
         Migration(1, "the tables of asyncflow 0.1.0", _V1),
@@ -72,6 +87,7 @@ MIGRATIONS = check_migrations(
             3, "create_workflow(unique=...): workflow_instance.unique_key and its indexes", _V3, _V3_COLUMNS
         ),
         Migration(4, "wait_for_workflow: NOTIFY asyncflow_finished when an instance ends", FINISHED_DDL),
+        Migration(5, "schedules: asyncflow_schedule and asyncflow_schedule_tick", _V5),
     ]
 )
 
