@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..errors import ParamInvalidError
 from ..records import TaskInstanceRecord, WorkflowInstanceRecord
-from ._prepare import InstanceRow, PreparedStep
+from ._prepare import InstanceRow, PreparedStep, Refused
 from ._units import ConnectionUnits
 from .migrations import Migration
 from .protocol import DueListener
@@ -40,8 +40,8 @@ class SqlBackend(Protocol):
     units: ConnectionUnits
     schema: SchemaOps
 
-    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | None]:
-        """Ids in input order; ``None`` where a unique row was refused (a unique instance exists)."""
+    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | Refused]:
+        """Ids in input order; :class:`Refused` where a unique row was refused (a unique instance exists)."""
 
     async def get(self, instance_id: int) -> WorkflowInstanceRecord | None: ...
 

@@ -37,6 +37,14 @@ class InstanceRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """A unique row that was not inserted: ``existing`` is the unique instance of its key that
+    refused it, when the insert could see it (else the repo looks it up)."""
+
+    existing: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class TaskRow:
     """A new node row, checked; ``started_at`` 0 means "now"."""
 

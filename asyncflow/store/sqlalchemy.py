@@ -183,8 +183,8 @@ class SQLAlchemyWorkflowRepo:
             now = self._now()
             with StoreErrors("create_workflow_instance"):
                 [instance_id] = await self._backend.create([row], now)
-                if instance_id is None:
-                    existing = await self._existing(row)
+                if isinstance(instance_id, prep.Refused):
+                    existing = instance_id.existing or await self._existing(row)
                     if existing is None:
                         continue  # it ended (or was purged) since it refused the row: insert again
                     raise DuplicateWorkflowError(_duplicate_message(row, existing), instance_id=existing)
@@ -214,7 +214,8 @@ class SQLAlchemyWorkflowRepo:
         with StoreErrors("create_workflow_instances"):
             ids = await self._backend.create(rows, self._now())
             return [
-                await self._existing_id(row) if i is None else i for row, i in zip(rows, ids, strict=True)
+                await self._existing_id(row, i) if isinstance(i, prep.Refused) else i
+                for row, i in zip(rows, ids, strict=True)
             ]
 
     async def _existing(self, row: prep.InstanceRow) -> int | None:
@@ -225,8 +226,8 @@ class SQLAlchemyWorkflowRepo:
             found: int | None = (await conn.execute(stmt, key)).scalar()
         return found
 
-    async def _existing_id(self, row: prep.InstanceRow) -> int:
-        found = await self._existing(row)
+    async def _existing_id(self, row: prep.InstanceRow, refused: prep.Refused) -> int:
+        found = refused.existing or await self._existing(row)
         if found is None:
             raise StoreError(
                 f"{row.workflow_type!r}/{row.business_id!r}: a duplicate vanished; create it again"

@@ -13,7 +13,7 @@ import asyncflow as af
 from asyncflow.driver import WorkflowDriver
 from asyncflow.errors import DuplicateWorkflowError, InvalidStateError, ParamInvalidError
 from asyncflow.records import NewWorkflowInstance
-from asyncflow.store._prepare import instance_row
+from asyncflow.store._prepare import Refused, instance_row
 from asyncflow.store.memory import MemoryWorkflowRepo
 from asyncflow.store.postgres import sql as pg_sql
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
@@ -164,7 +164,8 @@ async def test_a_refused_row_fails_none_of_its_neighbours_in_one_postgres_insert
             driver = (await conn.get_raw_connection()).driver_connection
             ids = await pg_sql.create_instances(driver, rows)
             await conn.commit()
-        assert [i is None for i in ids] == [False, True, False, True, False]
+        assert [isinstance(i, Refused) for i in ids] == [False, True, False, True, False]
+        assert ids[1] == Refused(held.id)  # the statement names the instance that refused the row
         assert held.id not in ids
         names = {r.business_id for r in await repo.query_workflow_instances(af.QueryWorkflowInstanceParams())}
         assert names == {"taken", "p1", "u1", "p2"}

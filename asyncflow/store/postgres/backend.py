@@ -24,7 +24,7 @@ from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._batcher import StepBatcher
 from .._errors import StepConflict, sqlstate
 from .._observers import notify
-from .._prepare import InstanceRow, PreparedStep
+from .._prepare import InstanceRow, PreparedStep, Refused
 from .._units import ConnectionUnits
 from . import schema
 from . import sql as pg
@@ -82,9 +82,9 @@ class PostgresBackend:
             yield driver
         notify(self._observed, wrote)
 
-    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | None]:
-        """Insert instances; their ids in order, ``None`` for a refused unique row (concurrent single
-        creates share a statement)."""
+    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | Refused]:
+        """Insert instances; their ids in order, :class:`Refused` for a refused unique row (concurrent
+        single creates share a statement)."""
         stamped = [(row, now) for row in rows]
         if len(stamped) == 1 and self._creates is not None and self._direct():
             outcome = await self._creates.submit(0, stamped[0])
@@ -94,7 +94,7 @@ class PostgresBackend:
         if len(stamped) == 1:
             async with self._db(wrote=True) as db:
                 return await pg.create_instances(db, stamped)
-        ids: list[int | None] = []
+        ids: list[int | Refused] = []
         async with self.units.atomic() as conn:
             for start in range(0, len(stamped), BULK_PAGE_SIZE):
                 ids += await pg.create_instances(

@@ -25,9 +25,9 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
-from .._prepare import InstanceRow, PreparedStep
+from .._prepare import InstanceRow, PreparedStep, Refused
 from .._records import inserted_task_record, instance_record, task_record
-from .._sql import RUNNABLE_SQL
+from .._sql import RUNNABLE_SQL, refused_by
 
 __all__ = [
     "CONFLICT_SQLSTATE",
@@ -85,10 +85,13 @@ _INSERT_UNIQUE = (
     "WHERE w.workflow_type = r.workflow_type AND w.business_id = r.business_id "
     "AND w.unique_key IS NOT NULL) "
     "ORDER BY r.ord ON CONFLICT DO NOTHING RETURNING id) "
-    "SELECT ins.id FROM r LEFT JOIN ins ON ins.id = r.id ORDER BY r.ord"
+    "SELECT ins.id, CASE WHEN ins.id IS NULL THEN "
+    f"({refused_by('r.workflow_type', 'r.business_id', 'r.unique_key')}) END "
+    "FROM r LEFT JOIN ins ON ins.id = r.id ORDER BY r.ord"
 )
-"""Instances of which some are unique: each row's id, or NULL where a unique index (or, for
-``'always'``, an existing unique instance of the key) refused the row. A refused row fails nothing
+"""Instances of which some are unique: each row's id, or NULL and the instance that refused it where a
+unique index (or, for ``'always'``, an existing unique instance of the key) refused the row (NULL too
+if it committed after this statement began: the repo then reads it). A refused row fails nothing
 else: its neighbours in the statement are inserted (``ON CONFLICT DO NOTHING``). Ids are drawn per
 row from the table's sequence, so the result pairs them with the input rows."""
 _NO_INSTANCE = "NULL::bigint, " + "NULL::text, " * 4 + "NULL::bigint, " * 5
@@ -176,10 +179,10 @@ def inserted_records(
     )
 
 
-async def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int | None]:
+async def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int | Refused]:
     """Insert instances (each with its own ``now``) in one statement; their ids, in order.
 
-    ``None`` for a unique row that was refused (a unique instance of its key exists).
+    :class:`Refused` for a unique row that was refused (a unique instance of its key exists).
     """
     columns = (
         [row.workflow_type for row, _ in rows],
@@ -192,7 +195,7 @@ async def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> 
     )
     if any(row.unique is not None for row, _ in rows):
         found = await db.fetch(_INSERT_UNIQUE, *columns, [row.unique for row, _ in rows])
-        return [record[0] for record in found]
+        return [Refused(record[1]) if record[0] is None else record[0] for record in found]
     ids = await db.fetch(_INSERT_INSTANCES, *columns)
     # ids come from one sequence in the order of the rows: sorted, they follow the input
     return sorted(record[0] for record in ids)

@@ -22,7 +22,7 @@ from .._batcher import StepBatcher
 from .._errors import StepConflict
 from .._lanes import to_completion
 from .._observers import notify
-from .._prepare import InstanceRow, PreparedStep
+from .._prepare import InstanceRow, PreparedStep, Refused
 from .._units import ConnectionUnits
 from . import schema
 from . import sql as lite
@@ -102,8 +102,8 @@ class SqliteBackend:
         async with self.units.atomic() if snapshot else self.units.connection() as conn:
             return await conn.run_sync(_on, body, args)
 
-    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | None]:
-        ids: list[int | None] = await self._write(lite.create_instances, [(row, now) for row in rows])
+    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | Refused]:
+        ids: list[int | Refused] = await self._write(lite.create_instances, [(row, now) for row in rows])
         return ids
 
     async def get(self, instance_id: int) -> WorkflowInstanceRecord | None:

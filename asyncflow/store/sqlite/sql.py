@@ -21,9 +21,9 @@ from sqlalchemy.engine import Connection
 
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._errors import is_unique_violation
-from .._prepare import InstanceRow, PreparedStep
+from .._prepare import InstanceRow, PreparedStep, Refused
 from .._records import inserted_task_record, instance_record, task_record
-from .._sql import RUNNABLE_SQL, TERMINAL_SQL, marks
+from .._sql import RUNNABLE_SQL, TERMINAL_SQL, marks, refused_by
 
 __all__ = [
     "MAX_BATCH",
@@ -55,6 +55,7 @@ _INSERT_UNIQUE = (
 )
 """A unique instance, unless a unique index (or, for ``'always'``, any unique instance of the key)
 refuses it: then no row, and nothing else fails."""
+_REFUSED_BY = refused_by("?", "?", "?")
 _GET_INSTANCE = (
     "SELECT id, workflow_type, business_id, status, workflow_context, task_id, created_at, updated_at, "
     "next_run_at, version FROM workflow_instance WHERE id = ?"
@@ -183,9 +184,10 @@ def apply_steps(conn: sqlite3.Connection, steps: Sequence[tuple[PreparedStep, in
 # ------------------------------------------------------------------------------------ bodies
 
 
-def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int | None]:
-    """Insert instances (each with its own ``now``); their ids, in order (``None``: a refused unique row)."""
-    ids: list[int | None] = []
+def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int | Refused]:
+    """Insert instances (each with its own ``now``); their ids, in order (:class:`Refused`: a refused
+    unique row, with the instance that refused it: the write lock makes it visible here)."""
+    ids: list[int | Refused] = []
     for row, now in rows:
         params = (row.workflow_type, row.business_id, row.status, row.context, row.task_id, now, now)
         if row.unique is None:
@@ -193,7 +195,11 @@ def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[i
             continue
         key = (row.workflow_type, row.business_id)
         cursor = db.execute(_INSERT_UNIQUE, (*params, row.next_run_at, row.unique, row.unique, *key))
-        ids.append(cursor.lastrowid if cursor.rowcount == 1 else None)
+        if cursor.rowcount == 1:
+            ids.append(cursor.lastrowid)
+        else:
+            found = db.execute(_REFUSED_BY, (*key, row.unique)).fetchone()
+            ids.append(Refused(None if found is None else found[0]))
     return ids
 
 
