@@ -25,6 +25,7 @@ from ..errors import (
     LockFailedError,
     ParamInvalidError,
     TaskInstanceNotFoundError,
+    UniqueViolationError,
 )
 from ..lock.protocol import WorkflowLock
 from ..records import (
@@ -433,6 +434,17 @@ class WorkflowService:
 
     # ------------------------------------------------------------------ restarts
 
+    async def _reopen(self, where: InstanceWhere, fields: InstanceFields) -> int:
+        """The restart's instance update; a unique instance whose key has another active instance now
+        cannot run again (``InvalidStateError``: the unique index refused it)."""
+        try:
+            return await self.repo.update_workflow_instances(where, fields)
+        except UniqueViolationError as exc:
+            raise InvalidStateError(
+                f"workflow instance {where.ids[0]} cannot run again: it was created unique and another "
+                "instance of its type and business id is active now"
+            ) from exc
+
     async def restart_workflow_node(
         self, instance_id: int, task_type: str, *, force: bool = False, run: bool = False
     ) -> WorkflowInstance:
@@ -462,7 +474,7 @@ class WorkflowService:
                 fields = InstanceFields(
                     status=InstanceStatus.RUNNING.value if over else None, next_run_at=self._now_ms()
                 )
-                changed = await self.repo.update_workflow_instances(
+                changed = await self._reopen(
                     InstanceWhere(ids=(instance_id,), status_in=(record.status,)), fields
                 )
                 if changed == 0:
@@ -505,7 +517,7 @@ class WorkflowService:
                 return WorkflowInstance.from_record(record, definition)
             now = int(self.clock.time())
             async with self.repo.transaction():
-                changed = await self.repo.update_workflow_instances(
+                changed = await self._reopen(
                     InstanceWhere(ids=(instance_id,), status_in=(record.status,)),
                     InstanceFields(
                         status=InstanceStatus.RUNNING.value,

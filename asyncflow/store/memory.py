@@ -210,14 +210,29 @@ class MemoryWorkflowRepo:
         ids, status_in = prep.instance_where(where)
         change = prep.instance_change(fields)
         async with self._unit() as state:
-            now, count = self._now(), 0
+            now = self._now()
+            changed = {}
             for instance_id in dict.fromkeys(ids):
                 instance = state.instances.get(instance_id)
                 if instance is None or (status_in and instance.status not in status_in):
                     continue
-                state.instances[instance_id] = changed_instance(instance, change, now)
-                count += 1
-            return count
+                changed[instance_id] = after = changed_instance(instance, change, now)
+                if after.status in _RUNNABLE and instance.status not in _RUNNABLE:
+                    self._check_reopen(state, after)
+            state.instances.update(changed)
+            return len(changed)
+
+    @staticmethod
+    def _check_reopen(state: State, after: Instance) -> None:
+        """As ``uq_workflow_instance_active``: a unique instance made active again must be the only one."""
+        key = (after.workflow_type, after.business_id)
+        if after.id not in state.unique.get(key, ()):
+            return
+        holder = state.unique_holder(*key, "active")
+        if holder is not None and holder != after.id:
+            raise UniqueViolationError(
+                f"update_workflow_instances failed: instance {holder} is the active unique instance of {key}"
+            )
 
     # ----------------------------------------------------------------------------------- nodes
 

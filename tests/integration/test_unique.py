@@ -187,3 +187,18 @@ async def test_a_refused_row_fails_none_of_its_neighbours_in_one_postgres_insert
         assert all(not isinstance(o, BaseException) for i, o in enumerate(outcomes) if i % 4)
     finally:
         await repo.aclose()
+
+
+async def test_a_unique_instance_cannot_restart_while_another_of_its_key_is_active(engine_repo: Any) -> None:
+    service, _ = fake_service(engine_repo, one_node_registry("w"))
+    first = await service.create_workflow("w", "k", unique="active")
+    await service.cancel_workflow_instance(first.id)
+    second = await service.create_workflow("w", "k", unique="active")
+    assert second.id != first.id
+    with pytest.raises(InvalidStateError, match="cannot run again"):
+        await service.restart_workflow_instance(first.id)
+    with pytest.raises(InvalidStateError, match="cannot run again"):
+        await service.restart_workflow_node(first.id, "A", force=True)
+    assert (await service.get_workflow_instance(first.id)).status == "canceled"
+    await service.cancel_workflow_instance(second.id)
+    assert (await service.restart_workflow_instance(first.id)).status == "running"
