@@ -5,8 +5,8 @@ Every waiter registers a future under its instance id, then reads the instance. 
 * at once when the instance ends in this process (the service calls :meth:`Waiters.finished` after a
   pass or a cancel that ended it);
 * on PostgreSQL, when it ends in another process: one LISTEN connection (the repo's
-  ``listen_finished``), started with the first waiter and stopped with the last, serves every waiter
-  of the service;
+  ``listen_finished``), started with the first waiter and ended (awaited) by the last, serves every
+  waiter of the service;
 * otherwise by polling: the waiter re-reads its instance every :data:`POLL_INTERVAL` seconds
   (:data:`LISTENING_POLL_INTERVAL` while the LISTEN connection is up, as a safety net).
 
@@ -95,7 +95,7 @@ class Waiters:
         finally:
             self._count -= 1
             if self._count == 0:
-                self._stop_listening()
+                await self._stop_listening()
 
     def _start_listening(self) -> None:
         if self._listen_task is not None or not isinstance(self._repo, ListensFinished):
@@ -107,10 +107,12 @@ class Waiters:
         self._listen_task = asyncio.create_task(listener.run(), name="asyncflow-wait-listen")
         self._listen_task.add_done_callback(_report)
 
-    def _stop_listening(self) -> None:
+    async def _stop_listening(self) -> None:
+        """The last waiter leaves: end the LISTEN (it outlives no waiter; a new one starts another)."""
         task, self._listen_task, self._listener = self._listen_task, None, None
         if task is not None:
             task.cancel()
+            await asyncio.wait([task])  # its UNLISTEN; our own cancellation still propagates
 
 
 def _report(task: asyncio.Task[None]) -> None:
