@@ -18,12 +18,14 @@ from tests.conftest import isolated_pg_engine
 from tests.fixtures.v010_workflows import EXPECTED, UNFINISHED, WORKFLOW_TYPE, make_registry
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "fixtures"
-ROWS = "SELECT * FROM {table} ORDER BY id"
+ROWS = "SELECT * FROM {table} ORDER BY id -- read {count}"
+"""A new text per read: a statement prepared before the migration added columns is never reused."""
+_READS = iter(range(1_000_000))
 
 
 async def _rows(engine: AsyncEngine, table: str) -> list[tuple[Any, ...]]:
     async with engine.connect() as conn:
-        rows = (await conn.execute(text(ROWS.format(table=table)))).all()
+        rows = (await conn.execute(text(ROWS.format(table=table, count=next(_READS))))).all()
     return [tuple(row) for row in rows]
 
 
