@@ -4,7 +4,7 @@ catch-up, time zones, exactly once across drivers of separate repos, and ConfigE
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,6 +13,7 @@ import asyncflow as af
 from asyncflow.driver import WorkflowDriver
 from asyncflow.errors import ConfigError
 from asyncflow.records import QueryWorkflowInstanceParams
+from asyncflow.schedules import tick_name
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from tests.conftest import isolated_pg_engine
 from tests.integration.start_helpers import fake_service, one_node_registry
@@ -171,3 +172,21 @@ async def test_duplicate_ids_and_unknown_workflow_types_raise_config_error() -> 
         await driver.run_until_idle()
     assert not driver.running
     assert await service.count_workflow_instances() == 0
+
+
+async def test_run_forever_sleeps_until_each_tick_and_fires_it_once() -> None:
+    # a FakeClock moves only when the driver sleeps: each sleep runs to the next tick, so ticks
+    # follow one another at once, and each must fire exactly once, in order
+    every10 = af.Schedule(id="ten", workflow_type="report", cron="*/10 * * * *")
+    service, clock = _service(af.MemoryWorkflowRepo(), every10)
+    async with WorkflowDriver(service, poll_interval=3600.0):
+        for _ in range(500):
+            if len(await _business_ids(service)) >= 4:
+                break
+            await asyncio.sleep(0.01)
+    names = await _business_ids(service)
+    assert len(names) >= 4
+    expected = [
+        f"ten@2026-01-01T{(10 * i) // 60:02d}:{(10 * i) % 60:02d}:00Z" for i in range(1, len(names) + 1)
+    ]
+    assert names == expected
