@@ -4,7 +4,7 @@ catch-up, time zones, exactly once across drivers of separate repos, and ConfigE
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -13,7 +13,6 @@ import asyncflow as af
 from asyncflow.driver import WorkflowDriver
 from asyncflow.errors import ConfigError
 from asyncflow.records import QueryWorkflowInstanceParams
-from asyncflow.schedules import tick_name
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from tests.conftest import isolated_pg_engine
 from tests.integration.start_helpers import fake_service, one_node_registry
