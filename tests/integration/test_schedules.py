@@ -177,7 +177,7 @@ async def test_run_forever_sleeps_until_each_tick_and_fires_it_once() -> None:
     # a FakeClock moves only when the driver sleeps: each sleep runs to the next tick, so ticks
     # follow one another at once, and each must fire exactly once, in order
     every10 = af.Schedule(id="ten", workflow_type="report", cron="*/10 * * * *")
-    service, clock = _service(af.MemoryWorkflowRepo(), every10)
+    service, _ = _service(af.MemoryWorkflowRepo(), every10)
     async with WorkflowDriver(service, poll_interval=3600.0):
         for _ in range(500):
             if len(await _business_ids(service)) >= 4:
