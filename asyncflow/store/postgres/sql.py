@@ -103,12 +103,16 @@ _LOAD_STATES = (
 )
 """Instances (columns 0-9) and then their node rows by id (columns 10-19), for several ids at once."""
 _CLAIM = (
-    "UPDATE workflow_instance AS w SET next_run_at = $3::bigint "
-    "FROM (SELECT id, next_run_at AS due FROM workflow_instance "
+    "WITH picked AS MATERIALIZED (SELECT id, next_run_at AS due FROM workflow_instance "
     f"WHERE status IN ({RUNNABLE_SQL}) AND next_run_at <= $1::bigint{{typed}} "
-    "ORDER BY next_run_at, id LIMIT $2::bigint FOR UPDATE SKIP LOCKED) AS picked "
-    "WHERE w.id = picked.id RETURNING w.id, picked.due"
+    "ORDER BY next_run_at, id LIMIT $2::bigint FOR UPDATE SKIP LOCKED), "
+    "moved AS (UPDATE workflow_instance SET next_run_at = $3::bigint "
+    "WHERE id = ANY (ARRAY(SELECT id FROM picked)) RETURNING id) "
+    "SELECT picked.id, picked.due FROM picked JOIN moved ON moved.id = picked.id"
 )
+"""Lease due rows: the pick walks the claim index over due rows only, and the update finds each picked
+row by its primary key (``id = ANY(ARRAY(...))``), so the statement reads no row that is not due
+however large the table is (a join of the pick with the table was planned as a sequential scan)."""
 _CLAIM_ANY = _CLAIM.format(typed="")
 _CLAIM_TYPED = _CLAIM.format(typed=" AND workflow_type = ANY ($4::text[])")
 
