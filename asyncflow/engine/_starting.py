@@ -1,19 +1,22 @@
-"""Checks of ``create_workflow``'s 0.2 arguments: delayed starts and uniqueness.
+"""``create_workflow``'s 0.2 arguments: delayed starts, uniqueness, the caller's session.
 
 Each check raises ``ParamInvalidError`` naming the argument before anything is written.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Literal
 
-from ..errors import ParamInvalidError
+from ..errors import DuplicateWorkflowError, ParamInvalidError
+from ..records import NewWorkflowInstance, WorkflowInstanceRecord
 from ..store.protocol import JoinsSessions, WorkflowRepo
 
-__all__ = ["ON_DUPLICATE", "UNIQUE_MODES", "check_unique", "session_scope", "start_ms"]
+__all__ = ["ON_DUPLICATE", "UNIQUE_MODES", "UniqueFlights", "check_unique", "session_scope", "start_ms"]
 
 UNIQUE_MODES = ("active", "always")
 """The values of ``create_workflow(unique=...)`` besides ``None`` (the store's unique_key values)."""
@@ -75,3 +78,42 @@ def session_scope(repo: WorkflowRepo, session: object, run: bool) -> AbstractAsy
     if not isinstance(repo, JoinsSessions):
         raise ParamInvalidError(f"session= needs an SQL repo, not {type(repo).__name__}")
     return repo.joined(session)
+
+
+class UniqueFlights:
+    """Concurrent unique creates of one key in this service go to the database one at a time.
+
+    The first (the leader) inserts; the others wait for it. If it inserted an instance, they are
+    duplicates of it (they overlapped with its insert, so they may be ordered right after it) and
+    need no database trip; otherwise (refused, failed) the next one inserts. Creates in a caller's
+    session never take part: their row is not committed yet.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[str, str], asyncio.Future[int | None]] = {}
+
+    async def create(
+        self,
+        new: NewWorkflowInstance,
+        insert: Callable[[NewWorkflowInstance], Awaitable[WorkflowInstanceRecord]],
+    ) -> WorkflowInstanceRecord:
+        key = (new.workflow_type, new.business_id)
+        while (pending := self._pending.get(key)) is not None:
+            created = await asyncio.shield(pending)
+            if created is not None:
+                raise DuplicateWorkflowError(
+                    f"a workflow instance of type {key[0]!r} with business id {key[1]!r} was just created "
+                    f"(id {created}; unique={new.unique!r})",
+                    instance_id=created,
+                )
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            record = await insert(new)
+            future.set_result(record.id)
+            return record
+        finally:
+            if not future.done():
+                future.set_result(None)
+            if self._pending.get(key) is future:
+                del self._pending[key]

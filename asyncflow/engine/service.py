@@ -54,7 +54,7 @@ from ..status import (
     is_over_task_status,
 )
 from ..store.protocol import WorkflowRepo
-from ._starting import check_unique, session_scope, start_ms
+from ._starting import UniqueFlights, check_unique, session_scope, start_ms
 from .rules import SchedulePolicy
 from .runner import PassRunner, StallWarnings, active_passes
 from .waiting import Waiters
@@ -129,6 +129,7 @@ class WorkflowService:
         self._due_listeners: list[Callable[[int], None]] = []
         self._stalls = StallWarnings()
         self._waiters = Waiters(repo)
+        self._unique_flights = UniqueFlights()
 
     def add_due_listener(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(instance_id)`` whenever this service makes an instance due now.
@@ -215,7 +216,10 @@ class WorkflowService:
         )
         async with in_session:
             try:
-                record = await self.repo.create_workflow_instance(new)
+                if mode is None or session is not None:
+                    record = await self.repo.create_workflow_instance(new)
+                else:
+                    record = await self._unique_flights.create(new, self.repo.create_workflow_instance)
             except DuplicateWorkflowError as duplicate:
                 if on_duplicate == "raise":
                     raise

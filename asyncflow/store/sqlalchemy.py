@@ -55,7 +55,8 @@ from .protocol import DueListener
 __all__ = ["SQLAlchemyWorkflowRepo"]
 
 _DUPLICATE_READS = 5
-"""Inserts of a unique row at most, when the instance that refused it ended before it was read."""
+"""Inserts of a unique row at most, while the instance that refuses it is not visible to the insert
+(it committed after the insert's snapshot was taken, or ended since)."""
 
 
 def _duplicate_message(row: prep.InstanceRow, existing: int) -> str:
@@ -184,9 +185,11 @@ class SQLAlchemyWorkflowRepo:
             with StoreErrors("create_workflow_instance"):
                 [instance_id] = await self._backend.create([row], now)
                 if isinstance(instance_id, prep.Refused):
-                    existing = instance_id.existing or await self._existing(row)
+                    existing = instance_id.existing
                     if existing is None:
-                        continue  # it ended (or was purged) since it refused the row: insert again
+                        # it committed after the insert began (or ended since): insert again, which
+                        # either sees it or succeeds
+                        continue
                     raise DuplicateWorkflowError(_duplicate_message(row, existing), instance_id=existing)
             break
         else:

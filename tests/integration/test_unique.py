@@ -202,3 +202,25 @@ async def test_a_unique_instance_cannot_restart_while_another_of_its_key_is_acti
     assert (await service.get_workflow_instance(first.id)).status == "canceled"
     await service.cancel_workflow_instance(second.id)
     assert (await service.restart_workflow_instance(first.id)).status == "running"
+
+
+async def test_concurrent_creates_of_one_key_in_one_service_share_the_leader_s_outcome(
+    engine_repo: Any,
+) -> None:
+    service, _ = fake_service(engine_repo, one_node_registry("w"))
+    made = await asyncio.gather(*(service.create_workflow("w", "k", unique="active") for _ in range(20)))
+    assert len({inst.id for inst in made}) == 1
+    raised = await asyncio.gather(
+        *(service.create_workflow("w", "k", unique="active", on_duplicate="raise") for _ in range(5)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(e, DuplicateWorkflowError) and e.instance_id == made[0].id for e in raised)
+    # a refused leader does not decide for the others: "always" is refused by the (ended) instance,
+    # "active" finds no active one and creates
+    await service.cancel_workflow_instance(made[0].id)
+    always, active = await asyncio.gather(
+        service.create_workflow("w", "k", unique="always"), service.create_workflow("w", "k", unique="active")
+    )
+    assert always.id == made[0].id
+    assert active.id != made[0].id
+    assert await service.count_workflow_instances() == 2
