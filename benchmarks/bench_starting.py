@@ -5,7 +5,9 @@
 Rows (each the median of ``--repeat`` runs, each on a fresh schema, with [min-max]):
 
 * ``unique creates``: 1,000 concurrent ``create_workflow(unique="active")`` over 100 distinct business
-  ids (exactly 100 instances must result), next to 1,000 plain concurrent creates in the same run.
+  ids (exactly 100 instances must result), through one service (concurrent creates of one key share
+  its leader's insert) and spread over three services with an engine and pool each (the unique index
+  decides between them), next to 1,000 plain concurrent creates in the same run.
 * ``claim``: the median time of one ``claim_due_instances(limit=64)`` (15 claims) while 1,000
   instances are due, on a schema with no other rows and on one that also holds 10,000 instances
   delayed an hour into the future (``start_in``).
@@ -74,22 +76,41 @@ async def _service(engine: AsyncEngine) -> af.WorkflowService:
 
 
 async def unique_creates(url: str) -> dict[str, float]:
-    async with _schema(url) as (engine, _):
+    async with _schema(url) as (engine, schema):
         svc = await _service(engine)
-        await svc.create_workflow("w", "warm-up")  # connections and prepared statements
-        started = time.perf_counter()
-        made = await asyncio.gather(
-            *(svc.create_workflow("w", f"k{i % 100}", unique="active") for i in range(1000))
-        )
-        unique_s = time.perf_counter() - started
-        assert len({inst.id for inst in made}) == 100
-        count = await svc.count_workflow_instances(af.QueryWorkflowInstanceParams(business_id=None))
-        assert count == 101, count
+        settings = {"server_settings": {"search_path": schema}}
+        others = []  # two more services, each with its own engine and pool ("other processes")
+        for _ in range(2):
+            other = create_async_engine(url, connect_args=settings, pool_size=20, max_overflow=4)
+            others.append(
+                af.WorkflowService(af.SQLAlchemyWorkflowRepo(other), af.LocalWorkflowLock(), _registry())
+            )
+        services = [svc, *others]
+        for service in services:
+            await service.create_workflow("w", "warm-up")  # connections and prepared statements
+        figures: dict[str, float] = {}
+        for label, spread in (("unique_per_s", [svc]), ("unique_3_pools_per_s", services)):
+            prefix = label[:8]
+            started = time.perf_counter()
+            made = await asyncio.gather(
+                *(
+                    spread[i % len(spread)].create_workflow("w", f"{prefix}{i % 100}", unique="active")
+                    for i in range(1000)
+                )
+            )
+            figures[label] = 1000 / (time.perf_counter() - started)
+            assert len({inst.id for inst in made}) == 100
         started = time.perf_counter()
         await asyncio.gather(*(svc.create_workflow("w", f"p{i}") for i in range(1000)))
-        plain_s = time.perf_counter() - started
-        await svc.repo.aclose()
-    return {"unique_per_s": 1000 / unique_s, "plain_per_s": 1000 / plain_s, "instances": 100}
+        figures["plain_per_s"] = 1000 / (time.perf_counter() - started)
+        count = await svc.count_workflow_instances()
+        assert count == 3 + 100 + 100 + 1000, count  # exactly 100 per unique run
+        for service in services:
+            await service.repo.aclose()
+            if service is not svc:
+                assert isinstance(service.repo, af.SQLAlchemyWorkflowRepo)
+                await service.repo.engine.dispose()
+    return figures
 
 
 async def _claim_ms(repo: af.SQLAlchemyWorkflowRepo, now_ms: int) -> float:
@@ -193,8 +214,12 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", choices=("unique", "claim", "waiters"), help="one row only")
     args = parser.parse_args()
-    for name, bench in (("unique creates", unique_creates), ("claim", claims), ("waiters", waiters)):
+    rows = (("unique", unique_creates), ("claim", claims), ("waiters", waiters))
+    for name, bench in rows:
+        if args.only not in (None, name):
+            continue
         runs = [await bench(args.pg_url) for _ in range(args.repeat)]
         print(f"{name:15} {_summary(runs)}", flush=True)
 
