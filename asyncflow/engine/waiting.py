@@ -109,9 +109,14 @@ class Waiters:
 
     async def _stop_listening(self) -> None:
         """The last waiter leaves: end the LISTEN (it outlives no waiter; a new one starts another)."""
-        task, self._listen_task, self._listener = self._listen_task, None, None
-        if task is not None:
-            task.cancel()
+        task, listener = self._listen_task, self._listener
+        self._listen_task = self._listener = None
+        if task is not None and listener is not None:
+            stop = getattr(listener, "stop", None)
+            if callable(stop):
+                stop()  # cooperative: a connection being opened right now is returned too
+            else:
+                task.cancel()
             await asyncio.wait([task])  # its UNLISTEN; our own cancellation still propagates
 
 

@@ -154,3 +154,21 @@ async def test_a_memory_repo_waiter_needs_no_listener(no_polling: None) -> None:
     await service.run_workflow(inst.id)
     assert (await asyncio.wait_for(waiter, 5)).status == "completed"
     assert not service._waiters.listening
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("after", [0.0, 0.5])
+async def test_a_stopped_listener_returns_its_connection_even_while_connecting(
+    postgres_url: str, after: float
+) -> None:
+    from asyncflow.store.postgres.finished import FinishedNotifier
+
+    async with isolated_pg_engine(postgres_url) as engine:
+        heard: list[int | None] = []
+        notifier = FinishedNotifier(engine, heard.append)
+        task = asyncio.create_task(notifier.run())
+        await asyncio.sleep(after)  # 0: stopped while it opens its connection; 0.5: while it listens
+        notifier.stop()
+        await asyncio.wait_for(task, 10)
+        assert not notifier.listening
+        assert engine.sync_engine.pool.checkedout() == 0

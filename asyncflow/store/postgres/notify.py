@@ -100,15 +100,23 @@ class DueNotifier:
         self._install = install
         self.listening = False
         self.server_pid: int | None = None  # the PostgreSQL backend of the LISTEN connection
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask ``run()`` to end: it UNLISTENs, returns its connection and returns (no cancellation,
+        so a connection being opened right now is returned too)."""
+        self._stop.set()
 
     async def run(self) -> None:
         delay = _RETRY_MIN
-        while True:
+        while not self._stop.is_set():
             try:
                 if self._install:
                     self._install = False  # one attempt per driver run: a failure is not fatal
                     await self._install_trigger()
                 await self._listen()
+                if self._stop.is_set():
+                    return
                 delay = _RETRY_MIN
                 logger.warning("the LISTEN connection was lost; polling until it is back")
             except asyncio.CancelledError:
@@ -117,7 +125,9 @@ class DueNotifier:
                 logger.warning("LISTEN %s failed (%s); polling, retrying in %.0f s", self.channel, exc, delay)
             finally:
                 self.listening = False
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
             delay = min(delay * 2, _RETRY_MAX)
 
     async def _install_trigger(self) -> None:
@@ -153,10 +163,18 @@ class DueNotifier:
                 self.server_pid = driver.get_server_pid()
                 self.listening = True
                 self._callback()  # whatever became due while nobody listened
-                while not lost.is_set() and not driver.is_closed():
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(_HEALTH_INTERVAL):
-                            await lost.wait()
+                stopping = asyncio.ensure_future(self._stop.wait())
+                lost_wait = asyncio.ensure_future(lost.wait())
+                try:
+                    while not lost.is_set() and not self._stop.is_set() and not driver.is_closed():
+                        await asyncio.wait(
+                            {stopping, lost_wait},
+                            timeout=_HEALTH_INTERVAL,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                finally:
+                    stopping.cancel()
+                    lost_wait.cancel()
             finally:
                 self.listening = False
                 driver.remove_termination_listener(on_close)
