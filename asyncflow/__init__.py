@@ -22,6 +22,7 @@ from .errors import (
     ConfigError,
     ConfigNotFoundError,
     DefinitionNotFoundError,
+    DuplicateWorkflowError,
     InstanceNotFoundError,
     InvalidStateError,
     LockFailedError,
@@ -60,6 +61,7 @@ from .registry import (
     preload_workflow_definitions,
     register_workflow_task,
 )
+from .schedules import Schedule
 from .status import (
     END_NODE,
     NODE_EVENT,
@@ -104,6 +106,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "DefinitionNotFoundError",
     "DriverConfig",
     "DriverStats",
+    "DuplicateWorkflowError",
     "END_NODE",
     "EmptyTaskWorker",
     "EndNodeWorker",
@@ -136,6 +139,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "SCHEMA_VERSION",
     "SQLAlchemyWorkflowRepo",
     "SYSTEM",
+    "Schedule",
     "SchedulePolicy",
     "StoreError",
     "SystemClock",

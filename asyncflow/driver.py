@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._driver_config import DriverConfig, DriverStats, bounded, merge_config, seconds, wait_for_wake
+from ._schedule_firer import ScheduleFirer
 from .clock import SystemClock
 from .engine.rules import SchedulePolicy
 from .engine.service import WorkflowService
@@ -115,6 +116,10 @@ class WorkflowDriver:
         self._notifier: DueListener | None = None
         self._task: asyncio.Task[None] | None = None
         self._fake_time = not isinstance(service.clock, SystemClock)  # e.g. a FakeClock in tests
+        schedules = [
+            s for s in service.registry.schedules if not self._types or s.workflow_type in self._types
+        ]
+        self._firer = ScheduleFirer(service, schedules) if schedules else None
 
     # ------------------------------------------------------------------ public surface
 
@@ -204,6 +209,13 @@ class WorkflowDriver:
             self._reserve()
         repo = self.service.repo
         self._notifier = None
+        try:
+            if self._firer is not None:
+                self._firer.check()
+        except BaseException:
+            self._running = False
+            self._done.set()
+            raise
         if not until_idle and self.config.listen and isinstance(repo, ListensDue):
             self._notifier = repo.listen_due(self._on_notify)
         self.service.add_due_listener(self._on_due)
@@ -242,6 +254,13 @@ class WorkflowDriver:
             self._wake.clear()
             self._spawn_rechecks(tg)
             try:
+                firer = self._firer
+                if (
+                    firer is not None
+                    and firer.next_at_ms <= self._now_ms()
+                    and await firer.fire_due(self._now_ms())
+                ):
+                    claim_at = None  # the new instances are due now
                 if (claim_at is None or claim_at <= self._now_ms()) and self._can_claim(starved):
                     starved = False
                     requested = min(self._cap - len(self._inflight), self._batch)
@@ -288,6 +307,9 @@ class WorkflowDriver:
             timeout = None if self._want_slots else (min(look_at, claim_at or _NEVER) - now) / 1000
             if self._want_slots and len(self._inflight) < self._cap:  # long passes may keep those slots
                 timeout = self.config.poll_interval
+            if self._firer is not None:  # wake for the next tick
+                tick_in = max(0.0, (self._firer.next_at_ms - now) / 1000)
+                timeout = tick_in if timeout is None else min(timeout, tick_in)
             if self._inflight and self._fake_time:
                 timeout = None  # fake time moves only while no pass runs: passes see a fixed "now"
             waiting = [r.at for i, r in self._rechecks.items() if i not in self._inflight]

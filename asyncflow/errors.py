@@ -105,6 +105,17 @@ class InvalidStateError(AsyncflowError):
     """The operation is not allowed in the current status, or an event is older than the stored one."""
 
 
+class DuplicateWorkflowError(InvalidStateError):
+    """``create_workflow(unique=..., on_duplicate="raise")`` found an instance with the same key.
+
+    ``instance_id`` is the existing instance's id.
+    """
+
+    def __init__(self, message: str, *, instance_id: int) -> None:
+        super().__init__(message)
+        self.instance_id = instance_id
+
+
 class LockFailedError(AsyncflowError):
     """The instance lock is held by another runner, was lost, or the lock backend failed."""
 

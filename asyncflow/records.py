@@ -20,6 +20,7 @@ __all__ = [
     "Pager",
     "QueryTaskInstanceParams",
     "QueryWorkflowInstanceParams",
+    "ScheduleState",
     "Step",
     "StepResult",
     "TaskFields",
@@ -193,6 +194,7 @@ class NewWorkflowInstance:
     status: str = "init"
     next_run_at: int = 0
     trace_context: str | None = None  # stored with the instance (observers' trace_context())
+    unique: str | None = None  # "active" | "always": refused when a unique instance of the key exists
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -349,3 +351,12 @@ class WorkflowInstanceDetail:
             if item.task_type == task_type:
                 return item
         raise KeyError(task_type)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleState:
+    """What the store knows of a schedule: first seen by a driver (unix ms), the latest tick fired."""
+
+    id: str
+    first_seen_at: int
+    last_tick: str | None = None

@@ -33,6 +33,7 @@ from asyncflow.errors import (
     ParamInvalidError,
     TaskWorkerAlreadyRegisteredError,
 )
+from asyncflow.schedules import Schedule
 from asyncflow.worker import NormalTaskWorker, TaskWorker, WorkerFunction
 
 __all__ = [
@@ -92,6 +93,26 @@ class Registry:
         self._built: set[str] = set()
         self._workers: dict[tuple[str, str], TaskWorker] = {}
         self._public: dict[str, TaskWorker] = {}
+        self._schedules: dict[str, Schedule] = {}
+
+    def add_schedule(self, schedule: Schedule) -> None:
+        """Add a cron :class:`~asyncflow.schedules.Schedule`; drivers of its workflow type fire it.
+
+        A schedule id added twice raises ``ConfigError``; its workflow type must be loaded when a
+        driver starts (``ConfigError`` then).
+        """
+        if not isinstance(schedule, Schedule):
+            raise ConfigError(f"add_schedule needs an af.Schedule, got {type(schedule).__name__}")
+        with self._lock:
+            if schedule.id in self._schedules:
+                raise ConfigError(f"schedule {schedule.id!r} is already added")
+            self._schedules[schedule.id] = schedule
+
+    @property
+    def schedules(self) -> tuple[Schedule, ...]:
+        """The schedules added, in order."""
+        with self._lock:
+            return tuple(self._schedules.values())
 
     def load_workflow_config(self, config: WorkflowConfig | Mapping[str, Any] | str | bytes) -> None:
         """Validate and store a workflow config (a :class:`WorkflowConfig`, a Go-shaped dict or JSON).

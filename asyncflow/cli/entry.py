@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._text import inert, inert_lines
@@ -191,7 +191,38 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument(
         "--allow-actions", action="store_true", help="let anyone who reaches it cancel, restart, send events"
     )
+    _add_starting(add)
     return parser
+
+
+def _add_starting(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """``start`` and ``schedules`` (asyncflow.cli.starting)."""
+    from .starting import duration, moment
+
+    start = add("start", "create a workflow instance (optionally delayed, unique, and waited for)")
+    start.add_argument("type", metavar="TYPE", help="workflow type")
+    start.add_argument("business_id", metavar="BUSINESS_ID", help="business id")
+    start.add_argument(
+        "--app", required=True, metavar="APP", help="module:attribute giving a Registry or service"
+    )
+    start.add_argument("--context", metavar="JSON", help="workflow context (a JSON object)")
+    when = start.add_mutually_exclusive_group()
+    when.add_argument(
+        "--start-in", type=duration, metavar="DURATION", help="start later: 30, 90s, 10m, 2h, 1d"
+    )
+    when.add_argument(
+        "--start-at", type=moment, metavar="ISO", help="start at (ISO 8601 with Z or an offset)"
+    )
+    start.add_argument(
+        "--unique", choices=("active", "always"), help="no new instance if one exists (exit 0)"
+    )
+    start.add_argument("--wait", action="store_true", help="wait for the end (exit 1 unless completed)")
+    start.add_argument("--timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds")
+
+    schedules = add("schedules", "list APP's cron schedules: next tick and last fired tick")
+    schedules.add_argument(
+        "--app", required=True, metavar="APP", help="module:attribute giving a Registry or service"
+    )
 
 
 class _ScrubbingFormatter(logging.Formatter):
@@ -285,6 +316,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from .dashboard import run_dashboard
 
         return await run_dashboard(args)
+    if args.command in ("start", "schedules"):
+        from .starting import cmd_schedules, cmd_start
+
+        return await (cmd_start if args.command == "start" else cmd_schedules)(args)
     from .commands import COMMANDS
 
     return await COMMANDS[args.command](args)

@@ -13,7 +13,8 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 from .._json_depth import MAX_JSON_DEPTH, check_json_depth
 from ..clock import SYSTEM_CLOCK, Clock
@@ -21,11 +22,13 @@ from ..context import INT64_MAX, INT64_MIN, JSONContext
 from ..definition import WorkflowDefinition
 from ..errors import (
     AsyncflowError,
+    DuplicateWorkflowError,
     InstanceNotFoundError,
     InvalidStateError,
     LockFailedError,
     ParamInvalidError,
     TaskInstanceNotFoundError,
+    UniqueViolationError,
 )
 from ..lock.protocol import WorkflowLock
 from ..records import (
@@ -54,9 +57,11 @@ from ..status import (
     is_over_task_status,
 )
 from ..store.protocol import WorkflowRepo
+from ._starting import UniqueFlights, check_unique, session_scope, start_ms
 from .observers import ObserverSet, WorkflowObserver
 from .rules import SchedulePolicy
 from .runner import PassRunner, StallWarnings, active_passes
+from .waiting import Waiters
 
 __all__ = ["WorkflowService", "lock_key"]
 
@@ -138,6 +143,8 @@ class WorkflowService:
         self._due_listeners: list[Callable[[int], None]] = []
         self._stalls = StallWarnings()
         self._observers = ObserverSet(observers)
+        self._waiters = Waiters(repo)
+        self._unique_flights = UniqueFlights()
 
     def add_observer(self, observer: WorkflowObserver) -> None:
         """Tell ``observer`` too, from the next operation on (``ParamInvalidError`` if it has no hook)."""
@@ -181,12 +188,32 @@ class WorkflowService:
         context: Mapping[str, Any] | JSONContext | None = None,
         run: bool = False,
         task_id: int = 0,
+        start_at: datetime | None = None,
+        start_in: float | timedelta | None = None,
+        unique: Literal["active", "always"] | None = None,
+        on_duplicate: Literal["return", "raise"] = "return",
+        session: object | None = None,
     ) -> WorkflowInstance:
         """Create an instance (status ``init``); with ``run=True`` return it after its first pass.
 
-        The definition must build (``ConfigNotFoundError``/``ConfigError`` otherwise, nothing written).
-        A context that is not a JSON object raises ``ParamInvalidError``. If the first pass fails
-        (lock or store error), the error is raised with the new id in ``exc.instance_id``.
+        ``start_at`` (a timezone-aware ``datetime``) or ``start_in`` (seconds or a ``timedelta``), not
+        both: the instance is stored now, but no driver runs it before that time (an explicit
+        ``run_workflow`` runs it at once). The definition must build (``ConfigNotFoundError``/
+        ``ConfigError`` otherwise, nothing written). A context that is not a JSON object, a naive
+        ``start_at`` or ``run=True`` with a start in the future raise ``ParamInvalidError``. If the
+        first pass fails (lock or store error), the error is raised with the new id in
+        ``exc.instance_id``.
+
+        ``unique="active"``: no row is inserted if an ``init``/``running`` instance of this type and
+        business id, created with ``unique`` set, exists; ``unique="always"``: the same for such an
+        instance in any status. Then ``on_duplicate="return"`` returns the existing instance (it is not
+        run) and ``"raise"`` raises ``DuplicateWorkflowError`` (``.instance_id`` is the existing id).
+        The database's unique indexes decide, so concurrent creates leave exactly one instance.
+
+        ``session``: an SQLAlchemy ``AsyncSession`` or ``AsyncConnection`` in an open transaction on
+        the repo's database: the instance is inserted in that transaction (drivers see it once the
+        caller commits; a rollback undoes it). Not with ``run=True``, nor on a repo without SQL
+        (``ParamInvalidError``).
         """
         if not isinstance(workflow_type, str) or not workflow_type:
             raise ParamInvalidError(f"workflow_type must be a non-empty str, got {workflow_type!r}")
@@ -194,21 +221,35 @@ class WorkflowService:
             raise ParamInvalidError(f"business_id must be a str, got {business_id!r}")
         if isinstance(task_id, bool) or not isinstance(task_id, int):
             raise ParamInvalidError(f"task_id must be an int, got {task_id!r}")
-        definition = self.registry.get_workflow_definition(workflow_type)
+        mode = check_unique(unique, on_duplicate)
+        in_session = session_scope(self.repo, session, run)
         now_ms = self._now_ms()
         observers = self._observers if self._observers.active else None
+        start = start_ms(start_at, start_in, now_ms)
+        if run and start is not None and start > now_ms:
+            raise ParamInvalidError("run=True cannot run an instance whose start is in the future")
+        definition = self.registry.get_workflow_definition(workflow_type)
         # with run=True this call runs the first pass itself: keep drivers away for one lease
-        next_run_at = now_ms + int(self.lock_ttl * 1000) if run else now_ms
-        record = await self.repo.create_workflow_instance(
-            NewWorkflowInstance(
-                workflow_type=workflow_type,
-                business_id=business_id,
-                workflow_context=_context_dict(context, "context"),
-                task_id=task_id,
-                next_run_at=next_run_at,
-                trace_context=None if observers is None else observers.trace_context(),
-            )
+        next_run_at = now_ms + int(self.lock_ttl * 1000) if run else now_ms if start is None else start
+        new = NewWorkflowInstance(
+            workflow_type=workflow_type,
+            business_id=business_id,
+            workflow_context=_context_dict(context, "context"),
+            task_id=task_id,
+            next_run_at=next_run_at,
+            unique=mode,
+            trace_context=None if observers is None else observers.trace_context(),
         )
+        async with in_session:
+            try:
+                if mode is None or session is not None:
+                    record = await self.repo.create_workflow_instance(new)
+                else:
+                    record = await self._unique_flights.create(new, self.repo.create_workflow_instance)
+            except DuplicateWorkflowError as duplicate:
+                if on_duplicate == "raise":
+                    raise
+                return WorkflowInstance.from_record(await self._get(duplicate.instance_id), definition)
         logger.debug(
             "created workflow instance %s (%s)",
             record.id,
@@ -218,7 +259,7 @@ class WorkflowService:
         if observers is not None:
             observers.instance_created(WorkflowInstance.from_record(record, definition))
         if not run:
-            self._announce_due(record.id)
+            self._announce_due(record.id)  # a delayed one too: an idle driver learns its due time
             return WorkflowInstance.from_record(record, definition)
         try:
             return await self._run(record.id, known=(record, []))
@@ -226,6 +267,30 @@ class WorkflowService:
             exc.instance_id = record.id  # type: ignore[attr-defined]
             exc.add_note(f"workflow instance {record.id} was created; its first pass failed")
             raise
+
+    async def wait_for_workflow(
+        self,
+        instance_id: int,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - API.md: seconds to wait at most
+    ) -> WorkflowInstance:
+        """The instance once it is ``completed``, ``failed`` or ``canceled`` (at once if it is).
+
+        ``TimeoutError`` after ``timeout`` seconds; ``InstanceNotFoundError`` for an unknown id. An
+        instance that ends in this process wakes the waiter at once; on PostgreSQL one that ends in
+        another process wakes it through LISTEN/NOTIFY (one connection for every waiter of this
+        service); otherwise it is polled about once a second.
+        """
+        _check_id(instance_id)
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
+        ):
+            raise ParamInvalidError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+        record = await self._get(instance_id)  # a terminal one is returned even with timeout=0
+        if not is_over_instance_status(record.status):
+            async with asyncio.timeout(timeout):
+                record = await self._waiters.wait(instance_id, self.repo.get_workflow_instance)
+        return WorkflowInstance.from_record(record, self._definition_or_none(record))
 
     async def run_workflow(self, instance_id: int) -> WorkflowInstance:
         """One pass: run every ready node as far as it goes now; return the instance after it.
@@ -276,7 +341,10 @@ class WorkflowService:
                 stalls=self._stalls,
                 observers=self._observers if self._observers.active else None,
             )
-            return await runner.run()
+            after = await runner.run()
+        if is_over_instance_status(after.status):
+            self._waiters.finished(instance_id)
+        return after
 
     def _definition_or_none(self, instance: WorkflowInstanceRecord) -> WorkflowDefinition | None:
         try:
@@ -313,6 +381,7 @@ class WorkflowService:
                 TaskWhere(workflow_instance_id=instance_id, status_in=_NON_TERMINAL_TASK),
                 TaskFields(status=TaskStatus.CANCELED.value),
             )
+        self._waiters.finished(instance_id)
         if self._observers.active:
             canceled = dataclasses.replace(record, status=InstanceStatus.CANCELED.value)
             self._observers.instance_finished(
@@ -408,6 +477,17 @@ class WorkflowService:
 
     # ------------------------------------------------------------------ restarts
 
+    async def _reopen(self, where: InstanceWhere, fields: InstanceFields) -> int:
+        """The restart's instance update; a unique instance whose key has another active instance now
+        cannot run again (``InvalidStateError``: the unique index refused it)."""
+        try:
+            return await self.repo.update_workflow_instances(where, fields)
+        except UniqueViolationError as exc:
+            raise InvalidStateError(
+                f"workflow instance {where.ids[0]} cannot run again: it was created unique and another "
+                "instance of its type and business id is active now"
+            ) from exc
+
     async def restart_workflow_node(
         self, instance_id: int, task_type: str, *, force: bool = False, run: bool = False
     ) -> WorkflowInstance:
@@ -437,7 +517,7 @@ class WorkflowService:
                 fields = InstanceFields(
                     status=InstanceStatus.RUNNING.value if over else None, next_run_at=self._now_ms()
                 )
-                changed = await self.repo.update_workflow_instances(
+                changed = await self._reopen(
                     InstanceWhere(ids=(instance_id,), status_in=(record.status,)), fields
                 )
                 if changed == 0:
@@ -480,7 +560,7 @@ class WorkflowService:
                 return WorkflowInstance.from_record(record, definition)
             now = int(self.clock.time())
             async with self.repo.transaction():
-                changed = await self.repo.update_workflow_instances(
+                changed = await self._reopen(
                     InstanceWhere(ids=(instance_id,), status_in=(record.status,)),
                     InstanceFields(
                         status=InstanceStatus.RUNNING.value,

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..errors import ParamInvalidError
 from ..records import TaskInstanceRecord, WorkflowInstanceRecord
-from ._prepare import InstanceRow, PreparedStep
+from ._prepare import InstanceRow, PreparedStep, Refused
 from ._units import ConnectionUnits
 from .migrations import Migration
 from .protocol import DueListener
@@ -40,7 +40,8 @@ class SqlBackend(Protocol):
     units: ConnectionUnits
     schema: SchemaOps
 
-    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int]: ...
+    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | Refused]:
+        """Ids in input order; :class:`Refused` where a unique row was refused (a unique instance exists)."""
 
     async def get(self, instance_id: int) -> WorkflowInstanceRecord | None: ...
 
@@ -61,6 +62,8 @@ class SqlBackend(Protocol):
     async def release_lease(self, key: str, holder: str) -> bool: ...
 
     def listen_due(self, callback: Callable[[], None]) -> DueListener | None: ...
+
+    def listen_finished(self, callback: Callable[[int | None], None]) -> DueListener | None: ...
 
     def migrated(self) -> None: ...
 

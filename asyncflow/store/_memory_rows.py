@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from ..records import Pager, TaskInstanceRecord, WorkflowInstanceRecord
+from ..records import Pager, ScheduleState, TaskInstanceRecord, WorkflowInstanceRecord
+from ..status import RUNNABLE_INSTANCE_STATUSES
 from ._json import copy_context, page_window
 from ._prepare import InstanceChange, TaskChange
 
@@ -64,6 +65,10 @@ class State:
     last_instance_id: int = 0
     last_task_id: int = 0
     instance_tasks: dict[int, tuple[int, ...]] = field(default_factory=dict)  # ids by instance, ascending
+    # (workflow_type, business_id) -> ids of the instances created unique (workflow_instance.unique_key)
+    unique: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
+    schedules: dict[str, ScheduleState] = field(default_factory=dict)
+    ticks: dict[tuple[str, str], int] = field(default_factory=dict)  # (schedule id, tick) -> instance id
 
     def copy(self) -> State:
         # rows and the id tuples are immutable, so copying the maps is a full snapshot
@@ -74,7 +79,21 @@ class State:
             self.last_instance_id,
             self.last_task_id,
             dict(self.instance_tasks),
+            dict(self.unique),
+            dict(self.schedules),
+            dict(self.ticks),
         )
+
+    def unique_holder(self, workflow_type: str, business_id: str, mode: str) -> int | None:
+        """The unique instance of the key that refuses a new ``mode`` row (as the SQL indexes do)."""
+        ids = self.unique.get((workflow_type, business_id), ())
+        found = [self.instances[i] for i in ids if i in self.instances]
+        active = [i.id for i in found if i.status in RUNNABLE_INSTANCE_STATUSES]
+        if active:
+            return max(active)
+        if mode == "always" and found:
+            return max(i.id for i in found)
+        return None
 
     def add_task(self, task: Task) -> None:
         self.tasks[task.id] = task

@@ -20,6 +20,7 @@ from ..records import (
     TaskWhere,
 )
 from ._json import check_int, check_ints, check_text, check_texts, dumps_context
+from ._sql import UNIQUE_MODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,15 @@ class InstanceRow:
     task_id: int
     next_run_at: int
     trace_context: str | None = None
+    unique: str | None = None  # None, "active" or "always" (stored as workflow_instance.unique_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A unique row that was not inserted: ``existing`` is the unique instance of its key that
+    refused it, when the insert could see it (else the repo looks it up)."""
+
+    existing: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +111,7 @@ def instance_row(new: NewWorkflowInstance) -> InstanceRow:
         task_id=check_int(new.task_id, "task_id"),
         next_run_at=check_int(new.next_run_at, "next_run_at", minimum=0),
         trace_context=_trace_context(new.trace_context),
+        unique=_unique(new.unique),
     )
 
 
@@ -110,6 +121,12 @@ def _trace_context(value: object) -> str | None:
     if not isinstance(value, str) or len(value) > 1024:
         raise ParamInvalidError(f"trace_context must be a str of at most 1024 characters or None: {value!r}")
     return check_text(value, "trace_context")
+
+
+def _unique(value: object) -> str | None:
+    if value is None or value in UNIQUE_MODES:
+        return value
+    raise ParamInvalidError(f"unique must be None, 'active' or 'always', got {value!r}")
 
 
 def task_row(new: TaskInsert) -> TaskRow:

@@ -6,10 +6,21 @@ from collections.abc import Iterable
 
 from ..status import RUNNABLE_INSTANCE_STATUSES, TERMINAL_STATUSES
 
-__all__ = ["RUNNABLE", "RUNNABLE_SQL", "TERMINAL", "TERMINAL_SQL", "marks", "sql_list"]
+__all__ = [
+    "RUNNABLE",
+    "RUNNABLE_SQL",
+    "TERMINAL",
+    "TERMINAL_SQL",
+    "UNIQUE_MODES",
+    "marks",
+    "refused_by",
+    "sql_list",
+]
 
 RUNNABLE = RUNNABLE_INSTANCE_STATUSES
 TERMINAL = TERMINAL_STATUSES
+UNIQUE_MODES = ("active", "always")
+"""The values of ``workflow_instance.unique_key`` besides NULL (``create_workflow(unique=...)``)."""
 
 
 def sql_list(values: Iterable[str]) -> str:
@@ -30,3 +41,14 @@ RUNNABLE_SQL = sql_list(RUNNABLE)
 """``'init', 'running'``."""
 TERMINAL_SQL = sql_list(TERMINAL)
 """``'completed', 'failed', 'canceled'``."""
+
+
+def refused_by(workflow_type: str, business_id: str, mode: str) -> str:
+    """A scalar query: the unique instance that refuses a row of this key and ``mode`` (SQL
+    expressions): the active one, else (``'always'``) the latest."""
+    return (
+        f"SELECT w.id FROM workflow_instance w WHERE w.workflow_type = {workflow_type} "
+        f"AND w.business_id = {business_id} AND w.unique_key IS NOT NULL "
+        f"AND ({mode} = 'always' OR w.status IN ({RUNNABLE_SQL})) "
+        f"ORDER BY CASE WHEN w.status IN ({RUNNABLE_SQL}) THEN 0 ELSE 1 END, w.id DESC LIMIT 1"
+    )

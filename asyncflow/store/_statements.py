@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     Update,
     bindparam,
+    case,
     func,
     insert,
     literal_column,
@@ -267,3 +268,20 @@ def task_change_params(change: TaskChange, now: int) -> dict[str, Any]:
         "p_started_at": change.started_at,
         "p_now": now,
     }
+
+
+# ------------------------------------------------------------------------------------ uniqueness
+
+_UNIQUE_KEY = (wi.c.workflow_type == bindparam("workflow_type"), wi.c.business_id == bindparam("business_id"))
+_ACTIVE_FIRST = case((_RUNNABLE_STATUS, 0), else_=1)
+UNIQUE_ANY: Select[Any] = (
+    select(wi.c.id)
+    .where(*_UNIQUE_KEY, wi.c.unique_key.is_not(None))
+    .order_by(_ACTIVE_FIRST, wi.c.id.desc())
+    .limit(1)
+)
+"""The unique instance of a key that refused an ``'always'`` row: the active one, else the latest."""
+UNIQUE_ACTIVE: Select[Any] = select(wi.c.id).where(
+    *_UNIQUE_KEY, wi.c.unique_key.is_not(None), _RUNNABLE_STATUS
+)
+"""The active unique instance of a key (what refused an ``'active'`` row)."""

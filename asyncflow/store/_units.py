@@ -116,6 +116,20 @@ class ConnectionUnits:
             await _close_quietly(conn)
 
     @asynccontextmanager
+    async def join(self, conn: AsyncConnection) -> AsyncIterator[None]:
+        """Calls of this task run on ``conn``, a caller's connection in its own open transaction,
+        which the caller commits or rolls back (a multi-statement unit in a SAVEPOINT of it)."""
+        if self._joined() is not None:
+            raise StoreError("already inside this repo's transaction(): pass no session")
+        tx = _Tx(conn)
+        token = self._tx.set(tx)
+        try:
+            yield
+        finally:
+            tx.active = False
+            self._tx.reset(token)
+
+    @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:
         """A connection for one statement: the transaction's, or an autocommit one of its own."""
         tx = self._joined()

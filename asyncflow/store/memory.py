@@ -16,13 +16,14 @@ from contextvars import ContextVar
 from dataclasses import replace
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import StoreError, UniqueViolationError
+from ..errors import DuplicateWorkflowError, StoreError, UniqueViolationError
 from ..records import (
     InstanceFields,
     InstanceWhere,
     NewWorkflowInstance,
     QueryTaskInstanceParams,
     QueryWorkflowInstanceParams,
+    ScheduleState,
     Step,
     StepResult,
     TaskFields,
@@ -123,6 +124,16 @@ class MemoryWorkflowRepo:
     # ------------------------------------------------------------------------------- instances
 
     def _insert_instance(self, state: State, row: prep.InstanceRow, now: int) -> Instance:
+        key = (row.workflow_type, row.business_id)
+        if row.unique is not None:
+            existing = state.unique_holder(*key, row.unique)
+            if existing is not None:
+                raise DuplicateWorkflowError(
+                    f"a workflow instance of type {row.workflow_type!r} with business id "
+                    f"{row.business_id!r} exists (id {existing}; unique={row.unique!r})",
+                    instance_id=existing,
+                )
+            state.unique[key] = (*state.unique.get(key, ()), state.last_instance_id + 1)
         state.last_instance_id += 1
         instance = Instance(
             state.last_instance_id,
@@ -151,7 +162,13 @@ class MemoryWorkflowRepo:
         rows = [prep.instance_row(new) for new in news]
         async with self._unit() as state:
             now = self._now()
-            return [self._insert_instance(state, row, now).id for row in rows]
+            return [self._insert_or_existing(state, row, now) for row in rows]
+
+    def _insert_or_existing(self, state: State, row: prep.InstanceRow, now: int) -> int:
+        try:
+            return self._insert_instance(state, row, now).id
+        except DuplicateWorkflowError as duplicate:
+            return duplicate.instance_id
 
     async def get_workflow_instance(self, instance_id: int) -> WorkflowInstanceRecord | None:
         """The instance, or ``None``."""
@@ -197,16 +214,31 @@ class MemoryWorkflowRepo:
         ids, status_in = prep.instance_where(where)
         change = prep.instance_change(fields)
         async with self._unit() as state:
-            now, count = self._now(), 0
+            now = self._now()
+            changed = {}
             for instance_id in dict.fromkeys(ids):
                 instance = state.instances.get(instance_id)
                 if instance is None or (status_in and instance.status not in status_in):
                     continue
-                changed = changed_instance(instance, change, now)
+                after = changed_instance(instance, change, now)
                 # an update outside passes fences the passes in flight
-                state.instances[instance_id] = replace(changed, lease_epoch=changed.lease_epoch + 1)
-                count += 1
-            return count
+                changed[instance_id] = after = replace(after, lease_epoch=after.lease_epoch + 1)
+                if after.status in _RUNNABLE and instance.status not in _RUNNABLE:
+                    self._check_reopen(state, after)
+            state.instances.update(changed)
+            return len(changed)
+
+    @staticmethod
+    def _check_reopen(state: State, after: Instance) -> None:
+        """As ``uq_workflow_instance_active``: a unique instance made active again must be the only one."""
+        key = (after.workflow_type, after.business_id)
+        if after.id not in state.unique.get(key, ()):
+            return
+        holder = state.unique_holder(*key, "active")
+        if holder is not None and holder != after.id:
+            raise UniqueViolationError(
+                f"update_workflow_instances failed: instance {holder} is the active unique instance of {key}"
+            )
 
     # ----------------------------------------------------------------------------------- nodes
 
@@ -413,3 +445,34 @@ class MemoryWorkflowRepo:
                 if item.status in _RUNNABLE and (not types or item.workflow_type in types)
             ]
             return min(values) if values else None
+
+    # ------------------------------------------------------------------------------- schedules
+
+    async def schedule_states(self) -> dict[str, ScheduleState]:
+        """Every schedule a driver has seen, by id."""
+        async with self._unit() as state:
+            return dict(state.schedules)
+
+    async def register_schedules(self, ids: Sequence[str], now_ms: int) -> None:
+        """Record schedules first seen now (those already known keep their state)."""
+        ids = check_texts(ids, "schedule id")
+        async with self._unit() as state:
+            for schedule_id in ids:
+                state.schedules.setdefault(schedule_id, ScheduleState(id=schedule_id, first_seen_at=now_ms))
+
+    async def fire_schedule_tick(
+        self, schedule_id: str, tick: str, new: NewWorkflowInstance, *, now_ms: int, prune_before: str
+    ) -> int | None:
+        """Create ``new`` for ``tick`` unless that tick was fired already (then ``None``)."""
+        row = prep.instance_row(new)
+        async with self._unit() as state:
+            if (schedule_id, tick) in state.ticks:
+                return None
+            instance = self._insert_instance(state, row, self._now())
+            state.ticks[(schedule_id, tick)] = instance.id
+            for key in [key for key in state.ticks if key[0] == schedule_id and key[1] < prune_before]:
+                del state.ticks[key]
+            known = state.schedules.get(schedule_id) or ScheduleState(id=schedule_id, first_seen_at=now_ms)
+            if known.last_tick is None or known.last_tick < tick:
+                state.schedules[schedule_id] = replace(known, last_tick=tick)
+            return instance.id

@@ -21,13 +21,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, inspect, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import StoreError
 from .tables import SCHEMA_VERSION, asyncflow_schema
 
-__all__ = ["VERSION_TABLE", "Migration", "Statement", "check_migrations", "migrate", "recorded_version"]
+__all__ = ["VERSION_TABLE", "Migration", "check_migrations", "migrate", "recorded_version"]
 
 VERSION_TABLE = (
     "CREATE TABLE IF NOT EXISTS asyncflow_schema (version INTEGER NOT NULL, applied_at BIGINT NOT NULL, "
@@ -36,7 +37,6 @@ VERSION_TABLE = (
 """The table of applied versions (the same on every backend; made by version 1 of asyncflow 0.1.0)."""
 
 
-Statement = str | Callable[[AsyncConnection], Awaitable[None]]
 """DDL text, or a step that needs to look first (e.g. SQLite's ``ADD COLUMN``, which has no ``IF NOT
 EXISTS``: a table made from ``metadata`` already has the column)."""
 
@@ -47,7 +47,11 @@ class Migration:
 
     version: int
     description: str
-    statements: tuple[Statement, ...]
+    statements: tuple[str, ...]
+    add_columns: tuple[tuple[str, str, str], ...] = ()
+    """``(table, column, type and default)`` added before ``statements`` unless the column exists
+    (tables made from ``metadata`` by other tools have it already; SQLite has no ``ADD COLUMN IF NOT
+    EXISTS``)."""
 
 
 def check_migrations(migrations: Sequence[Migration]) -> tuple[Migration, ...]:
@@ -96,10 +100,14 @@ async def migrate(
                     await conn.exec_driver_sql(statement)
                 return applied
             migration = migrations[current]
-            for ddl in migration.statements:
-                if isinstance(ddl, str):
-                    await conn.exec_driver_sql(ddl)
-                else:
-                    await ddl(conn)
+            for table, column, kind in migration.add_columns:
+                if column not in await conn.run_sync(_columns, table):
+                    await conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            for statement in migration.statements:
+                await conn.exec_driver_sql(statement)
             await conn.execute(insert(asyncflow_schema), {"version": migration.version, "applied_at": now()})
         applied.append(migration.version)
+
+
+def _columns(conn: Connection, table: str) -> set[str]:
+    return {column["name"] for column in inspect(conn).get_columns(table)}

@@ -12,6 +12,7 @@ from ..records import (
     NewWorkflowInstance,
     QueryTaskInstanceParams,
     QueryWorkflowInstanceParams,
+    ScheduleState,
     Step,
     StepResult,
     TaskFields,
@@ -21,7 +22,15 @@ from ..records import (
     WorkflowInstanceRecord,
 )
 
-__all__ = ["DueListener", "KeepsLeases", "ListensDue", "WorkflowRepo"]
+__all__ = [
+    "DueListener",
+    "JoinsSessions",
+    "KeepsLeases",
+    "ListensDue",
+    "ListensFinished",
+    "StoresSchedules",
+    "WorkflowRepo",
+]
 
 
 @runtime_checkable
@@ -143,3 +152,37 @@ class KeepsLeases(Protocol):
 
     async def release_lease(self, key: str, holder: str) -> bool:
         """Free ``key`` if ``holder`` still holds it; whether it did."""
+
+
+@runtime_checkable
+class ListensFinished(Protocol):
+    """An optional capability of a repo: wake-ups when instances end (``wait_for_workflow`` polls without)."""
+
+    def listen_finished(self, callback: Callable[[int | None], None]) -> DueListener | None:
+        """A listener calling ``callback(id)`` per ended instance and ``callback(None)`` when it (re)starts
+        listening; ``None`` when this database has no wake-ups."""
+
+
+@runtime_checkable
+class JoinsSessions(Protocol):
+    """An optional capability of a repo: running calls in a caller's SQLAlchemy transaction."""
+
+    def joined(self, session: object) -> AbstractAsyncContextManager[None]:
+        """Calls inside the block run in ``session``'s open transaction (``ParamInvalidError`` if it
+        has none or is on another database)."""
+
+
+@runtime_checkable
+class StoresSchedules(Protocol):
+    """An optional capability of a repo: the state of cron schedules (drivers fire them with it)."""
+
+    async def schedule_states(self) -> dict[str, ScheduleState]:
+        """Every schedule a driver has seen, by id."""
+
+    async def register_schedules(self, ids: Sequence[str], now_ms: int) -> None:
+        """Record schedules first seen now (those already known keep their state)."""
+
+    async def fire_schedule_tick(
+        self, schedule_id: str, tick: str, new: NewWorkflowInstance, *, now_ms: int, prune_before: str
+    ) -> int | None:
+        """Create ``new`` for ``tick`` (one transaction) unless it was fired already (``None``)."""

@@ -15,21 +15,22 @@ that does not apply leaves the outer transaction usable.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import ParamInvalidError
+from ..errors import DuplicateWorkflowError, ParamInvalidError, StoreError
 from ..records import (
     InstanceFields,
     InstanceWhere,
     NewWorkflowInstance,
     QueryTaskInstanceParams,
     QueryWorkflowInstanceParams,
+    ScheduleState,
     Step,
     StepResult,
     TaskFields,
@@ -53,10 +54,24 @@ from ._json import (
     validate_task_query,
 )
 from ._records import inserted_task_record, instance_record, task_record
+from ._schedules import SqlSchedules
+from ._session import caller_connection
 from ._units import ConnectionUnits
 from .protocol import DueListener
 
 __all__ = ["SQLAlchemyWorkflowRepo"]
+
+_DUPLICATE_READS = 5
+"""Inserts of a unique row at most, while the instance that refuses it is not visible to the insert
+(it committed after the insert's snapshot was taken, or ended since)."""
+
+
+def _duplicate_message(row: prep.InstanceRow, existing: int) -> str:
+    which = "an active" if row.unique == "active" else "a"
+    return (
+        f"{which} workflow instance of type {row.workflow_type!r} with business id {row.business_id!r} "
+        f"exists (id {existing}; unique={row.unique!r})"
+    )
 
 
 class SQLAlchemyWorkflowRepo:
@@ -91,6 +106,7 @@ class SQLAlchemyWorkflowRepo:
         self._units: ConnectionUnits = self._backend.units
         self._connection = self._units.connection
         self._atomic = self._units.atomic
+        self._schedules = SqlSchedules(self._connection, self.transaction, self.create_workflow_instance)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -152,14 +168,41 @@ class SQLAlchemyWorkflowRepo:
         """
         return self._units.transaction()
 
+    @asynccontextmanager
+    async def joined(self, session: object) -> AsyncIterator[None]:
+        """Calls inside the block run in the transaction of ``session`` (an ``AsyncSession`` or
+        ``AsyncConnection`` of the caller, in an open transaction on this repo's database; else
+        ``ParamInvalidError``). The caller commits or rolls back; nothing is begun or ended here."""
+        conn = await caller_connection(session, self._engine)
+        async with self._units.join(conn):
+            yield
+
     # ------------------------------------------------------------------------------- instances
 
     async def create_workflow_instance(self, new: NewWorkflowInstance) -> WorkflowInstanceRecord:
-        """Insert one instance (``created_at = updated_at = now``) and return it with its id."""
+        """Insert one instance (``created_at = updated_at = now``) and return it with its id.
+
+        With ``new.unique`` set, a unique instance of the same key that refuses it (see
+        :class:`~asyncflow.records.NewWorkflowInstance`) raises ``DuplicateWorkflowError`` carrying its
+        id; the unique indexes decide, so concurrent creates leave exactly one.
+        """
         row = prep.instance_row(new)
-        now = self._now()
-        with StoreErrors("create_workflow_instance"):
-            [instance_id] = await self._backend.create([row], now)
+        for _ in range(_DUPLICATE_READS):
+            now = self._now()
+            with StoreErrors("create_workflow_instance"):
+                [instance_id] = await self._backend.create([row], now)
+                if isinstance(instance_id, prep.Refused):
+                    existing = instance_id.existing
+                    if existing is None:
+                        # it committed after the insert began (or ended since): insert again, which
+                        # either sees it or succeeds
+                        continue
+                    raise DuplicateWorkflowError(_duplicate_message(row, existing), instance_id=existing)
+            break
+        else:
+            raise StoreError(
+                f"could not create {row.workflow_type!r}/{row.business_id!r}: keys keep changing"
+            )
         return WorkflowInstanceRecord(
             id=instance_id,
             workflow_type=row.workflow_type,
@@ -179,7 +222,27 @@ class SQLAlchemyWorkflowRepo:
         if not rows:
             return []
         with StoreErrors("create_workflow_instances"):
-            return await self._backend.create(rows, self._now())
+            ids = await self._backend.create(rows, self._now())
+            return [
+                await self._existing_id(row, i) if isinstance(i, prep.Refused) else i
+                for row, i in zip(rows, ids, strict=True)
+            ]
+
+    async def _existing(self, row: prep.InstanceRow) -> int | None:
+        """The unique instance of ``row``'s key that refused it, or ``None`` if it is gone."""
+        stmt = st.UNIQUE_ANY if row.unique == "always" else st.UNIQUE_ACTIVE
+        async with self._connection() as conn:
+            key = {"workflow_type": row.workflow_type, "business_id": row.business_id}
+            found: int | None = (await conn.execute(stmt, key)).scalar()
+        return found
+
+    async def _existing_id(self, row: prep.InstanceRow, refused: prep.Refused) -> int:
+        found = refused.existing or await self._existing(row)
+        if found is None:
+            raise StoreError(
+                f"{row.workflow_type!r}/{row.business_id!r}: a duplicate vanished; create it again"
+            )
+        return found
 
     async def get_workflow_instance(self, instance_id: int) -> WorkflowInstanceRecord | None:
         """The instance, or ``None``."""
@@ -367,3 +430,31 @@ class SQLAlchemyWorkflowRepo:
         instance may have become due; ``listening`` tells whether wake-ups arrive right now.
         """
         return self._backend.listen_due(callback)
+
+    def listen_finished(self, callback: Callable[[int | None], None]) -> DueListener | None:
+        """Wake-ups for ``wait_for_workflow`` (PostgreSQL's LISTEN/NOTIFY), else ``None``.
+
+        The returned object's ``run()`` calls ``callback(instance_id)`` when an instance ends in any
+        process, and ``callback(None)`` when listening (re)starts.
+        """
+        return self._backend.listen_finished(callback)
+
+    # ------------------------------------------------------------------------------- schedules
+
+    async def schedule_states(self) -> dict[str, ScheduleState]:
+        """Every schedule a driver has seen, by id."""
+        with StoreErrors("schedule_states"):
+            return await self._schedules.states()
+
+    async def register_schedules(self, ids: Sequence[str], now_ms: int) -> None:
+        """Record schedules first seen now (those already known keep their state)."""
+        with StoreErrors("register_schedules"):
+            await self._schedules.register(ids, now_ms)
+
+    async def fire_schedule_tick(
+        self, schedule_id: str, tick: str, new: NewWorkflowInstance, *, now_ms: int, prune_before: str
+    ) -> int | None:
+        """Create ``new`` for ``tick`` unless that tick was fired already (then ``None``), in one
+        transaction with the tick's row, whose primary key lets exactly one caller fire it."""
+        with StoreErrors("fire_schedule_tick"):
+            return await self._schedules.fire(schedule_id, tick, new, now_ms, prune_before)

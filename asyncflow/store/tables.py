@@ -14,6 +14,8 @@ are Go's plus what the engine and the driver need:
   first read, and every write of the pass requires it, so an older pass can write nothing more.
 * ``asyncflow_lock``: the leases of :class:`~asyncflow.lock.database.DatabaseWorkflowLock`
   (``expires_at`` in unix milliseconds: the database's clock on PostgreSQL).
+* ``workflow_instance.unique_key`` (schema 4): ``NULL``, or how the instance was created with
+  ``create_workflow(unique=...)`` (``'active'``/``'always'``); two partial unique indexes enforce it.
 
 ``created_at``/``updated_at`` are unix seconds, as in Go. Contexts are ``JSON`` (``JSONB`` on
 PostgreSQL). Primary keys are ``BIGINT`` (``INTEGER PRIMARY KEY AUTOINCREMENT`` on SQLite, a rowid
@@ -45,11 +47,15 @@ __all__ = [
     "asyncflow_schema",
     "due_index",
     "metadata",
+    "schedule",
+    "schedule_tick",
     "task_instance",
+    "unique_active_index",
+    "unique_always_index",
     "workflow_instance",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 6
 """The schema version this asyncflow migrates to (:mod:`asyncflow.store.migrations`)."""
 
 metadata = MetaData(
@@ -79,6 +85,7 @@ workflow_instance = Table(
     Column("next_run_at", BigInteger, nullable=False, server_default=text("0")),
     Column("version", BigInteger, nullable=False, server_default=text("1")),
     Column("lease_epoch", BigInteger, nullable=False, server_default=text("0")),
+    Column("unique_key", Text, nullable=True),
     Index(None, "status", "next_run_at"),
     Index(None, "business_id"),
     Index(None, "task_id"),
@@ -96,6 +103,28 @@ due_index = Index(
 """The driver's claim order over runnable instances only: a claim reads its few rows, not every
 runnable one (a backlog of 100,000 sorted per claim halved a driver's throughput). Migration 2 adds
 it to a database made before it existed."""
+
+_UNIQUE_ACTIVE = text(f"unique_key IS NOT NULL AND status IN ({RUNNABLE_SQL})")
+_UNIQUE_ALWAYS = text("unique_key = 'always'")
+unique_active_index = Index(
+    "uq_workflow_instance_active",
+    workflow_instance.c.workflow_type,
+    workflow_instance.c.business_id,
+    unique=True,
+    postgresql_where=_UNIQUE_ACTIVE,
+    sqlite_where=_UNIQUE_ACTIVE,
+)
+"""At most one ``init``/``running`` instance per (type, business id) among those created with
+``unique=`` ("active" or "always"); migration 3."""
+unique_always_index = Index(
+    "uq_workflow_instance_always",
+    workflow_instance.c.workflow_type,
+    workflow_instance.c.business_id,
+    unique=True,
+    postgresql_where=_UNIQUE_ALWAYS,
+    sqlite_where=_UNIQUE_ALWAYS,
+)
+"""At most one instance ever per (type, business id) among those created with ``unique="always"``."""
 
 task_instance = Table(
     "task_instance",
@@ -136,3 +165,25 @@ asyncflow_lock = Table(
 )
 """The leases of ``DatabaseWorkflowLock``: a row per held key (its holder's token); an expired row
 is taken over by the next acquirer. Migration 3 adds it."""
+
+schedule = Table(
+    "asyncflow_schedule",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("first_seen_at", BigInteger, nullable=False),
+    Column("last_tick", Text, nullable=True),
+)
+"""Schedules (``af.Schedule``) drivers have seen: since when (unix ms), and the latest tick fired
+(``YYYY-MM-DDTHH:MM:SSZ``); migration 6."""
+
+schedule_tick = Table(
+    "asyncflow_schedule_tick",
+    metadata,
+    Column("schedule_id", Text, primary_key=True),
+    Column("tick", Text, primary_key=True),
+    Column("instance_id", BigInteger, nullable=True),
+    Column("fired_at", BigInteger, nullable=False),
+)
+"""One row per fired tick: its primary key lets exactly one driver fire a tick (the row is inserted
+in the transaction that creates the tick's instance). Rows older than a week before the latest
+fired tick are pruned."""

@@ -71,3 +71,26 @@ async def test_sqlite_from_scratch_matches_metadata(sqlite_url: str) -> None:
 async def test_postgres_from_scratch_matches_metadata(postgres_url: str) -> None:
     async with isolated_pg_engine(postgres_url) as engine:
         await _check_fresh(engine)
+
+
+async def _adopt(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:  # tables made by another tool from af.metadata
+        await conn.run_sync(af.metadata.create_all)
+    async with af.SQLAlchemyWorkflowRepo(engine) as repo:
+        await repo.migrate()  # adds no column twice (workflow_instance.unique_key exists already)
+        async with engine.connect() as conn:
+            versions = (await conn.exec_driver_sql("SELECT version FROM asyncflow_schema")).scalars().all()
+            shape = await conn.run_sync(_shape)
+    assert sorted(versions) == list(range(1, af.SCHEMA_VERSION + 1))
+    assert shape == _metadata_shape()
+
+
+async def test_sqlite_adopts_tables_made_from_metadata(sqlite_url: str) -> None:
+    async with af.SQLAlchemyWorkflowRepo(sqlite_url) as owner:
+        await _adopt(owner.engine)
+
+
+@pytest.mark.postgres
+async def test_postgres_adopts_tables_made_from_metadata(postgres_url: str) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        await _adopt(engine)

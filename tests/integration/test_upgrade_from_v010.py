@@ -19,12 +19,14 @@ from tests.conftest import isolated_pg_engine
 from tests.fixtures.v010_workflows import EXPECTED, UNFINISHED, WORKFLOW_TYPE, make_registry
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "fixtures"
-ROWS = "SELECT * FROM {table} ORDER BY id"
+ROWS = "SELECT * FROM {table} ORDER BY id -- read {count}"
+"""A new text per read: a statement prepared before the migration added columns is never reused."""
+_READS = iter(range(1_000_000))
 
 
 async def _rows(engine: AsyncEngine, table: str) -> list[tuple[Any, ...]]:
     async with engine.connect() as conn:
-        rows = (await conn.execute(text(ROWS.format(table=table)))).all()
+        rows = (await conn.execute(text(ROWS.format(table=table, count=next(_READS))))).all()
     return [tuple(row) for row in rows]
 
 
@@ -44,7 +46,7 @@ async def _upgrade_and_finish(repo: af.SQLAlchemyWorkflowRepo) -> None:
     await repo.migrate()  # and once more: nothing to do
 
     assert await _versions(engine) == list(range(1, af.SCHEMA_VERSION + 1))
-    added = {"workflow_instance": (0,), "task_instance": ()}  # migration 3: lease_epoch 0
+    added = {"workflow_instance": (0, None), "task_instance": ()}  # lease_epoch 0, unique_key NULL
     for table, rows in before.items():  # every row kept, as it was (plus the columns added since)
         assert await _rows(engine, table) == [row + added[table] for row in rows]
     svc = af.WorkflowService(repo, af.LocalWorkflowLock(), make_registry(gate_open=True))

@@ -7,6 +7,8 @@ import pathlib
 import re
 import tomllib
 
+from packaging.requirements import Requirement
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -19,6 +21,9 @@ def _lower_bounds() -> dict[str, str]:
     drivers = project["optional-dependencies"]["postgres"] + project["optional-dependencies"]["redis"]
     bounds = {}
     for requirement in project["dependencies"] + drivers:
+        marker = Requirement(requirement).marker
+        if marker is not None and not marker.evaluate():
+            continue  # not installed on this platform (tzdata on Windows only)
         found = re.search(r">=\s*([\w.]+)", requirement)
         assert found, f"{requirement!r} has no lower bound"
         bounds[_name(requirement)] = found.group(1)

@@ -24,11 +24,12 @@ from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._batcher import StepBatcher
 from .._errors import StaleStep, StepConflict, sqlstate
 from .._observers import notify
-from .._prepare import InstanceRow, PreparedStep
+from .._prepare import InstanceRow, PreparedStep, Refused
 from .._units import ConnectionUnits
 from . import leases, schema
 from . import sql as pg
 from .batches import BATCH_SLOTS, MAX_BATCH, RUN_ALONE, PgCreateBatches, PgStateReads, PgStepBatches
+from .finished import FinishedNotifier
 from .lanes import PgLanes, lane_limit
 from .notify import DueNotifier
 
@@ -91,8 +92,9 @@ class PostgresBackend:
             yield driver
         notify(self._observed, wrote)
 
-    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int]:
-        """Insert instances; their ids in order (concurrent single creates share a statement)."""
+    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | Refused]:
+        """Insert instances; their ids in order, :class:`Refused` for a refused unique row (concurrent
+        single creates share a statement)."""
         stamped = [(row, now) for row in rows]
         if len(stamped) == 1 and self._creates is not None and self._direct():
             outcome = await self._creates.submit(0, stamped[0])
@@ -102,7 +104,7 @@ class PostgresBackend:
         if len(stamped) == 1:
             async with self._db(wrote=True) as db:
                 return await pg.create_instances(db, stamped)
-        ids: list[int] = []
+        ids: list[int | Refused] = []
         async with self.units.atomic() as conn:
             for start in range(0, len(stamped), BULK_PAGE_SIZE):
                 ids += await pg.create_instances(
@@ -196,6 +198,10 @@ class PostgresBackend:
     def listen_due(self, callback: Callable[[], None]) -> DueNotifier:
         """LISTEN/NOTIFY wake-ups (:mod:`.notify`): ``callback()`` when an instance becomes due."""
         return DueNotifier(self._engine, callback)
+
+    def listen_finished(self, callback: Callable[[int | None], None]) -> FinishedNotifier:
+        """LISTEN/NOTIFY (:mod:`.finished`): ``callback(id)`` when an instance ends in any process."""
+        return FinishedNotifier(self._engine, callback)
 
     def migrated(self) -> None:
         """The functions are installed: grouped steps may run again."""

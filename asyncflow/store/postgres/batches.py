@@ -87,8 +87,10 @@ class PgStepBatches:
 class PgCreateBatches:
     """Instance inserts that wait at the same time, as one multi-row ``INSERT`` and one commit.
 
-    Outcomes: the new id, or :data:`RUN_ALONE` when the server refused the statement (nothing was
-    written), so each caller inserts its row alone and gets its own result or error.
+    Outcomes: the new id, :class:`~asyncflow.store._prepare.Refused` for a unique row refused because
+    a unique instance of its key exists (its neighbours are inserted all the same: ``ON CONFLICT DO
+    NOTHING``), or :data:`RUN_ALONE` when the server refused the statement (nothing was written), so
+    each caller inserts its row alone and gets its own result or error.
     """
 
     def __init__(self, lanes: PgLanes) -> None:

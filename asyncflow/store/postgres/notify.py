@@ -89,8 +89,10 @@ class DueNotifier:
 
     ``run()`` runs until cancelled: it installs the trigger once, LISTENs, and when the connection is
     lost (or cannot be had) waits with back-off and tries again. ``listening`` tells whether a LISTEN
-    is active right now.
+    is active right now. Subclasses listen on another ``channel`` and read payloads in ``_deliver``.
     """
+
+    channel = CHANNEL
 
     def __init__(self, engine: AsyncEngine, callback: Callable[[], None], *, install: bool = True) -> None:
         self._engine = engine
@@ -98,24 +100,34 @@ class DueNotifier:
         self._install = install
         self.listening = False
         self.server_pid: int | None = None  # the PostgreSQL backend of the LISTEN connection
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask ``run()`` to end: it UNLISTENs, returns its connection and returns (no cancellation,
+        so a connection being opened right now is returned too)."""
+        self._stop.set()
 
     async def run(self) -> None:
         delay = _RETRY_MIN
-        while True:
+        while not self._stop.is_set():
             try:
                 if self._install:
                     self._install = False  # one attempt per driver run: a failure is not fatal
                     await self._install_trigger()
                 await self._listen()
+                if self._stop.is_set():
+                    return
                 delay = _RETRY_MIN
                 logger.warning("the LISTEN connection was lost; polling until it is back")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any database failure: poll, and try again later
-                logger.warning("LISTEN %s failed (%s); polling, retrying in %.0f s", CHANNEL, exc, delay)
+                logger.warning("LISTEN %s failed (%s); polling, retrying in %.0f s", self.channel, exc, delay)
             finally:
                 self.listening = False
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
             delay = min(delay * 2, _RETRY_MAX)
 
     async def _install_trigger(self) -> None:
@@ -140,33 +152,44 @@ class DueNotifier:
             schema = await driver.fetchval("SELECT current_schema()")
 
             def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
-                if payload in ("", schema):  # other schemas of this database have drivers of their own
-                    self._callback()
+                self._deliver(payload, schema)
 
             def on_close(_conn: Any) -> None:
                 lost.set()
 
             driver.add_termination_listener(on_close)
             try:
-                await driver.add_listener(CHANNEL, on_notify)
+                await driver.add_listener(self.channel, on_notify)
                 self.server_pid = driver.get_server_pid()
                 self.listening = True
                 self._callback()  # whatever became due while nobody listened
-                while not lost.is_set() and not driver.is_closed():
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(_HEALTH_INTERVAL):
-                            await lost.wait()
+                stopping = asyncio.ensure_future(self._stop.wait())
+                lost_wait = asyncio.ensure_future(lost.wait())
+                try:
+                    while not lost.is_set() and not self._stop.is_set() and not driver.is_closed():
+                        await asyncio.wait(
+                            {stopping, lost_wait},
+                            timeout=_HEALTH_INTERVAL,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                finally:
+                    stopping.cancel()
+                    lost_wait.cancel()
             finally:
                 self.listening = False
                 driver.remove_termination_listener(on_close)
                 await self._unlisten(conn, driver, on_notify)
+
+    def _deliver(self, payload: str, schema: str) -> None:
+        if payload in ("", schema):  # other schemas of this database have drivers of their own
+            self._callback()
 
     async def _unlisten(self, conn: AsyncConnection, driver: Any, on_notify: Any) -> None:
         """UNLISTEN before the connection goes back to the pool; a broken one is discarded instead."""
         if not driver.is_closed():
             try:
                 async with asyncio.timeout(2.0):
-                    await driver.remove_listener(CHANNEL, on_notify)
+                    await driver.remove_listener(self.channel, on_notify)
                 return
             except asyncio.CancelledError:
                 await conn.invalidate()

@@ -25,9 +25,9 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
-from .._prepare import InstanceRow, PreparedStep
+from .._prepare import InstanceRow, PreparedStep, Refused
 from .._records import inserted_task_record, instance_record, task_record
-from .._sql import RUNNABLE_SQL
+from .._sql import RUNNABLE_SQL, refused_by
 
 __all__ = [
     "CONFLICT_SQLSTATE",
@@ -75,7 +75,29 @@ _INSERT_INSTANCES = (
     "AS r(workflow_type, business_id, status, context, task_id, now, next_run_at, ord) "
     "ORDER BY r.ord RETURNING id"
 )
-"""One or many instances in one statement (a single create is a batch of one)."""
+"""One or many instances in one statement (a single create is a batch of one), none of them unique."""
+_INSERT_UNIQUE = (
+    "WITH r AS (SELECT u.*, nextval(pg_get_serial_sequence('workflow_instance', 'id')) AS id "
+    "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], "
+    "$7::bigint[], $8::text[]) WITH ORDINALITY "
+    "AS u(workflow_type, business_id, status, context, task_id, now, next_run_at, unique_key, ord)), "
+    "ins AS (INSERT INTO workflow_instance (id, workflow_type, business_id, status, workflow_context, "
+    "task_id, created_at, updated_at, next_run_at, version, unique_key) "
+    "SELECT r.id, r.workflow_type, r.business_id, r.status, r.context::jsonb, r.task_id, r.now, r.now, "
+    "r.next_run_at, 1, r.unique_key FROM r "
+    "WHERE r.unique_key IS DISTINCT FROM 'always' OR NOT EXISTS (SELECT 1 FROM workflow_instance w "
+    "WHERE w.workflow_type = r.workflow_type AND w.business_id = r.business_id "
+    "AND w.unique_key IS NOT NULL) "
+    "ORDER BY r.ord ON CONFLICT DO NOTHING RETURNING id) "
+    "SELECT ins.id, CASE WHEN ins.id IS NULL THEN "
+    f"({refused_by('r.workflow_type', 'r.business_id', 'r.unique_key')}) END "
+    "FROM r LEFT JOIN ins ON ins.id = r.id ORDER BY r.ord"
+)
+"""Instances of which some are unique: each row's id, or NULL and the instance that refused it where a
+unique index (or, for ``'always'``, an existing unique instance of the key) refused the row (NULL too
+if it committed after this statement began: the repo then reads it). A refused row fails nothing
+else: its neighbours in the statement are inserted (``ON CONFLICT DO NOTHING``). Ids are drawn per
+row from the table's sequence, so the result pairs them with the input rows."""
 _NO_INSTANCE = "NULL::bigint, " + "NULL::text, " * 4 + "NULL::bigint, " * 6
 _NO_TASK = "NULL::bigint, " * 2 + "NULL::text, " * 3 + "NULL::bigint, " * 4 + "NULL::bigint "
 _TASKS_OF = (
@@ -93,12 +115,16 @@ _LEASE_STATES = (
 )
 """:data:`_LOAD_STATES` that also takes a new lease epoch of each instance (the passes' first read)."""
 _CLAIM = (
-    "UPDATE workflow_instance AS w SET next_run_at = $3::bigint "
-    "FROM (SELECT id, next_run_at AS due FROM workflow_instance "
+    "WITH picked AS MATERIALIZED (SELECT id, next_run_at AS due FROM workflow_instance "
     f"WHERE status IN ({RUNNABLE_SQL}) AND next_run_at <= $1::bigint{{typed}} "
-    "ORDER BY next_run_at, id LIMIT $2::bigint FOR UPDATE SKIP LOCKED) AS picked "
-    "WHERE w.id = picked.id RETURNING w.id, picked.due"
+    "ORDER BY next_run_at, id LIMIT $2::bigint FOR UPDATE SKIP LOCKED), "
+    "moved AS (UPDATE workflow_instance SET next_run_at = $3::bigint "
+    "WHERE id = ANY (ARRAY(SELECT id FROM picked)) RETURNING id) "
+    "SELECT picked.id, picked.due FROM picked JOIN moved ON moved.id = picked.id"
 )
+"""Lease due rows: the pick walks the claim index over due rows only, and the update finds each picked
+row by its primary key (``id = ANY(ARRAY(...))``), so the statement reads no row that is not due
+however large the table is (a join of the pick with the table was planned as a sequential scan)."""
 _CLAIM_ANY = _CLAIM.format(typed="")
 _CLAIM_TYPED = _CLAIM.format(typed=" AND workflow_type = ANY ($4::text[])")
 
@@ -169,10 +195,12 @@ def inserted_records(
     )
 
 
-async def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int]:
-    """Insert instances (each with its own ``now``) in one statement; their ids, in order."""
-    ids = await db.fetch(
-        _INSERT_INSTANCES,
+async def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int | Refused]:
+    """Insert instances (each with its own ``now``) in one statement; their ids, in order.
+
+    :class:`Refused` for a unique row that was refused (a unique instance of its key exists).
+    """
+    columns = (
         [row.workflow_type for row, _ in rows],
         [row.business_id for row, _ in rows],
         [row.status for row, _ in rows],
@@ -181,6 +209,10 @@ async def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> 
         [now for _, now in rows],
         [row.next_run_at for row, _ in rows],
     )
+    if any(row.unique is not None for row, _ in rows):
+        found = await db.fetch(_INSERT_UNIQUE, *columns, [row.unique for row, _ in rows])
+        return [Refused(record[1]) if record[0] is None else record[0] for record in found]
+    ids = await db.fetch(_INSERT_INSTANCES, *columns)
     # ids come from one sequence in the order of the rows: sorted, they follow the input
     return sorted(record[0] for record in ids)
 

@@ -23,7 +23,7 @@ from .._batcher import StepBatcher
 from .._errors import StaleStep, StepConflict
 from .._lanes import to_completion
 from .._observers import notify
-from .._prepare import InstanceRow, PreparedStep
+from .._prepare import InstanceRow, PreparedStep, Refused
 from .._units import ConnectionUnits
 from . import leases, schema
 from . import sql as lite
@@ -107,8 +107,8 @@ class SqliteBackend:
         async with self.units.atomic() if snapshot else self.units.connection() as conn:
             return await conn.run_sync(_on, body, args)
 
-    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int]:
-        ids: list[int] = await self._write(lite.create_instances, [(row, now) for row in rows])
+    async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | Refused]:
+        ids: list[int | Refused] = await self._write(lite.create_instances, [(row, now) for row in rows])
         return ids
 
     async def get(self, instance_id: int) -> WorkflowInstanceRecord | None:
@@ -171,6 +171,10 @@ class SqliteBackend:
 
     def listen_due(self, callback: Callable[[], None]) -> None:
         """No wake-ups on SQLite: drivers poll."""
+        return None
+
+    def listen_finished(self, callback: Callable[[int | None], None]) -> None:
+        """No wake-ups on SQLite: waiters poll."""
         return None
 
     def migrated(self) -> None:

@@ -6,8 +6,6 @@ from the start), so a second migrator waits, then reads the version the first on
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..migrations import Migration, check_migrations
@@ -51,20 +49,8 @@ _V1 = (
 
 _V2 = (_V1[4],)
 
-
-def _add_column(table: str, column: str, ddl: str) -> Callable[[AsyncConnection], Awaitable[None]]:
-    """``ALTER TABLE ... ADD COLUMN`` unless the table has the column (made from ``af.metadata``)."""
-
-    async def add(conn: AsyncConnection) -> None:
-        found = await conn.exec_driver_sql(f"SELECT name FROM pragma_table_info('{table}')")
-        if column not in set(found.scalars()):
-            await conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
-
-    return add
-
-
+_V3_COLUMNS = (("workflow_instance", "lease_epoch", "BIGINT DEFAULT 0 NOT NULL"),)
 _V3 = (
-    _add_column("workflow_instance", "lease_epoch", "BIGINT DEFAULT 0 NOT NULL"),
     """CREATE TABLE IF NOT EXISTS asyncflow_lock (
     key TEXT NOT NULL PRIMARY KEY,
     holder TEXT NOT NULL,
@@ -72,11 +58,44 @@ _V3 = (
 )
 """The pass fence (``lease_epoch``) and DatabaseWorkflowLock's table."""
 
+_V4_COLUMNS = (("workflow_instance", "unique_key", "TEXT"),)
+_V4 = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS uq_workflow_instance_active "
+    "ON workflow_instance (workflow_type, business_id) "
+    "WHERE unique_key IS NOT NULL AND status IN ('init', 'running')",
+    "CREATE UNIQUE INDEX IF NOT EXISTS uq_workflow_instance_always "
+    "ON workflow_instance (workflow_type, business_id) "
+    "WHERE unique_key = 'always'",
+)
+"""create_workflow(unique=...): the column and its two partial unique indexes."""
+
+_V6 = (
+    """CREATE TABLE IF NOT EXISTS asyncflow_schedule (
+    id TEXT NOT NULL,
+    first_seen_at BIGINT NOT NULL,
+    last_tick TEXT,
+    CONSTRAINT pk_asyncflow_schedule PRIMARY KEY (id))""",
+    """CREATE TABLE IF NOT EXISTS asyncflow_schedule_tick (
+    schedule_id TEXT NOT NULL,
+    tick TEXT NOT NULL,
+    instance_id BIGINT,
+    fired_at BIGINT NOT NULL,
+    CONSTRAINT pk_asyncflow_schedule_tick PRIMARY KEY (schedule_id, tick))""",
+)
+"""Schedules: the schedules seen and their fired ticks (the primary key fires a tick once)."""
+
 MIGRATIONS = check_migrations(
     [
         Migration(1, "the tables of asyncflow 0.1.0", _V1),
         Migration(2, "the claim index on databases from before it (PostgreSQL: the step functions)", _V2),
-        Migration(3, "fenced passes (workflow_instance.lease_epoch); the asyncflow_lock table", _V3),
+        Migration(
+            3, "fenced passes (workflow_instance.lease_epoch); the asyncflow_lock table", _V3, _V3_COLUMNS
+        ),
+        Migration(
+            4, "create_workflow(unique=...): workflow_instance.unique_key and its indexes", _V4, _V4_COLUMNS
+        ),
+        Migration(5, "nothing on SQLite (PostgreSQL: the asyncflow_finished NOTIFY trigger)", ()),
+        Migration(6, "schedules: asyncflow_schedule and asyncflow_schedule_tick", _V6),
     ]
 )
 

@@ -21,9 +21,9 @@ from sqlalchemy.engine import Connection
 
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._errors import is_unique_violation
-from .._prepare import InstanceRow, PreparedStep
+from .._prepare import InstanceRow, PreparedStep, Refused
 from .._records import inserted_task_record, instance_record, task_record
-from .._sql import RUNNABLE_SQL, TERMINAL_SQL, marks
+from .._sql import RUNNABLE_SQL, TERMINAL_SQL, marks, refused_by
 
 __all__ = [
     "MAX_BATCH",
@@ -48,6 +48,15 @@ _INSERT_INSTANCE = (
     "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, task_id, "
     "created_at, updated_at, next_run_at, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)"
 )
+_INSERT_UNIQUE = (
+    "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, task_id, "
+    "created_at, updated_at, next_run_at, version, unique_key) SELECT ?, ?, ?, ?, ?, ?, ?, ?, 1, ? "
+    "WHERE ? <> 'always' OR NOT EXISTS (SELECT 1 FROM workflow_instance WHERE workflow_type = ? "
+    "AND business_id = ? AND unique_key IS NOT NULL) ON CONFLICT DO NOTHING"
+)
+"""A unique instance, unless a unique index (or, for ``'always'``, any unique instance of the key)
+refuses it: then no row, and nothing else fails."""
+_REFUSED_BY = refused_by("?", "?", "?")
 _GET_INSTANCE = (
     "SELECT id, workflow_type, business_id, status, workflow_context, task_id, created_at, updated_at, "
     "next_run_at, version, lease_epoch FROM workflow_instance WHERE id = ?"
@@ -194,12 +203,22 @@ def apply_steps(conn: sqlite3.Connection, steps: Sequence[tuple[PreparedStep, in
 # ------------------------------------------------------------------------------------ bodies
 
 
-def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int]:
-    """Insert instances (each with its own ``now``); their ids, in order."""
-    ids = []
+def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int | Refused]:
+    """Insert instances (each with its own ``now``); their ids, in order (:class:`Refused`: a refused
+    unique row, with the instance that refused it: the write lock makes it visible here)."""
+    ids: list[int | Refused] = []
     for row, now in rows:
         params = (row.workflow_type, row.business_id, row.status, row.context, row.task_id, now, now)
-        ids.append(db.execute(_INSERT_INSTANCE, (*params, row.next_run_at)).lastrowid)
+        if row.unique is None:
+            ids.append(db.execute(_INSERT_INSTANCE, (*params, row.next_run_at)).lastrowid)
+            continue
+        key = (row.workflow_type, row.business_id)
+        cursor = db.execute(_INSERT_UNIQUE, (*params, row.next_run_at, row.unique, row.unique, *key))
+        if cursor.rowcount == 1:
+            ids.append(cursor.lastrowid)
+        else:
+            found = db.execute(_REFUSED_BY, (*key, row.unique)).fetchone()
+            ids.append(Refused(None if found is None else found[0]))
     return ids
 
 

@@ -1,0 +1,125 @@
+"""``wait_for_workflow``: waiters of one service, woken when their instance ends.
+
+Every waiter registers a future under its instance id, then reads the instance. It is woken:
+
+* at once when the instance ends in this process (the service calls :meth:`Waiters.finished` after a
+  pass or a cancel that ended it);
+* on PostgreSQL, when it ends in another process: one LISTEN connection (the repo's
+  ``listen_finished``), started with the first waiter and ended (awaited) by the last, serves every
+  waiter of the service;
+* otherwise by polling: the waiter re-reads its instance every :data:`POLL_INTERVAL` seconds
+  (:data:`LISTENING_POLL_INTERVAL` while the LISTEN connection is up, as a safety net).
+
+A woken waiter re-reads its instance and returns it if it is terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from ..errors import InstanceNotFoundError
+from ..records import WorkflowInstanceRecord
+from ..status import TERMINAL_STATUSES
+from ..store.protocol import DueListener, ListensFinished, WorkflowRepo
+
+__all__ = ["LISTENING_POLL_INTERVAL", "POLL_INTERVAL", "Waiters"]
+
+logger = logging.getLogger("asyncflow.engine")
+
+POLL_INTERVAL = 1.0
+"""Seconds between a waiter's reads of its instance when no wake-up can reach it."""
+
+LISTENING_POLL_INTERVAL = 10.0
+"""Seconds between a waiter's reads while a LISTEN connection carries the wake-ups."""
+
+
+class Waiters:
+    """The waiters of one service (see the module doc)."""
+
+    def __init__(self, repo: WorkflowRepo) -> None:
+        self._repo = repo
+        self._futures: dict[int, set[asyncio.Future[None]]] = {}
+        self._count = 0
+        self._listener: DueListener | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Waiters right now."""
+        return self._count
+
+    @property
+    def listening(self) -> bool:
+        """Whether a LISTEN connection carries wake-ups right now."""
+        return self._listener is not None and self._listener.listening
+
+    def finished(self, instance_id: int | None) -> None:
+        """Wake the waiters of ``instance_id`` (``None``: every waiter, to re-read)."""
+        if instance_id is None:
+            groups = list(self._futures.values())
+        else:
+            groups = [self._futures.get(instance_id, set())]
+        for futures in groups:
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+
+    async def wait(
+        self, instance_id: int, read: Callable[[int], Awaitable[WorkflowInstanceRecord | None]]
+    ) -> WorkflowInstanceRecord:
+        """The instance once it is terminal (cancel the call, e.g. with a timeout, to give up)."""
+        self._count += 1
+        self._start_listening()
+        try:
+            while True:
+                future = asyncio.get_running_loop().create_future()
+                self._futures.setdefault(instance_id, set()).add(future)
+                try:
+                    record = await read(instance_id)  # after registering: an end from now on wakes us
+                    if record is None:
+                        raise InstanceNotFoundError(f"workflow instance {instance_id} not found")
+                    if record.status in TERMINAL_STATUSES:
+                        return record
+                    interval = LISTENING_POLL_INTERVAL if self.listening else POLL_INTERVAL
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(future), interval)
+                finally:
+                    futures = self._futures.get(instance_id)
+                    if futures is not None:
+                        futures.discard(future)
+                        if not futures:
+                            del self._futures[instance_id]
+        finally:
+            self._count -= 1
+            if self._count == 0:
+                await self._stop_listening()
+
+    def _start_listening(self) -> None:
+        if self._listen_task is not None or not isinstance(self._repo, ListensFinished):
+            return
+        listener = self._repo.listen_finished(self.finished)
+        if listener is None:
+            return
+        self._listener = listener
+        self._listen_task = asyncio.create_task(listener.run(), name="asyncflow-wait-listen")
+        self._listen_task.add_done_callback(_report)
+
+    async def _stop_listening(self) -> None:
+        """The last waiter leaves: end the LISTEN (it outlives no waiter; a new one starts another)."""
+        task, listener = self._listen_task, self._listener
+        self._listen_task = self._listener = None
+        if task is not None and listener is not None:
+            stop = getattr(listener, "stop", None)
+            if callable(stop):
+                stop()  # cooperative: a connection being opened right now is returned too
+            else:
+                task.cancel()
+            await asyncio.wait([task])  # its UNLISTEN; our own cancellation still propagates
+
+
+def _report(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("the wait_for_workflow listener stopped: %r", task.exception())

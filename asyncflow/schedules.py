@@ -1,0 +1,113 @@
+"""Cron schedules: :class:`Schedule` (``registry.add_schedule``) and its tick arithmetic.
+
+Cron expressions are the standard five fields (minute, hour, day of month, month, day of week),
+parsed and evaluated by `cronsim <https://pypi.org/project/cronsim/>`_: a small, typed,
+dependency-free library (maintained for healthchecks.io) that evaluates expressions in a
+``zoneinfo`` time zone and handles daylight-saving gaps and repeats the way cron does. (croniter
+also works, but it accepts non-standard 6- and 7-field forms we would have to refuse ourselves, and
+its maintenance has changed hands.) A tick is an instant; it is named in UTC as
+``YYYY-MM-DDTHH:MM:SSZ``, so tick names sort in time order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
+
+from .errors import ConfigError
+
+__all__ = ["Schedule", "parse_tick", "tick_name"]
+
+_TICK_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def tick_name(tick: datetime) -> str:
+    """``YYYY-MM-DDTHH:MM:SSZ`` (UTC) of an aware datetime."""
+    return tick.astimezone(UTC).strftime(_TICK_FORMAT)
+
+
+def parse_tick(name: str) -> datetime:
+    """The aware UTC datetime of a tick name."""
+    return datetime.strptime(name, _TICK_FORMAT).replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """Start ``workflow_type`` at every tick of ``cron`` (standard 5 fields) in ``timezone``.
+
+    Each tick creates one instance (exactly once across processes) with business id
+    ``f"{id}@{tick}"`` and context ``{**context, "schedule": {"id": id, "tick": tick}}``. A schedule
+    seen for the first time fires from its next tick on. After downtime ``catch_up=False`` fires the
+    latest missed tick only, ``catch_up=True`` every missed tick, oldest first. Invalid values raise
+    ``ConfigError``.
+    """
+
+    id: str
+    workflow_type: str
+    cron: str
+    context: Mapping[str, Any] = field(default_factory=dict)
+    timezone: str = "UTC"
+    catch_up: bool = False
+
+    def __post_init__(self) -> None:
+        where = f"schedule {self.id!r}"
+        if not isinstance(self.id, str) or not self.id.strip() or "@" in self.id or "\x00" in self.id:
+            raise ConfigError(f"schedule id must be a non-empty string without '@', got {self.id!r}")
+        if not isinstance(self.workflow_type, str) or not self.workflow_type:
+            raise ConfigError(
+                f"{where}: workflow_type must be a non-empty string, got {self.workflow_type!r}"
+            )
+        if not isinstance(self.catch_up, bool):
+            raise ConfigError(f"{where}: catch_up must be a bool, got {self.catch_up!r}")
+        if not isinstance(self.context, Mapping):
+            raise ConfigError(f"{where}: context must be a mapping, got {type(self.context).__name__}")
+        try:
+            json.dumps(dict(self.context), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: context is not JSON ({exc})") from None
+        if "schedule" in self.context:
+            raise ConfigError(f"{where}: context must not have the key 'schedule' (asyncflow sets it)")
+        self.zone()  # checks the time zone
+        if not isinstance(self.cron, str) or len(self.cron.split()) != 5:
+            raise ConfigError(
+                f"{where}: cron must have 5 fields (minute hour day month weekday), got {self.cron!r}"
+            )
+        try:
+            CronSim(self.cron, datetime.now(UTC).astimezone(self.zone()))
+        except CronSimError as exc:
+            raise ConfigError(f"{where}: invalid cron {self.cron!r} ({exc})") from None
+
+    def zone(self) -> ZoneInfo:
+        """The schedule's time zone (``ConfigError`` if unknown)."""
+        try:
+            if not isinstance(self.timezone, str) or not self.timezone:
+                raise ValueError("empty")
+            return ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigError(f"schedule {self.id!r}: unknown time zone {self.timezone!r} ({exc})") from None
+
+    def next_tick(self, after: datetime) -> datetime:
+        """The first tick strictly after ``after`` (aware), in UTC."""
+        return next(CronSim(self.cron, after.astimezone(self.zone()))).astimezone(UTC)
+
+    def latest_tick(self, at: datetime) -> datetime:
+        """The last tick at or before ``at`` (aware), in UTC."""
+        start = at.astimezone(self.zone()).replace(microsecond=0) + timedelta(seconds=1)
+        return next(CronSim(self.cron, start, reverse=True)).astimezone(UTC)
+
+    def ticks_between(self, after: datetime, until: datetime) -> Iterator[datetime]:
+        """The ticks in ``(after, until]``, oldest first, in UTC."""
+        for tick in CronSim(self.cron, after.astimezone(self.zone())):
+            if tick > until:
+                return
+            yield tick.astimezone(UTC)
+
+    def instance_context(self, tick: str) -> dict[str, Any]:
+        """The workflow context of the instance of ``tick``."""
+        return {**self.context, "schedule": {"id": self.id, "tick": tick}}

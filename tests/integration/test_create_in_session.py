@@ -1,0 +1,179 @@
+"""create_workflow(session=): the insert joins the caller's SQLAlchemy transaction (AsyncSession or
+AsyncConnection) on SQLite and PostgreSQL: committed together, rolled back together, invisible to
+drivers until the commit; a PostgreSQL driver is woken by the commit's NOTIFY; bad sessions write
+nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import BigInteger, Integer, String, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import asyncflow as af
+from asyncflow.driver import WorkflowDriver
+from asyncflow.errors import ParamInvalidError
+from asyncflow.store.memory import MemoryWorkflowRepo
+from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+from tests.conftest import POSTGRES_URL_ENV, isolated_pg_engine
+from tests.integration.start_helpers import fake_service, one_node_registry
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Order(Base):
+    __tablename__ = "app_order"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    reference: Mapped[str] = mapped_column(String(40))
+    workflow_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def sql_repo(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[SQLAlchemyWorkflowRepo]:
+    if request.param == "sqlite":
+        repo = SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{tmp_path}/app.db")
+        try:
+            await _prepare(repo)
+            yield repo
+        finally:
+            await repo.aclose()
+        return
+    import os
+
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if not url:
+        pytest.skip(f"{POSTGRES_URL_ENV} is not set")
+    async with isolated_pg_engine(url) as engine:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        try:
+            await _prepare(repo)
+            yield repo
+        finally:
+            await repo.aclose()
+
+
+async def _prepare(repo: SQLAlchemyWorkflowRepo) -> None:
+    await repo.migrate()
+    async with repo.engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+
+
+async def _orders(repo: SQLAlchemyWorkflowRepo) -> list[str]:
+    async with repo.engine.connect() as conn:
+        return list((await conn.execute(select(Order.reference))).scalars())
+
+
+async def test_the_order_and_its_workflow_commit_together(sql_repo: SQLAlchemyWorkflowRepo) -> None:
+    service, _ = fake_service(sql_repo, one_node_registry("order"))
+    sessions = async_sessionmaker(sql_repo.engine, expire_on_commit=False)
+    async with sessions() as session, session.begin():
+        order = Order(reference="A-1")
+        session.add(order)
+        await session.flush()
+        inst = await service.create_workflow(
+            "order", f"order-{order.id}", session=session, context={"o": order.id}
+        )
+        order.workflow_id = inst.id
+        # not committed: the repo's own connections (drivers') do not see it
+        assert await sql_repo.get_workflow_instance(inst.id) is None
+        assert await sql_repo.next_due_at() is None
+    assert await _orders(sql_repo) == ["A-1"]
+    assert (await service.get_workflow_instance(inst.id)).business_id == f"order-{order.id}"
+    await WorkflowDriver(service, poll_interval=0.05).run_until_idle()
+    assert (await service.get_workflow_instance(inst.id)).status == "completed"
+
+
+async def test_a_rollback_undoes_both(sql_repo: SQLAlchemyWorkflowRepo) -> None:
+    service, _ = fake_service(sql_repo, one_node_registry("order"))
+    with pytest.raises(RuntimeError, match="payment refused"):
+        async with AsyncSession(sql_repo.engine) as session, session.begin():
+            session.add(Order(reference="B-1"))
+            made = await service.create_workflow("order", "B-1", session=session, unique="always")
+            raise RuntimeError("payment refused")
+    assert await _orders(sql_repo) == []
+    assert await service.count_workflow_instances() == 0
+    with pytest.raises(af.InstanceNotFoundError):
+        await service.get_workflow_instance(made.id)
+    # the unique key is free again: the rolled-back instance never existed
+    await service.create_workflow("order", "B-1", unique="always", on_duplicate="raise")
+    assert await service.count_workflow_instances() == 1
+
+
+async def test_an_async_connection_in_a_transaction_works_too(sql_repo: SQLAlchemyWorkflowRepo) -> None:
+    service, _ = fake_service(sql_repo, one_node_registry("order"))
+    async with sql_repo.engine.connect() as conn:
+        async with conn.begin():
+            first = await service.create_workflow("order", "C-1", session=conn, unique="active")
+            same = await service.create_workflow("order", "C-1", session=conn, unique="active")
+            assert same.id == first.id
+        assert conn.in_transaction() is False
+    assert await service.count_workflow_instances() == 1
+
+
+async def test_bad_sessions_raise_and_write_nothing(sql_repo: SQLAlchemyWorkflowRepo, tmp_path: Any) -> None:
+    service, _ = fake_service(sql_repo, one_node_registry("order"))
+    async with AsyncSession(sql_repo.engine) as session:
+        with pytest.raises(ParamInvalidError, match="no open transaction"):
+            await service.create_workflow("order", "x", session=session)
+        async with session.begin():
+            with pytest.raises(ParamInvalidError, match="run=True"):
+                await service.create_workflow("order", "x", session=session, run=True)
+    async with sql_repo.engine.connect() as conn:
+        with pytest.raises(ParamInvalidError, match="no open transaction"):
+            await service.create_workflow("order", "x", session=conn)
+    with pytest.raises(ParamInvalidError, match="AsyncSession or AsyncConnection"):
+        await service.create_workflow("order", "x", session=object())
+    other = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/other.db")
+    try:
+        async with other.connect() as conn, conn.begin():
+            with pytest.raises(ParamInvalidError, match="another database"):
+                await service.create_workflow("order", "x", session=conn)
+    finally:
+        await other.dispose()
+    assert await service.count_workflow_instances() == 0
+
+
+async def test_a_memory_repo_refuses_a_session(tmp_path: Any) -> None:
+    service, _ = fake_service(MemoryWorkflowRepo(), one_node_registry("order"))
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/m.db")
+    try:
+        async with engine.connect() as conn, conn.begin():
+            with pytest.raises(ParamInvalidError, match="SQL repo"):
+                await service.create_workflow("order", "x", session=conn)
+    finally:
+        await engine.dispose()
+    assert await service.count_workflow_instances() == 0
+
+
+@pytest.mark.postgres
+async def test_a_listening_driver_is_woken_by_the_caller_s_commit(postgres_url: str) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        await _prepare(repo)
+        ran: list[int] = []
+        service = af.WorkflowService(repo, af.LocalWorkflowLock(), one_node_registry("order", ran=ran))
+        other = af.WorkflowService(repo, af.LocalWorkflowLock(), one_node_registry("order"))
+        try:
+            async with WorkflowDriver(service, poll_interval=60.0) as driver:  # polls once a minute
+                deadline = time.monotonic() + 10
+                while not driver.listening:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.01)
+                async with AsyncSession(engine) as session, session.begin():
+                    # another service object: no in-process wake-up reaches the driver
+                    inst = await other.create_workflow("order", "D-1", session=session)
+                    await asyncio.sleep(0.3)
+                    assert ran == []  # not committed yet
+                deadline = time.monotonic() + 10
+                while ran != [inst.id]:
+                    assert time.monotonic() < deadline, "the commit's NOTIFY did not wake the driver"
+                    await asyncio.sleep(0.01)
+        finally:
+            await repo.aclose()

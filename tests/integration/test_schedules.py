@@ -1,0 +1,191 @@
+"""Cron schedules: ticks from the service's FakeClock (no sleeping) on every backend, first sight,
+catch-up, time zones, exactly once across drivers of separate repos, and ConfigError for bad ones."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+import asyncflow as af
+from asyncflow.driver import WorkflowDriver
+from asyncflow.errors import ConfigError
+from asyncflow.records import QueryWorkflowInstanceParams
+from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+from tests.conftest import isolated_pg_engine
+from tests.integration.start_helpers import fake_service, one_node_registry
+
+START = datetime(2026, 1, 1, 0, 3, tzinfo=UTC).timestamp()  # a Thursday, 00:03 UTC
+
+
+async def _business_ids(service: af.WorkflowService) -> list[str]:
+    found = await service.query_workflow_instances(QueryWorkflowInstanceParams(page=af.Pager(no_limit=True)))
+    return [inst.business_id for inst in found]
+
+
+def _service(repo: Any, *schedules: af.Schedule) -> tuple[af.WorkflowService, Any]:
+    registry = one_node_registry("report")
+    for schedule in schedules:
+        registry.add_schedule(schedule)
+    service, clock = fake_service(repo, registry)
+    clock.advance(START - clock.time())
+    return service, clock
+
+
+async def test_a_schedule_fires_from_its_next_tick_and_once_per_tick(engine_repo: Any) -> None:
+    every10 = af.Schedule(id="ten", workflow_type="report", cron="*/10 * * * *", context={"kind": "x"})
+    service, clock = _service(engine_repo, every10)
+    driver = WorkflowDriver(service, poll_interval=0.05)
+    await driver.run_until_idle()
+    assert await _business_ids(service) == []  # first seen at 00:03: no past tick
+    clock.advance(7 * 60 + 30)  # 00:10:30
+    await driver.run_until_idle()
+    await driver.run_until_idle()  # again: the same tick does not fire twice
+    [inst] = await service.query_workflow_instances(QueryWorkflowInstanceParams())
+    assert inst.business_id == "ten@2026-01-01T00:10:00Z"
+    assert inst.workflow_context == {"kind": "x", "schedule": {"id": "ten", "tick": "2026-01-01T00:10:00Z"}}
+    assert inst.status == "completed"
+    clock.advance(35 * 60)  # 00:45:30, ticks 00:20, 00:30, 00:40 missed: only the latest fires
+    await driver.run_until_idle()
+    assert await _business_ids(service) == ["ten@2026-01-01T00:10:00Z", "ten@2026-01-01T00:40:00Z"]
+    states = await engine_repo.schedule_states()
+    assert states["ten"].last_tick == "2026-01-01T00:40:00Z"
+
+
+async def test_catch_up_fires_every_missed_tick_oldest_first(engine_repo: Any) -> None:
+    hourly = af.Schedule(id="h", workflow_type="report", cron="0 * * * *", catch_up=True)
+    service, clock = _service(engine_repo, hourly)
+    driver = WorkflowDriver(service, poll_interval=0.05)
+    await driver.run_until_idle()
+    clock.advance(4 * 3600)  # 04:03: 01:00 .. 04:00 are due
+    await driver.run_until_idle()
+    assert await _business_ids(service) == [f"h@2026-01-01T0{h}:00:00Z" for h in range(1, 5)]
+
+
+async def test_ticks_follow_the_time_zone(engine_repo: Any) -> None:
+    new_york = af.Schedule(id="ny", workflow_type="report", cron="0 2 * * *", timezone="America/New_York")
+    service, clock = _service(engine_repo, new_york)
+    driver = WorkflowDriver(service, poll_interval=0.05)
+    await driver.run_until_idle()
+    clock.advance(3 * 3600)  # 03:03 UTC = 22:03 in New York: not yet
+    await driver.run_until_idle()
+    assert await _business_ids(service) == []
+    clock.advance(4 * 3600)  # 07:03 UTC = 02:03 EST
+    await driver.run_until_idle()
+    assert await _business_ids(service) == ["ny@2026-01-01T07:00:00Z"]
+
+
+async def test_a_driver_fires_only_the_schedules_of_its_workflow_types(engine_repo: Any) -> None:
+    schedule = af.Schedule(id="m", workflow_type="report", cron="* * * * *")
+    service, clock = _service(engine_repo, schedule)
+    other = WorkflowDriver(service, poll_interval=0.05, workflow_types=["other"])
+    await other.run_until_idle()
+    clock.advance(120)
+    await other.run_until_idle()
+    assert await _business_ids(service) == []
+    assert await engine_repo.schedule_states() == {}
+
+
+async def _exactly_once(repos: list[Any]) -> None:
+    schedule = af.Schedule(id="m", workflow_type="report", cron="* * * * *", catch_up=True)
+    pairs = [_service(repo, schedule) for repo in repos]
+    drivers = [WorkflowDriver(service, poll_interval=0.05) for service, _ in pairs]
+    await drivers[0].run_until_idle()  # first seen at 00:03
+    for _, clock in pairs:
+        clock.advance(30 * 60)  # 30 missed minutes
+    await asyncio.gather(*(driver.run_until_idle() for driver in drivers))
+    for _, clock in pairs:
+        clock.advance(60)
+    await asyncio.gather(*(driver.run_until_idle() for driver in drivers))
+    names = await _business_ids(pairs[0][0])
+    expected = [f"m@2026-01-01T{(3 + i) // 60:02d}:{(3 + i) % 60:02d}:00Z" for i in range(1, 32)]
+    assert sorted(names) == expected  # 31 ticks, each exactly once
+
+
+@pytest.mark.postgres
+async def test_three_drivers_on_three_pools_fire_each_tick_exactly_once_postgres(postgres_url: str) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        first = SQLAlchemyWorkflowRepo(engine)
+        await first.migrate()
+        async with engine.connect() as conn:
+            schema = (await conn.exec_driver_sql("SELECT current_schema()")).scalar_one()
+        settings = {"server_settings": {"search_path": schema}}
+        others = [SQLAlchemyWorkflowRepo(postgres_url, connect_args=settings) for _ in range(2)]
+        try:
+            await _exactly_once([first, *others])
+        finally:
+            for repo in (first, *others):
+                await repo.aclose()
+
+
+async def test_two_drivers_on_one_sqlite_file_fire_each_tick_exactly_once(tmp_path: Any) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/s.db"
+    repos = [SQLAlchemyWorkflowRepo(url), SQLAlchemyWorkflowRepo(url)]
+    await repos[0].migrate()
+    try:
+        await _exactly_once(repos)
+    finally:
+        for repo in repos:
+            await repo.aclose()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"cron": "0 2 * *"}, "5 fields"),
+        ({"cron": "0 2 * * * *"}, "5 fields"),
+        ({"cron": "61 * * * *"}, "invalid cron"),
+        ({"cron": "0 25 * * *"}, "invalid cron"),
+        ({"cron": None}, "5 fields"),
+        ({"timezone": "Mars/Olympus"}, "unknown time zone"),
+        ({"timezone": ""}, "unknown time zone"),
+        ({"id": ""}, "schedule id"),
+        ({"id": "a@b"}, "schedule id"),
+        ({"workflow_type": ""}, "workflow_type"),
+        ({"catch_up": "yes"}, "catch_up"),
+        ({"context": {"schedule": 1}}, "'schedule'"),
+        ({"context": {"x": object()}}, "not JSON"),
+        ({"context": [1]}, "mapping"),
+    ],
+)
+def test_bad_schedules_raise_config_error(kwargs: dict[str, Any], words: str) -> None:
+    values: dict[str, Any] = {"id": "s", "workflow_type": "report", "cron": "0 2 * * *", **kwargs}
+    with pytest.raises(ConfigError, match=words):
+        af.Schedule(**values)
+
+
+async def test_duplicate_ids_and_unknown_workflow_types_raise_config_error() -> None:
+    registry = one_node_registry("report")
+    registry.add_schedule(af.Schedule(id="s", workflow_type="report", cron="0 2 * * *"))
+    with pytest.raises(ConfigError, match="already added"):
+        registry.add_schedule(af.Schedule(id="s", workflow_type="report", cron="0 3 * * *"))
+    with pytest.raises(ConfigError, match=r"af\.Schedule"):
+        registry.add_schedule({"id": "x"})  # type: ignore[arg-type]
+    registry.add_schedule(af.Schedule(id="ghost", workflow_type="ghost", cron="0 2 * * *"))
+    assert [s.id for s in registry.schedules] == ["s", "ghost"]
+    service, _ = fake_service(af.MemoryWorkflowRepo(), registry)
+    driver = WorkflowDriver(service, poll_interval=0.05)
+    with pytest.raises(ConfigError, match="'ghost'"):
+        await driver.run_until_idle()
+    assert not driver.running
+    assert await service.count_workflow_instances() == 0
+
+
+async def test_run_forever_sleeps_until_each_tick_and_fires_it_once() -> None:
+    # a FakeClock moves only when the driver sleeps: each sleep runs to the next tick, so ticks
+    # follow one another at once, and each must fire exactly once, in order
+    every10 = af.Schedule(id="ten", workflow_type="report", cron="*/10 * * * *")
+    service, _ = _service(af.MemoryWorkflowRepo(), every10)
+    async with WorkflowDriver(service, poll_interval=3600.0):
+        for _ in range(500):
+            if len(await _business_ids(service)) >= 4:
+                break
+            await asyncio.sleep(0.01)
+    names = await _business_ids(service)
+    assert len(names) >= 4
+    expected = [
+        f"ten@2026-01-01T{(10 * i) // 60:02d}:{(10 * i) % 60:02d}:00Z" for i in range(1, len(names) + 1)
+    ]
+    assert names == expected

@@ -1,0 +1,174 @@
+"""wait_for_workflow: at once for a terminal instance; woken in-process at once (no polling), across
+processes on PostgreSQL through LISTEN/NOTIFY with one listener connection for 1,000 waiters, polled
+elsewhere; TimeoutError, InstanceNotFoundError and bad arguments."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from asyncflow.driver import WorkflowDriver
+from asyncflow.engine import waiting
+from asyncflow.engine.service import WorkflowService
+from asyncflow.errors import InstanceNotFoundError, ParamInvalidError
+from asyncflow.lock.local import LocalWorkflowLock
+from asyncflow.store.memory import MemoryWorkflowRepo
+from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+from tests.conftest import isolated_pg_engine
+from tests.integration.start_helpers import fake_service, one_node_registry
+
+
+@pytest.fixture
+def no_polling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiters would poll once a minute: only a wake-up can end a wait within the tests' bounds."""
+    monkeypatch.setattr(waiting, "POLL_INTERVAL", 60.0)
+    monkeypatch.setattr(waiting, "LISTENING_POLL_INTERVAL", 60.0)
+
+
+async def test_a_waiter_is_woken_in_process_when_a_driver_ends_the_instance(
+    engine_repo: Any, no_polling: None
+) -> None:
+    service, _ = fake_service(engine_repo, one_node_registry("w"))
+    inst = await service.create_workflow("w", "b")
+    waiter = asyncio.create_task(service.wait_for_workflow(inst.id, timeout=20))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await WorkflowDriver(service, poll_interval=0.05).run_until_idle()
+    done = await asyncio.wait_for(waiter, 5)
+    assert (done.id, done.status) == (inst.id, "completed")
+    again = await service.wait_for_workflow(inst.id, timeout=0)  # terminal: at once
+    assert again.status == "completed"
+
+
+async def test_a_cancel_wakes_the_waiter(engine_repo: Any, no_polling: None) -> None:
+    service, _ = fake_service(engine_repo, one_node_registry("w"))
+    inst = await service.create_workflow("w", "b")
+    waiter = asyncio.create_task(service.wait_for_workflow(inst.id))
+    await asyncio.sleep(0.02)
+    await service.cancel_workflow_instance(inst.id)
+    assert (await asyncio.wait_for(waiter, 5)).status == "canceled"
+
+
+async def test_timeout_unknown_ids_and_bad_arguments(engine_repo: Any) -> None:
+    service, _ = fake_service(engine_repo, one_node_registry("w"))
+    inst = await service.create_workflow("w", "b")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await service.wait_for_workflow(inst.id, timeout=0.2)
+    assert 0.15 < time.monotonic() - started < 2
+    with pytest.raises(InstanceNotFoundError):
+        await service.wait_for_workflow(inst.id + 1000, timeout=5)
+    for bad in (-1, "1", True, float("nan")):
+        with pytest.raises(ParamInvalidError, match="timeout"):
+            await service.wait_for_workflow(inst.id, timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ParamInvalidError, match="instance_id"):
+        await service.wait_for_workflow(0)
+    assert service._waiters.waiting == 0
+
+
+async def test_without_wake_ups_another_service_s_end_is_polled(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(waiting, "POLL_INTERVAL", 0.1)
+    url = f"sqlite+aiosqlite:///{tmp_path}/w.db"
+    async with SQLAlchemyWorkflowRepo(url) as repo_a, SQLAlchemyWorkflowRepo(url) as repo_b:
+        await repo_a.migrate()
+        registry = one_node_registry("w")
+        waiter_side = WorkflowService(repo_a, LocalWorkflowLock(), registry)
+        runner_side = WorkflowService(repo_b, LocalWorkflowLock(), registry)
+        inst = await runner_side.create_workflow("w", "b")
+        waiter = asyncio.create_task(waiter_side.wait_for_workflow(inst.id, timeout=10))
+        await asyncio.sleep(0.05)
+        await runner_side.run_workflow(inst.id)
+        assert (await waiter).status == "completed"
+
+
+async def _schema(engine: Any) -> str:
+    async with engine.connect() as conn:
+        schema: str = (await conn.exec_driver_sql("SELECT current_schema()")).scalar_one()
+    return schema
+
+
+async def _until(predicate: Any, bound: float = 10.0) -> None:
+    deadline = time.monotonic() + bound
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.postgres
+async def test_1000_waiters_share_one_listener_and_wake_on_an_end_in_another_process(
+    postgres_url: str, no_polling: None
+) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        runner_repo = SQLAlchemyWorkflowRepo(engine)
+        await runner_repo.migrate()
+        app = f"af-waiters-{uuid.uuid4().hex[:8]}"
+        settings = {"server_settings": {"search_path": await _schema(engine), "application_name": app}}
+        waiter_engine = create_async_engine(postgres_url, connect_args=settings, pool_size=8, max_overflow=0)
+        waiter_repo = SQLAlchemyWorkflowRepo(waiter_engine)
+        registry = one_node_registry("w")
+        runner = WorkflowService(runner_repo, LocalWorkflowLock(), registry)
+        waiters = WorkflowService(waiter_repo, LocalWorkflowLock(), registry)
+        try:
+            ids = [(await runner.create_workflow("w", f"b{i}")).id for i in range(10)]
+            tasks = [
+                asyncio.create_task(waiters.wait_for_workflow(ids[i % 10], timeout=30)) for i in range(1000)
+            ]
+            await _until(lambda: waiters._waiters.listening and waiters._waiters.waiting == 1000)
+            await asyncio.sleep(0.2)  # every waiter has read its instance and sleeps
+            async with engine.connect() as conn:
+                rows = (
+                    (
+                        await conn.execute(
+                            text("SELECT query FROM pg_stat_activity WHERE application_name = :app"),
+                            {"app": app},
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
+            assert sum(1 for q in rows if q.upper().startswith("LISTEN")) == 1, rows
+            assert len(rows) <= 1 + waiter_engine.pool.size(), rows  # the listener + the pool, not 1,000
+            assert not any(task.done() for task in tasks)
+            for instance_id in ids:
+                await runner.run_workflow(instance_id)  # another service, engine and pool: "a process"
+            finished = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+            assert {inst.status for inst in finished} == {"completed"}
+            await _until(lambda: not waiters._waiters.listening)  # the last waiter stops the listener
+        finally:
+            await waiter_repo.aclose()
+            await waiter_engine.dispose()
+            await runner_repo.aclose()
+
+
+async def test_a_memory_repo_waiter_needs_no_listener(no_polling: None) -> None:
+    service, _ = fake_service(MemoryWorkflowRepo(), one_node_registry("w"))
+    inst = await service.create_workflow("w", "b")
+    waiter = asyncio.create_task(service.wait_for_workflow(inst.id))
+    await asyncio.sleep(0)
+    await service.run_workflow(inst.id)
+    assert (await asyncio.wait_for(waiter, 5)).status == "completed"
+    assert not service._waiters.listening
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("after", [0.0, 0.5])
+async def test_a_stopped_listener_returns_its_connection_even_while_connecting(
+    postgres_url: str, after: float
+) -> None:
+    from asyncflow.store.postgres.finished import FinishedNotifier
+
+    async with isolated_pg_engine(postgres_url) as engine:
+        heard: list[int | None] = []
+        notifier = FinishedNotifier(engine, heard.append)
+        task = asyncio.create_task(notifier.run())
+        await asyncio.sleep(after)  # 0: stopped while it opens its connection; 0.5: while it listens
+        notifier.stop()
+        await asyncio.wait_for(task, 10)
+        assert not notifier.listening
+        assert engine.sync_engine.pool.checkedout() == 0
