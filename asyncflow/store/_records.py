@@ -14,7 +14,7 @@ __all__ = ["inserted_task_record", "instance_record", "task_record"]
 
 def instance_record(row: Sequence[Any]) -> WorkflowInstanceRecord:
     """A record from ``id, workflow_type, business_id, status, workflow_context, task_id, created_at,
-    updated_at, next_run_at, version, lease_epoch``."""
+    updated_at, next_run_at, version, lease_epoch, trace_context``."""
     return WorkflowInstanceRecord(
         id=row[0],
         workflow_type=row[1],
@@ -27,6 +27,7 @@ def instance_record(row: Sequence[Any]) -> WorkflowInstanceRecord:
         next_run_at=row[8],
         version=row[9],
         lease_epoch=row[10],
+        trace_context=row[11],
     )
 
 

@@ -97,6 +97,7 @@ INSTANCE_COLUMNS = (
     wi.c.next_run_at,
     wi.c.version,
     wi.c.lease_epoch,
+    wi.c.trace_context,
 )
 
 

@@ -214,6 +214,7 @@ class SQLAlchemyWorkflowRepo:
             updated_at=now,
             next_run_at=row.next_run_at,
             version=1,
+            trace_context=row.trace_context,
         )
 
     async def create_workflow_instances(self, news: Sequence[NewWorkflowInstance]) -> list[int]:

@@ -14,6 +14,8 @@ are Go's plus what the engine and the driver need:
   first read, and every write of the pass requires it, so an older pass can write nothing more.
 * ``asyncflow_lock``: the leases of :class:`~asyncflow.lock.database.DatabaseWorkflowLock`
   (``expires_at`` in unix milliseconds: the database's clock on PostgreSQL).
+* ``workflow_instance.trace_context`` (schema 7, nullable): what an observer stored at creation (the
+  W3C ``traceparent`` of the OpenTelemetry observer).
 * ``workflow_instance.unique_key`` (schema 4): ``NULL``, or how the instance was created with
   ``create_workflow(unique=...)`` (``'active'``/``'always'``); two partial unique indexes enforce it.
 
@@ -55,7 +57,7 @@ __all__ = [
     "workflow_instance",
 ]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """The schema version this asyncflow migrates to (:mod:`asyncflow.store.migrations`)."""
 
 metadata = MetaData(
@@ -86,6 +88,7 @@ workflow_instance = Table(
     Column("version", BigInteger, nullable=False, server_default=text("1")),
     Column("lease_epoch", BigInteger, nullable=False, server_default=text("0")),
     Column("unique_key", Text, nullable=True),
+    Column("trace_context", Text, nullable=True),  # W3C traceparent of the creating request, or NULL
     Index(None, "status", "next_run_at"),
     Index(None, "business_id"),
     Index(None, "task_id"),

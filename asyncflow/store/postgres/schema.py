@@ -90,6 +90,9 @@ _V6 = (
 )
 """Schedules: the schedules seen and their fired ticks (the primary key fires a tick once)."""
 
+_V7_COLUMNS = (("workflow_instance", "trace_context", "TEXT"),)
+"""What an observer stored at creation (the OpenTelemetry observer: the W3C ``traceparent``)."""
+
 MIGRATIONS = check_migrations(
     [
         Migration(1, "the tables of asyncflow 0.1.0", _V1),
@@ -100,6 +103,7 @@ MIGRATIONS = check_migrations(
         ),
         Migration(5, "wait_for_workflow: NOTIFY asyncflow_finished when an instance ends", FINISHED_DDL),
         Migration(6, "schedules: asyncflow_schedule and asyncflow_schedule_tick", _V6),
+        Migration(7, "observers: workflow_instance.trace_context (nullable TEXT)", (), _V7_COLUMNS),
     ]
 )
 

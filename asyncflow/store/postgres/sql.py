@@ -58,7 +58,7 @@ STEP_CALL = "SELECT asyncflow_step_v1($1::text::jsonb)"
 
 _INSTANCE_COLUMNS = (
     "id, workflow_type, business_id, status, workflow_context::text, task_id, created_at, updated_at, "
-    "next_run_at, version, lease_epoch"
+    "next_run_at, version, lease_epoch, trace_context"
 )
 _TASK_COLUMNS = (
     "id, workflow_instance_id, task_type, status, node_context::text, fail_count, created_at, "
@@ -68,23 +68,24 @@ _GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM workflow_instance WHERE id = $
 _LOAD_TASKS = f"SELECT {_TASK_COLUMNS} FROM task_instance WHERE workflow_instance_id = $1::bigint ORDER BY id"
 _INSERT_INSTANCES = (
     "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, task_id, "
-    "created_at, updated_at, next_run_at, version) "
+    "created_at, updated_at, next_run_at, version, trace_context) "
     "SELECT r.workflow_type, r.business_id, r.status, r.context::jsonb, r.task_id, r.now, r.now, "
-    "r.next_run_at, 1 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], "
-    "$6::bigint[], $7::bigint[]) WITH ORDINALITY "
-    "AS r(workflow_type, business_id, status, context, task_id, now, next_run_at, ord) "
+    "r.next_run_at, 1, r.trace_context FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
+    "$5::bigint[], $6::bigint[], $7::bigint[], $8::text[]) WITH ORDINALITY "
+    "AS r(workflow_type, business_id, status, context, task_id, now, next_run_at, trace_context, ord) "
     "ORDER BY r.ord RETURNING id"
 )
 """One or many instances in one statement (a single create is a batch of one), none of them unique."""
 _INSERT_UNIQUE = (
     "WITH r AS (SELECT u.*, nextval(pg_get_serial_sequence('workflow_instance', 'id')) AS id "
     "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], "
-    "$7::bigint[], $8::text[]) WITH ORDINALITY "
-    "AS u(workflow_type, business_id, status, context, task_id, now, next_run_at, unique_key, ord)), "
+    "$7::bigint[], $8::text[], $9::text[]) WITH ORDINALITY "
+    "AS u(workflow_type, business_id, status, context, task_id, now, next_run_at, trace_context, "
+    "unique_key, ord)), "
     "ins AS (INSERT INTO workflow_instance (id, workflow_type, business_id, status, workflow_context, "
-    "task_id, created_at, updated_at, next_run_at, version, unique_key) "
+    "task_id, created_at, updated_at, next_run_at, version, trace_context, unique_key) "
     "SELECT r.id, r.workflow_type, r.business_id, r.status, r.context::jsonb, r.task_id, r.now, r.now, "
-    "r.next_run_at, 1, r.unique_key FROM r "
+    "r.next_run_at, 1, r.trace_context, r.unique_key FROM r "
     "WHERE r.unique_key IS DISTINCT FROM 'always' OR NOT EXISTS (SELECT 1 FROM workflow_instance w "
     "WHERE w.workflow_type = r.workflow_type AND w.business_id = r.business_id "
     "AND w.unique_key IS NOT NULL) "
@@ -98,16 +99,16 @@ unique index (or, for ``'always'``, an existing unique instance of the key) refu
 if it committed after this statement began: the repo then reads it). A refused row fails nothing
 else: its neighbours in the statement are inserted (``ON CONFLICT DO NOTHING``). Ids are drawn per
 row from the table's sequence, so the result pairs them with the input rows."""
-_NO_INSTANCE = "NULL::bigint, " + "NULL::text, " * 4 + "NULL::bigint, " * 6
+_NO_INSTANCE = "NULL::bigint, " + "NULL::text, " * 4 + "NULL::bigint, " * 6 + "NULL::text, "
 _NO_TASK = "NULL::bigint, " * 2 + "NULL::text, " * 3 + "NULL::bigint, " * 4 + "NULL::bigint "
 _TASKS_OF = (
     f"UNION ALL SELECT {_NO_INSTANCE}{_TASK_COLUMNS} FROM task_instance "
-    "WHERE workflow_instance_id = ANY ($1::bigint[]) ORDER BY 12 NULLS FIRST"
+    "WHERE workflow_instance_id = ANY ($1::bigint[]) ORDER BY 13 NULLS FIRST"
 )
 _LOAD_STATES = (
     f"SELECT {_INSTANCE_COLUMNS}, {_NO_TASK}FROM workflow_instance WHERE id = ANY ($1::bigint[]) {_TASKS_OF}"
 )
-"""Instances (columns 0-10) and then their node rows by id (columns 11-20), for several ids at once."""
+"""Instances (columns 0-11) and then their node rows by id (columns 12-21), for several ids at once."""
 _LEASE_STATES = (
     "WITH leased AS (UPDATE workflow_instance SET lease_epoch = lease_epoch + 1 "
     f"WHERE id = ANY ($1::bigint[]) RETURNING {_INSTANCE_COLUMNS}) "
@@ -208,6 +209,7 @@ async def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> 
         [row.task_id for row, _ in rows],
         [now for _, now in rows],
         [row.next_run_at for row, _ in rows],
+        [row.trace_context for row, _ in rows],
     )
     if any(row.unique is not None for row, _ in rows):
         found = await db.fetch(_INSERT_UNIQUE, *columns, [row.unique for row, _ in rows])
@@ -230,7 +232,7 @@ async def load_states(
         if row[0] is not None:
             states[row[0]] = (instance_record(row), [])
         else:
-            task = task_record(row[11:])
+            task = task_record(row[12:])
             state = states.get(task.workflow_instance_id)
             if state is not None:  # else its instance row is gone (possible only without the FK)
                 state[1].append(task)

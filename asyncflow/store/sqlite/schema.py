@@ -84,6 +84,9 @@ _V6 = (
 )
 """Schedules: the schedules seen and their fired ticks (the primary key fires a tick once)."""
 
+_V7_COLUMNS = (("workflow_instance", "trace_context", "TEXT"),)
+"""What an observer stored at creation (the OpenTelemetry observer: the W3C ``traceparent``)."""
+
 MIGRATIONS = check_migrations(
     [
         Migration(1, "the tables of asyncflow 0.1.0", _V1),
@@ -96,6 +99,7 @@ MIGRATIONS = check_migrations(
         ),
         Migration(5, "nothing on SQLite (PostgreSQL: the asyncflow_finished NOTIFY trigger)", ()),
         Migration(6, "schedules: asyncflow_schedule and asyncflow_schedule_tick", _V6),
+        Migration(7, "observers: workflow_instance.trace_context (nullable TEXT)", (), _V7_COLUMNS),
     ]
 )
 

@@ -46,11 +46,12 @@ MAX_BATCH = 64
 
 _INSERT_INSTANCE = (
     "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, task_id, "
-    "created_at, updated_at, next_run_at, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)"
+    "created_at, updated_at, next_run_at, version, trace_context) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)"
 )
 _INSERT_UNIQUE = (
     "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, task_id, "
-    "created_at, updated_at, next_run_at, version, unique_key) SELECT ?, ?, ?, ?, ?, ?, ?, ?, 1, ? "
+    "created_at, updated_at, next_run_at, version, trace_context, unique_key) "
+    "SELECT ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ? "
     "WHERE ? <> 'always' OR NOT EXISTS (SELECT 1 FROM workflow_instance WHERE workflow_type = ? "
     "AND business_id = ? AND unique_key IS NOT NULL) ON CONFLICT DO NOTHING"
 )
@@ -59,7 +60,7 @@ refuses it: then no row, and nothing else fails."""
 _REFUSED_BY = refused_by("?", "?", "?")
 _GET_INSTANCE = (
     "SELECT id, workflow_type, business_id, status, workflow_context, task_id, created_at, updated_at, "
-    "next_run_at, version, lease_epoch FROM workflow_instance WHERE id = ?"
+    "next_run_at, version, lease_epoch, trace_context FROM workflow_instance WHERE id = ?"
 )
 _TAKE_LEASE = "UPDATE workflow_instance SET lease_epoch = lease_epoch + 1 WHERE id = ?"
 _IN_STATUS = "SELECT status FROM workflow_instance WHERE id = ?"
@@ -210,10 +211,12 @@ def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[i
     for row, now in rows:
         params = (row.workflow_type, row.business_id, row.status, row.context, row.task_id, now, now)
         if row.unique is None:
-            ids.append(db.execute(_INSERT_INSTANCE, (*params, row.next_run_at)).lastrowid)
+            ids.append(db.execute(_INSERT_INSTANCE, (*params, row.next_run_at, row.trace_context)).lastrowid)
             continue
         key = (row.workflow_type, row.business_id)
-        cursor = db.execute(_INSERT_UNIQUE, (*params, row.next_run_at, row.unique, row.unique, *key))
+        cursor = db.execute(
+            _INSERT_UNIQUE, (*params, row.next_run_at, row.trace_context, row.unique, row.unique, *key)
+        )
         if cursor.rowcount == 1:
             ids.append(cursor.lastrowid)
         else:
