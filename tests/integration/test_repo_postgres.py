@@ -99,7 +99,11 @@ async def test_contexts_are_jsonb_and_indexes_exist(repo: SQLAlchemyWorkflowRepo
                 )
             ).scalars()
         )
-    assert types == {"workflow_instance.workflow_context": "jsonb", "task_instance.node_context": "jsonb"}
+    assert types == {
+        "workflow_instance.workflow_context": "jsonb",
+        "task_instance.node_context": "jsonb",
+        "workflow_instance.trace_context": "text",  # a W3C traceparent, not JSON
+    }
     assert {
         "ix_workflow_instance_status_next_run_at",
         "ix_workflow_instance_business_id",
