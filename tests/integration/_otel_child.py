@@ -33,7 +33,8 @@ def engine(url: str, schema: str) -> Any:
     return create_async_engine(url, connect_args={"server_settings": {"search_path": schema}})
 
 
-async def drive(url: str, schema: str) -> list[dict[str, Any]]:
+def traced_service(url: str, schema: str) -> tuple[af.WorkflowService, TracerProvider, InMemorySpanExporter]:
+    """A service on the database with the OpenTelemetry observer, exporting to memory."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -41,6 +42,13 @@ async def drive(url: str, schema: str) -> list[dict[str, Any]]:
     svc = af.WorkflowService(
         repo, af.LocalWorkflowLock(), build_registry(), observers=[OpenTelemetryObserver(provider)]
     )
+    return svc, provider, exporter
+
+
+async def drive(url: str, schema: str) -> list[dict[str, Any]]:
+    svc, _, exporter = traced_service(url, schema)
+    repo = svc.repo
+    assert isinstance(repo, af.SQLAlchemyWorkflowRepo)
     try:
         await af.WorkflowDriver(svc, poll_interval=0.05).run_until_idle()
     finally:

@@ -17,30 +17,22 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk")
 
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import asyncflow as af
-from asyncflow.integrations.opentelemetry import OpenTelemetryObserver
 from tests.conftest import POSTGRES_URL_ENV
 
-from ._otel_child import build_registry, engine
+from ._otel_child import traced_service
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 async def _create_in_a_request(url: str, schema: str) -> tuple[Any, list[int]]:
     """This process: two instances created inside one request span; returns the span and the ids."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    repo = af.SQLAlchemyWorkflowRepo(engine(url, schema))
-    svc = af.WorkflowService(
-        repo, af.LocalWorkflowLock(), build_registry(), observers=[OpenTelemetryObserver(provider)]
-    )
+    svc, provider, exporter = traced_service(url, schema)
+    repo = svc.repo
+    assert isinstance(repo, af.SQLAlchemyWorkflowRepo)
     try:
         await repo.create_schema()
         with provider.get_tracer("api").start_as_current_span("POST /traced"):
