@@ -1,6 +1,6 @@
 """``workflow_instance.trace_context`` on every backend: stored at creation (single, grouped, bulk,
-inside and outside ``transaction()``), read back by every read path, added by migration 3 to a
-version-2 database, and adopted when the tables were made from ``af.metadata``."""
+inside and outside ``transaction()``), read back by every read path, added by migration 7 to a
+version-6 database, and adopted when the tables were made from ``af.metadata``."""
 
 from __future__ import annotations
 
@@ -72,11 +72,11 @@ async def test_trace_context_inside_a_transaction(engine_repo: Any) -> None:
     await _check_reads(repo, expected)
 
 
-async def _version_2_database(engine: AsyncEngine) -> None:
-    """Bring a migrated database back to version 2 (no column) with one instance of then."""
+async def _version_6_database(engine: AsyncEngine) -> None:
+    """Bring a migrated database back to version 6 (no column) with one instance of then."""
     async with engine.begin() as conn:
         await conn.execute(text("ALTER TABLE workflow_instance DROP COLUMN trace_context"))
-        await conn.execute(text("DELETE FROM asyncflow_schema WHERE version = 3"))
+        await conn.execute(text("DELETE FROM asyncflow_schema WHERE version = 7"))
         await conn.execute(
             text(
                 "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, "
@@ -90,12 +90,14 @@ async def _upgrade(engine: AsyncEngine) -> None:
     repo = SQLAlchemyWorkflowRepo(engine)
     try:
         await repo.migrate()
-        await _version_2_database(engine)
-        await repo.migrate()  # migration 3 adds the column back, keeps the row
+        await _version_6_database(engine)
+        await repo.migrate()  # migration 7 adds the column back, keeps the row
         await repo.migrate()  # and is applied once
         async with engine.connect() as conn:
-            versions = (await conn.execute(text("SELECT version FROM asyncflow_schema ORDER BY version"))).all()
-        assert [v[0] for v in versions] == [1, 2, 3] == list(range(1, af.SCHEMA_VERSION + 1))
+            versions = (
+                await conn.execute(text("SELECT version FROM asyncflow_schema ORDER BY version"))
+            ).all()
+        assert [v[0] for v in versions] == list(range(1, 8)) == list(range(1, af.SCHEMA_VERSION + 1))
         (old,) = await repo.query_workflow_instances(QueryWorkflowInstanceParams())
         assert (old.business_id, old.trace_context) == ("old", None)
         new = await repo.create_workflow_instance(_new("new", TRACE))
@@ -127,14 +129,16 @@ async def _sqlite(path: Any) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.mark.parametrize("scenario", [_upgrade, _adopt])
-async def test_migration_3_on_sqlite(tmp_path: Any, scenario: Callable[[AsyncEngine], Awaitable[None]]) -> None:
+async def test_migration_7_on_sqlite(
+    tmp_path: Any, scenario: Callable[[AsyncEngine], Awaitable[None]]
+) -> None:
     async with _sqlite(tmp_path / "db.sqlite") as engine:
         await scenario(engine)
 
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("scenario", [_upgrade, _adopt])
-async def test_migration_3_on_postgres(
+async def test_migration_7_on_postgres(
     postgres_url: str, scenario: Callable[[AsyncEngine], Awaitable[None]]
 ) -> None:
     async with isolated_pg_engine(postgres_url) as engine:
