@@ -165,22 +165,17 @@ def list_page(base: str, view: ListView) -> str:
     return page(base, "Instances", body)
 
 
-def schedules_page(base: str, schedules: Sequence[object] | None) -> str:
-    """The registry's schedules, or a note that this version has none."""
-    if schedules is None:
-        body = (
-            '<h1>Schedules</h1><p class="note" id="no-schedules">No schedules: this asyncflow has no '
-            "cron schedules yet (they arrive with the schedules feature of 0.2).</p>"
-        )
-    elif not schedules:
+def schedules_page(base: str, schedules: Sequence[dict[str, object]]) -> str:
+    """The registry's schedules: id, workflow, cron, time zone, catch-up, next tick, last fired."""
+    if not schedules:
         body = '<h1>Schedules</h1><p class="note" id="no-schedules">No schedules are registered.</p>'
     else:
-        fields = ("id", "workflow_type", "cron", "timezone", "catch_up")
+        fields = ("id", "workflow_type", "cron", "timezone", "catch_up", "next_tick", "last_fired")
         rows = "".join(
-            "<tr>" + "".join(f"<td>{e(getattr(s, name, ''))}</td>" for name in fields) + "</tr>"
+            "<tr>" + "".join(f"<td>{e(s.get(name) or '-')}</td>" for name in fields) + "</tr>"
             for s in schedules
         )
-        head = "".join(f"<th>{e(n)}</th>" for n in fields)
+        head = "".join(f"<th>{e(n.replace('_', ' '))}</th>" for n in fields)
         body = f'<h1>Schedules</h1><table id="schedules"><tr>{head}</tr>{rows}</table>'
     return page(base, "Schedules", body)
 

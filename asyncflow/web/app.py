@@ -4,13 +4,14 @@ Routes (relative to the mount point):
 
 * ``GET /``: instances, newest first; ``?type=&status=&business_id=&page=&size=`` filter and page.
 * ``GET /instances/{id}``: one instance; reloads itself while it runs.
-* ``GET /schedules``: the registry's schedules (a note when this version has none).
+* ``GET /schedules``: the registry's schedules, their next tick and the last tick fired.
 * ``GET /api/instances``, ``/api/instances/{id}``, ``/api/schedules``: the same data as JSON.
 * ``GET|POST /instances/{id}/cancel|restart|event``: only when ``read_only=False``.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -21,6 +22,8 @@ from starlette.routing import Route
 
 from ..engine.service import WorkflowService
 from ..errors import AsyncflowError, ParamInvalidError
+from ..schedules import tick_name
+from ..store.protocol import StoresSchedules
 from ._actions import Authorize, action_routes, base_of, error_response, error_status
 from ._data import ListFilters, instance_dict, load_detail, load_list, record_dict
 from ._html import CSS, list_page, schedules_page
@@ -35,15 +38,30 @@ _FAVICON = (
 )
 
 
-def _schedules(svc: WorkflowService) -> tuple[Any, ...] | None:
-    """The registry's schedules, or ``None`` when this version has no schedules at all."""
-    found = getattr(svc.registry, "schedules", None)
-    return None if found is None else tuple(found)
-
-
-def _schedule_dict(schedule: Any) -> dict[str, Any]:
-    names = ("id", "workflow_type", "cron", "timezone", "catch_up", "context")
-    return {name: getattr(schedule, name, None) for name in names}
+async def _schedules(svc: WorkflowService) -> list[dict[str, Any]]:
+    """The registry's schedules with their next tick (from the service's clock) and the last tick
+    fired (from the repo, where it keeps schedule state), as the CLI's ``schedules`` shows them."""
+    schedules = svc.registry.schedules
+    if not schedules:
+        return []
+    states = await svc.repo.schedule_states() if isinstance(svc.repo, StoresSchedules) else {}
+    now = datetime.fromtimestamp(svc.clock.time(), UTC)
+    rows = []
+    for schedule in schedules:
+        state = states.get(schedule.id)
+        rows.append(
+            {
+                "id": schedule.id,
+                "workflow_type": schedule.workflow_type,
+                "cron": schedule.cron,
+                "timezone": schedule.timezone,
+                "catch_up": schedule.catch_up,
+                "context": dict(schedule.context),
+                "next_tick": tick_name(schedule.next_tick(now)),
+                "last_fired": state.last_tick if state is not None else None,
+            }
+        )
+    return rows
 
 
 def dashboard(
@@ -97,7 +115,7 @@ def dashboard(
         return HTMLResponse(page)
 
     async def schedules(request: Request) -> Response:
-        return HTMLResponse(schedules_page(base_of(request), _schedules(svc)))
+        return HTMLResponse(schedules_page(base_of(request), await _schedules(svc)))
 
     async def api_instances(request: Request) -> Response:
         try:
@@ -124,10 +142,7 @@ def dashboard(
         return JSONResponse(instance_dict(detail))
 
     async def api_schedules(request: Request) -> Response:
-        found = _schedules(svc)
-        return JSONResponse(
-            {"available": found is not None, "schedules": [_schedule_dict(s) for s in found or ()]}
-        )
+        return JSONResponse({"schedules": await _schedules(svc)})
 
     async def css(request: Request) -> Response:
         return Response(CSS, media_type="text/css", headers={"cache-control": "max-age=300"})

@@ -8,6 +8,7 @@ import html
 import pathlib
 import re
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+import asyncflow as af
 from asyncflow.engine.service import WorkflowService
 from asyncflow.errors import ParamInvalidError
 from asyncflow.records import QueryWorkflowInstanceParams, TaskFields, TaskWhere
@@ -170,14 +172,44 @@ async def test_json_api(seeded: tuple[WorkflowService, Seeded]) -> None:
     assert "boom" in one["nodes"][1]["last_error"]
     assert missing.status_code == 404 and "not found" in missing.json()["error"]
     assert bad.status_code == 400
-    assert schedules == {"available": False, "schedules": []}
+    assert schedules == {"schedules": []}
 
 
 async def test_schedules_page_says_there_are_none(seeded: tuple[WorkflowService, Seeded]) -> None:
     svc, _ = seeded
     async with client(dashboard(svc)) as c:
         page = (await c.get("/wf/schedules")).text
-    assert 'id="no-schedules"' in page and "no cron schedules" in page
+    assert 'id="no-schedules"' in page and "No schedules are registered" in page
+
+
+async def test_schedules_page_lists_each_schedule_with_its_next_and_last_tick(tmp_path: Any) -> None:
+    registry = af.Registry()
+    registry.load_workflow_config({"id": "report", "nodes": [{"id": "build"}]})
+
+    @registry.task("report", "build")
+    async def build(ctx: af.JSONContext) -> None:
+        ctx.set(["built"], True)
+
+    registry.add_schedule(af.Schedule(id="nightly<b>", workflow_type="report", cron="0 2 * * *"))
+    clock = af.FakeClock(datetime(2026, 12, 3, 12, 0, tzinfo=UTC).timestamp())
+    async with af.SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{tmp_path}/s.db") as repo:
+        await repo.migrate()
+        svc = af.WorkflowService(repo, af.LocalWorkflowLock(), registry, clock=clock)
+        async with client(dashboard(svc)) as c:
+            await af.WorkflowDriver(svc).run_until_idle()  # a driver sees the schedule first now
+            before = (await c.get("/wf/api/schedules")).json()["schedules"]
+            clock.advance(15 * 3600)  # past 02:00 UTC the next day: a driver fires that tick
+            await af.WorkflowDriver(svc).run_until_idle()
+            after = (await c.get("/wf/api/schedules")).json()["schedules"]
+            page = (await c.get("/wf/schedules")).text
+    assert [(s["id"], s["next_tick"], s["last_fired"]) for s in before] == [
+        ("nightly<b>", "2026-12-04T02:00:00Z", None)
+    ]
+    assert [(s["next_tick"], s["last_fired"]) for s in after] == [
+        ("2026-12-05T02:00:00Z", "2026-12-04T02:00:00Z")
+    ]
+    assert "nightly&lt;b&gt;" in page and "nightly<b>" not in page
+    assert "2026-12-05T02:00:00Z" in page and "2026-12-04T02:00:00Z" in page
 
 
 async def test_read_only_has_no_action_endpoints(seeded: tuple[WorkflowService, Seeded]) -> None:
