@@ -31,7 +31,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._lanes import IDLE_RELEASE_S, IdleRelease
-from .engine import connect
+from .engine import autocommit_engine, connect
 
 __all__ = ["COPIED_PRAGMAS", "SqliteLane", "ThreadConnection", "own_path"]
 
@@ -193,8 +193,9 @@ class SqliteLane:
 
     async def _engine_settings(self) -> dict[str, Any]:
         """The PRAGMAs the engine's connections run with (the caller may have changed them in a
-        ``connect`` listener): the own connection copies them."""
-        async with self._engine.connect() as conn:
+        ``connect`` listener): the own connection copies them. Read outside any transaction, so a
+        caller's open write transaction (``create_workflow(session=...)``) does not block it."""
+        async with autocommit_engine(self._engine).connect() as conn:
             return {
                 name: (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar_one() for name in COPIED_PRAGMAS
             }
