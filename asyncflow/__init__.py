@@ -87,6 +87,7 @@ from .worker import (
     NormalTaskWorker,
     RootNodeWorker,
     TaskWorker,
+    choose,
     current_node,
 )
 
@@ -163,6 +164,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "WorkflowRepo",
     "WorkflowService",
     "__version__",
+    "choose",
     "current_node",
     "default_registry",
     "get_workflow_definition",

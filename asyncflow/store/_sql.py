@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..status import RUNNABLE_INSTANCE_STATUSES, TERMINAL_STATUSES
+from ..status import RUNNABLE_INSTANCE_STATUSES, TERMINAL_TASK_STATUSES
 
 __all__ = ["RUNNABLE", "RUNNABLE_SQL", "TERMINAL", "TERMINAL_SQL", "marks", "sql_list"]
 
 RUNNABLE = RUNNABLE_INSTANCE_STATUSES
-TERMINAL = TERMINAL_STATUSES
+TERMINAL = TERMINAL_TASK_STATUSES  # node statuses: a step's cancel leaves these rows alone
 
 
 def sql_list(values: Iterable[str]) -> str:
@@ -29,4 +29,4 @@ def marks(count: int) -> str:
 RUNNABLE_SQL = sql_list(RUNNABLE)
 """``'init', 'running'``."""
 TERMINAL_SQL = sql_list(TERMINAL)
-"""``'completed', 'failed', 'canceled'``."""
+"""``'completed', 'failed', 'canceled', 'skipped'``."""
