@@ -123,3 +123,15 @@ def test_a_first_join_with_one_predecessor_warns(caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.WARNING, logger="asyncflow.definition"):
         build_definition(joined, lambda _: EmptyTaskWorker())
     assert not caplog.records
+
+
+def test_skipped_nodes_have_their_own_colour() -> None:
+    from asyncflow.cli.graph import STATUS_COLORS, GraphNode, instance_dot, instance_mermaid
+
+    nodes = [GraphNode("a", "A", ("b",), status="completed"), GraphNode("b", "B", (), status="skipped")]
+    color = STATUS_COLORS["skipped"]
+    assert color not in (STATUS_COLORS["completed"], STATUS_COLORS["canceled"], STATUS_COLORS["failed"])
+    assert f"classDef skipped fill:{color}" in instance_mermaid(
+        nodes
+    ) and "class n1 skipped" in instance_mermaid(nodes)
+    assert f'fillcolor="{color}"' in instance_dot(nodes, "w")
