@@ -231,8 +231,14 @@ class PassRunner:
         for node in self._definition.nodes:
             row = self._rows.get(node.task_type)
             if row is None or row.status == _RESTARTING:
-                if self._join(node.task_type) is Join.RUN:
+                decision = self._join(node.task_type)
+                if decision is Join.RUN:
                     ready.append(node.task_type)
+                elif decision is Join.SKIP:  # e.g. a restarted node on a branch not taken
+                    fail_count = 0 if row is None else row.fail_count
+                    now = int(self._clock.time())
+                    skip = _write_for(node.task_type, row, _SKIPPED, {}, fail_count, now)
+                    self._deferred[node.task_type] = skip  # written with the pass's last step
             elif row.status in (_RUNNING, _PENDING, _FINISHING):
                 ready.append(node.task_type)
             elif row.status not in _SETTLED:  # as in Go, left alone; say once why the instance stalls

@@ -135,3 +135,17 @@ async def test_first_join_drops_a_sibling_not_yet_started(engine_repo: Any, loca
     st = await statuses(svc, inst.id)
     assert st["fast"] == "completed" and st["slow"] == "canceled" and st["race"] == "completed"
     assert calls.runs("slow") == 0
+
+
+async def test_a_restarted_node_on_a_branch_not_taken_is_skipped_again(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    calls = Calls()
+    svc = branch_service(engine_repo, local_lock, calls, ("approve",))
+    inst = await svc.create_workflow("branch", "b-9", run=True)
+    await svc.restart_workflow_node(inst.id, "reject", force=True, run=True)
+    done = await svc.run_workflow(inst.id)  # the next pass runs notify, whose predecessors are done
+    assert done.status == "completed"
+    st = await statuses(svc, inst.id)
+    assert st["reject"] == "skipped" and st["notify"] == "completed" and st["end"] == "completed"
+    assert calls.runs("reject") == 0 and calls.runs("notify") == 2
