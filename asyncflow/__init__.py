@@ -89,6 +89,7 @@ from .worker import (
     NormalTaskWorker,
     RootNodeWorker,
     TaskWorker,
+    choose,
     current_node,
 )
 
@@ -167,6 +168,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "WorkflowRepo",
     "WorkflowService",
     "__version__",
+    "choose",
     "current_node",
     "default_registry",
     "get_workflow_definition",

@@ -25,7 +25,9 @@ __all__ = ["INT64_MAX", "NodeConfig", "WorkflowConfig"]
 #: Upper bound of ``fail_max_count`` and ``max_wait_time_ts`` (Go stores them as int64).
 INT64_MAX = 2**63 - 1
 
-_NODE_KEYS = frozenset({"id", "name", "next_nodes", "fail_max_count", "max_wait_time_ts"})
+_NODE_KEYS = frozenset({"id", "name", "next_nodes", "fail_max_count", "max_wait_time_ts", "join"})
+JOINS = ("all", "any", "first")
+"""The values of ``NodeConfig.join`` (0.2): when a node with several predecessors runs."""
 _WORKFLOW_KEYS = frozenset({"id", "name", "nodes"})
 
 
@@ -86,6 +88,8 @@ class NodeConfig:
     implicit end node); ``fail_max_count`` fails the workflow at the N-th counted failure and
     ``max_wait_time_ts`` after that many seconds since the node started (``None`` or 0: disabled).
     Negative values are rejected with :class:`ConfigError`. ``next_nodes`` is stored as a tuple.
+    ``join`` (0.2) is ``"all"`` (default), ``"any"`` or ``"first"``: when the node runs once its
+    predecessors are done (README "Branches and joins"); anything else raises :class:`ConfigError`.
     """
 
     id: str
@@ -93,6 +97,7 @@ class NodeConfig:
     next_nodes: Sequence[str] = ()
     fail_max_count: int | None = None
     max_wait_time_ts: int | None = None
+    join: str = "all"
 
     def __post_init__(self) -> None:
         self._check(workflow=None, index=None)
@@ -115,6 +120,8 @@ class NodeConfig:
             problem = count_problem(self.fail_max_count, "fail_max_count")
         if problem is None:
             problem = count_problem(self.max_wait_time_ts, "max_wait_time_ts")
+        if problem is None and self.join not in JOINS:
+            problem = f"join must be one of {', '.join(map(repr, JOINS))}, got {self.join!r}"
         if problem is not None:
             raise _fail(problem, workflow=workflow, node=ref, node_id=node_id)
         object.__setattr__(self, "next_nodes", nexts)
@@ -142,6 +149,8 @@ class NodeConfig:
         node = cls.__new__(cls)
         for field in _NODE_KEYS:
             object.__setattr__(node, field, d.get(field, "" if field in ("id", "name") else None))
+        if "join" not in d:
+            object.__setattr__(node, "join", "all")
         node._check(workflow=workflow, index=index)
         return node
 
@@ -153,6 +162,7 @@ class NodeConfig:
             "next_nodes": list(self.next_nodes),
             "fail_max_count": self.fail_max_count,
             "max_wait_time_ts": self.max_wait_time_ts,
+            **({"join": self.join} if self.join != "all" else {}),  # Go's shape when not used
         }
 
 

@@ -15,11 +15,12 @@ reported by :func:`build_definition`, all at once, as :class:`MissingWorkerError
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from asyncflow._text import dot_text, mermaid_text
-from asyncflow.config import WorkflowConfig, count_problem
+from asyncflow.config import JOINS, WorkflowConfig, count_problem
 from asyncflow.errors import ConfigError, TaskWorkerNotFoundError
 from asyncflow.status import END_NODE, END_NODE_NAME, ROOT_NODE, ROOT_NODE_NAME
 from asyncflow.worker import EndNodeWorker, RootNodeWorker, TaskWorker, worker_has_wait_check
@@ -37,6 +38,8 @@ __all__ = [
 WorkerResolver = Callable[[str], TaskWorker | None]
 
 _RESERVED = frozenset({ROOT_NODE, END_NODE})
+
+logger = logging.getLogger("asyncflow.definition")
 
 
 class MissingWorkerError(ConfigError, TaskWorkerNotFoundError):
@@ -87,6 +90,7 @@ class NodeDefinition:
     max_wait_time_ts: int = 0
     pre_nodes: list[str] = field(default_factory=list)
     next_nodes: list[str] = field(default_factory=list)
+    join: str = "all"
     worker: TaskWorker
     has_wait_check: bool = field(init=False)
 
@@ -99,6 +103,12 @@ class NodeDefinition:
         object.__setattr__(
             self, "max_wait_time_ts", _check_count(self.max_wait_time_ts, "max_wait_time_ts", self.task_type)
         )
+        if self.join not in JOINS:
+            raise ConfigError(
+                f"node {self.task_type!r}: join must be one of {', '.join(map(repr, JOINS))}, "
+                f"got {self.join!r}",
+                nodes=(self.task_type,),
+            )
         object.__setattr__(self, "has_wait_check", worker_has_wait_check(self.worker))
 
     def __repr__(self) -> str:
@@ -390,9 +400,17 @@ def build_definition(config: WorkflowConfig, resolve_worker: WorkerResolver) -> 
                 max_wait_time_ts=cfg.max_wait_time_ts or 0,
                 pre_nodes=[ids[p] for p in graph.pred[i]] or [ROOT_NODE],
                 next_nodes=list(cfg.next_nodes) or [END_NODE],
+                join=cfg.join,
                 worker=workers[i],
             )
         )
+        if cfg.join != "all" and len(graph.pred[i]) < 2:
+            logger.warning(
+                "workflow %r: node %r has join=%r but a single predecessor: the join changes nothing",
+                config.id,
+                cfg.id,
+                cfg.join,
+            )
     nodes.append(
         NodeDefinition(task_type=END_NODE, task_name=END_NODE_NAME, pre_nodes=sinks, worker=EndNodeWorker())
     )

@@ -15,6 +15,7 @@ __all__ = [
     "RUNNABLE_INSTANCE_STATUSES",
     "SYSTEM",
     "TERMINAL_STATUSES",
+    "TERMINAL_TASK_STATUSES",
     "TIMEOUT_REASON",
     "WORKFLOW_CONTEXT",
     "InstanceStatus",
@@ -48,6 +49,7 @@ class TaskStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELED = "canceled"
+    SKIPPED = "skipped"  # 0.2: a branch not taken (af.choose) or a join that cannot run; terminal
 
 
 RUNNABLE_INSTANCE_STATUSES: tuple[str, ...] = (InstanceStatus.INIT.value, InstanceStatus.RUNNING.value)
@@ -60,7 +62,12 @@ TERMINAL_STATUSES: tuple[str, ...] = (
 )
 """The terminal statuses, of instances and nodes alike (every SQL list of them is built from this)."""
 
+TERMINAL_TASK_STATUSES: tuple[str, ...] = (*TERMINAL_STATUSES, TaskStatus.SKIPPED.value)
+"""The terminal node statuses: the terminal statuses and ``skipped`` (every SQL list of them is built
+from this)."""
+
 _OVER = frozenset(TERMINAL_STATUSES)
+_TASK_OVER = frozenset(TERMINAL_TASK_STATUSES)
 
 _INSTANCE_TEXT = {
     "init": "初始化",
@@ -79,6 +86,7 @@ _TASK_TEXT = {
     "canceled": "取消",
     "failed": "失败",
     "completed": "完成",
+    "skipped": "跳过",
 }
 _UNKNOWN = "未知"
 
@@ -89,8 +97,8 @@ def is_over_instance_status(status: str) -> bool:
 
 
 def is_over_task_status(status: str) -> bool:
-    """True for the terminal node statuses: completed, failed, canceled."""
-    return status in _OVER
+    """True for the terminal node statuses: completed, failed, canceled, skipped."""
+    return status in _TASK_OVER
 
 
 def instance_status_text(status: str) -> str:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
 import anyio.to_thread
 
+from asyncflow.errors import ParamInvalidError
+
 if TYPE_CHECKING:
     from asyncflow.context import JSONContext
 
@@ -31,6 +33,8 @@ __all__ = [
     "RootNodeWorker",
     "TaskWorker",
     "WorkerFunction",
+    "choice_scope",
+    "choose",
     "current_node",
     "node_scope",
     "worker_has_wait_check",
@@ -216,3 +220,48 @@ def node_scope(info: NodeInfo) -> Iterator[NodeInfo]:
         yield info
     finally:
         _current_node.reset(token)
+
+
+class Choice:
+    """For the engine: the successors a node may follow and those its ``run`` chose (``None``: all)."""
+
+    __slots__ = ("chosen", "next_nodes", "task_type")
+
+    def __init__(self, task_type: str, next_nodes: tuple[str, ...]) -> None:
+        self.task_type = task_type
+        self.next_nodes = next_nodes
+        self.chosen: tuple[str, ...] | None = None
+
+
+_current_choice: contextvars.ContextVar[Choice] = contextvars.ContextVar("asyncflow_current_choice")
+
+
+def choose(*task_types: str) -> None:
+    """Inside ``run()``: follow only these successors; the others become ``skipped`` when the node completes.
+
+    ``choose()`` with no argument skips every successor; without a call every successor is followed.
+    A later call replaces an earlier one. A name that is not one of the node's ``next_nodes`` raises
+    :class:`~asyncflow.errors.ParamInvalidError`; a call outside a worker's ``run()`` ``LookupError``.
+    """
+    try:
+        choice = _current_choice.get()
+    except LookupError:
+        raise LookupError("asyncflow.choose() is only available inside a worker's run()") from None
+    unknown = [t for t in task_types if not isinstance(t, str) or t not in choice.next_nodes]
+    if unknown:
+        raise ParamInvalidError(
+            f"choose(): node {choice.task_type!r} has no successor(s) {', '.join(map(repr, unknown))} "
+            f"(its next nodes: {', '.join(map(repr, choice.next_nodes))})"
+        )
+    choice.chosen = tuple(dict.fromkeys(task_types))
+
+
+@contextmanager
+def choice_scope(task_type: str, next_nodes: tuple[str, ...]) -> Iterator[Choice]:
+    """For the engine: inside the block :func:`choose` records into the :class:`Choice` yielded."""
+    choice = Choice(task_type, next_nodes)
+    token = _current_choice.set(choice)
+    try:
+        yield choice
+    finally:
+        _current_choice.reset(token)

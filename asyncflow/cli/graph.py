@@ -39,6 +39,7 @@ STATUS_COLORS = {
     "completed": "#86efac",
     "failed": "#fca5a5",
     "canceled": "#d1d5db",
+    "skipped": "#e5e7eb",
 }
 _UNKNOWN_COLOR = "#ffffff"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,16 +20,31 @@ from ..errors import (
     TaskNotReady,
     find_in_chain,
 )
-from ..status import NODE_EVENT, PRE_NODE_CONTEXT, REASON, SYSTEM, TIMEOUT_REASON, WORKFLOW_CONTEXT
+from ..status import (
+    END_NODE,
+    NODE_EVENT,
+    PRE_NODE_CONTEXT,
+    REASON,
+    SYSTEM,
+    TIMEOUT_REASON,
+    WORKFLOW_CONTEXT,
+    TaskStatus,
+)
 
 __all__ = [
+    "CHOSEN",
+    "Join",
     "NodeOutcome",
     "Outcome",
     "SchedulePolicy",
     "build_node_context",
+    "chosen_of",
     "classify_failure",
+    "edge_status",
     "error_text",
+    "join_decision",
     "json_copy",
+    "propagate_skips",
     "record_error",
     "sanitize_json",
 ]
@@ -193,3 +208,94 @@ class SchedulePolicy:
             spread = (rng or random).uniform(-self.retry_jitter, self.retry_jitter)
             delay = min(delay * (1.0 + spread), self.retry_max)
         return max(delay, 0.0)
+
+
+# ---------------------------------------------------------------------------- branches and joins
+
+CHOSEN = "chosen"
+"""The key under a node context's ``system`` where the engine keeps what ``af.choose`` chose."""
+
+_DONE_COMPLETED = TaskStatus.COMPLETED.value
+_DONE_SKIPPED = TaskStatus.SKIPPED.value
+
+
+class Join(enum.Enum):
+    """What a node's join makes of its predecessors' states now."""
+
+    WAIT = "wait"  # a predecessor is not done yet
+    RUN = "run"
+    SKIP = "skip"
+
+
+def chosen_of(context: Mapping[str, Any] | None) -> tuple[str, ...] | None:
+    """The successors a completed node chose (``None``: it did not call ``choose``: all of them)."""
+    system = context.get(SYSTEM) if context is not None else None
+    chosen = system.get(CHOSEN) if isinstance(system, Mapping) else None
+    if isinstance(chosen, list) and all(isinstance(t, str) for t in chosen):
+        return tuple(chosen)
+    return None
+
+
+def edge_status(status: str | None, chosen: Sequence[str] | None, successor: str) -> str | None:
+    """A predecessor's state as ``successor`` sees it: a completed node that did not choose it is skipped."""
+    if status == _DONE_COMPLETED and chosen is not None and successor not in chosen:
+        return _DONE_SKIPPED
+    return status
+
+
+def join_decision(join: str, statuses: Sequence[str | None]) -> Join:
+    """Whether a node runs, is skipped or waits, from its predecessors' (edge) statuses.
+
+    ``None`` is a predecessor without a row. ``all``: runs when every predecessor completed, skipped
+    once every one is done (completed or skipped) and one was skipped. ``any``: once every predecessor
+    is done, runs if one completed, else skipped. ``first``: runs as soon as one completed; skipped
+    when every one was skipped. ``end`` (join ``end``): completes once every predecessor is done.
+    """
+    completed = sum(1 for s in statuses if s == _DONE_COMPLETED)
+    skipped = sum(1 for s in statuses if s == _DONE_SKIPPED)
+    all_done = completed + skipped == len(statuses)
+    if join == "first" and completed:
+        return Join.RUN
+    if not all_done:
+        return Join.WAIT
+    if join == "end":
+        return Join.RUN
+    if join == "all":
+        return Join.SKIP if skipped else Join.RUN
+    return Join.RUN if completed else Join.SKIP
+
+
+def propagate_skips(
+    start: str,
+    *,
+    status_of: Callable[[str], str | None],
+    chosen: Callable[[str], Sequence[str] | None],
+    pre_nodes: Callable[[str], Sequence[str]],
+    next_nodes: Callable[[str], Sequence[str]],
+    join_of: Callable[[str], str],
+    open_node: Callable[[str], bool],
+) -> list[str]:
+    """The nodes that become ``skipped`` because ``start`` is now done, in the order found.
+
+    ``status_of`` gives a node's current status (``start`` already completed or skipped), ``chosen``
+    what a completed node chose, ``open_node`` whether a node has not run yet (no row, or restarting).
+    Each skip may skip the nodes after it in turn; ``end`` is never skipped (it completes instead).
+    """
+    skipped: list[str] = []
+    decided: dict[str, str] = {}
+
+    def status(task_type: str) -> str | None:
+        return decided.get(task_type, status_of(task_type))
+
+    todo = [start]
+    while todo:
+        done = todo.pop(0)
+        for succ in next_nodes(done):
+            if succ == END_NODE or succ in decided or not open_node(succ):
+                continue
+            edges = [edge_status(status(p), chosen(p), succ) for p in pre_nodes(succ)]
+            if join_decision(join_of(succ), edges) is Join.SKIP:
+                decided[succ] = _DONE_SKIPPED
+                skipped.append(succ)
+                todo.append(succ)
+    return skipped

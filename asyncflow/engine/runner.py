@@ -38,9 +38,21 @@ from ..records import (
     WorkflowInstance,
     WorkflowInstanceRecord,
 )
-from ..status import END_NODE, ROOT_NODE, InstanceStatus, TaskStatus
-from ..worker import NodeInfo, node_scope
-from .rules import Outcome, build_node_context, classify_failure, record_error, sanitize_json
+from ..status import END_NODE, ROOT_NODE, SYSTEM, InstanceStatus, TaskStatus
+from ..worker import NodeInfo, choice_scope, node_scope
+from .rules import (
+    CHOSEN,
+    Join,
+    Outcome,
+    build_node_context,
+    chosen_of,
+    classify_failure,
+    edge_status,
+    join_decision,
+    propagate_skips,
+    record_error,
+    sanitize_json,
+)
 
 if TYPE_CHECKING:
     from ..clock import Clock
@@ -63,6 +75,7 @@ _FINISHING = TaskStatus.FINISHING.value
 _RESTARTING = TaskStatus.RESTARTING.value
 _FAILED = TaskStatus.FAILED.value
 _CANCELED = TaskStatus.CANCELED.value
+_SKIPPED = TaskStatus.SKIPPED.value
 _ACTIVE_INSTANCE = (InstanceStatus.INIT.value, InstanceStatus.RUNNING.value)
 _SETTLED = (_COMPLETED, _FAILED, _CANCELED)
 
@@ -162,6 +175,9 @@ class PassRunner:
         self._stalls = stalls if stalls is not None else StallWarnings()
         self._observers = observers  # None when there are none: the pass then costs nothing extra
         self._outcomes: dict[str, tuple[str, Exception]] = {}  # a failed attempt's outcome, for them
+        self._skipped_with: dict[str, list[str]] = {}  # completed node -> nodes skipped in its write
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # node -> the task driving it (first joins)
+        self._dropped: set[str] = set()  # nodes a ``first`` join canceled in this pass
 
     # ------------------------------------------------------------------ entry point
 
@@ -195,17 +211,34 @@ class PassRunner:
 
     # ------------------------------------------------------------------ readiness
 
-    def _completed(self, task_type: str) -> bool:
+    def _open(self, task_type: str) -> bool:
+        """The node has not run yet (no row, or restarting)."""
         row = self._rows.get(task_type)
-        return row is not None and row.status == _COMPLETED
+        return row is None or row.status == _RESTARTING
+
+    def _edge(self, pre: str, node: str, overrides: dict[str, str] | None = None) -> str | None:
+        row = self._rows.get(pre)
+        status = overrides.get(pre) if overrides and pre in overrides else (row.status if row else None)
+        return edge_status(status, chosen_of(row.node_context) if row else None, node)
+
+    def _join(self, task_type: str, overrides: dict[str, str] | None = None) -> Join:
+        node = self._definition.node(task_type)
+        join = "end" if task_type == END_NODE else node.join
+        return join_decision(join, [self._edge(p, task_type, overrides) for p in node.pre_nodes])
 
     def _initially_ready(self) -> list[str]:
         ready = []
         for node in self._definition.nodes:
             row = self._rows.get(node.task_type)
             if row is None or row.status == _RESTARTING:
-                if all(self._completed(p) for p in node.pre_nodes):
+                decision = self._join(node.task_type)
+                if decision is Join.RUN:
                     ready.append(node.task_type)
+                elif decision is Join.SKIP:  # e.g. a restarted node on a branch not taken
+                    fail_count = 0 if row is None else row.fail_count
+                    now = int(self._clock.time())
+                    skip = _write_for(node.task_type, row, _SKIPPED, {}, fail_count, now)
+                    self._deferred[node.task_type] = skip  # written with the pass's last step
             elif row.status in (_RUNNING, _PENDING, _FINISHING):
                 ready.append(node.task_type)
             elif row.status not in _SETTLED:  # as in Go, left alone; say once why the instance stalls
@@ -224,15 +257,13 @@ class PassRunner:
 
     def _newly_ready(self, done: str) -> list[str]:
         ready = []
-        for succ in self._definition.node(done).next_nodes:
-            if succ in self._visited:
-                continue
-            row = self._rows.get(succ)
-            if row is not None and row.status != _RESTARTING:
-                continue
-            if all(self._completed(p) for p in self._definition.node(succ).pre_nodes):
-                self._visited.add(succ)
-                ready.append(succ)
+        for source in (done, *self._skipped_with.pop(done, ())):
+            for succ in self._definition.node(source).next_nodes:
+                if succ in self._visited or not self._open(succ):
+                    continue
+                if self._join(succ) is Join.RUN:
+                    self._visited.add(succ)
+                    ready.append(succ)
         return ready
 
     def _spawn(self, tg: asyncio.TaskGroup, task_type: str) -> None:
@@ -242,12 +273,20 @@ class PassRunner:
         """Process a node, then keep going inline with one newly ready successor (spawn the others)."""
         current: str | None = task_type
         while current is not None:
-            async with self._slots:
-                node = self._definition.node(current)
-                if self._observers is None or current in (ROOT_NODE, END_NODE):
-                    completed = await self._process(node)
-                else:
-                    completed = await self._observed(node, self._observers)
+            if current in self._dropped:  # a ``first`` join dropped it before this task began
+                return
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks[current] = task
+            try:
+                async with self._slots:
+                    node = self._definition.node(current)
+                    if self._observers is None or current in (ROOT_NODE, END_NODE):
+                        completed = await self._process(node)
+                    else:
+                        completed = await self._observed(node, self._observers)
+            finally:
+                self._tasks.pop(current, None)
             if not completed:
                 return
             ready = self._newly_ready(current)
@@ -277,9 +316,14 @@ class PassRunner:
         ctx = JSONContext.from_map(context)
         if status == _RUNNING:
             try:
-                await self._call(node, ctx, fail_count, check=False)
+                chosen = await self._call(node, ctx, fail_count, check=False)
             except Exception as exc:
                 return await self._failed(node, row, context, _RUNNING, fail_count, started_at, exc)
+            if chosen is not None:  # kept with the context: a wait check may complete it later
+                system = context.get(SYSTEM)
+                if not isinstance(system, dict):
+                    system = context[SYSTEM] = {}
+                system[CHOSEN] = list(chosen)
             if node.has_wait_check:
                 pending = _write_for(node.task_type, row, _PENDING, context, fail_count, started_at)
                 try:
@@ -342,7 +386,10 @@ class PassRunner:
         problem = ParamInvalidError(f"the worker left a node context that is not JSON: {exc}")
         return await self._failed(node, row, sanitize_json(context), status, fail_count, started_at, problem)
 
-    async def _call(self, node: NodeDefinition, ctx: JSONContext, fail_count: int, *, check: bool) -> None:
+    async def _call(
+        self, node: NodeDefinition, ctx: JSONContext, fail_count: int, *, check: bool
+    ) -> tuple[str, ...] | None:
+        """Call ``run`` or ``wait_check``; what ``run`` chose with ``af.choose`` (``None``: no call)."""
         info = NodeInfo(
             instance_id=self._instance.id,
             workflow_type=self._instance.workflow_type,
@@ -354,8 +401,10 @@ class PassRunner:
         with node_scope(info):
             if check:
                 await node.worker.wait_check(ctx)
-            else:
+                return None
+            with choice_scope(node.task_type, tuple(node.next_nodes)) as choice:
                 await node.worker.run(ctx)
+        return choice.chosen
 
     async def _failed(
         self,
@@ -451,7 +500,11 @@ class PassRunner:
     # ------------------------------------------------------------------ contexts
 
     def _fresh_context(self, node: NodeDefinition, row: TaskInstanceRecord | None) -> dict[str, Any]:
-        pre = ((p, self._rows[p].node_context) for p in node.pre_nodes if p in self._rows)
+        pre = (
+            (p, self._rows[p].node_context)
+            for p in node.pre_nodes
+            if p in self._rows and self._edge(p, node.task_type) == _COMPLETED
+        )
         return build_node_context(
             pre,
             self._instance.workflow_context,
@@ -474,18 +527,23 @@ class PassRunner:
         fail_count: int,
         started_at: int,
     ) -> None:
-        writes = [
-            (node.task_type, _write_for(node.task_type, row, _COMPLETED, context, fail_count, started_at))
-        ]
+        """Complete the node; in the same step: the nodes this skips, the predecessors a ``first``
+        join now cancels, and ``end`` (with the instance) when this was the last of its predecessors."""
+        task_type = node.task_type
         instance_status = None
-        if node.task_type == END_NODE:
+        extra: list[tuple[str, _Write]] = []
+        if task_type == END_NODE:
             instance_status = InstanceStatus.COMPLETED.value
         else:
-            end_write = self._end_if_ready(node.task_type, context)
-            if end_write is not None:
-                writes.append((END_NODE, end_write))
+            await self._stop_losers(task_type, context)
+            extra = self._consequences(task_type, context)
+            if extra and extra[-1][0] == END_NODE:
                 instance_status = InstanceStatus.COMPLETED.value
-        await self._apply(writes, instance_status=instance_status)
+        writes = [(task_type, _write_for(task_type, row, _COMPLETED, context, fail_count, started_at))]
+        await self._apply(writes + extra, instance_status=instance_status)
+        skipped = [t for t, w in extra if w.status == _SKIPPED]
+        if skipped:
+            self._skipped_with[task_type] = skipped
         if instance_status is not None:
             logger.info(
                 "workflow instance %s completed",
@@ -493,19 +551,109 @@ class PassRunner:
                 extra=self._extra(END_NODE, _COMPLETED),
             )
 
-    def _end_if_ready(self, finishing: str, finishing_context: dict[str, Any]) -> _Write | None:
-        """``end`` joins this write when ``finishing`` is the last of its predecessors to complete."""
+    def _states(self, finishing: str, context: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+        return {finishing: _COMPLETED}, {finishing: context}
+
+    def _edge_with(
+        self, pre: str, succ: str, statuses: dict[str, str], contexts: dict[str, Any]
+    ) -> str | None:
+        row = self._rows.get(pre)
+        status = statuses.get(pre, row.status if row is not None else None)
+        ctx = contexts.get(pre, row.node_context if row is not None else None)
+        return edge_status(status, chosen_of(ctx), succ)
+
+    def _first_losers(self, finishing: str, statuses: dict[str, str], contexts: dict[str, Any]) -> list[str]:
+        """Predecessors of a ``first`` join that ``finishing`` now lets run and that are not done yet."""
+        losers: list[str] = []
+        for succ in self._definition.node(finishing).next_nodes:
+            succ_node = self._definition.node(succ)
+            if succ_node.join != "first" or succ in self._visited or not self._open(succ):
+                continue
+            edges = [self._edge_with(p, succ, statuses, contexts) for p in succ_node.pre_nodes]
+            if join_decision("first", edges) is not Join.RUN:
+                continue
+            for pre, edge in zip(succ_node.pre_nodes, edges, strict=True):
+                if edge not in (_COMPLETED, _SKIPPED) and pre not in losers:
+                    losers.append(pre)
+        return losers
+
+    async def _stop_losers(self, finishing: str, context: dict[str, Any]) -> None:
+        """Cancel the worker calls of this pass still running for the predecessors a ``first`` join drops."""
+        statuses, contexts = self._states(finishing, context)
+        me = asyncio.current_task()
+        tasks = []
+        for loser in self._first_losers(finishing, statuses, contexts):
+            task = self._tasks.get(loser)  # set only while the task works on that node
+            if task is not None and task is not me and not task.done():
+                task.cancel()
+                tasks.append(task)
+        if tasks:
+            await asyncio.wait(tasks)  # never raises the tasks' cancellations into this one
+
+    def _consequences(self, finishing: str, context: dict[str, Any]) -> list[tuple[str, _Write]]:
+        """The writes that go with ``finishing``'s completion: skips, ``first``-join cancels, ``end``."""
+        statuses, contexts = self._states(finishing, context)
+        writes: list[tuple[str, _Write]] = []
+        now = int(self._clock.time())
+        for loser in self._first_losers(finishing, statuses, contexts):
+            row = self._rows.get(loser)
+            if row is not None and row.status in _SETTLED:
+                continue
+            self._deferred.pop(loser, None)
+            self._visited.add(loser)
+            self._dropped.add(loser)
+            statuses[loser] = _CANCELED
+            old = {} if row is None else row.node_context
+            writes.append(
+                (loser, _write_for(loser, row, _CANCELED, old, 0 if row is None else row.fail_count, now))
+            )
+
+        def status_of(task_type: str) -> str | None:
+            row = self._rows.get(task_type)
+            return statuses.get(task_type, row.status if row is not None else None)
+
+        def chosen(task_type: str) -> tuple[str, ...] | None:
+            row = self._rows.get(task_type)
+            return chosen_of(contexts.get(task_type, row.node_context if row is not None else None))
+
+        skipped = propagate_skips(
+            finishing,
+            status_of=status_of,
+            chosen=chosen,
+            pre_nodes=lambda t: self._definition.node(t).pre_nodes,
+            next_nodes=lambda t: self._definition.node(t).next_nodes,
+            join_of=lambda t: self._definition.node(t).join,
+            open_node=lambda t: t not in self._visited and self._open(t),
+        )
+        for task_type in skipped:
+            row = self._rows.get(task_type)
+            self._visited.add(task_type)
+            statuses[task_type] = _SKIPPED
+            fail_count = 0 if row is None else row.fail_count
+            writes.append((task_type, _write_for(task_type, row, _SKIPPED, {}, fail_count, now)))
+        end_write = self._end_if_ready(finishing, skipped, statuses, contexts)
+        if end_write is not None:
+            writes.append((END_NODE, end_write))
+        return writes
+
+    def _end_if_ready(
+        self, finishing: str, skipped: list[str], statuses: dict[str, str], contexts: dict[str, Any]
+    ) -> _Write | None:
+        """``end`` joins this write when every predecessor of it is now done (completed or skipped)."""
         end = self._definition.end
-        if finishing not in end.pre_nodes or END_NODE in self._visited:
+        if END_NODE in self._visited or not self._open(END_NODE):
             return None
-        row = self._rows.get(END_NODE)
-        if row is not None and row.status != _RESTARTING:
+        if finishing not in end.pre_nodes and not any(t in end.pre_nodes for t in skipped):
             return None
-        if not all(p == finishing or self._completed(p) for p in end.pre_nodes):
+        edges = [self._edge_with(p, END_NODE, statuses, contexts) for p in end.pre_nodes]
+        if join_decision("end", edges) is not Join.RUN:
             return None
         self._visited.add(END_NODE)
+        row = self._rows.get(END_NODE)
         pre = (
-            (p, finishing_context if p == finishing else self._rows[p].node_context) for p in end.pre_nodes
+            (p, contexts[p] if p in contexts else self._rows[p].node_context)
+            for p, edge in zip(end.pre_nodes, edges, strict=True)
+            if edge == _COMPLETED
         )
         context = build_node_context(
             pre,
@@ -614,10 +762,17 @@ class PassRunner:
         if _FAILED in statuses:
             await self._apply_quietly(InstanceStatus.FAILED.value, cancel=True)
             return True
-        if _CANCELED in statuses:
+        if any(r.status == _CANCELED and not self._dropped_by_first(t) for t, r in self._rows.items()):
             await self._apply_quietly(InstanceStatus.CANCELED.value, cancel=True)
             return True
         return False
+
+    def _dropped_by_first(self, task_type: str) -> bool:
+        """A ``canceled`` row a ``first`` join left (a successor of it with that join has run)."""
+        return any(
+            self._definition.node(succ).join == "first" and not self._open(succ)
+            for succ in self._definition.node(task_type).next_nodes
+        )
 
     async def _too_deep(self) -> bool:
         """Fail the instance if a stored context nests deeper than the engine can work on (written by

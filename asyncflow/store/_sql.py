@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..status import RUNNABLE_INSTANCE_STATUSES, TERMINAL_STATUSES
+from ..status import RUNNABLE_INSTANCE_STATUSES, TERMINAL_TASK_STATUSES
 
 __all__ = [
     "RUNNABLE",
@@ -18,7 +18,7 @@ __all__ = [
 ]
 
 RUNNABLE = RUNNABLE_INSTANCE_STATUSES
-TERMINAL = TERMINAL_STATUSES
+TERMINAL = TERMINAL_TASK_STATUSES  # node statuses: a step's cancel leaves these rows alone
 UNIQUE_MODES = ("active", "always")
 """The values of ``workflow_instance.unique_key`` besides NULL (``create_workflow(unique=...)``)."""
 
@@ -40,7 +40,7 @@ def marks(count: int) -> str:
 RUNNABLE_SQL = sql_list(RUNNABLE)
 """``'init', 'running'``."""
 TERMINAL_SQL = sql_list(TERMINAL)
-"""``'completed', 'failed', 'canceled'``."""
+"""``'completed', 'failed', 'canceled', 'skipped'``."""
 
 
 def refused_by(workflow_type: str, business_id: str, mode: str) -> str:

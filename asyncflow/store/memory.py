@@ -32,7 +32,7 @@ from ..records import (
     TaskWhere,
     WorkflowInstanceRecord,
 )
-from ..status import RUNNABLE_INSTANCE_STATUSES, TERMINAL_STATUSES
+from ..status import RUNNABLE_INSTANCE_STATUSES, TERMINAL_TASK_STATUSES
 from . import _prepare as prep
 from ._json import (
     check_int,
@@ -47,7 +47,7 @@ from ._memory_rows import Instance, State, Task, changed_instance, changed_task,
 __all__ = ["MemoryWorkflowRepo"]
 
 _RUNNABLE = RUNNABLE_INSTANCE_STATUSES
-_TERMINAL = TERMINAL_STATUSES
+_TERMINAL = TERMINAL_TASK_STATUSES
 
 
 class _MemTx:

@@ -1,0 +1,151 @@
+"""Branches and joins (0.2) on every repo: ``af.choose``, ``skipped`` nodes, ``join`` all/any/first."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from asyncflow.context import JSONContext
+from asyncflow.engine.service import WorkflowService
+from asyncflow.worker import choose
+
+from .engine_helpers import Calls, config, recording_worker, registry_with, rows_of, statuses
+
+# check picks approve or reject; both feed notify (join any), which feeds the end.
+BRANCH = {"check": ["approve", "reject"], "approve": ["notify"], "reject": ["notify"], "notify": []}
+
+
+def branch_service(repo: Any, lock: Any, calls: Calls, pick: tuple[str, ...], join: str = "any") -> Any:
+    def check(ctx: JSONContext) -> None:
+        choose(*pick)
+
+    def approve(ctx: JSONContext) -> None:
+        ctx.set(["ok"], True)
+
+    workers = {"check": recording_worker(calls, check), "approve": recording_worker(calls, approve)}
+    cfg = config("branch", BRANCH, notify={"join": join})
+    return WorkflowService(repo, lock, registry_with(cfg, calls, workers))
+
+
+async def test_choose_one_branch_then_join_any(engine_repo: Any, local_lock: Any) -> None:
+    calls = Calls()
+    svc = branch_service(engine_repo, local_lock, calls, ("approve",))
+    inst = await svc.create_workflow("branch", "b-1", run=True)
+    assert inst.status == "completed"
+    st = await statuses(svc, inst.id)
+    assert st["approve"] == "completed" and st["reject"] == "skipped" and st["notify"] == "completed"
+    assert st["end"] == "completed"
+    assert calls.runs("reject") == 0 and calls.runs("notify") == 1
+    rows = await rows_of(svc, inst.id)
+    pre = rows["notify"].node_context["pre_node_context"]
+    assert set(pre) == {"approve"} and pre["approve"]["ok"] is True  # only completed predecessors
+
+
+async def test_choose_nothing_skips_every_successor(engine_repo: Any, local_lock: Any) -> None:
+    calls = Calls()
+    svc = branch_service(engine_repo, local_lock, calls, ())
+    inst = await svc.create_workflow("branch", "b-2", run=True)
+    assert inst.status == "completed"  # a skipped node never fails a workflow
+    st = await statuses(svc, inst.id)
+    assert st["approve"] == st["reject"] == st["notify"] == "skipped"
+    assert st["check"] == "completed" and st["end"] == "completed"
+    assert calls.runs("approve") == calls.runs("reject") == calls.runs("notify") == 0
+    end = (await rows_of(svc, inst.id))["end"]
+    assert end.node_context["pre_node_context"] == {}
+
+
+async def test_all_join_propagates_a_skip(engine_repo: Any, local_lock: Any) -> None:
+    calls = Calls()
+    svc = branch_service(engine_repo, local_lock, calls, ("reject",), join="all")
+    inst = await svc.create_workflow("branch", "b-3", run=True)
+    assert inst.status == "completed"
+    st = await statuses(svc, inst.id)
+    assert st["reject"] == "completed" and st["approve"] == "skipped" and st["notify"] == "skipped"
+    assert calls.runs("notify") == 0
+
+
+async def test_without_choose_every_successor_runs(engine_repo: Any, local_lock: Any) -> None:
+    calls = Calls()
+    svc = WorkflowService(engine_repo, local_lock, registry_with(config("plain", BRANCH), calls))
+    inst = await svc.create_workflow("plain", "p-1", run=True)
+    assert inst.status == "completed"
+    assert set((await statuses(svc, inst.id)).values()) == {"completed"}
+
+
+async def test_first_join_cancels_a_slow_running_sibling(engine_repo: Any, local_lock: Any) -> None:
+    calls = Calls()
+    cancelled = asyncio.Event()
+    started = asyncio.Event()
+
+    async def fast(ctx: JSONContext) -> None:
+        await started.wait()  # slow's worker is running when fast completes
+
+    async def slow(ctx: JSONContext) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    edges = {"start": ["fast", "slow"], "fast": ["race"], "slow": ["race"], "race": []}
+    cfg = config("race", edges, race={"join": "first"})
+    workers = {"slow": recording_worker(calls, slow), "fast": recording_worker(calls, fast)}
+    svc = WorkflowService(engine_repo, local_lock, registry_with(cfg, calls, workers))
+    inst = await asyncio.wait_for(svc.create_workflow("race", "r-1", run=True), 10)
+    assert inst.status == "completed"
+    assert cancelled.is_set()
+    st = await statuses(svc, inst.id)
+    assert st["fast"] == "completed" and st["slow"] == "canceled" and st["race"] == "completed"
+    assert st["end"] == "completed"
+    rows = await rows_of(svc, inst.id)
+    assert set(rows["race"].node_context["pre_node_context"]) == {"fast"}
+    again = await svc.run_workflow(inst.id)  # a later pass does not take the drop for a cancel
+    assert again.status == "completed"
+
+
+async def test_restart_upstream_of_skipped_nodes_runs_them_again(engine_repo: Any, local_lock: Any) -> None:
+    calls = Calls()
+    pick = {"branch": ("approve",)}
+
+    def check(ctx: JSONContext) -> None:
+        choose(*pick["branch"])
+
+    cfg = config("restartable", BRANCH, notify={"join": "any"})
+    svc = WorkflowService(
+        engine_repo, local_lock, registry_with(cfg, calls, {"check": recording_worker(calls, check)})
+    )
+    inst = await svc.create_workflow("restartable", "rs-1", run=True)
+    assert (await statuses(svc, inst.id))["reject"] == "skipped"
+    pick["branch"] = ("reject",)
+    again = await svc.restart_workflow_node(inst.id, "check", force=True, run=True)
+    assert again.status == "completed"
+    st = await statuses(svc, inst.id)
+    assert st["reject"] == "completed" and st["approve"] == "skipped" and st["notify"] == "completed"
+    assert calls.runs("reject") == 1 and calls.runs("approve") == 1 and calls.runs("notify") == 2
+
+
+async def test_first_join_drops_a_sibling_not_yet_started(engine_repo: Any, local_lock: Any) -> None:
+    calls = Calls()
+    edges = {"start": ["fast", "slow"], "fast": ["race"], "slow": ["race"], "race": []}
+    cfg = config("race2", edges, race={"join": "first"})
+    svc = WorkflowService(engine_repo, local_lock, registry_with(cfg, calls))
+    inst = await svc.create_workflow("race2", "r-2", run=True)
+    assert inst.status == "completed"
+    st = await statuses(svc, inst.id)
+    assert st["fast"] == "completed" and st["slow"] == "canceled" and st["race"] == "completed"
+    assert calls.runs("slow") == 0
+
+
+async def test_a_restarted_node_on_a_branch_not_taken_is_skipped_again(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    calls = Calls()
+    svc = branch_service(engine_repo, local_lock, calls, ("approve",))
+    inst = await svc.create_workflow("branch", "b-9", run=True)
+    await svc.restart_workflow_node(inst.id, "reject", force=True, run=True)
+    done = await svc.run_workflow(inst.id)  # the next pass runs notify, whose predecessors are done
+    assert done.status == "completed"
+    st = await statuses(svc, inst.id)
+    assert st["reject"] == "skipped" and st["notify"] == "completed" and st["end"] == "completed"
+    assert calls.runs("reject") == 0 and calls.runs("notify") == 2
