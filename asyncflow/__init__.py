@@ -60,6 +60,7 @@ from .registry import (
     preload_workflow_definitions,
     register_workflow_task,
 )
+from .retry import RetryPolicy
 from .status import (
     END_NODE,
     NODE_EVENT,
@@ -132,6 +133,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "ROOT_NODE",
     "RedisWorkflowLock",
     "Registry",
+    "RetryPolicy",
     "RootNodeWorker",
     "SCHEMA_VERSION",
     "SQLAlchemyWorkflowRepo",

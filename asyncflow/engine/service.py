@@ -17,6 +17,7 @@ from typing import Any
 
 from .._json_depth import MAX_JSON_DEPTH, check_json_depth
 from ..clock import SYSTEM_CLOCK, Clock
+from ..config import count_problem
 from ..context import INT64_MAX, INT64_MIN, JSONContext
 from ..definition import WorkflowDefinition
 from ..errors import (
@@ -45,6 +46,7 @@ from ..records import (
     WorkflowInstanceRecord,
 )
 from ..registry import Registry, default_registry
+from ..retry import RetryPolicy
 from ..status import (
     NODE_EVENT,
     RUNNABLE_INSTANCE_STATUSES,
@@ -100,7 +102,9 @@ class WorkflowService:
 
     ``repo`` stores instances and nodes; ``lock`` keeps one runner per instance (leases of
     ``lock_ttl`` seconds, renewed while held). ``schedule`` decides when the driver looks at an instance
-    again after a pass; ``branch_concurrency`` bounds the nodes of one instance run at once in a pass.
+    again after a pass; ``retry`` is the back-off of retryable failures (a node's own ``retry``
+    replaces it) and ``default_fail_max_count`` the ``fail_max_count`` of nodes whose config leaves it
+    unset (``None``: no limit); ``branch_concurrency`` bounds the nodes of one instance run at once in a pass.
     ``observers`` (:class:`~asyncflow.engine.observers.WorkflowObserver`) are told about instances and
     node attempts; :meth:`aclose` waits for their async calls still running.
     """
@@ -113,6 +117,8 @@ class WorkflowService:
         *,
         lock_ttl: float = 30.0,
         schedule: SchedulePolicy | None = None,
+        retry: RetryPolicy | None = None,
+        default_fail_max_count: int | None = None,
         branch_concurrency: int = 16,
         clock: Clock | None = None,
         observers: Iterable[WorkflowObserver] = (),
@@ -128,11 +134,18 @@ class WorkflowService:
             raise ParamInvalidError(f"branch_concurrency must be an int, got {branch_concurrency!r}")
         if branch_concurrency < 1:
             raise ParamInvalidError(f"branch_concurrency must be at least 1, got {branch_concurrency}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ParamInvalidError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        problem = count_problem(default_fail_max_count, "default_fail_max_count")
+        if problem is not None:
+            raise ParamInvalidError(problem)
         self.repo = repo
         self.lock = lock
         self.registry = registry
         self.lock_ttl = float(lock_ttl)
         self.schedule = schedule or SchedulePolicy()
+        self.retry = retry or self.schedule.legacy_retry or RetryPolicy()
+        self.default_fail_max_count = default_fail_max_count
         self.branch_concurrency = branch_concurrency
         self.clock: Clock = clock or SYSTEM_CLOCK
         self._due_listeners: list[Callable[[int], None]] = []
@@ -270,7 +283,8 @@ class WorkflowService:
                 instance=instance,
                 definition=definition,
                 rows=rows,
-                schedule=self.schedule,
+                retry=self.retry,
+                default_fail_max_count=self.default_fail_max_count,
                 wait_interval=self.schedule.poll_interval if wait_interval is None else wait_interval,
                 branch_concurrency=self.branch_concurrency,
                 stalls=self._stalls,
