@@ -163,7 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument("id", type=_positive_int, metavar="ID")
     restart.add_argument("--node", metavar="TASK_TYPE", help="restart this node and everything after it")
     restart.add_argument("--force", action="store_true", help="with --node: also when the instance is over")
-    restart.add_argument("--context", metavar="JSON", help="new workflow context (instance restart only)")
+    restart.add_argument("--context", metavar="JSON", help="new workflow context (a JSON object)")
+    restart.add_argument(
+        "--clear-event",
+        action="store_true",
+        help="with --node: drop the node's stored event (it waits for a new one)",
+    )
+    restart.add_argument(
+        "--timeout", type=_seconds, help="with --node: seconds to wait for a busy instance (default 10)"
+    )
     restart.add_argument("--app", metavar="APP", help="module:attribute that loads the workflow definitions")
 
     event = add("event", "store an external event on a node (it wakes the instance)")

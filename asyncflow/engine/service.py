@@ -12,8 +12,8 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from .._json_depth import MAX_JSON_DEPTH, check_json_depth
 from ..clock import SYSTEM_CLOCK, Clock
@@ -64,6 +64,8 @@ __all__ = ["WorkflowService", "lock_key"]
 
 logger = logging.getLogger("asyncflow.engine")
 
+_T = TypeVar("_T")
+
 _NON_TERMINAL_TASK = (
     TaskStatus.INIT.value,
     TaskStatus.RESTARTING.value,
@@ -83,6 +85,11 @@ def _check_id(instance_id: object, name: str = "instance_id") -> int:
     if isinstance(instance_id, bool) or not isinstance(instance_id, int) or instance_id <= 0:
         raise ParamInvalidError(f"{name} must be a positive int, got {instance_id!r}")
     return instance_id
+
+
+def _check_timeout(timeout: object) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
+        raise ParamInvalidError(f"timeout must be a number of seconds or None, got {timeout!r}")
 
 
 def _context_dict(context: object, name: str) -> dict[str, Any]:
@@ -365,16 +372,23 @@ class WorkflowService:
         if not INT64_MIN <= event.event_ts <= INT64_MAX:  # the stored version is read back as an int64
             raise ParamInvalidError(f"event_ts must fit in 64 bits (signed), got {event.event_ts!r}")
         check_json_depth(event.event_content, "event_content", limit=MAX_JSON_DEPTH)
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
-            raise ParamInvalidError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        _check_timeout(timeout)
+        await self._holding(instance_id, timeout, lambda: self._store_event(instance_id, task_type, event))
+        self._announce_due(instance_id)
+
+    async def _holding(
+        self,
+        instance_id: int,
+        timeout: float | None,  # noqa: ASYNC109 - seconds to wait for the instance lock
+        operation: Callable[[], Awaitable[_T]],
+    ) -> _T:
+        """``operation()`` under the instance lock; a busy lock is retried until ``timeout`` runs out."""
         deadline = None if timeout is None else self.clock.monotonic() + max(0.0, float(timeout))
         delay = 0.005
         while True:
             try:
                 async with self.lock.hold(lock_key(instance_id), self.lock_ttl):
-                    await self._store_event(instance_id, task_type, event)
-                self._announce_due(instance_id)
-                return
+                    return await operation()
             except LockFailedError:
                 if deadline is None or self.clock.monotonic() >= deadline:
                     raise
@@ -423,57 +437,100 @@ class WorkflowService:
     # ------------------------------------------------------------------ restarts
 
     async def restart_workflow_node(
-        self, instance_id: int, task_type: str, *, force: bool = False, run: bool = False
+        self,
+        instance_id: int,
+        task_type: str,
+        *,
+        force: bool = False,
+        run: bool = False,
+        workflow_context: Mapping[str, Any] | JSONContext | None = None,
+        clear_event: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - API.md: seconds to wait for the instance lock
     ) -> WorkflowInstance:
         """Reset the node and every descendant that has a row to ``restarting`` (one transaction).
 
         Fail counts go to 0 and timeout clocks restart. A terminal instance needs ``force=True`` (it
         becomes ``running``, and nodes its failure or cancel had canceled are restarted too), else
-        ``InvalidStateError``. ``run=True`` runs a pass before returning.
+        ``InvalidStateError``. ``workflow_context``, if given, replaces the instance's workflow context
+        in the same transaction (restarted nodes rebuild their contexts from it); ``clear_event=True``
+        drops the node's stored ``node_event`` so it waits for a new one. A busy instance lock raises
+        ``LockFailedError`` unless ``timeout`` gives seconds to wait for it. ``run=True`` runs a pass
+        before returning.
         """
         _check_id(instance_id)
         if not isinstance(task_type, str) or not task_type:
             raise ParamInvalidError(f"task_type must be a non-empty str, got {task_type!r}")
-        async with self.lock.hold(lock_key(instance_id), self.lock_ttl):
-            record = await self._get(instance_id)
-            definition = self.registry.get_workflow_definition(record.workflow_type)
-            if definition.get_node(task_type) is None:
-                raise ParamInvalidError(f"workflow type {record.workflow_type!r} has no node {task_type!r}")
-            over = is_over_instance_status(record.status)
-            if over and not force:
-                raise InvalidStateError(
-                    f"workflow instance {instance_id} is {record.status}; pass force=True to restart it"
-                )
-            reset = (task_type, *definition.descendants(task_type))
-            now = int(self.clock.time())
-            restart = TaskFields(status=TaskStatus.RESTARTING.value, fail_count=0, started_at=now)
-            async with self.repo.transaction():
-                fields = InstanceFields(
-                    status=InstanceStatus.RUNNING.value if over else None, next_run_at=self._now_ms()
-                )
-                changed = await self.repo.update_workflow_instances(
-                    InstanceWhere(ids=(instance_id,), status_in=(record.status,)), fields
-                )
-                if changed == 0:
-                    raise InvalidStateError(f"workflow instance {instance_id} changed meanwhile")
-                await self.repo.update_task_instances(
-                    TaskWhere(workflow_instance_id=instance_id, task_type_in=reset), restart
-                )
-                if over:
-                    await self.repo.update_task_instances(
-                        TaskWhere(workflow_instance_id=instance_id, status_in=(TaskStatus.CANCELED.value,)),
-                        restart,
-                    )
-            logger.info(
-                "restarted node %s of workflow instance %s",
-                task_type,
-                instance_id,
-                extra={"instance_id": instance_id, "task_type": task_type, "status": "restarting"},
+        new_context = None
+        if workflow_context is not None:
+            new_context = _context_dict(workflow_context, "workflow_context")
+        _check_timeout(timeout)
+        definition = await self._holding(
+            instance_id,
+            timeout,
+            lambda: self._restart_node(instance_id, task_type, force, new_context, clear_event),
+        )
+        logger.info(
+            "restarted node %s of workflow instance %s",
+            task_type,
+            instance_id,
+            extra={"instance_id": instance_id, "task_type": task_type, "status": "restarting"},
+        )
+        if run:
+            return await self._run(instance_id)
+        self._announce_due(instance_id)
+        return WorkflowInstance.from_record(await self._get(instance_id), definition)
+
+    async def _restart_node(
+        self,
+        instance_id: int,
+        task_type: str,
+        force: bool,
+        new_context: dict[str, Any] | None,
+        clear_event: bool,
+    ) -> WorkflowDefinition:
+        state = await self.repo.load_instance_state(instance_id)
+        if state is None:
+            raise InstanceNotFoundError(f"workflow instance {instance_id} not found")
+        record, rows = state
+        definition = self.registry.get_workflow_definition(record.workflow_type)
+        if definition.get_node(task_type) is None:
+            raise ParamInvalidError(f"workflow type {record.workflow_type!r} has no node {task_type!r}")
+        over = is_over_instance_status(record.status)
+        if over and not force:
+            raise InvalidStateError(
+                f"workflow instance {instance_id} is {record.status}; pass force=True to restart it"
             )
-            if run:
-                return await self._run(instance_id)
-            self._announce_due(instance_id)
-            return WorkflowInstance.from_record(await self._get(instance_id), definition)
+        reset = (task_type, *definition.descendants(task_type))
+        restart = TaskFields(
+            status=TaskStatus.RESTARTING.value, fail_count=0, started_at=int(self.clock.time())
+        )
+        row = next((r for r in rows if r.task_type == task_type), None)
+        async with self.repo.transaction():
+            fields = InstanceFields(
+                status=InstanceStatus.RUNNING.value if over else None,
+                workflow_context=new_context,
+                next_run_at=self._now_ms(),
+            )
+            changed = await self.repo.update_workflow_instances(
+                InstanceWhere(ids=(instance_id,), status_in=(record.status,)), fields
+            )
+            if changed == 0:
+                raise InvalidStateError(f"workflow instance {instance_id} changed meanwhile")
+            await self.repo.update_task_instances(
+                TaskWhere(workflow_instance_id=instance_id, task_type_in=reset), restart
+            )
+            if over:
+                await self.repo.update_task_instances(
+                    TaskWhere(workflow_instance_id=instance_id, status_in=(TaskStatus.CANCELED.value,)),
+                    restart,
+                )
+            if clear_event and row is not None and NODE_EVENT in row.node_context:
+                kept = {k: v for k, v in row.node_context.items() if k != NODE_EVENT}
+                await self.repo.update_task_instances(
+                    TaskWhere(workflow_instance_id=instance_id, task_type_in=(task_type,)),
+                    TaskFields(node_context=kept),
+                )
+        return definition
 
     async def restart_workflow_instance(
         self, instance_id: int, *, context: Mapping[str, Any] | JSONContext | None = None, run: bool = False

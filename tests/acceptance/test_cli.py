@@ -172,6 +172,58 @@ def test_restart(db_url: str, instances: Instances, tmp_path: pathlib.Path) -> N
     assert_clean_error(call_cli("restart", "777777", "--db", db_url, cwd=tmp_path), 1, "777777 not found")
 
 
+def test_restart_node_with_context_and_clear_event(
+    db_url: str, instances: Instances, tmp_path: pathlib.Path
+) -> None:
+    def show(instance_id: int) -> dict[str, object]:
+        out = call_cli("show", str(instance_id), "--json", "--db", db_url, cwd=tmp_path)
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    approval = {t["task_type"]: t for t in show(instances.failed)["task_instances"]}["manager_approval"]
+    assert "node_event" in approval["node_context"]  # the rejection
+    restarted = call_cli(
+        "restart",
+        str(instances.failed),
+        "--node",
+        "manager_approval",
+        "--force",
+        "--clear-event",
+        "--context",
+        '{"order_id": "o-2", "amount": 12}',
+        "--timeout",
+        "2",
+        "--db",
+        db_url,
+        cwd=tmp_path,
+    )
+    assert restarted.returncode == 0, restarted.stderr
+    assert "failed -> running" in restarted.stdout
+    shown = show(instances.failed)
+    assert shown["workflow_context"] == {"order_id": "o-2", "amount": 12}
+    nodes = {t["task_type"]: t for t in shown["task_instances"]}  # type: ignore[attr-defined]
+    assert nodes["manager_approval"]["status"] == "restarting"
+    assert "node_event" not in (nodes["manager_approval"]["node_context"] or {})
+    for flag in (["--clear-event"], ["--timeout", "1"]):
+        assert_clean_error(
+            call_cli("restart", str(instances.failed), *flag, "--db", db_url, cwd=tmp_path), 2, "--node"
+        )
+    assert_clean_error(
+        call_cli(
+            "restart",
+            str(instances.waiting),
+            "--node",
+            "manager_approval",
+            "--context",
+            "[1]",
+            "--db",
+            db_url,
+            cwd=tmp_path,
+        ),
+        2,
+        "JSON object",
+    )
+
+
 def test_event(db_url: str, instances: Instances, tmp_path: pathlib.Path) -> None:
     content = '{"approved": true, "by": "cli"}'
     sent = call_cli(
