@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from .._json_depth import MAX_JSON_DEPTH, check_json_depth
@@ -57,6 +58,7 @@ from ..status import (
 )
 from ..store.protocol import WorkflowRepo
 from .observers import ObserverSet, WorkflowObserver
+from .retention import PURGEABLE_STATUSES, purge_request
 from .rules import SchedulePolicy
 from .runner import PassRunner, StallWarnings, active_passes
 
@@ -577,6 +579,30 @@ class WorkflowService:
                 return await self._run(instance_id)
             self._announce_due(instance_id)
             return WorkflowInstance.from_record(await self._get(instance_id), definition)
+
+    # ------------------------------------------------------------------ retention
+
+    async def purge_workflow_instances(
+        self,
+        *,
+        older_than: float | timedelta,
+        statuses: Iterable[str] = PURGEABLE_STATUSES,
+        workflow_types: Iterable[str] | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Delete terminal instances last updated more than ``older_than`` (seconds or ``timedelta``)
+        ago, with all their node rows; returns how many. ``statuses`` may only name terminal ones
+        (else ``ParamInvalidError``); ``workflow_types`` narrows it, ``limit`` caps the count. Rows go
+        in batches of 500, one short transaction each."""
+        request = purge_request(self.clock.time(), older_than, statuses, workflow_types, limit)
+        deleted = await self.repo.purge_workflow_instances(
+            updated_before=request.updated_before,
+            statuses=request.statuses,
+            workflow_types=request.workflow_types,
+            limit=request.limit,
+        )
+        logger.info("purged %s workflow instance(s)", deleted, extra={"count": deleted})
+        return deleted
 
     # ------------------------------------------------------------------ queries
 
