@@ -19,6 +19,7 @@ from typing import Any
 
 from .._text import inert, inert_lines
 from .._urls import scrub_secrets
+from ..engine.retention import PURGEABLE_STATUSES
 from ..errors import (
     AsyncflowError,
     ConfigError,
@@ -34,6 +35,7 @@ from ..status import InstanceStatus
 from .backend import DB_ENV, DEFAULT_DB_URL, REDIS_ENV, CLIError, resolve_db_url, resolve_redis_url
 from .logjson import JSONFormatter
 from .metrics import metrics_address
+from .purge import cmd_purge, duration
 
 __all__ = ["build_parser", "main"]
 
@@ -158,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = add("cancel", "cancel an instance and its unfinished nodes")
     cancel.add_argument("id", type=_positive_int, metavar="ID")
+
+    purge = add(
+        "purge", "delete finished instances (and their nodes) last updated longer ago than --older-than"
+    )
+    purge.add_argument(
+        "--older-than", type=duration, required=True, metavar="AGE", help="e.g. 30d, 12h, 90m or seconds"
+    )
+    purge.add_argument(
+        "--status",
+        action="append",
+        choices=list(PURGEABLE_STATUSES),
+        help="status (repeatable; default: all)",
+    )
+    purge.add_argument("--type", action="append", metavar="TYPE", help="workflow type (repeatable)")
+    purge.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
 
     restart = add("restart", "restart a failed/canceled instance, or one node and its descendants")
     restart.add_argument("id", type=_positive_int, metavar="ID")
@@ -293,6 +310,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from .dashboard import run_dashboard
 
         return await run_dashboard(args)
+    if args.command == "purge":
+        return await cmd_purge(args)
     from .commands import COMMANDS
 
     return await COMMANDS[args.command](args)

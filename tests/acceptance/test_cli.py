@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -320,3 +321,24 @@ def test_app_option_loads_other_workflows(tmp_path: pathlib.Path) -> None:
     )
     assert_clean_error(run_cli("graph", "ship", "--app", "shipping", cwd=tmp_path), 2, "module:attribute")
     assert_clean_error(run_cli("graph", "ship", "--app", "shipping:af", cwd=tmp_path), 2, "Registry")
+
+
+def test_purge(db_url: str, instances: Instances, tmp_path: pathlib.Path) -> None:
+    kept = call_cli("purge", "--older-than", "1d", "--db", db_url, cwd=tmp_path)
+    assert kept.returncode == 0, kept.stderr
+    assert "purged 0 instance(s)" in kept.stdout
+    time.sleep(1.1)  # updated_at is in whole seconds
+    dry = call_cli("purge", "--older-than", "0", "--dry-run", "--db", db_url, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "would purge 2 instance(s)" in dry.stdout  # the completed and the failed one
+    gone = call_cli("purge", "--older-than", "0s", "--status", "failed", "--db", db_url, cwd=tmp_path)
+    assert gone.returncode == 0, gone.stderr
+    assert "purged 1 instance(s)" in gone.stdout
+    assert_clean_error(call_cli("show", str(instances.failed), "--db", db_url, cwd=tmp_path), 1, "not found")
+    assert call_cli("show", str(instances.completed), "--db", db_url, cwd=tmp_path).returncode == 0
+    assert_clean_error(
+        call_cli("purge", "--older-than", "0", "--status", "running", "--db", db_url, cwd=tmp_path),
+        2,
+        "running",
+    )
+    assert_clean_error(call_cli("purge", "--older-than", "30x", "--db", db_url, cwd=tmp_path), 2, "30d")
