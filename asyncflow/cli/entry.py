@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "needs asyncflow[prometheus])",
     )
     worker.add_argument(
+        "--retain",
+        type=duration,
+        metavar="AGE",
+        help="purge finished instances not updated for AGE (30d, 12h, ...) in the background",
+    )
+    worker.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="log lines as text (default) or JSON"
     )
 

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import logging
 import re
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from ..engine.retention import PURGEABLE_STATUSES, purge_request
+from ..errors import AsyncflowError
 from ..records import Pager, QueryWorkflowInstanceParams
 from ..registry import Registry
 from .backend import open_service
 
-__all__ = ["cmd_purge", "duration"]
+if TYPE_CHECKING:
+    from ..engine.service import WorkflowService
+
+__all__ = ["cmd_purge", "duration", "retaining"]
+
+logger = logging.getLogger("asyncflow.worker")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -53,3 +64,32 @@ async def cmd_purge(args: argparse.Namespace) -> int:
             last_id = page[-1].id
     print(f"would purge {count} instance(s) (dry run: nothing deleted)")
     return 0
+
+
+@contextlib.asynccontextmanager
+async def retaining(
+    svc: WorkflowService, retain: float | None, interval: float | None = None
+) -> AsyncIterator[asyncio.Task[None] | None]:
+    """While the block runs, purge finished instances older than ``retain`` seconds every ``interval``
+    (default ``retain / 10``, between 1 s and 1 h) in a task named ``asyncflow-worker-purge``; the task
+    is cancelled and awaited when the block ends. ``retain=None``: nothing runs."""
+    if retain is None:
+        yield None
+        return
+    pause = interval if interval is not None else min(max(retain / 10, 1.0), 3600.0)
+
+    async def loop() -> None:
+        while True:
+            try:
+                await svc.purge_workflow_instances(older_than=retain)  # logs what it deleted
+            except AsyncflowError as error:  # a database hiccup: try again next round
+                logger.warning("retention: purge failed: %s", error)
+            await asyncio.sleep(pause)
+
+    task = asyncio.create_task(loop(), name="asyncflow-worker-purge")
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -601,7 +601,8 @@ class WorkflowService:
             workflow_types=request.workflow_types,
             limit=request.limit,
         )
-        logger.info("purged %s workflow instance(s)", deleted, extra={"count": deleted})
+        if deleted:
+            logger.info("purged %s workflow instance(s)", deleted, extra={"count": deleted})
         return deleted
 
     # ------------------------------------------------------------------ queries
