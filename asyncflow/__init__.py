@@ -61,6 +61,7 @@ from .registry import (
     preload_workflow_definitions,
     register_workflow_task,
 )
+from .retry import RetryPolicy
 from .schedules import Schedule
 from .status import (
     END_NODE,
@@ -136,6 +137,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "ROOT_NODE",
     "RedisWorkflowLock",
     "Registry",
+    "RetryPolicy",
     "RootNodeWorker",
     "SCHEMA_VERSION",
     "SQLAlchemyWorkflowRepo",

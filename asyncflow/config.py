@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from asyncflow._json_depth import loads_json_checked
-from asyncflow.errors import ConfigError
+from asyncflow.errors import ConfigError, ParamInvalidError
+from asyncflow.retry import RetryPolicy
 
 __all__ = ["INT64_MAX", "NodeConfig", "WorkflowConfig"]
 
 #: Upper bound of ``fail_max_count`` and ``max_wait_time_ts`` (Go stores them as int64).
 INT64_MAX = 2**63 - 1
 
-_NODE_KEYS = frozenset({"id", "name", "next_nodes", "fail_max_count", "max_wait_time_ts", "join"})
+_NODE_KEYS = frozenset({"id", "name", "next_nodes", "fail_max_count", "max_wait_time_ts", "join", "retry"})
 JOINS = ("all", "any", "first")
 """The values of ``NodeConfig.join`` (0.2): when a node with several predecessors runs."""
 _WORKFLOW_KEYS = frozenset({"id", "name", "nodes"})
@@ -86,8 +87,12 @@ class NodeConfig:
 
     ``id`` is the node's task type (and worker key); ``next_nodes`` its successors (empty: it feeds the
     implicit end node); ``fail_max_count`` fails the workflow at the N-th counted failure and
-    ``max_wait_time_ts`` after that many seconds since the node started (``None`` or 0: disabled).
-    Negative values are rejected with :class:`ConfigError`. ``next_nodes`` is stored as a tuple.
+    ``max_wait_time_ts`` after that many seconds since the node started (0: disabled). ``None`` (the
+    JSON key missing or ``null``) leaves ``fail_max_count`` unset, so the service's
+    ``default_fail_max_count`` applies; ``0`` means no limit whatever the default. ``retry`` (a
+    :class:`~asyncflow.retry.RetryPolicy`; JSON key ``"retry": {"initial_interval": 5, ...}``) replaces
+    the service's back-off for this node. Bad values raise :class:`ConfigError`. ``next_nodes`` is
+    stored as a tuple.
     ``join`` (0.2) is ``"all"`` (default), ``"any"`` or ``"first"``: when the node runs once its
     predecessors are done (README "Branches and joins"); anything else raises :class:`ConfigError`.
     """
@@ -98,6 +103,7 @@ class NodeConfig:
     fail_max_count: int | None = None
     max_wait_time_ts: int | None = None
     join: str = "all"
+    retry: RetryPolicy | None = None
 
     def __post_init__(self) -> None:
         self._check(workflow=None, index=None)
@@ -122,9 +128,20 @@ class NodeConfig:
             problem = count_problem(self.max_wait_time_ts, "max_wait_time_ts")
         if problem is None and self.join not in JOINS:
             problem = f"join must be one of {', '.join(map(repr, JOINS))}, got {self.join!r}"
+        if problem is None and self.retry is not None and not isinstance(self.retry, RetryPolicy):
+            problem = self._parse_retry()
         if problem is not None:
             raise _fail(problem, workflow=workflow, node=ref, node_id=node_id)
         object.__setattr__(self, "next_nodes", nexts)
+
+    def _parse_retry(self) -> str | None:
+        if not isinstance(self.retry, Mapping):
+            return f"retry must be a RetryPolicy or an object, got {type(self.retry).__name__} {self.retry!r}"
+        try:
+            object.__setattr__(self, "retry", RetryPolicy.from_dict(self.retry))
+        except ParamInvalidError as exc:
+            return str(exc).replace("RetryPolicy.", "retry.")
+        return None
 
     @classmethod
     def from_dict(
@@ -163,7 +180,7 @@ class NodeConfig:
             "fail_max_count": self.fail_max_count,
             "max_wait_time_ts": self.max_wait_time_ts,
             **({"join": self.join} if self.join != "all" else {}),  # Go's shape when not used
-        }
+        } | ({} if self.retry is None else {"retry": self.retry.to_dict()})
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from asyncflow._text import dot_text, mermaid_text
 from asyncflow.config import JOINS, WorkflowConfig, count_problem
 from asyncflow.errors import ConfigError, TaskWorkerNotFoundError
+from asyncflow.retry import RetryPolicy
 from asyncflow.status import END_NODE, END_NODE_NAME, ROOT_NODE, ROOT_NODE_NAME
 from asyncflow.worker import EndNodeWorker, RootNodeWorker, TaskWorker, worker_has_wait_check
 
@@ -78,16 +79,19 @@ class NodeDefinition:
     """One node of a built workflow: its config, its edges and its worker.
 
     ``pre_nodes`` and ``next_nodes`` are task types in config order (``root``/``end`` included where
-    they apply). ``fail_max_count`` and ``max_wait_time_ts`` are 0 when disabled (``None`` becomes 0;
-    negative values raise :class:`ConfigError`). ``has_wait_check`` is
+    they apply). ``max_wait_time_ts`` is 0 when disabled (``None`` becomes 0); ``fail_max_count`` is 0
+    for no limit and ``None`` when the config leaves it unset (the service's ``default_fail_max_count``
+    applies); negative values raise :class:`ConfigError`. ``retry`` is the node's own back-off
+    (``None``: the service's). ``has_wait_check`` is
     :func:`~asyncflow.worker.worker_has_wait_check` of the worker, computed once. Treat the lists as
     read-only: definitions are cached and shared.
     """
 
     task_type: str
     task_name: str = ""
-    fail_max_count: int = 0
+    fail_max_count: int | None = 0
     max_wait_time_ts: int = 0
+    retry: RetryPolicy | None = None
     pre_nodes: list[str] = field(default_factory=list)
     next_nodes: list[str] = field(default_factory=list)
     join: str = "all"
@@ -97,9 +101,14 @@ class NodeDefinition:
     def __post_init__(self) -> None:
         if not isinstance(self.task_type, str) or not self.task_type:
             raise ConfigError(f"node task_type must be a non-empty string, got {self.task_type!r}")
-        object.__setattr__(
-            self, "fail_max_count", _check_count(self.fail_max_count, "fail_max_count", self.task_type)
-        )
+        if self.fail_max_count is not None:
+            object.__setattr__(
+                self, "fail_max_count", _check_count(self.fail_max_count, "fail_max_count", self.task_type)
+            )
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
+            raise ConfigError(
+                f"node {self.task_type!r}: retry must be a RetryPolicy", nodes=(self.task_type,)
+            )
         object.__setattr__(
             self, "max_wait_time_ts", _check_count(self.max_wait_time_ts, "max_wait_time_ts", self.task_type)
         )
@@ -396,8 +405,9 @@ def build_definition(config: WorkflowConfig, resolve_worker: WorkerResolver) -> 
             NodeDefinition(
                 task_type=cfg.id,
                 task_name=cfg.name,
-                fail_max_count=cfg.fail_max_count or 0,
+                fail_max_count=cfg.fail_max_count,
                 max_wait_time_ts=cfg.max_wait_time_ts or 0,
+                retry=cfg.retry,
                 pre_nodes=[ids[p] for p in graph.pred[i]] or [ROOT_NODE],
                 next_nodes=list(cfg.next_nodes) or [END_NODE],
                 join=cfg.join,

@@ -35,10 +35,10 @@ from typing import Any
 from ._driver_config import DriverConfig, DriverStats, bounded, merge_config, seconds, wait_for_wake
 from ._schedule_firer import ScheduleFirer
 from .clock import SystemClock
-from .engine.rules import SchedulePolicy
 from .engine.service import WorkflowService
 from .errors import AsyncflowError, InvalidStateError, LockFailedError, ParamInvalidError, is_serious_error
 from .records import InstanceFields, InstanceWhere
+from .retry import RetryPolicy
 from .status import RUNNABLE_INSTANCE_STATUSES
 from .store.protocol import DueListener, ListensDue
 
@@ -94,10 +94,10 @@ class WorkflowDriver:
         self._refill = max(1, self._batch // 8)
         lease = config.claim_lease if config.claim_lease is not None else service.lock_ttl
         self._lease_ms = max(1, int(lease * 1000))
-        self._backoff = SchedulePolicy(
-            retry_base=config.error_backoff_base,
-            retry_max=config.error_backoff_max,
-            retry_jitter=config.error_backoff_jitter,
+        self._backoff = RetryPolicy(
+            initial_interval=config.error_backoff_base,
+            max_interval=config.error_backoff_max,
+            jitter=config.error_backoff_jitter,
         )
         self._stats = DriverStats()
         self._inflight: dict[int, asyncio.Task[None]] = {}
@@ -296,7 +296,7 @@ class WorkflowDriver:
                 else:  # not the repo's own error type: keep going, but with the traceback
                     logger.error("claiming due instances failed unexpectedly: %r", exc, exc_info=exc)
                 query = True
-                await self._wait(min(self._backoff.retry_delay(errors), max(self.config.poll_interval, 5.0)))
+                await self._wait(min(self._backoff.delay(errors), max(self.config.poll_interval, 5.0)))
                 continue
             errors = 0
             now = self._now_ms()
@@ -452,7 +452,7 @@ class WorkflowDriver:
         self._failures[instance_id] = count
         while len(self._failures) > _FAILURE_MEMORY:
             self._failures.popitem(last=False)
-        due = self._now_ms() + int(self._backoff.retry_delay(count) * 1000)
+        due = self._now_ms() + int(self._backoff.delay(count) * 1000)
         try:
             await self.service.repo.update_workflow_instances(
                 InstanceWhere(ids=(instance_id,), status_in=_ACTIVE), InstanceFields(next_run_at=due)

@@ -22,6 +22,7 @@ from ..lock.local import LocalWorkflowLock
 from ..lock.protocol import WorkflowLock
 from ..lock.redis import RedisWorkflowLock
 from ..registry import Registry
+from ..retry import RetryPolicy
 from ..store.sqlalchemy import SQLAlchemyWorkflowRepo
 
 __all__ = [
@@ -135,6 +136,7 @@ async def open_service(
     *,
     create_file: bool = False,
     schedule: SchedulePolicy | None = None,
+    retry: RetryPolicy | None = None,
 ) -> AsyncIterator[WorkflowService]:
     """A service on the resolved database and lock, closed afterwards.
 
@@ -168,7 +170,7 @@ async def open_service(
         try:
             if isinstance(lock, RedisWorkflowLock) and redis_url is not None:
                 await _ping(lock, redis_url)
-            yield WorkflowService(repo, lock, registry, schedule=schedule)
+            yield WorkflowService(repo, lock, registry, schedule=schedule, retry=retry)
         except StoreError as error:
             raise CLIError(describe_store_error(error, url), 1) from error
         finally:

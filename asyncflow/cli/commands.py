@@ -236,9 +236,18 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ restart
 
 
-async def _restart_node(svc: WorkflowService, args: argparse.Namespace) -> WorkflowInstance:
+async def _restart_node(
+    svc: WorkflowService, args: argparse.Namespace, context: dict[str, Any] | None
+) -> WorkflowInstance:
     try:
-        return await svc.restart_workflow_node(args.id, args.node, force=args.force)
+        return await svc.restart_workflow_node(
+            args.id,
+            args.node,
+            force=args.force,
+            workflow_context=context,
+            clear_event=args.clear_event,
+            timeout=10.0 if args.timeout is None else args.timeout,
+        )
     except InvalidStateError as error:
         if args.force or "force=True" not in str(error):
             raise
@@ -252,8 +261,9 @@ async def cmd_restart(args: argparse.Namespace) -> int:
     """Restart a node (and its descendants) or a failed/canceled instance."""
     if args.force and not args.node:
         raise CLIError("--force applies to a node restart: add --node TASK_TYPE", 2)
-    if args.context is not None and args.node:
-        raise CLIError("--context applies to an instance restart (without --node)", 2)
+    for flag, given in (("--clear-event", args.clear_event), ("--timeout", args.timeout is not None)):
+        if given and not args.node:
+            raise CLIError(f"{flag} applies to a node restart: add --node TASK_TYPE", 2)
     context = _parse_json(args.context, "--context")
     if context is not None and not isinstance(context, dict):
         raise CLIError("--context must be a JSON object", 2)
@@ -263,7 +273,7 @@ async def cmd_restart(args: argparse.Namespace) -> int:
         if not registry.has_workflow(before.workflow_type):
             raise _not_loaded(before.workflow_type)
         if args.node:
-            inst = await _restart_node(svc, args)
+            inst = await _restart_node(svc, args, context)
             what = f"node {args.node} and its descendants restarted"
         elif before.status == "completed":
             raise CLIError(

@@ -19,6 +19,7 @@ from typing import Any
 
 from .._text import inert, inert_lines
 from .._urls import scrub_secrets
+from ..engine.retention import PURGEABLE_STATUSES
 from ..errors import (
     AsyncflowError,
     ConfigError,
@@ -34,6 +35,7 @@ from ..status import InstanceStatus
 from .backend import DB_ENV, DEFAULT_DB_URL, REDIS_ENV, CLIError, resolve_db_url, resolve_redis_url
 from .logjson import JSONFormatter
 from .metrics import metrics_address
+from .purge import cmd_purge, duration
 
 __all__ = ["build_parser", "main"]
 
@@ -135,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "needs asyncflow[prometheus])",
     )
     worker.add_argument(
+        "--retain",
+        type=duration,
+        metavar="AGE",
+        help="purge finished instances not updated for AGE (30d, 12h, ...) in the background",
+    )
+    worker.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="log lines as text (default) or JSON"
     )
 
@@ -159,11 +167,34 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = add("cancel", "cancel an instance and its unfinished nodes")
     cancel.add_argument("id", type=_positive_int, metavar="ID")
 
+    purge = add(
+        "purge", "delete finished instances (and their nodes) last updated longer ago than --older-than"
+    )
+    purge.add_argument(
+        "--older-than", type=duration, required=True, metavar="AGE", help="e.g. 30d, 12h, 90m or seconds"
+    )
+    purge.add_argument(
+        "--status",
+        action="append",
+        choices=list(PURGEABLE_STATUSES),
+        help="status (repeatable; default: all)",
+    )
+    purge.add_argument("--type", action="append", metavar="TYPE", help="workflow type (repeatable)")
+    purge.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+
     restart = add("restart", "restart a failed/canceled instance, or one node and its descendants")
     restart.add_argument("id", type=_positive_int, metavar="ID")
     restart.add_argument("--node", metavar="TASK_TYPE", help="restart this node and everything after it")
     restart.add_argument("--force", action="store_true", help="with --node: also when the instance is over")
-    restart.add_argument("--context", metavar="JSON", help="new workflow context (instance restart only)")
+    restart.add_argument("--context", metavar="JSON", help="new workflow context (a JSON object)")
+    restart.add_argument(
+        "--clear-event",
+        action="store_true",
+        help="with --node: drop the node's stored event (it waits for a new one)",
+    )
+    restart.add_argument(
+        "--timeout", type=_seconds, help="with --node: seconds to wait for a busy instance (default 10)"
+    )
     restart.add_argument("--app", metavar="APP", help="module:attribute that loads the workflow definitions")
 
     event = add("event", "store an external event on a node (it wakes the instance)")
@@ -320,6 +351,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from .starting import cmd_schedules, cmd_start
 
         return await (cmd_start if args.command == "start" else cmd_schedules)(args)
+    if args.command == "purge":
+        return await cmd_purge(args)
     from .commands import COMMANDS
 
     return await COMMANDS[args.command](args)

@@ -25,6 +25,7 @@ from ..store.sqlalchemy import SQLAlchemyWorkflowRepo
 from .app import load_app
 from .backend import open_service, redact
 from .metrics import serve_metrics
+from .purge import retaining
 
 __all__ = ["run_worker"]
 
@@ -117,7 +118,11 @@ async def run_worker(args: argparse.Namespace) -> int:
         installed = _install_signals(stop, now)
         logger.info("asyncflow worker started: %s", _describe(svc, args))
         try:
-            async with serve_metrics(driver, getattr(args, "metrics_port", None)), driver:
+            async with (
+                serve_metrics(driver, getattr(args, "metrics_port", None)),
+                driver,
+                retaining(svc, getattr(args, "retain", None)),
+            ):
                 await stop.wait()
                 await _stop(driver, args.grace, now)
         finally:

@@ -25,6 +25,7 @@ from ..engine.rules import SchedulePolicy
 from ..engine.service import WorkflowService
 from ..errors import InvalidStateError, LockFailedError, TaskInstanceNotFoundError
 from ..records import NodeExternalEvent, QueryWorkflowInstanceParams
+from ..retry import RetryPolicy
 from ..status import TERMINAL_STATUSES, InstanceStatus
 from . import order
 from .order import APPROVAL_LIMIT, WORKFLOW_TYPE, ApprovalDesk, make_registry, sample_order
@@ -33,7 +34,8 @@ __all__ = ["DemoResult", "run_demo", "run_demo_command"]
 
 logger = logging.getLogger(__name__)
 
-DEMO_SCHEDULE = SchedulePolicy(poll_interval=0.1, retry_base=0.1, retry_max=1.0)
+DEMO_SCHEDULE = SchedulePolicy(poll_interval=0.1)
+DEMO_RETRY = RetryPolicy(initial_interval=0.1, max_interval=1.0)
 _STATUSES = [s.value for s in InstanceStatus]
 _TERMINAL = TERMINAL_STATUSES
 _MANAGERS = 32  # approvals decided at once
@@ -260,7 +262,7 @@ async def run_demo_command(args: argparse.Namespace) -> int:
         engine_logger.propagate = False
     try:
         async with open_service(
-            args.db, args.redis, registry, create_file=True, schedule=DEMO_SCHEDULE
+            args.db, args.redis, registry, create_file=True, schedule=DEMO_SCHEDULE, retry=DEMO_RETRY
         ) as svc:
             await svc.repo.create_schema()
             out.write(f"asyncflow demo: {args.n} orders of {WORKFLOW_TYPE!r} on {redact(url)}\n")

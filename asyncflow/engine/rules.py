@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,7 @@ from ..errors import (
     TaskNotReady,
     find_in_chain,
 )
+from ..retry import RetryPolicy
 from ..status import (
     END_NODE,
     NODE_EVENT,
@@ -180,34 +182,54 @@ def build_node_context(
 class SchedulePolicy:
     """When the driver should next look at an instance after a pass.
 
-    ``poll_interval``: seconds before a node that is not ready (or pending) is checked again.
-    Retryable failures back off exponentially: ``retry_base * 2 ** (fail_count - 1)`` seconds, capped
-    at ``retry_max``, with ``±retry_jitter`` relative jitter.
+    ``poll_interval``: seconds before a node that is not ready (or pending) is checked again. Retry
+    back-off is :class:`~asyncflow.retry.RetryPolicy` (``WorkflowService(retry=...)`` or a node's
+    ``retry``). ``retry_base``/``retry_max``/``retry_jitter`` are deprecated (0.2; removed in 0.3): they
+    warn and become :attr:`legacy_retry`, which a service uses when it is given no ``retry``.
     """
 
     poll_interval: float = 1.0
-    retry_base: float = 1.0
-    retry_max: float = 60.0
-    retry_jitter: float = 0.1
+    retry_base: float | None = None
+    retry_max: float | None = None
+    retry_jitter: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("poll_interval", "retry_base", "retry_max", "retry_jitter"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ParamInvalidError(f"SchedulePolicy.{name} must be a finite number, got {value!r}")
-            if value < 0:
-                raise ParamInvalidError(f"SchedulePolicy.{name} must not be negative, got {value}")
-        if self.retry_jitter >= 1:
-            raise ParamInvalidError("SchedulePolicy.retry_jitter must be below 1")
+        value = self.poll_interval
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ParamInvalidError(f"SchedulePolicy.poll_interval must be a finite number, got {value!r}")
+        if value < 0:
+            raise ParamInvalidError(f"SchedulePolicy.poll_interval must not be negative, got {value}")
+        if self.legacy_retry is not None:
+            warnings.warn(
+                "SchedulePolicy retry_base/retry_max/retry_jitter are deprecated: use "
+                "WorkflowService(retry=RetryPolicy(initial_interval=..., max_interval=..., jitter=...))",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def legacy_retry(self) -> RetryPolicy | None:
+        """The deprecated retry fields as a :class:`RetryPolicy` (``None`` when none is set)."""
+        if self.retry_base is None and self.retry_max is None and self.retry_jitter is None:
+            return None
+        defaults = RetryPolicy()
+        try:
+            return RetryPolicy(
+                initial_interval=defaults.initial_interval if self.retry_base is None else self.retry_base,
+                max_interval=defaults.max_interval if self.retry_max is None else self.retry_max,
+                jitter=defaults.jitter if self.retry_jitter is None else self.retry_jitter,
+            )
+        except ParamInvalidError as exc:
+            raise ParamInvalidError(str(exc).replace("RetryPolicy.", "SchedulePolicy (retry) ")) from None
 
     def retry_delay(self, fail_count: int, rng: random.Random | None = None) -> float:
-        """Back-off in seconds after the ``fail_count``-th consecutive counted failure."""
-        exponent = min(max(fail_count - 1, 0), 62)
-        delay = min(self.retry_base * (2.0**exponent), self.retry_max)
-        if self.retry_jitter:
-            spread = (rng or random).uniform(-self.retry_jitter, self.retry_jitter)
-            delay = min(delay * (1.0 + spread), self.retry_max)
-        return max(delay, 0.0)
+        """Deprecated: :meth:`RetryPolicy.delay` of :attr:`legacy_retry` (or the default policy)."""
+        warnings.warn(
+            "SchedulePolicy.retry_delay is deprecated: use RetryPolicy.delay",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return (self.legacy_retry or RetryPolicy()).delay(fail_count, rng)
 
 
 # ---------------------------------------------------------------------------- branches and joins

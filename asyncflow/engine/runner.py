@@ -58,9 +58,9 @@ if TYPE_CHECKING:
     from ..clock import Clock
     from ..definition import NodeDefinition, WorkflowDefinition
     from ..lock.protocol import LockLease
+    from ..retry import RetryPolicy
     from ..store.protocol import WorkflowRepo
     from .observers import ObserverSet
-    from .rules import SchedulePolicy
 
 __all__ = ["PassRunner", "StallWarnings", "active_passes", "run_shielded"]
 
@@ -150,7 +150,8 @@ class PassRunner:
         instance: WorkflowInstanceRecord,
         definition: WorkflowDefinition,
         rows: list[TaskInstanceRecord],
-        schedule: SchedulePolicy,
+        retry: RetryPolicy,
+        default_fail_max_count: int | None,
         wait_interval: float,
         branch_concurrency: int,
         stalls: StallWarnings | None = None,
@@ -162,7 +163,8 @@ class PassRunner:
         self._instance = instance
         self._definition = definition
         self._rows: dict[str, TaskInstanceRecord] = {row.task_type: row for row in rows}
-        self._schedule = schedule
+        self._retry = retry
+        self._default_fail_max_count = default_fail_max_count
         self._wait_interval = wait_interval
         self._slots = asyncio.Semaphore(branch_concurrency)
         self._status = instance.status
@@ -420,7 +422,9 @@ class PassRunner:
         decision = classify_failure(
             exc,
             fail_count=fail_count,
-            fail_max_count=node.fail_max_count,
+            fail_max_count=(
+                node.fail_max_count if node.fail_max_count is not None else self._default_fail_max_count or 0
+            ),
             max_wait_time_ts=node.max_wait_time_ts,
             started_at=started_at,
             now=int(now),
@@ -440,7 +444,7 @@ class PassRunner:
             self._deferred[node.task_type] = _write_for(
                 node.task_type, row, status, context, fail_count + 1, started_at
             )
-            self._delays.append(self._schedule.retry_delay(fail_count + 1))
+            self._delays.append((node.retry or self._retry).delay(fail_count + 1))
             return False
         if outcome is Outcome.CONTINUE:
             try:

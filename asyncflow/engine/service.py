@@ -12,12 +12,13 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from .._json_depth import MAX_JSON_DEPTH, check_json_depth
 from ..clock import SYSTEM_CLOCK, Clock
+from ..config import count_problem
 from ..context import INT64_MAX, INT64_MIN, JSONContext
 from ..definition import WorkflowDefinition
 from ..errors import (
@@ -48,6 +49,7 @@ from ..records import (
     WorkflowInstanceRecord,
 )
 from ..registry import Registry, default_registry
+from ..retry import RetryPolicy
 from ..status import (
     NODE_EVENT,
     RUNNABLE_INSTANCE_STATUSES,
@@ -59,6 +61,7 @@ from ..status import (
 from ..store.protocol import WorkflowRepo
 from ._starting import UniqueFlights, check_unique, session_scope, start_ms
 from .observers import ObserverSet, WorkflowObserver
+from .retention import PURGEABLE_STATUSES, purge_request
 from .rules import SchedulePolicy
 from .runner import PassRunner, StallWarnings, active_passes
 from .waiting import Waiters
@@ -66,6 +69,8 @@ from .waiting import Waiters
 __all__ = ["WorkflowService", "lock_key"]
 
 logger = logging.getLogger("asyncflow.engine")
+
+_T = TypeVar("_T")
 
 _NON_TERMINAL_TASK = (
     TaskStatus.INIT.value,
@@ -88,6 +93,11 @@ def _check_id(instance_id: object, name: str = "instance_id") -> int:
     return instance_id
 
 
+def _check_timeout(timeout: object) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
+        raise ParamInvalidError(f"timeout must be a number of seconds or None, got {timeout!r}")
+
+
 def _context_dict(context: object, name: str) -> dict[str, Any]:
     if context is None:
         return {}
@@ -105,7 +115,9 @@ class WorkflowService:
 
     ``repo`` stores instances and nodes; ``lock`` keeps one runner per instance (leases of
     ``lock_ttl`` seconds, renewed while held). ``schedule`` decides when the driver looks at an instance
-    again after a pass; ``branch_concurrency`` bounds the nodes of one instance run at once in a pass.
+    again after a pass; ``retry`` is the back-off of retryable failures (a node's own ``retry``
+    replaces it) and ``default_fail_max_count`` the ``fail_max_count`` of nodes whose config leaves it
+    unset (``None``: no limit); ``branch_concurrency`` bounds the nodes of one instance run at once in a pass.
     ``observers`` (:class:`~asyncflow.engine.observers.WorkflowObserver`) are told about instances and
     node attempts; :meth:`aclose` waits for their async calls still running.
     """
@@ -118,6 +130,8 @@ class WorkflowService:
         *,
         lock_ttl: float = 30.0,
         schedule: SchedulePolicy | None = None,
+        retry: RetryPolicy | None = None,
+        default_fail_max_count: int | None = None,
         branch_concurrency: int = 16,
         clock: Clock | None = None,
         observers: Iterable[WorkflowObserver] = (),
@@ -133,11 +147,18 @@ class WorkflowService:
             raise ParamInvalidError(f"branch_concurrency must be an int, got {branch_concurrency!r}")
         if branch_concurrency < 1:
             raise ParamInvalidError(f"branch_concurrency must be at least 1, got {branch_concurrency}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ParamInvalidError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        problem = count_problem(default_fail_max_count, "default_fail_max_count")
+        if problem is not None:
+            raise ParamInvalidError(problem)
         self.repo = repo
         self.lock = lock
         self.registry = registry
         self.lock_ttl = float(lock_ttl)
         self.schedule = schedule or SchedulePolicy()
+        self.retry = retry or self.schedule.legacy_retry or RetryPolicy()
+        self.default_fail_max_count = default_fail_max_count
         self.branch_concurrency = branch_concurrency
         self.clock: Clock = clock or SYSTEM_CLOCK
         self._due_listeners: list[Callable[[int], None]] = []
@@ -335,7 +356,8 @@ class WorkflowService:
                 instance=instance,
                 definition=definition,
                 rows=rows,
-                schedule=self.schedule,
+                retry=self.retry,
+                default_fail_max_count=self.default_fail_max_count,
                 wait_interval=self.schedule.poll_interval if wait_interval is None else wait_interval,
                 branch_concurrency=self.branch_concurrency,
                 stalls=self._stalls,
@@ -420,16 +442,23 @@ class WorkflowService:
         if not INT64_MIN <= event.event_ts <= INT64_MAX:  # the stored version is read back as an int64
             raise ParamInvalidError(f"event_ts must fit in 64 bits (signed), got {event.event_ts!r}")
         check_json_depth(event.event_content, "event_content", limit=MAX_JSON_DEPTH)
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
-            raise ParamInvalidError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        _check_timeout(timeout)
+        await self._holding(instance_id, timeout, lambda: self._store_event(instance_id, task_type, event))
+        self._announce_due(instance_id)
+
+    async def _holding(
+        self,
+        instance_id: int,
+        timeout: float | None,  # noqa: ASYNC109 - seconds to wait for the instance lock
+        operation: Callable[[], Awaitable[_T]],
+    ) -> _T:
+        """``operation()`` under the instance lock; a busy lock is retried until ``timeout`` runs out."""
         deadline = None if timeout is None else self.clock.monotonic() + max(0.0, float(timeout))
         delay = 0.005
         while True:
             try:
                 async with self.lock.hold(lock_key(instance_id), self.lock_ttl):
-                    await self._store_event(instance_id, task_type, event)
-                self._announce_due(instance_id)
-                return
+                    return await operation()
             except LockFailedError:
                 if deadline is None or self.clock.monotonic() >= deadline:
                     raise
@@ -489,57 +518,100 @@ class WorkflowService:
             ) from exc
 
     async def restart_workflow_node(
-        self, instance_id: int, task_type: str, *, force: bool = False, run: bool = False
+        self,
+        instance_id: int,
+        task_type: str,
+        *,
+        force: bool = False,
+        run: bool = False,
+        workflow_context: Mapping[str, Any] | JSONContext | None = None,
+        clear_event: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - API.md: seconds to wait for the instance lock
     ) -> WorkflowInstance:
         """Reset the node and every descendant that has a row to ``restarting`` (one transaction).
 
         Fail counts go to 0 and timeout clocks restart. A terminal instance needs ``force=True`` (it
         becomes ``running``, and nodes its failure or cancel had canceled are restarted too), else
-        ``InvalidStateError``. ``run=True`` runs a pass before returning.
+        ``InvalidStateError``. ``workflow_context``, if given, replaces the instance's workflow context
+        in the same transaction (restarted nodes rebuild their contexts from it); ``clear_event=True``
+        drops the node's stored ``node_event`` so it waits for a new one. A busy instance lock raises
+        ``LockFailedError`` unless ``timeout`` gives seconds to wait for it. ``run=True`` runs a pass
+        before returning.
         """
         _check_id(instance_id)
         if not isinstance(task_type, str) or not task_type:
             raise ParamInvalidError(f"task_type must be a non-empty str, got {task_type!r}")
-        async with self.lock.hold(lock_key(instance_id), self.lock_ttl):
-            record = await self._get(instance_id)
-            definition = self.registry.get_workflow_definition(record.workflow_type)
-            if definition.get_node(task_type) is None:
-                raise ParamInvalidError(f"workflow type {record.workflow_type!r} has no node {task_type!r}")
-            over = is_over_instance_status(record.status)
-            if over and not force:
-                raise InvalidStateError(
-                    f"workflow instance {instance_id} is {record.status}; pass force=True to restart it"
-                )
-            reset = (task_type, *definition.descendants(task_type))
-            now = int(self.clock.time())
-            restart = TaskFields(status=TaskStatus.RESTARTING.value, fail_count=0, started_at=now)
-            async with self.repo.transaction():
-                fields = InstanceFields(
-                    status=InstanceStatus.RUNNING.value if over else None, next_run_at=self._now_ms()
-                )
-                changed = await self._reopen(
-                    InstanceWhere(ids=(instance_id,), status_in=(record.status,)), fields
-                )
-                if changed == 0:
-                    raise InvalidStateError(f"workflow instance {instance_id} changed meanwhile")
-                await self.repo.update_task_instances(
-                    TaskWhere(workflow_instance_id=instance_id, task_type_in=reset), restart
-                )
-                if over:
-                    await self.repo.update_task_instances(
-                        TaskWhere(workflow_instance_id=instance_id, status_in=(TaskStatus.CANCELED.value,)),
-                        restart,
-                    )
-            logger.info(
-                "restarted node %s of workflow instance %s",
-                task_type,
-                instance_id,
-                extra={"instance_id": instance_id, "task_type": task_type, "status": "restarting"},
+        new_context = None
+        if workflow_context is not None:
+            new_context = _context_dict(workflow_context, "workflow_context")
+        _check_timeout(timeout)
+        definition = await self._holding(
+            instance_id,
+            timeout,
+            lambda: self._restart_node(instance_id, task_type, force, new_context, clear_event),
+        )
+        logger.info(
+            "restarted node %s of workflow instance %s",
+            task_type,
+            instance_id,
+            extra={"instance_id": instance_id, "task_type": task_type, "status": "restarting"},
+        )
+        if run:
+            return await self._run(instance_id)
+        self._announce_due(instance_id)
+        return WorkflowInstance.from_record(await self._get(instance_id), definition)
+
+    async def _restart_node(
+        self,
+        instance_id: int,
+        task_type: str,
+        force: bool,
+        new_context: dict[str, Any] | None,
+        clear_event: bool,
+    ) -> WorkflowDefinition:
+        state = await self.repo.load_instance_state(instance_id)
+        if state is None:
+            raise InstanceNotFoundError(f"workflow instance {instance_id} not found")
+        record, rows = state
+        definition = self.registry.get_workflow_definition(record.workflow_type)
+        if definition.get_node(task_type) is None:
+            raise ParamInvalidError(f"workflow type {record.workflow_type!r} has no node {task_type!r}")
+        over = is_over_instance_status(record.status)
+        if over and not force:
+            raise InvalidStateError(
+                f"workflow instance {instance_id} is {record.status}; pass force=True to restart it"
             )
-            if run:
-                return await self._run(instance_id)
-            self._announce_due(instance_id)
-            return WorkflowInstance.from_record(await self._get(instance_id), definition)
+        reset = (task_type, *definition.descendants(task_type))
+        restart = TaskFields(
+            status=TaskStatus.RESTARTING.value, fail_count=0, started_at=int(self.clock.time())
+        )
+        row = next((r for r in rows if r.task_type == task_type), None)
+        async with self.repo.transaction():
+            fields = InstanceFields(
+                status=InstanceStatus.RUNNING.value if over else None,
+                workflow_context=new_context,
+                next_run_at=self._now_ms(),
+            )
+            changed = await self._reopen(
+                InstanceWhere(ids=(instance_id,), status_in=(record.status,)), fields
+            )
+            if changed == 0:
+                raise InvalidStateError(f"workflow instance {instance_id} changed meanwhile")
+            await self.repo.update_task_instances(
+                TaskWhere(workflow_instance_id=instance_id, task_type_in=reset), restart
+            )
+            if over:
+                await self.repo.update_task_instances(
+                    TaskWhere(workflow_instance_id=instance_id, status_in=(TaskStatus.CANCELED.value,)),
+                    restart,
+                )
+            if clear_event and row is not None and NODE_EVENT in row.node_context:
+                kept = {k: v for k, v in row.node_context.items() if k != NODE_EVENT}
+                await self.repo.update_task_instances(
+                    TaskWhere(workflow_instance_id=instance_id, task_type_in=(task_type,)),
+                    TaskFields(node_context=kept),
+                )
+        return definition
 
     async def restart_workflow_instance(
         self, instance_id: int, *, context: Mapping[str, Any] | JSONContext | None = None, run: bool = False
@@ -586,6 +658,31 @@ class WorkflowService:
                 return await self._run(instance_id)
             self._announce_due(instance_id)
             return WorkflowInstance.from_record(await self._get(instance_id), definition)
+
+    # ------------------------------------------------------------------ retention
+
+    async def purge_workflow_instances(
+        self,
+        *,
+        older_than: float | timedelta,
+        statuses: Iterable[str] = PURGEABLE_STATUSES,
+        workflow_types: Iterable[str] | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Delete terminal instances last updated more than ``older_than`` (seconds or ``timedelta``)
+        ago, with all their node rows; returns how many. ``statuses`` may only name terminal ones
+        (else ``ParamInvalidError``); ``workflow_types`` narrows it, ``limit`` caps the count. Rows go
+        in batches of 500, one short transaction each."""
+        request = purge_request(self.clock.time(), older_than, statuses, workflow_types, limit)
+        deleted = await self.repo.purge_workflow_instances(
+            updated_before=request.updated_before,
+            statuses=request.statuses,
+            workflow_types=request.workflow_types,
+            limit=request.limit,
+        )
+        if deleted:
+            logger.info("purged %s workflow instance(s)", deleted, extra={"count": deleted})
+        return deleted
 
     # ------------------------------------------------------------------ queries
 

@@ -103,6 +103,13 @@ class State:
             task.id,
         )
 
+    def remove_instance(self, instance_id: int) -> None:
+        """Drop an instance and every node row of it."""
+        del self.instances[instance_id]
+        for task_id in self.instance_tasks.pop(instance_id, ()):
+            task = self.tasks.pop(task_id)
+            self.task_keys.pop((instance_id, task.task_type), None)
+
     def tasks_of(self, instance_id: int) -> list[Task]:
         """The node rows of one instance, ordered by id."""
         return [self.tasks[task_id] for task_id in self.instance_tasks.get(instance_id, ())]

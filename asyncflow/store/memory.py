@@ -302,6 +302,36 @@ class MemoryWorkflowRepo:
         async with self._unit() as state:
             return [row.record() for row in state.tasks_of(instance_id)]
 
+    async def purge_workflow_instances(
+        self,
+        *,
+        updated_before: int,
+        statuses: Sequence[str],
+        workflow_types: Sequence[str] | None = None,
+        limit: int | None = None,
+        batch_size: int = 500,
+    ) -> int:
+        """Delete instances in ``statuses`` last updated before ``updated_before`` (unix seconds), with
+        their node rows, at most ``batch_size`` per step (oldest ids first); returns how many."""
+        total = 0
+        while limit is None or total < limit:
+            size = batch_size if limit is None else min(batch_size, limit - total)
+            async with self._unit() as state:
+                ids = sorted(
+                    i.id
+                    for i in state.instances.values()
+                    if i.status in statuses
+                    and i.updated_at < updated_before
+                    and (workflow_types is None or i.workflow_type in workflow_types)
+                )[:size]
+                for instance_id in ids:
+                    state.remove_instance(instance_id)
+            total += len(ids)
+            if len(ids) < size:
+                break
+            await asyncio.sleep(0)  # let other calls in between batches
+        return total
+
     async def load_instance_state(
         self, instance_id: int, *, lease: bool = False
     ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:

@@ -107,6 +107,19 @@ class WorkflowRepo(Protocol):
     async def apply_step(self, step: Step) -> StepResult:
         """Apply one pass step atomically (see :class:`~asyncflow.records.Step`)."""
 
+    async def purge_workflow_instances(
+        self,
+        *,
+        updated_before: int,
+        statuses: Sequence[str],
+        workflow_types: Sequence[str] | None = None,
+        limit: int | None = None,
+        batch_size: int = 500,
+    ) -> int:
+        """Delete instances in ``statuses`` last updated before ``updated_before`` (unix seconds) with
+        their node rows, ``batch_size`` at a time (one transaction each); returns how many."""
+        ...
+
     async def claim_due_instances(
         self, *, now_ms: int, limit: int, lease_ms: int, workflow_types: Sequence[str] | None = None
     ) -> list[int]:

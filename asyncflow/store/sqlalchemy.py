@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+from sqlalchemy import delete, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -41,7 +42,7 @@ from ..records import (
 )
 from . import _prepare as prep
 from . import _statements as st
-from . import migrations
+from . import migrations, tables
 from ._backend import SqlBackend, backend_for
 from ._engine import create_engine_from_url
 from ._errors import StaleStep, StepConflict, StoreErrors
@@ -284,6 +285,38 @@ class SQLAlchemyWorkflowRepo:
             async with self._connection() as conn:
                 changed: int = (await conn.execute(stmt, params)).rowcount
                 return changed
+
+    async def purge_workflow_instances(
+        self,
+        *,
+        updated_before: int,
+        statuses: Sequence[str],
+        workflow_types: Sequence[str] | None = None,
+        limit: int | None = None,
+        batch_size: int = 500,
+    ) -> int:
+        """Delete instances in ``statuses`` last updated before ``updated_before`` (unix seconds), with
+        their node rows: at most ``batch_size`` per transaction (oldest ids first), so no lock is held
+        long; returns how many. Each batch re-checks the filter in its ``DELETE``, so an instance
+        restarted meanwhile stays."""
+        wi, ti = tables.workflow_instance, tables.task_instance
+        cond = [wi.c.status.in_(list(statuses)), wi.c.updated_at < updated_before]
+        if workflow_types is not None:
+            cond.append(wi.c.workflow_type.in_(list(workflow_types)))
+        total = 0
+        while limit is None or total < limit:
+            size = batch_size if limit is None else min(batch_size, limit - total)
+            batch = select(wi.c.id).where(*cond).order_by(wi.c.id).limit(size).scalar_subquery()
+            with StoreErrors("purge_workflow_instances"):
+                async with self._units.atomic() as conn:
+                    gone = delete(wi).where(wi.c.id.in_(batch), *cond).returning(wi.c.id)
+                    ids = list((await conn.execute(gone)).scalars())
+                    if ids:  # ON DELETE CASCADE on PostgreSQL; SQLite may run without foreign keys
+                        await conn.execute(delete(ti).where(ti.c.workflow_instance_id.in_(ids)))
+            total += len(ids)
+            if len(ids) < size:
+                break
+        return total
 
     # ----------------------------------------------------------------------------------- nodes
 

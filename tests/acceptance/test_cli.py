@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -172,6 +173,58 @@ def test_restart(db_url: str, instances: Instances, tmp_path: pathlib.Path) -> N
     assert_clean_error(call_cli("restart", "777777", "--db", db_url, cwd=tmp_path), 1, "777777 not found")
 
 
+def test_restart_node_with_context_and_clear_event(
+    db_url: str, instances: Instances, tmp_path: pathlib.Path
+) -> None:
+    def show(instance_id: int) -> dict[str, object]:
+        out = call_cli("show", str(instance_id), "--json", "--db", db_url, cwd=tmp_path)
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    approval = {t["task_type"]: t for t in show(instances.failed)["task_instances"]}["manager_approval"]
+    assert "node_event" in approval["node_context"]  # the rejection
+    restarted = call_cli(
+        "restart",
+        str(instances.failed),
+        "--node",
+        "manager_approval",
+        "--force",
+        "--clear-event",
+        "--context",
+        '{"order_id": "o-2", "amount": 12}',
+        "--timeout",
+        "2",
+        "--db",
+        db_url,
+        cwd=tmp_path,
+    )
+    assert restarted.returncode == 0, restarted.stderr
+    assert "failed -> running" in restarted.stdout
+    shown = show(instances.failed)
+    assert shown["workflow_context"] == {"order_id": "o-2", "amount": 12}
+    nodes = {t["task_type"]: t for t in shown["task_instances"]}  # type: ignore[attr-defined]
+    assert nodes["manager_approval"]["status"] == "restarting"
+    assert "node_event" not in (nodes["manager_approval"]["node_context"] or {})
+    for flag in (["--clear-event"], ["--timeout", "1"]):
+        assert_clean_error(
+            call_cli("restart", str(instances.failed), *flag, "--db", db_url, cwd=tmp_path), 2, "--node"
+        )
+    assert_clean_error(
+        call_cli(
+            "restart",
+            str(instances.waiting),
+            "--node",
+            "manager_approval",
+            "--context",
+            "[1]",
+            "--db",
+            db_url,
+            cwd=tmp_path,
+        ),
+        2,
+        "JSON object",
+    )
+
+
 def test_event(db_url: str, instances: Instances, tmp_path: pathlib.Path) -> None:
     content = '{"approved": true, "by": "cli"}'
     sent = call_cli(
@@ -268,3 +321,24 @@ def test_app_option_loads_other_workflows(tmp_path: pathlib.Path) -> None:
     )
     assert_clean_error(run_cli("graph", "ship", "--app", "shipping", cwd=tmp_path), 2, "module:attribute")
     assert_clean_error(run_cli("graph", "ship", "--app", "shipping:af", cwd=tmp_path), 2, "Registry")
+
+
+def test_purge(db_url: str, instances: Instances, tmp_path: pathlib.Path) -> None:
+    kept = call_cli("purge", "--older-than", "1d", "--db", db_url, cwd=tmp_path)
+    assert kept.returncode == 0, kept.stderr
+    assert "purged 0 instance(s)" in kept.stdout
+    time.sleep(1.1)  # updated_at is in whole seconds
+    dry = call_cli("purge", "--older-than", "0", "--dry-run", "--db", db_url, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "would purge 2 instance(s)" in dry.stdout  # the completed and the failed one
+    gone = call_cli("purge", "--older-than", "0s", "--status", "failed", "--db", db_url, cwd=tmp_path)
+    assert gone.returncode == 0, gone.stderr
+    assert "purged 1 instance(s)" in gone.stdout
+    assert_clean_error(call_cli("show", str(instances.failed), "--db", db_url, cwd=tmp_path), 1, "not found")
+    assert call_cli("show", str(instances.completed), "--db", db_url, cwd=tmp_path).returncode == 0
+    assert_clean_error(
+        call_cli("purge", "--older-than", "0", "--status", "running", "--db", db_url, cwd=tmp_path),
+        2,
+        "running",
+    )
+    assert_clean_error(call_cli("purge", "--older-than", "30x", "--db", db_url, cwd=tmp_path), 2, "30d")

@@ -18,7 +18,6 @@ from asyncflow.clock import FakeClock
 from asyncflow.config import NodeConfig, WorkflowConfig
 from asyncflow.context import JSONContext
 from asyncflow.driver import DriverConfig, WorkflowDriver
-from asyncflow.engine.rules import SchedulePolicy
 from asyncflow.engine.service import WorkflowService, lock_key
 from asyncflow.errors import InvalidStateError, ParamInvalidError, TaskFailedTerminate, TaskNotReady
 from asyncflow.lock.local import LocalLease, LocalWorkflowLock
@@ -31,6 +30,7 @@ from asyncflow.records import (
     Step,
 )
 from asyncflow.registry import Registry
+from asyncflow.retry import RetryPolicy
 from asyncflow.status import NODE_EVENT
 from asyncflow.store.memory import MemoryWorkflowRepo
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
@@ -219,8 +219,8 @@ async def test_an_event_finishes_the_instance_without_waiting_out_the_back_off(e
             raise RuntimeError("not approved yet")  # a retryable failure: back-off of 60 s
 
     registry = registry_for("ev", {"A": [], "B": []}, Runs(), checks={"A": approved})
-    schedule = SchedulePolicy(retry_base=60.0, retry_jitter=0.0)
-    service = WorkflowService(engine_repo, LocalWorkflowLock(), registry, schedule=schedule)
+    retry = RetryPolicy(initial_interval=60.0, jitter=0.0)
+    service = WorkflowService(engine_repo, LocalWorkflowLock(), registry, retry=retry)
     driver = WorkflowDriver(service, concurrency=4, poll_interval=60.0)
     async with driver:
         instance = await service.create_workflow("ev", "b")  # wakes the driver at once
@@ -244,10 +244,8 @@ async def test_retry_back_off_grows_and_caps() -> None:
         raise RuntimeError("flaky")
 
     registry = registry_for("flaky", {"A": []}, Runs(), run=failing)
-    schedule = SchedulePolicy(retry_base=1.0, retry_max=8.0, retry_jitter=0.0)
-    service = WorkflowService(
-        MemoryWorkflowRepo(), LocalWorkflowLock(), registry, schedule=schedule, clock=clock
-    )
+    retry = RetryPolicy(initial_interval=1.0, max_interval=8.0, jitter=0.0)
+    service = WorkflowService(MemoryWorkflowRepo(), LocalWorkflowLock(), registry, retry=retry, clock=clock)
     instance = await service.create_workflow("flaky", "b")
     driver = WorkflowDriver(service, concurrency=2, poll_interval=1.0)
     delays = []

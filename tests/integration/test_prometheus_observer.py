@@ -36,7 +36,7 @@ async def test_attempts_durations_and_instance_ends_are_counted() -> None:
         LocalWorkflowLock(),
         registry,
         observers=[PrometheusObserver(metrics)],
-        schedule=af.SchedulePolicy(retry_base=0.01, retry_max=0.01),
+        retry=af.RetryPolicy(initial_interval=0.01, max_interval=0.01),
     )
     inst = await svc.create_workflow("lin", "b")
     await svc.run_workflow(inst.id)  # A fails once: retry

@@ -27,6 +27,7 @@ from asyncflow.driver import WorkflowDriver
 from asyncflow.engine.rules import SchedulePolicy
 from asyncflow.engine.service import WorkflowService
 from asyncflow.lock.database import DatabaseWorkflowLock
+from asyncflow.retry import RetryPolicy
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from tests.reliability.helpers import Journal, mixed_registry
 
@@ -90,9 +91,15 @@ async def main(settings: dict[str, Any]) -> None:
         from asyncflow.lock.redis import RedisWorkflowLock
 
         lock = RedisWorkflowLock(settings["redis_url"], prefix=settings["prefix"], op_timeout=2.0)
-    schedule = SchedulePolicy(poll_interval=0.1, retry_base=0.1, retry_max=0.5)
+    schedule = SchedulePolicy(poll_interval=0.1)
+    retry = RetryPolicy(initial_interval=0.1, max_interval=0.5)
     svc = WorkflowService(
-        repo, lock, mixed_registry(Journal(), hook=hook), lock_ttl=settings["lock_ttl"], schedule=schedule
+        repo,
+        lock,
+        mixed_registry(Journal(), hook=hook),
+        lock_ttl=settings["lock_ttl"],
+        schedule=schedule,
+        retry=retry,
     )
     driver = WorkflowDriver(svc, concurrency=settings["concurrency"], poll_interval=0.1)
     try:

@@ -31,6 +31,7 @@ from asyncflow.engine.service import WorkflowService
 from asyncflow.errors import AsyncflowError
 from asyncflow.lock.redis import RedisWorkflowLock
 from asyncflow.registry import Registry
+from asyncflow.retry import RetryPolicy
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from asyncflow.worker import NormalTaskWorker, current_node
 from tests.reliability.fencing import FenceJournal
@@ -66,8 +67,11 @@ async def main(settings: dict[str, Any]) -> None:
     repo = SQLAlchemyWorkflowRepo(engine)
     journal = FenceJournal(repo, fence=settings["fence"])
     lock = RedisWorkflowLock(settings["redis_url"], prefix=settings["prefix"], op_timeout=0.5)
-    schedule = SchedulePolicy(poll_interval=0.1, retry_base=0.1, retry_max=0.3)
-    svc = WorkflowService(journal, lock, registry(), lock_ttl=settings["lock_ttl"], schedule=schedule)
+    schedule = SchedulePolicy(poll_interval=0.1)
+    retry = RetryPolicy(initial_interval=0.1, max_interval=0.3)
+    svc = WorkflowService(
+        journal, lock, registry(), lock_ttl=settings["lock_ttl"], schedule=schedule, retry=retry
+    )
     left = text("SELECT id FROM workflow_instance WHERE status IN ('init', 'running') ORDER BY id")
     try:
         if settings["role"] == "driver":

@@ -38,6 +38,7 @@ from asyncflow.records import (
     WorkflowInstanceRecord,
 )
 from asyncflow.registry import Registry
+from asyncflow.retry import RetryPolicy
 from asyncflow.worker import NormalTaskWorker, current_node
 
 MIXED = "mixed"
@@ -142,12 +143,14 @@ async def _call_hook(hook: Hook | None, node: str, phase: str, moment: str) -> N
             await result
 
 
-FAST = SchedulePolicy(poll_interval=0.01, retry_base=0.01, retry_max=0.05)
+FAST = SchedulePolicy(poll_interval=0.01)
+FAST_RETRY = RetryPolicy(initial_interval=0.01, max_interval=0.05)
 
 
 def service(repo: Any, journal: Journal, **kwargs: Any) -> WorkflowService:
     """A service on ``repo`` with a local lock, the mixed workflow and fast polls and retries."""
     kwargs.setdefault("schedule", FAST)
+    kwargs.setdefault("retry", FAST_RETRY)
     return WorkflowService(repo, LocalWorkflowLock(), mixed_registry(journal), **kwargs)
 
 

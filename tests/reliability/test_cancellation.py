@@ -31,10 +31,12 @@ from asyncflow.engine.rules import SchedulePolicy
 from asyncflow.engine.service import WorkflowService
 from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.records import TaskInstanceRecord
+from asyncflow.retry import RetryPolicy
 
 from .helpers import ALL_ROWS, MIXED, MIXED_EDGES, WITH_CHECK, CompletionCounter, Journal, mixed_registry
 
-FAST = SchedulePolicy(poll_interval=0.01, retry_base=0.01, retry_max=0.02, retry_jitter=0.0)
+FAST = SchedulePolicy(poll_interval=0.01)
+FAST_RETRY = RetryPolicy(initial_interval=0.01, max_interval=0.02, jitter=0.0)
 STATS: collections.Counter[str] = collections.Counter()  # figures for docs/reliability.md
 
 
@@ -97,7 +99,9 @@ class CancellingLock:
 
 async def run_cancelled_at(repo: CompletionCounter, journal: Journal, k: int | None) -> tuple[int, Injector]:
     """Create an instance and run passes until it completes or its pass is cancelled at point k."""
-    plain = WorkflowService(repo, LocalWorkflowLock(), mixed_registry(journal), schedule=FAST)
+    plain = WorkflowService(
+        repo, LocalWorkflowLock(), mixed_registry(journal), schedule=FAST, retry=FAST_RETRY
+    )
     instance_id = (await plain.create_workflow(MIXED, f"k{k}")).id
     injector = Injector(k)
 
@@ -110,6 +114,7 @@ async def run_cancelled_at(repo: CompletionCounter, journal: Journal, k: int | N
         CancellingLock(lock, injector),  # type: ignore[arg-type]
         mixed_registry(journal, hook=hook),
         schedule=FAST,
+        retry=FAST_RETRY,
     )
     for _ in range(20):  # the mixed workflow needs 2 passes
         task = asyncio.create_task(svc.run_workflow(instance_id))
@@ -148,7 +153,9 @@ async def check_and_resume(
     # a write in flight lands whole (shielded), so a cancel before the last one may find it completed
     assert record is not None and record.status in ("init", "running", "completed"), (where, record)
 
-    fresh = WorkflowService(repo, LocalWorkflowLock(), mixed_registry(journal), schedule=FAST)
+    fresh = WorkflowService(
+        repo, LocalWorkflowLock(), mixed_registry(journal), schedule=FAST, retry=FAST_RETRY
+    )
     driver = WorkflowDriver(fresh, concurrency=2, poll_interval=0.01)
     for _ in range(300):  # bounded; the instance is due at once or within the 20 ms back-off
         await driver.run_until_idle()

@@ -36,6 +36,7 @@ from asyncflow.engine.service import WorkflowService
 from asyncflow.errors import StoreError
 from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.records import NewWorkflowInstance
+from asyncflow.retry import RetryPolicy
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 
 from ._crash_worker import SIDE_TABLES
@@ -44,7 +45,8 @@ from .helpers import ALL_ROWS, MIXED, MIXED_EDGES, WITH_CHECK, Journal, mixed_re
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 INSTANCES = 400
-FAST = SchedulePolicy(poll_interval=0.05, retry_base=0.05, retry_max=0.2)
+FAST = SchedulePolicy(poll_interval=0.05)
+FAST_RETRY = RetryPolicy(initial_interval=0.05, max_interval=0.2)
 SQLITE_SIDE_TABLES = (
     "CREATE TABLE completion_log (instance_id INTEGER NOT NULL, task_type TEXT NOT NULL)",
     "CREATE TRIGGER log_insert AFTER INSERT ON task_instance WHEN NEW.status = 'completed' BEGIN "
@@ -95,6 +97,7 @@ async def run_through_outage(
         mixed_registry(journal, hook=slow_worker),
         lock_ttl=3.0,
         schedule=FAST,
+        retry=FAST_RETRY,
     )
     await repo.create_workflow_instances(
         [

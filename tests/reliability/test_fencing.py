@@ -25,7 +25,7 @@ from asyncflow.registry import Registry
 from asyncflow.worker import NormalTaskWorker
 
 from .fencing import FenceJournal, refused_as_stale, stale_writes
-from .helpers import FAST, MIXED, CompletionCounter, Journal, mixed_registry, rows_by_type
+from .helpers import FAST, FAST_RETRY, MIXED, CompletionCounter, Journal, mixed_registry, rows_by_type
 
 INSTANCES = 12
 
@@ -39,7 +39,13 @@ async def _race_two_services(repo: Any, *, fence: bool) -> tuple[FenceJournal, C
     counter = CompletionCounter(repo)
     journal = FenceJournal(counter, fence=fence)
     services = [
-        WorkflowService(journal, LocalWorkflowLock(), mixed_registry(Journal(), hook=jitter), schedule=FAST)
+        WorkflowService(
+            journal,
+            LocalWorkflowLock(),
+            mixed_registry(Journal(), hook=jitter),
+            schedule=FAST,
+            retry=FAST_RETRY,
+        )
         for _ in range(2)
     ]
     ids = [(await services[0].create_workflow(MIXED, f"b{i}")).id for i in range(INSTANCES)]
@@ -115,8 +121,8 @@ async def test_a_stale_pass_stops_at_its_next_write_logs_once_and_cancels_its_wo
     )
     for node in ("x", "y"):
         registry.register_workflow_task("two", node, worker(node))
-    first = WorkflowService(repo, LocalWorkflowLock(), registry, schedule=FAST)
-    second = WorkflowService(repo, LocalWorkflowLock(), registry, schedule=FAST)
+    first = WorkflowService(repo, LocalWorkflowLock(), registry, schedule=FAST, retry=FAST_RETRY)
+    second = WorkflowService(repo, LocalWorkflowLock(), registry, schedule=FAST, retry=FAST_RETRY)
     instance = await first.create_workflow("two", "b")
 
     pass1 = asyncio.create_task(first.run_workflow(instance.id))

@@ -33,13 +33,15 @@ from asyncflow.engine.rules import SchedulePolicy
 from asyncflow.engine.service import WorkflowService
 from asyncflow.errors import LockFailedError
 from asyncflow.lock.local import LocalWorkflowLock
+from asyncflow.retry import RetryPolicy
 from asyncflow.store.memory import MemoryWorkflowRepo
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from tests.conftest import REDIS_URL_ENV, isolated_pg_engine
 
 from .helpers import ALL_ROWS, MIXED, CompletionCounter, Journal, mixed_registry, rows_by_type
 
-FAST = SchedulePolicy(poll_interval=0.01, retry_base=0.01, retry_max=0.02)
+FAST = SchedulePolicy(poll_interval=0.01)
+FAST_RETRY = RetryPolicy(initial_interval=0.01, max_interval=0.02)
 
 
 class ZombieLease:
@@ -175,7 +177,7 @@ def runner(setup: Setup, index: int, journal: Journal, gate: Gate | None, *, zom
     repo = CompletionCounter(setup.repos[index])
     lock = CapturingLock(setup.locks[index], zombie=zombie)
     registry = mixed_registry(journal, hook=gate)
-    svc = WorkflowService(repo, lock, registry, lock_ttl=setup.ttl, schedule=FAST)  # type: ignore[arg-type]
+    svc = WorkflowService(repo, lock, registry, lock_ttl=setup.ttl, schedule=FAST, retry=FAST_RETRY)  # type: ignore[arg-type]
     return svc, repo, lock
 
 

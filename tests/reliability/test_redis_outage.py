@@ -30,6 +30,7 @@ from asyncflow.engine.service import WorkflowService
 from asyncflow.errors import LockFailedError
 from asyncflow.lock.redis import RedisWorkflowLock
 from asyncflow.records import NewWorkflowInstance, QueryWorkflowInstanceParams, Step, StepResult
+from asyncflow.retry import RetryPolicy
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from asyncflow.worker import current_node
 from tests.conftest import isolated_pg_engine
@@ -40,7 +41,8 @@ from .helpers import ALL_ROWS, MIXED, CompletionCounter, Journal, mixed_registry
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 INSTANCES = 300
-FAST = SchedulePolicy(poll_interval=0.05, retry_base=0.05, retry_max=0.2)
+FAST = SchedulePolicy(poll_interval=0.05)
+FAST_RETRY = RetryPolicy(initial_interval=0.05, max_interval=0.2)
 _ACTIVE = QueryWorkflowInstanceParams(status_in=("init", "running"))
 _LEASE: contextvars.ContextVar[Any] = contextvars.ContextVar("reliability_lease", default=None)
 
@@ -130,6 +132,7 @@ async def test_redis_outage_mid_run(
             mixed_registry(journal, hook=slow_worker),
             lock_ttl=1.5,
             schedule=FAST,
+            retry=FAST_RETRY,
         )
         await inner.create_workflow_instances(
             [

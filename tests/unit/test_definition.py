@@ -212,22 +212,23 @@ def test_counts_default_to_zero_13_13() -> None:
         }
     )
     definition = build(config)
+    # an unset fail_max_count stays None (the service's default_fail_max_count applies to it)
     assert [(n.fail_max_count, n.max_wait_time_ts) for n in definition.nodes] == [
         (0, 0),
-        (0, 0),
-        (0, 0),
+        (None, 0),
+        (None, 0),
         (3, 10),
         (0, 0),
     ]
 
 
-def test_node_definition_rejects_negative_counts_and_maps_none_to_zero() -> None:
+def test_node_definition_rejects_negative_counts_and_keeps_unset_fail_max_count() -> None:
     with pytest.raises(ConfigError, match="node 'X': fail_max_count must not be negative"):
         NodeDefinition(task_type="X", fail_max_count=-1, worker=WORKER)
     with pytest.raises(ConfigError, match="node 'X': max_wait_time_ts must not be negative"):
         NodeDefinition(task_type="X", max_wait_time_ts=-1, worker=WORKER)
-    node = NodeDefinition(task_type="X", fail_max_count=None, worker=WORKER)  # type: ignore[arg-type]
-    assert node.fail_max_count == 0
+    node = NodeDefinition(task_type="X", fail_max_count=None, max_wait_time_ts=None, worker=WORKER)  # type: ignore[arg-type]
+    assert node.fail_max_count is None and node.max_wait_time_ts == 0
 
 
 def test_workers_come_from_the_resolver_in_config_order() -> None:

@@ -4,7 +4,6 @@ contexts, JSON copies and the retry schedule."""
 from __future__ import annotations
 
 import math
-import random
 from datetime import datetime
 
 import pytest
@@ -102,16 +101,6 @@ def test_build_node_context_strips_and_copies_like_go() -> None:
     context[WORKFLOW_CONTEXT]["w"].append(2)
     assert workflow == {"w": [1]}
     assert NODE_EVENT not in build_node_context([], {}, keep_event_from={"y": 2})
-
-
-def test_retry_delay_backs_off_exponentially_capped_with_jitter() -> None:
-    plain = SchedulePolicy(retry_base=1.0, retry_max=10.0, retry_jitter=0.0)
-    assert [plain.retry_delay(n) for n in (0, 1, 2, 3, 4, 5, 100)] == [1, 1, 2, 4, 8, 10, 10]
-    jittered = SchedulePolicy(retry_base=4.0, retry_max=100.0, retry_jitter=0.25)
-    rng = random.Random(7)
-    delays = [jittered.retry_delay(1, rng) for _ in range(200)]
-    assert all(3.0 <= d <= 5.0 for d in delays) and len(set(delays)) > 100
-    assert SchedulePolicy(retry_base=4.0, retry_max=4.0, retry_jitter=0.5).retry_delay(9) <= 4.0
 
 
 @pytest.mark.parametrize(
