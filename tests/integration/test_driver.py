@@ -151,7 +151,8 @@ async def test_simultaneous_runs_never_exceed_concurrency(cap: int, tmp_path: An
     runs = Runs()
 
     async def slow(ctx: JSONContext) -> None:
-        await asyncio.sleep(0.002)
+        # long enough that the cap fills even while each pass's start waits for SQLite's one writer
+        await asyncio.sleep(0.05)
 
     repo = SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{tmp_path}/cap.db")
     await repo.create_schema()
