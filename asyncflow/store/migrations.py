@@ -28,7 +28,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..errors import StoreError
 from .tables import SCHEMA_VERSION, asyncflow_schema
 
-__all__ = ["VERSION_TABLE", "Migration", "check_migrations", "migrate", "recorded_version"]
+__all__ = [
+    "SCHEDULE_TABLES",
+    "TRACE_COLUMNS",
+    "UNIQUE_COLUMNS",
+    "UNIQUE_INDEXES",
+    "VERSION_TABLE",
+    "Migration",
+    "check_migrations",
+    "migrate",
+    "recorded_version",
+]
 
 VERSION_TABLE = (
     "CREATE TABLE IF NOT EXISTS asyncflow_schema (version INTEGER NOT NULL, applied_at BIGINT NOT NULL, "
@@ -111,3 +121,35 @@ async def migrate(
 
 def _columns(conn: Connection, table: str) -> set[str]:
     return {column["name"] for column in inspect(conn).get_columns(table)}
+
+
+# ------------------------------------------------------------- DDL that is the same on every backend
+
+UNIQUE_COLUMNS = (("workflow_instance", "unique_key", "TEXT"),)
+UNIQUE_INDEXES = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS uq_workflow_instance_active "
+    "ON workflow_instance (workflow_type, business_id) "
+    "WHERE unique_key IS NOT NULL AND status IN ('init', 'running')",
+    "CREATE UNIQUE INDEX IF NOT EXISTS uq_workflow_instance_always "
+    "ON workflow_instance (workflow_type, business_id) "
+    "WHERE unique_key = 'always'",
+)
+"""Version 4, create_workflow(unique=...): the column and its two partial unique indexes."""
+
+SCHEDULE_TABLES = (
+    """CREATE TABLE IF NOT EXISTS asyncflow_schedule (
+    id TEXT NOT NULL,
+    first_seen_at BIGINT NOT NULL,
+    last_tick TEXT,
+    CONSTRAINT pk_asyncflow_schedule PRIMARY KEY (id))""",
+    """CREATE TABLE IF NOT EXISTS asyncflow_schedule_tick (
+    schedule_id TEXT NOT NULL,
+    tick TEXT NOT NULL,
+    instance_id BIGINT,
+    fired_at BIGINT NOT NULL,
+    CONSTRAINT pk_asyncflow_schedule_tick PRIMARY KEY (schedule_id, tick))""",
+)
+"""Version 6, schedules: the schedules seen and their fired ticks (the primary key fires a tick once)."""
+
+TRACE_COLUMNS = (("workflow_instance", "trace_context", "TEXT"),)
+"""Version 7: what an observer stored at creation (the OpenTelemetry observer: the W3C ``traceparent``)."""

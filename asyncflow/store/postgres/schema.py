@@ -5,7 +5,14 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..migrations import Migration, check_migrations
+from ..migrations import (
+    SCHEDULE_TABLES,
+    TRACE_COLUMNS,
+    UNIQUE_COLUMNS,
+    UNIQUE_INDEXES,
+    Migration,
+    check_migrations,
+)
 from .finished import FINISHED_DDL
 from .functions import BATCH_FUNCTION, STEP_FUNCTION
 
@@ -64,34 +71,6 @@ _V3 = (
 )
 """The pass fence (``lease_epoch``, checked by the step function) and DatabaseWorkflowLock's table."""
 
-_V4_COLUMNS = (("workflow_instance", "unique_key", "TEXT"),)
-_V4 = (
-    "CREATE UNIQUE INDEX IF NOT EXISTS uq_workflow_instance_active "
-    "ON workflow_instance (workflow_type, business_id) "
-    "WHERE unique_key IS NOT NULL AND status IN ('init', 'running')",
-    "CREATE UNIQUE INDEX IF NOT EXISTS uq_workflow_instance_always "
-    "ON workflow_instance (workflow_type, business_id) "
-    "WHERE unique_key = 'always'",
-)
-"""create_workflow(unique=...): the column and its two partial unique indexes."""
-
-_V6 = (
-    """CREATE TABLE IF NOT EXISTS asyncflow_schedule (
-    id TEXT NOT NULL,
-    first_seen_at BIGINT NOT NULL,
-    last_tick TEXT,
-    CONSTRAINT pk_asyncflow_schedule PRIMARY KEY (id))""",
-    """CREATE TABLE IF NOT EXISTS asyncflow_schedule_tick (
-    schedule_id TEXT NOT NULL,
-    tick TEXT NOT NULL,
-    instance_id BIGINT,
-    fired_at BIGINT NOT NULL,
-    CONSTRAINT pk_asyncflow_schedule_tick PRIMARY KEY (schedule_id, tick))""",
-)
-"""Schedules: the schedules seen and their fired ticks (the primary key fires a tick once)."""
-
-_V7_COLUMNS = (("workflow_instance", "trace_context", "TEXT"),)
-"""What an observer stored at creation (the OpenTelemetry observer: the W3C ``traceparent``)."""
 
 MIGRATIONS = check_migrations(
     [
@@ -99,11 +78,14 @@ MIGRATIONS = check_migrations(
         Migration(2, "the step functions; the claim index on databases from before it", _V2),
         Migration(3, "fenced passes (workflow_instance.lease_epoch); the asyncflow_lock table", _V3),
         Migration(
-            4, "create_workflow(unique=...): workflow_instance.unique_key and its indexes", _V4, _V4_COLUMNS
+            4,
+            "create_workflow(unique=...): workflow_instance.unique_key and its indexes",
+            UNIQUE_INDEXES,
+            UNIQUE_COLUMNS,
         ),
         Migration(5, "wait_for_workflow: NOTIFY asyncflow_finished when an instance ends", FINISHED_DDL),
-        Migration(6, "schedules: asyncflow_schedule and asyncflow_schedule_tick", _V6),
-        Migration(7, "observers: workflow_instance.trace_context (nullable TEXT)", (), _V7_COLUMNS),
+        Migration(6, "schedules: asyncflow_schedule and asyncflow_schedule_tick", SCHEDULE_TABLES),
+        Migration(7, "observers: workflow_instance.trace_context (nullable TEXT)", (), TRACE_COLUMNS),
     ]
 )
 
