@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "asyncflow:lock:"
 _ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError, TimeoutError)
+# Releasing and checking must never raise: besides the errors above, the driver can raise its own
+# (asyncpg's ``InternalClientError`` after the server ended an idle session, which older SQLAlchemy
+# versions pass through unwrapped). Any of them means the session is unusable: discard it.
+_ANY_FAILURE: tuple[type[BaseException], ...] = (Exception,)
 
 _TRY_LOCK = text(
     "SELECT CASE WHEN pg_try_advisory_lock(:id) THEN set_config('idle_session_timeout', :idle, false) END"
@@ -156,7 +160,7 @@ class PostgresAdvisoryLock(ReentrantLock[PostgresLease]):
             if conn is not None:
                 self._spawn(self._discard(conn), key)  # it may hold the lock: end the session
             raise
-        except _ERRORS as exc:
+        except _ANY_FAILURE as exc:
             if conn is not None:
                 self._spawn(self._discard(conn), key)
             if isinstance(exc, TimeoutError):
@@ -197,7 +201,7 @@ class PostgresAdvisoryLock(ReentrantLock[PostgresLease]):
                     unlock = _UNLOCK if self._has_idle_timeout(conn) else _UNLOCK_NO_IDLE
                     unlocked = (await conn.execute(unlock, {"id": lease._id})).scalar()
                     await conn.close()
-            except _ERRORS as exc:
+            except _ANY_FAILURE as exc:
                 logger.warning("lock release of %r failed; closing its session instead: %r", lease.key, exc)
                 await self._discard(conn)
                 return
@@ -213,7 +217,7 @@ class PostgresAdvisoryLock(ReentrantLock[PostgresLease]):
             else:
                 await conn.invalidate()
             await conn.close()
-        except _ERRORS as exc:
+        except _ANY_FAILURE as exc:
             logger.warning("closing a lock session failed: %r", exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], key: str) -> None:
@@ -235,7 +239,7 @@ class PostgresAdvisoryLock(ReentrantLock[PostgresLease]):
                 if lease._released:
                     return
                 await lease._conn.execute(_CHECK)
-        except _ERRORS as exc:
+        except _ANY_FAILURE as exc:
             self._renewer.lose(lease, f"its session failed: {exc!r}", exc)
         else:
             self._renewer.renewed(lease, sent)

@@ -95,6 +95,48 @@ async def _hold_elsewhere(lock: PostgresAdvisoryLock, key: str) -> Any:
     return await asyncio.get_running_loop().create_task(hold(), context=contextvars.Context())
 
 
+class _DriverError(Exception):
+    """Stands for a driver error SQLAlchemy passes through unwrapped (asyncpg's InternalClientError
+    after the server ended an idle session, on SQLAlchemy 2.0.38)."""
+
+
+class _BrokenExecute:
+    """The lease's real connection, whose ``execute`` raises ``_DriverError``."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        raise _DriverError("cannot switch to state 11; another operation (2) is in progress")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+async def test_a_driver_error_at_release_discards_the_session_and_never_raises(
+    lock: PostgresAdvisoryLock, admin: AsyncEngine
+) -> None:
+    async with lock.hold("k", 5.0) as lease:
+        conn = lease._conn
+        lease._conn = cast(Any, _BrokenExecute(conn))
+    # the release did not raise; the session was ended instead, which frees the advisory lock
+    async with asyncio.timeout(GUARD):
+        while await advisory_locks(admin, lease.advisory_id):
+            await asyncio.sleep(0.01)
+    assert conn.closed
+
+
+async def test_a_driver_error_at_the_check_marks_the_lease_lost(
+    lock: PostgresAdvisoryLock,
+) -> None:
+    async with lock.hold("k", 0.6) as lease:
+        lease._conn = cast(Any, _BrokenExecute(lease._conn))
+        async with asyncio.timeout(GUARD):
+            await lease.lost_event.wait()
+        with pytest.raises(LockFailedError, match="session failed"):
+            lease.raise_if_lost()
+
+
 async def test_unreachable_postgres_fails_with_the_cause() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
