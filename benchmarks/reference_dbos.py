@@ -1,4 +1,6 @@
-"""DBOS Transact reference rows: the same ``linear3`` and ``diamond`` shapes as DBOS workflows of steps.
+"""DBOS Transact reference rows: the ``linear3``, ``diamond`` and ``branch`` shapes as DBOS workflows of
+steps (``branch``: step A, then step B for an even input or step C for an odd one, then step D: a plain
+``if``, as a DBOS user would write it; DBOS records no skipped step).
 
 DBOS keeps process-global state (one launched instance per process), so every measured run happens in
 a fresh subprocess (``python -m benchmarks.reference_dbos``) on a fresh PostgreSQL database that DBOS
@@ -27,7 +29,7 @@ from .isolated import print_result, run_module
 
 __all__ = ["DBOS_SHAPES", "DbosUnavailableError", "dbos_version", "run_dbos_once"]
 
-DBOS_SHAPES = ("linear3", "diamond")
+DBOS_SHAPES = ("linear3", "diamond", "branch")
 LAUNCH_MODES = ("bounded", "queue")
 
 
@@ -73,7 +75,7 @@ async def run_dbos_once(
 
 
 def _define_workflows() -> dict[str, Any]:
-    """The two shapes as DBOS async workflows of async steps with tiny outputs."""
+    """The shapes as DBOS async workflows of async steps with tiny outputs."""
     from dbos import DBOS as dbos
 
     @dbos.step()
@@ -92,10 +94,26 @@ def _define_workflows() -> dict[str, Any]:
         branches = await asyncio.gather(step(a), step(a), step(a), step(a))
         return await step(sum(branches))
 
-    return {"linear3": linear3, "diamond": diamond}
+    @dbos.step()
+    async def step_b(x: int) -> int:
+        return x + 1
+
+    @dbos.step()
+    async def step_c(x: int) -> int:
+        return x + 2
+
+    @dbos.workflow()
+    async def branch(x: int) -> int:
+        a = await step(x)
+        chosen = await (step_b(a) if x % 2 == 0 else step_c(a))
+        return await step(chosen)
+
+    return {"linear3": linear3, "diamond": diamond, "branch": branch}
 
 
 def _expected(shape: str, x: int) -> int:
+    if shape == "branch":
+        return x + 3 if x % 2 == 0 else x + 4
     return x + 3 if shape == "linear3" else 4 * (x + 2) + 1
 
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ALL_SCENARIOS", "BenchOptions", "asyncflow_unavailable", "run_benchmarks"]
 
-ALL_SCENARIOS = ("linear3", "linear3-wait", "diamond", "approval")
+ALL_SCENARIOS = ("linear3", "linear3-wait", "diamond", "approval", "branch")
 _ENGINE_NAMES = (
     "Registry",
     "WorkflowService",
@@ -35,7 +35,7 @@ _ENGINE_NAMES = (
     "LocalWorkflowLock",
 )
 _MAX_FAILURES = 2  # a row that failed this often is not tried again in this run
-_NODE_COUNTS = {"linear3": 3, "linear3-wait": 3, "diamond": 6, "approval": 3}
+_NODE_COUNTS = {"linear3": 3, "linear3-wait": 3, "diamond": 6, "approval": 3, "branch": 3}  # nodes run
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

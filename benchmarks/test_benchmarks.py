@@ -136,13 +136,13 @@ async def test_floor_sqlite() -> None:
 
 @pytest.mark.benchmark
 @pytest.mark.postgres
-@pytest.mark.parametrize("shape", ["linear3", "diamond"])
+@pytest.mark.parametrize("shape", ["linear3", "diamond", "branch"])
 async def test_dbos_reference(postgres_url: str, shape: str) -> None:
     if dbos_version() is None:
         pytest.skip("dbos is not installed: pip install 'asyncflow[bench]'")
     m = await run_dbos_once(shape, N, C, admin=PgAdmin(postgres_url))
     _check_measurement(m, N)
-    steps = 3 if shape == "linear3" else 6
+    steps = 6 if shape == "diamond" else 3
     assert m.commits is not None and m.commits >= N * steps  # DBOS checkpoints every step
 
 
@@ -332,3 +332,26 @@ def test_scenarios_build() -> None:
     for spec in SCENARIOS.values():
         definition = build_registry(spec).get_workflow_definition(spec.workflow_type)
         assert [node.task_type for node in definition.nodes][1:-1] == [node for node, _ in spec.nodes]
+
+
+async def test_branch_scenario_takes_one_branch_and_skips_the_other() -> None:
+    """The ``branch`` workflow runs A, one of B/C (by instance id parity) and D; the other ends skipped."""
+    import asyncflow as af
+    from benchmarks.scenarios import build_registry, get_scenario
+
+    spec = get_scenario("branch")
+    assert spec.node_count == 3 and dict(spec.joins) == {"D": "any"}
+    svc = af.WorkflowService(af.MemoryWorkflowRepo(), af.LocalWorkflowLock(), build_registry(spec))
+    skipped = []
+    for k in range(4):
+        inst = await svc.create_workflow(spec.workflow_type, f"b-{k}", run=True)
+        assert inst.status == "completed"
+        [detail] = await svc.query_workflow_instance_detail(
+            af.QueryWorkflowInstanceParams(workflow_instance_id=inst.id)
+        )
+        st = {t: detail.node(t).status for t in ("A", "B", "C", "D")}
+        assert st["A"] == st["D"] == "completed"
+        assert sorted((st["B"], st["C"])) == ["completed", "skipped"]
+        skipped.append("B" if st["B"] == "skipped" else "C")
+        assert skipped[-1] == ("C" if inst.id % 2 == 0 else "B")
+    assert set(skipped) == {"B", "C"}
