@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import dashboard, report
 from .observers import OBSERVERS
-from .runner import ALL_SCENARIOS, BenchOptions, parse_list, run_benchmarks
+from .runner import ALL_SCENARIOS, EXTRA_SCENARIOS, BenchOptions, parse_list, run_benchmarks
 
 README = Path(__file__).resolve().parent / "README.md"
 
@@ -29,8 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run benchmark rows")
-    scenarios = ", ".join(ALL_SCENARIOS)
-    run.add_argument("--scenario", default="linear3", help=f"{scenarios} (comma list), all or none")
+    scenarios = ", ".join(ALL_SCENARIOS + EXTRA_SCENARIOS)
+    run.add_argument(
+        "--scenario",
+        default="linear3",
+        help=f"{scenarios} (comma list), all or none; all leaves out {', '.join(EXTRA_SCENARIOS)} "
+        "(20 child workflows per run: name it)",
+    )
     run.add_argument("--mode", default="direct", help="direct, driver or all")
     run.add_argument("--backend", default="postgres", help="postgres, sqlite, memory (comma list) or all")
     run.add_argument("--lock", default="local", help="local, redis, database or all")
@@ -68,7 +73,11 @@ def _options(args: argparse.Namespace) -> BenchOptions:
     if args.repeat < 1:
         raise ValueError("--repeat must be at least 1")
     return BenchOptions(
-        scenarios=parse_list(args.scenario, ALL_SCENARIOS, "scenario"),
+        scenarios=(
+            ALL_SCENARIOS
+            if args.scenario == "all"
+            else parse_list(args.scenario, ALL_SCENARIOS + EXTRA_SCENARIOS, "scenario")
+        ),
         modes=parse_list(args.mode, ("direct", "driver"), "mode"),
         backends=parse_list(args.backend, ("postgres", "sqlite", "memory"), "backend"),
         locks=parse_list(args.lock, ("local", "redis", "database"), "lock"),

@@ -1,10 +1,17 @@
-"""DBOS Transact reference rows: the same ``linear3`` and ``diamond`` shapes as DBOS workflows of steps.
+"""DBOS Transact reference rows: the ``linear3``, ``diamond`` and ``branch`` shapes as DBOS workflows of
+steps (``branch``: step A, then step B for an even input or step C for an odd one, then step D: a plain
+``if``, as a DBOS user would write it; DBOS records no skipped step), and ``fanout-children``: a parent
+workflow that starts 20 child workflows of the ``linear3`` shape with ``DBOS.start_workflow_async``
+(each start a checkpointed step, so a recovered parent does not start them twice) and awaits them all.
 
 DBOS keeps process-global state (one launched instance per process), so every measured run happens in
 a fresh subprocess (``python -m benchmarks.reference_dbos``) on a fresh PostgreSQL database that DBOS
 uses as its system database. The subprocess times itself (wall, CPU, peak RSS, per-workflow latency)
 and reads the database's commit counter before and after; the parent only creates and drops the
 database and parses the result line.
+
+The system database is PostgreSQL (``sys_db_pool_size = max(20, c + 4)``) or, for the SQLite rows, a
+fresh SQLite file (DBOS 2+ supports one; its commits are not counted).
 
 Launch modes: ``bounded`` (the default, the fastest measured) keeps ``concurrency`` workflows in flight
 with ``DBOS.start_workflow_async`` and awaits each handle; ``queue`` enqueues all ``n`` on a DBOS queue
@@ -27,7 +34,9 @@ from .isolated import print_result, run_module
 
 __all__ = ["DBOS_SHAPES", "DbosUnavailableError", "dbos_version", "run_dbos_once"]
 
-DBOS_SHAPES = ("linear3", "diamond")
+DBOS_SHAPES = ("linear3", "diamond", "branch", "fanout-children")
+FANOUT_CHILDREN = 20
+"""Child workflows (each a ``linear3``) one ``fanout-children`` parent starts and awaits."""
 LAUNCH_MODES = ("bounded", "queue")
 
 
@@ -50,17 +59,30 @@ async def run_dbos_once(
     n: int,
     concurrency: int,
     *,
-    admin: PgAdmin,
+    admin: PgAdmin | None = None,
     launch: str = "bounded",
     timeout_s: float = 1800.0,
+    sqlite_path: str | None = None,
 ) -> RunMeasurement:
-    """One measured DBOS run of ``n`` workflows of ``shape`` in a subprocess, on a fresh database."""
+    """One measured DBOS run of ``n`` workflows of ``shape`` in a subprocess, on a fresh database.
+
+    The system database is a fresh PostgreSQL database of ``admin``'s server or, with ``sqlite_path``
+    (a file that does not exist yet), a SQLite file; commits are counted on PostgreSQL only.
+    """
     if shape not in DBOS_SHAPES:
         raise ValueError(f"DBOS reference shapes are {DBOS_SHAPES}, got {shape!r}")
     if launch not in LAUNCH_MODES:
         raise ValueError(f"DBOS launch modes are {LAUNCH_MODES}, got {launch!r}")
     if dbos_version() is None:
         raise DbosUnavailableError("dbos is not installed: pip install 'asyncflow[bench]'")
+    if sqlite_path is not None:
+        args = [
+            "--shape", shape, "-n", str(n), "-c", str(concurrency), "--launch", launch,
+            "--dsn", f"sqlite:///{sqlite_path}",
+        ]  # fmt: skip
+        return await run_module("benchmarks.reference_dbos", args, timeout_s=timeout_s)
+    if admin is None:
+        raise ValueError("run_dbos_once needs admin (PostgreSQL) or sqlite_path")
     async with admin.fresh_database(f"dbos_{shape}") as db:
         args = [
             "--shape", shape, "-n", str(n), "-c", str(concurrency), "--launch", launch,
@@ -73,7 +95,7 @@ async def run_dbos_once(
 
 
 def _define_workflows() -> dict[str, Any]:
-    """The two shapes as DBOS async workflows of async steps with tiny outputs."""
+    """The shapes as DBOS async workflows of async steps with tiny outputs."""
     from dbos import DBOS as dbos
 
     @dbos.step()
@@ -92,10 +114,35 @@ def _define_workflows() -> dict[str, Any]:
         branches = await asyncio.gather(step(a), step(a), step(a), step(a))
         return await step(sum(branches))
 
-    return {"linear3": linear3, "diamond": diamond}
+    @dbos.step()
+    async def step_b(x: int) -> int:
+        return x + 1
+
+    @dbos.step()
+    async def step_c(x: int) -> int:
+        return x + 2
+
+    @dbos.workflow()
+    async def branch(x: int) -> int:
+        a = await step(x)
+        chosen = await (step_b(a) if x % 2 == 0 else step_c(a))
+        return await step(chosen)
+
+    @dbos.workflow()
+    async def fanout_children(x: int) -> int:
+        handles = [
+            await dbos.start_workflow_async(linear3, FANOUT_CHILDREN * x + k) for k in range(FANOUT_CHILDREN)
+        ]
+        return sum([await handle.get_result() for handle in handles])
+
+    return {"linear3": linear3, "diamond": diamond, "branch": branch, "fanout-children": fanout_children}
 
 
 def _expected(shape: str, x: int) -> int:
+    if shape == "fanout-children":  # the children's (FANOUT_CHILDREN * x + k) + 3, summed
+        return sum(FANOUT_CHILDREN * x + k + 3 for k in range(FANOUT_CHILDREN))
+    if shape == "branch":
+        return x + 3 if x % 2 == 0 else x + 4
     return x + 3 if shape == "linear3" else 4 * (x + 2) + 1
 
 
@@ -146,10 +193,11 @@ def _subprocess_main(argv: list[str]) -> int:
     parser.add_argument("-n", type=int, required=True)
     parser.add_argument("-c", type=int, required=True)
     parser.add_argument("--launch", choices=LAUNCH_MODES, default="bounded")
-    parser.add_argument("--database", required=True)
+    parser.add_argument("--database", default=None, help="PostgreSQL: the database, to count commits")
     parser.add_argument("--dsn", required=True)
-    parser.add_argument("--admin-url", required=True)
+    parser.add_argument("--admin-url", default=None)
     args = parser.parse_args(argv)
+    postgres = args.admin_url is not None and args.database is not None
 
     from dbos import DBOS
 
@@ -165,17 +213,17 @@ def _subprocess_main(argv: list[str]) -> int:
     )
     workflows = _define_workflows()
     DBOS.launch()
-    admin = PgAdmin(args.admin_url)
+    admin = PgAdmin(args.admin_url) if postgres else None
 
     async def measure() -> tuple[int, ResourceProbe, list[float]]:
-        before = await admin.xact_commit(args.database, wait_idle=False)
+        before = await admin.xact_commit(args.database, wait_idle=False) if admin is not None else 0
         probe, latencies = await _timed(DBOS, workflows[args.shape], args)
         return before, probe, latencies
 
     setup_s = time.perf_counter() - setup_start
     before, probe, latencies = asyncio.run(measure())
     DBOS.destroy()
-    after = asyncio.run(admin.xact_commit(args.database))
+    after = asyncio.run(admin.xact_commit(args.database)) if admin is not None else None
     print_result(
         RunMeasurement(
             n=args.n,
@@ -183,7 +231,7 @@ def _subprocess_main(argv: list[str]) -> int:
             cpu_s=probe.cpu_s,
             peak_rss_bytes=probe.peak_rss_bytes,
             latencies_s=latencies,
-            commits=after - before,
+            commits=None if after is None else after - before,  # SQLite: not counted
             setup_s=setup_s,
             extra={"launch": args.launch, "sys_db_pool_size": pool_size},
         )

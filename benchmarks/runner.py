@@ -24,9 +24,19 @@ from .reference_floor import run_floor_postgres, run_floor_sqlite
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALL_SCENARIOS", "BenchOptions", "asyncflow_unavailable", "run_benchmarks"]
+__all__ = [
+    "ALL_SCENARIOS",
+    "EXTRA_SCENARIOS",
+    "BenchOptions",
+    "asyncflow_unavailable",
+    "run_benchmarks",
+    "scenario_unavailable",
+]
 
-ALL_SCENARIOS = ("linear3", "linear3-wait", "diamond", "approval")
+ALL_SCENARIOS = ("linear3", "linear3-wait", "diamond", "approval", "branch")
+EXTRA_SCENARIOS = ("fanout-children",)
+"""Scenarios run only when named (``--scenario fanout-children``), never by ``all`` or ``none``: a
+``fanout-children`` workflow is 20 child workflows, so its rows take about 20 times as long."""
 _ENGINE_NAMES = (
     "Registry",
     "WorkflowService",
@@ -35,7 +45,15 @@ _ENGINE_NAMES = (
     "LocalWorkflowLock",
 )
 _MAX_FAILURES = 2  # a row that failed this often is not tried again in this run
-_NODE_COUNTS = {"linear3": 3, "linear3-wait": 3, "diamond": 6, "approval": 3}
+# nodes run per workflow; fanout-children: the parent's node (DBOS: its workflow) + 20 children x 3
+_NODE_COUNTS = {
+    "linear3": 3,
+    "linear3-wait": 3,
+    "diamond": 6,
+    "approval": 3,
+    "branch": 3,
+    "fanout-children": 61,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +95,17 @@ def asyncflow_unavailable(mode: str = "direct") -> str | None:
     return None
 
 
+def scenario_unavailable(scenario: str) -> str | None:
+    """``None`` if asyncflow has a workflow for ``scenario`` (:mod:`benchmarks.scenarios`), else why not."""
+    from .scenarios import SCENARIOS
+
+    if scenario in SCENARIOS:
+        return None
+    if scenario == "fanout-children":
+        return "the asyncflow side needs child workflows (af.start_child_workflow), not built yet"
+    return f"no asyncflow workflow for scenario {scenario!r}"
+
+
 @dataclass(slots=True)
 class _Row:
     key: report.RowKey
@@ -95,7 +124,11 @@ def _plan(
         skipped[label] = reason
 
     wants_floor = "floor" in options.references and (not options.scenarios or "linear3" in options.scenarios)
-    dbos_shapes = [s for s in DBOS_SHAPES if not options.scenarios or s in options.scenarios]
+    dbos_shapes = [
+        s
+        for s in DBOS_SHAPES
+        if s in options.scenarios or (not options.scenarios and s not in EXTRA_SCENARIOS)
+    ]
     for c in options.concurrencies:
         for backend in options.backends:
             if backend == "postgres" and pg is None:
@@ -108,8 +141,8 @@ def _plan(
                 for shape in dbos_shapes:
                     key = report.RowKey("dbos", shape, options.dbos_launch, backend, None, options.n, c,
                                         _NODE_COUNTS[shape])  # fmt: skip
-                    if backend != "postgres":
-                        continue  # the DBOS reference runs on PostgreSQL only
+                    if backend not in ("postgres", "sqlite"):
+                        continue  # the DBOS reference needs a database
                     elif dbos_version() is None:
                         skip(key.label(), "dbos is not installed: pip install 'asyncflow[bench]'")
                     else:
@@ -121,7 +154,11 @@ def _plan(
                             shown = None if options.observers == ("none",) else observer
                             key = report.RowKey("asyncflow", scenario, mode, backend, lock, options.n, c,
                                                 _NODE_COUNTS[scenario], shown)  # fmt: skip
-                            reason = asyncflow_unavailable(mode) or observers_unavailable(observer)
+                            reason = (
+                                scenario_unavailable(scenario)
+                                or asyncflow_unavailable(mode)
+                                or observers_unavailable(observer)
+                            )
                             if reason:
                                 skip(key.label(), reason)
                             elif lock == "redis" and "redis" in services:
@@ -147,6 +184,11 @@ def _dbos_runner(
     key: report.RowKey, pg: PgAdmin | None, launch: str
 ) -> Callable[[], Awaitable[RunMeasurement]]:
     async def run() -> RunMeasurement:
+        if key.backend == "sqlite":
+            with sqlite_file(f"dbos_{key.scenario}") as path:
+                return await run_dbos_once(
+                    key.scenario, key.n, key.concurrency, launch=launch, sqlite_path=path
+                )
         assert pg is not None
         return await run_dbos_once(key.scenario, key.n, key.concurrency, admin=pg, launch=launch)
 

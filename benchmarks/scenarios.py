@@ -1,4 +1,4 @@
-"""The benchmark workflows: configs and workers of the four scenarios, on a fresh ``asyncflow.Registry``.
+"""The benchmark workflows: configs and workers of the five scenarios, on a fresh ``asyncflow.Registry``.
 
 ==============  ==========================================  ===========  =================================
 scenario        shape (root and end implicit)               nodes/run    workers
@@ -8,6 +8,9 @@ linear3-wait    A → B → C                                   3            wai
 diamond         A → [B, C, D, E] → F                        6            synchronous
 approval        A → approve → B                             3            ``approve`` is not ready until
                                                                          the benchmark sends it an event
+branch          A → choose one of [B, C] → D (join "any")   3 of 4       ``A`` calls ``af.choose``: ``B``
+                                                                         for even instance ids, else
+                                                                         ``C``; the other is ``skipped``
 ==============  ==========================================  ===========  =================================
 
 Every worker writes a tiny output (``{"out": 1}``) into its node context. The last node's ``run``
@@ -37,22 +40,28 @@ class ScenarioSpec:
     nodes: tuple[tuple[str, tuple[str, ...]], ...]  # (node id, next nodes) in config order
     wait_check: bool = False
     approval_node: str | None = None
+    joins: tuple[tuple[str, str], ...] = ()  # (node id, join) for nodes whose join is not "all"
+    chooser: str | None = None  # this node's run picks one of its next nodes (af.choose)
+    skipped_per_run: int = 0  # config nodes a run skips (not counted as node steps)
 
     @property
     def node_count(self) -> int:
-        """Config nodes per run (root and end not counted): what "node steps" counts."""
-        return len(self.nodes)
+        """Config nodes a run executes (root, end and skipped nodes not counted): what "node steps" counts."""
+        return len(self.nodes) - self.skipped_per_run
 
     @property
     def last_node(self) -> str:
         return self.nodes[-1][0]
 
     def config(self) -> dict[str, Any]:
-        return {
-            "id": self.workflow_type,
-            "name": f"benchmark {self.name}",
-            "nodes": [{"id": node, "name": node, "next_nodes": list(nxt)} for node, nxt in self.nodes],
-        }
+        joins = dict(self.joins)
+        nodes = []
+        for node, nxt in self.nodes:
+            entry: dict[str, Any] = {"id": node, "name": node, "next_nodes": list(nxt)}
+            if node in joins:
+                entry["join"] = joins[node]
+            nodes.append(entry)
+        return {"id": self.workflow_type, "name": f"benchmark {self.name}", "nodes": nodes}
 
 
 _LINEAR = (("A", ("B",)), ("B", ("C",)), ("C", ()))
@@ -78,6 +87,14 @@ SCENARIOS: dict[str, ScenarioSpec] = {
             "bench_approval",
             (("A", (APPROVAL_NODE,)), (APPROVAL_NODE, ("B",)), ("B", ())),
             approval_node=APPROVAL_NODE,
+        ),
+        ScenarioSpec(
+            "branch",
+            "bench_branch",
+            (("A", ("B", "C")), ("B", ("D",)), ("C", ("D",)), ("D", ())),
+            joins=(("D", "any"),),
+            chooser="A",
+            skipped_per_run=1,
         ),
     )
 }
@@ -139,8 +156,13 @@ def build_registry(spec: ScenarioSpec, hooks: BenchHooks | None = None) -> af.Re
         hooks.waiting(af.current_node().instance_id)
         raise af.TaskNotReady("waiting for the benchmark's approval event")
 
+    async def choose(ctx: af.JSONContext) -> None:
+        ctx.set(["out"], 1)
+        successors = dict(spec.nodes)[spec.chooser or ""]
+        af.choose(successors[af.current_node().instance_id % len(successors)])
+
     for node, _ in spec.nodes:
-        run = last if node == spec.last_node else _output
+        run = last if node == spec.last_node else choose if node == spec.chooser else _output
         wait_check: Callable[[af.JSONContext], Any] | None = None
         if node == spec.approval_node:
             wait_check = approval_check

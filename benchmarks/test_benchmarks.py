@@ -29,7 +29,13 @@ from benchmarks.harness import (
 from benchmarks.isolated import RunFailedError, run_module
 from benchmarks.reference_dbos import dbos_version, run_dbos_once
 from benchmarks.reference_floor import COMMITS_PER_WORKFLOW, run_floor_postgres, run_floor_sqlite
-from benchmarks.runner import ALL_SCENARIOS, asyncflow_unavailable, describe_error, parse_list
+from benchmarks.runner import (
+    ALL_SCENARIOS,
+    asyncflow_unavailable,
+    describe_error,
+    parse_list,
+    scenario_unavailable,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 N = 20
@@ -136,14 +142,15 @@ async def test_floor_sqlite() -> None:
 
 @pytest.mark.benchmark
 @pytest.mark.postgres
-@pytest.mark.parametrize("shape", ["linear3", "diamond"])
+@pytest.mark.parametrize("shape", ["linear3", "diamond", "branch", "fanout-children"])
 async def test_dbos_reference(postgres_url: str, shape: str) -> None:
     if dbos_version() is None:
         pytest.skip("dbos is not installed: pip install 'asyncflow[bench]'")
-    m = await run_dbos_once(shape, N, C, admin=PgAdmin(postgres_url))
-    _check_measurement(m, N)
-    steps = 3 if shape == "linear3" else 6
-    assert m.commits is not None and m.commits >= N * steps  # DBOS checkpoints every step
+    n = 4 if shape == "fanout-children" else N  # 20 child workflows each
+    m = await run_dbos_once(shape, n, C, admin=PgAdmin(postgres_url))
+    _check_measurement(m, n)
+    steps = {"diamond": 6, "fanout-children": 20 * 3}.get(shape, 3)
+    assert m.commits is not None and m.commits >= n * steps  # DBOS checkpoints every step
 
 
 @pytest.mark.benchmark
@@ -332,3 +339,52 @@ def test_scenarios_build() -> None:
     for spec in SCENARIOS.values():
         definition = build_registry(spec).get_workflow_definition(spec.workflow_type)
         assert [node.task_type for node in definition.nodes][1:-1] == [node for node, _ in spec.nodes]
+
+
+async def test_branch_scenario_takes_one_branch_and_skips_the_other() -> None:
+    """The ``branch`` workflow runs A, one of B/C (by instance id parity) and D; the other ends skipped."""
+    import asyncflow as af
+    from benchmarks.scenarios import build_registry, get_scenario
+
+    spec = get_scenario("branch")
+    assert spec.node_count == 3 and dict(spec.joins) == {"D": "any"}
+    svc = af.WorkflowService(af.MemoryWorkflowRepo(), af.LocalWorkflowLock(), build_registry(spec))
+    skipped = []
+    for k in range(4):
+        inst = await svc.create_workflow(spec.workflow_type, f"b-{k}", run=True)
+        assert inst.status == "completed"
+        [detail] = await svc.query_workflow_instance_detail(
+            af.QueryWorkflowInstanceParams(workflow_instance_id=inst.id)
+        )
+        st = {t: detail.node(t).status for t in ("A", "B", "C", "D")}
+        assert st["A"] == st["D"] == "completed"
+        assert sorted((st["B"], st["C"])) == ["completed", "skipped"]
+        skipped.append("B" if st["B"] == "skipped" else "C")
+        assert skipped[-1] == ("C" if inst.id % 2 == 0 else "B")
+    assert set(skipped) == {"B", "C"}
+
+
+def test_fanout_children_runs_only_when_named_and_skips_the_missing_asyncflow_side() -> None:
+    from benchmarks.__main__ import _options, _parser
+
+    def scenarios(value: str) -> tuple[str, ...]:
+        return _options(_parser().parse_args(["run", "--scenario", value])).scenarios
+
+    assert "fanout-children" not in scenarios("all")
+    assert scenarios("linear3,fanout-children") == ("linear3", "fanout-children")
+    import asyncflow
+
+    if not hasattr(asyncflow, "start_child_workflow"):  # until child workflows land
+        reason = scenario_unavailable("fanout-children")
+        assert reason is not None and "start_child_workflow" in reason
+    assert scenario_unavailable("branch") is None
+
+
+@pytest.mark.benchmark
+async def test_dbos_reference_on_sqlite() -> None:
+    if dbos_version() is None:
+        pytest.skip("dbos is not installed: pip install 'asyncflow[bench]'")
+    with sqlite_file("dbos_test") as path:
+        m = await run_dbos_once("branch", N, C, sqlite_path=path)
+    _check_measurement(m, N)
+    assert m.commits is None  # counted on PostgreSQL only

@@ -2,19 +2,24 @@
 
 ::
 
-    root ─> validate_order ─┬─> reserve_stock ────┐
-                            ├─> charge_payment ───┼─> ship_order ─> notify_customer ─> end
-                            └─> manager_approval ─┘
+    root ─> validate_order ─┬─> reserve_stock ────┐                 ┌─> ship_order ─> notify_customer ─┐
+                            ├─> charge_payment ───┼─> route_order ──┤                                  ├─> end
+                            └─> manager_approval ─┘                 └─> refund ────────────────────────┘
 
 * ``validate_order`` checks the order (a synchronous node: ``run`` only).
 * ``reserve_stock``, ``charge_payment`` and ``manager_approval`` run in parallel (a fan-out);
-  ``ship_order`` waits for all three (a join).
+  ``route_order`` waits for all three (a join).
 * ``charge_payment`` talks to a flaky payment gateway: its first two attempts fail with an ordinary
   exception, which the engine retries with back-off; the third succeeds (``fail_count`` ends at 2).
 * ``manager_approval`` asks a manager (``run``) and then waits (``wait_check`` raises ``TaskNotReady``)
   until the decision arrives as an external event on the node
   (``WorkflowService.add_node_external_event`` or ``asyncflow event ID manager_approval --content
-  '{"approved": true}'``). A rejection fails the workflow (``TaskFailedTerminate``).
+  '{"approved": true}'``). A decision flagged ``"fraud": true`` fails the workflow
+  (``TaskFailedTerminate``); an approval or a plain rejection is recorded for ``route_order``.
+* ``route_order`` is a branch: it calls ``af.choose`` to follow ``ship_order`` for an approved order and
+  ``refund`` for a rejected one; the successor not chosen ends ``skipped`` (so does ``notify_customer``
+  after a skipped ``ship_order``), and the order still completes: ``end`` waits for each of its
+  predecessors to be done (completed or skipped).
 * ``notify_customer`` may fail without failing the order (``TaskFailedContinue``).
 
 Run it on a worker process with ``asyncflow worker asyncflow.demo.order:make_registry`` or see it all at
@@ -31,13 +36,23 @@ from ..context import JSONContext
 from ..errors import TaskFailedContinue, TaskFailedTerminate, TaskNotReady
 from ..registry import Registry
 from ..status import NODE_EVENT, PRE_NODE_CONTEXT, WORKFLOW_CONTEXT
-from ..worker import NormalTaskWorker, current_node
+from ..worker import NormalTaskWorker, choose, current_node
 
-__all__ = ["APPROVAL_LIMIT", "WORKFLOW_TYPE", "ApprovalDesk", "make_registry", "order_config"]
+__all__ = [
+    "APPROVAL_LIMIT",
+    "FRAUD_LIMIT",
+    "WORKFLOW_TYPE",
+    "ApprovalDesk",
+    "make_registry",
+    "order_config",
+]
 
 WORKFLOW_TYPE = "order_demo"
-APPROVAL_LIMIT = 900.0
-"""Orders above this amount are rejected by the (simulated) manager."""
+APPROVAL_LIMIT = 500.0
+"""Orders above this amount are rejected by the (simulated) manager: they take the ``refund`` branch."""
+
+FRAUD_LIMIT = 800.0
+"""Orders above this amount are blocked by the (simulated) manager as suspected fraud: they fail."""
 
 GATEWAY_FAILURES = 2
 """How many times the payment gateway fails before it accepts a charge."""
@@ -54,18 +69,20 @@ def order_config() -> WorkflowConfig:
                 name="Validate order",
                 next_nodes=("reserve_stock", "charge_payment", "manager_approval"),
             ),
-            NodeConfig(id="reserve_stock", name="Reserve stock", next_nodes=("ship_order",)),
+            NodeConfig(id="reserve_stock", name="Reserve stock", next_nodes=("route_order",)),
             NodeConfig(
-                id="charge_payment", name="Charge payment", next_nodes=("ship_order",), fail_max_count=5
+                id="charge_payment", name="Charge payment", next_nodes=("route_order",), fail_max_count=5
             ),
             NodeConfig(
                 id="manager_approval",
                 name="Manager approval",
-                next_nodes=("ship_order",),
+                next_nodes=("route_order",),
                 max_wait_time_ts=3600,
             ),
+            NodeConfig(id="route_order", name="Route order", next_nodes=("ship_order", "refund")),
             NodeConfig(id="ship_order", name="Ship order", next_nodes=("notify_customer",)),
             NodeConfig(id="notify_customer", name="Notify customer"),
+            NodeConfig(id="refund", name="Refund"),
         ),
     )
 
@@ -130,26 +147,47 @@ def make_approval_worker(desk: ApprovalDesk | None) -> NormalTaskWorker:
         if not ok or not isinstance(content, dict) or "approved" not in content:
             raise TaskNotReady("waiting for a manager's decision")
         ctx.set(["approved_by"], content.get("by", "unknown"))
-        if not content["approved"]:
+        if content.get("fraud"):
             raise TaskFailedTerminate(
-                f"rejected by {content.get('by', 'the manager')}: {content.get('reason')}"
+                f"blocked by {content.get('by', 'the manager')}: {content.get('reason')}"
             )
+        ctx.set(["approved"], bool(content["approved"]))
+        if not content["approved"]:
+            ctx.set(["rejection"], content.get("reason"))
 
     return NormalTaskWorker(run=ask, wait_check=decision)
 
 
-async def ship_order(ctx: JSONContext) -> None:
-    """Join: runs once stock, payment and approval are all done."""
+async def route_order(ctx: JSONContext) -> None:
+    """Join and branch: once stock, payment and approval are all done, ship or refund (``af.choose``)."""
     pre, _ = ctx.get(PRE_NODE_CONTEXT)
     pre = pre if isinstance(pre, dict) else {}
+    approval = pre.get("manager_approval", {})
     ctx.set(
-        ["shipment"],
+        ["order"],
         {
             "reservation": pre.get("reserve_stock", {}).get("reservation"),
             "payment_id": pre.get("charge_payment", {}).get("payment_id"),
-            "approved_by": pre.get("manager_approval", {}).get("approved_by"),
+            "charged": pre.get("charge_payment", {}).get("charged"),
+            "approved_by": approval.get("approved_by"),
         },
     )
+    choose("ship_order" if approval.get("approved") else "refund")  # the other one ends skipped
+
+
+async def ship_order(ctx: JSONContext) -> None:
+    """The approved branch: ship what was reserved and paid for."""
+    order, _ = ctx.get(PRE_NODE_CONTEXT, "route_order", "order")
+    ctx.set(["shipment"], order)
+
+
+async def refund(ctx: JSONContext) -> None:
+    """The rejected branch: give the money back and release the stock (the order completes refunded)."""
+    order, _ = ctx.get(PRE_NODE_CONTEXT, "route_order", "order")
+    order = order if isinstance(order, dict) else {}
+    ctx.set(["refunded"], order.get("charged"))
+    ctx.set(["refund_id"], f"REF-{current_node().instance_id:06d}")
+    ctx.set(["released"], order.get("reservation"))
 
 
 async def notify_customer(ctx: JSONContext) -> None:
@@ -169,8 +207,10 @@ def make_registry(desk: ApprovalDesk | None = None) -> Registry:
         "reserve_stock": NormalTaskWorker(run=reserve_stock),
         "charge_payment": NormalTaskWorker(run=charge_payment),
         "manager_approval": make_approval_worker(desk),
+        "route_order": NormalTaskWorker(run=route_order),
         "ship_order": NormalTaskWorker(run=ship_order),
         "notify_customer": NormalTaskWorker(run=notify_customer),
+        "refund": NormalTaskWorker(run=refund),
     }
     for task_key, worker in workers.items():
         registry.register_workflow_task(WORKFLOW_TYPE, task_key, worker)

@@ -24,11 +24,11 @@ from ..driver import WorkflowDriver
 from ..engine.rules import SchedulePolicy
 from ..engine.service import WorkflowService
 from ..errors import InvalidStateError, LockFailedError, TaskInstanceNotFoundError
-from ..records import NodeExternalEvent, QueryWorkflowInstanceParams
+from ..records import NodeExternalEvent, QueryTaskInstanceParams, QueryWorkflowInstanceParams
 from ..retry import RetryPolicy
-from ..status import TERMINAL_STATUSES, InstanceStatus
+from ..status import TERMINAL_STATUSES, InstanceStatus, TaskStatus
 from . import order
-from .order import APPROVAL_LIMIT, WORKFLOW_TYPE, ApprovalDesk, make_registry, sample_order
+from .order import APPROVAL_LIMIT, FRAUD_LIMIT, WORKFLOW_TYPE, ApprovalDesk, make_registry, sample_order
 
 __all__ = ["DemoResult", "run_demo", "run_demo_command"]
 
@@ -44,7 +44,11 @@ DEMO_CLAIM_LEASE = 2.0
 
 @dataclass(slots=True)
 class DemoResult:
-    """What a demo run did: instances by status, timings (seconds) and the driver's counters."""
+    """What a demo run did: instances by status, timings (seconds) and the driver's counters.
+
+    ``refunded`` counts the completed instances that took the ``refund`` branch (their ``ship_order``
+    was skipped); the other completed ones shipped.
+    """
 
     counts: dict[str, int]
     create_seconds: float
@@ -53,6 +57,7 @@ class DemoResult:
     errors: int
     lock_skips: int
     first_id: int
+    refunded: int = 0
     log_counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -108,13 +113,24 @@ async def _count(svc: WorkflowService, first_id: int) -> dict[str, int]:
     return counts
 
 
+async def _count_refunded(svc: WorkflowService, first_id: int, n: int) -> int:
+    """Instances of this run whose ``refund`` node completed (the branch ``route_order`` chose)."""
+    rows = await svc.repo.query_task_instances(
+        QueryTaskInstanceParams(task_type="refund", status_in=(TaskStatus.COMPLETED.value,))
+    )
+    return sum(1 for row in rows if first_id <= row.workflow_instance_id < first_id + n)
+
+
 async def _decide(svc: WorkflowService, desk: ApprovalDesk, instance_id: int, amount: float) -> None:
     await asyncio.sleep(random.uniform(0.005, 0.03))  # the manager reads the request
     approved = amount <= APPROVAL_LIMIT
+    fraud = amount > FRAUD_LIMIT
+    limit = FRAUD_LIMIT if fraud else APPROVAL_LIMIT
     content = {
         "approved": approved,
+        "fraud": fraud,
         "by": "demo-manager",
-        "reason": None if approved else f"amount {amount:.2f} is over the limit {APPROVAL_LIMIT:.2f}",
+        "reason": None if approved else f"amount {amount:.2f} is over the limit {limit:.2f}",
     }
     event = NodeExternalEvent(event_ts=int(time.time() * 1000), event_content=content)
     try:
@@ -196,6 +212,7 @@ async def run_demo(
         finally:
             manager.cancel()
     ended = time.monotonic()
+    refunded = await _count_refunded(svc, first_id, n)
     stats = driver.stats
     return DemoResult(
         counts=counts,
@@ -205,6 +222,7 @@ async def run_demo(
         errors=stats.errors,
         lock_skips=stats.lock_skips,
         first_id=first_id,
+        refunded=refunded,
     )
 
 
@@ -217,6 +235,14 @@ def _summary(result: DemoResult, n: int, db: str) -> str:
     ]
     rows.append(["total", sum(result.counts.values()), "100.0%"])
     lines.append(format_table(["STATUS", "INSTANCES", "SHARE"], rows, right=(1, 2)))
+    completed = result.counts.get("completed", 0)
+    outcomes = [
+        ("shipped (completed)", completed - result.refunded),
+        ("refunded (completed, branch)", result.refunded),
+        ("failed", result.counts.get("failed", 0)),
+    ]
+    by_outcome: list[list[object]] = [[name, count, f"{100 * count / n:.1f}%"] for name, count in outcomes]
+    lines += ["", format_table(["ORDERS", "INSTANCES", "SHARE"], by_outcome, right=(1, 2))]
     rate = result.finished / result.drive_seconds if result.drive_seconds > 0 else 0.0
     lines += [
         "",
@@ -241,9 +267,11 @@ def _summary(result: DemoResult, n: int, db: str) -> str:
     lines += [
         "",
         "Expected along the way: every charge_payment fails twice before it succeeds (retried with",
-        "back-off), some customer e-mails bounce (TaskFailedContinue: the order still completes), and",
-        f"orders over {APPROVAL_LIMIT:.0f} are rejected by the manager (TaskFailedTerminate: {failed} failed",
-        "instance(s) above). -v prints the engine's log.",
+        "back-off), some customer e-mails bounce (TaskFailedContinue: the order still completes),",
+        f"orders over {APPROVAL_LIMIT:.0f} are rejected by the manager and route_order sends them to the",
+        f"refund branch (af.choose: ship_order and notify_customer end skipped; {result.refunded} refunded),",
+        f"and orders over {FRAUD_LIMIT:.0f} are blocked as suspected fraud (TaskFailedTerminate: {failed}",
+        "failed instance(s) above). -v prints the engine's log.",
     ]
     return "\n".join(lines)
 

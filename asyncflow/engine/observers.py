@@ -68,7 +68,10 @@ class WorkflowObserver(Protocol):
     * ``trace_context()`` (plain only): a string stored with a new instance and handed back in
       ``NodeInfo.trace_context`` (the OpenTelemetry observer stores a W3C ``traceparent``).
 
-    Every ``node_started`` is followed by exactly one ``node_finished`` for the same ``NodeInfo``.
+    Every ``node_started`` is followed by exactly one ``node_finished`` for the same ``NodeInfo``. A node
+    that ends ``skipped`` (a branch not chosen, or a skip propagated by a join) never runs: it is
+    reported when its ``skipped`` row is written, as ``node_started`` immediately followed by
+    ``node_finished(node, "skipped", None, 0.0)``.
     """
 
 

@@ -548,6 +548,7 @@ class PassRunner:
         skipped = [t for t, w in extra if w.status == _SKIPPED]
         if skipped:
             self._skipped_with[task_type] = skipped
+            self._report_skipped(skipped)
         if instance_status is not None:
             logger.info(
                 "workflow instance %s completed",
@@ -750,7 +751,27 @@ class PassRunner:
             except ParamInvalidError:  # a worker left a context that is not JSON: store it sanitized
                 await self._apply([(t, _sanitized(w)) for t, w in writes], next_run_at=next_run_at)
         except _PassStopped:
-            pass
+            return
+        self._report_skipped([t for t, w in writes if w.status == _SKIPPED])
+
+    def _report_skipped(self, task_types: list[str]) -> None:
+        """Tell observers about nodes this pass has just written ``skipped`` (they never ran): each is
+        a ``node_started`` at once followed by ``node_finished(outcome="skipped", error=None, 0.0)``."""
+        observers = self._observers
+        if observers is None:
+            return
+        for task_type in task_types:
+            row = self._rows.get(task_type)
+            info = NodeInfo(
+                instance_id=self._instance.id,
+                workflow_type=self._instance.workflow_type,
+                business_id=self._instance.business_id,
+                task_type=task_type,
+                fail_count=0 if row is None else row.fail_count,
+                trace_context=self._instance.trace_context,
+            )
+            observers.node_started(info)
+            observers.node_finished(info, "skipped", None, 0.0)
 
     async def _reload(self) -> WorkflowInstance:
         record = await self._repo.get_workflow_instance(self._instance.id)

@@ -15,8 +15,9 @@ The node span is current while the worker runs, so spans the worker makes (HTTP 
 drivers) are its children. Attributes: ``asyncflow.workflow_type``, ``asyncflow.instance_id``,
 ``asyncflow.business_id``, ``asyncflow.task_type``, ``asyncflow.fail_count`` and
 ``asyncflow.outcome``; status ``ERROR`` on ``failed`` and ``retry``; the worker's exception is recorded
-as a span event on every failed outcome. Needs the ``otel`` extra (``opentelemetry-api``; install the
-SDK and an exporter in the application).
+as a span event on every failed outcome. A node a branch skipped (it never runs) gets one zero-length
+span with ``asyncflow.outcome`` ``skipped`` and status unset. Needs the ``otel`` extra
+(``opentelemetry-api``; install the SDK and an exporter in the application).
 """
 
 from __future__ import annotations

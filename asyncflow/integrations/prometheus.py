@@ -9,8 +9,9 @@
     # in the app's lifespan: async with metrics: ...  (refreshes the due backlog every few seconds)
 
 :class:`PrometheusObserver` counts what this process's passes did:
-``asyncflow_node_attempts_total{workflow_type,task_type,outcome}``,
-``asyncflow_node_duration_seconds{workflow_type,task_type}`` (histogram),
+``asyncflow_node_attempts_total{workflow_type,task_type,outcome}`` (a node a branch skipped counts once
+with ``outcome="skipped"``),
+``asyncflow_node_duration_seconds{workflow_type,task_type}`` (histogram of the attempts that ran),
 ``asyncflow_instances_created_total{workflow_type}`` and
 ``asyncflow_instances_finished_total{workflow_type,status}``.
 :class:`DriverMetrics` adds a driver's state: ``asyncflow_driver_passes_in_flight``,
@@ -92,10 +93,11 @@ class PrometheusObserver:
         self, node: NodeInfo, outcome: str, error: BaseException | None, duration: float
     ) -> None:
         key = (node.workflow_type, node.task_type)
-        histogram = self._durations.get(key)
-        if histogram is None:
-            histogram = self._durations[key] = self.node_duration.labels(*key)
-        histogram.observe(duration)
+        if outcome != "skipped":  # a skipped node never ran: counted, but no duration to observe
+            histogram = self._durations.get(key)
+            if histogram is None:
+                histogram = self._durations[key] = self.node_duration.labels(*key)
+            histogram.observe(duration)
         attempt_key = (*key, outcome)
         counter = self._attempts.get(attempt_key)
         if counter is None:

@@ -113,7 +113,7 @@ class Instances:
     fresh: int  # init: never run
     waiting: int  # running: manager_approval waits for its event; charge_payment failed once
     completed: int
-    failed: int  # rejected by the manager
+    failed: int  # blocked by the manager (a decision flagged as fraud)
 
 
 async def _populate(url: str) -> Instances:
@@ -132,7 +132,12 @@ async def _populate(url: str) -> Instances:
         for instance_id, approved in ((completed, True), (failed, False)):
             for _ in range(3):  # charge_payment succeeds on its third attempt
                 await svc.run_workflow(instance_id)
-            content = {"approved": approved, "by": "test", "reason": None if approved else "too expensive"}
+            content = {
+                "approved": approved,
+                "fraud": not approved,  # a plain rejection would take the refund branch and complete
+                "by": "test",
+                "reason": None if approved else "too expensive",
+            }
             await svc.add_node_external_event(instance_id, "manager_approval", NodeExternalEvent(1, content))
             await svc.run_workflow(instance_id)
         return Instances(fresh=fresh, waiting=waiting, completed=completed, failed=failed)

@@ -270,7 +270,7 @@ def test_graph(db_url: str, instances: Instances, tmp_path: pathlib.Path) -> Non
     mermaid = call_cli("graph", "order_demo", cwd=tmp_path)  # a definition needs no database
     assert mermaid.returncode == 0, mermaid.stderr
     assert mermaid.stdout.startswith("flowchart TD")
-    assert "Manager approval" in mermaid.stdout and mermaid.stdout.count("-->") == 9
+    assert "Manager approval" in mermaid.stdout and mermaid.stdout.count("-->") == 12
     dot = call_cli("graph", "order_demo", "--format", "dot", cwd=tmp_path)
     assert (
         dot.stdout.startswith('digraph "order_demo"') and '"ship_order" -> "notify_customer";' in dot.stdout

@@ -3,6 +3,7 @@ README's demo command in a fresh virtualenv installed from this checkout."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import pty
@@ -18,6 +19,7 @@ from .test_readme import DEMO_COMMAND
 
 
 def _check_summary(stdout: str, n: int) -> dict[str, int]:
+    """The status counts and the order outcomes of the summary (keys ``shipped``, ``refunded``)."""
     assert f"Summary: {n} orders of workflow 'order_demo'" in stdout, stdout
     counts = {
         status: int(count)
@@ -28,8 +30,14 @@ def _check_summary(stdout: str, n: int) -> dict[str, int]:
     assert sum(counts.values()) == n
     assert set(counts) <= {"completed", "failed"}  # every order finished
     assert re.search(rf"^total\s+{n}\s+100\.0%$", stdout, re.M)
+    shipped = re.search(r"^shipped \(completed\)\s+(\d+)\s+[\d.]+%$", stdout, re.M)
+    refunded = re.search(r"^refunded \(completed, branch\)\s+(\d+)\s+[\d.]+%$", stdout, re.M)
+    failed = re.search(r"^failed\s+(\d+)\s+[\d.]+%$", stdout, re.M)
+    assert shipped and refunded and failed, stdout
+    counts["shipped"], counts["refunded"] = int(shipped[1]), int(refunded[1])
+    assert counts["shipped"] + counts["refunded"] == counts.get("completed", 0)
     assert re.search(r"^throughput\s+[\d.]+ instances/s", stdout, re.M)
-    assert "DAG of order_demo" in stdout and "manager_approval" in stdout
+    assert "DAG of order_demo" in stdout and "manager_approval" in stdout and "refund" in stdout
     return counts
 
 
@@ -38,12 +46,20 @@ def test_demo_on_sqlite(tmp_path: pathlib.Path) -> None:
     result = run_cli("demo", "-n", "12", "--db", db, cwd=tmp_path, timeout=110)
     assert result.returncode == 0, result.stderr
     counts = _check_summary(result.stdout, 12)
-    assert counts.get("completed", 0) >= 1
+    # the orders are the same on every run: ORD-00003 is blocked (fraud), ORD-00006 rejected (refund)
+    assert (counts["shipped"], counts["refunded"], counts.get("failed", 0)) == (10, 1, 1), result.stdout
     assert "progress: 12/12 finished" in result.stderr  # plain progress lines when not a terminal
     assert "\r" not in result.stderr
     assert "Traceback" not in result.stderr and "WARNING" not in result.stderr  # the log is tallied
     shown = call_cli("show", "1", "--json", "--db", db, cwd=tmp_path)
     assert '"fail_count": 2' in shown.stdout  # charge_payment failed twice, then succeeded
+    refunded = json.loads(call_cli("show", "6", "--json", "--db", db, cwd=tmp_path).stdout)
+    nodes = {t["task_type"]: t["status"] for t in refunded["task_instances"]}
+    assert refunded["business_id"] == "ORD-00006" and refunded["status"] == "completed"
+    assert (nodes["route_order"], nodes["refund"]) == ("completed", "completed")
+    assert (nodes["ship_order"], nodes["notify_customer"]) == ("skipped", "skipped")  # the branch not taken
+    blocked = json.loads(call_cli("show", "3", "--json", "--db", db, cwd=tmp_path).stdout)
+    assert blocked["status"] == "failed"
 
 
 @pytest.mark.postgres
@@ -51,7 +67,8 @@ def test_demo_on_postgres(tmp_path: pathlib.Path, postgres_url: str) -> None:
     with scratch_database(postgres_url, f"demo_{uuid.uuid4().hex[:12]}") as url:
         result = run_cli("demo", "-n", "10", "--no-progress", "--db", url, cwd=tmp_path, timeout=110)
     assert result.returncode == 0, result.stderr
-    _check_summary(result.stdout, 10)
+    counts = _check_summary(result.stdout, 10)
+    assert (counts["shipped"], counts["refunded"], counts.get("failed", 0)) == (8, 1, 1), result.stdout
     assert "progress:" not in result.stderr
 
 

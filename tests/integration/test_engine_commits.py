@@ -12,6 +12,7 @@ from asyncflow.engine.service import WorkflowService
 from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.store.commit_counter import CommitCounter
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+from asyncflow.worker import choose
 from tests.conftest import POSTGRES_URL_ENV, isolated_pg_engine
 
 from .engine_helpers import Calls, config, recording_worker, registry_with
@@ -76,3 +77,58 @@ async def test_counter_sees_explicit_and_autocommit_writes(sql_repo: Any) -> Non
         async with sql_repo.transaction():
             await svc.create_workflow("one", "c")
         assert counter.commits == 2
+
+
+def _choose(*task_types: str) -> Any:
+    def run(ctx: Any) -> None:
+        choose(*task_types)
+
+    return run
+
+
+async def _measure(repo: Any, edges: dict[str, list[str]], name: str, **options: Any) -> tuple[int, int, str]:
+    """Commits and ``apply_step`` calls of one instance (after a warm-up one), and its final status."""
+    calls = Calls()
+    cfg = config(name, edges, **options)
+    workers = {"A": recording_worker(calls, _choose("B"))} if "C" in edges else {}
+    svc = WorkflowService(repo, LocalWorkflowLock(), registry_with(cfg, calls, workers))
+    await svc.create_workflow(name, "warm-up", run=True)
+    steps = 0
+    apply_step = repo.apply_step
+
+    async def counted(step: Any) -> Any:
+        nonlocal steps
+        steps += 1
+        return await apply_step(step)
+
+    repo.apply_step = counted  # the real store underneath: this only counts the calls
+    try:
+        with CommitCounter(repo.engine) as counter:
+            inst = await svc.create_workflow(name, "b", run=True)
+    finally:
+        del repo.apply_step
+    return counter.commits, steps, inst.status
+
+
+@pytest.mark.parametrize(
+    "branch",
+    [
+        {"A": ["B", "C"], "B": ["D"], "C": ["D"], "D": []},  # C skipped
+        {"A": ["B", "C"], "B": ["D"], "C": ["E"], "E": ["F"], "F": ["D"], "D": []},  # C, E, F skipped
+    ],
+    ids=["one-skipped", "three-skipped"],
+)
+async def test_skips_cost_no_more_writes_than_completions(
+    sql_repo: Any, branch: dict[str, list[str]]
+) -> None:
+    """A -> choose(B) of [B, C] -> D (join any) commits no more than the linear A -> B -> D: the skipped
+    rows ride in the step that completes A."""
+    linear_commits, linear_steps, linear_status = await _measure(
+        sql_repo, {"A": ["B"], "B": ["D"], "D": []}, "lin-abd"
+    )
+    commits, steps, status = await _measure(sql_repo, branch, f"branch-{len(branch)}", D={"join": "any"})
+    assert linear_status == status == "completed"
+    print(f"branch: {commits} commits, {steps} steps; linear A-B-D: {linear_commits}, {linear_steps}")
+    assert linear_commits >= 1 and linear_steps >= 1
+    assert commits <= linear_commits, (commits, linear_commits)
+    assert steps <= linear_steps, (steps, linear_steps)

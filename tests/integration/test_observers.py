@@ -248,3 +248,67 @@ async def test_without_observers_nothing_is_stored_and_bad_observers_are_refused
     await svc.run_workflow((await svc.create_workflow("one", "c")).id)
     assert rec.events[0][0] == "created"
     assert rec.events[-1][2] == "completed"
+
+
+# check picks one of approve / reject; both feed notify (join all: a skip propagates to it)
+BRANCH = {"check": ["approve", "reject"], "approve": ["notify"], "reject": ["notify"], "notify": []}
+
+
+def branch_service(repo: Any, lock: Any, rec: Recorder, pick: str, join: str = "all") -> af.WorkflowService:
+    def check(ctx: Any) -> None:
+        af.choose(pick)
+
+    calls = Calls()
+    registry = registry_with(
+        config("branch", BRANCH, notify={"join": join}), calls, {"check": recording_worker(calls, check)}
+    )
+    return af.WorkflowService(repo, lock, registry, observers=[rec])
+
+
+async def test_a_skipped_node_is_reported_with_outcome_skipped(engine_repo: Any, local_lock: Any) -> None:
+    rec = Recorder()
+    svc = branch_service(engine_repo, local_lock, rec, "reject")
+    inst = await svc.create_workflow("branch", "s-1", run=True)
+    assert inst.status == "completed"
+    finished = [e[1:] for e in rec.events if e[0] == "finished"]
+    # approve was not chosen, notify (join all) skipped with it: both reported once, without an error
+    assert sorted(finished) == [
+        ("approve", "skipped", None),
+        ("check", "completed", None),
+        ("notify", "skipped", None),
+        ("reject", "completed", None),
+    ]
+    nodes = rec.node_events()
+    for task_type in ("approve", "notify"):  # node_started right before node_finished, as for attempts
+        at = nodes.index(("finished", task_type, "skipped", None))
+        assert nodes[at - 1] == ("started", task_type, 0)
+    assert rec.events[-1] == ("ended", inst.id, "completed")
+
+
+async def test_a_restarted_node_skipped_again_is_reported_again(engine_repo: Any, local_lock: Any) -> None:
+    rec = Recorder()
+    svc = branch_service(engine_repo, local_lock, rec, "approve", join="any")
+    inst = await svc.create_workflow("branch", "s-2", run=True)
+    assert ("finished", "reject", "skipped", None) in rec.events
+    rec.events.clear()
+    await svc.restart_workflow_node(inst.id, "reject", force=True, run=True)  # skipped at the pass's end
+    assert rec.node_events()[:2] == [("started", "reject", 0), ("finished", "reject", "skipped", None)]
+
+
+async def test_a_skip_not_written_is_not_reported() -> None:
+    """A pass that stops before its skips are stored (the instance was canceled under it) tells nothing."""
+    rec = Recorder()
+    holder: dict[str, af.WorkflowService] = {}
+
+    async def cancel_then_choose(ctx: Any) -> None:
+        await holder["svc"].cancel_workflow_instance(current_node().instance_id)
+        af.choose("reject")
+
+    registry = registry_with(
+        config("branch", BRANCH), Calls(), {"check": NormalTaskWorker(run=cancel_then_choose)}
+    )
+    svc = holder["svc"] = service(registry, rec)
+    inst = await svc.create_workflow("branch", "s-3")
+    await svc.run_workflow(inst.id)
+    assert not [e for e in rec.events if e[0] == "finished" and e[2] == "skipped"]
+    assert ("finished", "check", "interrupted", None) in rec.events

@@ -126,3 +126,33 @@ async def test_a_pass_run_in_another_traced_operation_links_to_it() -> None:
     span = node_spans(exporter)["A"]
     assert span.context.trace_id == creating.get_span_context().trace_id  # the stored trace wins
     assert [link.context.span_id for link in span.links] == [later.get_span_context().span_id]
+
+
+async def test_a_skipped_node_gets_a_span_with_outcome_skipped_and_no_error(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    provider, exporter = tracing()
+    calls = Calls()
+
+    def check(ctx: Any) -> None:
+        af.choose("ship")
+
+    registry = registry_with(
+        config("route", {"check": ["ship", "refund"], "ship": [], "refund": []}),
+        calls,
+        {"check": recording_worker(calls, check)},
+    )
+    svc = af.WorkflowService(
+        engine_repo, local_lock, registry, observers=[OpenTelemetryObserver(tracer_provider=provider)]
+    )
+    tracer = provider.get_tracer("app")
+    with tracer.start_as_current_span("POST /route") as request:
+        inst = await svc.create_workflow("route", "r-1")
+    assert (await svc.run_workflow(inst.id)).status == "completed"
+    spans = node_spans(exporter)
+    assert set(spans) == {"check", "ship", "refund"}
+    refund = spans["refund"]
+    assert refund.attributes["asyncflow.outcome"] == "skipped"
+    assert refund.status.status_code is StatusCode.UNSET and not refund.events
+    assert refund.context.trace_id == request.get_span_context().trace_id  # in the instance's trace
+    assert spans["ship"].attributes["asyncflow.outcome"] == "completed"

@@ -76,3 +76,45 @@ async def test_driver_metrics_show_in_flight_backlog_and_claims() -> None:
     assert sample("asyncflow_driver_claim_seconds_total") > 0
     text = generate_latest(metrics_registry).decode()
     assert "# TYPE asyncflow_driver_passes_in_flight gauge" in text
+
+
+async def test_a_skipped_node_is_counted_with_outcome_skipped_without_a_duration(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    calls = Calls()
+
+    def check(ctx: Any) -> None:
+        af.choose("refund")
+
+    registry = registry_with(
+        config("route", {"check": ["ship", "refund"], "ship": ["mail"], "refund": [], "mail": []}),
+        calls,
+        {"check": recording_worker(calls, check)},
+    )
+    metrics = CollectorRegistry()
+    svc = af.WorkflowService(engine_repo, local_lock, registry, observers=[PrometheusObserver(metrics)])
+    for n in range(2):
+        assert (await svc.create_workflow("route", f"r-{n}", run=True)).status == "completed"
+    sample = metrics.get_sample_value
+    attempts = "asyncflow_node_attempts_total"
+    for task_type in ("ship", "mail"):  # not chosen, and skipped after it
+        assert sample(attempts, {"workflow_type": "route", "task_type": task_type, "outcome": "skipped"}) == 2
+        assert (
+            sample(attempts, {"workflow_type": "route", "task_type": task_type, "outcome": "completed"})
+            is None
+        )
+        assert (
+            sample(
+                "asyncflow_node_duration_seconds_count", {"workflow_type": "route", "task_type": task_type}
+            )
+            is None
+        )
+    assert sample(attempts, {"workflow_type": "route", "task_type": "refund", "outcome": "completed"}) == 2
+    assert (
+        sample("asyncflow_node_duration_seconds_count", {"workflow_type": "route", "task_type": "refund"})
+        == 2
+    )
+    assert (
+        sample("asyncflow_instances_finished_total", {"workflow_type": "route", "status": "completed"}) == 2
+    )
+    assert 'outcome="skipped"' in generate_latest(metrics).decode()
