@@ -349,11 +349,16 @@ def test_purge(db_url: str, instances: Instances, tmp_path: pathlib.Path) -> Non
     dry = call_cli("purge", "--older-than", "0", "--dry-run", "--db", db_url, cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
     assert "would purge 2 instance(s)" in dry.stdout  # the completed and the failed one
+    capped = call_cli("purge", "--older-than", "0", "--dry-run", "--limit", "1", "--db", db_url, cwd=tmp_path)
+    assert "would purge 1 instance(s)" in capped.stdout
     gone = call_cli("purge", "--older-than", "0s", "--status", "failed", "--db", db_url, cwd=tmp_path)
     assert gone.returncode == 0, gone.stderr
     assert "purged 1 instance(s)" in gone.stdout
     assert_clean_error(call_cli("show", str(instances.failed), "--db", db_url, cwd=tmp_path), 1, "not found")
     assert call_cli("show", str(instances.completed), "--db", db_url, cwd=tmp_path).returncode == 0
+    assert_clean_error(
+        call_cli("purge", "--older-than", "0", "--limit", "0", "--db", db_url, cwd=tmp_path), 2, "--limit"
+    )
     assert_clean_error(
         call_cli("purge", "--older-than", "0", "--status", "running", "--db", db_url, cwd=tmp_path),
         2,
