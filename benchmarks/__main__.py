@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import dashboard, report
 from .observers import OBSERVERS
-from .runner import ALL_SCENARIOS, BenchOptions, parse_list, run_benchmarks
+from .runner import ALL_SCENARIOS, SLOW_SCENARIOS, BenchOptions, parse_list, run_benchmarks
 
 README = Path(__file__).resolve().parent / "README.md"
 
@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run benchmark rows")
-    scenarios = ", ".join(ALL_SCENARIOS)
+    scenarios = ", ".join(ALL_SCENARIOS + SLOW_SCENARIOS)
     run.add_argument("--scenario", default="linear3", help=f"{scenarios} (comma list), all or none")
     run.add_argument("--mode", default="direct", help="direct, driver or all")
     run.add_argument("--backend", default="postgres", help="postgres, sqlite, memory (comma list) or all")
@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--observer", default="none",
                      help="asyncflow rows with these service observers: none, noop, prometheus, otel "
                      "(comma list) or all; each is a row of its own")  # fmt: skip
+    run.add_argument("--visible-after", default="none",
+                     help="asyncflow rows with these WorkflowService(visible_after=): none or seconds "
+                     "(comma list, e.g. none,1); each is a row of its own")  # fmt: skip
     run.add_argument("--json", metavar="FILE", help="write the results as JSON")
     run.add_argument("--readme", nargs="?", const=str(README), metavar="PATH",
                      help="rewrite the results table of benchmarks/README.md (or PATH)")  # fmt: skip
@@ -68,7 +71,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
     if args.repeat < 1:
         raise ValueError("--repeat must be at least 1")
     return BenchOptions(
-        scenarios=parse_list(args.scenario, ALL_SCENARIOS, "scenario"),
+        scenarios=parse_list(args.scenario, ALL_SCENARIOS + SLOW_SCENARIOS, "scenario"),
         modes=parse_list(args.mode, ("direct", "driver"), "mode"),
         backends=parse_list(args.backend, ("postgres", "sqlite", "memory"), "backend"),
         locks=parse_list(args.lock, ("local", "redis", "database"), "lock"),
@@ -83,7 +86,20 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         dbos_launch=args.dbos_launch,
         pool_size=args.pool_size,
         observers=parse_list(args.observer, OBSERVERS, "observer") or ("none",),
+        visible_after=_visible_after(args.visible_after),
     )
+
+
+def _visible_after(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in str(text).split(",") if v.strip()) or ("none",)
+    for value in values:
+        if value != "none":
+            try:
+                if float(value) < 0:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"--visible-after needs none or seconds >= 0, got {value!r}") from None
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:

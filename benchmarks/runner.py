@@ -7,6 +7,7 @@ reason; a row that fails is reported as failed; neither stops the other rows.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shlex
@@ -24,9 +25,11 @@ from .reference_floor import run_floor_postgres, run_floor_sqlite
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALL_SCENARIOS", "BenchOptions", "asyncflow_unavailable", "run_benchmarks"]
+__all__ = ["ALL_SCENARIOS", "SLOW_SCENARIOS", "BenchOptions", "asyncflow_unavailable", "run_benchmarks"]
 
 ALL_SCENARIOS = ("linear3", "linear3-wait", "diamond", "approval")
+SLOW_SCENARIOS = ("slow2",)
+"""Named only, never part of ``--scenario all``: a node that works for 2 s (``visible_after``'s writes)."""
 _ENGINE_NAMES = (
     "Registry",
     "WorkflowService",
@@ -35,7 +38,7 @@ _ENGINE_NAMES = (
     "LocalWorkflowLock",
 )
 _MAX_FAILURES = 2  # a row that failed this often is not tried again in this run
-_NODE_COUNTS = {"linear3": 3, "linear3-wait": 3, "diamond": 6, "approval": 3}
+_NODE_COUNTS = {"linear3": 3, "linear3-wait": 3, "diamond": 6, "approval": 3, "slow2": 3}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +60,7 @@ class BenchOptions:
     pool_size: int | None = None
     dbos_launch: str = "bounded"
     observers: tuple[str, ...] = ("none",)
+    visible_after: tuple[str, ...] = ("none",)  # the service's visible_after: "none" or seconds
     command: str = field(default_factory=lambda: "python -m benchmarks " + shlex.join(sys.argv[1:]))
 
 
@@ -117,10 +121,11 @@ def _plan(
             for scenario in options.scenarios:
                 for mode in options.modes:
                     for lock in options.locks:
-                        for observer in options.observers:
+                        for observer, visible in itertools.product(options.observers, options.visible_after):
                             shown = None if options.observers == ("none",) else observer
+                            va = None if options.visible_after == ("none",) else visible
                             key = report.RowKey("asyncflow", scenario, mode, backend, lock, options.n, c,
-                                                _NODE_COUNTS[scenario], shown)  # fmt: skip
+                                                _NODE_COUNTS[scenario], shown, va)  # fmt: skip
                             reason = asyncflow_unavailable(mode) or observers_unavailable(observer)
                             if reason:
                                 skip(key.label(), reason)
@@ -169,6 +174,7 @@ def _asyncflow_runner(key: report.RowKey, options: BenchOptions) -> Callable[[],
             create=options.create,
             pool_size=options.pool_size,
             observer=key.observer or "none",
+            visible_after=None if key.visible_after in (None, "none") else float(key.visible_after),
         )
         pg_url = options.pg_url if key.backend == "postgres" else None
         redis_url = options.redis_url if key.lock == "redis" else None
@@ -290,7 +296,7 @@ async def _redis_version(url: str) -> str | None:
 def parse_list(value: str, allowed: Sequence[str], name: str) -> tuple[str, ...]:
     """``"a,b"`` → ``("a", "b")``, ``"all"`` → every allowed value, ``"none"`` → ``()``."""
     if value == "all":
-        return tuple(allowed)
+        return tuple(a for a in allowed if a not in SLOW_SCENARIOS)
     if value in ("none", ""):
         return ()
     items = tuple(item.strip() for item in value.split(",") if item.strip())

@@ -8,6 +8,8 @@ linear3-wait    A → B → C                                   3            wai
 diamond         A → [B, C, D, E] → F                        6            synchronous
 approval        A → approve → B                             3            ``approve`` is not ready until
                                                                          the benchmark sends it an event
+slow2           A → S → C                                   3            ``S`` works for 2 s (a sleep):
+                                                                         what ``visible_after`` shows
 ==============  ==========================================  ===========  =================================
 
 Every worker writes a tiny output (``{"out": 1}``) into its node context. The last node's ``run``
@@ -16,6 +18,7 @@ reports the instance as done to :class:`BenchHooks`, which is how driver mode ti
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +29,8 @@ import asyncflow as af
 __all__ = ["SCENARIOS", "BenchHooks", "ScenarioSpec", "build_registry", "get_scenario"]
 
 APPROVAL_NODE = "approve"
+SLOW_NODE = "S"
+SLOW_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,7 @@ class ScenarioSpec:
     nodes: tuple[tuple[str, tuple[str, ...]], ...]  # (node id, next nodes) in config order
     wait_check: bool = False
     approval_node: str | None = None
+    slow_node: str | None = None  # its run sleeps SLOW_SECONDS
 
     @property
     def node_count(self) -> int:
@@ -79,6 +85,9 @@ SCENARIOS: dict[str, ScenarioSpec] = {
             (("A", (APPROVAL_NODE,)), (APPROVAL_NODE, ("B",)), ("B", ())),
             approval_node=APPROVAL_NODE,
         ),
+        ScenarioSpec(
+            "slow2", "bench_slow2", (("A", (SLOW_NODE,)), (SLOW_NODE, ("C",)), ("C", ())), slow_node=SLOW_NODE
+        ),
     )
 }
 
@@ -116,6 +125,11 @@ async def _output(ctx: af.JSONContext) -> None:
     ctx.set(["out"], 1)
 
 
+async def _slow(ctx: af.JSONContext) -> None:
+    await asyncio.sleep(SLOW_SECONDS)
+    ctx.set(["out"], 1)
+
+
 async def _ready(ctx: af.JSONContext) -> None:
     return None
 
@@ -140,7 +154,7 @@ def build_registry(spec: ScenarioSpec, hooks: BenchHooks | None = None) -> af.Re
         raise af.TaskNotReady("waiting for the benchmark's approval event")
 
     for node, _ in spec.nodes:
-        run = last if node == spec.last_node else _output
+        run = last if node == spec.last_node else _slow if node == spec.slow_node else _output
         wait_check: Callable[[af.JSONContext], Any] | None = None
         if node == spec.approval_node:
             wait_check = approval_check
