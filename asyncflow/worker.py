@@ -287,8 +287,8 @@ async def heartbeat(progress: object = None) -> None:
     ``system.progress``, so queries, ``asyncflow show``/``ls`` and the dashboard show it while the node
     runs; the node becomes visible as ``running`` (with its ``started_at``) at the latest one throttle
     interval after it started. Writes are throttled: at most one per interval (the service's
-    ``visible_after``, 1 s without it); calls in between only replace the progress the next write
-    stores, and the node's final write keeps the last one. It never waits for the database.
+    ``visible_after``, at least 0.1 s; 1 s without it); calls in between only replace the progress
+    the next write stores, and the node's final write keeps the last one. It never waits for the database.
 
     Raises :class:`~asyncflow.errors.InvalidStateError` outside a worker's ``run``/``wait_check`` and
     :class:`~asyncflow.errors.ParamInvalidError` for a ``progress`` that is not JSON.

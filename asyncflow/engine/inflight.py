@@ -1,11 +1,14 @@
 """Work in flight: a node attempt that lasts is stored as ``running`` (or keeps ``pending``) with its
 progress while it runs.
 
-A :class:`NodeWatch` accompanies every worker call of a pass. It costs nothing in the database for a
-quick node: with ``visible_after`` set, one timer (``loop.call_later``) is armed when the call starts
-and cancelled when it ends. Only when the timer fires (the call has lasted ``visible_after`` seconds)
-does the pass write the node's row as ``running`` with its ``started_at`` (one step, fenced by the
-pass's lease epoch like every other step). ``af.heartbeat(progress)`` keeps the latest progress and
+A :class:`NodeWatch` accompanies every worker call of a pass. It costs a quick node no write and next
+to no CPU: with ``visible_after`` set, the call is entered in the service's :class:`Watchtower` (a dict
+entry) when it starts and removed when it ends. The watchtower is one task per service that wakes every
+quarter of ``visible_after`` while calls are in flight (and ends when none are); for a call that has
+lasted ``visible_after`` seconds it has the pass write the node's row as ``running`` with its
+``started_at`` (one step, fenced by the pass's lease epoch like every other step). Arming an event
+loop timer per call instead cost about 4.7 us of CPU per node on the reference machine; the dict
+entry about 0.6 us. ``af.heartbeat(progress)`` keeps the latest progress and
 writes it at most once per interval (throttled, trailing: the last progress reported is written).
 
 The final write of the node is never overtaken by one of these: the call's end closes the watch (no
@@ -16,7 +19,9 @@ row that write left (its version) and is applied after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..status import SYSTEM
@@ -25,12 +30,15 @@ if TYPE_CHECKING:
     from ..definition import NodeDefinition
     from .runner import PassRunner
 
-__all__ = ["DEFAULT_BEAT_INTERVAL", "NO_PROGRESS", "PROGRESS", "NodeWatch"]
+__all__ = ["DEFAULT_BEAT_INTERVAL", "MIN_BEAT_INTERVAL", "NO_PROGRESS", "PROGRESS", "NodeWatch", "Watchtower"]
 
 logger = logging.getLogger("asyncflow.engine")
 
 DEFAULT_BEAT_INTERVAL = 1.0
 """Seconds between heartbeat writes when the service has no ``visible_after``."""
+
+MIN_BEAT_INTERVAL = 0.1
+"""The shortest time between two heartbeat writes of a node, even with a smaller ``visible_after``."""
 
 PROGRESS = "progress"
 """The key under the node context's ``system`` where :func:`~asyncflow.heartbeat` stores progress."""
@@ -56,7 +64,9 @@ class NodeWatch:
         "_runner",
         "_started_at",
         "_timer",
+        "_tower",
         "_visible",
+        "_watched",
         "_writer",
     )
 
@@ -69,6 +79,7 @@ class NodeWatch:
         fail_count: int,
         started_at: int,
         visible_after: float | None,
+        tower: Watchtower | None,
     ) -> None:
         self._runner = runner
         self._node = node
@@ -78,7 +89,9 @@ class NodeWatch:
         self._started_at = started_at
         row = runner.row_of(node.task_type)
         self._visible = row is not None and row.status == phase  # already stored in this phase
-        self._interval = DEFAULT_BEAT_INTERVAL if visible_after is None else visible_after
+        self._interval = (
+            DEFAULT_BEAT_INTERVAL if visible_after is None else max(visible_after, MIN_BEAT_INTERVAL)
+        )
         self._last = runner.clock.monotonic()  # of the start, then of the last write (throttle)
         self._timer: asyncio.TimerHandle | None = None
         self._overdue: asyncio.TimerHandle | None = None
@@ -87,8 +100,10 @@ class NodeWatch:
         self._dirty = False
         self._closed = False
         self._progress: Any = NO_PROGRESS
-        if visible_after is not None and not self._visible:
-            self._timer = asyncio.get_running_loop().call_later(visible_after, self._due)
+        self._tower = tower
+        self._watched = tower is not None and not self._visible
+        if self._watched:
+            tower.add(self)  # type: ignore[union-attr]
         if node.max_wait_time_ts > 0:
             self._arm_overdue()
 
@@ -104,8 +119,8 @@ class NodeWatch:
             return
         self._progress = progress
         self._dirty = True
-        if self._writer is not None or self._timer is not None:
-            return  # the write in flight loops once more / the armed timer writes it
+        if self._writer is not None or self._timer is not None or self._watched:
+            return  # the write in flight loops once more / the timer or the watchtower writes it
         wait = self._interval - (self._runner.clock.monotonic() - self._last)
         if wait <= 0:
             self._start_writer()
@@ -131,12 +146,22 @@ class NodeWatch:
         return self._writer
 
     def _cancel_timers(self) -> None:
+        if self._watched:
+            self._watched = False
+            self._tower.discard(self)  # type: ignore[union-attr]
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._overdue is not None:
             self._overdue.cancel()
             self._overdue = None
+
+    def visible_due(self) -> None:
+        """The watchtower: the call has lasted ``visible_after``; store the node as in flight."""
+        self._watched = False
+        if self._closed or self._writer is not None or self._visible:
+            return
+        self._start_writer()
 
     def _due(self) -> None:
         self._timer = None
@@ -188,3 +213,52 @@ class NodeWatch:
             self._overdue = asyncio.get_running_loop().call_later(max(left, 1.0), self._check_overdue)
             return
         runner.warn_overdue(self._node, age)
+
+
+class Watchtower:
+    """The ``visible_after`` clock of one service: the calls in flight and when each becomes visible.
+
+    One task (``asyncflow-visible-after``) wakes every quarter of ``visible_after`` (at least 5 ms) while
+    calls are entered, so a slow node is stored within 1.25 x ``visible_after`` of its start; it ends
+    after a few idle ticks and starts again with the next call. :meth:`aclose` cancels it.
+    """
+
+    def __init__(self, visible_after: float) -> None:
+        self._after = visible_after
+        self._tick = max(visible_after / 4, 0.005)
+        self._watches: dict[NodeWatch, float] = {}  # watch -> time.monotonic() it becomes visible
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, watch: NodeWatch) -> None:
+        self._watches[watch] = time.monotonic() + self._after
+        task = self._task
+        if task is None or task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="asyncflow-visible-after")
+
+    def discard(self, watch: NodeWatch) -> None:
+        self._watches.pop(watch, None)
+
+    async def _run(self) -> None:
+        idle = 0
+        while idle < 4:
+            await asyncio.sleep(self._tick)
+            if not self._watches:
+                idle += 1
+                continue
+            idle = 0
+            now = time.monotonic()
+            due = [watch for watch, at in self._watches.items() if at <= now]
+            for watch in due:
+                del self._watches[watch]
+                try:
+                    watch.visible_due()
+                except Exception:  # never let one node stop the others from being shown
+                    logger.exception("asyncflow: storing a node in flight failed")
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        self._watches.clear()
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

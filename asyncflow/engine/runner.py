@@ -44,7 +44,7 @@ from ..records import (
 )
 from ..status import END_NODE, ROOT_NODE, SYSTEM, InstanceStatus, TaskStatus
 from ..worker import NodeInfo, choice_scope, heartbeat_scope, node_scope
-from .inflight import NO_PROGRESS, PROGRESS, NodeWatch
+from .inflight import NO_PROGRESS, PROGRESS, NodeWatch, Watchtower
 from .rules import (
     CHOSEN,
     Join,
@@ -162,6 +162,7 @@ class PassRunner:
         stalls: StallWarnings | None = None,
         observers: ObserverSet | None = None,
         visible_after: float | None = None,
+        watchtower: Watchtower | None = None,
     ) -> None:
         self._repo = repo
         self._clock = clock
@@ -180,6 +181,7 @@ class PassRunner:
         self._carry_done: asyncio.Event | None = None
         self._due: list[float] = []  # when each node that did not advance wants the next pass
         self._visible_after = visible_after
+        self._watchtower = watchtower if visible_after is not None else None
         self._tg: asyncio.TaskGroup | None = None
         self._writers: dict[str, asyncio.Task[None]] = {}  # node -> its in-flight visibility write
         self._stopped = False
@@ -411,7 +413,9 @@ class PassRunner:
 
         What stopped a visibility write (the pass stopped, the lease was lost) is raised, not returned:
         it is no failure of the worker's."""
-        watch = NodeWatch(self, node, phase, context, fail_count, started_at, self._visible_after)
+        watch = NodeWatch(
+            self, node, phase, context, fail_count, started_at, self._visible_after, self._watchtower
+        )
         try:
             chosen = await self._call(node, ctx, fail_count, check=phase == _PENDING, watch=watch)
         except Exception as exc:
@@ -432,11 +436,17 @@ class PassRunner:
     def row_of(self, task_type: str) -> TaskInstanceRecord | None:
         return self._rows.get(task_type)
 
-    def spawn_write(self, write: Coroutine[Any, Any, None], task_type: str) -> asyncio.Task[None]:
-        """Run a visibility write in the pass's task group (never an orphan: the pass waits for it)."""
-        assert self._tg is not None
+    def spawn_write(self, write: Coroutine[Any, Any, None], task_type: str) -> asyncio.Task[None] | None:
+        """Run a visibility write in the pass's task group (never an orphan: the pass waits for it);
+        ``None`` when the pass is already ending (its task group shutting down)."""
         name = f"asyncflow-{self._instance.id}-{task_type}-running"
-        task = self._tg.create_task(write, name=name)
+        try:
+            if self._tg is None:
+                raise RuntimeError("no task group")
+            task = self._tg.create_task(write, name=name)
+        except RuntimeError:  # the group is shutting down: the node's call is being cancelled too
+            write.close()
+            return None
         self._writers[task_type] = task
 
         def forget(done: asyncio.Task[None]) -> None:

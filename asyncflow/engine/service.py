@@ -60,6 +60,7 @@ from ..status import (
 )
 from ..store.protocol import WorkflowRepo
 from ._starting import UniqueFlights, check_unique, session_scope, start_ms
+from .inflight import Watchtower
 from .observers import ObserverSet, WorkflowObserver
 from .retention import PURGEABLE_STATUSES, purge_request
 from .rules import SchedulePolicy
@@ -174,6 +175,7 @@ class WorkflowService:
         self.default_fail_max_count = default_fail_max_count
         self.branch_concurrency = branch_concurrency
         self.visible_after = None if visible_after is None else float(visible_after)
+        self._watchtower = None if self.visible_after is None else Watchtower(self.visible_after)
         self.clock: Clock = clock or SYSTEM_CLOCK
         self._due_listeners: list[Callable[[int], None]] = []
         self._stalls = StallWarnings()
@@ -187,8 +189,10 @@ class WorkflowService:
 
     async def aclose(self) -> None:
         """Wait briefly for async observer calls still running, then cancel them (the repo and lock
-        stay open: they are the caller's)."""
+        stay open: they are the caller's); stop the ``visible_after`` watchtower."""
         await self._observers.aclose()
+        if self._watchtower is not None:
+            await self._watchtower.aclose()
 
     def add_due_listener(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(instance_id)`` whenever this service makes an instance due now.
@@ -377,6 +381,7 @@ class WorkflowService:
                 stalls=self._stalls,
                 observers=self._observers if self._observers.active else None,
                 visible_after=self.visible_after,
+                watchtower=self._watchtower,
             )
             after = await runner.run()
         if is_over_instance_status(after.status):

@@ -97,6 +97,8 @@ async def test_a_slow_node_is_stored_running_while_it_runs_with_one_extra_step(
     assert rows["A"].started_at == a.started_at
     # without visible_after: A, then B with end = 2 steps; the slow A cost exactly one more
     assert repo.steps == 3 and repo.applied == 3
+    await svc.aclose()  # stops the service's visible_after watchtower
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "asyncflow-visible-after"]
 
 
 async def test_quick_nodes_pay_no_extra_step(engine_repo: Any, local_lock: Any) -> None:
