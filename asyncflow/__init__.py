@@ -92,6 +92,7 @@ from .worker import (
     TaskWorker,
     choose,
     current_node,
+    heartbeat,
 )
 
 __version__ = "0.1.0"
@@ -174,6 +175,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "current_node",
     "default_registry",
     "get_workflow_definition",
+    "heartbeat",
     "instance_status_text",
     "is_over_instance_status",
     "is_over_task_status",

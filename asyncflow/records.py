@@ -329,6 +329,10 @@ class TaskInstanceDetail:
     updated_at: int
     pre_nodes_keys: list[str]
     next_nodes_keys: list[str]
+    started_at: int | None = None
+    """When the node started (unix seconds; the clock of its ``max_wait_time_ts``, reset by a restart),
+    ``None`` for a node without a row. A node stored ``running`` is in flight (see ``visible_after``)
+    or waiting to be retried (``fail_count`` > 0)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import json
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
 import anyio.to_thread
 
-from asyncflow.errors import ParamInvalidError
+from asyncflow._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
+from asyncflow.errors import InvalidStateError, ParamInvalidError
 
 if TYPE_CHECKING:
     from asyncflow.context import JSONContext
@@ -36,6 +38,8 @@ __all__ = [
     "choice_scope",
     "choose",
     "current_node",
+    "heartbeat",
+    "heartbeat_scope",
     "node_scope",
     "worker_has_wait_check",
 ]
@@ -265,3 +269,58 @@ def choice_scope(task_type: str, next_nodes: tuple[str, ...]) -> Iterator[Choice
         yield choice
     finally:
         _current_choice.reset(token)
+
+
+class HeartbeatTarget(Protocol):
+    """For the engine: what :func:`heartbeat` reports to (the node attempt in flight)."""
+
+    def beat(self, progress: object) -> None: ...
+
+
+_current_beat: contextvars.ContextVar[HeartbeatTarget] = contextvars.ContextVar("asyncflow_current_beat")
+
+
+async def heartbeat(progress: object = None) -> None:
+    """Inside ``run()`` or ``wait_check()``: report that the node is alive and how far it got.
+
+    ``progress`` (any JSON value: a number, a string, a dict ...) is stored under the node context's
+    ``system.progress``, so queries, ``asyncflow show``/``ls`` and the dashboard show it while the node
+    runs; the node becomes visible as ``running`` (with its ``started_at``) at the latest one throttle
+    interval after it started. Writes are throttled: at most one per interval (the service's
+    ``visible_after``, at least 0.1 s; 1 s without it); calls in between only replace the progress
+    the next write stores, and the node's final write keeps the last one. It never waits for the database.
+
+    Raises :class:`~asyncflow.errors.InvalidStateError` outside a worker's ``run``/``wait_check`` and
+    :class:`~asyncflow.errors.ParamInvalidError` for a ``progress`` that is not JSON.
+    """
+    try:
+        target = _current_beat.get()
+    except LookupError:
+        raise InvalidStateError(
+            "asyncflow.heartbeat() is only available inside a worker's run() or wait_check()"
+        ) from None
+    target.beat(_json_progress(progress))
+
+
+def _json_progress(progress: object) -> object:
+    if json_depth_exceeds(progress, MAX_JSON_DEPTH):
+        raise ParamInvalidError(f"heartbeat(): progress nests more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        text = json.dumps(progress, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ParamInvalidError(
+            f"heartbeat(): progress must be JSON (str, number, bool, None, list, dict): {exc}"
+        ) from None
+    if "\\u0000" in text:
+        raise ParamInvalidError("heartbeat(): progress must not contain NUL characters")
+    return json.loads(text)  # a copy the worker cannot change under the engine
+
+
+@contextmanager
+def heartbeat_scope(target: HeartbeatTarget) -> Iterator[HeartbeatTarget]:
+    """For the engine: inside the block :func:`heartbeat` reports to ``target``."""
+    token = _current_beat.set(target)
+    try:
+        yield target
+    finally:
+        _current_beat.reset(token)

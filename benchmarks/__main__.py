@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import dashboard, report
 from .observers import OBSERVERS
-from .runner import ALL_SCENARIOS, EXTRA_SCENARIOS, BenchOptions, parse_list, run_benchmarks
+from .runner import ALL_SCENARIOS, EXTRA_SCENARIOS, SLOW_SCENARIOS, BenchOptions, parse_list, run_benchmarks
 
 README = Path(__file__).resolve().parent / "README.md"
 
@@ -29,12 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run benchmark rows")
-    scenarios = ", ".join(ALL_SCENARIOS + EXTRA_SCENARIOS)
+    scenarios = ", ".join(ALL_SCENARIOS + SLOW_SCENARIOS + EXTRA_SCENARIOS)
     run.add_argument(
         "--scenario",
         default="linear3",
-        help=f"{scenarios} (comma list), all or none; all leaves out {', '.join(EXTRA_SCENARIOS)} "
-        "(20 child workflows per run: name it)",
+        help=f"{scenarios} (comma list), all or none; all leaves out {', '.join(SLOW_SCENARIOS + EXTRA_SCENARIOS)} "
+        "(a 2 s node; 20 child workflows per run: name them)",
     )
     run.add_argument("--mode", default="direct", help="direct, driver or all")
     run.add_argument("--backend", default="postgres", help="postgres, sqlite, memory (comma list) or all")
@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--observer", default="none",
                      help="asyncflow rows with these service observers: none, noop, prometheus, otel "
                      "(comma list) or all; each is a row of its own")  # fmt: skip
+    run.add_argument("--visible-after", default="none",
+                     help="asyncflow rows with these WorkflowService(visible_after=): none or seconds "
+                     "(comma list, e.g. none,1); each is a row of its own")  # fmt: skip
     run.add_argument("--json", metavar="FILE", help="write the results as JSON")
     run.add_argument("--readme", nargs="?", const=str(README), metavar="PATH",
                      help="rewrite the results table of benchmarks/README.md (or PATH)")  # fmt: skip
@@ -76,7 +79,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         scenarios=(
             ALL_SCENARIOS
             if args.scenario == "all"
-            else parse_list(args.scenario, ALL_SCENARIOS + EXTRA_SCENARIOS, "scenario")
+            else parse_list(args.scenario, ALL_SCENARIOS + SLOW_SCENARIOS + EXTRA_SCENARIOS, "scenario")
         ),
         modes=parse_list(args.mode, ("direct", "driver"), "mode"),
         backends=parse_list(args.backend, ("postgres", "sqlite", "memory"), "backend"),
@@ -92,7 +95,20 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         dbos_launch=args.dbos_launch,
         pool_size=args.pool_size,
         observers=parse_list(args.observer, OBSERVERS, "observer") or ("none",),
+        visible_after=_visible_after(args.visible_after),
     )
+
+
+def _visible_after(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in str(text).split(",") if v.strip()) or ("none",)
+    for value in values:
+        if value != "none":
+            try:
+                if float(value) < 0:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"--visible-after needs none or seconds >= 0, got {value!r}") from None
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:

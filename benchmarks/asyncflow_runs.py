@@ -61,10 +61,24 @@ class AsyncflowRun:
     pool_size: int | None = None  # PostgreSQL pool: None = concurrency (+4), 0 = SQLAlchemy's default
     timeout_s: float | None = None  # None: 120 s plus 50 ms per workflow (a run below 20 wf/s is stuck)
     observer: str = "none"  # the service's observers: none, noop, prometheus or otel (observers.py)
+    visible_after: float | None = None  # the service's visible_after
 
     @property
     def deadline_s(self) -> float:
         return self.timeout_s if self.timeout_s is not None else 120.0 + 0.05 * self.n
+
+
+def _count_steps(repo: Any) -> list[int]:
+    """Count ``repo.apply_step`` calls (the engine's step writes) in ``[0]``, whatever the backend groups."""
+    counter = [0]
+    apply_step = repo.apply_step
+
+    async def counted(step: Any) -> Any:
+        counter[0] += 1
+        return await apply_step(step)
+
+    repo.apply_step = counted
+    return counter
 
 
 def _approval_event() -> af.NodeExternalEvent:
@@ -296,9 +310,17 @@ async def run_asyncflow_once(
         repo = make_repo()
         lock = make_lock(run.lock, redis_url, repo)
         try:
-            svc = af.WorkflowService(repo, lock, registry=registry, observers=make_observers(run.observer))
+            svc = af.WorkflowService(
+                repo,
+                lock,
+                registry=registry,
+                observers=make_observers(run.observer),
+                visible_after=run.visible_after,
+            )
+            steps = _count_steps(repo)
             with ResourceProbe() as probe:
                 setup_s, elapsed = await _measured(run, spec, svc, repo, hooks, sampler, extra)
+            extra["steps"] = steps[0]  # pass steps the engine applied (logical writes; creates not counted)
             completed = await _count_completed(svc, spec.workflow_type)
         finally:
             await repo.aclose()

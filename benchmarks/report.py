@@ -50,10 +50,12 @@ class RowKey:
     concurrency: int
     node_count: int
     observer: str | None = None  # asyncflow rows: the service's observers (None: not asked for)
+    visible_after: str | None = None  # asyncflow rows: the service's visible_after (None: not asked for)
 
     def label(self) -> str:
         lock = f"/{self.lock}" if self.lock else ""
         obs = f" observer={self.observer}" if self.observer else ""
+        obs += f" visible_after={self.visible_after}" if self.visible_after else ""
         where = f"{self.backend}{lock} n={self.n} c={self.concurrency}"
         return f"{self.kind} {self.scenario} {self.mode} {where}{obs}"
 
@@ -72,6 +74,7 @@ def aggregate(key: RowKey, runs: Sequence[RunMeasurement]) -> dict[str, Any]:
         "backend": key.backend,
         "lock": key.lock,
         "observer": key.observer,
+        "visible_after": key.visible_after,
         "n": key.n,
         "concurrency": key.concurrency,
         "repeats": len(runs),
@@ -91,6 +94,9 @@ def aggregate(key: RowKey, runs: Sequence[RunMeasurement]) -> dict[str, Any]:
         "ratio_vs_dbos": None,
         "fraction_of_floor": None,
     }
+    step_counts = [run.extra["steps"] / run.n for run in runs if "steps" in run.extra]
+    if step_counts:
+        row["steps_per_workflow"] = summarize(step_counts).as_dict(3)
     extras = [run.extra for run in runs if run.extra]
     if extras:
         row["extra"] = extras
@@ -191,10 +197,15 @@ _HEADERS = (
 )  # fmt: skip
 
 
+def _kind(row: dict[str, Any]) -> str:
+    kind = f"{row['kind']}+{row['observer']}" if row.get("observer") else row["kind"]
+    return kind + (f" va={row['visible_after']}" if row.get("visible_after") else "")
+
+
 def _cells(row: dict[str, Any]) -> list[str]:
     latency = row["latency_ms"]
     return [
-        f"{row['kind']}+{row['observer']}" if row.get("observer") else row["kind"],
+        _kind(row),
         row["scenario"],
         row["mode"],
         row["backend"],

@@ -7,6 +7,7 @@ reason; a row that fails is reported as failed; neither stops the other rows.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shlex
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ALL_SCENARIOS",
     "EXTRA_SCENARIOS",
+    "SLOW_SCENARIOS",
     "BenchOptions",
     "asyncflow_unavailable",
     "run_benchmarks",
@@ -34,6 +36,8 @@ __all__ = [
 ]
 
 ALL_SCENARIOS = ("linear3", "linear3-wait", "diamond", "approval", "branch")
+SLOW_SCENARIOS = ("slow2",)
+"""Named only, never part of ``--scenario all``: a node that works for 2 s (``visible_after``'s writes)."""
 EXTRA_SCENARIOS = ("fanout-children",)
 """Scenarios run only when named (``--scenario fanout-children``), never by ``all`` or ``none``: a
 ``fanout-children`` workflow is 20 child workflows, so its rows take about 20 times as long."""
@@ -52,6 +56,7 @@ _NODE_COUNTS = {
     "diamond": 6,
     "approval": 3,
     "branch": 3,
+    "slow2": 3,
     "fanout-children": 61,
 }
 
@@ -75,6 +80,7 @@ class BenchOptions:
     pool_size: int | None = None
     dbos_launch: str = "bounded"
     observers: tuple[str, ...] = ("none",)
+    visible_after: tuple[str, ...] = ("none",)  # the service's visible_after: "none" or seconds
     command: str = field(default_factory=lambda: "python -m benchmarks " + shlex.join(sys.argv[1:]))
 
 
@@ -150,10 +156,11 @@ def _plan(
             for scenario in options.scenarios:
                 for mode in options.modes:
                     for lock in options.locks:
-                        for observer in options.observers:
+                        for observer, visible in itertools.product(options.observers, options.visible_after):
                             shown = None if options.observers == ("none",) else observer
+                            va = None if options.visible_after == ("none",) else visible
                             key = report.RowKey("asyncflow", scenario, mode, backend, lock, options.n, c,
-                                                _NODE_COUNTS[scenario], shown)  # fmt: skip
+                                                _NODE_COUNTS[scenario], shown, va)  # fmt: skip
                             reason = (
                                 scenario_unavailable(scenario)
                                 or asyncflow_unavailable(mode)
@@ -211,6 +218,7 @@ def _asyncflow_runner(key: report.RowKey, options: BenchOptions) -> Callable[[],
             create=options.create,
             pool_size=options.pool_size,
             observer=key.observer or "none",
+            visible_after=None if key.visible_after in (None, "none") else float(key.visible_after),
         )
         pg_url = options.pg_url if key.backend == "postgres" else None
         redis_url = options.redis_url if key.lock == "redis" else None
@@ -332,7 +340,7 @@ async def _redis_version(url: str) -> str | None:
 def parse_list(value: str, allowed: Sequence[str], name: str) -> tuple[str, ...]:
     """``"a,b"`` → ``("a", "b")``, ``"all"`` → every allowed value, ``"none"`` → ``()``."""
     if value == "all":
-        return tuple(allowed)
+        return tuple(a for a in allowed if a not in SLOW_SCENARIOS)
     if value in ("none", ""):
         return ()
     items = tuple(item.strip() for item in value.split(",") if item.strip())

@@ -11,6 +11,8 @@ approval        A → approve → B                             3            ``a
 branch          A → choose one of [B, C] → D (join "any")   3 of 4       ``A`` calls ``af.choose``: ``B``
                                                                          for even instance ids, else
                                                                          ``C``; the other is ``skipped``
+slow2           A → S → C                                   3            ``S`` works for 2 s (a sleep):
+                                                                         what ``visible_after`` shows
 ==============  ==========================================  ===========  =================================
 
 Every worker writes a tiny output (``{"out": 1}``) into its node context. The last node's ``run``
@@ -19,6 +21,7 @@ reports the instance as done to :class:`BenchHooks`, which is how driver mode ti
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +32,8 @@ import asyncflow as af
 __all__ = ["SCENARIOS", "BenchHooks", "ScenarioSpec", "build_registry", "get_scenario"]
 
 APPROVAL_NODE = "approve"
+SLOW_NODE = "S"
+SLOW_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +48,7 @@ class ScenarioSpec:
     joins: tuple[tuple[str, str], ...] = ()  # (node id, join) for nodes whose join is not "all"
     chooser: str | None = None  # this node's run picks one of its next nodes (af.choose)
     skipped_per_run: int = 0  # config nodes a run skips (not counted as node steps)
+    slow_node: str | None = None  # its run sleeps SLOW_SECONDS
 
     @property
     def node_count(self) -> int:
@@ -96,6 +102,9 @@ SCENARIOS: dict[str, ScenarioSpec] = {
             chooser="A",
             skipped_per_run=1,
         ),
+        ScenarioSpec(
+            "slow2", "bench_slow2", (("A", (SLOW_NODE,)), (SLOW_NODE, ("C",)), ("C", ())), slow_node=SLOW_NODE
+        ),
     )
 }
 
@@ -133,6 +142,11 @@ async def _output(ctx: af.JSONContext) -> None:
     ctx.set(["out"], 1)
 
 
+async def _slow(ctx: af.JSONContext) -> None:
+    await asyncio.sleep(SLOW_SECONDS)
+    ctx.set(["out"], 1)
+
+
 async def _ready(ctx: af.JSONContext) -> None:
     return None
 
@@ -162,7 +176,15 @@ def build_registry(spec: ScenarioSpec, hooks: BenchHooks | None = None) -> af.Re
         af.choose(successors[af.current_node().instance_id % len(successors)])
 
     for node, _ in spec.nodes:
-        run = last if node == spec.last_node else choose if node == spec.chooser else _output
+        run = (
+            last
+            if node == spec.last_node
+            else choose
+            if node == spec.chooser
+            else _slow
+            if node == spec.slow_node
+            else _output
+        )
         wait_check: Callable[[af.JSONContext], Any] | None = None
         if node == spec.approval_node:
             wait_check = approval_check

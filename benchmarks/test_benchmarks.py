@@ -318,6 +318,18 @@ def test_parse_list() -> None:
     assert parse_list("b,a", ("a", "b"), "x") == ("b", "a")
     with pytest.raises(ValueError, match="unknown x: c"):
         parse_list("a,c", ("a", "b"), "x")
+    # the slow scenario is named only, never part of "all"
+    assert "slow2" not in parse_list("all", (*ALL_SCENARIOS, "slow2"), "scenario")
+    assert parse_list("slow2", (*ALL_SCENARIOS, "slow2"), "scenario") == ("slow2",)
+
+
+def test_visible_after_option() -> None:
+    from benchmarks.__main__ import _visible_after
+
+    assert _visible_after("none,1") == ("none", "1") and _visible_after("") == ("none",)
+    for bad in ("-1", "soon"):
+        with pytest.raises(ValueError, match="--visible-after needs none or seconds"):
+            _visible_after(bad)
 
 
 def test_benchmarks_are_not_in_the_default_test_run() -> None:

@@ -24,7 +24,9 @@ from ..errors import ConfigNotFoundError, InvalidStateError
 from ..records import (
     NodeExternalEvent,
     Pager,
+    QueryTaskInstanceParams,
     QueryWorkflowInstanceParams,
+    TaskInstanceRecord,
     WorkflowInstance,
     WorkflowInstanceDetail,
 )
@@ -36,7 +38,14 @@ from .app import load_app
 from .backend import CLIError, open_service, redact, resolve_db_url
 from .graph import dag_text, instance_dot, instance_mermaid, nodes_of_definition, nodes_of_detail
 from .html import render_instance_html
-from .table import format_json, format_table, format_ts
+from .table import (
+    IN_FLIGHT_STATUSES,
+    format_json,
+    format_table,
+    format_ts,
+    in_flight_text,
+    progress_of,
+)
 
 __all__ = ["COMMANDS"]
 
@@ -112,23 +121,67 @@ async def cmd_ls(args: argparse.Namespace) -> int:
     async with open_service(args.db, args.redis, Registry()) as svc:
         rows = await svc.query_workflow_instances(params)
         total = await svc.count_workflow_instances(params)
+        flights = await _in_flight(svc, [r.id for r in rows if r.status in ("init", "running")])
+    now = time.time()
     if args.json:
-        _out(json.dumps([_record_dict(r) for r in rows], ensure_ascii=False, indent=2))
+        out = []
+        for r in rows:
+            item = _record_dict(r)
+            item["in_flight"] = [_flight_dict(t, now) for t in flights.get(r.id, ())]
+            out.append(item)
+        _out(json.dumps(out, ensure_ascii=False, indent=2))
         return 0
     if not rows:
         _out("no workflow instances match" if total == 0 else f"page {args.page} is empty ({total} match)")
         return 0
     table = [
-        [r.id, r.workflow_type, r.business_id, r.status, format_ts(r.created_at), format_ts(r.updated_at)]
+        [
+            r.id,
+            r.workflow_type,
+            r.business_id,
+            r.status,
+            format_ts(r.created_at),
+            format_ts(r.updated_at),
+            "; ".join(
+                f"{t.task_type} {in_flight_text(t.status, t.started_at, t.node_context, now, t.fail_count)}"
+                for t in flights.get(r.id, ())
+            )
+            or "-",
+        ]
         for r in rows
     ]
-    _out(format_table(["ID", "TYPE", "BUSINESS ID", "STATUS", "CREATED", "UPDATED"], table, right=(0,)))
+    headers = ["ID", "TYPE", "BUSINESS ID", "STATUS", "CREATED", "UPDATED", "IN FLIGHT"]
+    _out(format_table(headers, table, right=(0,), max_width={6: 60}))
     first = (args.page - 1) * args.limit + 1
     footer = f"{first}-{first + len(rows) - 1} of {total} instance(s)"
     if first + len(rows) - 1 < total:
         footer += f"; next page: --page {args.page + 1}"
     _out(footer)
     return 0
+
+
+async def _in_flight(svc: WorkflowService, instance_ids: list[int]) -> dict[int, list[TaskInstanceRecord]]:
+    """The nodes in flight (``running``/``pending``) of each of these instances (one query each)."""
+    flights: dict[int, list[TaskInstanceRecord]] = {}
+    for instance_id in instance_ids:
+        rows = await svc.repo.query_task_instances(
+            QueryTaskInstanceParams(workflow_instance_id=instance_id, status_in=IN_FLIGHT_STATUSES)
+        )
+        if rows:
+            flights[instance_id] = rows
+    return flights
+
+
+def _flight_dict(t: Any, now: float) -> dict[str, Any]:
+    started = t.started_at or None
+    return {
+        "task_type": t.task_type,
+        "status": t.status,
+        "fail_count": t.fail_count,
+        "started_at": started,
+        "age": None if started is None else max(0, int(now - started)),
+        "progress": progress_of(t.node_context),
+    }
 
 
 # ------------------------------------------------------------------------------------ show
@@ -160,6 +213,8 @@ def _detail_dict(detail: WorkflowInstanceDetail) -> dict[str, Any]:
             "fail_count": t.fail_count,
             "created_at": t.created_at,
             "updated_at": t.updated_at,
+            "started_at": t.started_at,
+            "progress": progress_of(t.node_context),
             "pre_nodes": list(t.pre_nodes_keys),
             "next_nodes": list(t.next_nodes_keys),
             "node_context": t.node_context,
@@ -196,6 +251,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
             f"(workflow type {d.workflow_type!r} not loaded here: only created nodes are listed; pass --app)"
         )
     _out()
+    now = time.time()
     table = [
         [
             t.task_type,
@@ -204,17 +260,26 @@ async def cmd_show(args: argparse.Namespace) -> int:
             t.fail_count,
             format_ts(t.created_at),
             format_ts(t.updated_at),
+            (
+                in_flight_text(t.status, t.started_at, t.node_context, now, t.fail_count)
+                if _active(d.status)
+                else "-"
+            ),
             (_last_error(t.node_context) if t.status != "completed" else "") or "-",  # not stale ones
         ]
         for t in d.task_instances
     ]
-    headers = ["NODE", "NAME", "STATUS", "FAILS", "CREATED", "UPDATED", "LAST ERROR"]
-    _out(format_table(headers, table, right=(3,), max_width={1: 24, 6: 60}))
+    headers = ["NODE", "NAME", "STATUS", "FAILS", "CREATED", "UPDATED", "IN FLIGHT", "LAST ERROR"]
+    _out(format_table(headers, table, right=(3,), max_width={1: 24, 6: 48, 7: 60}))
     if args.context:
         for t in d.task_instances:
             if t.node_context is not None:
                 _out(f"\n[{inert(t.task_type)}] context:\n{format_json(t.node_context)}")
     return 0
+
+
+def _active(status: str) -> bool:
+    return status in ("init", "running")
 
 
 # ------------------------------------------------------------------------------------ cancel

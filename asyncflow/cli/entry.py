@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     purge.add_argument("--type", action="append", metavar="TYPE", help="workflow type (repeatable)")
     purge.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    purge.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="delete at most N instances (oldest ids first)"
+    )
 
     restart = add("restart", "restart a failed/canceled instance, or one node and its descendants")
     restart.add_argument("id", type=_positive_int, metavar="ID")

@@ -42,7 +42,7 @@ async def cmd_purge(args: argparse.Namespace) -> int:
     async with open_service(args.db, args.redis, Registry()) as svc:
         if not args.dry_run:
             deleted = await svc.purge_workflow_instances(
-                older_than=args.older_than, statuses=statuses, workflow_types=types
+                older_than=args.older_than, statuses=statuses, workflow_types=types, limit=args.limit
             )
             print(f"purged {deleted} instance(s)")
             return 0
@@ -59,9 +59,11 @@ async def cmd_purge(args: argparse.Namespace) -> int:
                 )
             )
             count += sum(1 for inst in page if inst.updated_at < request.updated_before)
-            if len(page) < 500:
+            if len(page) < 500 or (args.limit is not None and count >= args.limit):
                 break
             last_id = page[-1].id
+    if args.limit is not None:
+        count = min(count, args.limit)
     print(f"would purge {count} instance(s) (dry run: nothing deleted)")
     return 0
 

@@ -95,3 +95,39 @@ def format_json(value: Any, *, indent: int | None = 2) -> str:
     return json.dumps(
         value, ensure_ascii=False, sort_keys=True, indent=indent, separators=separators, default=str
     )
+
+
+def format_age(seconds: float) -> str:
+    """A duration for people: ``45s``, ``3m05s``, ``2h03m``, ``4d02h``."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+IN_FLIGHT_STATUSES = ("running", "pending")
+"""Node statuses of work in flight (``running``: in its ``run`` or waiting for a retry; ``pending``:
+between its ``run`` and a successful ``wait_check``)."""
+
+
+def progress_of(context: Any) -> Any:
+    """The ``system.progress`` a heartbeat stored, or ``None``."""
+    system = context.get("system") if isinstance(context, dict) else None
+    return system.get("progress") if isinstance(system, dict) else None
+
+
+def in_flight_text(status: str, started_at: int | None, context: Any, now: float, fail_count: int = 0) -> str:
+    """``running 2m05s, progress {...}`` for a node in flight; ``-`` otherwise."""
+    if status not in IN_FLIGHT_STATUSES:
+        return "-"
+    text = status if not started_at else f"{status} {format_age(now - started_at)}"
+    if status == "running" and fail_count:
+        text += f" (retry {fail_count})"
+    progress = progress_of(context)
+    if progress is not None:
+        text += f", progress {format_json(progress, indent=None)}"
+    return text

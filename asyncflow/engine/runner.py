@@ -9,10 +9,14 @@ its lock was lost to an expiry, a Redis restart, a pause) is told so by the stor
 worker calls in flight are cancelled.
 
 Writes per node: one (``completed``) for a node without a wait check, two (``pending`` then
-``completed``) with one. The implicit ``root`` rides along with the first write of the pass and ``end``
-(with the instance's completion) with the write of the last node before it. Writes that do not advance
+``completed``) with one; with ``visible_after``, a node whose ``run`` lasts longer gets one more
+(``running``, see :mod:`asyncflow.engine.inflight`), and heartbeats add throttled ones. The implicit
+``root`` rides along with the first write of the pass and ``end`` (with the instance's completion)
+with the write of the last node before it. Writes that do not advance
 the workflow (not ready, retryable failures) are gathered into one final write together with the
-instance's next due time.
+instance's next due time. That due time is the earliest of the nodes' own: a retryable failure's
+back-off counts from the end of its attempt, not from the end of the pass (a slow sibling branch
+does not delay it), at no extra commit.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import contextvars
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
@@ -39,7 +43,8 @@ from ..records import (
     WorkflowInstanceRecord,
 )
 from ..status import END_NODE, ROOT_NODE, SYSTEM, InstanceStatus, TaskStatus
-from ..worker import NodeInfo, choice_scope, node_scope
+from ..worker import NodeInfo, choice_scope, heartbeat_scope, node_scope
+from .inflight import NO_PROGRESS, PROGRESS, NodeWatch, Watchtower
 from .rules import (
     CHOSEN,
     Join,
@@ -156,6 +161,8 @@ class PassRunner:
         branch_concurrency: int,
         stalls: StallWarnings | None = None,
         observers: ObserverSet | None = None,
+        visible_after: float | None = None,
+        watchtower: Watchtower | None = None,
     ) -> None:
         self._repo = repo
         self._clock = clock
@@ -172,7 +179,11 @@ class PassRunner:
         self._deferred: dict[str, _Write] = {}
         self._carry: list[tuple[str, _Write]] = []
         self._carry_done: asyncio.Event | None = None
-        self._delays: list[float] = []
+        self._due: list[float] = []  # when each node that did not advance wants the next pass
+        self._visible_after = visible_after
+        self._watchtower = watchtower if visible_after is not None else None
+        self._tg: asyncio.TaskGroup | None = None
+        self._writers: dict[str, asyncio.Task[None]] = {}  # node -> its in-flight visibility write
         self._stopped = False
         self._stalls = stalls if stalls is not None else StallWarnings()
         self._observers = observers  # None when there are none: the pass then costs nothing extra
@@ -192,6 +203,7 @@ class PassRunner:
                 return self._result()
             try:
                 async with asyncio.TaskGroup() as tg:
+                    self._tg = tg
                     for task_type in self._initially_ready():
                         self._spawn(tg, task_type)
             except BaseExceptionGroup as group:
@@ -317,10 +329,10 @@ class PassRunner:
             return True
         ctx = JSONContext.from_map(context)
         if status == _RUNNING:
-            try:
-                chosen = await self._call(node, ctx, fail_count, check=False)
-            except Exception as exc:
-                return await self._failed(node, row, context, _RUNNING, fail_count, started_at, exc)
+            chosen, error = await self._attempt(node, ctx, context, _RUNNING, fail_count, started_at)
+            row = self._rows.get(task_type)  # a visibility write may have stored it meanwhile
+            if error is not None:
+                return await self._failed(node, row, context, _RUNNING, fail_count, started_at, error)
             if chosen is not None:  # kept with the context: a wait check may complete it later
                 system = context.get(SYSTEM)
                 if not isinstance(system, dict):
@@ -334,10 +346,10 @@ class PassRunner:
                     return await self._not_json(node, row, context, _RUNNING, fail_count, started_at, exc)
                 status = _PENDING
         if status == _PENDING:
-            try:
-                await self._call(node, ctx, fail_count, check=True)
-            except Exception as exc:
-                return await self._failed(node, row, context, _PENDING, fail_count, started_at, exc)
+            _, error = await self._attempt(node, ctx, context, _PENDING, fail_count, started_at)
+            row = self._rows.get(task_type)
+            if error is not None:
+                return await self._failed(node, row, context, _PENDING, fail_count, started_at, error)
         try:
             await self._write_completed(node, row, context, fail_count, started_at)
         except ParamInvalidError as exc:
@@ -388,8 +400,106 @@ class PassRunner:
         problem = ParamInvalidError(f"the worker left a node context that is not JSON: {exc}")
         return await self._failed(node, row, sanitize_json(context), status, fail_count, started_at, problem)
 
+    async def _attempt(
+        self,
+        node: NodeDefinition,
+        ctx: JSONContext,
+        context: dict[str, Any],
+        phase: str,
+        fail_count: int,
+        started_at: int,
+    ) -> tuple[tuple[str, ...] | None, Exception | None]:
+        """One worker call under a :class:`NodeWatch`: (what ``run`` chose, the worker's failure).
+
+        What stopped a visibility write (the pass stopped, the lease was lost) is raised, not returned:
+        it is no failure of the worker's."""
+        watch = NodeWatch(
+            self, node, phase, context, fail_count, started_at, self._visible_after, self._watchtower
+        )
+        try:
+            chosen = await self._call(node, ctx, fail_count, check=phase == _PENDING, watch=watch)
+        except Exception as exc:
+            await watch.close()
+            return None, exc
+        except BaseException:
+            watch.abort()
+            raise
+        await watch.close()
+        return chosen, None
+
+    # ------------------------------------------------------------------ work in flight (NodeWatch)
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    def row_of(self, task_type: str) -> TaskInstanceRecord | None:
+        return self._rows.get(task_type)
+
+    def spawn_write(self, write: Coroutine[Any, Any, None], task_type: str) -> asyncio.Task[None] | None:
+        """Run a visibility write in the pass's task group (never an orphan: the pass waits for it);
+        ``None`` when the pass is already ending (its task group shutting down)."""
+        name = f"asyncflow-{self._instance.id}-{task_type}-running"
+        try:
+            if self._tg is None:
+                raise RuntimeError("no task group")
+            task = self._tg.create_task(write, name=name)
+        except RuntimeError:  # the group is shutting down: the node's call is being cancelled too
+            write.close()
+            return None
+        self._writers[task_type] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._writers.get(task_type) is done:
+                del self._writers[task_type]
+
+        task.add_done_callback(forget)
+        return task
+
+    async def show_in_flight(
+        self, node: NodeDefinition, phase: str, progress: Any, fail_count: int, started_at: int
+    ) -> None:
+        """Store the node as ``phase`` (``running``/``pending``) with ``started_at`` and its progress."""
+        task_type = node.task_type
+        row = self._rows.get(task_type)
+        if row is not None and row.status == phase:
+            base = dict(row.node_context)  # stored in this phase already: keep what is stored
+        else:
+            base = self._fresh_context(node, row)  # what the worker started from
+        if progress is not NO_PROGRESS:
+            system = base.get(SYSTEM)
+            system = dict(system) if isinstance(system, dict) else {}
+            system[PROGRESS] = progress
+            base[SYSTEM] = system
+        write = _write_for(task_type, row, phase, base, fail_count, started_at)
+        try:
+            await self._apply([(task_type, write)])
+        except ParamInvalidError as exc:  # a context the worker is changing is not JSON right now
+            logger.debug(
+                "node %s of instance %s: in-flight write skipped: %s", task_type, self._instance.id, exc
+            )
+
+    def interrupt(self, task_type: str) -> None:
+        """A visibility write found the pass over: cancel the node's worker call (its result is moot)."""
+        task = self._tasks.get(task_type)
+        if task is not None and not task.done():
+            task.cancel()
+
+    def warn_overdue(self, node: NodeDefinition, age: float) -> None:
+        if not self._stalls.first_time((self._instance.id, node.task_type, "overdue")):
+            return
+        logger.warning(
+            "node %s of instance %s has been running for %.0f s, longer than its max_wait_time_ts "
+            "(%d s): it fails as timed out when this attempt ends",
+            node.task_type,
+            self._instance.id,
+            age,
+            node.max_wait_time_ts,
+            extra=self._extra(node.task_type, _RUNNING),
+        )
+
     async def _call(
-        self, node: NodeDefinition, ctx: JSONContext, fail_count: int, *, check: bool
+        self, node: NodeDefinition, ctx: JSONContext, fail_count: int, *, check: bool, watch: NodeWatch
     ) -> tuple[str, ...] | None:
         """Call ``run`` or ``wait_check``; what ``run`` chose with ``af.choose`` (``None``: no call)."""
         info = NodeInfo(
@@ -400,7 +510,7 @@ class PassRunner:
             fail_count=fail_count,
             trace_context=self._instance.trace_context,
         )
-        with node_scope(info):
+        with node_scope(info), heartbeat_scope(watch):
             if check:
                 await node.worker.wait_check(ctx)
                 return None
@@ -438,13 +548,13 @@ class PassRunner:
             self._deferred[node.task_type] = _write_for(
                 node.task_type, row, status, context, fail_count, started_at
             )
-            self._delays.append(self._wait_interval)
+            self._due.append(now + self._wait_interval)
             return False
         if outcome is Outcome.RETRY:
             self._deferred[node.task_type] = _write_for(
                 node.task_type, row, status, context, fail_count + 1, started_at
             )
-            self._delays.append((node.retry or self._retry).delay(fail_count + 1))
+            self._due.append(now + (node.retry or self._retry).delay(fail_count + 1))  # from its own end
             return False
         if outcome is Outcome.CONTINUE:
             try:
@@ -594,6 +704,13 @@ class PassRunner:
                 tasks.append(task)
         if tasks:
             await asyncio.wait(tasks)  # never raises the tasks' cancellations into this one
+        writers = [
+            w
+            for loser in self._first_losers(finishing, statuses, contexts)
+            if (w := self._writers.get(loser))
+        ]
+        if writers:  # a loser's visibility write lands before its cancel is written on its row
+            await asyncio.wait(writers)
 
     def _consequences(self, finishing: str, context: dict[str, Any]) -> list[tuple[str, _Write]]:
         """The writes that go with ``finishing``'s completion: skips, ``first``-join cancels, ``end``."""
@@ -740,11 +857,10 @@ class PassRunner:
 
     async def _flush(self) -> None:
         """The pass's last write: deferred node writes, the root if still carried, the next due time."""
-        now = self._clock.time()
-        delay = min(self._delays) if self._delays else self._wait_interval
+        due = min(self._due) if self._due else self._clock.time() + self._wait_interval
         writes = list(self._deferred.items())
         self._deferred = {}
-        next_run_at = int((now + delay) * 1000)
+        next_run_at = int(due * 1000)
         try:
             try:
                 await self._apply(writes, next_run_at=next_run_at)

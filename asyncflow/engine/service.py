@@ -60,6 +60,7 @@ from ..status import (
 )
 from ..store.protocol import WorkflowRepo
 from ._starting import UniqueFlights, check_unique, session_scope, start_ms
+from .inflight import Watchtower
 from .observers import ObserverSet, WorkflowObserver
 from .retention import PURGEABLE_STATUSES, purge_request
 from .rules import SchedulePolicy
@@ -120,6 +121,9 @@ class WorkflowService:
     unset (``None``: no limit); ``branch_concurrency`` bounds the nodes of one instance run at once in a pass.
     ``observers`` (:class:`~asyncflow.engine.observers.WorkflowObserver`) are told about instances and
     node attempts; :meth:`aclose` waits for their async calls still running.
+    ``visible_after`` (seconds, ``None``: off) makes a node whose ``run`` lasts longer visible while
+    it runs: its row is stored as ``running`` with its ``started_at`` (one extra write per slow node,
+    none for quick ones); :func:`~asyncflow.heartbeat` adds progress.
     """
 
     def __init__(
@@ -135,7 +139,17 @@ class WorkflowService:
         branch_concurrency: int = 16,
         clock: Clock | None = None,
         observers: Iterable[WorkflowObserver] = (),
+        visible_after: float | None = None,
     ) -> None:
+        if visible_after is not None and (
+            isinstance(visible_after, bool)
+            or not isinstance(visible_after, int | float)
+            or not math.isfinite(visible_after)
+            or visible_after < 0
+        ):
+            raise ParamInvalidError(
+                f"visible_after must be a finite number of seconds >= 0 or None, got {visible_after!r}"
+            )
         if (
             not isinstance(lock_ttl, int | float)
             or isinstance(lock_ttl, bool)
@@ -160,6 +174,8 @@ class WorkflowService:
         self.retry = retry or self.schedule.legacy_retry or RetryPolicy()
         self.default_fail_max_count = default_fail_max_count
         self.branch_concurrency = branch_concurrency
+        self.visible_after = None if visible_after is None else float(visible_after)
+        self._watchtower = None if self.visible_after is None else Watchtower(self.visible_after)
         self.clock: Clock = clock or SYSTEM_CLOCK
         self._due_listeners: list[Callable[[int], None]] = []
         self._stalls = StallWarnings()
@@ -173,8 +189,10 @@ class WorkflowService:
 
     async def aclose(self) -> None:
         """Wait briefly for async observer calls still running, then cancel them (the repo and lock
-        stay open: they are the caller's)."""
+        stay open: they are the caller's); stop the ``visible_after`` watchtower."""
         await self._observers.aclose()
+        if self._watchtower is not None:
+            await self._watchtower.aclose()
 
     def add_due_listener(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(instance_id)`` whenever this service makes an instance due now.
@@ -362,6 +380,8 @@ class WorkflowService:
                 branch_concurrency=self.branch_concurrency,
                 stalls=self._stalls,
                 observers=self._observers if self._observers.active else None,
+                visible_after=self.visible_after,
+                watchtower=self._watchtower,
             )
             after = await runner.run()
         if is_over_instance_status(after.status):
@@ -777,6 +797,7 @@ def _entry(
         fail_count=row.fail_count if row else 0,
         created_at=row.created_at if row else 0,
         updated_at=row.updated_at if row else 0,
+        started_at=row.started_at if row and row.started_at else None,
         pre_nodes_keys=pre,
         next_nodes_keys=nxt,
     )

@@ -8,6 +8,7 @@ business-id filters. A repo may offer ``count_workflow_instances_by_status(param
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from ..records import (
     WorkflowInstanceDetail,
     WorkflowInstanceRecord,
 )
-from ..status import InstanceStatus, is_over_task_status
+from ..status import InstanceStatus, is_over_instance_status, is_over_task_status
 
 __all__ = [
     "MAX_PAGE_SIZE",
@@ -210,7 +211,14 @@ def duration(entry: TaskInstanceDetail) -> int | None:
     return max(0, entry.updated_at - start)
 
 
-def node_dict(entry: TaskInstanceDetail) -> dict[str, Any]:
+def in_flight_age(entry: TaskInstanceDetail, now: float | None) -> int | None:
+    """Seconds a node in flight (``running``/``pending`` with a row) has been going, else ``None``."""
+    if now is None or entry.id == 0 or entry.status not in ("running", "pending") or not entry.started_at:
+        return None
+    return max(0, int(now - entry.started_at))
+
+
+def node_dict(entry: TaskInstanceDetail, now: float | None = None) -> dict[str, Any]:
     """One node for the JSON API."""
     return {
         "task_type": entry.task_type,
@@ -222,6 +230,7 @@ def node_dict(entry: TaskInstanceDetail) -> dict[str, Any]:
         "updated_at": entry.updated_at,
         "started_at": getattr(entry, "started_at", None),
         "duration": duration(entry),
+        "in_flight_for": in_flight_age(entry, now),
         "last_error": last_error(entry) or None,
         "progress": progress(entry),
         "children": children(entry),
@@ -232,7 +241,8 @@ def node_dict(entry: TaskInstanceDetail) -> dict[str, Any]:
 
 
 def instance_dict(detail: WorkflowInstanceDetail) -> dict[str, Any]:
-    """One instance with its nodes for the JSON API."""
+    """One instance with its nodes for the JSON API (``in_flight_for``: seconds, for nodes in flight)."""
+    now = time.time()
     return {
         "id": detail.id,
         "workflow_type": detail.workflow_type,
@@ -242,5 +252,8 @@ def instance_dict(detail: WorkflowInstanceDetail) -> dict[str, Any]:
         "created_at": detail.created_at,
         "updated_at": detail.updated_at,
         "workflow_context": detail.workflow_context,
-        "nodes": [node_dict(e) for e in detail.task_instances],
+        "nodes": [
+            node_dict(e, None if is_over_instance_status(detail.status) else now)
+            for e in detail.task_instances
+        ],
     }

@@ -6,14 +6,15 @@ While the instance runs the page reloads itself with ``<meta http-equiv="refresh
 
 from __future__ import annotations
 
+import time
 from urllib.parse import urlencode
 
 from ..cli.graph import STATUS_COLORS, nodes_of_detail
 from ..cli.html import _svg as dag_svg  # the static page's renderer: one drawing of a DAG
-from ..cli.table import format_json, format_ts
+from ..cli.table import format_age, format_json, format_ts
 from ..records import TaskInstanceDetail, WorkflowInstanceDetail
 from ..status import is_over_instance_status, is_over_task_status
-from ._data import children, duration, last_error, progress
+from ._data import children, duration, in_flight_age, last_error, progress
 from ._html import e, page, status_badge
 
 __all__ = ["DONE_MESSAGES", "instance_page"]
@@ -66,6 +67,9 @@ def _node_detail(
     ]
     if started:
         facts.append(("started", format_ts(started)))
+    age = in_flight_age(entry, time.time()) if not is_over_instance_status(detail.status) else None
+    if age is not None:
+        facts.append(("in flight for", format_age(age)))
     facts.append(("duration", _seconds(duration(entry))))
     facts_html = "".join(f"<span>{e(k)}: <b>{e(v)}</b></span>" for k, v in facts)
     parts = [
@@ -86,13 +90,25 @@ def _node_detail(
     return "".join(parts)
 
 
-def _node_row(i: int, entry: TaskInstanceDetail) -> str:
+def _timing(entry: TaskInstanceDetail, now: float | None) -> str:
+    """The duration of a finished node; ``running for 2m05s`` (and its progress) for one in flight."""
+    age = in_flight_age(entry, now)
+    if age is None:
+        return e(_seconds(duration(entry)))
+    text = f"{entry.status} for {format_age(age)}"
+    done = progress(entry)
+    if done is not None:
+        text += f", progress {format_json(done, indent=None)[:80]}"
+    return f'<span class="in-flight">{e(text)}</span>'
+
+
+def _node_row(i: int, entry: TaskInstanceDetail, now: float | None) -> str:
     error = last_error(entry)
     return (
         f'<tr data-task-type="{e(entry.task_type)}"><td><a href="#node-{i}">{e(entry.task_type)}</a></td>'
         f"<td>{e(entry.task_name)}</td><td>{status_badge(entry.status)}</td>"
         f'<td class="num">{entry.fail_count}</td><td>{e(format_ts(entry.created_at))}</td>'
-        f"<td>{e(format_ts(entry.updated_at))}</td><td>{e(_seconds(duration(entry)))}</td>"
+        f"<td>{e(format_ts(entry.updated_at))}</td><td>{_timing(entry, now)}</td>"
         f"<td>{e(error[:200])}</td></tr>"
     )
 
@@ -128,7 +144,8 @@ def instance_page(
             f'<p class="actions"><a id="cancel" href="{e(base)}/instances/{detail.id}/cancel">'
             "cancel instance</a></p>"
         )
-    rows = "".join(_node_row(i, entry) for i, entry in enumerate(detail.task_instances))
+    now = time.time() if running else None  # in-flight ages only while the instance runs
+    rows = "".join(_node_row(i, entry, now) for i, entry in enumerate(detail.task_instances))
     details = "".join(
         _node_detail(base, detail, i, entry, actions) for i, entry in enumerate(detail.task_instances)
     )
@@ -140,7 +157,8 @@ def instance_page(
         f'<div class="legend">{legend}</div>'
         f'<div id="canvas">{dag_svg(nodes, entries)}</div>'
         '<h2>Nodes</h2><table id="nodes"><thead><tr><th>node</th><th>name</th><th>status</th>'
-        "<th>failed attempts</th><th>created</th><th>updated</th><th>duration</th><th>last error</th>"
+        "<th>failed attempts</th><th>created</th><th>updated</th><th>duration / in flight</th>"
+        "<th>last error</th>"
         f"</tr></thead><tbody>{rows}</tbody></table>{details}"
     )
     title = f"{detail.workflow_type} #{detail.id} ({detail.status})"

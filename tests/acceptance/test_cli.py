@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -49,7 +50,17 @@ def test_ls_filters_and_formats(db_url: str, instances: Instances, tmp_path: pat
     table = call_cli("ls", "--db", db_url, cwd=tmp_path)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["ID", "TYPE", "BUSINESS", "ID", "STATUS", "CREATED", "UPDATED"]
+    assert lines[0].split() == [
+        "ID",
+        "TYPE",
+        "BUSINESS",
+        "ID",
+        "STATUS",
+        "CREATED",
+        "UPDATED",
+        "IN",
+        "FLIGHT",
+    ]
     ids = [int(line.split()[0]) for line in lines[2:-1]]
     assert ids == sorted(
         [instances.fresh, instances.waiting, instances.completed, instances.failed], reverse=True
@@ -60,6 +71,11 @@ def test_ls_filters_and_formats(db_url: str, instances: Instances, tmp_path: pat
     assert [row["id"] for row in json.loads(failed.stdout)] == [instances.failed]
     both = call_cli("ls", "--db", db_url, "--status", "init", "--status", "running", "--json", cwd=tmp_path)
     assert sorted(row["id"] for row in json.loads(both.stdout)) == [instances.fresh, instances.waiting]
+    flights = {row["id"]: row["in_flight"] for row in json.loads(both.stdout)}
+    waiting = {f["task_type"]: f for f in flights[instances.waiting]}
+    assert waiting["manager_approval"]["status"] == "pending" and waiting["manager_approval"]["age"] >= 0
+    assert waiting["charge_payment"]["fail_count"] == 1 and flights[instances.fresh] == []
+    assert "manager_approval pending" in table.stdout  # the table's IN FLIGHT column
     by_business = call_cli(
         "ls", "--db", db_url, "--business-id", "ORD-00003", "--type", "order_demo", "--json", cwd=tmp_path
     )
@@ -93,6 +109,8 @@ def test_show_lists_every_node(db_url: str, instances: Instances, tmp_path: path
     assert "payment gateway timed out" in rows["charge_payment"]  # the last error
     assert " 1 " in rows["charge_payment"]  # its fail count
     assert "pending" in rows["manager_approval"]
+    assert re.search(r"pending \d+s", rows["manager_approval"])  # IN FLIGHT: its age
+    assert re.search(r"running \d+s \(retry 1\)", rows["charge_payment"])
     done = call_cli("show", str(instances.completed), "--db", db_url, cwd=tmp_path).stdout
     done_rows = {line.split()[0]: line for line in done.splitlines() if line.split()[:1]}
     assert "completed" in done_rows["charge_payment"] and " 2 " in done_rows["charge_payment"]
@@ -331,11 +349,16 @@ def test_purge(db_url: str, instances: Instances, tmp_path: pathlib.Path) -> Non
     dry = call_cli("purge", "--older-than", "0", "--dry-run", "--db", db_url, cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
     assert "would purge 2 instance(s)" in dry.stdout  # the completed and the failed one
+    capped = call_cli("purge", "--older-than", "0", "--dry-run", "--limit", "1", "--db", db_url, cwd=tmp_path)
+    assert "would purge 1 instance(s)" in capped.stdout
     gone = call_cli("purge", "--older-than", "0s", "--status", "failed", "--db", db_url, cwd=tmp_path)
     assert gone.returncode == 0, gone.stderr
     assert "purged 1 instance(s)" in gone.stdout
     assert_clean_error(call_cli("show", str(instances.failed), "--db", db_url, cwd=tmp_path), 1, "not found")
     assert call_cli("show", str(instances.completed), "--db", db_url, cwd=tmp_path).returncode == 0
+    assert_clean_error(
+        call_cli("purge", "--older-than", "0", "--limit", "0", "--db", db_url, cwd=tmp_path), 2, "--limit"
+    )
     assert_clean_error(
         call_cli("purge", "--older-than", "0", "--status", "running", "--db", db_url, cwd=tmp_path),
         2,

@@ -155,6 +155,10 @@ async def test_progress_and_children_show_when_a_node_has_them(
     assert (
         approve["progress"] == {"done": 7, "of": 10} and approve["children"]["a"]["instance_id"] == ids.failed
     )
+    # a node in flight: its age (from started_at) and progress in the nodes table and the API
+    assert approve["status"] in ("running", "pending") and approve["in_flight_for"] >= 0
+    assert approve["started_at"] is not None
+    assert re.search(rf'<span class="in-flight">{approve["status"]} for \d+s, progress {{&quot;done', page)
 
 
 async def test_json_api(seeded: tuple[WorkflowService, Seeded]) -> None:
@@ -170,6 +174,7 @@ async def test_json_api(seeded: tuple[WorkflowService, Seeded]) -> None:
     assert [i["id"] for i in listing["instances"]] == sorted([ids.evil, *ids.others], reverse=True)[:2]
     assert one["status"] == "failed" and one["nodes"][1]["task_type"] == "explode"
     assert "boom" in one["nodes"][1]["last_error"]
+    assert all(n["in_flight_for"] is None for n in one["nodes"])  # nothing is in flight once it failed
     assert missing.status_code == 404 and "not found" in missing.json()["error"]
     assert bad.status_code == 400
     assert schedules == {"schedules": []}

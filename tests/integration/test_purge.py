@@ -90,6 +90,18 @@ async def test_repo_purges_in_batches(engine_repo: Any, local_lock: Any) -> None
     assert await engine_repo.count_workflow_instances(QueryWorkflowInstanceParams()) == 0
 
 
+async def test_purge_limit_deletes_the_oldest_in_batches(engine_repo: Any, local_lock: Any) -> None:
+    svc = WorkflowService(engine_repo, local_lock, registry())
+    ids = [(await svc.create_workflow("a", f"l{i}", run=True)).id for i in range(7)]
+    later = int(time.time()) + 10
+    deleted = await engine_repo.purge_workflow_instances(
+        updated_before=later, statuses=("completed",), limit=5, batch_size=2
+    )
+    assert deleted == 5
+    left = await engine_repo.query_workflow_instances(QueryWorkflowInstanceParams())
+    assert sorted(r.id for r in left) == ids[5:]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
