@@ -30,10 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run benchmark rows")
     scenarios = ", ".join(ALL_SCENARIOS + SLOW_SCENARIOS + EXTRA_SCENARIOS)
+    named_only = ", ".join(SLOW_SCENARIOS + EXTRA_SCENARIOS)
     run.add_argument(
         "--scenario",
         default="linear3",
-        help=f"{scenarios} (comma list), all or none; all leaves out {', '.join(SLOW_SCENARIOS + EXTRA_SCENARIOS)} "
+        help=f"{scenarios} (comma list), all or none; all leaves out {named_only} "
         "(a 2 s node; 20 child workflows per run: name them)",
     )
     run.add_argument("--mode", default="direct", help="direct, driver or all")
