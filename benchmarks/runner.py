@@ -57,6 +57,8 @@ class BenchOptions:
     pool_size: int | None = None
     dbos_launch: str = "bounded"
     observers: tuple[str, ...] = ("none",)
+    backlog: int = 0  # due instances pre-loaded before the timed part of every asyncflow row
+    backlog_create: str = "bulk"  # how: "bulk" (the repo's bulk insert) or "service" (create_workflow)
     command: str = field(default_factory=lambda: "python -m benchmarks " + shlex.join(sys.argv[1:]))
 
 
@@ -120,7 +122,7 @@ def _plan(
                         for observer in options.observers:
                             shown = None if options.observers == ("none",) else observer
                             key = report.RowKey("asyncflow", scenario, mode, backend, lock, options.n, c,
-                                                _NODE_COUNTS[scenario], shown)  # fmt: skip
+                                                _NODE_COUNTS[scenario], shown, options.backlog)  # fmt: skip
                             reason = asyncflow_unavailable(mode) or observers_unavailable(observer)
                             if reason:
                                 skip(key.label(), reason)
@@ -169,6 +171,8 @@ def _asyncflow_runner(key: report.RowKey, options: BenchOptions) -> Callable[[],
             create=options.create,
             pool_size=options.pool_size,
             observer=key.observer or "none",
+            backlog=options.backlog,
+            backlog_create=options.backlog_create,
         )
         pg_url = options.pg_url if key.backend == "postgres" else None
         redis_url = options.redis_url if key.lock == "redis" else None
