@@ -7,6 +7,7 @@ reason; a row that fails is reported as failed; neither stops the other rows.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shlex
@@ -57,7 +58,7 @@ class BenchOptions:
     pool_size: int | None = None
     dbos_launch: str = "bounded"
     observers: tuple[str, ...] = ("none",)
-    backlog: int = 0  # due instances pre-loaded before the timed part of every asyncflow row
+    backlogs: tuple[int, ...] = (0,)  # due instances pre-loaded before the timed part (a row per value)
     backlog_create: str = "bulk"  # how: "bulk" (the repo's bulk insert) or "service" (create_workflow)
     command: str = field(default_factory=lambda: "python -m benchmarks " + shlex.join(sys.argv[1:]))
 
@@ -119,10 +120,10 @@ def _plan(
             for scenario in options.scenarios:
                 for mode in options.modes:
                     for lock in options.locks:
-                        for observer in options.observers:
+                        for observer, backlog in itertools.product(options.observers, options.backlogs):
                             shown = None if options.observers == ("none",) else observer
                             key = report.RowKey("asyncflow", scenario, mode, backend, lock, options.n, c,
-                                                _NODE_COUNTS[scenario], shown, options.backlog)  # fmt: skip
+                                                _NODE_COUNTS[scenario], shown, backlog)  # fmt: skip
                             reason = asyncflow_unavailable(mode) or observers_unavailable(observer)
                             if reason:
                                 skip(key.label(), reason)
@@ -171,7 +172,7 @@ def _asyncflow_runner(key: report.RowKey, options: BenchOptions) -> Callable[[],
             create=options.create,
             pool_size=options.pool_size,
             observer=key.observer or "none",
-            backlog=options.backlog,
+            backlog=key.backlog,
             backlog_create=options.backlog_create,
         )
         pg_url = options.pg_url if key.backend == "postgres" else None
