@@ -129,7 +129,13 @@ however large the table is (a join of the pick with the table was planned as a s
 _CLAIM_ANY = _CLAIM.format(typed="")
 _CLAIM_TYPED = _CLAIM.format(typed=" AND workflow_type = ANY ($4::text[])")
 
-_encode_text = json.JSONEncoder(ensure_ascii=False).encode
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _encode_text(value: str) -> str:
+    """A checked ``str`` as a JSON string; node names and statuses (identifiers: nothing to escape)
+    skip the encoder, which runs a few times per step otherwise."""
+    return f'"{value}"' if value.isidentifier() else _encode(value)
 
 
 class TxConnection:
