@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="driver mode: create_workflow or the repo's bulk insert")  # fmt: skip
     run.add_argument("--pool-size", type=int, default=None,
                      help="PostgreSQL pool of asyncflow (default: the concurrency)")  # fmt: skip
+    run.add_argument("--backlog", default="0", metavar="N",
+                     help="pre-load N due instances of the scenario's type before the timed part, e.g. "
+                     "100000 or 10000,100000 (a row each); driver mode then times -n completions out of "
+                     "that queue")  # fmt: skip
+    run.add_argument("--backlog-create", choices=("bulk", "service"), default="bulk",
+                     help="how the backlog is made: the repo's bulk insert or create_workflow")  # fmt: skip
     run.add_argument("--dbos-launch", choices=("bounded", "queue"), default="bounded")
     run.add_argument("--observer", default="none",
                      help="asyncflow rows with these service observers: none, noop, prometheus, otel "
@@ -76,6 +82,11 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         raise ValueError("-n must be at least 1")
     if args.repeat < 1:
         raise ValueError("--repeat must be at least 1")
+    backlogs = tuple(int(b) for b in str(args.backlog).split(",") if b.strip()) or (0,)
+    if min(backlogs) < 0:
+        raise ValueError("--backlog needs integers >= 0")
+    if any(0 < b < args.n for b in backlogs) and args.mode in ("driver", "all"):
+        raise ValueError("--backlog must be at least -n in driver mode (the timed part drains -n of it)")
     return BenchOptions(
         scenarios=(
             ALL_SCENARIOS
@@ -97,6 +108,8 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         pool_size=args.pool_size,
         observers=parse_list(args.observer, OBSERVERS, "observer") or ("none",),
         visible_after=_visible_after(args.visible_after),
+        backlogs=backlogs,
+        backlog_create=args.backlog_create,
     )
 
 

@@ -7,6 +7,12 @@
   bulk insert), then one ``WorkflowDriver(concurrency=...)`` drives them. Throughput is ``n`` over the
   driving time; latency runs from each instance's creation to its last node's ``run`` (a stride sample).
 
+With ``backlog`` (``--backlog N``), ``N`` due instances of the scenario's type are created before the
+timed part (and outside the CPU and memory probe). Direct mode leaves them queued while it runs its
+``n`` workflows; driver mode creates nothing more and times a driver (``async with``) until ``n``
+instances have completed out of that queue, so every claim sees at least ``N - n`` due rows (no latency
+is sampled: it would be the time spent queued).
+
 :func:`run_direct` and :func:`run_driver` take any service and workflow type, so a user can benchmark
 their own workflows the same way (see ``benchmarks/README.md``).
 """
@@ -62,10 +68,17 @@ class AsyncflowRun:
     timeout_s: float | None = None  # None: 120 s plus 50 ms per workflow (a run below 20 wf/s is stuck)
     observer: str = "none"  # the service's observers: none, noop, prometheus or otel (observers.py)
     visible_after: float | None = None  # the service's visible_after
+    backlog: int = 0  # due instances created before the timed part
+    backlog_create: str = "bulk"  # "bulk" (repo bulk insert) | "service" (create_workflow)
 
     @property
     def deadline_s(self) -> float:
         return self.timeout_s if self.timeout_s is not None else 120.0 + 0.05 * self.n
+
+    @property
+    def process_deadline_s(self) -> float:
+        """The subprocess's own limit: the timed part's, plus time to load the backlog (>= 500/s)."""
+        return self.deadline_s + self.backlog / 500
 
 
 def _count_steps(repo: Any) -> list[int]:
@@ -175,6 +188,74 @@ async def _create_all(
             group.create_task(worker(), name=f"bench-create-{slot}")
 
 
+async def preload_backlog(
+    svc: af.WorkflowService, repo: Any, workflow_type: str, count: int, concurrency: int, *, bulk: bool
+) -> float:
+    """Create ``count`` due instances of ``workflow_type`` (``backlog-<i>``); the seconds it took."""
+    start = time.perf_counter()
+    if bulk:
+        for first in range(0, count, _CREATE_BATCH):
+            news = [
+                NewWorkflowInstance(
+                    workflow_type=workflow_type, business_id=f"backlog-{i}", workflow_context={}
+                )
+                for i in range(first, min(count, first + _CREATE_BATCH))
+            ]
+            await repo.create_workflow_instances(news)
+    else:
+        indexes = iter(range(count))
+
+        async def worker() -> None:
+            for i in indexes:
+                await svc.create_workflow(workflow_type, f"backlog-{i}")
+
+        async with asyncio.TaskGroup() as group:
+            for slot in range(min(concurrency, count)):
+                group.create_task(worker(), name=f"bench-backlog-{slot}")
+    return time.perf_counter() - start
+
+
+async def run_driver_backlog(
+    svc: af.WorkflowService,
+    workflow_type: str,
+    n: int,
+    concurrency: int,
+    *,
+    hooks: BenchHooks,
+    poll_interval: float = 0.05,
+    approval_node: str | None = None,
+) -> tuple[float, Any]:
+    """Drive an already queued backlog until ``n`` instances completed; ``(seconds, driver.stats)``.
+
+    The driver is then stopped (passes still running finish within its stop grace).
+    """
+    driver = WorkflowDriver(
+        svc, concurrency=concurrency, poll_interval=poll_interval, workflow_types=[workflow_type]
+    )
+    start = time.perf_counter()
+    if approval_node is not None:
+        senders = max(1, concurrency // 4)
+        await _approve_while_driving(svc, driver, hooks, n, approval_node, senders)
+        return time.perf_counter() - start, driver.stats
+    enough = asyncio.Event()
+    count = 0
+    previous = hooks.on_completed
+
+    def completed(instance_id: int, at: float) -> None:
+        nonlocal count
+        if previous is not None:
+            previous(instance_id, at)
+        count += 1
+        if count >= n:
+            enough.set()
+
+    hooks.on_completed = completed
+    async with driver:
+        await enough.wait()
+        elapsed = time.perf_counter() - start
+    return elapsed, driver.stats
+
+
 async def _approve_while_driving(
     svc: af.WorkflowService, driver: WorkflowDriver, hooks: BenchHooks, n: int, node: str, senders: int
 ) -> None:
@@ -265,7 +346,22 @@ async def _measured(
     """The timed part of a run: ``(setup_seconds, measured_seconds)``, bounded by ``run.deadline_s``."""
     try:
         async with asyncio.timeout(run.deadline_s):
-            if run.mode == "direct":
+            if run.mode == "driver" and run.backlog:
+                elapsed, stats = await run_driver_backlog(
+                    svc,
+                    spec.workflow_type,
+                    run.n,
+                    run.concurrency,
+                    hooks=hooks,
+                    poll_interval=run.poll_interval,
+                    approval_node=spec.approval_node,
+                )
+                setup_s = 0.0
+                extra["driver_stats"] = {
+                    name: getattr(stats, name, None)
+                    for name in ("passes", "completed", "failed", "errors", "lock_skips")
+                }
+            elif run.mode == "direct":
                 elapsed = await run_direct(
                     svc, spec.workflow_type, run.n, run.concurrency, spec=spec, sampler=sampler
                 )
@@ -317,6 +413,18 @@ async def run_asyncflow_once(
                 observers=make_observers(run.observer),
                 visible_after=run.visible_after,
             )
+            if run.backlog:
+                extra["backlog_s"] = round(
+                    await preload_backlog(
+                        svc,
+                        repo,
+                        spec.workflow_type,
+                        run.backlog,
+                        run.concurrency,
+                        bulk=run.backlog_create == "bulk",
+                    ),
+                    3,
+                )
             steps = _count_steps(repo)
             with ResourceProbe() as probe:
                 setup_s, elapsed = await _measured(run, spec, svc, repo, hooks, sampler, extra)
@@ -327,7 +435,7 @@ async def run_asyncflow_once(
             if hasattr(lock, "aclose"):
                 await lock.aclose()
         commits, write_commits = await read_commits()
-    if completed != run.n:
+    if completed != run.n and not (run.mode == "driver" and run.backlog and completed >= run.n):
         raise BenchmarkError(f"{run.scenario}/{run.mode}: {completed} of {run.n} instances completed")
     if run.mode == "driver" and sampler.open_count:
         extra["latency_samples_missing"] = sampler.open_count
@@ -355,7 +463,7 @@ async def run_asyncflow_isolated(
         args += ["--redis-url", redis_url]
     pg_admin = PgAdmin(pg_url) if pg_url else None
     return await run_module(
-        "benchmarks.asyncflow_runs", args, timeout_s=run.deadline_s + 60, pg_admin=pg_admin
+        "benchmarks.asyncflow_runs", args, timeout_s=run.process_deadline_s + 60, pg_admin=pg_admin
     )
 
 

@@ -51,12 +51,14 @@ class RowKey:
     node_count: int
     observer: str | None = None  # asyncflow rows: the service's observers (None: not asked for)
     visible_after: str | None = None  # asyncflow rows: the service's visible_after (None: not asked for)
+    backlog: int = 0  # instances queued (due) before the timed part (``--backlog``)
 
     def label(self) -> str:
         lock = f"/{self.lock}" if self.lock else ""
         obs = f" observer={self.observer}" if self.observer else ""
         obs += f" visible_after={self.visible_after}" if self.visible_after else ""
-        where = f"{self.backend}{lock} n={self.n} c={self.concurrency}"
+        queued = f" backlog={self.backlog}" if self.backlog else ""
+        where = f"{self.backend}{lock} n={self.n}{queued} c={self.concurrency}"
         return f"{self.kind} {self.scenario} {self.mode} {where}{obs}"
 
 
@@ -76,6 +78,7 @@ def aggregate(key: RowKey, runs: Sequence[RunMeasurement]) -> dict[str, Any]:
         "observer": key.observer,
         "visible_after": key.visible_after,
         "n": key.n,
+        "backlog": key.backlog,
         "concurrency": key.concurrency,
         "repeats": len(runs),
         "workflows_per_s": wfs.as_dict(1),
@@ -114,10 +117,11 @@ def attach_ratios(rows: list[dict[str, Any]]) -> None:
             continue
         mine = row["workflows_per_s"]["median"]
         for ref in rows:
-            same = (ref["backend"], ref["n"], ref["concurrency"]) == (
+            same = (ref["backend"], ref["n"], ref["concurrency"], ref.get("backlog", 0)) == (
                 row["backend"],
                 row["n"],
                 row["concurrency"],
+                row.get("backlog", 0),
             )
             if not same:
                 continue
@@ -210,7 +214,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
         row["mode"],
         row["backend"],
         row["lock"] or "-",
-        f"{row['n']:,}",
+        f"{row['n']:,}" + (f" +{row['backlog']:,} queued" if row.get("backlog") else ""),
         str(row["concurrency"]),
         _runs(row),
         _spread(row["workflows_per_s"]),

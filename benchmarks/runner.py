@@ -81,6 +81,8 @@ class BenchOptions:
     dbos_launch: str = "bounded"
     observers: tuple[str, ...] = ("none",)
     visible_after: tuple[str, ...] = ("none",)  # the service's visible_after: "none" or seconds
+    backlogs: tuple[int, ...] = (0,)  # due instances pre-loaded before the timed part (a row per value)
+    backlog_create: str = "bulk"  # how: "bulk" (the repo's bulk insert) or "service" (create_workflow)
     command: str = field(default_factory=lambda: "python -m benchmarks " + shlex.join(sys.argv[1:]))
 
 
@@ -156,11 +158,13 @@ def _plan(
             for scenario in options.scenarios:
                 for mode in options.modes:
                     for lock in options.locks:
-                        for observer, visible in itertools.product(options.observers, options.visible_after):
+                        for observer, visible, backlog in itertools.product(
+                            options.observers, options.visible_after, options.backlogs
+                        ):
                             shown = None if options.observers == ("none",) else observer
                             va = None if options.visible_after == ("none",) else visible
                             key = report.RowKey("asyncflow", scenario, mode, backend, lock, options.n, c,
-                                                _NODE_COUNTS[scenario], shown, va)  # fmt: skip
+                                                _NODE_COUNTS[scenario], shown, va, backlog)  # fmt: skip
                             reason = (
                                 scenario_unavailable(scenario)
                                 or asyncflow_unavailable(mode)
@@ -219,6 +223,8 @@ def _asyncflow_runner(key: report.RowKey, options: BenchOptions) -> Callable[[],
             pool_size=options.pool_size,
             observer=key.observer or "none",
             visible_after=None if key.visible_after in (None, "none") else float(key.visible_after),
+            backlog=key.backlog,
+            backlog_create=options.backlog_create,
         )
         pg_url = options.pg_url if key.backend == "postgres" else None
         redis_url = options.redis_url if key.lock == "redis" else None

@@ -92,6 +92,37 @@ async def test_scenario_memory(scenario: str, mode: str) -> None:
     assert m.commits is None
 
 
+@pytest.mark.parametrize("create", ["bulk", "service"])
+@pytest.mark.parametrize("mode", ["direct", "driver"])
+async def test_a_backlog_is_loaded_before_the_timed_part(mode: str, create: str) -> None:
+    import asyncflow as af
+    from benchmarks.asyncflow_runs import AsyncflowRun, preload_backlog, run_asyncflow_once
+
+    _needs_asyncflow(mode)
+    run = AsyncflowRun(scenario="linear3", mode=mode, backend="memory", lock="local", n=N, concurrency=C,
+                       backlog=3 * N, backlog_create=create)  # fmt: skip
+    m = await run_asyncflow_once(run)
+    assert m.n == N and m.elapsed_s > 0 and m.extra["backlog_s"] >= 0
+    if mode == "driver":  # n completions out of the queue: no latency (it would be time spent queued)
+        assert m.latencies_s == [] and m.extra["driver_stats"]["completed"] >= N
+    else:
+        assert len(m.latencies_s) == N
+    from benchmarks.scenarios import BenchHooks, build_registry, get_scenario
+
+    repo = af.MemoryWorkflowRepo()
+    registry = build_registry(get_scenario("linear3"), BenchHooks())
+    svc = af.WorkflowService(repo, af.LocalWorkflowLock(), registry=registry)
+    await preload_backlog(svc, repo, "bench_linear3", 5, 2, bulk=create == "bulk")
+    queued = await repo.claim_due_instances(now_ms=2**60, limit=10, lease_ms=1)
+    assert len(queued) == 5
+
+
+def test_backlog_rows_are_labelled_and_matched_apart() -> None:
+    key = report.RowKey("asyncflow", "linear3", "driver", "postgres", "local", 100, 8, 3, backlog=1000)
+    assert "backlog=1000" in key.label()
+    assert report.RowKey("floor", "linear3", "raw", "postgres", None, 100, 8, 3).backlog == 0
+
+
 @pytest.mark.benchmark
 @pytest.mark.postgres
 @pytest.mark.parametrize("mode", ["direct", "driver"])

@@ -273,8 +273,8 @@ def join_decision(join: str, statuses: Sequence[str | None]) -> Join:
     is done, runs if one completed, else skipped. ``first``: runs as soon as one completed; skipped
     when every one was skipped. ``end`` (join ``end``): completes once every predecessor is done.
     """
-    completed = sum(1 for s in statuses if s == _DONE_COMPLETED)
-    skipped = sum(1 for s in statuses if s == _DONE_SKIPPED)
+    completed = statuses.count(_DONE_COMPLETED)
+    skipped = statuses.count(_DONE_SKIPPED)
     all_done = completed + skipped == len(statuses)
     if join == "first" and completed:
         return Join.RUN

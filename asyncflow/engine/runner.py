@@ -43,7 +43,7 @@ from ..records import (
     WorkflowInstanceRecord,
 )
 from ..status import END_NODE, ROOT_NODE, SYSTEM, InstanceStatus, TaskStatus
-from ..worker import NodeInfo, choice_scope, heartbeat_scope, node_scope
+from ..worker import Choice, NodeInfo, _current_beat, _current_choice, _current_node
 from .inflight import NO_PROGRESS, PROGRESS, NodeWatch, Watchtower
 from .rules import (
     CHOSEN,
@@ -510,12 +510,23 @@ class PassRunner:
             fail_count=fail_count,
             trace_context=self._instance.trace_context,
         )
-        with node_scope(info), heartbeat_scope(watch):
+        # node_scope()/heartbeat_scope()/choice_scope() without their generator context managers (a
+        # node's hot path)
+        node_token = _current_node.set(info)
+        beat_token = _current_beat.set(watch)
+        try:
             if check:
                 await node.worker.wait_check(ctx)
                 return None
-            with choice_scope(node.task_type, tuple(node.next_nodes)) as choice:
+            choice = Choice(node.task_type, tuple(node.next_nodes))
+            choice_token = _current_choice.set(choice)
+            try:
                 await node.worker.run(ctx)
+            finally:
+                _current_choice.reset(choice_token)
+        finally:
+            _current_beat.reset(beat_token)
+            _current_node.reset(node_token)
         return choice.chosen
 
     async def _failed(

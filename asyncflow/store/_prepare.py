@@ -19,8 +19,12 @@ from ..records import (
     TaskUpdate,
     TaskWhere,
 )
-from ._json import check_int, check_ints, check_text, check_texts, dumps_context
+from ..status import RUNNABLE_INSTANCE_STATUSES
+from ._json import INT64_MAX, INT64_MIN, check_int, check_ints, check_text, check_texts, dumps_context
 from ._sql import UNIQUE_MODES
+
+_CHECKED_STATUS_IN = (RUNNABLE_INSTANCE_STATUSES,)
+"""``Step.instance_status_in`` values known to pass :func:`check_texts` (the engine's default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +137,23 @@ def task_row(new: TaskInsert) -> TaskRow:
     """Check a :class:`~asyncflow.records.TaskInsert`."""
     if not isinstance(new, TaskInsert):
         raise ParamInvalidError(f"expected TaskInsert, got {type(new).__name__}")
+    # the checks of check_text/check_int inline for the common case (a node's hot path); anything
+    # else goes through them, for their errors
+    task_type, status, fail_count, started_at = new.task_type, new.status, new.fail_count, new.started_at
+    if not (type(task_type) is str and task_type.isascii() and "\x00" not in task_type):
+        task_type = check_text(task_type, "task_type")
+    if not (type(status) is str and status.isascii() and "\x00" not in status):
+        status = check_text(status, "status")
+    if not (type(fail_count) is int and 0 <= fail_count <= INT64_MAX):
+        fail_count = check_int(fail_count, "fail_count", minimum=0)
+    if not (type(started_at) is int and 0 <= started_at <= INT64_MAX):
+        started_at = check_int(started_at, "started_at", minimum=0)
     return TaskRow(
-        task_type=check_text(new.task_type, "task_type"),
-        status=check_text(new.status, "status"),
+        task_type=task_type,
+        status=status,
         context=dumps_context(new.node_context, "node_context"),
-        fail_count=check_int(new.fail_count, "fail_count", minimum=0),
-        started_at=check_int(new.started_at, "started_at", minimum=0),
+        fail_count=fail_count,
+        started_at=started_at,
     )
 
 
@@ -209,17 +224,21 @@ def prepared_step(step: Step) -> PreparedStep:
     for update in step.updates:
         if not isinstance(update, TaskUpdate):
             raise ParamInvalidError(f"Step.updates must hold TaskUpdate, got {type(update).__name__}")
-        updates.append(
-            (
-                check_int(update.id, "TaskUpdate.id"),
-                check_int(update.expected_version, "TaskUpdate.expected_version"),
-                task_change(update, allow_empty=True),
-            )
-        )
+        task_id, expected = update.id, update.expected_version
+        if not (type(task_id) is int and INT64_MIN <= task_id <= INT64_MAX):
+            task_id = check_int(task_id, "TaskUpdate.id")
+        if not (type(expected) is int and INT64_MIN <= expected <= INT64_MAX):
+            expected = check_int(expected, "TaskUpdate.expected_version")
+        updates.append((task_id, expected, task_change(update, allow_empty=True)))
     inserts = tuple(task_row(new) for new in step.inserts)
+    instance_id, status_in = step.instance_id, step.instance_status_in
+    if not (type(instance_id) is int and INT64_MIN <= instance_id <= INT64_MAX):
+        instance_id = check_int(instance_id, "Step.instance_id")
+    if status_in not in _CHECKED_STATUS_IN:
+        status_in = check_texts(status_in, "Step.instance_status_in")
     return PreparedStep(
-        instance_id=check_int(step.instance_id, "Step.instance_id"),
-        instance_status_in=check_texts(step.instance_status_in, "Step.instance_status_in"),
+        instance_id=instance_id,
+        instance_status_in=status_in,
         instance_change=InstanceChange(
             status=_optional_text(step.instance_status, "Step.instance_status"),
             context=None,

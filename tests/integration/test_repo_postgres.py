@@ -137,6 +137,32 @@ async def test_claims_read_the_due_index_and_create_schema_adds_it_to_older_data
     assert await repo.claim_due_instances(now_ms=30_000, limit=3, lease_ms=10) == [ids[1], ids[3], ids[5]]
 
 
+async def test_a_typed_claim_walks_the_due_index_before_and_after_the_table_is_analyzed(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    # a bulk-loaded backlog that autovacuum has not analyzed yet: planned on no statistics, the old
+    # ``workflow_type = ANY(...)`` filter was estimated to match one row, so claims sorted every due row
+    ids = await repo.create_workflow_instances([new(str(i)) for i in range(3)])
+    async with repo.engine.begin() as conn:  # a backlog of 100,000 (SQL: the repo's creates are slower)
+        await conn.execute(
+            text(
+                "INSERT INTO workflow_instance (workflow_type, business_id, status, created_at, updated_at, "
+                "next_run_at) SELECT 'wf', 'bulk-' || i, 'init', 0, 0, 1 FROM generate_series(1, 100000) i"
+            )
+        )
+    args = (30_000, 64, 60_000, ["wf"])
+    for analyzed in (False, True):
+        async with repo.engine.connect() as conn:
+            if analyzed:
+                await conn.execute(text("ANALYZE workflow_instance"))
+            plan = "\n".join((await conn.exec_driver_sql(f"EXPLAIN {pg_sql._CLAIM_TYPED}", args)).scalars())
+            await conn.rollback()
+        assert "ix_workflow_instance_due" in plan and "Sort" not in plan, (analyzed, plan)
+    claimed = await repo.claim_due_instances(now_ms=30_000, limit=3, lease_ms=10, workflow_types=["wf"])
+    assert claimed == ids[:3]
+    assert await repo.claim_due_instances(now_ms=30_000, limit=3, lease_ms=10, workflow_types=["x"]) == []
+
+
 @pytest.mark.postgres
 async def test_unique_violation_carries_the_asyncpg_error(repo: SQLAlchemyWorkflowRepo) -> None:
     import asyncpg
