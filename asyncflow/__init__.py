@@ -92,6 +92,7 @@ from .worker import (
     TaskWorker,
     choose,
     current_node,
+    start_child_workflow,
 )
 
 __version__ = "0.1.0"
@@ -183,5 +184,6 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "metadata",
     "preload_workflow_definitions",
     "register_workflow_task",
+    "start_child_workflow",
     "task_status_text",
 ]

@@ -24,12 +24,12 @@ import contextvars
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
 from ..context import JSONContext
-from ..errors import LockFailedError, ParamInvalidError, is_serious_error
+from ..errors import LockFailedError, ParamInvalidError, TaskFailedTerminate, TaskNotReady, is_serious_error
 from ..records import (
     Step,
     TaskInsert,
@@ -38,8 +38,16 @@ from ..records import (
     WorkflowInstance,
     WorkflowInstanceRecord,
 )
-from ..status import END_NODE, ROOT_NODE, SYSTEM, InstanceStatus, TaskStatus
-from ..worker import NodeInfo, choice_scope, node_scope
+from ..status import (
+    END_NODE,
+    PRE_NODE_CONTEXT,
+    ROOT_NODE,
+    SYSTEM,
+    InstanceStatus,
+    TaskStatus,
+    is_over_instance_status,
+)
+from ..worker import NodeInfo, child_scope, choice_scope, node_scope
 from .rules import (
     CHOSEN,
     Join,
@@ -62,7 +70,27 @@ if TYPE_CHECKING:
     from ..store.protocol import WorkflowRepo
     from .observers import ObserverSet
 
-__all__ = ["PassRunner", "StallWarnings", "active_passes", "run_shielded"]
+__all__ = [
+    "CHILDREN",
+    "CHILD_KEYS",
+    "ChildStart",
+    "PassRunner",
+    "StallWarnings",
+    "active_passes",
+    "run_shielded",
+]
+
+CHILD_KEYS = "child_keys"
+"""The key under a node context's ``system`` where the engine keeps the keys of the children its
+``run()`` started (``af.start_child_workflow``), in order."""
+CHILDREN = "children"
+"""The key of a node's context that holds its children's results once they are all terminal."""
+
+ChildStart = Callable[
+    [WorkflowInstanceRecord, str, str, str, "Mapping[str, Any] | JSONContext | None"],
+    Awaitable[WorkflowInstance],
+]
+"""The service's ``start(parent, task_type, workflow_type, key, context)`` of a child instance."""
 
 logger = logging.getLogger("asyncflow.engine")
 
@@ -156,8 +184,14 @@ class PassRunner:
         branch_concurrency: int,
         stalls: StallWarnings | None = None,
         observers: ObserverSet | None = None,
+        start_child: ChildStart | None = None,
     ) -> None:
         self._repo = repo
+        self._start_child = start_child
+        self._awaiting: dict[str, list[str]] = {}  # node -> the keys of its children not all terminal
+        self.wake_again = False
+        """Set when a child the pass waited for ended between the pass's look and its last write:
+        the service makes the instance due again at once."""
         self._clock = clock
         self._lease = lease
         self._instance = instance
@@ -204,6 +238,8 @@ class PassRunner:
                 await self._flush()
                 if self._stopped:
                     return await self._reload()
+                if self._awaiting:
+                    await self._look_again()
             return self._result()
         finally:
             active_passes.reset(token)
@@ -318,15 +354,18 @@ class PassRunner:
         ctx = JSONContext.from_map(context)
         if status == _RUNNING:
             try:
-                chosen = await self._call(node, ctx, fail_count, check=False)
+                chosen, child_keys = await self._call(node, ctx, fail_count, check=False)
             except Exception as exc:
                 return await self._failed(node, row, context, _RUNNING, fail_count, started_at, exc)
-            if chosen is not None:  # kept with the context: a wait check may complete it later
+            if chosen is not None or child_keys:  # kept with the context: a later pass completes it
                 system = context.get(SYSTEM)
                 if not isinstance(system, dict):
                     system = context[SYSTEM] = {}
-                system[CHOSEN] = list(chosen)
-            if node.has_wait_check:
+                if chosen is not None:
+                    system[CHOSEN] = list(chosen)
+                if child_keys:
+                    system[CHILD_KEYS] = list(child_keys)
+            if node.has_wait_check or child_keys:
                 pending = _write_for(node.task_type, row, _PENDING, context, fail_count, started_at)
                 try:
                     row = await self._write_one(node.task_type, pending)
@@ -335,6 +374,7 @@ class PassRunner:
                 status = _PENDING
         if status == _PENDING:
             try:
+                await self._children_done(node.task_type, context)
                 await self._call(node, ctx, fail_count, check=True)
             except Exception as exc:
                 return await self._failed(node, row, context, _PENDING, fail_count, started_at, exc)
@@ -390,8 +430,9 @@ class PassRunner:
 
     async def _call(
         self, node: NodeDefinition, ctx: JSONContext, fail_count: int, *, check: bool
-    ) -> tuple[str, ...] | None:
-        """Call ``run`` or ``wait_check``; what ``run`` chose with ``af.choose`` (``None``: no call)."""
+    ) -> tuple[tuple[str, ...] | None, list[str]]:
+        """Call ``run`` or ``wait_check``; what ``run`` chose with ``af.choose`` (``None``: no call)
+        and the keys of the children it started (``af.start_child_workflow``)."""
         info = NodeInfo(
             instance_id=self._instance.id,
             workflow_type=self._instance.workflow_type,
@@ -403,10 +444,77 @@ class PassRunner:
         with node_scope(info):
             if check:
                 await node.worker.wait_check(ctx)
-                return None
-            with choice_scope(node.task_type, tuple(node.next_nodes)) as choice:
+                return None, []
+            with (
+                choice_scope(node.task_type, tuple(node.next_nodes)) as choice,
+                child_scope(node.task_type, self._child_starter(node.task_type)) as children,
+            ):
                 await node.worker.run(ctx)
-        return choice.chosen
+        return choice.chosen, children.keys
+
+    def _child_starter(
+        self, task_type: str
+    ) -> Callable[[str, str, Mapping[str, Any] | JSONContext | None], Awaitable[WorkflowInstance]]:
+        start, parent = self._start_child, self._instance
+
+        async def start_child(
+            workflow_type: str, key: str, context: Mapping[str, Any] | JSONContext | None
+        ) -> WorkflowInstance:
+            if start is None:
+                raise LockFailedError("this pass runs without a service: it cannot start child workflows")
+            return await start(parent, task_type, workflow_type, key, context)
+
+        return start_child
+
+    async def _children_done(self, task_type: str, context: dict[str, Any]) -> None:
+        """For a node whose ``run`` started children: raise ``TaskNotReady`` while one of them is not
+        terminal, ``TaskFailedTerminate`` when one failed or was canceled; once all completed, put their
+        results under ``children`` in ``context``."""
+        system = context.get(SYSTEM)
+        keys = system.get(CHILD_KEYS) if isinstance(system, dict) else None
+        if not keys:
+            return
+        found = {
+            c.child_key: c
+            for c in await self._repo.query_child_instances(self._instance.id)
+            if c.parent_node == task_type
+        }
+        waiting = []
+        for key in keys:
+            child = found.get(key)
+            if child is None:
+                raise TaskFailedTerminate(f"child workflow {key!r} of node {task_type!r} no longer exists")
+            if child.status in (InstanceStatus.FAILED.value, InstanceStatus.CANCELED.value):
+                raise TaskFailedTerminate(
+                    f"child workflow {key!r} (instance {child.id}, {child.workflow_type}) {child.status}"
+                )
+            if not is_over_instance_status(child.status):
+                waiting.append(key)
+        if waiting:
+            self._awaiting[task_type] = list(keys)
+            raise TaskNotReady(f"waiting for {len(waiting)} of {len(keys)} child workflow(s)")
+        self._awaiting.pop(task_type, None)
+        results: dict[str, Any] = {}
+        for key in keys:
+            child = found[key]
+            rows = await self._repo.load_task_instances(child.id)
+            end = next((r for r in rows if r.task_type == END_NODE), None)
+            output = end.node_context.get(PRE_NODE_CONTEXT, {}) if end is not None else {}
+            results[key] = {"instance_id": child.id, "status": child.status, "output": output}
+        context[CHILDREN] = results
+
+    async def _look_again(self) -> None:
+        """After the pass's last write: a child that ended since the pass looked would have woken an
+        instance that was still going to write a later due time; if one did, ask to be run again."""
+        found = {
+            (c.parent_node, c.child_key): c.status
+            for c in await self._repo.query_child_instances(self._instance.id)
+        }
+        for task_type, keys in self._awaiting.items():
+            statuses = [found.get((task_type, key)) for key in keys]
+            if all(s is None or is_over_instance_status(s) for s in statuses):
+                self.wake_again = True
+                return
 
     async def _failed(
         self,
