@@ -352,6 +352,7 @@ class WorkflowInstanceDetail:
     created_at: int
     updated_at: int
     task_instances: tuple[TaskInstanceDetail, ...]
+    parent_id: int | None = None  # a child workflow's parent instance; None for top-level ones
 
     def node(self, task_type: str) -> TaskInstanceDetail:
         """The entry of ``task_type`` (``KeyError`` if the definition has no such node)."""

@@ -456,11 +456,10 @@ class WorkflowService:
                 return
         await self._wake(parent_id)
 
-    async def get_child_workflows(self, instance_id: int) -> list[WorkflowInstance]:
-        """The child instances an instance's nodes started (``af.start_child_workflow``), by id."""
-        _check_id(instance_id)
-        children = await self.repo.query_child_instances(instance_id)
-        return [WorkflowInstance.from_record(c, self._definition_or_none(c)) for c in children]
+    async def get_child_workflows(self, instance_id: int) -> list[WorkflowInstanceRecord]:
+        """The child instances an instance's nodes started (``af.start_child_workflow``), by id; each
+        record names its ``parent_node`` and ``child_key``."""
+        return await self.repo.query_child_instances(_check_id(instance_id))
 
     def _definition_or_none(self, instance: WorkflowInstanceRecord) -> WorkflowDefinition | None:
         try:
@@ -864,6 +863,7 @@ def _detail(
         created_at=record.created_at,
         updated_at=record.updated_at,
         task_instances=tuple(entries),
+        parent_id=record.parent_id,
     )
 
 
