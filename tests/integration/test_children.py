@@ -311,6 +311,33 @@ async def test_a_node_without_children_is_unchanged(engine_repo: Any, local_lock
     assert "children" not in fan.node_context and "child_keys" not in fan.node_context.get("system", {})
 
 
+async def test_without_wake_ups_another_process_s_parent_is_polled(tmp_path: Any) -> None:
+    """SQLite has no NOTIFY: "process A"'s driver runs the parent and finds it due again by polling
+    after "process B" (its own engine and service on the same file) ended the children."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/polled.db"
+    repo_a, repo_b = SQLAlchemyWorkflowRepo(url), SQLAlchemyWorkflowRepo(url)
+    await repo_a.migrate()
+    calls = Calls()
+    registry = family(calls, fan_out(["a", "b"]))
+    svc_a = WorkflowService(repo_a, LocalWorkflowLock(), registry)
+    svc_b = WorkflowService(repo_b, LocalWorkflowLock(), registry)
+    try:
+        async with WorkflowDriver(svc_a, poll_interval=0.1, workflow_types=["parent"]):
+            parent = await svc_a.create_workflow("parent", "polled-1")
+            for _ in range(500):
+                if (await statuses(svc_a, parent.id)).get("fan") == "pending":
+                    break
+                await asyncio.sleep(0.01)
+            for child in await svc_b.get_child_workflows(parent.id):
+                await svc_b.run_workflow(child.id)
+            done = await svc_a.wait_for_workflow(parent.id, timeout=10)
+        assert done.status == "completed"
+        assert calls.runs("fan") == 1
+    finally:
+        await repo_b.aclose()
+        await repo_a.aclose()
+
+
 # ------------------------------------------------------------------------------------ PostgreSQL
 
 
