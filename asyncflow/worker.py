@@ -281,7 +281,7 @@ class ChildStarts:
 
     __slots__ = ("keys", "start", "task_type")
 
-    def __init__(self, task_type: str, start: ChildStarter) -> None:
+    def __init__(self, task_type: str, start: ChildStarter | None) -> None:
         self.task_type = task_type
         self.start = start
         self.keys: list[str] = []
@@ -313,9 +313,9 @@ async def start_child_workflow(
     try:
         starts = _current_children.get()
     except LookupError:
-        raise InvalidStateError(
-            "asyncflow.start_child_workflow() is only available inside a worker's run()"
-        ) from None
+        starts = None
+    if starts is None or starts.start is None:
+        raise InvalidStateError("asyncflow.start_child_workflow() is only available inside a worker's run()")
     if not isinstance(workflow_type, str) or not workflow_type:
         raise ParamInvalidError(
             f"start_child_workflow(): workflow_type must be a non-empty str, got {workflow_type!r}"
@@ -329,8 +329,9 @@ async def start_child_workflow(
 
 
 @contextmanager
-def child_scope(task_type: str, start: ChildStarter) -> Iterator[ChildStarts]:
-    """For the engine: inside the block :func:`start_child_workflow` starts children through ``start``."""
+def child_scope(task_type: str, start: ChildStarter | None) -> Iterator[ChildStarts]:
+    """For the engine: inside the block :func:`start_child_workflow` starts children through ``start``
+    (``None``: it raises, e.g. in a ``wait_check`` called from inside another worker's ``run()``)."""
     starts = ChildStarts(task_type, start)
     token = _current_children.set(starts)
     try:

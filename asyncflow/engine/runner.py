@@ -443,7 +443,8 @@ class PassRunner:
         )
         with node_scope(info):
             if check:
-                await node.worker.wait_check(ctx)
+                with child_scope(node.task_type, None):  # not inherited from an enclosing run()
+                    await node.worker.wait_check(ctx)
                 return None, []
             with (
                 choice_scope(node.task_type, tuple(node.next_nodes)) as choice,
