@@ -106,6 +106,7 @@ _CANCELED = TaskStatus.CANCELED.value
 _SKIPPED = TaskStatus.SKIPPED.value
 _ACTIVE_INSTANCE = (InstanceStatus.INIT.value, InstanceStatus.RUNNING.value)
 _SETTLED = (_COMPLETED, _FAILED, _CANCELED)
+_FAILS_A_PARENT = (InstanceStatus.FAILED.value, InstanceStatus.CANCELED.value)  # a child ending so
 
 STORED_DEPTH_SLACK = 8
 """Levels the engine's own keys (``node_event``, ``pre_node_context``, ...) and workers may add to a
@@ -485,7 +486,7 @@ class PassRunner:
             child = found.get(key)
             if child is None:
                 raise TaskFailedTerminate(f"child workflow {key!r} of node {task_type!r} no longer exists")
-            if child.status in (InstanceStatus.FAILED.value, InstanceStatus.CANCELED.value):
+            if child.status in _FAILS_A_PARENT:
                 raise TaskFailedTerminate(
                     f"child workflow {key!r} (instance {child.id}, {child.workflow_type}) {child.status}"
                 )
@@ -513,7 +514,8 @@ class PassRunner:
         }
         for task_type, keys in self._awaiting.items():
             statuses = [found.get((task_type, key)) for key in keys]
-            if all(s is None or is_over_instance_status(s) for s in statuses):
+            ended = [s is None or is_over_instance_status(s) for s in statuses]
+            if all(ended) or any(s in _FAILS_A_PARENT for s in statuses):
                 self.wake_again = True
                 return
 

@@ -20,6 +20,7 @@ from asyncflow.errors import InvalidStateError, ParamInvalidError, TaskFailedTer
 from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.records import NewWorkflowInstance
 from asyncflow.registry import Registry
+from asyncflow.store.memory import MemoryWorkflowRepo
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from tests.conftest import isolated_pg_engine
 
@@ -108,6 +109,43 @@ async def test_the_last_child_to_end_wakes_its_parent_at_once_in_process(
     await svc.run_workflow(b.id)
     assert woken.count(parent.id) == 1  # ... but woken when the last child ends
     assert (await engine_repo.get_workflow_instance(parent.id)).next_run_at <= svc._now_ms()
+
+
+class RacingRepo(MemoryWorkflowRepo):
+    """The memory repo, with a hook run once after a children query read its rows (before it returns)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after_read: Any = None
+
+    async def query_child_instances(self, parent_id: int) -> list[Any]:
+        found = await super().query_child_instances(parent_id)
+        hook, self.after_read = self.after_read, None
+        if hook is not None:
+            await hook()
+        return found
+
+
+async def test_a_child_ending_between_the_parents_look_and_its_write_still_wakes_it() -> None:
+    """The parent's pass sees its child running; the child ends (and wakes the parent) before the
+    pass writes its next due time an interval away: the pass looks again and the parent is due now."""
+    repo = RacingRepo()
+    calls = Calls()
+    svc = WorkflowService(repo, LocalWorkflowLock(), family(calls, fan_out(["a"])))
+    woken: list[int] = []
+    svc.add_due_listener(woken.append)
+    parent = await svc.create_workflow("parent", "race-1")
+
+    async def end_the_child() -> None:
+        [child] = await MemoryWorkflowRepo.query_child_instances(repo, parent.id)
+        assert (await svc.run_workflow(child.id)).status == "completed"
+
+    repo.after_read = end_the_child
+    assert (await svc.run_workflow(parent.id)).status == "running"  # it saw the child running
+    assert repo.after_read is None  # the race happened
+    assert (await repo.get_workflow_instance(parent.id)).next_run_at <= svc._now_ms()
+    assert woken[-1] == parent.id
+    assert (await svc.run_workflow(parent.id)).status == "completed"
 
 
 async def test_a_driver_runs_the_whole_family(engine_repo: Any, local_lock: Any) -> None:
