@@ -98,7 +98,11 @@ class Schedule:
 
     def latest_tick(self, at: datetime) -> datetime:
         """The last tick at or before ``at`` (aware), in UTC."""
-        start = at.astimezone(self.zone()).replace(microsecond=0) + timedelta(seconds=1)
+        # Ticks fall on whole minutes: the last tick at or before ``at`` is the last one strictly before
+        # the next whole minute. Starting the reverse walk on a whole minute gives the same answer on
+        # every cronsim version (2.6 treats a start with seconds as its own minute's start and would
+        # skip a tick earlier in that minute).
+        start = at.astimezone(self.zone()).replace(second=0, microsecond=0) + timedelta(minutes=1)
         return next(CronSim(self.cron, start, reverse=True)).astimezone(UTC)
 
     def ticks_between(self, after: datetime, until: datetime) -> Iterator[datetime]:

@@ -36,8 +36,11 @@ def redis_url() -> str:
 
 
 @contextlib.asynccontextmanager
-async def isolated_pg_engine(postgres_url: str, **kwargs: Any) -> AsyncIterator[Any]:
-    """An AsyncEngine whose connections use a fresh, private schema (dropped afterwards)."""
+async def isolated_pg_engine(
+    postgres_url: str, *, application_name: str | None = None, **kwargs: Any
+) -> AsyncIterator[Any]:
+    """An AsyncEngine whose connections use a fresh, private schema (dropped afterwards) and, if given,
+    ``application_name`` (to tell its sessions from others' in ``pg_stat_activity``)."""
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -47,9 +50,10 @@ async def isolated_pg_engine(postgres_url: str, **kwargs: Any) -> AsyncIterator[
         await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     options: dict[str, Any] = {"pool_size": 20, "max_overflow": 20}
     options.update(kwargs)
-    engine = create_async_engine(
-        postgres_url, connect_args={"server_settings": {"search_path": schema}}, **options
-    )
+    settings = {"search_path": schema}
+    if application_name is not None:
+        settings["application_name"] = application_name
+    engine = create_async_engine(postgres_url, connect_args={"server_settings": settings}, **options)
     try:
         yield engine
     finally:

@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 PROCESSES = 3
-INSTANCES = 3000
+INSTANCES = 1000  # enough for the three processes to contend on every claim; small enough for CI
 NODES = {"A": ["B", "C"], "B": [], "C": []}
 
 pytestmark = [pytest.mark.postgres]
@@ -107,8 +107,8 @@ async def test_three_driver_processes_run_every_node_exactly_once(
         await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     engine = _engine(postgres_url, schema)
     processes: list[Any] = []
+    repo = SQLAlchemyWorkflowRepo(engine)
     try:
-        repo = SQLAlchemyWorkflowRepo(engine)
         await repo.create_schema()
         async with engine.begin() as conn:
             await conn.execute(
@@ -155,6 +155,7 @@ async def test_three_driver_processes_run_every_node_exactly_once(
             if process.is_alive():
                 process.kill()
                 process.join(5)
+        await repo.aclose()  # its kept connections go back to the pool before the engine is disposed
         await engine.dispose()
         async with admin.begin() as conn:
             await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,6 +17,7 @@ from asyncflow.errors import StoreError
 from asyncflow.records import Step, TaskUpdate
 from asyncflow.store.commit_counter import CommitCounter
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+from tests.conftest import isolated_pg_engine
 
 from .pg_hot_helpers import (
     BLOCKED_BY_ME,
@@ -210,8 +212,19 @@ async def test_creates_and_reads_of_a_closed_repo_are_store_errors(repo: SQLAlch
 
 
 async def test_a_create_batch_whose_connection_the_server_ends_fails_whole_then_creates_work(
-    repo: SQLAlchemyWorkflowRepo,
+    postgres_url: str,
 ) -> None:
+    name = f"asyncflow-test-{uuid.uuid4().hex[:12]}"  # end this repo's batch, never another test's
+    async with isolated_pg_engine(postgres_url, application_name=name) as engine:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        try:
+            await repo.create_schema()
+            await _end_a_create_batch(repo, name)
+        finally:
+            await repo.aclose()
+
+
+async def _end_a_create_batch(repo: SQLAlchemyWorkflowRepo, name: str) -> None:
     await add_trigger(
         repo.engine,
         "workflow_instance",
@@ -226,8 +239,9 @@ async def test_a_create_batch_whose_connection_the_server_ends_fails_whole_then_
                 found = await conn.execute(
                     text(
                         "SELECT pid FROM pg_stat_activity WHERE state = 'active' "
-                        "AND query LIKE 'INSERT INTO workflow_instance%unnest%'"
-                    )
+                        "AND query LIKE 'INSERT INTO workflow_instance%unnest%' AND application_name = :name"
+                    ),
+                    {"name": name},
                 )
                 for pid in found.scalars().all():
                     await conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+import uuid
 import warnings
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -275,16 +276,17 @@ async def test_a_server_dropped_connection_is_one_store_error_then_the_pool_reco
 async def test_disposing_the_engine_of_a_repo_never_closed_closes_its_kept_connections(
     postgres_url: str,
 ) -> None:
-    async with isolated_pg_engine(postgres_url) as engine:
+    name = f"asyncflow-test-{uuid.uuid4().hex[:12]}"  # this engine's sessions only, not other tests'
+    async with isolated_pg_engine(postgres_url, application_name=name) as engine:
         repo = SQLAlchemyWorkflowRepo(engine)
         other = SQLAlchemyWorkflowRepo(engine.execution_options())  # shares the pool and dispose()
         async with engine.connect() as conn:
-            others = set((await conn.execute(text(CONNECTED_PIDS))).scalars().all())  # not this engine's
+            others = set((await conn.execute(text(CONNECTED_PIDS), {"name": name})).scalars().all())
         await repo.create_schema()
         made = await asyncio.gather(*(repo.create_workflow_instance(new(str(i))) for i in range(20)))
         await asyncio.gather(*(other.get_workflow_instance(m.id) for m in made))
         async with engine.connect() as conn:
-            pids = set((await conn.execute(text(CONNECTED_PIDS))).scalars().all()) - others
+            pids = set((await conn.execute(text(CONNECTED_PIDS), {"name": name})).scalars().all()) - others
         assert cast(QueuePool, engine.pool).checkedout() >= 2  # kept for the next calls
         await engine.dispose()  # neither repo was closed
         with warnings.catch_warnings(record=True) as caught:
@@ -295,12 +297,12 @@ async def test_disposing_the_engine_of_a_repo_never_closed_closes_its_kept_conne
         async with asyncio.timeout(10), engine.connect() as conn:
             while pids & still:  # the server sees every one of them close (backends exit in a moment)
                 await asyncio.sleep(0.02)
-                still = set((await conn.execute(text(CONNECTED_PIDS))).scalars().all())
+                still = set((await conn.execute(text(CONNECTED_PIDS), {"name": name})).scalars().all())
         assert pids
         assert await repo.get_workflow_instance(made[0].id) == made[0]  # the repo goes on working
 
 
 CONNECTED_PIDS = (
     "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
-    "AND application_name = ''"
+    "AND application_name = :name"
 )
