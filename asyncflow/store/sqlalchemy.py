@@ -241,15 +241,20 @@ class SQLAlchemyWorkflowRepo:
             "trace_context": row.trace_context,
             **names,
         }
-        with StoreErrors("create_child_instance"):
-            async with self._atomic() as conn:
-                inserted = (await conn.execute(st.insert_child(self._engine.dialect.name), params)).first()
-                if inserted is not None:
-                    return instance_record(inserted), True
-                found = (await conn.execute(st.CHILD_OF, names)).first()
-        if found is None:  # pragma: no cover - the conflicting row is committed once the insert returns
-            raise StoreError(f"child {key!r} of node {node!r} of instance {parent}: conflict but no row")
-        return instance_record(found), False
+        insert = st.insert_child(self._engine.dialect.name)
+        # two single statements, no transaction around them: the insert is atomic by itself, and a
+        # row it conflicted with is committed when it returns (PostgreSQL waits for the inserting
+        # transaction; SQLite writes one at a time), so the read sees it unless it was deleted since
+        for _ in range(_DUPLICATE_READS):
+            with StoreErrors("create_child_instance"):
+                async with self._connection() as conn:
+                    inserted = (await conn.execute(insert, params)).first()
+                    if inserted is not None:
+                        return instance_record(inserted), True
+                    found = (await conn.execute(st.CHILD_OF, names)).first()
+            if found is not None:
+                return instance_record(found), False
+        raise StoreError(f"child {key!r} of node {node!r} of instance {parent}: its row keeps vanishing")
 
     async def query_child_instances(self, parent_id: int) -> list[WorkflowInstanceRecord]:
         """The children of one instance (``af.start_child_workflow``), ordered by id."""
