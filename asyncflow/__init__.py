@@ -93,6 +93,7 @@ from .worker import (
     choose,
     current_node,
     heartbeat,
+    start_child_workflow,
 )
 
 __version__ = "0.1.0"
@@ -185,5 +186,6 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_p
     "metadata",
     "preload_workflow_definitions",
     "register_workflow_task",
+    "start_child_workflow",
     "task_status_text",
 ]

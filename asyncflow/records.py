@@ -132,6 +132,12 @@ class WorkflowInstanceRecord:
     lease_epoch: int = 0
     """The epoch of the newest pass (taken by ``load_instance_state(id, lease=True)``): a step that
     names an older one is refused (``StepResult.stale``)."""
+    parent_id: int | None = None
+    """A child workflow's parent instance (``af.start_child_workflow``); ``None`` for top-level ones."""
+    parent_node: str | None = None
+    """The parent's node that started this child (``None`` for top-level instances)."""
+    child_key: str | None = None
+    """The key the parent's node gave this child (``None`` for top-level instances)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,6 +153,7 @@ class WorkflowInstance:
     created_at: int
     updated_at: int
     definition: Any = None  # WorkflowDefinition | None (kept Any to keep records free of definitions)
+    parent_id: int | None = None  # a child workflow's parent instance; None for top-level ones
 
     @classmethod
     def from_record(cls, record: WorkflowInstanceRecord, definition: Any = None) -> WorkflowInstance:
@@ -160,6 +167,7 @@ class WorkflowInstance:
             created_at=record.created_at,
             updated_at=record.updated_at,
             definition=definition,
+            parent_id=record.parent_id,
         )
 
 
@@ -348,6 +356,7 @@ class WorkflowInstanceDetail:
     created_at: int
     updated_at: int
     task_instances: tuple[TaskInstanceDetail, ...]
+    parent_id: int | None = None  # a child workflow's parent instance; None for top-level ones
 
     def node(self, task_type: str) -> TaskInstanceDetail:
         """The entry of ``task_type`` (``KeyError`` if the definition has no such node)."""

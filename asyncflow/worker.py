@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextvars
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 import anyio.to_thread
 
@@ -24,6 +24,7 @@ from asyncflow.errors import InvalidStateError, ParamInvalidError
 
 if TYPE_CHECKING:
     from asyncflow.context import JSONContext
+    from asyncflow.records import WorkflowInstance
 
 __all__ = [
     "NOT_IMPLEMENTED",
@@ -35,12 +36,14 @@ __all__ = [
     "RootNodeWorker",
     "TaskWorker",
     "WorkerFunction",
+    "child_scope",
     "choice_scope",
     "choose",
     "current_node",
     "heartbeat",
     "heartbeat_scope",
     "node_scope",
+    "start_child_workflow",
     "worker_has_wait_check",
 ]
 
@@ -324,3 +327,73 @@ def heartbeat_scope(target: HeartbeatTarget) -> Iterator[HeartbeatTarget]:
         yield target
     finally:
         _current_beat.reset(token)
+
+
+ChildStarter: TypeAlias = (
+    "Callable[[str, str, Mapping[str, Any] | JSONContext | None], Awaitable[WorkflowInstance]]"
+)
+"""For the engine: ``start(workflow_type, key, context)`` creates (idempotently) a child of the node."""
+
+
+class ChildStarts:
+    """For the engine: how the node whose ``run()`` executes starts children, and the keys it started."""
+
+    __slots__ = ("keys", "start", "task_type")
+
+    def __init__(self, task_type: str, start: ChildStarter | None) -> None:
+        self.task_type = task_type
+        self.start = start
+        self.keys: list[str] = []
+
+
+_current_children: contextvars.ContextVar[ChildStarts] = contextvars.ContextVar("asyncflow_current_children")
+
+
+async def start_child_workflow(
+    workflow_type: str, key: str, *, context: Mapping[str, Any] | JSONContext | None = None
+) -> WorkflowInstance:
+    """Inside ``run()``: start a child workflow instance of ``workflow_type`` for this node, once per ``key``.
+
+    The child's business id is ``f"{parent_business_id}/{task_type}/{key}"``; it is linked to this
+    instance (its record's ``parent_id``) and node. Idempotent per (instance, node, ``key``): a retry,
+    a re-run after a crash or a concurrent pass gets the child created first (a unique index of the
+    database decides), whatever ``context`` it passes then. Returns the child instance.
+
+    The node then stays ``pending`` until every child it started is terminal; its context then gets
+    ``children: {key: {"instance_id": id, "status": status, "output": output}}`` (``output``: the
+    child's ``end`` node's ``pre_node_context``), its ``wait_check`` (if any) runs and it completes. A
+    child that ends ``failed`` or ``canceled`` fails the node (and so the workflow).
+
+    Raises :class:`~asyncflow.errors.InvalidStateError` outside a worker's ``run()`` (a ``wait_check``
+    included), :class:`~asyncflow.errors.ParamInvalidError` for an empty or non-``str`` key or type,
+    or a key already used in this node for a child of another workflow type, and
+    :class:`~asyncflow.errors.ConfigNotFoundError` for an unknown workflow type.
+    """
+    try:
+        starts = _current_children.get()
+    except LookupError:
+        starts = None
+    if starts is None or starts.start is None:
+        raise InvalidStateError("asyncflow.start_child_workflow() is only available inside a worker's run()")
+    if not isinstance(workflow_type, str) or not workflow_type:
+        raise ParamInvalidError(
+            f"start_child_workflow(): workflow_type must be a non-empty str, got {workflow_type!r}"
+        )
+    if not isinstance(key, str) or not key:
+        raise ParamInvalidError(f"start_child_workflow(): key must be a non-empty str, got {key!r}")
+    child = await starts.start(workflow_type, key, context)
+    if key not in starts.keys:
+        starts.keys.append(key)
+    return child
+
+
+@contextmanager
+def child_scope(task_type: str, start: ChildStarter | None) -> Iterator[ChildStarts]:
+    """For the engine: inside the block :func:`start_child_workflow` starts children through ``start``
+    (``None``: it raises, e.g. in a ``wait_check`` called from inside another worker's ``run()``)."""
+    starts = ChildStarts(task_type, start)
+    token = _current_children.set(starts)
+    try:
+        yield starts
+    finally:
+        _current_children.reset(token)

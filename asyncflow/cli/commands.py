@@ -229,6 +229,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
     registry = await _registry(args)
     async with open_service(args.db, args.redis, registry) as svc:
         detail = await _detail(svc, args.id)
+        children = await svc.get_child_workflows(detail.id)
     if args.html:
         path = pathlib.Path(args.html)
         page = render_instance_html(detail, generated_at=int(time.time()))
@@ -239,13 +240,20 @@ async def cmd_show(args: argparse.Namespace) -> int:
         _out(f"wrote {path} (open it in a browser; it needs no network)")
         return 0
     if args.json:
-        _out(json.dumps(_detail_dict(detail), ensure_ascii=False, indent=2))
+        out = _detail_dict(detail)
+        out["parent_id"] = detail.parent_id
+        out["children"] = [
+            {**_record_dict(c), "parent_node": c.parent_node, "child_key": c.child_key} for c in children
+        ]
+        _out(json.dumps(out, ensure_ascii=False, indent=2))
         return 0
     d = detail
     _out(f"instance {d.id}  type {inert(d.workflow_type)}  business id {inert(repr(d.business_id))}")
     _out(f"status {inert(d.status)} ({instance_status_text(d.status)})  task id {d.task_id}")
     _out(f"created {format_ts(d.created_at)}  updated {format_ts(d.updated_at)}")
     _out(f"workflow context {format_json(d.workflow_context, indent=None)}")
+    if d.parent_id is not None:
+        _out(f"child workflow of instance {d.parent_id} (asyncflow show {d.parent_id})")
     if not registry.has_workflow(d.workflow_type):
         _out(
             f"(workflow type {d.workflow_type!r} not loaded here: only created nodes are listed; pass --app)"
@@ -271,6 +279,13 @@ async def cmd_show(args: argparse.Namespace) -> int:
     ]
     headers = ["NODE", "NAME", "STATUS", "FAILS", "CREATED", "UPDATED", "IN FLIGHT", "LAST ERROR"]
     _out(format_table(headers, table, right=(3,), max_width={1: 24, 6: 48, 7: 60}))
+    if children:
+        _out(f"\nchild workflows ({len(children)}):")
+        rows = [
+            [c.id, c.workflow_type, c.business_id, c.parent_node or "", c.child_key or "", c.status]
+            for c in children
+        ]
+        _out(format_table(["ID", "TYPE", "BUSINESS ID", "NODE", "KEY", "STATUS"], rows, right=(0,)))
     if args.context:
         for t in d.task_instances:
             if t.node_context is not None:

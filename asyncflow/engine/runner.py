@@ -28,12 +28,12 @@ import contextvars
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
 from ..context import JSONContext
-from ..errors import LockFailedError, ParamInvalidError, is_serious_error
+from ..errors import LockFailedError, ParamInvalidError, TaskFailedTerminate, TaskNotReady, is_serious_error
 from ..records import (
     Step,
     TaskInsert,
@@ -42,8 +42,24 @@ from ..records import (
     WorkflowInstance,
     WorkflowInstanceRecord,
 )
-from ..status import END_NODE, ROOT_NODE, SYSTEM, InstanceStatus, TaskStatus
-from ..worker import Choice, NodeInfo, _current_beat, _current_choice, _current_node
+from ..status import (
+    END_NODE,
+    PRE_NODE_CONTEXT,
+    ROOT_NODE,
+    SYSTEM,
+    InstanceStatus,
+    TaskStatus,
+    is_over_instance_status,
+)
+from ..worker import (
+    ChildStarts,
+    Choice,
+    NodeInfo,
+    _current_beat,
+    _current_children,
+    _current_choice,
+    _current_node,
+)
 from .inflight import NO_PROGRESS, PROGRESS, NodeWatch, Watchtower
 from .rules import (
     CHOSEN,
@@ -67,7 +83,27 @@ if TYPE_CHECKING:
     from ..store.protocol import WorkflowRepo
     from .observers import ObserverSet
 
-__all__ = ["PassRunner", "StallWarnings", "active_passes", "run_shielded"]
+__all__ = [
+    "CHILDREN",
+    "CHILD_KEYS",
+    "ChildStart",
+    "PassRunner",
+    "StallWarnings",
+    "active_passes",
+    "run_shielded",
+]
+
+CHILD_KEYS = "child_keys"
+"""The key under a node context's ``system`` where the engine keeps the keys of the children its
+``run()`` started (``af.start_child_workflow``), in order."""
+CHILDREN = "children"
+"""The key of a node's context that holds its children's results once they are all terminal."""
+
+ChildStart = Callable[
+    [WorkflowInstanceRecord, str, str, str, "Mapping[str, Any] | JSONContext | None"],
+    Awaitable[WorkflowInstance],
+]
+"""The service's ``start(parent, task_type, workflow_type, key, context)`` of a child instance."""
 
 logger = logging.getLogger("asyncflow.engine")
 
@@ -83,6 +119,7 @@ _CANCELED = TaskStatus.CANCELED.value
 _SKIPPED = TaskStatus.SKIPPED.value
 _ACTIVE_INSTANCE = (InstanceStatus.INIT.value, InstanceStatus.RUNNING.value)
 _SETTLED = (_COMPLETED, _FAILED, _CANCELED)
+_FAILS_A_PARENT = (InstanceStatus.FAILED.value, InstanceStatus.CANCELED.value)  # a child ending so
 
 STORED_DEPTH_SLACK = 8
 """Levels the engine's own keys (``node_event``, ``pre_node_context``, ...) and workers may add to a
@@ -163,8 +200,14 @@ class PassRunner:
         observers: ObserverSet | None = None,
         visible_after: float | None = None,
         watchtower: Watchtower | None = None,
+        start_child: ChildStart | None = None,
     ) -> None:
         self._repo = repo
+        self._start_child = start_child
+        self._awaiting: dict[str, list[str]] = {}  # node -> the keys of its children not all terminal
+        self.wake_again = False
+        """Set when a child the pass waited for ended between the pass's look and its last write:
+        the service makes the instance due again at once."""
         self._clock = clock
         self._lease = lease
         self._instance = instance
@@ -216,6 +259,8 @@ class PassRunner:
                 await self._flush()
                 if self._stopped:
                     return await self._reload()
+                if self._awaiting:
+                    await self._look_again()
             return self._result()
         finally:
             active_passes.reset(token)
@@ -329,16 +374,21 @@ class PassRunner:
             return True
         ctx = JSONContext.from_map(context)
         if status == _RUNNING:
-            chosen, error = await self._attempt(node, ctx, context, _RUNNING, fail_count, started_at)
+            chosen, child_keys, error = await self._attempt(
+                node, ctx, context, _RUNNING, fail_count, started_at
+            )
             row = self._rows.get(task_type)  # a visibility write may have stored it meanwhile
             if error is not None:
                 return await self._failed(node, row, context, _RUNNING, fail_count, started_at, error)
-            if chosen is not None:  # kept with the context: a wait check may complete it later
+            if chosen is not None or child_keys:  # kept with the context: a later pass completes it
                 system = context.get(SYSTEM)
                 if not isinstance(system, dict):
                     system = context[SYSTEM] = {}
-                system[CHOSEN] = list(chosen)
-            if node.has_wait_check:
+                if chosen is not None:
+                    system[CHOSEN] = list(chosen)
+                if child_keys:
+                    system[CHILD_KEYS] = list(child_keys)
+            if node.has_wait_check or child_keys:
                 pending = _write_for(node.task_type, row, _PENDING, context, fail_count, started_at)
                 try:
                     row = await self._write_one(node.task_type, pending)
@@ -346,7 +396,11 @@ class PassRunner:
                     return await self._not_json(node, row, context, _RUNNING, fail_count, started_at, exc)
                 status = _PENDING
         if status == _PENDING:
-            _, error = await self._attempt(node, ctx, context, _PENDING, fail_count, started_at)
+            try:
+                await self._children_done(node.task_type, context)
+            except Exception as exc:
+                return await self._failed(node, row, context, _PENDING, fail_count, started_at, exc)
+            _, _, error = await self._attempt(node, ctx, context, _PENDING, fail_count, started_at)
             row = self._rows.get(task_type)
             if error is not None:
                 return await self._failed(node, row, context, _PENDING, fail_count, started_at, error)
@@ -408,8 +462,9 @@ class PassRunner:
         phase: str,
         fail_count: int,
         started_at: int,
-    ) -> tuple[tuple[str, ...] | None, Exception | None]:
-        """One worker call under a :class:`NodeWatch`: (what ``run`` chose, the worker's failure).
+    ) -> tuple[tuple[str, ...] | None, list[str], Exception | None]:
+        """One worker call under a :class:`NodeWatch`: (what ``run`` chose, the keys of the children it
+        started, the worker's failure).
 
         What stopped a visibility write (the pass stopped, the lease was lost) is raised, not returned:
         it is no failure of the worker's."""
@@ -417,15 +472,15 @@ class PassRunner:
             self, node, phase, context, fail_count, started_at, self._visible_after, self._watchtower
         )
         try:
-            chosen = await self._call(node, ctx, fail_count, check=phase == _PENDING, watch=watch)
+            chosen, child_keys = await self._call(node, ctx, fail_count, check=phase == _PENDING, watch=watch)
         except Exception as exc:
             await watch.close()
-            return None, exc
+            return None, [], exc
         except BaseException:
             watch.abort()
             raise
         await watch.close()
-        return chosen, None
+        return chosen, child_keys, None
 
     # ------------------------------------------------------------------ work in flight (NodeWatch)
 
@@ -500,8 +555,9 @@ class PassRunner:
 
     async def _call(
         self, node: NodeDefinition, ctx: JSONContext, fail_count: int, *, check: bool, watch: NodeWatch
-    ) -> tuple[str, ...] | None:
-        """Call ``run`` or ``wait_check``; what ``run`` chose with ``af.choose`` (``None``: no call)."""
+    ) -> tuple[tuple[str, ...] | None, list[str]]:
+        """Call ``run`` or ``wait_check``; what ``run`` chose with ``af.choose`` (``None``: no call)
+        and the keys of the children it started (``af.start_child_workflow``)."""
         info = NodeInfo(
             instance_id=self._instance.id,
             workflow_type=self._instance.workflow_type,
@@ -516,18 +572,90 @@ class PassRunner:
         beat_token = _current_beat.set(watch)
         try:
             if check:
-                await node.worker.wait_check(ctx)
-                return None
+                children_token = _current_children.set(ChildStarts(node.task_type, None))  # not inherited
+                try:
+                    await node.worker.wait_check(ctx)
+                finally:
+                    _current_children.reset(children_token)
+                return None, []
             choice = Choice(node.task_type, tuple(node.next_nodes))
+            children = ChildStarts(node.task_type, self._child_starter(node.task_type))
             choice_token = _current_choice.set(choice)
+            children_token = _current_children.set(children)
             try:
                 await node.worker.run(ctx)
             finally:
+                _current_children.reset(children_token)
                 _current_choice.reset(choice_token)
         finally:
             _current_beat.reset(beat_token)
             _current_node.reset(node_token)
-        return choice.chosen
+        return choice.chosen, children.keys
+
+    def _child_starter(
+        self, task_type: str
+    ) -> Callable[[str, str, Mapping[str, Any] | JSONContext | None], Awaitable[WorkflowInstance]]:
+        start, parent = self._start_child, self._instance
+
+        async def start_child(
+            workflow_type: str, key: str, context: Mapping[str, Any] | JSONContext | None
+        ) -> WorkflowInstance:
+            if start is None:
+                raise LockFailedError("this pass runs without a service: it cannot start child workflows")
+            return await start(parent, task_type, workflow_type, key, context)
+
+        return start_child
+
+    async def _children_done(self, task_type: str, context: dict[str, Any]) -> None:
+        """For a node whose ``run`` started children: raise ``TaskNotReady`` while one of them is not
+        terminal, ``TaskFailedTerminate`` when one failed or was canceled; once all completed, put their
+        results under ``children`` in ``context``."""
+        system = context.get(SYSTEM)
+        keys = system.get(CHILD_KEYS) if isinstance(system, dict) else None
+        if not keys:
+            return
+        found = {
+            c.child_key: c
+            for c in await self._repo.query_child_instances(self._instance.id)
+            if c.parent_node == task_type
+        }
+        waiting = []
+        for key in keys:
+            child = found.get(key)
+            if child is None:
+                raise TaskFailedTerminate(f"child workflow {key!r} of node {task_type!r} no longer exists")
+            if child.status in _FAILS_A_PARENT:
+                raise TaskFailedTerminate(
+                    f"child workflow {key!r} (instance {child.id}, {child.workflow_type}) {child.status}"
+                )
+            if not is_over_instance_status(child.status):
+                waiting.append(key)
+        if waiting:
+            self._awaiting[task_type] = list(keys)
+            raise TaskNotReady(f"waiting for {len(waiting)} of {len(keys)} child workflow(s)")
+        self._awaiting.pop(task_type, None)
+        results: dict[str, Any] = {}
+        for key in keys:
+            child = found[key]
+            rows = await self._repo.load_task_instances(child.id)
+            end = next((r for r in rows if r.task_type == END_NODE), None)
+            output = end.node_context.get(PRE_NODE_CONTEXT, {}) if end is not None else {}
+            results[key] = {"instance_id": child.id, "status": child.status, "output": output}
+        context[CHILDREN] = results
+
+    async def _look_again(self) -> None:
+        """After the pass's last write: a child that ended since the pass looked would have woken an
+        instance that was still going to write a later due time; if one did, ask to be run again."""
+        found = {
+            (c.parent_node, c.child_key): c.status
+            for c in await self._repo.query_child_instances(self._instance.id)
+        }
+        for task_type, keys in self._awaiting.items():
+            statuses = [found.get((task_type, key)) for key in keys]
+            ended = [s is None or is_over_instance_status(s) for s in statuses]
+            if all(ended) or any(s in _FAILS_A_PARENT for s in statuses):
+                self.wake_again = True
+                return
 
     async def _failed(
         self,

@@ -382,11 +382,104 @@ class WorkflowService:
                 observers=self._observers if self._observers.active else None,
                 visible_after=self.visible_after,
                 watchtower=self._watchtower,
+                start_child=self._start_child,
             )
             after = await runner.run()
         if is_over_instance_status(after.status):
             self._waiters.finished(instance_id)
+            if instance.parent_id is not None:
+                await self._wake_parent(instance, after.status)
+        elif runner.wake_again:
+            await self._wake(instance_id)
         return after
+
+    # ------------------------------------------------------------------ children
+
+    async def _start_child(
+        self,
+        parent: WorkflowInstanceRecord,
+        task_type: str,
+        workflow_type: str,
+        key: str,
+        context: Mapping[str, Any] | JSONContext | None,
+    ) -> WorkflowInstance:
+        """``af.start_child_workflow`` inside ``parent``'s node ``task_type``: create the child once."""
+        definition = self.registry.get_workflow_definition(workflow_type)
+        observers = self._observers if self._observers.active else None
+        new = NewWorkflowInstance(
+            workflow_type=workflow_type,
+            business_id=f"{parent.business_id}/{task_type}/{key}",
+            workflow_context=_context_dict(context, "context"),
+            next_run_at=self._now_ms(),
+            trace_context=parent.trace_context,
+        )
+        record, created = await self.repo.create_child_instance(
+            new, parent_id=parent.id, parent_node=task_type, child_key=key
+        )
+        if record.workflow_type != workflow_type:
+            raise ParamInvalidError(
+                f"start_child_workflow(): key {key!r} of node {task_type!r} already names a child of type "
+                f"{record.workflow_type!r} (instance {record.id}), not {workflow_type!r}"
+            )
+        child = WorkflowInstance.from_record(record, definition)
+        if created:
+            logger.debug(
+                "created child workflow instance %s (%s) of instance %s node %s",
+                record.id,
+                workflow_type,
+                parent.id,
+                task_type,
+                extra={"instance_id": record.id, "workflow_type": workflow_type, "status": record.status},
+            )
+            if observers is not None:
+                observers.instance_created(child)
+            self._announce_due(record.id)
+        return child
+
+    async def _wake(self, instance_id: int) -> None:
+        """Make an active instance due now (not fencing a pass of it) and tell this process's driver.
+
+        On PostgreSQL the new due time NOTIFYs the drivers of other processes too. A failure is logged:
+        the instance is then found by its own next due time (a poll)."""
+        try:
+            await self.repo.apply_step(Step(instance_id=instance_id, next_run_at=self._now_ms()))
+        except AsyncflowError:
+            logger.warning(
+                "could not wake workflow instance %s; it runs at its next due time",
+                instance_id,
+                exc_info=True,
+                extra={"instance_id": instance_id},
+            )
+            return
+        self._announce_due(instance_id)
+
+    async def _wake_parent(self, child: WorkflowInstanceRecord, status: str) -> None:
+        """A child ended (its end committed): its parent's node looks again now if it was the last of
+        the node's children to end, or if it failed or was canceled (which fails the node at once).
+
+        Each child looks at its siblings after its own end is committed, so of children ending at the
+        same time at least the last to commit sees them all ended and wakes the parent."""
+        parent_id = child.parent_id
+        if parent_id is None:
+            return
+        if status == InstanceStatus.COMPLETED.value:
+            try:
+                siblings = await self.repo.query_child_instances(parent_id)
+            except AsyncflowError:
+                siblings = []  # wake it anyway
+            if any(
+                s.parent_node == child.parent_node
+                and s.id != child.id
+                and not is_over_instance_status(s.status)
+                for s in siblings
+            ):
+                return
+        await self._wake(parent_id)
+
+    async def get_child_workflows(self, instance_id: int) -> list[WorkflowInstanceRecord]:
+        """The child instances an instance's nodes started (``af.start_child_workflow``), by id; each
+        record names its ``parent_node`` and ``child_key``."""
+        return await self.repo.query_child_instances(_check_id(instance_id))
 
     def _definition_or_none(self, instance: WorkflowInstanceRecord) -> WorkflowDefinition | None:
         try:
@@ -406,34 +499,49 @@ class WorkflowService:
         """Cancel the instance and every non-terminal node, in one transaction.
 
         A terminal instance is left as it is (no error). Works while a pass runs: that pass stops at
-        its next write.
+        its next write. The instance's child workflows (``af.start_child_workflow``) that are not
+        terminal are canceled in the same transaction, theirs too; a canceled child wakes its parent
+        (whose waiting node then fails).
         """
         _check_id(instance_id)
         async with self.repo.transaction():
             record = await self._get(instance_id)
             if is_over_instance_status(record.status):
                 return
-            changed = await self.repo.update_workflow_instances(
-                InstanceWhere(ids=(instance_id,), status_in=_ACTIVE),
-                InstanceFields(status=InstanceStatus.CANCELED.value),
+            canceled = await self._cancel_tree(record)
+        for one in canceled:
+            self._waiters.finished(one.id)
+            if self._observers.active:
+                done = dataclasses.replace(one, status=InstanceStatus.CANCELED.value)
+                self._observers.instance_finished(
+                    WorkflowInstance.from_record(done, self._definition_or_none(one))
+                )
+            logger.info(
+                "workflow instance %s canceled",
+                one.id,
+                extra={"instance_id": one.id, "status": InstanceStatus.CANCELED.value},
             )
-            if changed == 0:  # became terminal meanwhile; nothing to cancel
-                return
-            await self.repo.update_task_instances(
-                TaskWhere(workflow_instance_id=instance_id, status_in=_NON_TERMINAL_TASK),
-                TaskFields(status=TaskStatus.CANCELED.value),
-            )
-        self._waiters.finished(instance_id)
-        if self._observers.active:
-            canceled = dataclasses.replace(record, status=InstanceStatus.CANCELED.value)
-            self._observers.instance_finished(
-                WorkflowInstance.from_record(canceled, self._definition_or_none(record))
-            )
-        logger.info(
-            "workflow instance %s canceled",
-            instance_id,
-            extra={"instance_id": instance_id, "status": InstanceStatus.CANCELED.value},
+        if canceled and record.parent_id is not None:
+            await self._wake_parent(record, InstanceStatus.CANCELED.value)
+
+    async def _cancel_tree(self, record: WorkflowInstanceRecord) -> list[WorkflowInstanceRecord]:
+        """Cancel an active instance, its non-terminal nodes and its active descendants (in the caller's
+        transaction); the instances canceled."""
+        changed = await self.repo.update_workflow_instances(
+            InstanceWhere(ids=(record.id,), status_in=_ACTIVE),
+            InstanceFields(status=InstanceStatus.CANCELED.value),
         )
+        if changed == 0:  # became terminal meanwhile; nothing to cancel
+            return []
+        await self.repo.update_task_instances(
+            TaskWhere(workflow_instance_id=record.id, status_in=_NON_TERMINAL_TASK),
+            TaskFields(status=TaskStatus.CANCELED.value),
+        )
+        canceled = [record]
+        for child in await self.repo.query_child_instances(record.id):
+            if not is_over_instance_status(child.status):
+                canceled += await self._cancel_tree(child)
+        return canceled
 
     # ------------------------------------------------------------------ events
 
@@ -775,6 +883,7 @@ def _detail(
         created_at=record.created_at,
         updated_at=record.updated_at,
         task_instances=tuple(entries),
+        parent_id=record.parent_id,
     )
 
 

@@ -29,6 +29,9 @@ class Instance:
     version: int
     trace_context: str | None = None
     lease_epoch: int = 0
+    parent_id: int | None = None
+    parent_node: str | None = None
+    child_key: str | None = None
 
     def record(self) -> WorkflowInstanceRecord:
         values = {name: getattr(self, name) for name in self.__slots__}
@@ -69,6 +72,8 @@ class State:
     unique: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
     schedules: dict[str, ScheduleState] = field(default_factory=dict)
     ticks: dict[tuple[str, str], int] = field(default_factory=dict)  # (schedule id, tick) -> instance id
+    # (parent id, parent node, child key) -> child id (uq_workflow_instance_child)
+    children: dict[tuple[int, str, str], int] = field(default_factory=dict)
 
     def copy(self) -> State:
         # rows and the id tuples are immutable, so copying the maps is a full snapshot
@@ -82,6 +87,7 @@ class State:
             dict(self.unique),
             dict(self.schedules),
             dict(self.ticks),
+            dict(self.children),
         )
 
     def unique_holder(self, workflow_type: str, business_id: str, mode: str) -> int | None:
@@ -105,7 +111,11 @@ class State:
 
     def remove_instance(self, instance_id: int) -> None:
         """Drop an instance and every node row of it."""
-        del self.instances[instance_id]
+        instance = self.instances.pop(instance_id)
+        if instance.parent_id is not None:
+            self.children.pop(
+                (instance.parent_id, instance.parent_node or "", instance.child_key or ""), None
+            )
         for task_id in self.instance_tasks.pop(instance_id, ()):
             task = self.tasks.pop(task_id)
             self.task_keys.pop((instance_id, task.task_type), None)

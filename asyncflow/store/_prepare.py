@@ -249,3 +249,12 @@ def prepared_step(step: Step) -> PreparedStep:
         cancel_other_tasks=bool(step.cancel_other_tasks),
         lease_epoch=_optional_int(step.lease_epoch, "Step.lease_epoch"),
     )
+
+
+def child_key(parent_id: object, parent_node: object, key: object) -> tuple[int, str, str]:
+    """Check the ``(parent instance, parent node, key)`` of a child instance."""
+    return (
+        check_int(parent_id, "parent_id", minimum=1),
+        check_text(parent_node, "parent_node"),
+        check_text(key, "child_key"),
+    )

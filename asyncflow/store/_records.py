@@ -14,7 +14,7 @@ __all__ = ["inserted_task_record", "instance_record", "task_record"]
 
 def instance_record(row: Sequence[Any]) -> WorkflowInstanceRecord:
     """A record from ``id, workflow_type, business_id, status, workflow_context, task_id, created_at,
-    updated_at, next_run_at, version, lease_epoch, trace_context``."""
+    updated_at, next_run_at, version, lease_epoch, trace_context, parent_id, parent_node, child_key``."""
     return WorkflowInstanceRecord(
         id=row[0],
         workflow_type=row[1],
@@ -28,6 +28,9 @@ def instance_record(row: Sequence[Any]) -> WorkflowInstanceRecord:
         version=row[9],
         lease_epoch=row[10],
         trace_context=row[11],
+        parent_id=row[12],
+        parent_node=row[13],
+        child_key=row[14],
     )
 
 

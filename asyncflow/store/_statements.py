@@ -98,6 +98,9 @@ INSTANCE_COLUMNS = (
     wi.c.version,
     wi.c.lease_epoch,
     wi.c.trace_context,
+    wi.c.parent_id,
+    wi.c.parent_node,
+    wi.c.child_key,
 )
 
 
@@ -286,3 +289,50 @@ UNIQUE_ACTIVE: Select[Any] = select(wi.c.id).where(
     *_UNIQUE_KEY, wi.c.unique_key.is_not(None), _RUNNABLE_STATUS
 )
 """The active unique instance of a key (what refused an ``'active'`` row)."""
+
+
+# ----------------------------------------------------------------------------------------- children
+
+_CHILD_VALUES = {
+    "workflow_type": _text("workflow_type"),
+    "business_id": _text("business_id"),
+    "status": _text("status"),
+    "workflow_context": bindparam("workflow_context", type_=_RAW),
+    "task_id": _int("task_id"),
+    "created_at": _int("now"),
+    "updated_at": _int("now"),
+    "next_run_at": _int("next_run_at"),
+    "version": 1,
+    "trace_context": _text("trace_context"),
+    "parent_id": _int("parent_id"),
+    "parent_node": _text("parent_node"),
+    "child_key": _text("child_key"),
+}
+
+
+@cache
+def insert_child(dialect: str) -> Any:
+    """A child instance, unless ``uq_workflow_instance_child`` has its (parent, node, key): then no row
+    (``ON CONFLICT DO NOTHING``, which waits for a concurrent insert of the same key to end)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    make = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        make(wi)
+        .values(_CHILD_VALUES)
+        .on_conflict_do_nothing(
+            index_elements=[wi.c.parent_id, wi.c.parent_node, wi.c.child_key],
+            index_where=wi.c.parent_id.is_not(None),
+        )
+        .returning(*INSTANCE_COLUMNS)
+    )
+
+
+CHILD_OF: Select[Any] = select(*INSTANCE_COLUMNS).where(
+    wi.c.parent_id == _int("parent_id"),
+    wi.c.parent_node == _text("parent_node"),
+    wi.c.child_key == _text("child_key"),
+)
+"""The child of one (parent, node, key)."""
+CHILDREN: Select[Any] = select(*INSTANCE_COLUMNS).where(wi.c.parent_id == _int("parent_id")).order_by(wi.c.id)
+"""The children of one instance, by id (served by ``uq_workflow_instance_child``'s leading column)."""

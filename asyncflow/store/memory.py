@@ -157,6 +157,33 @@ class MemoryWorkflowRepo:
         async with self._unit() as state:
             return self._insert_instance(state, row, self._now()).record()
 
+    async def create_child_instance(
+        self, new: NewWorkflowInstance, *, parent_id: int, parent_node: str, child_key: str
+    ) -> tuple[WorkflowInstanceRecord, bool]:
+        """Insert a child of ``parent_id``'s node ``parent_node`` under ``child_key``, unless that
+        triple has a child already; ``(the child, whether this call created it)``."""
+        row = prep.instance_row(new)
+        key = prep.child_key(parent_id, parent_node, child_key)
+        async with self._unit() as state:
+            existing = state.children.get(key)
+            if existing is not None and existing in state.instances:
+                return state.instances[existing].record(), False
+            instance = self._insert_instance(state, row, self._now())
+            instance = replace(instance, parent_id=key[0], parent_node=key[1], child_key=key[2])
+            state.instances[instance.id] = instance
+            state.children[key] = instance.id
+            return instance.record(), True
+
+    async def query_child_instances(self, parent_id: int) -> list[WorkflowInstanceRecord]:
+        """The children of one instance (``af.start_child_workflow``), ordered by id."""
+        check_int(parent_id, "parent_id")
+        async with self._unit() as state:
+            return [
+                i.record()
+                for i in sorted(state.instances.values(), key=lambda i: i.id)
+                if i.parent_id == parent_id
+            ]
+
     async def create_workflow_instances(self, news: Sequence[NewWorkflowInstance]) -> list[int]:
         """Bulk insert; ids in input order."""
         rows = [prep.instance_row(new) for new in news]

@@ -29,6 +29,8 @@ from ..errors import StoreError
 from .tables import SCHEMA_VERSION, asyncflow_schema
 
 __all__ = [
+    "CHILD_COLUMNS",
+    "CHILD_INDEXES",
     "SCHEDULE_TABLES",
     "TRACE_COLUMNS",
     "UNIQUE_COLUMNS",
@@ -153,3 +155,14 @@ SCHEDULE_TABLES = (
 
 TRACE_COLUMNS = (("workflow_instance", "trace_context", "TEXT"),)
 """Version 7: what an observer stored at creation (the OpenTelemetry observer: the W3C ``traceparent``)."""
+
+CHILD_COLUMNS = (
+    ("workflow_instance", "parent_id", "BIGINT"),
+    ("workflow_instance", "parent_node", "TEXT"),
+    ("workflow_instance", "child_key", "TEXT"),
+)
+CHILD_INDEXES = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS uq_workflow_instance_child "
+    "ON workflow_instance (parent_id, parent_node, child_key) WHERE parent_id IS NOT NULL",
+)
+"""Version 8, child workflows: a child's parent instance, node and key, unique together."""

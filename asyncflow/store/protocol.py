@@ -64,6 +64,15 @@ class WorkflowRepo(Protocol):
     async def create_workflow_instances(self, news: Sequence[NewWorkflowInstance]) -> list[int]:
         """Bulk insert (one statement per batch); ids in input order."""
 
+    async def create_child_instance(
+        self, new: NewWorkflowInstance, *, parent_id: int, parent_node: str, child_key: str
+    ) -> tuple[WorkflowInstanceRecord, bool]:
+        """Insert a child instance unless ``(parent_id, parent_node, child_key)`` has one already
+        (a unique index decides, also under concurrency); ``(the child, whether it was created)``."""
+
+    async def query_child_instances(self, parent_id: int) -> list[WorkflowInstanceRecord]:
+        """The children of one instance, ordered by id."""
+
     async def get_workflow_instance(self, instance_id: int) -> WorkflowInstanceRecord | None:
         """The instance, or ``None``."""
 

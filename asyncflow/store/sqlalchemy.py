@@ -218,6 +218,52 @@ class SQLAlchemyWorkflowRepo:
             trace_context=row.trace_context,
         )
 
+    async def create_child_instance(
+        self, new: NewWorkflowInstance, *, parent_id: int, parent_node: str, child_key: str
+    ) -> tuple[WorkflowInstanceRecord, bool]:
+        """Insert a child of ``parent_id``'s node ``parent_node`` under ``child_key``, unless that
+        triple has a child already; ``(the child, whether this call created it)``.
+
+        The unique index ``uq_workflow_instance_child`` decides (``INSERT ... ON CONFLICT DO
+        NOTHING``), so retries, crashes and concurrent calls leave exactly one child.
+        """
+        row = prep.instance_row(new)
+        parent, node, key = prep.child_key(parent_id, parent_node, child_key)
+        names = {"parent_id": parent, "parent_node": node, "child_key": key}
+        params = {
+            "workflow_type": row.workflow_type,
+            "business_id": row.business_id,
+            "status": row.status,
+            "workflow_context": row.context,
+            "task_id": row.task_id,
+            "now": self._now(),
+            "next_run_at": row.next_run_at,
+            "trace_context": row.trace_context,
+            **names,
+        }
+        insert = st.insert_child(self._engine.dialect.name)
+        # two single statements, no transaction around them: the insert is atomic by itself, and a
+        # row it conflicted with is committed when it returns (PostgreSQL waits for the inserting
+        # transaction; SQLite writes one at a time), so the read sees it unless it was deleted since
+        for _ in range(_DUPLICATE_READS):
+            with StoreErrors("create_child_instance"):
+                async with self._connection() as conn:
+                    inserted = (await conn.execute(insert, params)).first()
+                    if inserted is not None:
+                        return instance_record(inserted), True
+                    found = (await conn.execute(st.CHILD_OF, names)).first()
+            if found is not None:
+                return instance_record(found), False
+        raise StoreError(f"child {key!r} of node {node!r} of instance {parent}: its row keeps vanishing")
+
+    async def query_child_instances(self, parent_id: int) -> list[WorkflowInstanceRecord]:
+        """The children of one instance (``af.start_child_workflow``), ordered by id."""
+        check_int(parent_id, "parent_id")
+        with StoreErrors("query_child_instances"):
+            async with self._connection() as conn:
+                rows = (await conn.execute(st.CHILDREN, {"parent_id": parent_id})).all()
+        return [instance_record(row) for row in rows]
+
     async def create_workflow_instances(self, news: Sequence[NewWorkflowInstance]) -> list[int]:
         """Bulk insert in one transaction (a few multi-row statements); ids in input order."""
         rows = [prep.instance_row(new) for new in news]

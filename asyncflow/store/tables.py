@@ -16,6 +16,10 @@ are Go's plus what the engine and the driver need:
   (``expires_at`` in unix milliseconds: the database's clock on PostgreSQL).
 * ``workflow_instance.trace_context`` (schema 7, nullable): what an observer stored at creation (the
   W3C ``traceparent`` of the OpenTelemetry observer).
+* ``workflow_instance.parent_id``, ``parent_node``, ``child_key`` (schema 8, nullable): a child
+  workflow's parent instance, the parent's node that started it and its key there
+  (``af.start_child_workflow``); ``uq_workflow_instance_child`` makes the triple unique, so a child
+  is created once however often its parent's node runs.
 * ``workflow_instance.unique_key`` (schema 4): ``NULL``, or how the instance was created with
   ``create_workflow(unique=...)`` (``'active'``/``'always'``); two partial unique indexes enforce it.
 
@@ -47,6 +51,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "asyncflow_lock",
     "asyncflow_schema",
+    "child_index",
     "due_index",
     "metadata",
     "schedule",
@@ -57,7 +62,7 @@ __all__ = [
     "workflow_instance",
 ]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """The schema version this asyncflow migrates to (:mod:`asyncflow.store.migrations`)."""
 
 metadata = MetaData(
@@ -89,6 +94,9 @@ workflow_instance = Table(
     Column("lease_epoch", BigInteger, nullable=False, server_default=text("0")),
     Column("unique_key", Text, nullable=True),
     Column("trace_context", Text, nullable=True),  # W3C traceparent of the creating request, or NULL
+    Column("parent_id", BigInteger, nullable=True),  # a child workflow's parent instance, else NULL
+    Column("parent_node", Text, nullable=True),  # the parent's node that started the child
+    Column("child_key", Text, nullable=True),  # the child's key in that node
     Index(None, "status", "next_run_at"),
     Index(None, "business_id"),
     Index(None, "task_id"),
@@ -128,6 +136,20 @@ unique_always_index = Index(
     sqlite_where=_UNIQUE_ALWAYS,
 )
 """At most one instance ever per (type, business id) among those created with ``unique="always"``."""
+
+_CHILD = text("parent_id IS NOT NULL")
+child_index = Index(
+    "uq_workflow_instance_child",
+    workflow_instance.c.parent_id,
+    workflow_instance.c.parent_node,
+    workflow_instance.c.child_key,
+    unique=True,
+    postgresql_where=_CHILD,
+    sqlite_where=_CHILD,
+)
+"""One child per (parent instance, parent node, key): ``af.start_child_workflow`` inserts with ``ON
+CONFLICT DO NOTHING`` on it, so retries, crashes and concurrent starts leave one child; it also
+serves "the children of an instance" (its leading column). Migration 8."""
 
 task_instance = Table(
     "task_instance",

@@ -30,11 +30,13 @@ __all__ = [
     "STATUSES",
     "ListFilters",
     "ListView",
+    "child_dict",
     "children",
     "count_by_status",
     "duration",
     "instance_dict",
     "last_error",
+    "load_children",
     "load_detail",
     "load_list",
     "node_dict",
@@ -177,6 +179,16 @@ def record_dict(record: WorkflowInstanceRecord) -> dict[str, Any]:
     return out
 
 
+async def load_children(svc: WorkflowService, instance_id: int) -> list[WorkflowInstanceRecord]:
+    """The child workflows the instance's nodes started (``af.start_child_workflow``), by id."""
+    return await svc.get_child_workflows(instance_id)
+
+
+def child_dict(record: WorkflowInstanceRecord) -> dict[str, Any]:
+    """A child workflow for the JSON API: its row plus the node and key that started it."""
+    return {**record_dict(record), "parent_node": record.parent_node, "child_key": record.child_key}
+
+
 def last_error(entry: TaskInstanceDetail) -> str:
     """The node's ``system.last_error`` (``""`` when there is none)."""
     system = (entry.node_context or {}).get("system")
@@ -240,8 +252,11 @@ def node_dict(entry: TaskInstanceDetail, now: float | None = None) -> dict[str, 
     }
 
 
-def instance_dict(detail: WorkflowInstanceDetail) -> dict[str, Any]:
-    """One instance with its nodes for the JSON API (``in_flight_for``: seconds, for nodes in flight)."""
+def instance_dict(
+    detail: WorkflowInstanceDetail, children: Sequence[WorkflowInstanceRecord] = ()
+) -> dict[str, Any]:
+    """One instance with its nodes (and its child workflows, its parent) for the JSON API
+    (``in_flight_for``: seconds, for nodes in flight)."""
     now = time.time()
     return {
         "id": detail.id,
@@ -256,4 +271,6 @@ def instance_dict(detail: WorkflowInstanceDetail) -> dict[str, Any]:
             node_dict(e, None if is_over_instance_status(detail.status) else now)
             for e in detail.task_instances
         ],
+        "parent_id": getattr(detail, "parent_id", None),
+        "children": [child_dict(c) for c in children],
     }

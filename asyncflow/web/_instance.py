@@ -7,12 +7,13 @@ While the instance runs the page reloads itself with ``<meta http-equiv="refresh
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from urllib.parse import urlencode
 
 from ..cli.graph import STATUS_COLORS, nodes_of_detail
 from ..cli.html import _svg as dag_svg  # the static page's renderer: one drawing of a DAG
 from ..cli.table import format_age, format_json, format_ts
-from ..records import TaskInstanceDetail, WorkflowInstanceDetail
+from ..records import TaskInstanceDetail, WorkflowInstanceDetail, WorkflowInstanceRecord
 from ..status import is_over_instance_status, is_over_task_status
 from ._data import children, duration, in_flight_age, last_error, progress
 from ._html import e, page, status_badge
@@ -51,6 +52,24 @@ def _children(base: str, entry: TaskInstanceDetail) -> str:
         for key, child in found.items()
     )
     return f'<p>children:</p><ul class="children">{items}</ul>'
+
+
+def _child_workflows(base: str, children: Sequence[WorkflowInstanceRecord]) -> str:
+    """The instance's child workflows (live statuses, from their rows), each linking to its page."""
+    if not children:
+        return ""
+    rows = "".join(
+        f'<tr data-child-id="{c.id}"><td><a href="{e(base)}/instances/{c.id}">#{c.id}</a></td>'
+        f"<td>{e(c.workflow_type)}</td><td>{e(c.business_id)}</td>"
+        f"<td><code>{e(c.parent_node or '')}</code></td>"
+        f"<td>{e(c.child_key or '')}</td><td>{status_badge(c.status)}</td></tr>"
+        for c in children
+    )
+    return (
+        '<h2>Child workflows</h2><table id="children"><thead><tr><th>instance</th><th>type</th>'
+        "<th>business id</th><th>node</th><th>key</th><th>status</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
 
 
 def _node_detail(
@@ -114,9 +133,16 @@ def _node_row(i: int, entry: TaskInstanceDetail, now: float | None) -> str:
 
 
 def instance_page(
-    base: str, detail: WorkflowInstanceDetail, *, actions: bool, refresh: float, done: str | None = None
+    base: str,
+    detail: WorkflowInstanceDetail,
+    *,
+    actions: bool,
+    refresh: float,
+    done: str | None = None,
+    children: Sequence[WorkflowInstanceRecord] = (),
 ) -> str:
-    """The whole instance page; ``actions`` adds the action links (dashboard not read-only)."""
+    """The whole instance page; ``actions`` adds the action links (dashboard not read-only);
+    ``children``: the instance's child workflows (listed with links; the parent is linked too)."""
     running = not is_over_instance_status(detail.status)
     entries = {entry.task_type: entry for entry in detail.task_instances}
     nodes = nodes_of_detail(detail)
@@ -128,6 +154,11 @@ def instance_page(
         ("updated", format_ts(detail.updated_at)),
     ]
     facts_html = "".join(f"<span>{e(k)}: <b>{e(v)}</b></span>" for k, v in facts)
+    parent = getattr(detail, "parent_id", None)
+    if parent is not None:
+        facts_html += (
+            f'<span>parent: <a id="parent" href="{e(base)}/instances/{int(parent)}">#{int(parent)}</a></span>'
+        )
     notes = []
     if done in DONE_MESSAGES:
         notes.append(f'<p class="ok" id="done">{e(DONE_MESSAGES[done])}</p>')
@@ -159,7 +190,7 @@ def instance_page(
         '<h2>Nodes</h2><table id="nodes"><thead><tr><th>node</th><th>name</th><th>status</th>'
         "<th>failed attempts</th><th>created</th><th>updated</th><th>duration / in flight</th>"
         "<th>last error</th>"
-        f"</tr></thead><tbody>{rows}</tbody></table>{details}"
+        f"</tr></thead><tbody>{rows}</tbody></table>{_child_workflows(base, children)}{details}"
     )
     title = f"{detail.workflow_type} #{detail.id} ({detail.status})"
     return page(base, title, body, refresh=refresh if running else None)

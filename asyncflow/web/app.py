@@ -25,7 +25,7 @@ from ..errors import AsyncflowError, ParamInvalidError
 from ..schedules import tick_name
 from ..store.protocol import StoresSchedules
 from ._actions import Authorize, action_routes, base_of, error_response, error_status
-from ._data import ListFilters, instance_dict, load_detail, load_list, record_dict
+from ._data import ListFilters, instance_dict, load_children, load_detail, load_list, record_dict
 from ._html import CSS, list_page, schedules_page
 from ._instance import instance_page
 from ._security import CsrfSigner, SecurityHeaders
@@ -108,10 +108,13 @@ def dashboard(
     async def instance(request: Request) -> Response:
         try:
             detail = await load_detail(svc, int(request.path_params["id"]))
+            kids = await load_children(svc, detail.id)
         except AsyncflowError as error:
             return error_response(request, error)
         done = request.query_params.get("done")
-        page = instance_page(base_of(request), detail, actions=links, refresh=refresh_seconds, done=done)
+        page = instance_page(
+            base_of(request), detail, actions=links, refresh=refresh_seconds, done=done, children=kids
+        )
         return HTMLResponse(page)
 
     async def schedules(request: Request) -> Response:
@@ -137,9 +140,10 @@ def dashboard(
     async def api_instance(request: Request) -> Response:
         try:
             detail = await load_detail(svc, int(request.path_params["id"]))
+            kids = await load_children(svc, detail.id)
         except AsyncflowError as error:
             return _json_error(error)
-        return JSONResponse(instance_dict(detail))
+        return JSONResponse(instance_dict(detail, kids))
 
     async def api_schedules(request: Request) -> Response:
         return JSONResponse({"schedules": await _schedules(svc)})

@@ -47,9 +47,9 @@ async def _upgrade_and_finish(repo: af.SQLAlchemyWorkflowRepo) -> None:
 
     assert await _versions(engine) == list(range(1, af.SCHEMA_VERSION + 1))
     added = {
-        "workflow_instance": (0, None, None),
+        "workflow_instance": (0, None, None, None, None, None),
         "task_instance": (),
-    }  # lease_epoch 0; unique_key, trace_context NULL
+    }  # lease_epoch 0; unique_key, trace_context, parent_id, parent_node, child_key NULL
     for table, rows in before.items():  # every row kept, as it was (plus the columns added since)
         assert await _rows(engine, table) == [row + added[table] for row in rows]
     svc = af.WorkflowService(repo, af.LocalWorkflowLock(), make_registry(gate_open=True))

@@ -299,3 +299,29 @@ def test_node_info_is_frozen() -> None:
     assert INFO.fail_count == 2 and INFO.business_id == "b-1"
     with pytest.raises(dataclasses.FrozenInstanceError):
         INFO.fail_count = 3  # type: ignore[misc]
+
+
+async def test_start_child_workflow_only_inside_a_run_scope() -> None:
+    from asyncflow.errors import InvalidStateError, ParamInvalidError
+    from asyncflow.worker import child_scope, start_child_workflow
+
+    started: list[tuple[str, str, object]] = []
+
+    async def start(workflow_type: str, key: str, context: object) -> object:
+        started.append((workflow_type, key, context))
+        return key
+
+    with pytest.raises(InvalidStateError, match="only available inside a worker's run"):
+        await start_child_workflow("child", "k")
+    with child_scope("fan", start) as scope:  # type: ignore[arg-type]
+        assert await start_child_workflow("child", "a", context={"n": 1}) == "a"
+        await start_child_workflow("child", "b")
+        await start_child_workflow("child", "a")  # the same key again: recorded once
+        for bad in (("", "x"), ("child", ""), ("child", 3)):
+            with pytest.raises(ParamInvalidError):
+                await start_child_workflow(*bad)  # type: ignore[arg-type]
+        # a wait_check inside this run(): no children from there
+        with child_scope("fan", None), pytest.raises(InvalidStateError):
+            await start_child_workflow("child", "c")
+    assert scope.keys == ["a", "b"]
+    assert started == [("child", "a", {"n": 1}), ("child", "b", None), ("child", "a", None)]

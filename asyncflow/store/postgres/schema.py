@@ -6,6 +6,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..migrations import (
+    CHILD_COLUMNS,
+    CHILD_INDEXES,
     SCHEDULE_TABLES,
     TRACE_COLUMNS,
     UNIQUE_COLUMNS,
@@ -86,6 +88,12 @@ MIGRATIONS = check_migrations(
         Migration(5, "wait_for_workflow: NOTIFY asyncflow_finished when an instance ends", FINISHED_DDL),
         Migration(6, "schedules: asyncflow_schedule and asyncflow_schedule_tick", SCHEDULE_TABLES),
         Migration(7, "observers: workflow_instance.trace_context (nullable TEXT)", (), TRACE_COLUMNS),
+        Migration(
+            8,
+            "child workflows: workflow_instance.parent_id, parent_node, child_key and their unique index",
+            CHILD_INDEXES,
+            CHILD_COLUMNS,
+        ),
     ]
 )
 

@@ -58,7 +58,7 @@ STEP_CALL = "SELECT asyncflow_step_v1($1::text::jsonb)"
 
 _INSTANCE_COLUMNS = (
     "id, workflow_type, business_id, status, workflow_context::text, task_id, created_at, updated_at, "
-    "next_run_at, version, lease_epoch, trace_context"
+    "next_run_at, version, lease_epoch, trace_context, parent_id, parent_node, child_key"
 )
 _TASK_COLUMNS = (
     "id, workflow_instance_id, task_type, status, node_context::text, fail_count, created_at, "
@@ -99,16 +99,22 @@ unique index (or, for ``'always'``, an existing unique instance of the key) refu
 if it committed after this statement began: the repo then reads it). A refused row fails nothing
 else: its neighbours in the statement are inserted (``ON CONFLICT DO NOTHING``). Ids are drawn per
 row from the table's sequence, so the result pairs them with the input rows."""
-_NO_INSTANCE = "NULL::bigint, " + "NULL::text, " * 4 + "NULL::bigint, " * 6 + "NULL::text, "
+_NO_INSTANCE = (
+    "NULL::bigint, "
+    + "NULL::text, " * 4
+    + "NULL::bigint, " * 6
+    + "NULL::text, NULL::bigint, "
+    + "NULL::text, " * 2
+)
 _NO_TASK = "NULL::bigint, " * 2 + "NULL::text, " * 3 + "NULL::bigint, " * 4 + "NULL::bigint "
 _TASKS_OF = (
     f"UNION ALL SELECT {_NO_INSTANCE}{_TASK_COLUMNS} FROM task_instance "
-    "WHERE workflow_instance_id = ANY ($1::bigint[]) ORDER BY 13 NULLS FIRST"
+    "WHERE workflow_instance_id = ANY ($1::bigint[]) ORDER BY 16 NULLS FIRST"
 )
 _LOAD_STATES = (
     f"SELECT {_INSTANCE_COLUMNS}, {_NO_TASK}FROM workflow_instance WHERE id = ANY ($1::bigint[]) {_TASKS_OF}"
 )
-"""Instances (columns 0-11) and then their node rows by id (columns 12-21), for several ids at once."""
+"""Instances (columns 0-14) and then their node rows by id (columns 15-24), for several ids at once."""
 _LEASE_STATES = (
     "WITH leased AS (UPDATE workflow_instance SET lease_epoch = lease_epoch + 1 "
     f"WHERE id = ANY ($1::bigint[]) RETURNING {_INSTANCE_COLUMNS}) "
@@ -244,7 +250,7 @@ async def load_states(
         if row[0] is not None:
             states[row[0]] = (instance_record(row), [])
         else:
-            task = task_record(row[12:])
+            task = task_record(row[15:])
             state = states.get(task.workflow_instance_id)
             if state is not None:  # else its instance row is gone (possible only without the FK)
                 state[1].append(task)

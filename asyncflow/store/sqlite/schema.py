@@ -9,6 +9,8 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..migrations import (
+    CHILD_COLUMNS,
+    CHILD_INDEXES,
     SCHEDULE_TABLES,
     TRACE_COLUMNS,
     UNIQUE_COLUMNS,
@@ -82,6 +84,12 @@ MIGRATIONS = check_migrations(
         Migration(5, "nothing on SQLite (PostgreSQL: the asyncflow_finished NOTIFY trigger)", ()),
         Migration(6, "schedules: asyncflow_schedule and asyncflow_schedule_tick", SCHEDULE_TABLES),
         Migration(7, "observers: workflow_instance.trace_context (nullable TEXT)", (), TRACE_COLUMNS),
+        Migration(
+            8,
+            "child workflows: workflow_instance.parent_id, parent_node, child_key and their unique index",
+            CHILD_INDEXES,
+            CHILD_COLUMNS,
+        ),
     ]
 )
 

@@ -60,7 +60,8 @@ refuses it: then no row, and nothing else fails."""
 _REFUSED_BY = refused_by("?", "?", "?")
 _GET_INSTANCE = (
     "SELECT id, workflow_type, business_id, status, workflow_context, task_id, created_at, updated_at, "
-    "next_run_at, version, lease_epoch, trace_context FROM workflow_instance WHERE id = ?"
+    "next_run_at, version, lease_epoch, trace_context, parent_id, parent_node, child_key "
+    "FROM workflow_instance WHERE id = ?"
 )
 _TAKE_LEASE = "UPDATE workflow_instance SET lease_epoch = lease_epoch + 1 WHERE id = ?"
 _IN_STATUS = "SELECT status FROM workflow_instance WHERE id = ?"
