@@ -298,6 +298,7 @@ async def run_driver(
     sampler: LatencySampler | None = None,
     repo: Any = None,
     approval_node: str | None = None,
+    workflow_types: tuple[str, ...] = (),
 ) -> tuple[float, float, Any]:
     """Create ``n`` instances, then drive them with one ``WorkflowDriver(concurrency=concurrency)``.
 
@@ -317,7 +318,10 @@ async def run_driver(
     await _create_all(svc, repo, workflow_type, n, concurrency, sampler, bulk=repo is not None)
     create_s = time.perf_counter() - start
     driver = WorkflowDriver(
-        svc, concurrency=concurrency, poll_interval=poll_interval, workflow_types=[workflow_type]
+        svc,
+        concurrency=concurrency,
+        poll_interval=poll_interval,
+        workflow_types=list(workflow_types or (workflow_type,)),
     )
     start = time.perf_counter()
     if approval_node is None:
@@ -377,6 +381,7 @@ async def _measured(
                     sampler=sampler,
                     repo=repo if run.create == "bulk" else None,
                     approval_node=spec.approval_node,
+                    workflow_types=spec.workflow_types,
                 )
                 extra["driver_stats"] = {
                     name: getattr(stats, name, None)

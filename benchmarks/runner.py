@@ -103,15 +103,17 @@ def asyncflow_unavailable(mode: str = "direct") -> str | None:
     return None
 
 
-def scenario_unavailable(scenario: str) -> str | None:
-    """``None`` if asyncflow has a workflow for ``scenario`` (:mod:`benchmarks.scenarios`), else why not."""
+def scenario_unavailable(scenario: str, mode: str = "driver", backlog: int = 0) -> str | None:
+    """``None`` if asyncflow has a workflow for ``scenario`` (:mod:`benchmarks.scenarios`) in ``mode``,
+    else why not."""
     from .scenarios import SCENARIOS
 
-    if scenario in SCENARIOS:
-        return None
-    if scenario == "fanout-children":
-        return "the asyncflow side needs child workflows (af.start_child_workflow), not built yet"
-    return f"no asyncflow workflow for scenario {scenario!r}"
+    spec = SCENARIOS.get(scenario)
+    if spec is None:
+        return f"no asyncflow workflow for scenario {scenario!r}"
+    if spec.children and (mode != "driver" or backlog):
+        return "child workflows need a driver to run them: driver mode only, without --backlog"
+    return None
 
 
 @dataclass(slots=True)
@@ -166,7 +168,7 @@ def _plan(
                             key = report.RowKey("asyncflow", scenario, mode, backend, lock, options.n, c,
                                                 _NODE_COUNTS[scenario], shown, va, backlog)  # fmt: skip
                             reason = (
-                                scenario_unavailable(scenario)
+                                scenario_unavailable(scenario, mode, backlog)
                                 or asyncflow_unavailable(mode)
                                 or observers_unavailable(observer)
                             )

@@ -13,6 +13,10 @@ branch          A → choose one of [B, C] → D (join "any")   3 of 4       ``A
                                                                          ``C``; the other is ``skipped``
 slow2           A → S → C                                   3            ``S`` works for 2 s (a sleep):
                                                                          what ``visible_after`` shows
+fanout-children P, which starts 20 child workflows          1 + 20 x 3   ``P``'s run starts 20 children
+                (each ``A → B → C``)                                     (``af.start_child_workflow``);
+                                                                         it completes once all 20 did
+                                                                         (driver mode only)
 ==============  ==========================================  ===========  =================================
 
 Every worker writes a tiny output (``{"out": 1}``) into its node context. The last node's ``run``
@@ -34,6 +38,7 @@ __all__ = ["SCENARIOS", "BenchHooks", "ScenarioSpec", "build_registry", "get_sce
 APPROVAL_NODE = "approve"
 SLOW_NODE = "S"
 SLOW_SECONDS = 2.0
+FANOUT_CHILDREN = 20  # child workflows one fanout-children parent starts (as in the DBOS reference)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +54,13 @@ class ScenarioSpec:
     chooser: str | None = None  # this node's run picks one of its next nodes (af.choose)
     skipped_per_run: int = 0  # config nodes a run skips (not counted as node steps)
     slow_node: str | None = None  # its run sleeps SLOW_SECONDS
+    children: int = 0  # the first node's run starts this many child workflows of ``child_type``
+    child_type: str | None = None  # a linear3 workflow, registered beside this one
+
+    @property
+    def workflow_types(self) -> tuple[str, ...]:
+        """The workflow types a driver must run for this scenario (the children's too)."""
+        return (self.workflow_type,) if self.child_type is None else (self.workflow_type, self.child_type)
 
     @property
     def node_count(self) -> int:
@@ -104,6 +116,13 @@ SCENARIOS: dict[str, ScenarioSpec] = {
         ),
         ScenarioSpec(
             "slow2", "bench_slow2", (("A", (SLOW_NODE,)), (SLOW_NODE, ("C",)), ("C", ())), slow_node=SLOW_NODE
+        ),
+        ScenarioSpec(
+            "fanout-children",
+            "bench_fanout",
+            (("P", ()),),
+            children=FANOUT_CHILDREN,
+            child_type="bench_fanout_child",
         ),
     )
 }
@@ -175,6 +194,9 @@ def build_registry(spec: ScenarioSpec, hooks: BenchHooks | None = None) -> af.Re
         successors = dict(spec.nodes)[spec.chooser or ""]
         af.choose(successors[af.current_node().instance_id % len(successors)])
 
+    if spec.children:
+        _register_fanout(registry, spec, hooks)
+        return registry
     for node, _ in spec.nodes:
         run = (
             last
@@ -195,3 +217,29 @@ def build_registry(spec: ScenarioSpec, hooks: BenchHooks | None = None) -> af.Re
         )
     registry.get_workflow_definition(spec.workflow_type)
     return registry
+
+
+def _register_fanout(registry: af.Registry, spec: ScenarioSpec, hooks: BenchHooks) -> None:
+    """``spec``'s parent (one node ``P`` starting ``spec.children`` children, done in its wait check
+    once they all completed) and its child type (a ``linear3``)."""
+    assert spec.child_type is not None
+    child = ScenarioSpec("fanout-child", spec.child_type, _LINEAR)
+    registry.load_workflow_config(child.config())
+    for node, _ in child.nodes:
+        registry.register_workflow_task(child.workflow_type, node, af.NormalTaskWorker(run=_output))
+    parent_node = spec.nodes[0][0]
+
+    async def start_children(ctx: af.JSONContext) -> None:
+        for k in range(spec.children):
+            await af.start_child_workflow(child.workflow_type, str(k))
+
+    async def children_done(ctx: af.JSONContext) -> None:  # called once every child completed
+        ctx.set(["out"], len(ctx.get("children")[0] or {}))
+        if hooks.on_completed is not None:
+            hooks.on_completed(af.current_node().instance_id, time.perf_counter())
+
+    registry.register_workflow_task(
+        spec.workflow_type, parent_node, af.NormalTaskWorker(run=start_children, wait_check=children_done)
+    )
+    registry.get_workflow_definition(spec.workflow_type)
+    registry.get_workflow_definition(child.workflow_type)

@@ -407,7 +407,7 @@ async def test_branch_scenario_takes_one_branch_and_skips_the_other() -> None:
     assert set(skipped) == {"B", "C"}
 
 
-def test_fanout_children_runs_only_when_named_and_skips_the_missing_asyncflow_side() -> None:
+def test_fanout_children_runs_only_when_named_and_in_driver_mode() -> None:
     from benchmarks.__main__ import _options, _parser
 
     def scenarios(value: str) -> tuple[str, ...]:
@@ -415,11 +415,10 @@ def test_fanout_children_runs_only_when_named_and_skips_the_missing_asyncflow_si
 
     assert "fanout-children" not in scenarios("all")
     assert scenarios("linear3,fanout-children") == ("linear3", "fanout-children")
-    import asyncflow
-
-    if not hasattr(asyncflow, "start_child_workflow"):  # until child workflows land
-        reason = scenario_unavailable("fanout-children")
-        assert reason is not None and "start_child_workflow" in reason
+    assert scenario_unavailable("fanout-children", "driver") is None
+    reason = scenario_unavailable("fanout-children", "direct")
+    assert reason is not None and "driver" in reason
+    assert scenario_unavailable("fanout-children", "driver", backlog=100) is not None
     assert scenario_unavailable("branch") is None
 
 
@@ -431,3 +430,34 @@ async def test_dbos_reference_on_sqlite() -> None:
         m = await run_dbos_once("branch", N, C, sqlite_path=path)
     _check_measurement(m, N)
     assert m.commits is None  # counted on PostgreSQL only
+
+
+async def test_fanout_children_scenario_completes_parents_after_their_20_children() -> None:
+    import asyncflow as af
+    from benchmarks.asyncflow_runs import run_driver
+    from benchmarks.scenarios import FANOUT_CHILDREN, BenchHooks, build_registry, get_scenario
+
+    spec = get_scenario("fanout-children")
+    hooks = BenchHooks()
+    svc = af.WorkflowService(af.MemoryWorkflowRepo(), af.LocalWorkflowLock(), build_registry(spec, hooks))
+    try:
+        _, _, stats = await run_driver(
+            svc, spec.workflow_type, 3, 8, hooks=hooks, workflow_types=spec.workflow_types
+        )
+        parents = await svc.query_workflow_instances(
+            af.QueryWorkflowInstanceParams(
+                workflow_type_in=(spec.workflow_type,), page=af.Pager(no_limit=True)
+            )
+        )
+        children = await svc.query_workflow_instances(
+            af.QueryWorkflowInstanceParams(
+                workflow_type_in=spec.workflow_types[1:], page=af.Pager(no_limit=True)
+            )
+        )
+    finally:
+        await svc.aclose()
+    assert [p.status for p in parents] == ["completed"] * 3
+    assert len(children) == 3 * FANOUT_CHILDREN
+    assert {c.status for c in children} == {"completed"}
+    assert {c.parent_id for c in children} == {p.id for p in parents}
+    assert stats.completed >= 3 * (FANOUT_CHILDREN + 1)
