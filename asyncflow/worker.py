@@ -41,7 +41,6 @@ __all__ = [
     "choose",
     "current_node",
     "heartbeat",
-    "heartbeat_scope",
     "node_scope",
     "start_child_workflow",
     "worker_has_wait_check",
@@ -317,16 +316,6 @@ def _json_progress(progress: object) -> object:
     if "\\u0000" in text:
         raise ParamInvalidError("heartbeat(): progress must not contain NUL characters")
     return json.loads(text)  # a copy the worker cannot change under the engine
-
-
-@contextmanager
-def heartbeat_scope(target: HeartbeatTarget) -> Iterator[HeartbeatTarget]:
-    """For the engine: inside the block :func:`heartbeat` reports to ``target``."""
-    token = _current_beat.set(target)
-    try:
-        yield target
-    finally:
-        _current_beat.reset(token)
 
 
 ChildStarter: TypeAlias = (

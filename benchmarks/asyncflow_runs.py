@@ -157,35 +157,39 @@ async def _create_all(
     workflow_type: str,
     n: int,
     concurrency: int,
-    sampler: LatencySampler,
+    sampler: LatencySampler | None,
     bulk: bool,
+    prefix: str = "bench",
 ) -> None:
+    """Create ``n`` instances ``<prefix>-<i>``: bulk through ``repo`` or by ``concurrency`` callers of
+    ``create_workflow``; ``sampler`` (if any) learns when its sampled ones were created."""
     if bulk:
         for first in range(0, n, _CREATE_BATCH):
             batch = range(first, min(n, first + _CREATE_BATCH))
             news = [
                 NewWorkflowInstance(
-                    workflow_type=workflow_type, business_id=f"bench-{i}", workflow_context={}
+                    workflow_type=workflow_type, business_id=f"{prefix}-{i}", workflow_context={}
                 )
                 for i in batch
             ]
             ids = await repo.create_workflow_instances(news)
-            now = time.perf_counter()
-            for i, instance_id in zip(batch, ids, strict=True):
-                if sampler.wants(i):
-                    sampler.started(instance_id, now)
+            if sampler is not None:
+                now = time.perf_counter()
+                for i, instance_id in zip(batch, ids, strict=True):
+                    if sampler.wants(i):
+                        sampler.started(instance_id, now)
         return
     indexes = iter(range(n))
 
     async def worker() -> None:
         for i in indexes:
-            instance = await svc.create_workflow(workflow_type, f"bench-{i}")
-            if sampler.wants(i):
+            instance = await svc.create_workflow(workflow_type, f"{prefix}-{i}")
+            if sampler is not None and sampler.wants(i):
                 sampler.started(instance.id, time.perf_counter())
 
     async with asyncio.TaskGroup() as group:
         for slot in range(min(concurrency, n)):
-            group.create_task(worker(), name=f"bench-create-{slot}")
+            group.create_task(worker(), name=f"{prefix}-create-{slot}")
 
 
 async def preload_backlog(
@@ -193,25 +197,7 @@ async def preload_backlog(
 ) -> float:
     """Create ``count`` due instances of ``workflow_type`` (``backlog-<i>``); the seconds it took."""
     start = time.perf_counter()
-    if bulk:
-        for first in range(0, count, _CREATE_BATCH):
-            news = [
-                NewWorkflowInstance(
-                    workflow_type=workflow_type, business_id=f"backlog-{i}", workflow_context={}
-                )
-                for i in range(first, min(count, first + _CREATE_BATCH))
-            ]
-            await repo.create_workflow_instances(news)
-    else:
-        indexes = iter(range(count))
-
-        async def worker() -> None:
-            for i in indexes:
-                await svc.create_workflow(workflow_type, f"backlog-{i}")
-
-        async with asyncio.TaskGroup() as group:
-            for slot in range(min(concurrency, count)):
-                group.create_task(worker(), name=f"bench-backlog-{slot}")
+    await _create_all(svc, repo, workflow_type, count, concurrency, None, bulk, prefix="backlog")
     return time.perf_counter() - start
 
 

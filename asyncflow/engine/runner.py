@@ -106,6 +106,7 @@ ChildStart = Callable[
 """The service's ``start(parent, task_type, workflow_type, key, context)`` of a child instance."""
 
 logger = logging.getLogger("asyncflow.engine")
+_NO_CHILDREN = ChildStarts("", None)  # a wait_check: start_child_workflow() raises (nothing is kept)
 
 T = TypeVar("T")
 
@@ -566,13 +567,13 @@ class PassRunner:
             fail_count=fail_count,
             trace_context=self._instance.trace_context,
         )
-        # node_scope()/heartbeat_scope()/choice_scope() without their generator context managers (a
-        # node's hot path)
+        # node_scope()/choice_scope()/child_scope() without their generator context managers, and the
+        # heartbeat target set the same way (a node's hot path)
         node_token = _current_node.set(info)
         beat_token = _current_beat.set(watch)
         try:
             if check:
-                children_token = _current_children.set(ChildStarts(node.task_type, None))  # not inherited
+                children_token = _current_children.set(_NO_CHILDREN)  # not inherited from a run()
                 try:
                     await node.worker.wait_check(ctx)
                 finally:
