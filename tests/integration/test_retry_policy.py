@@ -45,9 +45,11 @@ async def observed_delays(service: af.WorkflowService, clock: FakeClock, passes:
         if record.status != "running":
             delays.append(math.nan)
             break
-        delay = round(record.next_run_at / 1000 - clock.time(), 3)
-        delays.append(delay)
-        clock.advance(delay)
+        exact = record.next_run_at / 1000 - clock.time()
+        delays.append(round(exact, 3))
+        # Land a tenth of a millisecond past the due time: advancing by the rounded delay could stop a
+        # float hair short of it (next_run_at is whole ms), leaving the instance not yet due.
+        clock.advance(exact + 0.0001)
     return delays
 
 
