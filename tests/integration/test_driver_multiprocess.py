@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import pathlib
+import re
 import sys
 import uuid
 from typing import Any
@@ -18,8 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 PROCESSES = 3
 INSTANCES = 1000  # enough for the three processes to contend on every claim; small enough for CI
 NODES = {"A": ["B", "C"], "B": [], "C": []}
-
-pytestmark = [pytest.mark.postgres]
+RELIABILITY_MD = pathlib.Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
 
 
 def _engine(url: str, schema: str, pool_size: int = 4) -> Any:
@@ -93,6 +94,7 @@ def _child(url: str, schema: str, redis_url: str | None, prefix: str, go: Any, r
         raise
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("lock_kind", [pytest.param("redis", marks=pytest.mark.redis), "database"])
 async def test_three_driver_processes_run_every_node_exactly_once(
     postgres_url: str, lock_kind: str, request: pytest.FixtureRequest
@@ -160,3 +162,12 @@ async def test_three_driver_processes_run_every_node_exactly_once(
         async with admin.begin() as conn:
             await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         await admin.dispose()
+
+
+def test_docs_state_the_instance_count_this_test_runs() -> None:
+    """docs/reliability.md (section 8, "Without Redis") quotes this test: its figures are the test's own."""
+    text = " ".join(RELIABILITY_MD.read_text(encoding="utf-8").split())
+    stated = re.search(r"(\w+) driver processes on PostgreSQL run every node of ([\d,]+) instances", text)
+    assert stated is not None, "docs/reliability.md no longer describes the multi-process test"
+    assert stated.group(1) == "three" and PROCESSES == 3
+    assert stated.group(2) == f"{INSTANCES:,}", (stated.group(2), INSTANCES)
