@@ -58,20 +58,27 @@ async def test_the_repo_lease_calls(repo: Any) -> None:
 async def test_many_locks_on_one_repo(repo: Any) -> None:
     locks = [DatabaseWorkflowLock(repo) for _ in range(8)]
     holders: list[int] = []
-    gate = asyncio.Event()
+    refused: list[int] = []
+    gate, all_tried = asyncio.Event(), asyncio.Event()
+
+    def tried(outcome: list[int], index: int) -> None:
+        outcome.append(index)
+        if len(holders) + len(refused) == len(locks):
+            all_tried.set()
 
     async def contend(index: int) -> None:
         try:
             async with locks[index].hold("one", 5.0):
-                holders.append(index)
+                tried(holders, index)
                 await gate.wait()
         except LockFailedError:
-            pass
+            tried(refused, index)
 
     contenders = [
         asyncio.get_running_loop().create_task(contend(i), context=contextvars.Context()) for i in range(8)
     ]
-    await asyncio.sleep(0.3)
+    async with asyncio.timeout(30):  # every contender has its answer while the holder still holds
+        await all_tried.wait()
     gate.set()
     await asyncio.gather(*contenders)
     assert len(holders) == 1  # concurrent acquires of one key (one statement on PostgreSQL): one holder
