@@ -149,6 +149,19 @@ async def test_scenario_redis_lock(postgres_url: str, redis_url: str, mode: str)
     _check_measurement(m, N)
 
 
+@pytest.mark.benchmark
+@pytest.mark.parametrize("mode", ["direct", "driver"])
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_scenario_database_lock(backend: str, mode: str, request: pytest.FixtureRequest) -> None:
+    """``--lock database``: ``DatabaseWorkflowLock`` on the run's own repo (no Redis)."""
+    _needs_asyncflow(mode)
+    kw: dict[str, Any] = {}
+    if backend == "postgres":
+        kw["pg_admin"] = PgAdmin(request.getfixturevalue("postgres_url"))
+    m = await _asyncflow("diamond", mode, backend, "database", **kw)
+    _check_measurement(m, N)
+
+
 # -- the reference rows ------------------------------------------------------------------------------
 
 
