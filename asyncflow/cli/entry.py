@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -283,11 +284,16 @@ def _urls(args: argparse.Namespace) -> list[str | None]:
 
 
 class _ScrubbingJSONFormatter(JSONFormatter):
-    """``--log-format json`` lines with the same redaction and escaping (``\\uXXXX`` is valid JSON)."""
+    """``--log-format json`` lines with the same redaction and escaping (``\\uXXXX`` is valid JSON).
+
+    The line is JSON text, where a ``"``, a ``\\`` or a control character of a password appears
+    escaped: each URL is scrubbed in its JSON-escaped form as well as raw."""
 
     def __init__(self, urls: Sequence[str | None]) -> None:
         super().__init__()
-        self._urls = [u for u in urls if u]
+        raw = [u for u in urls if u]
+        escaped = [json.dumps(u, ensure_ascii=False)[1:-1] for u in raw]
+        self._urls = raw + [e for e, u in zip(escaped, raw, strict=True) if e != u]
 
     def format(self, record: logging.LogRecord) -> str:
         return inert(scrub_secrets(super().format(record), *self._urls))

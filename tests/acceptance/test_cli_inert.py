@@ -8,13 +8,14 @@ add a Mermaid or DOT statement.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import pathlib
 import re
 
 from sqlalchemy import text
 
-from asyncflow.cli.entry import _ScrubbingFormatter
+from asyncflow.cli.entry import _ScrubbingFormatter, _ScrubbingJSONFormatter
 from asyncflow.demo.order import WORKFLOW_TYPE, make_registry, sample_order
 from asyncflow.engine.service import WorkflowService
 from asyncflow.lock.local import LocalWorkflowLock
@@ -115,3 +116,25 @@ def test_log_lines_are_one_line_and_inert() -> None:
         record.exc_info = sys.exc_info()
     with_traceback = formatter.format(record)
     assert "Traceback" in with_traceback and "\x1b" not in with_traceback and "pw123" not in with_traceback
+
+
+def test_json_log_lines_hide_a_password_that_json_escapes() -> None:
+    """``--log-format json`` escapes ``"`` and ``\\`` (and control characters) in a password: the
+    redaction must find the secret in its escaped form too, in the message and in a traceback."""
+    for password in ('pa"ss9word', "pa\\ss9word", "pa\tss9word"):
+        url = f"redis://:{password}@h:6379/0"
+        formatter = _ScrubbingJSONFormatter([url])
+        record = logging.LogRecord(
+            "asyncflow.lock", logging.ERROR, __file__, 1, "cannot reach %s", (url,), None
+        )
+        try:
+            raise ConnectionError(f"connect failed: {url}")
+        except ConnectionError:
+            import sys
+
+            record.exc_info = sys.exc_info()
+        line = formatter.format(record)
+        entry = json.loads(line)
+        for shown in (line, entry["message"], entry["exception"]):
+            assert "ss9word" not in shown, (password, shown)
+        assert entry["message"] == "cannot reach redis://:***@h:6379/0"
