@@ -39,6 +39,9 @@ class SqlBackend(Protocol):
 
     units: ConnectionUnits
     schema: SchemaOps
+    insert_child: Any
+    """The Core statement that inserts a child instance unless its (parent, node, key) has one
+    (``INSERT ... ON CONFLICT DO NOTHING ... RETURNING``, in the backend's dialect)."""
 
     async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | Refused]:
         """Ids in input order; :class:`Refused` where a unique row was refused (a unique instance exists)."""
