@@ -5,13 +5,17 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import pathlib
 
 import asyncflow
+from asyncflow.store._backend import PACKAGES
 
 STORE = pathlib.Path(asyncflow.__file__).parent / "store"
 PICKER = STORE / "_backend.py"
 BACKENDS = (STORE / "postgres", STORE / "sqlite")
+DATABASES = ("postgresql", "sqlite")
 SCHEMA_TYPES = {STORE / "tables.py": {"JSONB"}}
 """The shared schema declares each column type's variants (``with_variant``): the names it imports."""
 
@@ -33,6 +37,11 @@ def _dialect_uses(path: pathlib.Path) -> list[str]:
                 isinstance(owner, ast.Name) and owner.id == "dialect"
             ):
                 found.append(f"{path.name}:{node.lineno}: dialect.{node.attr}")
+        if isinstance(node, ast.Compare) and any(
+            isinstance(side, ast.Constant) and side.value in DATABASES
+            for side in (node.left, *node.comparators)
+        ):
+            found.append(f"{path.name}:{node.lineno}: compares with a database's name")
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sqlalchemy.dialects"):
             names = {alias.name for alias in node.names}
             schema_types = SCHEMA_TYPES.get(path, set())
@@ -47,3 +56,12 @@ def test_only_the_picker_looks_at_the_dialect() -> None:
 
 def test_the_picker_does() -> None:
     assert "engine.dialect.name" in PICKER.read_text()
+
+
+def test_each_backend_package_has_the_two_calls_of_the_picker() -> None:
+    for name in PACKAGES.values():
+        package = importlib.import_module(f"asyncflow.store.{name}")
+        for module in pathlib.Path(package.__file__).parent.glob("*.py"):  # no submodule shadows them
+            importlib.import_module(f"asyncflow.store.{name}.{module.stem}")
+        for call in ("engine_url", "open_backend"):
+            assert inspect.isfunction(getattr(package, call)), (name, call)
