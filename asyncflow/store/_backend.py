@@ -5,14 +5,16 @@ A backend (one package per database: :mod:`asyncflow.store.postgres`, :mod:`asyn
 owns everything its database does differently: its migrations, its connection handling, and the
 per-instance calls of a workflow pass (create, read, step, claim), each written once and run inside
 ``transaction()`` or outside it. The repo does the rest with the shared Core statements. Another
-database is one more package and one more line in :func:`backend_for`.
+database is one more package and one more entry in :data:`PACKAGES`.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..errors import ParamInvalidError
@@ -22,7 +24,7 @@ from ._units import ConnectionUnits
 from .migrations import Migration
 from .protocol import DueListener
 
-__all__ = ["SchemaOps", "SqlBackend", "backend_for"]
+__all__ = ["PACKAGES", "SchemaOps", "SqlBackend", "backend_for", "engine_url_for"]
 
 
 class SchemaOps(Protocol):
@@ -39,6 +41,9 @@ class SqlBackend(Protocol):
 
     units: ConnectionUnits
     schema: SchemaOps
+    insert_child: Any
+    """The Core statement that inserts a child instance unless its (parent, node, key) has one
+    (``INSERT ... ON CONFLICT DO NOTHING ... RETURNING``, in the backend's dialect)."""
 
     async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | Refused]:
         """Ids in input order; :class:`Refused` where a unique row was refused (a unique instance exists)."""
@@ -70,17 +75,27 @@ class SqlBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
+PACKAGES = {"postgresql": "postgres", "sqlite": "sqlite"}
+"""The backend package of each SQLAlchemy dialect name (another database: one more entry). Each
+package has ``engine_url(url, engine_kwargs)`` (the driver and options of an engine the repo builds
+from a URL) and ``open_backend(engine)`` (its :class:`SqlBackend`)."""
+
+
+def _package(name: str) -> Any:
+    if name not in PACKAGES:
+        raise ParamInvalidError(
+            f"unsupported database {name!r}: use sqlite+aiosqlite:// or postgresql+asyncpg://"
+        )
+    return importlib.import_module(f"{__package__}.{PACKAGES[name]}")
+
+
+def engine_url_for(url: URL, engine_kwargs: dict[str, Any]) -> URL:
+    """The URL (its driver) and the engine options (``engine_kwargs``, changed in place) for an
+    engine the repo builds, from the URL's database name."""
+    result: URL = _package(url.get_backend_name()).engine_url(url, engine_kwargs)
+    return result
+
+
 def backend_for(engine: AsyncEngine) -> Any:
-    """The backend of ``engine``'s dialect (the only place that looks at it)."""
-    name = engine.dialect.name
-    if name == "postgresql":
-        from .postgres.backend import PostgresBackend
-
-        return PostgresBackend(engine)
-    if name == "sqlite":
-        from .sqlite.backend import SqliteBackend
-
-        return SqliteBackend(engine)
-    raise ParamInvalidError(
-        f"unsupported database {name!r}: use sqlite+aiosqlite:// or postgresql+asyncpg://"
-    )
+    """The backend of ``engine``'s dialect (the only place, with :func:`engine_url_for`, that looks at it)."""
+    return _package(engine.dialect.name).open_backend(engine)

@@ -11,6 +11,7 @@ and reads raw values, so a corrupt stored document can be read as ``{}`` instead
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -31,7 +32,6 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
@@ -42,20 +42,20 @@ from ..records import (
 from ._json import page_window
 from ._prepare import InstanceChange, TaskChange, TaskRow
 from ._sql import RUNNABLE
+from .tables import JSON_TYPE
 from .tables import task_instance as ti
 from .tables import workflow_instance as wi
 
 
 class RawJSON(TypeDecorator[Any]):
-    """``JSON``/``JSONB`` on the wire, but values pass through untouched (text in, driver value out)."""
+    """The columns' JSON type on the wire (``JSONB`` on PostgreSQL: :data:`~asyncflow.store.tables.JSON_TYPE`
+    declares the variants), but values pass through untouched (text in, driver value out)."""
 
     impl = JSON
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name == "postgresql":
-            return dialect.type_descriptor(JSONB())
-        return dialect.type_descriptor(JSON())
+        return JSON_TYPE
 
     def bind_processor(self, dialect: Dialect) -> None:
         return None
@@ -310,15 +310,14 @@ _CHILD_VALUES = {
 }
 
 
-@cache
-def insert_child(dialect: str) -> Any:
+def insert_child(insert: Callable[[Any], Any]) -> Any:
     """A child instance, unless ``uq_workflow_instance_child`` has its (parent, node, key): then no row
-    (``ON CONFLICT DO NOTHING``, which waits for a concurrent insert of the same key to end)."""
-    from sqlalchemy.dialects import postgresql, sqlite
+    (``ON CONFLICT DO NOTHING``, which waits for a concurrent insert of the same key to end).
 
-    make = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    ``insert`` is the backend's dialect ``insert`` (each backend builds the statement once: its
+    ``sql.INSERT_CHILD``)."""
     return (
-        make(wi)
+        insert(wi)
         .values(_CHILD_VALUES)
         .on_conflict_do_nothing(
             index_elements=[wi.c.parent_id, wi.c.parent_node, wi.c.child_key],

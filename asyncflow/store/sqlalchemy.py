@@ -241,7 +241,7 @@ class SQLAlchemyWorkflowRepo:
             "trace_context": row.trace_context,
             **names,
         }
-        insert = st.insert_child(self._engine.dialect.name)
+        insert = self._backend.insert_child
         # two single statements, no transaction around them: the insert is atomic by itself, and a
         # row it conflicted with is committed when it returns (PostgreSQL waits for the inserting
         # transaction; SQLite writes one at a time), so the read sees it unless it was deleted since

@@ -48,6 +48,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from ._sql import RUNNABLE_SQL
 
 __all__ = [
+    "JSON_TYPE",
     "SCHEMA_VERSION",
     "asyncflow_lock",
     "asyncflow_schema",
@@ -76,6 +77,8 @@ metadata = MetaData(
 
 _ID = BigInteger().with_variant(Integer(), "sqlite")
 _JSON = JSON().with_variant(JSONB(), "postgresql")
+JSON_TYPE = _JSON
+"""The type of the JSON columns: ``JSONB`` on PostgreSQL, ``JSON`` elsewhere."""
 _EMPTY_OBJECT = text("'{}'")
 
 workflow_instance = Table(

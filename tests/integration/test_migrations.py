@@ -12,6 +12,8 @@ from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncflow as af
+from asyncflow.errors import StoreError
+from asyncflow.store.migrations import Migration
 from asyncflow.store.postgres import schema as pg_schema
 from asyncflow.store.sqlite import schema as sqlite_schema
 from tests.conftest import isolated_pg_engine
@@ -94,3 +96,120 @@ async def test_sqlite_adopts_tables_made_from_metadata(sqlite_url: str) -> None:
 async def test_postgres_adopts_tables_made_from_metadata(postgres_url: str) -> None:
     async with isolated_pg_engine(postgres_url) as engine:
         await _adopt(engine)
+
+
+def _definitions(sync_conn: Any) -> dict[str, Any]:
+    """Every table's columns (type, nullability, default), indexes (columns, uniqueness, the partial
+    index's predicate) and foreign keys (with their options), as the database reports them."""
+    found = inspect(sync_conn)
+
+    def where(index: dict[str, Any]) -> str | None:
+        options = index.get("dialect_options", {})
+        predicate = options.get("postgresql_where", options.get("sqlite_where"))
+        return None if predicate is None else " ".join(str(predicate).split())
+
+    return {
+        table: (
+            sorted(
+                (c["name"], repr(c["type"]), c["nullable"], c["default"]) for c in found.get_columns(table)
+            ),
+            sorted(
+                (ix["name"], tuple(ix["column_names"]), bool(ix["unique"]), where(ix))
+                for ix in found.get_indexes(table)
+            ),
+            sorted(
+                (fk["referred_table"], tuple(fk["constrained_columns"]), sorted(fk["options"].items()))
+                for fk in found.get_foreign_keys(table)
+            ),
+        )
+        for table in sorted(found.get_table_names())
+    }
+
+
+async def _migrated_and_created(migrated: AsyncEngine, created: AsyncEngine) -> None:
+    async with af.SQLAlchemyWorkflowRepo(migrated) as repo:
+        await repo.migrate()
+    async with created.begin() as conn:
+        await conn.run_sync(af.metadata.create_all)
+    async with migrated.connect() as one, created.connect() as other:
+        assert await one.run_sync(_definitions) == await other.run_sync(_definitions)
+
+
+async def test_sqlite_migrations_define_what_metadata_creates(tmp_path: Any) -> None:
+    """Migrations 1..SCHEMA_VERSION and ``af.metadata`` agree on every type, default, index predicate
+    and foreign key, not only on names."""
+    async with (
+        af.SQLAlchemyWorkflowRepo(f"sqlite:///{tmp_path / 'migrated.db'}") as one,
+        af.SQLAlchemyWorkflowRepo(f"sqlite:///{tmp_path / 'created.db'}") as other,
+    ):
+        await _migrated_and_created(one.engine, other.engine)
+
+
+@pytest.mark.postgres
+async def test_postgres_migrations_define_what_metadata_creates(postgres_url: str) -> None:
+    async with isolated_pg_engine(postgres_url) as one, isolated_pg_engine(postgres_url) as other:
+        await _migrated_and_created(one, other)
+
+
+async def _refuses_a_newer_database(engine: AsyncEngine) -> None:
+    async with af.SQLAlchemyWorkflowRepo(engine) as repo:
+        await repo.migrate()
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql(
+                f"INSERT INTO asyncflow_schema (version, applied_at) VALUES ({af.SCHEMA_VERSION + 1}, 0)"
+            )
+        with pytest.raises(StoreError, match="newer than this asyncflow"):
+            await repo.migrate()
+
+
+async def test_sqlite_refuses_a_database_of_a_newer_asyncflow(sqlite_url: str) -> None:
+    async with af.SQLAlchemyWorkflowRepo(sqlite_url) as owner:
+        await _refuses_a_newer_database(owner.engine)
+
+
+@pytest.mark.postgres
+async def test_postgres_refuses_a_database_of_a_newer_asyncflow(postgres_url: str) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        await _refuses_a_newer_database(engine)
+
+
+async def _a_failing_version_leaves_nothing(
+    engine: AsyncEngine, schema: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 2 fails after its first statement: version 1 stays applied, version 2 left nothing
+    behind (its transaction rolled back); the real migrations then finish the database."""
+    failing = Migration(
+        2,
+        "fails half-way",
+        ("CREATE TABLE asyncflow_probe_rollback (a INTEGER)", "SELECT * FROM no_such_table"),
+    )
+    async with af.SQLAlchemyWorkflowRepo(engine) as repo:
+        with monkeypatch.context() as patched:
+            patched.setattr(schema, "MIGRATIONS", (schema.MIGRATIONS[0], failing, *schema.MIGRATIONS[2:]))
+            with pytest.raises(StoreError):
+                await repo.migrate()
+        async with engine.connect() as conn:
+            versions = (await conn.exec_driver_sql("SELECT version FROM asyncflow_schema")).scalars().all()
+            tables = await conn.run_sync(lambda sync: inspect(sync).get_table_names())
+        assert versions == [1]
+        assert "asyncflow_probe_rollback" not in tables
+        await repo.migrate()
+    async with engine.connect() as conn:
+        versions = (await conn.exec_driver_sql("SELECT version FROM asyncflow_schema")).scalars().all()
+        assert sorted(versions) == list(range(1, af.SCHEMA_VERSION + 1))
+        assert await conn.run_sync(_shape) == _metadata_shape()
+
+
+async def test_sqlite_a_failing_version_is_rolled_back(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with af.SQLAlchemyWorkflowRepo(sqlite_url) as owner:
+        await _a_failing_version_leaves_nothing(owner.engine, sqlite_schema, monkeypatch)
+
+
+@pytest.mark.postgres
+async def test_postgres_a_failing_version_is_rolled_back(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        await _a_failing_version_leaves_nothing(engine, pg_schema, monkeypatch)

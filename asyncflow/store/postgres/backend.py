@@ -43,6 +43,7 @@ class PostgresBackend:
     """The :class:`~asyncflow.store._backend.SqlBackend` of PostgreSQL (asyncpg)."""
 
     schema = schema
+    insert_child = pg.INSERT_CHILD
 
     def __init__(self, engine: AsyncEngine) -> None:
         if engine.dialect.driver != "asyncpg":

@@ -22,15 +22,18 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._prepare import InstanceRow, PreparedStep, Refused
 from .._records import inserted_task_record, instance_record, task_record
 from .._sql import RUNNABLE_SQL, refused_by
+from .._statements import insert_child
 
 __all__ = [
     "CONFLICT_SQLSTATE",
+    "INSERT_CHILD",
     "STALE_SQLSTATE",
     "STEP_CALL",
     "UNDEFINED_FUNCTION_SQLSTATE",
@@ -55,6 +58,9 @@ UNDEFINED_FUNCTION_SQLSTATE = "42883"
 """A function is missing: the database was not migrated (``repo.migrate()`` installs it)."""
 
 STEP_CALL = "SELECT asyncflow_step_v1($1::text::jsonb)"
+
+INSERT_CHILD = insert_child(postgresql.insert)
+"""A child instance unless its (parent, node, key) has one (a Core statement: the repo runs it)."""
 
 _INSTANCE_COLUMNS = (
     "id, workflow_type, business_id, status, workflow_context::text, task_id, created_at, updated_at, "

@@ -1,5 +1,30 @@
 """The SQLite backend (``sqlite+aiosqlite://``): :class:`~asyncflow.store.sqlite.backend.SqliteBackend`.
 
-``schema`` (migrations), ``engine`` (connection settings), ``sql`` (every per-instance statement),
-``lane`` (the write gate and the backend's own connection), ``backend`` (the calls).
+``schema`` (migrations), ``engine`` (connection settings, engines built from a URL), ``sql`` (every
+per-instance statement), ``lane`` (the write gate and the backend's own connection), ``backend`` (the
+calls). The picker (:mod:`asyncflow.store._backend`) calls :func:`engine_url` and :func:`open_backend`.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from .backend import SqliteBackend
+
+
+def engine_url(url: URL, kwargs: dict[str, Any]) -> URL:
+    """See :func:`.engine.engine_url`."""
+    from .engine import engine_url
+
+    return engine_url(url, kwargs)
+
+
+def open_backend(engine: AsyncEngine) -> SqliteBackend:
+    """The backend of ``engine``."""
+    from .backend import SqliteBackend
+
+    return SqliteBackend(engine)

@@ -49,6 +49,7 @@ class SqliteBackend:
     """The :class:`~asyncflow.store._backend.SqlBackend` of SQLite (aiosqlite for SQLAlchemy's units)."""
 
     schema = schema
+    insert_child = lite.INSERT_CHILD
 
     def __init__(self, engine: AsyncEngine) -> None:
         configure_engine(engine)

@@ -13,9 +13,18 @@ import sqlite3
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-__all__ = ["PRAGMAS", "SQLITE_BUSY_TIMEOUT_MS", "autocommit_engine", "configure_engine", "connect"]
+__all__ = [
+    "PRAGMAS",
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "autocommit_engine",
+    "configure_engine",
+    "connect",
+    "engine_url",
+]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite writer waits for the write lock before "database is locked"."""
@@ -28,6 +37,17 @@ PRAGMAS = (
 
 _AUTOCOMMIT_OPTION = "asyncflow_autocommit"
 _CONFIGURED = "asyncflow_sqlite_configured"
+
+
+def engine_url(url: URL, kwargs: dict[str, Any]) -> URL:
+    """``url`` with the aiosqlite driver where it names none; for an in-memory database ``kwargs``
+    (the engine's, changed in place) get a pool of exactly one connection."""
+    if "+" not in url.drivername:
+        url = url.set(drivername="sqlite+aiosqlite")
+    if url.database in (None, "", ":memory:") and "poolclass" not in kwargs:
+        # one private in-memory database per connection: keep exactly one, never shared at once
+        kwargs.update(poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0)
+    return url
 
 
 def configure_engine(engine: AsyncEngine) -> None:

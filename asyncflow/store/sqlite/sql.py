@@ -17,6 +17,7 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import exc
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
@@ -24,8 +25,10 @@ from .._errors import is_unique_violation
 from .._prepare import InstanceRow, PreparedStep, Refused
 from .._records import inserted_task_record, instance_record, task_record
 from .._sql import RUNNABLE_SQL, TERMINAL_SQL, marks, refused_by
+from .._statements import insert_child
 
 __all__ = [
+    "INSERT_CHILD",
     "MAX_BATCH",
     "STALE",
     "SyncConnection",
@@ -40,6 +43,9 @@ __all__ = [
     "step",
     "write",
 ]
+
+INSERT_CHILD = insert_child(sqlite.insert)
+"""A child instance unless its (parent, node, key) has one (a Core statement: the repo runs it)."""
 
 MAX_BATCH = 64
 """Steps per transaction at most when steps are grouped (:func:`apply_steps`)."""
