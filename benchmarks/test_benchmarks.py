@@ -474,3 +474,41 @@ async def test_fanout_children_scenario_completes_parents_after_their_20_childre
     assert {c.status for c in children} == {"completed"}
     assert {c.parent_id for c in children} == {p.id for p in parents}
     assert stats.completed >= 3 * (FANOUT_CHILDREN + 1)
+
+
+@pytest.mark.parametrize("observer", ["none", "noop", "prometheus", "otel"])
+async def test_each_observer_set_runs_and_sees_every_node(observer: str, monkeypatch: Any) -> None:
+    from benchmarks import asyncflow_runs
+    from benchmarks.observers import make_observers, observers_unavailable
+
+    assert observers_unavailable(observer) is None  # the bench extra has them all
+    made: list[Any] = []
+
+    def recording(name: str) -> Any:
+        observers = make_observers(name)
+        made.extend(observers)
+        return observers
+
+    monkeypatch.setattr(asyncflow_runs, "make_observers", recording)
+    run = asyncflow_runs.AsyncflowRun(
+        scenario="linear3",
+        mode="direct",
+        backend="memory",
+        lock="local",
+        n=N,
+        concurrency=C,
+        observer=observer,
+    )
+    m = await asyncflow_runs.run_asyncflow_once(run)
+    _check_measurement(m, N)
+    assert len(made) == (0 if observer == "none" else 1)
+    if observer == "prometheus":
+        total = sum(
+            sample.value
+            for metric in made[0].node_attempts.collect()
+            for sample in metric.samples
+            if sample.name == "asyncflow_node_attempts_total" and sample.labels["outcome"] == "completed"
+        )
+        assert total == 3 * N  # linear3: three nodes per workflow
+    with pytest.raises(ValueError, match="unknown observer"):
+        make_observers("statsd")

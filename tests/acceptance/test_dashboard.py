@@ -20,6 +20,7 @@ import asyncflow as af
 from asyncflow.engine.service import WorkflowService
 from asyncflow.errors import ParamInvalidError
 from asyncflow.records import QueryWorkflowInstanceParams, TaskFields, TaskWhere
+from asyncflow.status import NODE_EVENT
 from asyncflow.web import dashboard
 
 from ..conftest import isolated_pg_engine
@@ -305,6 +306,34 @@ async def test_send_event_and_restart_node(seeded: tuple[WorkflowService, Seeded
     rows = {r.task_type: r for r in await svc.repo.load_task_instances(ids.waiting)}
     assert record.status == "running" and rows["approve"].status == "restarting"
     assert rows["prepare"].status == "completed"
+
+
+async def test_restart_node_with_clear_event_and_a_new_workflow_context(
+    seeded: tuple[WorkflowService, Seeded],
+) -> None:
+    svc, ids = seeded
+    async with client(dashboard(svc, read_only=False, authorize=lambda r, a: True)) as c:
+        form = (await c.get(f"/wf/instances/{ids.waiting}/event", params={"node": "approve"})).text
+        data = {"csrf_token": csrf_of(form), "node": "approve", "event_content": '{"ok": true}'}
+        assert (await c.post(f"/wf/instances/{ids.waiting}/event", data=data)).status_code == 303
+        assert (await svc.run_workflow(ids.waiting)).status == "completed"
+
+        form = (await c.get(f"/wf/instances/{ids.waiting}/restart", params={"node": "approve"})).text
+        assert 'name="clear_event"' in form and 'name="workflow_context"' in form
+        data = {"csrf_token": csrf_of(form), "node": "approve", "force": "on", "clear_event": "on"}
+        bad = await c.post(f"/wf/instances/{ids.waiting}/restart", data={**data, "workflow_context": "[1]"})
+        assert bad.status_code == 400 and "JSON object" in bad.text
+        assert (await svc.get_workflow_instance(ids.waiting)).status == "completed"  # nothing ran
+        done = await c.post(
+            f"/wf/instances/{ids.waiting}/restart", data={**data, "workflow_context": '{"amount": 7}'}
+        )
+        assert done.status_code == 303
+    record = await svc.get_workflow_instance(ids.waiting)
+    assert record.status == "running" and record.workflow_context == {"amount": 7}
+    rows = {r.task_type: r for r in await svc.repo.load_task_instances(ids.waiting)}
+    assert rows["approve"].status == "restarting" and NODE_EVENT not in rows["approve"].node_context
+    await svc.run_workflow(ids.waiting)
+    assert (await svc.get_workflow_instance(ids.waiting)).status == "running"  # waits for a new event
 
 
 async def test_grouped_counts_are_used_when_the_repo_has_them(seeded: tuple[WorkflowService, Seeded]) -> None:
