@@ -106,7 +106,7 @@ def _open_lock(redis_url: str | None, repo: SQLAlchemyWorkflowRepo) -> WorkflowL
     """Redis with a URL; else on PostgreSQL the lock in the database itself (every worker process
     on one database shares it); else (SQLite) a lock local to the process."""
     if redis_url is None:
-        if repo.engine.dialect.name == "postgresql":
+        if repo.shared_by_processes:
             return DatabaseWorkflowLock(repo)
         return LocalWorkflowLock()
     try:

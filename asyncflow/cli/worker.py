@@ -102,8 +102,8 @@ async def run_worker(args: argparse.Namespace) -> int:
         svc.registry.preload_workflow_definitions()  # a broken config fails now, not on the first pass
         await svc.count_workflow_instances(QueryWorkflowInstanceParams())  # reachable, tables present
         repo = svc.repo
-        on_postgres = isinstance(repo, SQLAlchemyWorkflowRepo) and repo.engine.dialect.name == "postgresql"
-        if isinstance(svc.lock, LocalWorkflowLock) and on_postgres:  # an app's own service
+        shared = isinstance(repo, SQLAlchemyWorkflowRepo) and repo.shared_by_processes
+        if isinstance(svc.lock, LocalWorkflowLock) and shared:  # an app's own service
             logger.warning(
                 "the instance lock is local to this process; run one worker process per database, or "
                 "give every process the same DatabaseWorkflowLock or RedisWorkflowLock"

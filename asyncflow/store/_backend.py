@@ -42,6 +42,10 @@ class SqlBackend(Protocol):
     units: ConnectionUnits
     schema: SchemaOps
     insert_child: Any
+    shared_by_processes: bool
+    """Whether many processes on one database is this backend's usual deployment (a database server):
+    tools then default to the lock kept in the database (:class:`~asyncflow.DatabaseWorkflowLock`)
+    rather than one local to the process."""
     """The Core statement that inserts a child instance unless its (parent, node, key) has one
     (``INSERT ... ON CONFLICT DO NOTHING ... RETURNING``, in the backend's dialect)."""
 

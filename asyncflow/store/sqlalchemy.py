@@ -114,6 +114,13 @@ class SQLAlchemyWorkflowRepo:
         """The engine the repo runs on."""
         return self._engine
 
+    @property
+    def shared_by_processes(self) -> bool:
+        """Whether the backend is a database server that many worker processes usually share
+        (PostgreSQL), so that a lock local to one process does not keep one runner per instance;
+        ``False`` for an embedded file (SQLite). The CLI picks its default lock by it."""
+        return self._backend.shared_by_processes
+
     def _now(self) -> int:
         return int(self._clock.time())
 

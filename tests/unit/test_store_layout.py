@@ -65,3 +65,19 @@ def test_each_backend_package_has_the_two_calls_of_the_picker() -> None:
             importlib.import_module(f"asyncflow.store.{name}.{module.stem}")
         for call in ("engine_url", "open_backend"):
             assert inspect.isfunction(getattr(package, call)), (name, call)
+
+
+def test_the_cli_asks_the_repo_not_the_dialect() -> None:
+    """The CLI's default lock and its one-process warning come from ``repo.shared_by_processes``, not
+    from an engine's dialect (reading a URL it was given, such as a SQLite file's path, is fine)."""
+    cli = pathlib.Path(asyncflow.__file__).parent / "cli"
+    uses = [use for path in sorted(cli.rglob("*.py")) for use in _dialect_uses(path)]
+    assert [use for use in uses if ": dialect." in use] == []
+
+
+def test_each_backend_says_whether_processes_share_it() -> None:
+    shared = {
+        name: importlib.import_module(f"asyncflow.store.{name}.backend") for name in PACKAGES.values()
+    }
+    assert shared["postgres"].PostgresBackend.shared_by_processes is True
+    assert shared["sqlite"].SqliteBackend.shared_by_processes is False

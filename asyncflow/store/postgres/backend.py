@@ -44,6 +44,7 @@ class PostgresBackend:
 
     schema = schema
     insert_child = pg.INSERT_CHILD
+    shared_by_processes = True  # a server: every worker process on it shares the database lock
 
     def __init__(self, engine: AsyncEngine) -> None:
         if engine.dialect.driver != "asyncpg":

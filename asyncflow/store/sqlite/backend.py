@@ -50,6 +50,7 @@ class SqliteBackend:
 
     schema = schema
     insert_child = lite.INSERT_CHILD
+    shared_by_processes = False  # an embedded file: one process drives it
 
     def __init__(self, engine: AsyncEngine) -> None:
         configure_engine(engine)
