@@ -387,6 +387,8 @@ class WorkflowService:
             after = await runner.run()
         if is_over_instance_status(after.status):
             self._waiters.finished(instance_id)
+            if after.status == InstanceStatus.FAILED.value:
+                await self._cancel_children(instance_id)
             if instance.parent_id is not None:
                 await self._wake_parent(instance, after.status)
         elif runner.wake_again:
@@ -509,6 +511,37 @@ class WorkflowService:
             if is_over_instance_status(record.status):
                 return
             canceled = await self._cancel_tree(record)
+        self._canceled(canceled)
+        if canceled and record.parent_id is not None:
+            await self._wake_parent(record, InstanceStatus.CANCELED.value)
+
+    async def _cancel_children(self, instance_id: int) -> None:
+        """An instance that ended ``failed``: its child workflows that still run are canceled (theirs
+        too), as when the parent is canceled; no child outlives a parent that can no longer use it.
+
+        After the parent's failure is committed, in a transaction of its own: a crash in between leaves
+        the children running (cancel them, or the parent, by hand). A failure is logged."""
+        try:
+            children = await self.repo.query_child_instances(instance_id)
+            running = [child for child in children if not is_over_instance_status(child.status)]
+            if not running:
+                return
+            canceled: list[WorkflowInstanceRecord] = []
+            async with self.repo.transaction():
+                for child in running:
+                    canceled += await self._cancel_tree(child)
+        except AsyncflowError:
+            logger.warning(
+                "could not cancel the child workflows of failed instance %s",
+                instance_id,
+                exc_info=True,
+                extra={"instance_id": instance_id},
+            )
+            return
+        self._canceled(canceled)
+
+    def _canceled(self, canceled: list[WorkflowInstanceRecord]) -> None:
+        """What follows a committed cancel of these instances: waiters, observers, a log line each."""
         for one in canceled:
             self._waiters.finished(one.id)
             if self._observers.active:
@@ -521,8 +554,6 @@ class WorkflowService:
                 one.id,
                 extra={"instance_id": one.id, "status": InstanceStatus.CANCELED.value},
             )
-        if canceled and record.parent_id is not None:
-            await self._wake_parent(record, InstanceStatus.CANCELED.value)
 
     async def _cancel_tree(self, record: WorkflowInstanceRecord) -> list[WorkflowInstanceRecord]:
         """Cancel an active instance, its non-terminal nodes and its active descendants (in the caller's

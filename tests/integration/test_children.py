@@ -171,11 +171,17 @@ async def test_a_failed_child_fails_the_parent_node_and_workflow(engine_repo: An
     woken: list[int] = []
     svc.add_due_listener(woken.append)
     parent = await svc.create_workflow("parent", "f-1", run=True)
-    _, b, _ = await svc.get_child_workflows(parent.id)
+    a, b, c = await svc.get_child_workflows(parent.id)
     assert (await svc.run_workflow(b.id)).status == "failed"
     assert parent.id in woken  # a failure wakes the parent at once, c still running or not
     failed = await svc.run_workflow(parent.id)
     assert failed.status == "failed"
+    # the failed parent's other children, which no longer matter, are canceled
+    assert [(await svc.get_workflow_instance(x.id)).status for x in (a, b, c)] == [
+        "canceled",
+        "failed",
+        "canceled",
+    ]
     fan = (await rows_of(svc, parent.id))["fan"]
     assert fan.status == "failed"
     assert (
@@ -183,6 +189,44 @@ async def test_a_failed_child_fails_the_parent_node_and_workflow(engine_repo: An
         and str(b.id) in fan.node_context["system"]["last_error"]
     )
     assert calls.runs("after") == 0
+
+
+async def test_a_parent_failing_for_another_reason_cancels_its_running_children(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """``fan`` starts two children; ``pay``, beside it, then fails the workflow."""
+    calls = Calls()
+    started = asyncio.Event()
+
+    async def fan(ctx: JSONContext) -> None:
+        await fan_out(["a", "b"])(ctx)
+        started.set()
+
+    async def boom(ctx: JSONContext) -> None:
+        await started.wait()
+        raise TaskFailedTerminate("card declined")
+
+    registry = registry_with(
+        config("parent", {"fan": [], "pay": []}),
+        calls,
+        {"fan": recording_worker(calls, fan), "pay": recording_worker(calls, boom)},
+    )
+    registry.load_workflow_config(config("child", {"work": []}))
+    registry.register_workflow_task("child", "work", recording_worker(calls, None))
+    finished: list[tuple[int, str]] = []
+
+    class Watch:
+        def instance_finished(self, instance: af.WorkflowInstance) -> None:
+            finished.append((instance.id, instance.status))
+
+    svc = WorkflowService(engine_repo, local_lock, registry, observers=[Watch()])
+    parent = await svc.create_workflow("parent", "p-1", run=True)
+    assert parent.status == "failed"
+    a, b = await svc.get_child_workflows(parent.id)
+    assert [(await svc.get_workflow_instance(x.id)).status for x in (a, b)] == ["canceled", "canceled"]
+    assert sorted(finished) == sorted([(parent.id, "failed"), (a.id, "canceled"), (b.id, "canceled")])
+    assert (await svc.run_workflow(a.id)).status == "canceled"
+    assert calls.runs("work") == 0
 
 
 async def test_canceling_the_parent_cancels_its_running_children(engine_repo: Any, local_lock: Any) -> None:
