@@ -76,8 +76,6 @@ def test_the_cli_asks_the_repo_not_the_dialect() -> None:
 
 
 def test_each_backend_says_whether_processes_share_it() -> None:
-    shared = {
-        name: importlib.import_module(f"asyncflow.store.{name}.backend") for name in PACKAGES.values()
-    }
+    shared = {name: importlib.import_module(f"asyncflow.store.{name}.backend") for name in PACKAGES.values()}
     assert shared["postgres"].PostgresBackend.shared_by_processes is True
     assert shared["sqlite"].SqliteBackend.shared_by_processes is False
