@@ -36,6 +36,7 @@ from ..context import JSONContext
 from ..errors import LockFailedError, ParamInvalidError, TaskFailedTerminate, TaskNotReady, is_serious_error
 from ..records import (
     Step,
+    StepResult,
     TaskInsert,
     TaskInstanceRecord,
     TaskUpdate,
@@ -235,6 +236,11 @@ class PassRunner:
         self._skipped_with: dict[str, list[str]] = {}  # completed node -> nodes skipped in its write
         self._tasks: dict[str, asyncio.Task[None]] = {}  # node -> the task driving it (first joins)
         self._dropped: set[str] = set()  # nodes a ``first`` join canceled in this pass
+
+    @property
+    def dropped(self) -> list[str]:
+        """The nodes a ``first`` join canceled in this pass, as committed (their rows say ``canceled``)."""
+        return [t for t in self._dropped if (row := self._rows.get(t)) is not None and row.status == _CANCELED]
 
     # ------------------------------------------------------------------ entry point
 
@@ -962,8 +968,17 @@ class PassRunner:
             cancel_other_tasks=cancel,
             lease_epoch=self._instance.lease_epoch,
         )
+        write = asyncio.ensure_future(self._repo.apply_step(step))
         try:
-            result = await run_shielded(self._repo.apply_step(step))
+            result = await run_shielded(write)
+        except asyncio.CancelledError:
+            # run_shielded let the write finish first: one that applied is recorded (a later write of
+            # these rows must see their new versions), else the next step carries it
+            if not write.cancelled() and write.exception() is None and write.result().applied:
+                self._record(inserts, updates, instance_status, write.result())
+            else:
+                self._carry = carried + self._carry
+            raise
         except BaseException:
             self._carry = carried + self._carry  # not written: the next step carries it
             raise
@@ -988,6 +1003,16 @@ class PassRunner:
                 extra=self._extra("", self._status),
             )
             raise _PassStopped
+        self._record(inserts, updates, instance_status, result)
+
+    def _record(
+        self,
+        inserts: list[tuple[str, TaskInsert]],
+        updates: list[tuple[str, TaskUpdate]],
+        instance_status: str | None,
+        result: StepResult,
+    ) -> None:
+        """A step that applied: its rows, as written, become the pass's view."""
         for (task_type, _), record in zip(inserts, result.inserted, strict=True):
             self._rows[task_type] = record
         for task_type, update in updates:

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
 
@@ -389,10 +389,15 @@ class WorkflowService:
             self._waiters.finished(instance_id)
             if after.status == InstanceStatus.FAILED.value:
                 await self._cancel_children(instance_id)
+            elif runner.dropped:
+                await self._cancel_children(instance_id, nodes=runner.dropped)
             if instance.parent_id is not None:
                 await self._wake_parent(instance, after.status)
-        elif runner.wake_again:
-            await self._wake(instance_id)
+        else:
+            if runner.dropped:
+                await self._cancel_children(instance_id, nodes=runner.dropped)
+            if runner.wake_again:
+                await self._wake(instance_id)
         return after
 
     # ------------------------------------------------------------------ children
@@ -515,15 +520,20 @@ class WorkflowService:
         if canceled and record.parent_id is not None:
             await self._wake_parent(record, InstanceStatus.CANCELED.value)
 
-    async def _cancel_children(self, instance_id: int) -> None:
-        """An instance that ended ``failed``: its child workflows that still run are canceled (theirs
-        too), as when the parent is canceled; no child outlives a parent that can no longer use it.
+    async def _cancel_children(self, instance_id: int, *, nodes: Sequence[str] | None = None) -> None:
+        """An instance that ended ``failed`` (or, with ``nodes``, the nodes of it a ``first`` join
+        canceled): the child workflows they started that still run are canceled (theirs too), as when
+        the parent is canceled; no child outlives the node that would have used it.
 
-        After the parent's failure is committed, in a transaction of its own: a crash in between leaves
+        After the parent's write is committed, in a transaction of its own: a crash in between leaves
         the children running (cancel them, or the parent, by hand). A failure is logged."""
         try:
             children = await self.repo.query_child_instances(instance_id)
-            running = [child for child in children if not is_over_instance_status(child.status)]
+            running = [
+                child
+                for child in children
+                if not is_over_instance_status(child.status) and (nodes is None or child.parent_node in nodes)
+            ]
             if not running:
                 return
             canceled: list[WorkflowInstanceRecord] = []

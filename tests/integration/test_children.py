@@ -229,6 +229,42 @@ async def test_a_parent_failing_for_another_reason_cancels_its_running_children(
     assert calls.runs("work") == 0
 
 
+async def test_a_node_a_first_join_drops_cancels_its_running_children(engine_repo: Any, local_lock: Any) -> None:
+    """``fan`` starts two children and waits for them; ``quick`` completes first and wins the ``first``
+    join: ``fan`` is canceled, and so are its children, while the parent goes on to complete."""
+    calls = Calls()
+    started = asyncio.Event()
+
+    async def fan(ctx: JSONContext) -> None:
+        await fan_out(["a", "b"])(ctx)
+        started.set()
+
+    async def quick(ctx: JSONContext) -> None:
+        await started.wait()
+
+    registry = registry_with(
+        config(
+            "parent",
+            {"start": ["fan", "quick"], "fan": ["join"], "quick": ["join"], "join": []},
+            join={"join": "first"},
+        ),
+        calls,
+        {"fan": recording_worker(calls, fan), "quick": recording_worker(calls, quick)},
+    )
+    registry.load_workflow_config(config("child", {"work": []}))
+    registry.register_workflow_task("child", "work", recording_worker(calls, None))
+    svc = WorkflowService(engine_repo, local_lock, registry)
+    parent = await svc.create_workflow("parent", "j-1", run=True)
+    # one pass: fan's pending write, which the first join's cancel interrupted, still landed and the
+    # cancel was written on top of it (before, the pass stopped on its own stale version, and a second
+    # pass ran quick again)
+    assert parent.status == "completed" and calls.runs("quick") == 1
+    assert (await statuses(svc, parent.id))["fan"] == "canceled"
+    a, b = await svc.get_child_workflows(parent.id)
+    assert [(await svc.get_workflow_instance(x.id)).status for x in (a, b)] == ["canceled", "canceled"]
+    assert calls.runs("work") == 0
+
+
 async def test_canceling_the_parent_cancels_its_running_children(engine_repo: Any, local_lock: Any) -> None:
     calls = Calls()
     svc = WorkflowService(engine_repo, local_lock, family(calls, fan_out(["a", "b"])))
