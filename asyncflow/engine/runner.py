@@ -240,7 +240,8 @@ class PassRunner:
     @property
     def dropped(self) -> list[str]:
         """The nodes a ``first`` join canceled in this pass, as committed (their rows say ``canceled``)."""
-        return [t for t in self._dropped if (row := self._rows.get(t)) is not None and row.status == _CANCELED]
+        rows = self._rows
+        return [t for t in self._dropped if (row := rows.get(t)) is not None and row.status == _CANCELED]
 
     # ------------------------------------------------------------------ entry point
 

@@ -229,7 +229,9 @@ async def test_a_parent_failing_for_another_reason_cancels_its_running_children(
     assert calls.runs("work") == 0
 
 
-async def test_a_node_a_first_join_drops_cancels_its_running_children(engine_repo: Any, local_lock: Any) -> None:
+async def test_a_node_a_first_join_drops_cancels_its_running_children(
+    engine_repo: Any, local_lock: Any
+) -> None:
     """``fan`` starts two children and waits for them; ``quick`` completes first and wins the ``first``
     join: ``fan`` is canceled, and so are its children, while the parent goes on to complete."""
     calls = Calls()
