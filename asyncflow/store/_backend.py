@@ -42,12 +42,12 @@ class SqlBackend(Protocol):
     units: ConnectionUnits
     schema: SchemaOps
     insert_child: Any
+    """The Core statement that inserts a child instance unless its (parent, node, key) has one
+    (``INSERT ... ON CONFLICT DO NOTHING ... RETURNING``, in the backend's dialect)."""
     shared_by_processes: bool
     """Whether many processes on one database is this backend's usual deployment (a database server):
     tools then default to the lock kept in the database (:class:`~asyncflow.DatabaseWorkflowLock`)
     rather than one local to the process."""
-    """The Core statement that inserts a child instance unless its (parent, node, key) has one
-    (``INSERT ... ON CONFLICT DO NOTHING ... RETURNING``, in the backend's dialect)."""
 
     async def create(self, rows: Sequence[InstanceRow], now: int) -> list[int | Refused]:
         """Ids in input order; :class:`Refused` where a unique row was refused (a unique instance exists)."""
