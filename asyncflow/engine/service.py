@@ -385,19 +385,15 @@ class WorkflowService:
                 start_child=self._start_child,
             )
             after = await runner.run()
+        failed = after.status == InstanceStatus.FAILED.value
+        if failed or runner.dropped:  # children no node will use any more
+            await self._cancel_children(instance_id, nodes=None if failed else runner.dropped)
         if is_over_instance_status(after.status):
             self._waiters.finished(instance_id)
-            if after.status == InstanceStatus.FAILED.value:
-                await self._cancel_children(instance_id)
-            elif runner.dropped:
-                await self._cancel_children(instance_id, nodes=runner.dropped)
             if instance.parent_id is not None:
                 await self._wake_parent(instance, after.status)
-        else:
-            if runner.dropped:
-                await self._cancel_children(instance_id, nodes=runner.dropped)
-            if runner.wake_again:
-                await self._wake(instance_id)
+        elif runner.wake_again:
+            await self._wake(instance_id)
         return after
 
     # ------------------------------------------------------------------ children
@@ -542,7 +538,7 @@ class WorkflowService:
                     canceled += await self._cancel_tree(child)
         except AsyncflowError:
             logger.warning(
-                "could not cancel the child workflows of failed instance %s",
+                "could not cancel the child workflows of instance %s",
                 instance_id,
                 exc_info=True,
                 extra={"instance_id": instance_id},

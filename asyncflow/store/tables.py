@@ -76,8 +76,7 @@ metadata = MetaData(
 )
 
 _ID = BigInteger().with_variant(Integer(), "sqlite")
-_JSON = JSON().with_variant(JSONB(), "postgresql")
-JSON_TYPE = _JSON
+JSON_TYPE = JSON().with_variant(JSONB(), "postgresql")
 """The type of the JSON columns: ``JSONB`` on PostgreSQL, ``JSON`` elsewhere."""
 _EMPTY_OBJECT = text("'{}'")
 
@@ -88,7 +87,7 @@ workflow_instance = Table(
     Column("workflow_type", Text, nullable=False),
     Column("business_id", Text, nullable=False),
     Column("status", Text, nullable=False),
-    Column("workflow_context", _JSON, nullable=False, server_default=_EMPTY_OBJECT),
+    Column("workflow_context", JSON_TYPE, nullable=False, server_default=_EMPTY_OBJECT),
     Column("task_id", BigInteger, nullable=False, server_default=text("0")),
     Column("created_at", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
@@ -166,7 +165,7 @@ task_instance = Table(
     ),
     Column("task_type", Text, nullable=False),
     Column("status", Text, nullable=False),
-    Column("node_context", _JSON, nullable=False, server_default=_EMPTY_OBJECT),
+    Column("node_context", JSON_TYPE, nullable=False, server_default=_EMPTY_OBJECT),
     Column("fail_count", BigInteger, nullable=False, server_default=text("0")),
     Column("created_at", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),

@@ -50,6 +50,31 @@ def family(
     return registry
 
 
+def fan_beside(
+    calls: Calls, edges: dict[str, list[str]], sibling: str, then: Any, **options: dict[str, Any]
+) -> Registry:
+    """``parent`` with ``edges``: its node ``fan`` starts children ``a`` and ``b``; node ``sibling``
+    waits until they are started, then runs ``then``; ``child``: work (does nothing)."""
+    started = asyncio.Event()
+
+    async def fan(ctx: JSONContext) -> None:
+        await fan_out(["a", "b"])(ctx)
+        started.set()
+
+    async def after_fan(ctx: JSONContext) -> None:
+        await started.wait()
+        await then(ctx)
+
+    registry = registry_with(
+        config("parent", edges, **options),
+        calls,
+        {"fan": recording_worker(calls, fan), sibling: recording_worker(calls, after_fan)},
+    )
+    registry.load_workflow_config(config("child", {"work": []}))
+    registry.register_workflow_task("child", "work", recording_worker(calls, None))
+    return registry
+
+
 def fan_out(keys: list[str]) -> Any:
     async def fan(ctx: JSONContext) -> None:
         for i, key in enumerate(keys):
@@ -196,23 +221,11 @@ async def test_a_parent_failing_for_another_reason_cancels_its_running_children(
 ) -> None:
     """``fan`` starts two children; ``pay``, beside it, then fails the workflow."""
     calls = Calls()
-    started = asyncio.Event()
-
-    async def fan(ctx: JSONContext) -> None:
-        await fan_out(["a", "b"])(ctx)
-        started.set()
 
     async def boom(ctx: JSONContext) -> None:
-        await started.wait()
         raise TaskFailedTerminate("card declined")
 
-    registry = registry_with(
-        config("parent", {"fan": [], "pay": []}),
-        calls,
-        {"fan": recording_worker(calls, fan), "pay": recording_worker(calls, boom)},
-    )
-    registry.load_workflow_config(config("child", {"work": []}))
-    registry.register_workflow_task("child", "work", recording_worker(calls, None))
+    registry = fan_beside(calls, {"fan": [], "pay": []}, "pay", boom)
     finished: list[tuple[int, str]] = []
 
     class Watch:
@@ -235,26 +248,12 @@ async def test_a_node_a_first_join_drops_cancels_its_running_children(
     """``fan`` starts two children and waits for them; ``quick`` completes first and wins the ``first``
     join: ``fan`` is canceled, and so are its children, while the parent goes on to complete."""
     calls = Calls()
-    started = asyncio.Event()
-
-    async def fan(ctx: JSONContext) -> None:
-        await fan_out(["a", "b"])(ctx)
-        started.set()
 
     async def quick(ctx: JSONContext) -> None:
-        await started.wait()
+        pass
 
-    registry = registry_with(
-        config(
-            "parent",
-            {"start": ["fan", "quick"], "fan": ["join"], "quick": ["join"], "join": []},
-            join={"join": "first"},
-        ),
-        calls,
-        {"fan": recording_worker(calls, fan), "quick": recording_worker(calls, quick)},
-    )
-    registry.load_workflow_config(config("child", {"work": []}))
-    registry.register_workflow_task("child", "work", recording_worker(calls, None))
+    edges = {"start": ["fan", "quick"], "fan": ["join"], "quick": ["join"], "join": []}
+    registry = fan_beside(calls, edges, "quick", quick, join={"join": "first"})
     svc = WorkflowService(engine_repo, local_lock, registry)
     parent = await svc.create_workflow("parent", "j-1", run=True)
     # one pass: fan's pending write, which the first join's cancel interrupted, still landed and the
