@@ -131,7 +131,7 @@ class WorkflowDefinition:
     shared by every instance of the workflow type.
     """
 
-    __slots__ = ("_by_type", "_position", "id", "name", "nodes")
+    __slots__ = ("_by_type", "_position", "feeds_first", "id", "lone_feeders", "name", "nodes")
 
     def __init__(self, id: str, name: str, nodes: Sequence[NodeDefinition]) -> None:
         self.id = id
@@ -147,6 +147,20 @@ class WorkflowDefinition:
         if len(self._by_type) != len(self.nodes):
             raise _error(id, "a definition's task types must be unique")
         self._position = {node.task_type: i for i, node in enumerate(self.nodes)}
+        by_type = self._by_type
+        self.feeds_first: frozenset[str] = frozenset(
+            node.task_type
+            for node in self.nodes
+            if any(succ in by_type and by_type[succ].join == "first" for succ in node.next_nodes)
+        )
+        """Nodes with a successor whose join is ``first`` (completing one may cancel its siblings)."""
+        self.lone_feeders: frozenset[str] = frozenset(
+            node.task_type
+            for node in self.nodes
+            if all(succ in by_type and len(by_type[succ].pre_nodes) == 1 for succ in node.next_nodes)
+        )
+        """Nodes that are the only predecessor of each of their successors: completing one without
+        ``af.choose`` skips nothing (each successor's one edge is completed)."""
 
     @property
     def root(self) -> NodeDefinition:

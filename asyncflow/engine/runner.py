@@ -796,7 +796,8 @@ class PassRunner:
         if task_type == END_NODE:
             instance_status = InstanceStatus.COMPLETED.value
         else:
-            await self._stop_losers(task_type, context)
+            if task_type in self._definition.feeds_first:
+                await self._stop_losers(task_type, context)
             extra = self._consequences(task_type, context)
             if extra and extra[-1][0] == END_NODE:
                 instance_status = InstanceStatus.COMPLETED.value
@@ -861,10 +862,16 @@ class PassRunner:
 
     def _consequences(self, finishing: str, context: dict[str, Any]) -> list[tuple[str, _Write]]:
         """The writes that go with ``finishing``'s completion: skips, ``first``-join cancels, ``end``."""
+        definition = self._definition
+        if finishing in definition.lone_feeders and chosen_of(context) is None:
+            # the common case: nothing to skip, no ``first`` join among the successors
+            end_write = self._end_if_ready(finishing, [], *self._states(finishing, context))
+            return [] if end_write is None else [(END_NODE, end_write)]
         statuses, contexts = self._states(finishing, context)
         writes: list[tuple[str, _Write]] = []
         now = int(self._clock.time())
-        for loser in self._first_losers(finishing, statuses, contexts):
+        losers = self._first_losers(finishing, statuses, contexts) if finishing in definition.feeds_first else ()
+        for loser in losers:
             row = self._rows.get(loser)
             if row is not None and row.status in _SETTLED:
                 continue
@@ -1113,8 +1120,19 @@ class PassRunner:
             await self._apply([], instance_status=instance_status, cancel=cancel)
 
     def _result(self) -> WorkflowInstance:
-        record = dataclasses.replace(self._instance, status=self._status, updated_at=int(self._clock.time()))
-        return WorkflowInstance.from_record(record, self._definition)
+        instance = self._instance  # WorkflowInstance.from_record of it with this pass's status
+        return WorkflowInstance(
+            id=instance.id,
+            workflow_type=instance.workflow_type,
+            business_id=instance.business_id,
+            status=self._status,
+            workflow_context=instance.workflow_context,
+            task_id=instance.task_id,
+            created_at=instance.created_at,
+            updated_at=int(self._clock.time()),
+            definition=self._definition,
+            parent_id=instance.parent_id,
+        )
 
 
 def _observed_outcome(outcome: Outcome, status: str) -> str:
