@@ -21,10 +21,19 @@ MAX_JSON_DEPTH = 100
 ``pre_node_context``), far below what Python's recursion allows."""
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+"""Types that never nest: checked by identity before the slower ``isinstance`` against ``Mapping``."""
+
+
+def _nests(value: Any) -> bool:
+    kind = type(value)
+    return kind is dict or kind is list or (kind not in _SCALARS and isinstance(value, Mapping | list | tuple))
+
+
 def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether ``value`` nests dicts/lists/tuples more than ``limit`` deep (iterative; a reference
     cycle counts as too deep)."""
-    if not isinstance(value, Mapping | list | tuple):
+    if not _nests(value):
         return False
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
@@ -32,7 +41,7 @@ def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
         if depth > limit:
             return True
         children = current.values() if isinstance(current, Mapping) else current
-        stack.extend((child, depth + 1) for child in children if isinstance(child, Mapping | list | tuple))
+        stack.extend((child, depth + 1) for child in children if _nests(child))
     return False
 
 

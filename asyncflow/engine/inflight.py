@@ -139,6 +139,15 @@ class NodeWatch:
         if self._error is not None:
             raise self._error
 
+    def close_now(self) -> bool:
+        """:meth:`close` without awaiting, when no write is in flight and none failed: True if it
+        closed (else nothing changed: await :meth:`close`)."""
+        if self._writer is not None or self._error is not None:
+            return False
+        self._closed = True
+        self._cancel_timers()
+        return True
+
     def abort(self) -> asyncio.Task[None] | None:
         """The call was cut (cancelled): stop the timers; a write in flight lands in the pass's task group."""
         self._closed = True

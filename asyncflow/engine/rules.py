@@ -252,6 +252,8 @@ class Join(enum.Enum):
 def chosen_of(context: Mapping[str, Any] | None) -> tuple[str, ...] | None:
     """The successors a completed node chose (``None``: it did not call ``choose``: all of them)."""
     system = context.get(SYSTEM) if context is not None else None
+    if system is None:  # the common case, before the (slower) Mapping check
+        return None
     chosen = system.get(CHOSEN) if isinstance(system, Mapping) else None
     if isinstance(chosen, list) and all(isinstance(t, str) for t in chosen):
         return tuple(chosen)

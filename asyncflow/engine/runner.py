@@ -171,6 +171,46 @@ class StallWarnings:
         return True
 
 
+class _Slots:
+    """The pass's branch slots (``async with``): a counting semaphore whose free slot is taken without
+    the generator ``asyncio.Semaphore.locked()`` builds on every acquire (a node's hot path). A
+    released slot goes straight to the longest waiter."""
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, count: int) -> None:
+        self._free = count
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def __aenter__(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed a slot, then cancelled: hand it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+
 class _PassStopped(Exception):
     """A step did not apply: the instance changed under the pass. Stop quietly."""
 
@@ -218,7 +258,7 @@ class PassRunner:
         self._retry = retry
         self._default_fail_max_count = default_fail_max_count
         self._wait_interval = wait_interval
-        self._slots = asyncio.Semaphore(branch_concurrency)
+        self._slots = _Slots(branch_concurrency)
         self._status = instance.status
         self._visited: set[str] = set()
         self._deferred: dict[str, _Write] = {}
@@ -339,21 +379,23 @@ class PassRunner:
     async def _drive(self, tg: asyncio.TaskGroup, task_type: str) -> None:
         """Process a node, then keep going inline with one newly ready successor (spawn the others)."""
         current: str | None = task_type
+        task = asyncio.current_task()
+        tasks, slots, observers = self._tasks, self._slots, self._observers
+        by_type = self._definition.node
         while current is not None:
             if current in self._dropped:  # a ``first`` join dropped it before this task began
                 return
-            task = asyncio.current_task()
             if task is not None:
-                self._tasks[current] = task
+                tasks[current] = task
             try:
-                async with self._slots:
-                    node = self._definition.node(current)
-                    if self._observers is None or current in (ROOT_NODE, END_NODE):
+                async with slots:
+                    node = by_type(current)
+                    if observers is None or current in (ROOT_NODE, END_NODE):
                         completed = await self._process(node)
                     else:
-                        completed = await self._observed(node, self._observers)
+                        completed = await self._observed(node, observers)
             finally:
-                self._tasks.pop(current, None)
+                tasks.pop(current, None)
             if not completed:
                 return
             ready = self._newly_ready(current)
@@ -487,7 +529,8 @@ class PassRunner:
         except BaseException:
             watch.abort()
             raise
-        await watch.close()
+        if not watch.close_now():  # a visibility write is in flight: wait for it
+            await watch.close()
         return chosen, child_keys, None
 
     # ------------------------------------------------------------------ work in flight (NodeWatch)
@@ -1192,11 +1235,15 @@ def _provisional(
 
 
 def _updated(row: TaskInstanceRecord, update: TaskUpdate) -> TaskInstanceRecord:
-    return dataclasses.replace(
-        row,
+    return TaskInstanceRecord(  # not dataclasses.replace: a node's hot path
+        id=row.id,
+        workflow_instance_id=row.workflow_instance_id,
+        task_type=row.task_type,
         status=update.status if update.status is not None else row.status,
         node_context=update.node_context if update.node_context is not None else row.node_context,
         fail_count=update.fail_count if update.fail_count is not None else row.fail_count,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
         started_at=update.started_at if update.started_at is not None else row.started_at,
         version=row.version + 1,
     )

@@ -27,7 +27,7 @@ _CHECKED_STATUS_IN = (RUNNABLE_INSTANCE_STATUSES,)
 """``Step.instance_status_in`` values known to pass :func:`check_texts` (the engine's default)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
 class InstanceRow:
     """A new instance, checked; ``context`` is canonical JSON text."""
 
@@ -41,7 +41,7 @@ class InstanceRow:
     unique: str | None = None  # None, "active" or "always" (stored as workflow_instance.unique_key)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
 class Refused:
     """A unique row that was not inserted: ``existing`` is the unique instance of its key that
     refused it, when the insert could see it (else the repo looks it up)."""
@@ -49,7 +49,7 @@ class Refused:
     existing: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
 class TaskRow:
     """A new node row, checked; ``started_at`` 0 means "now"."""
 
@@ -60,7 +60,7 @@ class TaskRow:
     started_at: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
 class InstanceChange:
     """Checked ``InstanceFields`` (``None`` = unchanged)."""
 
@@ -69,7 +69,7 @@ class InstanceChange:
     next_run_at: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
 class TaskChange:
     """Checked ``TaskFields`` / the fields of a ``TaskUpdate`` (``None`` = unchanged)."""
 
@@ -79,7 +79,7 @@ class TaskChange:
     started_at: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
 class TaskFilter:
     """Checked ``TaskWhere``."""
 
@@ -90,7 +90,7 @@ class TaskFilter:
     version: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
 class PreparedStep:
     """A checked :class:`~asyncflow.records.Step`; updates are ``(id, expected_version, change)``."""
 
