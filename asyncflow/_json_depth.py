@@ -27,7 +27,9 @@ _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 def _nests(value: Any) -> bool:
     kind = type(value)
-    return kind is dict or kind is list or (kind not in _SCALARS and isinstance(value, Mapping | list | tuple))
+    if kind is dict or kind is list:
+        return True
+    return kind not in _SCALARS and isinstance(value, Mapping | list | tuple)
 
 
 def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:

@@ -913,7 +913,9 @@ class PassRunner:
         statuses, contexts = self._states(finishing, context)
         writes: list[tuple[str, _Write]] = []
         now = int(self._clock.time())
-        losers = self._first_losers(finishing, statuses, contexts) if finishing in definition.feeds_first else ()
+        losers: list[str] = []
+        if finishing in definition.feeds_first:
+            losers = self._first_losers(finishing, statuses, contexts)
         for loser in losers:
             row = self._rows.get(loser)
             if row is not None and row.status in _SETTLED:
