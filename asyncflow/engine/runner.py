@@ -331,7 +331,16 @@ class PassRunner:
     def _join(self, task_type: str, overrides: dict[str, str] | None = None) -> Join:
         node = self._definition.node(task_type)
         join = "end" if task_type == END_NODE else node.join
-        return join_decision(join, [self._edge(p, task_type, overrides) for p in node.pre_nodes])
+        if overrides:
+            return join_decision(join, [self._edge(p, task_type, overrides) for p in node.pre_nodes])
+        rows = self._rows
+        edges: list[str | None] = []
+        for p in node.pre_nodes:  # _edge() inline (a node's hot path)
+            row = rows.get(p)
+            edges.append(
+                None if row is None else edge_status(row.status, chosen_of(row.node_context), task_type)
+            )
+        return join_decision(join, edges)
 
     def _initially_ready(self) -> list[str]:
         ready = []
@@ -804,11 +813,14 @@ class PassRunner:
     # ------------------------------------------------------------------ contexts
 
     def _fresh_context(self, node: NodeDefinition, row: TaskInstanceRecord | None) -> dict[str, Any]:
-        pre = (
-            (p, self._rows[p].node_context)
-            for p in node.pre_nodes
-            if p in self._rows and self._edge(p, node.task_type) == _COMPLETED
-        )
+        rows, task_type = self._rows, node.task_type
+        pre = []
+        for p in node.pre_nodes:  # the predecessors whose edge to the node is completed
+            pre_row = rows.get(p)
+            if pre_row is not None and pre_row.status == _COMPLETED:
+                chosen = chosen_of(pre_row.node_context)
+                if chosen is None or task_type in chosen:
+                    pre.append((p, pre_row.node_context))
         return build_node_context(
             pre,
             self._instance.workflow_context,

@@ -150,10 +150,23 @@ connection's first five claims read and sorted every due row (70-110 ms per clai
 _encode = json.JSONEncoder(ensure_ascii=False).encode
 
 
+_ENCODED: dict[str, str] = {}
+"""Node names and statuses already encoded (they repeat in every step); bounded by :data:`_ENCODED_MAX`."""
+_ENCODED_MAX = 4096
+
+
 def _encode_text(value: str) -> str:
     """A checked ``str`` as a JSON string; node names and statuses (identifiers: nothing to escape)
-    skip the encoder, which runs a few times per step otherwise."""
-    return f'"{value}"' if value.isidentifier() else _encode(value)
+    skip the encoder, which runs a few times per step otherwise, and are remembered."""
+    encoded = _ENCODED.get(value)
+    if encoded is not None:
+        return encoded
+    if not value.isidentifier():
+        return _encode(value)
+    if len(_ENCODED) >= _ENCODED_MAX:
+        _ENCODED.clear()
+    encoded = _ENCODED[value] = f'"{value}"'
+    return encoded
 
 
 class TxConnection:
