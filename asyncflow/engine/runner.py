@@ -31,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .._held import HOLD_STEPS, is_held
 from .._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
 from ..context import JSONContext
 from ..errors import LockFailedError, ParamInvalidError, TaskFailedTerminate, TaskNotReady, is_serious_error
@@ -259,6 +260,8 @@ class PassRunner:
         self._default_fail_max_count = default_fail_max_count
         self._wait_interval = wait_interval
         self._slots = _Slots(branch_concurrency)
+        self._held_steps = is_held(repo.apply_step)  # its steps run inline, not in a shielded task
+        self._main_task: asyncio.Task[Any] | None = None  # the task of run()
         self._status = instance.status
         self._visited: set[str] = set()
         self._deferred: dict[str, _Write] = {}
@@ -286,6 +289,7 @@ class PassRunner:
     # ------------------------------------------------------------------ entry point
 
     async def run(self) -> WorkflowInstance:
+        self._main_task = asyncio.current_task()
         token = active_passes.set(active_passes.get() | {self._instance.id})
         try:
             if await self._too_deep():
@@ -1033,6 +1037,26 @@ class PassRunner:
             cancel_other_tasks=cancel,
             lease_epoch=self._instance.lease_epoch,
         )
+        if self._held_steps:  # the repo holds a cancellation until its step is done (asyncflow._held)
+            hold = HOLD_STEPS.set(True)
+            try:
+                result = await self._repo.apply_step(step)
+            except BaseException:
+                self._carry = carried + self._carry  # not written: the next step carries it
+                raise
+            finally:
+                HOLD_STEPS.reset(hold)
+                if done_event is not None:
+                    done_event.set()
+            self._check_applied(result)
+            self._record(inserts, updates, instance_status, result)
+            task, main = asyncio.current_task(), self._main_task
+            if (task is not None and task.cancelling()) or (main is not None and main.cancelling()):
+                # a cancellation of this task (deferred by the repo) or of the pass (which its task
+                # group passes on to this task) came during the write: let it land now, as it would
+                # have at the await of a write in a task of its own, before the next node starts
+                await asyncio.sleep(0)
+            return
         write = asyncio.ensure_future(self._repo.apply_step(step))
         try:
             result = await run_shielded(write)
@@ -1050,6 +1074,11 @@ class PassRunner:
         finally:
             if done_event is not None:
                 done_event.set()
+        self._check_applied(result)
+        self._record(inserts, updates, instance_status, result)
+
+    def _check_applied(self, result: StepResult) -> None:
+        """Stop the pass (raise ``_PassStopped``) if its step did not apply."""
         if not result.applied:
             self._stopped = True
             if result.stale:
@@ -1068,7 +1097,6 @@ class PassRunner:
                 extra=self._extra("", self._status),
             )
             raise _PassStopped
-        self._record(inserts, updates, instance_status, result)
 
     def _record(
         self,

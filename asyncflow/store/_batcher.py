@@ -16,6 +16,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
+from .._held import HeldFuture, defer
+
 __all__ = ["StepBatcher"]
 
 T = TypeVar("T")
@@ -37,13 +39,25 @@ class StepBatcher(Generic[T]):
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, order: int, item: T) -> Any:
-        """The outcome of ``item`` once its batch is done (batches are sorted by ``order``)."""
+    async def submit(self, order: int, item: T, *, hold: bool = False) -> Any:
+        """The outcome of ``item`` once its batch is done (batches are sorted by ``order``).
+
+        ``hold``: a cancellation of the caller waits for the outcome; an outcome that is a result is
+        then returned and the cancellation deferred to the caller's next ``await``
+        (:mod:`asyncflow._held`); otherwise the cancellation is raised."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = HeldFuture(loop=loop) if hold else loop.create_future()
         self._queue.append((order, item, future))
         self._kick(loop)
-        return await future
+        if not hold:
+            return await future
+        try:
+            return await future
+        except asyncio.CancelledError as cancel:
+            if future.cancelled() or future.exception() is not None:
+                raise
+            defer(cancel)
+            return future.result()
 
     def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._queue and not self._scheduled and self._inflight < self._slots:
@@ -76,7 +90,10 @@ class StepBatcher(Generic[T]):
                     future.set_exception(error)
         except BaseException:
             for _, _, future in batch:
-                future.cancel()
+                if isinstance(future, HeldFuture):
+                    future.abandon()
+                else:
+                    future.cancel()
             raise
         finally:
             self._inflight -= 1

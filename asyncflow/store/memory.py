@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import replace
 
+from .._held import holds_cancellation
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import DuplicateWorkflowError, StoreError, UniqueViolationError
 from ..records import (
@@ -411,6 +412,7 @@ class MemoryWorkflowRepo:
 
     # ------------------------------------------------------------------------------------ step
 
+    @holds_cancellation  # nothing is awaited once the state is held: a cancellation never splits it
     async def apply_step(self, step: Step) -> StepResult:
         """Apply one pass step atomically: every condition is checked before anything is written."""
         p = prep.prepared_step(step)

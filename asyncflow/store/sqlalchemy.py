@@ -23,6 +23,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .._held import holds_cancellation
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import DuplicateWorkflowError, ParamInvalidError, StoreError
 from ..records import (
@@ -437,8 +438,14 @@ class SQLAlchemyWorkflowRepo:
 
     # ------------------------------------------------------------------------------------ step
 
+    @holds_cancellation
     async def apply_step(self, step: Step) -> StepResult:
         """Apply one pass step atomically (see :class:`~asyncflow.records.Step`).
+
+        Called by the engine's pass (``asyncflow._held.HOLD_STEPS`` set), a cancellation of the caller
+        while the step is in flight waits for it: a step that was written is returned and the
+        cancellation raised at the caller's next ``await``. Other callers get the cancellation at once
+        (the statement in flight may still land).
 
         Order: the instance row (which also takes its row lock on PostgreSQL, so a concurrent cancel
         serializes against the step), the node updates, the inserts, then ``cancel_other_tasks``. A

@@ -15,6 +15,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
+from asyncflow._held import HOLD_STEPS
 from asyncflow.errors import StoreError
 from asyncflow.records import Step, TaskUpdate
 from asyncflow.store.commit_counter import CommitCounter
@@ -248,6 +249,38 @@ async def test_a_step_cancelled_while_waiting_on_a_row_lock_lands_whole_or_not_a
     assert landed in ((["a"], "running", 2), ([], "init", 1))  # one statement: all of it or none
     again = await repo.apply_step(Step(instance_id=made.id, inserts=(task("b"),)))
     assert again.applied  # the interrupted connection was replaced
+
+
+async def test_the_engines_step_cancelled_while_waiting_on_a_row_lock_waits_and_reports_it(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    """With ``HOLD_STEPS`` set (the engine's pass, asyncflow._held) the cancellation waits for the
+    statement: the step that landed is returned, and the cancellation raised at the next await."""
+    made = await repo.create_workflow_instance(new())
+    step = Step(instance_id=made.id, instance_status="running", inserts=(task("a"),))
+    got: list[Any] = []
+
+    async def engine_step() -> None:
+        HOLD_STEPS.set(True)  # this task's own context
+        got.append(await repo.apply_step(step))
+        await asyncio.sleep(0)
+        got.append("not cancelled")
+
+    async with repo.engine.connect() as other, other.begin():
+        await other.execute(
+            text("UPDATE workflow_instance SET business_id = 'x' WHERE id = :i"), {"i": made.id}
+        )
+        pending = asyncio.create_task(engine_step())
+        while not (await other.execute(BLOCKED_BY_ME)).scalars().all():
+            await asyncio.sleep(0.01)
+        pending.cancel()
+        await asyncio.sleep(0.1)
+        assert not pending.done()  # held: it waits for its statement, blocked by this transaction
+        await other.rollback()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    assert len(got) == 1 and got[0].applied  # it landed, and the caller learned so before the cancel
+    assert [r.task_type for r in await repo.load_task_instances(made.id)] == ["a"]
 
 
 async def test_a_server_dropped_connection_is_one_store_error_then_the_pool_recovers(

@@ -21,6 +21,7 @@ import io
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from asyncflow._held import holds_cancellation
 from asyncflow.config import NodeConfig, WorkflowConfig
 from asyncflow.context import JSONContext
 from asyncflow.driver import WorkflowDriver
@@ -190,7 +191,11 @@ class CompletionCounter:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    @holds_cancellation  # nothing is awaited after the inner (held) write
     async def apply_step(self, step: Step) -> StepResult:
+        if any(update.id not in self._types for update in step.updates):
+            for row in await self.inner.load_task_instances(step.instance_id):
+                self._types[row.id] = row.task_type
         result: StepResult = await self.inner.apply_step(step)
         if not result.applied:
             return result
@@ -200,9 +205,6 @@ class CompletionCounter:
                 self.completions[(step.instance_id, row.task_type)] += 1
         for update in step.updates:
             if update.status == "completed":
-                if update.id not in self._types:
-                    for row in await self.inner.load_task_instances(step.instance_id):
-                        self._types[row.id] = row.task_type
                 self.completions[(step.instance_id, self._types[update.id])] += 1
         return result
 

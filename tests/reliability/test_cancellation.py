@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from asyncflow._held import holds_cancellation, is_held
 from asyncflow.driver import WorkflowDriver
 from asyncflow.engine.rules import SchedulePolicy
 from asyncflow.engine.service import WorkflowService
@@ -59,18 +60,44 @@ class Injector:
             self.target.cancel()
         await asyncio.sleep(0)  # an await: where the cancellation lands if this is the pass's task
 
+    def now(self, where: str) -> None:
+        """A point that does not yield: at point ``k`` the cancellation is requested and lands at the
+        next await of whatever runs (a held write in flight: once it is done)."""
+        self.count += 1
+        self.points.append(where)
+        if self.count == self.k:
+            assert self.target is not None
+            self.hit = where
+            self.target.cancel()
+
 
 class CancellingRepo:
-    """Every coroutine method of the repo offers a point before and after delegating."""
+    """Every coroutine method of the repo offers a point before and after delegating.
 
-    def __init__(self, inner: Any, injector: Injector) -> None:
+    ``held``: ``apply_step`` is held (:mod:`asyncflow._held`, the engine runs it inline) and offers a
+    point before it and one while its write is in flight, none after (a held write awaits nothing
+    once written)."""
+
+    def __init__(self, inner: Any, injector: Injector, *, held: bool = False) -> None:
         self._inner = inner
         self._injector = injector
+        self._held = held
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
         if not inspect.iscoroutinefunction(attr):
             return attr
+        if name == "apply_step" and self._held:
+            assert is_held(attr)
+
+            @holds_cancellation
+            async def held(*args: Any, **kwargs: Any) -> Any:
+                await self._injector.point("before repo.apply_step")
+                write = attr(*args, **kwargs)
+                self._injector.now("during repo.apply_step")
+                return await write
+
+            return held
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             await self._injector.point(f"before repo.{name}")
@@ -97,7 +124,9 @@ class CancellingLock:
         await self._injector.point("after lock release")
 
 
-async def run_cancelled_at(repo: CompletionCounter, journal: Journal, k: int | None) -> tuple[int, Injector]:
+async def run_cancelled_at(
+    repo: CompletionCounter, journal: Journal, k: int | None, *, held: bool = False
+) -> tuple[int, Injector]:
     """Create an instance and run passes until it completes or its pass is cancelled at point k."""
     plain = WorkflowService(
         repo, LocalWorkflowLock(), mixed_registry(journal), schedule=FAST, retry=FAST_RETRY
@@ -110,7 +139,7 @@ async def run_cancelled_at(repo: CompletionCounter, journal: Journal, k: int | N
 
     lock = LocalWorkflowLock()
     svc = WorkflowService(
-        CancellingRepo(repo, injector),  # type: ignore[arg-type]
+        CancellingRepo(repo, injector, held=held),  # type: ignore[arg-type]
         CancellingLock(lock, injector),  # type: ignore[arg-type]
         mixed_registry(journal, hook=hook),
         schedule=FAST,
@@ -205,15 +234,17 @@ def _repo_for(backend: str, tmp_path: Any) -> Any:
     return SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{tmp_path}/cancel.db")
 
 
-async def _sweep(inner: Any, label: str) -> int:
+async def _sweep(inner: Any, label: str, *, held: bool = False) -> int:
     journal = Journal()
     repo = CompletionCounter(inner)
-    _, dry = await run_cancelled_at(repo, journal, None)
+    _, dry = await run_cancelled_at(repo, journal, None, held=held)
     total = dry.count
     assert total >= 30, dry.points  # repo calls, lock points and worker points of two passes
+    if held:
+        assert any("during repo.apply_step" in point for point in dry.points), dry.points
     hits: collections.Counter[str] = collections.Counter()
     for k in range(1, total + 1):
-        instance_id, injector = await run_cancelled_at(repo, journal, k)
+        instance_id, injector = await run_cancelled_at(repo, journal, k, held=held)
         assert injector.hit is not None, f"point {k} of {total} was not reached"
         hits[next(kind for kind in ("repo", "lock", "worker") if kind in injector.hit)] += 1
         await check_and_resume(repo, journal, instance_id, injector)
@@ -222,21 +253,25 @@ async def _sweep(inner: Any, label: str) -> int:
     return total
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["shielded steps", "held steps"])
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
-async def test_cancellation_at_every_await_point_of_a_run(backend: str, tmp_path: Any) -> None:
+async def test_cancellation_at_every_await_point_of_a_run(backend: str, held: bool, tmp_path: Any) -> None:
+    """``held``: the steps run inline (the repos' own path) and a cancellation also lands while a
+    step's write is in flight; else every step runs in a shielded task (a wrapped repo's path)."""
     inner = _repo_for(backend, tmp_path)
     await inner.create_schema()
     try:
-        total = await _sweep(inner, backend)
+        total = await _sweep(inner, backend + (" held" if held else ""), held=held)
     finally:
         await inner.aclose()
     assert total > 0
 
 
 @pytest.mark.postgres
-async def test_cancellation_at_every_await_point_of_a_run_postgres(pg_engine: Any) -> None:
+@pytest.mark.parametrize("held", [False, True], ids=["shielded steps", "held steps"])
+async def test_cancellation_at_every_await_point_of_a_run_postgres(pg_engine: Any, held: bool) -> None:
     from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 
     inner = SQLAlchemyWorkflowRepo(pg_engine)
     await inner.create_schema()
-    assert await _sweep(inner, "postgres") > 0
+    assert await _sweep(inner, "postgres" + (" held" if held else ""), held=held) > 0

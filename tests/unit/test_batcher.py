@@ -110,3 +110,55 @@ async def test_aclose_waits_for_batches_in_flight() -> None:
     gate.set()
     await closing
     assert call.done() and call.result() == 10
+
+
+async def test_a_held_callers_cancellation_waits_for_its_outcome_then_is_raised_at_its_next_await() -> None:
+    gate = asyncio.Event()
+    batcher: StepBatcher[Any] = StepBatcher(Runner(gate=gate), slots=1, max_batch=8)
+    seen: list[Any] = []
+
+    async def caller() -> None:
+        seen.append(await batcher.submit(1, 1, hold=True))  # returns although cancelled meanwhile
+        seen.append("after")  # synchronous code right after still runs ...
+        await asyncio.sleep(0)  # ... and the cancellation lands at the next await
+        seen.append("never")
+
+    task = asyncio.create_task(caller())
+    await asyncio.sleep(0.01)
+    assert task.cancel("stop") is True
+    await asyncio.sleep(0.01)
+    assert not task.done()  # the cancellation waits for the batch
+    gate.set()
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await task
+    assert seen == [10, "after"]
+    assert raised.value.args == ("stop",)
+    assert task.cancelling() == 1  # one request, not two: timeouts and task groups count them
+
+
+async def test_a_held_caller_whose_outcome_is_an_error_gets_the_cancellation_not_the_error() -> None:
+    gate = asyncio.Event()
+    batcher: StepBatcher[Any] = StepBatcher(Runner(gate=gate), slots=1, max_batch=8)
+    task = asyncio.create_task(batcher.submit(1, "bad", hold=True))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_held_caller_of_a_cut_batch_is_cancelled() -> None:
+    started = asyncio.Event()
+
+    async def hangs(items: Sequence[Any]) -> list[Any]:
+        started.set()
+        await asyncio.Event().wait()
+        return list(items)
+
+    batcher: StepBatcher[Any] = StepBatcher(hangs, slots=1, max_batch=8)
+    call = asyncio.create_task(batcher.submit(1, 1, hold=True))
+    await started.wait()
+    for batch in list(batcher._tasks):  # the batch itself is cancelled (a closing loop, say)
+        batch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, 1)

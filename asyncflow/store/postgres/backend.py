@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..._held import HOLD_STEPS, run_held
 from ...errors import ParamInvalidError, StoreError
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._batcher import StepBatcher
@@ -141,12 +142,9 @@ class PostgresBackend:
         """The step function; ``StepConflict`` (nothing written) if a condition failed."""
         try:
             if not self._direct():
-                async with self.units.atomic() as conn:  # a SAVEPOINT: a conflict leaves the rest usable
-                    try:
-                        return await pg.apply_step(pg.TxConnection(conn), step, now)
-                    except Exception as error:
-                        _step_error(error)
-                        raise
+                if HOLD_STEPS.get():
+                    return await run_held(self._apply_in_transaction(step, now))
+                return await self._apply_in_transaction(step, now)
             inserted = await self._apply_direct(step, now)
         except StepConflict:
             raise
@@ -156,9 +154,20 @@ class PostgresBackend:
         notify(self._observed, True)
         return inserted
 
+    async def _apply_in_transaction(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
+        async with self.units.atomic() as conn:  # a SAVEPOINT: a conflict leaves the rest usable
+            try:
+                return await pg.apply_step(pg.TxConnection(conn), step, now)
+            except Exception as error:
+                _step_error(error)
+                raise
+
     async def _apply_direct(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
+        """Held for the engine (:mod:`asyncflow._held`): the batch's outcome, or the single statement's,
+        is returned even if the caller is cancelled meanwhile (the cancellation is then deferred)."""
+        hold = HOLD_STEPS.get()
         if self._step_batcher is not None and self._steps is not None and self._steps.enabled:
-            outcome = await self._step_batcher.submit(step.instance_id, pg.step_json(step, now))
+            outcome = await self._step_batcher.submit(step.instance_id, pg.step_json(step, now), hold=hold)
             if outcome is not RUN_ALONE:
                 code, ids = outcome
                 if code == pg.CONFLICT_SQLSTATE:
@@ -166,6 +175,11 @@ class PostgresBackend:
                 if code == pg.STALE_SQLSTATE:
                     raise StaleStep
                 return pg.inserted_records(step, ids, now)
+        if hold:
+            return await run_held(self._apply_alone(step, now))
+        return await self._apply_alone(step, now)
+
+    async def _apply_alone(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
         async with self._lanes.lane() as driver:
             return await pg.apply_step(driver, step, now)
 

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..._held import HOLD_STEPS, run_held
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._batcher import StepBatcher
 from .._errors import StaleStep, StepConflict
@@ -134,8 +135,9 @@ class SqliteBackend:
 
     async def apply_step(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
         """One transaction (or SAVEPOINT); ``StepConflict`` (nothing written) if a condition failed."""
+        hold = HOLD_STEPS.get()  # the engine's step (asyncflow._held)
         if self._batcher is not None and self._direct():
-            outcome = await self._batcher.submit(step.instance_id, (step, now))
+            outcome = await self._batcher.submit(step.instance_id, (step, now), hold=hold)
             if outcome is None:
                 raise StepConflict
             if outcome is lite.STALE:
@@ -143,7 +145,8 @@ class SqliteBackend:
             notify(self._observed, True)
             inserted: tuple[TaskInstanceRecord, ...] = outcome
             return inserted
-        ids = await self._write(lite.step, step, now)
+        write = self._write(lite.step, step, now)
+        ids = await (run_held(write) if hold else write)
         if ids is None:
             raise StepConflict
         if ids is lite.STALE:

@@ -1,0 +1,89 @@
+"""Writes that land whole under cancellation and still report what they wrote.
+
+A pass must know whether a step it started was written, even when its task is cancelled meanwhile (a
+``first`` join dropping the node, a failing sibling branch, shutdown): the rows a written step changed
+are what its later steps compare versions against. The engine used to run every step in a task of
+its own and shield it (a task, a shield future and two extra event-loop turns per step); a repo whose
+``apply_step`` is marked :func:`holds_cancellation` does the same work inline instead:
+
+* it waits for its statement whatever happens to its caller (a write lands whole or not at all);
+* a cancellation that arrives meanwhile is **deferred**: once the write is done the call returns its
+  result, and the cancellation is raised at the task's next ``await`` (:func:`defer`);
+* if the write failed, the cancellation is raised at once (the failure is moot).
+
+The engine only takes this path for an ``apply_step`` that carries the mark; anything else (a
+wrapper, a subclass that overrides it, another repo) runs in a shielded task as before. The repo
+holds only while :data:`HOLD_STEPS` is set in the caller's context (the engine sets it around its
+step): any other caller of ``apply_step`` keeps the plain behaviour, where a cancelled call returns at
+once (its statement may still land).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+__all__ = ["HOLD_STEPS", "HeldFuture", "defer", "holds_cancellation", "is_held", "run_held"]
+
+HOLD_STEPS: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncflow_hold_steps", default=False)
+"""Set by the engine around a step it awaits inline: the repo's ``apply_step`` then holds."""
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+_MARK = "_asyncflow_holds_cancellation"
+
+
+def holds_cancellation(function: F) -> F:
+    """Mark a coroutine function as one that defers its caller's cancellation (see the module)."""
+    setattr(function, _MARK, True)
+    return function
+
+
+def is_held(method: object) -> bool:
+    """Whether ``method`` (a function or a bound method) carries the :func:`holds_cancellation` mark."""
+    return getattr(method, _MARK, False) is True
+
+
+def defer(cancel: asyncio.CancelledError) -> None:
+    """Put a cancellation of the current task back, to be raised at its next ``await`` (the number of
+    cancellation requests, which ``asyncio.timeout`` and task groups read, stays the same)."""
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - a cancellation always has a task
+        raise cancel
+    task.uncancel()
+    task.cancel(cancel.args[0] if cancel.args else None)
+
+
+class HeldFuture(asyncio.Future[T]):
+    """A future its awaiting task's cancellation cannot cancel: ``cancel()`` refuses (returns False),
+    so the task's cancellation waits until the future is done. :meth:`abandon` cancels it for real."""
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        return False
+
+    def abandon(self) -> bool:
+        """Cancel the future (its outcome will never come: its batch was cut)."""
+        return super().cancel()
+
+
+async def run_held(aw: Awaitable[T]) -> T:
+    """Await ``aw`` to its end even if the caller is cancelled meanwhile; then return its result and
+    :func:`defer` the cancellation, or, if it failed, raise the cancellation."""
+    inner = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(inner)
+    except asyncio.CancelledError as cancel:
+        while not inner.done():
+            try:
+                await asyncio.shield(inner)
+            except asyncio.CancelledError:
+                continue
+            except Exception:  # the write's own failure is moot: we are being cancelled
+                break
+        if inner.cancelled() or inner.exception() is not None:
+            raise
+        defer(cancel)
+        return inner.result()
