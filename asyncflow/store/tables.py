@@ -33,7 +33,6 @@ alias whose values are never reused).
 from __future__ import annotations
 
 from sqlalchemy import (
-    DDL,
     JSON,
     BigInteger,
     Column,
@@ -48,6 +47,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection
 
 from ._sql import RUNNABLE_SQL
 
@@ -191,15 +191,18 @@ its dead version without a vacuum. The leased read (``lease_epoch``), a step tha
 (``next_run_at``) and steps that change the status are not. SQLite has no such parameter.
 
 SQLAlchemy 2.0 has no ``postgresql_with`` for tables (2.1 has), so ``metadata.create_all`` sets it
-with an ``ALTER TABLE`` right after creating each table (an ``after_create`` DDL event, PostgreSQL
+with an ``ALTER TABLE`` right after creating each table (an ``after_create`` event, PostgreSQL
 only): tables made from ``metadata`` match a migrated database."""
 
-for _table in (workflow_instance, task_instance):
-    event.listen(
-        _table,
-        "after_create",
-        DDL(f"ALTER TABLE %(fullname)s SET (fillfactor = {FILLFACTOR})").execute_if(dialect="postgresql"),
-    )
+
+def _set_fillfactor(target: Table, connection: Connection, **_: object) -> None:
+    if connection.dialect.name == "postgresql":
+        name = connection.dialect.identifier_preparer.format_table(target)
+        connection.exec_driver_sql(f"ALTER TABLE {name} SET (fillfactor = {FILLFACTOR})")
+
+
+event.listen(workflow_instance, "after_create", _set_fillfactor)
+event.listen(task_instance, "after_create", _set_fillfactor)
 
 asyncflow_schema = Table(
     "asyncflow_schema",
