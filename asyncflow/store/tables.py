@@ -33,6 +33,7 @@ alias whose values are never reused).
 from __future__ import annotations
 
 from sqlalchemy import (
+    DDL,
     JSON,
     BigInteger,
     Column,
@@ -47,7 +48,6 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Connection
 
 from ._sql import RUNNABLE_SQL
 
@@ -195,14 +195,11 @@ with an ``ALTER TABLE`` right after creating each table (an ``after_create`` eve
 only): tables made from ``metadata`` match a migrated database."""
 
 
-def _set_fillfactor(target: Table, connection: Connection, **_: object) -> None:
-    if connection.dialect.name == "postgresql":
-        name = connection.dialect.identifier_preparer.format_table(target)
-        connection.exec_driver_sql(f"ALTER TABLE {name} SET (fillfactor = {FILLFACTOR})")
-
-
-event.listen(workflow_instance, "after_create", _set_fillfactor)
-event.listen(task_instance, "after_create", _set_fillfactor)
+_SET_FILLFACTOR = DDL(  # type: ignore[no-untyped-call]
+    f"ALTER TABLE %(fullname)s SET (fillfactor = {FILLFACTOR})"
+).execute_if(dialect="postgresql")
+event.listen(workflow_instance, "after_create", _SET_FILLFACTOR)
+event.listen(task_instance, "after_create", _SET_FILLFACTOR)
 
 asyncflow_schema = Table(
     "asyncflow_schema",
