@@ -192,7 +192,7 @@ async def test_postgres_migration_9_sets_fillfactor_on_a_version_8_database(post
         async with engine.begin() as conn:  # back to version 8: its schema has no storage parameter
             await conn.exec_driver_sql("ALTER TABLE workflow_instance RESET (fillfactor)")
             await conn.exec_driver_sql("ALTER TABLE task_instance RESET (fillfactor)")
-            await conn.exec_driver_sql("DELETE FROM asyncflow_schema WHERE version = 9")
+            await conn.exec_driver_sql("DELETE FROM asyncflow_schema WHERE version >= 9")
             await conn.exec_driver_sql(
                 "INSERT INTO workflow_instance (workflow_type, business_id, status, created_at, "
                 "updated_at) VALUES ('t', 'b', 'init', 0, 0)"
