@@ -189,6 +189,8 @@ and whose new version fits on the page is a HOT update: it writes no index entry
 its dead version without a vacuum. The leased read (``lease_epoch``), a step that changes neither
 ``status`` nor ``next_run_at``, and every update of a node row are such updates; the claim
 (``next_run_at``) and steps that change the status are not. SQLite has no such parameter.
+Why 80: a fifth of an 8 kB page holds about a dozen new versions of these rows (about 140 bytes),
+enough for the few passes on a page between two prunings, for 25% more heap (indexes unchanged).
 
 SQLAlchemy 2.0 has no ``postgresql_with`` for tables (2.1 has), so ``metadata.create_all`` sets it
 with an ``ALTER TABLE`` right after creating each table (an ``after_create`` event, PostgreSQL
