@@ -537,7 +537,7 @@ async def _version_7(engine: AsyncEngine) -> None:
         await conn.execute(text("DROP INDEX uq_workflow_instance_child"))
         for column in ("parent_id", "parent_node", "child_key"):
             await conn.execute(text(f"ALTER TABLE workflow_instance DROP COLUMN {column}"))
-        await conn.execute(text("DELETE FROM asyncflow_schema WHERE version = 8"))
+        await conn.execute(text("DELETE FROM asyncflow_schema WHERE version >= 8"))
         await conn.execute(
             text(
                 "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, "

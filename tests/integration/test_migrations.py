@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import UniqueConstraint as _Unique
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncflow as af
@@ -120,6 +120,15 @@ def _definitions(sync_conn: Any) -> dict[str, Any]:
             for fk in found.get_foreign_keys(table)
         )
 
+    def storage(table: str) -> list[str] | None:
+        """PostgreSQL's storage parameters of the table (``pg_class.reloptions``, e.g. fillfactor)."""
+        if sync_conn.dialect.name == "sqlite":
+            return None
+        found_options = sync_conn.execute(
+            text("SELECT reloptions FROM pg_class WHERE oid = to_regclass(:table)"), {"table": table}
+        ).scalar_one()
+        return sorted(found_options or [])
+
     return {
         table: (
             sorted(
@@ -130,18 +139,21 @@ def _definitions(sync_conn: Any) -> dict[str, Any]:
                 for ix in found.get_indexes(table)
             ),
             foreign_keys(table),
+            storage(table),
         )
         for table in sorted(found.get_table_names())
     }
 
 
-async def _migrated_and_created(migrated: AsyncEngine, created: AsyncEngine) -> None:
+async def _migrated_and_created(migrated: AsyncEngine, created: AsyncEngine) -> dict[str, Any]:
     async with af.SQLAlchemyWorkflowRepo(migrated) as repo:
         await repo.migrate()
     async with created.begin() as conn:
         await conn.run_sync(af.metadata.create_all)
     async with migrated.connect() as one, created.connect() as other:
-        assert await one.run_sync(_definitions) == await other.run_sync(_definitions)
+        definitions = await one.run_sync(_definitions)
+        assert definitions == await other.run_sync(_definitions)
+    return definitions
 
 
 async def test_sqlite_migrations_define_what_metadata_creates(tmp_path: Any) -> None:
@@ -156,8 +168,45 @@ async def test_sqlite_migrations_define_what_metadata_creates(tmp_path: Any) -> 
 
 @pytest.mark.postgres
 async def test_postgres_migrations_define_what_metadata_creates(postgres_url: str) -> None:
+    """... and on the storage parameters: both databases have migration 9's fillfactor."""
     async with isolated_pg_engine(postgres_url) as one, isolated_pg_engine(postgres_url) as other:
-        await _migrated_and_created(one, other)
+        definitions = await _migrated_and_created(one, other)
+    fillfactor = [f"fillfactor={af.store.tables.FILLFACTOR}"]
+    assert definitions["workflow_instance"][3] == fillfactor
+    assert definitions["task_instance"][3] == fillfactor
+    assert definitions["asyncflow_schema"][3] == []
+
+
+_RELOPTIONS = (
+    "SELECT relname, reloptions FROM pg_class "
+    "WHERE oid IN (to_regclass('workflow_instance'), to_regclass('task_instance')) ORDER BY relname"
+)
+
+
+@pytest.mark.postgres
+async def test_postgres_migration_9_sets_fillfactor_on_a_version_8_database(postgres_url: str) -> None:
+    """A database at version 8 (tables at the default fillfactor, a row in them) gets the fillfactor
+    from migration 9 and keeps its row."""
+    async with isolated_pg_engine(postgres_url) as engine, af.SQLAlchemyWorkflowRepo(engine) as repo:
+        await repo.migrate()
+        async with engine.begin() as conn:  # back to version 8: its schema has no storage parameter
+            await conn.exec_driver_sql("ALTER TABLE workflow_instance RESET (fillfactor)")
+            await conn.exec_driver_sql("ALTER TABLE task_instance RESET (fillfactor)")
+            await conn.exec_driver_sql("DELETE FROM asyncflow_schema WHERE version >= 9")
+            await conn.exec_driver_sql(
+                "INSERT INTO workflow_instance (workflow_type, business_id, status, created_at, "
+                "updated_at) VALUES ('t', 'b', 'init', 0, 0)"
+            )
+            before = (await conn.exec_driver_sql(_RELOPTIONS)).all()
+        await repo.migrate()
+        async with engine.connect() as conn:
+            after = (await conn.exec_driver_sql(_RELOPTIONS)).all()
+            rows = (await conn.exec_driver_sql("SELECT count(*) FROM workflow_instance")).scalar()
+            versions = (await conn.exec_driver_sql("SELECT max(version) FROM asyncflow_schema")).scalar()
+    fillfactor = [f"fillfactor={af.store.tables.FILLFACTOR}"]
+    assert [tuple(row) for row in before] == [("task_instance", None), ("workflow_instance", None)]
+    assert [tuple(row) for row in after] == [("task_instance", fillfactor), ("workflow_instance", fillfactor)]
+    assert (rows, versions) == (1, 9)
 
 
 async def _refuses_a_newer_database(engine: AsyncEngine) -> None:

@@ -15,6 +15,7 @@ from ..migrations import (
     Migration,
     check_migrations,
 )
+from ..tables import FILLFACTOR
 from .finished import FINISHED_DDL
 from .functions import BATCH_FUNCTION, STEP_FUNCTION
 
@@ -73,6 +74,15 @@ _V3 = (
 )
 """The pass fence (``lease_epoch``, checked by the step function) and DatabaseWorkflowLock's table."""
 
+_V9 = (
+    f"ALTER TABLE workflow_instance SET (fillfactor = {FILLFACTOR})",
+    f"ALTER TABLE task_instance SET (fillfactor = {FILLFACTOR})",
+)
+"""Room on each page for HOT updates (:data:`asyncflow.store.tables.FILLFACTOR`). Setting the
+parameter takes a ``SHARE UPDATE EXCLUSIVE`` lock (reads and writes go on) and rewrites nothing: pages
+written from now on keep the room; existing rows stay packed until the table is rewritten
+(``VACUUM FULL`` or pg_repack, docs/storage.md)."""
+
 
 MIGRATIONS = check_migrations(
     [
@@ -94,6 +104,7 @@ MIGRATIONS = check_migrations(
             CHILD_INDEXES,
             CHILD_COLUMNS,
         ),
+        Migration(9, f"HOT updates: fillfactor {FILLFACTOR} on workflow_instance and task_instance", _V9),
     ]
 )
 
