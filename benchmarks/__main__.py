@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--visible-after", default="none",
                      help="asyncflow rows with these WorkflowService(visible_after=): none or seconds "
                      "(comma list, e.g. none,1); each is a row of its own")  # fmt: skip
+    run.add_argument("--gc-freeze", action="store_true",
+                     help="asyncflow rows: gc.freeze() in the run's process once it is set up (as "
+                     "a tuned app does after start-up: full collections skip what is frozen)")  # fmt: skip
     run.add_argument("--json", metavar="FILE", help="write the results as JSON")
     run.add_argument("--readme", nargs="?", const=str(README), metavar="PATH",
                      help="rewrite the results table of benchmarks/README.md (or PATH)")  # fmt: skip
@@ -110,6 +113,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         visible_after=_visible_after(args.visible_after),
         backlogs=backlogs,
         backlog_create=args.backlog_create,
+        gc_freeze=args.gc_freeze,
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -70,6 +71,7 @@ class AsyncflowRun:
     visible_after: float | None = None  # the service's visible_after
     backlog: int = 0  # due instances created before the timed part
     backlog_create: str = "bulk"  # "bulk" (repo bulk insert) | "service" (create_workflow)
+    gc_freeze: bool = False  # gc.freeze() once set up (the backlog loaded), before the timed part
 
     @property
     def deadline_s(self) -> float:
@@ -416,6 +418,9 @@ async def run_asyncflow_once(
                     ),
                     3,
                 )
+            if run.gc_freeze:  # long-lived objects out of the full collections' scans
+                gc.collect()
+                gc.freeze()
             steps = _count_steps(repo)
             with ResourceProbe() as probe:
                 setup_s, elapsed = await _measured(run, spec, svc, repo, hooks, sampler, extra)

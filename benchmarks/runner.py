@@ -83,6 +83,7 @@ class BenchOptions:
     visible_after: tuple[str, ...] = ("none",)  # the service's visible_after: "none" or seconds
     backlogs: tuple[int, ...] = (0,)  # due instances pre-loaded before the timed part (a row per value)
     backlog_create: str = "bulk"  # how: "bulk" (the repo's bulk insert) or "service" (create_workflow)
+    gc_freeze: bool = False  # asyncflow rows: gc.freeze() once set up, before the timed part
     command: str = field(default_factory=lambda: "python -m benchmarks " + shlex.join(sys.argv[1:]))
 
 
@@ -227,6 +228,7 @@ def _asyncflow_runner(key: report.RowKey, options: BenchOptions) -> Callable[[],
             visible_after=None if key.visible_after in (None, "none") else float(key.visible_after),
             backlog=key.backlog,
             backlog_create=options.backlog_create,
+            gc_freeze=options.gc_freeze,
         )
         pg_url = options.pg_url if key.backend == "postgres" else None
         redis_url = options.redis_url if key.lock == "redis" else None

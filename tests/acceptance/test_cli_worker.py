@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from asyncflow.worker import NormalTaskWorker
 from .cli_helpers import assert_clean_error, call_cli, cli_env, run_cli, scratch_database
 
 APP = """
+import gc
+
 import asyncflow as af
 
 CONFIG = {"id": "ticket", "nodes": [{"id": "triage", "next_nodes": ["answer"]}, {"id": "answer"}]}
@@ -39,6 +42,7 @@ async def triage(ctx):
 async def answer(ctx):
     queue, _ = ctx.get_string(af.PRE_NODE_CONTEXT, "triage", "queue")
     ctx.set(["answered_by"], queue)
+    ctx.set(["frozen_objects"], gc.get_freeze_count())  # the worker froze what start-up made
 
 
 def broken():
@@ -112,6 +116,8 @@ def test_worker_on_sqlite_stops_on_sigterm(tmp_path: pathlib.Path) -> None:
     assert "Traceback" not in result.stderr
     shown = run_cli("show", "1", "--app", "helpdesk:registry", "--json", "--db", url, cwd=tmp_path)
     assert '"answered_by": "support"' in shown.stdout
+    frozen = re.search(r'"frozen_objects": (\d+)', shown.stdout)
+    assert frozen is not None and int(frozen.group(1)) > 10_000, shown.stdout  # modules, engine, pool
 
 
 @pytest.mark.postgres
