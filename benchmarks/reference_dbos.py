@@ -4,6 +4,20 @@ steps (``branch``: step A, then step B for an even input or step C for an odd on
 workflow that starts 20 child workflows of the ``linear3`` shape with ``DBOS.start_workflow_async``
 (each start a checkpointed step, so a recovered parent does not start them twice) and awaits them all.
 
+``approval`` is asyncflow's ``A → approve → B`` with DBOS's durable messaging: step A, then
+``DBOS.recv_async("approval", timeout_seconds=60)`` (a checkpointed receive: the workflow waits for a
+message on that topic), then the ``approve`` step and step B. The approver is the benchmark, from
+outside the workflow, and it approves each workflow once that workflow waits, as asyncflow's harness
+does: just before its ``recv`` the workflow tells the benchmark (an in-process callback, not
+checkpointed, like asyncflow's ``BenchHooks.waiting`` called from the approval node's wait check) and
+the benchmark then sends ``{"approved": True}`` with ``DBOS.send_async(workflow_id, message,
+"approval")``. In ``bounded`` mode the task that started the workflow sends it (as asyncflow's direct
+mode, whose caller sends the event once its ``create_workflow(run=True)`` returned with ``approve``
+waiting) and then awaits the result; in ``queue`` mode ``max(1, c // 4)`` sender tasks send to each
+workflow as it reports waiting (as asyncflow's driver mode). The send is inside the timed section; a
+workflow whose message is not ``{"approved": True}`` fails, and only a workflow that returned the
+expected result counts.
+
 DBOS keeps process-global state (one launched instance per process), so every measured run happens in
 a fresh subprocess (``python -m benchmarks.reference_dbos``) on a fresh PostgreSQL database that DBOS
 uses as its system database. The subprocess times itself (wall, CPU, peak RSS, per-workflow latency)
@@ -26,6 +40,7 @@ import importlib.metadata
 import importlib.util
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .databases import PgAdmin
@@ -34,10 +49,13 @@ from .isolated import print_result, run_module
 
 __all__ = ["DBOS_SHAPES", "DbosUnavailableError", "dbos_version", "run_dbos_once"]
 
-DBOS_SHAPES = ("linear3", "diamond", "branch", "fanout-children")
+DBOS_SHAPES = ("linear3", "diamond", "approval", "branch", "fanout-children")
 FANOUT_CHILDREN = 20
 """Child workflows (each a ``linear3``) one ``fanout-children`` parent starts and awaits."""
 LAUNCH_MODES = ("bounded", "queue")
+APPROVAL_TOPIC = "approval"
+APPROVAL_MESSAGE = {"approved": True}  # asyncflow's approval event carries the same content
+APPROVAL_TIMEOUT_S = 60.0
 
 
 class DbosUnavailableError(RuntimeError):
@@ -93,6 +111,10 @@ async def run_dbos_once(
 
 # -- the subprocess ------------------------------------------------------------------------------------
 
+_on_waiting: list[Callable[[int, str], object]] = []
+"""The benchmark's callback (set while a run is timed): ``(input, workflow_id)`` of an ``approval``
+workflow about to wait for its message."""
+
 
 def _define_workflows() -> dict[str, Any]:
     """The shapes as DBOS async workflows of async steps with tiny outputs."""
@@ -135,7 +157,26 @@ def _define_workflows() -> dict[str, Any]:
         ]
         return sum([await handle.get_result() for handle in handles])
 
-    return {"linear3": linear3, "diamond": diamond, "branch": branch, "fanout-children": fanout_children}
+    @dbos.workflow()
+    async def approval(x: int) -> int:
+        a = await step(x)
+        workflow_id = dbos.workflow_id
+        assert workflow_id is not None
+        for waiting in _on_waiting:
+            waiting(x, workflow_id)
+        message = await dbos.recv_async(APPROVAL_TOPIC, timeout_seconds=APPROVAL_TIMEOUT_S)
+        if message != APPROVAL_MESSAGE:
+            raise RuntimeError(f"DBOS approval workflow {x} received {message!r}")
+        b = await step(a)  # the approve node's run
+        return await step(b)
+
+    return {
+        "linear3": linear3,
+        "diamond": diamond,
+        "approval": approval,
+        "branch": branch,
+        "fanout-children": fanout_children,
+    }
 
 
 def _expected(shape: str, x: int) -> int:
@@ -143,20 +184,36 @@ def _expected(shape: str, x: int) -> int:
         return sum(FANOUT_CHILDREN * x + k + 3 for k in range(FANOUT_CHILDREN))
     if shape == "branch":
         return x + 3 if x % 2 == 0 else x + 4
-    return x + 3 if shape == "linear3" else 4 * (x + 2) + 1
+    return x + 3 if shape in ("linear3", "approval") else 4 * (x + 2) + 1
 
 
 async def _timed(dbos: Any, workflow: Any, args: argparse.Namespace) -> tuple[ResourceProbe, list[float]]:
     n, concurrency = args.n, args.c
     sampler = LatencySampler(n)
+    approval = args.shape == "approval"
+    loop = asyncio.get_running_loop()
     with ResourceProbe() as probe:
         if args.launch == "bounded":
             counter = iter(range(n))
+            waiting: dict[int, asyncio.Future[str]] = {}
+
+            def report_waiting(x: int, workflow_id: str) -> None:
+                future = waiting.pop(x, None)
+                if future is not None and not future.done():
+                    future.set_result(workflow_id)
+
+            if approval:
+                _on_waiting[:] = [lambda x, wid: loop.call_soon_threadsafe(report_waiting, x, wid)]
 
             async def worker() -> None:
                 for i in counter:
                     start = time.perf_counter()
+                    if approval:
+                        waits = waiting[i] = loop.create_future()
                     handle = await dbos.start_workflow_async(workflow, i)
+                    if approval:  # once it waits, as asyncflow's direct-mode caller sends its event
+                        workflow_id = await asyncio.wait_for(waits, APPROVAL_TIMEOUT_S)
+                        await dbos.send_async(workflow_id, APPROVAL_MESSAGE, APPROVAL_TOPIC)
                     result = await handle.get_result()
                     if result != _expected(args.shape, i):
                         raise RuntimeError(f"DBOS workflow {i} returned {result!r}")
@@ -170,6 +227,18 @@ async def _timed(dbos: Any, workflow: Any, args: argparse.Namespace) -> tuple[Re
             queue = await dbos.register_queue_async(
                 "asyncflow_bench", worker_concurrency=concurrency, polling_interval_sec=0.01
             )
+            to_approve: asyncio.Queue[str | None] = asyncio.Queue()
+            if approval:
+                _on_waiting[:] = [lambda _x, wid: loop.call_soon_threadsafe(to_approve.put_nowait, wid)]
+
+            async def sender() -> None:  # as asyncflow's driver-mode approvers
+                while (workflow_id := await to_approve.get()) is not None:
+                    await dbos.send_async(workflow_id, APPROVAL_MESSAGE, APPROVAL_TOPIC)
+
+            senders = [
+                asyncio.create_task(sender())
+                for _ in range(max(1, min(concurrency, n) // 4) if approval else 0)
+            ]
             starts = []
             handles = []
             for i in range(n):
@@ -183,7 +252,13 @@ async def _timed(dbos: Any, workflow: Any, args: argparse.Namespace) -> tuple[Re
                 if sampler.wants(i):
                     sampler.add(time.perf_counter() - starts[i])
 
-            await asyncio.gather(*(wait(i) for i in range(n)))
+            try:
+                await asyncio.gather(*(wait(i) for i in range(n)))
+            finally:
+                for _ in senders:
+                    to_approve.put_nowait(None)
+            await asyncio.gather(*senders)
+    _on_waiting.clear()
     return probe, sampler.latencies()
 
 

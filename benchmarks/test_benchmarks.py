@@ -31,6 +31,8 @@ from benchmarks.reference_dbos import dbos_version, run_dbos_once
 from benchmarks.reference_floor import COMMITS_PER_WORKFLOW, run_floor_postgres, run_floor_sqlite
 from benchmarks.runner import (
     ALL_SCENARIOS,
+    BenchOptions,
+    _plan,
     asyncflow_unavailable,
     describe_error,
     parse_list,
@@ -186,7 +188,7 @@ async def test_floor_sqlite() -> None:
 
 @pytest.mark.benchmark
 @pytest.mark.postgres
-@pytest.mark.parametrize("shape", ["linear3", "diamond", "branch", "fanout-children"])
+@pytest.mark.parametrize("shape", ["linear3", "diamond", "approval", "branch", "fanout-children"])
 async def test_dbos_reference(postgres_url: str, shape: str) -> None:
     if dbos_version() is None:
         pytest.skip("dbos is not installed: pip install 'asyncflow[bench]'")
@@ -195,6 +197,18 @@ async def test_dbos_reference(postgres_url: str, shape: str) -> None:
     _check_measurement(m, n)
     steps = {"diamond": 6, "fanout-children": 20 * 3}.get(shape, 3)
     assert m.commits is not None and m.commits >= n * steps  # DBOS checkpoints every step
+
+
+@pytest.mark.benchmark
+@pytest.mark.postgres
+async def test_dbos_approval_on_a_queue(postgres_url: str) -> None:
+    # queue launch: sender tasks approve each workflow as it reports waiting in its recv
+    if dbos_version() is None:
+        pytest.skip("dbos is not installed: pip install 'asyncflow[bench]'")
+    m = await run_dbos_once("approval", N, C, admin=PgAdmin(postgres_url), launch="queue")
+    _check_measurement(m, N)
+    assert m.extra["launch"] == "queue"
+    assert m.commits is not None and m.commits >= N * 3
 
 
 @pytest.mark.benchmark
@@ -433,6 +447,26 @@ def test_fanout_children_runs_only_when_named_and_in_driver_mode() -> None:
     assert reason is not None and "driver" in reason
     assert scenario_unavailable("fanout-children", "driver", backlog=100) is not None
     assert scenario_unavailable("branch") is None
+
+
+def test_scenario_approval_plans_the_dbos_approval_row_beside_asyncflows() -> None:
+    if dbos_version() is None:
+        pytest.skip("dbos is not installed: pip install 'asyncflow[bench]'")
+    options = BenchOptions(scenarios=("approval",), references=("dbos",), n=10, concurrencies=(4,))
+    skipped: dict[str, str] = {}
+    rows = _plan(options, PgAdmin("postgresql+asyncpg://postgres@127.0.0.1:9/none"), {}, skipped)
+    labels = [row.key.label() for row in rows]
+    assert labels == [
+        "dbos approval bounded postgres n=10 c=4",
+        "asyncflow approval direct postgres/local n=10 c=4",
+    ], skipped
+    everything = BenchOptions(scenarios=ALL_SCENARIOS, references=("dbos",))
+    shapes = [
+        row.key.scenario
+        for row in _plan(everything, PgAdmin(options.pg_url), {}, {})
+        if row.key.kind == "dbos"
+    ]
+    assert shapes == ["linear3", "diamond", "approval", "branch"]  # fanout-children only when named
 
 
 @pytest.mark.benchmark
