@@ -67,7 +67,13 @@ class StepBatcher(Generic[T]):
     def _start(self) -> None:
         self._scheduled = False
         while self._queue and self._inflight < self._slots:
-            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            size = self._max_batch
+            if self._inflight == 0 and self._slots > 1 and len(self._queue) >= size:
+                # nothing in flight and a full batch waiting: two halves, so that the database works
+                # on one while this process handles the outcomes of the other (one big batch makes
+                # each wait for the other)
+                size = (len(self._queue) + 1) // 2 if len(self._queue) < 2 * size else size
+            batch, self._queue = self._queue[:size], self._queue[size:]
             batch.sort(key=lambda entry: entry[0])  # rows locked in one order: no deadlock between batches
             self._inflight += 1
             task = asyncio.get_running_loop().create_task(self._run(batch), name="asyncflow-step-batch")

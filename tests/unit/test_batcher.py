@@ -60,6 +60,28 @@ async def test_slots_and_max_batch_bound_the_batches() -> None:
     assert all(len(b) <= 3 for b in runner.batches) and sum(len(b) for b in runner.batches) == 10
 
 
+async def test_a_full_queue_with_nothing_in_flight_leaves_as_two_halves() -> None:
+    """The database works on one half while the process handles the other's outcomes (pipelining);
+    batches that queue up while one is in flight leave whole, so the halves stay halves."""
+    gate = asyncio.Event()
+    runner = Runner(gate=gate)
+    batcher: StepBatcher[Any] = StepBatcher(runner, slots=4, max_batch=8)
+    first = [asyncio.create_task(batcher.submit(i, i)) for i in range(12)]
+    await asyncio.sleep(0.01)
+    assert [len(b) for b in runner.batches] == [6, 6]
+    later = [asyncio.create_task(batcher.submit(i, i)) for i in range(12, 18)]
+    await asyncio.sleep(0.01)
+    assert [len(b) for b in runner.batches] == [6, 6, 6]  # something in flight: no split
+    gate.set()
+    await asyncio.gather(*first, *later)
+    runner.batches.clear()
+    await asyncio.gather(*(batcher.submit(i, i) for i in range(5)))
+    assert [len(b) for b in runner.batches] == [5]  # not a full batch: it leaves whole
+    runner.batches.clear()
+    await asyncio.gather(*(batcher.submit(i, i) for i in range(20)))
+    assert [len(b) for b in runner.batches][:2] == [8, 8] and sum(map(len, runner.batches)) == 20
+
+
 async def test_an_exception_outcome_reaches_its_caller_only() -> None:
     batcher: StepBatcher[Any] = StepBatcher(Runner(), slots=1, max_batch=8)
     results = await asyncio.gather(batcher.submit(1, 1), batcher.submit(2, "bad"), return_exceptions=True)
