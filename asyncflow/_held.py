@@ -25,7 +25,7 @@ import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-__all__ = ["HOLD_STEPS", "HeldFuture", "defer", "holds_cancellation", "is_held", "run_held"]
+__all__ = ["HOLD_STEPS", "HeldFuture", "defer", "holds_cancellation", "is_held", "run_held", "wait_out"]
 
 HOLD_STEPS: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncflow_hold_steps", default=False)
 """Set by the engine around a step it awaits inline: the repo's ``apply_step`` then holds."""
@@ -76,14 +76,20 @@ async def run_held(aw: Awaitable[T]) -> T:
     try:
         return await asyncio.shield(inner)
     except asyncio.CancelledError as cancel:
-        while not inner.done():
-            try:
-                await asyncio.shield(inner)
-            except asyncio.CancelledError:
-                continue
-            except Exception:  # the write's own failure is moot: we are being cancelled
-                break
+        await wait_out(inner)
         if inner.cancelled() or inner.exception() is not None:
             raise
         defer(cancel)
         return inner.result()
+
+
+async def wait_out(inner: asyncio.Future[Any]) -> None:
+    """Wait until ``inner`` is done, whatever cancellations of the caller arrive meanwhile (they are
+    absorbed: the caller raises its own cancellation afterwards)."""
+    while not inner.done():
+        try:
+            await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            continue
+        except Exception:  # the write's own failure is moot: the caller is being cancelled
+            break

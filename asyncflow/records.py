@@ -156,16 +156,25 @@ class WorkflowInstance:
     parent_id: int | None = None  # a child workflow's parent instance; None for top-level ones
 
     @classmethod
-    def from_record(cls, record: WorkflowInstanceRecord, definition: Any = None) -> WorkflowInstance:
+    def from_record(
+        cls,
+        record: WorkflowInstanceRecord,
+        definition: Any = None,
+        *,
+        status: str | None = None,
+        updated_at: int | None = None,
+    ) -> WorkflowInstance:
+        """The record as the service returns it; ``status``/``updated_at`` replace the record's (a
+        pass's result, without copying the record first)."""
         return cls(
             id=record.id,
             workflow_type=record.workflow_type,
             business_id=record.business_id,
-            status=record.status,
+            status=record.status if status is None else status,
             workflow_context=record.workflow_context,
             task_id=record.task_id,
             created_at=record.created_at,
-            updated_at=record.updated_at,
+            updated_at=record.updated_at if updated_at is None else updated_at,
             definition=definition,
             parent_id=record.parent_id,
         )

@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .._held import HOLD_STEPS, is_held
+from .._held import HOLD_STEPS, is_held, wait_out
 from .._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
 from ..context import JSONContext
 from ..errors import LockFailedError, ParamInvalidError, TaskFailedTerminate, TaskNotReady, is_serious_error
@@ -143,13 +143,7 @@ async def run_shielded(aw: Awaitable[T]) -> T:
     try:
         return await asyncio.shield(inner)
     except asyncio.CancelledError:
-        while not inner.done():
-            try:
-                await asyncio.shield(inner)
-            except asyncio.CancelledError:
-                continue
-            except Exception:  # the write's own failure is moot: we are being cancelled
-                break
+        await wait_out(inner)
         if not inner.cancelled():
             inner.exception()  # mark a failure of the write as retrieved
         raise
@@ -1205,18 +1199,8 @@ class PassRunner:
             await self._apply([], instance_status=instance_status, cancel=cancel)
 
     def _result(self) -> WorkflowInstance:
-        instance = self._instance  # WorkflowInstance.from_record of it with this pass's status
-        return WorkflowInstance(
-            id=instance.id,
-            workflow_type=instance.workflow_type,
-            business_id=instance.business_id,
-            status=self._status,
-            workflow_context=instance.workflow_context,
-            task_id=instance.task_id,
-            created_at=instance.created_at,
-            updated_at=int(self._clock.time()),
-            definition=self._definition,
-            parent_id=instance.parent_id,
+        return WorkflowInstance.from_record(
+            self._instance, self._definition, status=self._status, updated_at=int(self._clock.time())
         )
 
 

@@ -52,12 +52,7 @@ class Injector:
         self.points: list[str] = []
 
     async def point(self, where: str) -> None:
-        self.count += 1
-        self.points.append(where)
-        if self.count == self.k:
-            assert self.target is not None
-            self.hit = where
-            self.target.cancel()
+        self.now(where)
         await asyncio.sleep(0)  # an await: where the cancellation lands if this is the pass's task
 
     def now(self, where: str) -> None:

@@ -22,12 +22,13 @@ async def test_run_held_returns_the_result_and_defers_the_cancellation() -> None
         done.append("written")
         return 7
 
-    async def caller() -> list[Any]:
-        got: list[Any] = [await run_held(write())]
+    got: list[Any] = []
+
+    async def caller() -> None:
+        got.append(await run_held(write()))
         got.append(asyncio.current_task().cancelling())  # type: ignore[union-attr]
         await asyncio.sleep(0)
         got.append("never")
-        return got
 
     task = asyncio.create_task(caller())
     await asyncio.sleep(0.01)
@@ -39,6 +40,7 @@ async def test_run_held_returns_the_result_and_defers_the_cancellation() -> None
     with pytest.raises(asyncio.CancelledError):
         await task
     assert done == ["written"]
+    assert got == [7, 2]  # the result, then the cancellation (both requests) at the next await
 
 
 async def test_run_held_raises_the_cancellation_when_the_write_failed() -> None:
