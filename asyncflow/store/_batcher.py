@@ -3,7 +3,9 @@
 A workflow pass needs each step durable before it goes on, but many passes run at once, and each
 step alone costs a round trip (or a trip to SQLite's thread), a commit (an fsync) and the driver's
 per-statement work. :class:`StepBatcher` keeps at most ``slots`` batches in flight; steps submitted
-meanwhile (and in the same event-loop turn) queue up and leave together. The backend's runner
+meanwhile (and in the same event-loop turn) queue up and leave together. A full queue found with
+nothing in flight leaves as two halves: the database then works on one while the process handles the
+other's outcomes, instead of each waiting for the other. The backend's runner
 applies each step of a batch on its own (a subtransaction or SAVEPOINT), so one step's failed
 condition or error rolls back that step alone, and commits the batch once. Under light load a step
 goes alone, as before; a caller cancelled while waiting does not stop its batch (its step lands
