@@ -11,8 +11,9 @@ its own and shield it (a task, a shield future and two extra event-loop turns pe
   result, and the cancellation is raised at the task's next ``await`` (:func:`defer`);
 * if the write failed, the cancellation is raised at once (the failure is moot).
 
-The engine only takes this path for an ``apply_step`` that carries the mark; anything else (a
-wrapper, a subclass that overrides it, another repo) runs in a shielded task as before. The repo
+The engine awaits inline only an ``apply_step`` that carries the mark; anything else (a wrapper, a
+subclass that overrides it, another repo) runs in a task of its own under :func:`run_held`, with the
+same outcome. The repo
 holds only while :data:`HOLD_STEPS` is set in the caller's context (the engine sets it around its
 step): any other caller of ``apply_step`` keeps the plain behaviour, where a cancelled call returns at
 once (its statement may still land).
@@ -25,7 +26,15 @@ import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-__all__ = ["HOLD_STEPS", "HeldFuture", "defer", "holds_cancellation", "is_held", "run_held", "wait_out"]
+__all__ = [
+    "HOLD_STEPS",
+    "HeldFuture",
+    "defer",
+    "held_if_asked",
+    "holds_cancellation",
+    "is_held",
+    "run_held",
+]
 
 HOLD_STEPS: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncflow_hold_steps", default=False)
 """Set by the engine around a step it awaits inline: the repo's ``apply_step`` then holds."""
@@ -76,20 +85,19 @@ async def run_held(aw: Awaitable[T]) -> T:
     try:
         return await asyncio.shield(inner)
     except asyncio.CancelledError as cancel:
-        await wait_out(inner)
+        while not inner.done():  # later cancellations are absorbed: this one is raised or deferred
+            try:
+                await asyncio.shield(inner)
+            except asyncio.CancelledError:
+                continue
+            except Exception:  # the write's own failure is moot: the caller is being cancelled
+                break
         if inner.cancelled() or inner.exception() is not None:
             raise
         defer(cancel)
         return inner.result()
 
 
-async def wait_out(inner: asyncio.Future[Any]) -> None:
-    """Wait until ``inner`` is done, whatever cancellations of the caller arrive meanwhile (they are
-    absorbed: the caller raises its own cancellation afterwards)."""
-    while not inner.done():
-        try:
-            await asyncio.shield(inner)
-        except asyncio.CancelledError:
-            continue
-        except Exception:  # the write's own failure is moot: the caller is being cancelled
-            break
+async def held_if_asked(aw: Awaitable[T]) -> T:
+    """``aw`` under :func:`run_held` while :data:`HOLD_STEPS` is set (the engine's step), else as it is."""
+    return await (run_held(aw) if HOLD_STEPS.get() else aw)

@@ -29,9 +29,9 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from .._held import HOLD_STEPS, is_held, wait_out
+from .._held import HOLD_STEPS, is_held, run_held
 from .._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
 from ..context import JSONContext
 from ..errors import LockFailedError, ParamInvalidError, TaskFailedTerminate, TaskNotReady, is_serious_error
@@ -92,7 +92,6 @@ __all__ = [
     "PassRunner",
     "StallWarnings",
     "active_passes",
-    "run_shielded",
 ]
 
 CHILD_KEYS = "child_keys"
@@ -109,8 +108,6 @@ ChildStart = Callable[
 
 logger = logging.getLogger("asyncflow.engine")
 _NO_CHILDREN = ChildStarts("", None)  # a wait_check: start_child_workflow() raises (nothing is kept)
-
-T = TypeVar("T")
 
 _COMPLETED = TaskStatus.COMPLETED.value
 _RUNNING = TaskStatus.RUNNING.value
@@ -132,21 +129,6 @@ context on top of :data:`~asyncflow._json_depth.MAX_JSON_DEPTH` before a pass re
 active_passes: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
     "asyncflow_active_passes", default=frozenset()
 )
-
-
-async def run_shielded(aw: Awaitable[T]) -> T:
-    """Await ``aw`` so that a cancellation waits for it to finish (a write lands or fails whole).
-
-    The cancellation is re-raised afterwards; ``CancelledError`` is never swallowed.
-    """
-    inner = asyncio.ensure_future(aw)
-    try:
-        return await asyncio.shield(inner)
-    except asyncio.CancelledError:
-        await wait_out(inner)
-        if not inner.cancelled():
-            inner.exception()  # mark a failure of the write as retrieved
-        raise
 
 
 class StallWarnings:
@@ -254,7 +236,7 @@ class PassRunner:
         self._default_fail_max_count = default_fail_max_count
         self._wait_interval = wait_interval
         self._slots = _Slots(branch_concurrency)
-        self._held_steps = is_held(repo.apply_step)  # its steps run inline, not in a shielded task
+        self._held_steps = is_held(repo.apply_step)  # its steps run inline, not in a task of their own
         self._main_task: asyncio.Task[Any] | None = None  # the task of run()
         self._status = instance.status
         self._visited: set[str] = set()
@@ -1031,48 +1013,18 @@ class PassRunner:
             cancel_other_tasks=cancel,
             lease_epoch=self._instance.lease_epoch,
         )
-        if self._held_steps:  # the repo holds a cancellation until its step is done (asyncflow._held)
-            hold = HOLD_STEPS.set(True)
-            try:
-                result = await self._repo.apply_step(step)
-            except BaseException:
-                self._carry = carried + self._carry  # not written: the next step carries it
-                raise
-            finally:
-                HOLD_STEPS.reset(hold)
-                if done_event is not None:
-                    done_event.set()
-            self._check_applied(result)
-            self._record(inserts, updates, instance_status, result)
-            task, main = asyncio.current_task(), self._main_task
-            if (task is not None and task.cancelling()) or (main is not None and main.cancelling()):
-                # a cancellation of this task (deferred by the repo) or of the pass (which its task
-                # group passes on to this task) came during the write: let it land now, as it would
-                # have at the await of a write in a task of its own, before the next node starts
-                await asyncio.sleep(0)
-            return
-        write = asyncio.ensure_future(self._repo.apply_step(step))
+        hold = HOLD_STEPS.set(True)  # the repo holds a cancellation until its step is done (asyncflow._held)
+        write = self._repo.apply_step(step)
         try:
-            result = await run_shielded(write)
-        except asyncio.CancelledError:
-            # run_shielded let the write finish first: one that applied is recorded (a later write of
-            # these rows must see their new versions), else the next step carries it
-            if not write.cancelled() and write.exception() is None and write.result().applied:
-                self._record(inserts, updates, instance_status, write.result())
-            else:
-                self._carry = carried + self._carry
-            raise
+            # a repo that holds is awaited inline; any other runs in a task of its own, held the same way
+            result = await (write if self._held_steps else run_held(write))
         except BaseException:
             self._carry = carried + self._carry  # not written: the next step carries it
             raise
         finally:
+            HOLD_STEPS.reset(hold)
             if done_event is not None:
                 done_event.set()
-        self._check_applied(result)
-        self._record(inserts, updates, instance_status, result)
-
-    def _check_applied(self, result: StepResult) -> None:
-        """Stop the pass (raise ``_PassStopped``) if its step did not apply."""
         if not result.applied:
             self._stopped = True
             if result.stale:
@@ -1091,6 +1043,13 @@ class PassRunner:
                 extra=self._extra("", self._status),
             )
             raise _PassStopped
+        self._record(inserts, updates, instance_status, result)
+        task, main = asyncio.current_task(), self._main_task
+        if (task is not None and task.cancelling()) or (main is not None and main.cancelling()):
+            # a cancellation of this task (deferred by the repo) or of the pass (which its task group
+            # passes on to this task) came during the write: let it land now, as it would have at
+            # the await of the write, before the next node starts
+            await asyncio.sleep(0)
 
     def _record(
         self,

@@ -61,8 +61,9 @@ class SqlBackend(Protocol):
     ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None: ...
 
     async def apply_step(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
-        """Held (:mod:`asyncflow._held`): a cancellation of the caller waits for the step, and a step
-        that was written returns its rows (the cancellation is raised at the caller's next await)."""
+        """While ``HOLD_STEPS`` is set (the engine's step, :mod:`asyncflow._held`), a cancellation of
+        the caller waits for the step, and a step that was written returns its rows (the cancellation
+        is raised at the caller's next await)."""
         ...
 
     async def claim(self, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]) -> list[int]: ...

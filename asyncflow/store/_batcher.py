@@ -74,7 +74,7 @@ class StepBatcher(Generic[T]):
                 # nothing in flight and a full batch waiting: two halves, so that the database works
                 # on one while this process handles the outcomes of the other (one big batch makes
                 # each wait for the other)
-                size = (len(self._queue) + 1) // 2 if len(self._queue) < 2 * size else size
+                size = min(size, (len(self._queue) + 1) // 2)
             batch, self._queue = self._queue[:size], self._queue[size:]
             batch.sort(key=lambda entry: entry[0])  # rows locked in one order: no deadlock between batches
             self._inflight += 1

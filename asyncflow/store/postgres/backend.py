@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..._held import HOLD_STEPS, run_held
+from ..._held import HOLD_STEPS, held_if_asked
 from ...errors import ParamInvalidError, StoreError
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._batcher import StepBatcher
@@ -142,9 +142,7 @@ class PostgresBackend:
         """The step function; ``StepConflict`` (nothing written) if a condition failed."""
         try:
             if not self._direct():
-                if HOLD_STEPS.get():
-                    return await run_held(self._apply_in_transaction(step, now))
-                return await self._apply_in_transaction(step, now)
+                return await held_if_asked(self._apply_in_transaction(step, now))
             inserted = await self._apply_direct(step, now)
         except StepConflict:
             raise
@@ -165,9 +163,10 @@ class PostgresBackend:
     async def _apply_direct(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
         """Held for the engine (:mod:`asyncflow._held`): the batch's outcome, or the single statement's,
         is returned even if the caller is cancelled meanwhile (the cancellation is then deferred)."""
-        hold = HOLD_STEPS.get()
         if self._step_batcher is not None and self._steps is not None and self._steps.enabled:
-            outcome = await self._step_batcher.submit(step.instance_id, pg.step_json(step, now), hold=hold)
+            outcome = await self._step_batcher.submit(
+                step.instance_id, pg.step_json(step, now), hold=HOLD_STEPS.get()
+            )
             if outcome is not RUN_ALONE:
                 code, ids = outcome
                 if code == pg.CONFLICT_SQLSTATE:
@@ -175,9 +174,7 @@ class PostgresBackend:
                 if code == pg.STALE_SQLSTATE:
                     raise StaleStep
                 return pg.inserted_records(step, ids, now)
-        if hold:
-            return await run_held(self._apply_alone(step, now))
-        return await self._apply_alone(step, now)
+        return await held_if_asked(self._apply_alone(step, now))
 
     async def _apply_alone(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
         async with self._lanes.lane() as driver:

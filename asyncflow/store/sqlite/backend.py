@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..._held import HOLD_STEPS, run_held
+from ..._held import HOLD_STEPS, held_if_asked
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._batcher import StepBatcher
 from .._errors import StaleStep, StepConflict
@@ -135,9 +135,9 @@ class SqliteBackend:
 
     async def apply_step(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
         """One transaction (or SAVEPOINT); ``StepConflict`` (nothing written) if a condition failed."""
-        hold = HOLD_STEPS.get()  # the engine's step (asyncflow._held)
         if self._batcher is not None and self._direct():
-            outcome = await self._batcher.submit(step.instance_id, (step, now), hold=hold)
+            # the engine's step (asyncflow._held) holds a cancellation until its outcome
+            outcome = await self._batcher.submit(step.instance_id, (step, now), hold=HOLD_STEPS.get())
             if outcome is None:
                 raise StepConflict
             if outcome is lite.STALE:
@@ -145,8 +145,7 @@ class SqliteBackend:
             notify(self._observed, True)
             inserted: tuple[TaskInstanceRecord, ...] = outcome
             return inserted
-        write = self._write(lite.step, step, now)
-        ids = await (run_held(write) if hold else write)
+        ids = await held_if_asked(self._write(lite.step, step, now))
         if ids is None:
             raise StepConflict
         if ids is lite.STALE:
