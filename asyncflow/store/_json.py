@@ -4,13 +4,25 @@ Contexts are stored as canonical compact JSON text (sorted keys, no spaces, UTF-
 backend cannot store faithfully is refused with ``ParamInvalidError`` *before* the database is touched:
 a NUL character (PostgreSQL ``text``/``jsonb`` cannot hold it), a lone surrogate (not encodable as
 UTF-8), NaN/infinity, non-JSON values, and integers outside the signed 64-bit range of the columns.
+
+Besides JSON's own types, a context may hold ``enum.Enum`` members (stored as their value) and
+``uuid.UUID`` values (stored as their string); like tuples, they read back as what they were stored as.
+
+Encoding and decoding take orjson's C code when it gives the standard library's document: orjson
+encodes a context first, and whatever it cannot encode exactly as :mod:`json` would (a key that is not
+a string, an integer beyond 64 bits, a subclass of a JSON type, a document nesting too deep, and any
+``null``, which is how orjson writes NaN) goes through :mod:`json`, which decides. Numbers may be
+written in another of their shortest forms (``1e16`` for ``1e+16``): the same values. Without
+orjson (a platform without its wheel) :mod:`json` does all of it.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import re
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,9 +34,40 @@ logger = logging.getLogger(__name__)
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a dependency; a platform without its wheel uses json alone
+    orjson = None  # type: ignore[assignment]
+
+
+def _more_types(value: object) -> object:
+    """What :mod:`json` stores for the types contexts accept beyond JSON's (as orjson does)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 _ENCODER = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":"), check_circular=True
+    ensure_ascii=False,
+    allow_nan=False,
+    sort_keys=True,
+    separators=(",", ":"),
+    check_circular=True,
+    default=_more_types,
 )
+_ORJSON_OPTIONS = (
+    0
+    if orjson is None
+    else orjson.OPT_SORT_KEYS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+"""Sorted keys; subclasses of JSON types, datetimes and dataclasses refused (``json`` then decides)."""
+_LONG_NUMBER = re.compile(r"\d{19}")
+"""Nineteen digits in a row: maybe an integer beyond 64 bits, which orjson would read as a float."""
 # ``\u0000`` in JSON text is a NUL only when the backslash itself is not escaped (``\\u0000`` is text).
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -68,6 +111,19 @@ def dumps_context(value: object, what: str) -> str:
     """Serialize a context ``dict`` to canonical compact JSON, or raise ``ParamInvalidError``."""
     if not isinstance(value, dict):
         raise ParamInvalidError(f"{what} must be a dict, got {type(value).__name__}")
+    if orjson is not None:
+        try:
+            raw = orjson.dumps(value, option=_ORJSON_OPTIONS)
+        except orjson.JSONEncodeError:
+            pass  # json decides (see the module's docstring)
+        else:
+            if b"null" not in raw:  # NaN and infinities are ``null`` in orjson: json refuses them
+                text = raw.decode()  # orjson writes UTF-8 only (a lone surrogate fails above)
+                if "\\u0000" in text and _NUL_ESCAPE.search(text):
+                    raise ParamInvalidError(
+                        f"{what} must not contain a NUL character (\\x00) in a key or string"
+                    )
+                return text
     try:
         text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -114,6 +170,9 @@ def loads_context(raw: object, column: str, row_id: object) -> dict[str, Any]:
 
 def copy_context(text: str) -> dict[str, Any]:
     """A fresh ``dict`` from canonical JSON text (what a read of the stored value would return)."""
+    if orjson is not None and _LONG_NUMBER.search(text) is None:
+        fast: dict[str, Any] = orjson.loads(text)
+        return fast
     result: dict[str, Any] = json.loads(text)
     return result
 
