@@ -324,6 +324,11 @@ class PassRunner:
 
     def _initially_ready(self) -> list[str]:
         ready = []
+        if not self._rows:  # a new instance: a node with predecessors waits for them (no row yet)
+            ready = [n.task_type for n in self._definition.nodes if not n.pre_nodes]
+            ready = [t for t in ready if self._join(t) is Join.RUN]
+            self._visited.update(ready)
+            return ready
         for node in self._definition.nodes:
             row = self._rows.get(node.task_type)
             if row is None or row.status == _RESTARTING:
@@ -1002,14 +1007,19 @@ class PassRunner:
             done_event = self._carry_done = asyncio.Event()
         if instance_status is None and self._status == InstanceStatus.INIT.value:
             instance_status = InstanceStatus.RUNNING.value
-        inserts = [(tt, w) for tt, w in writes if isinstance(w, TaskInsert)]
-        updates = [(tt, w) for tt, w in writes if isinstance(w, TaskUpdate)]
+        inserts: list[tuple[str, TaskInsert]] = []
+        updates: list[tuple[str, TaskUpdate]] = []
+        for pair in writes:
+            if isinstance(pair[1], TaskInsert):
+                inserts.append(pair)  # type: ignore[arg-type]
+            else:
+                updates.append(pair)  # type: ignore[arg-type]
         step = Step(
             instance_id=self._instance.id,
             instance_status=instance_status,
             next_run_at=next_run_at,
-            inserts=tuple(w for _, w in inserts),
-            updates=tuple(w for _, w in updates),
+            inserts=tuple([w for _, w in inserts]),
+            updates=tuple([w for _, w in updates]) if updates else (),
             cancel_other_tasks=cancel,
             lease_epoch=self._instance.lease_epoch,
         )

@@ -230,24 +230,27 @@ def prepared_step(step: Step) -> PreparedStep:
         if not (type(expected) is int and INT64_MIN <= expected <= INT64_MAX):
             expected = check_int(expected, "TaskUpdate.expected_version")
         updates.append((task_id, expected, task_change(update, allow_empty=True)))
-    inserts = tuple(task_row(new) for new in step.inserts)
+    inserts = tuple([task_row(new) for new in step.inserts])
     instance_id, status_in = step.instance_id, step.instance_status_in
     if not (type(instance_id) is int and INT64_MIN <= instance_id <= INT64_MAX):
         instance_id = check_int(instance_id, "Step.instance_id")
     if status_in not in _CHECKED_STATUS_IN:
         status_in = check_texts(status_in, "Step.instance_status_in")
+    status, next_run_at, epoch = step.instance_status, step.next_run_at, step.lease_epoch
+    if next_run_at is not None:
+        next_run_at = check_int(next_run_at, "Step.next_run_at", minimum=0)
     return PreparedStep(
         instance_id=instance_id,
         instance_status_in=status_in,
         instance_change=InstanceChange(
-            status=_optional_text(step.instance_status, "Step.instance_status"),
+            status=None if status is None else check_text(status, "Step.instance_status"),
             context=None,
-            next_run_at=_optional_int(step.next_run_at, "Step.next_run_at"),
+            next_run_at=next_run_at,
         ),
         updates=tuple(updates),
         inserts=inserts,
         cancel_other_tasks=bool(step.cancel_other_tasks),
-        lease_epoch=_optional_int(step.lease_epoch, "Step.lease_epoch"),
+        lease_epoch=None if epoch is None else check_int(epoch, "Step.lease_epoch", minimum=0),
     )
 
 

@@ -188,35 +188,41 @@ class TxConnection:
         return None if row is None else row[0]
 
 
-def _text(value: str | None) -> str:
-    return "null" if value is None else _encode_text(value)
-
-
-def _int(value: int | None) -> str:
-    return "null" if value is None else str(value)
-
-
 def step_json(step: PreparedStep, now: int) -> str:
     """The JSON argument of :data:`STEP_CALL` (see the function's comment), built from checked values.
 
     Contexts are already canonical JSON text: they are embedded as they are, not encoded twice.
+    (Loops and conditional expressions, not helpers and generators: every step of every pass runs it.)
     """
+    encoded = _ENCODED
+    parts = []
+    for task_id, version, c in step.updates:
+        status, fail_count, started_at = c.status, c.fail_count, c.started_at
+        parts.append(
+            f"[{task_id},{version},"
+            f"{'null' if status is None else encoded.get(status) or _encode_text(status)},"
+            f"{c.context or 'null'},{'null' if fail_count is None else fail_count},"
+            f"{'null' if started_at is None else started_at}]"
+        )
+    updates = ",".join(parts)
+    parts = []
+    for row in step.inserts:
+        task_type, status = row.task_type, row.status
+        parts.append(
+            f"[{encoded.get(task_type) or _encode_text(task_type)},"
+            f"{encoded.get(status) or _encode_text(status)},{row.context},{row.fail_count},"
+            f"{row.started_at or now}]"
+        )
+    inserts = ",".join(parts)
+    statuses = ",".join([encoded.get(s) or _encode_text(s) for s in step.instance_status_in])
     change = step.instance_change
-    updates = ",".join(
-        f"[{task_id},{version},{_text(c.status)},{c.context or 'null'},{_int(c.fail_count)},"
-        f"{_int(c.started_at)}]"
-        for task_id, version, c in step.updates
-    )
-    inserts = ",".join(
-        f"[{_encode_text(row.task_type)},{_encode_text(row.status)},{row.context},{row.fail_count},"
-        f"{row.started_at or now}]"
-        for row in step.inserts
-    )
-    statuses = ",".join(map(_encode_text, step.instance_status_in))
-    cancel = "true" if step.cancel_other_tasks else "false"
+    status, next_run_at, epoch = change.status, change.next_run_at, step.lease_epoch
     return (
-        f"[{step.instance_id},[{statuses}],{_text(change.status)},{_int(change.next_run_at)},{now},"
-        f"{cancel},[{updates}],[{inserts}],{_int(step.lease_epoch)}]"
+        f"[{step.instance_id},[{statuses}],"
+        f"{'null' if status is None else encoded.get(status) or _encode_text(status)},"
+        f"{'null' if next_run_at is None else next_run_at},{now},"
+        f"{'true' if step.cancel_other_tasks else 'false'},[{updates}],[{inserts}],"
+        f"{'null' if epoch is None else epoch}]"
     )
 
 
@@ -227,9 +233,12 @@ def inserted_records(
     if not step.inserts:
         return ()
     assert ids is not None and len(ids) == len(step.inserts), (ids, step.inserts)
+    instance_id = step.instance_id
     return tuple(
-        inserted_task_record(task_id, step.instance_id, row, now)
-        for task_id, row in zip(ids, step.inserts, strict=True)
+        [
+            inserted_task_record(task_id, instance_id, row, now)
+            for task_id, row in zip(ids, step.inserts, strict=True)
+        ]
     )
 
 
