@@ -117,7 +117,10 @@ _RESTARTING = TaskStatus.RESTARTING.value
 _FAILED = TaskStatus.FAILED.value
 _CANCELED = TaskStatus.CANCELED.value
 _SKIPPED = TaskStatus.SKIPPED.value
-_ACTIVE_INSTANCE = (InstanceStatus.INIT.value, InstanceStatus.RUNNING.value)
+_INSTANCE_INIT = InstanceStatus.INIT.value
+_INSTANCE_RUNNING = InstanceStatus.RUNNING.value
+_INSTANCE_COMPLETED = InstanceStatus.COMPLETED.value
+_ACTIVE_INSTANCE = (_INSTANCE_INIT, _INSTANCE_RUNNING)
 _SETTLED = (_COMPLETED, _FAILED, _CANCELED)
 _FAILS_A_PARENT = (InstanceStatus.FAILED.value, InstanceStatus.CANCELED.value)  # a child ending so
 
@@ -231,6 +234,7 @@ class PassRunner:
         self._lease = lease
         self._instance = instance
         self._definition = definition
+        self._node_of = definition._by_type  # its dict, read only (a node's hot path)
         self._rows: dict[str, TaskInstanceRecord] = {row.task_type: row for row in rows}
         self._retry = retry
         self._default_fail_max_count = default_fail_max_count
@@ -238,6 +242,7 @@ class PassRunner:
         self._slots = _Slots(branch_concurrency)
         self._held_steps = is_held(repo.apply_step)  # its steps run inline, not in a task of their own
         self._main_task: asyncio.Task[Any] | None = None  # the task of run()
+        self._interrupted_here = False  # interrupt() cancelled the node run() drives itself
         self._status = instance.status
         self._visited: set[str] = set()
         self._deferred: dict[str, _Write] = {}
@@ -275,8 +280,14 @@ class PassRunner:
             try:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
-                    for task_type in self._initially_ready():
-                        self._spawn(tg, task_type)
+                    ready = self._initially_ready()
+                    if ready and not self._definition.feeds_first:
+                        for task_type in ready[1:]:
+                            self._spawn(tg, task_type)
+                        await self._drive_here(tg, ready[0])
+                    else:
+                        for task_type in ready:
+                            self._spawn(tg, task_type)
             except BaseExceptionGroup as group:
                 _, rest = group.split((_PassStopped, _PassFailed))
                 if rest is not None:
@@ -309,7 +320,7 @@ class PassRunner:
         return edge_status(status, chosen_of(row.node_context) if row else None, node)
 
     def _join(self, task_type: str, overrides: dict[str, str] | None = None) -> Join:
-        node = self._definition.node(task_type)
+        node = self._node_of[task_type]
         join = "end" if task_type == END_NODE else node.join
         if overrides:
             return join_decision(join, [self._edge(p, task_type, overrides) for p in node.pre_nodes])
@@ -358,14 +369,31 @@ class PassRunner:
 
     def _newly_ready(self, done: str) -> list[str]:
         ready = []
+        node_of = self._node_of
         for source in (done, *self._skipped_with.pop(done, ())):
-            for succ in self._definition.node(source).next_nodes:
+            for succ in node_of[source].next_nodes:
                 if succ in self._visited or not self._open(succ):
                     continue
                 if self._join(succ) is Join.RUN:
                     self._visited.add(succ)
                     ready.append(succ)
         return ready
+
+    async def _drive_here(self, tg: asyncio.TaskGroup, task_type: str) -> None:
+        """:meth:`_drive` in the pass's own task, inside its task group: one task fewer per pass.
+
+        Not with a ``first`` join (a branch that completes one waits for the tasks it cancels, and
+        this task waits for the group). A node of this task that :meth:`interrupt` cancels ends as a
+        node task would: its cancellation is taken back and the pass goes on."""
+        try:
+            await self._drive(tg, task_type)
+        except asyncio.CancelledError:
+            main = self._main_task
+            if not self._interrupted_here or main is None:
+                raise
+            self._interrupted_here = False
+            if main.uncancel() > 0:  # cancelled from outside too (or by the group): that one stands
+                raise
 
     def _spawn(self, tg: asyncio.TaskGroup, task_type: str) -> None:
         tg.create_task(self._drive(tg, task_type), name=f"asyncflow-{self._instance.id}-{task_type}")
@@ -375,7 +403,7 @@ class PassRunner:
         current: str | None = task_type
         task = asyncio.current_task()
         tasks, slots, observers = self._tasks, self._slots, self._observers
-        by_type = self._definition.node
+        by_type = self._node_of
         while current is not None:
             if current in self._dropped:  # a ``first`` join dropped it before this task began
                 return
@@ -383,7 +411,7 @@ class PassRunner:
                 tasks[current] = task
             try:
                 async with slots:
-                    node = by_type(current)
+                    node = by_type[current]
                     if observers is None or current in (ROOT_NODE, END_NODE):
                         completed = await self._process(node)
                     else:
@@ -583,6 +611,10 @@ class PassRunner:
         """A visibility write found the pass over: cancel the node's worker call (its result is moot)."""
         task = self._tasks.get(task_type)
         if task is not None and not task.done():
+            if task is self._main_task:  # the node runs in the pass's own task (_drive_here)
+                if self._interrupted_here:
+                    return
+                self._interrupted_here = True
             task.cancel()
 
     def warn_overdue(self, node: NodeDefinition, age: float) -> None:
@@ -834,13 +866,13 @@ class PassRunner:
         instance_status = None
         extra: list[tuple[str, _Write]] = []
         if task_type == END_NODE:
-            instance_status = InstanceStatus.COMPLETED.value
+            instance_status = _INSTANCE_COMPLETED
         else:
             if task_type in self._definition.feeds_first:
                 await self._stop_losers(task_type, context)
             extra = self._consequences(task_type, context)
             if extra and extra[-1][0] == END_NODE:
-                instance_status = InstanceStatus.COMPLETED.value
+                instance_status = _INSTANCE_COMPLETED
         writes = [(task_type, _write_for(task_type, row, _COMPLETED, context, fail_count, started_at))]
         await self._apply(writes + extra, instance_status=instance_status)
         skipped = [t for t, w in extra if w.status == _SKIPPED]
@@ -1005,8 +1037,8 @@ class PassRunner:
             writes = carried + writes
             self._carry = []
             done_event = self._carry_done = asyncio.Event()
-        if instance_status is None and self._status == InstanceStatus.INIT.value:
-            instance_status = InstanceStatus.RUNNING.value
+        if instance_status is None and self._status == _INSTANCE_INIT:
+            instance_status = _INSTANCE_RUNNING
         inserts: list[tuple[str, TaskInsert]] = []
         updates: list[tuple[str, TaskUpdate]] = []
         for pair in writes:
@@ -1045,21 +1077,28 @@ class PassRunner:
                     self._instance.lease_epoch,
                     extra=self._extra("", self._status),
                 )
-                raise _PassStopped
-            logger.info(
-                "pass of instance %s stopped: the instance changed under it (cancel, restart or "
-                "another runner)",
-                self._instance.id,
-                extra=self._extra("", self._status),
-            )
+            else:
+                logger.info(
+                    "pass of instance %s stopped: the instance changed under it (cancel, restart or "
+                    "another runner)",
+                    self._instance.id,
+                    extra=self._extra("", self._status),
+                )
+            if self._cancel_pending():
+                await asyncio.sleep(0)
             raise _PassStopped
         self._record(inserts, updates, instance_status, result)
-        task, main = asyncio.current_task(), self._main_task
-        if (task is not None and task.cancelling()) or (main is not None and main.cancelling()):
-            # a cancellation of this task (deferred by the repo) or of the pass (which its task group
-            # passes on to this task) came during the write: let it land now, as it would have at
-            # the await of the write, before the next node starts
+        if self._cancel_pending():
             await asyncio.sleep(0)
+
+    def _cancel_pending(self) -> bool:
+        """A cancellation of this task (deferred by the repo) or of the pass (which its task group
+        passes on to this task) came during the write: the caller lets it land (``sleep(0)``), as it
+        would have at the await of the write, before the next node starts or the pass stops (a
+        deferred one must not outlive the step: in the pass's own task it would be raised later,
+        outside the pass)."""
+        task, main = asyncio.current_task(), self._main_task
+        return (task is not None and task.cancelling() > 0) or (main is not None and main.cancelling() > 0)
 
     def _record(
         self,

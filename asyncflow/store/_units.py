@@ -46,6 +46,9 @@ class ConnectionUnits:
         self.engine = engine
         self._autocommit = autocommit
         self._tx: ContextVar[_Tx | None] = ContextVar(f"asyncflow_sql_tx_{id(self):x}", default=None)
+        self.tx_var = self._tx
+        """The transaction() the calling task runs in (``None``: none); read :meth:`in_transaction`
+        unless on a hot path that has checked :attr:`closed` itself."""
         self.closed = False
         self._gate = gate
 

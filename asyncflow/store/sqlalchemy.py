@@ -46,7 +46,7 @@ from . import _statements as st
 from . import migrations, tables
 from ._backend import SqlBackend, backend_for
 from ._engine import create_engine_from_url
-from ._errors import StaleStep, StepConflict, StoreErrors
+from ._errors import DB_ERRORS, StaleStep, StepConflict, StoreErrors, store_error
 from ._json import (
     check_int,
     check_text,
@@ -454,11 +454,13 @@ class SQLAlchemyWorkflowRepo:
         ``asyncflow_steps_v1()``, which applies concurrent steps in one statement, each on its own).
         """
         prepared = prep.prepared_step(step)
-        try:
-            with StoreErrors("apply_step"):
-                inserted = await self._backend.apply_step(prepared, self._now())
+        try:  # StoreErrors("apply_step") without its context manager (every step of every pass)
+            inserted = await self._backend.apply_step(prepared, int(self._clock.time()))
         except StepConflict as conflict:
             return StepResult(applied=False, stale=isinstance(conflict, StaleStep))
+        except DB_ERRORS as error:
+            wrapped = store_error(error, "apply_step")
+            raise wrapped from wrapped.__cause__
         return StepResult(applied=True, inserted=inserted)
 
     # ---------------------------------------------------------------------------------- driver

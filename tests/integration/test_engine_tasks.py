@@ -1,5 +1,7 @@
 """The tasks a pass makes (issue 21): on a repo whose steps are held (asyncflow._held) a linear pass
-makes one task, the one that drives its nodes; each step is awaited inline. A wrapped repo (not
+makes no task: the pass's own task drives its nodes, inside its task group, and each step is awaited
+inline. A pass with branches makes a task per branch beyond the first; one with a ``first`` join a
+task per branch (a branch that completes one waits for the branches it drops). A wrapped repo (not
 held) gets one shielded task per step, as before, and the same result."""
 
 from __future__ import annotations
@@ -53,15 +55,42 @@ class Wrapped:
         return result
 
 
-async def test_a_linear_pass_on_a_held_repo_makes_one_task(engine_repo: Any) -> None:
+def _pass_tasks(made: list[str]) -> list[str]:
+    return [name for name in made if "PassRunner" in name or "apply_step" in name]
+
+
+async def test_a_linear_pass_on_a_held_repo_makes_no_task(engine_repo: Any) -> None:
     calls = Calls()
     svc = WorkflowService(engine_repo, LocalWorkflowLock(), registry_with(config("lin", LINEAR), calls))
     await svc.create_workflow("lin", "warm", run=True)  # the repo's own lazily started tasks, if any
     with counting_tasks() as made:
         done = await svc.create_workflow("lin", "one", run=True)
     assert done.status == "completed"
-    assert [name for name in made if "PassRunner" in name or "apply_step" in name] == ["PassRunner._drive"]
+    assert _pass_tasks(made) == []
     assert [t for phase, t in calls.order if phase == "run"] == ["A", "B", "C", "A", "B", "C"]
+
+
+async def test_branches_get_a_task_each_beyond_the_first(engine_repo: Any) -> None:
+    calls = Calls()
+    diamond = {"A": ["B", "C", "D"], "B": ["E"], "C": ["E"], "D": ["E"], "E": []}
+    svc = WorkflowService(engine_repo, LocalWorkflowLock(), registry_with(config("dia", diamond), calls))
+    await svc.create_workflow("dia", "warm", run=True)
+    with counting_tasks() as made:
+        done = await svc.create_workflow("dia", "one", run=True)
+    assert done.status == "completed"
+    assert _pass_tasks(made) == ["PassRunner._drive", "PassRunner._drive"]  # C and D; B runs in the pass
+    nodes = ("root", "A", "B", "C", "D", "E", "end")
+    assert await statuses(svc, done.id) == dict.fromkeys(nodes, "completed")
+
+
+async def test_a_first_join_keeps_every_branch_in_a_task(engine_repo: Any) -> None:
+    calls = Calls()
+    race = config("race", {"A": ["B", "C"], "B": ["D"], "C": ["D"], "D": []}, D={"join": "first"})
+    svc = WorkflowService(engine_repo, LocalWorkflowLock(), registry_with(race, calls))
+    with counting_tasks() as made:
+        done = await svc.create_workflow("race", "one", run=True)
+    assert done.status == "completed"
+    assert _pass_tasks(made) == ["PassRunner._drive", "PassRunner._drive"]  # the root's (then B), C's
 
 
 async def test_a_wrapped_repo_gets_a_shielded_task_per_step_and_the_same_result(engine_repo: Any) -> None:

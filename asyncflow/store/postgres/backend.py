@@ -79,9 +79,12 @@ class PostgresBackend:
 
     def _direct(self) -> bool:
         """Outside ``transaction()`` (raises ``StoreError`` if the repo is closed)."""
-        if self.units.in_transaction():
+        units = self.units
+        if not units.closed and units.tx_var.get() is None:  # the common case: open, no transaction
+            return True
+        if units.in_transaction():
             return False
-        self.units.check_open()
+        units.check_open()
         return True
 
     @asynccontextmanager
