@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import asyncflow as af
+from asyncflow._held import holds_cancellation, is_held
 from asyncflow.driver import WorkflowDriver
 from asyncflow.records import NewWorkflowInstance
 
@@ -84,7 +85,11 @@ class AsyncflowRun:
 
 
 def _count_steps(repo: Any) -> list[int]:
-    """Count ``repo.apply_step`` calls (the engine's step writes) in ``[0]``, whatever the backend groups."""
+    """Count ``repo.apply_step`` calls (the engine's step writes) in ``[0]``, whatever the backend groups.
+
+    The counter keeps the repo's :func:`~asyncflow._held.holds_cancellation` mark: it only delegates, and
+    without the mark the engine would run every step in a task of its own (``run_held``), a path the
+    measured repo does not take."""
     counter = [0]
     apply_step = repo.apply_step
 
@@ -92,7 +97,7 @@ def _count_steps(repo: Any) -> list[int]:
         counter[0] += 1
         return await apply_step(step)
 
-    repo.apply_step = counted
+    repo.apply_step = holds_cancellation(counted) if is_held(apply_step) else counted
     return counter
 
 

@@ -546,3 +546,53 @@ async def test_each_observer_set_runs_and_sees_every_node(observer: str, monkeyp
         assert total == 3 * N  # linear3: three nodes per workflow
     with pytest.raises(ValueError, match="unknown observer"):
         make_observers("statsd")
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+async def test_counting_steps_keeps_the_repos_held_steps(backend: str, tmp_path: Path) -> None:
+    """The step counter of a run keeps the measured path: steps awaited inline, no task per step."""
+    import asyncio
+
+    import asyncflow as af
+    from asyncflow._held import is_held
+    from benchmarks.asyncflow_runs import _count_steps
+    from benchmarks.scenarios import BenchHooks, build_registry, get_scenario
+
+    if backend == "memory":
+        repo: Any = af.MemoryWorkflowRepo()
+    else:
+        repo = af.SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{tmp_path / 'steps.db'}")
+        await repo.create_schema()
+    try:
+        assert is_held(repo.apply_step)
+        steps = _count_steps(repo)
+        assert is_held(repo.apply_step)
+        spec = get_scenario("linear3")
+        svc = af.WorkflowService(repo, af.LocalWorkflowLock(), registry=build_registry(spec, BenchHooks()))
+        await svc.create_workflow(spec.workflow_type, "warm", run=True)  # the repo's lazily started tasks
+        loop = asyncio.get_running_loop()
+        made: list[str] = []
+        create_task = loop.create_task
+
+        def counted(coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+            made.append(getattr(coro, "__qualname__", type(coro).__name__))
+            return create_task(coro, **kwargs)
+
+        loop.create_task = counted  # type: ignore[method-assign]
+        try:
+            done = await svc.create_workflow(spec.workflow_type, "one", run=True)
+        finally:
+            del loop.create_task
+        assert done.status == "completed"
+        assert steps[0] == 6  # three nodes, twice
+        assert [name for name in made if "PassRunner" in name or "counted" in name] == ["PassRunner._drive"]
+    finally:
+        await repo.aclose()
+    unheld = af.MemoryWorkflowRepo()
+
+    async def plain(step: Any) -> Any:
+        return await af.MemoryWorkflowRepo.apply_step(unheld, step)
+
+    unheld.apply_step = plain  # type: ignore[method-assign]
+    _count_steps(unheld)
+    assert not is_held(unheld.apply_step)  # a repo that does not hold is not made to
