@@ -7,6 +7,9 @@
   bulk insert), then one ``WorkflowDriver(concurrency=...)`` drives them. Throughput is ``n`` over the
   driving time; latency runs from each instance's creation to its last node's ``run`` (a stride sample).
 
+Each row first runs one workflow per caller (``warm-<i>``, not timed, not counted), as the floor runs
+one per connection, so its latency figures are those of the steady state.
+
 With ``backlog`` (``--backlog N``), ``N`` due instances of the scenario's type are created before the
 timed part (and outside the CPU and memory probe). Direct mode leaves them queued while it runs its
 ``n`` workflows; driver mode creates nothing more and times a driver (``async with``) until ``n``
@@ -326,6 +329,29 @@ async def run_driver(
     return create_s, drive_s, driver.stats
 
 
+async def _warm_up(svc: af.WorkflowService, spec: ScenarioSpec, concurrency: int) -> int:
+    """Run one workflow per caller (``warm-<i>``, ``create_workflow(run=True)``) before the timed part,
+    as the floor runs one per connection: connections opened, statements and the step functions'
+    plans prepared, so latency figures are the steady state's. Returns how many completed (the
+    count of completed instances leaves them out). Not for the children scenario (its parents need a
+    driver): none there."""
+    if spec.children:
+        return 0
+    count = max(1, concurrency)
+    indexes = iter(range(count))
+
+    async def one() -> None:
+        for i in indexes:
+            instance = await svc.create_workflow(spec.workflow_type, f"warm-{i}", run=True)
+            if await _finish(svc, spec, instance) != "completed":
+                raise BenchmarkError(f"warm-up instance {instance.id} of {spec.workflow_type} not completed")
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(count):
+            group.create_task(one())
+    return count
+
+
 async def _count_completed(svc: af.WorkflowService, workflow_type: str) -> int:
     params = af.QueryWorkflowInstanceParams(workflow_type_in=(workflow_type,), status_in=("completed",))
     return int(await svc.count_workflow_instances(params))
@@ -423,6 +449,8 @@ async def run_asyncflow_once(
                     ),
                     3,
                 )
+            warm = await _warm_up(svc, spec, run.concurrency)
+            warm_commits, warm_writes = await read_commits(final=False)
             if run.gc_freeze:  # long-lived objects out of the full collections' scans
                 gc.collect()
                 gc.freeze()
@@ -430,12 +458,16 @@ async def run_asyncflow_once(
             with ResourceProbe() as probe:
                 setup_s, elapsed = await _measured(run, spec, svc, repo, hooks, sampler, extra)
             extra["steps"] = steps[0]  # pass steps the engine applied (logical writes; creates not counted)
-            completed = await _count_completed(svc, spec.workflow_type)
+            completed = await _count_completed(svc, spec.workflow_type) - warm
         finally:
             await repo.aclose()
             if hasattr(lock, "aclose"):
                 await lock.aclose()
         commits, write_commits = await read_commits()
+    if commits is not None and warm_commits is not None:
+        commits -= warm_commits
+    if write_commits is not None and warm_writes is not None:
+        write_commits -= warm_writes
     if completed != run.n and not (run.mode == "driver" and run.backlog and completed >= run.n):
         raise BenchmarkError(f"{run.scenario}/{run.mode}: {completed} of {run.n} instances completed")
     if run.mode == "driver" and sampler.open_count:

@@ -63,16 +63,19 @@ class _CountingRepos:
             self.counter.attach(engine)
         return repo
 
-    def counted(self) -> tuple[int, int] | None:
+    def counted(self, final: bool = True) -> tuple[int, int] | None:
+        """The commits so far; ``final``: and stop counting (the repo is closed)."""
         if not self.counter.attached:
             return None
-        self.counter.detach()
+        if final:
+            self.counter.detach()
         return self.counter.commits, self.counter.write_commits
 
 
 # (make_repo, read_commits): read_commits() is awaited after the repo is closed and returns
-# (commits, write_commits), either of which may be None
-Backend = tuple[Callable[[], Any], Callable[[], Awaitable[tuple[int | None, int | None]]]]
+# (commits, write_commits), either of which may be None; read_commits(final=False) reads them so far
+# (the warm-up's, subtracted) and keeps counting
+Backend = tuple[Callable[[], Any], Callable[..., Awaitable[tuple[int | None, int | None]]]]
 
 
 @contextlib.asynccontextmanager
@@ -86,11 +89,13 @@ async def open_backend(
 
     Commits: on PostgreSQL ``pg_stat_database.xact_commit`` of the run's own database (every
     committed transaction, reads and connection set-up included) and, from SQLAlchemy events, those
-    that wrote; on SQLite both from SQLAlchemy events; none for the memory repo.
+    that wrote; on SQLite both from SQLAlchemy events; none for the memory repo. Read mid-run
+    (``final=False``, the warm-up's, which the run subtracts), PostgreSQL's are the repo's own count:
+    the server publishes a live session's counters late.
     """
     if backend == "memory":
 
-        async def nothing() -> tuple[None, None]:
+        async def nothing(final: bool = True) -> tuple[None, None]:
             return None, None
 
         yield af.MemoryWorkflowRepo, nothing
@@ -102,8 +107,8 @@ async def open_backend(
             await setup.aclose()
             repos = _CountingRepos(url, {})
 
-            async def sqlite_commits() -> tuple[int | None, int | None]:
-                counted = repos.counted()
+            async def sqlite_commits(final: bool = True) -> tuple[int | None, int | None]:
+                counted = repos.counted(final)
                 return (None, None) if counted is None else counted
 
             yield repos.make, sqlite_commits
@@ -118,8 +123,10 @@ async def open_backend(
             sizing = {"pool_size": pool_size, "max_overflow": 4} if pool_size > 0 else {}
             repos = _CountingRepos(db.sqlalchemy_url, sizing)
 
-            async def pg_commits() -> tuple[int | None, int | None]:
-                counted = repos.counted()
+            async def pg_commits(final: bool = True) -> tuple[int | None, int | None]:
+                counted = repos.counted(final)
+                if not final:  # mid-run: the server publishes a session's counters late; the repo's own
+                    return (None, None) if counted is None else counted
                 return await pg_admin.xact_commit(db.name) - before, None if counted is None else counted[1]
 
             yield repos.make, pg_commits

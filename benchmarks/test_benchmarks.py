@@ -543,7 +543,7 @@ async def test_each_observer_set_runs_and_sees_every_node(observer: str, monkeyp
             for sample in metric.samples
             if sample.name == "asyncflow_node_attempts_total" and sample.labels["outcome"] == "completed"
         )
-        assert total == 3 * N  # linear3: three nodes per workflow
+        assert total == 3 * (N + C)  # linear3: three nodes per workflow (the warm-up's C workflows too)
     with pytest.raises(ValueError, match="unknown observer"):
         make_observers("statsd")
 
@@ -585,7 +585,8 @@ async def test_counting_steps_keeps_the_repos_held_steps(backend: str, tmp_path:
             del loop.create_task
         assert done.status == "completed"
         assert steps[0] == 6  # three nodes, twice
-        assert [name for name in made if "PassRunner" in name or "counted" in name] == ["PassRunner._drive"]
+        # no task per step, nor for the pass: it drives its nodes in its own task
+        assert [name for name in made if "PassRunner" in name or "counted" in name] == []
     finally:
         await repo.aclose()
     unheld = af.MemoryWorkflowRepo()
