@@ -875,11 +875,12 @@ class PassRunner:
                 instance_status = _INSTANCE_COMPLETED
         writes = [(task_type, _write_for(task_type, row, _COMPLETED, context, fail_count, started_at))]
         await self._apply(writes + extra, instance_status=instance_status)
-        skipped = [t for t, w in extra if w.status == _SKIPPED]
-        if skipped:
-            self._skipped_with[task_type] = skipped
-            self._report_skipped(skipped)
-        if instance_status is not None:
+        if extra:
+            skipped = [t for t, w in extra if w.status == _SKIPPED]
+            if skipped:
+                self._skipped_with[task_type] = skipped
+                self._report_skipped(skipped)
+        if instance_status is not None and logger.isEnabledFor(logging.INFO):  # no record's fields built else
             logger.info(
                 "workflow instance %s completed",
                 self._instance.id,

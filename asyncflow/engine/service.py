@@ -289,12 +289,13 @@ class WorkflowService:
                 if on_duplicate == "raise":
                     raise
                 return WorkflowInstance.from_record(await self._get(duplicate.instance_id), definition)
-        logger.debug(
-            "created workflow instance %s (%s)",
-            record.id,
-            workflow_type,
-            extra={"instance_id": record.id, "workflow_type": workflow_type, "status": record.status},
-        )
+        if logger.isEnabledFor(logging.DEBUG):  # the extra fields are not built for nothing
+            logger.debug(
+                "created workflow instance %s (%s)",
+                record.id,
+                workflow_type,
+                extra={"instance_id": record.id, "workflow_type": workflow_type, "status": record.status},
+            )
         if observers is not None:
             observers.instance_created(WorkflowInstance.from_record(record, definition))
         if not run:
