@@ -12,8 +12,9 @@ Encoding and decoding take orjson's C code when it gives the standard library's 
 encodes a context first, and whatever it cannot encode exactly as :mod:`json` would (a key that is not
 a string, an integer beyond 64 bits, a subclass of a JSON type, a document nesting too deep, and any
 ``null``, which is how orjson writes NaN) goes through :mod:`json`, which decides. Numbers may be
-written in another of their shortest forms (``1e16`` for ``1e+16``): the same values. Without
-orjson (a platform without its wheel) :mod:`json` does all of it.
+written in another of their shortest forms (orjson 3.9 writes ``1e16`` where 3.13 and :mod:`json`
+write ``1e+16``): the same values. Without orjson (a platform without its wheel) :mod:`json` does
+all of it.
 """
 
 from __future__ import annotations

@@ -142,14 +142,38 @@ def test_big_integers_read_back_exactly_not_as_floats() -> None:
     assert _same(_json.copy_context('{"n":18446744073709551617}'), {"n": 18446744073709551617})
 
 
-def test_the_fast_path_is_taken_for_plain_contexts() -> None:
-    """The point of it: a plain context is encoded by orjson (a float form json never writes shows it)."""
-    assert _json.dumps_context({"f": 1e16}, "ctx") == '{"f":1e16}'
-    saved, _json.orjson = _json.orjson, None
-    try:
-        assert _json.dumps_context({"f": 1e16}, "ctx") == '{"f":1e+16}'
-    finally:
-        _json.orjson = saved
+class _Spy:
+    """orjson, counting its ``dumps`` and ``loads`` calls."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def dumps(self, *args: Any, **kwargs: Any) -> bytes:
+        self.calls.append("dumps")
+        result: bytes = self.real.dumps(*args, **kwargs)
+        return result
+
+    def loads(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append("loads")
+        return self.real.loads(*args, **kwargs)
+
+
+def test_the_fast_path_is_taken_for_plain_contexts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of it: a plain context is encoded and read back by orjson alone."""
+    spy = _Spy(_json.orjson)
+    monkeypatch.setattr(_json, "orjson", spy)
+    plain = {"b": [1, 2.5, "x"], "a": {"z": True, "y": "é"}}
+    text = _json.dumps_context(plain, "ctx")
+    assert text == json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert _json.copy_context(text) == plain
+    assert spy.calls == ["dumps", "loads"]
+    spy.calls.clear()
+    _json.copy_context('{"n":12345678901234567890}')  # 20 digits: json reads it
+    assert spy.calls == []
 
 
 scalars = (
