@@ -404,7 +404,7 @@ class WorkflowDriver:
         try:
             if attempt and not await self._still_ours(instance_id, lease_until):
                 return
-            instance = await self.service.run_pass(instance_id, wait_interval=self.config.poll_interval)
+            instance = await self.service._driver_pass(instance_id, self.config.poll_interval)
         except LockFailedError as exc:
             self._stats.lock_skips += 1
             logger.debug("instance %s is locked elsewhere, skipped: %s", instance_id, exc, extra=extra)

@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
@@ -223,8 +224,10 @@ class PassRunner:
         visible_after: float | None = None,
         watchtower: Watchtower | None = None,
         start_child: ChildStart | None = None,
+        drive_here: bool = False,
     ) -> None:
         self._repo = repo
+        self._drive_in_own_task = drive_here  # see _drive_here: only in a task asyncflow made for the pass
         self._start_child = start_child
         self._awaiting: dict[str, list[str]] = {}  # node -> the keys of its children not all terminal
         self.wake_again = False
@@ -270,7 +273,8 @@ class PassRunner:
     # ------------------------------------------------------------------ entry point
 
     async def run(self) -> WorkflowInstance:
-        self._main_task = asyncio.current_task()
+        main = self._main_task = asyncio.current_task()
+        cancels = 0 if main is None else main.cancelling()  # requests the caller had before the pass
         token = active_passes.set(active_passes.get() | {self._instance.id})
         try:
             if await self._too_deep():
@@ -281,7 +285,7 @@ class PassRunner:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
                     ready = self._initially_ready()
-                    if ready and not self._definition.feeds_first:
+                    if ready and self._drive_in_own_task and not self._definition.feeds_first:
                         for task_type in ready[1:]:
                             self._spawn(tg, task_type)
                         await self._drive_here(tg, ready[0])
@@ -292,6 +296,15 @@ class PassRunner:
                 _, rest = group.split((_PassStopped, _PassFailed))
                 if rest is not None:
                     raise _first_leaf(rest) from None
+            finally:
+                # Python 3.11's TaskGroup cancels its task when a branch fails while it waits for
+                # the branches, and never takes that request back (CPython gh-116720): the caller
+                # would keep it (its asyncio.timeout() would raise CancelledError). A cancellation
+                # of the caller itself is raised out of the group instead, so what is left here is
+                # the group's.
+                if main is not None and sys.exc_info()[0] is not asyncio.CancelledError:
+                    while main.cancelling() > cancels:
+                        main.uncancel()
             if self._stopped:
                 return await self._reload()
             if self._status in _ACTIVE_INSTANCE:
@@ -382,17 +395,23 @@ class PassRunner:
     async def _drive_here(self, tg: asyncio.TaskGroup, task_type: str) -> None:
         """:meth:`_drive` in the pass's own task, inside its task group: one task fewer per pass.
 
-        Not with a ``first`` join (a branch that completes one waits for the tasks it cancels, and
-        this task waits for the group). A node of this task that :meth:`interrupt` cancels ends as a
-        node task would: its cancellation is taken back and the pass goes on."""
+        Only where the pass runs in a task asyncflow made for it (the driver's, ``drive_here``): the
+        workers then share that task's context, not a caller's (a context variable a worker sets
+        stays in the pass). Not with a ``first`` join (a branch that completes one waits for the
+        tasks it cancels, and this task waits for the group). A node that :meth:`interrupt` cancels,
+        or whose worker raised ``CancelledError`` of its own (nobody cancelled the task), ends as a
+        node task would: the pass goes on."""
         try:
             await self._drive(tg, task_type)
         except asyncio.CancelledError:
             main = self._main_task
-            if not self._interrupted_here or main is None:
+            if main is None:
                 raise
-            self._interrupted_here = False
-            if main.uncancel() > 0:  # cancelled from outside too (or by the group): that one stands
+            if self._interrupted_here:
+                self._interrupted_here = False
+                if main.uncancel() > 0:  # cancelled from outside too (or by the group): that one stands
+                    raise
+            elif main.cancelling() > 0:  # a cancellation of the pass's task
                 raise
 
     def _spawn(self, tg: asyncio.TaskGroup, task_type: str) -> None:

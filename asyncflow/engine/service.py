@@ -345,12 +345,18 @@ class WorkflowService:
         """``run_workflow`` with the driver's poll interval for nodes that are not ready."""
         return await self._run(_check_id(instance_id), wait_interval=wait_interval)
 
+    async def _driver_pass(self, instance_id: int, wait_interval: float) -> WorkflowInstance:
+        """:meth:`run_pass` for a driver, in a task the driver made for this pass alone (with a context
+        of its own): the pass drives its first node in that task (``PassRunner(drive_here=True)``)."""
+        return await self._run(_check_id(instance_id), wait_interval=wait_interval, drive_here=True)
+
     async def _run(
         self,
         instance_id: int,
         *,
         known: tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None = None,
         wait_interval: float | None = None,
+        drive_here: bool = False,
     ) -> WorkflowInstance:
         if instance_id in active_passes.get():
             raise LockFailedError(
@@ -384,6 +390,7 @@ class WorkflowService:
                 visible_after=self.visible_after,
                 watchtower=self._watchtower,
                 start_child=self._start_child,
+                drive_here=drive_here,
             )
             after = await runner.run()
         failed = after.status == InstanceStatus.FAILED.value

@@ -20,7 +20,16 @@ from ..records import (
     TaskWhere,
 )
 from ..status import RUNNABLE_INSTANCE_STATUSES
-from ._json import INT64_MAX, INT64_MIN, check_int, check_ints, check_text, check_texts, dumps_context
+from ._json import (
+    INT64_MAX,
+    INT64_MIN,
+    check_int,
+    check_ints,
+    check_text,
+    check_texts,
+    dumps_context,
+    encode_context,
+)
 from ._sql import UNIQUE_MODES
 
 _CHECKED_STATUS_IN = (RUNNABLE_INSTANCE_STATUSES,)
@@ -39,6 +48,7 @@ class InstanceRow:
     next_run_at: int
     trace_context: str | None = None
     unique: str | None = None  # None, "active" or "always" (stored as workflow_instance.unique_key)
+    plain: bool = False  # orjson wrote ``context`` (see asyncflow.store._json.encode_context)
 
 
 @dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
@@ -58,6 +68,7 @@ class TaskRow:
     context: str
     fail_count: int
     started_at: int
+    plain: bool = False  # orjson wrote ``context`` (see asyncflow.store._json.encode_context)
 
 
 @dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
@@ -107,15 +118,20 @@ def instance_row(new: NewWorkflowInstance) -> InstanceRow:
     """Check a :class:`~asyncflow.records.NewWorkflowInstance`."""
     if not isinstance(new, NewWorkflowInstance):
         raise ParamInvalidError(f"expected NewWorkflowInstance, got {type(new).__name__}")
+    workflow_type = check_text(new.workflow_type, "workflow_type")
+    business_id = check_text(new.business_id, "business_id")
+    status = check_text(new.status, "status")
+    context, plain = encode_context(new.workflow_context, "workflow_context")
     return InstanceRow(
-        workflow_type=check_text(new.workflow_type, "workflow_type"),
-        business_id=check_text(new.business_id, "business_id"),
-        status=check_text(new.status, "status"),
-        context=dumps_context(new.workflow_context, "workflow_context"),
+        workflow_type=workflow_type,
+        business_id=business_id,
+        status=status,
+        context=context,
         task_id=check_int(new.task_id, "task_id"),
         next_run_at=check_int(new.next_run_at, "next_run_at", minimum=0),
         trace_context=_trace_context(new.trace_context),
         unique=_unique(new.unique),
+        plain=plain,
     )
 
 
@@ -148,12 +164,14 @@ def task_row(new: TaskInsert) -> TaskRow:
         fail_count = check_int(fail_count, "fail_count", minimum=0)
     if not (type(started_at) is int and 0 <= started_at <= INT64_MAX):
         started_at = check_int(started_at, "started_at", minimum=0)
+    context, plain = encode_context(new.node_context, "node_context")
     return TaskRow(
         task_type=task_type,
         status=status,
-        context=dumps_context(new.node_context, "node_context"),
+        context=context,
         fail_count=fail_count,
         started_at=started_at,
+        plain=plain,
     )
 
 

@@ -58,7 +58,7 @@ def inserted_task_record(task_id: int, instance_id: int, row: TaskRow, now: int)
         workflow_instance_id=instance_id,
         task_type=row.task_type,
         status=row.status,
-        node_context=copy_context(row.context),
+        node_context=copy_context(row.context, row.plain),
         fail_count=row.fail_count,
         created_at=now,
         updated_at=now,

@@ -217,7 +217,7 @@ class SQLAlchemyWorkflowRepo:
             workflow_type=row.workflow_type,
             business_id=row.business_id,
             status=row.status,
-            workflow_context=copy_context(row.context),
+            workflow_context=copy_context(row.context, row.plain),
             task_id=row.task_id,
             created_at=now,
             updated_at=now,

@@ -1,23 +1,40 @@
-"""The tasks a pass makes (issue 21): on a repo whose steps are held (asyncflow._held) a linear pass
-makes no task: the pass's own task drives its nodes, inside its task group, and each step is awaited
-inline. A pass with branches makes a task per branch beyond the first; one with a ``first`` join a
-task per branch (a branch that completes one waits for the branches it drops). A wrapped repo (not
-held) gets one shielded task per step, as before, and the same result."""
+"""The tasks a pass makes (issue 21): on a repo whose steps are held (asyncflow._held) each step is
+awaited inline, and a linear pass makes one task, the one that drives its nodes; a driver's pass
+(in a task the driver made for it) makes none: that task drives them. A pass with branches makes a
+task per further branch; one with a ``first`` join a task per branch (a branch that completes one
+waits for the branches it drops). A wrapped repo (not held) gets one shielded task per step, as
+before, and the same result."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
+
 from asyncflow.engine.service import WorkflowService
 from asyncflow.lock.local import LocalWorkflowLock
-from asyncflow.records import Step, StepResult
+from asyncflow.records import Step, StepResult, WorkflowInstance
 
 from .engine_helpers import Calls, config, registry_with, statuses
 
 LINEAR = {"A": ["B"], "B": ["C"], "C": []}
+
+
+_PAUSED = [False]
+
+
+@contextmanager
+def paused_counting() -> Iterator[None]:
+    """Tasks made inside the block are not counted (the test's own)."""
+    _PAUSED[0] = True
+    try:
+        yield
+    finally:
+        _PAUSED[0] = False
 
 
 @contextmanager
@@ -28,7 +45,8 @@ def counting_tasks() -> Iterator[list[str]]:
     create_task = loop.create_task
 
     def counted(coro: Coroutine[Any, Any, Any], **kwargs: Any) -> asyncio.Task[Any]:
-        made.append(getattr(coro, "__qualname__", type(coro).__name__))
+        if not _PAUSED[0]:
+            made.append(getattr(coro, "__qualname__", type(coro).__name__))
         return create_task(coro, **kwargs)
 
     loop.create_task = counted  # type: ignore[method-assign]
@@ -59,36 +77,53 @@ def _pass_tasks(made: list[str]) -> list[str]:
     return [name for name in made if "PassRunner" in name or "apply_step" in name]
 
 
-async def test_a_linear_pass_on_a_held_repo_makes_no_task(engine_repo: Any) -> None:
+async def _run(svc: WorkflowService, workflow_type: str, key: str, way: str) -> WorkflowInstance:
+    """One instance through its first pass: ``create_workflow(run=True)``, or created and then run
+    as a driver runs a pass (in a task of its own: that task is not counted, the pass's are)."""
+    if way == "direct":
+        return await svc.create_workflow(workflow_type, key, run=True)
+    inst = await svc.create_workflow(workflow_type, key)
+    with paused_counting():
+        task = asyncio.create_task(svc._driver_pass(inst.id, 0.05), context=contextvars.Context())
+    return await task
+
+
+@pytest.mark.parametrize(("way", "drives"), [("direct", ["PassRunner._drive"]), ("driver", [])])
+async def test_a_linear_pass_on_a_held_repo_makes_at_most_one_task(
+    engine_repo: Any, way: str, drives: list[str]
+) -> None:
     calls = Calls()
     svc = WorkflowService(engine_repo, LocalWorkflowLock(), registry_with(config("lin", LINEAR), calls))
-    await svc.create_workflow("lin", "warm", run=True)  # the repo's own lazily started tasks, if any
+    await _run(svc, "lin", "warm", way)  # the repo's own lazily started tasks, if any
     with counting_tasks() as made:
-        done = await svc.create_workflow("lin", "one", run=True)
+        done = await _run(svc, "lin", "one", way)
     assert done.status == "completed"
-    assert _pass_tasks(made) == []
+    assert _pass_tasks(made) == drives
     assert [t for phase, t in calls.order if phase == "run"] == ["A", "B", "C", "A", "B", "C"]
 
 
-async def test_branches_get_a_task_each_beyond_the_first(engine_repo: Any) -> None:
+@pytest.mark.parametrize(("way", "tasks"), [("direct", 3), ("driver", 2)])
+async def test_branches_get_a_task_each(engine_repo: Any, way: str, tasks: int) -> None:
     calls = Calls()
     diamond = {"A": ["B", "C", "D"], "B": ["E"], "C": ["E"], "D": ["E"], "E": []}
     svc = WorkflowService(engine_repo, LocalWorkflowLock(), registry_with(config("dia", diamond), calls))
-    await svc.create_workflow("dia", "warm", run=True)
+    await _run(svc, "dia", "warm", way)
     with counting_tasks() as made:
-        done = await svc.create_workflow("dia", "one", run=True)
+        done = await _run(svc, "dia", "one", way)
     assert done.status == "completed"
-    assert _pass_tasks(made) == ["PassRunner._drive", "PassRunner._drive"]  # C and D; B runs in the pass
+    # the root's drive (B after A), C's and D's; in a driver's pass its own task drives the root's
+    assert _pass_tasks(made) == ["PassRunner._drive"] * tasks
     nodes = ("root", "A", "B", "C", "D", "E", "end")
     assert await statuses(svc, done.id) == dict.fromkeys(nodes, "completed")
 
 
-async def test_a_first_join_keeps_every_branch_in_a_task(engine_repo: Any) -> None:
+@pytest.mark.parametrize("way", ["direct", "driver"])
+async def test_a_first_join_keeps_every_branch_in_a_task(engine_repo: Any, way: str) -> None:
     calls = Calls()
     race = config("race", {"A": ["B", "C"], "B": ["D"], "C": ["D"], "D": []}, D={"join": "first"})
     svc = WorkflowService(engine_repo, LocalWorkflowLock(), registry_with(race, calls))
     with counting_tasks() as made:
-        done = await svc.create_workflow("race", "one", run=True)
+        done = await _run(svc, "race", "one", way)
     assert done.status == "completed"
     assert _pass_tasks(made) == ["PassRunner._drive", "PassRunner._drive"]  # the root's (then B), C's
 

@@ -174,6 +174,11 @@ def test_the_fast_path_is_taken_for_plain_contexts(monkeypatch: pytest.MonkeyPat
     spy.calls.clear()
     _json.copy_context('{"n":12345678901234567890}')  # 20 digits: json reads it
     assert spy.calls == []
+    text, plain = _json.encode_context({"id": "12345678901234567890", "n": 2**63}, "ctx")
+    assert plain and _json.copy_context(text, plain) == {"id": "12345678901234567890", "n": 2**63}
+    assert spy.calls == ["dumps", "loads"]  # orjson wrote it: no big integer in it, orjson reads it
+    text, plain = _json.encode_context({"n": 2**64}, "ctx")
+    assert not plain and _json.copy_context(text, plain) == {"n": 2**64}  # json wrote and reads it
 
 
 scalars = (
