@@ -8,6 +8,7 @@ import datetime
 import enum
 import json
 import math
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -207,3 +208,19 @@ def test_any_context_is_encoded_and_read_back_alike_with_and_without_orjson(valu
     fast, slow = _both(value)
     assert fast[0] == slow[0]
     assert _same(fast[1], slow[1])
+
+
+def test_a_context_deeper_than_orjson_reads_is_read_back_by_json() -> None:
+    """json writes (and reads) what nests deeper than orjson's limit, when the recursion limit allows."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)
+    try:
+        deep: dict[str, Any] = {}
+        for _ in range(1100):
+            deep = {"a": deep}
+        text, plain = _json.encode_context(deep, "ctx")
+        assert not plain
+        assert _json.copy_context(text, plain) == deep
+        assert _json.copy_context(text, True) == deep  # even if told orjson wrote it
+    finally:
+        sys.setrecursionlimit(old)
