@@ -135,8 +135,10 @@ async def run_direct(
     *,
     spec: ScenarioSpec | None = None,
     sampler: LatencySampler | None = None,
+    prefix: str = "bench",
 ) -> float:
-    """Complete ``n`` workflows with ``concurrency`` concurrent ``create_workflow(run=True)`` callers.
+    """Complete ``n`` workflows (``<prefix>-<i>``) with ``concurrency`` concurrent
+    ``create_workflow(run=True)`` callers.
 
     Returns the elapsed seconds. Raises :class:`BenchmarkError` if an instance ends other than
     ``completed``.
@@ -147,7 +149,7 @@ async def run_direct(
     async def worker() -> None:
         for i in indexes:
             start = time.perf_counter()
-            instance = await svc.create_workflow(workflow_type, f"bench-{i}", run=True)
+            instance = await svc.create_workflow(workflow_type, f"{prefix}-{i}", run=True)
             status = await _finish(svc, spec, instance)
             if status != "completed":
                 raise BenchmarkError(f"instance {instance.id} of {workflow_type} ended {status!r}")
@@ -338,17 +340,7 @@ async def _warm_up(svc: af.WorkflowService, spec: ScenarioSpec, concurrency: int
     if spec.children:
         return 0
     count = max(1, concurrency)
-    indexes = iter(range(count))
-
-    async def one() -> None:
-        for i in indexes:
-            instance = await svc.create_workflow(spec.workflow_type, f"warm-{i}", run=True)
-            if await _finish(svc, spec, instance) != "completed":
-                raise BenchmarkError(f"warm-up instance {instance.id} of {spec.workflow_type} not completed")
-
-    async with asyncio.TaskGroup() as group:
-        for _ in range(count):
-            group.create_task(one())
+    await run_direct(svc, spec.workflow_type, count, count, spec=spec, prefix="warm")
     return count
 
 

@@ -227,7 +227,8 @@ class PassRunner:
         drive_here: bool = False,
     ) -> None:
         self._repo = repo
-        self._drive_in_own_task = drive_here  # see _drive_here: only in a task asyncflow made for the pass
+        # see _drive_here: only in a task asyncflow made for the pass, never with a ``first`` join
+        self._drive_here_ok = drive_here and not definition.feeds_first
         self._start_child = start_child
         self._awaiting: dict[str, list[str]] = {}  # node -> the keys of its children not all terminal
         self.wake_again = False
@@ -285,13 +286,11 @@ class PassRunner:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
                     ready = self._initially_ready()
-                    if ready and self._drive_in_own_task and not self._definition.feeds_first:
-                        for task_type in ready[1:]:
-                            self._spawn(tg, task_type)
-                        await self._drive_here(tg, ready[0])
-                    else:
-                        for task_type in ready:
-                            self._spawn(tg, task_type)
+                    here = ready.pop(0) if ready and self._drive_here_ok else None
+                    for task_type in ready:
+                        self._spawn(tg, task_type)
+                    if here is not None:
+                        await self._drive_here(tg, here)
             except BaseExceptionGroup as group:
                 _, rest = group.split((_PassStopped, _PassFailed))
                 if rest is not None:
@@ -1071,7 +1070,7 @@ class PassRunner:
             instance_status=instance_status,
             next_run_at=next_run_at,
             inserts=tuple([w for _, w in inserts]),
-            updates=tuple([w for _, w in updates]) if updates else (),
+            updates=tuple([w for _, w in updates]),
             cancel_other_tasks=cancel,
             lease_epoch=self._instance.lease_epoch,
         )

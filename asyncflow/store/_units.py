@@ -46,9 +46,6 @@ class ConnectionUnits:
         self.engine = engine
         self._autocommit = autocommit
         self._tx: ContextVar[_Tx | None] = ContextVar(f"asyncflow_sql_tx_{id(self):x}", default=None)
-        self.tx_var = self._tx
-        """The transaction() the calling task runs in (``None``: none); read :meth:`in_transaction`
-        unless on a hot path that has checked :attr:`closed` itself."""
         self.closed = False
         self._gate = gate
 
@@ -63,6 +60,17 @@ class ConnectionUnits:
     def in_transaction(self) -> bool:
         """Whether the calling task runs inside this repo's ``transaction()``."""
         return self._joined() is not None
+
+    def outside_transaction(self) -> bool:
+        """Whether a call of the calling task runs on the backend's own connection (outside
+        ``transaction()``); raises ``StoreError`` if the repo is closed or the task's transaction
+        has ended. The common case (open, no transaction) is one read: every step asks."""
+        if not self.closed and self._tx.get() is None:
+            return True
+        if self.in_transaction():
+            return False
+        self.check_open()
+        return True
 
     def close(self) -> None:
         """Mark the units closed (the backend returns its kept connections)."""

@@ -79,13 +79,7 @@ class PostgresBackend:
 
     def _direct(self) -> bool:
         """Outside ``transaction()`` (raises ``StoreError`` if the repo is closed)."""
-        units = self.units
-        if not units.closed and units.tx_var.get() is None:  # the common case: open, no transaction
-            return True
-        if units.in_transaction():
-            return False
-        units.check_open()
-        return True
+        return self.units.outside_transaction()
 
     @asynccontextmanager
     async def _db(self, wrote: bool) -> AsyncIterator[Any]:

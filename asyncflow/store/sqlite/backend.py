@@ -65,10 +65,7 @@ class SqliteBackend:
 
     def _direct(self) -> bool:
         """Whether a call runs on the own connection (outside ``transaction()``, a database file)."""
-        if self.units.in_transaction():
-            return False
-        self.units.check_open()
-        return self._lane.own
+        return self.units.outside_transaction() and self._lane.own
 
     async def _write(self, body: Callable[..., Any], *args: Any) -> Any:
         """``body`` as one write unit; ``None`` (nothing kept) if it returned ``None``."""
