@@ -13,14 +13,14 @@ import contextvars
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 import anyio.to_thread
 
 from asyncflow._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
-from asyncflow.errors import InvalidStateError, ParamInvalidError
+from asyncflow.errors import InvalidStateError, LockFailedError, ParamInvalidError
 
 if TYPE_CHECKING:
     from asyncflow.context import JSONContext
@@ -35,8 +35,9 @@ __all__ = [
     "NormalTaskWorker",
     "RootNodeWorker",
     "TaskWorker",
+    "WorkerCall",
     "WorkerFunction",
-    "child_scope",
+    "call_scope",
     "choice_scope",
     "choose",
     "current_node",
@@ -202,7 +203,68 @@ class NodeInfo:
     trace_context: str | None = None  # what an observer stored with the instance (W3C traceparent)
 
 
-_current_node: contextvars.ContextVar[NodeInfo] = contextvars.ContextVar("asyncflow_current_node")
+class WorkerCall:
+    """For the engine: the worker call in progress, the one context variable a call sets.
+
+    :func:`current_node`, :func:`choose`, :func:`heartbeat` and :func:`start_child_workflow` read it.
+    ``instance`` is the instance's record: its ``id``, ``workflow_type``, ``business_id`` and
+    ``trace_context`` make the :class:`NodeInfo`, built when first asked for (most workers never
+    ask), unless ``info`` is given. ``next_nodes`` is set for a ``run()`` only (:func:`choose` and
+    :func:`start_child_workflow` refuse anything else), which records into ``chosen`` and ``keys``;
+    ``start`` is the service's ``start(instance, task_type, workflow_type, key, context)`` of a child
+    (``None``: a pass without a service). ``beat_target`` gets :func:`heartbeat`'s reports.
+    """
+
+    __slots__ = (
+        "_info",
+        "beat_target",
+        "chosen",
+        "fail_count",
+        "instance",
+        "keys",
+        "next_nodes",
+        "start",
+        "task_type",
+    )
+
+    def __init__(
+        self,
+        task_type: str,
+        *,
+        instance: Any = None,
+        fail_count: int = 0,
+        info: NodeInfo | None = None,
+        beat_target: HeartbeatTarget | None = None,
+        next_nodes: tuple[str, ...] | None = None,
+        start: ChildStart | None = None,
+    ) -> None:
+        self.task_type = task_type
+        self.instance = instance
+        self.fail_count = fail_count
+        self._info = info
+        self.beat_target = beat_target
+        self.next_nodes = next_nodes
+        self.start = start
+        self.chosen: tuple[str, ...] | None = None
+        self.keys: list[str] = []
+
+    @property
+    def info(self) -> NodeInfo:
+        info = self._info
+        if info is None:
+            instance = self.instance
+            info = self._info = NodeInfo(
+                instance_id=instance.id,
+                workflow_type=instance.workflow_type,
+                business_id=instance.business_id,
+                task_type=self.task_type,
+                fail_count=self.fail_count,
+                trace_context=instance.trace_context,
+            )
+        return info
+
+
+_current_call: contextvars.ContextVar[WorkerCall] = contextvars.ContextVar("asyncflow_worker_call")
 
 
 def current_node() -> NodeInfo:
@@ -211,35 +273,29 @@ def current_node() -> NodeInfo:
     Raises ``LookupError`` when called outside a worker call.
     """
     try:
-        return _current_node.get()
+        call = _current_call.get()
     except LookupError:
         raise LookupError(
             "asyncflow.current_node() is only available inside a worker's run() or wait_check()"
         ) from None
+    return call.info
+
+
+@contextmanager
+def call_scope(call: WorkerCall) -> Iterator[WorkerCall]:
+    """For the engine: make ``call`` the worker call in progress inside the block."""
+    token = _current_call.set(call)
+    try:
+        yield call
+    finally:
+        _current_call.reset(token)
 
 
 @contextmanager
 def node_scope(info: NodeInfo) -> Iterator[NodeInfo]:
     """For the engine: make ``info`` what :func:`current_node` returns inside the block."""
-    token = _current_node.set(info)
-    try:
+    with call_scope(WorkerCall(info.task_type, info=info, fail_count=info.fail_count)):
         yield info
-    finally:
-        _current_node.reset(token)
-
-
-class Choice:
-    """For the engine: the successors a node may follow and those its ``run`` chose (``None``: all)."""
-
-    __slots__ = ("chosen", "next_nodes", "task_type")
-
-    def __init__(self, task_type: str, next_nodes: tuple[str, ...]) -> None:
-        self.task_type = task_type
-        self.next_nodes = next_nodes
-        self.chosen: tuple[str, ...] | None = None
-
-
-_current_choice: contextvars.ContextVar[Choice] = contextvars.ContextVar("asyncflow_current_choice")
 
 
 def choose(*task_types: str) -> None:
@@ -249,37 +305,28 @@ def choose(*task_types: str) -> None:
     A later call replaces an earlier one. A name that is not one of the node's ``next_nodes`` raises
     :class:`~asyncflow.errors.ParamInvalidError`; a call outside a worker's ``run()`` ``LookupError``.
     """
-    try:
-        choice = _current_choice.get()
-    except LookupError:
-        raise LookupError("asyncflow.choose() is only available inside a worker's run()") from None
-    unknown = [t for t in task_types if not isinstance(t, str) or t not in choice.next_nodes]
+    call = _current_call.get(None)
+    next_nodes = None if call is None else call.next_nodes
+    if call is None or next_nodes is None:
+        raise LookupError("asyncflow.choose() is only available inside a worker's run()")
+    unknown = [t for t in task_types if not isinstance(t, str) or t not in next_nodes]
     if unknown:
         raise ParamInvalidError(
-            f"choose(): node {choice.task_type!r} has no successor(s) {', '.join(map(repr, unknown))} "
-            f"(its next nodes: {', '.join(map(repr, choice.next_nodes))})"
+            f"choose(): node {call.task_type!r} has no successor(s) {', '.join(map(repr, unknown))} "
+            f"(its next nodes: {', '.join(map(repr, next_nodes))})"
         )
-    choice.chosen = tuple(dict.fromkeys(task_types))
+    call.chosen = tuple(dict.fromkeys(task_types))
 
 
-@contextmanager
-def choice_scope(task_type: str, next_nodes: tuple[str, ...]) -> Iterator[Choice]:
-    """For the engine: inside the block :func:`choose` records into the :class:`Choice` yielded."""
-    choice = Choice(task_type, next_nodes)
-    token = _current_choice.set(choice)
-    try:
-        yield choice
-    finally:
-        _current_choice.reset(token)
+def choice_scope(task_type: str, next_nodes: tuple[str, ...]) -> AbstractContextManager[WorkerCall]:
+    """For the engine: inside the block :func:`choose` records into the call yielded (``chosen``)."""
+    return call_scope(WorkerCall(task_type, next_nodes=next_nodes))
 
 
 class HeartbeatTarget(Protocol):
     """For the engine: what :func:`heartbeat` reports to (the node attempt in flight)."""
 
     def beat(self, progress: object) -> None: ...
-
-
-_current_beat: contextvars.ContextVar[HeartbeatTarget] = contextvars.ContextVar("asyncflow_current_beat")
 
 
 async def heartbeat(progress: object = None) -> None:
@@ -295,12 +342,12 @@ async def heartbeat(progress: object = None) -> None:
     Raises :class:`~asyncflow.errors.InvalidStateError` outside a worker's ``run``/``wait_check`` and
     :class:`~asyncflow.errors.ParamInvalidError` for a ``progress`` that is not JSON.
     """
-    try:
-        target = _current_beat.get()
-    except LookupError:
+    call = _current_call.get(None)
+    target = None if call is None else call.beat_target
+    if target is None:
         raise InvalidStateError(
             "asyncflow.heartbeat() is only available inside a worker's run() or wait_check()"
-        ) from None
+        )
     target.beat(_json_progress(progress))
 
 
@@ -318,24 +365,11 @@ def _json_progress(progress: object) -> object:
     return json.loads(text)  # a copy the worker cannot change under the engine
 
 
-ChildStarter: TypeAlias = (
-    "Callable[[str, str, Mapping[str, Any] | JSONContext | None], Awaitable[WorkflowInstance]]"
+ChildStart: TypeAlias = (
+    "Callable[[Any, str, str, str, Mapping[str, Any] | JSONContext | None], Awaitable[WorkflowInstance]]"
 )
-"""For the engine: ``start(workflow_type, key, context)`` creates (idempotently) a child of the node."""
-
-
-class ChildStarts:
-    """For the engine: how the node whose ``run()`` executes starts children, and the keys it started."""
-
-    __slots__ = ("keys", "start", "task_type")
-
-    def __init__(self, task_type: str, start: ChildStarter | None) -> None:
-        self.task_type = task_type
-        self.start = start
-        self.keys: list[str] = []
-
-
-_current_children: contextvars.ContextVar[ChildStarts] = contextvars.ContextVar("asyncflow_current_children")
+"""For the engine: ``start(instance, task_type, workflow_type, key, context)`` creates (idempotently) a
+child of the instance's node ``task_type``."""
 
 
 async def start_child_workflow(
@@ -358,11 +392,8 @@ async def start_child_workflow(
     or a key already used in this node for a child of another workflow type, and
     :class:`~asyncflow.errors.ConfigNotFoundError` for an unknown workflow type.
     """
-    try:
-        starts = _current_children.get()
-    except LookupError:
-        starts = None
-    if starts is None or starts.start is None:
+    call = _current_call.get(None)
+    if call is None or call.next_nodes is None:
         raise InvalidStateError("asyncflow.start_child_workflow() is only available inside a worker's run()")
     if not isinstance(workflow_type, str) or not workflow_type:
         raise ParamInvalidError(
@@ -370,19 +401,10 @@ async def start_child_workflow(
         )
     if not isinstance(key, str) or not key:
         raise ParamInvalidError(f"start_child_workflow(): key must be a non-empty str, got {key!r}")
-    child = await starts.start(workflow_type, key, context)
-    if key not in starts.keys:
-        starts.keys.append(key)
+    start = call.start
+    if start is None:
+        raise LockFailedError("this pass runs without a service: it cannot start child workflows")
+    child = await start(call.instance, call.task_type, workflow_type, key, context)
+    if key not in call.keys:
+        call.keys.append(key)
     return child
-
-
-@contextmanager
-def child_scope(task_type: str, start: ChildStarter | None) -> Iterator[ChildStarts]:
-    """For the engine: inside the block :func:`start_child_workflow` starts children through ``start``
-    (``None``: it raises, e.g. in a ``wait_check`` called from inside another worker's ``run()``)."""
-    starts = ChildStarts(task_type, start)
-    token = _current_children.set(starts)
-    try:
-        yield starts
-    finally:
-        _current_children.reset(token)

@@ -65,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="asyncflow rows with these WorkflowService(visible_after=): none or seconds "
                      "(comma list, e.g. none,1); each is a row of its own")  # fmt: skip
     run.add_argument("--gc-freeze", action="store_true",
-                     help="asyncflow rows: gc.freeze() in the run's process once it is set up (as "
-                     "a tuned app does after start-up: full collections skip what is frozen)")  # fmt: skip
+                     help="asyncflow rows: tune the collector in the run's process once it is set up, as "
+                     "asyncflow worker does (gc.freeze() and a first threshold of 10,000)")  # fmt: skip
     run.add_argument("--json", metavar="FILE", help="write the results as JSON")
     run.add_argument("--readme", nargs="?", const=str(README), metavar="PATH",
                      help="rewrite the results table of benchmarks/README.md (or PATH)")  # fmt: skip

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any
 
 import asyncflow as af
 from asyncflow._held import holds_cancellation, is_held
+from asyncflow.cli.worker import settle_collector
 from asyncflow.driver import WorkflowDriver
 from asyncflow.records import NewWorkflowInstance
 
@@ -75,7 +75,7 @@ class AsyncflowRun:
     visible_after: float | None = None  # the service's visible_after
     backlog: int = 0  # due instances created before the timed part
     backlog_create: str = "bulk"  # "bulk" (repo bulk insert) | "service" (create_workflow)
-    gc_freeze: bool = False  # gc.freeze() once set up (the backlog loaded), before the timed part
+    gc_freeze: bool = False  # settle_collector() once set up (the backlog loaded), before the timed part
 
     @property
     def deadline_s(self) -> float:
@@ -443,9 +443,8 @@ async def run_asyncflow_once(
                 )
             warm = await _warm_up(svc, spec, run.concurrency)
             warm_commits, warm_writes = await read_commits(final=False)
-            if run.gc_freeze:  # long-lived objects out of the full collections' scans
-                gc.collect()
-                gc.freeze()
+            if run.gc_freeze:  # as asyncflow worker does once it is set up
+                settle_collector()
             steps = _count_steps(repo)
             with ResourceProbe() as probe:
                 setup_s, elapsed = await _measured(run, spec, svc, repo, hooks, sampler, extra)

@@ -83,7 +83,7 @@ class BenchOptions:
     visible_after: tuple[str, ...] = ("none",)  # the service's visible_after: "none" or seconds
     backlogs: tuple[int, ...] = (0,)  # due instances pre-loaded before the timed part (a row per value)
     backlog_create: str = "bulk"  # how: "bulk" (the repo's bulk insert) or "service" (create_workflow)
-    gc_freeze: bool = False  # asyncflow rows: gc.freeze() once set up, before the timed part
+    gc_freeze: bool = False  # asyncflow rows: settle_collector() once set up, before the timed part
     command: str = field(default_factory=lambda: "python -m benchmarks " + shlex.join(sys.argv[1:]))
 
 

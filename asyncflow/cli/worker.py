@@ -28,9 +28,30 @@ from .backend import open_service, redact
 from .metrics import serve_metrics
 from .purge import retaining
 
-__all__ = ["run_worker"]
+__all__ = ["GEN0_THRESHOLD", "run_worker", "settle_collector"]
 
 logger = logging.getLogger("asyncflow.cli.worker")
+
+GEN0_THRESHOLD = 10_000
+"""The collector's first threshold in a worker process (Python's default: 700)."""
+
+
+def settle_collector() -> None:
+    """Tune the collector of a process that runs passes, once start-up is done.
+
+    What start-up made (modules, definitions, the engine, the pool) lives as long as the process:
+    frozen (``gc.freeze()``), it is left out of the full collections, which otherwise scan it all
+    every time (a pause of tens of milliseconds every one or two thousand workflows). The engine's pass makes
+    no reference cycles, so the young collections it triggers find nothing to free: a first threshold
+    of :data:`GEN0_THRESHOLD` instead of 700 runs them about a tenth as often, and fewer of the objects
+    of passes still in flight get promoted to be scanned again by the older generations. A higher
+    threshold already set, or a collector turned off (threshold 0), is left as it is.
+    """
+    gc.collect()
+    gc.freeze()
+    first, *older = gc.get_threshold()
+    if 0 < first < GEN0_THRESHOLD:
+        gc.set_threshold(GEN0_THRESHOLD, *older)
 
 
 @contextlib.asynccontextmanager
@@ -117,10 +138,7 @@ async def run_worker(args: argparse.Namespace) -> int:
         )
         stop, now = asyncio.Event(), asyncio.Event()
         installed = _install_signals(stop, now)
-        # what start-up made (modules, definitions, the engine, the pool) lives as long as the process:
-        # frozen, it is left out of the collector's full passes, which otherwise scan it all every time
-        gc.collect()
-        gc.freeze()
+        settle_collector()
         logger.info("asyncflow worker started: %s", _describe(svc, args))
         try:
             async with (

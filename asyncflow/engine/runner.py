@@ -54,15 +54,7 @@ from ..status import (
     TaskStatus,
     is_over_instance_status,
 )
-from ..worker import (
-    ChildStarts,
-    Choice,
-    NodeInfo,
-    _current_beat,
-    _current_children,
-    _current_choice,
-    _current_node,
-)
+from ..worker import NodeInfo, WorkerCall, _current_call
 from .inflight import NO_PROGRESS, PROGRESS, NodeWatch, Watchtower
 from .rules import (
     CHOSEN,
@@ -108,7 +100,6 @@ ChildStart = Callable[
 """The service's ``start(parent, task_type, workflow_type, key, context)`` of a child instance."""
 
 logger = logging.getLogger("asyncflow.engine")
-_NO_CHILDREN = ChildStarts("", None)  # a wait_check: start_child_workflow() raises (nothing is kept)
 
 _COMPLETED = TaskStatus.COMPLETED.value
 _RUNNING = TaskStatus.RUNNING.value
@@ -653,53 +644,25 @@ class PassRunner:
     ) -> tuple[tuple[str, ...] | None, list[str]]:
         """Call ``run`` or ``wait_check``; what ``run`` chose with ``af.choose`` (``None``: no call)
         and the keys of the children it started (``af.start_child_workflow``)."""
-        info = NodeInfo(
-            instance_id=self._instance.id,
-            workflow_type=self._instance.workflow_type,
-            business_id=self._instance.business_id,
-            task_type=node.task_type,
+        # one context variable for the call (its NodeInfo built only if current_node() asks for it), set
+        # without call_scope()'s generator context manager (a node's hot path)
+        call = WorkerCall(
+            node.task_type,
+            instance=self._instance,
             fail_count=fail_count,
-            trace_context=self._instance.trace_context,
+            beat_target=watch,
+            next_nodes=None if check else tuple(node.next_nodes),
+            start=self._start_child,
         )
-        # node_scope()/choice_scope()/child_scope() without their generator context managers, and the
-        # heartbeat target set the same way (a node's hot path)
-        node_token = _current_node.set(info)
-        beat_token = _current_beat.set(watch)
+        token = _current_call.set(call)
         try:
             if check:
-                children_token = _current_children.set(_NO_CHILDREN)  # not inherited from a run()
-                try:
-                    await node.worker.wait_check(ctx)
-                finally:
-                    _current_children.reset(children_token)
+                await node.worker.wait_check(ctx)
                 return None, []
-            choice = Choice(node.task_type, tuple(node.next_nodes))
-            children = ChildStarts(node.task_type, self._child_starter(node.task_type))
-            choice_token = _current_choice.set(choice)
-            children_token = _current_children.set(children)
-            try:
-                await node.worker.run(ctx)
-            finally:
-                _current_children.reset(children_token)
-                _current_choice.reset(choice_token)
+            await node.worker.run(ctx)
         finally:
-            _current_beat.reset(beat_token)
-            _current_node.reset(node_token)
-        return choice.chosen, children.keys
-
-    def _child_starter(
-        self, task_type: str
-    ) -> Callable[[str, str, Mapping[str, Any] | JSONContext | None], Awaitable[WorkflowInstance]]:
-        start, parent = self._start_child, self._instance
-
-        async def start_child(
-            workflow_type: str, key: str, context: Mapping[str, Any] | JSONContext | None
-        ) -> WorkflowInstance:
-            if start is None:
-                raise LockFailedError("this pass runs without a service: it cannot start child workflows")
-            return await start(parent, task_type, workflow_type, key, context)
-
-        return start_child
+            _current_call.reset(token)
+        return call.chosen, call.keys
 
     async def _children_done(self, task_type: str, context: dict[str, Any]) -> None:
         """For a node whose ``run`` started children: raise ``TaskNotReady`` while one of them is not

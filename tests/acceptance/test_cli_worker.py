@@ -43,6 +43,7 @@ async def answer(ctx):
     queue, _ = ctx.get_string(af.PRE_NODE_CONTEXT, "triage", "queue")
     ctx.set(["answered_by"], queue)
     ctx.set(["frozen_objects"], gc.get_freeze_count())  # the worker froze what start-up made
+    ctx.set(["gc_threshold"], gc.get_threshold()[0])
 
 
 def broken():
@@ -118,6 +119,7 @@ def test_worker_on_sqlite_stops_on_sigterm(tmp_path: pathlib.Path) -> None:
     assert '"answered_by": "support"' in shown.stdout
     frozen = re.search(r'"frozen_objects": (\d+)', shown.stdout)
     assert frozen is not None and int(frozen.group(1)) > 10_000, shown.stdout  # modules, engine, pool
+    assert '"gc_threshold": 10000' in shown.stdout  # young collections a tenth as often
 
 
 @pytest.mark.postgres

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+from typing import Any
 
 import pytest
 
 from asyncflow.context import JSONContext
-from asyncflow.errors import TaskNotReady
+from asyncflow.errors import InvalidStateError, TaskNotReady
 from asyncflow.worker import (
     NOT_IMPLEMENTED,
     BaseTaskWorker,
@@ -21,6 +22,7 @@ from asyncflow.worker import (
     RootNodeWorker,
     TaskWorker,
     current_node,
+    heartbeat,
     node_scope,
     worker_has_wait_check,
 )
@@ -302,26 +304,57 @@ def test_node_info_is_frozen() -> None:
 
 
 async def test_start_child_workflow_only_inside_a_run_scope() -> None:
-    from asyncflow.errors import InvalidStateError, ParamInvalidError
-    from asyncflow.worker import child_scope, start_child_workflow
+    from asyncflow.errors import InvalidStateError, LockFailedError, ParamInvalidError
+    from asyncflow.worker import WorkerCall, call_scope, start_child_workflow
 
-    started: list[tuple[str, str, object]] = []
+    started: list[tuple[object, str, str, str, object]] = []
+    parent = object()
 
-    async def start(workflow_type: str, key: str, context: object) -> object:
-        started.append((workflow_type, key, context))
+    async def start(instance: object, task_type: str, workflow_type: str, key: str, context: Any) -> Any:
+        started.append((instance, task_type, workflow_type, key, context))
         return key
 
     with pytest.raises(InvalidStateError, match="only available inside a worker's run"):
         await start_child_workflow("child", "k")
-    with child_scope("fan", start) as scope:  # type: ignore[arg-type]
+    run = WorkerCall("fan", instance=parent, next_nodes=(), start=start)
+    with call_scope(run):
         assert await start_child_workflow("child", "a", context={"n": 1}) == "a"
         await start_child_workflow("child", "b")
         await start_child_workflow("child", "a")  # the same key again: recorded once
         for bad in (("", "x"), ("child", ""), ("child", 3)):
             with pytest.raises(ParamInvalidError):
-                await start_child_workflow(*bad)  # type: ignore[arg-type]
+                await start_child_workflow(*bad)
         # a wait_check inside this run(): no children from there
-        with child_scope("fan", None), pytest.raises(InvalidStateError):
+        with call_scope(WorkerCall("fan", instance=parent, start=start)), pytest.raises(InvalidStateError):
             await start_child_workflow("child", "c")
-    assert scope.keys == ["a", "b"]
-    assert started == [("child", "a", {"n": 1}), ("child", "b", None), ("child", "a", None)]
+    assert run.keys == ["a", "b"]
+    assert started == [
+        (parent, "fan", "child", "a", {"n": 1}),
+        (parent, "fan", "child", "b", None),
+        (parent, "fan", "child", "a", None),
+    ]
+    with call_scope(WorkerCall("fan", instance=parent, next_nodes=())), pytest.raises(LockFailedError):
+        await start_child_workflow("child", "d")  # a run() in a pass without a service
+
+
+async def test_a_worker_call_builds_its_node_info_once_when_asked() -> None:
+    from asyncflow.worker import WorkerCall, call_scope, choose
+
+    @dataclasses.dataclass(frozen=True)
+    class Record:
+        id: int = 7
+        workflow_type: str = "order"
+        business_id: str = "b-1"
+        trace_context: str | None = "00-trace"
+
+    call = WorkerCall("pay", instance=Record(), fail_count=2)
+    with call_scope(call):
+        info = current_node()
+        assert info == dataclasses.replace(INFO, trace_context="00-trace")
+        assert current_node() is info
+        with pytest.raises(LookupError, match="choose"):  # a wait_check: no choice to make
+            choose()
+        with pytest.raises(InvalidStateError, match="heartbeat"):  # no target: not a pass's call
+            await heartbeat(1)
+    with pytest.raises(LookupError):
+        current_node()
