@@ -250,9 +250,12 @@ class WorkerCall:
 
     @property
     def info(self) -> NodeInfo:
+        """``LookupError`` for a call that has neither (e.g. :func:`choice_scope`'s)."""
         info = self._info
         if info is None:
             instance = self.instance
+            if instance is None:
+                raise LookupError(f"no node information for this worker call of {self.task_type!r}")
             info = self._info = NodeInfo(
                 instance_id=instance.id,
                 workflow_type=instance.workflow_type,
@@ -283,7 +286,8 @@ def current_node() -> NodeInfo:
 
 @contextmanager
 def call_scope(call: WorkerCall) -> Iterator[WorkerCall]:
-    """For the engine: make ``call`` the worker call in progress inside the block."""
+    """For the engine: make ``call`` the worker call in progress inside the block (it replaces the
+    enclosing one whole until the block ends)."""
     token = _current_call.set(call)
     try:
         yield call
@@ -293,7 +297,8 @@ def call_scope(call: WorkerCall) -> Iterator[WorkerCall]:
 
 @contextmanager
 def node_scope(info: NodeInfo) -> Iterator[NodeInfo]:
-    """For the engine: make ``info`` what :func:`current_node` returns inside the block."""
+    """For the engine: make ``info`` what :func:`current_node` returns inside the block (a call of its
+    own, as :func:`call_scope`: no :func:`choose`, :func:`heartbeat` or children inside it)."""
     with call_scope(WorkerCall(info.task_type, info=info, fail_count=info.fail_count)):
         yield info
 
@@ -319,7 +324,8 @@ def choose(*task_types: str) -> None:
 
 
 def choice_scope(task_type: str, next_nodes: tuple[str, ...]) -> AbstractContextManager[WorkerCall]:
-    """For the engine: inside the block :func:`choose` records into the call yielded (``chosen``)."""
+    """For the engine: inside the block :func:`choose` records into the call yielded (``chosen``); a
+    call of its own, as :func:`call_scope` (:func:`current_node` raises ``LookupError`` inside it)."""
     return call_scope(WorkerCall(task_type, next_nodes=next_nodes))
 
 

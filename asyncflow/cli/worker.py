@@ -41,8 +41,8 @@ def settle_collector() -> None:
 
     What start-up made (modules, definitions, the engine, the pool) lives as long as the process:
     frozen (``gc.freeze()``), it is left out of the full collections, which otherwise scan it all
-    every time (a pause of tens of milliseconds every one or two thousand workflows). The engine's pass makes
-    no reference cycles, so the young collections it triggers find nothing to free: a first threshold
+    every time (a pause of tens of milliseconds every one or two thousand workflows). A pass that succeeds
+    makes no reference cycles, so the young collections it triggers find nothing to free: a first threshold
     of :data:`GEN0_THRESHOLD` instead of 700 runs them about a tenth as often, and fewer of the objects
     of passes still in flight get promoted to be scanned again by the older generations. A higher
     threshold already set, or a collector turned off (threshold 0), is left as it is.

@@ -149,3 +149,48 @@ async def test_a_restarted_node_on_a_branch_not_taken_is_skipped_again(
     st = await statuses(svc, inst.id)
     assert st["reject"] == "skipped" and st["notify"] == "completed" and st["end"] == "completed"
     assert calls.runs("reject") == 0 and calls.runs("notify") == 2
+
+
+async def test_choose_in_a_wait_check_of_a_pass_nested_in_a_run_raises(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """A ``wait_check`` of another instance's pass, run from inside a node's ``run()``, has no choice
+    to make: ``choose()`` raises there (it must not reach the enclosing ``run()``'s successors)."""
+    from asyncflow.registry import Registry
+    from asyncflow.worker import NormalTaskWorker, current_node
+
+    seen: list[object] = []
+    registry = Registry()
+    registry.load_workflow_config(config("outer", {"X": ["Y", "Z"], "Y": [], "Z": []}))
+    registry.load_workflow_config(config("inner", {"P": []}))
+    svc = WorkflowService(engine_repo, local_lock, registry)
+    inner_ids: list[int] = []
+
+    async def x_run(ctx: JSONContext) -> None:
+        await svc.run_workflow(inner_ids[0])  # its wait_check runs inside this run()
+        seen.append(current_node().task_type)  # this node's own call again
+        choose("Y")
+
+    async def p_check(ctx: JSONContext) -> None:
+        for pick in ("Y", "P"):
+            try:
+                choose(pick)
+            except LookupError as exc:
+                seen.append(("LookupError", pick, str(exc)))
+
+    async def noop(ctx: JSONContext) -> None:
+        return None
+
+    registry.register_workflow_task("outer", "X", NormalTaskWorker(run=x_run))
+    for node in ("Y", "Z"):
+        registry.register_workflow_task("outer", node, NormalTaskWorker(run=noop))
+    registry.register_workflow_task("inner", "P", NormalTaskWorker(run=noop, wait_check=p_check))
+    inner = await svc.create_workflow("inner", "in-1")
+    inner_ids.append(inner.id)
+    outer = await svc.create_workflow("outer", "out-1", run=True)
+    assert outer.status == "completed"
+    message = "asyncflow.choose() is only available inside a worker's run()"
+    assert seen == [("LookupError", "Y", message), ("LookupError", "P", message), "X"]
+    st = await statuses(svc, outer.id)
+    assert st["Y"] == "completed" and st["Z"] == "skipped"  # X's own choice, made after the inner pass
+    assert (await statuses(svc, inner.id))["P"] == "completed"

@@ -358,3 +358,17 @@ async def test_a_worker_call_builds_its_node_info_once_when_asked() -> None:
             await heartbeat(1)
     with pytest.raises(LookupError):
         current_node()
+
+
+def test_a_scope_replaces_the_whole_call() -> None:
+    from asyncflow.worker import choice_scope, choose
+
+    with choice_scope("check", ("a", "b")) as outer:
+        with pytest.raises(LookupError, match="no node information"):
+            current_node()  # a choice_scope's call carries no node
+        with node_scope(INFO):
+            assert current_node() is INFO
+            with pytest.raises(LookupError):  # the node_scope's call has no choice to make
+                choose("a")
+        choose("b")
+    assert outer.chosen == ("b",)
