@@ -157,7 +157,7 @@ def loads_context(raw: object, column: str, row_id: object) -> dict[str, Any]:
         return {}
     if isinstance(raw, str | bytes | bytearray):
         try:
-            parsed = json.loads(raw)
+            parsed = _read_json(raw) if isinstance(raw, str) else json.loads(raw)
         except (ValueError, RecursionError) as exc:
             logger.warning(
                 "%s of row %s holds invalid JSON; read as an empty context: %s", column, row_id, exc
@@ -180,15 +180,20 @@ def copy_context(text: str, plain: bool = False) -> dict[str, Any]:
 
     ``plain``: orjson wrote the text (:func:`encode_context`), so orjson reads it without the search
     for 19-digit runs (which costs more than reading a small context)."""
+    result: dict[str, Any] = _read_json(text, plain)
+    return result
+
+
+def _read_json(text: str, plain: bool = False) -> Any:
+    """``json.loads(text)``, through orjson where it reads the same: not with a 19-digit run (orjson
+    reads an integer beyond 64 bits as a float; ``plain``: orjson wrote the text, there is none), and
+    not what orjson refuses (nested deeper than it reads, ``NaN``, lone surrogates: ``json`` decides)."""
     if orjson is not None and (plain or _LONG_NUMBER.search(text) is None):
         try:
-            fast: dict[str, Any] = orjson.loads(text)
-        except orjson.JSONDecodeError:  # nested deeper than orjson reads (json wrote it): json reads it
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
             pass
-        else:
-            return fast
-    result: dict[str, Any] = json.loads(text)
-    return result
+    return json.loads(text)
 
 
 def page_window(pager: Pager | None) -> tuple[int, int] | None:

@@ -224,3 +224,65 @@ def test_a_context_deeper_than_orjson_reads_is_read_back_by_json() -> None:
         assert _json.copy_context(text, True) == deep  # even if told orjson wrote it
     finally:
         sys.setrecursionlimit(old)
+
+
+STORED_TEXTS = [
+    '{"a": 1, "b": [1.5, -0.0, 1e16, 2.5e-300], "c": {"d": null, "e": true}}',
+    '{"n": 9223372036854775807, "m": -9223372036854775808}',
+    '{"n": 12345678901234567890123}',  # beyond 64 bits: json keeps it exact
+    '{"f": 0.1000000000000000055511151231257827}',
+    '{"x": NaN, "y": Infinity, "z": -Infinity}',  # json reads these; orjson refuses them
+    '{"s": "\\ud800 lone surrogate", "t": "\\u00e9\\u0000"}',
+    '{"k": 1, "k": 2}',  # a duplicate key: the last wins
+    '  {"spaced" : [ 1 , 2 ] }  ',
+]
+
+
+@pytest.mark.parametrize("text", STORED_TEXTS)
+def test_stored_text_reads_as_json_reads_it(text: str) -> None:
+    """What another writer stored (SQLite hands back text) reads as ``json.loads`` reads it."""
+    read = _json.loads_context(text, "workflow_context", 1)
+    assert _same(read, json.loads(text))
+    assert read is not _json.loads_context(text, "workflow_context", 1)  # a fresh dict per read
+
+
+@pytest.mark.parametrize(
+    ("text", "warning"),
+    [
+        ("{not json", "invalid JSON"),
+        ("[1, 2]", "a JSON list"),
+        ('"a string"', "a JSON str"),
+        ("3", "a JSON int"),
+    ],
+)
+def test_stored_text_that_is_not_an_object_reads_as_an_empty_context(
+    text: str, warning: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert _json.loads_context(text, "node_context", 7) == {}
+    assert warning in caplog.text and "node_context of row 7" in caplog.text
+
+
+def test_stored_text_deeper_than_orjson_reads_is_read_by_json() -> None:
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)
+    try:
+        text = '{"a": ' * 1100 + "{}" + "}" * 1100
+        assert _json.loads_context(text, "node_context", 1) == json.loads(text)
+    finally:
+        sys.setrecursionlimit(old)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), json_values, max_size=6), st.booleans())
+def test_any_stored_object_reads_as_json_reads_it(value: dict[str, Any], compact: bool) -> None:
+    text = json.dumps(value, separators=(",", ":") if compact else None)  # NaN and infinities included
+    assert _same(_json.loads_context(text, "workflow_context", 1), json.loads(text))
