@@ -24,7 +24,7 @@ from asyncflow.errors import InvalidStateError, LockFailedError, ParamInvalidErr
 
 if TYPE_CHECKING:
     from asyncflow.context import JSONContext
-    from asyncflow.records import WorkflowInstance
+    from asyncflow.records import WorkflowInstance, WorkflowInstanceRecord
 
 __all__ = [
     "NOT_IMPLEMENTED",
@@ -372,10 +372,11 @@ def _json_progress(progress: object) -> object:
 
 
 ChildStart: TypeAlias = (
-    "Callable[[Any, str, str, str, Mapping[str, Any] | JSONContext | None], Awaitable[WorkflowInstance]]"
+    "Callable[[WorkflowInstanceRecord, str, str, str, Mapping[str, Any] | JSONContext | None], "
+    "Awaitable[WorkflowInstance]]"
 )
-"""For the engine: ``start(instance, task_type, workflow_type, key, context)`` creates (idempotently) a
-child of the instance's node ``task_type``."""
+"""For the engine: the service's ``start(instance, task_type, workflow_type, key, context)``, which
+creates (idempotently) a child of the instance's node ``task_type``."""
 
 
 async def start_child_workflow(

@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .._held import HOLD_STEPS, is_held, run_held
@@ -54,7 +54,7 @@ from ..status import (
     TaskStatus,
     is_over_instance_status,
 )
-from ..worker import NodeInfo, WorkerCall, _current_call
+from ..worker import ChildStart, NodeInfo, WorkerCall, _current_call
 from .inflight import NO_PROGRESS, PROGRESS, NodeWatch, Watchtower
 from .rules import (
     CHOSEN,
@@ -92,12 +92,6 @@ CHILD_KEYS = "child_keys"
 ``run()`` started (``af.start_child_workflow``), in order."""
 CHILDREN = "children"
 """The key of a node's context that holds its children's results once they are all terminal."""
-
-ChildStart = Callable[
-    [WorkflowInstanceRecord, str, str, str, "Mapping[str, Any] | JSONContext | None"],
-    Awaitable[WorkflowInstance],
-]
-"""The service's ``start(parent, task_type, workflow_type, key, context)`` of a child instance."""
 
 logger = logging.getLogger("asyncflow.engine")
 
