@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._frozen import quick_init
 from .errors import ParamInvalidError
 from .status import RUNNABLE_INSTANCE_STATUSES
 
@@ -114,6 +115,7 @@ class QueryTaskInstanceParams:
     page: Pager | None = None
 
 
+@quick_init  # built on every node: see asyncflow._frozen
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkflowInstanceRecord:
     """A ``workflow_instance`` row. ``workflow_context`` is a plain ``dict``."""
@@ -140,6 +142,7 @@ class WorkflowInstanceRecord:
     """The key the parent's node gave this child (``None`` for top-level instances)."""
 
 
+@quick_init  # built on every node: see asyncflow._frozen
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkflowInstance:
     """What the service returns for an instance: the record's fields plus the definition if loaded."""
@@ -180,6 +183,7 @@ class WorkflowInstance:
         )
 
 
+@quick_init  # built on every node: see asyncflow._frozen
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskInstanceRecord:
     """A ``task_instance`` row (one node of one instance).
@@ -200,6 +204,7 @@ class TaskInstanceRecord:
     version: int = 1
 
 
+@quick_init  # built on every node: see asyncflow._frozen
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NewWorkflowInstance:
     """What ``create_workflow_instance`` inserts (status ``init`` unless given)."""
@@ -214,6 +219,7 @@ class NewWorkflowInstance:
     unique: str | None = None  # "active" | "always": refused when a unique instance of the key exists
 
 
+@quick_init  # built on every node: see asyncflow._frozen
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskInsert:
     """A node row to insert inside a :class:`Step` (or through ``create_task_instance``)."""
@@ -225,6 +231,7 @@ class TaskInsert:
     started_at: int = 0  # 0: the repo's "now"
 
 
+@quick_init  # built on every node: see asyncflow._frozen
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskUpdate:
     """A compare-and-set update of one node row inside a :class:`Step`.
@@ -240,6 +247,7 @@ class TaskUpdate:
     started_at: int | None = None
 
 
+@quick_init  # built on every node: see asyncflow._frozen
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Step:
     """One atomic write of a pass: everything in it commits together or not at all.
@@ -271,6 +279,7 @@ class Step:
     lease_epoch: int | None = None
 
 
+@quick_init  # built on every node: see asyncflow._frozen
 @dataclass(frozen=True, slots=True)
 class StepResult:
     """``applied`` is False when a condition of the step failed (nothing was written).

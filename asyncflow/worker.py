@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 import anyio.to_thread
 
+from asyncflow._frozen import quick_init
 from asyncflow._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
 from asyncflow.errors import InvalidStateError, LockFailedError, ParamInvalidError
 
@@ -191,6 +192,7 @@ def worker_has_wait_check(worker: TaskWorker) -> bool:
     return True
 
 
+@quick_init  # built on every node: see asyncflow._frozen
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
     """Which node a worker call serves: see :func:`current_node`."""

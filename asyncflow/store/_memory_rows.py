@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from .._frozen import quick_init
 from ..records import Pager, ScheduleState, TaskInstanceRecord, WorkflowInstanceRecord
 from ..status import RUNNABLE_INSTANCE_STATUSES
 from ._json import copy_context, page_window
@@ -13,6 +14,7 @@ from ._prepare import InstanceChange, TaskChange
 __all__ = ["Instance", "State", "Task", "changed_instance", "changed_task", "paged"]
 
 
+@quick_init  # built on every node: see asyncflow._frozen
 @dataclass(frozen=True, slots=True)
 class Instance:
     """A stored instance: the record's fields, the context as canonical JSON text."""
@@ -39,6 +41,7 @@ class Instance:
         return WorkflowInstanceRecord(**values)
 
 
+@quick_init  # built on every node: see asyncflow._frozen
 @dataclass(frozen=True, slots=True)
 class Task:
     """A stored node row: the record's fields, the context as canonical JSON text."""

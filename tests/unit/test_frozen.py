@@ -1,0 +1,157 @@
+"""``quick_init``: a frozen record's cheaper ``__init__`` behaves as the dataclass's own."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import pickle
+from dataclasses import InitVar, dataclass, field
+from typing import Any
+
+import pytest
+
+import asyncflow.records as records
+from asyncflow._frozen import quick_init
+from asyncflow.store import _memory_rows
+from asyncflow.worker import NodeInfo
+
+QUICK = [
+    records.WorkflowInstanceRecord,
+    records.WorkflowInstance,
+    records.TaskInstanceRecord,
+    records.NewWorkflowInstance,
+    records.TaskInsert,
+    records.TaskUpdate,
+    records.Step,
+    records.StepResult,
+    NodeInfo,
+    _memory_rows.Instance,
+    _memory_rows.Task,
+]
+
+
+def _twins(**options: Any) -> tuple[type, type]:
+    """The same class twice: as the dataclass makes it, and with ``quick_init``."""
+
+    def make() -> type:
+        @dataclass(frozen=True, slots=True, **options)
+        class Sample:
+            a: int
+            b: str = "b"
+            c: tuple[int, ...] = ()
+            d: dict[str, Any] | None = None
+
+        return Sample
+
+    return make(), quick_init(make())
+
+
+@pytest.mark.parametrize("options", [{}, {"kw_only": True}])
+def test_same_signature_values_and_errors_as_the_dataclass(options: dict[str, Any]) -> None:
+    plain, quick = _twins(**options)
+    assert inspect.signature(quick) == inspect.signature(plain)
+    assert quick.__init__.__qualname__ == plain.__init__.__qualname__
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+        ((), {"a": 1}),
+        ((), {"a": 1, "b": "x", "c": (1, 2), "d": {"k": [1]}}),
+        ((), {"d": None, "a": 3}),
+    ]
+    if not options:
+        calls += [((1,), {}), ((1, "x", (2,)), {"d": {}})]
+    for args, kwargs in calls:
+        a, b = plain(*args, **kwargs), quick(*args, **kwargs)
+        assert [getattr(b, f) for f in "abcd"] == [getattr(a, f) for f in "abcd"]
+        assert repr(b) == repr(a).replace(plain.__qualname__, quick.__qualname__)
+    for args, kwargs in [((), {}), ((), {"a": 1, "e": 2}), ((), {"b": "x"}), ((1, 2, 3, 4, 5), {})]:
+        with pytest.raises(TypeError) as expected:
+            plain(*args, **kwargs)
+        with pytest.raises(TypeError) as got:
+            quick(*args, **kwargs)
+        assert str(got.value) == str(expected.value)
+    if options:  # keyword-only stays keyword-only
+        with pytest.raises(TypeError, match="positional"):
+            quick(1)
+
+
+def test_the_record_stays_frozen_hashable_and_copyable() -> None:
+    _, quick = _twins()
+    one = quick(1, "x")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        one.a = 2  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del one.b  # type: ignore[misc]
+    assert one == quick(1, "x") and hash(one) == hash(quick(1, "x")) and one != quick(2, "x")
+    assert dataclasses.replace(one, b="y") == quick(1, "y")
+    assert copy.deepcopy(one) == one
+    assert not hasattr(one, "__dict__")
+
+
+def test_records_pickle_as_before() -> None:
+    record = records.TaskInstanceRecord(
+        id=1,
+        workflow_instance_id=2,
+        task_type="a",
+        status="completed",
+        node_context={"k": [1, {"x": None}]},
+        fail_count=0,
+        created_at=5,
+        updated_at=6,
+        started_at=5,
+    )
+    assert pickle.loads(pickle.dumps(record)) == record
+    assert record.version == 1
+
+
+@pytest.mark.parametrize("cls", QUICK, ids=lambda c: c.__qualname__)
+def test_each_quick_record_takes_its_fields_as_declared(cls: type) -> None:
+    """Names, kinds and defaults of ``__init__`` follow the fields (as the dataclass's ``__init__``)."""
+    assert cls.__init__.__code__.co_filename == "<string>"  # the quick one, not the dataclass's
+    params = list(inspect.signature(cls).parameters.values())
+    fields = dataclasses.fields(cls)
+    assert [p.name for p in params] == [f.name for f in fields]
+    for p, f in zip(params, fields, strict=True):
+        kind = inspect.Parameter.KEYWORD_ONLY if f.kw_only else inspect.Parameter.POSITIONAL_OR_KEYWORD
+        assert p.kind == kind
+        assert p.default == (inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
+    values = {f.name: object() for f in fields}
+    built = cls(**values)
+    assert all(getattr(built, name) is value for name, value in values.items())
+
+
+def test_refuses_what_it_cannot_rebuild() -> None:
+    @dataclass(slots=True)
+    class NotFrozen:
+        a: int
+
+    @dataclass(frozen=True)
+    class NoSlots:
+        a: int
+
+    @dataclass(frozen=True, slots=True)
+    class Factory:
+        a: list[int] = field(default_factory=list)
+
+    @dataclass(frozen=True, slots=True)
+    class NotInInit:
+        a: int = field(default=0, init=False)
+
+    @dataclass(frozen=True, slots=True)
+    class PostInit:
+        a: int
+
+        def __post_init__(self) -> None:
+            pass
+
+    @dataclass(frozen=True, slots=True)
+    class WithInitVar:
+        a: int
+        b: InitVar[int] = 0
+
+    for cls in (NotFrozen, NoSlots, Factory, NotInInit, PostInit, WithInitVar):
+        before = cls.__init__
+        with pytest.raises(TypeError, match="quick_init"):
+            quick_init(cls)
+        assert cls.__init__ is before
+    with pytest.raises(TypeError, match="quick_init"):
+        quick_init(int)
