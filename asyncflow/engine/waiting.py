@@ -6,7 +6,8 @@ Every waiter registers a future under its instance id, then reads the instance. 
   pass or a cancel that ended it);
 * on PostgreSQL, when it ends in another process: one LISTEN connection (the repo's
   ``listen_finished``), started with the first waiter and ended (awaited) by the last, serves every
-  waiter of the service;
+  waiter of the service. Only watched instances notify: a waiter first asks the repo to watch its
+  instance (``watch_finished``, which flags the row), then reads it;
 * otherwise by polling: the waiter re-reads its instance every :data:`POLL_INTERVAL` seconds
   (:data:`LISTENING_POLL_INTERVAL` while the LISTEN connection is up, as a safety net).
 
@@ -23,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from ..errors import InstanceNotFoundError
 from ..records import WorkflowInstanceRecord
 from ..status import TERMINAL_STATUSES
-from ..store.protocol import DueListener, ListensFinished, WorkflowRepo
+from ..store.protocol import DueListener, ListensFinished, WatchesFinished, WorkflowRepo
 
 __all__ = ["LISTENING_POLL_INTERVAL", "POLL_INTERVAL", "Waiters"]
 
@@ -73,11 +74,15 @@ class Waiters:
         """The instance once it is terminal (cancel the call, e.g. with a timeout, to give up)."""
         self._count += 1
         self._start_listening()
+        watch = self._repo.watch_finished if isinstance(self._repo, WatchesFinished) else None
         try:
             while True:
                 future = asyncio.get_running_loop().create_future()
                 self._futures.setdefault(instance_id, set()).add(future)
                 try:
+                    if watch is not None:  # once: the flag stays on the row
+                        await watch(instance_id)
+                        watch = None
                     record = await read(instance_id)  # after registering: an end from now on wakes us
                     if record is None:
                         raise InstanceNotFoundError(f"workflow instance {instance_id} not found")

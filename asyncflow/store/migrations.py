@@ -31,6 +31,7 @@ from .tables import SCHEMA_VERSION, asyncflow_schema
 __all__ = [
     "CHILD_COLUMNS",
     "CHILD_INDEXES",
+    "NOTIFY_COLUMNS",
     "SCHEDULE_TABLES",
     "TRACE_COLUMNS",
     "UNIQUE_COLUMNS",
@@ -166,3 +167,7 @@ CHILD_INDEXES = (
     "ON workflow_instance (parent_id, parent_node, child_key) WHERE parent_id IS NOT NULL",
 )
 """Version 8, child workflows: a child's parent instance, node and key, unique together."""
+
+NOTIFY_COLUMNS = (("workflow_instance", "notify_finished", "BOOLEAN DEFAULT false NOT NULL"),)
+"""Version 10: a ``wait_for_workflow`` waiter asked to hear when the instance ends (PostgreSQL NOTIFYs
+only for these; SQLite keeps the column unused)."""

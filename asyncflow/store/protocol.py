@@ -29,6 +29,7 @@ __all__ = [
     "ListensDue",
     "ListensFinished",
     "StoresSchedules",
+    "WatchesFinished",
     "WorkflowRepo",
 ]
 
@@ -183,6 +184,17 @@ class ListensFinished(Protocol):
     def listen_finished(self, callback: Callable[[int | None], None]) -> DueListener | None:
         """A listener calling ``callback(id)`` per ended instance and ``callback(None)`` when it (re)starts
         listening; ``None`` when this database has no wake-ups."""
+
+
+@runtime_checkable
+class WatchesFinished(Protocol):
+    """An optional capability of a repo with :class:`ListensFinished`: a waiter's instance is watched,
+    so that its end reaches the listeners of every process (a repo without it wakes them for every
+    instance that ends, or not at all)."""
+
+    async def watch_finished(self, instance_id: int) -> None:
+        """Ask for the wake-up of ``instance_id``'s end; called before the waiter reads the instance,
+        so an end from then on wakes it."""
 
 
 @runtime_checkable

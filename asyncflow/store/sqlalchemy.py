@@ -535,6 +535,14 @@ class SQLAlchemyWorkflowRepo:
         """
         return self._backend.listen_finished(callback)
 
+    async def watch_finished(self, instance_id: int) -> None:
+        """Ask that ``instance_id``'s end wakes listeners in every process (``wait_for_workflow`` calls
+        it before it reads the instance). On PostgreSQL it sets ``workflow_instance.notify_finished``
+        unless the instance has ended already: only flagged instances NOTIFY ``asyncflow_finished``.
+        Always outside ``transaction()``; nothing on SQLite."""
+        with StoreErrors("watch_finished"):
+            await self._backend.watch_finished(instance_id)
+
     # ------------------------------------------------------------------------------- schedules
 
     async def schedule_states(self) -> dict[str, ScheduleState]:

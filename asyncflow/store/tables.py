@@ -24,6 +24,9 @@ are Go's plus what the engine and the driver need:
   ``create_workflow(unique=...)`` (``'active'``/``'always'``); two partial unique indexes enforce it.
 * On PostgreSQL both tables have ``fillfactor`` :data:`FILLFACTOR` (schema 9): pages keep room for
   the new versions of their rows, so updates that change no indexed column are HOT updates.
+* ``workflow_instance.notify_finished`` (schema 10): a ``wait_for_workflow`` waiter asked to hear
+  when the instance ends. On PostgreSQL only such instances NOTIFY ``asyncflow_finished`` when they
+  end (a NOTIFY holds a database-wide lock through its commit); SQLite keeps the column unused.
 
 ``created_at``/``updated_at`` are unix seconds, as in Go. Contexts are ``JSON`` (``JSONB`` on
 PostgreSQL). Primary keys are ``BIGINT`` (``INTEGER PRIMARY KEY AUTOINCREMENT`` on SQLite, a rowid
@@ -36,6 +39,7 @@ from sqlalchemy import (
     DDL,
     JSON,
     BigInteger,
+    Boolean,
     Column,
     ForeignKey,
     Index,
@@ -68,7 +72,7 @@ __all__ = [
     "workflow_instance",
 ]
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 """The schema version this asyncflow migrates to (:mod:`asyncflow.store.migrations`)."""
 
 metadata = MetaData(
@@ -104,6 +108,8 @@ workflow_instance = Table(
     Column("parent_id", BigInteger, nullable=True),  # a child workflow's parent instance, else NULL
     Column("parent_node", Text, nullable=True),  # the parent's node that started the child
     Column("child_key", Text, nullable=True),  # the child's key in that node
+    # a waiter asked to hear when it ends (PostgreSQL's asyncflow_finished NOTIFY: migration 10)
+    Column("notify_finished", Boolean, nullable=False, server_default=text("false")),
     Index(None, "status", "next_run_at"),
     Index(None, "business_id"),
     Index(None, "task_id"),

@@ -206,7 +206,7 @@ async def test_postgres_migration_9_sets_fillfactor_on_a_version_8_database(post
     fillfactor = [f"fillfactor={af.store.tables.FILLFACTOR}"]
     assert [tuple(row) for row in before] == [("task_instance", None), ("workflow_instance", None)]
     assert [tuple(row) for row in after] == [("task_instance", fillfactor), ("workflow_instance", fillfactor)]
-    assert (rows, versions) == (1, 9)
+    assert (rows, versions) == (1, af.SCHEMA_VERSION)
 
 
 async def _refuses_a_newer_database(engine: AsyncEngine) -> None:

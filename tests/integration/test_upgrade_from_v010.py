@@ -47,9 +47,10 @@ async def _upgrade_and_finish(repo: af.SQLAlchemyWorkflowRepo) -> None:
 
     assert await _versions(engine) == list(range(1, af.SCHEMA_VERSION + 1))
     added = {
-        "workflow_instance": (0, None, None, None, None, None),
+        "workflow_instance": (0, None, None, None, None, None, False),
         "task_instance": (),
-    }  # lease_epoch 0; unique_key, trace_context, parent_id, parent_node, child_key NULL
+    }  # lease_epoch 0; unique_key, trace_context, parent_id, parent_node, child_key NULL; notify_finished
+    # false (SQLite's 0 compares equal)
     for table, rows in before.items():  # every row kept, as it was (plus the columns added since)
         assert await _rows(engine, table) == [row + added[table] for row in rows]
     svc = af.WorkflowService(repo, af.LocalWorkflowLock(), make_registry(gate_open=True))

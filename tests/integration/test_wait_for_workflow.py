@@ -172,3 +172,95 @@ async def test_a_stopped_listener_returns_its_connection_even_while_connecting(
         await asyncio.wait_for(task, 10)
         assert not notifier.listening
         assert engine.sync_engine.pool.checkedout() == 0
+
+
+async def _connect_like(engine: Any) -> Any:
+    import asyncpg
+
+    url = engine.url.set(drivername="postgresql")
+    schema = await _schema(engine)
+    return await asyncpg.connect(
+        url.render_as_string(hide_password=False), server_settings={"search_path": schema}
+    )
+
+
+async def _flags(engine: Any) -> dict[int, bool]:
+    async with engine.connect() as conn:
+        rows = (await conn.exec_driver_sql("SELECT id, notify_finished FROM workflow_instance")).all()
+    return {row[0]: row[1] for row in rows}
+
+
+@pytest.mark.postgres
+async def test_only_watched_instances_notify_their_end(postgres_url: str) -> None:
+    """Migration 10: an instance ending NOTIFYs only if a waiter watched it (``notify_finished``); the
+    others end without a NOTIFY (which would hold the database-wide notify lock through the commit)."""
+    async with isolated_pg_engine(postgres_url) as engine, SQLAlchemyWorkflowRepo(engine) as repo:
+        await repo.migrate()
+        schema = await _schema(engine)
+        listener = await _connect_like(engine)
+        heard: list[str] = []
+        await listener.add_listener("asyncflow_finished", lambda *args: heard.append(args[3]))
+        try:
+            service = WorkflowService(repo, LocalWorkflowLock(), one_node_registry("w"))
+            watched, unwatched, canceled = [
+                (await service.create_workflow("w", f"b{i}")).id for i in range(3)
+            ]
+            await repo.watch_finished(watched)
+            await repo.watch_finished(watched)  # again: nothing changes
+            await repo.watch_finished(canceled)
+            assert await _flags(engine) == {watched: True, unwatched: False, canceled: True}
+            await service.run_workflow(watched)
+            await service.run_workflow(unwatched)
+            await service.cancel_workflow_instance(canceled)
+            await _until(lambda: len(heard) >= 2)
+            await asyncio.sleep(0.3)  # anything else would have arrived by now
+            assert sorted(heard) == sorted([f"{schema} {watched}", f"{schema} {canceled}"])
+            await repo.watch_finished(unwatched)  # ended already: nothing to flag
+            assert (await _flags(engine))[unwatched] is False
+        finally:
+            await listener.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("ends", [True, False])
+async def test_a_watch_waits_for_the_write_in_flight_on_the_instance(postgres_url: str, ends: bool) -> None:
+    """The flag's UPDATE takes the row's lock: it waits for an uncommitted write of the instance, then
+    flags the row if it is still running (its end will NOTIFY) and leaves an ended one alone (the
+    waiter's read, after the watch, sees the end). So no end falls between watch and read unheard."""
+    async with isolated_pg_engine(postgres_url) as engine, SQLAlchemyWorkflowRepo(engine) as repo:
+        await repo.migrate()
+        service = WorkflowService(repo, LocalWorkflowLock(), one_node_registry("w"))
+        inst = await service.create_workflow("w", "b")
+        writer = await _connect_like(engine)
+        try:
+            transaction = writer.transaction()
+            await transaction.start()
+            await writer.execute(
+                "UPDATE workflow_instance SET status = $2, version = version + 1 WHERE id = $1",
+                inst.id,
+                "completed" if ends else "running",
+            )
+            watch = asyncio.create_task(repo.watch_finished(inst.id))
+            await asyncio.sleep(0.3)
+            assert not watch.done()  # waits for the row's lock
+            await transaction.commit()
+            await asyncio.wait_for(watch, 5)
+        finally:
+            await writer.close()
+        assert (await _flags(engine))[inst.id] is (not ends)
+        record = await repo.get_workflow_instance(inst.id)
+        assert record is not None and record.status == ("completed" if ends else "running")
+        assert record.version == 2  # the flag does not count as a write of the instance
+
+
+async def test_watch_is_a_no_op_on_sqlite(tmp_path: Any) -> None:
+    async with SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}") as repo:
+        await repo.migrate()
+        service = WorkflowService(repo, LocalWorkflowLock(), one_node_registry("w"))
+        inst = await service.create_workflow("w", "b")
+        await repo.watch_finished(inst.id)
+        assert await _flags(repo.engine) == {inst.id: False}
+        waiter = asyncio.create_task(service.wait_for_workflow(inst.id, timeout=10))
+        await asyncio.sleep(0.05)
+        await service.run_workflow(inst.id)
+        assert (await asyncio.wait_for(waiter, 5)).status == "completed"

@@ -30,7 +30,7 @@ from .._units import ConnectionUnits
 from . import leases, schema
 from . import sql as pg
 from .batches import BATCH_SLOTS, MAX_BATCH, RUN_ALONE, PgCreateBatches, PgStateReads, PgStepBatches
-from .finished import FinishedNotifier
+from .finished import FinishedNotifier, watch_finished
 from .lanes import PgLanes, lane_limit
 from .notify import DueNotifier
 
@@ -208,6 +208,14 @@ class PostgresBackend:
     def listen_due(self, callback: Callable[[], None]) -> DueNotifier:
         """LISTEN/NOTIFY wake-ups (:mod:`.notify`): ``callback()`` when an instance becomes due."""
         return DueNotifier(self._engine, callback)
+
+    async def watch_finished(self, instance_id: int) -> None:
+        """Flag the instance so that its end NOTIFYs (:mod:`.finished`): on a lane, never in
+        ``transaction()`` (the flag must be visible to whatever ends the instance, and its row lock
+        must not outlive the statement)."""
+        self.units.check_open()
+        async with self._lanes.lane() as db:
+            await watch_finished(db, instance_id)
 
     def listen_finished(self, callback: Callable[[int | None], None]) -> FinishedNotifier:
         """LISTEN/NOTIFY (:mod:`.finished`): ``callback(id)`` when an instance ends in any process."""

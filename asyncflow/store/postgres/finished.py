@@ -1,23 +1,38 @@
-"""PostgreSQL wake-ups for ``wait_for_workflow``: a trigger NOTIFYs when an instance ends, and one
-LISTEN connection per repo fans the notifications out to every waiter of that repo.
+"""PostgreSQL wake-ups for ``wait_for_workflow``: a trigger NOTIFYs when an instance that a waiter
+watches ends, and one LISTEN connection per repo fans the notifications out to every waiter of that repo.
 
-Migration 4 installs the trigger (:data:`FINISHED_DDL`): after an UPDATE that moves an instance
-from ``init``/``running`` to a terminal status it calls ``pg_notify('asyncflow_finished',
-'<schema> <id>')``. NOTIFY is transactional: the waiter hears of the end once it is committed. The
-cost is one notification per finished instance (in the transaction that ends it: a group-committed
-batch of steps notifies once per batch commit, not once per row).
+Migration 5 installed the trigger function (:data:`FINISHED_DDL`): after an UPDATE that moves an
+instance from ``init``/``running`` to a terminal status it calls ``pg_notify('asyncflow_finished',
+'<schema> <id>')``. NOTIFY is transactional: the waiter hears of the end once it is committed.
+
+Migration 10 (:data:`FINISHED_DDL_V10`) fires it only for instances whose ``notify_finished`` is set:
+a transaction that NOTIFYs holds a database-wide lock from its pre-commit through its WAL flush, so
+notifying every finished instance serialized the commits of concurrent group-committed steps (each
+batch that ended an instance), for waiters that mostly did not exist. A waiter first sets the flag
+(:data:`WATCH_FINISHED`, :func:`watch_finished`), then reads the instance. The flag's ``UPDATE`` takes
+the row's lock, so it waits for a step in flight that ends the instance, and then finds the instance
+terminal (nothing set; the waiter's read sees the end). Any step that ends the instance afterwards
+updates the flagged row, and its trigger fires. No end between the two is missed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._sql import RUNNABLE_SQL, TERMINAL_SQL
 from .notify import DueNotifier
 
-__all__ = ["FINISHED_CHANNEL", "FINISHED_DDL", "FinishedNotifier"]
+__all__ = [
+    "FINISHED_CHANNEL",
+    "FINISHED_DDL",
+    "FINISHED_DDL_V10",
+    "WATCH_FINISHED",
+    "FinishedNotifier",
+    "watch_finished",
+]
 
 FINISHED_CHANNEL = "asyncflow_finished"
 
@@ -39,7 +54,28 @@ FOR EACH ROW
 WHEN (NEW.status IN ({TERMINAL_SQL}) AND OLD.status IN ({RUNNABLE_SQL}))
 EXECUTE FUNCTION asyncflow_notify_finished()""",
 )
-"""Migration 4 (PostgreSQL): the function and the trigger."""
+"""Migration 5 (PostgreSQL): the function and the trigger."""
+
+FINISHED_DDL_V10 = (
+    "DROP TRIGGER IF EXISTS asyncflow_finished_notify ON workflow_instance",
+    f"""CREATE TRIGGER asyncflow_finished_notify
+AFTER UPDATE OF status ON workflow_instance
+FOR EACH ROW
+WHEN (NEW.notify_finished AND NEW.status IN ({TERMINAL_SQL}) AND OLD.status IN ({RUNNABLE_SQL}))
+EXECUTE FUNCTION asyncflow_notify_finished()""",
+)
+"""Migration 10 (PostgreSQL): the trigger again, for watched instances only (the function is 5's)."""
+
+WATCH_FINISHED = (
+    "UPDATE workflow_instance SET notify_finished = true "
+    f"WHERE id = $1::bigint AND status IN ({RUNNABLE_SQL}) AND NOT notify_finished"
+)
+"""A waiter's flag (no change to ``version``/``updated_at``: nobody's compare-and-set sees it)."""
+
+
+async def watch_finished(conn: Any, instance_id: int) -> None:
+    """Ask for the NOTIFY of ``instance_id``'s end (on an asyncpg connection, in a statement of its own)."""
+    await conn.execute(WATCH_FINISHED, instance_id)
 
 
 class FinishedNotifier(DueNotifier):

@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..migrations import (
     CHILD_COLUMNS,
     CHILD_INDEXES,
+    NOTIFY_COLUMNS,
     SCHEDULE_TABLES,
     TRACE_COLUMNS,
     UNIQUE_COLUMNS,
@@ -16,7 +17,7 @@ from ..migrations import (
     check_migrations,
 )
 from ..tables import FILLFACTOR
-from .finished import FINISHED_DDL
+from .finished import FINISHED_DDL, FINISHED_DDL_V10
 from .functions import BATCH_FUNCTION, STEP_FUNCTION
 
 __all__ = ["MIGRATIONS", "REPAIR", "lock_schema"]
@@ -105,6 +106,12 @@ MIGRATIONS = check_migrations(
             CHILD_COLUMNS,
         ),
         Migration(9, f"HOT updates: fillfactor {FILLFACTOR} on workflow_instance and task_instance", _V9),
+        Migration(
+            10,
+            "wait_for_workflow: workflow_instance.notify_finished; NOTIFY asyncflow_finished only when set",
+            FINISHED_DDL_V10,
+            NOTIFY_COLUMNS,
+        ),
     ]
 )
 

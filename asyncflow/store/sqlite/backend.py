@@ -178,6 +178,9 @@ class SqliteBackend:
         """No wake-ups on SQLite: waiters poll."""
         return None
 
+    async def watch_finished(self, instance_id: int) -> None:
+        """Nothing to ask for: no wake-ups on SQLite."""
+
     def migrated(self) -> None:
         """Nothing to re-enable."""
 

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..migrations import (
     CHILD_COLUMNS,
     CHILD_INDEXES,
+    NOTIFY_COLUMNS,
     SCHEDULE_TABLES,
     TRACE_COLUMNS,
     UNIQUE_COLUMNS,
@@ -91,6 +92,12 @@ MIGRATIONS = check_migrations(
             CHILD_COLUMNS,
         ),
         Migration(9, "nothing on SQLite: it has no fillfactor (PostgreSQL: fillfactor for HOT updates)", ()),
+        Migration(
+            10,
+            "workflow_instance.notify_finished, unused on SQLite (PostgreSQL: NOTIFY only when it is set)",
+            (),
+            NOTIFY_COLUMNS,
+        ),
     ]
 )
 
