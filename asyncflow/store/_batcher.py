@@ -6,8 +6,9 @@ per-statement work. :class:`StepBatcher` keeps at most ``slots`` batches in flig
 meanwhile (and in the same event-loop turn) queue up and leave together. A full queue found with
 nothing in flight leaves as two halves: the database then works on one while the process handles the
 other's outcomes, instead of each waiting for the other. The backend's runner
-applies each step of a batch on its own (a subtransaction or SAVEPOINT), so one step's failed
-condition or error rolls back that step alone, and commits the batch once. Under light load a step
+applies each step of a batch on its own (PostgreSQL: first all in one statement, then, if any step is
+refused, each in a subtransaction; SQLite: a SAVEPOINT each), so one step's failed condition or error
+rolls back that step alone, and commits the batch once. Under light load a step
 goes alone, as before; a caller cancelled while waiting does not stop its batch (its step lands
 whole or not at all, as a single statement would).
 """

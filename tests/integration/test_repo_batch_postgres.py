@@ -139,6 +139,36 @@ async def test_one_batch_applies_conflicts_and_failures_step_by_step(repo: SQLAl
     assert refused_instance is not None and refused_instance.version == 1
 
 
+async def test_a_batch_whose_steps_all_apply_needs_no_subtransaction(
+    repo: SQLAlchemyWorkflowRepo, caplog: pytest.LogCaptureFixture
+) -> None:
+    # without the batch function (its subtransaction per step), steps that all apply still go
+    # together: one statement calls the step function for each of them
+    async with repo.engine.begin() as conn:
+        await conn.execute(text("DROP FUNCTION asyncflow_steps_v1"))
+    made = [await instance_with(repo, "a") for _ in range(40)]
+    steps = [
+        Step(
+            instance_id=instance_id,
+            updates=(TaskUpdate(id=rows["a"].id, expected_version=1, status="completed"),),
+            inserts=(task(f"b{i}"),),
+        )
+        for i, (instance_id, rows) in enumerate(made)
+    ]
+    logged = caplog.at_level(logging.DEBUG, logger="asyncflow.store.postgres.batches")
+    with batch_sizes(repo) as sizes, logged:
+        results = await asyncio.gather(*(repo.apply_step(step) for step in steps))
+    assert sizes and max(sizes) > 1  # some went together, and none needed the batch function
+    assert not [r.getMessage() for r in caplog.records]  # no fallback: no warning, no "each runs alone"
+    for i, ((instance_id, _), result) in enumerate(zip(made, results, strict=True)):
+        loaded = await repo.load_task_instances(instance_id)
+        assert result.applied and list(result.inserted) == loaded[1:]
+        assert [(r.task_type, r.status, r.version) for r in loaded] == [
+            ("a", "completed", 2),
+            (f"b{i}", "running", 1),
+        ]
+
+
 async def test_without_the_batch_function_steps_go_one_by_one(
     repo: SQLAlchemyWorkflowRepo, caplog: pytest.LogCaptureFixture
 ) -> None:

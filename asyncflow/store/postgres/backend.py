@@ -2,7 +2,7 @@
 
 Outside ``transaction()`` a call runs on a kept asyncpg connection (:mod:`.lanes`) as one autocommit
 statement, past SQLAlchemy's per-statement machinery; calls of one kind that wait at the same time
-share one statement (:mod:`.batches`): steps (one commit, each step in a subtransaction of its own),
+share one statement (:mod:`.batches`): steps (one commit; a step refused there is sorted out step by step),
 creates (one multi-row insert) and pass reads (instances and node rows of several passes). Inside
 ``transaction()`` the same statements (:mod:`.sql`) run on the transaction's connection, a step in a
 SAVEPOINT. Units that bypass SQLAlchemy are reported to :mod:`asyncflow.store._observers`.

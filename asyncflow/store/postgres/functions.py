@@ -9,7 +9,8 @@ raises ``StoreError`` naming ``migrate()``. The status lists in them come from
   condition fails, ``AF410`` when the step's lease epoch is no longer the instance's). Migration 3
   re-installs it with the lease check (a step without an epoch is checked as before).
 * ``asyncflow_steps_v1(jsonb)``: several steps in one statement and one commit, each in a
-  subtransaction of its own (group commit).
+  subtransaction of its own (group commit). The repo calls it only for a batch in which a step was
+  refused: a batch goes first as one plain statement calling ``asyncflow_step_v1`` for each step.
 """
 
 from __future__ import annotations
