@@ -25,6 +25,7 @@ from sqlalchemy import (
     Update,
     bindparam,
     case,
+    exists,
     func,
     insert,
     literal_column,
@@ -137,21 +138,36 @@ TASK_COLUMNS = (
     ti.c.version,
 )
 
+_TASK_VALUES = {
+    "workflow_instance_id": _int("workflow_instance_id"),
+    "task_type": _text("task_type"),
+    "status": _text("status"),
+    "node_context": bindparam("node_context", type_=_RAW),
+    "fail_count": _int("fail_count"),
+    "created_at": _int("created_at"),
+    "updated_at": _int("updated_at"),
+    "started_at": _int("started_at"),
+    "version": literal_column("1"),
+}
+
 INSERT_TASK: Insert = (
     insert(ti)
-    .values(
-        workflow_instance_id=_int("workflow_instance_id"),
-        task_type=_text("task_type"),
-        status=_text("status"),
-        node_context=bindparam("node_context", type_=_RAW),
-        fail_count=_int("fail_count"),
-        created_at=_int("created_at"),
-        updated_at=_int("updated_at"),
-        started_at=_int("started_at"),
-        version=1,
+    .from_select(
+        list(_TASK_VALUES),
+        select(*_TASK_VALUES.values()).where(
+            exists(
+                select(wi.c.id)
+                .where(wi.c.id == _int("workflow_instance_id"))
+                .with_for_update(key_share=True, read=True)
+            )
+        ),
     )
     .returning(ti.c.id, ti.c.task_type)
 )
+"""One node row, inserted only if its instance exists (no row returned otherwise). On PostgreSQL, which
+has no foreign key here (:data:`~asyncflow.store.tables.task_instance`), the check locks the instance
+row ``FOR KEY SHARE`` until the commit, as the key's check did, so a concurrent delete waits for the
+row or this insert finds no instance."""
 
 _TASK_SET = {
     "status": func.coalesce(_text("p_status"), ti.c.status),

@@ -365,7 +365,7 @@ class SQLAlchemyWorkflowRepo:
                 async with self._units.atomic() as conn:
                     gone = delete(wi).where(wi.c.id.in_(batch), *cond).returning(wi.c.id)
                     ids = list((await conn.execute(gone)).scalars())
-                    if ids:  # ON DELETE CASCADE on PostgreSQL; SQLite may run without foreign keys
+                    if ids:  # PostgreSQL's trigger did it; SQLite may run without foreign keys
                         await conn.execute(delete(ti).where(ti.c.workflow_instance_id.in_(ids)))
             total += len(ids)
             if len(ids) < size:
@@ -382,7 +382,9 @@ class SQLAlchemyWorkflowRepo:
         with StoreErrors("create_task_instance"):
             async with self._connection() as conn:
                 result = await conn.execute(st.INSERT_TASK, st.task_params(instance_id, row, now))
-                task_id = result.scalar_one()
+                task_id = result.scalar_one_or_none()
+        if task_id is None:
+            raise StoreError(f"create_task_instance failed: no workflow_instance {instance_id} (foreign key)")
         return inserted_task_record(task_id, instance_id, row, now)
 
     async def query_task_instances(self, params: QueryTaskInstanceParams) -> list[TaskInstanceRecord]:

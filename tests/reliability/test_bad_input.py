@@ -23,12 +23,15 @@ from asyncflow.errors import (
     InstanceNotFoundError,
     InvalidStateError,
     ParamInvalidError,
+    StoreError,
     TaskInstanceNotFoundError,
 )
 from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.records import (
+    NewWorkflowInstance,
     NodeExternalEvent,
     QueryWorkflowInstanceParams,
+    TaskInsert,
 )
 from asyncflow.registry import Registry
 from asyncflow.worker import NormalTaskWorker
@@ -403,3 +406,17 @@ async def test_contexts_at_the_depth_limit_run_to_completion(repo: Any) -> None:
     done = await svc.get_workflow_instance(inst.id)
     assert done.status == "completed"
     assert done.workflow_context == at_limit
+
+
+async def test_a_node_row_of_a_missing_instance_is_refused_and_not_written(repo: Any) -> None:
+    """Every backend refuses it with the same StoreError: SQLite's and the memory repo's foreign key,
+    PostgreSQL's guarded insert (it has no foreign key since migration 11)."""
+    kept = await repo.create_workflow_instance(
+        NewWorkflowInstance(workflow_type="wf", business_id="b", workflow_context={})
+    )
+    row = TaskInsert(task_type="a", status="running", node_context={})
+    with pytest.raises(StoreError, match=f"create_task_instance failed: no workflow_instance {kept.id + 1} "):
+        await repo.create_task_instance(kept.id + 1, row)
+    assert await repo.load_task_instances(kept.id + 1) == []
+    made = await repo.create_task_instance(kept.id, row)  # the instance that exists takes it
+    assert await repo.load_task_instances(kept.id) == [made]

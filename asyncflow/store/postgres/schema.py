@@ -84,6 +84,27 @@ parameter takes a ``SHARE UPDATE EXCLUSIVE`` lock (reads and writes go on) and r
 written from now on keep the room; existing rows stay packed until the table is rewritten
 (``VACUUM FULL`` or pg_repack, docs/storage.md)."""
 
+_V11 = (
+    """CREATE OR REPLACE FUNCTION asyncflow_delete_tasks() RETURNS trigger LANGUAGE plpgsql AS $asyncflow$
+BEGIN
+    DELETE FROM task_instance AS t USING asyncflow_gone AS g WHERE t.workflow_instance_id = g.id;
+    RETURN NULL;
+END
+$asyncflow$""",
+    "DROP TRIGGER IF EXISTS asyncflow_delete_tasks ON workflow_instance",
+    """CREATE TRIGGER asyncflow_delete_tasks
+AFTER DELETE ON workflow_instance
+REFERENCING OLD TABLE AS asyncflow_gone
+FOR EACH STATEMENT
+EXECUTE FUNCTION asyncflow_delete_tasks()""",
+    "ALTER TABLE task_instance "
+    "DROP CONSTRAINT IF EXISTS fk_task_instance_workflow_instance_id_workflow_instance",
+)
+"""No foreign key from ``task_instance`` to ``workflow_instance`` (its check cost a query and a row lock
+per inserted node row: see :data:`asyncflow.store.tables.task_instance`); a statement trigger deletes
+the node rows of deleted instances instead, as the key's ``ON DELETE CASCADE`` did. Dropping the key
+locks both tables briefly (``ACCESS EXCLUSIVE``) and rewrites nothing."""
+
 
 MIGRATIONS = check_migrations(
     [
@@ -111,6 +132,9 @@ MIGRATIONS = check_migrations(
             "wait_for_workflow: workflow_instance.notify_finished; NOTIFY asyncflow_finished only when set",
             FINISHED_DDL_V10,
             NOTIFY_COLUMNS,
+        ),
+        Migration(
+            11, "no foreign key on task_instance; a statement trigger deletes deleted instances' rows", _V11
         ),
     ]
 )

@@ -98,6 +98,9 @@ MIGRATIONS = check_migrations(
             (),
             NOTIFY_COLUMNS,
         ),
+        Migration(
+            11, "nothing on SQLite: it keeps its foreign key (PostgreSQL: a delete trigger instead)", ()
+        ),
     ]
 )
 

@@ -1,0 +1,120 @@
+"""PostgreSQL's node rows without a foreign key (migration 11): what the key did is still done.
+
+A step inserts node rows only after its ``UPDATE`` found and locked the instance row;
+``create_task_instance`` inserts only where the instance exists, locking it ``FOR KEY SHARE``; the
+statement trigger ``asyncflow_delete_tasks`` deletes the node rows of deleted instances."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+import asyncflow as af
+from asyncflow.errors import StoreError
+from asyncflow.records import QueryTaskInstanceParams, Step
+from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+
+from .pg_hot_helpers import BLOCKED_BY_ME, instance_with, task
+
+pytestmark = pytest.mark.postgres
+
+_FOREIGN_KEYS = text(
+    "SELECT conname FROM pg_constraint WHERE contype = 'f' AND conrelid = to_regclass('task_instance')"
+)
+_FK = "fk_task_instance_workflow_instance_id_workflow_instance"
+
+
+@pytest.fixture
+async def repo(pg_engine: AsyncEngine) -> AsyncIterator[SQLAlchemyWorkflowRepo]:
+    made = SQLAlchemyWorkflowRepo(pg_engine)
+    await made.create_schema()
+    yield made
+    await made.aclose()
+
+
+async def _node_rows(repo: SQLAlchemyWorkflowRepo) -> list[tuple[int, str]]:
+    rows = await repo.query_task_instances(QueryTaskInstanceParams())
+    return [(r.workflow_instance_id, r.task_type) for r in rows]
+
+
+async def test_migration_11_drops_the_key_of_a_version_10_database_and_keeps_its_rows(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    instance_id, _ = await instance_with(repo, "a", "b")
+    async with repo.engine.begin() as conn:  # back to version 10: the key, no trigger
+        await conn.execute(text("DROP TRIGGER asyncflow_delete_tasks ON workflow_instance"))
+        await conn.execute(
+            text(
+                f"ALTER TABLE task_instance ADD CONSTRAINT {_FK} FOREIGN KEY (workflow_instance_id) "
+                "REFERENCES workflow_instance (id) ON DELETE CASCADE"
+            )
+        )
+        await conn.execute(text("DELETE FROM asyncflow_schema WHERE version = 11"))
+        assert (await conn.execute(_FOREIGN_KEYS)).scalars().all() == [_FK]
+    await repo.migrate()
+    async with repo.engine.connect() as conn:
+        assert (await conn.execute(_FOREIGN_KEYS)).scalars().all() == []
+        versions = (await conn.execute(text("SELECT max(version) FROM asyncflow_schema"))).scalar()
+    assert versions == af.SCHEMA_VERSION == 11
+    assert await _node_rows(repo) == [(instance_id, "a"), (instance_id, "b")]
+    async with repo.engine.begin() as conn:  # the trigger is back: deleting the instance deletes its rows
+        await conn.execute(text("DELETE FROM workflow_instance"))
+    assert await _node_rows(repo) == []
+
+
+async def test_deleting_instances_with_plain_sql_deletes_their_node_rows(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    gone = [await instance_with(repo, "a", "b") for _ in range(3)]
+    kept, _ = await instance_with(repo, "a")
+    async with repo.engine.begin() as conn:
+        await conn.execute(
+            text("DELETE FROM workflow_instance WHERE id = ANY(:ids)"), {"ids": [i for i, _ in gone]}
+        )
+    assert await _node_rows(repo) == [(kept, "a")]
+
+
+async def test_a_node_insert_waits_for_a_delete_of_its_instance_then_is_refused(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    instance_id, _ = await instance_with(repo, "a")
+    async with repo.engine.connect() as other:
+        await other.begin()
+        await other.execute(text("DELETE FROM workflow_instance WHERE id = :i"), {"i": instance_id})
+        insert = asyncio.create_task(repo.create_task_instance(instance_id, task("late")))
+        step = asyncio.create_task(repo.apply_step(Step(instance_id=instance_id, inserts=(task("later"),))))
+        async with asyncio.timeout(10):  # both wait for the row (an unguarded insert would not)
+            while len((await other.execute(BLOCKED_BY_ME)).scalars().all()) < 2:
+                await asyncio.sleep(0.01)
+        await other.commit()
+    with pytest.raises(StoreError, match=f"no workflow_instance {instance_id} "):
+        await insert
+    assert not (await step).applied
+    assert await _node_rows(repo) == []  # no row outlived its instance
+
+
+async def test_a_delete_waits_for_a_node_insert_in_flight_then_takes_its_row(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    instance_id, _ = await instance_with(repo)
+    async with repo.engine.connect() as writer, repo.engine.connect() as deleter:
+        await writer.begin()
+        await writer.execute(  # an insert in flight: the same statement create_task_instance runs
+            af.store._statements.INSERT_TASK,
+            af.store._statements.task_params(instance_id, af.store._prepare.task_row(task("a")), 1),
+        )
+        await deleter.begin()
+        delete = asyncio.create_task(
+            deleter.execute(text("DELETE FROM workflow_instance WHERE id = :i"), {"i": instance_id})
+        )
+        async with asyncio.timeout(10):
+            while not (await writer.execute(BLOCKED_BY_ME)).scalars().all():
+                await asyncio.sleep(0.01)
+        await writer.commit()
+        await delete
+        await deleter.commit()
+    assert await _node_rows(repo) == []
