@@ -7,7 +7,10 @@ share ``--pool`` connections, so it runs beside other users of a small server) a
     python -m benchmarks.hot_path --backend postgres --rows direct --profile 25
 
 Each ``--repeat`` round runs every row once (rows interleaved); it prints each run, then per row the
-median wf/s with [min-max], the median CPU ms per workflow, and ``median / floor median``.
+median wf/s with [min-max], the median CPU ms per workflow, and ``median / floor median``. On Linux
+with the PostgreSQL server on this machine it also reports the server's CPU ms per workflow: the user
+and system time the ``postgres`` processes (every backend, the WAL writer, autovacuum) used during the
+timed part, from ``/proc``.
 """
 
 from __future__ import annotations
@@ -80,10 +83,46 @@ async def _pg_floor(dsn: str, n: int, concurrency: int, connections: int) -> flo
 
     try:
         await asyncio.gather(*(one(-1 - i) for i in range(connections)))  # prepare everywhere
-        return await _timed(n, concurrency, one)
+        return await _server_timed(_timed(n, concurrency, one))
     finally:
         for conn in conns:
             await conn.close()
+
+
+_SERVER_CPU: list[float] = []
+"""The server CPU seconds of the last timed part (empty where ``/proc`` shows no ``postgres`` process)."""
+
+
+def _postgres_cpu_s() -> float | None:
+    """User + system seconds of every ``postgres`` process on this machine, or ``None`` (no ``/proc``)."""
+    if not os.path.isdir("/proc"):
+        return None
+    ticks, found = 0, False
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the process ended meanwhile
+            continue
+        if stat[stat.index("(") + 1 : stat.rindex(")")].startswith("postgres"):
+            fields = stat[stat.rindex(")") + 2 :].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+            found = True
+    return ticks / os.sysconf("SC_CLK_TCK") if found else None
+
+
+async def _server_timed(timed: Awaitable[float]) -> float:
+    """``timed``'s seconds; the server CPU it took goes to :data:`_SERVER_CPU` (read while the
+    connections are still open: a backend's time leaves ``/proc`` with it)."""
+    _SERVER_CPU.clear()
+    before = await asyncio.to_thread(_postgres_cpu_s)
+    elapsed = await timed
+    after = await asyncio.to_thread(_postgres_cpu_s)
+    if before is not None and after is not None:
+        _SERVER_CPU.append(after - before)
+    return elapsed
 
 
 async def _timed(n: int, concurrency: int, one: Callable[[int], Awaitable[None]]) -> float:
@@ -106,11 +145,15 @@ async def _asyncflow(repo: Any, mode: str, n: int, concurrency: int) -> float:
     svc = af.WorkflowService(repo, af.LocalWorkflowLock(), registry=build_registry(spec, hooks))
     await run_direct(svc, spec.workflow_type, min(50, n), concurrency, spec=spec)  # warm-up
     if mode == "direct":
-        return await run_direct(svc, spec.workflow_type, n, concurrency, spec=spec)
-    _, elapsed, stats = await run_driver(svc, spec.workflow_type, n, concurrency, hooks=hooks, repo=repo)
-    if stats.completed != n:
-        raise RuntimeError(f"driver completed {stats.completed} of {n}")
-    return elapsed
+        return await _server_timed(run_direct(svc, spec.workflow_type, n, concurrency, spec=spec))
+
+    async def driven() -> float:
+        _, elapsed, stats = await run_driver(svc, spec.workflow_type, n, concurrency, hooks=hooks, repo=repo)
+        if stats.completed != n:
+            raise RuntimeError(f"driver completed {stats.completed} of {n}")
+        return elapsed
+
+    return await _server_timed(driven())
 
 
 async def one_run(backend: str, row: str, args: argparse.Namespace, admin: PgAdmin | None) -> float:
@@ -156,7 +199,7 @@ async def _retrying(backend: str, row: str, args: argparse.Namespace, admin: PgA
 async def main(args: argparse.Namespace) -> None:
     admin = PgAdmin(args.pg_url)
     rows = [(b, r) for b in args.backend.split(",") for r in args.rows.split(",")]
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {row: [] for row in rows}
+    results: dict[tuple[str, str], list[tuple[float, float, float | None]]] = {row: [] for row in rows}
     for round_ in range(args.repeat):
         for backend, row in rows:
             profile = cProfile.Profile() if args.profile and row != "floor" else None
@@ -170,31 +213,36 @@ async def main(args: argparse.Namespace) -> None:
                 continue
             cpu = time.process_time() - cpu
             rate = args.n / elapsed
-            results[(backend, row)].append((rate, cpu / args.n * 1000))
+            server = _SERVER_CPU[0] / args.n * 1000 if backend == "postgres" and _SERVER_CPU else None
+            results[(backend, row)].append((rate, cpu / args.n * 1000, server))
             print(
                 f"[{round_ + 1}] {backend:7s} {row:7s} {rate:8.1f} wf/s  {cpu / args.n * 1000:.2f} CPU ms/wf"
+                + ("" if server is None else f"  server {server:.3f} CPU ms/wf")
             )
             if profile is not None:
                 out = io.StringIO()
                 pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.profile)
                 print(out.getvalue())
-    summary = {}
+    summary: dict[str, dict[str, Any]] = {}
     for (backend, row), runs in results.items():
-        rates = sorted(r for r, _ in runs)
-        cpus = sorted(c for _, c in runs)
+        rates = sorted(r for r, _, _ in runs)
+        servers = [s for _, _, s in runs if s is not None]
         summary[f"{backend}/{row}"] = {
             "median": statistics.median(rates),
             "min": rates[0],
             "max": rates[-1],
-            "cpu_ms": statistics.median(cpus),
+            "cpu_ms": statistics.median([c for _, c, _ in runs]),
+            "server_cpu_ms": statistics.median(servers) if servers else None,
         }
     for key, value in summary.items():
         backend = key.split("/")[0]
         floor = summary.get(f"{backend}/floor")
         ratio = f"  {value['median'] / floor['median']:.0%} of floor" if floor and "floor" not in key else ""
+        server = value["server_cpu_ms"]
         print(
             f"{key:16s} {value['median']:8.1f} wf/s [{value['min']:.1f}-{value['max']:.1f}] "
             f"{value['cpu_ms']:.2f} CPU ms/wf{ratio}"
+            + ("" if server is None else f"  server {server:.3f} CPU ms/wf")
         )
     if args.json:
         text = json.dumps({"args": vars(args), "summary": summary}, indent=2)

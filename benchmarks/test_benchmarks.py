@@ -284,6 +284,22 @@ def test_resource_probe_sees_cpu_and_a_fresh_peak() -> None:
         assert small.peak_rss_bytes < probe.peak_rss_bytes
 
 
+@pytest.mark.postgres
+async def test_hot_path_reports_the_local_servers_cpu(postgres_url: str, tmp_path: Path) -> None:
+    from benchmarks import hot_path
+
+    url = postgres_url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    args = hot_path.parse(["--backend", "postgres", "--rows", "floor,direct", "-n", "200", "-c", "8"])
+    args.pg_url, args.repeat, args.json = url, 1, str(tmp_path / "hot.json")
+    await hot_path.main(args)
+    summary = json.loads((tmp_path / "hot.json").read_text())["summary"]
+    assert set(summary) == {"postgres/floor", "postgres/direct"}
+    local = hot_path._postgres_cpu_s() is not None  # the server runs on this machine (CI: it does)
+    for row in summary.values():
+        assert row["median"] > 0 and row["cpu_ms"] > 0
+        assert (row["server_cpu_ms"] is not None and row["server_cpu_ms"] > 0) == local
+
+
 async def test_sql_commit_counter_counts_transactions_and_autocommit_statements(tmp_path: Path) -> None:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
