@@ -69,3 +69,12 @@ async def any_lock(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
         yield lock
     finally:
         await lock.aclose()
+
+
+@pytest.fixture
+async def pg_repo(pg_engine: Any) -> AsyncIterator[SQLAlchemyWorkflowRepo]:
+    """A PostgreSQL repo with its schema in a fresh, private schema of the test database."""
+    made = SQLAlchemyWorkflowRepo(pg_engine)
+    await made.create_schema()
+    yield made
+    await made.aclose()

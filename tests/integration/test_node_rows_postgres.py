@@ -7,11 +7,9 @@ statement trigger ``asyncflow_delete_tasks`` deletes the node rows of deleted in
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncflow as af
 from asyncflow.errors import StoreError
@@ -29,11 +27,8 @@ _FK = "fk_task_instance_workflow_instance_id_workflow_instance"
 
 
 @pytest.fixture
-async def repo(pg_engine: AsyncEngine) -> AsyncIterator[SQLAlchemyWorkflowRepo]:
-    made = SQLAlchemyWorkflowRepo(pg_engine)
-    await made.create_schema()
-    yield made
-    await made.aclose()
+def repo(pg_repo: SQLAlchemyWorkflowRepo) -> SQLAlchemyWorkflowRepo:
+    return pg_repo
 
 
 async def _node_rows(repo: SQLAlchemyWorkflowRepo) -> list[tuple[int, str]]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from asyncflow.errors import StoreError
 from asyncflow.records import Step, TaskUpdate
@@ -32,11 +31,8 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-async def repo(pg_engine: AsyncEngine) -> AsyncIterator[SQLAlchemyWorkflowRepo]:
-    made = SQLAlchemyWorkflowRepo(pg_engine)
-    await made.create_schema()
-    yield made
-    await made.aclose()
+def repo(pg_repo: SQLAlchemyWorkflowRepo) -> SQLAlchemyWorkflowRepo:
+    return pg_repo
 
 
 @contextmanager

@@ -7,12 +7,10 @@ import gc
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
 from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from asyncflow._held import HOLD_STEPS
@@ -39,11 +37,8 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-async def repo(pg_engine: AsyncEngine) -> AsyncIterator[SQLAlchemyWorkflowRepo]:
-    made = SQLAlchemyWorkflowRepo(pg_engine)
-    await made.create_schema()
-    yield made
-    await made.aclose()
+def repo(pg_repo: SQLAlchemyWorkflowRepo) -> SQLAlchemyWorkflowRepo:
+    return pg_repo
 
 
 async def test_a_step_is_one_function_call_that_rolls_back_whole_on_a_version_conflict(

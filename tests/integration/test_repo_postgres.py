@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -30,11 +29,8 @@ def new(business_id: str = "b", **kw: Any) -> NewWorkflowInstance:
 
 
 @pytest.fixture
-async def repo(pg_engine: AsyncEngine) -> AsyncIterator[SQLAlchemyWorkflowRepo]:
-    made = SQLAlchemyWorkflowRepo(pg_engine)
-    await made.create_schema()
-    yield made
-    await made.aclose()
+def repo(pg_repo: SQLAlchemyWorkflowRepo) -> SQLAlchemyWorkflowRepo:
+    return pg_repo
 
 
 async def test_unreachable_server_is_a_store_error() -> None:
