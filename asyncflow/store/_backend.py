@@ -44,6 +44,9 @@ class SqlBackend(Protocol):
     insert_child: Any
     """The Core statement that inserts a child instance unless its (parent, node, key) has one
     (``INSERT ... ON CONFLICT DO NOTHING ... RETURNING``, in the backend's dialect)."""
+    insert_task: Any
+    """The Core statement of ``create_task_instance``: one node row, only where its instance exists
+    (:data:`~asyncflow.store._statements.INSERT_TASK` and its PostgreSQL twin)."""
     shared_by_processes: bool
     """Whether many processes on one database is this backend's usual deployment (a database server):
     tools then default to the lock kept in the database (:class:`~asyncflow.DatabaseWorkflowLock`)

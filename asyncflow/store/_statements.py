@@ -30,10 +30,12 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
+    text,
     type_coerce,
     update,
 )
 from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.elements import BindParameter, TextClause
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from ..records import (
@@ -155,19 +157,27 @@ INSERT_TASK: Insert = (
     .from_select(
         list(_TASK_VALUES),
         select(*_TASK_VALUES.values()).where(
-            exists(
-                select(wi.c.id)
-                .where(wi.c.id == _int("workflow_instance_id"))
-                .with_for_update(key_share=True, read=True)
-            )
+            exists(select(wi.c.id).where(wi.c.id == _int("workflow_instance_id")))
         ),
     )
     .returning(ti.c.id, ti.c.task_type)
 )
-"""One node row, inserted only if its instance exists (no row returned otherwise). On PostgreSQL, which
-has no foreign key here (:data:`~asyncflow.store.tables.task_instance`), the check locks the instance
-row ``FOR KEY SHARE`` until the commit, as the key's check did, so a concurrent delete waits for the
-row or this insert finds no instance."""
+"""One node row, inserted only if its instance exists (no row returned otherwise): SQLite's, whose
+foreign key also holds (and whose writers take turns)."""
+
+INSERT_TASK_TOUCHING: TextClause = text(
+    "WITH instance AS (UPDATE workflow_instance SET updated_at = updated_at "
+    "WHERE id = :workflow_instance_id RETURNING id) "
+    f"INSERT INTO task_instance ({', '.join(_TASK_VALUES)}) "
+    "SELECT instance.id, :task_type, :status, :node_context, :fail_count, :created_at, :updated_at, "
+    ":started_at, 1 FROM instance RETURNING id, task_type"
+).bindparams(*(value for value in _TASK_VALUES.values() if isinstance(value, BindParameter)))
+"""One node row, inserted only if its instance exists, in the statement that writes the instance row
+(an ``UPDATE`` that changes no value): PostgreSQL's, which has no foreign key here
+(:data:`~asyncflow.store.tables.task_instance`). As a step does, it takes the row's lock until the
+commit, so a concurrent delete waits for it or this insert finds no instance; and a delete in a
+``REPEATABLE READ`` or ``SERIALIZABLE`` transaction whose snapshot is older than the insert fails
+with a serialization error instead of leaving the row behind (a lock alone would not stop it)."""
 
 _TASK_SET = {
     "status": func.coalesce(_text("p_status"), ti.c.status),

@@ -381,7 +381,7 @@ class SQLAlchemyWorkflowRepo:
         now = self._now()
         with StoreErrors("create_task_instance"):
             async with self._connection() as conn:
-                result = await conn.execute(st.INSERT_TASK, st.task_params(instance_id, row, now))
+                result = await conn.execute(self._backend.insert_task, st.task_params(instance_id, row, now))
                 task_id = result.scalar_one_or_none()
         if task_id is None:
             raise StoreError(f"create_task_instance failed: no workflow_instance {instance_id} (foreign key)")

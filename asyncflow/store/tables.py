@@ -188,10 +188,10 @@ task_instance = Table(
 none since migration 11: its check ran one query and took one row lock per inserted node row, a tenth
 of the server's CPU per workflow, to prove what asyncflow's writes prove already. A step inserts node
 rows only after its ``UPDATE`` of the instance row found the row and locked it; ``create_task_instance``
-inserts only where the instance exists, and locks it ``FOR KEY SHARE`` to do so (nothing else inserts
-node rows). The cascade is the statement trigger
-``asyncflow_delete_tasks``: deleting instances (``purge_workflow_instances`` or plain SQL) deletes
-their node rows in the same statement."""
+inserts in the statement that writes the instance row (nothing else inserts node rows). The cascade
+is the statement trigger ``asyncflow_delete_tasks``: deleting instances (``purge_workflow_instances``
+or plain SQL) deletes their node rows in the same statement. This constraint stays in the metadata
+(SQLAlchemy creates it on SQLite only): docs/storage.md, version 11."""
 
 FILLFACTOR = 80
 """PostgreSQL ``fillfactor`` of ``workflow_instance`` and ``task_instance`` (migration 9): inserts

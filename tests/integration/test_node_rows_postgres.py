@@ -10,6 +10,7 @@ import asyncio
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 import asyncflow as af
 from asyncflow.errors import StoreError
@@ -24,6 +25,9 @@ _FOREIGN_KEYS = text(
     "SELECT conname FROM pg_constraint WHERE contype = 'f' AND conrelid = to_regclass('task_instance')"
 )
 _FK = "fk_task_instance_workflow_instance_id_workflow_instance"
+_WAITING_FOR_LOCKS = text(
+    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+)
 
 
 @pytest.fixture
@@ -83,7 +87,8 @@ async def test_a_node_insert_waits_for_a_delete_of_its_instance_then_is_refused(
         insert = asyncio.create_task(repo.create_task_instance(instance_id, task("late")))
         step = asyncio.create_task(repo.apply_step(Step(instance_id=instance_id, inserts=(task("later"),))))
         async with asyncio.timeout(10):  # both wait for the row (an unguarded insert would not)
-            while len((await other.execute(BLOCKED_BY_ME)).scalars().all()) < 2:
+            while (await other.execute(_WAITING_FOR_LOCKS)).scalar_one() < 2:  # one may queue behind one
+                await other.execute(text("SELECT pg_stat_clear_snapshot()"))  # kept per transaction else
                 await asyncio.sleep(0.01)
         await other.commit()
     with pytest.raises(StoreError, match=f"no workflow_instance {instance_id} "):
@@ -99,7 +104,7 @@ async def test_a_delete_waits_for_a_node_insert_in_flight_then_takes_its_row(
     async with repo.engine.connect() as writer, repo.engine.connect() as deleter:
         await writer.begin()
         await writer.execute(  # an insert in flight: the same statement create_task_instance runs
-            af.store._statements.INSERT_TASK,
+            repo._backend.insert_task,
             af.store._statements.task_params(instance_id, af.store._prepare.task_row(task("a")), 1),
         )
         await deleter.begin()
@@ -113,3 +118,37 @@ async def test_a_delete_waits_for_a_node_insert_in_flight_then_takes_its_row(
         await delete
         await deleter.commit()
     assert await _node_rows(repo) == []
+
+
+async def test_the_trigger_deletes_in_the_instances_own_schema_whatever_the_search_path(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    gone, _ = await instance_with(repo, "a", "b")
+    kept, _ = await instance_with(repo, "a")
+    async with repo.engine.connect() as conn:
+        schema = (await conn.execute(text("SELECT current_schema()"))).scalar_one()
+        await conn.execute(text("SET search_path = pg_catalog"))  # no task_instance on this path
+        await conn.execute(text(f'DELETE FROM "{schema}".workflow_instance WHERE id = :i'), {"i": gone})
+        await conn.commit()
+        await conn.execute(text(f'SET search_path = "{schema}"'))  # as the pool hands it out
+        await conn.commit()
+    assert await _node_rows(repo) == [(kept, "a")]
+
+
+async def test_a_repeatable_read_delete_older_than_a_node_insert_fails_instead_of_orphaning_it(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    import asyncpg
+
+    instance_id, _ = await instance_with(repo, "a")
+    async with repo.engine.connect() as other:
+        await other.execution_options(isolation_level="REPEATABLE READ")
+        await other.begin()
+        await other.execute(text("SELECT count(*) FROM workflow_instance"))  # the snapshot is taken
+        await repo.create_task_instance(instance_id, task("b"))  # commits after that snapshot
+        with pytest.raises(DBAPIError) as caught:
+            await other.execute(text("DELETE FROM workflow_instance WHERE id = :i"), {"i": instance_id})
+        assert isinstance(caught.value.orig.__cause__, asyncpg.SerializationError)  # type: ignore[union-attr]
+        await other.rollback()
+    assert await _node_rows(repo) == [(instance_id, "a"), (instance_id, "b")]
+    assert await repo.get_workflow_instance(instance_id) is not None

@@ -85,9 +85,14 @@ written from now on keep the room; existing rows stay packed until the table is 
 (``VACUUM FULL`` or pg_repack, docs/storage.md)."""
 
 _V11 = (
+    # both tables at once, in the order a pass's read takes them: no deadlock with live reads
+    "LOCK TABLE workflow_instance, task_instance IN ACCESS EXCLUSIVE MODE",
+    # the node rows of the deleted instances' own schema, whatever the deleting session's search_path
     """CREATE OR REPLACE FUNCTION asyncflow_delete_tasks() RETURNS trigger LANGUAGE plpgsql AS $asyncflow$
 BEGIN
-    DELETE FROM task_instance AS t USING asyncflow_gone AS g WHERE t.workflow_instance_id = g.id;
+    EXECUTE format(
+        'DELETE FROM %I.task_instance AS t USING asyncflow_gone AS g WHERE t.workflow_instance_id = g.id',
+        TG_TABLE_SCHEMA);
     RETURN NULL;
 END
 $asyncflow$""",
@@ -102,8 +107,10 @@ EXECUTE FUNCTION asyncflow_delete_tasks()""",
 )
 """No foreign key from ``task_instance`` to ``workflow_instance`` (its check cost a query and a row lock
 per inserted node row: see :data:`asyncflow.store.tables.task_instance`); a statement trigger deletes
-the node rows of deleted instances instead, as the key's ``ON DELETE CASCADE`` did. Dropping the key
-locks both tables briefly (``ACCESS EXCLUSIVE``) and rewrites nothing."""
+the node rows of deleted instances instead, as the key's ``ON DELETE CASCADE`` did (in the table's own
+schema: the deleting session's ``search_path`` does not matter). The migration locks both tables
+briefly (``ACCESS EXCLUSIVE``, taken together so that it cannot deadlock with a pass's read) and
+rewrites nothing."""
 
 
 MIGRATIONS = check_migrations(

@@ -25,6 +25,7 @@ from .._errors import StaleStep, StepConflict
 from .._lanes import to_completion
 from .._observers import notify
 from .._prepare import InstanceRow, PreparedStep, Refused
+from .._statements import INSERT_TASK
 from .._units import ConnectionUnits
 from . import leases, schema
 from . import sql as lite
@@ -51,6 +52,7 @@ class SqliteBackend:
 
     schema = schema
     insert_child = lite.INSERT_CHILD
+    insert_task = INSERT_TASK
     shared_by_processes = False  # an embedded file: one process drives it
 
     def __init__(self, engine: AsyncEngine) -> None:
