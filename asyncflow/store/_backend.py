@@ -46,7 +46,7 @@ class SqlBackend(Protocol):
     (``INSERT ... ON CONFLICT DO NOTHING ... RETURNING``, in the backend's dialect)."""
     insert_task: Any
     """The Core statement of ``create_task_instance``: one node row, only where its instance exists
-    (:data:`~asyncflow.store._statements.INSERT_TASK` and its PostgreSQL twin)."""
+    (SQLite: the shared ``_statements.INSERT_TASK``; PostgreSQL: ``postgres.sql.INSERT_TASK``)."""
     shared_by_processes: bool
     """Whether many processes on one database is this backend's usual deployment (a database server):
     tools then default to the lock kept in the database (:class:`~asyncflow.DatabaseWorkflowLock`)

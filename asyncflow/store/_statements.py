@@ -30,12 +30,10 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
-    text,
     type_coerce,
     update,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.sql.elements import BindParameter, TextClause
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from ..records import (
@@ -140,7 +138,7 @@ TASK_COLUMNS = (
     ti.c.version,
 )
 
-_TASK_VALUES = {
+TASK_VALUES = {
     "workflow_instance_id": _int("workflow_instance_id"),
     "task_type": _text("task_type"),
     "status": _text("status"),
@@ -155,29 +153,15 @@ _TASK_VALUES = {
 INSERT_TASK: Insert = (
     insert(ti)
     .from_select(
-        list(_TASK_VALUES),
-        select(*_TASK_VALUES.values()).where(
+        list(TASK_VALUES),
+        select(*TASK_VALUES.values()).where(
             exists(select(wi.c.id).where(wi.c.id == _int("workflow_instance_id")))
         ),
     )
     .returning(ti.c.id, ti.c.task_type)
 )
 """One node row, inserted only if its instance exists (no row returned otherwise): SQLite's, whose
-foreign key also holds (and whose writers take turns)."""
-
-INSERT_TASK_TOUCHING: TextClause = text(
-    "WITH instance AS (UPDATE workflow_instance SET updated_at = updated_at "
-    "WHERE id = :workflow_instance_id RETURNING id) "
-    f"INSERT INTO task_instance ({', '.join(_TASK_VALUES)}) "
-    "SELECT instance.id, :task_type, :status, :node_context, :fail_count, :created_at, :updated_at, "
-    ":started_at, 1 FROM instance RETURNING id, task_type"
-).bindparams(*(value for value in _TASK_VALUES.values() if isinstance(value, BindParameter)))
-"""One node row, inserted only if its instance exists, in the statement that writes the instance row
-(an ``UPDATE`` that changes no value): PostgreSQL's, which has no foreign key here
-(:data:`~asyncflow.store.tables.task_instance`). As a step does, it takes the row's lock until the
-commit, so a concurrent delete waits for it or this insert finds no instance; and a delete in a
-``REPEATABLE READ`` or ``SERIALIZABLE`` transaction whose snapshot is older than the insert fails
-with a serialization error instead of leaving the row behind (a lock alone would not stop it)."""
+foreign key also holds (and whose writers take turns); PostgreSQL's is ``postgres.sql.INSERT_TASK``."""
 
 _TASK_SET = {
     "status": func.coalesce(_text("p_status"), ti.c.status),

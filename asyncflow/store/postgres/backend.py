@@ -26,7 +26,6 @@ from .._batcher import StepBatcher
 from .._errors import StaleStep, StepConflict, sqlstate
 from .._observers import notify
 from .._prepare import InstanceRow, PreparedStep, Refused
-from .._statements import INSERT_TASK_TOUCHING
 from .._units import ConnectionUnits
 from . import leases, schema
 from . import sql as pg
@@ -46,7 +45,7 @@ class PostgresBackend:
 
     schema = schema
     insert_child = pg.INSERT_CHILD
-    insert_task = INSERT_TASK_TOUCHING  # no foreign key on PostgreSQL: the instance row is written
+    insert_task = pg.INSERT_TASK
     shared_by_processes = True  # a server: every worker process on it shares the database lock
 
     def __init__(self, engine: AsyncEngine) -> None:

@@ -22,18 +22,21 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import BindParameter
 
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._prepare import InstanceRow, PreparedStep, Refused
 from .._records import inserted_task_record, instance_record, task_record
 from .._sql import RUNNABLE_SQL, refused_by
-from .._statements import insert_child
+from .._statements import TASK_VALUES, insert_child
 
 __all__ = [
     "CONFLICT_SQLSTATE",
     "INSERT_CHILD",
+    "INSERT_TASK",
     "STALE_SQLSTATE",
     "STEP_CALL",
     "UNDEFINED_FUNCTION_SQLSTATE",
@@ -61,6 +64,21 @@ STEP_CALL = "SELECT asyncflow_step_v1($1::text::jsonb)"
 
 INSERT_CHILD = insert_child(postgresql.insert)
 """A child instance unless its (parent, node, key) has one (a Core statement: the repo runs it)."""
+
+INSERT_TASK = text(
+    "WITH instance AS (UPDATE workflow_instance SET updated_at = updated_at "
+    "WHERE id = :workflow_instance_id RETURNING id) "
+    f"INSERT INTO task_instance ({', '.join(TASK_VALUES)}) "
+    "SELECT instance.id, :task_type, :status, :node_context, :fail_count, :created_at, :updated_at, "
+    ":started_at, 1 FROM instance RETURNING id, task_type"
+).bindparams(*(value for value in TASK_VALUES.values() if isinstance(value, BindParameter)))
+"""``create_task_instance``'s node row (the parameters of ``_statements.task_params``), inserted only
+if its instance exists, in the statement that writes the instance row (an ``UPDATE`` that changes no
+value): there is no foreign key here (:data:`~asyncflow.store.tables.task_instance`). As a step does,
+it takes the row's lock until the commit, so a concurrent delete waits for it or this insert finds no
+instance; and a delete in a ``REPEATABLE READ`` or ``SERIALIZABLE`` transaction whose snapshot is
+older than the insert fails with a serialization error instead of leaving the row behind (a lock
+alone would not stop it)."""
 
 _INSTANCE_COLUMNS = (
     "id, workflow_type, business_id, status, workflow_context::text, task_id, created_at, updated_at, "
