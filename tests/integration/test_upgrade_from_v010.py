@@ -53,7 +53,7 @@ async def _upgrade_and_finish(repo: af.SQLAlchemyWorkflowRepo) -> None:
     # false (SQLite's 0 compares equal)
     for table, rows in before.items():  # every row kept, as it was (plus the columns added since)
         assert await _rows(engine, table) == [row + added[table] for row in rows]
-    svc = af.WorkflowService(repo, af.LocalWorkflowLock(), make_registry(gate_open=True))
+    svc = af.WorkflowService(repo, af.LocalWorkflowLock(), make_registry(gate_open=True, approval_wait=0))
     by_business = {
         inst.business_id: inst
         for inst in await svc.query_workflow_instances(af.QueryWorkflowInstanceParams())
