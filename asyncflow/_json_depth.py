@@ -37,6 +37,8 @@ def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     cycle counts as too deep)."""
     if not _nests(value):
         return False
+    if not value and limit >= 1:  # an empty dict or list is 1 deep
+        return False
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         current, depth = stack.pop()

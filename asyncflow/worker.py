@@ -162,9 +162,15 @@ class NormalTaskWorker(BaseTaskWorker):
 
     async def run(self, ctx: JSONContext) -> None:
         """Call the ``run`` function, or fail with ``NotImplementedError`` when there is none."""
-        if self._run is None:
+        fn = self._run
+        if fn is None:
             raise NotImplementedError(NOT_IMPLEMENTED)
-        await _call(self._run, self._run_is_async, ctx)
+        if self._run_is_async:  # _call() inline (a node's hot path)
+            result: object = fn(ctx)
+            if inspect.isawaitable(result):
+                await result
+            return
+        await _call(fn, False, ctx)
 
     async def wait_check(self, ctx: JSONContext) -> None:
         """Call the ``wait_check`` function; succeed at once when there is none."""

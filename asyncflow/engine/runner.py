@@ -1018,7 +1018,7 @@ class PassRunner:
         inserts: list[tuple[str, TaskInsert]] = []
         updates: list[tuple[str, TaskUpdate]] = []
         for pair in writes:
-            if isinstance(pair[1], TaskInsert):
+            if type(pair[1]) is TaskInsert:  # the engine's own writes: TaskInsert or TaskUpdate
                 inserts.append(pair)  # type: ignore[arg-type]
             else:
                 updates.append(pair)  # type: ignore[arg-type]
@@ -1073,8 +1073,11 @@ class PassRunner:
         would have at the await of the write, before the next node starts or the pass stops (a
         deferred one must not outlive the step: in the pass's own task it would be raised later,
         outside the pass)."""
-        task, main = asyncio.current_task(), self._main_task
-        return (task is not None and task.cancelling() > 0) or (main is not None and main.cancelling() > 0)
+        main = self._main_task
+        if main is not None and main.cancelling() > 0:
+            return True
+        task = asyncio.current_task()
+        return task is not None and task is not main and task.cancelling() > 0
 
     def _record(
         self,
@@ -1154,12 +1157,17 @@ class PassRunner:
     async def _too_deep(self) -> bool:
         """Fail the instance if a stored context nests deeper than the engine can work on (written by
         an older version or by a worker): every pass would fail on it otherwise. True if it did."""
-        documents = [("the workflow context", self._instance.workflow_context)]
-        documents += [(f"the context of node {t!r}", r.node_context) for t, r in self._rows.items()]
         limit = MAX_JSON_DEPTH + STORED_DEPTH_SLACK
-        where = next((what for what, doc in documents if json_depth_exceeds(doc, limit)), None)
-        if where is None:
-            return False
+        where = None
+        if json_depth_exceeds(self._instance.workflow_context, limit):
+            where = "the workflow context"
+        else:
+            for task_type, row in self._rows.items():
+                if json_depth_exceeds(row.node_context, limit):
+                    where = f"the context of node {task_type!r}"
+                    break
+            else:
+                return False
         failed = InstanceStatus.FAILED.value
         logger.error(
             "workflow instance %s fails: %s is nested more than %d levels deep (the most asyncflow works on)",

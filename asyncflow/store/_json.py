@@ -24,7 +24,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import ParamInvalidError
@@ -182,6 +182,11 @@ def copy_context(text: str, plain: bool = False) -> dict[str, Any]:
     for 19-digit runs (which costs more than reading a small context)."""
     result: dict[str, Any] = _read_json(text, plain)
     return result
+
+
+plain_loads: Callable[[str], Any] | None = None if orjson is None else orjson.loads
+"""What :func:`copy_context` does with ``plain=True`` text, without its calls (``None`` without orjson):
+orjson wrote that text, so orjson reads it as :mod:`json` would."""
 
 
 def _read_json(text: str, plain: bool = False) -> Any:

@@ -22,12 +22,16 @@ RawUnitObserver = Callable[[bool], None]
 """``observer(wrote)``: one autocommit unit of the hot path finished."""
 
 _observers: WeakKeyDictionary[Engine, list[RawUnitObserver]] = WeakKeyDictionary()
+_registered = [0]
+"""Observers added and not removed (one of an engine that is gone still counts): 0 lets :func:`notify`
+return at once, without ``WeakKeyDictionary.__len__`` (a Python call) for every unit of the hot path."""
 
 
 def add_observer(engine: AsyncEngine | Engine, observer: RawUnitObserver) -> None:
     """Call ``observer`` for every hot-path unit a repo runs on ``engine``."""
     sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
     _observers.setdefault(sync_engine, []).append(observer)
+    _registered[0] += 1
 
 
 def remove_observer(engine: AsyncEngine | Engine, observer: RawUnitObserver) -> None:
@@ -36,13 +40,14 @@ def remove_observer(engine: AsyncEngine | Engine, observer: RawUnitObserver) -> 
     observers = _observers.get(sync_engine)
     if observers is not None and observer in observers:
         observers.remove(observer)
+        _registered[0] -= 1
         if not observers:
             del _observers[sync_engine]
 
 
 def notify(engine: Engine, wrote: bool) -> None:
     """Tell the observers of ``engine`` (the sync engine) that a unit finished."""
-    if not _observers:
+    if not _registered[0]:
         return
     for observer in tuple(_observers.get(engine, ())):
         observer(wrote)

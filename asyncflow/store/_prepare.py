@@ -118,17 +118,27 @@ def instance_row(new: NewWorkflowInstance) -> InstanceRow:
     """Check a :class:`~asyncflow.records.NewWorkflowInstance`."""
     if not isinstance(new, NewWorkflowInstance):
         raise ParamInvalidError(f"expected NewWorkflowInstance, got {type(new).__name__}")
-    workflow_type = check_text(new.workflow_type, "workflow_type")
-    business_id = check_text(new.business_id, "business_id")
-    status = check_text(new.status, "status")
+    # check_text/check_int inline for the common case (every create); anything else goes through them
+    workflow_type, business_id, status = new.workflow_type, new.business_id, new.status
+    task_id, next_run_at = new.task_id, new.next_run_at
+    if not (type(workflow_type) is str and workflow_type.isascii() and "\x00" not in workflow_type):
+        workflow_type = check_text(workflow_type, "workflow_type")
+    if not (type(business_id) is str and business_id.isascii() and "\x00" not in business_id):
+        business_id = check_text(business_id, "business_id")
+    if not (type(status) is str and status.isascii() and "\x00" not in status):
+        status = check_text(status, "status")
+    if not (type(task_id) is int and INT64_MIN <= task_id <= INT64_MAX):
+        task_id = check_int(task_id, "task_id")
+    if not (type(next_run_at) is int and 0 <= next_run_at <= INT64_MAX):
+        next_run_at = check_int(next_run_at, "next_run_at", minimum=0)
     context, plain = encode_context(new.workflow_context, "workflow_context")
     return InstanceRow(
         workflow_type=workflow_type,
         business_id=business_id,
         status=status,
         context=context,
-        task_id=check_int(new.task_id, "task_id"),
-        next_run_at=check_int(new.next_run_at, "next_run_at", minimum=0),
+        task_id=task_id,
+        next_run_at=next_run_at,
         trace_context=_trace_context(new.trace_context),
         unique=_unique(new.unique),
         plain=plain,
@@ -255,20 +265,20 @@ def prepared_step(step: Step) -> PreparedStep:
     if status_in not in _CHECKED_STATUS_IN:
         status_in = check_texts(status_in, "Step.instance_status_in")
     status, next_run_at, epoch = step.instance_status, step.next_run_at, step.lease_epoch
-    if next_run_at is not None:
+    if next_run_at is not None and not (type(next_run_at) is int and 0 <= next_run_at <= INT64_MAX):
         next_run_at = check_int(next_run_at, "Step.next_run_at", minimum=0)
+    if status is not None and not (type(status) is str and status.isascii() and "\x00" not in status):
+        status = check_text(status, "Step.instance_status")
+    if epoch is not None and not (type(epoch) is int and 0 <= epoch <= INT64_MAX):
+        epoch = check_int(epoch, "Step.lease_epoch", minimum=0)
     return PreparedStep(
         instance_id=instance_id,
         instance_status_in=status_in,
-        instance_change=InstanceChange(
-            status=None if status is None else check_text(status, "Step.instance_status"),
-            context=None,
-            next_run_at=next_run_at,
-        ),
+        instance_change=InstanceChange(status=status, context=None, next_run_at=next_run_at),
         updates=tuple(updates),
         inserts=inserts,
         cancel_other_tasks=bool(step.cancel_other_tasks),
-        lease_epoch=None if epoch is None else check_int(epoch, "Step.lease_epoch", minimum=0),
+        lease_epoch=epoch,
     )
 
 
