@@ -738,6 +738,32 @@ async def test_step_with_a_failed_condition_writes_nothing(
     assert await repo.load_task_instances(other.id) == [rows["other"]]
 
 
+INVALID_STEP_FIELDS: dict[str, dict[str, Any]] = {
+    "nul_instance_status": {"instance_status": "running\x00"},
+    "surrogate_instance_status": {"instance_status": "\ud800"},
+    "int_instance_status": {"instance_status": 1},
+    "negative_next_run_at": {"next_run_at": -1},
+    "bool_next_run_at": {"next_run_at": True},
+    "float_next_run_at": {"next_run_at": 1.5},
+    "negative_lease_epoch": {"lease_epoch": -1},
+    "lease_epoch_too_big": {"lease_epoch": 2**63},
+    "str_lease_epoch": {"lease_epoch": "1"},
+}
+
+
+@pytest.mark.parametrize("fields", INVALID_STEP_FIELDS.values(), ids=INVALID_STEP_FIELDS.keys())
+async def test_invalid_step_fields_are_refused_alike_and_nothing_is_written(
+    repo: WorkflowRepo, fields: dict[str, Any]
+) -> None:
+    """The step's own fields (not its rows'): a typed error naming the field, on every backend."""
+    instance_id, _ = await _instance_with_nodes(repo, ("root", "completed"))
+    before = await repo.load_task_instances(instance_id)
+    step = Step(instance_id=instance_id, inserts=(task("new"),), **fields)
+    with pytest.raises(ParamInvalidError, match=f"Step.{next(iter(fields))}"):
+        await repo.apply_step(step)
+    await _unchanged(repo, instance_id, before, version=1)
+
+
 async def test_step_cancels_only_other_non_terminal_rows(repo: WorkflowRepo) -> None:
     instance_id, rows = await _instance_with_nodes(
         repo, ("root", "completed"), ("a", "running"), ("b", "pending"), ("c", "failed"), ("d", "restarting")
