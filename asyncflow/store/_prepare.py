@@ -127,11 +127,11 @@ def instance_row(new: NewWorkflowInstance) -> InstanceRow:
         business_id = check_text(business_id, "business_id")
     if not (type(status) is str and status.isascii() and "\x00" not in status):
         status = check_text(status, "status")
+    context, plain = encode_context(new.workflow_context, "workflow_context")
     if not (type(task_id) is int and INT64_MIN <= task_id <= INT64_MAX):
         task_id = check_int(task_id, "task_id")
     if not (type(next_run_at) is int and 0 <= next_run_at <= INT64_MAX):
         next_run_at = check_int(next_run_at, "next_run_at", minimum=0)
-    context, plain = encode_context(new.workflow_context, "workflow_context")
     return InstanceRow(
         workflow_type=workflow_type,
         business_id=business_id,
@@ -269,6 +269,7 @@ def prepared_step(step: Step) -> PreparedStep:
         next_run_at = check_int(next_run_at, "Step.next_run_at", minimum=0)
     if status is not None and not (type(status) is str and status.isascii() and "\x00" not in status):
         status = check_text(status, "Step.instance_status")
+    cancel = bool(step.cancel_other_tasks)
     if epoch is not None and not (type(epoch) is int and 0 <= epoch <= INT64_MAX):
         epoch = check_int(epoch, "Step.lease_epoch", minimum=0)
     return PreparedStep(
@@ -277,7 +278,7 @@ def prepared_step(step: Step) -> PreparedStep:
         instance_change=InstanceChange(status=status, context=None, next_run_at=next_run_at),
         updates=tuple(updates),
         inserts=inserts,
-        cancel_other_tasks=bool(step.cancel_other_tasks),
+        cancel_other_tasks=cancel,
         lease_epoch=epoch,
     )
 

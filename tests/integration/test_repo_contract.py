@@ -245,6 +245,10 @@ INVALID_NEW: dict[str, Callable[[], NewWorkflowInstance]] = {
     "task_id_too_big": lambda: new(task_id=2**63),
     "task_id_bool": lambda: new(task_id=True),
     "negative_next_run_at": lambda: new(next_run_at=-1),
+    "next_run_at_too_big": lambda: new(next_run_at=2**63),
+    "task_id_too_small": lambda: new(task_id=-(2**63) - 1),
+    "int_workflow_type": lambda: new(workflow_type=1),
+    "surrogate_status": lambda: new(status="\ud800"),
 }
 
 
@@ -256,6 +260,17 @@ async def test_invalid_values_are_refused_alike_and_nothing_is_written(
         await repo.create_workflow_instance(make())
     with pytest.raises(ParamInvalidError):
         await repo.create_workflow_instances([new("fine"), make()])
+    assert await count(repo) == 0
+
+
+async def test_a_create_with_several_bad_fields_names_the_same_one_everywhere(repo: WorkflowRepo) -> None:
+    """Fields are checked in one order (the context before task_id and next_run_at) on every backend."""
+    with pytest.raises(ParamInvalidError, match=r"^workflow_context must be a dict"):
+        await repo.create_workflow_instance(new(task_id=True, workflow_context=[1]))  # type: ignore[arg-type]
+    with pytest.raises(ParamInvalidError, match=r"^workflow_context is not JSON"):
+        await repo.create_workflow_instance(new(next_run_at=-1, workflow_context={"a": {1}}))
+    with pytest.raises(ParamInvalidError, match=r"^business_id"):
+        await repo.create_workflow_instance(new("a\x00", status=1))  # type: ignore[arg-type]
     assert await count(repo) == 0
 
 
@@ -738,16 +753,22 @@ async def test_step_with_a_failed_condition_writes_nothing(
     assert await repo.load_task_instances(other.id) == [rows["other"]]
 
 
+class _BigInt(int):
+    """An int subclass: takes the checks' slow path (``type(x) is int`` fails), which must refuse it too."""
+
+
 INVALID_STEP_FIELDS: dict[str, dict[str, Any]] = {
     "nul_instance_status": {"instance_status": "running\x00"},
     "surrogate_instance_status": {"instance_status": "\ud800"},
     "int_instance_status": {"instance_status": 1},
     "negative_next_run_at": {"next_run_at": -1},
+    "next_run_at_too_big": {"next_run_at": 2**63},
     "bool_next_run_at": {"next_run_at": True},
     "float_next_run_at": {"next_run_at": 1.5},
     "negative_lease_epoch": {"lease_epoch": -1},
     "lease_epoch_too_big": {"lease_epoch": 2**63},
     "str_lease_epoch": {"lease_epoch": "1"},
+    "int_subclass_lease_epoch_too_big": {"lease_epoch": _BigInt(2**63)},
 }
 
 
