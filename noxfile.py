@@ -60,6 +60,11 @@ def lowest(session: nox.Session) -> None:
         # property tests of pure-Python logic (contexts, graph building) use no dependency: the main
         # run covers them, and leaving them out here keeps .ci/run within CI's time budget
         "--ignore-glob=tests/unit/*_props.py",
+        # so do the memory repo's variants (SQLite's in-memory databases stay: aiosqlite runs them)
+        # and the multi-process driver runs (the lock contracts run the same locks in one process)
+        "-k",
+        "not memory or in_memory",
+        "--ignore=tests/integration/test_driver_multiprocess.py",
     ]
     session.run("python", "-m", "pytest", *args, env=env)
 
