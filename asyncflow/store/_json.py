@@ -24,7 +24,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import ParamInvalidError
@@ -180,20 +180,21 @@ def copy_context(text: str, plain: bool = False) -> dict[str, Any]:
 
     ``plain``: orjson wrote the text (:func:`encode_context`), so orjson reads it without the search
     for 19-digit runs (which costs more than reading a small context)."""
-    result: dict[str, Any] = _read_json(text, plain)
+    if plain and orjson is not None:  # _read_json's orjson path, without its search and its call
+        try:
+            result: dict[str, Any] = orjson.loads(text)
+            return result
+        except orjson.JSONDecodeError:
+            pass  # not orjson's text after all: json decides
+    result = _read_json(text)
     return result
 
 
-plain_loads: Callable[[str], Any] | None = None if orjson is None else orjson.loads
-"""What :func:`copy_context` does with ``plain=True`` text, without its calls (``None`` without orjson):
-orjson wrote that text, so orjson reads it as :mod:`json` would."""
-
-
-def _read_json(text: str, plain: bool = False) -> Any:
+def _read_json(text: str) -> Any:
     """``json.loads(text)``, through orjson where it reads the same: not with a 19-digit run (orjson
-    reads an integer beyond 64 bits as a float; ``plain``: orjson wrote the text, there is none), and
-    not what orjson refuses (nested deeper than it reads, ``NaN``, lone surrogates: ``json`` decides)."""
-    if orjson is not None and (plain or _LONG_NUMBER.search(text) is None):
+    reads an integer beyond 64 bits as a float), and not what orjson refuses (nested deeper than it
+    reads, ``NaN``, lone surrogates: ``json`` decides)."""
+    if orjson is not None and _LONG_NUMBER.search(text) is None:
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:

@@ -118,27 +118,17 @@ def instance_row(new: NewWorkflowInstance) -> InstanceRow:
     """Check a :class:`~asyncflow.records.NewWorkflowInstance`."""
     if not isinstance(new, NewWorkflowInstance):
         raise ParamInvalidError(f"expected NewWorkflowInstance, got {type(new).__name__}")
-    # check_text/check_int inline for the common case (every create); anything else goes through them
-    workflow_type, business_id, status = new.workflow_type, new.business_id, new.status
-    task_id, next_run_at = new.task_id, new.next_run_at
-    if not (type(workflow_type) is str and workflow_type.isascii() and "\x00" not in workflow_type):
-        workflow_type = check_text(workflow_type, "workflow_type")
-    if not (type(business_id) is str and business_id.isascii() and "\x00" not in business_id):
-        business_id = check_text(business_id, "business_id")
-    if not (type(status) is str and status.isascii() and "\x00" not in status):
-        status = check_text(status, "status")
+    workflow_type = check_text(new.workflow_type, "workflow_type")
+    business_id = check_text(new.business_id, "business_id")
+    status = check_text(new.status, "status")
     context, plain = encode_context(new.workflow_context, "workflow_context")
-    if not (type(task_id) is int and INT64_MIN <= task_id <= INT64_MAX):
-        task_id = check_int(task_id, "task_id")
-    if not (type(next_run_at) is int and 0 <= next_run_at <= INT64_MAX):
-        next_run_at = check_int(next_run_at, "next_run_at", minimum=0)
     return InstanceRow(
         workflow_type=workflow_type,
         business_id=business_id,
         status=status,
         context=context,
-        task_id=task_id,
-        next_run_at=next_run_at,
+        task_id=check_int(new.task_id, "task_id"),
+        next_run_at=check_int(new.next_run_at, "next_run_at", minimum=0),
         trace_context=_trace_context(new.trace_context),
         unique=_unique(new.unique),
         plain=plain,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..records import TaskInstanceRecord, WorkflowInstanceRecord
-from ._json import copy_context, loads_context, plain_loads
+from ._json import copy_context, loads_context
 from ._prepare import TaskRow
 
 __all__ = ["inserted_task_record", "instance_record", "task_record"]
@@ -58,7 +58,7 @@ def inserted_task_record(task_id: int, instance_id: int, row: TaskRow, now: int)
         workflow_instance_id=instance_id,
         task_type=row.task_type,
         status=row.status,
-        node_context=plain_loads(row.context) if row.plain and plain_loads else copy_context(row.context),
+        node_context=copy_context(row.context, row.plain),
         fail_count=row.fail_count,
         created_at=now,
         updated_at=now,
