@@ -7,6 +7,12 @@ about a third cheaper per record (a node's step builds several: its ``Step``, ``
 ``StepResult`` and ``TaskInstanceRecord`` rows). Everything else stays the dataclass's: its signature
 (names, defaults, keyword-only), ``__eq__``/``__hash__``/``__repr__``, ``FrozenInstanceError`` on
 assignment, ``dataclasses.replace``.
+
+:func:`positional` makes, for such a class, a plain function that takes every field positionally, in
+declaration order, and fills the slots the same way. Python builds an instance called with keywords
+through a ``**kwargs`` dict (``type.__call__`` to the ``__init__`` slot): about 0.7 us more per record
+than a positional call on the reference machine. The engine and the stores build their records on a
+node's hot path through these factories; users keep the keyword-only constructors.
 """
 
 from __future__ import annotations
@@ -15,9 +21,26 @@ import dataclasses
 import inspect
 from typing import Any, TypeVar, cast
 
-__all__ = ["quick_init"]
+__all__ = ["positional", "quick_init"]
 
 T = TypeVar("T")
+
+
+def _plain_fields(cls: type, who: str) -> tuple[dataclasses.Field[Any], ...]:
+    """The fields of ``cls`` if it is a frozen, slotted dataclass whose ``__init__`` only stores each
+    field (no ``default_factory``, ``init=False``, ``InitVar`` or ``__post_init__``); else ``TypeError``."""
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None or not params.frozen or "__slots__" not in cls.__dict__:
+        raise TypeError(f"{who}() needs a frozen dataclass with slots, got {cls.__qualname__}")
+    all_fields = dataclasses.fields(cast(Any, cls))
+    init_names = [f.name for f in all_fields if f.init]
+    generated = cls.__dict__["__init__"]
+    if hasattr(cls, "__post_init__") or list(inspect.signature(generated).parameters)[1:] != init_names:
+        raise TypeError(f"{who}(): {cls.__qualname__} has __post_init__ or an InitVar")
+    for f in all_fields:
+        if not f.init or f.default_factory is not dataclasses.MISSING:
+            raise TypeError(f"{who}(): field {cls.__qualname__}.{f.name} needs the dataclass's __init__")
+    return all_fields
 
 
 def quick_init(cls: type[T]) -> type[T]:
@@ -26,21 +49,13 @@ def quick_init(cls: type[T]) -> type[T]:
     Only for plain fields: a field with ``default_factory`` or ``init=False``, an ``InitVar`` or a
     ``__post_init__`` is refused (``TypeError``), as is a class that is not a frozen, slotted dataclass.
     """
-    params = getattr(cls, "__dataclass_params__", None)
-    if params is None or not params.frozen or "__slots__" not in cls.__dict__:
-        raise TypeError(f"quick_init() needs a frozen dataclass with slots, got {cls.__qualname__}")
+    all_fields = _plain_fields(cls, "quick_init")
     generated = cls.__dict__["__init__"]
-    all_fields = dataclasses.fields(cast(Any, cls))
-    init_names = [f.name for f in all_fields if f.init]
-    if hasattr(cls, "__post_init__") or list(inspect.signature(generated).parameters)[1:] != init_names:
-        raise TypeError(f"quick_init(): {cls.__qualname__} has __post_init__ or an InitVar")
     namespace: dict[str, Any] = {}
     positional: list[str] = []
     keywords: list[str] = []
     body: list[str] = []
     for f in all_fields:
-        if not f.init or f.default_factory is not dataclasses.MISSING:
-            raise TypeError(f"quick_init(): field {cls.__qualname__}.{f.name} needs the dataclass's __init__")
         namespace[f"_set_{f.name}"] = cls.__dict__[f.name].__set__
         param = f.name
         if f.default is not dataclasses.MISSING:
@@ -58,3 +73,23 @@ def quick_init(cls: type[T]) -> type[T]:
     init.__doc__ = generated.__doc__
     cls.__init__ = init  # type: ignore[method-assign]
     return cls
+
+
+def positional(cls: type[T]) -> Any:
+    """A function ``(field1, field2, ...) -> cls`` taking every field of the frozen, slotted dataclass
+    ``cls`` positionally (no defaults: each is passed), in declaration order.
+
+    The instance is the one ``cls(**fields)`` builds (equal, same slots), without its ``__init__``: the
+    caller passes values of the declared types (the factory checks nothing). The caller types the
+    result (``Callable[[...], cls]``), so that mypy checks each call's arguments."""
+    names = [f.name for f in _plain_fields(cls, "positional")]
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    for name in names:
+        namespace[f"_set_{name}"] = cls.__dict__[name].__set__
+    body = "".join(f"    _set_{name}(self, {name})\n" for name in names)
+    source = f"def make({', '.join(names)}):\n    self = _new(_cls)\n{body}    return self\n"
+    exec(source, namespace)  # as dataclasses builds an __init__
+    make = namespace["make"]
+    make.__qualname__ = make.__name__ = f"new_{cls.__name__}"
+    make.__module__ = cls.__module__
+    return make

@@ -6,10 +6,11 @@ are unix seconds (as in Go); ``next_run_at`` is unix milliseconds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._frozen import quick_init
+from ._frozen import positional, quick_init
 from .errors import ParamInvalidError
 from .status import RUNNABLE_INSTANCE_STATUSES
 
@@ -169,17 +170,30 @@ class WorkflowInstance:
     ) -> WorkflowInstance:
         """The record as the service returns it; ``status``/``updated_at`` replace the record's (a
         pass's result, without copying the record first)."""
-        return cls(
-            id=record.id,
-            workflow_type=record.workflow_type,
-            business_id=record.business_id,
-            status=record.status if status is None else status,
-            workflow_context=record.workflow_context,
-            task_id=record.task_id,
-            created_at=record.created_at,
-            updated_at=record.updated_at if updated_at is None else updated_at,
-            definition=definition,
-            parent_id=record.parent_id,
+        if cls is not WorkflowInstance:  # a subclass: its own constructor
+            return cls(
+                id=record.id,
+                workflow_type=record.workflow_type,
+                business_id=record.business_id,
+                status=record.status if status is None else status,
+                workflow_context=record.workflow_context,
+                task_id=record.task_id,
+                created_at=record.created_at,
+                updated_at=record.updated_at if updated_at is None else updated_at,
+                definition=definition,
+                parent_id=record.parent_id,
+            )
+        return new_workflow_instance(
+            record.id,
+            record.workflow_type,
+            record.business_id,
+            record.status if status is None else status,
+            record.workflow_context,
+            record.task_id,
+            record.created_at,
+            record.updated_at if updated_at is None else updated_at,
+            definition,
+            record.parent_id,
         )
 
 
@@ -391,3 +405,66 @@ class ScheduleState:
     id: str
     first_seen_at: int
     last_tick: str | None = None
+
+
+# Positional factories of the records built on a node's hot path (asyncflow._frozen.positional): every
+# field, in declaration order, without the keyword call's cost. Internal: the engine and the stores
+# use them; tests/unit/test_frozen.py checks that each signature lists its class's fields in order.
+
+new_instance_record: Callable[
+    [
+        int,
+        str,
+        str,
+        str,
+        JSONDict,
+        int,
+        int,
+        int,
+        int,
+        int,
+        str | None,
+        int,
+        int | None,
+        str | None,
+        str | None,
+    ],
+    WorkflowInstanceRecord,
+] = positional(WorkflowInstanceRecord)
+"""``(id, workflow_type, business_id, status, workflow_context, task_id, created_at, updated_at,
+next_run_at, version, trace_context, lease_epoch, parent_id, parent_node, child_key)``"""
+
+new_task_record: Callable[[int, int, str, str, JSONDict, int, int, int, int, int], TaskInstanceRecord]
+new_task_record = positional(TaskInstanceRecord)
+"""``(id, workflow_instance_id, task_type, status, node_context, fail_count, created_at, updated_at,
+started_at, version)``"""
+
+new_task_insert: Callable[[str, str, JSONDict, int, int], TaskInsert] = positional(TaskInsert)
+"""``(task_type, status, node_context, fail_count, started_at)``"""
+
+new_task_update: Callable[[int, int, str | None, JSONDict | None, int | None, int | None], TaskUpdate] = (
+    positional(TaskUpdate)
+)
+"""``(id, expected_version, status, node_context, fail_count, started_at)``"""
+
+new_step: Callable[
+    [
+        int,
+        tuple[str, ...],
+        str | None,
+        int | None,
+        tuple[TaskInsert, ...],
+        tuple[TaskUpdate, ...],
+        bool,
+        int | None,
+    ],
+    Step,
+] = positional(Step)
+"""``(instance_id, instance_status_in, instance_status, next_run_at, inserts, updates,
+cancel_other_tasks, lease_epoch)``"""
+
+new_workflow_instance: Callable[
+    [int, str, str, str, JSONDict, int, int, int, Any, int | None], WorkflowInstance
+] = positional(WorkflowInstance)
+"""``(id, workflow_type, business_id, status, workflow_context, task_id, created_at, updated_at,
+definition, parent_id)``"""

@@ -238,7 +238,6 @@ class WorkerCall:
     def __init__(
         self,
         task_type: str,
-        *,
         instance: Any = None,
         fail_count: int = 0,
         info: NodeInfo | None = None,
@@ -264,13 +263,13 @@ class WorkerCall:
             instance = self.instance
             if instance is None:
                 raise LookupError(f"no node information for this worker call of {self.task_type!r}")
-            info = self._info = NodeInfo(
-                instance_id=instance.id,
-                workflow_type=instance.workflow_type,
-                business_id=instance.business_id,
-                task_type=self.task_type,
-                fail_count=self.fail_count,
-                trace_context=instance.trace_context,
+            info = self._info = NodeInfo(  # positional: a class called with keywords costs a dict
+                instance.id,
+                instance.workflow_type,
+                instance.business_id,
+                self.task_type,
+                self.fail_count,
+                instance.trace_context,
             )
         return info
 

@@ -37,18 +37,22 @@ from .._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
 from ..context import JSONContext
 from ..errors import LockFailedError, ParamInvalidError, TaskFailedTerminate, TaskNotReady, is_serious_error
 from ..records import (
-    Step,
     StepResult,
     TaskInsert,
     TaskInstanceRecord,
     TaskUpdate,
     WorkflowInstance,
     WorkflowInstanceRecord,
+    new_step,
+    new_task_insert,
+    new_task_record,
+    new_task_update,
 )
 from ..status import (
     END_NODE,
     PRE_NODE_CONTEXT,
     ROOT_NODE,
+    RUNNABLE_INSTANCE_STATUSES,
     SYSTEM,
     InstanceStatus,
     TaskStatus,
@@ -640,13 +644,14 @@ class PassRunner:
         and the keys of the children it started (``af.start_child_workflow``)."""
         # one context variable for the call (its NodeInfo built only if current_node() asks for it), set
         # without call_scope()'s generator context manager (a node's hot path)
-        call = WorkerCall(
+        call = WorkerCall(  # positional: a class called with keywords costs a dict
             node.task_type,
-            instance=self._instance,
-            fail_count=fail_count,
-            beat_target=watch,
-            next_nodes=None if check else tuple(node.next_nodes),
-            start=self._start_child,
+            self._instance,  # instance
+            fail_count,
+            None,  # info: built when asked for
+            watch,  # beat_target
+            None if check else tuple(node.next_nodes),  # next_nodes
+            self._start_child,  # start
         )
         token = _current_call.set(call)
         try:
@@ -1022,14 +1027,15 @@ class PassRunner:
                 inserts.append(pair)  # type: ignore[arg-type]
             else:
                 updates.append(pair)  # type: ignore[arg-type]
-        step = Step(
-            instance_id=self._instance.id,
-            instance_status=instance_status,
-            next_run_at=next_run_at,
-            inserts=tuple([w for _, w in inserts]),
-            updates=tuple([w for _, w in updates]),
-            cancel_other_tasks=cancel,
-            lease_epoch=self._instance.lease_epoch,
+        step = new_step(
+            self._instance.id,
+            RUNNABLE_INSTANCE_STATUSES,  # instance_status_in, Step's default
+            instance_status,
+            next_run_at,
+            tuple([w for _, w in inserts]),
+            tuple([w for _, w in updates]),
+            cancel,
+            self._instance.lease_epoch,
         )
         hold = HOLD_STEPS.set(True)  # the repo holds a cancellation until its step is done (asyncflow._held)
         write = self._repo.apply_step(step)
@@ -1216,54 +1222,42 @@ def _write_for(
     started_at: int,
 ) -> _Write:
     """An insert for a node without a committed row, else a compare-and-set update of its row."""
+    # positional factories (asyncflow._frozen.positional): a node's hot path
     if row is None or row.id == 0:
-        return TaskInsert(
-            task_type=task_type,
-            status=status,
-            node_context=context,
-            fail_count=fail_count,
-            started_at=started_at,
-        )
-    return TaskUpdate(
-        id=row.id,
-        expected_version=row.version,
-        status=status,
-        node_context=context,
-        fail_count=fail_count,
-        started_at=started_at,
-    )
+        return new_task_insert(task_type, status, context, fail_count, started_at)
+    return new_task_update(row.id, row.version, status, context, fail_count, started_at)
 
 
 def _provisional(
     instance_id: int, task_type: str, row: TaskInstanceRecord | None, write: _Write
 ) -> TaskInstanceRecord:
     """An in-memory row for a write not yet committed (the carried root)."""
-    return TaskInstanceRecord(
-        id=0 if row is None else row.id,
-        workflow_instance_id=instance_id,
-        task_type=task_type,
-        status=write.status or _COMPLETED,
-        node_context=write.node_context or {},
-        fail_count=0,
-        created_at=0 if row is None else row.created_at,
-        updated_at=0,
-        started_at=0 if row is None else row.started_at,
-        version=0 if row is None else row.version,
+    return new_task_record(
+        0 if row is None else row.id,
+        instance_id,
+        task_type,
+        write.status or _COMPLETED,
+        write.node_context or {},
+        0,  # fail_count
+        0 if row is None else row.created_at,
+        0,  # updated_at
+        0 if row is None else row.started_at,
+        0 if row is None else row.version,
     )
 
 
 def _updated(row: TaskInstanceRecord, update: TaskUpdate) -> TaskInstanceRecord:
-    return TaskInstanceRecord(  # not dataclasses.replace: a node's hot path
-        id=row.id,
-        workflow_instance_id=row.workflow_instance_id,
-        task_type=row.task_type,
-        status=update.status if update.status is not None else row.status,
-        node_context=update.node_context if update.node_context is not None else row.node_context,
-        fail_count=update.fail_count if update.fail_count is not None else row.fail_count,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        started_at=update.started_at if update.started_at is not None else row.started_at,
-        version=row.version + 1,
+    return new_task_record(  # not dataclasses.replace: a node's hot path
+        row.id,
+        row.workflow_instance_id,
+        row.task_type,
+        update.status if update.status is not None else row.status,
+        update.node_context if update.node_context is not None else row.node_context,
+        update.fail_count if update.fail_count is not None else row.fail_count,
+        row.created_at,
+        row.updated_at,
+        update.started_at if update.started_at is not None else row.started_at,
+        row.version + 1,
     )
 
 

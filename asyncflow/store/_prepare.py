@@ -122,16 +122,16 @@ def instance_row(new: NewWorkflowInstance) -> InstanceRow:
     business_id = check_text(new.business_id, "business_id")
     status = check_text(new.status, "status")
     context, plain = encode_context(new.workflow_context, "workflow_context")
-    return InstanceRow(
-        workflow_type=workflow_type,
-        business_id=business_id,
-        status=status,
-        context=context,
-        task_id=check_int(new.task_id, "task_id"),
-        next_run_at=check_int(new.next_run_at, "next_run_at", minimum=0),
-        trace_context=_trace_context(new.trace_context),
-        unique=_unique(new.unique),
-        plain=plain,
+    return InstanceRow(  # positional (a class called with keywords costs a dict), in field order
+        workflow_type,
+        business_id,
+        status,
+        context,
+        check_int(new.task_id, "task_id"),
+        check_int(new.next_run_at, "next_run_at", minimum=0),
+        _trace_context(new.trace_context),
+        _unique(new.unique),
+        plain,
     )
 
 
@@ -165,14 +165,7 @@ def task_row(new: TaskInsert) -> TaskRow:
     if not (type(started_at) is int and 0 <= started_at <= INT64_MAX):
         started_at = check_int(started_at, "started_at", minimum=0)
     context, plain = encode_context(new.node_context, "node_context")
-    return TaskRow(
-        task_type=task_type,
-        status=status,
-        context=context,
-        fail_count=fail_count,
-        started_at=started_at,
-        plain=plain,
-    )
+    return TaskRow(task_type, status, context, fail_count, started_at, plain)  # positional: hot path
 
 
 def _optional_text(value: object, what: str) -> str | None:
@@ -262,14 +255,14 @@ def prepared_step(step: Step) -> PreparedStep:
     cancel = bool(step.cancel_other_tasks)
     if epoch is not None and not (type(epoch) is int and 0 <= epoch <= INT64_MAX):
         epoch = check_int(epoch, "Step.lease_epoch", minimum=0)
-    return PreparedStep(
-        instance_id=instance_id,
-        instance_status_in=status_in,
-        instance_change=InstanceChange(status=status, context=None, next_run_at=next_run_at),
-        updates=tuple(updates),
-        inserts=inserts,
-        cancel_other_tasks=cancel,
-        lease_epoch=epoch,
+    return PreparedStep(  # positional (a class called with keywords costs a dict), in field order
+        instance_id,
+        status_in,
+        InstanceChange(status, None, next_run_at),  # (status, context, next_run_at)
+        tuple(updates),
+        inserts,
+        cancel,
+        epoch,
     )
 
 

@@ -40,6 +40,7 @@ from ..records import (
     TaskInstanceRecord,
     TaskWhere,
     WorkflowInstanceRecord,
+    new_instance_record,
 )
 from . import _prepare as prep
 from . import _statements as st
@@ -212,18 +213,22 @@ class SQLAlchemyWorkflowRepo:
             raise StoreError(
                 f"could not create {row.workflow_type!r}/{row.business_id!r}: keys keep changing"
             )
-        return WorkflowInstanceRecord(
-            id=instance_id,
-            workflow_type=row.workflow_type,
-            business_id=row.business_id,
-            status=row.status,
-            workflow_context=copy_context(row.context, row.plain),
-            task_id=row.task_id,
-            created_at=now,
-            updated_at=now,
-            next_run_at=row.next_run_at,
-            version=1,
-            trace_context=row.trace_context,
+        return new_instance_record(  # positional (asyncflow._frozen.positional): every create
+            instance_id,
+            row.workflow_type,
+            row.business_id,
+            row.status,
+            copy_context(row.context, row.plain),
+            row.task_id,
+            now,  # created_at
+            now,  # updated_at
+            row.next_run_at,
+            1,  # version
+            row.trace_context,
+            0,  # lease_epoch
+            None,  # parent_id
+            None,  # parent_node
+            None,  # child_key
         )
 
     async def create_child_instance(
@@ -463,7 +468,7 @@ class SQLAlchemyWorkflowRepo:
         except DB_ERRORS as error:
             wrapped = store_error(error, "apply_step")
             raise wrapped from wrapped.__cause__
-        return StepResult(applied=True, inserted=inserted)
+        return StepResult(True, inserted)  # applied; positional: every step
 
     # ---------------------------------------------------------------------------------- driver
 
