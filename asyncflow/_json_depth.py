@@ -44,7 +44,12 @@ def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
         current, depth = stack.pop()
         if depth > limit:
             return True
-        children = current.values() if isinstance(current, Mapping) else current
+        kind = type(current)  # dict and list first: the Mapping check is an ABC's (a Python call)
+        children = (
+            current.values()
+            if kind is dict or (kind is not list and isinstance(current, Mapping))
+            else current
+        )
         stack.extend((child, depth + 1) for child in children if _nests(child))
     return False
 

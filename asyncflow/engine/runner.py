@@ -142,43 +142,43 @@ class StallWarnings:
 
 
 class _Slots:
-    """The pass's branch slots (``async with``): a counting semaphore whose free slot is taken without
-    the generator ``asyncio.Semaphore.locked()`` builds on every acquire (a node's hot path). A
-    released slot goes straight to the longest waiter."""
+    """The pass's branch slots: a counting semaphore whose free slot is taken without the generator
+    ``asyncio.Semaphore.locked()`` builds on every acquire (a node's hot path). A released slot goes
+    straight to the longest waiter.
 
-    __slots__ = ("_free", "_waiters")
+    :meth:`PassRunner._drive` takes a free slot itself (``free > 0`` and no ``waiters``: ``free -= 1``),
+    without the coroutine of :meth:`acquire`, which waits for one otherwise; :meth:`release` returns it."""
+
+    __slots__ = ("free", "waiters")
 
     def __init__(self, count: int) -> None:
-        self._free = count
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.free = count
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    async def __aenter__(self) -> None:
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
+    async def acquire(self) -> None:
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        self.waiters.append(waiter)
         try:
             await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled():
-                self._release()  # handed a slot, then cancelled: hand it on
+                self.release()  # handed a slot, then cancelled: hand it on
             else:
                 with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                    self.waiters.remove(waiter)
             raise
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        waiters = self._waiters
+    def release(self) -> None:
+        waiters = self.waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return
-        self._free += 1
+        self.free += 1
 
 
 class _PassStopped(Exception):
@@ -417,12 +417,18 @@ class PassRunner:
             if task is not None:
                 tasks[current] = task
             try:
-                async with slots:
+                if slots.free > 0 and not slots.waiters:  # a free slot: taken without a coroutine
+                    slots.free -= 1
+                else:
+                    await slots.acquire()
+                try:
                     node = by_type[current]
                     if observers is None or current in (ROOT_NODE, END_NODE):
                         completed = await self._process(node)
                     else:
                         completed = await self._observed(node, observers)
+                finally:
+                    slots.release()
             finally:
                 tasks.pop(current, None)
             if not completed:
@@ -974,7 +980,7 @@ class PassRunner:
         end = self._definition.end
         if END_NODE in self._visited or not self._open(END_NODE):
             return None
-        if finishing not in end.pre_nodes and not any(t in end.pre_nodes for t in skipped):
+        if finishing not in end.pre_nodes and not (skipped and any(t in end.pre_nodes for t in skipped)):
             return None
         edges = [self._edge_with(p, END_NODE, statuses, contexts) for p in end.pre_nodes]
         if join_decision("end", edges) is not Join.RUN:

@@ -6,7 +6,14 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from .._frozen import quick_init
-from ..records import Pager, ScheduleState, TaskInstanceRecord, WorkflowInstanceRecord
+from ..records import (
+    Pager,
+    ScheduleState,
+    TaskInstanceRecord,
+    WorkflowInstanceRecord,
+    new_instance_record,
+    new_task_record,
+)
 from ..status import RUNNABLE_INSTANCE_STATUSES
 from ._json import copy_context, page_window
 from ._prepare import InstanceChange, TaskChange
@@ -36,9 +43,23 @@ class Instance:
     child_key: str | None = None
 
     def record(self) -> WorkflowInstanceRecord:
-        values = {name: getattr(self, name) for name in self.__slots__}
-        values["workflow_context"] = copy_context(self.workflow_context)
-        return WorkflowInstanceRecord(**values)
+        return new_instance_record(  # the same fields in the same order (asyncflow._frozen.positional)
+            self.id,
+            self.workflow_type,
+            self.business_id,
+            self.status,
+            copy_context(self.workflow_context),
+            self.task_id,
+            self.created_at,
+            self.updated_at,
+            self.next_run_at,
+            self.version,
+            self.trace_context,
+            self.lease_epoch,
+            self.parent_id,
+            self.parent_node,
+            self.child_key,
+        )
 
 
 @quick_init  # built on every node: see asyncflow._frozen
@@ -58,9 +79,18 @@ class Task:
     version: int
 
     def record(self) -> TaskInstanceRecord:
-        values = {name: getattr(self, name) for name in self.__slots__}
-        values["node_context"] = copy_context(self.node_context)
-        return TaskInstanceRecord(**values)
+        return new_task_record(  # the same fields in the same order (asyncflow._frozen.positional)
+            self.id,
+            self.workflow_instance_id,
+            self.task_type,
+            self.status,
+            copy_context(self.node_context),
+            self.fail_count,
+            self.created_at,
+            self.updated_at,
+            self.started_at,
+            self.version,
+        )
 
 
 @dataclass(slots=True)

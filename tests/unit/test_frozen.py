@@ -235,3 +235,25 @@ def test_from_record_builds_the_subclass_it_is_called_on() -> None:
         11,
         {"k": 1},
     )
+
+
+@pytest.mark.parametrize(
+    ("row", "record"),
+    [
+        (_memory_rows.Instance, records.WorkflowInstanceRecord),
+        (_memory_rows.Task, records.TaskInstanceRecord),
+    ],
+    ids=["Instance", "Task"],
+)
+def test_the_memory_rows_make_their_records_field_by_field(row: type, record: type) -> None:
+    """The memory repo's rows pass their fields to the record's positional factory in order: the
+    same names in the same order, each value where it belongs (the context read back from its text)."""
+    names = [f.name for f in dataclasses.fields(row)]
+    assert names == [f.name for f in dataclasses.fields(record)]
+    context = "workflow_context" if row is _memory_rows.Instance else "node_context"
+    values = {n: object() for n in names}
+    values[context] = '{"k": [1]}'
+    built = row(**values).record()
+    assert type(built) is record
+    assert all(getattr(built, n) is v for n, v in values.items() if n != context)
+    assert getattr(built, context) == {"k": [1]}
