@@ -38,7 +38,7 @@ def tests(session: nox.Session) -> None:
         "ASYNCFLOW_TEST_POSTGRES_URL": os.environ.get("ASYNCFLOW_TEST_POSTGRES_URL", PG_URL),
         "ASYNCFLOW_TEST_REDIS_URL": os.environ.get("ASYNCFLOW_TEST_REDIS_URL", REDIS_URL),
     }
-    session.run("pytest", *session.posargs, env=env)
+    session.run("pytest", *(session.posargs or XDIST), env=env)
 
 
 @nox.session
@@ -58,6 +58,7 @@ def lowest(session: nox.Session) -> None:
         "-q",
         "-p",
         "no:cacheprovider",
+        *XDIST,
         "tests/unit",
         *_lowest_integration(),
         # property tests of pure-Python logic (contexts, graph building) use no dependency: the main
@@ -68,6 +69,12 @@ def lowest(session: nox.Session) -> None:
         "not memory or in_memory",
     ]
     session.run("python", "-m", "pytest", *args, env=env)
+
+
+XDIST = ("-n", "4", "--dist", "worksteal")
+"""pytest-xdist's options in `.ci/run` and the README's test command: four processes (most tests wait
+on a database, a subprocess or a timer, so four keep a 2-core machine busy), each taking the next test
+when it is free. Every test keeps to its own schema, key prefix, port and files, so they run side by side."""
 
 
 LOWEST_INTEGRATION_GLOBS = (

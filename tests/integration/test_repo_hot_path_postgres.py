@@ -326,6 +326,7 @@ async def test_disposing_the_engine_of_a_repo_never_closed_closes_its_kept_conne
             while pids & still:  # the server sees every one of them close (backends exit in a moment)
                 await asyncio.sleep(0.02)
                 still = set((await conn.execute(text(CONNECTED_PIDS), {"name": name})).scalars().all())
+                await conn.rollback()  # a transaction reads pg_stat_activity once: the next poll looks anew
         assert pids
         assert await repo.get_workflow_instance(made[0].id) == made[0]  # the repo goes on working
 
