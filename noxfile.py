@@ -58,7 +58,9 @@ def lowest(session: nox.Session) -> None:
         "-q",
         "-p",
         "no:cacheprovider",
-        *XDIST,
+        "-n",
+        os.environ.get("ASYNCFLOW_TEST_WORKERS", XDIST[1]),
+        *XDIST[2:],
         "tests/unit",
         *_lowest_integration(),
         # property tests of pure-Python logic (contexts, graph building) use no dependency: the main
@@ -74,7 +76,9 @@ def lowest(session: nox.Session) -> None:
 XDIST = ("-n", "4", "--dist", "worksteal")
 """pytest-xdist's options in `.ci/run` and the README's test command: four processes (most tests wait
 on a database, a subprocess or a timer, so four keep a 2-core machine busy), each taking the next test
-when it is free. Every test keeps to its own schema, key prefix, port and files, so they run side by side."""
+when it is free. Every test keeps to its own schema, key prefix, port and files, so they run side by
+side. ``ASYNCFLOW_TEST_WORKERS`` sets another number for ``nox -s lowest`` (`.ci/run` runs it with 2,
+beside the main run)."""
 
 
 LOWEST_INTEGRATION_GLOBS = (
