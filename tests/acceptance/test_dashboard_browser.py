@@ -174,6 +174,21 @@ class Browser:
             assert time.monotonic() < deadline, "timed out waiting in the browser"
             time.sleep(0.2)
 
+    def clicks(self, *selectors: str) -> None:
+        """Click ``selectors`` in order; from the first again when the live refresh reloaded the page
+        in between (a stale element, or a ``details`` closed again by the reload)."""
+        from selenium.common.exceptions import ElementNotInteractableException
+
+        def attempt() -> bool:
+            try:
+                for selector in selectors:
+                    self.css(selector).click()
+            except ElementNotInteractableException:
+                return False
+            return True
+
+        self.wait_for(attempt)
+
     def collect(self) -> None:
         """Read the console and the network (performance) logs gathered since the last call."""
         self.console += self.driver.get_log("browser")
@@ -275,8 +290,8 @@ def test_watch_an_instance_complete_after_an_authorized_event(browser: Browser) 
 
     driver.add_cookie({"name": "operator", "value": "yes", "path": "/"})
     b.get(f"/instances/{ids.waiting}")
-    b.css('details[data-task-type="approve"] summary').click()
-    b.css('details[data-task-type="approve"] a.event').click()
+    # two clicks on a page that reloads itself: a reload between them is clicked through again
+    b.clicks('details[data-task-type="approve"] summary', 'details[data-task-type="approve"] a.event')
     b.wait_for(lambda: "/event?node=approve" in driver.current_url)
     b.css("#event_content").send_keys('{"ok": true}')
     b.shot("confirm-event")

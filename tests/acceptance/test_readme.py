@@ -21,7 +21,7 @@ README = ROOT / "README.md"
 GO_NAMES = pathlib.Path(__file__).resolve().parent / "data" / "go_api_names.txt"
 
 DEMO_COMMAND = "python3 -m pip install -e . && python3 -m asyncflow demo"
-TEST_COMMAND = 'python3 -m pip install -e ".[test]" && python3 -m pytest -n 4 --dist worksteal'
+TEST_COMMAND = 'python3 -m pip install -e ".[test]" && python3 -m pytest -n 3 --dist loadfile'
 PG_PLACEHOLDER = "postgresql+asyncpg://app:secret@db.example.internal:5432/app"
 REDIS_PLACEHOLDER = "redis://cache.example.internal:6379/0"
 
