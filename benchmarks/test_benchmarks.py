@@ -289,7 +289,9 @@ async def test_hot_path_reports_the_local_servers_cpu(postgres_url: str, tmp_pat
     from benchmarks import hot_path
 
     url = postgres_url.replace("postgresql://", "postgresql+asyncpg://", 1)
-    args = hot_path.parse(["--backend", "postgres", "--rows", "floor,direct", "-n", "200", "-c", "8"])
+    # 1,000 workflows: with 200 the floor's 8 backends used so little CPU each on a fast machine that
+    # /proc showed none of it in about one run of five
+    args = hot_path.parse(["--backend", "postgres", "--rows", "floor,direct", "-n", "1000", "-c", "8"])
     args.pg_url, args.repeat, args.json = url, 1, str(tmp_path / "hot.json")
     await hot_path.main(args)
     summary = json.loads((tmp_path / "hot.json").read_text())["summary"]
@@ -298,6 +300,16 @@ async def test_hot_path_reports_the_local_servers_cpu(postgres_url: str, tmp_pat
     for row in summary.values():
         assert row["median"] > 0 and row["cpu_ms"] > 0
         assert (row["server_cpu_ms"] is not None and row["server_cpu_ms"] > 0) == local
+
+
+@pytest.mark.postgres
+async def test_step_server_replays_linear3_steps_and_reports_the_backends_cpu(postgres_url: str) -> None:
+    from benchmarks import step_server
+
+    url = postgres_url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    args = step_server.parse(["-n", "300", "--repeat", "2", "--due-trigger", "--pg-url", url])
+    figures = await step_server.main(args)  # raises unless every instance completed with 5 node rows
+    assert len(figures) == 2 and all(f > 0 for f in figures)
 
 
 async def test_sql_commit_counter_counts_transactions_and_autocommit_statements(tmp_path: Path) -> None:

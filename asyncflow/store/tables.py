@@ -72,7 +72,7 @@ __all__ = [
     "workflow_instance",
 ]
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 """The schema version this asyncflow migrates to (:mod:`asyncflow.store.migrations`)."""
 
 metadata = MetaData(

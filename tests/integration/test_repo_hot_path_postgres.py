@@ -152,6 +152,48 @@ async def test_a_trigger_failure_mid_step_is_a_store_error_and_writes_nothing(
     assert instance is not None and (instance.status, instance.version) == ("init", 1)
 
 
+async def test_a_step_names_the_instance_s_status_and_due_time_only_when_it_changes_them(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    """The step function's ``UPDATE`` of the instance SETs ``status`` and ``next_run_at`` only when the
+    step changes them: the row triggers ``AFTER UPDATE OF`` those columns (the finished and due
+    NOTIFYs) are not even looked at by the other steps. The values written are the same either way."""
+    async with repo.engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE step_seen (n serial, col text)"))
+        await conn.execute(
+            text(
+                "CREATE FUNCTION step_seen_fn() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "INSERT INTO step_seen (col) VALUES (TG_ARGV[0]); RETURN NULL; END $$"
+            )
+        )
+        for col in ("status", "next_run_at"):
+            await conn.execute(
+                text(
+                    f"CREATE TRIGGER step_seen_{col} AFTER UPDATE OF {col} ON workflow_instance "
+                    f"FOR EACH ROW EXECUTE FUNCTION step_seen_fn('{col}')"
+                )
+            )
+    instance_id, _ = await instance_with(repo)
+    start = await repo.get_workflow_instance(instance_id)
+    assert start is not None
+
+    async def step(**fields: Any) -> tuple[list[str], tuple[str, int, int]]:
+        assert (await repo.apply_step(Step(instance_id=instance_id, **fields))).applied
+        async with repo.engine.begin() as conn:
+            seen = (await conn.execute(text("DELETE FROM step_seen RETURNING col"))).scalars().all()
+        record = await repo.get_workflow_instance(instance_id)
+        assert record is not None
+        return sorted(seen), (record.status, record.next_run_at, record.version)
+
+    assert await step(inserts=(task("a"),)) == ([], ("init", start.next_run_at, 2))
+    assert await step(instance_status="running") == (["status"], ("running", start.next_run_at, 3))
+    assert await step(next_run_at=123) == (["next_run_at", "status"], ("running", 123, 4))
+    assert await step(instance_status="completed", next_run_at=456) == (
+        ["next_run_at", "status"],
+        ("completed", 456, 5),
+    )
+
+
 async def test_an_idle_repo_holds_no_connection(repo: SQLAlchemyWorkflowRepo) -> None:
     made = await asyncio.gather(*(repo.create_workflow_instance(new(str(i))) for i in range(30)))
     await asyncio.gather(*(repo.get_workflow_instance(m.id) for m in made))

@@ -19,6 +19,7 @@ from asyncflow.engine.service import WorkflowService
 from asyncflow.errors import InstanceNotFoundError, ParamInvalidError
 from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.store.memory import MemoryWorkflowRepo
+from asyncflow.store.postgres.finished import FINISHED_DDL, FINISHED_DDL_V10
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from tests.conftest import isolated_pg_engine
 from tests.integration.start_helpers import fake_service, one_node_registry
@@ -217,6 +218,55 @@ async def test_only_watched_instances_notify_their_end(postgres_url: str) -> Non
             assert sorted(heard) == sorted([f"{schema} {watched}", f"{schema} {canceled}"])
             await repo.watch_finished(unwatched)  # ended already: nothing to flag
             assert (await _flags(engine))[unwatched] is False
+        finally:
+            await listener.close()
+
+
+_TRIGGER_DEF = (
+    "SELECT pg_get_triggerdef(oid) FROM pg_trigger "
+    "WHERE tgname = 'asyncflow_finished_notify' AND tgrelid = 'workflow_instance'::regclass"
+)
+
+
+@pytest.mark.postgres
+async def test_migration_12_moves_the_status_test_into_the_function_and_notifies_as_before(
+    postgres_url: str,
+) -> None:
+    """A version 11 database (the status lists in the trigger's WHEN) gets migration 12's trigger,
+    whose WHEN reads only ``notify_finished``; its function NOTIFYs only for a watched instance that
+    goes from ``init``/``running`` to a terminal status, as version 10 did."""
+    async with isolated_pg_engine(postgres_url) as engine, SQLAlchemyWorkflowRepo(engine) as repo:
+        await repo.migrate()
+        async with engine.begin() as conn:  # back to version 11
+            for ddl in (*FINISHED_DDL[:1], *FINISHED_DDL_V10):
+                await conn.exec_driver_sql(ddl)
+            await conn.exec_driver_sql("DELETE FROM asyncflow_schema WHERE version = 12")
+            assert "old.status = ANY" in (await conn.exec_driver_sql(_TRIGGER_DEF)).scalar_one()
+        await repo.migrate()
+        async with engine.connect() as conn:
+            definition = (await conn.exec_driver_sql(_TRIGGER_DEF)).scalar_one()
+            assert (await conn.exec_driver_sql("SELECT max(version) FROM asyncflow_schema")).scalar() == 12
+        assert definition.endswith("WHEN (new.notify_finished) EXECUTE FUNCTION asyncflow_notify_finished()")
+        schema = await _schema(engine)
+        service = WorkflowService(repo, LocalWorkflowLock(), one_node_registry("w"))
+        watched, unwatched = [(await service.create_workflow("w", f"b{i}")).id for i in range(2)]
+        await repo.watch_finished(watched)
+        listener = await _connect_like(engine)
+        heard: list[str] = []
+        await listener.add_listener("asyncflow_finished", lambda *args: heard.append(args[3]))
+        try:
+            for instance_id, status in [
+                (watched, "running"),  # init -> running: not an end
+                (unwatched, "completed"),  # an end nobody watches
+                (watched, "failed"),  # the end
+                (watched, "canceled"),  # terminal -> terminal: not an end
+            ]:
+                await listener.execute(
+                    "UPDATE workflow_instance SET status = $2 WHERE id = $1", instance_id, status
+                )
+            await _until(lambda: len(heard) >= 1)
+            await asyncio.sleep(0.3)  # anything else would have arrived by now
+            assert heard == [f"{schema} {watched}"]
         finally:
             await listener.close()
 

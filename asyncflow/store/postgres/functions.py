@@ -36,14 +36,34 @@ DECLARE
     v_count bigint;
     v_update jsonb;
 BEGIN
-    UPDATE workflow_instance
-       SET status = coalesce(p_step->>2, status),
-           next_run_at = coalesce((p_step->>3)::bigint, next_run_at),
-           updated_at = v_now,
-           version = version + 1
-     WHERE id = v_instance
-       AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)
-       AND (p_step->>8 IS NULL OR lease_epoch = (p_step->>8)::bigint);
+    -- a column is SET only when the step changes it: the triggers AFTER UPDATE OF status (migration
+    -- 12's asyncflow_finished_notify) and OF next_run_at (the driver's asyncflow_due_notify) are then
+    -- not even looked at (their WHEN clause is parsed again for every statement that names the column)
+    IF p_step->>2 IS NULL AND p_step->>3 IS NULL THEN
+        UPDATE workflow_instance
+           SET updated_at = v_now,
+               version = version + 1
+         WHERE id = v_instance
+           AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)
+           AND (p_step->>8 IS NULL OR lease_epoch = (p_step->>8)::bigint);
+    ELSIF p_step->>3 IS NULL THEN
+        UPDATE workflow_instance
+           SET status = p_step->>2,
+               updated_at = v_now,
+               version = version + 1
+         WHERE id = v_instance
+           AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)
+           AND (p_step->>8 IS NULL OR lease_epoch = (p_step->>8)::bigint);
+    ELSE
+        UPDATE workflow_instance
+           SET status = coalesce(p_step->>2, status),
+               next_run_at = (p_step->>3)::bigint,
+               updated_at = v_now,
+               version = version + 1
+         WHERE id = v_instance
+           AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)
+           AND (p_step->>8 IS NULL OR lease_epoch = (p_step->>8)::bigint);
+    END IF;
     IF NOT FOUND THEN
         IF p_step->>8 IS NOT NULL AND EXISTS (
             SELECT 1 FROM workflow_instance
@@ -55,23 +75,25 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'AF409',
             MESSAGE = format('asyncflow step: instance %s is missing or not in %s', v_instance, p_step->1);
     END IF;
-    FOR v_update IN SELECT jsonb_array_elements(p_step->6) LOOP
-        UPDATE task_instance
-           SET status = coalesce(v_update->>2, status),
-               node_context = coalesce(nullif(v_update->3, 'null'::jsonb), node_context),
-               fail_count = coalesce((v_update->>4)::bigint, fail_count),
-               started_at = coalesce((v_update->>5)::bigint, started_at),
-               updated_at = v_now,
-               version = version + 1
-         WHERE id = (v_update->>0)::bigint AND workflow_instance_id = v_instance
-           AND version = (v_update->>1)::bigint;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION USING ERRCODE = 'AF409', MESSAGE = format(
-                'asyncflow step: node row %s of instance %s is not at version %s',
-                v_update->0, v_instance, v_update->1);
-        END IF;
-        v_touched := v_touched || (v_update->>0)::bigint;
-    END LOOP;
+    IF jsonb_array_length(p_step->6) > 0 THEN  -- no query for a step without updates
+        FOR v_update IN SELECT jsonb_array_elements(p_step->6) LOOP
+            UPDATE task_instance
+               SET status = coalesce(v_update->>2, status),
+                   node_context = coalesce(nullif(v_update->3, 'null'::jsonb), node_context),
+                   fail_count = coalesce((v_update->>4)::bigint, fail_count),
+                   started_at = coalesce((v_update->>5)::bigint, started_at),
+                   updated_at = v_now,
+                   version = version + 1
+             WHERE id = (v_update->>0)::bigint AND workflow_instance_id = v_instance
+               AND version = (v_update->>1)::bigint;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION USING ERRCODE = 'AF409', MESSAGE = format(
+                    'asyncflow step: node row %s of instance %s is not at version %s',
+                    v_update->0, v_instance, v_update->1);
+            END IF;
+            v_touched := v_touched || (v_update->>0)::bigint;
+        END LOOP;
+    END IF;
     IF jsonb_array_length(p_step->7) > 0 THEN
         WITH inserted AS (
             INSERT INTO task_instance (workflow_instance_id, task_type, status, node_context, fail_count,

@@ -17,7 +17,7 @@ from ..migrations import (
     check_migrations,
 )
 from ..tables import FILLFACTOR
-from .finished import FINISHED_DDL, FINISHED_DDL_V10
+from .finished import FINISHED_DDL, FINISHED_DDL_V10, FINISHED_DDL_V12
 from .functions import BATCH_FUNCTION, STEP_FUNCTION
 
 __all__ = ["MIGRATIONS", "REPAIR", "lock_schema"]
@@ -142,6 +142,12 @@ MIGRATIONS = check_migrations(
         ),
         Migration(
             11, "no foreign key on task_instance; a statement trigger deletes deleted instances' rows", _V11
+        ),
+        Migration(
+            12,
+            "wait_for_workflow: the finished trigger's WHEN reads only notify_finished (its function "
+            "checks the statuses)",
+            FINISHED_DDL_V12,
         ),
     ]
 )

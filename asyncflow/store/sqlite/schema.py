@@ -101,6 +101,7 @@ MIGRATIONS = check_migrations(
         Migration(
             11, "nothing on SQLite: it keeps its foreign key (PostgreSQL: a delete trigger instead)", ()
         ),
+        Migration(12, "nothing on SQLite (PostgreSQL: a cheaper WHEN on the asyncflow_finished trigger)", ()),
     ]
 )
 
