@@ -200,6 +200,39 @@ def test_each_factory_builds_what_the_keyword_constructor_builds(name: str) -> N
         factory(*values[:-1])
 
 
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_a_record_s_factory_fills_a_twin_and_hands_it_the_class(name: str) -> None:
+    """The records hold all their slots themselves: their factories fill an instance of a plain twin
+    class and assign it the record's class. What comes out copies, pickles and compares as a record."""
+    cls, factory = FACTORIES[name], getattr(records, name)
+    assert "_twin" in factory.__globals__  # the twin path, not the descriptors
+    names = [f.name for f in dataclasses.fields(cls)]
+    built = factory(*range(len(names)))
+    assert type(built) is cls and not hasattr(built, "__dict__")
+    assert copy.copy(built) == built and pickle.loads(pickle.dumps(built)) == built
+    assert dataclasses.replace(built, **{names[0]: -1}) == factory(-1, *range(1, len(names)))
+
+
+def test_a_subclass_s_factory_sets_each_slot_through_its_descriptor() -> None:
+    """A class whose slots are split over its bases has no twin (the two layouts would differ): its
+    factory stores each field through the slot's descriptor, and builds the same record."""
+
+    @dataclass(frozen=True, slots=True)
+    class Base:
+        a: int
+
+    @dataclass(frozen=True, slots=True)
+    class Sub(Base):
+        b: int
+
+    factory = positional(Sub)
+    assert "_twin" not in factory.__globals__
+    built = factory(1, 2)
+    assert type(built) is Sub and built == Sub(1, 2) and (built.a, built.b) == (1, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.a = 3  # type: ignore[misc]
+
+
 def test_from_record_builds_the_subclass_it_is_called_on() -> None:
     """``WorkflowInstance.from_record`` uses the positional factory for ``WorkflowInstance`` itself
     only: a subclass gets its own constructor, as before."""
