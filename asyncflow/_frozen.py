@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sysconfig
 from typing import Any, TypeVar, cast
 
 __all__ = ["positional", "quick_init"]
@@ -89,7 +90,12 @@ def positional(cls: type[T]) -> Any:
     assignment, which Python allows between classes of one slot layout). A plain attribute store is a
     specialized bytecode; a descriptor's ``__set__`` is a call. A ``TaskInstanceRecord`` (10 fields)
     took 0.59-0.66 us this way against 0.91-1.48 us through the descriptors (``timeit``, one machine).
-    Elsewhere it calls each slot's descriptor, as :func:`quick_init` does."""
+    Elsewhere it calls each slot's descriptor, as :func:`quick_init` does, and so on a free-threaded
+    build (where a ``__class__`` assignment may stop every thread).
+
+    Each such assignment raises the audit event ``object.__setattr__`` (``sys.addaudithook``): a hook
+    sees one per record built. A hook that refuses the assignment when the factories are made (at
+    import) gets the descriptor factories; one added later and refusing it would refuse every record."""
     names = [f.name for f in _plain_fields(cls, "positional")]
     make = _twin_factory(cls, names) or _descriptor_factory(cls, names)
     make.__qualname__ = make.__name__ = f"new_{cls.__name__}"
@@ -113,11 +119,13 @@ def _twin_factory(cls: type, names: list[str]) -> Any:
     slots = cls.__dict__.get("__slots__")
     if cls.__bases__ != (object,) or not isinstance(slots, tuple) or sorted(slots) != sorted(names):
         return None
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):  # there a __class__ assignment may stop every thread
+        return None
     twin = type(f"_{cls.__name__}Twin", (), {"__slots__": slots, "__module__": cls.__module__})
     try:  # Python refuses the assignment unless the two layouts are the same
         trial: Any = object.__new__(twin)
         trial.__class__ = cls
-    except TypeError:
+    except Exception:  # a different layout (TypeError), or an audit hook that refuses it
         return None
     namespace: dict[str, Any] = {"_new": object.__new__, "_twin": twin, "_cls": cls}
     body = "".join(f"    self.{name} = {name}\n" for name in names)

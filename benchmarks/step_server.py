@@ -45,6 +45,16 @@ def _process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _is_local_backend(pid: int) -> bool:
+    """``pid`` is a PostgreSQL process of this machine (a server elsewhere, or in a container, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.index("(") + 1 : stat.rindex(")")].startswith("postgres")
+
+
 def _linear3_steps(instance_id: int, epoch: int) -> list[Step]:
     def node(task_type: str, pre: str | None) -> TaskInsert:
         context: dict[str, Any] = {"out": 1, "workflow_context": {}}
@@ -114,6 +124,11 @@ async def main(args: argparse.Namespace) -> list[float]:
                 await conn.execute(_FUNCTION_SQL)
                 await conn.execute(_TRIGGER_SQL)
             pid = await conn.fetchval("SELECT pg_backend_pid()")
+            if not _is_local_backend(pid):
+                raise RuntimeError(
+                    f"server process {pid} is not on this machine (or /proc does not show it): "
+                    "step_server reads its CPU time from /proc"
+                )
             await _round(conn, pid, min(args.n, 500), args.batch, "warm")
             figures = []
             for r in range(args.repeat):

@@ -155,9 +155,11 @@ async def test_a_trigger_failure_mid_step_is_a_store_error_and_writes_nothing(
 async def test_a_step_names_the_instance_s_status_and_due_time_only_when_it_changes_them(
     repo: SQLAlchemyWorkflowRepo,
 ) -> None:
-    """The step function's ``UPDATE`` of the instance SETs ``status`` and ``next_run_at`` only when the
-    step changes them: the row triggers ``AFTER UPDATE OF`` those columns (the finished and due
-    NOTIFYs) are not even looked at by the other steps. The values written are the same either way."""
+    """The step function's ``UPDATE`` of the instance SETs ``status`` only when the step sets it, and
+    ``next_run_at`` only when the step sets it or may make the instance runnable from a status that
+    is not (then the driver's due trigger still sees an instance that became due): the row triggers
+    ``AFTER UPDATE OF`` those columns (the finished and due NOTIFYs) are not even looked at by the
+    other steps. The values written are the same as before."""
     async with repo.engine.begin() as conn:
         await conn.execute(text("CREATE TABLE step_seen (n serial, col text)"))
         await conn.execute(
@@ -187,11 +189,50 @@ async def test_a_step_names_the_instance_s_status_and_due_time_only_when_it_chan
 
     assert await step(inserts=(task("a"),)) == ([], ("init", start.next_run_at, 2))
     assert await step(instance_status="running") == (["status"], ("running", start.next_run_at, 3))
-    assert await step(next_run_at=123) == (["next_run_at", "status"], ("running", 123, 4))
+    assert await step(next_run_at=123) == (["next_run_at"], ("running", 123, 4))
     assert await step(instance_status="completed", next_run_at=456) == (
         ["next_run_at", "status"],
         ("completed", 456, 5),
     )
+    # back to a runnable status from one that is not (a repo-level step): the due time is named too
+    revive = await step(instance_status_in=("completed",), instance_status="running")
+    assert revive == (["next_run_at", "status"], ("running", 456, 6))
+    assert await step(instance_status_in=(), instance_status="init") == (
+        ["next_run_at", "status"],
+        ("init", 456, 7),
+    )
+    assert await step(instance_status="failed") == (["status"], ("failed", 456, 8))
+
+
+_FORMS = {  # the four forms of the step function's UPDATE of the instance
+    "neither": {"inserts": (task("n"),)},
+    "status": {"instance_status": "completed"},
+    "next_run_at": {"next_run_at": 5},
+    "both": {"instance_status": "completed", "next_run_at": 5},
+    "reviving": {"instance_status": "running", "instance_status_in": ("init", "completed")},
+}
+
+
+@pytest.mark.parametrize("form", sorted(_FORMS))
+async def test_every_form_of_the_instance_update_is_refused_and_fenced_alike(
+    repo: SQLAlchemyWorkflowRepo, form: str
+) -> None:
+    """Whichever columns a step names, an instance not in ``instance_status_in`` refuses it and a stale
+    ``lease_epoch`` makes it stale; nothing is written either way."""
+    instance_id, _ = await instance_with(repo)
+    fields = dict(_FORMS[form])
+    refused_in = ("canceled",) if form == "reviving" else ("running",)  # the instance is ``init``
+    refused = await repo.apply_step(
+        Step(instance_id=instance_id, **{**fields, "instance_status_in": refused_in})
+    )
+    assert (refused.applied, refused.stale) == (False, False)
+    stale = await repo.apply_step(Step(instance_id=instance_id, lease_epoch=7, **fields))
+    assert (stale.applied, stale.stale) == (False, True)
+    record = await repo.get_workflow_instance(instance_id)
+    assert record is not None and (record.status, record.version) == ("init", 1)
+    assert await repo.load_task_instances(instance_id) == []
+    applied = await repo.apply_step(Step(instance_id=instance_id, lease_epoch=0, **fields))
+    assert applied.applied
 
 
 async def test_an_idle_repo_holds_no_connection(repo: SQLAlchemyWorkflowRepo) -> None:

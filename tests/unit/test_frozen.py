@@ -7,6 +7,8 @@ import copy
 import dataclasses
 import inspect
 import pickle
+import subprocess
+import sys
 import typing
 from dataclasses import InitVar, dataclass, field
 from typing import Any
@@ -231,6 +233,29 @@ def test_a_subclass_s_factory_sets_each_slot_through_its_descriptor() -> None:
     assert type(built) is Sub and built == Sub(1, 2) and (built.a, built.b) == (1, 2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.a = 3  # type: ignore[misc]
+
+
+def test_an_audit_hook_that_refuses_class_assignment_gets_the_descriptor_factories() -> None:
+    """An audit hook (``sys.addaudithook``, which stays for the life of the process: hence a
+    subprocess) that refuses ``__class__`` assignments when asyncflow is imported: the records'
+    factories store through the slot descriptors instead, and build the same records."""
+    script = """
+import sys
+
+def refuse(event, args):
+    if event == "object.__setattr__" and args[1] == "__class__":
+        raise RuntimeError("no __class__ assignment here")
+
+sys.addaudithook(refuse)
+import asyncflow.records as records
+
+assert "_twin" not in records.new_task_record.__globals__
+built = records.new_task_insert("a", "running", {}, 0, 0)
+assert built == records.TaskInsert(task_type="a", status="running", node_context={})
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
 
 
 def test_from_record_builds_the_subclass_it_is_called_on() -> None:

@@ -15,7 +15,13 @@ raises ``StoreError`` naming ``migrate()``. The status lists in them come from
 
 from __future__ import annotations
 
-from .._sql import TERMINAL_SQL
+import json
+
+from ...status import RUNNABLE_INSTANCE_STATUSES
+from .._sql import RUNNABLE_SQL, TERMINAL_SQL
+
+RUNNABLE_JSON = json.dumps(list(RUNNABLE_INSTANCE_STATUSES))
+"""The runnable instance statuses as a JSON array (the step function's containment test)."""
 
 __all__ = ["ALL", "BATCH_FUNCTION", "STEP_FUNCTION"]
 
@@ -36,9 +42,12 @@ DECLARE
     v_count bigint;
     v_update jsonb;
 BEGIN
-    -- a column is SET only when the step changes it: the triggers AFTER UPDATE OF status (migration
-    -- 12's asyncflow_finished_notify) and OF next_run_at (the driver's asyncflow_due_notify) are then
-    -- not even looked at (their WHEN clause is parsed again for every statement that names the column)
+    -- status is SET only when the step sets it, next_run_at only when the step sets it or may make the
+    -- instance runnable (a status in {RUNNABLE_SQL} from one that may not be): the row triggers AFTER
+    -- UPDATE OF those columns (migration 12's asyncflow_finished_notify, the driver's
+    -- asyncflow_due_notify) are not even looked at by the other steps (PostgreSQL parses a trigger's
+    -- WHEN clause again for every statement that names its column); an instance that becomes
+    -- runnable with a past due time still has its due trigger look at it
     IF p_step->>2 IS NULL AND p_step->>3 IS NULL THEN
         UPDATE workflow_instance
            SET updated_at = v_now,
@@ -46,7 +55,8 @@ BEGIN
          WHERE id = v_instance
            AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)
            AND (p_step->>8 IS NULL OR lease_epoch = (p_step->>8)::bigint);
-    ELSIF p_step->>3 IS NULL THEN
+    ELSIF p_step->>3 IS NULL AND NOT (p_step->>2 IN ({RUNNABLE_SQL}) AND (p_step->1 = '[]'::jsonb
+                                        OR NOT p_step->1 <@ '{RUNNABLE_JSON}'::jsonb)) THEN
         UPDATE workflow_instance
            SET status = p_step->>2,
                updated_at = v_now,
@@ -54,10 +64,18 @@ BEGIN
          WHERE id = v_instance
            AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)
            AND (p_step->>8 IS NULL OR lease_epoch = (p_step->>8)::bigint);
+    ELSIF p_step->>2 IS NULL THEN
+        UPDATE workflow_instance
+           SET next_run_at = (p_step->>3)::bigint,
+               updated_at = v_now,
+               version = version + 1
+         WHERE id = v_instance
+           AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)
+           AND (p_step->>8 IS NULL OR lease_epoch = (p_step->>8)::bigint);
     ELSE
         UPDATE workflow_instance
-           SET status = coalesce(p_step->>2, status),
-               next_run_at = (p_step->>3)::bigint,
+           SET status = p_step->>2,
+               next_run_at = coalesce((p_step->>3)::bigint, next_run_at),
                updated_at = v_now,
                version = version + 1
          WHERE id = v_instance
