@@ -25,6 +25,14 @@ RUNNABLE_JSON = json.dumps(list(RUNNABLE_INSTANCE_STATUSES))
 
 __all__ = ["ALL", "BATCH_FUNCTION", "STEP_FUNCTION"]
 
+_INSTANCE_GUARD = """\
+         WHERE id = v_instance
+           AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)
+           AND (p_step->>8 IS NULL OR lease_epoch = (p_step->>8)::bigint);
+"""
+"""The conditions of every form of the step function's ``UPDATE`` of the instance: the row, a status in
+``instance_status_in`` (``[]``: any), and the pass's lease epoch when the step has one."""
+
 STEP_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION asyncflow_step_v1(p_step jsonb) RETURNS bigint[] LANGUAGE plpgsql AS $asyncflow$
 -- One step of asyncflow's engine (asyncflow.records.Step), all or nothing: any failed condition
@@ -52,36 +60,25 @@ BEGIN
         UPDATE workflow_instance
            SET updated_at = v_now,
                version = version + 1
-         WHERE id = v_instance
-           AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)
-           AND (p_step->>8 IS NULL OR lease_epoch = (p_step->>8)::bigint);
-    ELSIF p_step->>3 IS NULL AND NOT (p_step->>2 IN ({RUNNABLE_SQL}) AND (p_step->1 = '[]'::jsonb
-                                        OR NOT p_step->1 <@ '{RUNNABLE_JSON}'::jsonb)) THEN
+{_INSTANCE_GUARD}    ELSIF p_step->>3 IS NULL
+          AND NOT (p_step->>2 IN ({RUNNABLE_SQL})
+                   AND (p_step->1 = '[]'::jsonb OR NOT p_step->1 <@ '{RUNNABLE_JSON}'::jsonb)) THEN
         UPDATE workflow_instance
            SET status = p_step->>2,
                updated_at = v_now,
                version = version + 1
-         WHERE id = v_instance
-           AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)
-           AND (p_step->>8 IS NULL OR lease_epoch = (p_step->>8)::bigint);
-    ELSIF p_step->>2 IS NULL THEN
+{_INSTANCE_GUARD}    ELSIF p_step->>2 IS NULL THEN
         UPDATE workflow_instance
            SET next_run_at = (p_step->>3)::bigint,
                updated_at = v_now,
                version = version + 1
-         WHERE id = v_instance
-           AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)
-           AND (p_step->>8 IS NULL OR lease_epoch = (p_step->>8)::bigint);
-    ELSE
+{_INSTANCE_GUARD}    ELSE
         UPDATE workflow_instance
            SET status = p_step->>2,
                next_run_at = coalesce((p_step->>3)::bigint, next_run_at),
                updated_at = v_now,
                version = version + 1
-         WHERE id = v_instance
-           AND (p_step->1 = '[]'::jsonb OR p_step->1 ? status)
-           AND (p_step->>8 IS NULL OR lease_epoch = (p_step->>8)::bigint);
-    END IF;
+{_INSTANCE_GUARD}    END IF;
     IF NOT FOUND THEN
         IF p_step->>8 IS NOT NULL AND EXISTS (
             SELECT 1 FROM workflow_instance
