@@ -923,7 +923,10 @@ class PassRunner:
         """The writes that go with ``finishing``'s completion: skips, ``first``-join cancels, ``end``."""
         definition = self._definition
         if finishing in definition.lone_feeders and chosen_of(context) is None:
-            # the common case: nothing to skip, no ``first`` join among the successors
+            # the common case: nothing to skip, no ``first`` join among the successors; ``end`` can
+            # join only the write of one of its predecessors
+            if finishing not in self._node_of[END_NODE].pre_nodes:
+                return []
             end_write = self._end_if_ready(finishing, [], *self._states(finishing, context))
             return [] if end_write is None else [(END_NODE, end_write)]
         statuses, contexts = self._states(finishing, context)
