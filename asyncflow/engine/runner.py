@@ -1031,18 +1031,23 @@ class PassRunner:
             instance_status = _INSTANCE_RUNNING
         inserts: list[tuple[str, TaskInsert]] = []
         updates: list[tuple[str, TaskUpdate]] = []
+        new_rows: list[TaskInsert] = []
+        changes: list[TaskUpdate] = []
         for pair in writes:
-            if type(pair[1]) is TaskInsert:  # the engine's own writes: TaskInsert or TaskUpdate
+            node_write = pair[1]
+            if type(node_write) is TaskInsert:  # the engine's own writes: TaskInsert or TaskUpdate
                 inserts.append(pair)  # type: ignore[arg-type]
+                new_rows.append(node_write)
             else:
                 updates.append(pair)  # type: ignore[arg-type]
+                changes.append(node_write)  # type: ignore[arg-type]
         step = new_step(
             self._instance.id,
             RUNNABLE_INSTANCE_STATUSES,  # instance_status_in, Step's default
             instance_status,
             next_run_at,
-            tuple([w for _, w in inserts]),
-            tuple([w for _, w in updates]),
+            tuple(new_rows),
+            tuple(changes),
             cancel,
             self._instance.lease_epoch,
         )

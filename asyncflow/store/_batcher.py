@@ -16,6 +16,7 @@ whole or not at all, as a single statement would).
 from __future__ import annotations
 
 import asyncio
+import operator
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -24,6 +25,9 @@ from .._held import HeldFuture, defer
 __all__ = ["StepBatcher"]
 
 T = TypeVar("T")
+
+_ORDER = operator.itemgetter(0)
+"""A queued entry's ``order`` (a C call, not a lambda: every batch sorts by it)."""
 
 BatchRunner = Callable[[Sequence[T]], Awaitable[Sequence[Any]]]
 """Applies a batch; one outcome per item, in order. An exception outcome is raised in its caller; an
@@ -77,7 +81,7 @@ class StepBatcher(Generic[T]):
                 # each wait for the other)
                 size = min(size, (len(self._queue) + 1) // 2)
             batch, self._queue = self._queue[:size], self._queue[size:]
-            batch.sort(key=lambda entry: entry[0])  # rows locked in one order: no deadlock between batches
+            batch.sort(key=_ORDER)  # rows locked in one order: no deadlock between batches
             self._inflight += 1
             task = asyncio.get_running_loop().create_task(self._run(batch), name="asyncflow-step-batch")
             self._tasks.add(task)
