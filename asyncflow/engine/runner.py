@@ -428,7 +428,10 @@ class PassRunner:
                     else:
                         completed = await self._observed(node, observers)
                 finally:
-                    slots.release()
+                    if slots.waiters:
+                        slots.release()
+                    else:  # nobody waits: the slot is free again, without a call
+                        slots.free += 1
             finally:
                 tasks.pop(current, None)
             if not completed:

@@ -55,6 +55,8 @@ class PostgresBackend:
             )
         self._engine = engine
         self.units = ConnectionUnits(engine, engine.execution_options(isolation_level="AUTOCOMMIT"))
+        # outside ``transaction()`` (raises ``StoreError`` if the repo is closed): every call asks
+        self._direct = self.units.outside_transaction
         self._lanes = PgLanes(engine, lane_limit(engine))
         self._observed = engine.sync_engine
         self._steps: PgStepBatches | None = None
@@ -78,9 +80,6 @@ class PostgresBackend:
                 leases.LeaseBatches(self._lanes, release=True), slots=slots, max_batch=MAX_BATCH
             )
 
-    def _direct(self) -> bool:
-        """Outside ``transaction()`` (raises ``StoreError`` if the repo is closed)."""
-        return self.units.outside_transaction()
 
     @asynccontextmanager
     async def _db(self, wrote: bool) -> AsyncIterator[Any]:
