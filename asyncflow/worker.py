@@ -15,6 +15,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 import anyio.to_thread
@@ -167,7 +168,7 @@ class NormalTaskWorker(BaseTaskWorker):
             raise NotImplementedError(NOT_IMPLEMENTED)
         if self._run_is_async:  # _call() inline (a node's hot path)
             result: object = fn(ctx)
-            if inspect.isawaitable(result):
+            if type(result) is CoroutineType or inspect.isawaitable(result):  # a coroutine: no call
                 await result
             return
         await _call(fn, False, ctx)

@@ -85,6 +85,8 @@ class Lease:
 
     def raise_if_lost(self) -> None:
         """Raise ``LockFailedError`` (the backend error, if any, as ``__cause__``) if the lease was lost."""
+        if self._lost_reason is None and not self._validity_ran_out():  # held: one call (every step asks)
+            return
         if self.lost:
             raise LockFailedError(f"lock {self._key!r} was lost: {self._lost_reason}") from self._lost_cause
 

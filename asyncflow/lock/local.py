@@ -37,7 +37,8 @@ class LocalLease(Lease):
             self._expires_at = self._clock.monotonic() + self._ttl
 
     def _validity_ran_out(self) -> bool:
-        return self._clock.monotonic() >= self._expires_at
+        # renewed continuously (no deadline) unless suspended: then no clock is read
+        return self._expires_at != math.inf and self._clock.monotonic() >= self._expires_at
 
 
 class LocalWorkflowLock(ReentrantLock[LocalLease]):

@@ -80,7 +80,6 @@ class PostgresBackend:
                 leases.LeaseBatches(self._lanes, release=True), slots=slots, max_batch=MAX_BATCH
             )
 
-
     @asynccontextmanager
     async def _db(self, wrote: bool) -> AsyncIterator[Any]:
         """A connection for one statement: the transaction's, or a lane (reported to observers)."""
