@@ -93,6 +93,18 @@ _SERVER_CPU: list[float] = []
 """The server CPU seconds of the last timed part (empty where ``/proc`` shows no ``postgres`` process)."""
 
 
+def _proc_stat(pid: int | str) -> tuple[str, int] | None:
+    """A process's command name and user + system CPU ticks from ``/proc/<pid>/stat`` (``None``: no
+    such process here)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:  # no /proc, another machine's process, or it ended meanwhile
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return stat[stat.index("(") + 1 : stat.rindex(")")], int(fields[11]) + int(fields[12])  # utime, stime
+
+
 def _postgres_cpu_s() -> float | None:
     """User + system seconds of every ``postgres`` process on this machine, or ``None`` (no ``/proc``)."""
     if not os.path.isdir("/proc"):
@@ -101,14 +113,9 @@ def _postgres_cpu_s() -> float | None:
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:  # the process ended meanwhile
-            continue
-        if stat[stat.index("(") + 1 : stat.rindex(")")].startswith("postgres"):
-            fields = stat[stat.rindex(")") + 2 :].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        stat = _proc_stat(pid)
+        if stat is not None and stat[0].startswith("postgres"):
+            ticks += stat[1]
             found = True
     return ticks / os.sysconf("SC_CLK_TCK") if found else None
 

@@ -35,24 +35,20 @@ from asyncflow.store.postgres import sql as pg
 from asyncflow.store.postgres.batches import FAST_BATCH_CALL
 
 from .databases import PgAdmin
-from .hot_path import PG_URL
+from .hot_path import PG_URL, _proc_stat
 
 
 def _process_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    stat = _proc_stat(pid)
+    if stat is None:
+        raise RuntimeError(f"server process {pid} is gone")
+    return stat[1] / os.sysconf("SC_CLK_TCK")
 
 
 def _is_local_backend(pid: int) -> bool:
     """``pid`` is a PostgreSQL process of this machine (a server elsewhere, or in a container, is not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.index("(") + 1 : stat.rindex(")")].startswith("postgres")
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0].startswith("postgres")
 
 
 def _linear3_steps(instance_id: int, epoch: int) -> list[Step]:

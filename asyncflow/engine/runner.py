@@ -428,10 +428,7 @@ class PassRunner:
                     else:
                         completed = await self._observed(node, observers)
                 finally:
-                    if slots.waiters:
-                        slots.release()
-                    else:  # nobody waits: the slot is free again, without a call
-                        slots.free += 1
+                    slots.release()
             finally:
                 tasks.pop(current, None)
             if not completed:
@@ -1034,23 +1031,18 @@ class PassRunner:
             instance_status = _INSTANCE_RUNNING
         inserts: list[tuple[str, TaskInsert]] = []
         updates: list[tuple[str, TaskUpdate]] = []
-        new_rows: list[TaskInsert] = []
-        changes: list[TaskUpdate] = []
         for pair in writes:
-            node_write = pair[1]
-            if type(node_write) is TaskInsert:  # the engine's own writes: TaskInsert or TaskUpdate
+            if type(pair[1]) is TaskInsert:  # the engine's own writes: TaskInsert or TaskUpdate
                 inserts.append(pair)  # type: ignore[arg-type]
-                new_rows.append(node_write)
             else:
                 updates.append(pair)  # type: ignore[arg-type]
-                changes.append(node_write)  # type: ignore[arg-type]
         step = new_step(
             self._instance.id,
             RUNNABLE_INSTANCE_STATUSES,  # instance_status_in, Step's default
             instance_status,
             next_run_at,
-            tuple(new_rows),
-            tuple(changes),
+            tuple([w for _, w in inserts]),
+            tuple([w for _, w in updates]),
             cancel,
             self._instance.lease_epoch,
         )

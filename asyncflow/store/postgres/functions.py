@@ -20,7 +20,7 @@ import json
 from ...status import RUNNABLE_INSTANCE_STATUSES
 from .._sql import RUNNABLE_SQL, TERMINAL_SQL
 
-RUNNABLE_JSON = json.dumps(list(RUNNABLE_INSTANCE_STATUSES))
+_RUNNABLE_JSON = json.dumps(list(RUNNABLE_INSTANCE_STATUSES))
 """The runnable instance statuses as a JSON array (the step function's containment test)."""
 
 __all__ = ["ALL", "BATCH_FUNCTION", "STEP_FUNCTION"]
@@ -62,7 +62,7 @@ BEGIN
                version = version + 1
 {_INSTANCE_GUARD}    ELSIF p_step->>3 IS NULL
           AND NOT (p_step->>2 IN ({RUNNABLE_SQL})
-                   AND (p_step->1 = '[]'::jsonb OR NOT p_step->1 <@ '{RUNNABLE_JSON}'::jsonb)) THEN
+                   AND (p_step->1 = '[]'::jsonb OR NOT p_step->1 <@ '{_RUNNABLE_JSON}'::jsonb)) THEN
         UPDATE workflow_instance
            SET status = p_step->>2,
                updated_at = v_now,
