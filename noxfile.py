@@ -49,11 +49,36 @@ def lowest(session: nox.Session) -> None:
     arguments after ``--``."""
     session.install("-c", ".ci/lowest.txt", ".[test]")
     session.run("python", "-c", LOWEST_CHECK)  # the venv really holds the pinned versions
-    env = {
+    session.run("python", "-m", "pytest", *(session.posargs or _subset_args()), env=_test_env())
+
+
+NEWEST_PYTHONS = os.environ.get("ASYNCFLOW_NEWEST_PYTHON") or ["3.13", "3.12"]
+"""Newer interpreters than the machine's own 3.11, or the one ``ASYNCFLOW_NEWEST_PYTHON`` names (a
+path: `.ci/run` passes the newest it finds, the session is then plain ``newest``).
+asyncio changed under the package between them: since 3.12 ``gather`` of done tasks returns without
+yielding to the loop (a loop that waited for a done callback spun forever), and since 3.13 a
+``sqlite3`` connection that is never closed warns when it is collected."""
+
+
+@nox.session(python=NEWEST_PYTHONS)
+def newest(session: nox.Session) -> None:
+    """The lowest-versions run's tests (the unit tests and each backend's own integration tests) on a
+    newer Python, with the current dependency versions. Pass pytest arguments after ``--``."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *(session.posargs or _subset_args()), env=_test_env())
+
+
+def _test_env() -> dict[str, str]:
+    return {
         "ASYNCFLOW_TEST_POSTGRES_URL": os.environ.get("ASYNCFLOW_TEST_POSTGRES_URL", PG_URL),
         "ASYNCFLOW_TEST_REDIS_URL": os.environ.get("ASYNCFLOW_TEST_REDIS_URL", REDIS_URL),
     }
-    args = session.posargs or [
+
+
+def _subset_args() -> list[str]:
+    """pytest's arguments for ``lowest`` and ``newest``: the unit tests and
+    :data:`LOWEST_INTEGRATION_GLOBS`."""
+    return [
         "-x",
         "-q",
         "-p",
@@ -70,7 +95,6 @@ def lowest(session: nox.Session) -> None:
         "-k",
         "not memory or in_memory",
     ]
-    session.run("python", "-m", "pytest", *args, env=env)
 
 
 XDIST = ("-n", "3", "--dist", "loadfile")

@@ -113,6 +113,15 @@ class StepBatcher(Generic[T]):
             self._kick(asyncio.get_running_loop())
 
     async def aclose(self) -> None:
-        """Wait for the batches in flight."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Wait for the batches in flight, and for those their ends start (items queued meanwhile).
+
+        A batch's task leaves ``_tasks`` by a done callback, which the event loop runs later. Since
+        Python 3.12, ``gather`` of tasks that are all done returns without yielding to the loop, so
+        waiting until that callback empties the set would spin forever: the done tasks go here."""
+        while self._tasks or self._scheduled:
+            if not self._tasks:  # a batch ended and queued the next start: let it run
+                await asyncio.sleep(0)
+                continue
+            tasks = tuple(self._tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._tasks.difference_update(tasks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import shutil
 import sqlite3
@@ -14,7 +15,7 @@ FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def _versions(path: pathlib.Path) -> list[int]:
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:
         return [row[0] for row in db.execute("SELECT version FROM asyncflow_schema ORDER BY version")]
 
 

@@ -4,6 +4,7 @@ then run to completion (fixtures made by ``tests/fixtures/make_v010_db.py`` from
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import shutil
 import sqlite3
@@ -90,7 +91,8 @@ async def _upgrade_and_finish(repo: af.SQLAlchemyWorkflowRepo) -> None:
 async def test_a_sqlite_database_of_v010_upgrades_and_its_instances_finish(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "v010.sqlite"
     shutil.copy(FIXTURES / "v010.sqlite", path)
-    with sqlite3.connect(path) as db:  # the fixture is what 0.1.0 wrote: version 1, no newer objects
+    # the fixture is what 0.1.0 wrote: version 1, no newer objects
+    with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT version FROM asyncflow_schema").fetchall() == [(1,)]
     async with af.SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{path}") as repo:
         await _upgrade_and_finish(repo)
@@ -143,7 +145,7 @@ async def test_concurrent_migrators_in_processes_on_a_v010_sqlite_file(tmp_path:
     path = tmp_path / "v010.sqlite"
     shutil.copy(FIXTURES / "v010.sqlite", path)
     await _migrate_in_processes(3, f"sqlite+aiosqlite:///{path}")
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:
         versions = [row[0] for row in db.execute("SELECT version FROM asyncflow_schema ORDER BY version")]
         count = db.execute("SELECT count(*) FROM workflow_instance").fetchone()[0]
     assert versions == list(range(1, af.SCHEMA_VERSION + 1))

@@ -184,3 +184,31 @@ async def test_a_held_caller_of_a_cut_batch_is_cancelled() -> None:
         batch.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(call, 1)
+
+
+@pytest.mark.timeout(20)
+async def test_aclose_right_after_the_last_outcome_returns() -> None:
+    """The caller resumes before the finished batch's task leaves the batcher (a done callback, run
+    later by the loop): ``aclose`` then must not wait for that callback (since Python 3.12, ``gather``
+    of done tasks returns without yielding to the loop, and the old loop spun forever)."""
+    batcher: StepBatcher[Any] = StepBatcher(Runner(), slots=1, max_batch=8)
+    assert await batcher.submit(1, 1) == 10
+    assert batcher._tasks  # the batch's task is done, and still there
+    await asyncio.wait_for(batcher.aclose(), 5)
+    assert not batcher._tasks
+
+
+@pytest.mark.timeout(20)
+async def test_aclose_waits_for_the_batch_a_finishing_batch_starts() -> None:
+    gate = asyncio.Event()
+    runner = Runner(gate=gate)
+    batcher: StepBatcher[Any] = StepBatcher(runner, slots=1, max_batch=1)
+    first = asyncio.create_task(batcher.submit(1, 1))
+    second = asyncio.create_task(batcher.submit(2, 2))  # queued: the only slot is taken
+    await asyncio.sleep(0.01)
+    closing = asyncio.create_task(batcher.aclose())
+    gate.set()
+    await closing
+    assert second.done() and second.result() == 20
+    assert first.result() == 10
+    assert runner.batches == [[1], [2]]
