@@ -56,16 +56,30 @@ NEWEST_PYTHONS = os.environ.get("ASYNCFLOW_NEWEST_PYTHON") or ["3.13", "3.12"]
 """Newer interpreters than the machine's own 3.11, or the one ``ASYNCFLOW_NEWEST_PYTHON`` names (a
 path: `.ci/run` passes the newest it finds, the session is then plain ``newest``).
 asyncio changed under the package between them: since 3.12 ``gather`` of done tasks returns without
-yielding to the loop (a loop that waited for a done callback spun forever), and since 3.13 a
-``sqlite3`` connection that is never closed warns when it is collected."""
+yielding to the loop (a loop that waited for a done callback spun forever), an application can make
+tasks start eagerly (a task that ran to its end inside ``create_task`` left stale state behind), and
+since 3.13 a ``sqlite3`` connection that is never closed warns when it is collected."""
+
+
+NEWEST_ENGINE_TESTS = (
+    "tests/integration/test_engine_pass.py",
+    "tests/integration/test_engine_ops.py",
+    "tests/integration/test_engine_branches.py",
+    "tests/integration/test_engine_tasks.py",
+)
+"""The engine's own tests, which ``newest`` adds: under eager tasks the order in which a pass's
+branches start is theirs to check."""
 
 
 @nox.session(python=NEWEST_PYTHONS)
 def newest(session: nox.Session) -> None:
-    """The lowest-versions run's tests (the unit tests and each backend's own integration tests) on a
-    newer Python, with the current dependency versions. Pass pytest arguments after ``--``."""
+    """The lowest-versions run's tests (the unit tests and each backend's own integration tests) and
+    the engine's (:data:`NEWEST_ENGINE_TESTS`) on a newer Python, with the current dependency versions
+    and every event loop starting its tasks eagerly (``asyncio.eager_task_factory``, as an application
+    may set it: ``ASYNCFLOW_TEST_EAGER_TASKS=1``). Pass pytest arguments after ``--``."""
     session.install("-e", ".[test]")
-    session.run("python", "-m", "pytest", *(session.posargs or _subset_args()), env=_test_env())
+    args = session.posargs or [*_subset_args(), *NEWEST_ENGINE_TESTS]
+    session.run("python", "-m", "pytest", *args, env={**_test_env(), "ASYNCFLOW_TEST_EAGER_TASKS": "1"})
 
 
 def _test_env() -> dict[str, str]:

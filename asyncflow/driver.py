@@ -374,7 +374,9 @@ class WorkflowDriver:
         # a fresh context: a pass must not inherit the caller's lock holds (re-entrant by context)
         self._rechecks.pop(instance_id, None)
         coro = self._pass(instance_id, lease_until, attempt)
-        self._inflight[instance_id] = tg.create_task(coro, name=name, context=contextvars.Context())
+        task = tg.create_task(coro, name=name, context=contextvars.Context())
+        if not task.done():  # an eager task factory may have run the whole pass (its end left _inflight)
+            self._inflight[instance_id] = task
 
     def _spawn_rechecks(self, tg: asyncio.TaskGroup) -> None:
         if not self._rechecks:

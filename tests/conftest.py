@@ -3,12 +3,18 @@
 PostgreSQL and Redis tests read ``ASYNCFLOW_TEST_POSTGRES_URL`` (a ``postgresql+asyncpg://`` URL) and
 ``ASYNCFLOW_TEST_REDIS_URL``. ``.ci/run`` always sets both, so in CI those tests never skip; on a
 developer machine without them they are skipped with the reason shown.
+
+``ASYNCFLOW_TEST_EAGER_TASKS=1`` (Python 3.12+; ``nox -s newest`` sets it) runs every test's event
+loop with ``asyncio.eager_task_factory``, as an application may: a new task then runs at once, up to
+its first real wait.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +23,24 @@ import pytest
 
 POSTGRES_URL_ENV = "ASYNCFLOW_TEST_POSTGRES_URL"
 REDIS_URL_ENV = "ASYNCFLOW_TEST_REDIS_URL"
+EAGER_TASKS_ENV = "ASYNCFLOW_TEST_EAGER_TASKS"
+
+
+class _EagerTasksPolicy(asyncio.DefaultEventLoopPolicy):
+    """New event loops start their tasks eagerly (Python 3.12+)."""
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop = super().new_event_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+        return loop
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Eager tasks in every event loop of the test process when ``ASYNCFLOW_TEST_EAGER_TASKS=1``."""
+    if os.environ.get(EAGER_TASKS_ENV) == "1":
+        if sys.version_info < (3, 12):
+            raise pytest.UsageError(f"{EAGER_TASKS_ENV}=1 needs Python 3.12 or newer")
+        asyncio.set_event_loop_policy(_EagerTasksPolicy())
 
 
 @pytest.fixture

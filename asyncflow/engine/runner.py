@@ -181,6 +181,17 @@ class _Slots:
         self.free += 1
 
 
+async def _started_later(drive: Coroutine[Any, Any, None]) -> None:
+    """``drive``, from the next loop turn on (whatever the task factory does); closed unstarted when
+    the task is cancelled before that turn."""
+    try:
+        await asyncio.sleep(0)
+    except BaseException:
+        drive.close()
+        raise
+    await drive
+
+
 class _PassStopped(Exception):
     """A step did not apply: the instance changed under the pass. Stop quietly."""
 
@@ -403,7 +414,14 @@ class PassRunner:
                 raise
 
     def _spawn(self, tg: asyncio.TaskGroup, task_type: str) -> None:
-        tg.create_task(self._drive(tg, task_type), name=f"asyncflow-{self._instance.id}-{task_type}")
+        drive = self._drive(tg, task_type)
+        if asyncio.get_running_loop().get_task_factory() is not None:
+            # the application's task factory (asyncio.eager_task_factory, Python 3.12+) may run a
+            # task at once, before the node that spawned it goes on: node tasks still start one loop
+            # turn later, as asyncio's own do (branches start in config order, a ``first`` join drops
+            # the siblings not started yet, a failing branch stops the others before they start)
+            drive = _started_later(drive)
+        tg.create_task(drive, name=f"asyncflow-{self._instance.id}-{task_type}")
 
     async def _drive(self, tg: asyncio.TaskGroup, task_type: str) -> None:
         """Process a node, then keep going inline with one newly ready successor (spawn the others)."""

@@ -142,7 +142,9 @@ class Renewer(Generic[L]):
         if not any(self._is_due(lease, time.monotonic()) for lease in self._leases):
             self._schedule(min(lease._due for lease in self._leases))
             return
-        self._round = asyncio.get_running_loop().create_task(self._run_round(), name=self._name)
+        task = asyncio.get_running_loop().create_task(self._run_round(), name=self._name)
+        if not task.done():  # an eager task factory may have run the whole round (its end cleared _round)
+            self._round = task
 
     @staticmethod
     def _is_due(lease: RenewableLease, now: float) -> bool:

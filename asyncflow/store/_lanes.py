@@ -90,7 +90,9 @@ class IdleRelease:
         if remaining > 0:
             self._timer = loop.call_later(remaining, self._fire)
             return
-        self._task = loop.create_task(self._run(), name="asyncflow-release-idle-connections")
+        task = loop.create_task(self._run(), name="asyncflow-release-idle-connections")
+        if not task.done():  # an eager task factory may have run it to its end (which cleared _task)
+            self._task = task
 
     async def _run(self) -> None:
         try:
