@@ -66,9 +66,10 @@ NEWEST_ENGINE_TESTS = (
     "tests/integration/test_engine_ops.py",
     "tests/integration/test_engine_branches.py",
     "tests/integration/test_engine_tasks.py",
+    "tests/reliability/test_cancellation.py",
 )
 """The engine's own tests, which ``newest`` adds: under eager tasks the order in which a pass's
-branches start is theirs to check."""
+branches start, and a cancellation at each of a pass's awaits, are theirs to check."""
 
 
 @nox.session(python=NEWEST_PYTHONS)

@@ -141,7 +141,9 @@ async def run_cancelled_at(
         retry=FAST_RETRY,
     )
     for _ in range(20):  # the mixed workflow needs 2 passes
-        task = asyncio.create_task(svc.run_workflow(instance_id))
+        # started on the next loop turn whatever the task factory (eager tasks would run before
+        # the injector knows whom to cancel)
+        task = asyncio.Task(svc.run_workflow(instance_id))
         injector.target = task
         try:
             status = (await task).status
