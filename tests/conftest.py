@@ -26,21 +26,21 @@ REDIS_URL_ENV = "ASYNCFLOW_TEST_REDIS_URL"
 EAGER_TASKS_ENV = "ASYNCFLOW_TEST_EAGER_TASKS"
 
 
-class _EagerTasksPolicy(asyncio.DefaultEventLoopPolicy):
-    """New event loops start their tasks eagerly (Python 3.12+)."""
-
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        loop = super().new_event_loop()
-        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
-        return loop
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """Eager tasks in every event loop of the test process when ``ASYNCFLOW_TEST_EAGER_TASKS=1``."""
     if os.environ.get(EAGER_TASKS_ENV) == "1":
         if sys.version_info < (3, 12):
             raise pytest.UsageError(f"{EAGER_TASKS_ENV}=1 needs Python 3.12 or newer")
-        asyncio.set_event_loop_policy(_EagerTasksPolicy())
+
+        class EagerTasksPolicy(asyncio.DefaultEventLoopPolicy):
+            """New event loops start their tasks eagerly."""
+
+            def new_event_loop(self) -> asyncio.AbstractEventLoop:
+                loop = super().new_event_loop()
+                loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+                return loop
+
+        asyncio.set_event_loop_policy(EagerTasksPolicy())
 
 
 @pytest.fixture

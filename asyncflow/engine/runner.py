@@ -421,7 +421,11 @@ class PassRunner:
             # turn later, as asyncio's own do (branches start in config order, a ``first`` join drops
             # the siblings not started yet, a failing branch stops the others before they start)
             drive = _started_later(drive)
-        tg.create_task(drive, name=f"asyncflow-{self._instance.id}-{task_type}")
+        try:
+            tg.create_task(drive, name=f"asyncflow-{self._instance.id}-{task_type}")
+        except BaseException:  # refused (the group is ending): closed unstarted, a wrapped one too
+            drive.close()
+            raise
 
     async def _drive(self, tg: asyncio.TaskGroup, task_type: str) -> None:
         """Process a node, then keep going inline with one newly ready successor (spawn the others)."""
