@@ -218,7 +218,7 @@ async def trigger_cost(args: argparse.Namespace, rounds: int = 6, per_round: int
                 if on:
                     await conns[0].execute(_install_sql())
                 else:
-                    await conns[0].execute("DROP TRIGGER IF EXISTS asyncflow_due_notify ON workflow_instance")
+                    await conns[0].execute(_DROP_SQL)
                 ids: list[int] = []
                 for kind in ("insert", "update_later", "update_due"):
                     now_ms = int(time.time() * 1000)
@@ -253,12 +253,21 @@ async def _send(conn: Any, kind: str, part: range, ids: list[int], now_ms: int) 
             await conn.execute(_UPDATE, ids[i], now_ms + 60_000 if kind == "update_later" else now_ms - 1)
 
 
-def _install_sql() -> str:
-    from asyncflow.store.postgres.notify import _FUNCTION_SQL, _TRIGGER_SQL
+_DROP_SQL = (
+    "DROP TRIGGER IF EXISTS asyncflow_due_notify ON workflow_instance;"
+    "DROP TRIGGER IF EXISTS asyncflow_due_notify_insert ON workflow_instance"
+)
 
-    return (
-        f"{_FUNCTION_SQL};\nDROP TRIGGER IF EXISTS asyncflow_due_notify ON workflow_instance;\n{_TRIGGER_SQL}"
+
+def _install_sql() -> str:
+    from asyncflow.store.postgres.notify import (
+        _FUNCTION_SQL,
+        _INSERT_FUNCTION_SQL,
+        _INSERT_TRIGGER_SQL,
+        _TRIGGER_SQL,
     )
+
+    return f"{_FUNCTION_SQL};\n{_INSERT_FUNCTION_SQL};\n{_DROP_SQL};\n{_TRIGGER_SQL};\n{_INSERT_TRIGGER_SQL}"
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

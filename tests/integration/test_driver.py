@@ -782,6 +782,7 @@ async def test_notify_wakes_the_driver_when_another_process_makes_work_due(postg
     assert sorted(t[0] for t in triggers) == [
         "asyncflow_delete_tasks",  # migration 11: deletes the node rows of deleted instances
         "asyncflow_due_notify",
+        "asyncflow_due_notify_insert",
         "asyncflow_finished_notify",
     ]
     assert runs.of("C") == 3

@@ -1,12 +1,15 @@
 """PostgreSQL wake-ups for drivers (``repo.listen_due()``): a trigger that NOTIFYs when an instance
 becomes due, and a LISTEN.
 
-``install_notify_trigger(conn)`` installs (idempotently) a row trigger on ``workflow_instance`` that
-calls ``pg_notify('asyncflow_due', <schema>)`` after an INSERT, or an UPDATE that sets ``next_run_at``,
-leaves an ``init``/``running`` row due now by the database's clock. The driver's own claims and the
-passes' "look again later" writes put ``next_run_at`` in the future, so they do not notify; creates,
-events and restarts do. The payload is the table's schema, so drivers on other schemas of the same
-database ignore it.
+``install_notify_trigger(conn)`` installs (idempotently) two triggers on ``workflow_instance`` that
+call ``pg_notify('asyncflow_due', <schema>)`` when a write leaves an ``init``/``running`` row due now by
+the database's clock: a row trigger after an UPDATE that sets ``next_run_at``, and a statement trigger
+after an INSERT, which looks at the inserted rows (a transition table) once per statement, so that a
+batch of creates calls its function once, not once per row. The driver's own claims and the passes'
+"look again later" writes put ``next_run_at`` in the future, so they do not notify; creates, events
+and restarts do. The payload is the table's schema, so drivers on other schemas of the same database
+ignore it. A database where an older asyncflow installed one row trigger for both (``AFTER INSERT OR
+UPDATE``) gets the two in its place at the next install.
 
 PostgreSQL commits notifying transactions one at a time (each holds a database-wide lock through its
 WAL flush), which would cap creates and events near one per fsync. So the trigger only notifies when
@@ -38,7 +41,9 @@ logger = logging.getLogger("asyncflow.driver")
 CHANNEL = "asyncflow_due"
 """The NOTIFY channel (channels are per database; the payload names the schema)."""
 
-_TRIGGER = "asyncflow_due_notify"
+_TRIGGER = "asyncflow_due_notify"  # the row trigger (UPDATE OF next_run_at)
+_INSERT_TRIGGER = "asyncflow_due_notify_insert"  # the statement trigger (INSERT)
+_TG_INSERT = 4  # pg_trigger.tgtype's INSERT bit (TRIGGER_TYPE_INSERT)
 _INSTALL_LOCK_KEY = 0x61737964  # "asyd": serializes concurrent installs (advisory, per transaction)
 _NOTIFY_LOCK_CLASS = 0x6173796E  # "asyn": with the schema's hash, "a wake-up is on its way"
 _RETRY_MIN = 1.0
@@ -58,30 +63,64 @@ $asyncflow$
 
 _TRIGGER_SQL = f"""
 CREATE TRIGGER {_TRIGGER}
-AFTER INSERT OR UPDATE OF next_run_at ON workflow_instance
+AFTER UPDATE OF next_run_at ON workflow_instance
 FOR EACH ROW
 WHEN (NEW.status IN ({RUNNABLE_SQL})
       AND NEW.next_run_at <= extract(epoch FROM clock_timestamp()) * 1000)
 EXECUTE FUNCTION asyncflow_notify_due()
 """
 
-_TRIGGER_EXISTS_SQL = text(
-    f"SELECT 1 FROM pg_trigger WHERE tgrelid = 'workflow_instance'::regclass AND tgname = '{_TRIGGER}'"
+# the inserted rows are looked at once per statement: a create batch's 16 rows cost one call of the
+# function instead of 16 (about 3 of the row trigger's 4 us of server CPU per created instance)
+_INSERT_FUNCTION_SQL = f"""
+CREATE OR REPLACE FUNCTION asyncflow_notify_due_inserted() RETURNS trigger LANGUAGE plpgsql AS $asyncflow$
+BEGIN
+    IF EXISTS (SELECT FROM asyncflow_inserted
+               WHERE status IN ({RUNNABLE_SQL})
+                 AND next_run_at <= extract(epoch FROM clock_timestamp()) * 1000)
+       AND pg_try_advisory_xact_lock({_NOTIFY_LOCK_CLASS}, hashtext(TG_TABLE_SCHEMA)) THEN
+        PERFORM pg_notify('{CHANNEL}', TG_TABLE_SCHEMA);
+    END IF;
+    RETURN NULL;
+END
+$asyncflow$
+"""
+
+_INSERT_TRIGGER_SQL = f"""
+CREATE TRIGGER {_INSERT_TRIGGER}
+AFTER INSERT ON workflow_instance
+REFERENCING NEW TABLE AS asyncflow_inserted
+FOR EACH STATEMENT
+EXECUTE FUNCTION asyncflow_notify_due_inserted()
+"""
+
+_TRIGGERS_SQL = text(
+    "SELECT tgname, tgtype FROM pg_trigger WHERE tgrelid = 'workflow_instance'::regclass "
+    f"AND tgname IN ('{_TRIGGER}', '{_INSERT_TRIGGER}')"
 )
 
 
 async def install_notify_trigger(conn: AsyncConnection) -> None:
-    """Install the NOTIFY trigger on ``workflow_instance`` (PostgreSQL only; a no-op elsewhere).
+    """Install the NOTIFY triggers on ``workflow_instance`` (PostgreSQL only; a no-op elsewhere).
 
-    Idempotent and safe to run from several processes at once. Run it in a transaction, after the
-    tables exist, on a connection whose ``search_path`` finds them.
+    Replaces an older asyncflow's single row trigger. Idempotent and safe to run from several
+    processes at once. Run it in a transaction, after the tables exist, on a connection whose
+    ``search_path`` finds them.
     """
     if conn.dialect.name != "postgresql":
         return
     await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _INSTALL_LOCK_KEY})
     await conn.exec_driver_sql(_FUNCTION_SQL)
-    if (await conn.execute(_TRIGGER_EXISTS_SQL)).first() is None:
+    await conn.exec_driver_sql(_INSERT_FUNCTION_SQL)
+    installed: dict[str, int] = {row[0]: row[1] for row in await conn.execute(_TRIGGERS_SQL)}
+    row_trigger = installed.get(_TRIGGER)
+    if row_trigger is not None and row_trigger & _TG_INSERT:  # an older asyncflow's, INSERT OR UPDATE
+        await conn.exec_driver_sql(f"DROP TRIGGER {_TRIGGER} ON workflow_instance")
+        row_trigger = None
+    if row_trigger is None:
         await conn.exec_driver_sql(_TRIGGER_SQL)
+    if _INSERT_TRIGGER not in installed:
+        await conn.exec_driver_sql(_INSERT_TRIGGER_SQL)
 
 
 class DueNotifier:
