@@ -5,6 +5,7 @@ share ``--pool`` connections, so it runs beside other users of a small server) a
 
     python -m benchmarks.hot_path --backend postgres,sqlite --rows floor,direct,driver -n 2000 -c 32
     python -m benchmarks.hot_path --backend postgres --rows direct --profile 25
+    python -m benchmarks.hot_path --rows direct --profile 40 --profile-sort ncalls --profile-callers get_debug
 
 Each ``--repeat`` round runs every row once (rows interleaved); it prints each run, then per row the
 median wf/s with [min-max], the median CPU ms per workflow, and ``median / floor median``. On Linux
@@ -228,7 +229,10 @@ async def main(args: argparse.Namespace) -> None:
             )
             if profile is not None:
                 out = io.StringIO()
-                pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.profile)
+                stats = pstats.Stats(profile, stream=out).sort_stats(args.profile_sort)
+                stats.print_stats(args.profile)
+                if args.profile_callers:
+                    stats.print_callers(args.profile_callers)
                 print(out.getvalue())
     summary: dict[str, dict[str, Any]] = {}
     for (backend, row), runs in results.items():
@@ -271,6 +275,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--pg-url", default=PG_URL)
     parser.add_argument("--profile", type=int, default=0, help="print the top N cProfile entries per run")
+    parser.add_argument(
+        "--profile-sort", default="tottime", help="the order of those entries (pstats: tottime, ncalls, ...)"
+    )
+    parser.add_argument(
+        "--profile-callers", default="", help="also print who called the functions this regex matches"
+    )
     parser.add_argument("--json")
     return parser.parse_args(argv)
 
