@@ -276,7 +276,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pg-url", default=PG_URL)
     parser.add_argument("--profile", type=int, default=0, help="print the top N cProfile entries per run")
     parser.add_argument(
-        "--profile-sort", default="tottime", help="the order of those entries (pstats: tottime, ncalls, ...)"
+        "--profile-sort",
+        default="tottime",
+        choices=("tottime", "cumulative", "ncalls", "pcalls", "filename", "name"),
+        help="the order of those entries",
     )
     parser.add_argument(
         "--profile-callers", default="", help="also print who called the functions this regex matches"

@@ -5,12 +5,21 @@ trigger is replaced."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from asyncflow.store.postgres.notify import CHANNEL, install_notify_trigger
+from asyncflow.errors import DuplicateWorkflowError
+from asyncflow.records import NewWorkflowInstance
+from asyncflow.store.postgres.notify import (
+    CHANNEL,
+    DDL_LOCK_TIMEOUT_MS,
+    DDLLockTimeout,
+    install_notify_trigger,
+)
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from tests.conftest import isolated_pg_engine
 
@@ -51,6 +60,8 @@ async def _triggers(raw: Any) -> dict[str, tuple[int, str]]:
 async def _function_calls(raw: Any, statement: str, *args: Any) -> dict[str, int]:
     """Run ``statement`` in a transaction that counts PL/pgSQL calls; the calls of the triggers' two
     functions (rolled back: the rows are not kept)."""
+    if not await raw.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        pytest.skip("counting PL/pgSQL calls (track_functions) needs a superuser connection")
     tx = raw.transaction()
     await tx.start()
     try:
@@ -144,3 +155,115 @@ async def test_an_older_install_s_row_trigger_on_inserts_is_replaced(postgres_ur
             await raw.execute(_INSERT, "init", 2**62, 2)  # kept: delayed rows
             calls = await _function_calls(raw, "UPDATE workflow_instance SET next_run_at = 0")
             assert calls == {"asyncflow_notify_due": 2}  # made due: the row trigger, per row
+
+
+async def _heard_from(heard: _Heard, write: Any, expected: int) -> None:
+    """``write()`` (another connection's statement) gives ``expected`` notifications, and no more."""
+    before = heard.count
+    await write()
+    deadline = time.monotonic() + 5
+    while heard.count - before < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # one that should not come would have come by now
+    assert heard.count - before == expected
+
+
+async def test_every_kind_of_create_of_the_repo_notifies_when_due(postgres_url: str) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        await repo.create_schema()
+        await _install(engine)
+        async with engine.connect() as conn:
+            raw: Any = (await conn.get_raw_connection()).driver_connection
+            heard = _Heard(await raw.fetchval("SELECT current_schema()"))
+            await raw.add_listener(CHANNEL, heard)
+            try:
+
+                def new(business_id: str, **fields: Any) -> NewWorkflowInstance:
+                    return NewWorkflowInstance(
+                        workflow_type="w", business_id=business_id, workflow_context={}, **fields
+                    )
+
+                parent = await repo.create_workflow_instance(new("parent", next_run_at=2**62))
+                await _heard_from(heard, lambda: repo.create_workflow_instance(new("one")), 1)
+                await _heard_from(
+                    heard, lambda: repo.create_workflow_instances([new(f"b{i}") for i in range(5)]), 1
+                )
+                await _heard_from(heard, lambda: repo.create_workflow_instance(new("u", unique="active")), 1)
+                await _heard_from(
+                    heard,
+                    lambda: repo.create_workflow_instances([new(f"u{i}", unique="always") for i in range(3)]),
+                    1,
+                )
+                with pytest.raises(DuplicateWorkflowError):
+                    await repo.create_workflow_instance(new("u", unique="active"))
+                await _heard_from(
+                    heard, lambda: repo.create_workflow_instance(new("later", next_run_at=2**62)), 0
+                )
+
+                def child() -> Any:
+                    return repo.create_child_instance(
+                        new("c"), parent_id=parent.id, parent_node="n", child_key="k"
+                    )
+
+                await _heard_from(heard, child, 1)
+                await _heard_from(heard, child, 0)  # the same key: nothing inserted
+            finally:
+                await raw.remove_listener(CHANNEL, heard)
+        await repo.aclose()
+
+
+async def _set_older_trigger(raw: Any) -> None:
+    async with raw.transaction():
+        await raw.execute("DROP TRIGGER IF EXISTS asyncflow_due_notify ON workflow_instance")
+        await raw.execute("DROP TRIGGER IF EXISTS asyncflow_due_notify_insert ON workflow_instance")
+        await raw.execute(_OLD_TRIGGER)
+
+
+async def test_an_install_that_cannot_lock_the_table_keeps_the_older_trigger_and_waits_no_longer(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        await repo.create_schema()
+        await repo.create_workflow_instance(
+            NewWorkflowInstance(workflow_type="w", business_id="b", workflow_context={})
+        )
+        await repo.aclose()
+        await _install(engine)  # the functions exist, as an older asyncflow's install left them
+        async with engine.connect() as conn, engine.connect() as blocker_conn:
+            raw: Any = (await conn.get_raw_connection()).driver_connection
+            blocker: Any = (await blocker_conn.get_raw_connection()).driver_connection
+            await _set_older_trigger(raw)
+            writing = blocker.transaction()  # a transaction that wrote to the table and stays open
+            await writing.start()
+            await blocker.execute("UPDATE workflow_instance SET updated_at = updated_at + 1")
+            try:
+                started = time.monotonic()
+                with caplog.at_level(logging.WARNING, logger="asyncflow.driver"):
+                    await _install(engine)
+                waited = time.monotonic() - started
+                assert DDL_LOCK_TIMEOUT_MS / 1000 <= waited < DDL_LOCK_TIMEOUT_MS / 1000 + 5
+                assert "kept the older asyncflow_due_notify trigger" in caplog.text
+                triggers = await _triggers(raw)
+                assert sorted(triggers) == ["asyncflow_due_notify"]  # the older one, still notifying
+                assert "AFTER INSERT OR UPDATE OF next_run_at" in triggers["asyncflow_due_notify"][1]
+            finally:
+                await writing.rollback()
+            # with no trigger at all the install fails (the driver logs it and polls)
+            await raw.execute("DROP TRIGGER asyncflow_due_notify ON workflow_instance")
+            await blocker.execute("BEGIN")
+            await blocker.execute("UPDATE workflow_instance SET updated_at = updated_at + 1")
+            try:
+                with pytest.raises(DDLLockTimeout, match="were not installed"):
+                    await _install(engine)
+            finally:
+                await blocker.execute("ROLLBACK")
+            assert await _triggers(raw) == {}
+            await _set_older_trigger(raw)
+        await _install(engine)  # nothing holds the table now: replaced
+        async with engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            triggers = await _triggers(raw)
+            assert sorted(triggers) == ["asyncflow_due_notify", "asyncflow_due_notify_insert"]
+            assert "AFTER UPDATE OF next_run_at" in triggers["asyncflow_due_notify"][1]

@@ -30,11 +30,14 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ...errors import StoreError
+from .._errors import sqlstate
 from .._sql import RUNNABLE_SQL
 
-__all__ = ["CHANNEL", "DueNotifier", "install_notify_trigger"]
+__all__ = ["CHANNEL", "DDL_LOCK_TIMEOUT_MS", "DDLLockTimeout", "DueNotifier", "install_notify_trigger"]
 
 logger = logging.getLogger("asyncflow.driver")
 
@@ -44,6 +47,16 @@ CHANNEL = "asyncflow_due"
 _TRIGGER = "asyncflow_due_notify"  # the row trigger (UPDATE OF next_run_at)
 _INSERT_TRIGGER = "asyncflow_due_notify_insert"  # the statement trigger (INSERT)
 _TG_INSERT = 4  # pg_trigger.tgtype's INSERT bit (TRIGGER_TYPE_INSERT)
+_LOCK_NOT_AVAILABLE = "55P03"
+
+DDL_LOCK_TIMEOUT_MS = 2000
+"""How long an install waits for the table lock that creating a trigger takes (ms)."""
+
+
+class DDLLockTimeout(StoreError):
+    """The triggers could not be installed: the table stayed locked (see :func:`install_notify_trigger`)."""
+
+
 _INSTALL_LOCK_KEY = 0x61737964  # "asyd": serializes concurrent installs (advisory, per transaction)
 _NOTIFY_LOCK_CLASS = 0x6173796E  # "asyn": with the schema's hash, "a wake-up is on its way"
 _RETRY_MIN = 1.0
@@ -103,9 +116,13 @@ _TRIGGERS_SQL = text(
 async def install_notify_trigger(conn: AsyncConnection) -> None:
     """Install the NOTIFY triggers on ``workflow_instance`` (PostgreSQL only; a no-op elsewhere).
 
-    Replaces an older asyncflow's single row trigger. Idempotent and safe to run from several
-    processes at once. Run it in a transaction, after the tables exist, on a connection whose
-    ``search_path`` finds them.
+    Idempotent and safe to run from several processes at once. Run it in a transaction, after the
+    tables exist, on a connection whose ``search_path`` finds them. Creating a trigger locks the table
+    against writes, so that lock is waited for at most :data:`DDL_LOCK_TIMEOUT_MS` (a transaction that
+    keeps writing to the table open must not stall every process behind the install): then
+    :class:`DDLLockTimeout` is raised, or, when only an older asyncflow's single row trigger is to be
+    replaced (``AFTER INSERT OR UPDATE``, which notifies the same, one call per inserted row), it is
+    kept and a warning logged; a later install replaces it.
     """
     if conn.dialect.name != "postgresql":
         return
@@ -114,13 +131,38 @@ async def install_notify_trigger(conn: AsyncConnection) -> None:
     await conn.exec_driver_sql(_INSERT_FUNCTION_SQL)
     installed: dict[str, int] = {row[0]: row[1] for row in await conn.execute(_TRIGGERS_SQL)}
     row_trigger = installed.get(_TRIGGER)
-    if row_trigger is not None and row_trigger & _TG_INSERT:  # an older asyncflow's, INSERT OR UPDATE
-        await conn.exec_driver_sql(f"DROP TRIGGER {_TRIGGER} ON workflow_instance")
-        row_trigger = None
-    if row_trigger is None:
-        await conn.exec_driver_sql(_TRIGGER_SQL)
-    if _INSERT_TRIGGER not in installed:
-        await conn.exec_driver_sql(_INSERT_TRIGGER_SQL)
+    older = row_trigger is not None and bool(row_trigger & _TG_INSERT)  # INSERT OR UPDATE, one trigger
+    if row_trigger is not None and not older and _INSERT_TRIGGER in installed:
+        return  # nothing to lock the table for
+    version = conn.dialect.server_version_info
+    try:
+        async with conn.begin_nested():  # a lock timeout undoes the DDL, not the functions above
+            await conn.exec_driver_sql(f"SET LOCAL lock_timeout = {DDL_LOCK_TIMEOUT_MS}")
+            if older and not (version is not None and version >= (14,)):
+                await conn.exec_driver_sql(f"DROP TRIGGER {_TRIGGER} ON workflow_instance")
+            if row_trigger is None or older:
+                # 14+: replaced in place, under the lock CREATE TRIGGER takes (readers go on)
+                replace = older and version is not None and version >= (14,)
+                await conn.exec_driver_sql(
+                    _TRIGGER_SQL.replace("CREATE", "CREATE OR REPLACE", 1) if replace else _TRIGGER_SQL
+                )
+            if _INSERT_TRIGGER not in installed:
+                await conn.exec_driver_sql(_INSERT_TRIGGER_SQL)
+    except DBAPIError as error:
+        if sqlstate(error) != _LOCK_NOT_AVAILABLE:
+            raise
+        if not older:  # no trigger notifies inserts yet
+            raise DDLLockTimeout(
+                f"the {_TRIGGER} triggers were not installed: workflow_instance stayed locked by other "
+                f"transactions for {DDL_LOCK_TIMEOUT_MS} ms"
+            ) from error
+        logger.warning(
+            "kept the older %s trigger (it notifies the same, one call per inserted row): "
+            "workflow_instance stayed locked by other transactions for %d ms; a later driver start "
+            "replaces it",
+            _TRIGGER,
+            DDL_LOCK_TIMEOUT_MS,
+        )
 
 
 class DueNotifier:
@@ -177,7 +219,8 @@ class DueNotifier:
             raise
         except Exception as exc:
             logger.warning(
-                "could not install the %s trigger (%s); drivers on other processes will be polled only",
+                "could not install the %s triggers (%s); where they were not installed before, drivers "
+                "on other processes will be polled only",
                 _TRIGGER,
                 exc,
             )
