@@ -96,7 +96,7 @@ from .worker import (
     start_child_workflow,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/unit/test_public_api.py
     "AsyncflowError",

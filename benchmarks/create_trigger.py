@@ -22,7 +22,6 @@ import sys
 import time
 from typing import Any
 
-import asyncflow as af
 from asyncflow.store._prepare import InstanceRow
 from asyncflow.store.postgres import sql as pg
 from asyncflow.store.postgres.notify import (
@@ -32,9 +31,8 @@ from asyncflow.store.postgres.notify import (
     _TRIGGER_SQL,
 )
 
-from .databases import PgAdmin
 from .hot_path import PG_URL
-from .step_server import _is_local_backend, _process_cpu_s
+from .step_server import _process_cpu_s, server_connection
 
 SETUPS = ("none", "row", "statement")
 _DROP = (
@@ -67,39 +65,20 @@ async def _round(conn: Any, pid: int, n: int, batch: int, tag: str) -> float:
 
 
 async def main(args: argparse.Namespace) -> dict[str, list[float]]:
-    import asyncpg
-
-    admin = PgAdmin(args.pg_url)
     figures: dict[str, list[float]] = {setup: [] for setup in SETUPS}
-    async with admin.fresh_database("create_trigger") as db:
-        repo = af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url)
-        try:
-            await repo.migrate()
-        finally:
-            await repo.aclose()
-        conn = await asyncpg.connect(db.dsn)
-        try:
-            await conn.execute("ALTER TABLE workflow_instance SET (autovacuum_enabled = false)")
-            await conn.execute(_FUNCTION_SQL)
-            await conn.execute(_INSERT_FUNCTION_SQL)
-            pid = await conn.fetchval("SELECT pg_backend_pid()")
-            if not _is_local_backend(pid):
-                raise RuntimeError(
-                    f"server process {pid} is not on this machine (or /proc does not show it): "
-                    "create_trigger reads its CPU time from /proc"
-                )
+    async with server_connection(args.pg_url, "create_trigger", ("workflow_instance",)) as (conn, pid):
+        await conn.execute(_FUNCTION_SQL)
+        await conn.execute(_INSERT_FUNCTION_SQL)
+        for setup in SETUPS:
+            await _set_up(conn, setup)
+            await _round(conn, pid, min(args.n, 500), args.batch, f"warm-{setup}")
+        for r in range(args.repeat):
+            line = []
             for setup in SETUPS:
                 await _set_up(conn, setup)
-                await _round(conn, pid, min(args.n, 500), args.batch, f"warm-{setup}")
-            for r in range(args.repeat):
-                line = []
-                for setup in SETUPS:
-                    await _set_up(conn, setup)
-                    figures[setup].append(await _round(conn, pid, args.n, args.batch, f"r{r}-{setup}"))
-                    line.append(f"{setup} {figures[setup][-1]:.1f}")
-                print(f"[{r + 1}] server CPU us/instance: " + ", ".join(line), flush=True)
-        finally:
-            await conn.close()
+                figures[setup].append(await _round(conn, pid, args.n, args.batch, f"r{r}-{setup}"))
+                line.append(f"{setup} {figures[setup][-1]:.1f}")
+            print(f"[{r + 1}] server CPU us/instance: " + ", ".join(line), flush=True)
     for setup in SETUPS:
         values = figures[setup]
         print(

@@ -26,6 +26,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncflow as af
@@ -100,11 +102,15 @@ async def _round(conn: Any, pid: int, n: int, batch: int, tag: str) -> float:
     return cpu_us
 
 
-async def main(args: argparse.Namespace) -> list[float]:
+@asynccontextmanager
+async def server_connection(
+    pg_url: str, name: str, tables: tuple[str, ...]
+) -> AsyncIterator[tuple[Any, int]]:
+    """A fresh database with asyncflow's schema (autovacuum off on ``tables``), one asyncpg connection to
+    it, and that connection's server process (on this machine: its CPU time is read from ``/proc``)."""
     import asyncpg
 
-    admin = PgAdmin(args.pg_url)
-    async with admin.fresh_database("step_server") as db:
+    async with PgAdmin(pg_url).fresh_database(name) as db:
         repo = af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url)
         try:
             await repo.migrate()
@@ -112,26 +118,34 @@ async def main(args: argparse.Namespace) -> list[float]:
             await repo.aclose()
         conn = await asyncpg.connect(db.dsn)
         try:
-            for table in ("workflow_instance", "task_instance"):
+            for table in tables:
                 await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
-            if args.due_trigger:
-                from asyncflow.store.postgres.notify import _FUNCTION_SQL, _TRIGGER_SQL
-
-                await conn.execute(_FUNCTION_SQL)
-                await conn.execute(_TRIGGER_SQL)
             pid = await conn.fetchval("SELECT pg_backend_pid()")
             if not _is_local_backend(pid):
                 raise RuntimeError(
                     f"server process {pid} is not on this machine (or /proc does not show it): "
-                    "step_server reads its CPU time from /proc"
+                    f"{name} reads its CPU time from /proc"
                 )
-            await _round(conn, pid, min(args.n, 500), args.batch, "warm")
-            figures = []
-            for r in range(args.repeat):
-                figures.append(await _round(conn, pid, args.n, args.batch, f"r{r}"))
-                print(f"[{r + 1}] {figures[-1]:.1f} server CPU us/step", flush=True)
+            yield conn, pid
         finally:
             await conn.close()
+
+
+async def main(args: argparse.Namespace) -> list[float]:
+    async with server_connection(args.pg_url, "step_server", ("workflow_instance", "task_instance")) as (
+        conn,
+        pid,
+    ):
+        if args.due_trigger:
+            from asyncflow.store.postgres.notify import _FUNCTION_SQL, _TRIGGER_SQL
+
+            await conn.execute(_FUNCTION_SQL)
+            await conn.execute(_TRIGGER_SQL)
+        await _round(conn, pid, min(args.n, 500), args.batch, "warm")
+        figures = []
+        for r in range(args.repeat):
+            figures.append(await _round(conn, pid, args.n, args.batch, f"r{r}"))
+            print(f"[{r + 1}] {figures[-1]:.1f} server CPU us/step", flush=True)
     print(
         f"step function{' + due trigger' if args.due_trigger else ''}: "
         f"{statistics.median(figures):.1f} server CPU us/step [{min(figures):.1f}-{max(figures):.1f}] "

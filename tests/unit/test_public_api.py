@@ -103,3 +103,14 @@ def test_errors_subclass_the_root_and_builtins() -> None:
     assert issubclass(af.ParamInvalidError, ValueError)
     for name in ("ConfigError", "StoreError", "LockFailedError", "InvalidStateError"):
         assert issubclass(getattr(af, name), af.AsyncflowError)
+
+
+def test_the_version_is_the_installed_distribution_s() -> None:
+    """``asyncflow.__version__`` (``asyncflow --version``) and ``pyproject.toml`` say the same."""
+    import re
+    import tomllib
+
+    checkout = pathlib.Path(__file__).parents[2]
+    pyproject = tomllib.loads((checkout / "pyproject.toml").read_text(encoding="utf-8"))
+    assert af.__version__ == pyproject["project"]["version"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+|rc\d+)?", af.__version__)
