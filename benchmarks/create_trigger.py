@@ -57,9 +57,12 @@ async def _round(conn: Any, pid: int, n: int, batch: int, tag: str) -> float:
     rows = [(InstanceRow("linear3", f"{tag}-{i}", "init", "{}", 0, 0), now) for i in range(n)]
     await conn.execute("CHECKPOINT")
     before = _process_cpu_s(pid)
+    created = 0
     for start in range(0, n, batch):
-        await pg.create_instances(conn, rows[start : start + batch])
+        created += len(await pg.create_instances(conn, rows[start : start + batch]))
     cpu_us = (_process_cpu_s(pid) - before) / n * 1e6
+    if created != n:
+        raise RuntimeError(f"{created} of {n} instances created")
     await conn.execute("TRUNCATE workflow_instance CASCADE")
     return cpu_us
 

@@ -314,6 +314,19 @@ async def test_step_server_replays_linear3_steps_and_reports_the_backends_cpu(po
     assert len(figures) == 2 and all(f > 0 for f in figures)
 
 
+@pytest.mark.postgres
+async def test_create_trigger_inserts_under_each_set_up_and_reports_server_cpu(postgres_url: str) -> None:
+    from benchmarks import create_trigger, hot_path
+
+    if hot_path._postgres_cpu_s() is None:
+        pytest.skip("the PostgreSQL server is not on this machine: create_trigger reads its CPU from /proc")
+    url = postgres_url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    args = create_trigger.parse(["-n", "3000", "--repeat", "1", "--pg-url", url])
+    figures = await create_trigger.main(args)  # raises unless every round created all its instances
+    assert sorted(figures) == sorted(create_trigger.SETUPS)
+    assert all(len(values) == 1 and values[0] > 0 for values in figures.values())
+
+
 async def test_sql_commit_counter_counts_transactions_and_autocommit_statements(tmp_path: Path) -> None:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine

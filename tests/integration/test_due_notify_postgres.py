@@ -17,7 +17,7 @@ from asyncflow.records import NewWorkflowInstance
 from asyncflow.store.postgres.notify import (
     CHANNEL,
     DDL_LOCK_TIMEOUT_MS,
-    DDLLockTimeout,
+    DDLLockTimeoutError,
     install_notify_trigger,
 )
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
@@ -33,7 +33,7 @@ _CALLS = (
     "SELECT funcname, calls FROM pg_stat_xact_user_functions "
     "WHERE funcname IN ('asyncflow_notify_due', 'asyncflow_notify_due_inserted')"
 )
-# the trigger asyncflow installed before the INSERT one was split off (0.2's first releases)
+# the trigger asyncflow installed before the INSERT one was split off (earlier 0.2 builds)
 _OLD_TRIGGER = """
 CREATE TRIGGER asyncflow_due_notify
 AFTER INSERT OR UPDATE OF next_run_at ON workflow_instance
@@ -164,7 +164,7 @@ async def _heard_from(heard: _Heard, write: Any, expected: int) -> None:
     deadline = time.monotonic() + 5
     while heard.count - before < expected and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1)  # one that should not come would have come by now
+    await asyncio.sleep(0.3)  # one that should not come would have come by now
     assert heard.count - before == expected
 
 
@@ -195,8 +195,12 @@ async def test_every_kind_of_create_of_the_repo_notifies_when_due(postgres_url: 
                     lambda: repo.create_workflow_instances([new(f"u{i}", unique="always") for i in range(3)]),
                     1,
                 )
-                with pytest.raises(DuplicateWorkflowError):
-                    await repo.create_workflow_instance(new("u", unique="active"))
+
+                async def refused() -> None:
+                    with pytest.raises(DuplicateWorkflowError):
+                        await repo.create_workflow_instance(new("u", unique="active"))
+
+                await _heard_from(heard, refused, 0)
                 await _heard_from(
                     heard, lambda: repo.create_workflow_instance(new("later", next_run_at=2**62)), 0
                 )
@@ -244,7 +248,7 @@ async def test_an_install_that_cannot_lock_the_table_keeps_the_older_trigger_and
                     await _install(engine)
                 waited = time.monotonic() - started
                 assert DDL_LOCK_TIMEOUT_MS / 1000 <= waited < DDL_LOCK_TIMEOUT_MS / 1000 + 5
-                assert "kept the older asyncflow_due_notify trigger" in caplog.text
+                assert "kept the asyncflow_due_notify trigger found in place" in caplog.text
                 triggers = await _triggers(raw)
                 assert sorted(triggers) == ["asyncflow_due_notify"]  # the older one, still notifying
                 assert "AFTER INSERT OR UPDATE OF next_run_at" in triggers["asyncflow_due_notify"][1]
@@ -255,7 +259,7 @@ async def test_an_install_that_cannot_lock_the_table_keeps_the_older_trigger_and
             await blocker.execute("BEGIN")
             await blocker.execute("UPDATE workflow_instance SET updated_at = updated_at + 1")
             try:
-                with pytest.raises(DDLLockTimeout, match="were not installed"):
+                with pytest.raises(DDLLockTimeoutError, match="were not installed"):
                     await _install(engine)
             finally:
                 await blocker.execute("ROLLBACK")
@@ -267,3 +271,61 @@ async def test_an_install_that_cannot_lock_the_table_keeps_the_older_trigger_and
             triggers = await _triggers(raw)
             assert sorted(triggers) == ["asyncflow_due_notify", "asyncflow_due_notify_insert"]
             assert "AFTER UPDATE OF next_run_at" in triggers["asyncflow_due_notify"][1]
+
+
+async def test_the_install_leaves_the_caller_s_lock_timeout_as_it_was(postgres_url: str) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        await SQLAlchemyWorkflowRepo(engine).create_schema()
+        for caller, first in (("7s", True), ("0", False)):
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{caller}'")
+                await install_notify_trigger(conn)  # the first one creates the triggers
+                assert (await conn.exec_driver_sql("SHOW lock_timeout")).scalar() == caller, first
+
+
+async def test_postgresql_13_drops_the_older_trigger_and_creates_the_two(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        await SQLAlchemyWorkflowRepo(engine).create_schema()
+        await _install(engine)
+        async with engine.connect() as conn:
+            raw: Any = (await conn.get_raw_connection()).driver_connection
+            await _set_older_trigger(raw)
+        monkeypatch.setattr(engine.dialect, "server_version_info", (13, 9))  # no CREATE OR REPLACE TRIGGER
+        await _install(engine)
+        async with engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            triggers = await _triggers(raw)
+            assert sorted(triggers) == ["asyncflow_due_notify", "asyncflow_due_notify_insert"]
+            assert "AFTER UPDATE OF next_run_at" in triggers["asyncflow_due_notify"][1]
+
+
+async def test_installs_at_once_under_a_held_table_each_give_up_in_time(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        await repo.create_schema()
+        await repo.create_workflow_instance(
+            NewWorkflowInstance(workflow_type="w", business_id="b", workflow_context={})
+        )
+        await repo.aclose()
+        await _install(engine)
+        async with engine.connect() as conn, engine.connect() as blocker_conn:
+            raw: Any = (await conn.get_raw_connection()).driver_connection
+            blocker: Any = (await blocker_conn.get_raw_connection()).driver_connection
+            await _set_older_trigger(raw)
+            await blocker.execute("BEGIN")
+            await blocker.execute("UPDATE workflow_instance SET updated_at = updated_at + 1")
+            try:
+                started = time.monotonic()
+                with caplog.at_level(logging.WARNING, logger="asyncflow.driver"):
+                    await asyncio.gather(*(_install(engine) for _ in range(3)))
+                waited = time.monotonic() - started
+            finally:
+                await blocker.execute("ROLLBACK")
+            # each waits at most the timeout for its turn and the timeout for the table
+            assert waited < 2 * DDL_LOCK_TIMEOUT_MS / 1000 + 1.5, waited  # one after another: 6 s
+            assert caplog.text.count("kept the asyncflow_due_notify trigger found in place") == 3
+            assert sorted(await _triggers(raw)) == ["asyncflow_due_notify"]  # the older one, kept

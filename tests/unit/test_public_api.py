@@ -105,7 +105,7 @@ def test_errors_subclass_the_root_and_builtins() -> None:
         assert issubclass(getattr(af, name), af.AsyncflowError)
 
 
-def test_the_version_is_the_installed_distribution_s() -> None:
+def test_the_version_is_pyproject_s() -> None:
     """``asyncflow.__version__`` (``asyncflow --version``) and ``pyproject.toml`` say the same."""
     import re
     import tomllib

@@ -37,7 +37,7 @@ from ...errors import StoreError
 from .._errors import sqlstate
 from .._sql import RUNNABLE_SQL
 
-__all__ = ["CHANNEL", "DDL_LOCK_TIMEOUT_MS", "DDLLockTimeout", "DueNotifier", "install_notify_trigger"]
+__all__ = ["CHANNEL", "DDL_LOCK_TIMEOUT_MS", "DDLLockTimeoutError", "DueNotifier", "install_notify_trigger"]
 
 logger = logging.getLogger("asyncflow.driver")
 
@@ -53,7 +53,7 @@ DDL_LOCK_TIMEOUT_MS = 2000
 """How long an install waits for the table lock that creating a trigger takes (ms)."""
 
 
-class DDLLockTimeout(StoreError):
+class DDLLockTimeoutError(StoreError):
     """The triggers could not be installed: the table stayed locked (see :func:`install_notify_trigger`)."""
 
 
@@ -107,6 +107,8 @@ FOR EACH STATEMENT
 EXECUTE FUNCTION asyncflow_notify_due_inserted()
 """
 
+_SET_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', :value, true)")
+
 _TRIGGERS_SQL = text(
     "SELECT tgname, tgtype FROM pg_trigger WHERE tgrelid = 'workflow_instance'::regclass "
     f"AND tgname IN ('{_TRIGGER}', '{_INSERT_TRIGGER}')"
@@ -116,59 +118,72 @@ _TRIGGERS_SQL = text(
 async def install_notify_trigger(conn: AsyncConnection) -> None:
     """Install the NOTIFY triggers on ``workflow_instance`` (PostgreSQL only; a no-op elsewhere).
 
-    Idempotent and safe to run from several processes at once. Run it in a transaction, after the
-    tables exist, on a connection whose ``search_path`` finds them. Creating a trigger locks the table
-    against writes, so that lock is waited for at most :data:`DDL_LOCK_TIMEOUT_MS` (a transaction that
-    keeps writing to the table open must not stall every process behind the install): then
-    :class:`DDLLockTimeout` is raised, or, when only an older asyncflow's single row trigger is to be
-    replaced (``AFTER INSERT OR UPDATE``, which notifies the same, one call per inserted row), it is
-    kept and a warning logged; a later install replaces it.
+    Idempotent and safe to run from several processes at once (they take turns). Run it in a
+    transaction, after the tables exist, on a connection whose ``search_path`` finds them. It works in
+    a savepoint, and waits at most :data:`DDL_LOCK_TIMEOUT_MS` for each lock it needs: another
+    install's turn, and the table lock that creating a trigger takes (a transaction that keeps writing
+    to the table open must not stall every process behind the install). When a wait runs out, the
+    savepoint is rolled back (the caller's transaction goes on) and the triggers found in place are
+    kept if they notify creates (an older asyncflow's single row trigger, ``AFTER INSERT OR UPDATE``,
+    notifies the same, one call per inserted row): a warning is logged, and a later install replaces
+    it. With none in place, :class:`DDLLockTimeoutError` is raised. Other database errors raise
+    ``StoreError``. The caller's ``lock_timeout`` is left as it was.
     """
     if conn.dialect.name != "postgresql":
         return
-    await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _INSTALL_LOCK_KEY})
-    await conn.exec_driver_sql(_FUNCTION_SQL)
-    await conn.exec_driver_sql(_INSERT_FUNCTION_SQL)
-    installed: dict[str, int] = {row[0]: row[1] for row in await conn.execute(_TRIGGERS_SQL)}
-    row_trigger = installed.get(_TRIGGER)
-    older = row_trigger is not None and bool(row_trigger & _TG_INSERT)  # INSERT OR UPDATE, one trigger
-    if row_trigger is not None and not older and _INSERT_TRIGGER in installed:
-        return  # nothing to lock the table for
     version = conn.dialect.server_version_info
+    in_place = version is not None and version >= (14,)  # CREATE OR REPLACE TRIGGER
     try:
-        async with conn.begin_nested():  # a lock timeout undoes the DDL, not the functions above
-            await conn.exec_driver_sql(f"SET LOCAL lock_timeout = {DDL_LOCK_TIMEOUT_MS}")
-            if older and not (version is not None and version >= (14,)):
+        async with conn.begin_nested():  # a timeout undoes this install, not the caller's transaction
+            caller_timeout = await conn.scalar(text("SELECT current_setting('lock_timeout')"))
+            await conn.execute(_SET_LOCK_TIMEOUT, {"value": f"{DDL_LOCK_TIMEOUT_MS}ms"})
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _INSTALL_LOCK_KEY})
+            await conn.exec_driver_sql(_FUNCTION_SQL)
+            await conn.exec_driver_sql(_INSERT_FUNCTION_SQL)
+            installed = await _installed(conn)
+            row_trigger = installed.get(_TRIGGER)
+            older = row_trigger is not None and bool(
+                row_trigger & _TG_INSERT
+            )  # INSERT OR UPDATE, one trigger
+            if older and not in_place:
                 await conn.exec_driver_sql(f"DROP TRIGGER {_TRIGGER} ON workflow_instance")
             if row_trigger is None or older:
-                # 14+: replaced in place, under the lock CREATE TRIGGER takes (readers go on)
-                replace = older and version is not None and version >= (14,)
+                replace = older and in_place  # under the lock CREATE TRIGGER takes: readers go on
                 await conn.exec_driver_sql(
                     _TRIGGER_SQL.replace("CREATE", "CREATE OR REPLACE", 1) if replace else _TRIGGER_SQL
                 )
             if _INSERT_TRIGGER not in installed:
                 await conn.exec_driver_sql(_INSERT_TRIGGER_SQL)
+            # a SET LOCAL outlives its savepoint's release: the caller's transaction gets its own back
+            await conn.execute(_SET_LOCK_TIMEOUT, {"value": caller_timeout})
     except DBAPIError as error:
         if sqlstate(error) != _LOCK_NOT_AVAILABLE:
-            raise
-        if not older:  # no trigger notifies inserts yet
-            raise DDLLockTimeout(
-                f"the {_TRIGGER} triggers were not installed: workflow_instance stayed locked by other "
-                f"transactions for {DDL_LOCK_TIMEOUT_MS} ms"
+            raise StoreError(f"installing the {_TRIGGER} triggers failed: {error}") from error
+        installed = await _installed(conn)  # a catalog read: no lock to wait for
+        row_trigger = installed.get(_TRIGGER)
+        if row_trigger is None or not (row_trigger & _TG_INSERT or _INSERT_TRIGGER in installed):
+            raise DDLLockTimeoutError(
+                f"the {_TRIGGER} triggers were not installed: a lock they need stayed taken for "
+                f"{DDL_LOCK_TIMEOUT_MS} ms (a transaction holding workflow_instance, or another install)"
             ) from error
         logger.warning(
-            "kept the older %s trigger (it notifies the same, one call per inserted row): "
-            "workflow_instance stayed locked by other transactions for %d ms; a later driver start "
-            "replaces it",
+            "kept the %s trigger found in place (it notifies creates too): a lock the install needs "
+            "stayed taken for %d ms (a transaction holding workflow_instance, or another install); a "
+            "later driver start tries again",
             _TRIGGER,
             DDL_LOCK_TIMEOUT_MS,
         )
 
 
+async def _installed(conn: AsyncConnection) -> dict[str, int]:
+    """The NOTIFY triggers on the table: name -> ``pg_trigger.tgtype``."""
+    return {row[0]: row[1] for row in await conn.execute(_TRIGGERS_SQL)}
+
+
 class DueNotifier:
     """LISTENs on :data:`CHANNEL` on a dedicated connection and calls ``callback()`` per notification.
 
-    ``run()`` runs until cancelled: it installs the trigger once, LISTENs, and when the connection is
+    ``run()`` runs until cancelled: it installs the triggers once, LISTENs, and when the connection is
     lost (or cannot be had) waits with back-off and tries again. ``listening`` tells whether a LISTEN
     is active right now. Subclasses listen on another ``channel`` and read payloads in ``_deliver``.
     """
