@@ -5,8 +5,10 @@ trigger is replaced."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -146,11 +148,9 @@ async def test_an_older_install_s_row_trigger_on_inserts_is_replaced(postgres_ur
             assert sorted(await _triggers(raw)) == ["asyncflow_due_notify"]
             assert await _function_calls(raw, _INSERT, "init", 0, 4) == {"asyncflow_notify_due": 4}
         await _install(engine)
+        await _assert_the_two_triggers(engine)
         async with engine.connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection
-            triggers = await _triggers(raw)
-            assert sorted(triggers) == ["asyncflow_due_notify", "asyncflow_due_notify_insert"]
-            assert "AFTER UPDATE OF next_run_at" in triggers["asyncflow_due_notify"][1]
             assert await _function_calls(raw, _INSERT, "init", 0, 4) == {"asyncflow_notify_due_inserted": 1}
             await raw.execute(_INSERT, "init", 2**62, 2)  # kept: delayed rows
             calls = await _function_calls(raw, "UPDATE workflow_instance SET next_run_at = 0")
@@ -224,9 +224,26 @@ async def _set_older_trigger(raw: Any) -> None:
         await raw.execute(_OLD_TRIGGER)
 
 
-async def test_an_install_that_cannot_lock_the_table_keeps_the_older_trigger_and_waits_no_longer(
-    postgres_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def _assert_the_two_triggers(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        raw: Any = (await conn.get_raw_connection()).driver_connection
+        triggers = await _triggers(raw)
+    assert sorted(triggers) == ["asyncflow_due_notify", "asyncflow_due_notify_insert"]
+    assert "AFTER UPDATE OF next_run_at" in triggers["asyncflow_due_notify"][1]
+
+
+async def _timed_installs(engine: AsyncEngine, caplog: pytest.LogCaptureFixture, count: int) -> float:
+    """Seconds ``count`` installs at once took (their warnings in ``caplog``)."""
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="asyncflow.driver"):
+        await asyncio.gather(*(_install(engine) for _ in range(count)))
+    return time.monotonic() - started
+
+
+@contextlib.asynccontextmanager
+async def _older_install(postgres_url: str) -> AsyncIterator[tuple[AsyncEngine, Any, Any]]:
+    """A schema with one instance and the older trigger; a connection to it, and a second one to hold
+    the table with (:func:`_holding`)."""
     async with isolated_pg_engine(postgres_url) as engine:
         repo = SQLAlchemyWorkflowRepo(engine)
         await repo.create_schema()
@@ -239,38 +256,40 @@ async def test_an_install_that_cannot_lock_the_table_keeps_the_older_trigger_and
             raw: Any = (await conn.get_raw_connection()).driver_connection
             blocker: Any = (await blocker_conn.get_raw_connection()).driver_connection
             await _set_older_trigger(raw)
-            writing = blocker.transaction()  # a transaction that wrote to the table and stays open
-            await writing.start()
-            await blocker.execute("UPDATE workflow_instance SET updated_at = updated_at + 1")
-            try:
-                started = time.monotonic()
-                with caplog.at_level(logging.WARNING, logger="asyncflow.driver"):
-                    await _install(engine)
-                waited = time.monotonic() - started
-                assert DDL_LOCK_TIMEOUT_MS / 1000 <= waited < DDL_LOCK_TIMEOUT_MS / 1000 + 5
-                assert "kept the asyncflow_due_notify trigger found in place" in caplog.text
-                triggers = await _triggers(raw)
-                assert sorted(triggers) == ["asyncflow_due_notify"]  # the older one, still notifying
-                assert "AFTER INSERT OR UPDATE OF next_run_at" in triggers["asyncflow_due_notify"][1]
-            finally:
-                await writing.rollback()
-            # with no trigger at all the install fails (the driver logs it and polls)
-            await raw.execute("DROP TRIGGER asyncflow_due_notify ON workflow_instance")
-            await blocker.execute("BEGIN")
-            await blocker.execute("UPDATE workflow_instance SET updated_at = updated_at + 1")
-            try:
-                with pytest.raises(DDLLockTimeoutError, match="were not installed"):
-                    await _install(engine)
-            finally:
-                await blocker.execute("ROLLBACK")
-            assert await _triggers(raw) == {}
-            await _set_older_trigger(raw)
-        await _install(engine)  # nothing holds the table now: replaced
-        async with engine.connect() as conn:
-            raw = (await conn.get_raw_connection()).driver_connection
+            yield engine, raw, blocker
+
+
+@contextlib.asynccontextmanager
+async def _holding(blocker: Any) -> AsyncIterator[None]:
+    """A transaction that wrote to the table and stays open meanwhile (rolled back after)."""
+    await blocker.execute("BEGIN")
+    await blocker.execute("UPDATE workflow_instance SET updated_at = updated_at + 1")
+    try:
+        yield
+    finally:
+        await blocker.execute("ROLLBACK")
+
+
+async def test_an_install_that_cannot_lock_the_table_keeps_the_older_trigger_and_waits_no_longer(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _older_install(postgres_url) as (engine, raw, blocker):
+        async with _holding(blocker):
+            waited = await _timed_installs(engine, caplog, 1)
+            assert DDL_LOCK_TIMEOUT_MS / 1000 <= waited < DDL_LOCK_TIMEOUT_MS / 1000 + 5
+            assert "kept the asyncflow_due_notify trigger found in place" in caplog.text
             triggers = await _triggers(raw)
-            assert sorted(triggers) == ["asyncflow_due_notify", "asyncflow_due_notify_insert"]
-            assert "AFTER UPDATE OF next_run_at" in triggers["asyncflow_due_notify"][1]
+            assert sorted(triggers) == ["asyncflow_due_notify"]  # the older one, still notifying
+            assert "AFTER INSERT OR UPDATE OF next_run_at" in triggers["asyncflow_due_notify"][1]
+        # with no trigger at all the install fails (the driver logs it and polls)
+        await raw.execute("DROP TRIGGER asyncflow_due_notify ON workflow_instance")
+        async with _holding(blocker):
+            with pytest.raises(DDLLockTimeoutError, match="were not installed"):
+                await _install(engine)
+        assert await _triggers(raw) == {}
+        await _set_older_trigger(raw)
+        await _install(engine)  # nothing holds the table now: replaced
+        await _assert_the_two_triggers(engine)
 
 
 async def test_the_install_leaves_the_caller_s_lock_timeout_as_it_was(postgres_url: str) -> None:
@@ -294,38 +313,16 @@ async def test_postgresql_13_drops_the_older_trigger_and_creates_the_two(
             await _set_older_trigger(raw)
         monkeypatch.setattr(engine.dialect, "server_version_info", (13, 9))  # no CREATE OR REPLACE TRIGGER
         await _install(engine)
-        async with engine.connect() as conn:
-            raw = (await conn.get_raw_connection()).driver_connection
-            triggers = await _triggers(raw)
-            assert sorted(triggers) == ["asyncflow_due_notify", "asyncflow_due_notify_insert"]
-            assert "AFTER UPDATE OF next_run_at" in triggers["asyncflow_due_notify"][1]
+        await _assert_the_two_triggers(engine)
 
 
 async def test_installs_at_once_under_a_held_table_each_give_up_in_time(
     postgres_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with isolated_pg_engine(postgres_url) as engine:
-        repo = SQLAlchemyWorkflowRepo(engine)
-        await repo.create_schema()
-        await repo.create_workflow_instance(
-            NewWorkflowInstance(workflow_type="w", business_id="b", workflow_context={})
-        )
-        await repo.aclose()
-        await _install(engine)
-        async with engine.connect() as conn, engine.connect() as blocker_conn:
-            raw: Any = (await conn.get_raw_connection()).driver_connection
-            blocker: Any = (await blocker_conn.get_raw_connection()).driver_connection
-            await _set_older_trigger(raw)
-            await blocker.execute("BEGIN")
-            await blocker.execute("UPDATE workflow_instance SET updated_at = updated_at + 1")
-            try:
-                started = time.monotonic()
-                with caplog.at_level(logging.WARNING, logger="asyncflow.driver"):
-                    await asyncio.gather(*(_install(engine) for _ in range(3)))
-                waited = time.monotonic() - started
-            finally:
-                await blocker.execute("ROLLBACK")
-            # each waits at most the timeout for its turn and the timeout for the table
-            assert waited < 2 * DDL_LOCK_TIMEOUT_MS / 1000 + 1.5, waited  # one after another: 6 s
-            assert caplog.text.count("kept the asyncflow_due_notify trigger found in place") == 3
-            assert sorted(await _triggers(raw)) == ["asyncflow_due_notify"]  # the older one, kept
+    async with _older_install(postgres_url) as (engine, raw, blocker):
+        async with _holding(blocker):
+            waited = await _timed_installs(engine, caplog, 3)
+        # each waits at most the timeout for its turn and the timeout for the table
+        assert waited < 2 * DDL_LOCK_TIMEOUT_MS / 1000 + 1.5, waited  # one after another: 6 s
+        assert caplog.text.count("kept the asyncflow_due_notify trigger found in place") == 3
+        assert sorted(await _triggers(raw)) == ["asyncflow_due_notify"]  # the older one, kept
