@@ -326,3 +326,37 @@ async def test_installs_at_once_under_a_held_table_each_give_up_in_time(
         assert waited < 2 * DDL_LOCK_TIMEOUT_MS / 1000 + 1.5, waited  # one after another: 6 s
         assert caplog.text.count("kept the asyncflow_due_notify trigger found in place") == 3
         assert sorted(await _triggers(raw)) == ["asyncflow_due_notify"]  # the older one, kept
+
+
+async def test_an_install_waits_only_for_installs_of_its_own_schema(postgres_url: str) -> None:
+    """Another schema's install, stuck on its own table, does not hold this one up (an install's turn
+    is taken per schema); an install of the same schema waits for its turn, then gives up."""
+    async with (
+        _older_install(postgres_url) as (other_engine, _, blocker),
+        isolated_pg_engine(postgres_url) as engine,
+    ):
+        await SQLAlchemyWorkflowRepo(engine).create_schema()
+        async with _holding(blocker):
+            stuck = asyncio.create_task(_install(other_engine))  # holds its schema's turn for 2 s
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            await _install(engine)  # a fresh schema: it would raise after the timeout if it waited
+            assert time.monotonic() - started < DDL_LOCK_TIMEOUT_MS / 1000 - 0.5
+            await stuck
+        await _assert_the_two_triggers(engine)
+        async with engine.connect() as other_conn:
+            other: Any = (await other_conn.get_raw_connection()).driver_connection
+            schema = await other.fetchval("SELECT current_schema()")
+            await other.execute("BEGIN")  # this schema's turn, held: an install waits, then gives up
+            await other.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", 0x61737964, schema)
+            try:
+                with pytest.raises(DDLLockTimeoutError):
+                    async with engine.begin() as conn:
+                        await conn.exec_driver_sql("DROP TRIGGER asyncflow_due_notify ON workflow_instance")
+                        await conn.exec_driver_sql(
+                            "DROP TRIGGER asyncflow_due_notify_insert ON workflow_instance"
+                        )
+                        await install_notify_trigger(conn)
+            finally:
+                await other.execute("ROLLBACK")
+        await _assert_the_two_triggers(engine)  # the failed install's transaction dropped nothing

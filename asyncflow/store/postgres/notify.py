@@ -57,7 +57,7 @@ class DDLLockTimeoutError(StoreError):
     """The triggers could not be installed: the table stayed locked (see :func:`install_notify_trigger`)."""
 
 
-_INSTALL_LOCK_KEY = 0x61737964  # "asyd": serializes concurrent installs (advisory, per transaction)
+_INSTALL_LOCK_KEY = 0x61737964  # "asyd": with the schema's hash, serializes concurrent installs of one schema
 _NOTIFY_LOCK_CLASS = 0x6173796E  # "asyn": with the schema's hash, "a wake-up is on its way"
 _RETRY_MIN = 1.0
 _RETRY_MAX = 60.0
@@ -107,6 +107,7 @@ FOR EACH STATEMENT
 EXECUTE FUNCTION asyncflow_notify_due_inserted()
 """
 
+_INSTALL_TURN = text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))")
 _SET_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', :value, true)")
 
 _TRIGGERS_SQL = text(
@@ -118,7 +119,7 @@ _TRIGGERS_SQL = text(
 async def install_notify_trigger(conn: AsyncConnection) -> None:
     """Install the NOTIFY triggers on ``workflow_instance`` (PostgreSQL only; a no-op elsewhere).
 
-    Idempotent and safe to run from several processes at once (they take turns). Run it in a
+    Idempotent and safe to run from several processes at once (installs of one schema take turns). Run it in a
     transaction, after the tables exist, on a connection whose ``search_path`` finds them. It works in
     a savepoint, and waits at most :data:`DDL_LOCK_TIMEOUT_MS` for each lock it needs: another
     install's turn, and the table lock that creating a trigger takes (a transaction that keeps writing
@@ -137,7 +138,8 @@ async def install_notify_trigger(conn: AsyncConnection) -> None:
         async with conn.begin_nested():  # a timeout undoes this install, not the caller's transaction
             caller_timeout = await conn.scalar(text("SELECT current_setting('lock_timeout')"))
             await conn.execute(_SET_LOCK_TIMEOUT, {"value": f"{DDL_LOCK_TIMEOUT_MS}ms"})
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _INSTALL_LOCK_KEY})
+            # per schema: an install waiting for its own table does not hold up other schemas' installs
+            await conn.execute(_INSTALL_TURN, {"key": _INSTALL_LOCK_KEY})
             await conn.exec_driver_sql(_FUNCTION_SQL)
             await conn.exec_driver_sql(_INSERT_FUNCTION_SQL)
             installed = await _installed(conn)
