@@ -31,19 +31,16 @@ from asyncflow.store.postgres.notify import (
     _TRIGGER_SQL,
 )
 
+from .bench_driver import _DROP_SQL
 from .hot_path import PG_URL
 from .step_server import _process_cpu_s, server_connection
 
 SETUPS = ("none", "row", "statement")
-_DROP = (
-    "DROP TRIGGER IF EXISTS asyncflow_due_notify ON workflow_instance;"
-    "DROP TRIGGER IF EXISTS asyncflow_due_notify_insert ON workflow_instance"
-)
 _OLDER = _TRIGGER_SQL.replace("AFTER UPDATE OF", "AFTER INSERT OR UPDATE OF", 1)
 
 
 async def _set_up(conn: Any, setup: str) -> None:
-    await conn.execute(_DROP)
+    await conn.execute(_DROP_SQL)
     if setup == "row":
         await conn.execute(_OLDER)
     elif setup == "statement":

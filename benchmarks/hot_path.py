@@ -5,7 +5,8 @@ share ``--pool`` connections, so it runs beside other users of a small server) a
 
     python -m benchmarks.hot_path --backend postgres,sqlite --rows floor,direct,driver -n 2000 -c 32
     python -m benchmarks.hot_path --backend postgres --rows direct --profile 25
-    python -m benchmarks.hot_path --rows direct --profile 40 --profile-sort ncalls --profile-callers get_debug
+    python -m benchmarks.hot_path --backend postgres --rows direct --profile 40 --profile-sort ncalls
+    python -m benchmarks.hot_path --backend postgres --rows direct --profile 5 --profile-callers get_debug
 
 Each ``--repeat`` round runs every row once (rows interleaved); it prints each run, then per row the
 median wf/s with [min-max], the median CPU ms per workflow, and ``median / floor median``. On Linux

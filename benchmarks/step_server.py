@@ -132,10 +132,8 @@ async def server_connection(
 
 
 async def main(args: argparse.Namespace) -> list[float]:
-    async with server_connection(args.pg_url, "step_server", ("workflow_instance", "task_instance")) as (
-        conn,
-        pid,
-    ):
+    tables = ("workflow_instance", "task_instance")
+    async with server_connection(args.pg_url, "step_server", tables) as (conn, pid):
         if args.due_trigger:
             from asyncflow.store.postgres.notify import _FUNCTION_SQL, _TRIGGER_SQL
 

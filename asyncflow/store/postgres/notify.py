@@ -50,54 +50,60 @@ _TG_INSERT = 4  # pg_trigger.tgtype's INSERT bit (TRIGGER_TYPE_INSERT)
 _LOCK_NOT_AVAILABLE = "55P03"
 
 DDL_LOCK_TIMEOUT_MS = 2000
-"""How long an install waits for the table lock that creating a trigger takes (ms)."""
+"""How long an install waits for each lock it needs (ms): its schema's turn, and the table lock that
+creating a trigger takes."""
 
 
 class DDLLockTimeoutError(StoreError):
     """The triggers could not be installed: the table stayed locked (see :func:`install_notify_trigger`)."""
 
 
-_INSTALL_LOCK_KEY = 0x61737964  # "asyd": with the schema's hash, serializes concurrent installs of one schema
+_INSTALL_LOCK_KEY = 0x61737964  # "asyd": with the schema's hash, installs of one schema take turns
 _NOTIFY_LOCK_CLASS = 0x6173796E  # "asyn": with the schema's hash, "a wake-up is on its way"
 _RETRY_MIN = 1.0
 _RETRY_MAX = 60.0
 _HEALTH_INTERVAL = 10.0
 
-_FUNCTION_SQL = f"""
-CREATE OR REPLACE FUNCTION asyncflow_notify_due() RETURNS trigger LANGUAGE plpgsql AS $asyncflow$
+
+def _due_now(row: str) -> str:
+    """SQL: ``row`` (a row variable or a table's alias) is runnable and due by the database's clock."""
+    return (
+        f"{row}.status IN ({RUNNABLE_SQL})\n"
+        f"      AND {row}.next_run_at <= extract(epoch FROM clock_timestamp()) * 1000"
+    )
+
+
+def _notify_function(name: str, condition: str) -> str:
+    """A trigger function that NOTIFYs (once per transaction and schema at most, see the module) when
+    ``condition`` holds."""
+    return f"""
+CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $asyncflow$
 BEGIN
-    IF pg_try_advisory_xact_lock({_NOTIFY_LOCK_CLASS}, hashtext(TG_TABLE_SCHEMA)) THEN
+    IF {condition}pg_try_advisory_xact_lock({_NOTIFY_LOCK_CLASS}, hashtext(TG_TABLE_SCHEMA)) THEN
         PERFORM pg_notify('{CHANNEL}', TG_TABLE_SCHEMA);
     END IF;
     RETURN NULL;
 END
 $asyncflow$
 """
+
+
+_FUNCTION_SQL = _notify_function("asyncflow_notify_due", "")  # the row trigger tests in its WHEN
 
 _TRIGGER_SQL = f"""
 CREATE TRIGGER {_TRIGGER}
 AFTER UPDATE OF next_run_at ON workflow_instance
 FOR EACH ROW
-WHEN (NEW.status IN ({RUNNABLE_SQL})
-      AND NEW.next_run_at <= extract(epoch FROM clock_timestamp()) * 1000)
+WHEN ({_due_now("NEW")})
 EXECUTE FUNCTION asyncflow_notify_due()
 """
 
 # the inserted rows are looked at once per statement: a create batch's 16 rows cost one call of the
 # function instead of 16 (about 3 of the row trigger's 4 us of server CPU per created instance)
-_INSERT_FUNCTION_SQL = f"""
-CREATE OR REPLACE FUNCTION asyncflow_notify_due_inserted() RETURNS trigger LANGUAGE plpgsql AS $asyncflow$
-BEGIN
-    IF EXISTS (SELECT FROM asyncflow_inserted
-               WHERE status IN ({RUNNABLE_SQL})
-                 AND next_run_at <= extract(epoch FROM clock_timestamp()) * 1000)
-       AND pg_try_advisory_xact_lock({_NOTIFY_LOCK_CLASS}, hashtext(TG_TABLE_SCHEMA)) THEN
-        PERFORM pg_notify('{CHANNEL}', TG_TABLE_SCHEMA);
-    END IF;
-    RETURN NULL;
-END
-$asyncflow$
-"""
+_INSERT_FUNCTION_SQL = _notify_function(
+    "asyncflow_notify_due_inserted",
+    f"EXISTS (SELECT FROM asyncflow_inserted AS i WHERE {_due_now('i')})\n       AND ",
+)
 
 _INSERT_TRIGGER_SQL = f"""
 CREATE TRIGGER {_INSERT_TRIGGER}
@@ -119,9 +125,9 @@ _TRIGGERS_SQL = text(
 async def install_notify_trigger(conn: AsyncConnection) -> None:
     """Install the NOTIFY triggers on ``workflow_instance`` (PostgreSQL only; a no-op elsewhere).
 
-    Idempotent and safe to run from several processes at once (installs of one schema take turns). Run it in a
-    transaction, after the tables exist, on a connection whose ``search_path`` finds them. It works in
-    a savepoint, and waits at most :data:`DDL_LOCK_TIMEOUT_MS` for each lock it needs: another
+    Idempotent and safe to run from several processes at once (installs of one schema take turns).
+    Run it in a transaction, after the tables exist, on a connection whose ``search_path`` finds them.
+    It works in a savepoint, and waits at most :data:`DDL_LOCK_TIMEOUT_MS` for each lock it needs: another
     install's turn, and the table lock that creating a trigger takes (a transaction that keeps writing
     to the table open must not stall every process behind the install). When a wait runs out, the
     savepoint is rolled back (the caller's transaction goes on) and the triggers found in place are
@@ -144,9 +150,7 @@ async def install_notify_trigger(conn: AsyncConnection) -> None:
             await conn.exec_driver_sql(_INSERT_FUNCTION_SQL)
             installed = await _installed(conn)
             row_trigger = installed.get(_TRIGGER)
-            older = row_trigger is not None and bool(
-                row_trigger & _TG_INSERT
-            )  # INSERT OR UPDATE, one trigger
+            older = _older(row_trigger)
             if older and not in_place:
                 await conn.exec_driver_sql(f"DROP TRIGGER {_TRIGGER} ON workflow_instance")
             if row_trigger is None or older:
@@ -163,7 +167,7 @@ async def install_notify_trigger(conn: AsyncConnection) -> None:
             raise StoreError(f"installing the {_TRIGGER} triggers failed: {error}") from error
         installed = await _installed(conn)  # a catalog read: no lock to wait for
         row_trigger = installed.get(_TRIGGER)
-        if row_trigger is None or not (row_trigger & _TG_INSERT or _INSERT_TRIGGER in installed):
+        if row_trigger is None or not (_older(row_trigger) or _INSERT_TRIGGER in installed):
             raise DDLLockTimeoutError(
                 f"the {_TRIGGER} triggers were not installed: a lock they need stayed taken for "
                 f"{DDL_LOCK_TIMEOUT_MS} ms (a transaction holding workflow_instance, or another install)"
@@ -175,6 +179,11 @@ async def install_notify_trigger(conn: AsyncConnection) -> None:
             _TRIGGER,
             DDL_LOCK_TIMEOUT_MS,
         )
+
+
+def _older(row_trigger: int | None) -> bool:
+    """The row trigger (its ``tgtype``) is an older asyncflow's, on INSERT OR UPDATE."""
+    return row_trigger is not None and bool(row_trigger & _TG_INSERT)
 
 
 async def _installed(conn: AsyncConnection) -> dict[str, int]:
