@@ -27,6 +27,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -297,11 +298,13 @@ async def run_driver(
     repo: Any = None,
     approval_node: str | None = None,
     workflow_types: tuple[str, ...] = (),
+    after_create: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[float, float, Any]:
     """Create ``n`` instances, then drive them with one ``WorkflowDriver(concurrency=concurrency)``.
 
     ``hooks`` must be the ones the workflow's last node reports to. With ``repo`` the instances are
-    bulk-inserted. Returns ``(create_seconds, drive_seconds, driver.stats)``.
+    bulk-inserted. ``after_create`` runs between the two, timed by neither. Returns
+    ``(create_seconds, drive_seconds, driver.stats)``.
     """
     sampler = sampler if sampler is not None else LatencySampler(n)
     previous = hooks.on_completed
@@ -315,6 +318,8 @@ async def run_driver(
     start = time.perf_counter()
     await _create_all(svc, repo, workflow_type, n, concurrency, sampler, bulk=repo is not None)
     create_s = time.perf_counter() - start
+    if after_create is not None:
+        await after_create()
     driver = WorkflowDriver(
         svc,
         concurrency=concurrency,

@@ -7,6 +7,7 @@ share ``--pool`` connections, so it runs beside other users of a small server) a
     python -m benchmarks.hot_path --backend postgres --rows direct --profile 25
     python -m benchmarks.hot_path --backend postgres --rows direct --profile 40 --profile-sort ncalls
     python -m benchmarks.hot_path --backend postgres --rows direct --profile 5 --profile-callers get_debug
+    python -m benchmarks.hot_path --backend postgres --rows driver --analyze -n 4000 --repeat 5
 
 Each ``--repeat`` round runs every row once (rows interleaved); it prints each run, then per row the
 median wf/s with [min-max], the median CPU ms per workflow, and ``median / floor median``. On Linux
@@ -148,7 +149,15 @@ async def _timed(n: int, concurrency: int, one: Callable[[int], Awaitable[None]]
     return time.perf_counter() - start
 
 
-async def _asyncflow(repo: Any, mode: str, n: int, concurrency: int) -> float:
+async def _analyze(repo: Any) -> None:
+    """``ANALYZE`` the instances table, as autovacuum does to a real backlog before long."""
+    from sqlalchemy import text
+
+    async with repo.engine.begin() as conn:
+        await conn.execute(text("ANALYZE workflow_instance"))
+
+
+async def _asyncflow(repo: Any, mode: str, n: int, concurrency: int, analyze: bool = False) -> float:
     spec = get_scenario("linear3")
     hooks = BenchHooks()
     svc = af.WorkflowService(repo, af.LocalWorkflowLock(), registry=build_registry(spec, hooks))
@@ -157,7 +166,10 @@ async def _asyncflow(repo: Any, mode: str, n: int, concurrency: int) -> float:
         return await _server_timed(run_direct(svc, spec.workflow_type, n, concurrency, spec=spec))
 
     async def driven() -> float:
-        _, elapsed, stats = await run_driver(svc, spec.workflow_type, n, concurrency, hooks=hooks, repo=repo)
+        after = (lambda: _analyze(repo)) if analyze else None
+        _, elapsed, stats = await run_driver(
+            svc, spec.workflow_type, n, concurrency, hooks=hooks, repo=repo, after_create=after
+        )
         if stats.completed != n:
             raise RuntimeError(f"driver completed {stats.completed} of {n}")
         return elapsed
@@ -177,7 +189,7 @@ async def one_run(backend: str, row: str, args: argparse.Namespace, admin: PgAdm
             repo = af.SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{path}")
             try:
                 await repo.create_schema()
-                return await _asyncflow(repo, row, args.n, args.c)
+                return await _asyncflow(repo, row, args.n, args.c, args.analyze)
             finally:
                 await repo.aclose()
     assert admin is not None
@@ -187,7 +199,7 @@ async def one_run(backend: str, row: str, args: argparse.Namespace, admin: PgAdm
         repo = af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url, pool_size=args.pool, max_overflow=4)
         try:
             await repo.create_schema()
-            return await _asyncflow(repo, row, args.n, args.c)
+            return await _asyncflow(repo, row, args.n, args.c, args.analyze)
         finally:
             await repo.aclose()
 
@@ -284,6 +296,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--profile-callers", default="", help="also print who called the functions this regex matches"
+    )
+    parser.add_argument(
+        "--analyze",
+        action="store_true",
+        help="ANALYZE the driver row's bulk-loaded backlog before its timed part (claims see statistics)",
     )
     parser.add_argument("--json")
     return parser.parse_args(argv)

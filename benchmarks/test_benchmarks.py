@@ -327,6 +327,46 @@ async def test_create_trigger_inserts_under_each_set_up_and_reports_server_cpu(p
     assert all(len(values) == 1 and values[0] > 0 for values in figures.values())
 
 
+@pytest.mark.postgres
+async def test_hot_path_analyze_gives_the_driver_rows_backlog_statistics(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    from sqlalchemy import text
+
+    from benchmarks import hot_path
+
+    analyzed: list[int] = []
+    real = hot_path._analyze
+
+    async def analyze(repo: Any) -> None:  # the real ANALYZE, then what it left in pg_class
+        await real(repo)
+        async with repo.engine.connect() as conn:
+            query = "SELECT reltuples FROM pg_class WHERE oid = 'workflow_instance'::regclass"
+            analyzed.append(int((await conn.execute(text(query))).scalar_one()))
+
+    url = postgres_url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    args = hot_path.parse(["--backend", "postgres", "--rows", "driver", "-n", "300", "-c", "8", "--analyze"])
+    args.pg_url, args.repeat, args.json = url, 1, str(tmp_path / "hot.json")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hot_path, "_analyze", analyze)
+        await hot_path.main(args)
+    assert analyzed == [300 + 50]  # the backlog and the warm-up's instances, counted before the drive
+    assert json.loads((tmp_path / "hot.json").read_text())["summary"]["postgres/driver"]["median"] > 0
+
+
+@pytest.mark.postgres
+async def test_claim_cost_claims_every_instance_both_ways_and_reports_server_cpu(postgres_url: str) -> None:
+    from benchmarks import claim_cost, hot_path
+
+    if hot_path._postgres_cpu_s() is None:
+        pytest.skip("the PostgreSQL server is not on this machine: claim_cost reads its CPU from /proc")
+    url = postgres_url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    args = claim_cost.parse(["-n", "2000", "--batch", "7", "--repeat", "1", "--pg-url", url])
+    figures = await claim_cost.main(args)  # raises unless each way claimed every instance
+    assert sorted(figures) == sorted(claim_cost.WAYS)
+    assert all(len(values) == 1 and values[0] > 0 for values in figures.values())
+
+
 async def test_sql_commit_counter_counts_transactions_and_autocommit_statements(tmp_path: Path) -> None:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine

@@ -72,7 +72,7 @@ __all__ = [
     "workflow_instance",
 ]
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 """The schema version this asyncflow migrates to (:mod:`asyncflow.store.migrations`)."""
 
 metadata = MetaData(

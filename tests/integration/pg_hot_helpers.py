@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -10,6 +12,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from asyncflow.records import NewWorkflowInstance, Step, TaskInsert, TaskInstanceRecord, TaskUpdate
+from asyncflow.store.postgres import sql as pg_sql
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 
 
@@ -92,3 +95,56 @@ async def add_refusing_trigger(engine: AsyncEngine) -> None:
 BLOCKED_BY_ME = text(
     "SELECT pid FROM pg_locks WHERE NOT granted AND pg_backend_pid() = ANY (pg_blocking_pids(pid))"
 )
+
+
+async def claim_plans(
+    engine: AsyncEngine,
+    now_ms: int,
+    limit: int,
+    until_ms: int,
+    types: list[str] | None,
+    *,
+    analyze: bool = False,
+) -> list[dict[str, Any]]:
+    """The plans of the statements inside one ``asyncflow_claim_v1`` call (``auto_explain`` of its nested
+    statements, JSON, sent to the client as LOG messages), in a transaction that is rolled back: the
+    plans the function really runs, not an ``EXPLAIN`` of the same text. Each is ``auto_explain``'s
+    object: ``{"Query Text": ..., "Plan": {...}}``."""
+    messages: list[str] = []
+    async with engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+
+        def listen(_conn: Any, message: Any) -> None:
+            messages.append(message.message)
+
+        driver.add_log_listener(listen)
+        transaction = driver.transaction()
+        await transaction.start()
+        try:
+            await driver.execute("LOAD 'auto_explain'")
+            for setting in (
+                "auto_explain.log_min_duration = 0",
+                "auto_explain.log_nested_statements = on",
+                "auto_explain.log_format = 'json'",
+                f"auto_explain.log_analyze = {analyze}",
+                "client_min_messages = log",
+            ):
+                await driver.execute(f"SET LOCAL {setting}")
+            await driver.fetchval(pg_sql.CLAIM_CALL, now_ms, limit, until_ms, types)
+            for _ in range(10):  # the listener is called soon after the message, not at once
+                await asyncio.sleep(0)
+        finally:
+            await transaction.rollback()
+            driver.remove_log_listener(listen)
+    plans = [json.loads(m[m.index("{") :]) for m in messages if "plan:" in m]
+    # the function's own statements: not the call itself, nor asyncpg's introspection of types
+    own = ("FROM workflow_instance", "UPDATE workflow_instance")
+    return [p for p in plans if any(words in p["Query Text"] for words in own)]
+
+
+def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """``node`` and every node under it."""
+    yield node
+    for child in node.get("Plans", ()):
+        yield from plan_nodes(child)

@@ -20,8 +20,9 @@ from asyncflow.records import (
     Step,
     TaskInsert,
 )
-from asyncflow.store.postgres import sql as pg_sql
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+
+from .pg_hot_helpers import claim_plans, plan_nodes
 
 
 def new(business_id: str = "b", **kw: Any) -> NewWorkflowInstance:
@@ -121,15 +122,14 @@ async def test_claims_read_the_due_index_and_create_schema_adds_it_to_older_data
     await repo.update_workflow_instances(
         InstanceWhere(ids=tuple(ids[::2])), InstanceFields(status="completed")
     )
-    async with repo.engine.connect() as conn:
+    async with repo.engine.begin() as conn:
         await conn.execute(text("ANALYZE workflow_instance"))
-        statements = {"claim": (pg_sql._CLAIM_ANY, (30_000, 64, 99))}  # the one claim statement
-        plans = {}
-        for name, (sql, args) in statements.items():
-            plan = (await conn.exec_driver_sql(f"EXPLAIN {sql}", args)).scalars().all()
-            plans[name] = "\n".join(plan)
-    for name, plan in plans.items():  # walks the index: no sort of every runnable row
-        assert "ix_workflow_instance_due" in plan and "Sort" not in plan, (name, plan)
+    plans = await claim_plans(repo.engine, 30_000, 64, 99, None)
+    assert [_kind(p) for p in plans] == ["pick", "lease"], plans
+    for plan in plans:  # walks the index: no sort of every runnable row
+        assert "Sort" not in _node_types(plan), plan
+    assert _index_scans(plans[0]) == ["ix_workflow_instance_due"], plans[0]
+    assert _index_scans(plans[1]) == ["pk_workflow_instance"], plans[1]
     assert await repo.claim_due_instances(now_ms=30_000, limit=3, lease_ms=10) == [ids[1], ids[3], ids[5]]
 
 
@@ -146,17 +146,47 @@ async def test_a_typed_claim_walks_the_due_index_before_and_after_the_table_is_a
                 "next_run_at) SELECT 'wf', 'bulk-' || i, 'init', 0, 0, 1 FROM generate_series(1, 100000) i"
             )
         )
-    args = (30_000, 64, 60_000, ["wf"])
     for analyzed in (False, True):
-        async with repo.engine.connect() as conn:
-            if analyzed:
+        if analyzed:
+            async with repo.engine.begin() as conn:
                 await conn.execute(text("ANALYZE workflow_instance"))
-            plan = "\n".join((await conn.exec_driver_sql(f"EXPLAIN {pg_sql._CLAIM_TYPED}", args)).scalars())
-            await conn.rollback()
-        assert "ix_workflow_instance_due" in plan and "Sort" not in plan, (analyzed, plan)
+        plans = await claim_plans(repo.engine, 30_000, 64, 60_000, ["wf"], analyze=True)
+        assert [_kind(p) for p in plans] == ["pick", "lease"], (analyzed, plans)
+        pick = plans[0]
+        assert "Sort" not in _node_types(pick), (analyzed, pick)
+        assert _index_scans(pick) == ["ix_workflow_instance_due"], (analyzed, pick)
+        assert max(n.get("Actual Rows", 0) for n in plan_nodes(pick["Plan"])) == 64  # read: the 64 claimed
+        # one plan per session, whatever the values: the conditions name parameters, not values
+        scan = next(n for n in plan_nodes(pick["Plan"]) if n.get("Index Name"))
+        assert scan["Index Cond"] == "(next_run_at <= $1)", (analyzed, scan)
     claimed = await repo.claim_due_instances(now_ms=30_000, limit=3, lease_ms=10, workflow_types=["wf"])
     assert claimed == ids[:3]
     assert await repo.claim_due_instances(now_ms=30_000, limit=3, lease_ms=10, workflow_types=["x"]) == []
+
+
+def _kind(plan: dict[str, Any]) -> str:
+    return "lease" if plan["Query Text"].lstrip().startswith("UPDATE") else "pick"
+
+
+def _node_types(plan: dict[str, Any]) -> list[str]:
+    return [node["Node Type"] for node in plan_nodes(plan["Plan"])]
+
+
+def _index_scans(plan: dict[str, Any]) -> list[str]:
+    return [node["Index Name"] for node in plan_nodes(plan["Plan"]) if "Index Name" in node]
+
+
+async def test_without_the_claim_function_a_claim_is_a_store_error_naming_migrate(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    ids = await repo.create_workflow_instances([new("a", next_run_at=1)])
+    async with repo.engine.begin() as conn:
+        await conn.execute(text("DROP FUNCTION asyncflow_claim_v1"))  # a schema made by other tools
+    with pytest.raises(StoreError, match=r"asyncflow_claim_v1\(\).*repo\.migrate\(\)"):
+        await repo.claim_due_instances(now_ms=10, limit=5, lease_ms=100)
+    await repo.migrate()  # re-installs it
+    assert await repo.claim_due_instances(now_ms=10, limit=5, lease_ms=100) == ids
+    assert (await repo.get_workflow_instance(ids[0])).next_run_at == 110  # type: ignore[union-attr]
 
 
 @pytest.mark.postgres

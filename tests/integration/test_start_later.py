@@ -14,8 +14,8 @@ from asyncflow.driver import WorkflowDriver
 from asyncflow.errors import ParamInvalidError
 from asyncflow.records import NewWorkflowInstance
 from asyncflow.store.memory import MemoryWorkflowRepo
-from asyncflow.store.postgres import sql as pg_sql
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+from tests.integration.pg_hot_helpers import claim_plans, plan_nodes
 from tests.integration.start_helpers import fake_service, one_node_registry
 
 
@@ -117,22 +117,15 @@ async def test_the_claim_reads_due_rows_only_with_10000_delayed_instances(pg_eng
                 )
             ).scalar_one()
         plan = plan if isinstance(plan, list) else json.loads(plan)
-        scans = list(_nodes(plan[0]["Plan"]))
+        scans = list(plan_nodes(plan[0]["Plan"]))
         scan = next(node for node in scans if "Index Name" in node)
         assert scan["Index Name"] == "ix_workflow_instance_due"
         assert "next_run_at <=" in scan["Index Cond"]
         assert scan["Actual Rows"] <= 1000  # due rows only: the 10,000 future rows are never read
-        async with pg_engine.connect() as conn:  # the whole claim statement (rolled back)
-            # whatever join the planner would pick (a hash join needs the whole table on one side)
-            await conn.exec_driver_sql("SET LOCAL enable_nestloop = off")
-            rows = await conn.exec_driver_sql(
-                f"EXPLAIN (ANALYZE, FORMAT JSON) {pg_sql._CLAIM_ANY}", (now_ms, 64, now_ms + 1000)
-            )
-            claim_plan = rows.scalar_one()
-            await conn.rollback()
-        claim_plan = claim_plan if isinstance(claim_plan, list) else json.loads(claim_plan)
-        scanned = [n for n in _nodes(claim_plan[0]["Plan"]) if n["Node Type"].endswith("Scan")]
-        assert "Seq Scan" not in {n["Node Type"] for n in scanned}, scanned
+        # the claim function's own statements, as it runs them (rolled back)
+        claim = await claim_plans(pg_engine, now_ms, 64, now_ms + 1000, None, analyze=True)
+        scanned = [n for p in claim for n in plan_nodes(p["Plan"]) if n["Node Type"].endswith("Scan")]
+        assert scanned and "Seq Scan" not in {n["Node Type"] for n in scanned}, scanned
         # every scan reads due rows only (never one of the 10,000 delayed rows)
         assert all(n["Actual Rows"] <= 1000 for n in scanned), [
             (n["Node Type"], n["Actual Rows"]) for n in scanned
@@ -141,9 +134,3 @@ async def test_the_claim_reads_due_rows_only_with_10000_delayed_instances(pg_eng
         assert claimed == due_ids[:64]  # oldest due first
     finally:
         await repo.aclose()
-
-
-def _nodes(node: dict[str, Any]) -> Any:
-    yield node
-    for child in node.get("Plans", ()):
-        yield from _nodes(child)

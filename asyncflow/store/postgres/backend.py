@@ -177,9 +177,17 @@ class PostgresBackend:
             return await pg.apply_step(driver, step, now)
 
     async def claim(self, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]) -> list[int]:
-        """One ``UPDATE ... FOR UPDATE SKIP LOCKED ... RETURNING``."""
+        """One call of ``asyncflow_claim_v1`` (``FOR UPDATE SKIP LOCKED``, then the lease's update)."""
         async with self._db(wrote=True) as db:
-            return await pg.claim_due(db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
+            try:
+                return await pg.claim_due(db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
+            except Exception as error:
+                if sqlstate(error) == pg.UNDEFINED_FUNCTION_SQLSTATE and "asyncflow_claim" in str(error):
+                    raise StoreError(
+                        "the database has no asyncflow_claim_v1() function (schema version 13): run "
+                        f"`await repo.migrate()` (or `asyncflow migrate`) to install it ({error})"
+                    ) from error
+                raise
 
     async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
         """DatabaseWorkflowLock's leases (:mod:`.leases`): on a lane, never in ``transaction()``;

@@ -18,7 +18,7 @@ from ..migrations import (
 )
 from ..tables import FILLFACTOR
 from .finished import FINISHED_DDL, FINISHED_DDL_V10, FINISHED_DDL_V12
-from .functions import BATCH_FUNCTION, STEP_FUNCTION
+from .functions import BATCH_FUNCTION, CLAIM_FUNCTION, STEP_FUNCTION
 
 __all__ = ["MIGRATIONS", "REPAIR", "lock_schema"]
 
@@ -149,10 +149,15 @@ MIGRATIONS = check_migrations(
             "checks the statuses)",
             FINISHED_DDL_V12,
         ),
+        Migration(
+            13,
+            "the driver's claim as the function asyncflow_claim_v1 (one plan per session, not one per claim)",
+            (CLAIM_FUNCTION,),
+        ),
     ]
 )
 
-REPAIR = (STEP_FUNCTION, BATCH_FUNCTION)
+REPAIR = (STEP_FUNCTION, BATCH_FUNCTION, CLAIM_FUNCTION)
 """Run by every ``migrate()`` (``CREATE OR REPLACE``): functions someone dropped come back."""
 
 

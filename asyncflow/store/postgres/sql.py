@@ -30,10 +30,11 @@ from sqlalchemy.sql.elements import BindParameter
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._prepare import InstanceRow, PreparedStep, Refused
 from .._records import inserted_task_record, instance_record, task_record
-from .._sql import RUNNABLE_SQL, refused_by
+from .._sql import refused_by
 from .._statements import TASK_VALUES, insert_child
 
 __all__ = [
+    "CLAIM_CALL",
     "CONFLICT_SQLSTATE",
     "INSERT_CHILD",
     "INSERT_TASK",
@@ -145,25 +146,11 @@ _LEASE_STATES = (
     f"SELECT *, {_NO_TASK}FROM leased {_TASKS_OF}"
 )
 """:data:`_LOAD_STATES` that also takes a new lease epoch of each instance (the passes' first read)."""
-_CLAIM = (
-    "WITH picked AS MATERIALIZED (SELECT id, next_run_at AS due FROM workflow_instance "
-    f"WHERE status IN ({RUNNABLE_SQL}) AND next_run_at <= $1::bigint{{typed}} "
-    "ORDER BY next_run_at, id LIMIT $2::bigint FOR UPDATE SKIP LOCKED), "
-    "moved AS (UPDATE workflow_instance SET next_run_at = $3::bigint "
-    "WHERE id = ANY (ARRAY(SELECT id FROM picked)) RETURNING id) "
-    "SELECT picked.id, picked.due FROM picked JOIN moved ON moved.id = picked.id"
-)
-"""Lease due rows: the pick walks the claim index over due rows only, and the update finds each picked
-row by its primary key (``id = ANY(ARRAY(...))``), so the statement reads no row that is not due
-however large the table is (a join of the pick with the table was planned as a sequential scan)."""
-_CLAIM_ANY = _CLAIM.format(typed="")
-_CLAIM_TYPED = _CLAIM.format(typed=" AND array_position($4::text[], workflow_type) IS NOT NULL")
-"""The type filter is ``array_position(...) IS NOT NULL``, not ``workflow_type = ANY(...)``: the same
-rows, but the planner cannot estimate it as selective. Without statistics (a table bulk-loaded before
-autovacuum analyzed it) the ``= ANY`` form was estimated to match one row, and the custom plans of a
-connection's first five claims read and sorted every due row (70-110 ms per claim at 100,000 queued;
-8 s of a driver's 5,000 completions at 1,000,000 went to claims) instead of walking the claim index for
-``limit`` rows."""
+CLAIM_CALL = "SELECT asyncflow_claim_v1($1::bigint, $2::bigint, $3::bigint, $4::text[])"
+"""The driver's claim: the plpgsql function :data:`~asyncflow.store.postgres.functions.CLAIM_FUNCTION`
+(migration 13), ``NULL`` types for any type. Its statements are planned once per session: sent as a
+statement of its own, the claim was planned again for every call (PostgreSQL kept custom plans for it
+once the table had statistics), about 140 us of server CPU per claim (a quarter of it in batches of 16)."""
 
 _encode = json.JSONEncoder(ensure_ascii=False).encode
 
@@ -322,8 +309,5 @@ async def apply_step(db: Any, step: PreparedStep, now: int) -> tuple[TaskInstanc
 
 async def claim_due(db: Any, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]) -> list[int]:
     """Lease up to ``limit`` due instances in one statement; ids ordered by ``(next_run_at, id)``."""
-    if types:
-        rows = await db.fetch(_CLAIM_TYPED, now_ms, limit, now_ms + lease_ms, list(types))
-    else:
-        rows = await db.fetch(_CLAIM_ANY, now_ms, limit, now_ms + lease_ms)
-    return [row[0] for row in sorted(rows, key=lambda row: (row[1], row[0]))]
+    ids = await db.fetchval(CLAIM_CALL, now_ms, limit, now_ms + lease_ms, list(types) if types else None)
+    return list(ids)

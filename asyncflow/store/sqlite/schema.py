@@ -102,6 +102,7 @@ MIGRATIONS = check_migrations(
             11, "nothing on SQLite: it keeps its foreign key (PostgreSQL: a delete trigger instead)", ()
         ),
         Migration(12, "nothing on SQLite (PostgreSQL: a cheaper WHEN on the asyncflow_finished trigger)", ()),
+        Migration(13, "nothing on SQLite (PostgreSQL: the driver's claim as a function)", ()),
     ]
 )
 
