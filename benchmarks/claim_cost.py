@@ -5,9 +5,9 @@ has), then claims them all, ``--batch`` per call, on one asyncpg connection, in 
 
 * ``function``: ``asyncflow_claim_v1`` (migration 13), whose two statements are planned once per
   session (``plan_cache_mode = force_generic_plan``);
-* ``statement``: the claim as one statement of its own, as before migration 13
-  (:data:`STATEMENT`). PostgreSQL keeps custom plans for it once the table has statistics, so it is
-  planned again on every call.
+* ``statement``: the claim as one statement of its own, as before migration 13 (what a database
+  without the function still gets: ``CLAIM_STATEMENT_TYPED``). PostgreSQL keeps custom plans for it
+  once the table has statistics, so it is planned again on every call.
 
 It reports the CPU time (user + system, from ``/proc``) of that connection's server process per
 claimed instance. Rounds run the two in turn, so that the machine's noise falls on both alike.
@@ -26,7 +26,6 @@ import sys
 import time
 from typing import Any
 
-from asyncflow.store._sql import RUNNABLE_SQL
 from asyncflow.store.postgres import sql as pg
 
 from .hot_path import PG_URL
@@ -34,22 +33,13 @@ from .step_server import _process_cpu_s, server_connection
 
 WAYS = ("function", "statement")
 
-STATEMENT = (
-    "WITH picked AS MATERIALIZED (SELECT id, next_run_at AS due FROM workflow_instance "
-    f"WHERE status IN ({RUNNABLE_SQL}) AND next_run_at <= $1::bigint "
-    "AND array_position($4::text[], workflow_type) IS NOT NULL "
-    "ORDER BY next_run_at, id LIMIT $2::bigint FOR UPDATE SKIP LOCKED), "
-    "moved AS (UPDATE workflow_instance SET next_run_at = $3::bigint "
-    "WHERE id = ANY (ARRAY(SELECT id FROM picked)) RETURNING id) "
-    "SELECT picked.id, picked.due FROM picked JOIN moved ON moved.id = picked.id"
-)
-"""The typed claim as asyncflow sent it before migration 13 (the driver names its workflow types)."""
-
 
 async def _claim(conn: Any, way: str, now: int, batch: int) -> int:
-    if way == "function":
-        return len(await pg.claim_due(conn, now_ms=now, limit=batch, lease_ms=60_000, types=["linear3"]))
-    return len(await conn.fetch(STATEMENT, now, batch, now + 60_000, ["linear3"]))
+    function = way == "function"
+    claimed = await pg.claim_due(
+        conn, now_ms=now, limit=batch, lease_ms=60_000, types=["linear3"], function=function
+    )
+    return len(claimed)
 
 
 async def _round(conn: Any, pid: int, way: str, n: int, batch: int) -> float:
@@ -87,7 +77,8 @@ async def main(args: argparse.Namespace) -> dict[str, list[float]]:
                 line.append(f"{way} {figures[way][-1]:.1f}")
             print(f"[{r + 1}] server CPU us/instance: " + ", ".join(line), flush=True)
         plans = await conn.fetchrow(
-            "SELECT custom_plans, generic_plans FROM pg_prepared_statements WHERE statement = $1", STATEMENT
+            "SELECT custom_plans, generic_plans FROM pg_prepared_statements WHERE statement = $1",
+            pg.CLAIM_STATEMENT_TYPED,
         )
         if plans is not None:  # PostgreSQL 14+ counts them
             print(f"the statement's plans on this connection: {plans[0]} custom, {plans[1]} generic")

@@ -6,6 +6,6 @@ calls ``repo.migrate()`` after them (see docs/storage.md).
 
 from __future__ import annotations
 
-from .postgres.functions import ALL, BATCH_FUNCTION, STEP_FUNCTION
+from .postgres.functions import ALL, BATCH_FUNCTION, CLAIM_FUNCTION, STEP_FUNCTION
 
-__all__ = ["ALL", "BATCH_FUNCTION", "STEP_FUNCTION"]
+__all__ = ["ALL", "BATCH_FUNCTION", "CLAIM_FUNCTION", "STEP_FUNCTION"]

@@ -106,37 +106,51 @@ async def claim_plans(
     *,
     analyze: bool = False,
 ) -> list[dict[str, Any]]:
-    """The plans of the statements inside one ``asyncflow_claim_v1`` call (``auto_explain`` of its nested
-    statements, JSON, sent to the client as LOG messages), in a transaction that is rolled back: the
-    plans the function really runs, not an ``EXPLAIN`` of the same text. Each is ``auto_explain``'s
-    object: ``{"Query Text": ..., "Plan": {...}}``."""
-    messages: list[str] = []
+    """The plans of the statements inside one ``asyncflow_claim_v1`` call (:func:`claim_plans_on`), on
+    a connection of ``engine``."""
     async with engine.connect() as conn:
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None
+        return await claim_plans_on(driver, now_ms, limit, until_ms, types, analyze=analyze)
 
-        def listen(_conn: Any, message: Any) -> None:
-            messages.append(message.message)
 
-        driver.add_log_listener(listen)
-        transaction = driver.transaction()
-        await transaction.start()
-        try:
-            await driver.execute("LOAD 'auto_explain'")
-            for setting in (
-                "auto_explain.log_min_duration = 0",
-                "auto_explain.log_nested_statements = on",
-                "auto_explain.log_format = 'json'",
-                f"auto_explain.log_analyze = {analyze}",
-                "client_min_messages = log",
-            ):
-                await driver.execute(f"SET LOCAL {setting}")
-            await driver.fetchval(pg_sql.CLAIM_CALL, now_ms, limit, until_ms, types)
-            for _ in range(10):  # the listener is called soon after the message, not at once
-                await asyncio.sleep(0)
-        finally:
-            await transaction.rollback()
-            driver.remove_log_listener(listen)
+async def claim_plans_on(
+    driver: Any,
+    now_ms: int,
+    limit: int,
+    until_ms: int,
+    types: list[str] | None,
+    *,
+    analyze: bool = False,
+) -> list[dict[str, Any]]:
+    """The plans of the statements inside one ``asyncflow_claim_v1`` call on the asyncpg connection
+    ``driver`` (``auto_explain`` of its nested statements, JSON, sent to the client as LOG messages), in
+    a transaction that is rolled back: the plans the function really runs, not an ``EXPLAIN`` of the
+    same text. Each is ``auto_explain``'s object: ``{"Query Text": ..., "Plan": {...}}``."""
+    messages: list[str] = []
+
+    def listen(_conn: Any, message: Any) -> None:
+        messages.append(message.message)
+
+    driver.add_log_listener(listen)
+    transaction = driver.transaction()
+    await transaction.start()
+    try:
+        await driver.execute("LOAD 'auto_explain'")
+        for setting in (
+            "auto_explain.log_min_duration = 0",
+            "auto_explain.log_nested_statements = on",
+            "auto_explain.log_format = 'json'",
+            f"auto_explain.log_analyze = {analyze}",
+            "client_min_messages = log",
+        ):
+            await driver.execute(f"SET LOCAL {setting}")
+        await driver.fetchval(pg_sql.CLAIM_CALL, now_ms, limit, until_ms, types)
+        for _ in range(10):  # the listener is called soon after the message, not at once
+            await asyncio.sleep(0)
+    finally:
+        await transaction.rollback()
+        driver.remove_log_listener(listen)
     plans = [json.loads(m[m.index("{") :]) for m in messages if "plan:" in m]
     # the function's own statements: not the call itself, nor asyncpg's introspection of types
     own = ("FROM workflow_instance", "UPDATE workflow_instance")

@@ -22,7 +22,7 @@ from asyncflow.records import (
 )
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 
-from .pg_hot_helpers import claim_plans, plan_nodes
+from .pg_hot_helpers import claim_plans, claim_plans_on, plan_nodes
 
 
 def new(business_id: str = "b", **kw: Any) -> NewWorkflowInstance:
@@ -176,17 +176,65 @@ def _index_scans(plan: dict[str, Any]) -> list[str]:
     return [node["Index Name"] for node in plan_nodes(plan["Plan"]) if "Index Name" in node]
 
 
-async def test_without_the_claim_function_a_claim_is_a_store_error_naming_migrate(
+async def test_without_the_claim_function_claims_use_the_older_statement_until_migrate(
+    repo: SQLAlchemyWorkflowRepo, caplog: pytest.LogCaptureFixture
+) -> None:
+    """This version deployed before ``migrate()`` (a database at schema version 12): the driver keeps
+    claiming, through the statement version 12 sent, and says once what to run."""
+    ids = await repo.create_workflow_instances([new(str(i), next_run_at=i) for i in range(6)])
+    missing = "no asyncflow_claim_v1() function"
+
+    async def drop_the_function() -> None:
+        async with repo.engine.begin() as conn:
+            await conn.execute(text("DROP FUNCTION asyncflow_claim_v1"))
+
+    await drop_the_function()
+    with caplog.at_level(logging.WARNING, logger="asyncflow.store.postgres.backend"):
+        with pytest.raises(StoreError, match=r"asyncflow_claim_v1\(\).*repo\.migrate\(\)"):
+            async with repo.transaction():  # the failed call aborted the transaction: no way on
+                await repo.claim_due_instances(now_ms=10, limit=2, lease_ms=100)
+        assert await repo.claim_due_instances(now_ms=10, limit=2, lease_ms=100) == ids[:2]
+        typed = await repo.claim_due_instances(now_ms=10, limit=2, lease_ms=100, workflow_types=["wf"])
+        assert typed == ids[2:4]
+        assert await repo.claim_due_instances(now_ms=10, limit=2, lease_ms=100, workflow_types=["x"]) == []
+        async with repo.transaction():  # known missing now: the statement, in the transaction too
+            assert await repo.claim_due_instances(now_ms=10, limit=1, lease_ms=100) == ids[4:5]
+    assert sum(missing in r.getMessage() for r in caplog.records) == 1  # once, not per claim
+    dues = [(await repo.get_workflow_instance(i)).next_run_at for i in ids]  # type: ignore[union-attr]
+    assert dues == [110] * 5 + [5]
+
+    await repo.migrate()  # installs it: claims call the function again
+    assert await repo.claim_due_instances(now_ms=10, limit=5, lease_ms=100) == ids[5:]
+    caplog.clear()
+    await drop_the_function()  # a claim tries the function again (and finds it missing again)
+    with caplog.at_level(logging.WARNING, logger="asyncflow.store.postgres.backend"):
+        assert await repo.claim_due_instances(now_ms=200, limit=9, lease_ms=100) == ids
+    assert sum(missing in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_claim_planned_on_a_small_table_still_walks_the_index_once_it_grew(
     repo: SQLAlchemyWorkflowRepo,
 ) -> None:
-    ids = await repo.create_workflow_instances([new("a", next_run_at=1)])
-    async with repo.engine.begin() as conn:
-        await conn.execute(text("DROP FUNCTION asyncflow_claim_v1"))  # a schema made by other tools
-    with pytest.raises(StoreError, match=r"asyncflow_claim_v1\(\).*repo\.migrate\(\)"):
-        await repo.claim_due_instances(now_ms=10, limit=5, lease_ms=100)
-    await repo.migrate()  # re-installs it
-    assert await repo.claim_due_instances(now_ms=10, limit=5, lease_ms=100) == ids
-    assert (await repo.get_workflow_instance(ids[0])).next_run_at == 110  # type: ignore[union-attr]
+    """One plan per session: the plan a session made while the table held a few analyzed rows is kept
+    until the next ``ANALYZE``. It is the index walk then too (no sequential scan, no sort of every due
+    row), so a backlog that grows after it is claimed as fast."""
+    await repo.create_workflow_instances([new(str(i), next_run_at=i) for i in range(5)])
+    async with repo.engine.connect() as conn:
+        await conn.execute(text("ANALYZE workflow_instance"))
+        await conn.commit()
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        small = await claim_plans_on(driver, 30_000, 64, 60_000, ["wf"])  # planned now, on 5 rows
+        await driver.execute(
+            "INSERT INTO workflow_instance (workflow_type, business_id, status, created_at, updated_at, "
+            "next_run_at) SELECT 'wf', 'bulk-' || i, 'init', 0, 0, 1 FROM generate_series(1, 100000) i"
+        )
+        grown = await claim_plans_on(driver, 30_000, 64, 60_000, ["wf"], analyze=True)  # the same plan
+    for plans in (small, grown):
+        assert [_kind(p) for p in plans] == ["pick", "lease"], plans
+        assert not {"Sort", "Seq Scan"} & {t for p in plans for t in _node_types(p)}, plans
+        assert _index_scans(plans[0]) == ["ix_workflow_instance_due"], plans[0]
+    assert max(n.get("Actual Rows", 0) for n in plan_nodes(grown[0]["Plan"])) == 64  # not 100,005
 
 
 @pytest.mark.postgres

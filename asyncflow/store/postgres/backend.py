@@ -8,11 +8,13 @@ creates (one multi-row insert) and pass reads (instances and node rows of severa
 SAVEPOINT. Units that bypass SQLAlchemy are reported to :mod:`asyncflow.store._observers`.
 
 A step is the ``asyncflow_step_v1()`` function that ``migrate()`` installs; without it a step raises
-``StoreError`` naming the fix.
+``StoreError`` naming the fix. A claim is ``asyncflow_claim_v1()``; without it (a database at schema
+version 12) claims use the statement version 12 used, with a warning, until ``migrate()``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -35,6 +37,8 @@ from .lanes import PgLanes, lane_limit
 from .notify import DueNotifier
 
 __all__ = ["BULK_PAGE_SIZE", "PostgresBackend"]
+
+logger = logging.getLogger(__name__)
 
 BULK_PAGE_SIZE = 2000
 """Rows per statement of a bulk create."""
@@ -66,6 +70,7 @@ class PostgresBackend:
         self._leased_reads: StepBatcher[Any] | None = None
         self._acquires: StepBatcher[Any] | None = None
         self._releases: StepBatcher[Any] | None = None
+        self._claim_function = True  # False once a claim found no asyncflow_claim_v1 (until migrate())
         if self._lanes.limit > 0:
             slots = min(BATCH_SLOTS, self._lanes.limit)
             self._steps = PgStepBatches(self._lanes)
@@ -177,17 +182,32 @@ class PostgresBackend:
             return await pg.apply_step(driver, step, now)
 
     async def claim(self, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]) -> list[int]:
-        """One call of ``asyncflow_claim_v1`` (``FOR UPDATE SKIP LOCKED``, then the lease's update)."""
+        """One call of ``asyncflow_claim_v1`` (``FOR UPDATE SKIP LOCKED``, then the lease's update).
+
+        Without the function (a database this version has not migrated yet) claims go through the
+        statement schema version 12 used, with a warning, until ``migrate()``; inside
+        ``transaction()`` the failed call has aborted the transaction: ``StoreError`` naming the fix."""
         async with self._db(wrote=True) as db:
-            try:
-                return await pg.claim_due(db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
-            except Exception as error:
-                if sqlstate(error) == pg.UNDEFINED_FUNCTION_SQLSTATE and "asyncflow_claim" in str(error):
-                    raise StoreError(
-                        "the database has no asyncflow_claim_v1() function (schema version 13): run "
-                        f"`await repo.migrate()` (or `asyncflow migrate`) to install it ({error})"
-                    ) from error
-                raise
+            if self._claim_function:
+                try:
+                    return await pg.claim_due(db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
+                except Exception as error:
+                    if not _no_claim_function(error):
+                        raise
+                    if isinstance(db, pg.TxConnection):
+                        raise StoreError(
+                            "the database has no asyncflow_claim_v1() function (schema version 13): run "
+                            f"`await repo.migrate()` (or `asyncflow migrate`) to install it ({error})"
+                        ) from error
+                    self._claim_function = False
+                    logger.warning(
+                        "the database has no asyncflow_claim_v1() function (schema version 13): claims "
+                        "use the statement of version 12 until `repo.migrate()` (or `asyncflow "
+                        "migrate`) installs it"
+                    )
+            return await pg.claim_due(
+                db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types, function=False
+            )
 
     async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
         """DatabaseWorkflowLock's leases (:mod:`.leases`): on a lane, never in ``transaction()``;
@@ -229,9 +249,10 @@ class PostgresBackend:
         return FinishedNotifier(self._engine, callback)
 
     def migrated(self) -> None:
-        """The functions are installed: grouped steps may run again."""
+        """The functions are installed: grouped steps and the claim function may run again."""
         if self._steps is not None:
             self._steps.enabled = True
+        self._claim_function = True
 
     async def aclose(self) -> None:
         """Wait for the batches in flight, then return the lanes."""
@@ -250,6 +271,10 @@ class PostgresBackend:
 
 async def _release_one(db: Any, items: Sequence[tuple[str, str, int]]) -> list[bool]:
     return await leases.release(db, [(key, holder) for key, holder, _ in items])
+
+
+def _no_claim_function(error: Exception) -> bool:
+    return sqlstate(error) == pg.UNDEFINED_FUNCTION_SQLSTATE and "asyncflow_claim" in str(error)
 
 
 def _step_error(error: Exception) -> None:

@@ -12,7 +12,8 @@ raises ``StoreError`` naming ``migrate()``. The status lists in them come from
   subtransaction of its own (group commit). The repo calls it only for a batch in which a step was
   refused: a batch goes first as one plain statement calling ``asyncflow_step_v1`` for each step.
 * ``asyncflow_claim_v1(bigint, bigint, bigint, text[])``: the driver's claim (migration 13), with
-  one plan per session for its two statements (``plan_cache_mode = force_generic_plan``).
+  one plan per session for its two statements (``plan_cache_mode = force_generic_plan``), the index
+  walk whatever the table's statistics (``enable_seqscan`` and ``enable_sort`` off in the function).
 """
 
 from __future__ import annotations
@@ -176,15 +177,17 @@ _CLAIM_PICK = f"""\
 
 CLAIM_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION asyncflow_claim_v1(p_now bigint, p_limit bigint, p_until bigint, p_types text[])
-RETURNS bigint[] LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $asyncflow$
+RETURNS bigint[] LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_sort = off AS $asyncflow$
 -- The driver's claim: up to p_limit due init/running instances (of p_types, or of any type when it
 -- is NULL), oldest due first, leased until p_until (next_run_at); their ids in that order. Rows
 -- another transaction has locked are skipped, so concurrent claimers never get the same row.
 -- A statement's plan is made once per session (generic): planned again for each call, as the
--- claim statement was, it cost about 140 us of server CPU per claim. Its shape does not depend on the
--- values: the pick walks ix_workflow_instance_due over due rows only (array_position() is never
--- estimated as selective, so the type filter cannot turn it into a sort of every due row), and the
--- update finds each picked row by its primary key.
+-- claim statement was, it cost about 140 us of server CPU per claim. Its shape depends neither on
+-- the values nor on the statistics it was planned with (a plan made while the table was small is
+-- kept until the next ANALYZE): without sequential scans and sorts, the pick walks
+-- ix_workflow_instance_due over due rows only, in its order, and the update finds each picked row
+-- by its primary key.
 DECLARE
     v_ids bigint[];
 BEGIN

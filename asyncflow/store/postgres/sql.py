@@ -30,11 +30,13 @@ from sqlalchemy.sql.elements import BindParameter
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._prepare import InstanceRow, PreparedStep, Refused
 from .._records import inserted_task_record, instance_record, task_record
-from .._sql import refused_by
+from .._sql import RUNNABLE_SQL, refused_by
 from .._statements import TASK_VALUES, insert_child
 
 __all__ = [
     "CLAIM_CALL",
+    "CLAIM_STATEMENT",
+    "CLAIM_STATEMENT_TYPED",
     "CONFLICT_SQLSTATE",
     "INSERT_CHILD",
     "INSERT_TASK",
@@ -149,8 +151,28 @@ _LEASE_STATES = (
 CLAIM_CALL = "SELECT asyncflow_claim_v1($1::bigint, $2::bigint, $3::bigint, $4::text[])"
 """The driver's claim: the plpgsql function :data:`~asyncflow.store.postgres.functions.CLAIM_FUNCTION`
 (migration 13), ``NULL`` types for any type. Its statements are planned once per session: sent as a
-statement of its own, the claim was planned again for every call (PostgreSQL kept custom plans for it
-once the table had statistics), about 140 us of server CPU per claim (a quarter of it in batches of 16)."""
+statement of its own (:data:`CLAIM_STATEMENT`), the claim was planned again for every call
+(PostgreSQL kept custom plans for it once the table had statistics), about 140 us of server CPU per
+claim (a quarter of it in batches of 16)."""
+
+_CLAIM_STATEMENT = (
+    "WITH picked AS MATERIALIZED (SELECT id, next_run_at AS due FROM workflow_instance "
+    f"WHERE status IN ({RUNNABLE_SQL}) AND next_run_at <= $1::bigint{{typed}} "
+    "ORDER BY next_run_at, id LIMIT $2::bigint FOR UPDATE SKIP LOCKED), "
+    "moved AS (UPDATE workflow_instance SET next_run_at = $3::bigint "
+    "WHERE id = ANY (ARRAY(SELECT id FROM picked)) RETURNING id) "
+    "SELECT picked.id, picked.due FROM picked JOIN moved ON moved.id = picked.id"
+)
+CLAIM_STATEMENT = _CLAIM_STATEMENT.format(typed="")
+CLAIM_STATEMENT_TYPED = _CLAIM_STATEMENT.format(
+    typed=" AND array_position($4::text[], workflow_type) IS NOT NULL"
+)
+"""The claim as one statement, as schema version 12 sent it: what a claim runs on a database that has
+no ``asyncflow_claim_v1`` yet (this version deployed before ``migrate()``). The same rows as the
+function: the pick walks the claim index over due rows only; the update finds each picked row by its
+primary key; the type filter is ``array_position(...) IS NOT NULL``, which the planner never estimates
+as selective (``workflow_type = ANY(...)`` was, on a table without statistics, and its custom plans
+sorted every due row)."""
 
 _encode = json.JSONEncoder(ensure_ascii=False).encode
 
@@ -307,7 +329,17 @@ async def apply_step(db: Any, step: PreparedStep, now: int) -> tuple[TaskInstanc
     return inserted_records(step, ids, now)
 
 
-async def claim_due(db: Any, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]) -> list[int]:
-    """Lease up to ``limit`` due instances in one statement; ids ordered by ``(next_run_at, id)``."""
-    ids = await db.fetchval(CLAIM_CALL, now_ms, limit, now_ms + lease_ms, list(types) if types else None)
-    return list(ids)
+async def claim_due(
+    db: Any, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str], function: bool = True
+) -> list[int]:
+    """Lease up to ``limit`` due instances in one statement; ids ordered by ``(next_run_at, id)``.
+
+    ``function=False``: through :data:`CLAIM_STATEMENT` (a database without the claim function)."""
+    until = now_ms + lease_ms
+    if function:
+        return list(await db.fetchval(CLAIM_CALL, now_ms, limit, until, list(types) if types else None))
+    if types:
+        rows = await db.fetch(CLAIM_STATEMENT_TYPED, now_ms, limit, until, list(types))
+    else:
+        rows = await db.fetch(CLAIM_STATEMENT, now_ms, limit, until)
+    return [row[0] for row in sorted(rows, key=lambda row: (row[1], row[0]))]
