@@ -97,21 +97,12 @@ BLOCKED_BY_ME = text(
 )
 
 
-async def claim_plans(
-    engine: AsyncEngine,
-    now_ms: int,
-    limit: int,
-    until_ms: int,
-    types: list[str] | None,
-    *,
-    analyze: bool = False,
-) -> list[dict[str, Any]]:
-    """The plans of the statements inside one ``asyncflow_claim_v1`` call (:func:`claim_plans_on`), on
-    a connection of ``engine``."""
+async def claim_plans(engine: AsyncEngine, *args: Any, **options: Any) -> list[dict[str, Any]]:
+    """:func:`claim_plans_on` (the same arguments after the connection) on a connection of ``engine``."""
     async with engine.connect() as conn:
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None
-        return await claim_plans_on(driver, now_ms, limit, until_ms, types, analyze=analyze)
+        return await claim_plans_on(driver, *args, **options)
 
 
 async def claim_plans_on(
