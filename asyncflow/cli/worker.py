@@ -23,6 +23,7 @@ from ..engine.service import WorkflowService
 from ..lock.local import LocalWorkflowLock
 from ..records import QueryWorkflowInstanceParams
 from ..store.sqlalchemy import SQLAlchemyWorkflowRepo
+from ..store.tables import SCHEMA_VERSION
 from .app import load_app
 from .backend import open_service, redact
 from .metrics import serve_metrics
@@ -118,12 +119,32 @@ async def _stop(driver: WorkflowDriver, grace: float, now: asyncio.Event) -> Non
         stopping.cancel()
 
 
+def _check_schema_version(recorded: int) -> None:
+    """Say when the database's schema is not this asyncflow's: the worker runs on, as it can."""
+    if recorded < SCHEMA_VERSION:
+        logger.warning(
+            "the database has asyncflow schema version %d, older than this asyncflow's %d: run "
+            "`asyncflow migrate` (until then what needs the newer versions fails, or runs the older way)",
+            recorded,
+            SCHEMA_VERSION,
+        )
+    elif recorded > SCHEMA_VERSION:
+        logger.warning(
+            "the database has asyncflow schema version %d, newer than this asyncflow's %d: a newer "
+            "asyncflow migrated it; upgrade this worker",
+            recorded,
+            SCHEMA_VERSION,
+        )
+
+
 async def run_worker(args: argparse.Namespace) -> int:
     """Drive APP's workflows until a signal; returns 0 after a clean stop."""
     async with _service(args) as svc:
         svc.registry.preload_workflow_definitions()  # a broken config fails now, not on the first pass
         await svc.count_workflow_instances(QueryWorkflowInstanceParams())  # reachable, tables present
         repo = svc.repo
+        if isinstance(repo, SQLAlchemyWorkflowRepo):
+            _check_schema_version(await repo.schema_version())
         shared = isinstance(repo, SQLAlchemyWorkflowRepo) and repo.shared_by_processes
         if isinstance(svc.lock, LocalWorkflowLock) and shared:  # an app's own service
             logger.warning(

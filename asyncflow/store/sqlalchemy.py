@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from sqlalchemy import delete, select
-from sqlalchemy.engine import URL
+from sqlalchemy import delete, inspect, select
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._held import holds_cancellation
@@ -158,6 +158,17 @@ class SQLAlchemyWorkflowRepo:
     async def create_schema(self) -> None:
         """The same as :meth:`migrate` (the 0.1 name)."""
         await self.migrate()
+
+    async def schema_version(self) -> int:
+        """The highest schema version recorded in the database (``asyncflow_schema``): 0 when there is
+        none yet (no asyncflow tables, or tables made from ``metadata`` by other tools). Below
+        :data:`~asyncflow.store.tables.SCHEMA_VERSION`, :meth:`migrate` has versions to apply; above
+        it, a newer asyncflow migrated the database."""
+        with StoreErrors("schema_version"):
+            async with self._connection() as conn:
+                if not await conn.run_sync(_has_version_table):
+                    return 0
+                return await migrations.recorded_version(conn)
 
     async def aclose(self) -> None:
         """Dispose the engine if the repo built it (idempotent); a caller's engine is left alone."""
@@ -569,3 +580,7 @@ class SQLAlchemyWorkflowRepo:
         transaction with the tick's row, whose primary key lets exactly one caller fire it."""
         with StoreErrors("fire_schedule_tick"):
             return await self._schedules.fire(schedule_id, tick, new, now_ms, prune_before)
+
+
+def _has_version_table(conn: Connection) -> bool:
+    return inspect(conn).has_table(tables.asyncflow_schema.name)

@@ -19,6 +19,7 @@ from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.records import QueryWorkflowInstanceParams
 from asyncflow.registry import Registry
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
+from asyncflow.store.tables import SCHEMA_VERSION
 from asyncflow.worker import NormalTaskWorker
 
 from .cli_helpers import assert_clean_error, call_cli, cli_env, run_cli, scratch_database
@@ -69,6 +70,16 @@ async def _create(url: str, count: int) -> None:
         await repo.aclose()
 
 
+async def _execute(url: str, statements: tuple[str, ...]) -> None:
+    repo = SQLAlchemyWorkflowRepo(url)
+    try:
+        async with repo.engine.begin() as conn:
+            for statement in statements:
+                await conn.exec_driver_sql(statement)
+    finally:
+        await repo.aclose()
+
+
 async def _completed(url: str) -> int:
     repo = SQLAlchemyWorkflowRepo(url)
     try:
@@ -78,11 +89,19 @@ async def _completed(url: str) -> int:
 
 
 def _drive_with_worker(
-    tmp_path: pathlib.Path, url: str, stop_signal: signal.Signals, extra: tuple[str, ...] = ()
+    tmp_path: pathlib.Path,
+    url: str,
+    stop_signal: signal.Signals,
+    extra: tuple[str, ...] = (),
+    *,
+    before: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
+    """``before``: SQL run on the database after the instances are created, before the worker starts."""
     (tmp_path / "helpdesk.py").write_text(APP)
     assert call_cli("init-db", "--db", url, cwd=tmp_path).returncode == 0
     asyncio.run(_create(url, 5))
+    if before:
+        asyncio.run(_execute(url, before))
     args = ["worker", "helpdesk:registry", "--db", url, "--poll-interval", "0.2", "--grace", "5", *extra]
     proc = subprocess.Popen(
         [sys.executable, "-m", "asyncflow", *args],
@@ -146,6 +165,25 @@ def test_worker_on_postgres_alone_keeps_the_lock_in_the_database(
     assert "lock DatabaseWorkflowLock" in result.stderr
     assert "5 completed" in result.stderr
     assert "Traceback" not in result.stderr and "WARNING" not in result.stderr
+
+
+@pytest.mark.postgres
+def test_worker_on_a_database_not_migrated_yet_says_so_and_still_claims(
+    tmp_path: pathlib.Path, postgres_url: str
+) -> None:
+    """This version deployed before `asyncflow migrate`, on a database of the version before (schema 12:
+    no claim function): the worker warns, and its driver claims through the older statement."""
+    previous = SCHEMA_VERSION - 1
+    before = (f"DELETE FROM asyncflow_schema WHERE version > {previous}", "DROP FUNCTION asyncflow_claim_v1")
+    with scratch_database(postgres_url, f"worker_{uuid.uuid4().hex[:12]}") as url:
+        result = _drive_with_worker(tmp_path, url, signal.SIGINT, before=before)
+    assert result.returncode == 0, result.stderr
+    assert "5 completed" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        f"the database has asyncflow schema version {previous}, older than this asyncflow's "
+        f"{SCHEMA_VERSION}: run `asyncflow migrate`"
+    ) in result.stderr
+    assert result.stderr.count("no asyncflow_claim_v1() function") == 1  # once, not per claim
 
 
 def test_worker_refuses_a_bad_app(tmp_path: pathlib.Path) -> None:

@@ -85,6 +85,32 @@ async def test_postgres_from_scratch_matches_metadata(postgres_url: str) -> None
         await _check_fresh(engine)
 
 
+async def _check_schema_version(engine: AsyncEngine) -> None:
+    async with af.SQLAlchemyWorkflowRepo(engine) as repo:
+        assert await repo.schema_version() == 0  # no asyncflow table yet
+        async with engine.begin() as conn:  # tables made by another tool: nothing recorded
+            await conn.run_sync(af.metadata.create_all)
+        assert await repo.schema_version() == 0
+        await repo.migrate()
+        assert await repo.schema_version() == af.SCHEMA_VERSION
+        async with engine.begin() as conn:  # as a database of the asyncflow before this one
+            await conn.exec_driver_sql(f"DELETE FROM asyncflow_schema WHERE version = {af.SCHEMA_VERSION}")
+        assert await repo.schema_version() == af.SCHEMA_VERSION - 1
+        await repo.migrate()
+        assert await repo.schema_version() == af.SCHEMA_VERSION
+
+
+async def test_sqlite_schema_version_is_what_the_database_recorded(sqlite_url: str) -> None:
+    async with af.SQLAlchemyWorkflowRepo(sqlite_url) as owner:
+        await _check_schema_version(owner.engine)
+
+
+@pytest.mark.postgres
+async def test_postgres_schema_version_is_what_the_database_recorded(postgres_url: str) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        await _check_schema_version(engine)
+
+
 async def _adopt(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:  # tables made by another tool from af.metadata
         await conn.run_sync(af.metadata.create_all)
