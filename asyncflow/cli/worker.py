@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 
 from ..driver import WorkflowDriver
 from ..engine.service import WorkflowService
+from ..errors import StoreError
 from ..lock.local import LocalWorkflowLock
 from ..records import QueryWorkflowInstanceParams
 from ..store.sqlalchemy import SQLAlchemyWorkflowRepo
@@ -119,8 +120,14 @@ async def _stop(driver: WorkflowDriver, grace: float, now: asyncio.Event) -> Non
         stopping.cancel()
 
 
-def _check_schema_version(recorded: int) -> None:
-    """Say when the database's schema is not this asyncflow's: the worker runs on, as it can."""
+async def _check_schema_version(repo: SQLAlchemyWorkflowRepo) -> None:
+    """Say when the database's schema is not this asyncflow's: the worker runs on, as it can (a role
+    that may not read the version table gets a warning, not a refusal)."""
+    try:
+        recorded = await repo.schema_version()
+    except StoreError as error:
+        logger.warning("could not read the database's asyncflow schema version: %s", error)
+        return
     if recorded < SCHEMA_VERSION:
         logger.warning(
             "the database has asyncflow schema version %d, older than this asyncflow's %d: run "
@@ -144,7 +151,7 @@ async def run_worker(args: argparse.Namespace) -> int:
         await svc.count_workflow_instances(QueryWorkflowInstanceParams())  # reachable, tables present
         repo = svc.repo
         if isinstance(repo, SQLAlchemyWorkflowRepo):
-            _check_schema_version(await repo.schema_version())
+            await _check_schema_version(repo)
         shared = isinstance(repo, SQLAlchemyWorkflowRepo) and repo.shared_by_processes
         if isinstance(svc.lock, LocalWorkflowLock) and shared:  # an app's own service
             logger.warning(

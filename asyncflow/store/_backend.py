@@ -28,12 +28,15 @@ __all__ = ["PACKAGES", "SchemaOps", "SqlBackend", "backend_for", "engine_url_for
 
 
 class SchemaOps(Protocol):
-    """A backend's ``schema`` module: its numbered migrations and how it serializes migrators."""
+    """A backend's ``schema`` module: its numbered migrations, how it serializes migrators, and where it
+    looks for the version table."""
 
     MIGRATIONS: tuple[Migration, ...]
     REPAIR: tuple[str, ...]
 
     def lock_schema(self, conn: AsyncConnection) -> Awaitable[None]: ...
+
+    def has_version_table(self, conn: AsyncConnection) -> Awaitable[bool]: ...
 
 
 class SqlBackend(Protocol):

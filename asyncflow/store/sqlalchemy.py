@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from sqlalchemy import delete, inspect, select
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy import delete, select
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._held import holds_cancellation
@@ -166,7 +166,7 @@ class SQLAlchemyWorkflowRepo:
         it, a newer asyncflow migrated the database."""
         with StoreErrors("schema_version"):
             async with self._connection() as conn:
-                if not await conn.run_sync(_has_version_table):
+                if not await self._backend.schema.has_version_table(conn):
                     return 0
                 return await migrations.recorded_version(conn)
 
@@ -580,7 +580,3 @@ class SQLAlchemyWorkflowRepo:
         transaction with the tick's row, whose primary key lets exactly one caller fire it."""
         with StoreErrors("fire_schedule_tick"):
             return await self._schedules.fire(schedule_id, tick, new, now_ms, prune_before)
-
-
-def _has_version_table(conn: Connection) -> bool:
-    return inspect(conn).has_table(tables.asyncflow_schema.name)

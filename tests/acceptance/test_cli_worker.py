@@ -186,6 +186,43 @@ def test_worker_on_a_database_not_migrated_yet_says_so_and_still_claims(
     assert result.stderr.count("no asyncflow_claim_v1() function") == 1  # once, not per claim
 
 
+@pytest.mark.postgres
+async def test_a_role_that_may_not_read_the_schema_version_gets_a_warning_not_a_refusal(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Least privilege: the worker's role may use the work tables but not read ``asyncflow_schema``."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from asyncflow.cli.worker import _check_schema_version
+    from tests.conftest import isolated_pg_engine
+
+    role = f"worker_{uuid.uuid4().hex[:12]}"
+    async with isolated_pg_engine(postgres_url) as owner:
+        async with SQLAlchemyWorkflowRepo(owner) as repo:
+            await repo.migrate()
+        async with owner.begin() as conn:
+            schema = (await conn.execute(text("SELECT current_schema()"))).scalar_one()
+            await conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+            await conn.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'))
+            await conn.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON workflow_instance TO "{role}"'))
+        url = make_url(postgres_url).set(username=role, password=None)
+        worker = create_async_engine(url, connect_args={"server_settings": {"search_path": schema}})
+        try:
+            async with SQLAlchemyWorkflowRepo(worker) as repo:
+                assert await repo.count_workflow_instances(QueryWorkflowInstanceParams()) == 0  # it may work
+                with caplog.at_level("WARNING", logger="asyncflow.cli.worker"):
+                    await _check_schema_version(repo)  # does not raise
+            assert "could not read the database's asyncflow schema version" in caplog.text
+            assert "permission denied" in caplog.text
+        finally:
+            await worker.dispose()
+            async with owner.begin() as conn:
+                await conn.execute(text(f'DROP OWNED BY "{role}"'))
+                await conn.execute(text(f'DROP ROLE "{role}"'))
+
+
 def test_worker_refuses_a_bad_app(tmp_path: pathlib.Path) -> None:
     (tmp_path / "helpdesk.py").write_text(APP)
     url = f"sqlite+aiosqlite:///{tmp_path}/w.db"

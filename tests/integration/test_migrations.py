@@ -111,6 +111,37 @@ async def test_postgres_schema_version_is_what_the_database_recorded(postgres_ur
         await _check_schema_version(engine)
 
 
+@pytest.mark.postgres
+async def test_schema_version_reads_the_current_schema_not_one_behind_it_in_the_search_path(
+    postgres_url: str,
+) -> None:
+    """A tenant's schema first in ``search_path``, an asyncflow schema behind it (e.g. ``public``): before
+    the tenant's first ``migrate()`` its version is 0, and that read leaves ``migrate()`` to make every
+    table in the tenant's schema."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async with isolated_pg_engine(postgres_url) as behind, isolated_pg_engine(postgres_url) as tenant:
+        async with af.SQLAlchemyWorkflowRepo(behind) as repo:
+            await repo.migrate()
+        async with behind.connect() as conn, tenant.connect() as other:
+            names = [(await c.exec_driver_sql("SELECT current_schema()")).scalar() for c in (conn, other)]
+        path = f'"{names[1]}", "{names[0]}"'
+        both = create_async_engine(
+            postgres_url, connect_args={"server_settings": {"search_path": path}}, pool_size=1
+        )
+        try:
+            async with af.SQLAlchemyWorkflowRepo(both) as repo:
+                assert await repo.schema_version() == 0  # not the version of the schema behind it
+                await repo.migrate()  # on the same (only) connection
+                assert await repo.schema_version() == af.SCHEMA_VERSION
+            async with tenant.connect() as conn:
+                made = set(await conn.run_sync(lambda sync: inspect(sync).get_table_names()))
+                versions = (await conn.exec_driver_sql("SELECT count(*) FROM asyncflow_schema")).scalar()
+            assert made == set(af.metadata.tables) and versions == af.SCHEMA_VERSION
+        finally:
+            await both.dispose()
+
+
 async def _adopt(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:  # tables made by another tool from af.metadata
         await conn.run_sync(af.metadata.create_all)

@@ -20,6 +20,7 @@ from asyncflow.records import (
     Step,
     TaskInsert,
 )
+from asyncflow.store.postgres import backend as pg_backend
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 
 from .pg_hot_helpers import claim_plans, claim_plans_on, plan_nodes
@@ -176,11 +177,13 @@ def _index_scans(plan: dict[str, Any]) -> list[str]:
     return [node["Index Name"] for node in plan_nodes(plan["Plan"]) if "Index Name" in node]
 
 
-async def test_without_the_claim_function_claims_use_the_older_statement_until_migrate(
-    repo: SQLAlchemyWorkflowRepo, caplog: pytest.LogCaptureFixture
+async def test_without_the_claim_function_claims_use_the_older_statement_until_it_is_there(
+    repo: SQLAlchemyWorkflowRepo, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """This version deployed before ``migrate()`` (a database at schema version 12): the driver keeps
-    claiming, through the statement version 12 sent, and says once what to run."""
+    """This version deployed before `asyncflow migrate` (a database at schema version 12): the driver
+    keeps claiming through the statement version 12 sent, says once what to run, and tries the function
+    again every few claims, so a migration by another process is taken up without a restart."""
+    monkeypatch.setattr(pg_backend, "CLAIM_FUNCTION_RETRY_EVERY", 3)
     ids = await repo.create_workflow_instances([new(str(i), next_run_at=i) for i in range(6)])
     missing = "no asyncflow_claim_v1() function"
 
@@ -188,28 +191,61 @@ async def test_without_the_claim_function_claims_use_the_older_statement_until_m
         async with repo.engine.begin() as conn:
             await conn.execute(text("DROP FUNCTION asyncflow_claim_v1"))
 
-    await drop_the_function()
-    with caplog.at_level(logging.WARNING, logger="asyncflow.store.postgres.backend"):
-        with pytest.raises(StoreError, match=r"asyncflow_claim_v1\(\).*repo\.migrate\(\)"):
-            async with repo.transaction():  # the failed call aborted the transaction: no way on
-                await repo.claim_due_instances(now_ms=10, limit=2, lease_ms=100)
-        assert await repo.claim_due_instances(now_ms=10, limit=2, lease_ms=100) == ids[:2]
-        typed = await repo.claim_due_instances(now_ms=10, limit=2, lease_ms=100, workflow_types=["wf"])
-        assert typed == ids[2:4]
-        assert await repo.claim_due_instances(now_ms=10, limit=2, lease_ms=100, workflow_types=["x"]) == []
-        async with repo.transaction():  # known missing now: the statement, in the transaction too
-            assert await repo.claim_due_instances(now_ms=10, limit=1, lease_ms=100) == ids[4:5]
-    assert sum(missing in r.getMessage() for r in caplog.records) == 1  # once, not per claim
-    dues = [(await repo.get_workflow_instance(i)).next_run_at for i in ids]  # type: ignore[union-attr]
-    assert dues == [110] * 5 + [5]
+    def said(level: int) -> int:
+        return sum(missing in r.getMessage() and r.levelno == level for r in caplog.records)
 
-    await repo.migrate()  # installs it: claims call the function again
-    assert await repo.claim_due_instances(now_ms=10, limit=5, lease_ms=100) == ids[5:]
-    caplog.clear()
-    await drop_the_function()  # a claim tries the function again (and finds it missing again)
-    with caplog.at_level(logging.WARNING, logger="asyncflow.store.postgres.backend"):
-        assert await repo.claim_due_instances(now_ms=200, limit=9, lease_ms=100) == ids
-    assert sum(missing in r.getMessage() for r in caplog.records) == 1
+    async def claim(limit: int, **kw: Any) -> list[int]:
+        return await repo.claim_due_instances(now_ms=10, limit=limit, lease_ms=1000, **kw)
+
+    await drop_the_function()
+    caplog.set_level(logging.DEBUG, logger="asyncflow.store.postgres.backend")
+    with pytest.raises(StoreError, match=r"asyncflow_claim_v1\(\).*repo\.migrate\(\)"):
+        async with repo.transaction():  # the failed call aborted the transaction: no way on
+            await claim(2)
+    assert await claim(2) == ids[:2]  # tried the function: the older statement, and a warning
+    assert await claim(2, workflow_types=["wf"]) == ids[2:4]  # the older statement (3 to go)
+    assert await claim(2, workflow_types=["x"]) == []  # (2 to go)
+    async with repo.transaction():  # (1 to go) the older statement, in a transaction too
+        assert await claim(1) == ids[4:5]
+    assert (said(logging.WARNING), said(logging.DEBUG)) == (1, 0)
+    assert await claim(5) == ids[5:]  # tried the function again: still missing, said quietly
+    assert (said(logging.WARNING), said(logging.DEBUG)) == (1, 1)
+    dues = [(await repo.get_workflow_instance(i)).next_run_at for i in ids]  # type: ignore[union-attr]
+    assert dues == [1010] * 6
+
+    async with SQLAlchemyWorkflowRepo(repo.engine) as other:  # `asyncflow migrate` in another process
+        await other.migrate()
+    for _ in range(3):  # the older statement until the next try
+        assert await repo.claim_due_instances(now_ms=200, limit=1, lease_ms=1000) == []  # none due
+    assert await repo.claim_due_instances(now_ms=2000, limit=9, lease_ms=1000) == ids  # the function
+    assert (said(logging.WARNING), said(logging.DEBUG)) == (1, 1)  # it was there: nothing said
+    await drop_the_function()  # from now on every claim tries the function first
+    assert await repo.claim_due_instances(now_ms=4000, limit=9, lease_ms=1000) == ids
+    assert (said(logging.WARNING), said(logging.DEBUG)) == (1, 2)
+
+    await repo.migrate()  # this repo's own migrate(): the function at once, and a new warning if missing
+    assert await repo.claim_due_instances(now_ms=6000, limit=9, lease_ms=1000) == ids
+    await drop_the_function()
+    assert await repo.claim_due_instances(now_ms=8000, limit=9, lease_ms=1000) == ids
+    assert (said(logging.WARNING), said(logging.DEBUG)) == (2, 2)
+
+
+async def test_a_claim_that_fails_otherwise_raises_and_keeps_to_the_function(
+    repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    """Only a missing function turns claims to the older statement: any other error is raised, each time."""
+    await repo.create_workflow_instances([new("a", next_run_at=1)])
+    async with repo.engine.begin() as conn:  # the function is there but fails
+        await conn.execute(
+            text(
+                "CREATE OR REPLACE FUNCTION asyncflow_claim_v1(p_now bigint, p_limit bigint, p_until bigint,"
+                " p_types text[]) RETURNS bigint[] LANGUAGE plpgsql"
+                " AS $$ BEGIN RAISE EXCEPTION 'claim refused'; END $$"
+            )
+        )
+    for _ in range(2):  # not the older statement (which would claim the row) the second time either
+        with pytest.raises(StoreError, match="claim refused"):
+            await repo.claim_due_instances(now_ms=10, limit=5, lease_ms=100)
 
 
 async def test_a_claim_planned_on_a_small_table_still_walks_the_index_once_it_grew(

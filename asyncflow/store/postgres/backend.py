@@ -9,7 +9,7 @@ SAVEPOINT. Units that bypass SQLAlchemy are reported to :mod:`asyncflow.store._o
 
 A step is the ``asyncflow_step_v1()`` function that ``migrate()`` installs; without it a step raises
 ``StoreError`` naming the fix. A claim is ``asyncflow_claim_v1()``; without it (a database at schema
-version 12) claims use the statement version 12 used, with a warning, until ``migrate()``.
+version 12) claims use the statement version 12 used, with a warning, until the function is there.
 """
 
 from __future__ import annotations
@@ -36,9 +36,14 @@ from .finished import FinishedNotifier, watch_finished
 from .lanes import PgLanes, lane_limit
 from .notify import DueNotifier
 
-__all__ = ["BULK_PAGE_SIZE", "PostgresBackend"]
+__all__ = ["BULK_PAGE_SIZE", "CLAIM_FUNCTION_RETRY_EVERY", "PostgresBackend"]
 
 logger = logging.getLogger(__name__)
+
+CLAIM_FUNCTION_RETRY_EVERY = 100
+"""After a claim found no ``asyncflow_claim_v1`` (a database at schema version 12), this many claims run
+the older statement before one tries the function again: ``asyncflow migrate`` in another process
+installs it while this one runs (a failed try costs one round trip)."""
 
 BULK_PAGE_SIZE = 2000
 """Rows per statement of a bulk create."""
@@ -70,7 +75,8 @@ class PostgresBackend:
         self._leased_reads: StepBatcher[Any] | None = None
         self._acquires: StepBatcher[Any] | None = None
         self._releases: StepBatcher[Any] | None = None
-        self._claim_function = True  # False once a claim found no asyncflow_claim_v1 (until migrate())
+        self._claims_until_retry = 0  # claims by the older statement before trying the function again
+        self._claim_warned = False
         if self._lanes.limit > 0:
             slots = min(BATCH_SLOTS, self._lanes.limit)
             self._steps = PgStepBatches(self._lanes)
@@ -185,10 +191,12 @@ class PostgresBackend:
         """One call of ``asyncflow_claim_v1`` (``FOR UPDATE SKIP LOCKED``, then the lease's update).
 
         Without the function (a database this version has not migrated yet) claims go through the
-        statement schema version 12 used, with a warning, until ``migrate()``; inside
+        statement schema version 12 used, with one warning, and try the function again every
+        :data:`CLAIM_FUNCTION_RETRY_EVERY` claims (``migrate()`` may run in another process; a busy
+        driver claims many times a second) and at once after this repo's ``migrate()``. Inside
         ``transaction()`` the failed call has aborted the transaction: ``StoreError`` naming the fix."""
         async with self._db(wrote=True) as db:
-            if self._claim_function:
+            if self._claims_until_retry <= 0:
                 try:
                     return await pg.claim_due(db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
                 except Exception as error:
@@ -199,12 +207,18 @@ class PostgresBackend:
                             "the database has no asyncflow_claim_v1() function (schema version 13): run "
                             f"`await repo.migrate()` (or `asyncflow migrate`) to install it ({error})"
                         ) from error
-                    self._claim_function = False
-                    logger.warning(
-                        "the database has no asyncflow_claim_v1() function (schema version 13): claims "
-                        "use the statement of version 12 until `repo.migrate()` (or `asyncflow "
-                        "migrate`) installs it"
+                    self._claims_until_retry = CLAIM_FUNCTION_RETRY_EVERY
+                    level = logging.DEBUG if self._claim_warned else logging.WARNING
+                    self._claim_warned = True
+                    logger.log(
+                        level,
+                        "the database has no asyncflow_claim_v1() function (schema version 13): claims use "
+                        "the statement of version 12 until `asyncflow migrate` (or `repo.migrate()`) "
+                        "installs it (tried again every %d claims)",
+                        CLAIM_FUNCTION_RETRY_EVERY,
                     )
+            else:
+                self._claims_until_retry -= 1
             return await pg.claim_due(
                 db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types, function=False
             )
@@ -252,7 +266,7 @@ class PostgresBackend:
         """The functions are installed: grouped steps and the claim function may run again."""
         if self._steps is not None:
             self._steps.enabled = True
-        self._claim_function = True
+        self._claims_until_retry, self._claim_warned = 0, False
 
     async def aclose(self) -> None:
         """Wait for the batches in flight, then return the lanes."""

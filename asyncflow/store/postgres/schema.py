@@ -20,7 +20,7 @@ from ..tables import FILLFACTOR
 from .finished import FINISHED_DDL, FINISHED_DDL_V10, FINISHED_DDL_V12
 from .functions import BATCH_FUNCTION, CLAIM_FUNCTION, STEP_FUNCTION
 
-__all__ = ["MIGRATIONS", "REPAIR", "lock_schema"]
+__all__ = ["MIGRATIONS", "REPAIR", "has_version_table", "lock_schema"]
 
 _SCHEMA_LOCK_CLASS = 0x61737966  # "asyf": with the schema's hash, serializes concurrent migrate()
 
@@ -159,6 +159,19 @@ MIGRATIONS = check_migrations(
 
 REPAIR = (STEP_FUNCTION, BATCH_FUNCTION, CLAIM_FUNCTION)
 """Run by every ``migrate()`` (``CREATE OR REPLACE``): functions someone dropped come back."""
+
+
+_VERSION_TABLE_HERE = text(
+    "SELECT CASE WHEN current_schema() IS NULL THEN false "
+    "ELSE to_regclass(format('%I.asyncflow_schema', current_schema())) IS NOT NULL END"
+)
+
+
+async def has_version_table(conn: AsyncConnection) -> bool:
+    """Whether the version table exists where ``migrate()`` makes it: in the connection's current schema,
+    not in any schema of its ``search_path`` (a tenant's schema before its first ``migrate()`` must not
+    read the versions of a schema behind it, such as ``public``)."""
+    return bool((await conn.execute(_VERSION_TABLE_HERE)).scalar())
 
 
 async def lock_schema(conn: AsyncConnection) -> None:

@@ -6,6 +6,7 @@ from the start), so a second migrator waits, then reads the version the first on
 
 from __future__ import annotations
 
+from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..migrations import (
@@ -19,8 +20,9 @@ from ..migrations import (
     Migration,
     check_migrations,
 )
+from ..tables import asyncflow_schema
 
-__all__ = ["MIGRATIONS", "REPAIR", "lock_schema"]
+__all__ = ["MIGRATIONS", "REPAIR", "has_version_table", "lock_schema"]
 
 _V1 = (
     """CREATE TABLE IF NOT EXISTS workflow_instance (
@@ -108,6 +110,11 @@ MIGRATIONS = check_migrations(
 
 REPAIR: tuple[str, ...] = ()
 """Nothing to re-install on SQLite."""
+
+
+async def has_version_table(conn: AsyncConnection) -> bool:
+    """Whether the database file has the version table."""
+    return bool(await conn.run_sync(lambda sync: inspect(sync).has_table(asyncflow_schema.name)))
 
 
 async def lock_schema(conn: AsyncConnection) -> None:
