@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import time
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 from asyncflow.store.postgres import sql as pg
 
 from .hot_path import PG_URL
-from .step_server import _process_cpu_s, server_connection
+from .step_server import _process_cpu_s, alternating_rounds, print_medians, server_connection
 
 WAYS = ("function", "statement")
 
@@ -66,29 +65,21 @@ async def _round(conn: Any, pid: int, way: str, n: int, batch: int) -> float:
 
 
 async def main(args: argparse.Namespace) -> dict[str, list[float]]:
-    figures: dict[str, list[float]] = {way: [] for way in WAYS}
     async with server_connection(args.pg_url, "claim_cost", ("workflow_instance",)) as (conn, pid):
         for way in WAYS:  # warm-up: the function's and the statement's plans, the catalog caches
             await _round(conn, pid, way, min(args.n, 500), args.batch)
-        for r in range(args.repeat):
-            line = []
-            for way in WAYS:
-                figures[way].append(await _round(conn, pid, way, args.n, args.batch))
-                line.append(f"{way} {figures[way][-1]:.1f}")
-            print(f"[{r + 1}] server CPU us/instance: " + ", ".join(line), flush=True)
+
+        async def one(way: str, _round_number: int) -> float:
+            return await _round(conn, pid, way, args.n, args.batch)
+
+        figures = await alternating_rounds(WAYS, args.repeat, one)
         plans = await conn.fetchrow(
             "SELECT custom_plans, generic_plans FROM pg_prepared_statements WHERE statement = $1",
             pg.CLAIM_STATEMENT_TYPED,
         )
         if plans is not None:  # PostgreSQL 14+ counts them
             print(f"the statement's plans on this connection: {plans[0]} custom, {plans[1]} generic")
-    for way in WAYS:
-        values = figures[way]
-        print(
-            f"{way:9s} {statistics.median(values):.1f} server CPU us/instance "
-            f"[{min(values):.1f}-{max(values):.1f}] "
-            f"({args.repeat} rounds of {args.n}, {args.batch} per claim)"
-        )
+    print_medians(figures, f"{args.repeat} rounds of {args.n}, {args.batch} per claim")
     return figures
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import time
 from typing import Any
@@ -33,7 +32,7 @@ from asyncflow.store.postgres.notify import (
 
 from .bench_driver import _DROP_SQL
 from .hot_path import PG_URL
-from .step_server import _process_cpu_s, server_connection
+from .step_server import _process_cpu_s, alternating_rounds, print_medians, server_connection
 
 SETUPS = ("none", "row", "statement")
 _OLDER = _TRIGGER_SQL.replace("AFTER UPDATE OF", "AFTER INSERT OR UPDATE OF", 1)
@@ -65,27 +64,19 @@ async def _round(conn: Any, pid: int, n: int, batch: int, tag: str) -> float:
 
 
 async def main(args: argparse.Namespace) -> dict[str, list[float]]:
-    figures: dict[str, list[float]] = {setup: [] for setup in SETUPS}
     async with server_connection(args.pg_url, "create_trigger", ("workflow_instance",)) as (conn, pid):
         await conn.execute(_FUNCTION_SQL)
         await conn.execute(_INSERT_FUNCTION_SQL)
         for setup in SETUPS:
             await _set_up(conn, setup)
             await _round(conn, pid, min(args.n, 500), args.batch, f"warm-{setup}")
-        for r in range(args.repeat):
-            line = []
-            for setup in SETUPS:
-                await _set_up(conn, setup)
-                figures[setup].append(await _round(conn, pid, args.n, args.batch, f"r{r}-{setup}"))
-                line.append(f"{setup} {figures[setup][-1]:.1f}")
-            print(f"[{r + 1}] server CPU us/instance: " + ", ".join(line), flush=True)
-    for setup in SETUPS:
-        values = figures[setup]
-        print(
-            f"{setup:9s} {statistics.median(values):.1f} server CPU us/instance "
-            f"[{min(values):.1f}-{max(values):.1f}] "
-            f"({args.repeat} rounds of {args.n}, {args.batch} per statement)"
-        )
+
+        async def one(setup: str, r: int) -> float:
+            await _set_up(conn, setup)
+            return await _round(conn, pid, args.n, args.batch, f"r{r}-{setup}")
+
+        figures = await alternating_rounds(SETUPS, args.repeat, one)
+    print_medians(figures, f"{args.repeat} rounds of {args.n}, {args.batch} per statement")
     return figures
 
 

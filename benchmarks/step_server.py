@@ -26,7 +26,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -129,6 +129,29 @@ async def server_connection(
             yield conn, pid
         finally:
             await conn.close()
+
+
+async def alternating_rounds(
+    names: Sequence[str], repeat: int, one: Callable[[str, int], Awaitable[float]]
+) -> dict[str, list[float]]:
+    """``repeat`` rounds, each running ``one(name, round)`` for every name in turn, so the machine's noise
+    falls on all alike; prints each round's server CPU per instance. The figures by name."""
+    figures: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeat):
+        for name in names:
+            figures[name].append(await one(name, r))
+        line = ", ".join(f"{name} {values[-1]:.1f}" for name, values in figures.items())
+        print(f"[{r + 1}] server CPU us/instance: {line}", flush=True)
+    return figures
+
+
+def print_medians(figures: dict[str, list[float]], detail: str) -> None:
+    """Each name's median server CPU per instance, with its spread and ``detail`` (the rounds' sizes)."""
+    for name, values in figures.items():
+        print(
+            f"{name:9s} {statistics.median(values):.1f} server CPU us/instance "
+            f"[{min(values):.1f}-{max(values):.1f}] ({detail})"
+        )
 
 
 async def main(args: argparse.Namespace) -> list[float]:

@@ -196,32 +196,37 @@ class PostgresBackend:
         driver claims many times a second) and at once after this repo's ``migrate()``. Inside
         ``transaction()`` the failed call has aborted the transaction: ``StoreError`` naming the fix."""
         async with self._db(wrote=True) as db:
-            if self._claims_until_retry <= 0:
+            if self._claims_until_retry > 0:
+                self._claims_until_retry -= 1
+            else:
                 try:
                     return await pg.claim_due(db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
                 except Exception as error:
-                    if not _no_claim_function(error):
-                        raise
-                    if isinstance(db, pg.TxConnection):
-                        raise StoreError(
-                            "the database has no asyncflow_claim_v1() function (schema version 13): run "
-                            f"`await repo.migrate()` (or `asyncflow migrate`) to install it ({error})"
-                        ) from error
-                    self._claims_until_retry = CLAIM_FUNCTION_RETRY_EVERY
-                    level = logging.DEBUG if self._claim_warned else logging.WARNING
-                    self._claim_warned = True
-                    logger.log(
-                        level,
-                        "the database has no asyncflow_claim_v1() function (schema version 13): claims use "
-                        "the statement of version 12 until `asyncflow migrate` (or `repo.migrate()`) "
-                        "installs it (tried again every %d claims)",
-                        CLAIM_FUNCTION_RETRY_EVERY,
-                    )
-            else:
-                self._claims_until_retry -= 1
+                    self._claim_function_missing(error, in_transaction=isinstance(db, pg.TxConnection))
             return await pg.claim_due(
                 db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types, function=False
             )
+
+    def _claim_function_missing(self, error: Exception, *, in_transaction: bool) -> None:
+        """After a failed claim call: return (claims take the older statement for a while) only if the
+        function is missing and the call did not abort a transaction; else raise."""
+        if sqlstate(error) != pg.UNDEFINED_FUNCTION_SQLSTATE or "asyncflow_claim" not in str(error):
+            raise error
+        missing = "the database has no asyncflow_claim_v1() function (schema version 13)"
+        if in_transaction:
+            raise StoreError(
+                f"{missing}: run `await repo.migrate()` (or `asyncflow migrate`) to install it ({error})"
+            ) from error
+        self._claims_until_retry = CLAIM_FUNCTION_RETRY_EVERY
+        level = logging.DEBUG if self._claim_warned else logging.WARNING
+        self._claim_warned = True
+        logger.log(
+            level,
+            "%s: claims use the statement of version 12 until `asyncflow migrate` (or `repo.migrate()`) "
+            "installs it (tried again every %d claims)",
+            missing,
+            CLAIM_FUNCTION_RETRY_EVERY,
+        )
 
     async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
         """DatabaseWorkflowLock's leases (:mod:`.leases`): on a lane, never in ``transaction()``;
@@ -285,10 +290,6 @@ class PostgresBackend:
 
 async def _release_one(db: Any, items: Sequence[tuple[str, str, int]]) -> list[bool]:
     return await leases.release(db, [(key, holder) for key, holder, _ in items])
-
-
-def _no_claim_function(error: Exception) -> bool:
-    return sqlstate(error) == pg.UNDEFINED_FUNCTION_SQLSTATE and "asyncflow_claim" in str(error)
 
 
 def _step_error(error: Exception) -> None:
