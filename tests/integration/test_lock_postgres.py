@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
@@ -161,6 +162,38 @@ async def test_given_engine_is_not_disposed_and_gets_its_session_back_clean(post
         assert cast(QueuePool, engine.pool).checkedout() == 0
         async with engine.connect() as conn:  # the same pooled session the lock used
             assert (await conn.execute(text("SHOW idle_session_timeout"))).scalar_one() == before
+    finally:
+        await engine.dispose()
+
+
+async def test_a_connect_the_timeout_cuts_leaves_no_session_behind(
+    postgres_url: str, admin: AsyncEngine
+) -> None:
+    """``op_timeout`` also bounds making a new connection. When it ends the wait while SQLAlchemy's
+    ``connect`` event runs (the dialect's set-up of a new connection), the new session is closed,
+    not left open until the collector finds it (SQLAlchemy before 2.0.53 stranded it: an open
+    session on the server, and a ``ResourceWarning`` from asyncpg when collected)."""
+    name = f"asyncflow-test-{uuid.uuid4().hex[:12]}"
+    engine = create_async_engine(postgres_url, connect_args={"server_settings": {"application_name": name}})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def slow_setup(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.run_async(lambda _conn: asyncio.sleep(1.0))
+
+    async def sessions() -> int:
+        async with admin.connect() as conn:
+            query = text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name")
+            return int((await conn.execute(query, {"name": name})).scalar_one())
+
+    try:
+        async with PostgresAdvisoryLock(engine, op_timeout=0.3) as lock:
+            with pytest.raises(LockFailedError, match="did not answer"):
+                async with lock.hold("k", 5.0):
+                    pass
+            async with asyncio.timeout(GUARD):  # its close may still be on its way to the server
+                while await sessions():
+                    await asyncio.sleep(0.01)
+            gc.collect()  # a stranded connection would warn here (filterwarnings = error)
     finally:
         await engine.dispose()
 

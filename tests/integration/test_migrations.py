@@ -176,8 +176,8 @@ def _definitions(sync_conn: Any) -> dict[str, Any]:
         return None if predicate is None else " ".join(str(predicate).split())
 
     def foreign_keys(table: str) -> list[Any]:
-        if sync_conn.dialect.name == "sqlite":  # SQLite's own account: SQLAlchemy 2.0.38's reflection
-            # misses an ON DELETE written on the clause's second line (newer versions read it)
+        if sync_conn.dialect.name == "sqlite":  # SQLite's own account: the reflection of older
+            # SQLAlchemy 2.0 releases misses an ON DELETE written on the clause's second line
             rows = sync_conn.exec_driver_sql(f'PRAGMA foreign_key_list("{table}")').all()
             return sorted(
                 (row[2], (row[3],), row[5], row[6]) for row in rows
