@@ -171,13 +171,18 @@ class SQLAlchemyWorkflowRepo:
                 return await migrations.recorded_version(conn)
 
     async def aclose(self) -> None:
-        """Dispose the engine if the repo built it (idempotent); a caller's engine is left alone."""
+        """Dispose the engine if the repo built it (idempotent); a caller's engine is left alone.
+
+        The engine is disposed even if the wait for the batches in flight is cut (a cancellation, a
+        timeout): a later call returns at once, so nothing else would close the pooled sessions."""
         if self._units.closed:
             return
         self._units.close()
-        await self._backend.aclose()
-        if self._owns_engine:
-            await self._engine.dispose()
+        try:
+            await self._backend.aclose()
+        finally:
+            if self._owns_engine:
+                await self._engine.dispose()
 
     # ---------------------------------------------------------------------------- transactions
 

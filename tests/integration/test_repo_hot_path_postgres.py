@@ -418,3 +418,53 @@ CONNECTED_PIDS = (
     "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
     "AND application_name = :name"
 )
+
+
+async def test_an_aclose_cut_while_a_batch_runs_still_disposes_the_engine_the_repo_built(
+    postgres_url: str,
+) -> None:
+    """``aclose()`` waits for the batches in flight before it disposes the engine the repo built. A
+    cancellation or a timeout that cuts that wait used to skip the dispose, and a later ``aclose()``
+    returned at once (the repo was marked closed): every pooled session stayed open until collected."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    name = f"asyncflow-test-{uuid.uuid4().hex[:12]}"
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(postgres_url)
+    async with admin.begin() as conn:
+        await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    settings = {"search_path": schema, "application_name": name}
+    repo = SQLAlchemyWorkflowRepo(postgres_url, connect_args={"server_settings": settings})
+    try:
+        await repo.migrate()
+        made = await repo.create_workflow_instance(new())
+        async with repo.engine.connect() as one, repo.engine.connect() as two:  # two pooled sessions
+            await one.execute(text("SELECT 1"))
+            await two.execute(text("SELECT 1"))
+        step = Step(instance_id=made.id, instance_status="running", inserts=(task("a"),))
+        async with admin.connect() as other, other.begin():
+            await other.execute(
+                text(f"UPDATE \"{schema}\".workflow_instance SET business_id = 'x' WHERE id = :i"),
+                {"i": made.id},
+            )
+            pending = asyncio.create_task(repo.apply_step(step))
+            while not (await other.execute(BLOCKED_BY_ME)).scalars().all():
+                await asyncio.sleep(0.01)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await repo.aclose()  # waits for the step's batch, blocked by this transaction
+            await other.rollback()
+        await asyncio.wait([pending])  # the batch has ended (the cut aclose() cancelled it)
+        await repo.aclose()  # already closed: a no-op
+        async with asyncio.timeout(10):
+            while True:  # every session of the repo's engine ends (the server sees it in a moment)
+                async with admin.connect() as conn:
+                    if not (await conn.execute(text(CONNECTED_PIDS), {"name": name})).scalars().all():
+                        break
+                await asyncio.sleep(0.02)
+    finally:
+        await repo.aclose()
+        await repo.engine.dispose()
+        async with admin.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        await admin.dispose()
