@@ -170,6 +170,9 @@ class PostgresAdvisoryLock(ReentrantLock[PostgresLease]):
             raise LockFailedError(f"lock {key!r}: PostgreSQL failed: {exc}") from exc
         if conn is None:
             raise LockFailedError(f"lock {key!r} is held by another holder")
+        if self._closed:  # aclose() ran while this connected: it neither renews nor releases this one
+            await self._discard(conn)
+            raise LockFailedError(f"lock {key!r}: {type(self).__name__} is closed")
         lease = PostgresLease(self._renewer, key, ttl, ident, conn)
         self._renewer.track(lease)
         return lease
@@ -184,10 +187,13 @@ class PostgresAdvisoryLock(ReentrantLock[PostgresLease]):
             return
         lease._released = True
         self._renewer.untrack(lease)
-        if self._closed:  # aclose() already released what was held
-            return
         try:
-            await self._unlock(lease)
+            if self._closed:
+                # aclose() released the leases it renewed; one it did not (lost, or its renewal
+                # suspended) still holds its session: end it (the pool of an owned engine is disposed)
+                await self._discard(lease._conn, lease._busy)
+            else:
+                await self._unlock(lease)
         except asyncio.CancelledError:
             self._spawn(self._discard(lease._conn, lease._busy), lease.key)
             raise
@@ -209,16 +215,22 @@ class PostgresAdvisoryLock(ReentrantLock[PostgresLease]):
             logger.warning("lock %r was not held by its session at release", lease.key)
 
     async def _discard(self, conn: AsyncConnection, busy: asyncio.Lock | None = None) -> None:
-        """Invalidate ``conn``: its session ends and PostgreSQL frees its advisory locks."""
+        """Invalidate ``conn``: its session ends and PostgreSQL frees its advisory locks (a connection
+        already closed, by a release that ran meanwhile, is left as it is)."""
         try:
             if busy is not None:
                 async with busy:
-                    await conn.invalidate()
+                    await self._end_session(conn)
             else:
-                await conn.invalidate()
-            await conn.close()
+                await self._end_session(conn)
         except _ANY_FAILURE as exc:
             logger.warning("closing a lock session failed: %r", exc)
+
+    @staticmethod
+    async def _end_session(conn: AsyncConnection) -> None:
+        if not conn.closed:
+            await conn.invalidate()
+            await conn.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], key: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"asyncflow-postgres-lock-cleanup-{key}")

@@ -201,3 +201,63 @@ async def test_a_connect_the_timeout_cuts_leaves_no_session_behind(
 def test_non_postgres_backends_are_refused() -> None:
     with pytest.raises(ParamInvalidError, match="PostgreSQL"):
         PostgresAdvisoryLock("sqlite+aiosqlite:///:memory:")
+
+
+async def test_a_hold_that_acquires_while_the_lock_closes_leaves_no_session_behind(
+    postgres_url: str, admin: AsyncEngine
+) -> None:
+    """``aclose()`` releases the leases it finds; one still being acquired meanwhile (its connection
+    being opened) is not among them. It used to get its advisory lock all the same, and its release
+    at the block's end was skipped (the lock was closed): the session stayed checked out, holding the
+    lock. It fails now, like any hold on a closed lock, and its session goes back."""
+    engine = create_async_engine(postgres_url)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def slow_setup(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.run_async(lambda _conn: asyncio.sleep(0.5))
+
+    namespace = f"test:{uuid.uuid4().hex[:8]}:"
+    ran = False
+
+    async def hold() -> None:
+        nonlocal ran
+        async with lock.hold("k", 30.0):
+            ran = True
+
+    try:
+        lock = PostgresAdvisoryLock(engine, namespace=namespace, op_timeout=5.0)
+        holding = asyncio.create_task(hold())
+        await asyncio.sleep(0.1)  # its connection is being set up
+        await lock.aclose()
+        with pytest.raises(LockFailedError, match="closed"):
+            async with asyncio.timeout(GUARD):
+                await holding
+        assert not ran
+        async with asyncio.timeout(GUARD):  # a discarded session's end may still be on its way
+            while await advisory_locks(admin, advisory_lock_id(namespace + "k")):
+                await asyncio.sleep(0.01)
+        assert cast(QueuePool, engine.pool).checkedout() == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_a_lease_the_closed_lock_did_not_release_gives_its_session_back_at_the_block_s_end(
+    postgres_url: str, admin: AsyncEngine
+) -> None:
+    """``aclose()`` releases the leases it still renews; one it no longer renews (lost, or suspended
+    by the test hook, as if its renewal had failed) is released by its block's end, as the hook
+    promises. That release used to be skipped once the lock was closed: the session stayed checked
+    out, holding the advisory lock, until collected."""
+    engine = create_async_engine(postgres_url)
+    try:
+        lock = PostgresAdvisoryLock(engine, namespace=f"test:{uuid.uuid4().hex[:8]}:")
+        async with lock.hold("k", 30.0) as lease:
+            lease._suspend_renewal()
+            await lock.aclose()
+            assert await advisory_locks(admin, lease.advisory_id) == 1  # still held by the block
+        async with asyncio.timeout(GUARD):  # a discarded session's end may still be on its way
+            while await advisory_locks(admin, lease.advisory_id):
+                await asyncio.sleep(0.01)
+        assert cast(QueuePool, engine.pool).checkedout() == 0
+    finally:
+        await engine.dispose()
