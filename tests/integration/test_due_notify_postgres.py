@@ -360,3 +360,35 @@ async def test_an_install_waits_only_for_installs_of_its_own_schema(postgres_url
             finally:
                 await other.execute("ROLLBACK")
         await _assert_the_two_triggers(engine)  # the failed install's transaction dropped nothing
+
+
+async def test_a_listen_cut_before_its_reply_never_goes_back_to_the_pool_listening(postgres_url: str) -> None:
+    """The driver stops its LISTEN task by cancelling it. A cancellation that lands while LISTEN is on
+    the wire (the server ran it, the reply is on its way) left asyncpg unaware of the channel, so the
+    UNLISTEN before the connection goes back was skipped: the pooled session kept listening, for the
+    next user of the connection."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from asyncflow.store.postgres.notify import DueNotifier
+
+    from .stall_proxy import StallProxy
+
+    async with StallProxy(postgres_url) as proxy:
+        engine = create_async_engine(proxy.url, pool_size=1, max_overflow=0)
+        try:
+            notifier = DueNotifier(engine, lambda: None, install=False)
+            proxy.hold_replies_after(b"LISTEN", later=1)  # its execution, not its parse
+            running = asyncio.create_task(notifier.run())
+            async with asyncio.timeout(10):
+                await proxy.held.wait()
+            await asyncio.sleep(0.2)  # the server runs it; its reply waits in the proxy
+            running.cancel()
+            await asyncio.sleep(0.1)  # the cancellation is in (a session discarded closes gracefully:
+            proxy.resume()  # asyncpg's close waits up to 2 s for the held replies)
+            await asyncio.wait([running])
+            async with engine.connect() as conn:  # the pool's one connection (a new one if discarded)
+                channels = (await conn.execute(text("SELECT count(*) FROM pg_listening_channels()"))).scalar()
+            assert channels == 0
+        finally:
+            await engine.dispose()

@@ -266,8 +266,10 @@ class DueNotifier:
                 lost.set()
 
             driver.add_termination_listener(on_close)
+            added = False
             try:
                 await driver.add_listener(self.channel, on_notify)
+                added = True
                 self.server_pid = driver.get_server_pid()
                 self.listening = True
                 self._callback()  # whatever became due while nobody listened
@@ -286,7 +288,10 @@ class DueNotifier:
             finally:
                 self.listening = False
                 driver.remove_termination_listener(on_close)
-                await self._unlisten(conn, driver, on_notify)
+                if added:
+                    await self._unlisten(conn, driver, on_notify)
+                else:  # the LISTEN was cut or failed: it may have run without asyncpg knowing of it,
+                    await conn.invalidate()  # so no UNLISTEN would be sent: never return this session
 
     def _deliver(self, payload: str, schema: str) -> None:
         if payload in ("", schema):  # other schemas of this database have drivers of their own
