@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from asyncflow.errors import DuplicateWorkflowError
 from asyncflow.records import NewWorkflowInstance
@@ -20,10 +21,12 @@ from asyncflow.store.postgres.notify import (
     CHANNEL,
     DDL_LOCK_TIMEOUT_MS,
     DDLLockTimeoutError,
+    DueNotifier,
     install_notify_trigger,
 )
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from tests.conftest import isolated_pg_engine
+from tests.integration.stall_proxy import StallProxy
 
 pytestmark = pytest.mark.postgres
 
@@ -367,13 +370,6 @@ async def test_a_listen_cut_before_its_reply_never_goes_back_to_the_pool_listeni
     the wire (the server ran it, the reply is on its way) left asyncpg unaware of the channel, so the
     UNLISTEN before the connection goes back was skipped: the pooled session kept listening, for the
     next user of the connection."""
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    from asyncflow.store.postgres.notify import DueNotifier
-
-    from .stall_proxy import StallProxy
-
     async with StallProxy(postgres_url) as proxy:
         engine = create_async_engine(proxy.url, pool_size=1, max_overflow=0)
         try:

@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import QueuePool
 
 from asyncflow._held import HOLD_STEPS
@@ -426,8 +427,6 @@ async def test_an_aclose_cut_while_a_batch_runs_still_disposes_the_engine_the_re
     """``aclose()`` waits for the batches in flight before it disposes the engine the repo built. A
     cancellation or a timeout that cuts that wait used to skip the dispose, and a later ``aclose()``
     returned at once (the repo was marked closed): every pooled session stayed open until collected."""
-    from sqlalchemy.ext.asyncio import create_async_engine
-
     name = f"asyncflow-test-{uuid.uuid4().hex[:12]}"
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = create_async_engine(postgres_url)
