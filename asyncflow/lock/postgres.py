@@ -257,7 +257,10 @@ class PostgresAdvisoryLock(ReentrantLock[PostgresLease]):
             self._renewer.renewed(lease, sent)
 
     async def aclose(self) -> None:
-        """Stop checking, release the leases still held (they become lost), dispose an owned engine."""
+        """Stop checking, release the leases still held (they become lost), dispose an owned engine.
+
+        A lease it could not release (lost already, its block still open) ends its session when the
+        block exits; a hold whose connection was still being opened fails with ``LockFailedError``."""
         if self._closed:
             return
         await super().aclose()
