@@ -115,6 +115,10 @@ class StepBatcher(Generic[T]):
     async def aclose(self) -> None:
         """Wait for the batches in flight, and for those their ends start (items queued meanwhile).
 
+        A cancellation or timeout that cuts the wait leaves the batches running: their steps may land
+        (SQLite's thread runs a transaction to its end), so their callers get their outcomes, never a
+        cancellation that nobody asked for (``gather`` would cancel them).
+
         A batch's task leaves ``_tasks`` by a done callback, which the event loop runs later. Since
         Python 3.12, ``gather`` of tasks that are all done returns without yielding to the loop, so
         waiting until that callback empties the set would spin forever: the done tasks go here."""
@@ -123,5 +127,5 @@ class StepBatcher(Generic[T]):
                 await asyncio.sleep(0)
                 continue
             tasks = tuple(self._tasks)
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks)
             self._tasks.difference_update(tasks)

@@ -453,7 +453,7 @@ async def test_an_aclose_cut_while_a_batch_runs_still_disposes_the_engine_the_re
                 async with asyncio.timeout(0.2):
                     await repo.aclose()  # waits for the step's batch, blocked by this transaction
             await other.rollback()
-        await asyncio.wait([pending])  # the batch has ended (the cut aclose() cancelled it)
+        await asyncio.wait([pending])  # the batch has ended (a cut aclose() leaves it running)
         await repo.aclose()  # already closed: a no-op
         async with asyncio.timeout(10):
             while True:  # every session of the repo's engine ends (the server sees it in a moment)

@@ -337,3 +337,37 @@ async def test_calls_racing_an_engine_dispose_get_a_working_connection(sqlite_ur
         assert results[1:] == [made] * 3
     await repo.aclose()
     await engine.dispose()
+
+
+def hold_write_lock(path: str) -> sqlite3.Connection:
+    """Another connection in ``BEGIN IMMEDIATE``: every writer of the file waits until it ends."""
+    other = sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+async def test_an_aclose_cut_while_a_batch_waits_leaves_the_step_to_its_caller(sqlite_url: str) -> None:
+    """A cut ``aclose()`` (a timeout) does not cancel the batch it waits for: the thread runs the
+    step anyway, so a caller told ``CancelledError`` (nobody cancelled it) would see its step land."""
+    repo = SQLAlchemyWorkflowRepo(sqlite_url)
+    try:
+        await repo.create_schema()
+        instance_id, _ = await instance_with(repo, "a")
+        step = Step(instance_id=instance_id, inserts=(task("b"),))
+        other = hold_write_lock(db_path(sqlite_url))
+        try:
+            pending = asyncio.create_task(repo.apply_step(step))
+            await asyncio.sleep(0.2)  # the step's batch waits for the write lock in the thread
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await repo.aclose()
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        async with asyncio.timeout(10):
+            result = await pending
+        assert result.applied
+    finally:
+        await repo.aclose()
+    async with SQLAlchemyWorkflowRepo(sqlite_url) as check:
+        assert [r.task_type for r in await check.load_task_instances(instance_id)] == ["a", "b"]
