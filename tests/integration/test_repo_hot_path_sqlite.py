@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -371,3 +372,41 @@ async def test_an_aclose_cut_while_a_batch_waits_leaves_the_step_to_its_caller(s
         await repo.aclose()
     async with SQLAlchemyWorkflowRepo(sqlite_url) as check:
         assert [r.task_type for r in await check.load_task_instances(instance_id)] == ["a", "b"]
+
+
+def sqlite_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "asyncflow-sqlite"}
+
+
+async def test_an_aclose_cut_still_ends_the_thread_and_closes_its_connection(sqlite_url: str) -> None:
+    """``aclose()`` cut while it waits for the batch in flight used to skip the end of the backend's
+    thread: the thread stayed alive (waiting on its queue) with its ``sqlite3`` connection open, and a
+    later ``aclose()`` returned at once. A batch that starts after the cut gets no new thread."""
+    before = sqlite_threads()
+    repo = SQLAlchemyWorkflowRepo(sqlite_url)
+    await repo.create_schema()
+    (first, _), (second, _) = await instance_with(repo, "a"), await instance_with(repo, "a")
+    thread = repo._backend._lane._thread
+    assert thread is not None and thread.is_open
+    other = hold_write_lock(db_path(sqlite_url))
+    try:
+        pending = asyncio.create_task(repo.apply_step(Step(instance_id=first, inserts=(task("b"),))))
+        await asyncio.sleep(0.2)  # its batch waits for the write lock in the thread
+        queued = asyncio.create_task(repo.apply_step(Step(instance_id=second, inserts=(task("b"),))))
+        await asyncio.sleep(0)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await repo.aclose()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    async with asyncio.timeout(10):
+        assert (await pending).applied
+        await asyncio.wait([queued])
+    await repo.aclose()  # already closed: a no-op
+    async with asyncio.timeout(5):
+        while sqlite_threads() - before:
+            await asyncio.sleep(0.01)
+    assert not thread.is_open
+    with pytest.raises(StoreError, match="closed"):  # its batch started after the close: refused
+        await queued

@@ -187,7 +187,11 @@ class SqliteBackend:
         """Nothing to re-enable."""
 
     async def aclose(self) -> None:
-        """Wait for the batch in flight, then close the own connection."""
-        if self._batcher is not None:
-            await self._batcher.aclose()
-        await self._lane.aclose()
+        """Wait for the batch in flight, then close the own connection. Cut (a cancellation, a
+        timeout), the thread still ends once the unit it runs is done, and refuses any after it."""
+        try:
+            if self._batcher is not None:
+                await self._batcher.aclose()
+            await self._lane.aclose()
+        finally:
+            self._lane.shutdown()

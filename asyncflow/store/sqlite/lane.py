@@ -30,6 +30,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ...errors import StoreError
 from .._lanes import IDLE_RELEASE_S, IdleRelease
 from .engine import autocommit_engine, connect
 
@@ -53,8 +54,9 @@ class ThreadConnection:
     """A ``sqlite3`` connection that lives in one worker thread: :meth:`run` is one hop there.
 
     The thread (a daemon, fed by a queue, as aiosqlite's is) starts on first use, and the connection
-    opens in it then; :meth:`close` closes the connection, :meth:`shutdown` ends the thread. A caller
-    cancelled while its function runs does not stop the function: a unit ends its transaction itself.
+    opens in it then; :meth:`close` closes the connection, :meth:`shutdown` ends the thread (which
+    closes the connection as it ends), and no thread starts after it. A caller cancelled while its
+    function runs does not stop the function: a unit ends its transaction itself.
     """
 
     def __init__(self, path: str) -> None:
@@ -64,6 +66,7 @@ class ThreadConnection:
         self._worker: threading.Thread | None = None
         self._pid = 0
         self._conn: Any = None
+        self._shut = False
         self.settings: dict[str, Any] = {}  # PRAGMA values to copy when the connection opens
 
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -76,16 +79,21 @@ class ThreadConnection:
         return fn(conn, *args)
 
     def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            future, fn, args = item
-            try:
-                result = fn(*args)
-            except BaseException as error:  # handed to the caller, as raised
-                future.get_loop().call_soon_threadsafe(_fail, future, error)
-            else:
-                future.get_loop().call_soon_threadsafe(_succeed, future, result)
+        try:
+            while (item := self._queue.get()) is not None:
+                future, fn, args = item
+                try:
+                    result = fn(*args)
+                except BaseException as error:  # handed to the caller, as raised
+                    future.get_loop().call_soon_threadsafe(_fail, future, error)
+                else:
+                    future.get_loop().call_soon_threadsafe(_succeed, future, result)
+        finally:
+            self._close()  # the connection never outlives its thread
 
     def _ensure_worker(self) -> None:
+        if self._shut:
+            raise StoreError("the repo is closed")
         if self._worker is None or self._pid != os.getpid():  # a forked child starts its own
             if self._pid != os.getpid():
                 self._queue, self._conn = SimpleQueue(), None
@@ -114,11 +122,12 @@ class ThreadConnection:
 
     async def close(self) -> None:
         """Close the connection (it reopens on the next :meth:`run`)."""
-        if self._conn is not None:
+        if self._conn is not None and not self._shut:
             await asyncio.shield(self._submit(self._close))
 
     def shutdown(self) -> None:
-        """End the worker thread once it has run what it was given."""
+        """End the worker thread once it has run what it was given (idempotent; it does not wait)."""
+        self._shut = True
         if self._worker is not None and self._pid == os.getpid():
             self._queue.put(None)
             self._worker = None
@@ -141,6 +150,7 @@ class SqliteLane:
         self._engine = engine
         self._gate = asyncio.Lock()
         self._waiting = 0
+        self._closed = False
         path = own_path(engine)
         self._thread = ThreadConnection(path) if path is not None else None
         self._idle_release = IdleRelease(self._is_idle, self._close_if_idle, IDLE_RELEASE_S)
@@ -167,7 +177,7 @@ class SqliteLane:
 
     def _leave(self) -> None:
         self._gate.release()
-        if self._waiting == 0 and self._thread is not None and self._thread.is_open:
+        if self._waiting == 0 and not self._closed and self._thread is not None and self._thread.is_open:
             self._idle_release.arm()  # nobody queued behind: the repo goes idle
 
     @asynccontextmanager
@@ -185,6 +195,8 @@ class SqliteLane:
         assert self._thread is not None
         await self._enter()
         try:
+            if self._closed:  # queued behind aclose(), or started after a cut one
+                raise StoreError("the repo is closed")
             if not self._thread.is_open:
                 self._thread.settings = await self._engine_settings()
             yield self._thread
@@ -201,10 +213,21 @@ class SqliteLane:
             }
 
     async def aclose(self) -> None:
-        """Close the own connection and stop its thread."""
-        await self._idle_release.aclose()
+        """Close the own connection and stop its thread, after the unit in flight.
+
+        Cut (a cancellation, a timeout), it still ends the thread: :meth:`shutdown`."""
+        try:
+            await self._idle_release.aclose()
+            if self._thread is not None:
+                async with self.exclusive():
+                    with contextlib.suppress(Exception):
+                        await self._thread.close()
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Refuse further units and end the thread once it has run what it was given (closing the
+        connection then); waits for nothing, so a cut :meth:`aclose` (or the backend's) calls it."""
+        self._closed = True
         if self._thread is not None:
-            async with self.exclusive():
-                with contextlib.suppress(Exception):
-                    await self._thread.close()
             self._thread.shutdown()
