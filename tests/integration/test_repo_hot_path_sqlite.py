@@ -410,3 +410,32 @@ async def test_an_aclose_cut_still_ends_the_thread_and_closes_its_connection(sql
     assert not thread.is_open
     with pytest.raises(StoreError, match="closed"):  # its batch started after the close: refused
         await queued
+
+
+def test_a_call_that_ends_after_its_event_loop_leaves_the_thread_serving(sqlite_url: str) -> None:
+    """A call cut while the thread runs it (a timeout; here one waiting for another writer) may end
+    after its event loop has closed. Handing its outcome to that loop used to raise in the thread and
+    kill it (an unhandled exception in the thread), and every later call, in another loop, hung."""
+    repo = SQLAlchemyWorkflowRepo(sqlite_url)
+    other: list[sqlite3.Connection] = []
+
+    async def first() -> int:
+        await repo.create_schema()
+        made = await repo.create_workflow_instance(new("a"))
+        other.append(hold_write_lock(db_path(sqlite_url)))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):  # the claim waits for the write lock in the thread
+                await repo.claim_due_instances(now_ms=10**12, limit=5, lease_ms=1000)
+        return made.id  # the loop closes while the thread still waits
+
+    async def second(instance_id: int) -> bool:
+        try:
+            async with asyncio.timeout(5):
+                return await repo.get_workflow_instance(instance_id) is not None
+        finally:
+            await repo.aclose()
+
+    instance_id = asyncio.run(first())
+    other[0].execute("ROLLBACK")
+    other[0].close()
+    assert asyncio.run(second(instance_id))

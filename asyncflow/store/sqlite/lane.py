@@ -85,9 +85,9 @@ class ThreadConnection:
                 try:
                     result = fn(*args)
                 except BaseException as error:  # handed to the caller, as raised
-                    future.get_loop().call_soon_threadsafe(_fail, future, error)
+                    _hand(future, _fail, error)
                 else:
-                    future.get_loop().call_soon_threadsafe(_succeed, future, result)
+                    _hand(future, _succeed, result)
         finally:
             self._close()  # the connection never outlives its thread
 
@@ -131,6 +131,11 @@ class ThreadConnection:
         if self._worker is not None and self._pid == os.getpid():
             self._queue.put(None)
             self._worker = None
+
+
+def _hand(future: asyncio.Future[Any], outcome: Callable[..., None], value: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # its loop has closed (the caller was cut): nobody waits
+        future.get_loop().call_soon_threadsafe(outcome, future, value)
 
 
 def _succeed(future: asyncio.Future[Any], result: Any) -> None:
