@@ -56,6 +56,7 @@ from ._json import (
     validate_instance_query,
     validate_task_query,
 )
+from ._lanes import to_completion
 from ._records import inserted_task_record, instance_record, task_record
 from ._schedules import SqlSchedules
 from ._session import caller_connection
@@ -174,7 +175,9 @@ class SQLAlchemyWorkflowRepo:
         """Dispose the engine if the repo built it (idempotent); a caller's engine is left alone.
 
         The engine is disposed even if the wait for the batches in flight is cut (a cancellation, a
-        timeout): a later call returns at once, so nothing else would close the pooled sessions."""
+        timeout), and the dispose runs to its end even if it is cut itself (the pool stops closing
+        its connections at the cut): a later call returns at once, so nothing else would close the
+        pooled sessions."""
         if self._units.closed:
             return
         self._units.close()
@@ -182,7 +185,7 @@ class SQLAlchemyWorkflowRepo:
             await self._backend.aclose()
         finally:
             if self._owns_engine:
-                await self._engine.dispose()
+                await to_completion(self._engine.dispose())
 
     # ---------------------------------------------------------------------------- transactions
 

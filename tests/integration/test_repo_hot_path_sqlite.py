@@ -439,3 +439,38 @@ def test_a_call_that_ends_after_its_event_loop_leaves_the_thread_serving(sqlite_
     other[0].execute("ROLLBACK")
     other[0].close()
     assert asyncio.run(second(instance_id))
+
+
+def aiosqlite_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if "_connection_worker_thread" in t.name}
+
+
+async def test_an_aclose_cut_while_it_disposes_the_engine_still_closes_every_connection(
+    sqlite_url: str,
+) -> None:
+    """``aclose()`` disposes the engine it built; a cancellation that lands while the pool closes its
+    connections (here: as the first one closes) used to stop the dispose there, leaving the other
+    aiosqlite connections open in the pool, each with its worker thread (not a daemon) alive."""
+    before = aiosqlite_threads()
+    repo = SQLAlchemyWorkflowRepo(sqlite_url)
+    await repo.create_schema()
+    async with repo.engine.connect(), repo.engine.connect():  # two connections, back in the pool after
+        pass
+    pool = cast(QueuePool, repo.engine.pool)
+    assert pool.checkedin() == 2
+
+    closes: list[object] = []
+
+    def cancel_closer(dbapi_connection: Any, connection_record: Any) -> None:
+        closes.append(dbapi_connection)
+        if len(closes) == 1:
+            closing.cancel()  # lands in the close of this connection, as a timeout firing then would
+
+    event.listen(pool, "close", cancel_closer)
+    closing = asyncio.create_task(repo.aclose())
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert pool.checkedin() == 0
+    async with asyncio.timeout(5):
+        while aiosqlite_threads() - before:
+            await asyncio.sleep(0.01)
