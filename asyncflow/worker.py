@@ -403,8 +403,9 @@ async def start_child_workflow(
     child that ends ``failed`` or ``canceled`` fails the node (and so the workflow).
 
     Raises :class:`~asyncflow.errors.InvalidStateError` outside a worker's ``run()`` (a ``wait_check``
-    included), :class:`~asyncflow.errors.ParamInvalidError` for an empty or non-``str`` key or type,
-    or a key already used in this node for a child of another workflow type, and
+    included) and when the instance is no longer active (canceled or failed while ``run()`` ran: the
+    child is then canceled at once), :class:`~asyncflow.errors.ParamInvalidError` for an empty or
+    non-``str`` key or type, or a key already used in this node for a child of another workflow type, and
     :class:`~asyncflow.errors.ConfigNotFoundError` for an unknown workflow type.
     """
     call = _current_call.get(None)

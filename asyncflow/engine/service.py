@@ -433,6 +433,15 @@ class WorkflowService:
                 f"{record.workflow_type!r} (instance {record.id}), not {workflow_type!r}"
             )
         child = WorkflowInstance.from_record(record, definition)
+        now = await self.repo.get_workflow_instance(parent.id)
+        if now is None or now.status not in _ACTIVE:
+            # canceled (or failed) since the pass began, and the cancel did not see this child: no
+            # node will wait for it
+            await self._cancel_late_child(record, parent.id)
+            raise InvalidStateError(
+                f"workflow instance {parent.id} is {now.status if now else 'gone'}: node {task_type!r} "
+                f"starts no child workflow (child {key!r}, instance {record.id}, is canceled)"
+            )
         if created:
             logger.debug(
                 "created child workflow instance %s (%s) of instance %s node %s",
@@ -446,6 +455,54 @@ class WorkflowService:
                 observers.instance_created(child)
             self._announce_due(record.id)
         return child
+
+    async def _cancel_late_child(self, child: WorkflowInstanceRecord, parent_id: int) -> None:
+        """A child whose parent is no longer active: cancel it (and its descendants) unless it ended."""
+        canceled: list[WorkflowInstanceRecord] = []
+        if not is_over_instance_status(child.status):
+            async with self.repo.transaction():
+                canceled = await self._cancel_tree(child)
+        canceled += await self._cancel_late(canceled)
+        self._canceled(canceled)
+        if canceled:
+            logger.warning(
+                "workflow instance %s is no longer running: canceled child workflow instance %s that a "
+                "pass of it started meanwhile",
+                parent_id,
+                child.id,
+                extra={"instance_id": parent_id},
+            )
+
+    async def _cancel_late(self, canceled: list[WorkflowInstanceRecord]) -> list[WorkflowInstanceRecord]:
+        """After a cancel of ``canceled`` is committed: cancel the children a pass of one of them inserted
+        while the cancel ran (committed after the cancel read the children, before it committed, so
+        neither the cancel nor the insert's own look at its parent in :meth:`_start_child` saw the
+        other); an insert committed later sees its parent canceled. The instances canceled here.
+
+        A store failure is logged: such a child then runs (cancel it by hand)."""
+        more: list[WorkflowInstanceRecord] = []
+        todo = canceled
+        try:
+            while todo:
+                late: list[WorkflowInstanceRecord] = []
+                for one in todo:
+                    for child in await self.repo.query_child_instances(one.id):
+                        if not is_over_instance_status(child.status):
+                            late.append(child)
+                if not late:
+                    break
+                todo = []
+                async with self.repo.transaction():
+                    for child in late:
+                        todo += await self._cancel_tree(child)
+                more += todo
+        except AsyncflowError:
+            logger.warning(
+                "could not look for child workflows started while instances were canceled (%s)",
+                ", ".join(str(one.id) for one in canceled),
+                exc_info=True,
+            )
+        return more
 
     async def _wake(self, instance_id: int) -> None:
         """Make an active instance due now (not fencing a pass of it) and tell this process's driver.
@@ -520,6 +577,7 @@ class WorkflowService:
             if is_over_instance_status(record.status):
                 return
             canceled = await self._cancel_tree(record)
+        canceled += await self._cancel_late(canceled)
         self._canceled(canceled)
         if canceled and record.parent_id is not None:
             await self._wake_parent(record, InstanceStatus.CANCELED.value)
@@ -544,6 +602,7 @@ class WorkflowService:
             async with self.repo.transaction():
                 for child in running:
                     canceled += await self._cancel_tree(child)
+            canceled += await self._cancel_late(canceled)
         except AsyncflowError:
             logger.warning(
                 "could not cancel the child workflows of instance %s",

@@ -279,6 +279,34 @@ async def test_canceling_the_parent_cancels_its_running_children(engine_repo: An
     assert (await svc.run_workflow(b.id)).status == "canceled"  # nothing of it runs any more
 
 
+async def test_a_child_started_after_its_parent_was_canceled_is_canceled(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """The parent is canceled while its node's run() is between two starts: the child it starts after
+    the cancel is committed is canceled at once (before, it was created ``init`` under a canceled parent
+    and ran to its end, work nobody would use), and the pass stops as before."""
+    calls = Calls()
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    async def fan(ctx: JSONContext) -> None:
+        await af.start_child_workflow("child", "a")
+        started.set()
+        await gate.wait()
+        await af.start_child_workflow("child", "b")
+
+    svc = WorkflowService(engine_repo, local_lock, family(calls, fan))
+    parent = await svc.create_workflow("parent", "late-1")
+    pass_ = asyncio.create_task(svc.run_workflow(parent.id))
+    await started.wait()
+    await svc.cancel_workflow_instance(parent.id)
+    gate.set()
+    assert (await pass_).status == "canceled"
+    children = await svc.get_child_workflows(parent.id)
+    assert [(c.child_key, c.status) for c in children] == [("a", "canceled"), ("b", "canceled")]
+    assert (await svc.run_workflow(children[1].id)).status == "canceled"
+    assert calls.runs("work") == 0
+
+
 async def test_a_canceled_child_fails_its_parent(engine_repo: Any, local_lock: Any) -> None:
     calls = Calls()
     svc = WorkflowService(engine_repo, local_lock, family(calls, fan_out(["a", "b"])))
@@ -527,6 +555,59 @@ async def test_concurrent_starts_on_separate_connections_make_one_child(postgres
             assert count == 5
         finally:
             await repo.aclose()
+
+
+@pytest.mark.postgres
+async def test_a_child_inserted_while_the_parents_cancel_commits_is_canceled(postgres_url: str) -> None:
+    """Process B's pass of the parent starts a child after the cancel of process A read the
+    parent's children but before it committed: the insert is not among what the cancel read, and B's
+    look at its parent still sees it running. The cancel looks at the children again once committed,
+    so the child is canceled (before, it stayed ``init`` under the canceled parent and ran)."""
+    async with isolated_pg_engine(postgres_url) as engine:
+        repo_a = SQLAlchemyWorkflowRepo(engine)
+        await repo_a.migrate()
+        settings = {"server_settings": {"search_path": await _schema(engine)}}
+        engine_b = create_async_engine(postgres_url, connect_args=settings, pool_size=4, max_overflow=0)
+        repo_b = SQLAlchemyWorkflowRepo(engine_b)
+        calls = Calls()
+        running, go, late = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def fan(ctx: JSONContext) -> None:
+            await af.start_child_workflow("child", "a")
+            running.set()
+            await go.wait()
+            await af.start_child_workflow("child", "late")
+            late.set()
+
+        registry = family(calls, fan)
+        svc_a = WorkflowService(repo_a, LocalWorkflowLock(), registry)
+        svc_b = WorkflowService(repo_b, LocalWorkflowLock(), registry)
+        read = repo_a.query_child_instances
+        raced: list[int] = []
+
+        async def children_then_race(parent_id: int) -> list[Any]:
+            found = await read(parent_id)
+            if not raced:  # the cancel's own read, inside its transaction
+                raced.append(parent_id)
+                go.set()
+                await late.wait()  # B's insert is committed; A's transaction is not
+            return found
+
+        repo_a.query_child_instances = children_then_race  # type: ignore[method-assign]
+        try:
+            parent = await svc_a.create_workflow("parent", "race-cancel")
+            pass_b = asyncio.create_task(svc_b.run_workflow(parent.id))
+            await running.wait()
+            await svc_a.cancel_workflow_instance(parent.id)
+            assert raced == [parent.id]
+            assert (await pass_b).status == "canceled"
+            children = await svc_b.get_child_workflows(parent.id)
+            assert [(c.child_key, c.status) for c in children] == [("a", "canceled"), ("late", "canceled")]
+            assert calls.runs("work") == 0
+        finally:
+            await repo_b.aclose()
+            await engine_b.dispose()
+            await repo_a.aclose()
 
 
 # ------------------------------------------------------------------------------------ migration 8
