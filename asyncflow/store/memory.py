@@ -340,7 +340,8 @@ class MemoryWorkflowRepo:
         batch_size: int = 500,
     ) -> int:
         """Delete instances in ``statuses`` last updated before ``updated_before`` (unix seconds), with
-        their node rows, at most ``batch_size`` per step (oldest ids first); returns how many."""
+        their node rows, at most ``batch_size`` per step (oldest ids first); returns how many. A child
+        whose parent is still active stays."""
         total = 0
         while limit is None or total < limit:
             size = batch_size if limit is None else min(batch_size, limit - total)
@@ -351,6 +352,7 @@ class MemoryWorkflowRepo:
                     if i.status in statuses
                     and i.updated_at < updated_before
                     and (workflow_types is None or i.workflow_type in workflow_types)
+                    and not _parent_waits(state, i)
                 )[:size]
                 for instance_id in ids:
                     state.remove_instance(instance_id)
@@ -535,3 +537,9 @@ class MemoryWorkflowRepo:
             if known.last_tick is None or known.last_tick < tick:
                 state.schedules[schedule_id] = replace(known, last_tick=tick)
             return instance.id
+
+
+def _parent_waits(state: State, instance: Instance) -> bool:
+    """The instance is a child whose parent is still active (its node may still read the child)."""
+    parent = None if instance.parent_id is None else state.instances.get(instance.parent_id)
+    return parent is not None and parent.status in RUNNABLE_INSTANCE_STATUSES

@@ -42,6 +42,7 @@ from ..records import (
     WorkflowInstanceRecord,
     new_instance_record,
 )
+from ..status import RUNNABLE_INSTANCE_STATUSES
 from . import _prepare as prep
 from . import _statements as st
 from . import migrations, tables
@@ -376,9 +377,14 @@ class SQLAlchemyWorkflowRepo:
         """Delete instances in ``statuses`` last updated before ``updated_before`` (unix seconds), with
         their node rows: at most ``batch_size`` per transaction (oldest ids first), so no lock is held
         long; returns how many. Each batch re-checks the filter in its ``DELETE``, so an instance
-        restarted meanwhile stays."""
+        restarted meanwhile stays. A child whose parent is still active stays too: the parent's node
+        reads it once its siblings have ended."""
         wi, ti = tables.workflow_instance, tables.task_instance
-        cond = [wi.c.status.in_(list(statuses)), wi.c.updated_at < updated_before]
+        parent = wi.alias("parent")
+        waits = select(parent.c.id).where(
+            parent.c.id == wi.c.parent_id, parent.c.status.in_(RUNNABLE_INSTANCE_STATUSES)
+        )
+        cond = [wi.c.status.in_(list(statuses)), wi.c.updated_at < updated_before, ~waits.exists()]
         if workflow_types is not None:
             cond.append(wi.c.workflow_type.in_(list(workflow_types)))
         total = 0

@@ -5,6 +5,7 @@ concurrent starts, and the parent's wake-up when its last child ends."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -305,6 +306,30 @@ async def test_a_child_started_after_its_parent_was_canceled_is_canceled(
     assert [(c.child_key, c.status) for c in children] == [("a", "canceled"), ("b", "canceled")]
     assert (await svc.run_workflow(children[1].id)).status == "canceled"
     assert calls.runs("work") == 0
+
+
+async def test_purge_keeps_a_finished_child_whose_parent_still_waits(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """Retention runs while a parent's node waits for its slow child: the fast sibling that completed
+    long ago is kept (before, it was purged, and when the slow one ended the parent's node failed with
+    "child workflow 'a' ... no longer exists": the family's work lost); once the parent is finished,
+    its children go like any finished instance."""
+    calls = Calls()
+    clock = af.FakeClock(time.time() + 3600)  # everything stored is an hour old to this service
+    svc = WorkflowService(engine_repo, local_lock, family(calls, fan_out(["a", "b"])), clock=clock)
+    parent = await svc.create_workflow("parent", "keep-1", run=True)
+    a, b = await svc.get_child_workflows(parent.id)
+    assert (await svc.run_workflow(a.id)).status == "completed"
+    assert await svc.purge_workflow_instances(older_than=60) == 0
+    assert (await svc.get_workflow_instance(a.id)).status == "completed"
+    await svc.run_workflow(b.id)
+    assert (await svc.run_workflow(parent.id)).status == "completed"
+    fan = (await rows_of(svc, parent.id))["fan"]
+    assert fan.node_context["children"]["a"]["output"] == {"work": {"double": 2}}
+    clock.advance(3600)
+    assert await svc.purge_workflow_instances(older_than=60) == 3  # the parent and both children
+    assert await svc.count_workflow_instances() == 0
 
 
 async def test_a_canceled_child_fails_its_parent(engine_repo: Any, local_lock: Any) -> None:
