@@ -264,12 +264,20 @@ class PassRunner:
         self._skipped_with: dict[str, list[str]] = {}  # completed node -> nodes skipped in its write
         self._tasks: dict[str, asyncio.Task[None]] = {}  # node -> the task driving it (first joins)
         self._dropped: set[str] = set()  # nodes a ``first`` join canceled in this pass
+        self._continued: set[str] = set()  # nodes whose run() failed and continued (TaskFailedContinue)
 
     @property
     def dropped(self) -> list[str]:
         """The nodes a ``first`` join canceled in this pass, as committed (their rows say ``canceled``)."""
         rows = self._rows
         return [t for t in self._dropped if (row := rows.get(t)) is not None and row.status == _CANCELED]
+
+    @property
+    def continued(self) -> list[str]:
+        """The nodes whose ``run()`` failed with ``TaskFailedContinue`` in this pass, as committed
+        (completed): a child workflow such a ``run()`` started has no node to wait for it."""
+        rows = self._rows
+        return [t for t in self._continued if (row := rows.get(t)) is not None and row.status == _COMPLETED]
 
     # ------------------------------------------------------------------ entry point
 
@@ -786,6 +794,8 @@ class PassRunner:
             except BaseException:
                 self._outcomes.pop(node.task_type, None)  # not written: the attempt was cut
                 raise
+            if status == _RUNNING:
+                self._continued.add(node.task_type)
             return True
         write = _write_for(node.task_type, row, _FAILED, context, fail_count + 1, started_at)
         try:

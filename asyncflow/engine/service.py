@@ -394,8 +394,9 @@ class WorkflowService:
             )
             after = await runner.run()
         failed = after.status == InstanceStatus.FAILED.value
-        if failed or runner.dropped:  # children no node will use any more
-            await self._cancel_children(instance_id, nodes=None if failed else runner.dropped)
+        unused = [*runner.dropped, *runner.continued]
+        if failed or unused:  # children no node will use any more
+            await self._cancel_children(instance_id, nodes=None if failed else unused)
         if is_over_instance_status(after.status):
             self._waiters.finished(instance_id)
             if instance.parent_id is not None:
@@ -584,7 +585,8 @@ class WorkflowService:
 
     async def _cancel_children(self, instance_id: int, *, nodes: Sequence[str] | None = None) -> None:
         """An instance that ended ``failed`` (or, with ``nodes``, the nodes of it a ``first`` join
-        canceled): the child workflows they started that still run are canceled (theirs too), as when
+        canceled or whose ``run()`` failed and continued): the child workflows they started that still
+        run are canceled (theirs too), as when
         the parent is canceled; no child outlives the node that would have used it.
 
         After the parent's write is committed, in a transaction of its own: a crash in between leaves

@@ -17,7 +17,7 @@ import asyncflow as af
 from asyncflow.context import JSONContext
 from asyncflow.driver import WorkflowDriver
 from asyncflow.engine.service import WorkflowService
-from asyncflow.errors import InvalidStateError, ParamInvalidError, TaskFailedTerminate
+from asyncflow.errors import InvalidStateError, ParamInvalidError, TaskFailedContinue, TaskFailedTerminate
 from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.records import NewWorkflowInstance
 from asyncflow.registry import Registry
@@ -330,6 +330,29 @@ async def test_purge_keeps_a_finished_child_whose_parent_still_waits(
     clock.advance(3600)
     assert await svc.purge_workflow_instances(older_than=60) == 3  # the parent and both children
     assert await svc.count_workflow_instances() == 0
+
+
+async def test_a_node_that_fails_and_continues_cancels_the_children_it_started(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """``run()`` starts a child, then raises ``TaskFailedContinue``: the node counts as done at once,
+    so nothing will wait for the child or read it; it is canceled after the pass (before, it stayed
+    ``init`` and ran after its parent had completed, unattached). A retry of such a node gets it
+    again, as any re-run does."""
+    calls = Calls()
+
+    async def fan(ctx: JSONContext) -> None:
+        await af.start_child_workflow("child", "a")
+        raise TaskFailedContinue("half done")
+
+    svc = WorkflowService(engine_repo, local_lock, family(calls, fan))
+    parent = await svc.create_workflow("parent", "cont-1", run=True)
+    assert parent.status == "completed"
+    assert (await statuses(svc, parent.id))["fan"] == "completed"
+    [child] = await svc.get_child_workflows(parent.id)
+    assert child.status == "canceled"
+    assert (await svc.run_workflow(child.id)).status == "canceled"
+    assert calls.runs("work") == 0
 
 
 async def test_a_canceled_child_fails_its_parent(engine_repo: Any, local_lock: Any) -> None:
