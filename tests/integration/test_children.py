@@ -355,6 +355,38 @@ async def test_a_node_that_fails_and_continues_cancels_the_children_it_started(
     assert calls.runs("work") == 0
 
 
+async def test_a_failed_parent_node_reruns_once_every_child_its_failure_ended_is_restarted(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """Child ``a`` fails, so the parent fails and cancels ``b``. Restarting ``a`` alone, as the README
+    said, is not enough: the restarted node gets ``b`` back canceled and fails again. Restarting every
+    child that is failed or canceled, then the node, completes the family with the same children."""
+    calls = Calls()
+    broken = [True]
+
+    def work(ctx: JSONContext) -> None:
+        if broken[0] and ctx.get("workflow_context", "n")[0] == 1:
+            raise TaskFailedTerminate("no stock")
+
+    svc = WorkflowService(engine_repo, local_lock, family(calls, fan_out(["a", "b"]), work))
+    parent = await svc.create_workflow("parent", "again-1", run=True)
+    a, b = await svc.get_child_workflows(parent.id)
+    assert (await svc.run_workflow(a.id)).status == "failed"
+    assert (await svc.run_workflow(parent.id)).status == "failed"
+    assert (await svc.get_workflow_instance(b.id)).status == "canceled"
+    broken[0] = False
+    assert (await svc.restart_workflow_instance(a.id, run=True)).status == "completed"
+    again = await svc.restart_workflow_node(parent.id, "fan", force=True, run=True)
+    assert again.status == "failed"  # b, canceled by the parent's failure, fails it again
+    assert "'b'" in (await rows_of(svc, parent.id))["fan"].node_context["system"]["last_error"]
+    for child in await svc.get_child_workflows(parent.id):
+        if child.status in ("failed", "canceled"):
+            await svc.restart_workflow_instance(child.id, run=True)
+    done = await svc.restart_workflow_node(parent.id, "fan", force=True, run=True)
+    assert done.status == "completed"
+    assert [c.id for c in await svc.get_child_workflows(parent.id)] == [a.id, b.id]
+
+
 async def test_a_canceled_child_fails_its_parent(engine_repo: Any, local_lock: Any) -> None:
     calls = Calls()
     svc = WorkflowService(engine_repo, local_lock, family(calls, fan_out(["a", "b"])))
