@@ -14,6 +14,7 @@ from ..engine.retention import PURGEABLE_STATUSES, purge_request
 from ..errors import AsyncflowError
 from ..records import Pager, QueryWorkflowInstanceParams
 from ..registry import Registry
+from ..status import RUNNABLE_INSTANCE_STATUSES
 from .backend import open_service
 
 if TYPE_CHECKING:
@@ -48,6 +49,16 @@ async def cmd_purge(args: argparse.Namespace) -> int:
             return 0
         request = purge_request(svc.clock.time(), args.older_than, statuses, types, None)
         count, last_id = 0, 0
+        active: dict[int, bool] = {}  # parent id -> still active (a purge keeps its finished children)
+
+        async def parent_waits(parent_id: int | None) -> bool:
+            if parent_id is None:
+                return False
+            if parent_id not in active:
+                parent = await svc.repo.get_workflow_instance(parent_id)
+                active[parent_id] = parent is not None and parent.status in RUNNABLE_INSTANCE_STATUSES
+            return active[parent_id]
+
         while True:  # read-only: pages of ids, oldest first
             page = await svc.query_workflow_instances(
                 QueryWorkflowInstanceParams(
@@ -58,7 +69,9 @@ async def cmd_purge(args: argparse.Namespace) -> int:
                     page=Pager(page=1, size=500),
                 )
             )
-            count += sum(1 for inst in page if inst.updated_at < request.updated_before)
+            for inst in page:
+                if inst.updated_at < request.updated_before and not await parent_waits(inst.parent_id):
+                    count += 1
             if len(page) < 500 or (args.limit is not None and count >= args.limit):
                 break
             last_id = page[-1].id

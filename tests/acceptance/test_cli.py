@@ -7,6 +7,7 @@ test_cli_worker.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pathlib
 import re
@@ -15,6 +16,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
+import asyncflow as af
 
 from .cli_helpers import Instances, assert_clean_error, call_cli, populate, run_cli, scratch_database
 
@@ -319,6 +322,42 @@ def test_graph(db_url: str, instances: Instances, tmp_path: pathlib.Path) -> Non
     assert_clean_error(
         call_cli("graph", "--instance", "919191", "--db", db_url, cwd=tmp_path), 1, "not found"
     )
+
+
+async def _a_waiting_family(db_url: str) -> int:
+    """A parent whose node waits for two children, one of them completed: that child's id."""
+    registry = af.Registry()
+    registry.load_workflow_config({"id": "parent", "nodes": [{"id": "fan"}]})
+    registry.load_workflow_config({"id": "kid", "nodes": [{"id": "work"}]})
+
+    async def fan(ctx: af.JSONContext) -> None:
+        for key in ("a", "b"):
+            await af.start_child_workflow("kid", key)
+
+    registry.register_workflow_task("parent", "fan", af.NormalTaskWorker(run=fan))
+    registry.register_workflow_task("kid", "work", af.NormalTaskWorker(run=lambda ctx: None))
+    async with af.SQLAlchemyWorkflowRepo(db_url) as repo:
+        await repo.create_schema()
+        svc = af.WorkflowService(repo, af.LocalWorkflowLock(), registry)
+        parent = await svc.create_workflow("parent", "family-1", run=True)
+        first, _ = await svc.get_child_workflows(parent.id)
+        assert (await svc.run_workflow(first.id)).status == "completed"
+        assert (await svc.get_workflow_instance(parent.id)).status == "running"
+        return first.id
+
+
+def test_purge_keeps_the_finished_children_of_an_active_parent(db_url: str, tmp_path: pathlib.Path) -> None:
+    """The parent's node reads its children once the last one ends: a finished child stays while its
+    parent is active, and the dry run counts what the purge deletes."""
+    child_id = asyncio.run(_a_waiting_family(db_url))
+    time.sleep(1.1)  # updated_at is in whole seconds
+    dry = call_cli("purge", "--older-than", "0", "--dry-run", "--db", db_url, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "would purge 0 instance(s)" in dry.stdout
+    purged = call_cli("purge", "--older-than", "0", "--db", db_url, cwd=tmp_path)
+    assert purged.returncode == 0, purged.stderr
+    assert "purged 0 instance(s)" in purged.stdout
+    assert call_cli("show", str(child_id), "--db", db_url, cwd=tmp_path).returncode == 0
 
 
 def test_app_option_loads_other_workflows(tmp_path: pathlib.Path) -> None:
