@@ -387,6 +387,26 @@ async def test_a_failed_parent_node_reruns_once_every_child_its_failure_ended_is
     assert [c.id for c in await svc.get_child_workflows(parent.id)] == [a.id, b.id]
 
 
+async def test_a_canceled_parent_restarts_once_its_canceled_children_are_restarted(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """The README's procedure for a parent restarted after a cancel: its cancel canceled the children,
+    so a restart alone fails at once on them; restarting them first completes the family with the
+    same children."""
+    calls = Calls()
+    svc = WorkflowService(engine_repo, local_lock, family(calls, fan_out(["a", "b"])))
+    parent = await svc.create_workflow("parent", "canceled-1", run=True)
+    a, b = await svc.get_child_workflows(parent.id)
+    await svc.cancel_workflow_instance(parent.id)
+    assert {c.status for c in await svc.get_child_workflows(parent.id)} == {"canceled"}
+    assert (await svc.restart_workflow_instance(parent.id, run=True)).status == "failed"
+    for child in await svc.get_child_workflows(parent.id):
+        await svc.restart_workflow_instance(child.id, run=True)
+    done = await svc.restart_workflow_instance(parent.id, run=True)
+    assert done.status == "completed"
+    assert [c.id for c in await svc.get_child_workflows(parent.id)] == [a.id, b.id]
+
+
 async def test_a_canceled_child_fails_its_parent(engine_repo: Any, local_lock: Any) -> None:
     calls = Calls()
     svc = WorkflowService(engine_repo, local_lock, family(calls, fan_out(["a", "b"])))
