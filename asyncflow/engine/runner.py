@@ -94,6 +94,9 @@ __all__ = [
 CHILD_KEYS = "child_keys"
 """The key under a node context's ``system`` where the engine keeps the keys of the children its
 ``run()`` started (``af.start_child_workflow``), in order."""
+RETRY_AT = "retry_at"
+"""The key under a node context's ``system`` where a retryable failure stores when (unix ms) the node
+is retried: a driver's pass before that time leaves the node alone."""
 CHILDREN = "children"
 """The key of a node's context that holds its children's results once they are all terminal."""
 
@@ -225,8 +228,10 @@ class PassRunner:
         watchtower: Watchtower | None = None,
         start_child: ChildStart | None = None,
         drive_here: bool = False,
+        due_only: bool = False,
     ) -> None:
         self._repo = repo
+        self._due_only = due_only  # a driver's pass: a node waiting out its retry back-off is not run
         # see _drive_here: only in a task asyncflow made for the pass, never with a ``first`` join
         self._drive_here_ok = drive_here and not definition.feeds_first
         self._start_child = start_child
@@ -252,7 +257,7 @@ class PassRunner:
         self._deferred: dict[str, _Write] = {}
         self._carry: list[tuple[str, _Write]] = []
         self._carry_done: asyncio.Event | None = None
-        self._due: list[float] = []  # when each node that did not advance wants the next pass
+        self._due: list[int] = []  # when (ms) each node that did not advance wants the next pass
         self._visible_after = visible_after
         self._watchtower = watchtower if visible_after is not None else None
         self._tg: asyncio.TaskGroup | None = None
@@ -372,7 +377,11 @@ class PassRunner:
                     skip = _write_for(node.task_type, row, _SKIPPED, {}, fail_count, now)
                     self._deferred[node.task_type] = skip  # written with the pass's last step
             elif row.status in (_RUNNING, _PENDING, _FINISHING):
-                ready.append(node.task_type)
+                retry_at = self._backing_off(row)
+                if retry_at is None:
+                    ready.append(node.task_type)
+                else:  # its back-off is its own: a pass a sibling (an event, a restart) asked for skips it
+                    self._due.append(retry_at)
             elif row.status not in _SETTLED:  # as in Go, left alone; say once why the instance stalls
                 first = self._stalls.first_time((self._instance.id, node.task_type, row.status))
                 logger.log(
@@ -386,6 +395,16 @@ class PassRunner:
                 )
         self._visited.update(ready)
         return ready
+
+    def _backing_off(self, row: TaskInstanceRecord) -> int | None:
+        """When (ms) a node waiting out its retry back-off is due, if a driver's pass runs before that."""
+        if not self._due_only:
+            return None
+        system = row.node_context.get(SYSTEM)
+        retry_at = system.get(RETRY_AT) if isinstance(system, dict) else None
+        if type(retry_at) is not int or retry_at <= int(self._clock.time() * 1000):
+            return None
+        return retry_at
 
     def _newly_ready(self, done: str) -> list[str]:
         ready = []
@@ -487,6 +506,9 @@ class PassRunner:
         if task_type == END_NODE:
             await self._write_completed(node, row, context, fail_count, started_at)
             return True
+        system = context.get(SYSTEM)
+        if isinstance(system, dict) and RETRY_AT in system:
+            del system[RETRY_AT]  # this is the retry
         ctx = JSONContext.from_map(context)
         if status == _RUNNING:
             chosen, child_keys, error = await self._attempt(
@@ -780,13 +802,15 @@ class PassRunner:
             self._deferred[node.task_type] = _write_for(
                 node.task_type, row, status, context, fail_count, started_at
             )
-            self._due.append(now + self._wait_interval)
+            self._due.append(int((now + self._wait_interval) * 1000))
             return False
         if outcome is Outcome.RETRY:
+            retry_at = int((now + (node.retry or self._retry).delay(fail_count + 1)) * 1000)  # from its end
+            context[SYSTEM][RETRY_AT] = retry_at  # record_error made it a dict
             self._deferred[node.task_type] = _write_for(
                 node.task_type, row, status, context, fail_count + 1, started_at
             )
-            self._due.append(now + (node.retry or self._retry).delay(fail_count + 1))  # from its own end
+            self._due.append(retry_at)
             return False
         if outcome is Outcome.CONTINUE:
             try:
@@ -1143,10 +1167,10 @@ class PassRunner:
 
     async def _flush(self) -> None:
         """The pass's last write: deferred node writes, the root if still carried, the next due time."""
-        due = min(self._due) if self._due else self._clock.time() + self._wait_interval
+        poll = int((self._clock.time() + self._wait_interval) * 1000)
+        next_run_at = min(self._due) if self._due else poll
         writes = list(self._deferred.items())
         self._deferred = {}
-        next_run_at = int(due * 1000)
         try:
             try:
                 await self._apply(writes, next_run_at=next_run_at)

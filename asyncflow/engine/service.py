@@ -53,6 +53,7 @@ from ..retry import RetryPolicy
 from ..status import (
     NODE_EVENT,
     RUNNABLE_INSTANCE_STATUSES,
+    SYSTEM,
     InstanceStatus,
     TaskStatus,
     is_over_instance_status,
@@ -64,7 +65,7 @@ from .inflight import Watchtower
 from .observers import ObserverSet, WorkflowObserver
 from .retention import PURGEABLE_STATUSES, purge_request
 from .rules import SchedulePolicy
-from .runner import PassRunner, StallWarnings, active_passes
+from .runner import RETRY_AT, PassRunner, StallWarnings, active_passes
 from .waiting import Waiters
 
 __all__ = ["WorkflowService", "lock_key"]
@@ -348,7 +349,9 @@ class WorkflowService:
     async def _driver_pass(self, instance_id: int, wait_interval: float) -> WorkflowInstance:
         """:meth:`run_pass` for a driver, in a task the driver made for this pass alone (with a context
         of its own): the pass drives its first node in that task (``PassRunner(drive_here=True)``)."""
-        return await self._run(_check_id(instance_id), wait_interval=wait_interval, drive_here=True)
+        return await self._run(
+            _check_id(instance_id), wait_interval=wait_interval, drive_here=True, due_only=True
+        )
 
     async def _run(
         self,
@@ -357,6 +360,7 @@ class WorkflowService:
         known: tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None = None,
         wait_interval: float | None = None,
         drive_here: bool = False,
+        due_only: bool = False,
     ) -> WorkflowInstance:
         if instance_id in active_passes.get():
             raise LockFailedError(
@@ -391,6 +395,7 @@ class WorkflowService:
                 watchtower=self._watchtower,
                 start_child=self._start_child,
                 drive_here=drive_here,
+                due_only=due_only,
             )
             after = await runner.run()
         failed = after.status == InstanceStatus.FAILED.value
@@ -726,6 +731,7 @@ class WorkflowService:
         node_event["event_ts"] = event.event_ts
         node_event["event_content"] = event.event_content
         context.set([NODE_EVENT], node_event)
+        context.delete(SYSTEM, RETRY_AT)  # the node's retry back-off ends: the event is for it
         step = Step(
             instance_id=instance_id,
             instance_status_in=(record.status,),  # as read: a cancel since then refuses the event

@@ -202,3 +202,61 @@ async def test_deprecated_schedule_retry_fields_still_work() -> None:
         af.WorkflowService(MemoryWorkflowRepo(), LocalWorkflowLock(), schedule=schedule, retry=explicit).retry
         is explicit
     )
+
+
+async def test_polls_events_and_restarts_of_a_sibling_do_not_cut_a_back_off_short(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """A node's back-off is its own: the passes a sibling's wait check asks for every poll interval, an
+    event for the sibling and a restart of the sibling do not retry it before its delay (they did:
+    the instance's due time is the earliest of its nodes', and every pass retried every node, so a
+    60 s back-off with ``fail_max_count`` 3 failed the instance after 2 s of polling)."""
+    clock = FakeClock()
+    attempts: list[float] = []
+
+    async def flaky(ctx: JSONContext) -> None:
+        attempts.append(clock.time())
+        raise RuntimeError("card network down")
+
+    async def decided(ctx: JSONContext) -> None:
+        if not ctx.get(af.NODE_EVENT, "event_content")[1]:
+            raise af.TaskNotReady("waiting for the manager")
+
+    reg = Registry()
+    reg.load_workflow_config(
+        {
+            "id": "w",
+            "nodes": [
+                {"id": "A", "retry": {"initial_interval": 60, "jitter": 0}, "fail_max_count": 3},
+                {"id": "W"},
+            ],
+        }
+    )
+    reg.register_workflow_task("w", "A", NormalTaskWorker(run=flaky))
+    reg.register_workflow_task("w", "W", NormalTaskWorker(run=lambda ctx: None, wait_check=decided))
+    service = af.WorkflowService(engine_repo, local_lock, reg, clock=clock)
+    driver = WorkflowDriver(service, poll_interval=1.0)
+    instance = await service.create_workflow("w", "b")
+    start = clock.time()
+    for _ in range(10):  # W's wait check is polled every second
+        await driver.run_until_idle()
+        clock.advance(1.0)
+    await service.add_node_external_event(instance.id, "W", af.NodeExternalEvent(1, {}))  # not decisive
+    await driver.run_until_idle()
+    await service.restart_workflow_node(instance.id, "W")
+    await driver.run_until_idle()
+    assert [t - start for t in attempts] == [0.0]
+    assert (await service.get_workflow_instance(instance.id)).status == "running"
+    record = await engine_repo.get_workflow_instance(instance.id)
+    assert record.next_run_at == int((start + 60) * 1000)  # W's next poll comes first, A's stays due then
+    clock.advance(start + 60 - clock.time())
+    await driver.run_until_idle()
+    assert [t - start for t in attempts] == [0.0, 60.0]  # the second attempt, after the full delay
+    rows = {row.task_type: row for row in await engine_repo.load_task_instances(instance.id)}
+    assert rows["A"].fail_count == 2 and rows["A"].status == "running"
+    await service.restart_workflow_node(instance.id, "A")  # documented: runs again now, count reset
+    await driver.run_until_idle()
+    assert [t - start for t in attempts] == [0.0, 60.0, 60.0]
+    rows = {row.task_type: row for row in await engine_repo.load_task_instances(instance.id)}
+    assert rows["A"].fail_count == 1
+    assert (await service.get_workflow_instance(instance.id)).status == "running"
