@@ -8,7 +8,6 @@ needs the CSRF double submit. A read-only dashboard never routes here.
 from __future__ import annotations
 
 import inspect
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from .._json_depth import loads_json_checked
 from ..engine.service import WorkflowService
 from ..errors import (
     AsyncflowError,
@@ -262,7 +262,9 @@ def _json(text: str, what: str, *, want_object: bool = False) -> Any:
     if not text.strip():
         return None
     try:
-        value = json.loads(text)
+        value = loads_json_checked(text, what)  # nested too deep, even for the decoder: ParamInvalidError
+    except ParamInvalidError:
+        raise
     except ValueError as error:
         raise ParamInvalidError(f"{what} is not valid JSON: {error}") from None
     if want_object and not isinstance(value, dict):

@@ -400,3 +400,26 @@ async def test_served_by_aiohttp(seeded: tuple[WorkflowService, Seeded]) -> None
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ParamInvalidError):
         dashboard("not a service")  # type: ignore[arg-type]
+
+
+async def test_json_nested_too_deep_for_the_decoder_is_a_bad_request(
+    seeded: tuple[WorkflowService, Seeded],
+) -> None:
+    svc, ids = seeded
+    deep = "[" * 5000 + "]" * 5000  # deeper than json.loads can recurse: RecursionError, not ValueError
+    async with client(dashboard(svc, read_only=False, authorize=lambda r, a: True)) as c:
+        form = (await c.get(f"/wf/instances/{ids.waiting}/event", params={"node": "approve"})).text
+        data = {"csrf_token": csrf_of(form), "node": "approve"}
+        sent = await c.post(f"/wf/instances/{ids.waiting}/event", data={**data, "event_content": deep})
+        assert sent.status_code == 400 and "event content is nested more than 100 levels" in sent.text
+        restart = await c.post(
+            f"/wf/instances/{ids.waiting}/restart", data={**data, "workflow_context": "{" + deep[1:-1] + "}"}
+        )
+        assert restart.status_code == 400
+        restart = await c.post(
+            f"/wf/instances/{ids.waiting}/restart", data={**data, "workflow_context": '{"a":' + deep + "}"}
+        )
+        assert restart.status_code == 400 and "not valid JSON" not in restart.text
+        assert "nested more than 100 levels" in restart.text
+    rows = {r.task_type: r for r in await svc.repo.load_task_instances(ids.waiting)}
+    assert NODE_EVENT not in rows["approve"].node_context and rows["approve"].status == "pending"
