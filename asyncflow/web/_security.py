@@ -77,9 +77,13 @@ class CsrfSigner:
         if not cookie or "." not in cookie:
             return None
         token, _, signature = cookie.rpartition(".")
-        return token if token and hmac.compare_digest(signature, self._sign(token)) else None
+        if not token or not cookie.isascii():  # compare_digest raises TypeError on non-ASCII str
+            return None
+        return token if hmac.compare_digest(signature, self._sign(token)) else None
 
     def check(self, cookie: str | None, field: object) -> bool:
         """True when the cookie is genuine and the form field carries its token."""
         token = self.token_of(cookie)
-        return token is not None and isinstance(field, str) and hmac.compare_digest(field, token)
+        if token is None or not isinstance(field, str) or not field.isascii():
+            return False
+        return hmac.compare_digest(field, token)

@@ -423,3 +423,20 @@ async def test_json_nested_too_deep_for_the_decoder_is_a_bad_request(
         assert "nested more than 100 levels" in restart.text
     rows = {r.task_type: r for r in await svc.repo.load_task_instances(ids.waiting)}
     assert NODE_EVENT not in rows["approve"].node_context and rows["approve"].status == "pending"
+
+
+async def test_a_non_ascii_csrf_field_or_cookie_is_refused_not_a_server_error(
+    seeded: tuple[WorkflowService, Seeded],
+) -> None:
+    svc, ids = seeded
+    app = Starlette(routes=[Mount("/wf", dashboard(svc, read_only=False, authorize=lambda r, a: True))])
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://board.test") as c:
+        confirm = await c.get(f"/wf/instances/{ids.waiting}/cancel")
+        forged = await _cancel(c, ids.waiting, "\u00e9" + csrf_of(confirm.text))
+        assert forged.status_code == 403 and "CSRF" in forged.text
+        # a cookie header is read as latin-1: a byte above 0x7f is a non-ASCII character
+        headers = {"cookie": b"asyncflow_csrf=abc.\xe9"}
+        again = await c.get(f"/wf/instances/{ids.waiting}/cancel", headers=headers)
+        assert again.status_code == 200 and "set-cookie" in again.headers  # a fresh, genuine cookie
+    assert (await svc.get_workflow_instance(ids.waiting)).status == "running"

@@ -42,3 +42,10 @@ def test_csrf_signer() -> None:
     assert not signer.check(token + "." + "0" * 64, token)  # a forged signature
     assert not CsrfSigner(b"other key").check(cookie, token)  # another app's cookie
     assert signer.new_cookie()[0] != token
+
+
+def test_csrf_signer_refuses_non_ascii_instead_of_raising() -> None:
+    signer = CsrfSigner(b"k" * 32)
+    token, cookie = signer.new_cookie()
+    assert signer.token_of(token + ".\u00e9" * 64) is None  # a cookie the browser sent as latin-1
+    assert not signer.check(cookie, "\u00e9" + token)  # a form field with a non-ASCII character
