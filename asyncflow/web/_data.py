@@ -27,6 +27,7 @@ from ..status import InstanceStatus, is_over_instance_status, is_over_task_statu
 
 __all__ = [
     "MAX_PAGE_SIZE",
+    "MAX_TYPES",
     "STATUSES",
     "ListFilters",
     "ListView",
@@ -47,6 +48,7 @@ __all__ = [
 STATUSES = tuple(s.value for s in InstanceStatus)
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 200
+MAX_TYPES = 100  # workflow types one list filters by (each is a bound parameter of every count)
 _BUSINESS_ID_LIMIT = 512
 
 
@@ -80,6 +82,8 @@ class ListFilters:
         """
         named = (t.strip() for value in multi.get("type", ()) for t in value.split(","))
         types = tuple(dict.fromkeys(t for t in named if t))
+        if len(types) > MAX_TYPES:
+            raise ParamInvalidError(f"filter by at most {MAX_TYPES} workflow types, got {len(types)}")
         statuses = tuple(dict.fromkeys(s for s in multi.get("status", ()) if s))
         unknown = [s for s in statuses if s not in STATUSES]
         if unknown:

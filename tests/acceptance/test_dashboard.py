@@ -440,3 +440,44 @@ async def test_a_non_ascii_csrf_field_or_cookie_is_refused_not_a_server_error(
         again = await c.get(f"/wf/instances/{ids.waiting}/cancel", headers=headers)
         assert again.status_code == 200 and "set-cookie" in again.headers  # a fresh, genuine cookie
     assert (await svc.get_workflow_instance(ids.waiting)).status == "running"
+
+
+async def _raw_get(app: Any, path: str, query: bytes) -> tuple[int, bytes]:
+    """One GET straight through ASGI: a query string longer than httpx lets a client build (an
+    HTTP server such as uvicorn with httptools passes it on)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query,
+        "headers": [(b"host", b"board.test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("board.test", 80),
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def test_too_many_type_filters_are_a_bad_request(seeded: tuple[WorkflowService, Seeded]) -> None:
+    svc, _ = seeded
+    app = Starlette(routes=[Mount("/wf", dashboard(svc))])
+    names = ",".join(f"t{i}" for i in range(40_000)).encode()  # PostgreSQL binds at most 32767
+    for path in ("/wf/", "/wf/api/instances"):
+        status, body = await _raw_get(app, path, b"type=" + names)
+        assert status == 400 and b"at most 100 workflow types" in body, body[:300]
+    hundred = "&".join(["type=doomed"] + [f"type=t{i}" for i in range(99)]).encode()
+    status, body = await _raw_get(app, "/wf/api/instances", hundred)
+    assert status == 200 and b'"total":1' in body  # 100 is still fine
