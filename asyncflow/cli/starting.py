@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+from .._json_depth import loads_json_checked
 from ..engine.service import WorkflowService
 from ..errors import DuplicateWorkflowError
 from ..store.protocol import StoresSchedules
@@ -64,7 +65,7 @@ def _context(text: str | None) -> dict[str, Any] | None:
     if text is None:
         return None
     try:
-        value = json.loads(text)
+        value = loads_json_checked(text, "--context")  # too deep, even for the decoder: exit 2
     except json.JSONDecodeError as error:
         raise CLIError(f"--context is not valid JSON: {error.msg} (at character {error.pos})", 2) from error
     if not isinstance(value, dict):

@@ -133,6 +133,7 @@ def test_start_creates_delays_and_keeps_unique_keys_unique(tmp_path: pathlib.Pat
         (("--unique", "sometimes"), "invalid choice"),
         (("--context", "[1]"), "JSON object"),
         (("--context", "{"), "not valid JSON"),
+        (("--context", '{"a":' + "[" * 5000 + "]" * 5000 + "}"), "nested more than 100 levels"),
         (("--timeout", "5"), "--timeout needs --wait"),
     ],
 )
