@@ -69,5 +69,13 @@ async def run_dashboard(args: argparse.Namespace) -> int:
         )
         level = "info" if args.verbose else "warning"
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=level, lifespan="off")
-        await uvicorn.Server(config).serve()
+        server = uvicorn.Server(config)
+        try:
+            await server.serve()
+        except SystemExit as exit_:  # uvicorn exits (code 3) when it cannot bind: say why, exit 1
+            if server.started:
+                raise
+            cause = exit_.__context__  # the OSError uvicorn caught (and logged) before exiting
+            detail = str(cause) if cause is not None else f"uvicorn exited with {exit_.code}"
+            raise CLIError(f"cannot listen on {args.host}:{args.port}: {detail}", 1) from None
     return 0

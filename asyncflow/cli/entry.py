@@ -63,6 +63,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port between 1 and 65535, got {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -222,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     web = add("dashboard", "serve the web dashboard (read-only unless --allow-actions); needs asyncflow[web]")
     web.add_argument("--app", metavar="APP", help="module:attribute that loads the workflow definitions")
     web.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    web.add_argument("--port", type=_positive_int, default=8080, help="port (default 8080)")
+    web.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     web.add_argument(
         "--allow-actions", action="store_true", help="let anyone who reaches it cancel, restart, send events"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from .cli_helpers import cli_env
+from .cli_helpers import assert_clean_error, call_cli, cli_env
 from .dashboard_helpers import free_port, seed
 
 pytestmark = pytest.mark.timeout(90)
@@ -72,3 +73,16 @@ def test_cli_dashboard_refuses_a_missing_database(tmp_path: pathlib.Path) -> Non
         timeout=60,
     )
     assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_cli_dashboard_on_a_port_it_cannot_use_says_so_in_one_line(tmp_path: pathlib.Path) -> None:
+    db = f"sqlite+aiosqlite:///{tmp_path}/cli.db"
+    asyncio.run(seed(db, extra=0))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = call_cli("dashboard", "--db", db, "--port", str(port), cwd=tmp_path)
+    assert_clean_error(busy, 1, f"cannot listen on 127.0.0.1:{port}", "in use")
+    too_big = call_cli("dashboard", "--db", db, "--port", "70000", cwd=tmp_path)
+    assert_clean_error(too_big, 2, "70000")
