@@ -277,7 +277,7 @@ def action_routes(svc: WorkflowService, authorize: Authorize | None, signer: Csr
     handlers = ActionHandlers(svc, authorize, signer)
     methods = ["GET", "POST"]
     return [
-        Route("/instances/{id:int}/cancel", handlers.cancel, methods=methods),
-        Route("/instances/{id:int}/restart", handlers.restart, methods=methods),
-        Route("/instances/{id:int}/event", handlers.event, methods=methods),
+        Route("/instances/{id:asyncflow_id}/cancel", handlers.cancel, methods=methods),
+        Route("/instances/{id:asyncflow_id}/restart", handlers.restart, methods=methods),
+        Route("/instances/{id:asyncflow_id}/event", handlers.event, methods=methods),
     ]

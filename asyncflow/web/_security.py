@@ -13,7 +13,9 @@ import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["CSP", "CSRF_COOKIE", "CSRF_FIELD", "CsrfSigner", "SecurityHeaders"]
+from starlette.convertors import CONVERTOR_TYPES, IntegerConvertor, register_url_convertor
+
+__all__ = ["CSP", "CSRF_COOKIE", "CSRF_FIELD", "CsrfSigner", "SecurityHeaders", "register_id_convertor"]
 
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; script-src 'none'; connect-src 'self'; "
@@ -87,3 +89,18 @@ class CsrfSigner:
         if token is None or not isinstance(field, str) or not field.isascii():
             return False
         return hmac.compare_digest(field, token)
+
+
+class _IdConvertor(IntegerConvertor):
+    """An instance id in a path: 1 to 640 digits. Starlette's ``int`` takes any run of digits, and
+    ``int()`` raises ``ValueError`` beyond ``sys.get_int_max_str_digits()`` (4300 by default, 640 at
+    the least) of them, which escaped routing as a 500; a longer run now matches no route (404). Ids
+    beyond 64 bits still reach the handlers, whose store refuses them (400)."""
+
+    regex = "[0-9]{1,640}"
+
+
+def register_id_convertor() -> None:
+    """Register ``{name:asyncflow_id}`` with Starlette (once; the name is the dashboard's own)."""
+    if "asyncflow_id" not in CONVERTOR_TYPES:
+        register_url_convertor("asyncflow_id", _IdConvertor())

@@ -28,9 +28,11 @@ from ._actions import Authorize, action_routes, base_of, error_response, error_s
 from ._data import ListFilters, instance_dict, load_children, load_detail, load_list, record_dict
 from ._html import CSS, list_page, schedules_page
 from ._instance import instance_page
-from ._security import CsrfSigner, SecurityHeaders
+from ._security import CsrfSigner, SecurityHeaders, register_id_convertor
 
 __all__ = ["dashboard"]
+
+register_id_convertor()  # {id:asyncflow_id}: at most 640 digits, so int() never refuses a path
 
 _FAVICON = (
     '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
@@ -156,10 +158,10 @@ def dashboard(
 
     routes = [
         Route("/", instances),
-        Route("/instances/{id:int}", instance),
+        Route("/instances/{id:asyncflow_id}", instance),
         Route("/schedules", schedules),
         Route("/api/instances", api_instances),
-        Route("/api/instances/{id:int}", api_instance),
+        Route("/api/instances/{id:asyncflow_id}", api_instance),
         Route("/api/schedules", api_schedules),
         Route("/static/dashboard.css", css),
         Route("/static/favicon.svg", favicon),

@@ -481,3 +481,17 @@ async def test_too_many_type_filters_are_a_bad_request(seeded: tuple[WorkflowSer
     hundred = "&".join(["type=doomed"] + [f"type=t{i}" for i in range(99)]).encode()
     status, body = await _raw_get(app, "/wf/api/instances", hundred)
     assert status == 200 and b'"total":1' in body  # 100 is still fine
+
+
+async def test_an_instance_id_too_long_for_int_is_not_found_not_a_server_error(
+    seeded: tuple[WorkflowService, Seeded],
+) -> None:
+    svc, _ = seeded
+    app = Starlette(routes=[Mount("/wf", dashboard(svc, read_only=False, authorize=lambda r, a: True))])
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    huge = "9" * 5000  # int() refuses more than 4300 digits (ValueError inside the route's convertor)
+    async with httpx.AsyncClient(transport=transport, base_url="http://board.test") as c:
+        for path in (f"/wf/instances/{huge}", f"/wf/api/instances/{huge}", f"/wf/instances/{huge}/cancel"):
+            assert (await c.get(path)).status_code == 404, path[:40]
+        out_of_range = await c.get("/wf/api/instances/99999999999999999999")
+        assert out_of_range.status_code == 400 and "out of range" in out_of_range.json()["error"]
