@@ -40,6 +40,9 @@ def _strings(value: object, name: str) -> tuple[str, ...]:
     return items
 
 
+_EARLIEST = -(2**62)  # the cut-off of an older_than that goes back further (fits any SQL BIGINT)
+
+
 def purge_request(
     now: float,
     older_than: object,
@@ -64,4 +67,7 @@ def purge_request(
     types = None if workflow_types is None else _strings(workflow_types, "workflow_types")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ParamInvalidError(f"limit must be a positive int or None, got {limit!r}")
-    return PurgeRequest(math.floor(now - seconds), wanted, types, limit)
+    # an age reaching before 1970 by more than any stored time: nothing is older (and a cut-off
+    # beyond 64 bits would overflow the database's integers)
+    updated_before = max(math.floor(now - seconds), _EARLIEST)
+    return PurgeRequest(updated_before, wanted, types, limit)

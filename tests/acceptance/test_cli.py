@@ -404,3 +404,14 @@ def test_purge(db_url: str, instances: Instances, tmp_path: pathlib.Path) -> Non
         "running",
     )
     assert_clean_error(call_cli("purge", "--older-than", "30x", "--db", db_url, cwd=tmp_path), 2, "30d")
+
+
+def test_purge_older_than_before_the_epoch_purges_nothing(
+    db_url: str, instances: Instances, tmp_path: pathlib.Path
+) -> None:
+    ages = "99999999999999999999d"  # the cut-off would be ~2.7e17 years before 1970: no int64 holds it
+    for extra in ((), ("--dry-run",)):
+        result = call_cli("purge", "--older-than", ages, *extra, "--db", db_url, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert " 0 instance(s)" in result.stdout
+    assert call_cli("show", str(instances.failed), "--db", db_url, cwd=tmp_path).returncode == 0
