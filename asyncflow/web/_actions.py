@@ -129,6 +129,11 @@ class ActionHandlers:
 
     async def _run(self, request: Request, action: str, work: Callable[[Any], Awaitable[str]]) -> Response:
         """POST: CSRF, then authorize, then ``work(form)``; redirect to the instance page when done."""
+        body = await _capped_body(request)
+        if body is None:  # read no further than the limit, before any check: nobody's body is held whole
+            message = f"the form is larger than {MAX_FORM_BYTES:,} bytes"
+            return HTMLResponse(error_page(base_of(request), 413, message), status_code=413)
+        request._body = body  # Starlette's form() parses the body already read
         try:
             form = await request.form(max_files=0, max_fields=20)
         except Exception as error:  # a malformed body: multipart's own errors
@@ -270,6 +275,27 @@ def _json(text: str, what: str, *, want_object: bool = False) -> Any:
     if want_object and not isinstance(value, dict):
         raise ParamInvalidError(f"{what} must be a JSON object")
     return value
+
+
+MAX_FORM_BYTES = 1 << 20
+"""The largest body an action's POST may have (an event's content, a new context: 1 MiB); a larger
+one is refused (413) after reading that much, before the CSRF check and ``authorize``."""
+
+
+async def _capped_body(request: Request) -> bytes | None:
+    """The request's body, or ``None`` once it is larger than :data:`MAX_FORM_BYTES` (a declared
+    ``Content-Length`` or what the stream delivered so far)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_FORM_BYTES:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_FORM_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def action_routes(svc: WorkflowService, authorize: Authorize | None, signer: CsrfSigner) -> list[Route]:

@@ -10,6 +10,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from asyncflow.errors import ParamInvalidError
 from asyncflow.records import QueryWorkflowInstanceParams, TaskFields, TaskWhere
 from asyncflow.status import NODE_EVENT
 from asyncflow.web import dashboard
+from asyncflow.web._actions import MAX_FORM_BYTES
 
 from ..conftest import isolated_pg_engine
 from .dashboard_helpers import EVIL, Seeded, make_service, seed
@@ -423,6 +425,44 @@ async def test_json_nested_too_deep_for_the_decoder_is_a_bad_request(
         assert "nested more than 100 levels" in restart.text
     rows = {r.task_type: r for r in await svc.repo.load_task_instances(ids.waiting)}
     assert NODE_EVENT not in rows["approve"].node_context and rows["approve"].status == "pending"
+
+
+async def test_an_action_body_over_the_limit_is_refused_before_it_is_read_whole(
+    seeded: tuple[WorkflowService, Seeded],
+) -> None:
+    """A POST larger than MAX_FORM_BYTES is a 413 (declared or streamed), before the CSRF check and
+    authorize: the server never holds more than the limit of anyone's body."""
+    svc, ids = seeded
+    asked: list[str] = []
+
+    def authorize(request: Any, action: str) -> bool:
+        asked.append(action)
+        return True
+
+    async with client(dashboard(svc, read_only=False, authorize=authorize)) as c:
+        form = (await c.get(f"/wf/instances/{ids.waiting}/event", params={"node": "approve"})).text
+        asked.clear()
+        big = '{"x": "' + "a" * MAX_FORM_BYTES + '"}'
+        data = {"csrf_token": csrf_of(form), "node": "approve", "event_content": big}
+        sent = await c.post(f"/wf/instances/{ids.waiting}/event", data=data)
+        assert sent.status_code == 413 and "larger than 1,048,576 bytes" in sent.text
+
+        async def chunks() -> Any:  # no Content-Length: the cap holds on what arrives
+            body = urlencode(data).encode()
+            for start in range(0, len(body), 65536):
+                yield body[start : start + 65536]
+
+        streamed = await c.post(
+            f"/wf/instances/{ids.waiting}/event",
+            content=chunks(),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert streamed.status_code == 413
+        assert asked == []  # refused before authorize was asked
+        small = {**data, "event_content": '{"approved": true}'}
+        assert (await c.post(f"/wf/instances/{ids.waiting}/event", data=small)).status_code == 303
+    rows = {r.task_type: r for r in await svc.repo.load_task_instances(ids.waiting)}
+    assert rows["approve"].node_context[NODE_EVENT]["event_content"] == {"approved": True}
 
 
 async def test_a_non_ascii_csrf_field_or_cookie_is_refused_not_a_server_error(
