@@ -25,6 +25,7 @@ from .errors import ConfigError
 __all__ = ["Schedule", "parse_tick", "tick_name"]
 
 _TICK_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_DST_MARGIN = timedelta(hours=3)  # more than any daylight-saving shift
 
 
 def tick_name(tick: datetime) -> str:
@@ -101,9 +102,18 @@ class Schedule:
         # Ticks fall on whole minutes: the last tick at or before ``at`` is the last one strictly before
         # the next whole minute. Starting the reverse walk on a whole minute gives the same answer on
         # every cronsim version (2.6 treats a start with seconds as its own minute's start and would
-        # skip a tick earlier in that minute).
-        start = at.astimezone(self.zone()).replace(second=0, microsecond=0) + timedelta(minutes=1)
-        return next(CronSim(self.cron, start, reverse=True)).astimezone(UTC)
+        # skip a tick earlier in that minute). The minute is added in UTC: local arithmetic drops the
+        # ``fold`` of a repeated hour (its second pass became its first).
+        moment = at.astimezone(UTC)
+        start = (moment.replace(second=0, microsecond=0) + timedelta(minutes=1)).astimezone(self.zone())
+        guess = next(CronSim(self.cron, start, reverse=True)).astimezone(UTC)
+        # The reverse walk reads local wall times and ignores ``fold``: in a repeated hour it may give
+        # a tick of the other pass (an hour off, or after ``at``). The forward walk, which
+        # ``next_tick`` and ``ticks_between`` use, decides from a few hours before the guess.
+        latest = None
+        for tick in self.ticks_between(min(guess, moment) - _DST_MARGIN, moment):
+            latest = tick
+        return guess if latest is None else latest
 
     def ticks_between(self, after: datetime, until: datetime) -> Iterator[datetime]:
         """The ticks in ``(after, until]``, oldest first, in UTC."""

@@ -77,6 +77,36 @@ async def test_ticks_follow_the_time_zone(engine_repo: Any) -> None:
     assert await _business_ids(service) == ["ny@2026-01-01T07:00:00Z"]
 
 
+async def test_ticks_of_a_repeated_hour_fire_each_at_its_time(engine_repo: Any) -> None:
+    # Paris, night of 2024-10-27: 03:00 CEST (01:00 UTC) goes back to 02:00 CET, so 02:00 and 02:30
+    # come twice (00:00/00:30 UTC, then 01:00/01:30 UTC); cron fires "*/30 * * * *" at each. Without
+    # catch-up, the latest tick was looked up on the first pass of the hour: 02:00 and 02:30 CET
+    # never fired (only 00:30 and 02:00 UTC did).
+    half_hourly = af.Schedule(id="p", workflow_type="report", cron="*/30 * * * *", timezone="Europe/Paris")
+    service, clock = _service(engine_repo, half_hourly)
+    clock.advance(datetime(2024, 10, 27, 0, 20, 10, tzinfo=UTC).timestamp() - clock.time())
+    driver = WorkflowDriver(service, poll_interval=0.05)
+    await driver.run_until_idle()  # first seen at 00:20:10 UTC
+    seen: list[tuple[str, list[str]]] = []
+    for hour, minute in [(0, 30), (0, 59), (1, 0), (1, 29), (1, 30), (2, 0)]:
+        clock.advance(datetime(2024, 10, 27, hour, minute, 10, tzinfo=UTC).timestamp() - clock.time())
+        await driver.run_until_idle()
+        seen.append(
+            (
+                f"{hour:02d}:{minute:02d}",
+                [b.removeprefix("p@2024-10-27T") for b in await _business_ids(service)],
+            )
+        )
+    assert seen == [
+        ("00:30", ["00:30:00Z"]),
+        ("00:59", ["00:30:00Z"]),
+        ("01:00", ["00:30:00Z", "01:00:00Z"]),
+        ("01:29", ["00:30:00Z", "01:00:00Z"]),
+        ("01:30", ["00:30:00Z", "01:00:00Z", "01:30:00Z"]),
+        ("02:00", ["00:30:00Z", "01:00:00Z", "01:30:00Z", "02:00:00Z"]),
+    ]
+
+
 async def test_a_driver_fires_only_the_schedules_of_its_workflow_types(engine_repo: Any) -> None:
     schedule = af.Schedule(id="m", workflow_type="report", cron="* * * * *")
     service, clock = _service(engine_repo, schedule)

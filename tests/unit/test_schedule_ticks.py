@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -46,3 +46,29 @@ def test_next_tick_is_strictly_after() -> None:
     assert every10.next_tick(datetime(2026, 1, 1, 0, 3, 5, tzinfo=UTC)) == datetime(
         2026, 1, 1, 0, 10, tzinfo=UTC
     )
+
+
+@pytest.mark.parametrize(
+    ("cron", "zone", "night"),
+    [
+        ("*/30 * * * *", "Europe/Paris", datetime(2024, 10, 26, 22, 0, tzinfo=UTC)),  # 03:00 -> 02:00
+        ("0 * * * *", "Europe/Paris", datetime(2024, 10, 26, 22, 0, tzinfo=UTC)),
+        ("* * * * *", "America/New_York", datetime(2024, 11, 3, 4, 0, tzinfo=UTC)),  # 02:00 -> 01:00
+        ("59 1 * * *", "America/New_York", datetime(2024, 11, 3, 4, 0, tzinfo=UTC)),
+        ("*/30 * * * *", "Europe/Paris", datetime(2024, 3, 30, 22, 0, tzinfo=UTC)),  # 02:00 -> 03:00
+        ("30 2 * * *", "Europe/Paris", datetime(2024, 3, 30, 22, 0, tzinfo=UTC)),
+    ],
+)
+def test_the_latest_tick_across_a_daylight_saving_change_is_the_last_forward_tick(
+    cron: str, zone: str, night: datetime
+) -> None:
+    # catch_up=False fires latest_tick(now): at every minute of the night it must be the last tick
+    # the forward walk (next_tick, ticks_between, catch_up=True) gives at or before that moment. In
+    # a repeated hour it went back to the hour's first pass (a tick of the second pass was never
+    # fired) or ahead of the moment (a tick fired up to half an hour early).
+    schedule = af.Schedule(id="s", workflow_type="report", cron=cron, timezone=zone)
+    ticks = list(schedule.ticks_between(night - timedelta(days=1), night + timedelta(hours=8)))
+    for minute in range(0, 6 * 60):
+        moment = night + timedelta(minutes=minute, seconds=10)
+        expected = max(tick for tick in ticks if tick <= moment)
+        assert schedule.latest_tick(moment) == expected, moment
