@@ -19,10 +19,13 @@ REGISTER = text(
 )
 STATES = text("SELECT id, first_seen_at, last_tick FROM asyncflow_schedule")
 FIRE_TICK = text(
-    "INSERT INTO asyncflow_schedule_tick (schedule_id, tick, fired_at) VALUES (:id, :tick, :now) "
+    "INSERT INTO asyncflow_schedule_tick (schedule_id, tick, fired_at) SELECT :id, :tick, :now "
+    "WHERE NOT EXISTS (SELECT 1 FROM asyncflow_schedule WHERE id = :id AND last_tick >= :tick) "
     "ON CONFLICT (schedule_id, tick) DO NOTHING RETURNING tick"
 )
-"""Claims a tick: a row (then this transaction creates its instance) or none (someone fired it)."""
+"""Claims a tick: a row (then this transaction creates its instance) or none (someone fired it, or a
+later tick). The ``last_tick`` check covers ticks whose rows were pruned: a driver that read the
+schedule's state before another fired (and pruned) them would fire them again."""
 TICK_INSTANCE = text(
     "UPDATE asyncflow_schedule_tick SET instance_id = :instance WHERE schedule_id = :id AND tick = :tick"
 )

@@ -524,16 +524,18 @@ class MemoryWorkflowRepo:
     async def fire_schedule_tick(
         self, schedule_id: str, tick: str, new: NewWorkflowInstance, *, now_ms: int, prune_before: str
     ) -> int | None:
-        """Create ``new`` for ``tick`` unless that tick was fired already (then ``None``)."""
+        """Create ``new`` for ``tick`` unless that tick, or a later one, was fired already (then ``None``)."""
         row = prep.instance_row(new)
         async with self._unit() as state:
-            if (schedule_id, tick) in state.ticks:
-                return None
+            known = state.schedules.get(schedule_id) or ScheduleState(id=schedule_id, first_seen_at=now_ms)
+            if (schedule_id, tick) in state.ticks or (
+                known.last_tick is not None and known.last_tick >= tick
+            ):
+                return None  # fired, or a later tick was (its row may be pruned)
             instance = self._insert_instance(state, row, self._now())
             state.ticks[(schedule_id, tick)] = instance.id
             for key in [key for key in state.ticks if key[0] == schedule_id and key[1] < prune_before]:
                 del state.ticks[key]
-            known = state.schedules.get(schedule_id) or ScheduleState(id=schedule_id, first_seen_at=now_ms)
             if known.last_tick is None or known.last_tick < tick:
                 state.schedules[schedule_id] = replace(known, last_tick=tick)
             return instance.id

@@ -219,4 +219,5 @@ class StoresSchedules(Protocol):
     async def fire_schedule_tick(
         self, schedule_id: str, tick: str, new: NewWorkflowInstance, *, now_ms: int, prune_before: str
     ) -> int | None:
-        """Create ``new`` for ``tick`` (one transaction) unless it was fired already (``None``)."""
+        """Create ``new`` for ``tick`` (one transaction) unless it, or a later tick of the schedule, was
+        fired already (``None``)."""

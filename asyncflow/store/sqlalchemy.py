@@ -590,7 +590,8 @@ class SQLAlchemyWorkflowRepo:
     async def fire_schedule_tick(
         self, schedule_id: str, tick: str, new: NewWorkflowInstance, *, now_ms: int, prune_before: str
     ) -> int | None:
-        """Create ``new`` for ``tick`` unless that tick was fired already (then ``None``), in one
-        transaction with the tick's row, whose primary key lets exactly one caller fire it."""
+        """Create ``new`` for ``tick`` unless that tick, or a later one, was fired already (then
+        ``None``), in one transaction with the tick's row, whose primary key lets exactly one caller
+        fire it."""
         with StoreErrors("fire_schedule_tick"):
             return await self._schedules.fire(schedule_id, tick, new, now_ms, prune_before)

@@ -161,6 +161,69 @@ async def test_two_drivers_on_one_sqlite_file_fire_each_tick_exactly_once(tmp_pa
             await repo.aclose()
 
 
+async def _stale_round_after_a_prune(repos: list[Any]) -> list[str]:
+    # Driver "b" fires both schedules, "report" only the daily one. Ten days down: in their next
+    # rounds "report" fires the daily ticks Jan 1..10 (firing Jan 10 prunes the tick rows before Jan
+    # 3) while "b" fires 100 hourly ticks first, then the daily ones from the state it read before
+    # all that. A tick already fired must not fire again once its row is pruned.
+    hourly = af.Schedule(id="h", workflow_type="b", cron="0 * * * *", catch_up=True)
+    daily = af.Schedule(id="d", workflow_type="report", cron="0 2 * * *", catch_up=True)
+    pairs = []
+    for repo in repos:
+        registry = one_node_registry("report", "b")
+        registry.add_schedule(hourly)
+        registry.add_schedule(daily)
+        service, clock = fake_service(repo, registry)
+        clock.advance(START - clock.time())
+        pairs.append((service, clock))
+    both = WorkflowDriver(pairs[0][0], poll_interval=0.05)
+    report_only = WorkflowDriver(pairs[1][0], poll_interval=0.05, workflow_types=["report"])
+    await both.run_until_idle()  # both first seen on Jan 1 at 00:03
+    for _, clock in pairs:
+        clock.advance(10 * 86400)
+    await asyncio.gather(both.run_until_idle(), report_only.run_until_idle())
+    names = await _business_ids(pairs[0][0])
+    return sorted(name for name in names if name.startswith("d@"))
+
+
+_DAILY = [f"d@2026-01-{day:02d}T02:00:00Z" for day in range(1, 11)]
+
+
+async def test_a_driver_with_an_old_state_does_not_fire_pruned_ticks_again_sqlite(tmp_path: Any) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/s.db"
+    repos = [SQLAlchemyWorkflowRepo(url), SQLAlchemyWorkflowRepo(url)]
+    await repos[0].migrate()
+    try:
+        assert await _stale_round_after_a_prune(repos) == _DAILY  # each once
+    finally:
+        for repo in repos:
+            await repo.aclose()
+
+
+@pytest.mark.postgres
+async def test_a_driver_with_an_old_state_does_not_fire_pruned_ticks_again_postgres(
+    postgres_url: str,
+) -> None:
+    async with isolated_pg_engine(postgres_url) as engine:
+        first = SQLAlchemyWorkflowRepo(engine)
+        await first.migrate()
+        async with engine.connect() as conn:
+            schema = (await conn.exec_driver_sql("SELECT current_schema()")).scalar_one()
+        other = SQLAlchemyWorkflowRepo(
+            postgres_url, connect_args={"server_settings": {"search_path": schema}}
+        )
+        try:
+            assert await _stale_round_after_a_prune([first, other]) == _DAILY  # each once
+        finally:
+            await other.aclose()
+            await first.aclose()
+
+
+async def test_a_driver_with_an_old_state_does_not_fire_pruned_ticks_again_memory() -> None:
+    repo = af.MemoryWorkflowRepo()
+    assert await _stale_round_after_a_prune([repo, repo]) == _DAILY  # each once
+
+
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
