@@ -3,6 +3,8 @@ checked to be in an open transaction on the repo's database, as the connection t
 
 from __future__ import annotations
 
+import os
+
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ..errors import ParamInvalidError
@@ -16,6 +18,8 @@ def _same_database(theirs: AsyncEngine, ours: AsyncEngine) -> bool:
     a, b = theirs.url, ours.url
     if a.get_backend_name() != b.get_backend_name() or a.database in (None, "", ":memory:"):
         return False  # an in-memory SQLite database is private to its engine
+    if a.get_backend_name() == "sqlite":  # one file, named relative to the working directory or not
+        return b.database is not None and os.path.abspath(a.database) == os.path.abspath(b.database)
     return (a.host, a.port, a.database) == (b.host, b.port, b.database)
 
 

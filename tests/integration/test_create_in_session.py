@@ -140,6 +140,27 @@ async def test_bad_sessions_raise_and_write_nothing(sql_repo: SQLAlchemyWorkflow
     assert await service.count_workflow_instances() == 0
 
 
+async def test_a_sqlite_file_named_relative_or_absolute_is_one_database(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller's engine and the repo's may name one SQLite file differently (relative to the working
+    directory, or absolute): the same database, so the create joins the caller's transaction."""
+    monkeypatch.chdir(tmp_path)
+    repo = SQLAlchemyWorkflowRepo("sqlite+aiosqlite:///app.db")
+    caller = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/app.db")
+    try:
+        await _prepare(repo)
+        service, _ = fake_service(repo, one_node_registry("order"))
+        async with AsyncSession(caller) as session, session.begin():
+            session.add(Order(reference="R-1"))
+            await service.create_workflow("order", "R-1", session=session)
+        assert await _orders(repo) == ["R-1"]
+        assert await service.count_workflow_instances() == 1
+    finally:
+        await caller.dispose()
+        await repo.aclose()
+
+
 async def test_a_memory_repo_refuses_a_session(tmp_path: Any) -> None:
     service, _ = fake_service(MemoryWorkflowRepo(), one_node_registry("order"))
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/m.db")
