@@ -28,11 +28,12 @@ __all__ = ["PACKAGES", "SchemaOps", "SqlBackend", "backend_for", "engine_url_for
 
 
 class SchemaOps(Protocol):
-    """A backend's ``schema`` module: its numbered migrations, how it serializes migrators, and where it
-    looks for the version table."""
+    """A backend's ``schema`` module: its numbered migrations, how it serializes migrators, where it
+    looks for the version table, and what it re-installs at this version."""
 
     MIGRATIONS: tuple[Migration, ...]
-    REPAIR: tuple[str, ...]
+
+    def repair(self, conn: AsyncConnection) -> Awaitable[None]: ...
 
     def lock_schema(self, conn: AsyncConnection) -> Awaitable[None]: ...
 

@@ -90,18 +90,21 @@ async def migrate(
     lock: Callable[[AsyncConnection], Awaitable[None]],
     migrations: Sequence[Migration],
     now: Callable[[], int],
-    repair: Sequence[str] = (),
+    has_version_table: Callable[[AsyncConnection], Awaitable[bool]],
+    repair: Callable[[AsyncConnection], Awaitable[None]],
 ) -> list[int]:
     """Apply the missing versions, one transaction each; the versions this call applied.
 
-    ``repair`` (idempotent DDL, e.g. ``CREATE OR REPLACE FUNCTION``) runs in the last transaction,
-    so a database whose objects of this version were dropped or never made gets them back.
+    ``repair`` runs in the last transaction: it re-installs the objects of this version that were
+    dropped or differ (e.g. a function of another release), so a database missing them gets them back.
+    With nothing to apply or repair, no DDL runs: a role that may not create objects can call it.
     """
     applied: list[int] = []
     while True:
         async with unit() as conn:
             await lock(conn)
-            await conn.exec_driver_sql(VERSION_TABLE)
+            if not await has_version_table(conn):  # CREATE ... IF NOT EXISTS needs the right to create
+                await conn.exec_driver_sql(VERSION_TABLE)
             current = await recorded_version(conn)
             if current > SCHEMA_VERSION:
                 raise StoreError(
@@ -109,8 +112,7 @@ async def migrate(
                     f"asyncflow's {SCHEMA_VERSION}: upgrade asyncflow"
                 )
             if current == SCHEMA_VERSION:
-                for statement in repair:
-                    await conn.exec_driver_sql(statement)
+                await repair(conn)
                 return applied
             migration = migrations[current]
             for table, column, kind in migration.add_columns:

@@ -153,7 +153,12 @@ class SQLAlchemyWorkflowRepo:
         schema = self._backend.schema
         with StoreErrors("migrate"):
             await migrations.migrate(
-                self._atomic, schema.lock_schema, schema.MIGRATIONS, self._now, schema.REPAIR
+                self._atomic,
+                schema.lock_schema,
+                schema.MIGRATIONS,
+                self._now,
+                schema.has_version_table,
+                schema.repair,
             )
         self._backend.migrated()
 

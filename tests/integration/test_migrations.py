@@ -4,17 +4,20 @@ apply each version once; every backend lists versions 1..SCHEMA_VERSION."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import pytest
 from sqlalchemy import UniqueConstraint as _Unique
 from sqlalchemy import inspect, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import asyncflow as af
 from asyncflow.errors import StoreError
 from asyncflow.store.migrations import Migration
 from asyncflow.store.postgres import schema as pg_schema
+from asyncflow.store.postgres.functions import STEP_FUNCTION
 from asyncflow.store.sqlite import schema as sqlite_schema
 from tests.conftest import isolated_pg_engine
 
@@ -338,3 +341,61 @@ async def test_postgres_a_failing_version_is_rolled_back(
 ) -> None:
     async with isolated_pg_engine(postgres_url) as engine:
         await _a_failing_version_leaves_nothing(engine, pg_schema, monkeypatch)
+
+
+@pytest.mark.postgres
+async def test_postgres_migrate_with_nothing_to_do_needs_no_right_to_create(postgres_url: str) -> None:
+    """Least privilege: an application role that may use the tables but create nothing runs
+    ``migrate()`` at start-up, as docs/storage.md suggests ("idempotent and cheap when there is nothing
+    to do"). On a database at this version whose functions are this version's it succeeds, without DDL.
+    A function that is not this version's (dropped, another body, other settings) is work: the role's
+    ``migrate()`` refuses it, and the owner's re-installs it."""
+    role = f"app_{uuid.uuid4().hex[:12]}"
+    async with isolated_pg_engine(postgres_url) as owner:
+        async with af.SQLAlchemyWorkflowRepo(owner) as repo:
+            await repo.migrate()
+        async with owner.begin() as conn:
+            schema = (await conn.execute(text("SELECT current_schema()"))).scalar_one()
+            await conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+            await conn.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'))
+            await conn.execute(
+                text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"')
+            )
+            await conn.execute(text(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "{schema}" TO "{role}"'))
+        url = make_url(postgres_url).set(username=role, password=None)
+        app = create_async_engine(url, connect_args={"server_settings": {"search_path": schema}})
+        changes = (
+            "DROP FUNCTION asyncflow_claim_v1",
+            STEP_FUNCTION.replace("-- One step of asyncflow's engine", "-- An older step"),
+            "ALTER FUNCTION asyncflow_claim_v1 RESET enable_sort",
+        )
+        try:
+            async with af.SQLAlchemyWorkflowRepo(app) as app_repo, af.SQLAlchemyWorkflowRepo(owner) as repo:
+                await app_repo.migrate()  # nothing to do
+                assert await app_repo.schema_version() == af.SCHEMA_VERSION
+                for change in changes:
+                    async with owner.begin() as conn:
+                        await conn.exec_driver_sql(change)
+                    with pytest.raises(StoreError, match=r"permission denied|must be owner"):
+                        await app_repo.migrate()
+                    await repo.migrate()  # the owner re-installs it
+                    await app_repo.migrate()  # nothing to do again
+                async with app.connect() as conn:
+                    here = "pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())"
+                    source = (
+                        await conn.exec_driver_sql(
+                            f"SELECT prosrc FROM pg_proc WHERE proname = 'asyncflow_step_v1' AND {here}"
+                        )
+                    ).scalar_one()
+                    settings = (
+                        await conn.exec_driver_sql(
+                            f"SELECT proconfig FROM pg_proc WHERE proname = 'asyncflow_claim_v1' AND {here}"
+                        )
+                    ).scalar_one()
+            assert source == STEP_FUNCTION.split("$asyncflow$")[1]
+            assert "enable_sort=off" in settings
+        finally:
+            await app.dispose()
+            async with owner.begin() as conn:
+                await conn.execute(text(f'DROP OWNED BY "{role}"'))
+                await conn.execute(text(f'DROP ROLE "{role}"'))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -20,7 +22,7 @@ from ..tables import FILLFACTOR
 from .finished import FINISHED_DDL, FINISHED_DDL_V10, FINISHED_DDL_V12
 from .functions import BATCH_FUNCTION, CLAIM_FUNCTION, STEP_FUNCTION
 
-__all__ = ["MIGRATIONS", "REPAIR", "has_version_table", "lock_schema"]
+__all__ = ["MIGRATIONS", "REPAIR", "has_version_table", "lock_schema", "repair"]
 
 _SCHEMA_LOCK_CLASS = 0x61737966  # "asyf": with the schema's hash, serializes concurrent migrate()
 
@@ -158,7 +160,41 @@ MIGRATIONS = check_migrations(
 )
 
 REPAIR = (STEP_FUNCTION, BATCH_FUNCTION, CLAIM_FUNCTION)
-"""Run by every ``migrate()`` (``CREATE OR REPLACE``): functions someone dropped come back."""
+"""Re-installed by ``migrate()`` (``CREATE OR REPLACE``) where missing or not as written here
+(:func:`repair`): functions someone dropped come back."""
+
+_NAME = re.compile(r"FUNCTION (\w+)\(")
+_SETTING = re.compile(r"\bSET (\w+) = (\w+)")
+
+_INSTALLED = text(
+    "SELECT EXISTS (SELECT FROM pg_proc WHERE proname = :name "
+    "AND pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema()) "
+    "AND prosrc = :body AND coalesce(proconfig, '{}') = CAST(:settings AS text[]))"
+)
+
+
+def _installed_as(ddl: str) -> dict[str, object]:
+    """What ``pg_proc`` holds for the function ``ddl`` makes: its name, body and ``SET`` settings."""
+    head, body, _ = ddl.split("$asyncflow$")
+    name = _NAME.search(head)
+    assert name is not None, ddl
+    return {
+        "name": name[1],
+        "body": body,
+        "settings": [f"{key}={value}" for key, value in _SETTING.findall(head)],
+    }
+
+
+_REPAIR_CHECKS = tuple((_installed_as(ddl), ddl) for ddl in REPAIR)
+
+
+async def repair(conn: AsyncConnection) -> None:
+    """Install each function of :data:`REPAIR` that the current schema lacks or holds with another body
+    or other settings (an older release's); nothing when all are in place, so ``migrate()`` with nothing
+    to do needs no right to create or replace them."""
+    for expected, ddl in _REPAIR_CHECKS:
+        if not (await conn.execute(_INSTALLED, expected)).scalar():
+            await conn.exec_driver_sql(ddl)
 
 
 _VERSION_TABLE_HERE = text(

@@ -22,7 +22,7 @@ from ..migrations import (
 )
 from ..tables import asyncflow_schema
 
-__all__ = ["MIGRATIONS", "REPAIR", "has_version_table", "lock_schema"]
+__all__ = ["MIGRATIONS", "REPAIR", "has_version_table", "lock_schema", "repair"]
 
 _V1 = (
     """CREATE TABLE IF NOT EXISTS workflow_instance (
@@ -110,6 +110,10 @@ MIGRATIONS = check_migrations(
 
 REPAIR: tuple[str, ...] = ()
 """Nothing to re-install on SQLite."""
+
+
+async def repair(conn: AsyncConnection) -> None:
+    """Nothing to re-install on SQLite."""
 
 
 async def has_version_table(conn: AsyncConnection) -> bool:
