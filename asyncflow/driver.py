@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -377,6 +378,16 @@ class WorkflowDriver:
         task = tg.create_task(coro, name=name, context=contextvars.Context())
         if not task.done():  # an eager task factory may have run the whole pass (its end left _inflight)
             self._inflight[instance_id] = task
+            task.add_done_callback(functools.partial(self._pass_ended, instance_id))
+
+    def _pass_ended(self, instance_id: int, task: asyncio.Task[None]) -> None:
+        """A pass cancelled before it began (a ``stop(grace=0)`` right after its claim) never ran its
+        own clean-up: do it here, so that its claimed instance is released, not left to its lease."""
+        if self._inflight.get(instance_id) is task:
+            del self._inflight[instance_id]
+            self._interrupted.add(instance_id)
+            self._stats.cancelled += 1
+            self._pass_done()
 
     def _spawn_rechecks(self, tg: asyncio.TaskGroup) -> None:
         if not self._rechecks:

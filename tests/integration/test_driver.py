@@ -643,6 +643,49 @@ async def test_a_second_stop_with_no_grace_cancels_the_running_passes_at_once(en
     assert [runs.count[(i, "C")] for i in ids] == [1] * 3
 
 
+def gate_claims(repo: Any) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the repo's first claim that returns instances after it took them (its lease is written),
+    until the second event is set: a race placed between a claim and the start of its passes."""
+    claimed, gate = asyncio.Event(), asyncio.Event()
+    real = repo.claim_due_instances
+
+    async def claim(**kwargs: Any) -> list[int]:
+        ids = await real(**kwargs)
+        if ids and not gate.is_set():
+            claimed.set()
+            await gate.wait()
+        return ids
+
+    repo.claim_due_instances = claim
+    return claimed, gate
+
+
+async def test_stop_with_no_grace_during_a_claim_releases_the_claimed_instances(engine_repo: Any) -> None:
+    """Regression: ``stop(grace=0)`` that came while a claim ran cancelled the passes it spawned
+    before they began, so their own clean-up never ran: they stayed counted in flight and their
+    instances were not released, hidden from every driver until the claim's lease (30 s) ran out."""
+    runs = Runs()
+    service = WorkflowService(engine_repo, LocalWorkflowLock(), registry_for("lin", LINEAR, runs))
+    ids = await create_many(service, "lin", 3)
+    claimed, gate = gate_claims(engine_repo)
+    driver = WorkflowDriver(service, concurrency=4, poll_interval=0.05, stop_deadline=2.0)
+    forever = asyncio.create_task(driver.run_forever())
+    async with asyncio.timeout(10):
+        await claimed.wait()  # the three instances are leased for 30 s; their passes not spawned yet
+        stopping = asyncio.create_task(driver.stop(grace=0))
+        await asyncio.sleep(0)  # stop() asked the driver to stop
+        gate.set()
+        await stopping
+        await forever
+    assert driver.in_flight == 0 and not driver.running and driver_tasks() == []
+    now_ms = service.clock.time() * 1000
+    for instance_id in ids:  # released: due now, not after the claim's lease
+        record = await engine_repo.get_workflow_instance(instance_id)
+        assert record.status == "init" and record.next_run_at <= now_ms
+    await WorkflowDriver(service, concurrency=4, poll_interval=0.05).run_until_idle()
+    assert await count(service, "completed") == 3 and runs.of("C") == 3
+
+
 async def test_stop_returns_even_if_a_worker_ignores_cancellation(caplog: pytest.LogCaptureFixture) -> None:
     release = asyncio.Event()
 
