@@ -5,6 +5,8 @@
 - Acquire: one statement (PostgreSQL: ``INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE expired``,
   timed by the database's clock; SQLite: the same in ``BEGIN IMMEDIATE``) with a random holder token
   (``secrets.token_hex``). A key whose holder died is free once its lease expires: within one TTL.
+  An acquire cancelled or timed out while its statement is in flight has its row deleted once that
+  statement is done (a statement may land after its caller gave up on it).
 - Renewal: the shared :class:`~asyncflow.lock._renewal.Renewer` (one timer per lock object): about
   every ``ttl / 3`` one statement extends every due lease still held by its token. A renewal that fails,
   times out or finds the row gone or taken marks the lease lost (``lease.lost``, ``lease.lost_event``,
@@ -97,15 +99,18 @@ class DatabaseWorkflowLock(ReentrantLock[DatabaseLease]):
         name = self._prefix + key
         token = secrets.token_hex(16)
         sent = time.monotonic()
+        # a task of its own: a cancelled or timed-out acquire's statement may still land (a batch goes
+        # on without its caller), so its row is deleted once the statement is done, not before
+        acquire = asyncio.ensure_future(self._repo.acquire_lease(name, token, max(1, int(ttl * 1000))))
         try:
             with self._deadline():
-                acquired = await self._repo.acquire_lease(name, token, max(1, int(ttl * 1000)))
+                acquired = await asyncio.shield(acquire)
         except asyncio.CancelledError:
-            self._spawn_release(name, token)  # the insert may have landed: do not leave the row behind
+            self._spawn_release(name, token, after=acquire, ttl=ttl)  # do not leave the row behind
             raise
         except _ERRORS as exc:
             if isinstance(exc, TimeoutError):
-                self._spawn_release(name, token)
+                self._spawn_release(name, token, after=acquire, ttl=ttl)
                 raise LockFailedError(
                     f"lock {key!r}: the database did not answer within {self._op_timeout} s"
                 ) from exc
@@ -140,14 +145,31 @@ class DatabaseWorkflowLock(ReentrantLock[DatabaseLease]):
             if not deleted:
                 logger.debug("lock %r had expired or changed hands before its release", name)
 
-    def _spawn_release(self, name: str, token: str) -> None:
+    def _spawn_release(
+        self, name: str, token: str, *, after: asyncio.Future[bool] | None = None, ttl: float = 0.0
+    ) -> None:
+        """Delete ``name``'s row of ``token`` in the background; ``after``: once that acquire is done
+        (waited for at most ``ttl``, when its row would expire anyway)."""
         if self._closed:
+            if after is not None:
+                after.cancel()
             return
         task = asyncio.get_running_loop().create_task(
-            self._delete(name, token), name=f"asyncflow-database-lock-cleanup-{name}"
+            self._release_after(name, token, after, ttl), name=f"asyncflow-database-lock-cleanup-{name}"
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _release_after(
+        self, name: str, token: str, acquire: asyncio.Future[bool] | None, ttl: float
+    ) -> None:
+        if acquire is not None:
+            await asyncio.wait((acquire,), timeout=ttl)
+            if not acquire.done():
+                acquire.cancel()
+            elif not acquire.cancelled() and acquire.exception() is None and not acquire.result():
+                return  # the key was not taken: no row of this token to delete
+        await self._delete(name, token)
 
     async def _renew(self, batch: list[DatabaseLease]) -> None:
         """Extend every lease of ``batch`` that still holds its token, in one call."""

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from asyncflow.errors import LockFailedError, ParamInvalidError
 from asyncflow.lock.database import DatabaseWorkflowLock
@@ -101,3 +102,52 @@ async def test_bad_arguments_are_refused(repo: Any) -> None:
         DatabaseWorkflowLock(repo, op_timeout=0)
     with pytest.raises(ParamInvalidError, match="ttl_ms"):
         await repo.acquire_lease("k", "h", 0)
+
+
+CLEANUP = "asyncflow-database-lock-cleanup-"
+
+
+@pytest.mark.postgres
+async def test_an_acquire_cancelled_while_its_insert_waits_leaves_no_lease_behind(pg_engine: Any) -> None:
+    """Regression: a hold cancelled while its acquire's INSERT was still waiting (a pass cut by a
+    driver's ``stop()``) released at once, before that INSERT landed; the release found nothing, the
+    INSERT then took the key, and it stayed held by nobody for the whole TTL (30 s here): every other
+    driver was refused the instance until then. The row lock that an open transaction keeps on the
+    key's (expired) row holds the INSERT back while the hold is cancelled."""
+    repo = SQLAlchemyWorkflowRepo(pg_engine)
+    await repo.migrate()
+    lock, other = DatabaseWorkflowLock(repo), DatabaseWorkflowLock(repo)
+    name = "asyncflow:lock:k"
+    assert await repo.acquire_lease(name, "old", 1)  # expired at once: free for the next acquire
+    await asyncio.sleep(0.01)
+    try:
+        async with pg_engine.connect() as blocker:
+            await blocker.execute(text("SELECT 1 FROM asyncflow_lock WHERE key = :k FOR UPDATE"), {"k": name})
+            holding = asyncio.create_task(lock.hold("k", 30.0).__aenter__())
+            async with pg_engine.connect() as watcher:  # until the acquire's INSERT waits for the row
+                waits = text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'INSERT INTO asyncflow_lock%'"
+                )
+                async with asyncio.timeout(10):
+                    while not (await watcher.execute(waits)).scalar_one():
+                        await asyncio.sleep(0.01)
+            holding.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await holding
+            for _ in range(100):  # the clean-up of the cancelled acquire runs (bounded: 1 s at most)
+                if not [t for t in asyncio.all_tasks() if t.get_name().startswith(CLEANUP) and not t.done()]:
+                    break
+                await asyncio.sleep(0.01)
+            await blocker.rollback()  # the INSERT goes ahead now
+        async with asyncio.timeout(10):  # bounded; far below the 30 s TTL
+            while True:
+                try:
+                    async with other.hold("k", 30.0):
+                        break
+                except LockFailedError:
+                    await asyncio.sleep(0.05)
+    finally:
+        await lock.aclose()
+        await other.aclose()
+        await repo.aclose()
