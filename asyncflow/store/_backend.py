@@ -24,7 +24,7 @@ from ._units import ConnectionUnits
 from .migrations import Migration
 from .protocol import DueListener
 
-__all__ = ["PACKAGES", "SchemaOps", "SqlBackend", "backend_for", "engine_url_for"]
+__all__ = ["PACKAGES", "SchemaOps", "SqlBackend", "backend_for", "database_key_for", "engine_url_for"]
 
 
 class SchemaOps(Protocol):
@@ -95,7 +95,8 @@ class SqlBackend(Protocol):
 PACKAGES = {"postgresql": "postgres", "sqlite": "sqlite"}
 """The backend package of each SQLAlchemy dialect name (another database: one more entry). Each
 package has ``engine_url(url, engine_kwargs)`` (the driver and options of an engine the repo builds
-from a URL) and ``open_backend(engine)`` (its :class:`SqlBackend`)."""
+from a URL), ``open_backend(engine)`` (its :class:`SqlBackend`) and ``database_key(url)`` (what
+names the database, for ``create_workflow(session=)``'s check)."""
 
 
 def _package(name: str) -> Any:
@@ -111,6 +112,13 @@ def engine_url_for(url: URL, engine_kwargs: dict[str, Any]) -> URL:
     engine the repo builds, from the URL's database name."""
     result: URL = _package(url.get_backend_name()).engine_url(url, engine_kwargs)
     return result
+
+
+def database_key_for(url: URL) -> tuple[object, ...] | None:
+    """What names ``url``'s database for its backend: two URLs with one key reach one database
+    (``None``: a database private to its engine, an in-memory SQLite one)."""
+    key: tuple[object, ...] | None = _package(url.get_backend_name()).database_key(url)
+    return key
 
 
 def backend_for(engine: AsyncEngine) -> Any:

@@ -3,11 +3,10 @@ checked to be in an open transaction on the repo's database, as the connection t
 
 from __future__ import annotations
 
-import os
-
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ..errors import ParamInvalidError
+from ._backend import database_key_for
 
 __all__ = ["caller_connection"]
 
@@ -16,11 +15,10 @@ def _same_database(theirs: AsyncEngine, ours: AsyncEngine) -> bool:
     if theirs.sync_engine is ours.sync_engine:
         return True
     a, b = theirs.url, ours.url
-    if a.get_backend_name() != b.get_backend_name() or a.database in (None, "", ":memory:"):
-        return False  # an in-memory SQLite database is private to its engine
-    if a.get_backend_name() == "sqlite":  # one file, named relative to the working directory or not
-        return b.database is not None and os.path.abspath(a.database) == os.path.abspath(b.database)
-    return (a.host, a.port, a.database) == (b.host, b.port, b.database)
+    if a.get_backend_name() != b.get_backend_name():
+        return False
+    key = database_key_for(a)
+    return key is not None and key == database_key_for(b)
 
 
 async def caller_connection(session: object, engine: AsyncEngine) -> AsyncConnection:

@@ -58,12 +58,12 @@ def test_the_picker_does() -> None:
     assert "engine.dialect.name" in PICKER.read_text()
 
 
-def test_each_backend_package_has_the_two_calls_of_the_picker() -> None:
+def test_each_backend_package_has_the_calls_of_the_picker() -> None:
     for name in PACKAGES.values():
         package = importlib.import_module(f"asyncflow.store.{name}")
         for module in pathlib.Path(package.__file__).parent.glob("*.py"):  # no submodule shadows them
             importlib.import_module(f"asyncflow.store.{name}.{module.stem}")
-        for call in ("engine_url", "open_backend"):
+        for call in ("engine_url", "open_backend", "database_key"):
             assert inspect.isfunction(getattr(package, call)), (name, call)
 
 

@@ -3,7 +3,8 @@
 ``schema`` (migrations), ``functions`` (the plpgsql step functions), ``sql`` (every per-instance
 statement), ``lanes`` (kept asyncpg connections), ``batches`` (group commit), ``notify`` (wake-ups
 for drivers), ``url`` (engines built from a URL), ``backend`` (the calls). The picker
-(:mod:`asyncflow.store._backend`) calls :func:`engine_url` and :func:`open_backend`.
+(:mod:`asyncflow.store._backend`) calls :func:`engine_url`, :func:`open_backend` and
+:func:`database_key`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def engine_url(url: URL, kwargs: dict[str, Any]) -> URL:
     from .url import engine_url
 
     return engine_url(url, kwargs)
+
+
+def database_key(url: URL) -> tuple[object, ...] | None:
+    """The server and the database ``url`` names (``None`` when it names no database)."""
+    return (url.host, url.port, url.database) if url.database else None
 
 
 def open_backend(engine: AsyncEngine) -> PostgresBackend:

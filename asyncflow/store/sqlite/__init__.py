@@ -2,11 +2,13 @@
 
 ``schema`` (migrations), ``engine`` (connection settings, engines built from a URL), ``sql`` (every
 per-instance statement), ``lane`` (the write gate and the backend's own connection), ``backend`` (the
-calls). The picker (:mod:`asyncflow.store._backend`) calls :func:`engine_url` and :func:`open_backend`.
+calls). The picker (:mod:`asyncflow.store._backend`) calls :func:`engine_url`, :func:`open_backend` and
+:func:`database_key`.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -21,6 +23,14 @@ def engine_url(url: URL, kwargs: dict[str, Any]) -> URL:
     from .engine import engine_url
 
     return engine_url(url, kwargs)
+
+
+def database_key(url: URL) -> tuple[object, ...] | None:
+    """The file ``url`` names, made absolute (one file, named relative to the working directory or
+    not); ``None`` for an in-memory database, which is private to its engine."""
+    if url.database in (None, "", ":memory:"):
+        return None
+    return (os.path.abspath(url.database),)
 
 
 def open_backend(engine: AsyncEngine) -> SqliteBackend:
