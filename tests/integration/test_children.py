@@ -5,8 +5,10 @@ concurrent starts, and the parent's wake-up when its last child ends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -594,37 +596,47 @@ async def _schema(engine: AsyncEngine) -> str:
     return schema
 
 
-@pytest.mark.postgres
-async def test_a_child_ending_in_another_process_wakes_the_parent_through_notify(postgres_url: str) -> None:
-    """The driver of "process A" runs only parents and polls once an hour; "process B" (its own engine,
-    pool and service) runs the children: the end of the last one wakes A's driver through NOTIFY."""
+@contextlib.asynccontextmanager
+async def _two_processes(
+    postgres_url: str,
+) -> AsyncIterator[tuple[SQLAlchemyWorkflowRepo, SQLAlchemyWorkflowRepo]]:
+    """Two repos on one scratch schema, as two processes have them: A's on the isolated engine, B's on
+    an engine, pool and connections of its own."""
     async with isolated_pg_engine(postgres_url) as engine:
         repo_a = SQLAlchemyWorkflowRepo(engine)
         await repo_a.migrate()
         settings = {"server_settings": {"search_path": await _schema(engine)}}
         engine_b = create_async_engine(postgres_url, connect_args=settings, pool_size=4, max_overflow=0)
         repo_b = SQLAlchemyWorkflowRepo(engine_b)
-        calls = Calls()
-        registry = family(calls, fan_out(["a", "b", "c"]))
-        svc_a = WorkflowService(repo_a, LocalWorkflowLock(), registry)
-        svc_b = WorkflowService(repo_b, LocalWorkflowLock(), registry)
         try:
-            async with WorkflowDriver(svc_a, poll_interval=3600.0, workflow_types=["parent"]) as driver:
-                parent = await svc_a.create_workflow("parent", f"x-{uuid.uuid4().hex[:6]}")
-                for _ in range(500):
-                    if (await statuses(svc_a, parent.id)).get("fan") == "pending" and driver.listening:
-                        break
-                    await asyncio.sleep(0.01)
-                children = await svc_b.get_child_workflows(parent.id)
-                assert len(children) == 3
-                for child in children:
-                    await svc_b.run_workflow(child.id)
-                done = await svc_a.wait_for_workflow(parent.id, timeout=15)
-            assert done.status == "completed"
+            yield repo_a, repo_b
         finally:
             await repo_b.aclose()
             await engine_b.dispose()
             await repo_a.aclose()
+
+
+@pytest.mark.postgres
+async def test_a_child_ending_in_another_process_wakes_the_parent_through_notify(postgres_url: str) -> None:
+    """The driver of "process A" runs only parents and polls once an hour; "process B" (its own engine,
+    pool and service) runs the children: the end of the last one wakes A's driver through NOTIFY."""
+    async with _two_processes(postgres_url) as (repo_a, repo_b):
+        calls = Calls()
+        registry = family(calls, fan_out(["a", "b", "c"]))
+        svc_a = WorkflowService(repo_a, LocalWorkflowLock(), registry)
+        svc_b = WorkflowService(repo_b, LocalWorkflowLock(), registry)
+        async with WorkflowDriver(svc_a, poll_interval=3600.0, workflow_types=["parent"]) as driver:
+            parent = await svc_a.create_workflow("parent", f"x-{uuid.uuid4().hex[:6]}")
+            for _ in range(500):
+                if (await statuses(svc_a, parent.id)).get("fan") == "pending" and driver.listening:
+                    break
+                await asyncio.sleep(0.01)
+            children = await svc_b.get_child_workflows(parent.id)
+            assert len(children) == 3
+            for child in children:
+                await svc_b.run_workflow(child.id)
+            done = await svc_a.wait_for_workflow(parent.id, timeout=15)
+        assert done.status == "completed"
 
 
 @pytest.mark.postgres
@@ -663,12 +675,7 @@ async def test_a_child_inserted_while_the_parents_cancel_commits_is_canceled(pos
     parent's children but before it committed: the insert is not among what the cancel read, and B's
     look at its parent still sees it running. The cancel looks at the children again once committed,
     so the child is canceled (before, it stayed ``init`` under the canceled parent and ran)."""
-    async with isolated_pg_engine(postgres_url) as engine:
-        repo_a = SQLAlchemyWorkflowRepo(engine)
-        await repo_a.migrate()
-        settings = {"server_settings": {"search_path": await _schema(engine)}}
-        engine_b = create_async_engine(postgres_url, connect_args=settings, pool_size=4, max_overflow=0)
-        repo_b = SQLAlchemyWorkflowRepo(engine_b)
+    async with _two_processes(postgres_url) as (repo_a, repo_b):
         calls = Calls()
         running, go, late = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
@@ -694,20 +701,15 @@ async def test_a_child_inserted_while_the_parents_cancel_commits_is_canceled(pos
             return found
 
         repo_a.query_child_instances = children_then_race  # type: ignore[method-assign]
-        try:
-            parent = await svc_a.create_workflow("parent", "race-cancel")
-            pass_b = asyncio.create_task(svc_b.run_workflow(parent.id))
-            await running.wait()
-            await svc_a.cancel_workflow_instance(parent.id)
-            assert raced == [parent.id]
-            assert (await pass_b).status == "canceled"
-            children = await svc_b.get_child_workflows(parent.id)
-            assert [(c.child_key, c.status) for c in children] == [("a", "canceled"), ("late", "canceled")]
-            assert calls.runs("work") == 0
-        finally:
-            await repo_b.aclose()
-            await engine_b.dispose()
-            await repo_a.aclose()
+        parent = await svc_a.create_workflow("parent", "race-cancel")
+        pass_b = asyncio.create_task(svc_b.run_workflow(parent.id))
+        await running.wait()
+        await svc_a.cancel_workflow_instance(parent.id)
+        assert raced == [parent.id]
+        assert (await pass_b).status == "canceled"
+        children = await svc_b.get_child_workflows(parent.id)
+        assert [(c.child_key, c.status) for c in children] == [("a", "canceled"), ("late", "canceled")]
+        assert calls.runs("work") == 0
 
 
 # ------------------------------------------------------------------------------------ migration 8
