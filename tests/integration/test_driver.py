@@ -681,6 +681,8 @@ async def test_stop_with_no_grace_during_a_claim_releases_the_claimed_instances(
     now_ms = service.clock.time() * 1000
     for instance_id in ids:  # released: due now, not after the claim's lease
         record = await engine_repo.get_workflow_instance(instance_id)
+        if record.status == "completed":  # an eager task factory ran the pass at once, to its end
+            continue
         assert record.status == "init" and record.next_run_at <= now_ms
     await WorkflowDriver(service, concurrency=4, poll_interval=0.05).run_until_idle()
     assert await count(service, "completed") == 3 and runs.of("C") == 3

@@ -464,10 +464,18 @@ async def test_an_aclose_cut_while_it_disposes_the_engine_still_closes_every_con
     def cancel_closer(dbapi_connection: Any, connection_record: Any) -> None:
         closes.append(dbapi_connection)
         if len(closes) == 1:
-            closing.cancel()  # lands in the close of this connection, as a timeout firing then would
+            outer[0].cancel()  # lands in the close of this connection, as a timeout firing then would
+
+    outer: list[asyncio.Task[Any]] = []
+
+    async def close() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        outer.append(task)  # first: under an eager task factory the pool may close before create_task returns
+        await repo.aclose()
 
     event.listen(pool, "close", cancel_closer)
-    closing = asyncio.create_task(repo.aclose())
+    closing = asyncio.create_task(close())
     with pytest.raises(asyncio.CancelledError):
         await closing
     assert pool.checkedin() == 0
