@@ -265,7 +265,7 @@ class PassRunner:
         self._stopped = False
         self._stalls = stalls if stalls is not None else StallWarnings()
         self._observers = observers  # None when there are none: the pass then costs nothing extra
-        self._outcomes: dict[str, tuple[str, Exception]] = {}  # a failed attempt's outcome, for them
+        self._outcomes: dict[str, tuple[str, Exception | None]] = {}  # a failed attempt's outcome, for them
         self._skipped_with: dict[str, list[str]] = {}  # completed node -> nodes skipped in its write
         self._tasks: dict[str, asyncio.Task[None]] = {}  # node -> the task driving it (first joins)
         self._dropped: set[str] = set()  # nodes a ``first`` join canceled in this pass
@@ -572,7 +572,11 @@ class PassRunner:
         except _PassStopped:
             raise
         except BaseException as exc:  # cancelled, lease lost, store error: the attempt was cut
-            error = exc
+            written = self._outcomes.pop(node.task_type, None)
+            if written is not None:  # unless its end was written first (a cancellation deferred past it)
+                outcome, error = written
+            else:
+                error = exc
             raise
         finally:
             observers.node_finished(info, outcome, error, time.perf_counter() - started)
@@ -816,7 +820,8 @@ class PassRunner:
             try:
                 await self._write_completed(node, row, context, fail_count + 1, started_at)
             except BaseException:
-                self._outcomes.pop(node.task_type, None)  # not written: the attempt was cut
+                if not self._has_status(node.task_type, _COMPLETED):
+                    self._outcomes.pop(node.task_type, None)  # not written: the attempt was cut
                 raise
             if status == _RUNNING:
                 self._continued.add(node.task_type)
@@ -827,7 +832,8 @@ class PassRunner:
                 [(node.task_type, write)], instance_status=InstanceStatus.FAILED.value, cancel=True
             )
         except BaseException:
-            self._outcomes.pop(node.task_type, None)  # not written: the attempt was cut
+            if not self._has_status(node.task_type, _FAILED):
+                self._outcomes.pop(node.task_type, None)  # not written: the attempt was cut
             raise
         logger.error(
             "workflow instance %s failed at node %s: %s",
@@ -916,18 +922,35 @@ class PassRunner:
             if extra and extra[-1][0] == END_NODE:
                 instance_status = _INSTANCE_COMPLETED
         writes = [(task_type, _write_for(task_type, row, _COMPLETED, context, fail_count, started_at))]
-        await self._apply(writes + extra, instance_status=instance_status)
-        if extra:
-            skipped = [t for t, w in extra if w.status == _SKIPPED]
-            if skipped:
-                self._skipped_with[task_type] = skipped
-                self._report_skipped(skipped)
+        try:
+            await self._apply(writes + extra, instance_status=instance_status)
+        except asyncio.CancelledError:  # deferred by the repo past a step that was written: still told
+            if self._has_status(task_type, _COMPLETED):
+                self._completed(task_type, extra)
+            raise
+        self._completed(task_type, extra)
         if instance_status is not None and logger.isEnabledFor(logging.INFO):  # no record's fields built else
             logger.info(
                 "workflow instance %s completed",
                 self._instance.id,
                 extra=self._extra(END_NODE, _COMPLETED),
             )
+
+    def _has_status(self, task_type: str, status: str) -> bool:
+        row = self._rows.get(task_type)
+        return row is not None and row.status == status
+
+    def _completed(self, task_type: str, extra: list[tuple[str, _Write]]) -> None:
+        """A node's completion was written: the nodes it skipped and, for observers, its attempt's outcome
+        (told even when a cancellation the repo deferred past the write is raised next)."""
+        skipped = [t for t, w in extra if w.status == _SKIPPED] if extra else []
+        if skipped:
+            self._skipped_with[task_type] = skipped
+        if self._observers is not None:
+            if task_type != END_NODE:
+                self._outcomes.setdefault(task_type, ("completed", None))  # failed_continue stays
+            if skipped:
+                self._report_skipped(skipped)
 
     def _states(self, finishing: str, context: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
         return {finishing: _COMPLETED}, {finishing: context}
@@ -1178,7 +1201,10 @@ class PassRunner:
                 await self._apply([(t, _sanitized(w)) for t, w in writes], next_run_at=next_run_at)
         except _PassStopped:
             return
-        self._report_skipped([t for t, w in writes if w.status == _SKIPPED])
+        finally:  # the skips written, also when a cancellation the repo deferred past the write follows
+            self._report_skipped(
+                [t for t, w in writes if w.status == _SKIPPED and self._has_status(t, _SKIPPED)]
+            )
 
     def _report_skipped(self, task_types: list[str]) -> None:
         """Tell observers about nodes this pass has just written ``skipped`` (they never ran): each is

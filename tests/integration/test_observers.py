@@ -14,6 +14,7 @@ from asyncflow.engine.observers import OUTCOMES, ObserverSet
 from asyncflow.errors import ParamInvalidError, TaskFailedContinue, TaskFailedTerminate, TaskNotReady
 from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.store.memory import MemoryWorkflowRepo
+from asyncflow.store.protocol import Step, StepResult
 from asyncflow.worker import NodeInfo, NormalTaskWorker, current_node
 
 from .engine_helpers import Calls, config, recording_worker, registry_with
@@ -312,3 +313,88 @@ async def test_a_skip_not_written_is_not_reported() -> None:
     await svc.run_workflow(inst.id)
     assert not [e for e in rec.events if e[0] == "finished" and e[2] == "skipped"]
     assert ("finished", "check", "interrupted", None) in rec.events
+
+
+class HeldBackRepo:
+    """The real repo; the first step that writes a row with status ``status`` waits for ``release``
+    (``reached`` set) before it goes to the store, so a test can cancel the pass while it is in flight."""
+
+    def __init__(self, inner: Any, status: str) -> None:
+        self._inner = inner
+        self._status = status
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def apply_step(self, step: Step) -> StepResult:
+        writes = (*step.inserts, *step.updates)
+        if not self.reached.is_set() and any(w.status == self._status for w in writes):
+            self.reached.set()
+            await self.release.wait()
+        result: StepResult = await self._inner.apply_step(step)
+        return result
+
+
+async def cancel_in_step(svc: af.WorkflowService, repo: HeldBackRepo, instance_id: int) -> None:
+    """Run a pass; cancel it while its held-back step is in flight (the step is still written)."""
+    run = asyncio.create_task(svc.run_workflow(instance_id))
+    await repo.reached.wait()
+    run.cancel()
+    repo.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+
+async def test_a_step_written_under_a_cancellation_is_reported_as_written(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """The repo holds a cancellation back until the step is written: the pass is cancelled after its
+    step landed. What the step wrote is what observers are told: the node completed, the branch it did
+    not choose skipped (the next pass finds that row terminal and never reports it)."""
+    repo = HeldBackRepo(engine_repo, "skipped")
+    rec = Recorder()
+    svc = branch_service(repo, local_lock, rec, "reject")
+    inst = await svc.create_workflow("branch", "w-1")
+    await cancel_in_step(svc, repo, inst.id)
+    rows = {r.task_type: r.status for r in await engine_repo.load_task_instances(inst.id)}
+    assert (rows["check"], rows["approve"]) == ("completed", "skipped")
+    assert rec.node_events() == [
+        ("started", "check", 0),
+        ("started", "approve", 0),
+        ("finished", "approve", "skipped", None),
+        ("finished", "check", "completed", None),
+    ]
+    await svc.run_workflow(inst.id)
+    assert rec.events[-1] == ("ended", inst.id, "completed")
+    finished = sorted(e[1:3] for e in rec.events if e[0] == "finished")
+    assert finished == [
+        ("approve", "skipped"),
+        ("check", "completed"),
+        ("notify", "skipped"),
+        ("reject", "completed"),
+    ]
+
+
+async def test_a_failure_written_under_a_cancellation_is_reported_failed(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    def fatal(ctx: Any) -> None:
+        raise TaskFailedTerminate("stop")
+
+    repo = HeldBackRepo(engine_repo, "failed")
+    rec = Recorder()
+    calls = Calls()
+    registry = registry_with(config("f", {"X": []}), calls, {"X": recording_worker(calls, fatal)})
+    svc = af.WorkflowService(repo, local_lock, registry, observers=[rec])
+    inst = await svc.create_workflow("f", "w-2")
+    await cancel_in_step(svc, repo, inst.id)
+    stored = await engine_repo.get_workflow_instance(inst.id)
+    assert stored is not None and stored.status == "failed"
+    # the node's failure failed the instance: not "interrupted"
+    assert rec.events[1:] == [
+        ("started", "X", 0),
+        ("finished", "X", "failed", "TaskFailedTerminate"),
+        ("ended", inst.id, "failed"),
+    ]
