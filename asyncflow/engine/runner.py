@@ -382,7 +382,7 @@ class PassRunner:
                     ready.append(node.task_type)
                 else:  # its back-off is its own: a pass a sibling (an event, a restart) asked for skips it
                     self._due.append(retry_at)
-            elif row.status not in _SETTLED:  # as in Go, left alone; say once why the instance stalls
+            elif row.status not in _SETTLED and row.status != _SKIPPED:  # left alone: say once why it stalls
                 first = self._stalls.first_time((self._instance.id, node.task_type, row.status))
                 logger.log(
                     logging.WARNING if first else logging.DEBUG,

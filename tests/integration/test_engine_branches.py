@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
+
+import pytest
 
 from asyncflow.context import JSONContext
 from asyncflow.engine.service import WorkflowService
+from asyncflow.errors import TaskNotReady
 from asyncflow.worker import choose
 
 from .engine_helpers import Calls, config, recording_worker, registry_with, rows_of, statuses
@@ -194,3 +198,27 @@ async def test_choose_in_a_wait_check_of_a_pass_nested_in_a_run_raises(
     st = await statuses(svc, outer.id)
     assert st["Y"] == "completed" and st["Z"] == "skipped"  # X's own choice, made after the inner pass
     assert (await statuses(svc, inner.id))["P"] == "completed"
+
+
+async def test_a_skipped_node_is_not_reported_as_stalling_the_instance(
+    engine_repo: Any, local_lock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pass after the one that skipped a branch finds its row ``skipped``: terminal, nothing stalls."""
+    calls = Calls()
+    ready = [False]
+
+    def approve(ctx: JSONContext) -> None:
+        if not ready[0]:
+            raise TaskNotReady("later")
+
+    workers = {
+        "check": recording_worker(calls, lambda ctx: choose("approve")),
+        "approve": recording_worker(calls, approve),
+    }
+    svc = WorkflowService(engine_repo, local_lock, registry_with(config("branch", BRANCH), calls, workers))
+    inst = await svc.create_workflow("branch", "stall-1", run=True)
+    assert (await statuses(svc, inst.id))["reject"] == "skipped"
+    ready[0] = True
+    with caplog.at_level(logging.DEBUG, logger="asyncflow.engine"):
+        assert (await svc.run_workflow(inst.id)).status == "completed"
+    assert not [r for r in caplog.records if "which the engine does not run" in r.getMessage()]
