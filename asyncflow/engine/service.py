@@ -439,6 +439,8 @@ class WorkflowService:
                 f"{record.workflow_type!r} (instance {record.id}), not {workflow_type!r}"
             )
         child = WorkflowInstance.from_record(record, definition)
+        if created and observers is not None:  # inserted: told even if it is canceled at once below
+            observers.instance_created(child)
         now = await self.repo.get_workflow_instance(parent.id)
         if now is None or now.status not in _ACTIVE:
             # canceled (or failed) since the pass began, and the cancel did not see this child: no
@@ -457,8 +459,6 @@ class WorkflowService:
                 task_type,
                 extra={"instance_id": record.id, "workflow_type": workflow_type, "status": record.status},
             )
-            if observers is not None:
-                observers.instance_created(child)
             self._announce_due(record.id)
         return child
 

@@ -398,3 +398,33 @@ async def test_a_failure_written_under_a_cancellation_is_reported_failed(
         ("finished", "X", "failed", "TaskFailedTerminate"),
         ("ended", inst.id, "failed"),
     ]
+
+
+async def test_a_child_started_after_its_parent_was_canceled_is_created_then_canceled(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """The child's row is inserted, then canceled at once (its parent is no longer active): observers
+    are told both, so created and finished counts agree."""
+    rec = Recorder()
+    holder: dict[str, af.WorkflowService] = {}
+
+    async def cancel_then_start(ctx: Any) -> None:
+        await holder["svc"].cancel_workflow_instance(current_node().instance_id)
+        await af.start_child_workflow("kid", "k")
+
+    calls = Calls()
+    registry = registry_with(
+        config("parent", {"X": []}), calls, {"X": NormalTaskWorker(run=cancel_then_start)}
+    )
+    kid = config("kid", {"Y": []})
+    registry.load_workflow_config(kid)
+    registry.register_workflow_task("kid", "Y", recording_worker(calls))
+    svc = holder["svc"] = af.WorkflowService(engine_repo, local_lock, registry, observers=[rec])
+    inst = await svc.create_workflow("parent", "p-1")
+    await svc.run_workflow(inst.id)
+    kids = await engine_repo.query_child_instances(inst.id)
+    assert [k.status for k in kids] == ["canceled"]
+    created = [e[1] for e in rec.events if e[0] == "created"]
+    ended = [e[1:] for e in rec.events if e[0] == "ended"]
+    assert created == [inst.id, kids[0].id]
+    assert sorted(ended) == sorted([(inst.id, "canceled"), (kids[0].id, "canceled")])
