@@ -11,7 +11,6 @@ its maintenance has changed hands.) A tick is an instant; it is named in UTC as
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,12 +19,23 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
-from .errors import ConfigError
+from ._json_depth import check_json_depth
+from .errors import ConfigError, ParamInvalidError
+from .store._json import dumps_context
 
 __all__ = ["Schedule", "parse_tick", "tick_name"]
 
 _TICK_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _DST_MARGIN = timedelta(hours=3)  # more than any daylight-saving shift
+
+
+def _storable(text: str) -> bool:
+    """Whether every database stores ``text``: no NUL, no lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 def tick_name(tick: datetime) -> str:
@@ -58,7 +68,7 @@ class Schedule:
 
     def __post_init__(self) -> None:
         where = f"schedule {self.id!r}"
-        if not isinstance(self.id, str) or not self.id.strip() or "@" in self.id or "\x00" in self.id:
+        if not isinstance(self.id, str) or not self.id.strip() or "@" in self.id or not _storable(self.id):
             raise ConfigError(f"schedule id must be a non-empty string without '@', got {self.id!r}")
         if not isinstance(self.workflow_type, str) or not self.workflow_type:
             raise ConfigError(
@@ -68,10 +78,13 @@ class Schedule:
             raise ConfigError(f"{where}: catch_up must be a bool, got {self.catch_up!r}")
         if not isinstance(self.context, Mapping):
             raise ConfigError(f"{where}: context must be a mapping, got {type(self.context).__name__}")
+        # what every tick's instance gets: refused here as create_workflow would refuse it (a NUL, a lone
+        # surrogate, NaN, too deep), else each tick's insert fails and the driver claims nothing else
         try:
-            json.dumps(dict(self.context), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: context is not JSON ({exc})") from None
+            check_json_depth(self.context, f"{where}: context", error=ConfigError)
+            dumps_context(dict(self.context), "context")
+        except ParamInvalidError as exc:
+            raise ConfigError(f"{where}: context is not JSON a repo can store ({exc})") from None
         if "schedule" in self.context:
             raise ConfigError(f"{where}: context must not have the key 'schedule' (asyncflow sets it)")
         self.zone()  # checks the time zone

@@ -20,6 +20,13 @@ from tests.integration.start_helpers import fake_service, one_node_registry
 START = datetime(2026, 1, 1, 0, 3, tzinfo=UTC).timestamp()  # a Thursday, 00:03 UTC
 
 
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
 async def _business_ids(service: af.WorkflowService) -> list[str]:
     found = await service.query_workflow_instances(QueryWorkflowInstanceParams(page=af.Pager(no_limit=True)))
     return [inst.business_id for inst in found]
@@ -241,6 +248,14 @@ async def test_a_driver_with_an_old_state_does_not_fire_pruned_ticks_again_memor
         ({"context": {"schedule": 1}}, "'schedule'"),
         ({"context": {"x": object()}}, "not JSON"),
         ({"context": [1]}, "mapping"),
+        # what no repo stores: accepted here, such a context failed every tick's insert, and the
+        # driver's claim loop (which fires ticks first) then claimed nothing else, ever
+        ({"context": {"x": "a\x00b"}}, "NUL"),
+        ({"context": {"x\x00": 1}}, "NUL"),
+        ({"context": {"x": "\ud800"}}, "not valid Unicode"),
+        ({"context": {"x": float("nan")}}, "not JSON"),
+        ({"context": {"x": _nested(100)}}, "nested more than 100"),
+        ({"id": "s\ud800"}, "schedule id"),
     ],
 )
 def test_bad_schedules_raise_config_error(kwargs: dict[str, Any], words: str) -> None:
