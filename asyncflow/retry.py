@@ -62,11 +62,19 @@ class RetryPolicy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def _finite(value: float) -> bool:
+    """``math.isfinite``, false for an int beyond a float's range too (it raised ``OverflowError``)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _problem(policy: RetryPolicy) -> str | None:
     """What is wrong with a policy's fields (``"field ..."``), or ``None``."""
     for name in ("initial_interval", "backoff", "max_interval", "jitter"):
         value = getattr(policy, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
             return f"{name} must be a finite number, got {type(value).__name__} {value!r}"
         if value < 0:
             return f"{name} must not be negative, got {value}"

@@ -72,6 +72,7 @@ def test_delay_formula_cap_and_jitter() -> None:
         ({"jitter": 1.0}, "jitter must be below 1"),
         ({"jitter": True}, "jitter must be a finite number"),
         ({"initial_interval": "1"}, "initial_interval must be a finite number"),
+        ({"max_interval": 10**400}, "max_interval must be a finite number"),  # was OverflowError
     ],
 )
 def test_retry_policy_refuses_bad_values(kwargs: dict[str, object], match: str) -> None:
@@ -93,6 +94,7 @@ def test_retry_policy_is_frozen_and_keyword_only() -> None:
         ({"initial_interval": 1, "bogus": 2}, r"workflow 'w': node 'A': retry has unknown key\(s\) 'bogus'"),
         ({"backoff": "2"}, r"workflow 'w': node 'A': retry.backoff must be a finite number"),
         ([1, 2], r"workflow 'w': node 'A': retry must be a RetryPolicy or an object"),
+        ({"backoff": 10**400}, r"workflow 'w': node 'A': retry.backoff must be a finite number"),
     ],
 )
 def test_config_retry_errors_name_workflow_and_node(retry: object, match: str) -> None:
