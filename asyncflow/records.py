@@ -6,7 +6,7 @@ are unix seconds (as in Go); ``next_run_at`` is unix milliseconds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,8 +90,10 @@ class QueryWorkflowInstanceParams:
         # accept any sequence (a list is natural for callers) but store tuples so the object is hashable
         for name in ("workflow_type_in", "status_in"):
             value = getattr(self, name)
-            if isinstance(value, str):
-                raise ParamInvalidError(f"{name} must be a sequence of strings, not a string")
+            if value is None:  # no filter, as the docstring says (it raised TypeError)
+                value = ()
+            if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+                raise ParamInvalidError(f"{name} must be a sequence of strings, got {type(value).__name__}")
             object.__setattr__(self, name, tuple(str(v) for v in value))
         for name in ("workflow_instance_id", "id_greater_than", "task_id"):
             value = getattr(self, name)

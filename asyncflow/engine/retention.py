@@ -37,6 +37,13 @@ def _strings(value: object, name: str) -> tuple[str, ...]:
     for item in items:
         if not isinstance(item, str) or not item:
             raise ParamInvalidError(f"{name} must hold non-empty strings, got {item!r}")
+        # what no database stores: PostgreSQL refused it with a raw driver error, the others matched nothing
+        if "\x00" in item:
+            raise ParamInvalidError(f"{name} must not contain a NUL character (\\x00): {item!r}")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ParamInvalidError(f"{name} is not valid Unicode (lone surrogate): {item!r}") from None
     return items
 
 

@@ -82,6 +82,8 @@ _NON_TERMINAL_TASK = (
     TaskStatus.FINISHING.value,
 )
 _ACTIVE = RUNNABLE_INSTANCE_STATUSES
+_MAX_WAIT_INTERVAL = 1e15
+"""The longest ``run_pass(wait_interval=)``: its due time in unix ms still fits in int64."""
 
 
 def lock_key(instance_id: int) -> str:
@@ -343,8 +345,20 @@ class WorkflowService:
         return await self._run(_check_id(instance_id))
 
     async def run_pass(self, instance_id: int, *, wait_interval: float | None = None) -> WorkflowInstance:
-        """``run_workflow`` with the driver's poll interval for nodes that are not ready."""
-        return await self._run(_check_id(instance_id), wait_interval=wait_interval)
+        """``run_workflow`` with the driver's poll interval for nodes that are not ready.
+
+        ``wait_interval``: seconds (finite, >= 0) before a node that is not ready is looked at again;
+        ``None`` takes the service's ``schedule.poll_interval``."""
+        _check_id(instance_id)
+        if wait_interval is not None and (
+            isinstance(wait_interval, bool)
+            or not isinstance(wait_interval, int | float)
+            or not 0 <= wait_interval <= _MAX_WAIT_INTERVAL  # NaN too; the due time must fit in int64 ms
+        ):
+            raise ParamInvalidError(
+                f"wait_interval must be seconds in [0, {_MAX_WAIT_INTERVAL:g}] or None, got {wait_interval!r}"
+            )
+        return await self._run(instance_id, wait_interval=wait_interval)
 
     async def _driver_pass(self, instance_id: int, wait_interval: float) -> WorkflowInstance:
         """:meth:`run_pass` for a driver, in a task the driver made for this pass alone (with a context

@@ -264,7 +264,37 @@ def bad_calls(svc: WorkflowService, ids: dict[str, int]) -> list[tuple[str, Call
         lambda: svc.query_workflow_instances(QueryWorkflowInstanceParams(status_in="running")),
         ParamInvalidError,
     )
+    # the pass ran (wrote its nodes) before wait_interval was used, then raised TypeError/ValueError/
+    # OverflowError (or ParamInvalidError for a due time beyond int64)
+    for wait in ("1", math.nan, math.inf, -1, 1e300, True):
+        add(
+            f"run_pass(wait_interval={wait!r})",
+            lambda w=wait: svc.run_pass(mid, wait_interval=w),
+            ParamInvalidError,
+        )
+    for names in (5, b"mixed"):  # 5 raised TypeError (not iterable); bytes gave ("109", "105", ...)
+        add(
+            f"query(workflow_type_in={names!r})",
+            lambda n=names: svc.query_workflow_instances(QueryWorkflowInstanceParams(workflow_type_in=n)),
+            ParamInvalidError,
+        )
+        add(
+            f"query(status_in={names!r})",
+            lambda n=names: svc.query_workflow_instances(QueryWorkflowInstanceParams(status_in=n)),
+            ParamInvalidError,
+        )
+    for name in ("NUL\x00", "\udc80"):  # PostgreSQL alone refused them (a raw driver error in StoreError)
+        add(
+            f"purge(workflow_types=[{name!r}])",
+            lambda n=name: svc.purge_workflow_instances(older_than=0, workflow_types=[MIXED, n]),
+            ParamInvalidError,
+        )
     return out
+
+
+def test_none_type_and_status_filters_are_no_filter_as_documented() -> None:
+    # the docstring: "Empty sequences and None mean no filter" (None raised TypeError)
+    assert QueryWorkflowInstanceParams(workflow_type_in=None, status_in=None) == QueryWorkflowInstanceParams()  # type: ignore[arg-type]
 
 
 def _deep(depth: int) -> dict[str, Any]:
