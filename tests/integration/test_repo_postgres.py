@@ -78,6 +78,28 @@ def test_a_missing_asyncpg_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.postgres
+async def test_jsonb_reads_an_exponent_float_back_as_an_int_where_sqlite_keeps_it(
+    repo: SQLAlchemyWorkflowRepo, tmp_path: Any
+) -> None:
+    """docs/storage.md: jsonb keeps numbers as ``numeric``, so a float written with an exponent and no
+    fraction digits comes back an int, and -0.0 as 0.0; SQLite gives back what was written."""
+    context = {"a": 1e16, "b": -0.0, "c": 2.5e20, "d": 1.5}
+    on_pg = await repo.create_workflow_instance(
+        NewWorkflowInstance(workflow_type="wf", business_id="f", workflow_context=context)
+    )
+    back = (await repo.get_workflow_instance(on_pg.id)).workflow_context  # type: ignore[union-attr]
+    assert back == {"a": 10**16, "b": 0.0, "c": 25 * 10**19, "d": 1.5}
+    assert type(back["a"]) is int and type(back["c"]) is int and str(back["b"]) == "0.0"
+    async with SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{tmp_path}/floats.db") as sqlite_repo:
+        await sqlite_repo.migrate()
+        on_sqlite = await sqlite_repo.create_workflow_instance(
+            NewWorkflowInstance(workflow_type="wf", business_id="f", workflow_context=context)
+        )
+        kept = (await sqlite_repo.get_workflow_instance(on_sqlite.id)).workflow_context  # type: ignore[union-attr]
+    assert kept == context and type(kept["a"]) is float and str(kept["b"]) == "-0.0"
+
+
+@pytest.mark.postgres
 async def test_contexts_are_jsonb_and_indexes_exist(repo: SQLAlchemyWorkflowRepo) -> None:
     async with repo.engine.connect() as conn:
         types = dict(
