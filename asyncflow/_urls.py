@@ -157,7 +157,8 @@ def check_database_url(url: str) -> None:
         ) from None
     _check_port(url, port)
     backend = parsed.get_backend_name()
-    if backend == "postgresql" and parsed.get_driver_name() in ("asyncpg", "psycopg2"):
+    if backend == "postgresql" and ("+" not in parsed.drivername or parsed.get_driver_name() == "asyncpg"):
+        # a URL that names no driver gets asyncpg (SQLAlchemy's own default differs between releases)
         _check_postgres_query(url, parsed)
     elif backend == "sqlite":
         _check_sqlite_query(url, parsed)

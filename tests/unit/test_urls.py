@@ -47,6 +47,7 @@ def test_redis_lock_refuses_a_bad_url_without_its_password(url: str) -> None:
         f"postgresql+asyncpg//postgres:{SECRET}@127.0.0.1/test",
         f"postgresql+asyncpg://postgres:{SECRET}@127.0.0.1:54x2/test",
         f"postgresql+asyncpg://postgres:{SECRET}@127.0.0.1/test?sslmode=require",
+        f"postgresql://postgres:{SECRET}@127.0.0.1/test?sslmode=require",  # no driver named: asyncpg's
     ],
 )
 def test_postgres_lock_refuses_a_bad_url_without_its_password(url: str) -> None:
