@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["dot_text", "inert", "inert_lines", "mermaid_text"]
+__all__ = ["dot_text", "inert", "inert_lines", "mermaid_text", "unstorable"]
 
 _BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
 _UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI}]")
@@ -43,3 +43,14 @@ def dot_text(text: str) -> str:
     """``text`` as a quoted Graphviz DOT string (inert; a newline is DOT's ``\\n``)."""
     escaped = inert_lines(text.replace("\r", "")).replace("\\", "\\\\").replace('"', '\\"')
     return '"' + escaped.replace("\n", "\\n") + '"'
+
+
+def unstorable(text: str) -> str | None:
+    """Why a database cannot store ``text`` (a NUL, a lone surrogate), or ``None``."""
+    if "\x00" in text:
+        return "holds a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds a lone surrogate (not valid Unicode text)"
+    return None

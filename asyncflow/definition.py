@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from asyncflow._text import dot_text, mermaid_text
+from asyncflow._text import dot_text, mermaid_text, unstorable
 from asyncflow.config import JOINS, WorkflowConfig, count_problem
 from asyncflow.errors import ConfigError, TaskWorkerNotFoundError
 from asyncflow.retry import RetryPolicy
@@ -245,28 +245,17 @@ class _Graph:
     pred: list[list[int]]
 
 
-def _unstorable(text: str) -> str | None:
-    """Why a database cannot store ``text`` (a NUL, a lone surrogate), or ``None``."""
-    if "\x00" in text:
-        return "holds a NUL character"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "holds a lone surrogate (not valid Unicode text)"
-    return None
-
-
 def _check_storable(config: WorkflowConfig) -> None:
     """Ids and names are stored with every instance: one no database can store would load fine and
     leave every instance of the workflow unable to run."""
     wid = config.id
-    problem = _unstorable(wid) or _unstorable(config.name)
+    problem = unstorable(wid) or unstorable(config.name)
     if problem is not None:
         raise ConfigError(f"workflow id or name {wid!r} {problem}", workflow_type=wid, nodes=())
     for node in config.nodes:
         texts = [("id", node.id), ("name", node.name), *(("next node", n) for n in node.next_nodes)]
         for what, text in texts:
-            problem = _unstorable(text)
+            problem = unstorable(text)
             if problem is not None:
                 raise _error(wid, f"node {node.id!r}: {what} {text!r} {problem}", [node.id])
 

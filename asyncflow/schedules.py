@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 
 from ._json_depth import check_json_depth
+from ._text import unstorable
 from .errors import ConfigError, ParamInvalidError
 from .store._json import dumps_context
 
@@ -27,15 +28,6 @@ __all__ = ["Schedule", "parse_tick", "tick_name"]
 
 _TICK_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _DST_MARGIN = timedelta(hours=3)  # more than any daylight-saving shift
-
-
-def _storable(text: str) -> bool:
-    """Whether every database stores ``text``: no NUL, no lone surrogate."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in text
 
 
 def tick_name(tick: datetime) -> str:
@@ -68,7 +60,7 @@ class Schedule:
 
     def __post_init__(self) -> None:
         where = f"schedule {self.id!r}"
-        if not isinstance(self.id, str) or not self.id.strip() or "@" in self.id or not _storable(self.id):
+        if not isinstance(self.id, str) or not self.id.strip() or "@" in self.id or unstorable(self.id):
             raise ConfigError(f"schedule id must be a non-empty string without '@', got {self.id!r}")
         if not isinstance(self.workflow_type, str) or not self.workflow_type:
             raise ConfigError(

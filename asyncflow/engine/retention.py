@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from .._text import unstorable
 from ..errors import ParamInvalidError
 from ..status import InstanceStatus
 
@@ -38,12 +39,9 @@ def _strings(value: object, name: str) -> tuple[str, ...]:
         if not isinstance(item, str) or not item:
             raise ParamInvalidError(f"{name} must hold non-empty strings, got {item!r}")
         # what no database stores: PostgreSQL refused it with a raw driver error, the others matched nothing
-        if "\x00" in item:
-            raise ParamInvalidError(f"{name} must not contain a NUL character (\\x00): {item!r}")
-        try:
-            item.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ParamInvalidError(f"{name} is not valid Unicode (lone surrogate): {item!r}") from None
+        problem = unstorable(item)
+        if problem is not None:
+            raise ParamInvalidError(f"{name}: {item!r} {problem}")
     return items
 
 
