@@ -17,7 +17,6 @@ A woken waiter re-reads its instance and returns it if it is terminal.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -89,8 +88,9 @@ class Waiters:
                     if record.status in TERMINAL_STATUSES:
                         return record
                     interval = LISTENING_POLL_INTERVAL if self.listening else POLL_INTERVAL
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(future), interval)
+                    # not wait_for(shield(...)): on 3.11 it returns a result that is ready instead
+                    # of raising a cancel (a timeout) that arrives in the same step
+                    await asyncio.wait([future], timeout=interval)
                 finally:
                     futures = self._futures.get(instance_id)
                     if futures is not None:

@@ -316,3 +316,20 @@ async def test_watch_is_a_no_op_on_sqlite(tmp_path: Any) -> None:
         await asyncio.sleep(0.05)
         await service.run_workflow(inst.id)
         assert (await asyncio.wait_for(waiter, 5)).status == "completed"
+
+
+async def test_a_cancel_that_meets_a_wake_up_still_ends_the_waiter(no_polling: None) -> None:
+    """A waiter woken (here: a LISTEN that starts again wakes every waiter to re-read) and cancelled (a
+    timeout, or its caller) in the same step of the loop ends cancelled; the wake-up does not swallow
+    the cancel (it did on Python 3.11, whose ``asyncio.wait_for`` returns an inner result that is ready
+    instead of raising the cancel), which left the waiter running past its timeout."""
+    service, _ = fake_service(MemoryWorkflowRepo(), one_node_registry("w"))
+    inst = await service.create_workflow("w", "b")
+    waiter = asyncio.create_task(service.wait_for_workflow(inst.id))
+    await asyncio.sleep(0.05)  # the waiter has read its instance and sleeps
+    assert not waiter.done()
+    service._waiters.finished(None)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiter, 5)
+    assert service._waiters.waiting == 0
