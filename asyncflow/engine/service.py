@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -326,7 +327,10 @@ class WorkflowService:
         """
         _check_id(instance_id)
         if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not timeout >= 0
+            or (isinstance(timeout, int) and timeout > sys.float_info.max)  # asyncio.timeout: a float
         ):
             raise ParamInvalidError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
         record = await self._get(instance_id)  # a terminal one is returned even with timeout=0
