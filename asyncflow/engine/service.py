@@ -321,9 +321,10 @@ class WorkflowService:
         """The instance once it is ``completed``, ``failed`` or ``canceled`` (at once if it is).
 
         ``TimeoutError`` after ``timeout`` seconds; ``InstanceNotFoundError`` for an unknown id. An
-        instance that ends in this process wakes the waiter at once; on PostgreSQL one that ends in
-        another process wakes it through LISTEN/NOTIFY (one connection for every waiter of this
-        service); otherwise it is polled about once a second.
+        instance that ends through this service (a pass or a cancel of it) wakes the waiter at once;
+        on PostgreSQL one that ends elsewhere (another process, or another service of this one) wakes
+        it through LISTEN/NOTIFY (one connection for every waiter of this service); otherwise it is
+        polled about once a second.
         """
         _check_id(instance_id)
         if timeout is not None and (

@@ -1,5 +1,5 @@
 """PostgreSQL wake-ups for ``wait_for_workflow``: a trigger NOTIFYs when an instance that a waiter
-watches ends, and one LISTEN connection per repo fans the notifications out to every waiter of that repo.
+watches ends, and one LISTEN connection per service (its waiters') fans the notifications out to them.
 
 Migration 5 installed the trigger function (:data:`FINISHED_DDL`): after an UPDATE that moves an
 instance from ``init``/``running`` to a terminal status it calls ``pg_notify('asyncflow_finished',
