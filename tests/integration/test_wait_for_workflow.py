@@ -192,6 +192,17 @@ async def _flags(engine: Any) -> dict[int, bool]:
     return {row[0]: row[1] for row in rows}
 
 
+def _hear(heard: list[str], schema: str) -> Any:
+    """A LISTEN callback keeping the payloads of ``schema`` (the channel is database-wide: tests running
+    at the same time on other schemas NOTIFY on it too)."""
+
+    def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload.startswith(f"{schema} "):
+            heard.append(payload)
+
+    return on_notify
+
+
 @pytest.mark.postgres
 async def test_only_watched_instances_notify_their_end(postgres_url: str) -> None:
     """Migration 10: an instance ending NOTIFYs only if a waiter watched it (``notify_finished``); the
@@ -201,7 +212,7 @@ async def test_only_watched_instances_notify_their_end(postgres_url: str) -> Non
         schema = await _schema(engine)
         listener = await _connect_like(engine)
         heard: list[str] = []
-        await listener.add_listener("asyncflow_finished", lambda *args: heard.append(args[3]))
+        await listener.add_listener("asyncflow_finished", _hear(heard, schema))
         try:
             service = WorkflowService(repo, LocalWorkflowLock(), one_node_registry("w"))
             watched, unwatched, canceled = [
@@ -255,7 +266,7 @@ async def test_migration_12_moves_the_status_test_into_the_function_and_notifies
         await repo.watch_finished(watched)
         listener = await _connect_like(engine)
         heard: list[str] = []
-        await listener.add_listener("asyncflow_finished", lambda *args: heard.append(args[3]))
+        await listener.add_listener("asyncflow_finished", _hear(heard, schema))
         try:
             for instance_id, status in [
                 (watched, "running"),  # init -> running: not an end
