@@ -2,9 +2,9 @@
 
 Every waiter registers a future under its instance id, then reads the instance. It is woken:
 
-* at once when the instance ends in this process (the service calls :meth:`Waiters.finished` after a
+* at once when the instance ends through this service (it calls :meth:`Waiters.finished` after a
   pass or a cancel that ended it);
-* on PostgreSQL, when it ends in another process: one LISTEN connection (the repo's
+* on PostgreSQL, when it ends elsewhere (another process, another service): one LISTEN connection (the repo's
   ``listen_finished``), started with the first waiter and ended (awaited) by the last, serves every
   waiter of the service. Only watched instances notify: a waiter first asks the repo to watch its
   instance (``watch_finished``, which flags the row), then reads it;
