@@ -500,15 +500,15 @@ class PassRunner:
         else:
             context, status = row.node_context, row.status
             fail_count, started_at = row.fail_count, row.started_at
+            system = context.get(SYSTEM)  # only a stored context holds a back-off: a fresh one has no system
+            if isinstance(system, dict) and RETRY_AT in system:
+                del system[RETRY_AT]  # this is the retry
         if task_type == ROOT_NODE:
             self._carry_root(row, context)
             return True
         if task_type == END_NODE:
             await self._write_completed(node, row, context, fail_count, started_at)
             return True
-        system = context.get(SYSTEM)
-        if isinstance(system, dict) and RETRY_AT in system:
-            del system[RETRY_AT]  # this is the retry
         ctx = JSONContext.from_map(context)
         if status == _RUNNING:
             chosen, child_keys, error = await self._attempt(
