@@ -347,6 +347,17 @@ def hold_write_lock(path: str) -> sqlite3.Connection:
     return other
 
 
+@contextmanager
+def write_lock_held(path: str) -> Iterator[None]:
+    """:func:`hold_write_lock` for the block: rolled back and closed at its end."""
+    other = hold_write_lock(path)
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
 async def test_an_aclose_cut_while_a_batch_waits_leaves_the_step_to_its_caller(sqlite_url: str) -> None:
     """A cut ``aclose()`` (a timeout) does not cancel the batch it waits for: the thread runs the
     step anyway, so a caller told ``CancelledError`` (nobody cancelled it) would see its step land."""
@@ -355,16 +366,12 @@ async def test_an_aclose_cut_while_a_batch_waits_leaves_the_step_to_its_caller(s
         await repo.create_schema()
         instance_id, _ = await instance_with(repo, "a")
         step = Step(instance_id=instance_id, inserts=(task("b"),))
-        other = hold_write_lock(db_path(sqlite_url))
-        try:
+        with write_lock_held(db_path(sqlite_url)):
             pending = asyncio.create_task(repo.apply_step(step))
             await asyncio.sleep(0.2)  # the step's batch waits for the write lock in the thread
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.2):
                     await repo.aclose()
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
         async with asyncio.timeout(10):
             result = await pending
         assert result.applied
@@ -388,8 +395,7 @@ async def test_an_aclose_cut_still_ends_the_thread_and_closes_its_connection(sql
     (first, _), (second, _) = await instance_with(repo, "a"), await instance_with(repo, "a")
     thread = repo._backend._lane._thread
     assert thread is not None and thread.is_open
-    other = hold_write_lock(db_path(sqlite_url))
-    try:
+    with write_lock_held(db_path(sqlite_url)):
         pending = asyncio.create_task(repo.apply_step(Step(instance_id=first, inserts=(task("b"),))))
         await asyncio.sleep(0.2)  # its batch waits for the write lock in the thread
         queued = asyncio.create_task(repo.apply_step(Step(instance_id=second, inserts=(task("b"),))))
@@ -397,9 +403,6 @@ async def test_an_aclose_cut_still_ends_the_thread_and_closes_its_connection(sql
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2):
                 await repo.aclose()
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
     async with asyncio.timeout(10):
         assert (await pending).applied
         await asyncio.wait([queued])
