@@ -94,6 +94,12 @@ class PgAdmin:
         sqlalchemy_url, dsn = _urls(self.url, name)
         return PgDatabase(name=name, sqlalchemy_url=sqlalchemy_url, dsn=dsn)
 
+    async def set_database_option(self, name: str, option: str, value: str) -> None:
+        """``ALTER DATABASE name SET option = value``: sessions opened afterwards start with it."""
+        if not (option.isidentifier() and value.isidentifier()):
+            raise ValueError(f"not a setting: {option}={value}")
+        await self._execute(f'ALTER DATABASE "{name}" SET {option} = {value}')
+
     async def drop_database(self, name: str) -> None:
         await self._execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

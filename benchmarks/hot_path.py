@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncflow as af
+from asyncflow.cli.worker import settle_collector
 
 from .asyncflow_runs import run_direct, run_driver
 from .databases import PgAdmin
@@ -157,11 +158,15 @@ async def _analyze(repo: Any) -> None:
         await conn.execute(text("ANALYZE workflow_instance"))
 
 
-async def _asyncflow(repo: Any, mode: str, n: int, concurrency: int, analyze: bool = False) -> float:
+async def _asyncflow(
+    repo: Any, mode: str, n: int, concurrency: int, analyze: bool = False, gc_freeze: bool = False
+) -> float:
     spec = get_scenario("linear3")
     hooks = BenchHooks()
     svc = af.WorkflowService(repo, af.LocalWorkflowLock(), registry=build_registry(spec, hooks))
     await run_direct(svc, spec.workflow_type, min(50, n), concurrency, spec=spec)  # warm-up
+    if gc_freeze:  # as asyncflow worker does once it is set up
+        settle_collector()
     if mode == "direct":
         return await _server_timed(run_direct(svc, spec.workflow_type, n, concurrency, spec=spec))
 
@@ -180,7 +185,9 @@ async def _asyncflow(repo: Any, mode: str, n: int, concurrency: int, analyze: bo
 async def one_run(backend: str, row: str, args: argparse.Namespace, admin: PgAdmin | None) -> float:
     """Seconds for ``args.n`` workflows of one row on a fresh database."""
     if backend == "memory":  # the engine and driver alone: the ceiling any database row can reach
-        return 0.0 if row == "floor" else await _asyncflow(af.MemoryWorkflowRepo(), row, args.n, args.c)
+        if row == "floor":
+            return 0.0
+        return await _asyncflow(af.MemoryWorkflowRepo(), row, args.n, args.c, gc_freeze=args.gc_freeze)
     if backend == "sqlite":
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "bench.db")
@@ -189,17 +196,21 @@ async def one_run(backend: str, row: str, args: argparse.Namespace, admin: PgAdm
             repo = af.SQLAlchemyWorkflowRepo(f"sqlite+aiosqlite:///{path}")
             try:
                 await repo.create_schema()
-                return await _asyncflow(repo, row, args.n, args.c, args.analyze)
+                return await _asyncflow(repo, row, args.n, args.c, args.analyze, args.gc_freeze)
             finally:
                 await repo.aclose()
     assert admin is not None
     async with admin.fresh_database("hot_path") as db:
+        if args.synchronous_commit != "on":  # this run's database only, before its first session
+            await admin.set_database_option(db.name, "synchronous_commit", args.synchronous_commit)
         if row == "floor":
+            if args.gc_freeze:
+                settle_collector()
             return await _pg_floor(db.dsn, args.n, args.c, min(args.c, args.pool))
         repo = af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url, pool_size=args.pool, max_overflow=4)
         try:
             await repo.create_schema()
-            return await _asyncflow(repo, row, args.n, args.c, args.analyze)
+            return await _asyncflow(repo, row, args.n, args.c, args.analyze, args.gc_freeze)
         finally:
             await repo.aclose()
 
@@ -301,6 +312,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--analyze",
         action="store_true",
         help="ANALYZE the driver row's bulk-loaded backlog before its timed part (claims see statistics)",
+    )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="tune the collector before each timed part, as asyncflow worker does (settle_collector())",
+    )
+    parser.add_argument(
+        "--synchronous-commit",
+        default="on",
+        choices=("on", "off"),
+        help="PostgreSQL: the run's database commits without waiting for its WAL flush (off): tells "
+        "whether a row is bound by commit latency or by CPU; not a setting to run production with",
     )
     parser.add_argument("--json")
     return parser.parse_args(argv)
