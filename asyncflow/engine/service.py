@@ -15,6 +15,7 @@ import math
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 from .._json_depth import MAX_JSON_DEPTH, check_json_depth
@@ -60,6 +61,7 @@ from ..status import (
     is_over_instance_status,
     is_over_task_status,
 )
+from ..store._session import call_after_commit
 from ..store.protocol import WorkflowRepo
 from ._starting import UniqueFlights, check_unique, session_scope, start_ms
 from .inflight import Watchtower
@@ -201,7 +203,8 @@ class WorkflowService:
     def add_due_listener(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(instance_id)`` whenever this service makes an instance due now.
 
-        That is after ``create_workflow(run=False)``, an external event and a restart without ``run``.
+        That is after ``create_workflow(run=False)`` (with ``session=``, once the caller commits), an
+        external event and a restart without ``run``.
         A driver in the same process uses it to wake at once. Callbacks must not block or raise.
         """
         self._due_listeners.append(callback)
@@ -255,8 +258,9 @@ class WorkflowService:
 
         ``session``: an SQLAlchemy ``AsyncSession`` or ``AsyncConnection`` in an open transaction on
         the repo's database: the instance is inserted in that transaction (drivers see it once the
-        caller commits; a rollback undoes it). Not with ``run=True``, nor on a repo without SQL
-        (``ParamInvalidError``).
+        caller commits; a rollback undoes it). Observers and due listeners are told once the caller
+        commits it, never if it is undone (a rollback, of a savepoint it was made in too, or a close
+        without commit). Not with ``run=True``, nor on a repo without SQL (``ParamInvalidError``).
         """
         if not isinstance(workflow_type, str) or not workflow_type:
             raise ParamInvalidError(f"workflow_type must be a non-empty str, got {workflow_type!r}")
@@ -300,6 +304,9 @@ class WorkflowService:
                 workflow_type,
                 extra={"instance_id": record.id, "workflow_type": workflow_type, "status": record.status},
             )
+        if session is not None:  # told once the caller commits it: until then it may never exist
+            call_after_commit(session, partial(self._committed, record, definition, observers))
+            return WorkflowInstance.from_record(record, definition)
         if observers is not None:
             observers.instance_created(WorkflowInstance.from_record(record, definition))
         if not run:
@@ -311,6 +318,14 @@ class WorkflowService:
             exc.instance_id = record.id  # type: ignore[attr-defined]
             exc.add_note(f"workflow instance {record.id} was created; its first pass failed")
             raise
+
+    def _committed(
+        self, record: WorkflowInstanceRecord, definition: WorkflowDefinition, observers: ObserverSet | None
+    ) -> None:
+        """A create in a caller's session, once the caller's transaction committed it: told as any."""
+        if observers is not None:
+            observers.instance_created(WorkflowInstance.from_record(record, definition))
+        self._announce_due(record.id)
 
     async def wait_for_workflow(
         self,

@@ -1,14 +1,30 @@
 """``create_workflow(session=...)``: the caller's SQLAlchemy ``AsyncSession`` or ``AsyncConnection``,
-checked to be in an open transaction on the repo's database, as the connection to insert on."""
+checked to be in an open transaction on the repo's database, as the connection to insert on; and
+:func:`call_after_commit`, what runs once the caller's transaction has committed the insert."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, RootTransaction
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
 
 from ..errors import ParamInvalidError
 from ._backend import database_key_for
 
-__all__ = ["caller_connection"]
+__all__ = ["call_after_commit", "caller_connection"]
+
+logger = logging.getLogger(__name__)
+
+_COMMIT_POLL = 0.001
+"""Seconds between looks at a caller connection's COMMIT in flight (see :class:`_ConnectionWatch`)."""
 
 
 def _same_database(theirs: AsyncEngine, ours: AsyncEngine) -> bool:
@@ -42,3 +58,151 @@ async def caller_connection(session: object, engine: AsyncEngine) -> AsyncConnec
             f"({engine.url.render_as_string()})"
         )
     return conn
+
+
+def call_after_commit(session: object, callback: Callable[[], None]) -> None:
+    """Call ``callback()`` on the running loop once ``session``'s transaction has committed what was
+    just written in it; never if that is undone first (a rollback of the transaction, or of a
+    savepoint it was written in) or the session is closed without a commit.
+
+    SQLAlchemy's events are synchronous and run inside the caller's ``commit()``: they only take
+    note, and hand ``callback`` to the loop (``call_soon_threadsafe``). The listeners are added once
+    per session or connection and hold nothing once its transaction has ended.
+
+    An ``AsyncSession`` tells after its COMMIT succeeded (its ``after_commit`` event). A Core
+    connection has no such event (only one just before the COMMIT is sent): its callbacks run once
+    the COMMIT has returned (looked at every millisecond meanwhile), unless the failed transaction
+    is still the connection's then (a COMMIT the database refused and the caller had not yet rolled
+    back); one the caller has already rolled back or closed cannot be told from a success.
+    """
+    loop = asyncio.get_running_loop()
+    if isinstance(session, AsyncSession):
+        sync_session = session.sync_session
+        watch = sync_session.info.get(_SessionWatch.KEY)
+        if not isinstance(watch, _SessionWatch):
+            watch = sync_session.info[_SessionWatch.KEY] = _SessionWatch()
+            event.listen(sync_session, "after_commit", watch.committed)
+            event.listen(sync_session, "after_soft_rollback", watch.rolled_back)
+            event.listen(sync_session, "after_transaction_end", watch.ended)
+        innermost = sync_session.get_nested_transaction() or sync_session.get_transaction()
+        chain: list[SessionTransaction] = []
+        while innermost is not None:
+            chain.append(innermost)
+            innermost = innermost.parent
+        watch.waiting.append((tuple(chain), loop, callback))
+        return
+    conn = session.sync_connection if isinstance(session, AsyncConnection) else None
+    if conn is None:  # not a session :func:`caller_connection` accepted: nothing was written in it
+        return
+    conn_watch = _connection_watches.get(conn)
+    if conn_watch is None:
+        conn_watch = _connection_watches[conn] = _ConnectionWatch()
+        event.listen(conn, "savepoint", conn_watch.savepoint)
+        event.listen(conn, "release_savepoint", conn_watch.released)
+        event.listen(conn, "rollback_savepoint", conn_watch.rolled_back_to)
+        event.listen(conn, "rollback", conn_watch.rolled_back)
+        event.listen(conn, "commit", conn_watch.committing)
+    conn_watch.waiting.append([0, loop, callback])
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:  # the loop is closed: nobody is left to tell
+        logger.debug("after-commit callback %r dropped: its event loop is closed", callback)
+
+
+class _SessionWatch:
+    """The callbacks waiting for a session's commit, each with the transactions it was written in
+    (the innermost first, the root last)."""
+
+    KEY = "asyncflow_after_commit"
+    __slots__ = ("waiting",)
+
+    def __init__(self) -> None:
+        self.waiting: list[
+            tuple[tuple[SessionTransaction, ...], asyncio.AbstractEventLoop, Callable[[], None]]
+        ] = []
+
+    def committed(self, session: Session) -> None:
+        """``after_commit``: of a savepoint (the transaction outside it decides), or of the root."""
+        if not self.waiting or session.in_nested_transaction():
+            return
+        root = session.get_transaction()
+        waiting, self.waiting = self.waiting, []
+        for entry in waiting:
+            if entry[0][-1] is root:
+                _hand_over(entry[1], entry[2])
+            else:  # of a transaction that ended before: dropped there already (kept for safety)
+                self.waiting.append(entry)
+
+    def rolled_back(self, session: Session, previous: SessionTransaction) -> None:
+        """``after_soft_rollback``: what was written in ``previous`` (or inside it) is undone."""
+        if self.waiting:
+            self.waiting = [entry for entry in self.waiting if previous not in entry[0]]
+
+    def ended(self, session: Session, transaction: SessionTransaction) -> None:
+        """``after_transaction_end``: the root ended without a commit telling its callbacks (a
+        close): they are dropped."""
+        if self.waiting and transaction.parent is None:
+            self.waiting = [entry for entry in self.waiting if entry[0][-1] is not transaction]
+
+
+class _ConnectionWatch:
+    """The callbacks waiting for a Core connection's commit, each as ``[savepoints begun since,
+    loop, callback]``: a savepoint rolled back while none begun since is open was open at the write."""
+
+    __slots__ = ("waiting",)
+
+    def __init__(self) -> None:
+        self.waiting: list[list[Any]] = []
+
+    def savepoint(self, conn: Connection, name: str | None) -> None:
+        for entry in self.waiting:
+            entry[0] += 1
+
+    def released(self, conn: Connection, name: str, context: object) -> None:
+        for entry in self.waiting:
+            if entry[0]:
+                entry[0] -= 1
+            # else: a savepoint open at the write is released: the write now belongs to the outer one
+
+    def rolled_back_to(self, conn: Connection, name: str, context: object) -> None:
+        if self.waiting:
+            kept = [entry for entry in self.waiting if entry[0]]
+            for entry in kept:
+                entry[0] -= 1
+            self.waiting = kept
+
+    def rolled_back(self, conn: Connection) -> None:
+        self.waiting = []
+
+    def committing(self, conn: Connection) -> None:
+        """``commit``: sent just before the root's COMMIT; its outcome is looked at once it returned."""
+        if not self.waiting:
+            return
+        waiting, self.waiting = self.waiting, []
+        transaction = conn.get_transaction()
+        for loop in {entry[1] for entry in waiting}:
+            calls = [entry[2] for entry in waiting if entry[1] is loop]
+            _hand_over(loop, partial(_after_commit_returned, loop, conn, transaction, calls))
+
+
+def _after_commit_returned(
+    loop: asyncio.AbstractEventLoop,
+    conn: Connection,
+    transaction: RootTransaction | None,
+    calls: list[Callable[[], None]],
+) -> None:
+    if transaction is not None and transaction.is_active:  # the COMMIT is still in flight
+        loop.call_later(_COMMIT_POLL, _after_commit_returned, loop, conn, transaction, calls)
+        return
+    if conn.get_transaction() is transaction:  # it failed, and waits for the caller's rollback
+        return
+    for call in calls:
+        call()
+
+
+_connection_watches: weakref.WeakKeyDictionary[Connection, _ConnectionWatch] = weakref.WeakKeyDictionary()
+"""A connection's watch, added with its listeners the first time it is asked (its ``info`` is the
+pooled DBAPI connection's, which outlives it). A watch holds no reference to its connection."""

@@ -198,3 +198,114 @@ async def test_a_listening_driver_is_woken_by_the_caller_s_commit(postgres_url: 
                     await asyncio.sleep(0.01)
         finally:
             await repo.aclose()
+
+
+class _Told:
+    """What a service tells about creates: its observers' ``instance_created`` and its due listeners."""
+
+    def __init__(self, service: af.WorkflowService) -> None:
+        self.created: list[int] = []
+        self.due: list[int] = []
+        service.add_observer(self)
+        service.add_due_listener(self.due.append)
+
+    def instance_created(self, instance: af.WorkflowInstance) -> None:
+        self.created.append(instance.id)
+
+    async def settled(self, expected: list[int] | None = None) -> tuple[list[int], list[int]]:
+        """Both lists once the loop has run what was scheduled on it (a few iterations), or, with
+        ``expected``, once both are that (at most 5 s: a connection's commit is looked at each ms)."""
+        deadline = time.monotonic() + 5
+        for _ in range(10):
+            await asyncio.sleep(0)
+        while expected is not None and (self.created, self.due) != (expected, expected):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.001)
+        return self.created, self.due
+
+
+async def test_a_create_in_a_session_is_told_only_once_the_caller_commits(
+    sql_repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    """Observers (metrics, audit) and the in-process driver's wake-up hear of a create in the caller's
+    transaction once it commits, not before: until then the instance may still never exist."""
+    service, _ = fake_service(sql_repo, one_node_registry("order"))
+    told = _Told(service)
+    async with AsyncSession(sql_repo.engine) as session:
+        async with session.begin():
+            inst = await service.create_workflow("order", "T-1", session=session)
+            assert await told.settled() == ([], [])
+        assert await told.settled([inst.id]) == ([inst.id], [inst.id])
+        async with session.begin():  # the session's next transaction: told of its own create only
+            again = await service.create_workflow("order", "T-2", session=session)
+        assert await told.settled([inst.id, again.id]) == ([inst.id, again.id], [inst.id, again.id])
+
+
+async def test_a_create_the_caller_rolls_back_or_drops_is_never_told(
+    sql_repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    service, _ = fake_service(sql_repo, one_node_registry("order"))
+    told = _Told(service)
+    with pytest.raises(RuntimeError, match="refused"):
+        async with AsyncSession(sql_repo.engine) as session, session.begin():
+            await service.create_workflow("order", "U-1", session=session)
+            raise RuntimeError("refused")
+    async with AsyncSession(sql_repo.engine) as session:  # closed with neither commit nor rollback
+        await session.begin()
+        await service.create_workflow("order", "U-2", session=session)
+        watch = session.sync_session.info["asyncflow_after_commit"]
+        assert len(watch.waiting) == 1
+    assert watch.waiting == []  # nothing left behind by the close
+    async with AsyncSession(sql_repo.engine) as session:  # rolled back, then reused and committed
+        await session.begin()
+        await service.create_workflow("order", "U-3", session=session)
+        await session.rollback()
+        async with session.begin():
+            session.add(Order(reference="U-4"))
+    assert await told.settled() == ([], [])
+    assert await service.count_workflow_instances() == 0
+
+
+async def test_a_create_in_a_savepoint_is_told_only_if_it_survives_to_the_commit(
+    sql_repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    """A savepoint rolled back undoes the create inside it even though the outer transaction commits."""
+    service, _ = fake_service(sql_repo, one_node_registry("order"))
+    told = _Told(service)
+    async with AsyncSession(sql_repo.engine) as session, session.begin():
+        with pytest.raises(RuntimeError, match="undo"):
+            async with session.begin_nested():
+                await service.create_workflow("order", "S-1", session=session)
+                raise RuntimeError("undo")
+        async with session.begin_nested():  # released: the outer commit decides
+            kept = await service.create_workflow("order", "S-2", session=session)
+        later = await session.begin_nested()  # a savepoint begun and rolled back after the create
+        await later.rollback()
+        assert await told.settled() == ([], [])
+    assert await told.settled([kept.id]) == ([kept.id], [kept.id])
+    assert await service.count_workflow_instances() == 1
+
+
+async def test_a_create_on_a_caller_s_connection_is_told_on_its_commit_only(
+    sql_repo: SQLAlchemyWorkflowRepo,
+) -> None:
+    service, _ = fake_service(sql_repo, one_node_registry("order"))
+    told = _Told(service)
+    async with sql_repo.engine.connect() as conn:
+        async with conn.begin():
+            first = await service.create_workflow("order", "K-1", session=conn)
+            nested = await conn.begin_nested()
+            await service.create_workflow("order", "K-2", session=conn)
+            await nested.rollback()
+            async with conn.begin_nested():
+                third = await service.create_workflow("order", "K-3", session=conn)
+            assert await told.settled() == ([], [])
+        assert await told.settled([first.id, third.id]) == ([first.id, third.id], [first.id, third.id])
+        async with conn.begin():
+            await service.create_workflow("order", "K-4", session=conn)
+            await conn.rollback()
+        await conn.begin()
+        await service.create_workflow("order", "K-5", session=conn)  # closed with the connection
+    assert await told.settled() == ([first.id, third.id], [first.id, third.id])
+    assert await service.count_workflow_instances() == 2
