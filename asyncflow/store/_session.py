@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, RootTransaction
+from sqlalchemy.exc import PendingRollbackError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -43,7 +44,13 @@ async def caller_connection(session: object, engine: AsyncEngine) -> AsyncConnec
     if isinstance(session, AsyncSession):
         if not session.in_transaction():
             raise ParamInvalidError("session has no open transaction: use `async with session.begin():`")
-        conn = await session.connection()
+        try:
+            conn = await session.connection()
+        except PendingRollbackError as error:  # a flush failed: the transaction is over, not open
+            raise ParamInvalidError(
+                "session's transaction was rolled back by an earlier error (a failed flush): "
+                "call session.rollback() and start again"
+            ) from error
     elif isinstance(session, AsyncConnection):
         if not session.in_transaction():
             raise ParamInvalidError("session (an AsyncConnection) has no open transaction: begin() one first")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import BigInteger, Integer, String, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -309,3 +310,21 @@ async def test_a_create_on_a_caller_s_connection_is_told_on_its_commit_only(
         await service.create_workflow("order", "K-5", session=conn)  # closed with the connection
     assert await told.settled() == ([first.id, third.id], [first.id, third.id])
     assert await service.count_workflow_instances() == 2
+
+
+async def test_a_session_whose_flush_failed_raises_a_typed_error(sql_repo: SQLAlchemyWorkflowRepo) -> None:
+    """A session whose transaction an earlier flush error ended (it awaits the caller's rollback) is
+    bad input: ParamInvalidError naming the way out, not SQLAlchemy's PendingRollbackError."""
+    service, _ = fake_service(sql_repo, one_node_registry("order"))
+    async with AsyncSession(sql_repo.engine) as session:
+        await session.begin()
+        session.add(Order(id=1, reference="F-1"))
+        await session.flush()
+        session.add(Order(id=1, reference="F-2"))
+        with pytest.raises(IntegrityError):
+            await session.flush()
+        assert session.in_transaction()
+        with pytest.raises(ParamInvalidError, match=r"rolled back by an earlier error.*rollback\(\)"):
+            await service.create_workflow("order", "F-1", session=session)
+        await session.rollback()
+    assert await service.count_workflow_instances() == 0
