@@ -682,3 +682,17 @@ async def test_counting_steps_keeps_the_repos_held_steps(backend: str, tmp_path:
     unheld.apply_step = plain  # type: ignore[method-assign]
     _count_steps(unheld)
     assert not is_held(unheld.apply_step)  # a repo that does not hold is not made to
+
+
+def test_bytecodes_counts_the_engines_work_per_workflow() -> None:
+    """``benchmarks.bytecodes`` on the memory repo: a count per workflow, most of it the engine's."""
+    from benchmarks import bytecodes
+
+    result = bytecodes.main(
+        ["--backend", "memory", "--rows", "direct", "-n", "60", "--base", "20", "--top", "5"]
+    )
+    direct = result["direct"]
+    assert 2_000 < direct["total"] < 100_000  # about 13,000 bytecodes per linear3 workflow in 2026
+    runner = direct["files"]["asyncflow/engine/runner.py"]
+    assert runner / direct["total"] > 0.1  # the pass runner's own code
+    assert len(direct["functions"]) == 5
