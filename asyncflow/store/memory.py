@@ -43,7 +43,7 @@ from ._json import (
     validate_task_query,
 )
 from ._memory_leases import MemoryLeases
-from ._memory_rows import Instance, State, Task, changed_instance, changed_task, paged
+from ._memory_rows import Instance, State, Task, changed_instance, changed_task, leased_instance, paged
 
 __all__ = ["MemoryWorkflowRepo"]
 
@@ -375,9 +375,7 @@ class MemoryWorkflowRepo:
             if instance is None:
                 return None
             if lease:
-                instance = state.instances[instance_id] = replace(
-                    instance, lease_epoch=instance.lease_epoch + 1
-                )
+                instance = state.instances[instance_id] = leased_instance(instance)
             return instance.record(), [row.record() for row in state.tasks_of(instance_id)]
 
     def _matching_tasks(self, state: State, filt: prep.TaskFilter) -> Iterable[Task]:
@@ -478,7 +476,7 @@ class MemoryWorkflowRepo:
         async with self._unit() as state:
             picked = self._due(state, now_ms, types)[:limit]
             for item in picked:
-                state.instances[item.id] = replace(item, next_run_at=lease)
+                state.instances[item.id] = leased_instance(item, lease)
             return [item.id for item in picked]
 
     async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
