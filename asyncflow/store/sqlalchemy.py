@@ -85,8 +85,9 @@ class SQLAlchemyWorkflowRepo:
     ``engine_or_url`` is an ``AsyncEngine`` (the caller keeps owning it: ``aclose()`` leaves it alone)
     or a URL (the repo builds the engine with ``engine_kwargs`` and disposes it in ``aclose()``).
     ``sqlite://`` and ``postgresql://`` URLs get the aiosqlite / asyncpg drivers. On SQLite the repo
-    installs connection settings (WAL, ``busy_timeout``, ``foreign_keys=ON``, ``BEGIN IMMEDIATE``) on
-    the engine, which also affect the caller's own use of an engine it passed in.
+    installs connection settings (WAL, ``busy_timeout``, ``foreign_keys=ON``, ``BEGIN IMMEDIATE``, a
+    progress handler that stops a statement cut by a cancellation, whose transaction is then rolled
+    back) on the engine, which also affect the caller's own use of an engine it passed in.
     """
 
     def __init__(

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import QueuePool
 
@@ -271,3 +273,102 @@ async def test_bad_arguments_are_refused(sqlite_url: str) -> None:
     with pytest.raises(ParamInvalidError):
         SQLAlchemyWorkflowRepo(42)  # type: ignore[arg-type]
     await engine.dispose()
+
+
+def write_now(path: str) -> str:
+    """A write from another connection that does not wait: "written" unless a writer holds the file."""
+    conn = sqlite3.connect(path, timeout=0)
+    try:
+        conn.execute("UPDATE workflow_instance SET task_id = task_id")
+        conn.commit()
+        return "written"
+    except sqlite3.OperationalError as error:
+        return str(error)
+    finally:
+        conn.close()
+
+
+async def repo_with_function(sqlite_url: str, name: str, fn: Callable[[], int]) -> SQLAlchemyWorkflowRepo:
+    """A repo on an engine whose connections know the SQL function ``name()`` (a caller's setting)."""
+    engine = create_async_engine(sqlite_url)
+
+    def register(dbapi_connection: Any, connection_record: Any) -> None:
+        dbapi_connection.create_function(name, 0, fn)
+
+    event.listen(engine.sync_engine, "connect", register)
+    repo = SQLAlchemyWorkflowRepo(engine)
+    await repo.create_schema()
+    await repo.create_workflow_instance(new())
+    return repo
+
+
+async def run_in_transaction(repo: SQLAlchemyWorkflowRepo, sql: str) -> None:
+    """``sql`` on the connection of ``repo.transaction()``, as a slow query of the repo would run."""
+    async with repo.transaction(), repo._units.connection() as conn:
+        await conn.exec_driver_sql(sql)
+
+
+async def test_a_statement_cancelled_in_a_transaction_frees_the_write_lock_at_once(sqlite_url: str) -> None:
+    """A statement cut by a cancellation in ``transaction()`` (a web request whose client went away)
+    made SQLAlchemy close its connection without a ROLLBACK; the cut statement, still referenced by
+    the cancellation's traceback, kept the closed connection alive with its transaction, and so the
+    file's write lock, until the garbage collector ran: every other writer failed ("database is
+    locked") or waited out its busy timeout."""
+    started, release = threading.Event(), threading.Event()
+
+    def held() -> int:
+        started.set()
+        release.wait(10)
+        return 1
+
+    repo = await repo_with_function(sqlite_url, "held", held)
+    try:
+        cut = asyncio.create_task(run_in_transaction(repo, "SELECT held()"))
+        async with asyncio.timeout(10):
+            while not started.is_set():
+                await asyncio.sleep(0.005)
+        cut.cancel()
+        await asyncio.sleep(0.05)  # the cancellation reaches SQLAlchemy while the statement runs
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(10):
+                await asyncio.shield(cut)
+        assert await asyncio.to_thread(write_now, db_path(sqlite_url)) == "written"
+        async with asyncio.timeout(10):  # the repo's writes go on
+            where, fields = InstanceWhere(ids=(1,)), InstanceFields(status="x")
+            changed = await repo.update_workflow_instances(where, fields)
+        assert changed == 1
+    finally:
+        release.set()
+        await repo.aclose()
+        await repo.engine.dispose()
+
+
+async def test_a_slow_query_cancelled_in_a_transaction_stops_at_once(sqlite_url: str) -> None:
+    """The cancellation of a slow query in ``transaction()`` used to wait for the query to run to its
+    end (SQLAlchemy closes the connection only after it), however long it took: it is interrupted."""
+    started, stop = threading.Event(), threading.Event()
+
+    def keep_going() -> int:
+        started.set()
+        return 0 if stop.is_set() else 1
+
+    repo = await repo_with_function(sqlite_url, "keep_going", keep_going)
+    endless = (
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE keep_going()) "
+        "SELECT count(*) FROM c"
+    )
+    try:
+        cut = asyncio.create_task(run_in_transaction(repo, endless))
+        async with asyncio.timeout(10):
+            while not started.is_set():
+                await asyncio.sleep(0.005)
+        cut.cancel()
+        done, _ = await asyncio.wait([cut], timeout=5)
+        assert done, "the cancelled query still ran 5 s later"
+        assert cut.cancelled()
+        assert await asyncio.to_thread(write_now, db_path(sqlite_url)) == "written"
+    finally:
+        stop.set()
+        await repo.aclose()
+        await repo.engine.dispose()

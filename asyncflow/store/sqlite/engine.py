@@ -5,10 +5,15 @@ IMMEDIATE`` (the write lock up front, so two writers queue on ``busy_timeout`` i
 with "database is locked" when a read transaction upgrades). These are engine event listeners, so
 on an engine the caller passes in they apply to the caller's own connections too. Single statements
 outside a transaction run on a view of the engine whose ``begin`` listener skips ``BEGIN``.
+
+A connection SQLAlchemy invalidates (a statement cut by a cancellation or a timeout) has its running
+statement stopped and its transaction rolled back before it is closed: see :func:`_sqlite_on_invalidate`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 from typing import Any
 
@@ -16,6 +21,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.util.concurrency import in_greenlet
 
 __all__ = [
     "PRAGMAS",
@@ -35,8 +41,15 @@ PRAGMAS = (
     "PRAGMA foreign_keys = ON",
 )
 
+CUT_CHECK_OPS = 1_000_000
+"""Virtual machine steps between two looks of a statement at whether its connection was cut (some
+tens of milliseconds of work; statements shorter than that, the hot path's, never look)."""
+
+logger = logging.getLogger(__name__)
+
 _AUTOCOMMIT_OPTION = "asyncflow_autocommit"
 _CONFIGURED = "asyncflow_sqlite_configured"
+_CUT = "asyncflow_sqlite_cut"
 
 
 def engine_url(url: URL, kwargs: dict[str, Any]) -> URL:
@@ -57,6 +70,7 @@ def configure_engine(engine: AsyncEngine) -> None:
         event.listen(sync_engine, "connect", _sqlite_on_connect)
         event.listen(sync_engine, "checkout", _sqlite_on_checkout)
         event.listen(sync_engine, "begin", _sqlite_on_begin)
+        event.listen(sync_engine, "invalidate", _sqlite_on_invalidate)
 
 
 def autocommit_engine(engine: AsyncEngine) -> AsyncEngine:
@@ -76,7 +90,24 @@ def _pragmas(connection: Any) -> None:
 def _configure_sqlite(dbapi_connection: Any, connection_record: Any) -> None:
     dbapi_connection.isolation_level = None  # the driver never begins on its own: _sqlite_on_begin does
     _pragmas(dbapi_connection)
+    run_async = getattr(dbapi_connection, "run_async", None)  # aiosqlite (an async driver)
+    if run_async is not None and in_greenlet():
+        cut = _Cut()
+        run_async(lambda driver: driver.set_progress_handler(cut, CUT_CHECK_OPS))
+        connection_record.info[_CUT] = cut
     connection_record.info[_CONFIGURED] = True
+
+
+class _Cut:
+    """A connection's progress handler: true (stop the statement) once SQLAlchemy has invalidated it."""
+
+    __slots__ = ("cut",)
+
+    def __init__(self) -> None:
+        self.cut = False
+
+    def __call__(self) -> bool:
+        return self.cut
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -103,3 +134,38 @@ def _sqlite_on_checkout(dbapi_connection: Any, connection_record: Any, connectio
 def _sqlite_on_begin(conn: Any) -> None:
     if not conn.get_execution_options().get(_AUTOCOMMIT_OPTION):
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_on_invalidate(
+    dbapi_connection: Any, connection_record: Any, exception: BaseException | None
+) -> None:
+    """Stop the statement of a connection SQLAlchemy is about to close, and end its transaction.
+
+    A cancellation (a timeout) that lands while aiosqlite runs a statement makes SQLAlchemy invalidate
+    the connection and close it, in the connection's thread after the statement, however long that
+    runs: the cancellation waited for it. And the close (``sqlite3_close_v2``) leaves the connection
+    a zombie while the cut statement is not finalized (its cursor lives on in the cancellation's
+    traceback), its transaction, and so the file's write lock (``BEGIN IMMEDIATE``), held until the
+    garbage collector frees it: every other writer of the file waited out its ``busy_timeout``.
+
+    So the statement stops at its next look at its progress handler (:class:`_Cut`, every
+    :data:`CUT_CHECK_OPS` steps: ``sqlite3_interrupt`` instead would also stop the ROLLBACK when the
+    statement has already returned its first row), and a ROLLBACK runs in the connection's thread
+    before the close. A second cancellation stops the wait only (SQLAlchemy's close does the same):
+    the ROLLBACK, queued, still runs first. Outside SQLAlchemy's greenlet (the garbage collector)
+    nothing can be awaited: the statement is stopped only.
+    """
+    cut = connection_record.info.get(_CUT)
+    if cut is None:
+        return
+    cut.cut = True
+    if not in_greenlet():
+        return
+    try:
+        dbapi_connection.run_async(_roll_back)
+    except (Exception, asyncio.CancelledError) as error:  # the connection is closed next anyway
+        logger.debug("could not roll back an invalidated SQLite connection: %r", error)
+
+
+async def _roll_back(driver: Any) -> None:
+    await asyncio.shield(driver.rollback())
