@@ -231,6 +231,42 @@ async def test_cancelled_calls_neither_tear_a_step_nor_lose_an_in_memory_databas
         assert not any(c.cancelled() for c in calls[1::2])
 
 
+async def test_a_call_cancelled_mid_statement_keeps_an_in_memory_database() -> None:
+    """A cancellation that landed while a statement of an in-memory database ran (here an
+    ``UPDATE`` whose trigger waits) made SQLAlchemy invalidate the connection, and the database, the
+    connection's own, went with it: every later call raised "no such table"."""
+    started, release = threading.Event(), threading.Event()
+
+    def held() -> int:
+        started.set()
+        release.wait(10)
+        return 1
+
+    async with SQLAlchemyWorkflowRepo("sqlite+aiosqlite://") as repo:
+        register = lambda dbapi_connection, record: dbapi_connection.create_function("held", 0, held)  # noqa: E731
+        event.listen(repo.engine.sync_engine, "connect", register)
+        await repo.create_schema()
+        made = await repo.create_workflow_instance(new())
+        async with repo.engine.begin() as conn:  # the pool's one connection: the database's
+            trigger = "CREATE TEMP TRIGGER slow AFTER UPDATE ON workflow_instance BEGIN SELECT held(); END"
+            await conn.exec_driver_sql(trigger)
+        try:
+            where, fields = InstanceWhere(ids=(made.id,)), InstanceFields(status="x")
+            cut = asyncio.create_task(repo.update_workflow_instances(where, fields))
+            async with asyncio.timeout(10):
+                while not started.is_set():
+                    await asyncio.sleep(0.005)
+            cut.cancel()
+            await asyncio.sleep(0.05)  # the cancellation reaches SQLAlchemy while the statement runs
+        finally:
+            release.set()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(10):
+                await asyncio.shield(cut)
+        found = await repo.get_workflow_instance(made.id)
+        assert found is not None and found.status == "x"  # the statement ran to its end
+
+
 async def test_core_units_and_the_hot_path_share_a_one_connection_pool() -> None:
     async with SQLAlchemyWorkflowRepo("sqlite+aiosqlite://") as repo:  # pool_size=1, max_overflow=0
         await repo.create_schema()

@@ -8,6 +8,8 @@ outside a transaction run on a view of the engine whose ``begin`` listener skips
 
 A connection SQLAlchemy invalidates (a statement cut by a cancellation or a timeout) has its running
 statement stopped and its transaction rolled back before it is closed: see :func:`_sqlite_on_invalidate`.
+An in-memory database's connection is not invalidated for a cut (:func:`_sqlite_on_error`): the
+database would go with it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sqlite3
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 from sqlalchemy.util.concurrency import in_greenlet
@@ -57,7 +59,7 @@ def engine_url(url: URL, kwargs: dict[str, Any]) -> URL:
     (the engine's, changed in place) get a pool of exactly one connection."""
     if "+" not in url.drivername:
         url = url.set(drivername="sqlite+aiosqlite")
-    if url.database in (None, "", ":memory:") and "poolclass" not in kwargs:
+    if _in_memory(url) and "poolclass" not in kwargs:
         # one private in-memory database per connection: keep exactly one, never shared at once
         kwargs.update(poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0)
     return url
@@ -71,6 +73,12 @@ def configure_engine(engine: AsyncEngine) -> None:
         event.listen(sync_engine, "checkout", _sqlite_on_checkout)
         event.listen(sync_engine, "begin", _sqlite_on_begin)
         event.listen(sync_engine, "invalidate", _sqlite_on_invalidate)
+        if _in_memory(engine.url):
+            event.listen(sync_engine, "handle_error", _sqlite_on_error)
+
+
+def _in_memory(url: URL) -> bool:
+    return url.database in (None, "", ":memory:")
 
 
 def autocommit_engine(engine: AsyncEngine) -> AsyncEngine:
@@ -169,3 +177,14 @@ def _sqlite_on_invalidate(
 
 async def _roll_back(driver: Any) -> None:
     await asyncio.shield(driver.rollback())
+
+
+def _sqlite_on_error(context: ExceptionContext) -> None:
+    """A statement of an in-memory database cut by a cancellation (a timeout) does not invalidate its
+    connection: SQLAlchemy takes such a cut for a lost connection and closes it, and the database,
+    private to that connection, went with it (every later call: "no such table"). The connection is
+    kept: its thread runs the cut statement to its end, and what comes next (the ROLLBACK of a
+    ``transaction()``, the pool's reset) waits behind it, as a call outside ``transaction()`` does
+    (:meth:`~asyncflow.store.sqlite.backend.SqliteBackend._on_sqlalchemy`)."""
+    if context.is_disconnect and not isinstance(context.original_exception, Exception):
+        context.is_disconnect = False
