@@ -123,14 +123,18 @@ async def test_an_acquire_cancelled_while_its_insert_waits_leaves_no_lease_behin
     try:
         async with pg_engine.connect() as blocker:
             await blocker.execute(text("SELECT 1 FROM asyncflow_lock WHERE key = :k FOR UPDATE"), {"k": name})
+            blocker_pid = (await blocker.execute(text("SELECT pg_backend_pid()"))).scalar_one()
             holding = asyncio.create_task(lock.hold("k", 30.0).__aenter__())
             async with pg_engine.connect() as watcher:  # until the acquire's INSERT waits for the row
+                # waiting for this test's blocker only: another test's INSERT into its own schema's
+                # asyncflow_lock, waiting at the same time, is not this one
                 waits = text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE pg_blocking_pids(pid) @> ARRAY[CAST(:blocker AS integer)] "
                     "AND query LIKE 'INSERT INTO asyncflow_lock%'"
                 )
                 for _ in range(1000):  # bounded (10 s): a loaded server may be slow to show the wait
-                    if (await watcher.execute(waits)).scalar_one():
+                    if (await watcher.execute(waits, {"blocker": blocker_pid})).scalar_one():
                         break
                     await asyncio.sleep(0.01)
             holding.cancel()
