@@ -335,11 +335,13 @@ class WorkflowService:
     ) -> WorkflowInstance:
         """The instance once it is ``completed``, ``failed`` or ``canceled`` (at once if it is).
 
-        ``TimeoutError`` after ``timeout`` seconds; ``InstanceNotFoundError`` for an unknown id. An
-        instance that ends through this service (a pass or a cancel of it) wakes the waiter at once;
-        on PostgreSQL one that ends elsewhere (another process, or another service of this one) wakes
-        it through LISTEN/NOTIFY (one connection for every waiter of this service); otherwise it is
-        polled about once a second.
+        ``TimeoutError`` after ``timeout`` seconds, which bound the whole call, its first read
+        included (a slow database does not stretch it); ``timeout=0`` makes that one read and no
+        wait: the instance if it has ended, else ``TimeoutError``. ``InstanceNotFoundError`` for an
+        unknown id. An instance that ends through this service (a pass or a cancel of it) wakes the
+        waiter at once; on PostgreSQL one that ends elsewhere (another process, or another service of
+        this one) wakes it through LISTEN/NOTIFY (one connection for every waiter of this service);
+        otherwise it is polled about once a second.
         """
         _check_id(instance_id)
         if timeout is not None and (
@@ -349,10 +351,15 @@ class WorkflowService:
             or (isinstance(timeout, int) and timeout > sys.float_info.max)  # asyncio.timeout: a float
         ):
             raise ParamInvalidError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
-        record = await self._get(instance_id)  # a terminal one is returned even with timeout=0
-        if not is_over_instance_status(record.status):
-            async with asyncio.timeout(timeout):
-                record = await self._waiters.wait(instance_id, self.repo.get_workflow_instance)
+        if timeout == 0:
+            record = await self._get(instance_id)  # the one read: an ended instance is returned
+            if not is_over_instance_status(record.status):
+                raise TimeoutError(f"workflow instance {instance_id} is {record.status} (timeout=0)")
+        else:
+            async with asyncio.timeout(timeout):  # the first read too
+                record = await self._get(instance_id)
+                if not is_over_instance_status(record.status):
+                    record = await self._waiters.wait(instance_id, self.repo.get_workflow_instance)
         return WorkflowInstance.from_record(record, self._definition_or_none(record))
 
     async def run_workflow(self, instance_id: int) -> WorkflowInstance:

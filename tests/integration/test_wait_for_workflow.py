@@ -23,6 +23,7 @@ from asyncflow.store.postgres.finished import FINISHED_DDL, FINISHED_DDL_V10
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from asyncflow.store.tables import SCHEMA_VERSION
 from tests.conftest import isolated_pg_engine
+from tests.integration.stall_proxy import StallProxy
 from tests.integration.start_helpers import fake_service, one_node_registry
 
 
@@ -344,3 +345,35 @@ async def test_a_cancel_that_meets_a_wake_up_still_ends_the_waiter(no_polling: N
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(waiter, 5)
     assert service._waiters.waiting == 0
+
+
+@pytest.mark.postgres
+async def test_the_timeout_bounds_the_first_read_too(postgres_url: str) -> None:
+    """``timeout`` bounds the whole call: a database slow to answer the waiter's first read (here a
+    proxy holds its reply) ends the call with ``TimeoutError`` once ``timeout`` is up, not once the
+    read comes back (the call waited for the read, then began its timeout). The read it cuts leaves
+    its connection mid-statement: SQLAlchemy closes it gracefully, for 2 s at most."""
+    async with isolated_pg_engine(postgres_url) as engine, SQLAlchemyWorkflowRepo(engine) as repo:
+        await repo.migrate()
+        registry = one_node_registry("w")
+        inst = await WorkflowService(repo, LocalWorkflowLock(), registry).create_workflow("w", "b")
+        async with StallProxy(postgres_url) as proxy:
+            settings = {"server_settings": {"search_path": await _schema(engine)}}
+            slow_engine = create_async_engine(proxy.url, connect_args=settings)
+            try:
+                async with SQLAlchemyWorkflowRepo(slow_engine) as slow_repo:
+                    service = WorkflowService(slow_repo, LocalWorkflowLock(), registry)
+                    proxy.hold_replies_after(b"FROM workflow_instance WHERE id")
+                    started = time.monotonic()
+                    waiter = asyncio.create_task(service.wait_for_workflow(inst.id, timeout=0.3))
+                    done, _ = await asyncio.wait([waiter], timeout=6)
+                    elapsed = time.monotonic() - started
+                    assert proxy.held.is_set()
+                    proxy.resume()
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(waiter, 10)
+                    assert done, "the call outlived its timeout while the first read was held"
+                    assert elapsed < 0.3 + 2 + 1.5, elapsed
+                    assert service._waiters.waiting == 0
+            finally:
+                await slow_engine.dispose()
