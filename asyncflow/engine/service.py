@@ -338,10 +338,12 @@ class WorkflowService:
         ``TimeoutError`` after ``timeout`` seconds, which bound the whole call, its first read
         included (a slow database does not stretch it); ``timeout=0`` makes that one read and no
         wait: the instance if it has ended, else ``TimeoutError``. ``InstanceNotFoundError`` for an
-        unknown id. An instance that ends through this service (a pass or a cancel of it) wakes the
-        waiter at once; on PostgreSQL one that ends elsewhere (another process, or another service of
-        this one) wakes it through LISTEN/NOTIFY (one connection for every waiter of this service);
-        otherwise it is polled about once a second.
+        unknown id; ``InvalidStateError`` inside a pass of the instance (a worker's ``run()`` that
+        waits for its own instance, which cannot end while that node waits). An instance that ends
+        through this service (a pass or a cancel of it) wakes the waiter at once; on PostgreSQL one
+        that ends elsewhere (another process, or another service of this one) wakes it through
+        LISTEN/NOTIFY (one connection for every waiter of this service); otherwise it is polled about
+        once a second.
         """
         _check_id(instance_id)
         if timeout is not None and (
@@ -351,6 +353,11 @@ class WorkflowService:
             or (isinstance(timeout, int) and timeout > sys.float_info.max)  # asyncio.timeout: a float
         ):
             raise ParamInvalidError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+        if instance_id in active_passes.get():  # tasks a node starts inherit it: see the README
+            raise InvalidStateError(
+                f"workflow instance {instance_id} is being run by this very task: a node cannot wait for "
+                "its own instance to end (it would wait forever)"
+            )
         if timeout == 0:
             record = await self._get(instance_id)  # the one read: an ended instance is returned
             if not is_over_instance_status(record.status):

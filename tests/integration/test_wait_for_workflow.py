@@ -13,15 +13,19 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from asyncflow.config import NodeConfig, WorkflowConfig
+from asyncflow.context import JSONContext
 from asyncflow.driver import WorkflowDriver
 from asyncflow.engine import waiting
 from asyncflow.engine.service import WorkflowService
-from asyncflow.errors import InstanceNotFoundError, ParamInvalidError
+from asyncflow.errors import InstanceNotFoundError, InvalidStateError, ParamInvalidError
 from asyncflow.lock.local import LocalWorkflowLock
+from asyncflow.registry import Registry
 from asyncflow.store.memory import MemoryWorkflowRepo
 from asyncflow.store.postgres.finished import FINISHED_DDL, FINISHED_DDL_V10
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from asyncflow.store.tables import SCHEMA_VERSION
+from asyncflow.worker import NormalTaskWorker, current_node
 from tests.conftest import isolated_pg_engine
 from tests.integration.stall_proxy import StallProxy
 from tests.integration.start_helpers import fake_service, one_node_registry
@@ -377,3 +381,30 @@ async def test_the_timeout_bounds_the_first_read_too(postgres_url: str) -> None:
                     assert service._waiters.waiting == 0
             finally:
                 await slow_engine.dispose()
+
+
+async def test_a_node_waiting_for_its_own_instance_gets_an_error_not_a_hang() -> None:
+    """A worker's ``run()`` that waits for its own instance would wait forever (the instance cannot end
+    while its node waits): ``InvalidStateError`` at once instead, and the node goes on."""
+    caught: list[BaseException] = []
+    registry = Registry()
+    node = NodeConfig(id="A", name="A", next_nodes=())
+    registry.load_workflow_config(WorkflowConfig(id="w", name="w", nodes=(node,)))
+    service, _ = fake_service(MemoryWorkflowRepo(), registry)
+
+    async def run(ctx: JSONContext) -> None:
+        try:
+            await service.wait_for_workflow(current_node().instance_id, timeout=2)
+        except Exception as exc:
+            caught.append(exc)
+
+    registry.register_workflow_task("w", "A", NormalTaskWorker(run=run))
+    inst = await service.create_workflow("w", "b")
+    started = time.monotonic()
+    done = await asyncio.wait_for(service.run_workflow(inst.id), 10)
+    assert done.status == "completed"
+    assert len(caught) == 1
+    assert isinstance(caught[0], InvalidStateError), repr(caught[0])
+    assert "its own" in str(caught[0])
+    assert time.monotonic() - started < 1
+    assert service._waiters.waiting == 0
