@@ -101,8 +101,15 @@ def _check_id(instance_id: object, name: str = "instance_id") -> int:
 
 
 def _check_timeout(timeout: object) -> None:
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
-        raise ParamInvalidError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    """A ``timeout=``: seconds >= 0 (``inf`` too) or ``None``. NaN, a negative value and an int beyond
+    a float's range (its deadline would raise a raw ``OverflowError``) raise ``ParamInvalidError``."""
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not timeout >= 0
+        or (isinstance(timeout, int) and timeout > sys.float_info.max)  # asyncio.timeout: a float
+    ):
+        raise ParamInvalidError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
 
 
 def _context_dict(context: object, name: str) -> dict[str, Any]:
@@ -346,13 +353,7 @@ class WorkflowService:
         once a second.
         """
         _check_id(instance_id)
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not timeout >= 0
-            or (isinstance(timeout, int) and timeout > sys.float_info.max)  # asyncio.timeout: a float
-        ):
-            raise ParamInvalidError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+        _check_timeout(timeout)
         if instance_id in active_passes.get():  # tasks a node starts inherit it: see the README
             raise InvalidStateError(
                 f"workflow instance {instance_id} is being run by this very task: a node cannot wait for "

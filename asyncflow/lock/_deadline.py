@@ -11,10 +11,28 @@ the cancellation is taken back and turned into ``TimeoutError``; other cancellat
 from __future__ import annotations
 
 import asyncio
+import math
+import sys
 import time
 from types import TracebackType
 
-__all__ = ["Deadlines"]
+from asyncflow.errors import ParamInvalidError
+
+__all__ = ["Deadlines", "check_op_timeout"]
+
+
+def check_op_timeout(op_timeout: object) -> float:
+    """A lock's ``op_timeout``: a finite number of seconds > 0, else ``ParamInvalidError`` (an int
+    beyond a float's range too, which ``math.isfinite`` turned into a raw ``OverflowError``)."""
+    if (
+        isinstance(op_timeout, bool)
+        or not isinstance(op_timeout, int | float)
+        or (isinstance(op_timeout, int) and op_timeout > sys.float_info.max)
+        or not math.isfinite(op_timeout)
+        or op_timeout <= 0
+    ):
+        raise ParamInvalidError(f"op_timeout must be a positive number of seconds, got {op_timeout!r}")
+    return float(op_timeout)
 
 
 class Deadlines:

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 import time
 
 from asyncflow.errors import LockFailedError, ParamInvalidError, StoreError
-from asyncflow.lock._deadline import Deadlines
+from asyncflow.lock._deadline import Deadlines, check_op_timeout
 from asyncflow.lock._reentrant import ReentrantLock
 from asyncflow.lock._renewal import RenewableLease, Renewer
 from asyncflow.store.protocol import KeepsLeases
@@ -75,8 +74,7 @@ class DatabaseWorkflowLock(ReentrantLock[DatabaseLease]):
                 f"DatabaseWorkflowLock needs a repo that keeps leases (SQLAlchemyWorkflowRepo or "
                 f"MemoryWorkflowRepo), got {type(repo).__name__}"
             )
-        if not isinstance(op_timeout, int | float) or not math.isfinite(op_timeout) or op_timeout <= 0:
-            raise ParamInvalidError(f"op_timeout must be a positive number of seconds, got {op_timeout!r}")
+        check_op_timeout(op_timeout)
         if not isinstance(prefix, str):
             raise ParamInvalidError(f"prefix must be a string, got {prefix!r}")
         super().__init__()

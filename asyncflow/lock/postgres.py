@@ -33,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from asyncflow._urls import check_database_url
 from asyncflow.errors import LockFailedError, ParamInvalidError
+from asyncflow.lock._deadline import check_op_timeout
 from asyncflow.lock._reentrant import ReentrantLock
 from asyncflow.lock._renewal import RenewableLease, Renewer
 
@@ -103,8 +104,7 @@ class PostgresAdvisoryLock(ReentrantLock[PostgresLease]):
         namespace: str = DEFAULT_NAMESPACE,
         op_timeout: float = 2.0,
     ) -> None:
-        if not isinstance(op_timeout, int | float) or not math.isfinite(op_timeout) or op_timeout <= 0:
-            raise ParamInvalidError(f"op_timeout must be a positive number of seconds, got {op_timeout!r}")
+        check_op_timeout(op_timeout)
         if not isinstance(namespace, str):
             raise ParamInvalidError(f"namespace must be a string, got {namespace!r}")
         super().__init__()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from asyncflow._urls import redact_url, scrub_secrets
 from asyncflow.errors import LockFailedError, ParamInvalidError
-from asyncflow.lock._deadline import Deadlines
+from asyncflow.lock._deadline import Deadlines, check_op_timeout
 from asyncflow.lock._reentrant import ReentrantLock
 from asyncflow.lock._renewal import RenewableLease, Renewer
 
@@ -105,8 +104,7 @@ class RedisWorkflowLock(ReentrantLock[RedisLease]):
             raise ImportError(
                 "RedisWorkflowLock needs the 'redis' package: pip install 'asyncflow[redis]'"
             ) from exc
-        if not isinstance(op_timeout, int | float) or not math.isfinite(op_timeout) or op_timeout <= 0:
-            raise ParamInvalidError(f"op_timeout must be a positive number of seconds, got {op_timeout!r}")
+        check_op_timeout(op_timeout)
         if not isinstance(prefix, str):
             raise ParamInvalidError(f"prefix must be a string, got {prefix!r}")
         super().__init__()

@@ -531,3 +531,21 @@ async def test_event_from_a_worker_of_the_same_instance_is_not_overwritten(
     assert row.node_context[NODE_EVENT]["event_content"] == {"approved": "by A"}
     assert (await svc.run_workflow(inst.id)).status == "completed"
     assert (await rows_of(svc, inst.id))["W"].node_context["decision"] == "by A"
+
+
+async def test_lock_wait_timeouts_are_checked_like_wait_for_workflow_s(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """``timeout=`` of an event and of a restart: seconds >= 0 or ``None``. An int beyond a float's
+    range raised a raw ``OverflowError``; NaN and negative values were taken as "do not wait"."""
+    svc = make(engine_repo, local_lock, registry_with(config("tw", {"A": []}), Calls()))
+    inst = await svc.create_workflow("tw", "b", run=True)
+    event = NodeExternalEvent(event_ts=1, event_content={})
+    for bad in (10**400, float("nan"), -1, -float("inf"), "1", True):
+        with pytest.raises(ParamInvalidError, match="timeout"):
+            await svc.add_node_external_event(inst.id, "A", event, timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(ParamInvalidError, match="timeout"):
+            await svc.restart_workflow_node(inst.id, "A", force=True, timeout=bad)  # type: ignore[arg-type]
+    for good in (0, 5, float("inf")):  # inf: as None
+        restarted = await svc.restart_workflow_node(inst.id, "A", force=True, timeout=good)
+        assert restarted.status == "running"

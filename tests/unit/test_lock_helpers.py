@@ -146,3 +146,18 @@ async def test_a_lease_past_its_validity_is_lost_not_renewed() -> None:
     assert late.lost_event.is_set()
     assert seen == []
     await renewer.aclose()
+
+
+@pytest.mark.parametrize("bad", [10**400, float("nan"), float("inf"), 0, -1, True, "1"])
+def test_every_lock_s_op_timeout_is_checked(bad: object) -> None:
+    """An int beyond a float's range raised a raw ``OverflowError`` (``math.isfinite``)."""
+    from asyncflow.lock.database import DatabaseWorkflowLock
+    from asyncflow.lock.postgres import PostgresAdvisoryLock
+    from asyncflow.store.memory import MemoryWorkflowRepo
+
+    with pytest.raises(ParamInvalidError, match="op_timeout"):
+        RedisWorkflowLock("redis://127.0.0.1:1/0", op_timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ParamInvalidError, match="op_timeout"):
+        PostgresAdvisoryLock("postgresql+asyncpg://u@127.0.0.1:1/db", op_timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ParamInvalidError, match="op_timeout"):
+        DatabaseWorkflowLock(MemoryWorkflowRepo(), op_timeout=bad)  # type: ignore[arg-type]
