@@ -408,3 +408,47 @@ async def test_a_node_waiting_for_its_own_instance_gets_an_error_not_a_hang() ->
     assert "its own" in str(caught[0])
     assert time.monotonic() - started < 1
     assert service._waiters.waiting == 0
+
+
+@pytest.mark.postgres
+async def test_a_waiter_works_with_a_pool_of_one_connection(postgres_url: str, no_polling: None) -> None:
+    """The LISTEN connection is not one of the pool's: with ``pool_size=1, max_overflow=0`` it took the
+    only connection, and the waiter's own read failed once the pool's timeout was up. It is taken from
+    the pool once and detached from it (the pool opens another), and closed when listening ends."""
+    async with isolated_pg_engine(postgres_url) as engine, SQLAlchemyWorkflowRepo(engine) as runner_repo:
+        await runner_repo.migrate()
+        settings = {"server_settings": {"search_path": await _schema(engine)}}
+        small = create_async_engine(
+            postgres_url, connect_args=settings, pool_size=1, max_overflow=0, pool_timeout=2
+        )
+        registry = one_node_registry("w")
+        runner = WorkflowService(runner_repo, LocalWorkflowLock(), registry)
+        try:
+            async with SQLAlchemyWorkflowRepo(small) as small_repo:
+                waiters = WorkflowService(small_repo, LocalWorkflowLock(), registry)
+                ids = [(await runner.create_workflow("w", f"b{i}")).id for i in range(2)]
+                tasks = [asyncio.create_task(waiters.wait_for_workflow(i, timeout=20)) for i in ids]
+                await _until(lambda: waiters._waiters.listening and waiters._waiters.waiting == 2)
+                await asyncio.sleep(0.3)  # both have read their instances and sleep
+                assert not any(task.done() for task in tasks)
+                assert waiters._waiters.listening
+                listener: Any = waiters._waiters._listener
+                pid = listener.server_pid
+                assert (await small_repo.get_workflow_instance(ids[0])) is not None  # the pool serves
+                for instance_id in ids:
+                    await runner.run_workflow(instance_id)  # another engine: woken through NOTIFY
+                finished = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+                assert {inst.status for inst in finished} == {"completed"}
+                await _until(lambda: not waiters._waiters.listening)
+            assert small.sync_engine.pool.checkedout() == 0
+            for _ in range(200):  # the detached LISTEN connection was closed, not left open
+                async with engine.connect() as conn:
+                    found = await conn.scalar(
+                        text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+                    )
+                if not found:
+                    break
+                await asyncio.sleep(0.05)
+            assert not found, "the LISTEN connection is still open"
+        finally:
+            await small.dispose()

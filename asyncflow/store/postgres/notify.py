@@ -19,6 +19,8 @@ drivers claimed may then wait for their next claim (at most a poll interval).
 
 :class:`DueNotifier` keeps one dedicated connection LISTENing and calls back on each notification. If
 the connection drops or LISTEN fails, the driver simply goes on polling, and LISTEN is retried later.
+That connection is opened by the engine's pool and detached from it at once: it is one connection
+beyond the pool's size while it listens, and never starves the pool (see ``DueNotifier._listen``).
 """
 
 from __future__ import annotations
@@ -252,10 +254,18 @@ class DueNotifier:
             )
 
     async def _listen(self) -> None:
-        """LISTEN until the connection is lost (returns) or the task is cancelled."""
+        """LISTEN until the connection is lost or stopped (returns), or the task is cancelled.
+
+        The connection is taken from the engine's pool, then detached from it: the pool no longer
+        counts it (it opens another for its users), so a LISTEN held for as long as anyone listens
+        never starves the pool, whatever its size (with ``pool_size=1, max_overflow=0`` it took the
+        only connection). It is closed, never returned, when this ends: no UNLISTEN to send, and no
+        session that may still be listening goes back to the pool.
+        """
         async with self._engine.connect() as conn:
             raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection
+            driver: Any = raw.driver_connection  # (a detached proxy no longer has it)
+            raw.detach()  # from now on outside the pool; closing conn closes it for real
             lost = asyncio.Event()
             schema = await driver.fetchval("SELECT current_schema()")
 
@@ -266,10 +276,8 @@ class DueNotifier:
                 lost.set()
 
             driver.add_termination_listener(on_close)
-            added = False
             try:
                 await driver.add_listener(self.channel, on_notify)
-                added = True
                 self.server_pid = driver.get_server_pid()
                 self.listening = True
                 self._callback()  # whatever became due while nobody listened
@@ -288,25 +296,7 @@ class DueNotifier:
             finally:
                 self.listening = False
                 driver.remove_termination_listener(on_close)
-                if added:
-                    await self._unlisten(conn, driver, on_notify)
-                else:  # the LISTEN was cut or failed: it may have run without asyncpg knowing of it,
-                    await conn.invalidate()  # so no UNLISTEN would be sent: never return this session
 
     def _deliver(self, payload: str, schema: str) -> None:
         if payload in ("", schema):  # other schemas of this database have drivers of their own
             self._callback()
-
-    async def _unlisten(self, conn: AsyncConnection, driver: Any, on_notify: Any) -> None:
-        """UNLISTEN before the connection goes back to the pool; a broken one is discarded instead."""
-        if not driver.is_closed():
-            try:
-                async with asyncio.timeout(2.0):
-                    await driver.remove_listener(self.channel, on_notify)
-                return
-            except asyncio.CancelledError:
-                await conn.invalidate()
-                raise
-            except Exception as exc:
-                logger.debug("UNLISTEN failed (%r); discarding the connection", exc)
-        await conn.invalidate()
