@@ -202,10 +202,14 @@ class WorkflowService:
 
     async def aclose(self) -> None:
         """Wait briefly for async observer calls still running, then cancel them (the repo and lock
-        stay open: they are the caller's); stop the ``visible_after`` watchtower."""
-        await self._observers.aclose()
-        if self._watchtower is not None:
-            await self._watchtower.aclose()
+        stay open: they are the caller's); stop the ``visible_after`` watchtower; end the LISTEN of
+        ``wait_for_workflow`` (waiters still waiting, and later ones, poll)."""
+        try:
+            await self._observers.aclose()
+            if self._watchtower is not None:
+                await self._watchtower.aclose()
+        finally:
+            await self._waiters.aclose()
 
     def add_due_listener(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(instance_id)`` whenever this service makes an instance due now.

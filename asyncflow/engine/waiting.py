@@ -5,8 +5,11 @@ Every waiter registers a future under its instance id, then reads the instance. 
 * at once when the instance ends through this service (it calls :meth:`Waiters.finished` after a
   pass or a cancel that ended it);
 * on PostgreSQL, when it ends elsewhere (another process, another service): one LISTEN connection (the repo's
-  ``listen_finished``), started with the first waiter and ended (awaited) by the last, serves every
-  waiter of the service. Only watched instances notify: a waiter first asks the repo to watch its
+  ``listen_finished``), started with the first waiter and asked to stop by the last, serves every
+  waiter of the service. The last waiter does not wait for it to stop (a connection still being
+  opened to a slow database would hold it up past its timeout): the stopping task is kept, and the
+  service's ``aclose()`` (:meth:`Waiters.aclose`) waits for it, for :data:`LISTENER_STOP_GRACE`
+  seconds, then cancels it. Only watched instances notify: a waiter first asks the repo to watch its
   instance (``watch_finished``, which flags the row), then reads it;
 * otherwise by polling: the waiter re-reads its instance every :data:`POLL_INTERVAL` seconds
   (:data:`LISTENING_POLL_INTERVAL` while the LISTEN connection is up, as a safety net).
@@ -25,7 +28,7 @@ from ..records import WorkflowInstanceRecord
 from ..status import TERMINAL_STATUSES
 from ..store.protocol import DueListener, ListensFinished, WatchesFinished, WorkflowRepo
 
-__all__ = ["LISTENING_POLL_INTERVAL", "POLL_INTERVAL", "Waiters"]
+__all__ = ["LISTENER_STOP_GRACE", "LISTENING_POLL_INTERVAL", "POLL_INTERVAL", "Waiters"]
 
 logger = logging.getLogger("asyncflow.engine")
 
@@ -34,6 +37,10 @@ POLL_INTERVAL = 1.0
 
 LISTENING_POLL_INTERVAL = 10.0
 """Seconds between a waiter's reads while a LISTEN connection carries the wake-ups."""
+
+LISTENER_STOP_GRACE = 2.0
+"""Seconds :meth:`Waiters.aclose` lets a stopped LISTEN task end on its own (closing its connection, or
+one it is opening) before it cancels it."""
 
 
 class Waiters:
@@ -45,6 +52,8 @@ class Waiters:
         self._count = 0
         self._listener: DueListener | None = None
         self._listen_task: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()  # asked to stop, not ended yet
+        self._closed = False  # after aclose(): waiters poll
 
     @property
     def waiting(self) -> int:
@@ -100,10 +109,10 @@ class Waiters:
         finally:
             self._count -= 1
             if self._count == 0:
-                await self._stop_listening()
+                self._stop_listening()
 
     def _start_listening(self) -> None:
-        if self._listen_task is not None or not isinstance(self._repo, ListensFinished):
+        if self._listen_task is not None or self._closed or not isinstance(self._repo, ListensFinished):
             return
         listener = self._repo.listen_finished(self.finished)
         if listener is None:
@@ -112,17 +121,53 @@ class Waiters:
         self._listen_task = asyncio.create_task(listener.run(), name="asyncflow-wait-listen")
         self._listen_task.add_done_callback(_report)
 
-    async def _stop_listening(self) -> None:
-        """The last waiter leaves: end the LISTEN (it outlives no waiter; a new one starts another)."""
+    def _stop_listening(self) -> None:
+        """The last waiter leaves: ask the LISTEN to end (a new waiter starts another), without
+        waiting for it; :meth:`aclose` waits for the tasks still stopping."""
         task, listener = self._listen_task, self._listener
         self._listen_task = self._listener = None
         if task is not None and listener is not None:
             stop = getattr(listener, "stop", None)
             if callable(stop):
-                stop()  # cooperative: a connection being opened right now is returned too
+                stop()  # cooperative: a connection being opened right now is closed too
             else:
                 task.cancel()
-            await asyncio.wait([task])  # its UNLISTEN; our own cancellation still propagates
+            if not task.done():
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
+
+    async def aclose(self) -> None:
+        """End the LISTEN tasks (the waiters' own, if some still wait: they poll from now on, as
+        waiters that come later do), waiting :data:`LISTENER_STOP_GRACE` for them to stop, then
+        cancelling those left. A cancellation of this call cancels them too, and still waits."""
+        self._closed = True
+        self._stop_listening()
+        self.finished(None)  # waiters still waiting re-read now, and poll
+        tasks = set(self._stopping)
+        if not tasks:
+            return
+        try:
+            _, left = await asyncio.wait(tasks, timeout=LISTENER_STOP_GRACE)
+        except asyncio.CancelledError:
+            left = tasks
+            raise
+        finally:
+            for task in left:
+                task.cancel()
+            if left:
+                await _to_end(left)
+
+
+async def _to_end(tasks: set[asyncio.Task[None]]) -> None:
+    """Wait for ``tasks`` to end even if the caller is cancelled meanwhile (then re-raise the cancel)."""
+    cancelled: asyncio.CancelledError | None = None
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError as error:
+            cancelled = error
+    if cancelled is not None:
+        raise cancelled
 
 
 def _report(task: asyncio.Task[None]) -> None:

@@ -452,3 +452,51 @@ async def test_a_waiter_works_with_a_pool_of_one_connection(postgres_url: str, n
             assert not found, "the LISTEN connection is still open"
         finally:
             await small.dispose()
+
+
+def _listen_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "asyncflow-wait-listen" and not t.done()]
+
+
+@pytest.mark.postgres
+async def test_a_listen_still_being_opened_holds_up_no_waiter_and_ends_at_aclose(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last waiter to leave asks the LISTEN task to stop and goes: a LISTEN connection still being
+    opened (here its LISTEN's reply is held by a proxy: a database slow to accept) kept a
+    ``timeout=0.5`` waiter until it was open. The service's ``aclose()`` ends that task: it waits
+    :data:`~asyncflow.engine.waiting.LISTENER_STOP_GRACE` for it to stop, then cancels it."""
+    monkeypatch.setattr(waiting, "LISTENER_STOP_GRACE", 0.3)
+    async with isolated_pg_engine(postgres_url) as engine, SQLAlchemyWorkflowRepo(engine) as repo:
+        await repo.migrate()
+        registry = one_node_registry("w")
+        inst = await WorkflowService(repo, LocalWorkflowLock(), registry).create_workflow("w", "b")
+        async with StallProxy(postgres_url) as proxy:
+            settings = {"server_settings": {"search_path": await _schema(engine)}}
+            slow_engine = create_async_engine(proxy.url, connect_args=settings)
+            try:
+                async with SQLAlchemyWorkflowRepo(slow_engine) as slow_repo:
+                    service = WorkflowService(slow_repo, LocalWorkflowLock(), registry)
+                    proxy.hold_replies_after(b"LISTEN")
+                    started = time.monotonic()
+                    waiter = asyncio.create_task(service.wait_for_workflow(inst.id, timeout=0.5))
+                    done, _ = await asyncio.wait([waiter], timeout=6)
+                    elapsed = time.monotonic() - started
+                    assert proxy.held.is_set()
+                    if not done:
+                        proxy.resume()
+                        await asyncio.wait([waiter], timeout=10)
+                    assert done, "the waiter waited for the LISTEN connection"
+                    with pytest.raises(TimeoutError):
+                        await waiter
+                    assert elapsed < 0.5 + 1.5, elapsed
+                    assert len(_listen_tasks()) == 1  # still held: stopping
+                    closing = asyncio.create_task(service.aclose())
+                    done, _ = await asyncio.wait([closing], timeout=8)
+                    proxy.resume()
+                    assert done, "aclose() did not end the LISTEN task"
+                    await closing
+                    assert _listen_tasks() == []
+                    assert service._waiters.waiting == 0
+            finally:
+                await slow_engine.dispose()
