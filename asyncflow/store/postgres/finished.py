@@ -114,6 +114,7 @@ class FinishedNotifier(DueNotifier):
     schema, ``callback(None)`` when LISTEN (re)starts (whatever ended while nobody listened)."""
 
     channel = FINISHED_CHANNEL
+    detached = True  # the waiters' own reads share the pool: the LISTEN must not take one of its connections
 
     def __init__(self, engine: AsyncEngine, callback: Callable[[int | None], None]) -> None:
         super().__init__(engine, lambda: callback(None), install=False)

@@ -19,8 +19,8 @@ drivers claimed may then wait for their next claim (at most a poll interval).
 
 :class:`DueNotifier` keeps one dedicated connection LISTENing and calls back on each notification. If
 the connection drops or LISTEN fails, the driver simply goes on polling, and LISTEN is retried later.
-That connection is opened by the engine's pool and detached from it at once: it is one connection
-beyond the pool's size while it listens, and never starves the pool (see ``DueNotifier._listen``).
+A driver's connection is one of the pool's; the waiters' (``FinishedNotifier``, ``detached``) is
+opened by the pool and detached from it at once (see ``DueNotifier._listen``).
 """
 
 from __future__ import annotations
@@ -202,6 +202,8 @@ class DueNotifier:
     """
 
     channel = CHANNEL
+    detached = False
+    """Whether the LISTEN connection is detached from the pool (see :meth:`_listen`)."""
 
     def __init__(self, engine: AsyncEngine, callback: Callable[[], None], *, install: bool = True) -> None:
         self._engine = engine
@@ -256,16 +258,17 @@ class DueNotifier:
     async def _listen(self) -> None:
         """LISTEN until the connection is lost or stopped (returns), or the task is cancelled.
 
-        The connection is taken from the engine's pool, then detached from it: the pool no longer
-        counts it (it opens another for its users), so a LISTEN held for as long as anyone listens
-        never starves the pool, whatever its size (with ``pool_size=1, max_overflow=0`` it took the
-        only connection). It is closed, never returned, when this ends: no UNLISTEN to send, and no
-        session that may still be listening goes back to the pool.
+        The connection is taken from the engine's pool. With :attr:`detached` it is detached from it
+        at once: the pool no longer counts it (it opens another for its users), so a LISTEN held for
+        as long as anyone listens never starves the pool, whatever its size (with ``pool_size=1,
+        max_overflow=0`` it took the only connection), and it is closed, never returned, when this
+        ends. Otherwise it goes back to the pool after an UNLISTEN.
         """
         async with self._engine.connect() as conn:
             raw = await conn.get_raw_connection()
             driver: Any = raw.driver_connection  # (a detached proxy no longer has it)
-            raw.detach()  # from now on outside the pool; closing conn closes it for real
+            if self.detached:
+                raw.detach()  # from now on outside the pool; closing conn closes it for real
             lost = asyncio.Event()
             schema = await driver.fetchval("SELECT current_schema()")
 
@@ -276,8 +279,10 @@ class DueNotifier:
                 lost.set()
 
             driver.add_termination_listener(on_close)
+            added = False
             try:
                 await driver.add_listener(self.channel, on_notify)
+                added = True
                 self.server_pid = driver.get_server_pid()
                 self.listening = True
                 self._callback()  # whatever became due while nobody listened
@@ -296,7 +301,26 @@ class DueNotifier:
             finally:
                 self.listening = False
                 driver.remove_termination_listener(on_close)
+                # a detached one is closed with conn, never returned (invalidate() would leave it open)
+                if added and not self.detached:
+                    await self._unlisten(conn, driver, on_notify)
+                elif not self.detached:  # the LISTEN was cut or failed: it may have run without
+                    await conn.invalidate()  # asyncpg knowing of it, so no UNLISTEN: never return it
 
     def _deliver(self, payload: str, schema: str) -> None:
         if payload in ("", schema):  # other schemas of this database have drivers of their own
             self._callback()
+
+    async def _unlisten(self, conn: AsyncConnection, driver: Any, on_notify: Any) -> None:
+        """UNLISTEN before the connection goes back to the pool; a broken one is discarded instead."""
+        if not driver.is_closed():
+            try:
+                async with asyncio.timeout(2.0):
+                    await driver.remove_listener(self.channel, on_notify)
+                return
+            except asyncio.CancelledError:
+                await conn.invalidate()
+                raise
+            except Exception as exc:
+                logger.debug("UNLISTEN failed (%r); discarding the connection", exc)
+        await conn.invalidate()
