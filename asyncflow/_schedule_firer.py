@@ -6,6 +6,13 @@ one (``catch_up=False``) or each of them, oldest first (``catch_up=True``, at mo
 :data:`MAX_TICKS_PER_ROUND` per round). A tick fires through the repo's ``fire_schedule_tick``: the
 tick's row and its instance are written in one transaction, and the row's primary key lets exactly
 one driver, in any process, fire it. Time is the service's clock, so a ``FakeClock`` drives ticks.
+
+The state belongs to a definition (``Schedule.fingerprint()``). A schedule stored with another one
+starts over, as if seen for the first time (its old ``last_tick`` would fire the ticks of another
+cron, or of the time it was removed, at once), if that definition was recorded before this firer's
+first round. If it was recorded since, a process started after this one (a rolling deploy) has the
+schedule: this one does not take it back (each would start it over at every tick, and neither would
+fire), but fires its own ticks after its first round and after the last tick fired, until it stops.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ class ScheduleFirer:
     def __init__(self, service: WorkflowService, schedules: Sequence[Schedule]) -> None:
         self._service = service
         self._schedules = tuple(schedules)
+        self._fingerprints = {schedule.id: schedule.fingerprint() for schedule in self._schedules}
+        self._since_ms: int | None = None  # the first round (unix ms): later definitions are newer
         self.next_at_ms = 0  # when a tick may be due next (unix ms); 0: look now
 
     def check(self) -> None:
@@ -61,16 +70,25 @@ class ScheduleFirer:
         """Fire what is due at ``now_ms``; how many instances this call created."""
         repo = self._service.repo
         assert isinstance(repo, StoresSchedules)
+        since = self._since_ms = now_ms if self._since_ms is None else self._since_ms
         states = await repo.schedule_states()
-        missing = [s.id for s in self._schedules if s.id not in states]
-        if missing:
-            await repo.register_schedules(missing, now_ms)
+        stale = {
+            schedule_id: fingerprint
+            for schedule_id, fingerprint in self._fingerprints.items()
+            if (state := states.get(schedule_id)) is None
+            or state.fingerprint is None
+            or (state.fingerprint != fingerprint and state.first_seen_at < since)
+        }
+        if stale:
+            await repo.register_schedules(stale, now_ms, since)
             states = await repo.schedule_states()
         now = datetime.fromtimestamp(now_ms / 1000, UTC)
         fired = 0
         next_at = _ms(now + timedelta(days=366))
         for schedule in self._schedules:
-            ticks = self._due(schedule, states[schedule.id], now)
+            state = states[schedule.id]
+            ours = state.fingerprint in (None, self._fingerprints[schedule.id])
+            ticks = self._due(schedule, state, now, None if ours else since)
             for tick in ticks:
                 fired += await self._fire(schedule, tick, now_ms)
             if len(ticks) == MAX_TICKS_PER_ROUND:
@@ -80,11 +98,13 @@ class ScheduleFirer:
         return fired
 
     @staticmethod
-    def _due(schedule: Schedule, state: ScheduleState, now: datetime) -> list[datetime]:
+    def _due(schedule: Schedule, state: ScheduleState, now: datetime, since_ms: int | None) -> list[datetime]:
         if state.last_tick is not None:
             after = parse_tick(state.last_tick)
         else:  # seen first at first_seen_at: from its next tick on
             after = datetime.fromtimestamp(state.first_seen_at / 1000, UTC)
+        if since_ms is not None:  # the state of a newer definition: only this firer's ticks
+            after = max(after, datetime.fromtimestamp(since_ms / 1000, UTC))
         if schedule.catch_up:
             return list(islice(schedule.ticks_between(after, now), MAX_TICKS_PER_ROUND))
         latest = schedule.latest_tick(now)

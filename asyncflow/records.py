@@ -402,11 +402,13 @@ class WorkflowInstanceDetail:
 
 @dataclass(frozen=True, slots=True)
 class ScheduleState:
-    """What the store knows of a schedule: first seen by a driver (unix ms), the latest tick fired."""
+    """What the store knows of a schedule: first seen by a driver (unix ms), the latest tick fired, and
+    the definition both are of (``Schedule.fingerprint()``; ``None``: stored before schema version 14)."""
 
     id: str
     first_seen_at: int
     last_tick: str | None = None
+    fingerprint: str | None = None
 
 
 # Positional factories of the records built on a node's hot path (asyncflow._frozen.positional): every

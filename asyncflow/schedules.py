@@ -11,6 +11,7 @@ its maintenance has changed hands.) A tick is an instant; it is named in UTC as
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -48,7 +49,9 @@ class Schedule:
     ``f"{id}@{tick}"`` and context ``{**context, "schedule": {"id": id, "tick": tick}}``. A schedule
     seen for the first time fires from its next tick on. After downtime ``catch_up=False`` fires the
     latest missed tick only, ``catch_up=True`` every missed tick, oldest first. Invalid values raise
-    ``ConfigError``.
+    ``ConfigError``. The stored state (the last tick fired) belongs to the schedule's definition
+    (:meth:`fingerprint`): a schedule whose workflow type, cron, time zone or ``catch_up`` changed
+    starts over, as if seen for the first time.
     """
 
     id: str
@@ -126,6 +129,15 @@ class Schedule:
             if tick > until:
                 return
             yield tick.astimezone(UTC)
+
+    def fingerprint(self) -> str:
+        """What the stored state of this schedule belongs to: its workflow type, cron, time zone and
+        ``catch_up`` (JSON). Not its context: new values for the next instances keep the ticks."""
+        return json.dumps(
+            [self.workflow_type, " ".join(self.cron.split()), self.timezone, self.catch_up],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
 
     def instance_context(self, tick: str) -> dict[str, Any]:
         """The workflow context of the instance of ``tick``."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -15,9 +15,18 @@ from ._json import check_text
 __all__ = ["SqlSchedules"]
 
 REGISTER = text(
-    "INSERT INTO asyncflow_schedule (id, first_seen_at) VALUES (:id, :now) ON CONFLICT (id) DO NOTHING"
+    "INSERT INTO asyncflow_schedule (id, first_seen_at, fingerprint) VALUES (:id, :now, :fingerprint) "
+    "ON CONFLICT (id) DO UPDATE SET "
+    "first_seen_at = CASE WHEN asyncflow_schedule.fingerprint IS NULL "
+    "THEN asyncflow_schedule.first_seen_at ELSE excluded.first_seen_at END, "
+    "last_tick = CASE WHEN asyncflow_schedule.fingerprint IS NULL THEN asyncflow_schedule.last_tick END, "
+    "fingerprint = excluded.fingerprint "
+    "WHERE asyncflow_schedule.fingerprint IS NULL OR (asyncflow_schedule.fingerprint <> excluded.fingerprint "
+    "AND asyncflow_schedule.first_seen_at < :since)"
 )
-STATES = text("SELECT id, first_seen_at, last_tick FROM asyncflow_schedule")
+"""A new schedule; a schedule of another definition recorded before ``since`` starts over; a row
+stored before schema version 14 (no fingerprint) keeps its state and takes the fingerprint."""
+STATES = text("SELECT id, first_seen_at, last_tick, fingerprint FROM asyncflow_schedule")
 FIRE_TICK = text(
     "INSERT INTO asyncflow_schedule_tick (schedule_id, tick, fired_at) SELECT :id, :tick, :now "
     "WHERE NOT EXISTS (SELECT 1 FROM asyncflow_schedule WHERE id = :id AND last_tick >= :tick) "
@@ -52,14 +61,16 @@ class SqlSchedules:
     async def states(self) -> dict[str, ScheduleState]:
         async with self._connection() as conn:
             rows = (await conn.execute(STATES)).all()
-        return {row[0]: ScheduleState(id=row[0], first_seen_at=row[1], last_tick=row[2]) for row in rows}
+        return {row[0]: ScheduleState(row[0], row[1], row[2], row[3]) for row in rows}
 
-    async def register(self, ids: Sequence[str], now_ms: int) -> None:
-        for schedule_id in ids:
+    async def register(self, fingerprints: Mapping[str, str], now_ms: int, since_ms: int) -> None:
+        for schedule_id, fingerprint in fingerprints.items():
             check_text(schedule_id, "schedule id")
+            check_text(fingerprint, "schedule fingerprint")
         async with self._transaction(), self._connection() as conn:
-            for schedule_id in ids:
-                await conn.execute(REGISTER, {"id": schedule_id, "now": now_ms})
+            for schedule_id, fingerprint in fingerprints.items():
+                values = {"id": schedule_id, "now": now_ms, "fingerprint": fingerprint, "since": since_ms}
+                await conn.execute(REGISTER, values)
 
     async def fire(
         self, schedule_id: str, tick: str, new: NewWorkflowInstance, now_ms: int, prune_before: str

@@ -10,7 +10,7 @@ Nothing is persisted; the data lives as long as the object.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import replace
@@ -512,12 +512,20 @@ class MemoryWorkflowRepo:
         async with self._unit() as state:
             return dict(state.schedules)
 
-    async def register_schedules(self, ids: Sequence[str], now_ms: int) -> None:
-        """Record schedules first seen now (those already known keep their state)."""
-        ids = check_texts(ids, "schedule id")
+    async def register_schedules(self, fingerprints: Mapping[str, str], now_ms: int, since_ms: int) -> None:
+        """Record schedules first seen now; one stored with another fingerprint recorded before
+        ``since_ms`` starts over (see :class:`~asyncflow.store.protocol.StoresSchedules`)."""
+        ids = check_texts(fingerprints, "schedule id")
+        prints = check_texts([fingerprints[schedule_id] for schedule_id in ids], "schedule fingerprint")
         async with self._unit() as state:
-            for schedule_id in ids:
-                state.schedules.setdefault(schedule_id, ScheduleState(id=schedule_id, first_seen_at=now_ms))
+            for schedule_id, fingerprint in zip(ids, prints, strict=True):
+                known = state.schedules.get(schedule_id)
+                if known is None or (
+                    known.fingerprint not in (None, fingerprint) and known.first_seen_at < since_ms
+                ):
+                    state.schedules[schedule_id] = ScheduleState(schedule_id, now_ms, None, fingerprint)
+                elif known.fingerprint is None:
+                    state.schedules[schedule_id] = replace(known, fingerprint=fingerprint)
 
     async def fire_schedule_tick(
         self, schedule_id: str, tick: str, new: NewWorkflowInstance, *, now_ms: int, prune_before: str

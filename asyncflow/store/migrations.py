@@ -32,6 +32,7 @@ __all__ = [
     "CHILD_COLUMNS",
     "CHILD_INDEXES",
     "NOTIFY_COLUMNS",
+    "SCHEDULE_FINGERPRINT_COLUMNS",
     "SCHEDULE_TABLES",
     "TRACE_COLUMNS",
     "UNIQUE_COLUMNS",
@@ -173,3 +174,8 @@ CHILD_INDEXES = (
 NOTIFY_COLUMNS = (("workflow_instance", "notify_finished", "BOOLEAN DEFAULT false NOT NULL"),)
 """Version 10: a ``wait_for_workflow`` waiter asked to hear when the instance ends (PostgreSQL NOTIFYs
 only for these; SQLite keeps the column unused)."""
+
+SCHEDULE_FINGERPRINT_COLUMNS = (("asyncflow_schedule", "fingerprint", "TEXT"),)
+"""Version 14: the definition a schedule's state belongs to (``Schedule.fingerprint()``); a schedule
+stored with another one starts over. ``NULL`` (stored before): the next driver records its own and
+keeps the state."""

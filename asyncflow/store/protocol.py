@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
@@ -213,8 +213,10 @@ class StoresSchedules(Protocol):
     async def schedule_states(self) -> dict[str, ScheduleState]:
         """Every schedule a driver has seen, by id."""
 
-    async def register_schedules(self, ids: Sequence[str], now_ms: int) -> None:
-        """Record schedules first seen now (those already known keep their state)."""
+    async def register_schedules(self, fingerprints: Mapping[str, str], now_ms: int, since_ms: int) -> None:
+        """Record schedules (id: ``Schedule.fingerprint()``) first seen now. One stored with another
+        fingerprint recorded before ``since_ms`` starts over (first seen now, no tick fired); one
+        recorded since is left as it is; one stored without one keeps its state and takes this one."""
 
     async def fire_schedule_tick(
         self, schedule_id: str, tick: str, new: NewWorkflowInstance, *, now_ms: int, prune_before: str

@@ -15,7 +15,7 @@ that does not apply leaves the outer transaction usable.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -588,10 +588,11 @@ class SQLAlchemyWorkflowRepo:
         with StoreErrors("schedule_states"):
             return await self._schedules.states()
 
-    async def register_schedules(self, ids: Sequence[str], now_ms: int) -> None:
-        """Record schedules first seen now (those already known keep their state)."""
+    async def register_schedules(self, fingerprints: Mapping[str, str], now_ms: int, since_ms: int) -> None:
+        """Record schedules first seen now; one stored with another fingerprint recorded before
+        ``since_ms`` starts over (see :class:`~asyncflow.store.protocol.StoresSchedules`)."""
         with StoreErrors("register_schedules"):
-            await self._schedules.register(ids, now_ms)
+            await self._schedules.register(fingerprints, now_ms, since_ms)
 
     async def fire_schedule_tick(
         self, schedule_id: str, tick: str, new: NewWorkflowInstance, *, now_ms: int, prune_before: str

@@ -72,7 +72,7 @@ __all__ = [
     "workflow_instance",
 ]
 
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 14
 """The schema version this asyncflow migrates to (:mod:`asyncflow.store.migrations`)."""
 
 metadata = MetaData(
@@ -238,9 +238,11 @@ schedule = Table(
     Column("id", Text, primary_key=True),
     Column("first_seen_at", BigInteger, nullable=False),
     Column("last_tick", Text, nullable=True),
+    Column("fingerprint", Text, nullable=True),  # Schedule.fingerprint() of the state; NULL before 14
 )
-"""Schedules (``af.Schedule``) drivers have seen: since when (unix ms), and the latest tick fired
-(``YYYY-MM-DDTHH:MM:SSZ``); migration 6."""
+"""Schedules (``af.Schedule``) drivers have seen: since when (unix ms), the latest tick fired
+(``YYYY-MM-DDTHH:MM:SSZ``), and the definition they are of (``Schedule.fingerprint()``): a schedule
+stored with another definition starts over. Migration 6; the fingerprint, migration 14."""
 
 schedule_tick = Table(
     "asyncflow_schedule_tick",

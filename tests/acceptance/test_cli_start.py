@@ -50,7 +50,7 @@ async def _instances(url: str) -> list[tuple[str, str, int]]:
 
 async def _fire(url: str, schedule_id: str, tick: str) -> None:
     async with SQLAlchemyWorkflowRepo(url) as repo:
-        await repo.register_schedules([schedule_id], 0)
+        await repo.register_schedules({schedule_id: "[]"}, 0, 0)
         new = NewWorkflowInstance(
             workflow_type="report", business_id=f"{schedule_id}@{tick}", workflow_context={}
         )

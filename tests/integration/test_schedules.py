@@ -4,7 +4,8 @@ catch-up, time zones, exactly once across drivers of separate repos, and ConfigE
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ import asyncflow as af
 from asyncflow.driver import WorkflowDriver
 from asyncflow.errors import ConfigError
 from asyncflow.records import QueryWorkflowInstanceParams
+from asyncflow.schedules import tick_name
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from tests.conftest import isolated_pg_engine
 from tests.integration.start_helpers import fake_service, one_node_registry
@@ -297,3 +299,90 @@ async def test_run_forever_sleeps_until_each_tick_and_fires_it_once() -> None:
         f"ten@2026-01-01T{(10 * i) // 60:02d}:{(10 * i) % 60:02d}:00Z" for i in range(1, len(names) + 1)
     ]
     assert names == expected
+
+
+async def _deploy(repo: Any, schedule: af.Schedule, at: datetime) -> tuple[WorkflowDriver, Any]:
+    """A process of the app with ``schedule`` started at ``at``: its driver has run one round."""
+    registry = one_node_registry("report", "b")
+    registry.add_schedule(schedule)
+    service, clock = fake_service(repo, registry)
+    clock.advance(at.timestamp() - clock.time())
+    driver = WorkflowDriver(service, poll_interval=0.05)
+    await driver.run_until_idle()
+    return driver, clock
+
+
+_HOURLY = af.Schedule(id="s", workflow_type="report", cron="0 * * * *", catch_up=True)
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({}, {"cron": "30 * * * *"}),
+        ({}, {"timezone": "Asia/Kolkata"}),  # +05:30: its hours start at :30 UTC
+        ({}, {"workflow_type": "b"}),
+        ({"catch_up": False}, {}),  # removed, then added again with catch_up=True
+    ],
+    ids=["cron", "timezone", "workflow_type", "catch_up"],
+)
+async def test_a_schedule_whose_definition_changed_starts_from_its_next_tick(
+    engine_repo: Any, before: dict[str, Any], after: dict[str, Any]
+) -> None:
+    # Its state (the last tick fired on Jan 1) belonged to the old definition: catching up from it
+    # fired ten days of ticks the operator never asked for, the moment the new one was deployed.
+    old = replace(_HOURLY, **before)
+    driver, clock = await _deploy(engine_repo, old, datetime(2026, 1, 1, 0, 3, tzinfo=UTC))
+    clock.advance(3600)
+    await driver.run_until_idle()
+    assert await _business_ids(driver.service) == ["s@2026-01-01T01:00:00Z"]
+    new = replace(_HOURLY, **after)
+    deployed = datetime(2026, 1, 11, 0, 3, tzinfo=UTC)
+    driver, clock = await _deploy(engine_repo, new, deployed)
+    assert await _business_ids(driver.service) == ["s@2026-01-01T01:00:00Z"]  # no tick before it
+    clock.advance(3600)
+    await driver.run_until_idle()
+    [tick] = new.ticks_between(deployed, deployed + timedelta(hours=1))
+    assert await _business_ids(driver.service) == ["s@2026-01-01T01:00:00Z", f"s@{tick_name(tick)}"]
+    assert (await engine_repo.schedule_states())["s"].last_tick == tick_name(tick)
+
+
+async def test_an_unchanged_schedule_catches_up_after_a_restart(engine_repo: Any) -> None:
+    driver, clock = await _deploy(engine_repo, _HOURLY, datetime(2026, 1, 1, 0, 3, tzinfo=UTC))
+    clock.advance(3600)
+    await driver.run_until_idle()
+    same = replace(_HOURLY, context={"another": "context"})  # the context is not the definition
+    driver, _ = await _deploy(engine_repo, same, datetime(2026, 1, 1, 4, 3, tzinfo=UTC))
+    assert await _business_ids(driver.service) == [f"s@2026-01-01T0{h}:00:00Z" for h in range(1, 5)]
+
+
+async def test_old_and_new_processes_of_a_rolling_deploy_each_fire_their_ticks(engine_repo: Any) -> None:
+    # While both run, neither takes the schedule back from the other at each tick: the old process,
+    # started before the new definition was stored, fires its own ticks from the last tick fired,
+    # and the new one fires its ticks from its start (a reset at every tick would fire none).
+    start = datetime(2026, 1, 1, 0, 3, tzinfo=UTC)
+    old, old_clock = await _deploy(engine_repo, replace(_HOURLY, catch_up=False), start)
+    new_schedule = replace(_HOURLY, catch_up=False, cron="30 * * * *")
+    new, new_clock = await _deploy(engine_repo, new_schedule, start + timedelta(minutes=7))
+    for minutes in (37, 62, 92, 122):  # 00:40, 01:05, 01:35, 02:05
+        moment = (start + timedelta(minutes=minutes)).timestamp()
+        for driver, clock in ((old, old_clock), (new, new_clock)):
+            clock.advance(moment - clock.time())
+            await driver.run_until_idle()
+    names = await _business_ids(old.service)
+    assert names == [f"s@2026-01-01T{t}:00Z" for t in ("00:30", "01:00", "01:30", "02:00")]
+
+
+async def test_a_schedule_stored_before_fingerprints_keeps_its_state(engine_repo: Any) -> None:
+    # a row of schema version 13 or older has no fingerprint: the next driver records its own
+    # (it cannot tell whether the definition changed) and catches up from the stored last tick
+    if isinstance(engine_repo, af.MemoryWorkflowRepo):
+        pytest.skip("a memory repo holds no state from before")
+    driver, clock = await _deploy(engine_repo, _HOURLY, datetime(2026, 1, 1, 0, 3, tzinfo=UTC))
+    clock.advance(3600)
+    await driver.run_until_idle()
+    async with engine_repo.engine.begin() as conn:
+        await conn.exec_driver_sql("UPDATE asyncflow_schedule SET fingerprint = NULL")
+    driver, _ = await _deploy(engine_repo, _HOURLY, datetime(2026, 1, 1, 4, 3, tzinfo=UTC))
+    assert await _business_ids(driver.service) == [f"s@2026-01-01T0{h}:00:00Z" for h in range(1, 5)]
+    state = (await engine_repo.schedule_states())["s"]
+    assert (state.fingerprint, state.last_tick) == (_HOURLY.fingerprint(), "2026-01-01T04:00:00Z")

@@ -11,6 +11,7 @@ from ..migrations import (
     CHILD_COLUMNS,
     CHILD_INDEXES,
     NOTIFY_COLUMNS,
+    SCHEDULE_FINGERPRINT_COLUMNS,
     SCHEDULE_TABLES,
     TRACE_COLUMNS,
     UNIQUE_COLUMNS,
@@ -155,6 +156,9 @@ MIGRATIONS = check_migrations(
             13,
             "the driver's claim as the function asyncflow_claim_v1 (one plan per session, not one per claim)",
             (CLAIM_FUNCTION,),
+        ),
+        Migration(
+            14, "schedules: asyncflow_schedule.fingerprint (nullable TEXT)", (), SCHEDULE_FINGERPRINT_COLUMNS
         ),
     ]
 )

@@ -13,6 +13,7 @@ from ..migrations import (
     CHILD_COLUMNS,
     CHILD_INDEXES,
     NOTIFY_COLUMNS,
+    SCHEDULE_FINGERPRINT_COLUMNS,
     SCHEDULE_TABLES,
     TRACE_COLUMNS,
     UNIQUE_COLUMNS,
@@ -105,6 +106,9 @@ MIGRATIONS = check_migrations(
         ),
         Migration(12, "nothing on SQLite (PostgreSQL: a cheaper WHEN on the asyncflow_finished trigger)", ()),
         Migration(13, "nothing on SQLite (PostgreSQL: the driver's claim as a function)", ()),
+        Migration(
+            14, "schedules: asyncflow_schedule.fingerprint (nullable TEXT)", (), SCHEDULE_FINGERPRINT_COLUMNS
+        ),
     ]
 )
 
