@@ -5,7 +5,9 @@ from their next tick on), and fires the due ticks: per schedule the latest tick 
 one (``catch_up=False``) or each of them, oldest first (``catch_up=True``, at most
 :data:`MAX_TICKS_PER_ROUND` per round). A tick fires through the repo's ``fire_schedule_tick``: the
 tick's row and its instance are written in one transaction, and the row's primary key lets exactly
-one driver, in any process, fire it. Time is the service's clock, so a ``FakeClock`` drives ticks.
+one driver, in any process, fire it. A tick that fails (the database refuses its instance, say) is
+logged and tried again :data:`_RETRY_MS` later; the other schedules, and the driver's claims, go on.
+Time is the service's clock, so a ``FakeClock`` drives ticks.
 
 The state belongs to a definition (``Schedule.fingerprint()``). A schedule stored with another one
 starts over, as if seen for the first time (its old ``last_tick`` would fire the ticks of another
@@ -36,6 +38,7 @@ MAX_TICKS_PER_ROUND = 100
 """Missed ticks a catching-up schedule fires per round (the next round follows at once)."""
 
 _PRUNE_AFTER = timedelta(days=7)  # tick rows older than this before a fired tick are deleted
+_RETRY_MS = 5000  # a schedule whose tick failed is tried again after this (the others go on)
 
 
 def _ms(moment: datetime) -> int:
@@ -89,8 +92,23 @@ class ScheduleFirer:
             state = states[schedule.id]
             ours = state.fingerprint in (None, self._fingerprints[schedule.id])
             ticks = self._due(schedule, state, now, None if ours else since)
-            for tick in ticks:
-                fired += await self._fire(schedule, tick, now_ms)
+            try:
+                for tick in ticks:
+                    fired += await self._fire(schedule, tick, now_ms)
+            except AsyncflowError as exc:
+                # This schedule's tick only (say the database refuses its instance): raised, it would
+                # keep the schedules after it from firing, and the driver, which fires ticks before it
+                # claims, from claiming. Its tick stays unfired, so the next try fires it.
+                logger.warning(
+                    "schedule %s: firing tick %s failed, trying again in %d s: %s",
+                    schedule.id,
+                    tick_name(tick),
+                    _RETRY_MS // 1000,
+                    exc,
+                    extra={"schedule_id": schedule.id, "tick": tick_name(tick)},
+                )
+                next_at = min(next_at, now_ms + _RETRY_MS)
+                continue
             if len(ticks) == MAX_TICKS_PER_ROUND:
                 next_at = now_ms  # more missed ticks: go on at once
             next_at = min(next_at, _ms(schedule.next_tick(now)))

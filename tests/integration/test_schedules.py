@@ -4,6 +4,7 @@ catch-up, time zones, exactly once across drivers of separate repos, and ConfigE
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -386,3 +387,61 @@ async def test_a_schedule_stored_before_fingerprints_keeps_its_state(engine_repo
     assert await _business_ids(driver.service) == [f"s@2026-01-01T0{h}:00:00Z" for h in range(1, 5)]
     state = (await engine_repo.schedule_states())["s"]
     assert (state.fingerprint, state.last_tick) == (_HOURLY.fingerprint(), "2026-01-01T04:00:00Z")
+
+
+_REFUSE_BAD = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_bad BEFORE INSERT ON workflow_instance WHEN NEW.business_id LIKE 'bad@%' "
+        "BEGIN SELECT RAISE(ABORT, 'refused by the database'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.business_id LIKE 'bad@%' THEN RAISE EXCEPTION 'refused by the database'; END IF; "
+        "RETURN NEW; END $$",
+        "CREATE TRIGGER refuse_bad BEFORE INSERT ON workflow_instance "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_bad()",
+    ],
+}
+_DROP_REFUSE_BAD = {
+    "sqlite": "DROP TRIGGER refuse_bad",
+    "postgresql": "DROP TRIGGER refuse_bad ON workflow_instance",
+}
+
+
+async def test_a_tick_the_database_refuses_stops_neither_the_other_schedules_nor_the_claims(
+    engine_repo: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A tick whose instance the database refuses (a rule of its own, here a trigger) raised out of
+    # the round: the schedules after it never fired, and the driver's loop, which fires ticks before
+    # it claims, retried that round forever and ran no instance at all.
+    if isinstance(engine_repo, af.MemoryWorkflowRepo):
+        pytest.skip("a memory repo has no rules of its own")
+    bad = af.Schedule(id="bad", workflow_type="report", cron="* * * * *")
+    good = af.Schedule(id="good", workflow_type="report", cron="* * * * *")
+    registry = one_node_registry("report")
+    registry.add_schedule(bad)
+    registry.add_schedule(good)
+    service, clock = fake_service(engine_repo, registry)
+    clock.advance(START - clock.time())
+    driver = WorkflowDriver(service, poll_interval=0.05)
+    await driver.run_until_idle()  # both first seen at 00:03
+    async with engine_repo.engine.begin() as conn:
+        for statement in _REFUSE_BAD[engine_repo.engine.dialect.name]:
+            await conn.exec_driver_sql(statement)
+    plain = await service.create_workflow("report", "plain")
+    clock.advance(60)  # 00:04: a tick of each
+    with caplog.at_level(logging.WARNING, logger="asyncflow.driver"):
+        await asyncio.wait_for(driver.run_until_idle(), 10)
+    assert await _business_ids(service) == ["plain", "good@2026-01-01T00:04:00Z"]
+    assert (await service.get_workflow_instance(plain.id)).status == "completed"
+    assert any("bad" in r.getMessage() and "refused" in r.getMessage() for r in caplog.records)
+    async with engine_repo.engine.begin() as conn:
+        await conn.exec_driver_sql(_DROP_REFUSE_BAD[engine_repo.engine.dialect.name])
+    clock.advance(60)  # the bad schedule's tick is not lost: it fires once the database takes it
+    await driver.run_until_idle()
+    assert sorted(await _business_ids(service)) == [
+        "bad@2026-01-01T00:05:00Z",
+        "good@2026-01-01T00:04:00Z",
+        "good@2026-01-01T00:05:00Z",
+        "plain",
+    ]
