@@ -7,6 +7,7 @@ one (``catch_up=False``) or each of them, oldest first (``catch_up=True``, at mo
 tick's row and its instance are written in one transaction, and the row's primary key lets exactly
 one driver, in any process, fire it. A tick that fails (the database refuses its instance, say) is
 logged and tried again :data:`_RETRY_MS` later; the other schedules, and the driver's claims, go on.
+So is a round whose schedule state cannot be read (a database not migrated yet): instances run.
 Time is the service's clock, so a ``FakeClock`` drives ticks.
 
 The state belongs to a definition (``Schedule.fingerprint()``). A schedule stored with another one
@@ -74,17 +75,30 @@ class ScheduleFirer:
         repo = self._service.repo
         assert isinstance(repo, StoresSchedules)
         since = self._since_ms = now_ms if self._since_ms is None else self._since_ms
-        states = await repo.schedule_states()
-        stale = {
-            schedule_id: fingerprint
-            for schedule_id, fingerprint in self._fingerprints.items()
-            if (state := states.get(schedule_id)) is None
-            or state.fingerprint is None
-            or (state.fingerprint != fingerprint and state.first_seen_at < since)
-        }
-        if stale:
-            await repo.register_schedules(stale, now_ms, since)
+        try:
             states = await repo.schedule_states()
+            stale = {
+                schedule_id: fingerprint
+                for schedule_id, fingerprint in self._fingerprints.items()
+                if (state := states.get(schedule_id)) is None
+                or state.fingerprint is None
+                or (state.fingerprint != fingerprint and state.first_seen_at < since)
+            }
+            if stale:
+                await repo.register_schedules(stale, now_ms, since)
+                states = await repo.schedule_states()
+        except AsyncflowError as exc:
+            # Raised, it would keep the driver, which fires ticks before it claims, from claiming:
+            # on a database this asyncflow has not migrated yet (deployed before `asyncflow
+            # migrate`), no instance would run until someone migrated.
+            logger.warning(
+                "schedules: reading their state failed, trying again in %d s (a database older than "
+                "this asyncflow needs migrate()): %s",
+                _RETRY_MS // 1000,
+                exc,
+            )
+            self.next_at_ms = now_ms + _RETRY_MS
+            return 0
         now = datetime.fromtimestamp(now_ms / 1000, UTC)
         fired = 0
         next_at = _ms(now + timedelta(days=366))

@@ -445,3 +445,29 @@ async def test_a_tick_the_database_refuses_stops_neither_the_other_schedules_nor
         "good@2026-01-01T00:05:00Z",
         "plain",
     ]
+
+
+async def test_a_driver_on_a_database_not_yet_migrated_runs_its_instances_and_fires_after_migrate(
+    engine_repo: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Deployed before `asyncflow migrate` (the database at version 13, without the fingerprint):
+    # reading the schedules' state raised out of the round, and the driver, which fires ticks before
+    # it claims, retried that round forever and ran no instance until someone migrated.
+    if isinstance(engine_repo, af.MemoryWorkflowRepo):
+        pytest.skip("a memory repo has no schema")
+    async with engine_repo.engine.begin() as conn:
+        await conn.exec_driver_sql("ALTER TABLE asyncflow_schedule DROP COLUMN fingerprint")
+        await conn.exec_driver_sql("DELETE FROM asyncflow_schema WHERE version = 14")
+    service, clock = _service(engine_repo, af.Schedule(id="m", workflow_type="report", cron="* * * * *"))
+    plain = await service.create_workflow("report", "plain")
+    driver = WorkflowDriver(service, poll_interval=0.05)
+    with caplog.at_level(logging.WARNING, logger="asyncflow.driver"):
+        await asyncio.wait_for(driver.run_until_idle(), 10)
+    assert (await service.get_workflow_instance(plain.id)).status == "completed"
+    assert any("migrate()" in r.getMessage() for r in caplog.records)
+    await engine_repo.migrate()
+    clock.advance(5)  # the schedules are tried again 5 s later: first seen at 00:03:05
+    await driver.run_until_idle()
+    clock.advance(60)
+    await driver.run_until_idle()
+    assert await _business_ids(service) == ["plain", "m@2026-01-01T00:04:00Z"]
