@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from asyncflow.errors import DuplicateWorkflowError
 from asyncflow.records import NewWorkflowInstance
+from asyncflow.store.postgres import definitions, notify
 from asyncflow.store.postgres.notify import (
     CHANNEL,
     DDL_LOCK_TIMEOUT_MS,
@@ -388,3 +389,33 @@ async def test_a_listen_cut_before_its_reply_never_goes_back_to_the_pool_listeni
             assert channels == 0
         finally:
             await engine.dispose()
+
+
+_BODY = (
+    "SELECT prosrc FROM pg_proc WHERE proname = $1 "
+    "AND pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())"
+)
+
+
+async def test_a_driver_of_an_older_release_keeps_the_newer_release_s_triggers(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rolling deploy: a driver of a newer release (definitions revision + 1, another body) installed
+    its NOTIFY functions; a driver of this release starting afterwards keeps them (with a warning)
+    instead of putting its own back, and the newer release's next start changes nothing either."""
+    newer = notify._FUNCTION_SQL.replace("BEGIN\n", "BEGIN\n    -- a newer release\n", 1)
+    newer_body = newer.split("$asyncflow$")[1]
+    async with isolated_pg_engine(postgres_url) as engine:
+        await SQLAlchemyWorkflowRepo(engine).create_schema()
+        await _install(engine)  # this release
+        with monkeypatch.context() as patched:  # the newer release's driver starts
+            patched.setattr(definitions, "REVISION", definitions.REVISION + 1)
+            patched.setattr(notify, "_FUNCTION_SQL", newer)
+            await _install(engine)
+        with caplog.at_level(logging.WARNING, logger="asyncflow.driver"):
+            await _install(engine)  # this release's driver restarts
+        async with engine.connect() as conn:
+            raw: Any = (await conn.get_raw_connection()).driver_connection
+            assert await raw.fetchval(_BODY, "asyncflow_notify_due") == newer_body
+            assert sorted(await _triggers(raw)) == ["asyncflow_due_notify", "asyncflow_due_notify_insert"]
+        assert "newer asyncflow" in caplog.text

@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ...errors import StoreError
 from .._errors import sqlstate
 from .._sql import RUNNABLE_SQL
+from . import definitions
 
 __all__ = ["CHANNEL", "DDL_LOCK_TIMEOUT_MS", "DDLLockTimeoutError", "DueNotifier", "install_notify_trigger"]
 
@@ -128,6 +129,9 @@ async def install_notify_trigger(conn: AsyncConnection) -> None:
     """Install the NOTIFY triggers on ``workflow_instance`` (PostgreSQL only; a no-op elsewhere).
 
     Idempotent and safe to run from several processes at once (installs of one schema take turns).
+    The functions go through :func:`.definitions.install`: where a newer release's driver installed
+    them, they and the triggers are kept as they are (a warning is logged), so a driver of the older
+    release starting in a rolling deploy does not put its own back.
     Run it in a transaction, after the tables exist, on a connection whose ``search_path`` finds them.
     It works in a savepoint, and waits at most :data:`DDL_LOCK_TIMEOUT_MS` for each lock it needs: another
     install's turn, and the table lock that creating a trigger takes (a transaction that keeps writing
@@ -148,8 +152,17 @@ async def install_notify_trigger(conn: AsyncConnection) -> None:
             await conn.execute(_SET_LOCK_TIMEOUT, {"value": f"{DDL_LOCK_TIMEOUT_MS}ms"})
             # per schema: an install waiting for its own table does not hold up other schemas' installs
             await conn.execute(_INSTALL_TURN, {"key": _INSTALL_LOCK_KEY})
-            await conn.exec_driver_sql(_FUNCTION_SQL)
-            await conn.exec_driver_sql(_INSERT_FUNCTION_SQL)
+            newer = await definitions.install(conn, (_FUNCTION_SQL, _INSERT_FUNCTION_SQL))
+            if newer:  # a newer release's driver installed them, and their triggers: all kept
+                await conn.execute(_SET_LOCK_TIMEOUT, {"value": caller_timeout})
+                logger.warning(
+                    "kept the %s triggers as a newer asyncflow installed them (%s: definitions revision "
+                    "above this asyncflow's %d); upgrade this process",
+                    _TRIGGER,
+                    ", ".join(newer),
+                    definitions.REVISION,
+                )
+                return
             installed = await _installed(conn)
             row_trigger = installed.get(_TRIGGER)
             older = _older(row_trigger)
