@@ -4,6 +4,7 @@ apply each version once; every backend lists versions 1..SCHEMA_VERSION."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any
 
@@ -16,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import asyncflow as af
 from asyncflow.errors import StoreError
 from asyncflow.store.migrations import Migration
+from asyncflow.store.postgres import definitions
 from asyncflow.store.postgres import schema as pg_schema
 from asyncflow.store.postgres.functions import STEP_FUNCTION
 from asyncflow.store.sqlite import schema as sqlite_schema
@@ -399,3 +401,44 @@ async def test_postgres_migrate_with_nothing_to_do_needs_no_right_to_create(post
             async with owner.begin() as conn:
                 await conn.execute(text(f'DROP OWNED BY "{role}"'))
                 await conn.execute(text(f'DROP ROLE "{role}"'))
+
+
+_STEP_BODY = (
+    "SELECT prosrc, xmin::text FROM pg_proc WHERE proname = 'asyncflow_step_v1' "
+    "AND pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())"
+)
+
+
+@pytest.mark.postgres
+async def test_postgres_an_older_release_keeps_the_newer_release_s_functions(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rolling deploy at one schema version: a newer release (definitions revision + 1, another step
+    function) migrated; this release's ``migrate()`` (an old process restarting) keeps the newer
+    function, with a warning, instead of putting its own back; the newer release's next
+    ``migrate()`` then has nothing to replace either."""
+    newer_step = STEP_FUNCTION.replace("-- One step of asyncflow's engine", "-- A newer step")
+    newer_release = {"REVISION": definitions.REVISION + 1, "REPAIR": (newer_step, *pg_schema.REPAIR[1:])}
+
+    def as_newer_release(patched: pytest.MonkeyPatch) -> None:
+        patched.setattr(definitions, "REVISION", newer_release["REVISION"])
+        patched.setattr(pg_schema, "REPAIR", newer_release["REPAIR"])
+
+    async with isolated_pg_engine(postgres_url) as engine, af.SQLAlchemyWorkflowRepo(engine) as repo:
+        await repo.migrate()
+        with monkeypatch.context() as patched:
+            as_newer_release(patched)
+            await repo.migrate()
+        async with engine.connect() as conn:
+            installed = (await conn.exec_driver_sql(_STEP_BODY)).one()
+        assert installed[0] == newer_step.split("$asyncflow$")[1]
+        with caplog.at_level(logging.WARNING, logger="asyncflow.store"):
+            await repo.migrate()  # this release again
+        async with engine.connect() as conn:
+            assert (await conn.exec_driver_sql(_STEP_BODY)).one() == installed
+        assert "newer asyncflow" in caplog.text
+        with monkeypatch.context() as patched:
+            as_newer_release(patched)
+            await repo.migrate()
+        async with engine.connect() as conn:
+            assert (await conn.exec_driver_sql(_STEP_BODY)).one() == installed  # not even re-created

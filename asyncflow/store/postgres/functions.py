@@ -1,9 +1,10 @@
 """The PostgreSQL functions of asyncflow's SQL repo, as ``CREATE OR REPLACE`` DDL.
 
-Migration 2 installs them, and every ``repo.migrate()`` re-installs them (``CREATE OR REPLACE``), so
-a database whose functions were dropped gets them back. The repo needs them: a step without them
-raises ``StoreError`` naming ``migrate()``. The status lists in them come from
-:mod:`asyncflow.status`.
+Migration 2 installs them, and every ``repo.migrate()`` re-installs them (``CREATE OR REPLACE``) where
+they are missing or an older release's, so a database whose functions were dropped gets them back, and
+keeps a newer release's (:mod:`.definitions`; a change here bumps its ``REVISION``). The repo needs
+them: a step without them raises ``StoreError`` naming ``migrate()``. The status lists in them come
+from :mod:`asyncflow.status`.
 
 * ``asyncflow_step_v1(jsonb)``: one step of the engine, all or nothing (SQLSTATE ``AF409`` when a
   condition fails, ``AF410`` when the step's lease epoch is no longer the instance's). Migration 3

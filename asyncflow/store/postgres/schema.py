@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import logging
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -20,10 +20,13 @@ from ..migrations import (
     check_migrations,
 )
 from ..tables import FILLFACTOR
+from . import definitions
 from .finished import FINISHED_DDL, FINISHED_DDL_V10, FINISHED_DDL_V12
 from .functions import BATCH_FUNCTION, CLAIM_FUNCTION, STEP_FUNCTION
 
 __all__ = ["MIGRATIONS", "REPAIR", "has_version_table", "lock_schema", "repair"]
+
+logger = logging.getLogger(__name__)
 
 _SCHEMA_LOCK_CLASS = 0x61737966  # "asyf": with the schema's hash, serializes concurrent migrate()
 
@@ -164,41 +167,24 @@ MIGRATIONS = check_migrations(
 )
 
 REPAIR = (STEP_FUNCTION, BATCH_FUNCTION, CLAIM_FUNCTION)
-"""Re-installed by ``migrate()`` (``CREATE OR REPLACE``) where missing or not as written here
-(:func:`repair`): functions someone dropped come back."""
-
-_NAME = re.compile(r"FUNCTION (\w+)\(")
-_SETTING = re.compile(r"\bSET (\w+) = (\w+)")
-
-_INSTALLED = text(
-    "SELECT EXISTS (SELECT FROM pg_proc WHERE proname = :name "
-    "AND pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema()) "
-    "AND prosrc = :body AND coalesce(proconfig, '{}') = CAST(:settings AS text[]))"
-)
-
-
-def _installed_as(ddl: str) -> dict[str, object]:
-    """What ``pg_proc`` holds for the function ``ddl`` makes: its name, body and ``SET`` settings."""
-    head, body, _ = ddl.split("$asyncflow$")
-    name = _NAME.search(head)
-    assert name is not None, ddl
-    return {
-        "name": name[1],
-        "body": body,
-        "settings": [f"{key}={value}" for key, value in _SETTING.findall(head)],
-    }
-
-
-_REPAIR_CHECKS = tuple((_installed_as(ddl), ddl) for ddl in REPAIR)
+"""Re-installed by ``migrate()`` (``CREATE OR REPLACE``) where missing or not as written here, unless a
+newer release installed them (:func:`repair`, :mod:`.definitions`): functions someone dropped come
+back, and a rolling deploy's older processes do not put their own back."""
 
 
 async def repair(conn: AsyncConnection) -> None:
-    """Install each function of :data:`REPAIR` that the current schema lacks or holds with another body
-    or other settings (an older release's); nothing when all are in place, so ``migrate()`` with nothing
-    to do needs no right to create or replace them."""
-    for expected, ddl in _REPAIR_CHECKS:
-        if not (await conn.execute(_INSTALLED, expected)).scalar():
-            await conn.exec_driver_sql(ddl)
+    """Install each function of :data:`REPAIR` that the current schema lacks or holds as another
+    release's, by the rule of :func:`.definitions.install`: an older release's is replaced, a newer
+    release's kept (with a warning); nothing when all are in place, so ``migrate()`` with nothing to do
+    needs no right to create or replace them."""
+    newer = await definitions.install(conn, REPAIR)
+    if newer:
+        logger.warning(
+            "kept %s as a newer asyncflow installed them (definitions revision above this asyncflow's "
+            "%d): this process runs on them; upgrade it",
+            ", ".join(newer),
+            definitions.REVISION,
+        )
 
 
 _VERSION_TABLE_HERE = text(
