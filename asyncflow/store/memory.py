@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from .._held import holds_cancellation
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import DuplicateWorkflowError, StoreError, UniqueViolationError
+from ..errors import DuplicateWorkflowError, InvalidStateError, StoreError, UniqueViolationError
 from ..records import (
     InstanceFields,
     InstanceWhere,
@@ -44,6 +44,7 @@ from ._json import (
 )
 from ._memory_leases import MemoryLeases
 from ._memory_rows import Instance, State, Task, changed_instance, changed_task, leased_instance, paged
+from .migrations import IN_TRANSACTION
 
 __all__ = ["MemoryWorkflowRepo"]
 
@@ -78,10 +79,14 @@ class MemoryWorkflowRepo:
         await self.aclose()
 
     async def migrate(self) -> None:
-        """Nothing to create or upgrade (idempotent)."""
+        """Nothing to create or upgrade (idempotent); inside :meth:`transaction` ``InvalidStateError``,
+        as on the SQL repo."""
+        if self._joined():
+            raise InvalidStateError(IN_TRANSACTION)
 
     async def create_schema(self) -> None:
         """The same as :meth:`migrate`."""
+        await self.migrate()
 
     async def aclose(self) -> None:
         """Nothing to release; the data stays readable."""

@@ -31,6 +31,7 @@ from .tables import SCHEMA_VERSION, asyncflow_schema
 __all__ = [
     "CHILD_COLUMNS",
     "CHILD_INDEXES",
+    "IN_TRANSACTION",
     "NOTIFY_COLUMNS",
     "SCHEDULE_FINGERPRINT_COLUMNS",
     "SCHEDULE_TABLES",
@@ -53,6 +54,13 @@ VERSION_TABLE = (
 
 """DDL text, or a step that needs to look first (e.g. SQLite's ``ADD COLUMN``, which has no ``IF NOT
 EXISTS``: a table made from ``metadata`` already has the column)."""
+
+
+IN_TRANSACTION = (
+    "migrate() cannot run inside transaction(): each version commits on its own, so call it outside "
+    "(at deploy time or at start-up, before the transaction)"
+)
+"""The ``InvalidStateError`` of ``migrate()`` inside ``transaction()`` (every repo refuses it)."""
 
 
 @dataclass(frozen=True, slots=True)

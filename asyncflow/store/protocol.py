@@ -45,7 +45,8 @@ class WorkflowRepo(Protocol):
     """
 
     async def migrate(self) -> None:
-        """Create the schema or upgrade it to ``SCHEMA_VERSION`` (forward-only, idempotent, concurrent)."""
+        """Create the schema or upgrade it to ``SCHEMA_VERSION`` (forward-only, idempotent, concurrent);
+        ``InvalidStateError`` inside ``transaction()``."""
 
     async def create_schema(self) -> None:
         """The same as :meth:`migrate` (the 0.1 name)."""

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._held import holds_cancellation
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import DuplicateWorkflowError, ParamInvalidError, StoreError
+from ..errors import DuplicateWorkflowError, InvalidStateError, ParamInvalidError, StoreError
 from ..records import (
     InstanceFields,
     InstanceWhere,
@@ -150,7 +150,14 @@ class SQLAlchemyWorkflowRepo:
         runnable rows on a 2-core test machine); on a large live table made before it existed, build
         it first with ``CREATE INDEX CONCURRENTLY ix_workflow_instance_due ON workflow_instance
         (next_run_at, id) WHERE status IN ('init', 'running')``.
+
+        Inside :meth:`transaction` it raises ``InvalidStateError`` and does nothing: its versions
+        would be savepoints of the caller's transaction, committed (and seen by other connections,
+        this repo's own among them) only with it, while the schema's lock and the tables' DDL locks
+        were held until then, stalling every other migrator and, for some versions, every step.
         """
+        if self._units.in_transaction():
+            raise InvalidStateError(migrations.IN_TRANSACTION)
         schema = self._backend.schema
         with StoreErrors("migrate"):
             await migrations.migrate(

@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import asyncflow as af
-from asyncflow.errors import StoreError
+from asyncflow.errors import InvalidStateError, StoreError
 from asyncflow.store.migrations import Migration
 from asyncflow.store.postgres import definitions
 from asyncflow.store.postgres import schema as pg_schema
@@ -442,3 +442,35 @@ async def test_postgres_an_older_release_keeps_the_newer_release_s_functions(
             await repo.migrate()
         async with engine.connect() as conn:
             assert (await conn.exec_driver_sql(_STEP_BODY)).one() == installed  # not even re-created
+
+
+async def _refused_inside_a_transaction(repo: Any) -> None:
+    """``migrate()`` inside ``transaction()`` raises ``InvalidStateError`` before it touches anything:
+    its DDL would join the caller's transaction, commit (and show to other connections) only with
+    it, and hold the schema's advisory lock and the table locks until then (another process's
+    ``migrate()`` waited the whole time)."""
+    async with repo.transaction():
+        with pytest.raises(InvalidStateError, match=r"inside transaction\(\)"):
+            await repo.migrate()
+        with pytest.raises(InvalidStateError, match=r"inside transaction\(\)"):
+            await repo.create_schema()
+
+
+async def test_memory_migrate_is_refused_inside_a_transaction() -> None:
+    await _refused_inside_a_transaction(af.MemoryWorkflowRepo())
+
+
+async def test_sqlite_migrate_is_refused_inside_a_transaction(sqlite_url: str) -> None:
+    async with af.SQLAlchemyWorkflowRepo(sqlite_url) as repo:
+        await _refused_inside_a_transaction(repo)
+        assert await repo.schema_version() == 0
+
+
+@pytest.mark.postgres
+async def test_postgres_migrate_is_refused_inside_a_transaction(postgres_url: str) -> None:
+    async with isolated_pg_engine(postgres_url) as engine, af.SQLAlchemyWorkflowRepo(engine) as repo:
+        await _refused_inside_a_transaction(repo)
+        assert await repo.schema_version() == 0
+        async with af.SQLAlchemyWorkflowRepo(engine) as other, asyncio.timeout(30):
+            await other.migrate()  # outside: as before
+        assert await repo.schema_version() == af.SCHEMA_VERSION
