@@ -24,7 +24,15 @@ from ._units import ConnectionUnits
 from .migrations import Migration
 from .protocol import DueListener
 
-__all__ = ["PACKAGES", "SchemaOps", "SqlBackend", "backend_for", "database_key_for", "engine_url_for"]
+__all__ = [
+    "PACKAGES",
+    "SchemaOps",
+    "SqlBackend",
+    "backend_for",
+    "database_key_for",
+    "engine_url_for",
+    "place_sql_for",
+]
 
 
 class SchemaOps(Protocol):
@@ -96,7 +104,8 @@ PACKAGES = {"postgresql": "postgres", "sqlite": "sqlite"}
 """The backend package of each SQLAlchemy dialect name (another database: one more entry). Each
 package has ``engine_url(url, engine_kwargs)`` (the driver and options of an engine the repo builds
 from a URL), ``open_backend(engine)`` (its :class:`SqlBackend`) and ``database_key(url)`` (what
-names the database, for ``create_workflow(session=)``'s check)."""
+names the database) and ``PLACE_SQL`` (``None``, or a statement telling where a connection writes),
+for ``create_workflow(session=)``'s check."""
 
 
 def _package(name: str) -> Any:
@@ -119,6 +128,13 @@ def database_key_for(url: URL) -> tuple[object, ...] | None:
     (``None``: a database private to its engine, an in-memory SQLite one)."""
     key: tuple[object, ...] | None = _package(url.get_backend_name()).database_key(url)
     return key
+
+
+def place_sql_for(url: URL) -> str | None:
+    """The statement whose row tells where a connection to ``url``'s database writes (``None``: the
+    database key says it all)."""
+    sql: str | None = _package(url.get_backend_name()).PLACE_SQL
+    return sql
 
 
 def backend_for(engine: AsyncEngine) -> Any:

@@ -1,6 +1,7 @@
 """``create_workflow(session=...)``: the caller's SQLAlchemy ``AsyncSession`` or ``AsyncConnection``,
-checked to be in an open transaction on the repo's database, as the connection to insert on; and
-:func:`call_after_commit`, what runs once the caller's transaction has committed the insert."""
+checked to be in an open transaction on the repo's database (and, on PostgreSQL, to find the repo's
+tables on its ``search_path``), as the connection to insert on; and :func:`call_after_commit`, what
+runs once the caller's transaction has committed the insert."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from functools import partial
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, RootTransaction
+from sqlalchemy.engine import Connection, Engine, RootTransaction
 from sqlalchemy.exc import PendingRollbackError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
 from ..errors import ParamInvalidError
-from ._backend import database_key_for
+from ._backend import database_key_for, place_sql_for
+from ._errors import StoreErrors
 
 __all__ = ["call_after_commit", "caller_connection"]
 
@@ -59,12 +61,72 @@ async def caller_connection(session: object, engine: AsyncEngine) -> AsyncConnec
         raise ParamInvalidError(
             f"session must be an SQLAlchemy AsyncSession or AsyncConnection, got {type(session).__name__}"
         )
-    if not _same_database(conn.engine, engine):
+    theirs = conn.engine
+    if theirs.sync_engine is engine.sync_engine:  # the repo's own connections: its own tables
+        return conn
+    if not _same_database(theirs, engine):
         raise ParamInvalidError(
-            f"session is on another database ({conn.engine.url.render_as_string()}) than the repo's "
+            f"session is on another database ({theirs.url.render_as_string()}) than the repo's "
             f"({engine.url.render_as_string()})"
         )
+    sql = place_sql_for(engine.url)
+    if sql is not None:
+        await _check_place(conn, engine, sql)
     return conn
+
+
+async def _check_place(conn: AsyncConnection, engine: AsyncEngine, sql: str) -> None:
+    """``ParamInvalidError`` unless ``conn`` writes where the repo does (the backend's ``PLACE_SQL``:
+    on PostgreSQL, the schema in which the ``search_path`` finds ``workflow_instance``). One URL reaches
+    every schema of its database, and the caller's engine may set another ``search_path``: the insert
+    would then fail on a schema without the tables, or land in another install's.
+
+    The caller's side is read at the first create of each of its transactions (one statement on its
+    connection) and kept with that transaction: the ``search_path`` may differ per transaction (a
+    ``SET`` per request, a pool event), not within one unless the caller sets it between two creates.
+    The repo's side is read once per engine, and again when it does not match (a ``migrate()``, a
+    restart since)."""
+    transaction = conn.sync_connection.get_transaction() if conn.sync_connection is not None else None
+    theirs = _caller_places.get(transaction) if transaction is not None else None
+    if theirs is None:
+        with StoreErrors("create_workflow(session=)"):
+            theirs = tuple((await conn.exec_driver_sql(sql)).one())
+        if transaction is not None:
+            _caller_places[transaction] = theirs
+    ours = _repo_places.get(engine.sync_engine)
+    if ours is not None and _same_place(theirs, ours):
+        return
+    with StoreErrors("create_workflow(session=)"):
+        async with engine.connect() as own:
+            ours = tuple((await own.exec_driver_sql(sql)).one())
+    _repo_places[engine.sync_engine] = ours
+    if not _same_place(theirs, ours):
+        raise ParamInvalidError(_place_mismatch(theirs, ours))
+
+
+def _same_place(theirs: tuple[Any, ...], ours: tuple[Any, ...]) -> bool:
+    """Both find ``workflow_instance`` in one schema (or, the repo's not migrated yet, neither does and
+    both are in one current schema)."""
+    return theirs[0] == ours[0] and (ours[0] is not None or theirs[1] == ours[1])
+
+
+def _place_mismatch(theirs: tuple[Any, ...], ours: tuple[Any, ...]) -> str:
+    repo_schema = ours[0] or ours[1]
+    if theirs[0] is None:
+        found = f"finds no workflow_instance table (its current schema is {theirs[1]!r})"
+    else:
+        found = f"finds workflow_instance in schema {theirs[0]!r} (another asyncflow install's tables)"
+    return (
+        f"session's search_path {found}, but the repo's tables are in schema {repo_schema!r}: "
+        "use a session whose search_path is the repo's (or the repo's engine)"
+    )
+
+
+_caller_places: weakref.WeakKeyDictionary[RootTransaction, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+"""Where each caller transaction writes, read at its first create (:func:`_check_place`)."""
+
+_repo_places: weakref.WeakKeyDictionary[Engine, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+"""Where each repo engine writes, read at the first create in a caller's session."""
 
 
 def call_after_commit(session: object, callback: Callable[[], None]) -> None:

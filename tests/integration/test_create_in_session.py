@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, Integer, String, select
+from sqlalchemy import BigInteger, Integer, String, event, make_url, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -328,3 +328,106 @@ async def test_a_session_whose_flush_failed_raises_a_typed_error(sql_repo: SQLAl
             await service.create_workflow("order", "F-1", session=session)
         await session.rollback()
     assert await service.count_workflow_instances() == 0
+
+
+async def _current_schema(engine: Any) -> str:
+    async with engine.connect() as conn:
+        return str((await conn.execute(text("SELECT current_schema()"))).scalar_one())
+
+
+def _engine_on(url: str, schema: str, **url_changes: Any) -> Any:
+    """A caller's own engine on ``url`` (changed by ``url_changes``) whose search_path is ``schema``."""
+    return create_async_engine(
+        make_url(url).set(**url_changes), connect_args={"server_settings": {"search_path": schema}}
+    )
+
+
+@pytest.mark.postgres
+async def test_a_session_whose_search_path_finds_no_asyncflow_tables_is_refused(postgres_url: str) -> None:
+    """Same URL, another schema (one without asyncflow's tables): refused before anything is written,
+    naming both schemas, and the caller's transaction is still usable."""
+    async with isolated_pg_engine(postgres_url) as engine, isolated_pg_engine(postgres_url) as bare:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        await _prepare(repo)
+        ours, theirs = await _current_schema(engine), await _current_schema(bare)
+        service, _ = fake_service(repo, one_node_registry("order"))
+        caller = _engine_on(postgres_url, theirs)
+        try:
+            async with AsyncSession(caller) as session, session.begin():
+                with pytest.raises(ParamInvalidError, match=rf"(?s)schema.*{theirs}.*{ours}"):
+                    await service.create_workflow("order", "N-1", session=session)
+                assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+            assert await service.count_workflow_instances() == 0
+        finally:
+            await caller.dispose()
+            await repo.aclose()
+
+
+@pytest.mark.postgres
+async def test_a_session_on_another_installs_schema_is_refused(postgres_url: str) -> None:
+    """Same URL, the schema of another asyncflow install (its own tables): refused, nothing lands in
+    either install."""
+    async with isolated_pg_engine(postgres_url) as engine, isolated_pg_engine(postgres_url) as other_engine:
+        repo, other = SQLAlchemyWorkflowRepo(engine), SQLAlchemyWorkflowRepo(other_engine)
+        await _prepare(repo)
+        await _prepare(other)
+        ours, theirs = await _current_schema(engine), await _current_schema(other_engine)
+        service, _ = fake_service(repo, one_node_registry("order"))
+        other_service, _ = fake_service(other, one_node_registry("order"))
+        caller = _engine_on(postgres_url, theirs)
+        try:
+            async with AsyncSession(caller) as session, session.begin():
+                with pytest.raises(ParamInvalidError, match=rf"(?s)schema.*{theirs}.*{ours}"):
+                    await service.create_workflow("order", "O-1", session=session)
+            async with caller.connect() as conn, conn.begin():  # an AsyncConnection: the same
+                with pytest.raises(ParamInvalidError, match=rf"(?s)schema.*{theirs}.*{ours}"):
+                    await service.create_workflow("order", "O-2", session=conn)
+            assert await service.count_workflow_instances() == 0
+            assert await other_service.count_workflow_instances() == 0
+        finally:
+            await caller.dispose()
+            await other.aclose()
+            await repo.aclose()
+
+
+@pytest.mark.postgres
+async def test_an_engine_of_its_own_on_the_repo_s_schema_joins_and_is_read_once_per_transaction(
+    postgres_url: str,
+) -> None:
+    """The caller's own engine on the repo's schema: accepted. Where it writes is read at the first
+    create of each transaction (not each create), and again in the next transaction, whose
+    search_path the caller may have changed."""
+    async with isolated_pg_engine(postgres_url) as engine, isolated_pg_engine(postgres_url) as other_engine:
+        repo, other = SQLAlchemyWorkflowRepo(engine), SQLAlchemyWorkflowRepo(other_engine)
+        await _prepare(repo)
+        await _prepare(other)
+        ours, theirs = await _current_schema(engine), await _current_schema(other_engine)
+        service, _ = fake_service(repo, one_node_registry("order"))
+        caller = _engine_on(postgres_url, ours)
+        reads: list[str] = []
+
+        def count_reads(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if "to_regclass" in statement:
+                reads.append(statement)
+
+        event.listen(caller.sync_engine, "before_cursor_execute", count_reads)
+        try:
+            async with caller.connect() as conn:
+                async with conn.begin():
+                    await conn.execute(text("CREATE TABLE app_note (id int)"))
+                    await service.create_workflow("order", "J-1", session=conn)
+                    await service.create_workflow("order", "J-2", session=conn)
+                    assert len(reads) == 1
+                async with conn.begin():  # this connection now writes to the other install's schema
+                    await conn.execute(text(f'SET search_path TO "{theirs}"'))
+                    with pytest.raises(ParamInvalidError, match=rf"(?s)schema.*{theirs}.*{ours}"):
+                        await service.create_workflow("order", "J-3", session=conn)
+                    await conn.execute(text(f'SET search_path TO "{ours}"'))
+            assert len(reads) == 2
+            assert await service.count_workflow_instances() == 2
+            async with engine.connect() as conn:  # the caller's own table and the instances: one schema
+                assert (await conn.execute(text("SELECT count(*) FROM app_note"))).scalar_one() == 0
+        finally:
+            await caller.dispose()
+            await other.aclose()
+            await repo.aclose()

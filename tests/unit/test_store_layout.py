@@ -65,6 +65,7 @@ def test_each_backend_package_has_the_calls_of_the_picker() -> None:
             importlib.import_module(f"asyncflow.store.{name}.{module.stem}")
         for call in ("engine_url", "open_backend", "database_key"):
             assert inspect.isfunction(getattr(package, call)), (name, call)
+        assert package.PLACE_SQL is None or isinstance(package.PLACE_SQL, str), name
 
 
 def test_the_cli_asks_the_repo_not_the_dialect() -> None:

@@ -3,7 +3,7 @@
 ``schema`` (migrations), ``engine`` (connection settings, engines built from a URL), ``sql`` (every
 per-instance statement), ``lane`` (the write gate and the backend's own connection), ``backend`` (the
 calls). The picker (:mod:`asyncflow.store._backend`) calls :func:`engine_url`, :func:`open_backend` and
-:func:`database_key`.
+:func:`database_key` (:data:`PLACE_SQL` is ``None``: the file decides).
 """
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ def database_key(url: URL) -> tuple[object, ...] | None:
     if url.database in (None, "", ":memory:"):
         return None
     return (os.path.abspath(url.database),)
+
+
+PLACE_SQL = None
+"""No statement tells where a connection writes (see the PostgreSQL package's): a SQLite database is
+its file, which :func:`database_key` names, and has no schemas to choose among."""
 
 
 def open_backend(engine: AsyncEngine) -> SqliteBackend:
