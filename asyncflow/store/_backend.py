@@ -104,8 +104,10 @@ PACKAGES = {"postgresql": "postgres", "sqlite": "sqlite"}
 """The backend package of each SQLAlchemy dialect name (another database: one more entry). Each
 package has ``engine_url(url, engine_kwargs)`` (the driver and options of an engine the repo builds
 from a URL), ``open_backend(engine)`` (its :class:`SqlBackend`) and ``database_key(url)`` (what
-names the database) and ``PLACE_SQL`` (``None``, or a statement telling where a connection writes),
-for ``create_workflow(session=)``'s check."""
+names the database) and ``PLACE_SQL`` (``None``, or a statement whose row tells where a connection
+writes: the schema in which it finds ``workflow_instance``, its current schema, its database, its
+server's start time and identifier, each ``NULL`` where unknown), for ``create_workflow(session=)``'s
+check."""
 
 
 def _package(name: str) -> Any:

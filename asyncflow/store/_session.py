@@ -30,9 +30,8 @@ _COMMIT_POLL = 0.001
 """Seconds between looks at a caller connection's COMMIT in flight (see :class:`_ConnectionWatch`)."""
 
 
-def _same_database(theirs: AsyncEngine, ours: AsyncEngine) -> bool:
-    if theirs.sync_engine is ours.sync_engine:
-        return True
+def _same_url_database(theirs: AsyncEngine, ours: AsyncEngine) -> bool:
+    """Whether the two URLs name one database (by the backend's ``database_key``)."""
     a, b = theirs.url, ours.url
     if a.get_backend_name() != b.get_backend_name():
         return False
@@ -41,8 +40,9 @@ def _same_database(theirs: AsyncEngine, ours: AsyncEngine) -> bool:
 
 
 async def caller_connection(session: object, engine: AsyncEngine) -> AsyncConnection:
-    """The connection of ``session``'s open transaction (``ParamInvalidError`` if it has none, or is
-    on another database than ``engine``'s). Nothing is begun on the caller's behalf."""
+    """The connection of ``session``'s open transaction (``ParamInvalidError`` if it has none, or
+    writes elsewhere than ``engine``: another database, another schema). Nothing is begun on the
+    caller's behalf."""
     if isinstance(session, AsyncSession):
         if not session.in_transaction():
             raise ParamInvalidError("session has no open transaction: use `async with session.begin():`")
@@ -64,22 +64,24 @@ async def caller_connection(session: object, engine: AsyncEngine) -> AsyncConnec
     theirs = conn.engine
     if theirs.sync_engine is engine.sync_engine:  # the repo's own connections: its own tables
         return conn
-    if not _same_database(theirs, engine):
+    sql = place_sql_for(engine.url)
+    if sql is not None and theirs.url.get_backend_name() == engine.url.get_backend_name():
+        await _check_place(conn, engine, sql)
+    elif not _same_url_database(theirs, engine):
         raise ParamInvalidError(
             f"session is on another database ({theirs.url.render_as_string()}) than the repo's "
             f"({engine.url.render_as_string()})"
         )
-    sql = place_sql_for(engine.url)
-    if sql is not None:
-        await _check_place(conn, engine, sql)
     return conn
 
 
 async def _check_place(conn: AsyncConnection, engine: AsyncEngine, sql: str) -> None:
-    """``ParamInvalidError`` unless ``conn`` writes where the repo does (the backend's ``PLACE_SQL``:
-    on PostgreSQL, the schema in which the ``search_path`` finds ``workflow_instance``). One URL reaches
-    every schema of its database, and the caller's engine may set another ``search_path``: the insert
-    would then fail on a schema without the tables, or land in another install's.
+    """``ParamInvalidError`` unless ``conn`` writes where the repo does, as the server tells it (the
+    backend's ``PLACE_SQL``: on PostgreSQL its database and server, and the schema in which the
+    ``search_path`` finds ``workflow_instance``). One URL reaches every schema of its database, and
+    the caller's engine may set another ``search_path``: the insert would then fail on a schema without
+    the tables, or land in another install's. One server has many names: the URLs decide only where the
+    server cannot tell (a role that may not read its identifier).
 
     The caller's side is read at the first create of each of its transactions (one statement on its
     connection) and kept with that transaction: the ``search_path`` may differ per transaction (a
@@ -93,24 +95,39 @@ async def _check_place(conn: AsyncConnection, engine: AsyncEngine, sql: str) -> 
             theirs = tuple((await conn.exec_driver_sql(sql)).one())
         if transaction is not None:
             _caller_places[transaction] = theirs
+    same_urls = _same_url_database(conn.engine, engine)
     ours = _repo_places.get(engine.sync_engine)
-    if ours is not None and _same_place(theirs, ours):
+    if ours is not None and _mismatch(theirs, ours, same_urls) is None:
         return
     with StoreErrors("create_workflow(session=)"):
         async with engine.connect() as own:
             ours = tuple((await own.exec_driver_sql(sql)).one())
     _repo_places[engine.sync_engine] = ours
-    if not _same_place(theirs, ours):
-        raise ParamInvalidError(_place_mismatch(theirs, ours))
+    mismatch = _mismatch(theirs, ours, same_urls)
+    if mismatch == "database":
+        raise ParamInvalidError(
+            f"session is on another database ({conn.engine.url.render_as_string()}: database "
+            f"{theirs[2]!r} of the server started at {theirs[3]}) than the repo's "
+            f"({engine.url.render_as_string()}: database {ours[2]!r} of the server started at {ours[3]})"
+        )
+    if mismatch == "schema":
+        raise ParamInvalidError(_schema_mismatch(theirs, ours))
 
 
-def _same_place(theirs: tuple[Any, ...], ours: tuple[Any, ...]) -> bool:
-    """Both find ``workflow_instance`` in one schema (or, the repo's not migrated yet, neither does and
-    both are in one current schema)."""
-    return theirs[0] == ours[0] and (ours[0] is not None or theirs[1] == ours[1])
+def _mismatch(theirs: tuple[Any, ...], ours: tuple[Any, ...], same_urls: bool) -> str | None:
+    """``None`` when both places are one: one database of one running server (same start time, and
+    same system identifier, or same URL where either is unknown), and ``workflow_instance`` found in
+    one schema (or, the repo's not migrated yet, in neither, both in one current schema). Else
+    ``"database"`` or ``"schema"``."""
+    both_known = theirs[4] is not None and ours[4] is not None
+    if theirs[2:4] != ours[2:4] or (theirs[4] != ours[4] if both_known else not same_urls):
+        return "database"
+    if theirs[0] != ours[0] or (ours[0] is None and theirs[1] != ours[1]):
+        return "schema"
+    return None
 
 
-def _place_mismatch(theirs: tuple[Any, ...], ours: tuple[Any, ...]) -> str:
+def _schema_mismatch(theirs: tuple[Any, ...], ours: tuple[Any, ...]) -> str:
     repo_schema = ours[0] or ours[1]
     if theirs[0] is None:
         found = f"finds no workflow_instance table (its current schema is {theirs[1]!r})"

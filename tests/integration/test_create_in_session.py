@@ -431,3 +431,61 @@ async def test_an_engine_of_its_own_on_the_repo_s_schema_joins_and_is_read_once_
             await caller.dispose()
             await other.aclose()
             await repo.aclose()
+
+
+def _other_name_of(url: str) -> str:
+    """The host of ``url`` under its other loopback name (the same server)."""
+    host = make_url(url).host
+    names = {"127.0.0.1": "localhost", "localhost": "127.0.0.1"}
+    if host not in names:
+        pytest.skip(f"the test server's host {host!r} has no other loopback name to try")
+    return names[host]
+
+
+@pytest.mark.postgres
+async def test_one_server_named_localhost_or_127_0_0_1_is_one_database(postgres_url: str) -> None:
+    """The caller's engine names the repo's server otherwise (``localhost`` for ``127.0.0.1``): what
+    the server reports (its database, start time and system identifier) says it is the same one, so
+    the create joins the caller's transaction."""
+    async with isolated_pg_engine(postgres_url) as engine:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        await _prepare(repo)
+        service, _ = fake_service(repo, one_node_registry("order"))
+        caller = _engine_on(postgres_url, await _current_schema(engine), host=_other_name_of(postgres_url))
+        try:
+            with pytest.raises(RuntimeError, match="undo"):
+                async with AsyncSession(caller) as session, session.begin():
+                    session.add(Order(reference="L-1"))
+                    await service.create_workflow("order", "L-1", session=session)
+                    raise RuntimeError("undo")
+            async with AsyncSession(caller) as session, session.begin():
+                session.add(Order(reference="L-2"))
+                await service.create_workflow("order", "L-2", session=session)
+            assert await _orders(repo) == ["L-2"]
+            assert [i.business_id for i in await service.query_workflow_instances()] == ["L-2"]
+        finally:
+            await caller.dispose()
+            await repo.aclose()
+
+
+@pytest.mark.postgres
+async def test_another_database_of_the_same_server_is_refused(postgres_url: str) -> None:
+    """Same server, same search_path, another database (``postgres``): refused, under either name
+    of the server."""
+    async with isolated_pg_engine(postgres_url) as engine:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        await _prepare(repo)
+        service, _ = fake_service(repo, one_node_registry("order"))
+        schema = await _current_schema(engine)
+        try:
+            for host in (make_url(postgres_url).host, _other_name_of(postgres_url)):
+                caller = _engine_on(postgres_url, schema, host=host, database="postgres")
+                try:
+                    async with caller.connect() as conn, conn.begin():
+                        with pytest.raises(ParamInvalidError, match="another database"):
+                            await service.create_workflow("order", "P-1", session=conn)
+                finally:
+                    await caller.dispose()
+            assert await service.count_workflow_instances() == 0
+        finally:
+            await repo.aclose()

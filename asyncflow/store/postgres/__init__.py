@@ -33,12 +33,23 @@ def database_key(url: URL) -> tuple[object, ...] | None:
 PLACE_SQL = (
     "SELECT (SELECT n.nspname FROM pg_catalog.pg_class c "
     "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE c.oid = pg_catalog.to_regclass('workflow_instance')), pg_catalog.current_schema()"
+    "WHERE c.oid = pg_catalog.to_regclass('workflow_instance')), pg_catalog.current_schema(), "
+    "pg_catalog.current_database(), pg_catalog.pg_postmaster_start_time(), "
+    "CASE WHEN pg_catalog.has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE') "
+    "THEN (SELECT system_identifier FROM pg_catalog.pg_control_system()) END"
 )
-"""Where a connection's writes go (one read-only statement): the schema in which its ``search_path``
-finds ``workflow_instance`` (``NULL``: none) and its current schema. A URL does not tell it: the
-``search_path`` (connect arguments, ``SET``, the role's default) picks the schema, so one URL reaches
-as many asyncflow installs as the database has schemas."""
+"""Where a connection's writes go, as the server tells it (one read-only statement that cannot fail
+for lack of a privilege): the schema in which its ``search_path`` finds ``workflow_instance``
+(``NULL``: none), its current schema, its database, and its server: the postmaster's start time and
+the cluster's ``system_identifier`` (``NULL`` where the role may not call ``pg_control_system()``).
+
+A URL does not tell it: the ``search_path`` (connect arguments, ``SET``, the role's default) picks the
+schema, so one URL reaches as many asyncflow installs as the database has schemas; and one server has
+many names (``localhost``, ``127.0.0.1``, a DNS name). The server's own address does not tell it
+either (``inet_server_addr()``: ``NULL`` over a Unix socket, one per interface, the same private
+address on two hosts). The identifier, set by ``initdb``, is shared by a physical standby and by
+clusters copied from one backup; the start time, to the microsecond, is not: together they tell one
+running server from another."""
 
 
 def open_backend(engine: AsyncEngine) -> PostgresBackend:
