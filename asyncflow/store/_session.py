@@ -62,8 +62,8 @@ async def caller_connection(session: object, engine: AsyncEngine) -> AsyncConnec
             f"session must be an SQLAlchemy AsyncSession or AsyncConnection, got {type(session).__name__}"
         )
     theirs = conn.engine
-    if theirs.sync_engine is engine.sync_engine:  # the repo's own connections: its own tables
-        return conn
+    if theirs.sync_engine.pool is engine.sync_engine.pool:  # the repo's own connections (its engine,
+        return conn  # or one made from it by execution_options()): its own settings, its own tables
     sql = place_sql_for(engine.url)
     if sql is not None and theirs.url.get_backend_name() == engine.url.get_backend_name():
         await _check_place(conn, engine, sql)

@@ -489,3 +489,29 @@ async def test_another_database_of_the_same_server_is_refused(postgres_url: str)
             assert await service.count_workflow_instances() == 0
         finally:
             await repo.aclose()
+
+
+@pytest.mark.postgres
+async def test_the_repo_s_own_pool_is_not_read(postgres_url: str) -> None:
+    """A session on the repo's engine, or on one made from it with execution_options() (the same pool,
+    so the same connections and settings), joins without the statement that reads where it writes."""
+    async with isolated_pg_engine(postgres_url) as engine:
+        repo = SQLAlchemyWorkflowRepo(engine)
+        await _prepare(repo)
+        service, _ = fake_service(repo, one_node_registry("order"))
+        reads: list[str] = []
+
+        def count_reads(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if "to_regclass" in statement:
+                reads.append(statement)
+
+        event.listen(engine.sync_engine, "before_cursor_execute", count_reads)
+        try:
+            for bind in (engine, engine.execution_options(isolation_level="REPEATABLE READ")):
+                async with AsyncSession(bind) as session, session.begin():
+                    await service.create_workflow("order", "E-1", session=session)
+            assert reads == []
+            assert await service.count_workflow_instances() == 2
+        finally:
+            event.remove(engine.sync_engine, "before_cursor_execute", count_reads)
+            await repo.aclose()
