@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._text import shown
 from .clock import Clock, SystemClock
 from .errors import ParamInvalidError
 
@@ -19,15 +20,15 @@ __all__ = ["DriverConfig", "DriverStats", "bounded", "merge_config", "seconds", 
 def seconds(name: str, value: object, *, positive: bool = False) -> float:
     """``value`` as a float of seconds, or ``ParamInvalidError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ParamInvalidError(f"{name} must be a finite number of seconds, got {value!r}")
+        raise ParamInvalidError(f"{name} must be a finite number of seconds, got {shown(value)}")
     if value < 0 or (positive and value == 0):
-        raise ParamInvalidError(f"{name} must be {'positive' if positive else '>= 0'}, got {value!r}")
+        raise ParamInvalidError(f"{name} must be {'positive' if positive else '>= 0'}, got {shown(value)}")
     return float(value)
 
 
 def _count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ParamInvalidError(f"DriverConfig.{name} must be an int >= 1, got {value!r}")
+        raise ParamInvalidError(f"DriverConfig.{name} must be an int >= 1, got {shown(value)}")
     return value
 
 
@@ -68,7 +69,7 @@ class DriverConfig:
         if seconds("DriverConfig.error_backoff_jitter", self.error_backoff_jitter) >= 1:
             raise ParamInvalidError("DriverConfig.error_backoff_jitter must be below 1")
         if not isinstance(self.listen, bool):
-            raise ParamInvalidError(f"DriverConfig.listen must be a bool, got {self.listen!r}")
+            raise ParamInvalidError(f"DriverConfig.listen must be a bool, got {shown(self.listen)}")
         types = self.workflow_types
         if types is not None:
             if isinstance(types, str) or not all(isinstance(t, str) and t for t in types):

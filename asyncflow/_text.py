@@ -8,9 +8,10 @@ The escapes are also valid JSON string escapes: JSON text stays valid JSON after
 
 from __future__ import annotations
 
+import math
 import re
 
-__all__ = ["dot_text", "inert", "inert_lines", "mermaid_text", "unstorable"]
+__all__ = ["dot_text", "inert", "inert_lines", "mermaid_text", "shown", "unstorable"]
 
 _BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
 _UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI}]")
@@ -43,6 +44,29 @@ def dot_text(text: str) -> str:
     """``text`` as a quoted Graphviz DOT string (inert; a newline is DOT's ``\\n``)."""
     escaped = inert_lines(text.replace("\r", "")).replace("\\", "\\\\").replace('"', '\\"')
     return '"' + escaped.replace("\n", "\\n") + '"'
+
+
+_LONG_INT_BITS = 256
+"""Ints of more bits (78 digits or more) are written as their number of digits by :func:`shown`."""
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message, an int of over 256 bits written as ``an int of N digits``.
+
+    Python refuses to write an int of over 4,300 digits as text (``sys.get_int_max_str_digits()``):
+    ``f"{value}"`` raised ``ValueError`` while the message of the intended typed error was being built.
+    A value that still cannot be written (such an int inside a list) is named by its type.
+    """
+    if isinstance(value, int) and value.bit_length() > _LONG_INT_BITS:
+        size = abs(value)
+        digits = int(math.log10(size))  # may be one too many just below a power of ten
+        if size < 10**digits:
+            digits -= 1
+        return f"{'a negative' if value < 0 else 'an'} int of {digits + 1} digits"
+    try:
+        return repr(value)
+    except ValueError:
+        return f"a {type(value).__name__} too long to write"
 
 
 def unstorable(text: str) -> str | None:

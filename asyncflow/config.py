@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from asyncflow._json_depth import loads_json_checked
+from asyncflow._text import shown
 from asyncflow.errors import ConfigError, ParamInvalidError
 from asyncflow.retry import RetryPolicy
 
@@ -35,7 +36,7 @@ _WORKFLOW_KEYS = frozenset({"id", "name", "nodes"})
 def _where(workflow: str | None, node: str | None) -> str:
     parts = []
     if workflow is not None:
-        parts.append(f"workflow {workflow!r}")
+        parts.append(f"workflow {shown(workflow)}")
     if node is not None:
         parts.append(f"node {node}")
     return ": ".join(parts) + ": " if parts else ""
@@ -44,7 +45,7 @@ def _where(workflow: str | None, node: str | None) -> str:
 def _node_ref(raw_id: object, index: int | None) -> str:
     if isinstance(raw_id, str) and raw_id:
         return repr(raw_id)
-    return f"#{index}" if index is not None else repr(raw_id)
+    return f"#{index}" if index is not None else shown(raw_id)
 
 
 def _fail(message: str, *, workflow: str | None, node: str | None = None, node_id: str = "") -> ConfigError:
@@ -60,11 +61,11 @@ def count_problem(value: object, field: str) -> str | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        return f"{field} must be an integer or null, got {type(value).__name__} {value!r}"
+        return f"{field} must be an integer or null, got {type(value).__name__} {shown(value)}"
     if value < 0:
-        return f"{field} must not be negative (0 or null disables it), got {value}"
+        return f"{field} must not be negative (0 or null disables it), got {shown(value)}"
     if value > INT64_MAX:
-        return f"{field} is larger than int64, got {value}"
+        return f"{field} is larger than int64, got {shown(value)}"
     return None
 
 
@@ -73,11 +74,11 @@ def _as_str_tuple(value: object, field: str) -> tuple[tuple[str, ...] | None, st
         return (), None
     if isinstance(value, str | bytes | Mapping | set | frozenset) or not isinstance(value, Iterable):
         # a mapping would give its keys and a set no order: Go's JSON accepts only an array here
-        return None, f"{field} must be a list of strings, got {type(value).__name__} {value!r}"
+        return None, f"{field} must be a list of strings, got {type(value).__name__} {shown(value)}"
     items = tuple(value)
     for item in items:
         if not isinstance(item, str):
-            return None, f"{field} must hold strings only, got {type(item).__name__} {item!r}"
+            return None, f"{field} must hold strings only, got {type(item).__name__} {shown(item)}"
     return items, None
 
 
@@ -112,11 +113,11 @@ class NodeConfig:
         ref = _node_ref(self.id, index)
         node_id = self.id if isinstance(self.id, str) else ""
         if not isinstance(self.id, str):
-            problem = f"id must be a string, got {type(self.id).__name__} {self.id!r}"
+            problem = f"id must be a string, got {type(self.id).__name__} {shown(self.id)}"
             raise _fail(problem, workflow=workflow, node=ref)
         if not isinstance(self.name, str):
             raise _fail(
-                f"name must be a string, got {type(self.name).__name__} {self.name!r}",
+                f"name must be a string, got {type(self.name).__name__} {shown(self.name)}",
                 workflow=workflow,
                 node=ref,
                 node_id=node_id,
@@ -127,7 +128,7 @@ class NodeConfig:
         if problem is None:
             problem = count_problem(self.max_wait_time_ts, "max_wait_time_ts")
         if problem is None and self.join not in JOINS:
-            problem = f"join must be one of {', '.join(map(repr, JOINS))}, got {self.join!r}"
+            problem = f"join must be one of {', '.join(map(repr, JOINS))}, got {shown(self.join)}"
         if problem is None and self.retry is not None and not isinstance(self.retry, RetryPolicy):
             problem = self._parse_retry()
         if problem is not None:
@@ -136,7 +137,8 @@ class NodeConfig:
 
     def _parse_retry(self) -> str | None:
         if not isinstance(self.retry, Mapping):
-            return f"retry must be a RetryPolicy or an object, got {type(self.retry).__name__} {self.retry!r}"
+            got = f"{type(self.retry).__name__} {shown(self.retry)}"
+            return f"retry must be a RetryPolicy or an object, got {got}"
         try:
             object.__setattr__(self, "retry", RetryPolicy.from_dict(self.retry))
         except ParamInvalidError as exc:
@@ -198,9 +200,11 @@ class WorkflowConfig:
     def __post_init__(self) -> None:
         wid = self.id if isinstance(self.id, str) else None
         if not isinstance(self.id, str):
-            raise ConfigError(f"workflow id must be a string, got {type(self.id).__name__} {self.id!r}")
+            raise ConfigError(f"workflow id must be a string, got {type(self.id).__name__} {shown(self.id)}")
         if not isinstance(self.name, str):
-            raise _fail(f"name must be a string, got {type(self.name).__name__} {self.name!r}", workflow=wid)
+            raise _fail(
+                f"name must be a string, got {type(self.name).__name__} {shown(self.name)}", workflow=wid
+            )
         if isinstance(self.nodes, str | bytes | Mapping) or not isinstance(self.nodes, Iterable):
             raise _fail(f"nodes must be a list of NodeConfig, got {type(self.nodes).__name__}", workflow=wid)
         nodes = tuple(self.nodes)
@@ -226,7 +230,7 @@ class WorkflowConfig:
             raise ConfigError(f"workflow config must be an object, got {type(d).__name__}")
         raw_id = d.get("id", "")
         if not isinstance(raw_id, str):
-            raise ConfigError(f"workflow id must be a string, got {type(raw_id).__name__} {raw_id!r}")
+            raise ConfigError(f"workflow id must be a string, got {type(raw_id).__name__} {shown(raw_id)}")
         unknown = sorted(str(k) for k in d if k not in _WORKFLOW_KEYS)
         if unknown:
             raise _fail(f"unknown key(s) {', '.join(map(repr, unknown))}", workflow=raw_id)

@@ -31,6 +31,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
+from asyncflow._text import shown
 from asyncflow.errors import ParamInvalidError
 
 __all__ = ["JSONContext", "dumps_json", "loads_json_object", "merge_json_contexts"]
@@ -260,7 +261,7 @@ class JSONContext:
             raise ParamInvalidError("keys cannot be empty")
         for key in keys:
             if not isinstance(key, str):
-                raise ParamInvalidError(f"every key must be a str, got {type(key).__name__}: {key!r}")
+                raise ParamInvalidError(f"every key must be a str, got {type(key).__name__}: {shown(key)}")
         current = self._data
         for key in keys[:-1]:
             child = current.get(key)
@@ -426,7 +427,8 @@ def _check_simple(target: type, value: Any, where: str) -> Any:
         ok = isinstance(value, target)
     if not ok:
         raise ParamInvalidError(
-            f"cannot unmarshal {where}: expected {target.__name__}, got {type(value).__name__} {value!r:.80}"
+            f"cannot unmarshal {where}: expected {target.__name__}, "
+            f"got {type(value).__name__} {shown(value):.80}"
         )
     return value
 

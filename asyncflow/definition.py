@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from asyncflow._text import dot_text, mermaid_text, unstorable
+from asyncflow._text import dot_text, mermaid_text, shown, unstorable
 from asyncflow.config import JOINS, WorkflowConfig, count_problem
 from asyncflow.errors import ConfigError, TaskWorkerNotFoundError
 from asyncflow.retry import RetryPolicy
@@ -100,7 +100,7 @@ class NodeDefinition:
 
     def __post_init__(self) -> None:
         if not isinstance(self.task_type, str) or not self.task_type:
-            raise ConfigError(f"node task_type must be a non-empty string, got {self.task_type!r}")
+            raise ConfigError(f"node task_type must be a non-empty string, got {shown(self.task_type)}")
         if self.fail_max_count is not None:
             object.__setattr__(
                 self, "fail_max_count", _check_count(self.fail_max_count, "fail_max_count", self.task_type)
@@ -115,7 +115,7 @@ class NodeDefinition:
         if self.join not in JOINS:
             raise ConfigError(
                 f"node {self.task_type!r}: join must be one of {', '.join(map(repr, JOINS))}, "
-                f"got {self.join!r}",
+                f"got {shown(self.join)}",
                 nodes=(self.task_type,),
             )
         object.__setattr__(self, "has_wait_check", worker_has_wait_check(self.worker))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._frozen import positional, quick_init
+from ._text import shown
 from .errors import ParamInvalidError
 from .status import RUNNABLE_INSTANCE_STATUSES
 
@@ -51,9 +52,9 @@ class Pager:
         for name in ("page", "size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ParamInvalidError(f"Pager.{name} must be an int, got {value!r}")
+                raise ParamInvalidError(f"Pager.{name} must be an int, got {shown(value)}")
             if value < 0:
-                raise ParamInvalidError(f"Pager.{name} must not be negative, got {value}")
+                raise ParamInvalidError(f"Pager.{name} must not be negative, got {shown(value)}")
 
     def resolved(self) -> tuple[int, int]:
         """``(page, size)`` with the defaults applied (the object itself is never changed)."""
@@ -94,15 +95,20 @@ class QueryWorkflowInstanceParams:
                 value = ()
             if isinstance(value, str | bytes) or not isinstance(value, Iterable):
                 raise ParamInvalidError(f"{name} must be a sequence of strings, got {type(value).__name__}")
-            object.__setattr__(self, name, tuple(str(v) for v in value))
+            try:
+                object.__setattr__(self, name, tuple(str(v) for v in value))
+            except ValueError:  # str() of an int of over 4,300 digits
+                raise ParamInvalidError(
+                    f"{name} must hold strings (an int too long to write is not one)"
+                ) from None
         for name in ("workflow_instance_id", "id_greater_than", "task_id"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ParamInvalidError(f"{name} must be an int or None, got {value!r}")
+                raise ParamInvalidError(f"{name} must be an int or None, got {shown(value)}")
         if self.business_id is not None and not isinstance(self.business_id, str):
-            raise ParamInvalidError(f"business_id must be a str or None, got {self.business_id!r}")
+            raise ParamInvalidError(f"business_id must be a str or None, got {shown(self.business_id)}")
         if not isinstance(self.page, Pager):
-            raise ParamInvalidError(f"page must be a Pager, got {self.page!r}")
+            raise ParamInvalidError(f"page must be a Pager, got {shown(self.page)}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from asyncflow._text import shown
 from asyncflow.config import WorkflowConfig
 from asyncflow.definition import WorkflowDefinition, build_definition, validate_config
 from asyncflow.errors import (
@@ -66,7 +67,7 @@ def _coerce_config(config: WorkflowConfig | Mapping[str, Any] | str | bytes) -> 
 
 def _check_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ParamInvalidError(f"{what} must be a non-empty string, got {value!r}")
+        raise ParamInvalidError(f"{what} must be a non-empty string, got {shown(value)}")
     return value
 
 

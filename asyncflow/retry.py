@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ._text import shown
 from .errors import ParamInvalidError
 
 __all__ = ["RetryPolicy"]
@@ -75,11 +76,11 @@ def _problem(policy: RetryPolicy) -> str | None:
     for name in ("initial_interval", "backoff", "max_interval", "jitter"):
         value = getattr(policy, name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
-            return f"{name} must be a finite number, got {type(value).__name__} {value!r}"
+            return f"{name} must be a finite number, got {type(value).__name__} {shown(value)}"
         if value < 0:
-            return f"{name} must not be negative, got {value}"
+            return f"{name} must not be negative, got {shown(value)}"
     if policy.backoff < 1:
-        return f"backoff must be at least 1, got {policy.backoff}"
+        return f"backoff must be at least 1, got {shown(policy.backoff)}"
     if policy.jitter >= 1:
-        return f"jitter must be below 1, got {policy.jitter}"
+        return f"jitter must be below 1, got {shown(policy.jitter)}"
     return None

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 
 from ._json_depth import check_json_depth
-from ._text import unstorable
+from ._text import shown, unstorable
 from .errors import ConfigError, ParamInvalidError
 from .store._json import dumps_context
 
@@ -62,15 +62,15 @@ class Schedule:
     catch_up: bool = False
 
     def __post_init__(self) -> None:
-        where = f"schedule {self.id!r}"
+        where = f"schedule {shown(self.id)}"
         if not isinstance(self.id, str) or not self.id.strip() or "@" in self.id or unstorable(self.id):
-            raise ConfigError(f"schedule id must be a non-empty string without '@', got {self.id!r}")
+            raise ConfigError(f"schedule id must be a non-empty string without '@', got {shown(self.id)}")
         if not isinstance(self.workflow_type, str) or not self.workflow_type:
             raise ConfigError(
-                f"{where}: workflow_type must be a non-empty string, got {self.workflow_type!r}"
+                f"{where}: workflow_type must be a non-empty string, got {shown(self.workflow_type)}"
             )
         if not isinstance(self.catch_up, bool):
-            raise ConfigError(f"{where}: catch_up must be a bool, got {self.catch_up!r}")
+            raise ConfigError(f"{where}: catch_up must be a bool, got {shown(self.catch_up)}")
         if not isinstance(self.context, Mapping):
             raise ConfigError(f"{where}: context must be a mapping, got {type(self.context).__name__}")
         # what every tick's instance gets: refused here as create_workflow would refuse it (a NUL, a lone
@@ -85,7 +85,7 @@ class Schedule:
         self.zone()  # checks the time zone
         if not isinstance(self.cron, str) or len(self.cron.split()) != 5:
             raise ConfigError(
-                f"{where}: cron must have 5 fields (minute hour day month weekday), got {self.cron!r}"
+                f"{where}: cron must have 5 fields (minute hour day month weekday), got {shown(self.cron)}"
             )
         try:
             CronSim(self.cron, datetime.now(UTC).astimezone(self.zone()))
@@ -99,7 +99,9 @@ class Schedule:
                 raise ValueError("empty")
             return ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ConfigError(f"schedule {self.id!r}: unknown time zone {self.timezone!r} ({exc})") from None
+            raise ConfigError(
+                f"schedule {shown(self.id)}: unknown time zone {shown(self.timezone)} ({exc})"
+            ) from None
 
     def next_tick(self, after: datetime) -> datetime:
         """The first tick strictly after ``after`` (aware), in UTC."""

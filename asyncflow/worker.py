@@ -22,6 +22,7 @@ import anyio.to_thread
 
 from asyncflow._frozen import quick_init
 from asyncflow._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
+from asyncflow._text import shown
 from asyncflow.errors import InvalidStateError, LockFailedError, ParamInvalidError
 
 if TYPE_CHECKING:
@@ -413,10 +414,10 @@ async def start_child_workflow(
         raise InvalidStateError("asyncflow.start_child_workflow() is only available inside a worker's run()")
     if not isinstance(workflow_type, str) or not workflow_type:
         raise ParamInvalidError(
-            f"start_child_workflow(): workflow_type must be a non-empty str, got {workflow_type!r}"
+            f"start_child_workflow(): workflow_type must be a non-empty str, got {shown(workflow_type)}"
         )
     if not isinstance(key, str) or not key:
-        raise ParamInvalidError(f"start_child_workflow(): key must be a non-empty str, got {key!r}")
+        raise ParamInvalidError(f"start_child_workflow(): key must be a non-empty str, got {shown(key)}")
     start = call.start
     if start is None:
         raise LockFailedError("this pass runs without a service: it cannot start child workflows")

@@ -12,6 +12,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Literal
 
+from .._text import shown
 from ..errors import DuplicateWorkflowError, ParamInvalidError
 from ..records import NewWorkflowInstance, WorkflowInstanceRecord
 from ..store.protocol import JoinsSessions, WorkflowRepo
@@ -52,21 +53,21 @@ def start_ms(start_at: object, start_in: object, now_ms: int) -> int | None:
             f"start_in must be seconds (int/float) or a timedelta, got {type(start_in).__name__}"
         )
     if not math.isfinite(seconds) or seconds < 0:
-        raise ParamInvalidError(f"start_in must be a finite number of seconds >= 0, got {start_in!r}")
+        raise ParamInvalidError(f"start_in must be a finite number of seconds >= 0, got {shown(start_in)}")
     return now_ms + math.ceil(seconds * 1000)
 
 
 def check_unique(unique: object, on_duplicate: object) -> Literal["active", "always"] | None:
     """``unique`` (``None``, ``"active"``, ``"always"``) after checking it and ``on_duplicate``."""
     if on_duplicate not in ON_DUPLICATE:
-        raise ParamInvalidError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
+        raise ParamInvalidError(f"on_duplicate must be one of {ON_DUPLICATE}, got {shown(on_duplicate)}")
     if unique is None:
         return None
     if unique == "active":
         return "active"
     if unique == "always":
         return "always"
-    raise ParamInvalidError(f"unique must be None, 'active' or 'always', got {unique!r}")
+    raise ParamInvalidError(f"unique must be None, 'active' or 'always', got {shown(unique)}")
 
 
 def session_scope(repo: WorkflowRepo, session: object, run: bool) -> AbstractAsyncContextManager[None]:

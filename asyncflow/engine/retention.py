@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from .._text import unstorable
+from .._text import shown, unstorable
 from ..errors import ParamInvalidError
 from ..status import InstanceStatus
 
@@ -33,11 +33,13 @@ class PurgeRequest:
 
 def _strings(value: object, name: str) -> tuple[str, ...]:
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise ParamInvalidError(f"{name} must be a list of strings, got {type(value).__name__} {value!r}")
+        raise ParamInvalidError(
+            f"{name} must be a list of strings, got {type(value).__name__} {shown(value)}"
+        )
     items = tuple(value)
     for item in items:
         if not isinstance(item, str) or not item:
-            raise ParamInvalidError(f"{name} must hold non-empty strings, got {item!r}")
+            raise ParamInvalidError(f"{name} must hold non-empty strings, got {shown(item)}")
         # what no database stores: PostgreSQL refused it with a raw driver error, the others matched nothing
         problem = unstorable(item)
         if problem is not None:
@@ -58,20 +60,20 @@ def purge_request(
     """Check the arguments of ``purge_workflow_instances``; bad ones raise ``ParamInvalidError``."""
     seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
-        raise ParamInvalidError(f"older_than must be seconds or a timedelta, got {older_than!r}")
+        raise ParamInvalidError(f"older_than must be seconds or a timedelta, got {shown(older_than)}")
     if seconds < 0:
-        raise ParamInvalidError(f"older_than must not be negative, got {older_than!r}")
+        raise ParamInvalidError(f"older_than must not be negative, got {shown(older_than)}")
     wanted = _strings(statuses, "statuses")
     if not wanted:
         raise ParamInvalidError("statuses must name at least one status")
     for status in wanted:
         if status not in PURGEABLE_STATUSES:
             raise ParamInvalidError(
-                f"cannot purge instances in status {status!r}: only {', '.join(PURGEABLE_STATUSES)}"
+                f"cannot purge instances in status {shown(status)}: only {', '.join(PURGEABLE_STATUSES)}"
             )
     types = None if workflow_types is None else _strings(workflow_types, "workflow_types")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ParamInvalidError(f"limit must be a positive int or None, got {limit!r}")
+        raise ParamInvalidError(f"limit must be a positive int or None, got {shown(limit)}")
     # an age reaching before 1970 by more than any stored time: nothing is older (and a cut-off
     # beyond 64 bits would overflow the database's integers)
     updated_before = max(math.floor(now - seconds), _EARLIEST)

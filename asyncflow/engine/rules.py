@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from .._text import shown
 from ..errors import (
     ParamInvalidError,
     TaskFailedContinue,
@@ -196,9 +197,11 @@ class SchedulePolicy:
     def __post_init__(self) -> None:
         value = self.poll_interval
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ParamInvalidError(f"SchedulePolicy.poll_interval must be a finite number, got {value!r}")
+            raise ParamInvalidError(
+                f"SchedulePolicy.poll_interval must be a finite number, got {shown(value)}"
+            )
         if value < 0:
-            raise ParamInvalidError(f"SchedulePolicy.poll_interval must not be negative, got {value}")
+            raise ParamInvalidError(f"SchedulePolicy.poll_interval must not be negative, got {shown(value)}")
         if self.legacy_retry is not None:
             warnings.warn(
                 "SchedulePolicy retry_base/retry_max/retry_jitter are deprecated: use "

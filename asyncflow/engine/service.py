@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 from .._json_depth import MAX_JSON_DEPTH, check_json_depth
+from .._text import shown
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import count_problem
 from ..context import INT64_MAX, INT64_MIN, JSONContext
@@ -95,8 +96,9 @@ def lock_key(instance_id: int) -> str:
 
 
 def _check_id(instance_id: object, name: str = "instance_id") -> int:
-    if isinstance(instance_id, bool) or not isinstance(instance_id, int) or instance_id <= 0:
-        raise ParamInvalidError(f"{name} must be a positive int, got {instance_id!r}")
+    if isinstance(instance_id, bool) or not isinstance(instance_id, int) or not 0 < instance_id <= INT64_MAX:
+        # beyond int64 no row has it (the repo refuses it), and the lock key could not write it out
+        raise ParamInvalidError(f"{name} must be a positive int64, got {shown(instance_id)}")
     return instance_id
 
 
@@ -109,7 +111,7 @@ def _check_timeout(timeout: object) -> None:
         or not timeout >= 0
         or (isinstance(timeout, int) and timeout > sys.float_info.max)  # asyncio.timeout: a float
     ):
-        raise ParamInvalidError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+        raise ParamInvalidError(f"timeout must be a number of seconds >= 0 or None, got {shown(timeout)}")
 
 
 def _context_dict(context: object, name: str) -> dict[str, Any]:
@@ -161,7 +163,7 @@ class WorkflowService:
             or visible_after < 0
         ):
             raise ParamInvalidError(
-                f"visible_after must be a finite number of seconds >= 0 or None, got {visible_after!r}"
+                f"visible_after must be a finite number of seconds >= 0 or None, got {shown(visible_after)}"
             )
         if (
             not isinstance(lock_ttl, int | float)
@@ -169,11 +171,13 @@ class WorkflowService:
             or not math.isfinite(lock_ttl)
             or lock_ttl < 0.001
         ):
-            raise ParamInvalidError(f"lock_ttl must be a finite number of seconds >= 0.001, got {lock_ttl!r}")
+            raise ParamInvalidError(
+                f"lock_ttl must be a finite number of seconds >= 0.001, got {shown(lock_ttl)}"
+            )
         if isinstance(branch_concurrency, bool) or not isinstance(branch_concurrency, int):
-            raise ParamInvalidError(f"branch_concurrency must be an int, got {branch_concurrency!r}")
+            raise ParamInvalidError(f"branch_concurrency must be an int, got {shown(branch_concurrency)}")
         if branch_concurrency < 1:
-            raise ParamInvalidError(f"branch_concurrency must be at least 1, got {branch_concurrency}")
+            raise ParamInvalidError(f"branch_concurrency must be at least 1, got {shown(branch_concurrency)}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ParamInvalidError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
         problem = count_problem(default_fail_max_count, "default_fail_max_count")
@@ -274,11 +278,11 @@ class WorkflowService:
         without commit). Not with ``run=True``, nor on a repo without SQL (``ParamInvalidError``).
         """
         if not isinstance(workflow_type, str) or not workflow_type:
-            raise ParamInvalidError(f"workflow_type must be a non-empty str, got {workflow_type!r}")
+            raise ParamInvalidError(f"workflow_type must be a non-empty str, got {shown(workflow_type)}")
         if not isinstance(business_id, str):
-            raise ParamInvalidError(f"business_id must be a str, got {business_id!r}")
+            raise ParamInvalidError(f"business_id must be a str, got {shown(business_id)}")
         if isinstance(task_id, bool) or not isinstance(task_id, int):
-            raise ParamInvalidError(f"task_id must be an int, got {task_id!r}")
+            raise ParamInvalidError(f"task_id must be an int, got {shown(task_id)}")
         mode = check_unique(unique, on_duplicate)
         in_session = session_scope(self.repo, session, run)
         now_ms = self._now_ms()
@@ -395,7 +399,8 @@ class WorkflowService:
             or not 0 <= wait_interval <= _MAX_WAIT_INTERVAL  # NaN too; the due time must fit in int64 ms
         ):
             raise ParamInvalidError(
-                f"wait_interval must be seconds in [0, {_MAX_WAIT_INTERVAL:g}] or None, got {wait_interval!r}"
+                f"wait_interval must be seconds in [0, {_MAX_WAIT_INTERVAL:g}] or None, "
+                f"got {shown(wait_interval)}"
             )
         return await self._run(instance_id, wait_interval=wait_interval)
 
@@ -726,13 +731,13 @@ class WorkflowService:
         """
         _check_id(instance_id)
         if not isinstance(task_type, str) or not task_type:
-            raise ParamInvalidError(f"task_type must be a non-empty str, got {task_type!r}")
+            raise ParamInvalidError(f"task_type must be a non-empty str, got {shown(task_type)}")
         if not isinstance(event, NodeExternalEvent):
             raise ParamInvalidError(f"event must be a NodeExternalEvent, got {type(event).__name__}")
         if isinstance(event.event_ts, bool) or not isinstance(event.event_ts, int):
-            raise ParamInvalidError(f"event_ts must be an int, got {event.event_ts!r}")
+            raise ParamInvalidError(f"event_ts must be an int, got {shown(event.event_ts)}")
         if not INT64_MIN <= event.event_ts <= INT64_MAX:  # the stored version is read back as an int64
-            raise ParamInvalidError(f"event_ts must fit in 64 bits (signed), got {event.event_ts!r}")
+            raise ParamInvalidError(f"event_ts must fit in 64 bits (signed), got {shown(event.event_ts)}")
         check_json_depth(event.event_content, "event_content", limit=MAX_JSON_DEPTH)
         _check_timeout(timeout)
         await self._holding(instance_id, timeout, lambda: self._store_event(instance_id, task_type, event))
@@ -833,7 +838,7 @@ class WorkflowService:
         """
         _check_id(instance_id)
         if not isinstance(task_type, str) or not task_type:
-            raise ParamInvalidError(f"task_type must be a non-empty str, got {task_type!r}")
+            raise ParamInvalidError(f"task_type must be a non-empty str, got {shown(task_type)}")
         new_context = None
         if workflow_context is not None:
             new_context = _context_dict(workflow_context, "workflow_context")

@@ -16,6 +16,7 @@ import sys
 import time
 from types import TracebackType
 
+from asyncflow._text import shown
 from asyncflow.errors import ParamInvalidError
 
 __all__ = ["Deadlines", "check_op_timeout"]
@@ -31,7 +32,7 @@ def check_op_timeout(op_timeout: object) -> float:
         or not math.isfinite(op_timeout)
         or op_timeout <= 0
     ):
-        raise ParamInvalidError(f"op_timeout must be a positive number of seconds, got {op_timeout!r}")
+        raise ParamInvalidError(f"op_timeout must be a positive number of seconds, got {shown(op_timeout)}")
     return float(op_timeout)
 
 

@@ -22,6 +22,7 @@ from contextvars import ContextVar, Token
 from types import MappingProxyType, TracebackType
 from typing import Generic, Self, TypeVar
 
+from asyncflow._text import shown
 from asyncflow.errors import LockFailedError, ParamInvalidError
 
 __all__ = ["Lease", "ReentrantLock"]
@@ -137,9 +138,11 @@ class ReentrantLock(Generic[LeaseT]):
         cancellation, and only if it is still this holder's.
         """
         if not isinstance(key, str) or not key:
-            raise ParamInvalidError(f"lock key must be a non-empty string, got {key!r}")
+            raise ParamInvalidError(f"lock key must be a non-empty string, got {shown(key)}")
         if not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl < 0.001:
-            raise ParamInvalidError(f"lock ttl must be a positive number of seconds (>= 0.001), got {ttl!r}")
+            raise ParamInvalidError(
+                f"lock ttl must be a positive number of seconds (>= 0.001), got {shown(ttl)}"
+            )
         return _Hold(self, key, float(ttl))
 
     @property

@@ -27,6 +27,7 @@ import logging
 import secrets
 import time
 
+from asyncflow._text import shown
 from asyncflow.errors import LockFailedError, ParamInvalidError, StoreError
 from asyncflow.lock._deadline import Deadlines, check_op_timeout
 from asyncflow.lock._reentrant import ReentrantLock
@@ -76,7 +77,7 @@ class DatabaseWorkflowLock(ReentrantLock[DatabaseLease]):
             )
         check_op_timeout(op_timeout)
         if not isinstance(prefix, str):
-            raise ParamInvalidError(f"prefix must be a string, got {prefix!r}")
+            raise ParamInvalidError(f"prefix must be a string, got {shown(prefix)}")
         super().__init__()
         self._repo = repo
         self._prefix = prefix

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from asyncflow._text import shown
 from asyncflow._urls import check_database_url
 from asyncflow.errors import LockFailedError, ParamInvalidError
 from asyncflow.lock._deadline import check_op_timeout
@@ -106,7 +107,7 @@ class PostgresAdvisoryLock(ReentrantLock[PostgresLease]):
     ) -> None:
         check_op_timeout(op_timeout)
         if not isinstance(namespace, str):
-            raise ParamInvalidError(f"namespace must be a string, got {namespace!r}")
+            raise ParamInvalidError(f"namespace must be a string, got {shown(namespace)}")
         super().__init__()
         self._namespace = namespace
         self._op_timeout = float(op_timeout)

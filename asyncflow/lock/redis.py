@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from asyncflow._text import shown
 from asyncflow._urls import redact_url, scrub_secrets
 from asyncflow.errors import LockFailedError, ParamInvalidError
 from asyncflow.lock._deadline import Deadlines, check_op_timeout
@@ -106,7 +107,7 @@ class RedisWorkflowLock(ReentrantLock[RedisLease]):
             ) from exc
         check_op_timeout(op_timeout)
         if not isinstance(prefix, str):
-            raise ParamInvalidError(f"prefix must be a string, got {prefix!r}")
+            raise ParamInvalidError(f"prefix must be a string, got {shown(prefix)}")
         super().__init__()
         self._prefix = prefix
         self._op_timeout = float(op_timeout)

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from .._text import shown
 from ..errors import ParamInvalidError
 from ..records import Pager, QueryTaskInstanceParams, QueryWorkflowInstanceParams
 
@@ -99,7 +100,7 @@ def check_int(value: object, what: str, *, minimum: int = INT64_MIN) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ParamInvalidError(f"{what} must be an int, got {type(value).__name__}")
     if value < minimum or value > INT64_MAX:
-        raise ParamInvalidError(f"{what} is out of range [{minimum}, {INT64_MAX}]: {value}")
+        raise ParamInvalidError(f"{what} is out of range [{minimum}, {INT64_MAX}]: {shown(value)}")
     return value
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._text import shown
 from ..errors import ParamInvalidError
 from ..records import (
     InstanceFields,
@@ -139,14 +140,16 @@ def _trace_context(value: object) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > 1024:
-        raise ParamInvalidError(f"trace_context must be a str of at most 1024 characters or None: {value!r}")
+        raise ParamInvalidError(
+            f"trace_context must be a str of at most 1024 characters or None: {shown(value)}"
+        )
     return check_text(value, "trace_context")
 
 
 def _unique(value: object) -> str | None:
     if value is None or value in UNIQUE_MODES:
         return value
-    raise ParamInvalidError(f"unique must be None, 'active' or 'always', got {value!r}")
+    raise ParamInvalidError(f"unique must be None, 'active' or 'always', got {shown(value)}")
 
 
 def task_row(new: TaskInsert) -> TaskRow:

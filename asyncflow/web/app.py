@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from .._text import shown
 from ..engine.service import WorkflowService
 from ..errors import AsyncflowError, ParamInvalidError
 from ..schedules import tick_name
@@ -92,7 +93,7 @@ def dashboard(
         or not isinstance(refresh_seconds, int | float)
         or refresh_seconds <= 0
     ):
-        raise ParamInvalidError(f"refresh_seconds must be a positive number, got {refresh_seconds!r}")
+        raise ParamInvalidError(f"refresh_seconds must be a positive number, got {shown(refresh_seconds)}")
     actions = not read_only
     links = actions and authorize is not None  # without authorize every action is refused: offer none
 
