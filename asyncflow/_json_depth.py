@@ -8,6 +8,7 @@ text is decoded with its ``RecursionError`` turned into the same typed error.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -75,13 +76,22 @@ def loads_json_checked(
     """``json.loads(text)`` whose value nests at most :data:`MAX_JSON_DEPTH` deep, else ``error``.
 
     ``ValueError`` (invalid JSON) propagates for the caller to word; nesting too deep for the decoder
-    itself raises ``error`` like any other depth beyond the limit.
+    itself raises ``error`` like any other depth beyond the limit, and so does an integer of more digits
+    than Python converts (``sys.get_int_max_str_digits()``): json raises a plain ``ValueError`` for it,
+    not the ``JSONDecodeError`` callers word as invalid JSON.
     """
     try:
         value = json.loads(text)
     except RecursionError:
         raise error(
             f"{what} is nested more than {MAX_JSON_DEPTH} levels deep (the most asyncflow accepts)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError:
+        raise error(
+            f"{what} holds an integer of more than {sys.get_int_max_str_digits()} digits (the most "
+            "Python reads)"
         ) from None
     check_json_depth(value, what, error=error)
     return value

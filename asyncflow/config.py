@@ -249,6 +249,8 @@ class WorkflowConfig:
             )
         try:
             data = loads_json_checked(text_or_bytes, "workflow config", error=ConfigError)
+        except ConfigError:  # worded already (too deep, an integer too long); a ConfigError is a ValueError
+            raise
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             raise ConfigError(f"workflow config is not valid JSON: {exc}") from exc
         return cls.from_dict(data)

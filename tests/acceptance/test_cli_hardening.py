@@ -99,6 +99,31 @@ def test_json_nested_too_deep_is_one_line(tmp_path: pathlib.Path) -> None:
     assert_clean_error(graph, 2, "workflow config is nested more than 100 levels deep")
 
 
+def test_json_with_an_integer_too_long_to_read_is_one_line(tmp_path: pathlib.Path) -> None:
+    """json refuses an integer of over 4,300 digits with a plain ValueError (not JSONDecodeError): it
+    ended as "unexpected ValueError" (exit 1) instead of the usage error of any other bad JSON."""
+    db = f"sqlite+aiosqlite:///{tmp_path}/long.db"
+    ids = populate(db)
+    long_int = "1" + "0" * 5000
+    event = call_cli(
+        "event", str(ids.waiting), "manager_approval", "--db", db, "--content", long_int, cwd=tmp_path
+    )
+    assert_clean_error(event, 2, "--content holds an integer of more than 4300 digits")
+    restart = call_cli(
+        "restart", str(ids.failed), "--db", db, "--context", '{"a": ' + long_int + "}", cwd=tmp_path
+    )
+    assert_clean_error(restart, 2, "--context holds an integer of more than 4300 digits")
+    start = call_cli(
+        "start", "order_demo", "b", "--app", "asyncflow.demo:registry", "--db", db,
+        "--context", '{"a": [' + long_int + "]}", cwd=tmp_path,
+    )  # fmt: skip
+    assert_clean_error(start, 2, "--context holds an integer of more than 4300 digits")
+    config = tmp_path / "long.json"
+    config.write_text('{"id": "w", "nodes": [{"id": "a", "fail_max_count": ' + long_int + "}]}", "utf-8")
+    graph = call_cli("graph", "--config", str(config), cwd=tmp_path)
+    assert_clean_error(graph, 2, "workflow config holds an integer of more than 4300 digits")
+
+
 def test_an_unforeseen_error_is_one_line_without_secrets(tmp_path: pathlib.Path) -> None:
     """The last line of defence: an exception no handler knows still prints one line (code 1), with
     the command's URLs' secrets hidden."""

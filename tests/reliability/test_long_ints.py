@@ -148,3 +148,10 @@ async def test_a_long_int_given_to_the_service_gets_the_typed_error_and_writes_n
             problems.append(f"{what}: no error")
     assert not problems, "\n".join(problems)
     assert await snapshot(repo) == before
+
+
+def test_json_text_with_an_integer_too_long_to_read_gets_the_typed_error() -> None:
+    """json raises a plain ValueError for it (not JSONDecodeError): worded once, as the typed error."""
+    text = '{"id": "w", "nodes": [{"id": "a", "fail_max_count": 1' + "0" * 5000 + "}]}"
+    with pytest.raises(ConfigError, match=r"^workflow config holds an integer of more than 4300 digits"):
+        WorkflowConfig.from_json(text)
