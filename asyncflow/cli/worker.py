@@ -107,7 +107,11 @@ def _install_signals(stop: asyncio.Event, now: asyncio.Event) -> list[signal.Sig
 
 
 async def _stop(driver: WorkflowDriver, grace: float, now: asyncio.Event) -> None:
-    """``driver.stop(grace)``, cut short (grace 0: in-flight passes cancelled) when ``now`` is set."""
+    """``driver.stop(grace)``, cut short (grace 0: in-flight passes cancelled) when ``now`` is set.
+
+    Cancelled itself, it cancels its two tasks and waits for them to end before the cancellation goes
+    on: returning at once left them running after the worker had stopped (orphans).
+    """
     stopping = asyncio.create_task(driver.stop(grace=grace), name="asyncflow-worker-stop")
     hurry = asyncio.create_task(now.wait(), name="asyncflow-worker-stop-now")
     try:
@@ -118,6 +122,19 @@ async def _stop(driver: WorkflowDriver, grace: float, now: asyncio.Event) -> Non
     finally:
         hurry.cancel()
         stopping.cancel()
+        await _ended(stopping, hurry)
+
+
+async def _ended(*tasks: asyncio.Task[object]) -> None:
+    """Wait until every task is done, through cancellations of the caller, then raise the last."""
+    cancelled: asyncio.CancelledError | None = None
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
 
 
 async def _check_schema_version(repo: SQLAlchemyWorkflowRepo) -> None:

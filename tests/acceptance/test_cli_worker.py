@@ -295,3 +295,54 @@ def test_a_second_sigint_stops_the_worker_at_once(tmp_path: pathlib.Path) -> Non
     assert "cancelling 1 passes" in stderr
     shown = run_cli("show", "1", "--app", "slowdesk:registry", "--json", "--db", url, cwd=tmp_path)
     assert '"status": "failed"' not in shown.stdout  # resumable: nothing failed, the node runs again
+
+
+async def test_a_cancelled_stop_leaves_no_task_of_its_own_running() -> None:
+    """``_stop`` runs ``driver.stop(grace)`` and a wait for the second signal as two tasks: cancelled
+    itself (the worker's own task cancelled during a graceful stop), it cancelled them but returned
+    before they ended, leaving them running on (orphans) after the worker had stopped. The real
+    driver's ``stop`` ends one loop turn after its cancellation, before the caller resumes: this one
+    takes a few more turns to wind down, as winding down may."""
+    from asyncflow.cli.worker import _stop
+    from asyncflow.driver import WorkflowDriver
+    from asyncflow.store.memory import MemoryWorkflowRepo
+    from asyncflow.worker import current_node
+
+    class SlowToStop(WorkflowDriver):
+        async def stop(self, grace: float = 10.0) -> None:
+            try:
+                await super().stop(grace)
+            finally:
+                for _ in range(3):
+                    await asyncio.sleep(0)
+
+    started = asyncio.Event()
+
+    async def hang(ctx: object) -> None:
+        if current_node().task_type == "triage":
+            started.set()
+            await asyncio.Event().wait()  # runs until cancelled
+
+    registry = Registry()
+    registry.load_workflow_config(CONFIG)
+    registry.register_workflow_task("ticket", "triage", NormalTaskWorker(run=hang))
+    registry.register_workflow_task("ticket", "answer", NormalTaskWorker(run=hang))
+    service = WorkflowService(MemoryWorkflowRepo(), LocalWorkflowLock(), registry)
+    await service.create_workflow("ticket", "t-1")
+    driver = SlowToStop(service, concurrency=1, poll_interval=0.05)
+
+    def stop_tasks() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if t.get_name().startswith("asyncflow-worker-stop")]
+
+    async with driver:
+        async with asyncio.timeout(10):
+            await started.wait()
+        stopping = asyncio.create_task(_stop(driver, 60.0, asyncio.Event()))
+        async with asyncio.timeout(10):
+            while len(stop_tasks()) < 2:  # both of its tasks exist: it waits out the grace
+                await asyncio.sleep(0.01)
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        assert [t for t in stop_tasks() if not t.done()] == []
+        await driver.stop(grace=0)
