@@ -11,7 +11,17 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["dot_text", "inert", "inert_lines", "mermaid_text", "shown", "unstorable"]
+__all__ = [
+    "MAX_ID_BYTES",
+    "SHORT_ID",
+    "dot_text",
+    "inert",
+    "inert_lines",
+    "mermaid_text",
+    "shown",
+    "too_long",
+    "unstorable",
+]
 
 _BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
 _UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI}]")
@@ -77,4 +87,30 @@ def unstorable(text: str) -> str | None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return "holds a lone surrogate (not valid Unicode text)"
+    return None
+
+
+MAX_ID_BYTES = 1024
+"""The most bytes (UTF-8) of a business id, a workflow type, a node id or a schedule's business ids.
+
+PostgreSQL refuses a btree index entry of over about 2,700 bytes: a longer business id failed there
+alone (SQLite and the memory repo stored it). The unique indexes hold a type and a business id
+together, the child index a node id and a key: 1,024 bytes each keeps every entry below the limit."""
+
+SHORT_ID = MAX_ID_BYTES // 4
+"""Ids of at most this many characters fit whatever they hold (UTF-8 takes at most 4 bytes a character)."""
+
+
+def too_long(text: str) -> str | None:
+    """Why ``text`` cannot be an id (over :data:`MAX_ID_BYTES` bytes of UTF-8), or ``None``.
+
+    Encodes only a non-ASCII text of more than :data:`SHORT_ID` characters (a length check otherwise).
+    """
+    size = len(text)
+    if size <= SHORT_ID:
+        return None
+    if size > MAX_ID_BYTES or (
+        not text.isascii() and len(text.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES
+    ):
+        return f"must be at most {MAX_ID_BYTES} bytes of UTF-8 (the longest id asyncflow stores)"
     return None

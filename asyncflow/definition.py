@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from asyncflow._text import dot_text, mermaid_text, shown, unstorable
+from asyncflow._text import dot_text, mermaid_text, shown, too_long, unstorable
 from asyncflow.config import JOINS, WorkflowConfig, count_problem
 from asyncflow.errors import ConfigError, TaskWorkerNotFoundError
 from asyncflow.retry import RetryPolicy
@@ -252,12 +252,19 @@ def _check_storable(config: WorkflowConfig) -> None:
     problem = unstorable(wid) or unstorable(config.name)
     if problem is not None:
         raise ConfigError(f"workflow id or name {wid!r} {problem}", workflow_type=wid, nodes=())
+    problem = too_long(wid)  # the workflow type of every instance, in the unique indexes
+    if problem is not None:
+        raise ConfigError(f"workflow id {wid[:40]!r}... {problem}", workflow_type=wid, nodes=())
     for node in config.nodes:
         texts = [("id", node.id), ("name", node.name), *(("next node", n) for n in node.next_nodes)]
         for what, text in texts:
             problem = unstorable(text)
             if problem is not None:
                 raise _error(wid, f"node {node.id!r}: {what} {text!r} {problem}", [node.id])
+        for what, text in texts[:1] + texts[2:]:  # node ids: a node row's task_type (indexed)
+            problem = too_long(text)
+            if problem is not None:
+                raise _error(wid, f"node {what} {text[:40]!r}... {problem}", [node.id])
 
 
 def _check_nodes(config: WorkflowConfig) -> dict[str, int]:

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 
 from ._json_depth import check_json_depth
-from ._text import shown, unstorable
+from ._text import MAX_ID_BYTES, shown, too_long, unstorable
 from .errors import ConfigError, ParamInvalidError
 from .store._json import dumps_context
 
@@ -29,6 +29,10 @@ __all__ = ["Schedule", "parse_tick", "tick_name"]
 
 _TICK_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _DST_MARGIN = timedelta(hours=3)  # more than any daylight-saving shift
+
+
+_LONGEST_TICK = "2000-01-01T00:00:00Z"
+"""A tick name as long as any (:func:`tick_name`)."""
 
 
 def tick_name(tick: datetime) -> str:
@@ -65,6 +69,11 @@ class Schedule:
         where = f"schedule {shown(self.id)}"
         if not isinstance(self.id, str) or not self.id.strip() or "@" in self.id or unstorable(self.id):
             raise ConfigError(f"schedule id must be a non-empty string without '@', got {shown(self.id)}")
+        if too_long(f"{self.id}@{_LONGEST_TICK}") is not None:  # its ticks' business ids
+            raise ConfigError(
+                f"schedule id {self.id[:40]!r}...: a tick's business id (the id, '@' and the tick's "
+                f"{len(_LONGEST_TICK)} characters) must be at most {MAX_ID_BYTES} bytes of UTF-8"
+            )
         if not isinstance(self.workflow_type, str) or not self.workflow_type:
             raise ConfigError(
                 f"{where}: workflow_type must be a non-empty string, got {shown(self.workflow_type)}"

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 from .._json_depth import MAX_JSON_DEPTH, check_json_depth
-from .._text import shown
+from .._text import shown, too_long
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import count_problem
 from ..context import INT64_MAX, INT64_MIN, JSONContext
@@ -481,9 +481,16 @@ class WorkflowService:
         """``af.start_child_workflow`` inside ``parent``'s node ``task_type``: create the child once."""
         definition = self.registry.get_workflow_definition(workflow_type)
         observers = self._observers if self._observers.active else None
+        business_id = f"{parent.business_id}/{task_type}/{key}"
+        problem = too_long(business_id)
+        if problem is not None:  # the repo would refuse it too, naming a business id the node never gave
+            raise ParamInvalidError(
+                f"start_child_workflow(): the child's business id (<parent business id>/{task_type}/<key>) "
+                f"{problem}, got {len(business_id)} characters: use a shorter key (or parent business id)"
+            )
         new = NewWorkflowInstance(
             workflow_type=workflow_type,
-            business_id=f"{parent.business_id}/{task_type}/{key}",
+            business_id=business_id,
             workflow_context=_context_dict(context, "context"),
             next_run_at=self._now_ms(),
             trace_context=parent.trace_context,

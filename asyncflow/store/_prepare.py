@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._text import shown
+from .._text import SHORT_ID, shown, too_long
 from ..errors import ParamInvalidError
 from ..records import (
     InstanceFields,
@@ -121,6 +121,11 @@ def instance_row(new: NewWorkflowInstance) -> InstanceRow:
         raise ParamInvalidError(f"expected NewWorkflowInstance, got {type(new).__name__}")
     workflow_type = check_text(new.workflow_type, "workflow_type")
     business_id = check_text(new.business_id, "business_id")
+    if len(business_id) > SHORT_ID or len(workflow_type) > SHORT_ID:  # else short enough, whatever it holds
+        for what, text in (("workflow_type", workflow_type), ("business_id", business_id)):
+            problem = too_long(text)
+            if problem is not None:
+                raise ParamInvalidError(f"{what} {problem}, got {len(text)} characters")
     status = check_text(new.status, "status")
     context, plain = encode_context(new.workflow_context, "workflow_context")
     return InstanceRow(  # positional (a class called with keywords costs a dict), in field order

@@ -225,3 +225,11 @@ def test_schedules_lists_next_and_last_fired_ticks(tmp_path: pathlib.Path, app_d
     bare.write_text("import asyncflow as af\nregistry = af.Registry()\n")
     none = call_cli("schedules", "--app", "bare:registry", "--db", app_db, cwd=tmp_path)
     assert (none.returncode, none.stdout.strip()) == (0, "no schedules in this app")
+
+
+def test_a_business_id_over_the_limit_exits_2_and_writes_nothing(tmp_path: pathlib.Path, app_db: str) -> None:
+    """1,024 bytes of UTF-8 at most, on every backend (PostgreSQL alone refused longer ones, exit 1)."""
+    too_long = "é" * 513  # 1,026 bytes
+    result = call_cli("start", "report", too_long, "--app", "reports:registry", "--db", app_db, cwd=tmp_path)
+    assert_clean_error(result, 2, "business_id must be at most 1024 bytes of UTF-8")
+    assert asyncio.run(_instances(app_db)) == []
