@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._numbers import finite
 from ._text import shown
 from .clock import Clock, SystemClock
 from .errors import ParamInvalidError
@@ -19,7 +19,7 @@ __all__ = ["DriverConfig", "DriverStats", "bounded", "merge_config", "seconds", 
 
 def seconds(name: str, value: object, *, positive: bool = False) -> float:
     """``value`` as a float of seconds, or ``ParamInvalidError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not finite(value):
         raise ParamInvalidError(f"{name} must be a finite number of seconds, got {shown(value)}")
     if value < 0 or (positive and value == 0):
         raise ParamInvalidError(f"{name} must be {'positive' if positive else '>= 0'}, got {shown(value)}")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ._numbers import finite
 from ._text import shown
 from .errors import ParamInvalidError
 
@@ -63,19 +63,11 @@ class RetryPolicy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _finite(value: float) -> bool:
-    """``math.isfinite``, false for an int beyond a float's range too (it raised ``OverflowError``)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 def _problem(policy: RetryPolicy) -> str | None:
     """What is wrong with a policy's fields (``"field ..."``), or ``None``."""
     for name in ("initial_interval", "backoff", "max_interval", "jitter"):
         value = getattr(policy, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not finite(value):
             return f"{name} must be a finite number, got {type(value).__name__} {shown(value)}"
         if value < 0:
             return f"{name} must not be negative, got {shown(value)}"

@@ -12,6 +12,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Literal
 
+from .._numbers import finite
 from .._text import shown
 from ..errors import DuplicateWorkflowError, ParamInvalidError
 from ..records import NewWorkflowInstance, WorkflowInstanceRecord
@@ -47,7 +48,7 @@ def start_ms(start_at: object, start_in: object, now_ms: int) -> int | None:
     if isinstance(start_in, timedelta):
         seconds = start_in.total_seconds()
     elif isinstance(start_in, int | float) and not isinstance(start_in, bool):
-        seconds = float(start_in)
+        seconds = float(start_in) if finite(start_in) else math.inf  # float() of 10**400 overflows
     else:
         raise ParamInvalidError(
             f"start_in must be seconds (int/float) or a timedelta, got {type(start_in).__name__}"

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from .._numbers import finite
 from .._text import shown, unstorable
 from ..errors import ParamInvalidError
 from ..status import InstanceStatus
@@ -59,7 +60,7 @@ def purge_request(
 ) -> PurgeRequest:
     """Check the arguments of ``purge_workflow_instances``; bad ones raise ``ParamInvalidError``."""
     seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not finite(seconds):
         raise ParamInvalidError(f"older_than must be seconds or a timedelta, got {shown(older_than)}")
     if seconds < 0:
         raise ParamInvalidError(f"older_than must not be negative, got {shown(older_than)}")

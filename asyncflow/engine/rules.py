@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from .._numbers import finite
 from .._text import shown
 from ..errors import (
     ParamInvalidError,
@@ -196,7 +197,7 @@ class SchedulePolicy:
 
     def __post_init__(self) -> None:
         value = self.poll_interval
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not finite(value):
             raise ParamInvalidError(
                 f"SchedulePolicy.poll_interval must be a finite number, got {shown(value)}"
             )

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -19,6 +18,7 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 from .._json_depth import MAX_JSON_DEPTH, check_json_depth
+from .._numbers import finite
 from .._text import shown, too_long
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import count_problem
@@ -159,7 +159,7 @@ class WorkflowService:
         if visible_after is not None and (
             isinstance(visible_after, bool)
             or not isinstance(visible_after, int | float)
-            or not math.isfinite(visible_after)
+            or not finite(visible_after)
             or visible_after < 0
         ):
             raise ParamInvalidError(
@@ -168,7 +168,7 @@ class WorkflowService:
         if (
             not isinstance(lock_ttl, int | float)
             or isinstance(lock_ttl, bool)
-            or not math.isfinite(lock_ttl)
+            or not finite(lock_ttl)
             or lock_ttl < 0.001
         ):
             raise ParamInvalidError(

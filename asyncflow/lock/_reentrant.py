@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar, Token
 from types import MappingProxyType, TracebackType
 from typing import Generic, Self, TypeVar
 
+from asyncflow._numbers import finite
 from asyncflow._text import shown
 from asyncflow.errors import LockFailedError, ParamInvalidError
 
@@ -139,7 +139,7 @@ class ReentrantLock(Generic[LeaseT]):
         """
         if not isinstance(key, str) or not key:
             raise ParamInvalidError(f"lock key must be a non-empty string, got {shown(key)}")
-        if not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl < 0.001:
+        if not isinstance(ttl, int | float) or not finite(ttl) or ttl < 0.001:
             raise ParamInvalidError(
                 f"lock ttl must be a positive number of seconds (>= 0.001), got {shown(ttl)}"
             )

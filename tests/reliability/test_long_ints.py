@@ -17,6 +17,7 @@ from asyncflow._text import shown
 from asyncflow.config import NodeConfig, WorkflowConfig
 from asyncflow.driver import DriverConfig
 from asyncflow.errors import AsyncflowError, ConfigError, ParamInvalidError
+from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.records import NodeExternalEvent, Pager, QueryWorkflowInstanceParams
 from asyncflow.registry import Registry
 from asyncflow.retry import RetryPolicy
@@ -155,3 +156,57 @@ def test_json_text_with_an_integer_too_long_to_read_gets_the_typed_error() -> No
     text = '{"id": "w", "nodes": [{"id": "a", "fail_max_count": 1' + "0" * 5000 + "}]}"
     with pytest.raises(ConfigError, match=r"^workflow config holds an integer of more than 4300 digits"):
         WorkflowConfig.from_json(text)
+
+
+BEYOND_FLOAT = 10**400
+"""Writable as text, but beyond a float: ``math.isfinite`` and ``float()`` raised OverflowError."""
+
+
+async def test_a_number_of_seconds_beyond_a_float_gets_the_typed_error(repo: Any) -> None:
+    from asyncflow.engine.rules import SchedulePolicy
+    from asyncflow.lock.database import DatabaseWorkflowLock
+    from asyncflow.lock.postgres import PostgresAdvisoryLock
+    from asyncflow.lock.redis import RedisWorkflowLock
+
+    svc = service(repo, Journal())
+    before = await snapshot(repo)
+    calls: list[tuple[str, Callable[[], Any]]] = []
+    for sign, big in (("BIG", BEYOND_FLOAT), ("-BIG", -BEYOND_FLOAT)):
+        calls += [
+            (f"SchedulePolicy(poll_interval={sign})", lambda b=big: SchedulePolicy(poll_interval=b)),
+            (f"DriverConfig(poll_interval={sign})", lambda b=big: DriverConfig(poll_interval=b)),
+            (f"WorkflowService(lock_ttl={sign})", lambda b=big: service(repo, Journal(), lock_ttl=b)),
+            (
+                f"WorkflowService(visible_after={sign})",
+                lambda b=big: service(repo, Journal(), visible_after=b),
+            ),
+            (f"hold(ttl={sign})", lambda b=big: LocalWorkflowLock().hold("k", b)),
+            (
+                f"DatabaseWorkflowLock(op_timeout={sign})",
+                lambda b=big: DatabaseWorkflowLock(repo, op_timeout=b),
+            ),
+            (
+                f"RedisWorkflowLock(op_timeout={sign})",
+                lambda b=big: RedisWorkflowLock("redis://x", op_timeout=b),
+            ),
+            (
+                f"PostgresAdvisoryLock(op_timeout={sign})",
+                lambda b=big: PostgresAdvisoryLock("postgresql+asyncpg://x/y", op_timeout=b),
+            ),
+            (f"create(start_in={sign})", lambda b=big: svc.create_workflow(MIXED, "x", start_in=b)),
+            (f"purge(older_than={sign})", lambda b=big: svc.purge_workflow_instances(older_than=b)),
+        ]
+    problems = []
+    for what, call in calls:
+        try:
+            result = call()
+            if hasattr(result, "__await__"):
+                await result
+        except ParamInvalidError as exc:
+            assert str(exc)
+        except Exception as exc:
+            problems.append(f"{what}: {type(exc).__name__}: {str(exc)[:120]}")
+        else:
+            problems.append(f"{what}: no error")
+    assert not problems, "\n".join(problems)
+    assert await snapshot(repo) == before
