@@ -11,11 +11,10 @@ the cancellation is taken back and turned into ``TimeoutError``; other cancellat
 from __future__ import annotations
 
 import asyncio
-import math
-import sys
 import time
 from types import TracebackType
 
+from asyncflow._numbers import finite
 from asyncflow._text import shown
 from asyncflow.errors import ParamInvalidError
 
@@ -28,8 +27,7 @@ def check_op_timeout(op_timeout: object) -> float:
     if (
         isinstance(op_timeout, bool)
         or not isinstance(op_timeout, int | float)
-        or (isinstance(op_timeout, int) and op_timeout > sys.float_info.max)
-        or not math.isfinite(op_timeout)
+        or not finite(op_timeout)
         or op_timeout <= 0
     ):
         raise ParamInvalidError(f"op_timeout must be a positive number of seconds, got {shown(op_timeout)}")
