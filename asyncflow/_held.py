@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "holds_cancellation",
     "is_held",
     "run_held",
+    "wait_to_end",
 ]
 
 HOLD_STEPS: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncflow_hold_steps", default=False)
@@ -101,3 +102,17 @@ async def run_held(aw: Awaitable[T]) -> T:
 async def held_if_asked(aw: Awaitable[T]) -> T:
     """``aw`` under :func:`run_held` while :data:`HOLD_STEPS` is set (the engine's step), else as it is."""
     return await (run_held(aw) if HOLD_STEPS.get() else aw)
+
+
+async def wait_to_end(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Wait until every task is done, even through cancellations of the caller (none is left running
+    behind it), then raise the last of those cancellations."""
+    tasks = tuple(tasks)
+    cancelled: asyncio.CancelledError | None = None
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError as error:
+            cancelled = error
+    if cancelled is not None:
+        raise cancelled

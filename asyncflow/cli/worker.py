@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 
+from .._held import wait_to_end
 from ..driver import WorkflowDriver
 from ..engine.service import WorkflowService
 from ..errors import StoreError
@@ -122,19 +123,7 @@ async def _stop(driver: WorkflowDriver, grace: float, now: asyncio.Event) -> Non
     finally:
         hurry.cancel()
         stopping.cancel()
-        await _ended(stopping, hurry)
-
-
-async def _ended(*tasks: asyncio.Task[object]) -> None:
-    """Wait until every task is done, through cancellations of the caller, then raise the last."""
-    cancelled: asyncio.CancelledError | None = None
-    while not all(task.done() for task in tasks):
-        try:
-            await asyncio.wait(tasks)
-        except asyncio.CancelledError as exc:
-            cancelled = exc
-    if cancelled is not None:
-        raise cancelled
+        await wait_to_end((stopping, hurry))
 
 
 async def _check_schema_version(repo: SQLAlchemyWorkflowRepo) -> None:

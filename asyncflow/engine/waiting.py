@@ -23,6 +23,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from .._held import wait_to_end
 from ..errors import InstanceNotFoundError
 from ..records import WorkflowInstanceRecord
 from ..status import TERMINAL_STATUSES
@@ -155,19 +156,7 @@ class Waiters:
             for task in left:
                 task.cancel()
             if left:
-                await _to_end(left)
-
-
-async def _to_end(tasks: set[asyncio.Task[None]]) -> None:
-    """Wait for ``tasks`` to end even if the caller is cancelled meanwhile (then re-raise the cancel)."""
-    cancelled: asyncio.CancelledError | None = None
-    while not all(task.done() for task in tasks):
-        try:
-            await asyncio.wait(tasks)
-        except asyncio.CancelledError as error:
-            cancelled = error
-    if cancelled is not None:
-        raise cancelled
+                await wait_to_end(left)
 
 
 def _report(task: asyncio.Task[None]) -> None:
