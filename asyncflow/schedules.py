@@ -11,6 +11,7 @@ its maintenance has changed hands.) A tick is an instant; it is named in UTC as
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -53,7 +54,8 @@ class Schedule:
     ``f"{id}@{tick}"`` and context ``{**context, "schedule": {"id": id, "tick": tick}}``. A schedule
     seen for the first time fires from its next tick on. After downtime ``catch_up=False`` fires the
     latest missed tick only, ``catch_up=True`` every missed tick, oldest first. Invalid values raise
-    ``ConfigError``. The stored state (the last tick fired) belongs to the schedule's definition
+    ``ConfigError``; ``context`` is copied deeply once checked (a caller's dict, changed later, does
+    not reach the ticks). The stored state (the last tick fired) belongs to the schedule's definition
     (:meth:`fingerprint`): a schedule whose workflow type, cron, time zone or ``catch_up`` changed
     starts over, as if seen for the first time.
     """
@@ -91,6 +93,8 @@ class Schedule:
             raise ConfigError(f"{where}: context is not JSON a repo can store ({exc})") from None
         if "schedule" in self.context:
             raise ConfigError(f"{where}: context must not have the key 'schedule' (asyncflow sets it)")
+        # a copy of what was checked: the caller's dict, changed later, would change (or break) every tick
+        object.__setattr__(self, "context", copy.deepcopy(dict(self.context)))
         self.zone()  # checks the time zone
         if not isinstance(self.cron, str) or len(self.cron.split()) != 5:
             raise ConfigError(

@@ -64,6 +64,28 @@ async def test_a_schedule_fires_from_its_next_tick_and_once_per_tick(engine_repo
     assert states["ten"].last_tick == "2026-01-01T00:40:00Z"
 
 
+async def test_a_schedule_keeps_the_context_it_was_made_with(engine_repo: Any) -> None:
+    # The context was validated at creation but not copied: the caller's later changes to its dict
+    # reached every later tick (a NaN added afterwards made each tick's insert fail).
+    context: dict[str, Any] = {"kind": "x", "to": {"team": ["ops"]}}
+    schedule = af.Schedule(id="ten", workflow_type="report", cron="*/10 * * * *", context=context)
+    context["kind"] = "changed"
+    context["to"]["team"].append("everyone")
+    context["bad"] = float("nan")
+    service, clock = _service(engine_repo, schedule)
+    driver = WorkflowDriver(service, poll_interval=0.05)
+    await driver.run_until_idle()
+    clock.advance(7 * 60)  # 00:10
+    await driver.run_until_idle()
+    [inst] = await service.query_workflow_instances(QueryWorkflowInstanceParams())
+    assert inst.workflow_context == {
+        "kind": "x",
+        "to": {"team": ["ops"]},
+        "schedule": {"id": "ten", "tick": "2026-01-01T00:10:00Z"},
+    }
+    assert schedule.context == {"kind": "x", "to": {"team": ["ops"]}}
+
+
 async def test_catch_up_fires_every_missed_tick_oldest_first(engine_repo: Any) -> None:
     hourly = af.Schedule(id="h", workflow_type="report", cron="0 * * * *", catch_up=True)
     service, clock = _service(engine_repo, hourly)
