@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .._json_depth import loads_json_checked
+from .._schedule_states import stored_schedule_states
 from ..engine.service import WorkflowService
 from ..errors import DuplicateWorkflowError
-from ..store.protocol import StoresSchedules
 from .app import load_app
 from .backend import CLIError, open_service
 from .table import format_table
@@ -115,7 +115,7 @@ async def cmd_schedules(args: argparse.Namespace) -> int:
     """The schedules of ``--app``: id, workflow, cron, time zone, next tick, last fired tick."""
     async with _app_service(args) as svc:
         schedules = svc.registry.schedules
-        states = await svc.repo.schedule_states() if isinstance(svc.repo, StoresSchedules) else {}
+        states = await stored_schedule_states(svc.repo)  # an older schema: InvalidStateError, exit 1
     if not schedules:
         _out("no schedules in this app")
         return 0

@@ -20,11 +20,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from .._schedule_states import stored_schedule_states
 from .._text import shown
 from ..engine.service import WorkflowService
 from ..errors import AsyncflowError, ParamInvalidError
 from ..schedules import tick_name
-from ..store.protocol import StoresSchedules
 from ._actions import Authorize, action_routes, base_of, error_response, error_status
 from ._data import ListFilters, instance_dict, load_children, load_detail, load_list, record_dict
 from ._html import CSS, list_page, schedules_page
@@ -47,7 +47,7 @@ async def _schedules(svc: WorkflowService) -> list[dict[str, Any]]:
     schedules = svc.registry.schedules
     if not schedules:
         return []
-    states = await svc.repo.schedule_states() if isinstance(svc.repo, StoresSchedules) else {}
+    states = await stored_schedule_states(svc.repo)  # an older schema: InvalidStateError (409)
     now = datetime.fromtimestamp(svc.clock.time(), UTC)
     rows = []
     for schedule in schedules:
@@ -121,7 +121,11 @@ def dashboard(
         return HTMLResponse(page)
 
     async def schedules(request: Request) -> Response:
-        return HTMLResponse(schedules_page(base_of(request), await _schedules(svc)))
+        try:
+            rows = await _schedules(svc)
+        except AsyncflowError as error:
+            return error_response(request, error)
+        return HTMLResponse(schedules_page(base_of(request), rows))
 
     async def api_instances(request: Request) -> Response:
         try:
@@ -149,7 +153,11 @@ def dashboard(
         return JSONResponse(instance_dict(detail, kids))
 
     async def api_schedules(request: Request) -> Response:
-        return JSONResponse({"schedules": await _schedules(svc)})
+        try:
+            rows = await _schedules(svc)
+        except AsyncflowError as error:
+            return _json_error(error)
+        return JSONResponse({"schedules": rows})
 
     async def css(request: Request) -> Response:
         return Response(CSS, media_type="text/css", headers={"cache-control": "max-age=300"})

@@ -227,6 +227,24 @@ def test_schedules_lists_next_and_last_fired_ticks(tmp_path: pathlib.Path, app_d
     assert (none.returncode, none.stdout.strip()) == (0, "no schedules in this app")
 
 
+async def _to_version_13(url: str) -> None:
+    """The database as asyncflow left it before schema version 14 (no schedule fingerprint)."""
+    async with SQLAlchemyWorkflowRepo(url) as repo, repo.engine.begin() as conn:
+        await conn.exec_driver_sql("ALTER TABLE asyncflow_schedule DROP COLUMN fingerprint")
+        await conn.exec_driver_sql("DELETE FROM asyncflow_schema WHERE version >= 14")
+
+
+def test_schedules_on_a_database_not_yet_migrated_names_migrate(tmp_path: pathlib.Path, app_db: str) -> None:
+    # It ended with the raw store error ("no such column: fingerprint") and no word of what to do.
+    asyncio.run(_to_version_13(app_db))
+    result = call_cli("schedules", "--app", "reports:registry", "--db", app_db, cwd=tmp_path)
+    assert_clean_error(result, 1, "schema version 13", "run `asyncflow migrate`")
+    assert "no such column" not in result.stderr
+    assert call_cli("migrate", "--db", app_db, cwd=tmp_path).returncode == 0
+    listed = call_cli("schedules", "--app", "reports:registry", "--db", app_db, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+
+
 def test_a_business_id_over_the_limit_exits_2_and_writes_nothing(tmp_path: pathlib.Path, app_db: str) -> None:
     """1,024 bytes of UTF-8 at most, on every backend (PostgreSQL alone refused longer ones, exit 1)."""
     too_long = "é" * 513  # 1,026 bytes

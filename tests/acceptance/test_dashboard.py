@@ -220,6 +220,27 @@ async def test_schedules_page_lists_each_schedule_with_its_next_and_last_tick(tm
     assert "2026-12-05T02:00:00Z" in page and "2026-12-04T02:00:00Z" in page
 
 
+async def test_schedules_page_on_a_database_not_yet_migrated_names_migrate(
+    seeded: tuple[WorkflowService, Seeded],
+) -> None:
+    # The page (and /api/schedules) failed with a 500: the raw store error of the fingerprint column.
+    svc, ids = seeded
+    assert isinstance(svc.repo, af.SQLAlchemyWorkflowRepo)
+    async with svc.repo.engine.begin() as conn:
+        await conn.exec_driver_sql("ALTER TABLE asyncflow_schedule DROP COLUMN fingerprint")
+        await conn.exec_driver_sql("DELETE FROM asyncflow_schema WHERE version >= 14")
+    svc.registry.add_schedule(af.Schedule(id="nightly", workflow_type="approval", cron="0 2 * * *"))
+    async with client(dashboard(svc)) as c:
+        page = await c.get("/wf/schedules")
+        api = await c.get("/wf/api/schedules")
+        listed = await c.get("/wf/")
+    assert page.status_code == api.status_code == 409, (page.status_code, page.text)
+    for text in (html.unescape(page.text), api.json()["error"]):
+        assert "schema version 13" in text and "run `asyncflow migrate`" in text, text
+        assert "fingerprint" not in text
+    assert listed.status_code == 200 and f"/instances/{ids.waiting}" in listed.text
+
+
 async def test_read_only_has_no_action_endpoints(seeded: tuple[WorkflowService, Seeded]) -> None:
     svc, ids = seeded
     async with client(dashboard(svc)) as c:
