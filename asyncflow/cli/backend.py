@@ -95,6 +95,10 @@ def describe_store_error(error: StoreError, url: str) -> str:
     hint = ""
     if "no such table" in chain or ("does not exist" in chain and "relation" in chain):
         hint = " (the tables are missing: run `asyncflow init-db` first)"
+    elif "no such column" in chain or (
+        "does not exist" in chain and ("column" in chain or "function" in chain)
+    ):  # a schema behind this asyncflow's (not a connection: "database ... does not exist" is one)
+        hint = " (the database's schema is older than this asyncflow's: run `asyncflow migrate`)"
     elif any(isinstance(e, OSError | TimeoutError) for e in iter_exception_chain(error)) or (
         "connect" in chain or "does not exist" in chain or "unable to open" in chain
     ):
