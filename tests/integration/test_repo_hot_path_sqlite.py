@@ -30,6 +30,8 @@ from asyncflow.store.commit_counter import CommitCounter
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from asyncflow.store.sqlite.lane import ThreadConnection
 
+from .sqlite_helpers import db_path, write_elsewhere
+
 
 def new(business_id: str = "b") -> NewWorkflowInstance:
     return NewWorkflowInstance(workflow_type="wf", business_id=business_id, workflow_context={})
@@ -37,10 +39,6 @@ def new(business_id: str = "b") -> NewWorkflowInstance:
 
 def task(task_type: str, status: str = "running") -> TaskInsert:
     return TaskInsert(task_type=task_type, status=status, node_context={"n": task_type})
-
-
-def db_path(sqlite_url: str) -> str:
-    return sqlite_url.split("///", 1)[1]
 
 
 @pytest.fixture
@@ -79,19 +77,6 @@ def hops_and_statements(engine: AsyncEngine) -> Iterator[tuple[list[int], list[s
     finally:
         ThreadConnection.run = original  # type: ignore[method-assign]
         event.remove(engine.sync_engine, "before_cursor_execute", record)
-
-
-def write_elsewhere(path: str) -> str:
-    """A write from another connection that must not wait: proves no transaction was left open."""
-    conn = sqlite3.connect(path, timeout=0)
-    try:
-        conn.execute("UPDATE workflow_instance SET task_id = task_id")
-        conn.commit()
-        return "written"
-    except sqlite3.OperationalError as error:
-        return str(error)
-    finally:
-        conn.close()
 
 
 async def test_a_file_gets_a_connection_of_its_own_and_an_in_memory_database_none(sqlite_url: str) -> None:

@@ -29,13 +29,11 @@ from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from asyncflow.store.sqlite import sql as lite
 from asyncflow.store.tables import SCHEMA_VERSION
 
+from .sqlite_helpers import db_path, write_elsewhere
+
 
 def new(business_id: str = "b", **kw: object) -> NewWorkflowInstance:
     return NewWorkflowInstance(workflow_type="wf", business_id=business_id, workflow_context={}, **kw)  # type: ignore[arg-type]
-
-
-def db_path(sqlite_url: str) -> str:
-    return sqlite_url.split("///", 1)[1]
 
 
 async def test_connections_get_wal_busy_timeout_and_foreign_keys(sqlite_url: str) -> None:
@@ -83,21 +81,10 @@ async def test_transactions_take_the_write_lock_when_they_begin(sqlite_url: str)
         await repo.create_schema()
         made = await repo.create_workflow_instance(new())
 
-        def write_elsewhere() -> str:
-            conn = sqlite3.connect(db_path(sqlite_url), timeout=0)
-            try:
-                conn.execute("UPDATE workflow_instance SET status = 'x'")
-                conn.commit()
-                return "written"
-            except sqlite3.OperationalError as error:
-                return str(error)
-            finally:
-                conn.close()
-
         async with repo.transaction():
             await repo.get_workflow_instance(made.id)  # only a read so far
-            assert await asyncio.to_thread(write_elsewhere) == "database is locked"
-        assert await asyncio.to_thread(write_elsewhere) == "written"
+            assert await asyncio.to_thread(write_elsewhere, db_path(sqlite_url)) == "database is locked"
+        assert await asyncio.to_thread(write_elsewhere, db_path(sqlite_url)) == "written"
 
 
 async def test_twenty_concurrent_writers_on_one_file_never_see_database_is_locked(sqlite_url: str) -> None:
@@ -275,19 +262,6 @@ async def test_bad_arguments_are_refused(sqlite_url: str) -> None:
     await engine.dispose()
 
 
-def write_now(path: str) -> str:
-    """A write from another connection that does not wait: "written" unless a writer holds the file."""
-    conn = sqlite3.connect(path, timeout=0)
-    try:
-        conn.execute("UPDATE workflow_instance SET task_id = task_id")
-        conn.commit()
-        return "written"
-    except sqlite3.OperationalError as error:
-        return str(error)
-    finally:
-        conn.close()
-
-
 async def repo_with_function(sqlite_url: str, name: str, fn: Callable[[], int]) -> SQLAlchemyWorkflowRepo:
     """A repo on an engine whose connections know the SQL function ``name()`` (a caller's setting)."""
     engine = create_async_engine(sqlite_url)
@@ -333,7 +307,7 @@ async def test_a_statement_cancelled_in_a_transaction_frees_the_write_lock_at_on
         with pytest.raises(asyncio.CancelledError):
             async with asyncio.timeout(10):
                 await asyncio.shield(cut)
-        assert await asyncio.to_thread(write_now, db_path(sqlite_url)) == "written"
+        assert await asyncio.to_thread(write_elsewhere, db_path(sqlite_url)) == "written"
         async with asyncio.timeout(10):  # the repo's writes go on
             where, fields = InstanceWhere(ids=(1,)), InstanceFields(status="x")
             changed = await repo.update_workflow_instances(where, fields)
@@ -367,7 +341,7 @@ async def test_a_slow_query_cancelled_in_a_transaction_stops_at_once(sqlite_url:
         done, _ = await asyncio.wait([cut], timeout=5)
         assert done, "the cancelled query still ran 5 s later"
         assert cut.cancelled()
-        assert await asyncio.to_thread(write_now, db_path(sqlite_url)) == "written"
+        assert await asyncio.to_thread(write_elsewhere, db_path(sqlite_url)) == "written"
     finally:
         stop.set()
         await repo.aclose()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -351,12 +353,10 @@ async def test_a_cancel_that_meets_a_wake_up_still_ends_the_waiter(no_polling: N
     assert service._waiters.waiting == 0
 
 
-@pytest.mark.postgres
-async def test_the_timeout_bounds_the_first_read_too(postgres_url: str) -> None:
-    """``timeout`` bounds the whole call: a database slow to answer the waiter's first read (here a
-    proxy holds its reply) ends the call with ``TimeoutError`` once ``timeout`` is up, not once the
-    read comes back (the call waited for the read, then began its timeout). The read it cuts leaves
-    its connection mid-statement: SQLAlchemy closes it gracefully, for 2 s at most."""
+@asynccontextmanager
+async def _behind_a_stall_proxy(postgres_url: str) -> AsyncIterator[tuple[int, StallProxy, WorkflowService]]:
+    """An instance of a one-node workflow, the proxy, and a service that reaches the instance's
+    schema through that proxy (its replies can be held)."""
     async with isolated_pg_engine(postgres_url) as engine, SQLAlchemyWorkflowRepo(engine) as repo:
         await repo.migrate()
         registry = one_node_registry("w")
@@ -366,21 +366,30 @@ async def test_the_timeout_bounds_the_first_read_too(postgres_url: str) -> None:
             slow_engine = create_async_engine(proxy.url, connect_args=settings)
             try:
                 async with SQLAlchemyWorkflowRepo(slow_engine) as slow_repo:
-                    service = WorkflowService(slow_repo, LocalWorkflowLock(), registry)
-                    proxy.hold_replies_after(b"FROM workflow_instance WHERE id")
-                    started = time.monotonic()
-                    waiter = asyncio.create_task(service.wait_for_workflow(inst.id, timeout=0.3))
-                    done, _ = await asyncio.wait([waiter], timeout=6)
-                    elapsed = time.monotonic() - started
-                    assert proxy.held.is_set()
-                    proxy.resume()
-                    with pytest.raises(TimeoutError):
-                        await asyncio.wait_for(waiter, 10)
-                    assert done, "the call outlived its timeout while the first read was held"
-                    assert elapsed < 0.3 + 2 + 1.5, elapsed
-                    assert service._waiters.waiting == 0
+                    yield inst.id, proxy, WorkflowService(slow_repo, LocalWorkflowLock(), registry)
             finally:
                 await slow_engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_the_timeout_bounds_the_first_read_too(postgres_url: str) -> None:
+    """``timeout`` bounds the whole call: a database slow to answer the waiter's first read (here a
+    proxy holds its reply) ends the call with ``TimeoutError`` once ``timeout`` is up, not once the
+    read comes back (the call waited for the read, then began its timeout). The read it cuts leaves
+    its connection mid-statement: SQLAlchemy closes it gracefully, for 2 s at most."""
+    async with _behind_a_stall_proxy(postgres_url) as (instance_id, proxy, service):
+        proxy.hold_replies_after(b"FROM workflow_instance WHERE id")
+        started = time.monotonic()
+        waiter = asyncio.create_task(service.wait_for_workflow(instance_id, timeout=0.3))
+        done, _ = await asyncio.wait([waiter], timeout=6)
+        elapsed = time.monotonic() - started
+        assert proxy.held.is_set()
+        proxy.resume()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(waiter, 10)
+        assert done, "the call outlived its timeout while the first read was held"
+        assert elapsed < 0.3 + 2 + 1.5, elapsed
+        assert service._waiters.waiting == 0
 
 
 async def test_a_node_waiting_for_its_own_instance_gets_an_error_not_a_hang() -> None:
@@ -467,36 +476,25 @@ async def test_a_listen_still_being_opened_holds_up_no_waiter_and_ends_at_aclose
     ``timeout=0.5`` waiter until it was open. The service's ``aclose()`` ends that task: it waits
     :data:`~asyncflow.engine.waiting.LISTENER_STOP_GRACE` for it to stop, then cancels it."""
     monkeypatch.setattr(waiting, "LISTENER_STOP_GRACE", 0.3)
-    async with isolated_pg_engine(postgres_url) as engine, SQLAlchemyWorkflowRepo(engine) as repo:
-        await repo.migrate()
-        registry = one_node_registry("w")
-        inst = await WorkflowService(repo, LocalWorkflowLock(), registry).create_workflow("w", "b")
-        async with StallProxy(postgres_url) as proxy:
-            settings = {"server_settings": {"search_path": await _schema(engine)}}
-            slow_engine = create_async_engine(proxy.url, connect_args=settings)
-            try:
-                async with SQLAlchemyWorkflowRepo(slow_engine) as slow_repo:
-                    service = WorkflowService(slow_repo, LocalWorkflowLock(), registry)
-                    proxy.hold_replies_after(b"LISTEN")
-                    started = time.monotonic()
-                    waiter = asyncio.create_task(service.wait_for_workflow(inst.id, timeout=0.5))
-                    done, _ = await asyncio.wait([waiter], timeout=6)
-                    elapsed = time.monotonic() - started
-                    assert proxy.held.is_set()
-                    if not done:
-                        proxy.resume()
-                        await asyncio.wait([waiter], timeout=10)
-                    assert done, "the waiter waited for the LISTEN connection"
-                    with pytest.raises(TimeoutError):
-                        await waiter
-                    assert elapsed < 0.5 + 1.5, elapsed
-                    assert len(_listen_tasks()) == 1  # still held: stopping
-                    closing = asyncio.create_task(service.aclose())
-                    done, _ = await asyncio.wait([closing], timeout=8)
-                    proxy.resume()
-                    assert done, "aclose() did not end the LISTEN task"
-                    await closing
-                    assert _listen_tasks() == []
-                    assert service._waiters.waiting == 0
-            finally:
-                await slow_engine.dispose()
+    async with _behind_a_stall_proxy(postgres_url) as (instance_id, proxy, service):
+        proxy.hold_replies_after(b"LISTEN")
+        started = time.monotonic()
+        waiter = asyncio.create_task(service.wait_for_workflow(instance_id, timeout=0.5))
+        done, _ = await asyncio.wait([waiter], timeout=6)
+        elapsed = time.monotonic() - started
+        assert proxy.held.is_set()
+        if not done:
+            proxy.resume()
+            await asyncio.wait([waiter], timeout=10)
+        assert done, "the waiter waited for the LISTEN connection"
+        with pytest.raises(TimeoutError):
+            await waiter
+        assert elapsed < 0.5 + 1.5, elapsed
+        assert len(_listen_tasks()) == 1  # still held: stopping
+        closing = asyncio.create_task(service.aclose())
+        done, _ = await asyncio.wait([closing], timeout=8)
+        proxy.resume()
+        assert done, "aclose() did not end the LISTEN task"
+        await closing
+        assert _listen_tasks() == []
+        assert service._waiters.waiting == 0
