@@ -13,10 +13,11 @@ from contextlib import asynccontextmanager
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import make_url
 
+from .._store_hints import store_error_hint
 from .._urls import check_database_url, redact_url, scrub_secrets
 from ..engine.rules import SchedulePolicy
 from ..engine.service import WorkflowService
-from ..errors import ParamInvalidError, StoreError, iter_exception_chain
+from ..errors import ParamInvalidError, StoreError
 from ..lock.database import DatabaseWorkflowLock
 from ..lock.local import LocalWorkflowLock
 from ..lock.protocol import WorkflowLock
@@ -90,20 +91,8 @@ def sqlite_file(url: str) -> pathlib.Path | None:
 
 def describe_store_error(error: StoreError, url: str) -> str:
     """One line for a database failure, with a hint for the usual causes."""
-    text = str(error)
-    chain = " ".join(str(e) for e in iter_exception_chain(error)).lower()
-    hint = ""
-    if "no such table" in chain or ("does not exist" in chain and "relation" in chain):
-        hint = " (the tables are missing: run `asyncflow init-db` first)"
-    elif "no such column" in chain or (
-        "does not exist" in chain and ("column" in chain or "function" in chain)
-    ):  # a schema behind this asyncflow's (not a connection: "database ... does not exist" is one)
-        hint = " (the database's schema is older than this asyncflow's: run `asyncflow migrate`)"
-    elif any(isinstance(e, OSError | TimeoutError) for e in iter_exception_chain(error)) or (
-        "connect" in chain or "does not exist" in chain or "unable to open" in chain
-    ):
-        hint = " (is the database running and the URL right?)"
-    return f"database {redact(url)}: {text}{hint}"
+    hint = store_error_hint(error)
+    return f"database {redact(url)}: {error}" + ("" if hint is None else f" ({hint})")
 
 
 def _open_lock(redis_url: str | None, repo: SQLAlchemyWorkflowRepo) -> WorkflowLock:

@@ -8,6 +8,7 @@ needs the CSRF double submit. A read-only dashboard never routes here.
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,6 +18,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from .._json_depth import loads_json_checked
+from .._store_hints import store_error_hint
 from ..engine.service import WorkflowService
 from ..errors import (
     AsyncflowError,
@@ -25,13 +27,22 @@ from ..errors import (
     InvalidStateError,
     LockFailedError,
     ParamInvalidError,
+    StoreError,
     TaskInstanceNotFoundError,
 )
 from ..records import NodeExternalEvent
 from ._html import confirm_page, error_page
 from ._security import CSRF_COOKIE, CSRF_FIELD, CsrfSigner
 
-__all__ = ["ACTIONS", "Authorize", "action_routes", "base_of", "error_response", "error_status"]
+__all__ = [
+    "ACTIONS",
+    "Authorize",
+    "action_routes",
+    "base_of",
+    "error_message",
+    "error_response",
+    "error_status",
+]
 
 #: The ``action`` names ``authorize`` is asked about.
 ACTIONS = ("cancel", "restart_node", "send_event")
@@ -46,8 +57,12 @@ def base_of(request: Request) -> str:
     return str(request.scope.get("root_path", "")).rstrip("/")
 
 
+logger = logging.getLogger("asyncflow.web")
+
+
 def error_status(error: AsyncflowError) -> int:
-    """400 bad input, 404 missing, 409 refused by the current state; anything else is raised."""
+    """400 bad input, 404 missing, 409 refused by the current state, 503 the database failed;
+    anything else is raised."""
     if isinstance(error, InstanceNotFoundError):
         return 404
     if isinstance(error, ParamInvalidError):
@@ -56,16 +71,29 @@ def error_status(error: AsyncflowError) -> int:
         error, InvalidStateError | LockFailedError | TaskInstanceNotFoundError | DefinitionNotFoundError
     ):
         return 409
+    if isinstance(error, StoreError):
+        return 503
     raise error
+
+
+def error_message(error: AsyncflowError) -> str:
+    """What an error page (or the JSON API's ``error``) says. A database failure is logged (with its
+    cause) and shown without its text, which can hold statements and values, but with the fix of
+    the usual causes (tables missing, a schema older than this asyncflow's, the database down)."""
+    if isinstance(error, StoreError):
+        logger.error("dashboard: the database failed: %s", error, exc_info=error)
+        hint = store_error_hint(error)
+        return "the database failed" + (f": {hint}" if hint else "") + " (the server's log has the error)"
+    message = str(error)
+    if isinstance(error, DefinitionNotFoundError):
+        message += " (run the dashboard with the app that loads it: --app module:attribute)"
+    return message
 
 
 def error_response(request: Request, error: AsyncflowError) -> Response:
     """The error page of an expected error (see :func:`error_status`)."""
     code = error_status(error)
-    message = str(error)
-    if isinstance(error, DefinitionNotFoundError):
-        message += " (run the dashboard with the app that loads it: --app module:attribute)"
-    return HTMLResponse(error_page(base_of(request), code, message), status_code=code)
+    return HTMLResponse(error_page(base_of(request), code, error_message(error)), status_code=code)
 
 
 def _instance_id(request: Request) -> int:

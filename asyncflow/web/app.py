@@ -25,7 +25,7 @@ from .._text import shown
 from ..engine.service import WorkflowService
 from ..errors import AsyncflowError, ParamInvalidError
 from ..schedules import tick_name
-from ._actions import Authorize, action_routes, base_of, error_response, error_status
+from ._actions import Authorize, action_routes, base_of, error_message, error_response, error_status
 from ._data import ListFilters, instance_dict, load_children, load_detail, load_list, record_dict
 from ._html import CSS, list_page, schedules_page
 from ._instance import instance_page
@@ -181,4 +181,5 @@ def dashboard(
 
 
 def _json_error(error: AsyncflowError) -> Response:
-    return JSONResponse({"error": str(error)}, status_code=error_status(error))
+    code = error_status(error)
+    return JSONResponse({"error": error_message(error)}, status_code=code)

@@ -241,6 +241,36 @@ async def test_schedules_page_on_a_database_not_yet_migrated_names_migrate(
     assert listed.status_code == 200 and f"/instances/{ids.waiting}" in listed.text
 
 
+async def test_a_database_failure_is_a_503_naming_the_fix_not_a_500(
+    seeded: tuple[WorkflowService, Seeded], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Any store error but the schedules' older schema escaped the handlers: Starlette's bare 500.
+    svc, ids = seeded
+    assert isinstance(svc.repo, af.SQLAlchemyWorkflowRepo)
+    async with svc.repo.engine.begin() as conn:  # a table gone
+        await conn.exec_driver_sql("DROP TABLE task_instance")
+    async with client(dashboard(svc)) as c:
+        gone = await c.get(f"/wf/instances/{ids.waiting}")
+    assert gone.status_code == 503 and "run `asyncflow init-db` first" in html.unescape(gone.text)
+    async with svc.repo.engine.begin() as conn:  # a schema behind this asyncflow's
+        await conn.exec_driver_sql("ALTER TABLE workflow_instance DROP COLUMN trace_context")
+    caplog.clear()
+    async with client(dashboard(svc)) as c:
+        page = await c.get("/wf/")
+        api = await c.get("/wf/api/instances")
+        one = await c.get(f"/wf/api/instances/{ids.waiting}")
+    assert page.status_code == api.status_code == one.status_code == 503, (page.status_code, page.text)
+    shown = re.search(r'<p class="error" id="error">(.*?)</p>', page.text)
+    assert shown, page.text
+    for text in (html.unescape(shown.group(1)), api.json()["error"], one.json()["error"]):
+        assert text == (
+            "the database failed: the database's schema is older than this asyncflow's: run "
+            "`asyncflow migrate` (the server's log has the error)"
+        ), text
+    logged = [r for r in caplog.records if r.name == "asyncflow.web" and r.levelname == "ERROR"]
+    assert len(logged) == 3 and all(r.exc_info and "trace_context" in str(r.exc_info[1]) for r in logged)
+
+
 async def test_read_only_has_no_action_endpoints(seeded: tuple[WorkflowService, Seeded]) -> None:
     svc, ids = seeded
     async with client(dashboard(svc)) as c:
