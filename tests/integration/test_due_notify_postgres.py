@@ -419,3 +419,46 @@ async def test_a_driver_of_an_older_release_keeps_the_newer_release_s_triggers(
             assert await raw.fetchval(_BODY, "asyncflow_notify_due") == newer_body
             assert sorted(await _triggers(raw)) == ["asyncflow_due_notify", "asyncflow_due_notify_insert"]
         assert "newer asyncflow" in caplog.text
+
+
+@pytest.mark.parametrize("detached", [False, True], ids=["driver", "waiters"])
+async def test_a_listen_connection_gone_silent_is_closed_and_listened_again(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, detached: bool
+) -> None:
+    """A LISTEN connection whose server stops answering (gone without closing it) stayed "listening"
+    until TCP gave up (hours): the driver and the waiters missed every wake-up meanwhile. A ping while
+    nothing arrives finds it; it is closed and a new LISTEN taken."""
+    monkeypatch.setattr(notify, "_HEALTH_INTERVAL", 0.2)
+    monkeypatch.setattr(notify, "_PING_TIMEOUT", 0.5)
+    woken = asyncio.Event()
+    async with StallProxy(postgres_url) as proxy:
+        engine = create_async_engine(proxy.url, pool_size=2, max_overflow=0)
+        notifier = DueNotifier(engine, woken.set, install=False)
+        notifier.detached = detached
+        running = asyncio.create_task(notifier.run())
+        try:
+            async with asyncio.timeout(10):
+                while not notifier.listening:
+                    await asyncio.sleep(0.02)
+            first_pid = notifier.server_pid
+            proxy.hold_replies_after(b"asyncflow_listen_ping")  # the server's replies stop
+            async with asyncio.timeout(10):
+                await proxy.held.wait()
+                while notifier.listening:
+                    await asyncio.sleep(0.02)
+                while not notifier.listening:  # a new connection (the held one is closed)
+                    await asyncio.sleep(0.02)
+            assert notifier.server_pid != first_pid
+            woken.clear()
+            async with engine.connect() as conn:  # a notification reaches the new LISTEN
+                await conn.execute(text(f"NOTIFY {CHANNEL}"))
+                await conn.commit()
+            async with asyncio.timeout(10):
+                await woken.wait()
+        finally:
+            notifier.stop()
+            proxy.resume()
+            await asyncio.wait([running], timeout=10)
+            running.cancel()
+            await engine.dispose()
+    assert any("did not answer a ping" in r.getMessage() for r in caplog.records)

@@ -19,6 +19,10 @@ drivers claimed may then wait for their next claim (at most a poll interval).
 
 :class:`DueNotifier` keeps one dedicated connection LISTENing and calls back on each notification. If
 the connection drops or LISTEN fails, the driver simply goes on polling, and LISTEN is retried later.
+A connection that went silent (the server or the network gone without closing it: no notification,
+no error, for as long as TCP keepalives take, two hours by default) is found by a ping every
+:data:`_HEALTH_INTERVAL` seconds while nothing arrives, closed when it does not answer within
+:data:`_PING_TIMEOUT`, and opened again.
 A driver's connection is one of the pool's; the waiters' (``FinishedNotifier``, ``detached``) is
 opened by the pool and detached from it at once (see ``DueNotifier._listen``).
 """
@@ -66,6 +70,10 @@ _NOTIFY_LOCK_CLASS = 0x6173796E  # "asyn": with the schema's hash, "a wake-up is
 _RETRY_MIN = 1.0
 _RETRY_MAX = 60.0
 _HEALTH_INTERVAL = 10.0
+"""Seconds between two looks at a quiet LISTEN connection: is it closed, does it still answer?"""
+_PING_TIMEOUT = 10.0
+"""Seconds a LISTEN connection has to answer :data:`_PING`; one that does not is closed and opened again."""
+_PING = "SELECT 1 AS asyncflow_listen_ping"
 
 
 def _due_now(row: str) -> str:
@@ -303,11 +311,13 @@ class DueNotifier:
                 lost_wait = asyncio.ensure_future(lost.wait())
                 try:
                     while not lost.is_set() and not self._stop.is_set() and not driver.is_closed():
-                        await asyncio.wait(
+                        done, _ = await asyncio.wait(
                             {stopping, lost_wait},
                             timeout=_HEALTH_INTERVAL,
                             return_when=asyncio.FIRST_COMPLETED,
                         )
+                        if not done and not await self._answers(driver):
+                            break
                 finally:
                     stopping.cancel()
                     lost_wait.cancel()
@@ -319,6 +329,26 @@ class DueNotifier:
                     await self._unlisten(conn, driver, on_notify)
                 elif not self.detached:  # the LISTEN was cut or failed: it may have run without
                     await conn.invalidate()  # asyncpg knowing of it, so no UNLISTEN: never return it
+
+    async def _answers(self, driver: Any) -> bool:
+        """Whether the LISTEN connection answers a ping in time; one that does not (or fails) is closed
+        at once (``terminate``: a graceful close would wait for the silent server)."""
+        try:
+            async with asyncio.timeout(_PING_TIMEOUT):
+                await driver.fetchval(_PING)
+        except Exception as exc:  # TimeoutError, or the connection failed
+            logger.warning(
+                "the LISTEN %s connection did not answer a ping within %.0f s (%r): closing it",
+                self.channel,
+                _PING_TIMEOUT,
+                exc,
+            )
+            driver.terminate()
+            return False
+        except BaseException:  # cancelled mid-ping: the connection is mid-statement, never reused
+            driver.terminate()
+            raise
+        return True
 
     def _deliver(self, payload: str, schema: str) -> None:
         if payload in ("", schema):  # other schemas of this database have drivers of their own
