@@ -426,8 +426,8 @@ async def test_a_listen_connection_gone_silent_is_closed_and_listened_again(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, detached: bool
 ) -> None:
     """A LISTEN connection whose server stops answering (gone without closing it) stayed "listening"
-    until TCP gave up (hours): the driver and the waiters missed every wake-up meanwhile. A ping while
-    nothing arrives finds it; it is closed and a new LISTEN taken."""
+    until TCP gave up (hours): the driver and the waiters missed every wake-up meanwhile. A periodic
+    ping finds it; it is closed and a new LISTEN taken."""
     monkeypatch.setattr(notify, "_HEALTH_INTERVAL", 0.2)
     monkeypatch.setattr(notify, "_PING_TIMEOUT", 0.5)
     woken = asyncio.Event()

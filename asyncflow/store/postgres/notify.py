@@ -21,7 +21,7 @@ drivers claimed may then wait for their next claim (at most a poll interval).
 the connection drops or LISTEN fails, the driver simply goes on polling, and LISTEN is retried later.
 A connection that went silent (the server or the network gone without closing it: no notification,
 no error, for as long as TCP keepalives take, two hours by default) is found by a ping every
-:data:`_HEALTH_INTERVAL` seconds while nothing arrives, closed when it does not answer within
+:data:`_HEALTH_INTERVAL` seconds, closed when it does not answer within
 :data:`_PING_TIMEOUT`, and opened again.
 A driver's connection is one of the pool's; the waiters' (``FinishedNotifier``, ``detached``) is
 opened by the pool and detached from it at once (see ``DueNotifier._listen``).
