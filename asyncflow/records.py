@@ -473,6 +473,9 @@ new_step: Callable[
 """``(instance_id, instance_status_in, instance_status, next_run_at, inserts, updates,
 cancel_other_tasks, lease_epoch)``"""
 
+new_step_result: Callable[[bool, tuple[TaskInstanceRecord, ...], bool], StepResult] = positional(StepResult)
+"""``(applied, inserted, stale)``"""
+
 new_workflow_instance: Callable[
     [int, str, str, str, JSONDict, int, int, int, Any, int | None], WorkflowInstance
 ] = positional(WorkflowInstance)

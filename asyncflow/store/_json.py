@@ -88,6 +88,24 @@ def check_text(value: object, what: str) -> str:
     return value
 
 
+TEXT_JSON: dict[str, str] = {}
+"""Texts :func:`check_text` accepted that are identifiers (node names, statuses: they repeat in every
+step), each with its JSON string (``'"name"'``: nothing to escape). A step's values found here, of type
+``str``, skip the checks; PostgreSQL's step JSON takes their encoding from here. Bounded by
+:data:`TEXT_JSON_MAX` (cleared when full)."""
+TEXT_JSON_MAX = 4096
+
+
+def checked_name(value: object, what: str) -> str:
+    """:func:`check_text`, remembering an accepted identifier in :data:`TEXT_JSON`."""
+    text = check_text(value, what)
+    if type(text) is str and text.isidentifier():
+        if len(TEXT_JSON) >= TEXT_JSON_MAX:
+            TEXT_JSON.clear()
+        TEXT_JSON[text] = f'"{text}"'
+    return text
+
+
 def check_texts(values: Iterable[object], what: str) -> tuple[str, ...]:
     """:func:`check_text` over a sequence (a lone ``str`` is refused: it is not a list of strings)."""
     if isinstance(values, str):
@@ -107,6 +125,21 @@ def check_int(value: object, what: str, *, minimum: int = INT64_MIN) -> int:
 def check_ints(values: Iterable[object], what: str) -> tuple[int, ...]:
     """:func:`check_int` over a sequence."""
     return tuple(check_int(v, what) for v in values)
+
+
+if orjson is not None:
+    orjson_dumps = orjson.dumps
+    orjson_loads = orjson.loads
+else:  # pragma: no cover - a platform without orjson's wheel
+
+    def orjson_dumps(value: object, option: int = 0) -> bytes:
+        """Without orjson: every caller's fast path gives up (as on orjson's own ``JSONEncodeError``,
+        a ``TypeError``) and takes :func:`encode_context`."""
+        raise TypeError("orjson is not installed")
+
+    orjson_loads = json.loads  # never called: without orjson no text is ``plain``
+
+ORJSON_OPTIONS = _ORJSON_OPTIONS
 
 
 def dumps_context(value: object, what: str) -> str:

@@ -7,6 +7,7 @@ written when an argument is invalid.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .._text import SHORT_ID, shown, too_long
 from ..errors import ParamInvalidError
@@ -24,12 +25,16 @@ from ..status import RUNNABLE_INSTANCE_STATUSES
 from ._json import (
     INT64_MAX,
     INT64_MIN,
+    ORJSON_OPTIONS,
+    TEXT_JSON,
     check_int,
     check_ints,
     check_text,
     check_texts,
+    checked_name,
     dumps_context,
     encode_context,
+    orjson_dumps,
 )
 from ._sql import UNIQUE_MODES
 
@@ -60,8 +65,12 @@ class Refused:
     existing: int | None
 
 
-@dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
-class TaskRow:
+# A step's rows and changes are named tuples: a pass builds several per step, and a tuple is built by
+# one call in C (``_tuple(TaskRow, (...))``), where a dataclass runs its ``__init__`` in Python.
+_tuple = tuple.__new__
+
+
+class TaskRow(NamedTuple):
     """A new node row, checked; ``started_at`` 0 means "now"."""
 
     task_type: str
@@ -72,8 +81,7 @@ class TaskRow:
     plain: bool = False  # orjson wrote ``context`` (see asyncflow.store._json.encode_context)
 
 
-@dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
-class InstanceChange:
+class InstanceChange(NamedTuple):
     """Checked ``InstanceFields`` (``None`` = unchanged)."""
 
     status: str | None
@@ -81,8 +89,7 @@ class InstanceChange:
     next_run_at: int | None
 
 
-@dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
-class TaskChange:
+class TaskChange(NamedTuple):
     """Checked ``TaskFields`` / the fields of a ``TaskUpdate`` (``None`` = unchanged)."""
 
     status: str | None
@@ -102,8 +109,7 @@ class TaskFilter:
     version: int | None
 
 
-@dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
-class PreparedStep:
+class PreparedStep(NamedTuple):
     """A checked :class:`~asyncflow.records.Step`; updates are ``(id, expected_version, change)``."""
 
     instance_id: int
@@ -161,19 +167,18 @@ def task_row(new: TaskInsert) -> TaskRow:
     """Check a :class:`~asyncflow.records.TaskInsert`."""
     if not isinstance(new, TaskInsert):
         raise ParamInvalidError(f"expected TaskInsert, got {type(new).__name__}")
-    # the checks of check_text/check_int inline for the common case (a node's hot path); anything
-    # else goes through them, for their errors
     task_type, status, fail_count, started_at = new.task_type, new.status, new.fail_count, new.started_at
-    if not (type(task_type) is str and task_type.isascii() and "\x00" not in task_type):
-        task_type = check_text(task_type, "task_type")
-    if not (type(status) is str and status.isascii() and "\x00" not in status):
-        status = check_text(status, "status")
+    # names already checked skip check_text (see TEXT_JSON); ints in range skip check_int
+    if type(task_type) is not str or task_type not in TEXT_JSON:
+        task_type = checked_name(task_type, "task_type")
+    if type(status) is not str or status not in TEXT_JSON:
+        status = checked_name(status, "status")
     if not (type(fail_count) is int and 0 <= fail_count <= INT64_MAX):
         fail_count = check_int(fail_count, "fail_count", minimum=0)
     if not (type(started_at) is int and 0 <= started_at <= INT64_MAX):
         started_at = check_int(started_at, "started_at", minimum=0)
     context, plain = encode_context(new.node_context, "node_context")
-    return TaskRow(task_type, status, context, fail_count, started_at, plain)  # positional: hot path
+    return _tuple(TaskRow, (task_type, status, context, fail_count, started_at, plain))
 
 
 def _optional_text(value: object, what: str) -> str | None:
@@ -236,9 +241,15 @@ def task_filter(where: TaskWhere) -> TaskFilter:
 
 
 def prepared_step(step: Step) -> PreparedStep:
-    """Check a :class:`~asyncflow.records.Step` and serialize its contexts."""
+    """Check a :class:`~asyncflow.records.Step` and serialize its contexts.
+
+    Every check and error of :func:`task_row`, :func:`task_change`, :func:`check_int` and
+    :func:`check_text`, in the same order; what the engine's steps hold (names and statuses already
+    seen, ints in range, contexts orjson encodes) is checked inline, without their calls. (Loops and
+    inline checks, not helpers: every step of every pass runs it.)"""
     if not isinstance(step, Step):
         raise ParamInvalidError(f"expected Step, got {type(step).__name__}")
+    texts = TEXT_JSON
     updates = []
     for update in step.updates:
         if not isinstance(update, TaskUpdate):
@@ -249,28 +260,61 @@ def prepared_step(step: Step) -> PreparedStep:
         if not (type(expected) is int and INT64_MIN <= expected <= INT64_MAX):
             expected = check_int(expected, "TaskUpdate.expected_version")
         updates.append((task_id, expected, task_change(update, allow_empty=True)))
-    inserts = tuple([task_row(new) for new in step.inserts])
+    inserts = []
+    for new in step.inserts:
+        if type(new) is not TaskInsert:  # a subclass, or no TaskInsert (task_row raises)
+            inserts.append(task_row(new))
+            continue
+        task_type, status, context = new.task_type, new.status, new.node_context
+        fail_count, started_at = new.fail_count, new.started_at
+        if type(task_type) is not str or task_type not in texts:
+            task_type = checked_name(task_type, "task_type")
+        if type(status) is not str or status not in texts:
+            status = checked_name(status, "status")
+        # both in [0, 2**63 - 1] exactly when their bitwise or is (ints: a negative one makes it negative)
+        if not (
+            type(fail_count) is int and type(started_at) is int and 0 <= fail_count | started_at <= INT64_MAX
+        ):
+            fail_count = check_int(fail_count, "fail_count", minimum=0)
+            started_at = check_int(started_at, "started_at", minimum=0)
+        # encode_context's orjson path inline; anything else (not a dict, orjson refused it, a null
+        # that may be a NaN, an escaped NUL) goes through encode_context, which decides and raises
+        if type(context) is dict:
+            try:
+                raw = orjson_dumps(context, option=ORJSON_OPTIONS)
+            except TypeError:  # orjson.JSONEncodeError
+                raw = b"null"
+        else:
+            raw = b"null"
+        if b"null" in raw or b"\\u0000" in raw:
+            text, plain = encode_context(context, "node_context")
+        else:
+            text, plain = raw.decode(), True
+        inserts.append(_tuple(TaskRow, (task_type, status, text, fail_count, started_at, plain)))
     instance_id, status_in = step.instance_id, step.instance_status_in
     if not (type(instance_id) is int and INT64_MIN <= instance_id <= INT64_MAX):
         instance_id = check_int(instance_id, "Step.instance_id")
     if status_in not in _CHECKED_STATUS_IN:
         status_in = check_texts(status_in, "Step.instance_status_in")
-    status, next_run_at, epoch = step.instance_status, step.next_run_at, step.lease_epoch
+    new_status, next_run_at, epoch = step.instance_status, step.next_run_at, step.lease_epoch
     if next_run_at is not None and not (type(next_run_at) is int and 0 <= next_run_at <= INT64_MAX):
         next_run_at = check_int(next_run_at, "Step.next_run_at", minimum=0)
-    if status is not None and not (type(status) is str and status.isascii() and "\x00" not in status):
-        status = check_text(status, "Step.instance_status")
+    if new_status is not None and (type(new_status) is not str or new_status not in texts):
+        new_status = checked_name(new_status, "Step.instance_status")
     cancel = bool(step.cancel_other_tasks)
     if epoch is not None and not (type(epoch) is int and 0 <= epoch <= INT64_MAX):
         epoch = check_int(epoch, "Step.lease_epoch", minimum=0)
-    return PreparedStep(  # positional (a class called with keywords costs a dict), in field order
-        instance_id,
-        status_in,
-        InstanceChange(status, None, next_run_at),  # (status, context, next_run_at)
-        tuple(updates),
-        inserts,
-        cancel,
-        epoch,
+    return _tuple(  # in field order
+        PreparedStep,
+        (
+            instance_id,
+            status_in,
+            _tuple(InstanceChange, (new_status, None, next_run_at)),  # (status, context, next_run_at)
+            tuple(updates),
+            tuple(inserts),
+            cancel,
+            epoch,
+        ),
     )
 
 

@@ -41,6 +41,7 @@ from ..records import (
     TaskWhere,
     WorkflowInstanceRecord,
     new_instance_record,
+    new_step_result,
 )
 from ..status import RUNNABLE_INSTANCE_STATUSES
 from . import _prepare as prep
@@ -506,7 +507,7 @@ class SQLAlchemyWorkflowRepo:
         except DB_ERRORS as error:
             wrapped = store_error(error, "apply_step")
             raise wrapped from wrapped.__cause__
-        return StepResult(True, inserted)  # applied; positional: every step
+        return new_step_result(True, inserted, False)  # applied; positional (asyncflow._frozen): every step
 
     # ---------------------------------------------------------------------------------- driver
 

@@ -785,6 +785,83 @@ async def test_invalid_step_fields_are_refused_alike_and_nothing_is_written(
     await _unchanged(repo, instance_id, before, version=1)
 
 
+class _Name(str):
+    """A str subclass: takes the checks' slow path (``type(x) is str`` fails), and is accepted."""
+
+
+class _Context(dict):  # type: ignore[type-arg]
+    """A dict subclass: orjson passes it to json, which decides (accepted)."""
+
+
+INVALID_STEP_INSERTS: dict[str, Callable[[], TaskInsert]] = {
+    "nul_task_type": lambda: task("a\x00"),
+    "surrogate_task_type": lambda: task("\ud800"),
+    "int_task_type": lambda: task(1),  # type: ignore[arg-type]
+    "list_status": lambda: task("a", ["running"]),  # type: ignore[arg-type]
+    "nul_status": lambda: task("a", "running\x00"),
+    "bool_fail_count": lambda: task("a", fail_count=True),
+    "negative_fail_count": lambda: task("a", fail_count=-1),
+    "int_subclass_fail_count_too_big": lambda: task("a", fail_count=_BigInt(2**63)),
+    "negative_started_at": lambda: task("a", started_at=-1),
+    "started_at_too_big": lambda: task("a", started_at=2**63),
+    "both_ints_bad": lambda: task("a", fail_count=-1, started_at=-1),
+    "bad_int_and_bad_context": lambda: task("a", started_at=1.5, node_context={"a": float("nan")}),
+    "nan": lambda: task("a", node_context={"a": float("nan")}),
+    "nul_context": lambda: task("a", node_context={"a": "\x00"}),
+    "nul_context_key": lambda: task("a", node_context={"\x00": 1}),
+    "not_a_dict": lambda: task("a", node_context=[1]),
+    "none_context": lambda: task("a", node_context=None),
+    "not_json": lambda: task("a", node_context={"a": {1}}),
+}
+
+
+@pytest.mark.parametrize("make", INVALID_STEP_INSERTS.values(), ids=INVALID_STEP_INSERTS.keys())
+async def test_a_step_refuses_an_insert_as_create_task_instance_does(
+    repo: WorkflowRepo, make: Callable[[], TaskInsert]
+) -> None:
+    """A step's rows are checked inline (the engine's common case); the error is create's, word for word."""
+    instance_id, _ = await _instance_with_nodes(repo, ("root", "completed"))
+    before = await repo.load_task_instances(instance_id)
+    with pytest.raises(ParamInvalidError) as created:
+        await repo.create_task_instance(instance_id, make())
+    with pytest.raises(ParamInvalidError) as stepped:
+        await repo.apply_step(Step(instance_id=instance_id, inserts=(task("fine"), make())))
+    assert str(stepped.value) == str(created.value)
+    await _unchanged(repo, instance_id, before, version=1)
+
+
+ODD_STEP_INSERTS: dict[str, Callable[[], TaskInsert]] = {
+    "str_subclass_names": lambda: task(_Name("a"), _Name("running")),
+    "non_identifier_names": lambda: task("a b-ü", "run ning"),
+    "escaped_backslash_u0000": lambda: task("a", node_context={"a": "\\u0000", "b\\u0000": 1}),
+    "dict_subclass_context": lambda: task("a", node_context=_Context(a=1)),
+    "int_beyond_orjson": lambda: task("a", node_context={"a": 2**64, "b": [None, 1.5]}),
+    "tuple_and_none": lambda: task("a", node_context={"a": (1, 2), "n": None}),
+}
+
+
+@pytest.mark.parametrize("make", ODD_STEP_INSERTS.values(), ids=ODD_STEP_INSERTS.keys())
+async def test_a_step_inserts_what_create_task_instance_inserts(
+    repo: WorkflowRepo, make: Callable[[], TaskInsert]
+) -> None:
+    """Values off the inline checks' common case are stored (and returned) as create stores them."""
+    created_in, _ = await _instance_with_nodes(repo)
+    stepped_in, _ = await _instance_with_nodes(repo)
+    created = await repo.create_task_instance(created_in, make())
+    result = await repo.apply_step(Step(instance_id=stepped_in, inserts=(make(),)))
+    assert result.applied
+    [stepped] = result.inserted
+    assert await repo.load_task_instances(stepped_in) == [stepped]
+    for row in (created, stepped):
+        assert (row.task_type, row.status, row.node_context, row.fail_count) == (
+            created.task_type,
+            created.status,
+            created.node_context,
+            created.fail_count,
+        )
+        assert type(row.node_context) is dict
+
+
 async def test_step_cancels_only_other_non_terminal_rows(repo: WorkflowRepo) -> None:
     instance_id, rows = await _instance_with_nodes(
         repo, ("root", "completed"), ("a", "running"), ("b", "pending"), ("c", "failed"), ("d", "restarting")

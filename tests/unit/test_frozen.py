@@ -171,6 +171,7 @@ FACTORIES = {
     "new_task_insert": records.TaskInsert,
     "new_task_update": records.TaskUpdate,
     "new_step": records.Step,
+    "new_step_result": records.StepResult,
     "new_workflow_instance": records.WorkflowInstance,
 }
 

@@ -146,11 +146,28 @@ class PostgresBackend:
             return (await pg.load_states(db, (instance_id,), lease)).get(instance_id)
 
     async def apply_step(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
-        """The step function; ``StepConflict`` (nothing written) if a condition failed."""
+        """The step function; ``StepConflict`` (nothing written) if a condition failed.
+
+        Outside ``transaction()`` it is held for the engine (:mod:`asyncflow._held`): the batch's
+        outcome, or the single statement's, is returned even if the caller is cancelled meanwhile (the
+        cancellation is then deferred). (One coroutine, not one per case: every step of every pass.)"""
         try:
             if not self._direct():
                 return await held_if_asked(self._apply_in_transaction(step, now))
-            inserted = await self._apply_direct(step, now)
+            batcher, steps = self._step_batcher, self._steps
+            outcome: Any = RUN_ALONE
+            if batcher is not None and steps is not None and steps.enabled:
+                body = pg.step_json(step, now)
+                outcome = await batcher.submit(step.instance_id, body, hold=HOLD_STEPS.get())
+            if outcome is RUN_ALONE:
+                inserted = await held_if_asked(self._apply_alone(step, now))
+            else:
+                code, ids = outcome
+                if code == pg.CONFLICT_SQLSTATE:
+                    raise StepConflict
+                if code == pg.STALE_SQLSTATE:
+                    raise StaleStep
+                inserted = pg.inserted_records(step, ids, now)
         except StepConflict:
             raise
         except Exception as error:
@@ -166,22 +183,6 @@ class PostgresBackend:
             except Exception as error:
                 _step_error(error)
                 raise
-
-    async def _apply_direct(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
-        """Held for the engine (:mod:`asyncflow._held`): the batch's outcome, or the single statement's,
-        is returned even if the caller is cancelled meanwhile (the cancellation is then deferred)."""
-        if self._step_batcher is not None and self._steps is not None and self._steps.enabled:
-            outcome = await self._step_batcher.submit(
-                step.instance_id, pg.step_json(step, now), hold=HOLD_STEPS.get()
-            )
-            if outcome is not RUN_ALONE:
-                code, ids = outcome
-                if code == pg.CONFLICT_SQLSTATE:
-                    raise StepConflict
-                if code == pg.STALE_SQLSTATE:
-                    raise StaleStep
-                return pg.inserted_records(step, ids, now)
-        return await held_if_asked(self._apply_alone(step, now))
 
     async def _apply_alone(self, step: PreparedStep, now: int) -> tuple[TaskInstanceRecord, ...]:
         async with self._lanes.lane() as driver:

@@ -28,8 +28,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import BindParameter
 
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
+from ...status import RUNNABLE_INSTANCE_STATUSES
+from .._json import TEXT_JSON, checked_name
 from .._prepare import InstanceRow, PreparedStep, Refused
-from .._records import inserted_task_record, instance_record, task_record
+from .._records import inserted_task_records, instance_record, task_record
 from .._sql import RUNNABLE_SQL, refused_by
 from .._statements import TASK_VALUES, insert_child
 
@@ -177,23 +179,19 @@ sorted every due row)."""
 _encode = json.JSONEncoder(ensure_ascii=False).encode
 
 
-_ENCODED: dict[str, str] = {}
-"""Node names and statuses already encoded (they repeat in every step); bounded by :data:`_ENCODED_MAX`."""
-_ENCODED_MAX = 4096
-
-
 def _encode_text(value: str) -> str:
-    """A checked ``str`` as a JSON string; node names and statuses (identifiers: nothing to escape)
-    skip the encoder, which runs a few times per step otherwise, and are remembered."""
-    encoded = _ENCODED.get(value)
-    if encoded is not None:
-        return encoded
-    if not value.isidentifier():
-        return _encode(value)
-    if len(_ENCODED) >= _ENCODED_MAX:
-        _ENCODED.clear()
-    encoded = _ENCODED[value] = f'"{value}"'
+    """A checked ``str`` as a JSON string: an identifier's (a node name, a status) from
+    :data:`~asyncflow.store._json.TEXT_JSON` (remembered there: nothing to escape), which skips the
+    encoder, any other through it."""
+    encoded = TEXT_JSON.get(value)
+    if encoded is None:
+        checked_name(value, "text")  # remembers an identifier (the value was checked: nothing raises)
+        encoded = TEXT_JSON.get(value) or _encode(value)
     return encoded
+
+
+_RUNNABLE_JSON = "[" + ",".join(_encode(status) for status in RUNNABLE_INSTANCE_STATUSES) + "]"
+"""``Step.instance_status_in``'s default (every pass's steps), encoded once."""
 
 
 class TxConnection:
@@ -218,37 +216,49 @@ class TxConnection:
 def step_json(step: PreparedStep, now: int) -> str:
     """The JSON argument of :data:`STEP_CALL` (see the function's comment), built from checked values.
 
-    Contexts are already canonical JSON text: they are embedded as they are, not encoded twice.
-    (Loops and conditional expressions, not helpers and generators: every step of every pass runs it.)
+    Contexts are already canonical JSON text: they are embedded as they are, not encoded twice. Names
+    and statuses come encoded from :data:`~asyncflow.store._json.TEXT_JSON` (``prepared_step`` put
+    them there); one it no longer holds (cleared when full) is encoded again.
+    (Comprehensions and conditional expressions, not helpers: every step of every pass runs it.)
     """
-    encoded = _ENCODED
-    parts = []
-    for task_id, version, c in step.updates:
-        status, fail_count, started_at = c.status, c.fail_count, c.started_at
-        parts.append(
-            f"[{task_id},{version},"
-            f"{'null' if status is None else encoded.get(status) or _encode_text(status)},"
-            f"{c.context or 'null'},{'null' if fail_count is None else fail_count},"
-            f"{'null' if started_at is None else started_at}]"
+    texts = TEXT_JSON
+    instance_id, status_in, change, updates, inserts, cancel, epoch = step
+    if updates:
+        updated = ",".join(
+            [
+                f"[{task_id},{version},"
+                f"{'null' if status is None else texts.get(status) or _encode_text(status)},"
+                f"{context or 'null'},{'null' if fail_count is None else fail_count},"
+                f"{'null' if started_at is None else started_at}]"
+                for task_id, version, (status, context, fail_count, started_at) in updates
+            ]
         )
-    updates = ",".join(parts)
-    parts = []
-    for row in step.inserts:
-        task_type, status = row.task_type, row.status
-        parts.append(
-            f"[{encoded.get(task_type) or _encode_text(task_type)},"
-            f"{encoded.get(status) or _encode_text(status)},{row.context},{row.fail_count},"
-            f"{row.started_at or now}]"
+    else:
+        updated = ""
+    try:
+        inserted = ",".join(
+            [
+                f"[{texts[task_type]},{texts[status]},{context},{fail_count},{started_at or now}]"
+                for task_type, status, context, fail_count, started_at, _ in inserts
+            ]
         )
-    inserts = ",".join(parts)
-    statuses = ",".join([encoded.get(s) or _encode_text(s) for s in step.instance_status_in])
-    change = step.instance_change
-    status, next_run_at, epoch = change.status, change.next_run_at, step.lease_epoch
+    except KeyError:  # a name that is no identifier, or no longer remembered
+        inserted = ",".join(
+            [
+                f"[{_encode_text(name)},{_encode_text(status)},{context},{fail_count},{started_at or now}]"
+                for name, status, context, fail_count, started_at, _ in inserts
+            ]
+        )
+    if status_in is RUNNABLE_INSTANCE_STATUSES:
+        statuses = _RUNNABLE_JSON
+    else:
+        statuses = f"[{','.join([_encode_text(s) for s in status_in])}]"
+    status, _, next_run_at = change
     return (
-        f"[{step.instance_id},[{statuses}],"
-        f"{'null' if status is None else encoded.get(status) or _encode_text(status)},"
+        f"[{instance_id},{statuses},"
+        f"{'null' if status is None else texts.get(status) or _encode_text(status)},"
         f"{'null' if next_run_at is None else next_run_at},{now},"
-        f"{'true' if step.cancel_other_tasks else 'false'},[{updates}],[{inserts}],"
+        f"{'true' if cancel else 'false'},[{updated}],[{inserted}],"
         f"{'null' if epoch is None else epoch}]"
     )
 
@@ -257,16 +267,11 @@ def inserted_records(
     step: PreparedStep, ids: Sequence[int] | None, now: int
 ) -> tuple[TaskInstanceRecord, ...]:
     """The records of the rows a step inserted, from the ids the function returned (input order)."""
-    if not step.inserts:
+    inserts = step.inserts
+    if not inserts:
         return ()
-    assert ids is not None and len(ids) == len(step.inserts), (ids, step.inserts)
-    instance_id = step.instance_id
-    return tuple(
-        [
-            inserted_task_record(task_id, instance_id, row, now)
-            for task_id, row in zip(ids, step.inserts, strict=True)
-        ]
-    )
+    assert ids is not None and len(ids) == len(inserts), (ids, inserts)
+    return inserted_task_records(step.instance_id, ids, inserts, now)
 
 
 async def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int | Refused]:

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from ...records import TaskInstanceRecord, WorkflowInstanceRecord
 from .._errors import is_unique_violation
 from .._prepare import InstanceRow, PreparedStep, Refused
-from .._records import inserted_task_record, instance_record, task_record
+from .._records import inserted_task_records, instance_record, task_record
 from .._sql import RUNNABLE_SQL, TERMINAL_SQL, marks, refused_by
 from .._statements import insert_child
 
@@ -300,10 +300,7 @@ def step(db: Any, prepared: PreparedStep, now: int) -> list[int] | _Stale | None
 
 def inserted(prepared: PreparedStep, ids: Sequence[int], now: int) -> tuple[TaskInstanceRecord, ...]:
     """The records of the rows a step inserted."""
-    return tuple(
-        inserted_task_record(task_id, prepared.instance_id, row, now)
-        for task_id, row in zip(ids, prepared.inserts, strict=True)
-    )
+    return inserted_task_records(prepared.instance_id, ids, prepared.inserts, now)
 
 
 def claim_due(db: Any, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]) -> list[int]:
