@@ -131,7 +131,18 @@ class WorkflowDefinition:
     shared by every instance of the workflow type.
     """
 
-    __slots__ = ("_by_type", "_position", "feeds_first", "id", "lone_feeders", "name", "nodes")
+    __slots__ = (
+        "_by_type",
+        "_position",
+        "end_feeders",
+        "feeds_first",
+        "id",
+        "lone_feeders",
+        "lone_successors",
+        "name",
+        "nodes",
+        "sources",
+    )
 
     def __init__(self, id: str, name: str, nodes: Sequence[NodeDefinition]) -> None:
         self.id = id
@@ -161,6 +172,15 @@ class WorkflowDefinition:
         )
         """Nodes that are the only predecessor of each of their successors: completing one without
         ``af.choose`` skips nothing (each successor's one edge is completed)."""
+        self.lone_successors: dict[str, str] = {
+            node.task_type: node.pre_nodes[0] for node in self.nodes[:-1] if len(node.pre_nodes) == 1
+        }
+        """Each node but ``end`` with exactly one predecessor, to that predecessor: whatever its join,
+        such a node runs once that edge is completed (and only then), so the engine needs no join."""
+        self.end_feeders: frozenset[str] = frozenset(self.nodes[-1].pre_nodes)
+        """The predecessors of ``end`` (only their completion may complete it)."""
+        self.sources: tuple[str, ...] = tuple(node.task_type for node in self.nodes if not node.pre_nodes)
+        """The nodes without predecessors (``root``), in definition order: where a new instance starts."""
 
     @property
     def root(self) -> NodeDefinition:

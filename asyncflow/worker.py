@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from types import CoroutineType
@@ -223,19 +223,16 @@ class WorkerCall:
     :func:`start_child_workflow` refuse anything else), which records into ``chosen`` and ``keys``;
     ``start`` is the service's ``start(instance, task_type, workflow_type, key, context)`` of a child
     (``None``: a pass without a service). ``beat_target`` gets :func:`heartbeat`'s reports.
+
+    What the call was given is read through properties: a subclass may derive them instead of storing
+    them (the engine's :class:`~asyncflow.engine.inflight.NodeWatch`, built for every node, is its own
+    call). No ``__slots__``: ``chosen``, ``keys`` and the info stay the class's until set (most calls
+    never set them).
     """
 
-    __slots__ = (
-        "_info",
-        "beat_target",
-        "chosen",
-        "fail_count",
-        "instance",
-        "keys",
-        "next_nodes",
-        "start",
-        "task_type",
-    )
+    chosen: tuple[str, ...] | None = None
+    keys: Sequence[str] = ()  # replaced, never changed in place (the class's is shared)
+    _info: NodeInfo | None = None
 
     def __init__(
         self,
@@ -247,15 +244,38 @@ class WorkerCall:
         next_nodes: tuple[str, ...] | None = None,
         start: ChildStart | None = None,
     ) -> None:
-        self.task_type = task_type
-        self.instance = instance
-        self.fail_count = fail_count
-        self._info = info
-        self.beat_target = beat_target
-        self.next_nodes = next_nodes
-        self.start = start
-        self.chosen: tuple[str, ...] | None = None
-        self.keys: list[str] = []
+        self._task_type = task_type
+        self._instance = instance
+        self._fail_count = fail_count
+        if info is not None:
+            self._info = info
+        self._beat_target = beat_target
+        self._next_nodes = next_nodes
+        self._start = start
+
+    @property
+    def task_type(self) -> str:
+        return self._task_type
+
+    @property
+    def instance(self) -> Any:
+        return self._instance
+
+    @property
+    def fail_count(self) -> int:
+        return self._fail_count
+
+    @property
+    def beat_target(self) -> HeartbeatTarget | None:
+        return self._beat_target
+
+    @property
+    def next_nodes(self) -> tuple[str, ...] | None:
+        return self._next_nodes
+
+    @property
+    def start(self) -> ChildStart | None:
+        return self._start
 
     @property
     def info(self) -> NodeInfo:
@@ -423,5 +443,5 @@ async def start_child_workflow(
         raise LockFailedError("this pass runs without a service: it cannot start child workflows")
     child = await start(call.instance, call.task_type, workflow_type, key, context)
     if key not in call.keys:
-        call.keys.append(key)
+        call.keys = [*call.keys, key]
     return child

@@ -24,10 +24,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..status import SYSTEM
+from ..status import SYSTEM, TaskStatus
+from ..worker import WorkerCall
 
 if TYPE_CHECKING:
     from ..definition import NodeDefinition
+    from ..worker import ChildStart
     from .runner import PassRunner
 
 __all__ = ["DEFAULT_BEAT_INTERVAL", "MIN_BEAT_INTERVAL", "NO_PROGRESS", "PROGRESS", "NodeWatch", "Watchtower"]
@@ -45,30 +47,33 @@ PROGRESS = "progress"
 
 NO_PROGRESS: Any = object()
 
+_RUN_PHASE = TaskStatus.RUNNING.value  # the phase of a ``run`` (``pending``: a ``wait_check``)
 
-class NodeWatch:
-    """One worker call of a pass (``run`` in phase ``running``, ``wait_check`` in phase ``pending``)."""
 
-    __slots__ = (
-        "_closed",
-        "_context",
-        "_dirty",
-        "_error",
-        "_fail_count",
-        "_interval",
-        "_last",
-        "_node",
-        "_overdue",
-        "_phase",
-        "_progress",
-        "_runner",
-        "_started_at",
-        "_timer",
-        "_tower",
-        "_visible",
-        "_watched",
-        "_writer",
-    )
+class NodeWatch(WorkerCall):
+    """One worker call of a pass (``run`` in phase ``running``, ``wait_check`` in phase ``pending``),
+    itself the call's :class:`~asyncflow.worker.WorkerCall` (the context variable the worker's
+    ``af.*`` functions read): its own heartbeat target, the rest derived from the node and the pass.
+
+    Built for every call, most of which never beat, last no ``visible_after`` and have no
+    ``max_wait_time_ts``: the construction stores only what the call began with (no ``__slots__``:
+    what a quick call never changes stays the class's default, set per watch only once it changes).
+    ``started`` is the clock's ``monotonic()`` at the start (the heartbeat throttle counts from it);
+    whether the node's row is already stored in ``phase`` is looked up when first needed (at once
+    with a watchtower), as nothing but this watch writes the row while its call lasts.
+    """
+
+    # the state of a call that nothing has happened to yet (each is set on the watch when it changes)
+    _timer: asyncio.TimerHandle | None = None
+    _overdue: asyncio.TimerHandle | None = None
+    _writer: asyncio.Task[None] | None = None
+    _error: BaseException | None = None
+    _dirty = False
+    _closed = False
+    _progress: Any = NO_PROGRESS
+    _watched = False
+    _visible: bool | None = None  # already stored in this phase (None: not looked up yet)
+    _tower: Watchtower  # set with a watchtower only
 
     def __init__(
         self,
@@ -78,7 +83,7 @@ class NodeWatch:
         context: dict[str, Any],
         fail_count: int,
         started_at: int,
-        visible_after: float | None,
+        started: float,
         tower: Watchtower | None,
     ) -> None:
         self._runner = runner
@@ -87,25 +92,51 @@ class NodeWatch:
         self._context = context
         self._fail_count = fail_count
         self._started_at = started_at
-        row = runner.row_of(node.task_type)
-        self._visible = row is not None and row.status == phase  # already stored in this phase
-        self._interval = (
-            DEFAULT_BEAT_INTERVAL if visible_after is None else max(visible_after, MIN_BEAT_INTERVAL)
-        )
-        self._last = runner.clock.monotonic()  # of the start, then of the last write (throttle)
-        self._timer: asyncio.TimerHandle | None = None
-        self._overdue: asyncio.TimerHandle | None = None
-        self._writer: asyncio.Task[None] | None = None
-        self._error: BaseException | None = None
-        self._dirty = False
-        self._closed = False
-        self._progress: Any = NO_PROGRESS
-        self._tower = tower
-        self._watched = tower is not None and not self._visible
-        if self._watched:
-            tower.add(self)  # type: ignore[union-attr]
+        self._last = started  # of the start, then of the last write (throttle)
+        if tower is not None:
+            self._tower = tower
+            if not self._stored():
+                self._watched = True
+                tower.add(self)
         if node.max_wait_time_ts > 0:
             self._arm_overdue()
+
+    def _stored(self) -> bool:
+        """Whether the node's row is stored in this phase (looked up once; a write of this watch sets it)."""
+        visible = self._visible
+        if visible is None:
+            row = self._runner.row_of(self._node.task_type)
+            visible = self._visible = row is not None and row.status == self._phase
+        return visible
+
+    @property
+    def _interval(self) -> float:
+        """Seconds between two writes of this watch (the heartbeat throttle)."""
+        visible_after = self._runner.visible_after
+        return DEFAULT_BEAT_INTERVAL if visible_after is None else max(visible_after, MIN_BEAT_INTERVAL)
+
+    # ------------------------------------------------------------------ the worker call (for af.*)
+
+    @property
+    def task_type(self) -> str:
+        return self._node.task_type
+
+    @property
+    def instance(self) -> Any:
+        return self._runner.instance
+
+    @property
+    def beat_target(self) -> NodeWatch:
+        return self
+
+    @property
+    def next_nodes(self) -> tuple[str, ...] | None:
+        """For ``run`` only (``af.choose`` and children): not for a ``wait_check``."""
+        return tuple(self._node.next_nodes) if self._phase == _RUN_PHASE else None
+
+    @property
+    def start(self) -> ChildStart | None:
+        return self._runner.start_child
 
     # ------------------------------------------------------------------ the worker's side
 
@@ -121,6 +152,7 @@ class NodeWatch:
         self._dirty = True
         if self._writer is not None or self._timer is not None or self._watched:
             return  # the write in flight loops once more / the timer or the watchtower writes it
+        self._stored()  # looked up before a write of this watch can change the row
         wait = self._interval - (self._runner.clock.monotonic() - self._last)
         if wait <= 0:
             self._start_writer()
@@ -145,7 +177,8 @@ class NodeWatch:
         if self._writer is not None or self._error is not None:
             return False
         self._closed = True
-        self._cancel_timers()
+        if self._watched or self._timer is not None or self._overdue is not None:
+            self._cancel_timers()
         return True
 
     def abort(self) -> asyncio.Task[None] | None:
@@ -157,7 +190,7 @@ class NodeWatch:
     def _cancel_timers(self) -> None:
         if self._watched:
             self._watched = False
-            self._tower.discard(self)  # type: ignore[union-attr]
+            self._tower.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -176,7 +209,7 @@ class NodeWatch:
         self._timer = None
         if self._closed or self._writer is not None:
             return
-        if self._visible and not self._dirty:
+        if self._stored() and not self._dirty:
             return
         self._start_writer()
 

@@ -53,7 +53,8 @@ __all__ = [
     "sanitize_json",
 ]
 
-_STRIPPED = (SYSTEM, PRE_NODE_CONTEXT, WORKFLOW_CONTEXT)
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+"""Types :func:`json_copy` returns as they are, checked by identity before a call per value."""
 
 
 class Outcome(enum.Enum):
@@ -127,6 +128,13 @@ def record_error(context: dict[str, Any], outcome: NodeOutcome, now: float) -> N
 
 def json_copy(value: Any) -> Any:
     """Deep copy of JSON-shaped data (dicts, lists, scalars); other objects are shared as they are."""
+    kind = type(value)
+    if kind is dict:  # exact types first: the isinstance() checks below are for subclasses
+        return {k: v if type(v) in _SCALARS else json_copy(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _SCALARS else json_copy(v) for v in value]
+    if kind in _SCALARS:
+        return value
     if isinstance(value, dict):
         return {k: json_copy(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -171,10 +179,21 @@ def build_node_context(
     ``pre_node_context`` and ``workflow_context``; ``workflow_context`` is a copy of the instance's.
     A restarted node keeps the ``node_event`` of its previous context (``keep_event_from``).
     """
+    # a shallow copy, then json_copy() of the values that are not scalars (a node's hot path: most are)
     pre: dict[str, Any] = {}
     for task_type, ctx in pre_contexts:
-        pre[task_type] = {k: json_copy(v) for k, v in ctx.items() if k not in _STRIPPED}
-    context: dict[str, Any] = {PRE_NODE_CONTEXT: pre, WORKFLOW_CONTEXT: json_copy(dict(workflow_context))}
+        copied = pre[task_type] = dict(ctx)
+        copied.pop(SYSTEM, None)  # minus the keys the engine keeps per node
+        copied.pop(PRE_NODE_CONTEXT, None)
+        copied.pop(WORKFLOW_CONTEXT, None)
+        for k, v in copied.items():
+            if type(v) not in _SCALARS:
+                copied[k] = json_copy(v)  # the same key: the dict's size does not change
+    workflow = dict(workflow_context)
+    for k, v in workflow.items():
+        if type(v) not in _SCALARS:
+            workflow[k] = json_copy(v)
+    context: dict[str, Any] = {PRE_NODE_CONTEXT: pre, WORKFLOW_CONTEXT: workflow}
     if keep_event_from is not None and NODE_EVENT in keep_event_from:
         context[NODE_EVENT] = json_copy(keep_event_from[NODE_EVENT])
     return context

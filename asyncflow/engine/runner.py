@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._held import HOLD_STEPS, is_held, run_held
@@ -58,7 +58,7 @@ from ..status import (
     TaskStatus,
     is_over_instance_status,
 )
-from ..worker import ChildStart, NodeInfo, WorkerCall, _current_call
+from ..worker import ChildStart, NodeInfo, _current_call
 from .inflight import NO_PROGRESS, PROGRESS, NodeWatch, Watchtower
 from .rules import (
     CHOSEN,
@@ -204,10 +204,22 @@ class _PassFailed(Exception):
 
 
 _Write = TaskInsert | TaskUpdate
+_new_object = object.__new__
 
 
 class PassRunner:
     """Runs one pass. Create one per pass, under the instance lock, with everything read under it."""
+
+    # the pass's state before it begins (class attributes: an instance sets one when it changes)
+    wake_again = False
+    """Set when a child the pass waited for ended between the pass's look and its last write:
+    the service makes the instance due again at once."""
+    _main_task: asyncio.Task[Any] | None = None  # the task of run()
+    _interrupted_here = False  # interrupt() cancelled the node run() drives itself
+    _carrying = False  # a step carrying the root is in flight
+    _carry_done: asyncio.Event | None = None  # set when it ends, made by a step that waits for it
+    _tg: asyncio.TaskGroup | None = None
+    _stopped = False
 
     def __init__(
         self,
@@ -236,33 +248,26 @@ class PassRunner:
         self._drive_here_ok = drive_here and not definition.feeds_first
         self._start_child = start_child
         self._awaiting: dict[str, list[str]] = {}  # node -> the keys of its children not all terminal
-        self.wake_again = False
-        """Set when a child the pass waited for ended between the pass's look and its last write:
-        the service makes the instance due again at once."""
         self._clock = clock
         self._lease = lease
         self._instance = instance
         self._definition = definition
         self._node_of = definition._by_type  # its dict, read only (a node's hot path)
+        self._lone_successors = definition.lone_successors
         self._rows: dict[str, TaskInstanceRecord] = {row.task_type: row for row in rows}
         self._retry = retry
         self._default_fail_max_count = default_fail_max_count
         self._wait_interval = wait_interval
         self._slots = _Slots(branch_concurrency)
         self._held_steps = is_held(repo.apply_step)  # its steps run inline, not in a task of their own
-        self._main_task: asyncio.Task[Any] | None = None  # the task of run()
-        self._interrupted_here = False  # interrupt() cancelled the node run() drives itself
         self._status = instance.status
         self._visited: set[str] = set()
         self._deferred: dict[str, _Write] = {}
         self._carry: list[tuple[str, _Write]] = []
-        self._carry_done: asyncio.Event | None = None
         self._due: list[int] = []  # when (ms) each node that did not advance wants the next pass
         self._visible_after = visible_after
         self._watchtower = watchtower if visible_after is not None else None
-        self._tg: asyncio.TaskGroup | None = None
         self._writers: dict[str, asyncio.Task[None]] = {}  # node -> its in-flight visibility write
-        self._stopped = False
         self._stalls = stalls if stalls is not None else StallWarnings()
         self._observers = observers  # None when there are none: the pass then costs nothing extra
         self._outcomes: dict[str, tuple[str, Exception | None]] = {}  # a failed attempt's outcome, for them
@@ -293,7 +298,7 @@ class PassRunner:
         try:
             if await self._too_deep():
                 return self._result()
-            if await self._repair():
+            if self._rows and await self._repair():  # a new instance (no rows) has nothing to repair
                 return self._result()
             try:
                 async with asyncio.TaskGroup() as tg:
@@ -361,8 +366,7 @@ class PassRunner:
     def _initially_ready(self) -> list[str]:
         ready = []
         if not self._rows:  # a new instance: a node with predecessors waits for them (no row yet)
-            ready = [n.task_type for n in self._definition.nodes if not n.pre_nodes]
-            ready = [t for t in ready if self._join(t) is Join.RUN]
+            ready = [t for t in self._definition.sources if self._join(t) is Join.RUN]
             self._visited.update(ready)
             return ready
         for node in self._definition.nodes:
@@ -407,15 +411,30 @@ class PassRunner:
         return retry_at
 
     def _newly_ready(self, done: str) -> list[str]:
-        ready = []
-        node_of = self._node_of
-        for source in (done, *self._skipped_with.pop(done, ())):
+        ready: list[str] = []
+        node_of, visited, rows, lone = self._node_of, self._visited, self._rows, self._lone_successors
+        skipped = self._skipped_with.pop(done, None) if self._skipped_with else None
+        for source in (done,) if skipped is None else (done, *skipped):
             for succ in node_of[source].next_nodes:
-                if succ in self._visited or not self._open(succ):
+                if succ in visited:
                     continue
-                if self._join(succ) is Join.RUN:
-                    self._visited.add(succ)
-                    ready.append(succ)
+                row = rows.get(succ)  # _open() inline (a node's hot path)
+                if row is not None and row.status != _RESTARTING:
+                    continue
+                lone_pre = lone.get(succ)
+                if lone_pre is not None:  # its one edge decides (the join of one edge: completed)
+                    pre = rows.get(lone_pre)
+                    if pre is None or pre.status != _COMPLETED:
+                        continue
+                    context = pre.node_context
+                    if context.get(SYSTEM) is not None:  # chosen_of()'s common case inline
+                        chosen = chosen_of(context)
+                        if chosen is not None and succ not in chosen:
+                            continue
+                elif self._join(succ) is not Join.RUN:
+                    continue
+                visited.add(succ)
+                ready.append(succ)
         return ready
 
     async def _drive_here(self, tg: asyncio.TaskGroup, task_type: str) -> None:
@@ -456,36 +475,42 @@ class PassRunner:
 
     async def _drive(self, tg: asyncio.TaskGroup, task_type: str) -> None:
         """Process a node, then keep going inline with one newly ready successor (spawn the others)."""
-        current: str | None = task_type
+        current = task_type
         task = asyncio.current_task()
-        tasks, slots, observers = self._tasks, self._slots, self._observers
+        tasks, slots, observers, dropped = self._tasks, self._slots, self._observers, self._dropped
         by_type = self._node_of
-        while current is not None:
-            if current in self._dropped:  # a ``first`` join dropped it before this task began
+        while True:
+            if current in dropped:  # a ``first`` join dropped it before this task began
                 return
-            if task is not None:
-                tasks[current] = task
-            try:
-                if slots.free > 0 and not slots.waiters:  # a free slot: taken without a coroutine
-                    slots.free -= 1
-                else:
-                    await slots.acquire()
+            node = by_type[current]
+            if current == ROOT_NODE:  # no work, no await (its write is carried): no slot, never a loser
+                self._carry_root(node)
+            else:
+                if task is not None:
+                    tasks[current] = task
                 try:
-                    node = by_type[current]
-                    if observers is None or current in (ROOT_NODE, END_NODE):
-                        completed = await self._process(node)
+                    if slots.free > 0 and not slots.waiters:  # a free slot: taken without a coroutine
+                        slots.free -= 1
                     else:
-                        completed = await self._observed(node, observers)
+                        await slots.acquire()
+                    try:
+                        if observers is None or current == END_NODE:
+                            completed = await self._process(node)
+                        else:
+                            completed = await self._observed(node, observers)
+                    finally:
+                        slots.release()
                 finally:
-                    slots.release()
-            finally:
-                tasks.pop(current, None)
-            if not completed:
-                return
+                    tasks.pop(current, None)
+                if not completed:
+                    return
             ready = self._newly_ready(current)
-            for other in ready[1:]:
-                self._spawn(tg, other)
-            current = ready[0] if ready else None
+            if not ready:
+                return
+            if len(ready) > 1:
+                for other in ready[1:]:
+                    self._spawn(tg, other)
+            current = ready[0]
 
     # ------------------------------------------------------------------ one node
 
@@ -493,23 +518,23 @@ class PassRunner:
         """Advance one node as far as it goes; True when it ends the pass completed."""
         task_type = node.task_type
         row = self._rows.get(task_type)
-        if row is None or row.status == _RESTARTING:
+        if row is None:
+            context = self._fresh_context(node, None)
+            status, fail_count, started_at = _RUNNING, 0, int(self._clock.time())
+        elif row.status == _RESTARTING:
             context = self._fresh_context(node, row)
-            status, fail_count = _RUNNING, 0 if row is None else row.fail_count
-            started_at = int(self._clock.time()) if row is None else row.started_at
+            status, fail_count, started_at = _RUNNING, row.fail_count, row.started_at
         else:
             context, status = row.node_context, row.status
             fail_count, started_at = row.fail_count, row.started_at
             system = context.get(SYSTEM)  # only a stored context holds a back-off: a fresh one has no system
             if isinstance(system, dict) and RETRY_AT in system:
                 del system[RETRY_AT]  # this is the retry
-        if task_type == ROOT_NODE:
-            self._carry_root(row, context)
-            return True
         if task_type == END_NODE:
             await self._write_completed(node, row, context, fail_count, started_at)
             return True
-        ctx = JSONContext.from_map(context)
+        ctx = _new_object(JSONContext)  # JSONContext.from_map(context) without its checks: a dict
+        ctx._data = context
         if status == _RUNNING:
             chosen, child_keys, error = await self._attempt(
                 node, ctx, context, _RUNNING, fail_count, started_at
@@ -603,32 +628,56 @@ class PassRunner:
         phase: str,
         fail_count: int,
         started_at: int,
-    ) -> tuple[tuple[str, ...] | None, list[str], Exception | None]:
+    ) -> tuple[tuple[str, ...] | None, Sequence[str], Exception | None]:
         """One worker call under a :class:`NodeWatch`: (what ``run`` chose, the keys of the children it
         started, the worker's failure).
 
         What stopped a visibility write (the pass stopped, the lease was lost) is raised, not returned:
         it is no failure of the worker's."""
         watch = NodeWatch(
-            self, node, phase, context, fail_count, started_at, self._visible_after, self._watchtower
+            self, node, phase, context, fail_count, started_at, self._clock.monotonic(), self._watchtower
         )
+        check = phase == _PENDING
+        # the watch is the call's context variable (its NodeInfo built only if current_node() asks for
+        # it), set without call_scope()'s generator context manager (a node's hot path)
+        token = _current_call.set(watch)
         try:
-            chosen, child_keys = await self._call(node, ctx, fail_count, check=phase == _PENDING, watch=watch)
+            if check:
+                await node.worker.wait_check(ctx)
+            else:
+                await node.worker.run(ctx)
         except Exception as exc:
+            _current_call.reset(token)
             await watch.close()
             return None, [], exc
         except BaseException:
+            _current_call.reset(token)
             watch.abort()
             raise
+        _current_call.reset(token)
         if not watch.close_now():  # a visibility write is in flight: wait for it
             await watch.close()
-        return chosen, child_keys, None
+        if check:
+            return None, [], None
+        return watch.chosen, watch.keys, None
 
     # ------------------------------------------------------------------ work in flight (NodeWatch)
 
     @property
     def clock(self) -> Clock:
         return self._clock
+
+    @property
+    def visible_after(self) -> float | None:
+        return self._visible_after
+
+    @property
+    def instance(self) -> WorkflowInstanceRecord:
+        return self._instance
+
+    @property
+    def start_child(self) -> ChildStart | None:
+        return self._start_child
 
     def row_of(self, task_type: str) -> TaskInstanceRecord | None:
         return self._rows.get(task_type)
@@ -698,32 +747,6 @@ class PassRunner:
             node.max_wait_time_ts,
             extra=self._extra(node.task_type, _RUNNING),
         )
-
-    async def _call(
-        self, node: NodeDefinition, ctx: JSONContext, fail_count: int, *, check: bool, watch: NodeWatch
-    ) -> tuple[tuple[str, ...] | None, list[str]]:
-        """Call ``run`` or ``wait_check``; what ``run`` chose with ``af.choose`` (``None``: no call)
-        and the keys of the children it started (``af.start_child_workflow``)."""
-        # one context variable for the call (its NodeInfo built only if current_node() asks for it), set
-        # without call_scope()'s generator context manager (a node's hot path)
-        call = WorkerCall(  # positional: a class called with keywords costs a dict
-            node.task_type,
-            self._instance,  # instance
-            fail_count,
-            None,  # info: built when asked for
-            watch,  # beat_target
-            None if check else tuple(node.next_nodes),  # next_nodes
-            self._start_child,  # start
-        )
-        token = _current_call.set(call)
-        try:
-            if check:
-                await node.worker.wait_check(ctx)
-                return None, []
-            await node.worker.run(ctx)
-        finally:
-            _current_call.reset(token)
-        return call.chosen, call.keys
 
     async def _children_done(self, task_type: str, context: dict[str, Any]) -> None:
         """For a node whose ``run`` started children: raise ``TaskNotReady`` while one of them is not
@@ -883,9 +906,13 @@ class PassRunner:
         for p in node.pre_nodes:  # the predecessors whose edge to the node is completed
             pre_row = rows.get(p)
             if pre_row is not None and pre_row.status == _COMPLETED:
-                chosen = chosen_of(pre_row.node_context)
-                if chosen is None or task_type in chosen:
-                    pre.append((p, pre_row.node_context))
+                context = pre_row.node_context
+                if context.get(SYSTEM) is None:  # chosen_of()'s common case inline: chose nothing
+                    pre.append((p, context))
+                else:
+                    chosen = chosen_of(context)
+                    if chosen is None or task_type in chosen:
+                        pre.append((p, context))
         return build_node_context(
             pre,
             self._instance.workflow_context,
@@ -894,8 +921,14 @@ class PassRunner:
 
     # ------------------------------------------------------------------ writes
 
-    def _carry_root(self, row: TaskInstanceRecord | None, context: dict[str, Any]) -> None:
-        """The root does no work: its write rides along with the next step of this pass."""
+    def _carry_root(self, node: NodeDefinition) -> None:
+        """The root does no work: its write rides along with the next step of this pass (:meth:`_drive`
+        calls this instead of :meth:`_process`: the root never fails, so never has a back-off)."""
+        row = self._rows.get(ROOT_NODE)
+        if row is None or row.status == _RESTARTING:
+            context = self._fresh_context(node, row)
+        else:
+            context = row.node_context
         write = _write_for(ROOT_NODE, row, _COMPLETED, context, 0, int(self._clock.time()))
         self._carry.append((ROOT_NODE, write))
         self._rows[ROOT_NODE] = _provisional(self._instance.id, ROOT_NODE, row, write)
@@ -922,13 +955,16 @@ class PassRunner:
             if extra and extra[-1][0] == END_NODE:
                 instance_status = _INSTANCE_COMPLETED
         writes = [(task_type, _write_for(task_type, row, _COMPLETED, context, fail_count, started_at))]
+        if extra:
+            writes += extra
         try:
-            await self._apply(writes + extra, instance_status=instance_status)
+            await self._apply(writes, instance_status=instance_status)
         except asyncio.CancelledError:  # deferred by the repo past a step that was written: still told
             if self._has_status(task_type, _COMPLETED):
                 self._completed(task_type, extra)
             raise
-        self._completed(task_type, extra)
+        if extra or self._observers is not None:  # else _completed() has nothing to do
+            self._completed(task_type, extra)
         if instance_status is not None and logger.isEnabledFor(logging.INFO):  # no record's fields built else
             logger.info(
                 "workflow instance %s completed",
@@ -1001,13 +1037,19 @@ class PassRunner:
     def _consequences(self, finishing: str, context: dict[str, Any]) -> list[tuple[str, _Write]]:
         """The writes that go with ``finishing``'s completion: skips, ``first``-join cancels, ``end``."""
         definition = self._definition
-        if finishing in definition.lone_feeders and chosen_of(context) is None:
+        if finishing in definition.lone_feeders and (
+            context.get(SYSTEM) is None or chosen_of(context) is None  # chosen_of() only with a system
+        ):
             # the common case: nothing to skip, no ``first`` join among the successors; ``end`` can
-            # join only the write of one of its predecessors
-            if finishing not in self._node_of[END_NODE].pre_nodes:
+            # join only the write of one of its predecessors, here its only one (a lone feeder's
+            # successors have one predecessor each), which completes now having chosen nothing: the
+            # ``end`` join runs (what _end_if_ready() finds, without the edges)
+            if finishing not in definition.end_feeders or END_NODE in self._visited:
                 return []
-            end_write = self._end_if_ready(finishing, [], *self._states(finishing, context))
-            return [] if end_write is None else [(END_NODE, end_write)]
+            row = self._rows.get(END_NODE)
+            if row is not None and row.status != _RESTARTING:
+                return []
+            return [(END_NODE, self._end_write(row, [(finishing, context)]))]
         statuses, contexts = self._states(finishing, context)
         writes: list[tuple[str, _Write]] = []
         now = int(self._clock.time())
@@ -1067,21 +1109,24 @@ class PassRunner:
         edges = [self._edge_with(p, END_NODE, statuses, contexts) for p in end.pre_nodes]
         if join_decision("end", edges) is not Join.RUN:
             return None
-        self._visited.add(END_NODE)
-        row = self._rows.get(END_NODE)
-        pre = (
+        pre = [
             (p, contexts[p] if p in contexts else self._rows[p].node_context)
             for p, edge in zip(end.pre_nodes, edges, strict=True)
             if edge == _COMPLETED
-        )
+        ]
+        return self._end_write(self._rows.get(END_NODE), pre)
+
+    def _end_write(self, row: TaskInstanceRecord | None, pre: list[tuple[str, dict[str, Any]]]) -> _Write:
+        """``end``'s completion, with the contexts of its predecessors whose edge is completed."""
+        self._visited.add(END_NODE)
         context = build_node_context(
             pre,
             self._instance.workflow_context,
             keep_event_from=row.node_context if row is not None else None,
         )
-        started_at = int(self._clock.time()) if row is None else row.started_at
-        fail_count = 0 if row is None else row.fail_count
-        return _write_for(END_NODE, row, _COMPLETED, context, fail_count, started_at)
+        if row is None:
+            return new_task_insert(END_NODE, _COMPLETED, context, 0, int(self._clock.time()))
+        return _write_for(END_NODE, row, _COMPLETED, context, row.fail_count, row.started_at)
 
     async def _write_one(self, task_type: str, write: _Write) -> TaskInstanceRecord:
         await self._apply([(task_type, write)])
@@ -1096,16 +1141,18 @@ class PassRunner:
         next_run_at: int | None = None,
     ) -> None:
         """Apply one step; on success record the new rows; if it does not apply, stop the pass."""
-        if self._carry_done is not None and not self._carry_done.is_set() and not self._carry:
-            await self._carry_done.wait()
+        if self._carrying and not self._carry:  # the root's step is in flight: this one goes after it
+            done = self._carry_done
+            if done is None:  # made by the first step to wait (most passes have none)
+                done = self._carry_done = asyncio.Event()
+            await done.wait()
         if self._lease is not None:  # checked right before the write (no await in between)
             self._lease.raise_if_lost()
-        done_event: asyncio.Event | None = None
         carried = self._carry
         if carried:
             writes = carried + writes
             self._carry = []
-            done_event = self._carry_done = asyncio.Event()
+            self._carrying = True
         if instance_status is None and self._status == _INSTANCE_INIT:
             instance_status = _INSTANCE_RUNNING
         inserts: list[tuple[str, TaskInsert]] = []
@@ -1135,8 +1182,12 @@ class PassRunner:
             raise
         finally:
             HOLD_STEPS.reset(hold)
-            if done_event is not None:
-                done_event.set()
+            if carried:
+                self._carrying = False
+                done = self._carry_done
+                if done is not None:
+                    self._carry_done = None
+                    done.set()
         if not result.applied:
             self._stopped = True
             if result.stale:
