@@ -412,10 +412,10 @@ class PassRunner:
 
     def _newly_ready(self, done: str) -> list[str]:
         ready: list[str] = []
-        node_of, visited, rows, lone = self._node_of, self._visited, self._rows, self._lone_successors
+        visited, rows, lone = self._visited, self._rows, self._lone_successors
         skipped = self._skipped_with.pop(done, None) if self._skipped_with else None
         for source in (done,) if skipped is None else (done, *skipped):
-            for succ in node_of[source].next_nodes:
+            for succ in self._node_of[source].next_nodes:
                 if succ in visited:
                     continue
                 row = rows.get(succ)  # _open() inline (a node's hot path)
@@ -499,7 +499,10 @@ class PassRunner:
                         else:
                             completed = await self._observed(node, observers)
                     finally:
-                        slots.release()
+                        if slots.waiters:
+                            slots.release()
+                        else:  # release() without waiters, inline
+                            slots.free += 1
                 finally:
                     tasks.pop(current, None)
                 if not completed:
