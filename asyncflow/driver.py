@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
-import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -238,6 +237,7 @@ class WorkflowDriver:
             raise leaf from leaf.__cause__
         finally:
             self.service.remove_due_listener(self._on_due)
+            self._reap_unstarted()  # the task group has ended: every pass is done
             self._interrupted.update(self._rechecks)
             self._rechecks.clear()
             await self._release_interrupted()
@@ -378,16 +378,21 @@ class WorkflowDriver:
         task = tg.create_task(coro, name=name, context=contextvars.Context())
         if not task.done():  # an eager task factory may have run the whole pass (its end left _inflight)
             self._inflight[instance_id] = task
-            task.add_done_callback(functools.partial(self._pass_ended, instance_id))
 
-    def _pass_ended(self, instance_id: int, task: asyncio.Task[None]) -> None:
+    def _reap_unstarted(self) -> None:
         """A pass cancelled before it began (a ``stop(grace=0)`` right after its claim) never ran its
-        own clean-up: do it here, so that its claimed instance is released, not left to its lease."""
-        if self._inflight.get(instance_id) is task:
-            del self._inflight[instance_id]
-            self._interrupted.add(instance_id)
-            self._stats.cancelled += 1
-            self._pass_done()
+        own clean-up: do it here, so that its claimed instance is released, not left to its lease.
+
+        Called once no pass starts any more and the cancelled ones are done (after the drain's
+        cancellations, and once the task group ended): a done task still in ``_inflight`` is such a
+        pass, since every pass that began leaves it in its ``finally``. (A done-callback per pass did
+        this before: an event-loop callback for every pass, for a case that only a stop can make.)"""
+        for instance_id, task in list(self._inflight.items()):
+            if task.done():
+                del self._inflight[instance_id]
+                self._interrupted.add(instance_id)
+                self._stats.cancelled += 1
+                self._pass_done()
 
     def _spawn_rechecks(self, tg: asyncio.TaskGroup) -> None:
         if not self._rechecks:
@@ -401,8 +406,48 @@ class WorkflowDriver:
                 self._spawn(tg, instance_id, recheck.lease_until, recheck.attempt)
 
     async def _pass(self, instance_id: int, lease_until: int, attempt: int) -> None:
+        """One pass, counted; a lock conflict is re-tried later, an error backs the instance off.
+
+        One coroutine (the service's :meth:`~WorkflowService._driver_pass` adds none): every step of
+        the pass resumes the task through each coroutine that awaits it."""
         try:
-            await self._attempt(instance_id, lease_until, attempt)
+            try:
+                if attempt and not await self._still_ours(instance_id, lease_until):
+                    return
+                instance = await self.service._driver_pass(instance_id, self.config.poll_interval)
+            except LockFailedError as exc:
+                self._stats.lock_skips += 1
+                logger.debug(
+                    "instance %s is locked elsewhere, skipped: %s",
+                    instance_id,
+                    exc,
+                    extra={"instance_id": instance_id},
+                )
+                self._recheck_later(instance_id, lease_until, attempt + 1)
+                return
+            except Exception as exc:  # one failing instance never stops the others
+                self._stats.errors += 1
+                level = logging.ERROR if is_serious_error(exc) else logging.WARNING
+                trace = None if isinstance(exc, AsyncflowError) else exc
+                logger.log(
+                    level,
+                    "pass of instance %s failed: %s",
+                    instance_id,
+                    exc,
+                    exc_info=trace,
+                    extra={"instance_id": instance_id},
+                )
+                await self._back_off(instance_id)
+                return
+            stats = self._stats
+            stats.passes += 1
+            status = instance.status
+            if status == "completed":
+                stats.completed += 1
+            elif status == "failed":
+                stats.failed += 1
+            if self._failures:
+                self._failures.pop(instance_id, None)
         except asyncio.CancelledError:
             self._interrupted.add(instance_id)
             self._stats.cancelled += 1
@@ -410,32 +455,6 @@ class WorkflowDriver:
         finally:
             self._inflight.pop(instance_id, None)
             self._pass_done()
-
-    async def _attempt(self, instance_id: int, lease_until: int, attempt: int) -> None:
-        """One pass, counted; a lock conflict is re-tried later, an error backs the instance off."""
-        extra = {"instance_id": instance_id}
-        try:
-            if attempt and not await self._still_ours(instance_id, lease_until):
-                return
-            instance = await self.service._driver_pass(instance_id, self.config.poll_interval)
-        except LockFailedError as exc:
-            self._stats.lock_skips += 1
-            logger.debug("instance %s is locked elsewhere, skipped: %s", instance_id, exc, extra=extra)
-            self._recheck_later(instance_id, lease_until, attempt + 1)
-            return
-        except Exception as exc:  # one failing instance never stops the others
-            self._stats.errors += 1
-            level = logging.ERROR if is_serious_error(exc) else logging.WARNING
-            trace = None if isinstance(exc, AsyncflowError) else exc
-            logger.log(level, "pass of instance %s failed: %s", instance_id, exc, exc_info=trace, extra=extra)
-            await self._back_off(instance_id)
-            return
-        self._stats.passes += 1
-        if instance.status == "completed":
-            self._stats.completed += 1
-        elif instance.status == "failed":
-            self._stats.failed += 1
-        self._failures.pop(instance_id, None)
 
     def _pass_done(self) -> None:
         self._passes_done += 1
@@ -491,6 +510,7 @@ class WorkflowDriver:
             logger.error(
                 "%d passes ignored cancellation: %s", len(stuck), sorted(t.get_name() for t in stuck)
             )
+        self._reap_unstarted()
         await self._release_interrupted()
 
     async def _wait_grace(self, running: set[asyncio.Task[None]]) -> set[asyncio.Task[None]]:

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -404,12 +404,14 @@ class WorkflowService:
             )
         return await self._run(instance_id, wait_interval=wait_interval)
 
-    async def _driver_pass(self, instance_id: int, wait_interval: float) -> WorkflowInstance:
+    def _driver_pass(self, instance_id: int, wait_interval: float) -> Coroutine[Any, Any, WorkflowInstance]:
         """:meth:`run_pass` for a driver, in a task the driver made for this pass alone (with a context
-        of its own): the pass drives its first node in that task (``PassRunner(drive_here=True)``)."""
-        return await self._run(
-            _check_id(instance_id), wait_interval=wait_interval, drive_here=True, due_only=True
-        )
+        of its own): the pass drives its first node in that task (``PassRunner(drive_here=True)``).
+
+        Not a coroutine function: it returns :meth:`_run`'s coroutine, so that the pass's task resumes
+        through one coroutine fewer at each of its steps. ``instance_id`` is one the driver claimed
+        (a stored id, never checked again)."""
+        return self._run(instance_id, wait_interval=wait_interval, drive_here=True, due_only=True)
 
     async def _run(
         self,
