@@ -28,6 +28,9 @@ T = TypeVar("T")
 
 _ORDER = operator.itemgetter(0)
 """A queued entry's ``order`` (a C call, not a lambda: every batch sorts by it)."""
+_ITEM = operator.itemgetter(1)
+_FUTURE = operator.itemgetter(2)
+"""A queued entry's item and future, picked by ``map`` in C rather than unpacked in a loop."""
 
 BatchRunner = Callable[[Sequence[T]], Awaitable[Sequence[Any]]]
 """Applies a batch; one outcome per item, in order. An exception outcome is raised in its caller; an
@@ -55,7 +58,8 @@ class StepBatcher(Generic[T]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = HeldFuture(loop=loop) if hold else loop.create_future()
         self._queue.append((order, item, future))
-        self._kick(loop)
+        if not self._scheduled and self._inflight < self._slots:  # a start to come takes it otherwise
+            self._schedule(loop)
         if not hold:
             return await future
         try:
@@ -66,32 +70,61 @@ class StepBatcher(Generic[T]):
             defer(cancel)
             return future.result()
 
-    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._queue and not self._scheduled and self._inflight < self._slots:
-            self._scheduled = True
-            loop.call_soon(self._start)  # after this turn: what else is submitted in it joins
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start batches after this turn: what else is submitted in it joins.
+
+        The first batch's task is made now and takes its batch when it starts (a task starts one loop
+        turn later): that is the turn's end, with no callback of its own to get there. An application's
+        task factory (``asyncio.eager_task_factory``) may run a task at once, before the turn's other
+        steps are queued: then a callback starts the batches, as before."""
+        self._scheduled = True
+        if loop.get_task_factory() is None:
+            self._launch(loop, None)
+        else:
+            loop.call_soon(self._start)
 
     def _start(self) -> None:
         self._scheduled = False
+        loop = asyncio.get_running_loop()
         while self._queue and self._inflight < self._slots:
-            size = self._max_batch
-            if self._inflight == 0 and self._slots > 1 and len(self._queue) >= size:
-                # nothing in flight and a full batch waiting: two halves, so that the database works
-                # on one while this process handles the outcomes of the other (one big batch makes
-                # each wait for the other)
-                size = min(size, (len(self._queue) + 1) // 2)
-            batch, self._queue = self._queue[:size], self._queue[size:]
-            batch.sort(key=_ORDER)  # rows locked in one order: no deadlock between batches
-            self._inflight += 1
-            task = asyncio.get_running_loop().create_task(self._run(batch), name="asyncflow-step-batch")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._launch(loop, self._take())
 
-    async def _run(self, batch: list[tuple[int, T, asyncio.Future[Any]]]) -> None:
+    def _take(self) -> list[tuple[int, T, asyncio.Future[Any]]]:
+        """The next batch off the queue (which is not empty), counted in flight."""
+        size = self._max_batch
+        if self._inflight == 0 and self._slots > 1 and len(self._queue) >= size:
+            # nothing in flight and a full batch waiting: two halves, so that the database works
+            # on one while this process handles the outcomes of the other (one big batch makes
+            # each wait for the other)
+            size = min(size, (len(self._queue) + 1) // 2)
+        batch, self._queue = self._queue[:size], self._queue[size:]
+        batch.sort(key=_ORDER)  # rows locked in one order: no deadlock between batches
+        self._inflight += 1
+        return batch
+
+    def _launch(
+        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[int, T, asyncio.Future[Any]]] | None
+    ) -> None:
+        task = loop.create_task(self._run(batch), name="asyncflow-step-batch")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[int, T, asyncio.Future[Any]]] | None) -> None:
+        """Apply ``batch``; ``None``: this task starts the batches (:meth:`_schedule`): it takes the
+        first itself and gives each other one that a free slot allows a task of its own."""
+        if batch is None:
+            self._scheduled = False
+            if not self._queue or self._inflight >= self._slots:  # pragma: no cover - never so
+                return
+            batch = self._take()
+            if self._queue and self._inflight < self._slots:
+                loop = asyncio.get_running_loop()
+                while self._queue and self._inflight < self._slots:
+                    self._launch(loop, self._take())
         try:
-            outcomes = await self._runner([item for _, item, _ in batch])
-            for (_, _, future), outcome in zip(batch, outcomes, strict=True):
-                if future.done():
+            outcomes = await self._runner(list(map(_ITEM, batch)))
+            for future, outcome in zip(map(_FUTURE, batch), outcomes, strict=True):
+                if future.done():  # a caller cancelled meanwhile (not held)
                     continue
                 if isinstance(outcome, BaseException):
                     future.set_exception(outcome)
@@ -110,7 +143,8 @@ class StepBatcher(Generic[T]):
             raise
         finally:
             self._inflight -= 1
-            self._kick(asyncio.get_running_loop())
+            if self._queue and not self._scheduled and self._inflight < self._slots:
+                self._schedule(asyncio.get_running_loop())
 
     async def aclose(self) -> None:
         """Wait for the batches in flight, and for those their ends start (items queued meanwhile).
