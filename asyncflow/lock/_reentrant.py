@@ -192,16 +192,22 @@ class _Hold(AbstractAsyncContextManager[LeaseT]):
         if self._lease is not None:
             raise RuntimeError("a hold() block cannot be entered twice")
         held = _HELD.get()
-        marker = (self._lock._lock_id, self._key)
-        outer = held.get(marker)
-        if outer is not None and not outer._released:
-            outer.raise_if_lost()
-            # the marker is only ever set by this lock for this key, so the lease is a LeaseT
-            self._lease = outer  # type: ignore[assignment]
-            return outer  # type: ignore[return-value]
-        lease = await self._lock._acquire(self._key, self._ttl)
+        lock, key = self._lock, self._key
+        marker = (lock._lock_id, key)
+        if held:  # a pass's task starts with nothing held: no look-up, no copy
+            outer = held.get(marker)
+            if outer is not None and not outer._released:
+                outer.raise_if_lost()
+                # the marker is only ever set by this lock for this key, so the lease is a LeaseT
+                self._lease = outer  # type: ignore[assignment]
+                return outer  # type: ignore[return-value]
+            lease = await lock._acquire(key, self._ttl)
+            self._lease = lease
+            self._ctx_token = _HELD.set({**held, marker: lease})
+            return lease
+        lease = await lock._acquire(key, self._ttl)
         self._lease = lease
-        self._ctx_token = _HELD.set({**held, marker: lease})
+        self._ctx_token = _HELD.set({marker: lease})
         return lease
 
     async def __aexit__(
@@ -214,8 +220,7 @@ class _Hold(AbstractAsyncContextManager[LeaseT]):
         if token is None:  # a re-entrant hold: the outer block releases
             return
         self._ctx_token = None
-        lease = self._lease
-        assert lease is not None
+        lease: LeaseT = self._lease  # type: ignore[assignment]  # set with the token
         try:
             _HELD.reset(token)
         except ValueError:  # exited in another context than it was entered in: nothing to undo here

@@ -21,6 +21,8 @@ __all__ = ["LocalLease", "LocalWorkflowLock"]
 
 logger = logging.getLogger(__name__)
 
+_INF = math.inf
+
 
 class LocalLease(Lease):
     """A lease on a :class:`LocalWorkflowLock` key."""
@@ -28,17 +30,30 @@ class LocalLease(Lease):
     __slots__ = ("_clock", "_expires_at")
 
     def __init__(self, key: str, ttl: float, clock: Clock) -> None:
-        super().__init__(key, ttl)
+        # Lease.__init__'s fields, set here without a super() call (one lease per pass)
+        self._key = key
+        self._ttl = ttl
+        self._lost_reason = None
+        self._lost_cause = None
+        self._lost_event = None
+        self._released = False
         self._clock = clock
-        self._expires_at = math.inf  # renewed continuously while the holder is alive
+        self._expires_at = _INF  # renewed continuously while the holder is alive
+
+    def raise_if_lost(self) -> None:
+        """:meth:`Lease.raise_if_lost`; a held lease that was never suspended returns at one test
+        (the engine asks before every write)."""
+        if self._lost_reason is None and self._expires_at == _INF:
+            return
+        super().raise_if_lost()
 
     def _suspend_renewal(self) -> None:
-        if self._expires_at == math.inf:
+        if self._expires_at == _INF:
             self._expires_at = self._clock.monotonic() + self._ttl
 
     def _validity_ran_out(self) -> bool:
         # renewed continuously (no deadline) unless suspended: then no clock is read
-        return self._expires_at != math.inf and self._clock.monotonic() >= self._expires_at
+        return self._expires_at != _INF and self._clock.monotonic() >= self._expires_at
 
 
 class LocalWorkflowLock(ReentrantLock[LocalLease]):
@@ -60,7 +75,8 @@ class LocalWorkflowLock(ReentrantLock[LocalLease]):
         return frozenset(self._held)
 
     async def _acquire(self, key: str, ttl: float) -> LocalLease:
-        self._check_open(key)
+        if self._closed:
+            self._check_open(key)  # raises
         current = self._held.get(key)
         if current is not None:
             if not current.lost:
@@ -75,8 +91,9 @@ class LocalWorkflowLock(ReentrantLock[LocalLease]):
         if lease._released:
             return
         lease._released = True
-        if self._held.get(lease.key) is lease:
-            del self._held[lease.key]
+        key = lease._key
+        if self._held.get(key) is lease:
+            del self._held[key]
 
     async def aclose(self) -> None:
         """Close the lock: later ``hold()`` calls fail, and the leases still held are lost."""
