@@ -86,6 +86,7 @@ _NON_TERMINAL_TASK = (
     TaskStatus.FINISHING.value,
 )
 _ACTIVE = RUNNABLE_INSTANCE_STATUSES
+_FAILED = InstanceStatus.FAILED.value  # read once: an enum's .value is a Python-level property
 _MAX_WAIT_INTERVAL = 1e15
 """The longest ``run_pass(wait_interval=)``: its due time in unix ms still fits in int64."""
 
@@ -283,11 +284,12 @@ class WorkflowService:
             raise ParamInvalidError(f"business_id must be a str, got {shown(business_id)}")
         if isinstance(task_id, bool) or not isinstance(task_id, int):
             raise ParamInvalidError(f"task_id must be an int, got {shown(task_id)}")
-        mode = check_unique(unique, on_duplicate)
-        in_session = session_scope(self.repo, session, run)
+        # the defaults (no unique, no session, no delay) skip their checks' calls: every create
+        mode = None if unique is None and on_duplicate == "return" else check_unique(unique, on_duplicate)
+        in_session = None if session is None else session_scope(self.repo, session, run)
         now_ms = self._now_ms()
         observers = self._observers if self._observers.active else None
-        start = start_ms(start_at, start_in, now_ms)
+        start = None if start_at is None and start_in is None else start_ms(start_at, start_in, now_ms)
         if run and start is not None and start > now_ms:
             raise ParamInvalidError("run=True cannot run an instance whose start is in the future")
         definition = self.registry.get_workflow_definition(workflow_type)
@@ -302,9 +304,9 @@ class WorkflowService:
             unique=mode,
             trace_context=None if observers is None else observers.trace_context(),
         )
-        async with in_session:
+        if in_session is None:  # on its own: no context manager to enter
             try:
-                if mode is None or session is not None:
+                if mode is None:
                     record = await self.repo.create_workflow_instance(new)
                 else:
                     record = await self._unique_flights.create(new, self.repo.create_workflow_instance)
@@ -312,6 +314,14 @@ class WorkflowService:
                 if on_duplicate == "raise":
                     raise
                 return WorkflowInstance.from_record(await self._get(duplicate.instance_id), definition)
+        else:
+            async with in_session:
+                try:
+                    record = await self.repo.create_workflow_instance(new)
+                except DuplicateWorkflowError as duplicate:
+                    if on_duplicate == "raise":
+                        raise
+                    return WorkflowInstance.from_record(await self._get(duplicate.instance_id), definition)
         if logger.isEnabledFor(logging.DEBUG):  # the extra fields are not built for nothing
             logger.debug(
                 "created workflow instance %s (%s)",
@@ -328,7 +338,7 @@ class WorkflowService:
             self._announce_due(record.id)  # a delayed one too: an idle driver learns its due time
             return WorkflowInstance.from_record(record, definition)
         try:
-            return await self._run(record.id, known=(record, []))
+            return await self._run(record.id, known=(record, []), definition=definition)
         except AsyncflowError as exc:
             exc.instance_id = record.id  # type: ignore[attr-defined]
             exc.add_note(f"workflow instance {record.id} was created; its first pass failed")
@@ -421,7 +431,10 @@ class WorkflowService:
         wait_interval: float | None = None,
         drive_here: bool = False,
         due_only: bool = False,
+        definition: WorkflowDefinition | None = None,
     ) -> WorkflowInstance:
+        """One pass under the instance's lock. ``known``: the instance's rows if they were just read
+        (see below); ``definition``: its workflow type's, if the caller just looked it up."""
         if instance_id in active_passes.get():
             raise LockFailedError(
                 f"workflow instance {instance_id} is being run by this very task (a worker cannot run "
@@ -437,7 +450,8 @@ class WorkflowService:
             instance, rows = known
             if instance.status not in _ACTIVE:  # terminal, or a status this engine does not know
                 return WorkflowInstance.from_record(instance, self._definition_or_none(instance))
-            definition = self.registry.get_workflow_definition(instance.workflow_type)
+            if definition is None:
+                definition = self.registry.get_workflow_definition(instance.workflow_type)
             runner = PassRunner(
                 repo=self.repo,
                 clock=self.clock,
@@ -458,7 +472,7 @@ class WorkflowService:
                 due_only=due_only,
             )
             after = await runner.run()
-        failed = after.status == InstanceStatus.FAILED.value
+        failed = after.status == _FAILED
         unused = [*runner.dropped, *runner.continued]
         if failed or unused:  # children no node will use any more
             await self._cancel_children(instance_id, nodes=None if failed else unused)
