@@ -105,9 +105,13 @@ class StepBatcher(Generic[T]):
     def _launch(
         self, loop: asyncio.AbstractEventLoop, batch: list[tuple[int, T, asyncio.Future[Any]]] | None
     ) -> None:
+        tasks = self._tasks
+        if len(tasks) > 2 * self._slots:
+            # ended batches leave here, a few at a time, rather than by a done callback each (an
+            # event-loop callback per batch): at most ``slots`` batches (and a start) are running
+            tasks.difference_update([task for task in tasks if task.done()])
         task = loop.create_task(self._run(batch), name="asyncflow-step-batch")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks.add(task)
 
     async def _run(self, batch: list[tuple[int, T, asyncio.Future[Any]]] | None) -> None:
         """Apply ``batch``; ``None``: this task starts the batches (:meth:`_schedule`): it takes the
@@ -153,9 +157,10 @@ class StepBatcher(Generic[T]):
         (SQLite's thread runs a transaction to its end), so their callers get their outcomes, never a
         cancellation that nobody asked for (``gather`` would cancel them).
 
-        A batch's task leaves ``_tasks`` by a done callback, which the event loop runs later. Since
-        Python 3.12, ``gather`` of tasks that are all done returns without yielding to the loop, so
-        waiting until that callback empties the set would spin forever: the done tasks go here."""
+        An ended batch's task stays in ``_tasks`` until a later batch starts (:meth:`_launch` takes
+        the ended ones out): the done tasks go here. (They used to leave by a done callback, which the
+        event loop ran later; since Python 3.12, ``gather`` of tasks that are all done returns without
+        yielding to the loop, so waiting until that callback emptied the set spun forever.)"""
         while self._tasks or self._scheduled:
             if not self._tasks:  # a batch ended and queued the next start: let it run
                 await asyncio.sleep(0)
