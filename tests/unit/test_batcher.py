@@ -188,9 +188,10 @@ async def test_a_held_caller_of_a_cut_batch_is_cancelled() -> None:
 
 @pytest.mark.timeout(20)
 async def test_aclose_right_after_the_last_outcome_returns() -> None:
-    """The caller resumes before the finished batch's task leaves the batcher (a done callback, run
-    later by the loop): ``aclose`` then must not wait for that callback (since Python 3.12, ``gather``
-    of done tasks returns without yielding to the loop, and the old loop spun forever)."""
+    """The caller resumes while the finished batch's task is still in the batcher (finished tasks
+    leave it only when the next batch starts, a few at a time): ``aclose`` then must not wait for
+    them to leave (since Python 3.12, ``gather`` of done tasks returns without yielding to the loop,
+    and an older loop spun forever)."""
     batcher: StepBatcher[Any] = StepBatcher(Runner(), slots=1, max_batch=8)
     assert await batcher.submit(1, 1) == 10
     assert batcher._tasks  # the batch's task is done, and still there
