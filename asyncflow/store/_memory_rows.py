@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .._frozen import quick_init
+from .._frozen import positional, quick_init
 from ..records import (
     Pager,
     ScheduleState,
@@ -18,7 +19,17 @@ from ..status import RUNNABLE_INSTANCE_STATUSES
 from ._json import copy_context, page_window
 from ._prepare import InstanceChange, TaskChange
 
-__all__ = ["Instance", "State", "Task", "changed_instance", "changed_task", "leased_instance", "paged"]
+__all__ = [
+    "Instance",
+    "State",
+    "Task",
+    "changed_instance",
+    "changed_task",
+    "leased_instance",
+    "new_instance_row",
+    "new_task_row",
+    "paged",
+]
 
 
 @quick_init  # built on every node: see asyncflow._frozen
@@ -42,13 +53,14 @@ class Instance:
     parent_node: str | None = None
     child_key: str | None = None
 
-    def record(self) -> WorkflowInstanceRecord:
+    def record(self, plain: bool = False) -> WorkflowInstanceRecord:
+        """The record; ``plain``: orjson wrote the context (see asyncflow.store._json.copy_context)."""
         return new_instance_record(  # the same fields in the same order (asyncflow._frozen.positional)
             self.id,
             self.workflow_type,
             self.business_id,
             self.status,
-            copy_context(self.workflow_context),
+            copy_context(self.workflow_context, plain),
             self.task_id,
             self.created_at,
             self.updated_at,
@@ -91,6 +103,21 @@ class Task:
             self.started_at,
             self.version,
         )
+
+
+# Positional factories of the rows (asyncflow._frozen.positional): every field, in declaration order,
+# with no keyword call and no __init__; a pass's every step builds its instance row and one per node
+# row it writes. tests/unit/test_memory_rows.py checks that they build what the constructors build.
+new_instance_row: Callable[
+    [int, str, str, str, str, int, int, int, int, int, str | None, int, int | None, str | None, str | None],
+    Instance,
+] = positional(Instance)
+"""``(id, workflow_type, business_id, status, workflow_context, task_id, created_at, updated_at,
+next_run_at, version, trace_context, lease_epoch, parent_id, parent_node, child_key)``"""
+
+new_task_row: Callable[[int, int, str, str, str, int, int, int, int, int], Task] = positional(Task)
+"""``(id, workflow_instance_id, task_type, status, node_context, fail_count, created_at, updated_at,
+started_at, version)``"""
 
 
 @dataclass(slots=True)
@@ -170,16 +197,17 @@ def paged(rows: list[Row], ascending: bool | None, pager: Pager | None) -> list[
 def changed_instance(instance: Instance, change: InstanceChange, now: int) -> Instance:
     # every field positionally, in declaration order (dataclasses.replace() costs ten times more: the
     # engine's every step changes its instance); tests/unit/test_memory_rows.py checks the order
-    return Instance(
+    status, context, next_run_at = change
+    return new_instance_row(
         instance.id,
         instance.workflow_type,
         instance.business_id,
-        instance.status if change.status is None else change.status,
-        instance.workflow_context if change.context is None else change.context,
+        instance.status if status is None else status,
+        instance.workflow_context if context is None else context,
         instance.task_id,
         instance.created_at,
         now,  # updated_at
-        instance.next_run_at if change.next_run_at is None else change.next_run_at,
+        instance.next_run_at if next_run_at is None else next_run_at,
         instance.version + 1,
         instance.trace_context,
         instance.lease_epoch,
@@ -192,7 +220,7 @@ def changed_instance(instance: Instance, change: InstanceChange, now: int) -> In
 def leased_instance(instance: Instance, next_run_at: int | None = None) -> Instance:
     """The instance with a new lease epoch (a pass's leased read), or with ``next_run_at`` (a claim's
     lease), its version unchanged: a lease is no change of the row (positionally, as above)."""
-    return Instance(
+    return new_instance_row(
         instance.id,
         instance.workflow_type,
         instance.business_id,
@@ -212,15 +240,16 @@ def leased_instance(instance: Instance, next_run_at: int | None = None) -> Insta
 
 
 def changed_task(task: Task, change: TaskChange, now: int) -> Task:
-    return Task(  # positionally, as changed_instance
+    status, context, fail_count, started_at = change
+    return new_task_row(  # positionally, as changed_instance
         task.id,
         task.workflow_instance_id,
         task.task_type,
-        task.status if change.status is None else change.status,
-        task.node_context if change.context is None else change.context,
-        task.fail_count if change.fail_count is None else change.fail_count,
+        task.status if status is None else status,
+        task.node_context if context is None else context,
+        task.fail_count if fail_count is None else fail_count,
         task.created_at,
         now,  # updated_at
-        task.started_at if change.started_at is None else change.started_at,
+        task.started_at if started_at is None else started_at,
         task.version + 1,
     )

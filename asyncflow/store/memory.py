@@ -32,6 +32,7 @@ from ..records import (
     TaskInstanceRecord,
     TaskWhere,
     WorkflowInstanceRecord,
+    new_step_result,
 )
 from ..status import RUNNABLE_INSTANCE_STATUSES, TERMINAL_TASK_STATUSES
 from . import _prepare as prep
@@ -43,13 +44,25 @@ from ._json import (
     validate_task_query,
 )
 from ._memory_leases import MemoryLeases
-from ._memory_rows import Instance, State, Task, changed_instance, changed_task, leased_instance, paged
+from ._memory_rows import (
+    Instance,
+    State,
+    Task,
+    changed_instance,
+    changed_task,
+    leased_instance,
+    new_instance_row,
+    new_task_row,
+    paged,
+)
+from ._records import inserted_task_records
 from .migrations import IN_TRANSACTION
 
 __all__ = ["MemoryWorkflowRepo"]
 
 _RUNNABLE = RUNNABLE_INSTANCE_STATUSES
 _TERMINAL = TERMINAL_TASK_STATUSES
+_CANCELED = prep.TaskChange("canceled", None, None, None)
 
 
 class _MemTx:
@@ -118,6 +131,19 @@ class MemoryWorkflowRepo:
                 tx.active = False
                 self._tx.reset(token)
 
+    def _ready(self) -> State | None:
+        """The state if this call may use it at once, else ``None`` (enter :meth:`_unit`): inside the
+        task's transaction, or while no transaction holds the lock. A call that awaits nothing while it
+        uses the state cannot interleave with another, so it needs no lock of its own: the pass's calls
+        (apply_step, create, the leased read, the claim) skip ``_unit``'s generator and the lock's
+        acquire and release on every step."""
+        tx = self._tx.get()
+        if tx is not None:
+            if not tx.active:
+                raise StoreError("the transaction() this task runs in has already ended")
+            return self._state
+        return None if self._lock.locked() else self._state
+
     @asynccontextmanager
     async def _unit(self) -> AsyncIterator[State]:
         """The state for one call: inside the open transaction, or once no transaction holds it."""
@@ -140,28 +166,34 @@ class MemoryWorkflowRepo:
                     instance_id=existing,
                 )
             state.unique[key] = (*state.unique.get(key, ()), state.last_instance_id + 1)
-        state.last_instance_id += 1
-        instance = Instance(
-            state.last_instance_id,
+        state.last_instance_id = instance_id = state.last_instance_id + 1
+        state.instances[instance_id] = instance = new_instance_row(  # positional, in field order
+            instance_id,
             row.workflow_type,
             row.business_id,
             row.status,
             row.context,
             row.task_id,
-            now,
-            now,
+            now,  # created_at
+            now,  # updated_at
             row.next_run_at,
-            1,
+            1,  # version
             row.trace_context,
+            0,  # lease_epoch
+            None,  # parent_id
+            None,  # parent_node
+            None,  # child_key
         )
-        state.instances[instance.id] = instance
         return instance
 
     async def create_workflow_instance(self, new: NewWorkflowInstance) -> WorkflowInstanceRecord:
         """Insert one instance and return it with its id."""
         row = prep.instance_row(new)
-        async with self._unit() as state:
-            return self._insert_instance(state, row, self._now()).record()
+        state = self._ready()
+        if state is None:
+            async with self._unit() as state:
+                return self._insert_instance(state, row, self._now()).record(row.plain)
+        return self._insert_instance(state, row, self._now()).record(row.plain)
 
     async def create_child_instance(
         self, new: NewWorkflowInstance, *, parent_id: int, parent_node: str, child_key: str
@@ -283,17 +315,17 @@ class MemoryWorkflowRepo:
                 f"create_task_instance failed: instance {instance_id} already has a {row.task_type!r} row"
             )
         state.last_task_id += 1
-        task = Task(
+        task = new_task_row(  # positional, in field order
             state.last_task_id,
             instance_id,
             row.task_type,
             row.status,
             row.context,
             row.fail_count,
-            now,
-            now,
+            now,  # created_at
+            now,  # updated_at
             row.started_at or now,
-            1,
+            1,  # version
         )
         state.add_task(task)
         return task
@@ -375,13 +407,23 @@ class MemoryWorkflowRepo:
         ``lease=True`` also takes a new lease epoch (``lease_epoch + 1``, returned on the record).
         """
         check_int(instance_id, "instance_id")
-        async with self._unit() as state:
-            instance = state.instances.get(instance_id)
-            if instance is None:
-                return None
-            if lease:
-                instance = state.instances[instance_id] = leased_instance(instance)
-            return instance.record(), [row.record() for row in state.tasks_of(instance_id)]
+        state = self._ready()
+        if state is None:
+            async with self._unit() as state:
+                return self._read_instance(state, instance_id, lease)
+        return self._read_instance(state, instance_id, lease)
+
+    @staticmethod
+    def _read_instance(
+        state: State, instance_id: int, lease: bool
+    ) -> tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None:
+        instance = state.instances.get(instance_id)
+        if instance is None:
+            return None
+        if lease:
+            instance = state.instances[instance_id] = leased_instance(instance)
+        tasks = state.tasks
+        return instance.record(), [tasks[i].record() for i in state.instance_tasks.get(instance_id, ())]
 
     def _matching_tasks(self, state: State, filt: prep.TaskFilter) -> Iterable[Task]:
         if filt.ids:
@@ -421,41 +463,60 @@ class MemoryWorkflowRepo:
     async def apply_step(self, step: Step) -> StepResult:
         """Apply one pass step atomically: every condition is checked before anything is written."""
         p = prep.prepared_step(step)
-        async with self._unit() as state:
-            now = self._now()
-            instance = state.instances.get(p.instance_id)
-            if instance is None or (p.instance_status_in and instance.status not in p.instance_status_in):
-                return StepResult(applied=False)
-            if p.lease_epoch is not None and instance.lease_epoch != p.lease_epoch:
-                return StepResult(applied=False, stale=True)
-            for task_id, expected_version, _ in p.updates:
-                task = state.tasks.get(task_id)
-                if (
-                    task is None
-                    or task.workflow_instance_id != p.instance_id
-                    or task.version != expected_version
-                ):
-                    return StepResult(applied=False)
-            if len(p.updates) != len({task_id for task_id, _, _ in p.updates}):
-                return StepResult(applied=False)  # the second update of a row sees a stale version
-            new_types = [row.task_type for row in p.inserts]
-            if len(set(new_types)) != len(new_types) or any(
-                (p.instance_id, task_type) in state.task_keys for task_type in new_types
-            ):
-                return StepResult(applied=False)
-            state.instances[p.instance_id] = changed_instance(instance, p.instance_change, now)
-            touched = set()
-            for task_id, _, change in p.updates:
-                state.tasks[task_id] = changed_task(state.tasks[task_id], change, now)
-                touched.add(task_id)
-            inserted = tuple(self._insert_task(state, p.instance_id, row, now) for row in p.inserts)
-            touched.update(task.id for task in inserted)
-            if p.cancel_other_tasks:
-                canceled = prep.TaskChange("canceled", None, None, None)
-                for task in state.tasks_of(p.instance_id):
-                    if task.id not in touched and task.status not in _TERMINAL:
-                        state.tasks[task.id] = changed_task(task, canceled, now)
-            return StepResult(applied=True, inserted=tuple(task.record() for task in inserted))
+        state = self._ready()
+        if state is None:
+            async with self._unit() as state:
+                return self._step(state, p, self._now())
+        return self._step(state, p, self._now())
+
+    @staticmethod
+    def _step(state: State, p: prep.PreparedStep, now: int) -> StepResult:
+        """:meth:`apply_step` on the held state. (Inline loops, no helpers: every step of every pass.)"""
+        instance_id, status_in, change, updates, inserts, cancel, epoch = p
+        instance = state.instances.get(instance_id)
+        if instance is None or (status_in and instance.status not in status_in):
+            return new_step_result(False, (), False)
+        if epoch is not None and instance.lease_epoch != epoch:
+            return new_step_result(False, (), True)  # stale
+        tasks = state.tasks
+        for task_id, expected_version, _ in updates:
+            task = tasks.get(task_id)
+            if task is None or task.workflow_instance_id != instance_id or task.version != expected_version:
+                return new_step_result(False, (), False)
+        if len(updates) > 1 and len(updates) != len({task_id for task_id, _, _ in updates}):
+            return new_step_result(False, (), False)  # the second update of a row sees a stale version
+        task_keys = state.task_keys
+        if inserts:
+            if len(inserts) > 1 and len({row[0] for row in inserts}) != len(inserts):
+                return new_step_result(False, (), False)  # two rows of one task_type
+            for row in inserts:
+                if (instance_id, row[0]) in task_keys:  # row[0]: task_type
+                    return new_step_result(False, (), False)
+        state.instances[instance_id] = changed_instance(instance, change, now)
+        for task_id, _, task_change in updates:
+            tasks[task_id] = changed_task(tasks[task_id], task_change, now)
+        if cancel:  # before the inserts: the rows this step writes stay as it writes them
+            updated = {task_id for task_id, _, _ in updates}
+            for task_id in state.instance_tasks.get(instance_id, ()):
+                task = tasks[task_id]
+                if task_id not in updated and task.status not in _TERMINAL:
+                    tasks[task_id] = changed_task(task, _CANCELED, now)
+        if not inserts:
+            return new_step_result(True, (), False)
+        # State.add_task of each row, inline; the records are built from the rows (as the SQL repos
+        # do), their contexts read back from the text (callers never alias a stored context)
+        first = state.last_task_id + 1
+        state.last_task_id += len(inserts)
+        ids = range(first, first + len(inserts))
+        for task_id, (task_type, status, context, fail_count, started_at, _) in zip(
+            ids, inserts, strict=True
+        ):
+            tasks[task_id] = new_task_row(  # positional, in field order
+                task_id, instance_id, task_type, status, context, fail_count, now, now, started_at or now, 1
+            )
+            task_keys[(instance_id, task_type)] = task_id
+        state.instance_tasks[instance_id] = (*state.instance_tasks.get(instance_id, ()), *ids)
+        return new_step_result(True, inserted_task_records(instance_id, ids, inserts, now), False)
 
     # ---------------------------------------------------------------------------------- driver
 

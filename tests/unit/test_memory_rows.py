@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from asyncflow.store._memory_rows import Instance, Task, changed_instance, changed_task, leased_instance
+from asyncflow.store._memory_rows import (
+    Instance,
+    Task,
+    changed_instance,
+    changed_task,
+    leased_instance,
+    new_instance_row,
+    new_task_row,
+)
 from asyncflow.store._prepare import InstanceChange, TaskChange
 
 
@@ -60,3 +70,17 @@ def test_changed_task_is_replace_with_the_change(change: TaskChange) -> None:
 def test_leased_instance_takes_a_new_epoch_or_a_due_time_and_nothing_else() -> None:
     assert leased_instance(INSTANCE) == dataclasses.replace(INSTANCE, lease_epoch=INSTANCE.lease_epoch + 1)
     assert leased_instance(INSTANCE, 99) == dataclasses.replace(INSTANCE, next_run_at=99)
+
+
+@pytest.mark.parametrize(
+    ("factory", "row"), [(new_instance_row, INSTANCE), (new_task_row, TASK)], ids=["Instance", "Task"]
+)
+def test_the_positional_factories_build_what_the_constructors_build(
+    factory: Callable[..., Any], row: Any
+) -> None:
+    fields = dataclasses.fields(row)
+    built = factory(*[getattr(row, f.name) for f in fields])
+    assert type(built) is type(row) and built == row
+    assert all(getattr(built, f.name) is getattr(row, f.name) for f in fields)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.id = 0
