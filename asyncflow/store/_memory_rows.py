@@ -134,6 +134,9 @@ class State:
     ticks: dict[tuple[str, str], int] = field(default_factory=dict)  # (schedule id, tick) -> instance id
     # (parent id, parent node, child key) -> child id (uq_workflow_instance_child)
     children: dict[tuple[int, str, str], int] = field(default_factory=dict)
+    # ids of the instances in RUNNABLE_INSTANCE_STATUSES: the claim and next_due_at look at these only,
+    # not at every instance ever created (kept by every write of a status: see track)
+    runnable: set[int] = field(default_factory=set)
 
     def copy(self) -> State:
         # rows and the id tuples are immutable, so copying the maps is a full snapshot
@@ -148,6 +151,7 @@ class State:
             dict(self.schedules),
             dict(self.ticks),
             dict(self.children),
+            set(self.runnable),
         )
 
     def unique_holder(self, workflow_type: str, business_id: str, mode: str) -> int | None:
@@ -161,6 +165,13 @@ class State:
             return max(i.id for i in found)
         return None
 
+    def track(self, instance: Instance) -> None:
+        """Keep :attr:`runnable` for an instance just stored (its status set or changed)."""
+        if instance.status in RUNNABLE_INSTANCE_STATUSES:
+            self.runnable.add(instance.id)
+        else:
+            self.runnable.discard(instance.id)
+
     def add_task(self, task: Task) -> None:
         self.tasks[task.id] = task
         self.task_keys[(task.workflow_instance_id, task.task_type)] = task.id
@@ -172,6 +183,7 @@ class State:
     def remove_instance(self, instance_id: int) -> None:
         """Drop an instance and every node row of it."""
         instance = self.instances.pop(instance_id)
+        self.runnable.discard(instance_id)
         if instance.parent_id is not None:
             self.children.pop(
                 (instance.parent_id, instance.parent_node or "", instance.child_key or ""), None

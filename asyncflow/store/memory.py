@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import replace
+from operator import attrgetter
 
 from .._held import holds_cancellation
 from ..clock import SYSTEM_CLOCK, Clock
@@ -63,6 +64,7 @@ __all__ = ["MemoryWorkflowRepo"]
 _RUNNABLE = RUNNABLE_INSTANCE_STATUSES
 _TERMINAL = TERMINAL_TASK_STATUSES
 _CANCELED = prep.TaskChange("canceled", None, None, None)
+_DUE_ORDER = attrgetter("next_run_at", "id")  # (next_run_at, id), in C: the claim sorts every due row
 
 
 class _MemTx:
@@ -184,6 +186,8 @@ class MemoryWorkflowRepo:
             None,  # parent_node
             None,  # child_key
         )
+        if row.status in _RUNNABLE:
+            state.runnable.add(instance_id)
         return instance
 
     async def create_workflow_instance(self, new: NewWorkflowInstance) -> WorkflowInstanceRecord:
@@ -291,6 +295,8 @@ class MemoryWorkflowRepo:
                 if after.status in _RUNNABLE and instance.status not in _RUNNABLE:
                     self._check_reopen(state, after)
             state.instances.update(changed)
+            for after in changed.values():
+                state.track(after)
             return len(changed)
 
     @staticmethod
@@ -493,6 +499,12 @@ class MemoryWorkflowRepo:
                 if (instance_id, row[0]) in task_keys:  # row[0]: task_type
                     return new_step_result(False, (), False)
         state.instances[instance_id] = changed_instance(instance, change, now)
+        status = change[0]  # the new status (InstanceChange: status, context, next_run_at)
+        if status is not None:  # State.track, inline
+            if status in _RUNNABLE:
+                state.runnable.add(instance_id)
+            else:
+                state.runnable.discard(instance_id)
         for task_id, _, task_change in updates:
             tasks[task_id] = changed_task(tasks[task_id], task_change, now)
         if cancel:  # before the inserts: the rows this step writes stay as it writes them
@@ -521,14 +533,14 @@ class MemoryWorkflowRepo:
     # ---------------------------------------------------------------------------------- driver
 
     def _due(self, state: State, now_ms: int, types: tuple[str, ...]) -> list[Instance]:
+        # the runnable instances only (State.runnable), not every one still stored
+        instances = state.instances
         due = [
             item
-            for item in state.instances.values()
-            if item.status in _RUNNABLE
-            and item.next_run_at <= now_ms
-            and (not types or item.workflow_type in types)
+            for item in map(instances.__getitem__, state.runnable)
+            if item.next_run_at <= now_ms and (not types or item.workflow_type in types)
         ]
-        return sorted(due, key=lambda item: (item.next_run_at, item.id))
+        return sorted(due, key=_DUE_ORDER)
 
     async def claim_due_instances(
         self, *, now_ms: int, limit: int, lease_ms: int, workflow_types: Sequence[str] | None = None
@@ -564,10 +576,11 @@ class MemoryWorkflowRepo:
         """The smallest ``next_run_at`` among ``init``/``running`` instances, or ``None``."""
         types = check_texts(workflow_types or (), "workflow_types")
         async with self._unit() as state:
+            instances = state.instances
             values = [
                 item.next_run_at
-                for item in state.instances.values()
-                if item.status in _RUNNABLE and (not types or item.workflow_type in types)
+                for item in map(instances.__getitem__, state.runnable)
+                if not types or item.workflow_type in types
             ]
             return min(values) if values else None
 
