@@ -204,7 +204,6 @@ class _PassFailed(Exception):
 
 
 _Write = TaskInsert | TaskUpdate
-_new_object = object.__new__
 
 
 class PassRunner:
@@ -536,8 +535,7 @@ class PassRunner:
         if task_type == END_NODE:
             await self._write_completed(node, row, context, fail_count, started_at)
             return True
-        ctx = _new_object(JSONContext)  # JSONContext.from_map(context) without its checks: a dict
-        ctx._data = context
+        ctx = JSONContext.from_map(context)  # wraps the pass's own dict (no copy)
         if status == _RUNNING:
             chosen, child_keys, error = await self._attempt(
                 node, ctx, context, _RUNNING, fail_count, started_at

@@ -30,13 +30,7 @@ class LocalLease(Lease):
     __slots__ = ("_clock", "_expires_at")
 
     def __init__(self, key: str, ttl: float, clock: Clock) -> None:
-        # Lease.__init__'s fields, set here without a super() call (one lease per pass)
-        self._key = key
-        self._ttl = ttl
-        self._lost_reason = None
-        self._lost_cause = None
-        self._lost_event = None
-        self._released = False
+        super().__init__(key, ttl)
         self._clock = clock
         self._expires_at = _INF  # renewed continuously while the holder is alive
 

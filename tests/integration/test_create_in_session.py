@@ -404,14 +404,8 @@ async def test_an_engine_of_its_own_on_the_repo_s_schema_joins_and_is_read_once_
         ours, theirs = await _current_schema(engine), await _current_schema(other_engine)
         service, _ = fake_service(repo, one_node_registry("order"))
         caller = _engine_on(postgres_url, ours)
-        reads: list[str] = []
-
-        def count_reads(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            if "to_regclass" in statement:
-                reads.append(statement)
-
-        event.listen(caller.sync_engine, "before_cursor_execute", count_reads)
         try:
+            reads = _place_reads(caller)
             async with caller.connect() as conn:
                 async with conn.begin():
                     await conn.execute(text("CREATE TABLE app_note (id int)"))
@@ -431,6 +425,19 @@ async def test_an_engine_of_its_own_on_the_repo_s_schema_joins_and_is_read_once_
             await caller.dispose()
             await other.aclose()
             await repo.aclose()
+
+
+def _place_reads(engine: Any) -> list[str]:
+    """The statements ``engine`` runs from now on that read where a session writes (``to_regclass``);
+    the listener goes with the engine (every test disposes of its engine)."""
+    reads: list[str] = []
+
+    def count_reads(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "to_regclass" in statement:
+            reads.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", count_reads)
+    return reads
 
 
 def _other_name_of(url: str) -> str:
@@ -499,13 +506,7 @@ async def test_the_repo_s_own_pool_is_not_read(postgres_url: str) -> None:
         repo = SQLAlchemyWorkflowRepo(engine)
         await _prepare(repo)
         service, _ = fake_service(repo, one_node_registry("order"))
-        reads: list[str] = []
-
-        def count_reads(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            if "to_regclass" in statement:
-                reads.append(statement)
-
-        event.listen(engine.sync_engine, "before_cursor_execute", count_reads)
+        reads = _place_reads(engine)
         try:
             for bind in (engine, engine.execution_options(isolation_level="REPEATABLE READ")):
                 async with AsyncSession(bind) as session, session.begin():
@@ -513,5 +514,4 @@ async def test_the_repo_s_own_pool_is_not_read(postgres_url: str) -> None:
             assert reads == []
             assert await service.count_workflow_instances() == 2
         finally:
-            event.remove(engine.sync_engine, "before_cursor_execute", count_reads)
             await repo.aclose()
