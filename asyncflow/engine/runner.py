@@ -29,7 +29,8 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from asyncio import current_task as _current_task
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .._held import HOLD_STEPS, is_held, run_held
@@ -37,7 +38,6 @@ from .._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
 from ..context import JSONContext
 from ..errors import LockFailedError, ParamInvalidError, TaskFailedTerminate, TaskNotReady, is_serious_error
 from ..records import (
-    StepResult,
     TaskInsert,
     TaskInstanceRecord,
     TaskUpdate,
@@ -537,12 +537,30 @@ class PassRunner:
             return True
         ctx = JSONContext.from_map(context)  # wraps the pass's own dict (no copy)
         if status == _RUNNING:
-            chosen, child_keys, error = await self._attempt(
-                node, ctx, context, _RUNNING, fail_count, started_at
+            # the call under its NodeWatch (as _check() makes a wait_check's), inline: a node's hot path
+            clock = self._clock
+            watch = NodeWatch(
+                self, node, _RUNNING, context, fail_count, started_at, clock.monotonic(), self._watchtower
             )
+            token = _current_call.set(watch)
+            try:
+                await node.worker.run(ctx)
+            except Exception as exc:
+                _current_call.reset(token)
+                await watch.close()  # what stopped a visibility write is raised: no failure of the worker's
+                return await self._failed(
+                    node, self._rows.get(task_type), context, _RUNNING, fail_count, started_at, exc
+                )
+            except BaseException:
+                _current_call.reset(token)
+                watch.abort()
+                raise
+            _current_call.reset(token)
+            if not watch.close_now():  # a visibility write is in flight: wait for it
+                await watch.close()
             row = self._rows.get(task_type)  # a visibility write may have stored it meanwhile
-            if error is not None:
-                return await self._failed(node, row, context, _RUNNING, fail_count, started_at, error)
+            chosen = watch.chosen
+            child_keys = watch.keys
             if chosen is not None or child_keys:  # kept with the context: a later pass completes it
                 system = context.get(SYSTEM)
                 if not isinstance(system, dict):
@@ -563,7 +581,7 @@ class PassRunner:
                 await self._children_done(node.task_type, context)
             except Exception as exc:
                 return await self._failed(node, row, context, _PENDING, fail_count, started_at, exc)
-            _, _, error = await self._attempt(node, ctx, context, _PENDING, fail_count, started_at)
+            error = await self._check(node, ctx, context, fail_count, started_at)
             row = self._rows.get(task_type)
             if error is not None:
                 return await self._failed(node, row, context, _PENDING, fail_count, started_at, error)
@@ -621,36 +639,31 @@ class PassRunner:
         problem = ParamInvalidError(f"the worker left a node context that is not JSON: {exc}")
         return await self._failed(node, row, sanitize_json(context), status, fail_count, started_at, problem)
 
-    async def _attempt(
+    async def _check(
         self,
         node: NodeDefinition,
         ctx: JSONContext,
         context: dict[str, Any],
-        phase: str,
         fail_count: int,
         started_at: int,
-    ) -> tuple[tuple[str, ...] | None, Sequence[str], Exception | None]:
-        """One worker call under a :class:`NodeWatch`: (what ``run`` chose, the keys of the children it
-        started, the worker's failure).
+    ) -> Exception | None:
+        """The worker's ``wait_check`` under a :class:`NodeWatch` (phase pending): its failure, if any.
+        (:meth:`_process` makes ``run``'s call, phase running, the same way inline.)
 
         What stopped a visibility write (the pass stopped, the lease was lost) is raised, not returned:
         it is no failure of the worker's."""
         watch = NodeWatch(
-            self, node, phase, context, fail_count, started_at, self._clock.monotonic(), self._watchtower
+            self, node, _PENDING, context, fail_count, started_at, self._clock.monotonic(), self._watchtower
         )
-        check = phase == _PENDING
         # the watch is the call's context variable (its NodeInfo built only if current_node() asks for
         # it), set without call_scope()'s generator context manager (a node's hot path)
         token = _current_call.set(watch)
         try:
-            if check:
-                await node.worker.wait_check(ctx)
-            else:
-                await node.worker.run(ctx)
+            await node.worker.wait_check(ctx)
         except Exception as exc:
             _current_call.reset(token)
             await watch.close()
-            return None, [], exc
+            return exc
         except BaseException:
             _current_call.reset(token)
             watch.abort()
@@ -658,9 +671,7 @@ class PassRunner:
         _current_call.reset(token)
         if not watch.close_now():  # a visibility write is in flight: wait for it
             await watch.close()
-        if check:
-            return None, [], None
-        return watch.chosen, watch.keys, None
+        return None
 
     # ------------------------------------------------------------------ work in flight (NodeWatch)
 
@@ -1156,22 +1167,26 @@ class PassRunner:
             self._carrying = True
         if instance_status is None and self._status == _INSTANCE_INIT:
             instance_status = _INSTANCE_RUNNING
-        inserts: list[tuple[str, TaskInsert]] = []
-        updates: list[tuple[str, TaskUpdate]] = []
-        for pair in writes:
-            if type(pair[1]) is TaskInsert:  # the engine's own writes: TaskInsert or TaskUpdate
-                inserts.append(pair)  # type: ignore[arg-type]
-            else:
-                updates.append(pair)  # type: ignore[arg-type]
+        # the engine's own writes are TaskInsert or TaskUpdate; most steps only insert (split in C then)
+        updates: list[tuple[str, TaskUpdate]] | None = None
+        if writes:
+            names, inserts = zip(*writes)  # noqa: B905 - pairs: the same length
+            if TaskUpdate in map(type, inserts):  # some update a row: split them off
+                updates = [(t, w) for t, w in writes if isinstance(w, TaskUpdate)]
+                names = tuple([t for t, w in writes if isinstance(w, TaskInsert)])
+                inserts = tuple([w for _, w in writes if isinstance(w, TaskInsert)])
+        else:
+            names = inserts = ()
+        instance = self._instance
         step = new_step(
-            self._instance.id,
+            instance.id,
             RUNNABLE_INSTANCE_STATUSES,  # instance_status_in, Step's default
             instance_status,
             next_run_at,
-            tuple([w for _, w in inserts]),
-            tuple([w for _, w in updates]),
+            inserts,
+            () if updates is None else tuple([w for _, w in updates]),
             cancel,
-            self._instance.lease_epoch,
+            instance.lease_epoch,
         )
         hold = HOLD_STEPS.set(True)  # the repo holds a cancellation until its step is done (asyncflow._held)
         write = self._repo.apply_step(step)
@@ -1209,8 +1224,21 @@ class PassRunner:
             if self._cancel_pending():
                 await asyncio.sleep(0)
             raise _PassStopped
-        self._record(inserts, updates, instance_status, result)
-        if self._cancel_pending():
+        # the step applied: its rows, as written, become the pass's view (the repo returns the inserted
+        # rows in the order of the step's inserts)
+        rows = self._rows
+        rows.update(zip(names, result.inserted, strict=True))
+        if updates is not None:
+            for task_type, update in updates:
+                rows[task_type] = _updated(rows[task_type], update)
+        if instance_status is not None:
+            self._status = instance_status
+        # _cancel_pending() inline (a node's hot path)
+        task = _current_task()
+        main = self._main_task
+        if (task is not None and task.cancelling()) or (
+            task is not main and main is not None and main.cancelling()
+        ):
             await asyncio.sleep(0)
 
     def _cancel_pending(self) -> bool:
@@ -1222,23 +1250,8 @@ class PassRunner:
         main = self._main_task
         if main is not None and main.cancelling() > 0:
             return True
-        task = asyncio.current_task()
+        task = _current_task()
         return task is not None and task is not main and task.cancelling() > 0
-
-    def _record(
-        self,
-        inserts: list[tuple[str, TaskInsert]],
-        updates: list[tuple[str, TaskUpdate]],
-        instance_status: str | None,
-        result: StepResult,
-    ) -> None:
-        """A step that applied: its rows, as written, become the pass's view."""
-        for (task_type, _), record in zip(inserts, result.inserted, strict=True):
-            self._rows[task_type] = record
-        for task_type, update in updates:
-            self._rows[task_type] = _updated(self._rows[task_type], update)
-        if instance_status is not None:
-            self._status = instance_status
 
     async def _flush(self) -> None:
         """The pass's last write: deferred node writes, the root if still carried, the next due time."""
