@@ -30,7 +30,7 @@ import logging
 import sys
 import time
 from asyncio import current_task as _current_task
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from .._held import HOLD_STEPS, is_held, run_held
@@ -184,6 +184,38 @@ class _Slots:
         self.free += 1
 
 
+class _InContext:
+    """Awaits a coroutine in the awaiting task, every step of it run in ``context`` (what a task of
+    its own would do, without the task, its loop turns and its callbacks): the context variables it
+    sets stay in ``context``. Cancellations and other exceptions thrown into the awaiting task go to
+    the coroutine; its result or exception is the await's."""
+
+    __slots__ = ("_context", "_coro")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context) -> None:
+        self._coro = coro
+        self._context = context
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self._coro
+        run = self._context.run
+        send = coro.send
+        try:
+            yielded = run(send, None)
+            while True:
+                try:
+                    sent = yield yielded
+                except GeneratorExit:  # the awaiting coroutine is closed: close this one too
+                    run(coro.close)
+                    raise
+                except BaseException as exc:
+                    yielded = run(coro.throw, exc)
+                else:
+                    yielded = run(send, sent)
+        except StopIteration as stop:
+            return stop.value
+
+
 async def _started_later(drive: Coroutine[Any, Any, None]) -> None:
     """``drive``, from the next loop turn on (whatever the task factory does); closed unstarted when
     the task is cancelled before that turn."""
@@ -243,8 +275,10 @@ class PassRunner:
     ) -> None:
         self._repo = repo
         self._due_only = due_only  # a driver's pass: a node waiting out its retry back-off is not run
-        # see _drive_here: only in a task asyncflow made for the pass, never with a ``first`` join
-        self._drive_here_ok = drive_here and not definition.feeds_first
+        # see _drive_here: never with a ``first`` join; in a copy of the caller's context unless the
+        # pass runs in a task asyncflow made for it
+        self._drive_here_ok = not definition.feeds_first
+        self._own_task = drive_here
         self._start_child = start_child
         self._awaiting: dict[str, list[str]] = {}  # node -> the keys of its children not all terminal
         self._clock = clock
@@ -293,6 +327,7 @@ class PassRunner:
     async def run(self) -> WorkflowInstance:
         main = self._main_task = asyncio.current_task()
         cancels = 0 if main is None else main.cancelling()  # requests the caller had before the pass
+        self._cancels = cancels
         token = active_passes.set(active_passes.get() | {self._instance.id})
         try:
             if await self._too_deep():
@@ -410,27 +445,43 @@ class PassRunner:
         return retry_at
 
     def _newly_ready(self, done: str) -> list[str]:
+        """The successors of ``done`` (just completed, or skipped with it) that run now; marked visited."""
+        if self._skipped_with and done in self._skipped_with:
+            return self._newly_ready_after_skips(done, self._skipped_with.pop(done))
         ready: list[str] = []
         visited, rows, lone = self._visited, self._rows, self._lone_successors
-        skipped = self._skipped_with.pop(done, None) if self._skipped_with else None
-        for source in (done,) if skipped is None else (done, *skipped):
+        # the edge from ``done`` decides each successor whose one predecessor it is (the join of one
+        # edge: completed); looked up once for all of them
+        pre = rows.get(done)
+        chosen = None
+        if pre is not None and pre.status == _COMPLETED:
+            passes = True
+            if pre.node_context.get(SYSTEM) is not None:  # chosen_of()'s common case inline
+                chosen = chosen_of(pre.node_context)
+        else:
+            passes = False
+        for succ in self._node_of[done].next_nodes:
+            if succ in visited:
+                continue
+            row = rows.get(succ)  # _open() inline (a node's hot path)
+            if row is not None and row.status != _RESTARTING:
+                continue
+            if lone.get(succ) == done:
+                if not passes or (chosen is not None and succ not in chosen):
+                    continue
+            elif self._join(succ) is not Join.RUN:
+                continue
+            visited.add(succ)
+            ready.append(succ)
+        return ready
+
+    def _newly_ready_after_skips(self, done: str, skipped: list[str]) -> list[str]:
+        """:meth:`_newly_ready` for a node whose completion skipped ``skipped``: their successors too."""
+        ready: list[str] = []
+        visited = self._visited
+        for source in (done, *skipped):
             for succ in self._node_of[source].next_nodes:
-                if succ in visited:
-                    continue
-                row = rows.get(succ)  # _open() inline (a node's hot path)
-                if row is not None and row.status != _RESTARTING:
-                    continue
-                lone_pre = lone.get(succ)
-                if lone_pre is not None:  # its one edge decides (the join of one edge: completed)
-                    pre = rows.get(lone_pre)
-                    if pre is None or pre.status != _COMPLETED:
-                        continue
-                    context = pre.node_context
-                    if context.get(SYSTEM) is not None:  # chosen_of()'s common case inline
-                        chosen = chosen_of(context)
-                        if chosen is not None and succ not in chosen:
-                            continue
-                elif self._join(succ) is not Join.RUN:
+                if succ in visited or not self._open(succ) or self._join(succ) is not Join.RUN:
                     continue
                 visited.add(succ)
                 ready.append(succ)
@@ -439,23 +490,27 @@ class PassRunner:
     async def _drive_here(self, tg: asyncio.TaskGroup, task_type: str) -> None:
         """:meth:`_drive` in the pass's own task, inside its task group: one task fewer per pass.
 
-        Only where the pass runs in a task asyncflow made for it (the driver's, ``drive_here``): the
-        workers then share that task's context, not a caller's (a context variable a worker sets
-        stays in the pass). Not with a ``first`` join (a branch that completes one waits for the
-        tasks it cancels, and this task waits for the group). A node that :meth:`interrupt` cancels,
-        or whose worker raised ``CancelledError`` of its own (nobody cancelled the task), ends as a
-        node task would: the pass goes on."""
+        Where the pass runs in a task asyncflow made for it (the driver's, ``drive_here``), the workers
+        share that task's context; in a caller's task (``run_workflow``), a copy of the caller's
+        context, as a task of the pass would have (a context variable a worker sets stays in the
+        pass). Not with a ``first`` join (a branch that completes one waits for the tasks it cancels,
+        and this task waits for the group). A node that :meth:`interrupt` cancels, or whose worker
+        raised ``CancelledError`` of its own (nobody cancelled the task), ends as a node task would:
+        the pass goes on."""
         try:
-            await self._drive(tg, task_type)
+            if self._own_task:
+                await self._drive(tg, task_type)
+            else:
+                await _InContext(self._drive(tg, task_type), contextvars.copy_context())
         except asyncio.CancelledError:
             main = self._main_task
             if main is None:
                 raise
             if self._interrupted_here:
                 self._interrupted_here = False
-                if main.uncancel() > 0:  # cancelled from outside too (or by the group): that one stands
+                if main.uncancel() > self._cancels:  # cancelled from outside too (or by the group): it stands
                     raise
-            elif main.cancelling() > 0:  # a cancellation of the pass's task
+            elif main.cancelling() > self._cancels:  # a cancellation of the pass's task
                 raise
 
     def _spawn(self, tg: asyncio.TaskGroup, task_type: str) -> None:
@@ -473,46 +528,59 @@ class PassRunner:
             raise
 
     async def _drive(self, tg: asyncio.TaskGroup, task_type: str) -> None:
-        """Process a node, then keep going inline with one newly ready successor (spawn the others)."""
+        """Process a node, then keep going inline with one newly ready successor (spawn the others).
+
+        The task keeps its branch slot from one node to the next unless another branch waits for one
+        (nothing else can take it in between: no await), and gives it back when it stops."""
         current = task_type
         task = asyncio.current_task()
         tasks, slots, observers, dropped = self._tasks, self._slots, self._observers, self._dropped
         by_type = self._node_of
-        while True:
-            if current in dropped:  # a ``first`` join dropped it before this task began
-                return
-            node = by_type[current]
-            if current == ROOT_NODE:  # no work, no await (its write is carried): no slot, never a loser
-                self._carry_root(node)
-            else:
-                if task is not None:
-                    tasks[current] = task
-                try:
-                    if slots.free > 0 and not slots.waiters:  # a free slot: taken without a coroutine
-                        slots.free -= 1
-                    else:
-                        await slots.acquire()
+        held = False  # a branch slot
+        try:
+            while True:
+                if current in dropped:  # a ``first`` join dropped it before this task began
+                    return
+                node = by_type[current]
+                if current == ROOT_NODE:  # no work, no await (its write is carried): no slot, never a loser
+                    self._carry_root(node)
+                else:
+                    if task is not None:
+                        tasks[current] = task
                     try:
+                        if held:
+                            if slots.waiters:  # a waiting branch goes first, as when released after a node
+                                held = False
+                                slots.release()
+                                await slots.acquire()
+                                held = True
+                        elif slots.free > 0 and not slots.waiters:  # a free slot: taken without a coroutine
+                            slots.free -= 1
+                            held = True
+                        else:
+                            await slots.acquire()
+                            held = True
                         if observers is None or current == END_NODE:
                             completed = await self._process(node)
                         else:
                             completed = await self._observed(node, observers)
                     finally:
-                        if slots.waiters:
-                            slots.release()
-                        else:  # release() without waiters, inline
-                            slots.free += 1
-                finally:
-                    tasks.pop(current, None)
-                if not completed:
+                        tasks.pop(current, None)
+                    if not completed:
+                        return
+                ready = self._newly_ready(current)
+                if not ready:
                     return
-            ready = self._newly_ready(current)
-            if not ready:
-                return
-            if len(ready) > 1:
-                for other in ready[1:]:
-                    self._spawn(tg, other)
-            current = ready[0]
+                if len(ready) > 1:
+                    for other in ready[1:]:
+                        self._spawn(tg, other)
+                current = ready[0]
+        finally:
+            if held:
+                if slots.waiters:
+                    slots.release()
+                else:  # release() without waiters, inline
+                    slots.free += 1
 
     # ------------------------------------------------------------------ one node
 

@@ -480,6 +480,23 @@ async def test_branch_order_is_config_order(engine_repo: Any, local_lock: Any) -
     assert [t for _, t in calls.order] == ["Z", "M", "A"]
 
 
+async def test_a_waiting_branch_takes_the_slot_before_a_chain_goes_on(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """A task keeps its branch slot from a node to the next one only while no other branch waits."""
+    calls = Calls()
+
+    async def slow(ctx: JSONContext) -> None:
+        for _ in range(5):  # X's task starts meanwhile and waits for the one slot
+            await asyncio.sleep(0)
+
+    cfg = config("chain", {"A": ["B"], "X": [], "B": []})
+    workers = {"A": recording_worker(calls, slow)}
+    svc = make(engine_repo, local_lock, registry_with(cfg, calls, workers), branch_concurrency=1)
+    assert (await svc.create_workflow("chain", "b", run=True)).status == "completed"
+    assert [t for _, t in calls.order] == ["A", "X", "B"]
+
+
 async def test_siblings_run_concurrently_within_a_pass(engine_repo: Any, local_lock: Any) -> None:
     """Each sibling waits for an event the other sets: run one after the other they would deadlock."""
     calls = Calls()

@@ -23,7 +23,7 @@ from asyncflow.engine.service import WorkflowService
 from asyncflow.errors import TaskFailedTerminate
 from asyncflow.records import WorkflowInstance
 
-from .engine_helpers import Calls, config, recording_worker, registry_with
+from .engine_helpers import Calls, config, recording_worker, registry_with, statuses
 
 LEAK: contextvars.ContextVar[str] = contextvars.ContextVar("asyncflow_test_leak", default="unset")
 
@@ -142,3 +142,40 @@ async def test_a_caller_cancelled_during_a_pass_is_still_cancelled(engine_repo: 
     with pytest.raises(asyncio.CancelledError):
         await passing
     assert passing.cancelled()
+
+
+async def test_a_callers_earlier_cancel_request_is_not_the_pass_being_cancelled(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """A caller whose task still counts a cancellation request it handled (not taken back) runs a
+    pass whose worker raises its own ``CancelledError``: the node ends as it would in a task of its
+    own (resumable), the pass returns and the caller's count stays as it was."""
+    calls = Calls()
+
+    async def run(ctx: JSONContext) -> None:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+
+    async def dragging(ctx: JSONContext) -> None:
+        await asyncio.sleep(0.01)
+
+    cfg = config("late", {"A": ["B"], "B": []})
+    workers = {"A": recording_worker(calls, dragging), "B": recording_worker(calls, run)}
+    svc = WorkflowService(engine_repo, local_lock, registry_with(cfg, calls, workers))
+    inst = await svc.create_workflow("late", "k")
+
+    async def caller() -> tuple[str, int]:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            pass  # handled, not uncancelled: cancelling() stays 1
+        after = await svc.run_workflow(inst.id)
+        return after.status, task.cancelling()
+
+    assert await asyncio.create_task(caller()) == ("running", 1)
+    assert [t for phase, t in calls.order if phase == "run"] == ["A", "B"]
+    assert (await statuses(svc, inst.id))["A"] == "completed"
