@@ -16,15 +16,25 @@ reported by :func:`build_definition`, all at once, as :class:`MissingWorkerError
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from asyncflow._text import dot_text, mermaid_text, shown, too_long, unstorable
 from asyncflow.config import JOINS, WorkflowConfig, count_problem
 from asyncflow.errors import ConfigError, TaskWorkerNotFoundError
 from asyncflow.retry import RetryPolicy
 from asyncflow.status import END_NODE, END_NODE_NAME, ROOT_NODE, ROOT_NODE_NAME
-from asyncflow.worker import EndNodeWorker, RootNodeWorker, TaskWorker, worker_has_wait_check
+from asyncflow.worker import (
+    EndNodeWorker,
+    RootNodeWorker,
+    TaskWorker,
+    direct_run_function,
+    worker_has_wait_check,
+)
+
+if TYPE_CHECKING:
+    from asyncflow.context import JSONContext
 
 __all__ = [
     "MissingWorkerError",
@@ -83,8 +93,9 @@ class NodeDefinition:
     for no limit and ``None`` when the config leaves it unset (the service's ``default_fail_max_count``
     applies); negative values raise :class:`ConfigError`. ``retry`` is the node's own back-off
     (``None``: the service's). ``has_wait_check`` is
-    :func:`~asyncflow.worker.worker_has_wait_check` of the worker, computed once. Treat the lists as
-    read-only: definitions are cached and shared.
+    :func:`~asyncflow.worker.worker_has_wait_check` of the worker, computed once, and ``run_function``
+    :func:`~asyncflow.worker.direct_run_function` (what the engine awaits instead of ``worker.run``).
+    Treat the lists as read-only: definitions are cached and shared.
     """
 
     task_type: str
@@ -97,6 +108,7 @@ class NodeDefinition:
     join: str = "all"
     worker: TaskWorker
     has_wait_check: bool = field(init=False)
+    run_function: Callable[[JSONContext], Coroutine[Any, Any, None]] | None = field(init=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.task_type, str) or not self.task_type:
@@ -119,6 +131,7 @@ class NodeDefinition:
                 nodes=(self.task_type,),
             )
         object.__setattr__(self, "has_wait_check", worker_has_wait_check(self.worker))
+        object.__setattr__(self, "run_function", direct_run_function(self.worker))
 
     def __repr__(self) -> str:
         return f"NodeDefinition({self.task_type!r}, pre={self.pre_nodes!r}, next={self.next_nodes!r})"
@@ -142,6 +155,7 @@ class WorkflowDefinition:
         "name",
         "nodes",
         "sources",
+        "starts",
     )
 
     def __init__(self, id: str, name: str, nodes: Sequence[NodeDefinition]) -> None:
@@ -181,6 +195,13 @@ class WorkflowDefinition:
         """The predecessors of ``end`` (only their completion may complete it)."""
         self.sources: tuple[str, ...] = tuple(node.task_type for node in self.nodes if not node.pre_nodes)
         """The nodes without predecessors (``root``), in definition order: where a new instance starts."""
+        self.starts: tuple[str, ...] = tuple(
+            task_type
+            for task_type in self.sources
+            if task_type == END_NODE or by_type[task_type].join == "all"
+        )
+        """The sources that run in a new instance's first pass: those whose join of no edges runs
+        (``all``; ``any`` and ``first`` skip; the engine's ``join_decision``)."""
 
     @property
     def root(self) -> NodeDefinition:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextvars
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from types import CoroutineType
+from types import CoroutineType, FunctionType
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 import anyio.to_thread
@@ -198,6 +198,20 @@ def worker_has_wait_check(worker: TaskWorker) -> bool:
     if func is NormalTaskWorker.wait_check and isinstance(worker, NormalTaskWorker):
         return worker.wait_check_function is not None
     return True
+
+
+def direct_run_function(worker: TaskWorker) -> Callable[[JSONContext], Coroutine[Any, Any, None]] | None:
+    """For the engine: the ``async def`` function that ``worker.run(ctx)`` does nothing but call and
+    await (a :class:`NormalTaskWorker`, its ``run`` not overridden, made with one), which the engine
+    may await itself (one coroutine fewer per call); ``None`` for any other worker."""
+    if not isinstance(worker, NormalTaskWorker) or type(worker).run is not NormalTaskWorker.run:
+        return None
+    if "run" in vars(worker):  # replaced on the instance
+        return None
+    fn = worker.run_function
+    if type(fn) is FunctionType and fn.__code__.co_flags & inspect.CO_COROUTINE:
+        return fn
+    return None
 
 
 @quick_init  # built on every node: see asyncflow._frozen

@@ -170,7 +170,6 @@ def _clean_str(text: str) -> str:
 def build_node_context(
     pre_contexts: Iterable[tuple[str, Mapping[str, Any]]],
     workflow_context: Mapping[str, Any],
-    *,
     keep_event_from: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A node's initial context, exactly as Go builds it (reference §4.5.1).
@@ -179,20 +178,23 @@ def build_node_context(
     ``pre_node_context`` and ``workflow_context``; ``workflow_context`` is a copy of the instance's.
     A restarted node keeps the ``node_event`` of its previous context (``keep_event_from``).
     """
-    # a shallow copy, then json_copy() of the values that are not scalars (a node's hot path: most are)
+    # a shallow copy, then json_copy() of the values that are not scalars (a node's hot path: most
+    # are, which one look in C tells: the set of the values' types is one of the scalars')
     pre: dict[str, Any] = {}
     for task_type, ctx in pre_contexts:
         copied = pre[task_type] = dict(ctx)
         copied.pop(SYSTEM, None)  # minus the keys the engine keeps per node
         copied.pop(PRE_NODE_CONTEXT, None)
         copied.pop(WORKFLOW_CONTEXT, None)
-        for k, v in copied.items():
-            if type(v) not in _SCALARS:
-                copied[k] = json_copy(v)  # the same key: the dict's size does not change
+        if not _SCALARS.issuperset(map(type, copied.values())):
+            for k, v in copied.items():
+                if type(v) not in _SCALARS:
+                    copied[k] = json_copy(v)  # the same key: the dict's size does not change
     workflow = dict(workflow_context)
-    for k, v in workflow.items():
-        if type(v) not in _SCALARS:
-            workflow[k] = json_copy(v)
+    if workflow and not _SCALARS.issuperset(map(type, workflow.values())):
+        for k, v in workflow.items():
+            if type(v) not in _SCALARS:
+                workflow[k] = json_copy(v)
     context: dict[str, Any] = {PRE_NODE_CONTEXT: pre, WORKFLOW_CONTEXT: workflow}
     if keep_event_from is not None and NODE_EVENT in keep_event_from:
         context[NODE_EVENT] = json_copy(keep_event_from[NODE_EVENT])

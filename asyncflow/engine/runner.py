@@ -400,7 +400,7 @@ class PassRunner:
     def _initially_ready(self) -> list[str]:
         ready = []
         if not self._rows:  # a new instance: a node with predecessors waits for them (no row yet)
-            ready = [t for t in self._definition.sources if self._join(t) is Join.RUN]
+            ready = list(self._definition.starts)
             self._visited.update(ready)
             return ready
         for node in self._definition.nodes:
@@ -612,7 +612,8 @@ class PassRunner:
             )
             token = _current_call.set(watch)
             try:
-                await node.worker.run(ctx)
+                run = node.run_function  # an ``async def`` function: awaited without worker.run()'s frame
+                await (node.worker.run(ctx) if run is None else run(ctx))
             except Exception as exc:
                 _current_call.reset(token)
                 await watch.close()  # what stopped a visibility write is raised: no failure of the worker's
@@ -981,22 +982,20 @@ class PassRunner:
     # ------------------------------------------------------------------ contexts
 
     def _fresh_context(self, node: NodeDefinition, row: TaskInstanceRecord | None) -> dict[str, Any]:
-        rows, task_type = self._rows, node.task_type
+        rows = self._rows
         pre = []
         for p in node.pre_nodes:  # the predecessors whose edge to the node is completed
             pre_row = rows.get(p)
             if pre_row is not None and pre_row.status == _COMPLETED:
                 context = pre_row.node_context
-                if context.get(SYSTEM) is None:  # chosen_of()'s common case inline: chose nothing
+                if (
+                    context.get(SYSTEM) is None  # chosen_of()'s common case inline: chose nothing
+                    or (chosen := chosen_of(context)) is None
+                    or node.task_type in chosen
+                ):
                     pre.append((p, context))
-                else:
-                    chosen = chosen_of(context)
-                    if chosen is None or task_type in chosen:
-                        pre.append((p, context))
         return build_node_context(
-            pre,
-            self._instance.workflow_context,
-            keep_event_from=row.node_context if row is not None else None,
+            pre, self._instance.workflow_context, None if row is None else row.node_context
         )
 
     # ------------------------------------------------------------------ writes
@@ -1200,9 +1199,7 @@ class PassRunner:
         """``end``'s completion, with the contexts of its predecessors whose edge is completed."""
         self._visited.add(END_NODE)
         context = build_node_context(
-            pre,
-            self._instance.workflow_context,
-            keep_event_from=row.node_context if row is not None else None,
+            pre, self._instance.workflow_context, None if row is None else row.node_context
         )
         if row is None:
             return new_task_insert(END_NODE, _COMPLETED, context, 0, int(self._clock.time()))

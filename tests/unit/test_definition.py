@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from asyncflow.config import INT64_MAX, NodeConfig, WorkflowConfig
+from asyncflow.config import INT64_MAX, JOINS, NodeConfig, WorkflowConfig
 from asyncflow.definition import (
     MissingWorkerError,
     NodeDefinition,
@@ -15,6 +15,7 @@ from asyncflow.definition import (
     build_definition,
     validate_config,
 )
+from asyncflow.engine.rules import Join, join_decision
 from asyncflow.errors import ConfigError, TaskWorkerNotFoundError
 from asyncflow.status import END_NODE_NAME, ROOT_NODE_NAME
 from asyncflow.worker import BaseTaskWorker, EndNodeWorker, NormalTaskWorker, RootNodeWorker, TaskWorker
@@ -275,6 +276,23 @@ def test_definition_constructor_guards() -> None:
     with pytest.raises(ConfigError, match="task types must be unique"):
         WorkflowDefinition("w", "", [root, a, a, end])
     assert WorkflowDefinition("w", "", [root, a, end]).nodes_count == 3
+
+
+def test_starts_are_the_sources_whose_join_of_no_edges_runs() -> None:
+    """Where a new instance's first pass begins: ``root`` (join ``all``); a hand-made source whose join
+    of no edges does not run (``any``, ``first``: skipped) is not among them."""
+    assert build(cfg(("A", ["B"]), ("B", []))).starts == ("root",)
+    end = NodeDefinition(task_type="end", pre_nodes=["A"], worker=EndNodeWorker())
+    for join, starts in (("all", ("root", "A")), ("any", ("root",)), ("first", ("root",))):
+        root = NodeDefinition(task_type="root", next_nodes=["end"], worker=RootNodeWorker())
+        a = NodeDefinition(task_type="A", next_nodes=["end"], join=join, worker=WORKER)
+        assert WorkflowDefinition("w", "", [root, a, end]).starts == starts
+    lonely = NodeDefinition(task_type="root", join="any", worker=RootNodeWorker())
+    assert WorkflowDefinition("w", "", [lonely, end]).starts == ()
+    for join in JOINS:  # the engine's rule
+        runs = join_decision(join, []) is Join.RUN
+        root = NodeDefinition(task_type="root", next_nodes=["end"], join=join, worker=RootNodeWorker())
+        assert WorkflowDefinition("w", "", [root, end]).starts == (("root",) if runs else ())
 
 
 def test_a_ladder_with_exponentially_many_paths_builds() -> None:

@@ -22,6 +22,7 @@ from asyncflow.worker import (
     RootNodeWorker,
     TaskWorker,
     current_node,
+    direct_run_function,
     heartbeat,
     node_scope,
     worker_has_wait_check,
@@ -254,6 +255,57 @@ class NormalWithOwnCheck(NormalTaskWorker):
 )
 def test_worker_has_wait_check(worker: TaskWorker, expected: bool) -> None:
     assert worker_has_wait_check(worker) is expected
+
+
+async def _async_run(ctx: JSONContext) -> None:
+    ctx.set(["ran"], "async")
+
+
+class _AsyncCallable:
+    async def __call__(self, ctx: JSONContext) -> None:
+        ctx.set(["ran"], "callable")
+
+
+class _OwnRun(NormalTaskWorker):
+    async def run(self, ctx: JSONContext) -> None:
+        ctx.set(["ran"], "own run")
+
+
+def _replaced_on_the_instance() -> NormalTaskWorker:
+    worker = NormalTaskWorker(run=_async_run)
+
+    async def replaced(ctx: JSONContext) -> None:
+        ctx.set(["ran"], "replaced")
+
+    worker.run = replaced  # type: ignore[method-assign]
+    return worker
+
+
+def test_direct_run_function_only_for_a_plain_async_function_run_would_call() -> None:
+    """What the engine awaits in place of ``worker.run(ctx)``: only where that is the same call."""
+    assert direct_run_function(NormalTaskWorker(run=_async_run)) is _async_run
+    for worker in (
+        NormalTaskWorker(),  # fails "Not implemented"
+        NormalTaskWorker(run=lambda ctx: None),  # a plain function: run in a thread
+        NormalTaskWorker(run=_AsyncCallable()),  # not a function
+        NormalTaskWorker(run=RunOnly().run),  # a bound method
+        _OwnRun(run=_async_run),  # run() overridden
+        _replaced_on_the_instance(),
+        RunOnly(),
+        Custom(),
+        RootNodeWorker(),
+    ):
+        assert direct_run_function(worker) is None, worker
+
+
+async def test_a_direct_run_function_does_what_run_does() -> None:
+    worker = NormalTaskWorker(run=_async_run)
+    via_run, direct = JSONContext(), JSONContext()
+    await worker.run(via_run)
+    function = direct_run_function(worker)
+    assert function is not None
+    await function(direct)
+    assert via_run == direct == JSONContext({"ran": "async"})
 
 
 def test_current_node_outside_a_worker_raises_lookup_error() -> None:
