@@ -255,6 +255,9 @@ class JSONContext:
         The value is stored as given, not copied; it is only checked when serialized. Raises
         ``ParamInvalidError`` for an empty path, a bare ``str`` instead of a sequence, or a non-``str`` key.
         """
+        if type(keys) is list and len(keys) == 1 and type(keys[0]) is str:  # the common case: one key
+            self._data[keys[0]] = value
+            return
         if isinstance(keys, (str, bytes)):
             raise ParamInvalidError(f"keys must be a sequence of str such as [{keys!r}], not a bare string")
         if not keys:

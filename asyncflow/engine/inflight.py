@@ -73,6 +73,7 @@ class NodeWatch(WorkerCall):
     _progress: Any = NO_PROGRESS
     _watched = False
     _visible: bool | None = None  # already stored in this phase (None: not looked up yet)
+    _busy = False  # set for good once a timer, a write or the watchtower is involved (close_now() looks)
     _tower: Watchtower  # set with a watchtower only
 
     def __init__(
@@ -96,7 +97,7 @@ class NodeWatch(WorkerCall):
         if tower is not None:
             self._tower = tower
             if not self._stored():
-                self._watched = True
+                self._watched = self._busy = True
                 tower.add(self)
         if node.max_wait_time_ts > 0:
             self._arm_overdue()
@@ -157,6 +158,7 @@ class NodeWatch(WorkerCall):
         if wait <= 0:
             self._start_writer()
         else:
+            self._busy = True
             self._timer = asyncio.get_running_loop().call_later(wait, self._due)
 
     # ------------------------------------------------------------------ the engine's side
@@ -174,11 +176,13 @@ class NodeWatch(WorkerCall):
     def close_now(self) -> bool:
         """:meth:`close` without awaiting, when no write is in flight and none failed: True if it
         closed (else nothing changed: await :meth:`close`)."""
-        if self._writer is not None or self._error is not None:
-            return False
-        self._closed = True
-        if self._watched or self._timer is not None or self._overdue is not None:
+        if self._busy:  # else nothing but the close to do (most calls)
+            if self._writer is not None or self._error is not None:
+                return False
+            self._closed = True
             self._cancel_timers()
+            return True
+        self._closed = True
         return True
 
     def abort(self) -> asyncio.Task[None] | None:
@@ -214,6 +218,7 @@ class NodeWatch(WorkerCall):
         self._start_writer()
 
     def _start_writer(self) -> None:
+        self._busy = True
         self._writer = self._runner.spawn_write(self._write(), self._node.task_type)
 
     async def _write(self) -> None:
@@ -242,6 +247,7 @@ class NodeWatch(WorkerCall):
     def _arm_overdue(self) -> None:
         clock = self._runner.clock
         left = self._started_at + self._node.max_wait_time_ts - clock.time()
+        self._busy = True
         self._overdue = asyncio.get_running_loop().call_later(max(left, 0.0) + 0.001, self._check_overdue)
 
     def _check_overdue(self) -> None:

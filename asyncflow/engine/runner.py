@@ -590,7 +590,9 @@ class PassRunner:
         row = self._rows.get(task_type)
         if row is None:
             context = self._fresh_context(node, None)
-            status, fail_count, started_at = _RUNNING, 0, int(self._clock.time())
+            status = _RUNNING
+            fail_count = 0
+            started_at = int(self._clock.time())
         elif row.status == _RESTARTING:
             context = self._fresh_context(node, row)
             status, fail_count, started_at = _RUNNING, row.fail_count, row.started_at
@@ -628,23 +630,24 @@ class PassRunner:
             if not watch.close_now():  # a visibility write is in flight: wait for it
                 await watch.close()
             row = self._rows.get(task_type)  # a visibility write may have stored it meanwhile
-            chosen = watch.chosen
-            child_keys = watch.keys
-            if chosen is not None or child_keys:  # kept with the context: a later pass completes it
-                system = context.get(SYSTEM)
-                if not isinstance(system, dict):
-                    system = context[SYSTEM] = {}
-                if chosen is not None:
-                    system[CHOSEN] = list(chosen)
-                if child_keys:
-                    system[CHILD_KEYS] = list(child_keys)
-            if node.has_wait_check or child_keys:
-                pending = _write_for(node.task_type, row, _PENDING, context, fail_count, started_at)
-                try:
-                    row = await self._write_one(node.task_type, pending)
-                except ParamInvalidError as exc:
-                    return await self._not_json(node, row, context, _RUNNING, fail_count, started_at, exc)
-                status = _PENDING
+            if node.has_wait_check or watch.chosen is not None or watch.keys:  # else: completed now
+                chosen = watch.chosen
+                child_keys = watch.keys
+                if chosen is not None or child_keys:  # kept with the context: a later pass completes it
+                    system = context.get(SYSTEM)
+                    if not isinstance(system, dict):
+                        system = context[SYSTEM] = {}
+                    if chosen is not None:
+                        system[CHOSEN] = list(chosen)
+                    if child_keys:
+                        system[CHILD_KEYS] = list(child_keys)
+                if node.has_wait_check or child_keys:
+                    pending = _write_for(node.task_type, row, _PENDING, context, fail_count, started_at)
+                    try:
+                        row = await self._write_one(node.task_type, pending)
+                    except ParamInvalidError as exc:
+                        return await self._not_json(node, row, context, _RUNNING, fail_count, started_at, exc)
+                    status = _PENDING
         if status == _PENDING:
             try:
                 await self._children_done(node.task_type, context)
@@ -1024,16 +1027,36 @@ class PassRunner:
         join now cancels, and ``end`` (with the instance) when this was the last of its predecessors."""
         task_type = node.task_type
         instance_status = None
-        extra: list[tuple[str, _Write]] = []
+        extra: list[tuple[str, _Write]] | None = None
         if task_type == END_NODE:
             instance_status = _INSTANCE_COMPLETED
         else:
-            if task_type in self._definition.feeds_first:
-                await self._stop_losers(task_type, context)
-            extra = self._consequences(task_type, context)
-            if extra and extra[-1][0] == END_NODE:
-                instance_status = _INSTANCE_COMPLETED
-        writes = [(task_type, _write_for(task_type, row, _COMPLETED, context, fail_count, started_at))]
+            definition = self._definition
+            if task_type not in definition.feeds_first and (
+                task_type in definition.lone_feeders
+                and (context.get(SYSTEM) is None or chosen_of(context) is None)  # chosen_of() only with one
+            ):
+                # the common case: nothing to skip, no ``first`` join among the successors; ``end`` can
+                # join only the write of one of its predecessors, here its only one (a lone feeder's
+                # successors have one predecessor each), which completes now having chosen nothing: the
+                # ``end`` join runs (what _consequences() finds, without the edges)
+                if task_type in definition.end_feeders and END_NODE not in self._visited:
+                    end = self._rows.get(END_NODE)
+                    if end is None or end.status == _RESTARTING:
+                        extra = [(END_NODE, self._end_write(end, [(task_type, context)]))]
+                        instance_status = _INSTANCE_COMPLETED
+            else:
+                if task_type in definition.feeds_first:
+                    await self._stop_losers(task_type, context)
+                extra = self._consequences(task_type, context)
+                if extra and extra[-1][0] == END_NODE:
+                    instance_status = _INSTANCE_COMPLETED
+        # _write_for() inline (a node's hot path)
+        if row is None or row.id == 0:
+            write: _Write = new_task_insert(task_type, _COMPLETED, context, fail_count, started_at)
+        else:
+            write = new_task_update(row.id, row.version, _COMPLETED, context, fail_count, started_at)
+        writes = [(task_type, write)]
         if extra:
             writes += extra
         try:
@@ -1042,8 +1065,8 @@ class PassRunner:
             if self._has_status(task_type, _COMPLETED):
                 self._completed(task_type, extra)
             raise
-        if extra or self._observers is not None:  # else _completed() has nothing to do
-            self._completed(task_type, extra)
+        if self._observers is not None or (extra and (len(extra) > 1 or extra[0][0] != END_NODE)):
+            self._completed(task_type, extra)  # else it has nothing to do (no skips, no observers)
         if instance_status is not None and logger.isEnabledFor(logging.INFO):  # no record's fields built else
             logger.info(
                 "workflow instance %s completed",
@@ -1055,7 +1078,7 @@ class PassRunner:
         row = self._rows.get(task_type)
         return row is not None and row.status == status
 
-    def _completed(self, task_type: str, extra: list[tuple[str, _Write]]) -> None:
+    def _completed(self, task_type: str, extra: list[tuple[str, _Write]] | None) -> None:
         """A node's completion was written: the nodes it skipped and, for observers, its attempt's outcome
         (told even when a cancellation the repo deferred past the write is raised next)."""
         skipped = [t for t, w in extra if w.status == _SKIPPED] if extra else []
@@ -1114,21 +1137,9 @@ class PassRunner:
             await asyncio.wait(writers)
 
     def _consequences(self, finishing: str, context: dict[str, Any]) -> list[tuple[str, _Write]]:
-        """The writes that go with ``finishing``'s completion: skips, ``first``-join cancels, ``end``."""
+        """The writes that go with ``finishing``'s completion: skips, ``first``-join cancels, ``end``
+        (:meth:`_write_completed` finds them itself for a lone feeder that chose nothing: ``end`` only)."""
         definition = self._definition
-        if finishing in definition.lone_feeders and (
-            context.get(SYSTEM) is None or chosen_of(context) is None  # chosen_of() only with a system
-        ):
-            # the common case: nothing to skip, no ``first`` join among the successors; ``end`` can
-            # join only the write of one of its predecessors, here its only one (a lone feeder's
-            # successors have one predecessor each), which completes now having chosen nothing: the
-            # ``end`` join runs (what _end_if_ready() finds, without the edges)
-            if finishing not in definition.end_feeders or END_NODE in self._visited:
-                return []
-            row = self._rows.get(END_NODE)
-            if row is not None and row.status != _RESTARTING:
-                return []
-            return [(END_NODE, self._end_write(row, [(finishing, context)]))]
         statuses, contexts = self._states(finishing, context)
         writes: list[tuple[str, _Write]] = []
         now = int(self._clock.time())

@@ -269,6 +269,20 @@ def test_set_with_a_non_str_key_raises() -> None:
     assert ctx == {}
 
 
+def test_a_one_key_set_is_the_general_set() -> None:
+    class Key(str):
+        pass
+
+    for keys in (["a"], ("a",), [Key("a")]):
+        ctx = JSONContext({"a": {"old": 1}, "b": 2})
+        ctx.set(keys, {"new": 1})
+        assert ctx == {"a": {"new": 1}, "b": 2}
+    with pytest.raises(ParamInvalidError, match="int"):
+        JSONContext().set([1], 1)  # type: ignore[list-item]
+    with pytest.raises(ParamInvalidError, match="bare string"):
+        JSONContext().set(b"a", 1)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("blocker", ["scalar", 5, [1, 2], None, True])
 def test_set_through_non_dict_replaces_it(blocker: Any) -> None:
     ctx = JSONContext({"a": blocker, "keep": 1})
