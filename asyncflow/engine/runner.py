@@ -312,6 +312,8 @@ class PassRunner:
     @property
     def dropped(self) -> list[str]:
         """The nodes a ``first`` join canceled in this pass, as committed (their rows say ``canceled``)."""
+        if not self._dropped:
+            return []
         rows = self._rows
         return [t for t in self._dropped if (row := rows.get(t)) is not None and row.status == _CANCELED]
 
@@ -319,6 +321,8 @@ class PassRunner:
     def continued(self) -> list[str]:
         """The nodes whose ``run()`` failed with ``TaskFailedContinue`` in this pass, as committed
         (completed): a child workflow such a ``run()`` started has no node to wait for it."""
+        if not self._continued:
+            return []
         rows = self._rows
         return [t for t in self._continued if (row := rows.get(t)) is not None and row.status == _COMPLETED]
 
@@ -449,24 +453,25 @@ class PassRunner:
         if self._skipped_with and done in self._skipped_with:
             return self._newly_ready_after_skips(done, self._skipped_with.pop(done))
         ready: list[str] = []
-        visited, rows, lone = self._visited, self._rows, self._lone_successors
-        # the edge from ``done`` decides each successor whose one predecessor it is (the join of one
-        # edge: completed); looked up once for all of them
-        pre = rows.get(done)
+        visited = self._visited
+        rows = self._rows
+        passes = None  # the edge from ``done``: looked up for the first successor it decides
         chosen = None
-        if pre is not None and pre.status == _COMPLETED:
-            passes = True
-            if pre.node_context.get(SYSTEM) is not None:  # chosen_of()'s common case inline
-                chosen = chosen_of(pre.node_context)
-        else:
-            passes = False
         for succ in self._node_of[done].next_nodes:
             if succ in visited:
                 continue
             row = rows.get(succ)  # _open() inline (a node's hot path)
             if row is not None and row.status != _RESTARTING:
                 continue
-            if lone.get(succ) == done:
+            if self._lone_successors.get(succ) == done:  # its one edge decides (the join of one edge)
+                if passes is None:
+                    pre = rows.get(done)
+                    if pre is not None and pre.status == _COMPLETED:
+                        passes = True
+                        if pre.node_context.get(SYSTEM) is not None:  # chosen_of()'s common case inline
+                            chosen = chosen_of(pre.node_context)
+                    else:
+                        passes = False
                 if not passes or (chosen is not None and succ not in chosen):
                     continue
             elif self._join(succ) is not Join.RUN:
@@ -588,11 +593,12 @@ class PassRunner:
         """Advance one node as far as it goes; True when it ends the pass completed."""
         task_type = node.task_type
         row = self._rows.get(task_type)
+        clock = self._clock
         if row is None:
             context = self._fresh_context(node, None)
             status = _RUNNING
             fail_count = 0
-            started_at = int(self._clock.time())
+            started_at = int(clock.time())
         elif row.status == _RESTARTING:
             context = self._fresh_context(node, row)
             status, fail_count, started_at = _RUNNING, row.fail_count, row.started_at
@@ -608,7 +614,6 @@ class PassRunner:
         ctx = JSONContext.from_map(context)  # wraps the pass's own dict (no copy)
         if status == _RUNNING:
             # the call under its NodeWatch (as _check() makes a wait_check's), inline: a node's hot path
-            clock = self._clock
             watch = NodeWatch(
                 self, node, _RUNNING, context, fail_count, started_at, clock.monotonic(), self._watchtower
             )
