@@ -1033,6 +1033,7 @@ class PassRunner:
         task_type = node.task_type
         instance_status = None
         extra: list[tuple[str, _Write]] | None = None
+        told = False  # _completed() has skips or cancels to tell (else only the observers' outcome)
         if task_type == END_NODE:
             instance_status = _INSTANCE_COMPLETED
         else:
@@ -1054,8 +1055,10 @@ class PassRunner:
                 if task_type in definition.feeds_first:
                     await self._stop_losers(task_type, context)
                 extra = self._consequences(task_type, context)
-                if extra and extra[-1][0] == END_NODE:
-                    instance_status = _INSTANCE_COMPLETED
+                if extra:
+                    told = True
+                    if extra[-1][0] == END_NODE:
+                        instance_status = _INSTANCE_COMPLETED
         # _write_for() inline (a node's hot path)
         if row is None or row.id == 0:
             write: _Write = new_task_insert(task_type, _COMPLETED, context, fail_count, started_at)
@@ -1070,8 +1073,8 @@ class PassRunner:
             if self._has_status(task_type, _COMPLETED):
                 self._completed(task_type, extra)
             raise
-        if self._observers is not None or (extra and (len(extra) > 1 or extra[0][0] != END_NODE)):
-            self._completed(task_type, extra)  # else it has nothing to do (no skips, no observers)
+        if told or self._observers is not None:  # else _completed() has nothing to do
+            self._completed(task_type, extra)
         if instance_status is not None and logger.isEnabledFor(logging.INFO):  # no record's fields built else
             logger.info(
                 "workflow instance %s completed",

@@ -141,6 +141,26 @@ async def test_first_join_drops_a_sibling_not_yet_started(engine_repo: Any, loca
     assert calls.runs("slow") == 0
 
 
+@pytest.mark.parametrize("join", ["all", "any", "first"])
+async def test_a_join_of_one_predecessor_changes_nothing(
+    engine_repo: Any, local_lock: Any, join: str
+) -> None:
+    """A lone feeder's completion (whose writes the runner finds without the edges) gives what the
+    general rules give for a ``first`` join of one edge: the chain completes, end with its last node."""
+    calls = Calls()
+    cfg = config(f"one-{join}", {"A": ["B"], "B": ["C"], "C": []}, B={"join": join}, C={"join": join})
+    svc = WorkflowService(engine_repo, local_lock, registry_with(cfg, calls))
+    inst = await svc.create_workflow(f"one-{join}", "j", context={"k": 1}, run=True)
+    assert inst.status == "completed"
+    assert [t for _, t in calls.order] == ["A", "B", "C"]
+    rows = await rows_of(svc, inst.id)
+    assert {t: r.status for t, r in rows.items()} == dict.fromkeys(
+        ("root", "A", "B", "C", "end"), "completed"
+    )
+    assert rows["end"].node_context["pre_node_context"] == {"C": {}}
+    assert rows["C"].node_context["workflow_context"] == {"k": 1}
+
+
 async def test_a_restarted_node_on_a_branch_not_taken_is_skipped_again(
     engine_repo: Any, local_lock: Any
 ) -> None:

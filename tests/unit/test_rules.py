@@ -103,6 +103,27 @@ def test_build_node_context_strips_and_copies_like_go() -> None:
     assert NODE_EVENT not in build_node_context([], {}, keep_event_from={"y": 2})
 
 
+def test_build_node_context_copies_nested_values_and_shares_no_container() -> None:
+    class Sub(dict):  # type: ignore[type-arg]
+        pass
+
+    pre = {"d": {"k": [1, {"z": 2}]}, "s": "t", "n": None, "f": 1.5, "sub": Sub(a=[1]), WORKFLOW_CONTEXT: {}}
+    workflow = {"a": 1, "b": {"c": [1]}}
+    context = build_node_context([("p", pre), ("q", {"only": "scalars", "i": 1})], workflow)
+    assert context == {
+        PRE_NODE_CONTEXT: {
+            "p": {"d": {"k": [1, {"z": 2}]}, "s": "t", "n": None, "f": 1.5, "sub": {"a": [1]}},
+            "q": {"only": "scalars", "i": 1},
+        },
+        WORKFLOW_CONTEXT: {"a": 1, "b": {"c": [1]}},
+    }
+    copied = context[PRE_NODE_CONTEXT]["p"]
+    copied["d"]["k"][1]["z"] = 3
+    copied["sub"]["a"].append(2)
+    context[WORKFLOW_CONTEXT]["b"]["c"].append(2)
+    assert pre["d"] == {"k": [1, {"z": 2}]} and pre["sub"] == {"a": [1]} and workflow["b"] == {"c": [1]}
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
