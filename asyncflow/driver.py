@@ -16,9 +16,11 @@ logged and tried again with back-off: ``run_forever`` keeps going until it is st
 ``stop()`` stops claiming, waits ``grace`` seconds for running passes, then cancels them (their nodes
 stay resumable) and waits ``stop_deadline`` more.
 
-Passes run in a fresh ``contextvars`` context (they never inherit a caller's lock holds). With a clock
-other than the system clock (``FakeClock`` in tests) the driver's sleeps move fake time, but only
-while no pass runs, so a pass sees the time it started with.
+Passes run in a fresh ``contextvars`` context (they never inherit a caller's lock holds), each in a
+task of its own that the driver tracks itself (no task group: a pass's own ``finally`` does the
+bookkeeping a done-callback would); the driver's run ends only once every pass it started has ended.
+With a clock other than the system clock (``FakeClock`` in tests) the driver's sleeps move fake time,
+but only while no pass runs, so a pass sees the time it started with.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -94,6 +97,7 @@ class WorkflowDriver:
         self._refill = max(1, self._batch // 8)
         lease = config.claim_lease if config.claim_lease is not None else service.lock_ttl
         self._lease_ms = max(1, int(lease * 1000))
+        self._run_pass = service._driver_passes(config.poll_interval)
         self._backoff = RetryPolicy(
             initial_interval=config.error_backoff_base,
             max_interval=config.error_backoff_max,
@@ -113,6 +117,8 @@ class WorkflowDriver:
         self._done = asyncio.Event()
         self._claim_hint = self._query_hint = self._want_slots = False
         self._passes_done = 0
+        self._fatal: BaseException | None = None  # what a pass raised that is not an Exception
+        self._new_task: Any = None  # makes a pass's task: the running loop's create_task, or Task
         self._notifier: DueListener | None = None
         self._task: asyncio.Task[None] | None = None
         self._fake_time = not isinstance(service.clock, SystemClock)  # e.g. a FakeClock in tests
@@ -209,6 +215,7 @@ class WorkflowDriver:
             self._reserve()
         repo = self.service.repo
         self._notifier = None
+        self._fatal = None
         try:
             if self._firer is not None:
                 self._firer.check()
@@ -216,20 +223,30 @@ class WorkflowDriver:
             self._running = False
             self._done.set()
             raise
+        self._new_task = _task_maker(asyncio.get_running_loop())
         if not until_idle and self.config.listen and isinstance(repo, ListensDue):
             self._notifier = repo.listen_due(self._on_notify)
         self.service.add_due_listener(self._on_due)
         try:
-            async with asyncio.TaskGroup() as tg:
+            async with asyncio.TaskGroup() as tg:  # the LISTEN task's group; passes are tracked apart
                 listener = None
                 if self._notifier is not None:
                     listener = tg.create_task(self._notifier.run(), name="asyncflow-driver-listen")
                 try:
-                    await self._loop(tg, until_idle)
+                    await self._loop(until_idle)
                     await self._drain()
+                    if self._fatal is not None:  # a pass raised it meanwhile: no longer waited for
+                        raise self._fatal
+                except BaseException:  # an error or a cancellation: the passes go too
+                    for task in self._inflight.values():
+                        task.cancel()
+                    raise
                 finally:
-                    if listener is not None:
-                        listener.cancel()
+                    try:
+                        await self._settle()  # no pass outlives the driver's run
+                    finally:
+                        if listener is not None:
+                            listener.cancel()
         except BaseExceptionGroup as group:  # the loop's own error, not wrapped by the task group
             if len(group.exceptions) != 1:
                 raise
@@ -237,14 +254,14 @@ class WorkflowDriver:
             raise leaf from leaf.__cause__
         finally:
             self.service.remove_due_listener(self._on_due)
-            self._reap_unstarted()  # the task group has ended: every pass is done
+            self._reap_unstarted()  # every pass has ended
             self._interrupted.update(self._rechecks)
             self._rechecks.clear()
             await self._release_interrupted()
             self._running = False
             self._done.set()
 
-    async def _loop(self, tg: asyncio.TaskGroup, until_idle: bool) -> None:
+    async def _loop(self, until_idle: bool) -> None:
         poll_ms = int(self.config.poll_interval * 1000)
         claim_at: int | None = None  # ms; None: claim as soon as there are free slots
         look_at = _NEVER  # ms: when to read the next due time (at least once per poll interval)
@@ -253,7 +270,7 @@ class WorkflowDriver:
         starved = False  # a poll interval passed with free slots below the refill: claim them anyway
         while not self._stopping:
             self._wake.clear()
-            self._spawn_rechecks(tg)
+            self._spawn_rechecks()
             try:
                 firer = self._firer
                 if (
@@ -270,7 +287,9 @@ class WorkflowDriver:
                         if instance_id in self._inflight:  # its pass is still ending: run it again after
                             self._rechecks[instance_id] = _Recheck(lease_until, 1, self._now_ms())
                         else:
-                            self._spawn(tg, instance_id, lease_until, 0)
+                            if self._rechecks:
+                                self._rechecks.pop(instance_id, None)
+                            self._spawn(instance_id, lease_until, 0)
                     if len(ids) == requested or self._stopping:
                         claim_at = None
                         continue
@@ -320,6 +339,8 @@ class WorkflowDriver:
             woke = await self._wait(timeout)
             starved = self._want_slots and not woke
             self._want_slots = False
+            if self._fatal is not None:
+                raise self._fatal
             if self._claim_hint:
                 claim_at = None
             query = query or self._query_hint
@@ -370,12 +391,13 @@ class WorkflowDriver:
 
     # ------------------------------------------------------------------ passes
 
-    def _spawn(self, tg: asyncio.TaskGroup, instance_id: int, lease_until: int, attempt: int) -> None:
-        name = f"asyncflow-driver-pass-{instance_id}"
+    def _spawn(self, instance_id: int, lease_until: int, attempt: int) -> None:
         # a fresh context: a pass must not inherit the caller's lock holds (re-entrant by context)
-        self._rechecks.pop(instance_id, None)
-        coro = self._pass(instance_id, lease_until, attempt)
-        task = tg.create_task(coro, name=name, context=contextvars.Context())
+        task = self._new_task(
+            self._pass(instance_id, lease_until, attempt),
+            name=f"asyncflow-driver-pass-{instance_id}",
+            context=_Context(),
+        )
         if not task.done():  # an eager task factory may have run the whole pass (its end left _inflight)
             self._inflight[instance_id] = task
 
@@ -384,7 +406,7 @@ class WorkflowDriver:
         own clean-up: do it here, so that its claimed instance is released, not left to its lease.
 
         Called once no pass starts any more and the cancelled ones are done (after the drain's
-        cancellations, and once the task group ended): a done task still in ``_inflight`` is such a
+        cancellations, and once every pass ended): a done task still in ``_inflight`` is such a
         pass, since every pass that began leaves it in its ``finally``. (A done-callback per pass did
         this before: an event-loop callback for every pass, for a case that only a stop can make.)"""
         for instance_id, task in list(self._inflight.items()):
@@ -392,9 +414,9 @@ class WorkflowDriver:
                 del self._inflight[instance_id]
                 self._interrupted.add(instance_id)
                 self._stats.cancelled += 1
-                self._pass_done()
+                self._passes_done += 1
 
-    def _spawn_rechecks(self, tg: asyncio.TaskGroup) -> None:
+    def _spawn_rechecks(self) -> None:
         if not self._rechecks:
             return
         now = self._now_ms()
@@ -403,18 +425,19 @@ class WorkflowDriver:
                 return
             if recheck.at <= now and instance_id not in self._inflight:
                 del self._rechecks[instance_id]
-                self._spawn(tg, instance_id, recheck.lease_until, recheck.attempt)
+                self._spawn(instance_id, recheck.lease_until, recheck.attempt)
 
     async def _pass(self, instance_id: int, lease_until: int, attempt: int) -> None:
         """One pass, counted; a lock conflict is re-tried later, an error backs the instance off.
 
-        One coroutine (the service's :meth:`~WorkflowService._driver_pass` adds none): every step of
-        the pass resumes the task through each coroutine that awaits it."""
+        One coroutine (the service's :meth:`~WorkflowService._driver_passes` adds none): every step of
+        the pass resumes the task through each coroutine that awaits it. Its end wakes the loop when it
+        has something to do."""
         try:
             try:
                 if attempt and not await self._still_ours(instance_id, lease_until):
                     return
-                instance = await self.service._driver_pass(instance_id, self.config.poll_interval)
+                instance = await self._run_pass(instance_id)
             except LockFailedError as exc:
                 self._stats.lock_skips += 1
                 logger.debug(
@@ -452,17 +475,21 @@ class WorkflowDriver:
             self._interrupted.add(instance_id)
             self._stats.cancelled += 1
             raise
+        except BaseException as exc:  # not an Exception (a worker's SystemExit, say): the driver stops
+            if isinstance(exc, GeneratorExit):  # the coroutine is being closed, not run
+                raise
+            if self._fatal is None:
+                self._fatal = exc
+            self._wake.set()
         finally:
-            self._inflight.pop(instance_id, None)
-            self._pass_done()
-
-    def _pass_done(self) -> None:
-        self._passes_done += 1
-        if not self._inflight:  # all done: time to read when the next instance is due
-            self._query_hint = True
-            self._wake.set()
-        elif self._rechecks or (self._want_slots and self._cap - len(self._inflight) >= self._refill):
-            self._wake.set()
+            inflight = self._inflight
+            inflight.pop(instance_id, None)
+            self._passes_done += 1
+            if not inflight:  # all done: time to read when the next instance is due
+                self._query_hint = True
+                self._wake.set()
+            elif self._rechecks or (self._want_slots and self._cap - len(inflight) >= self._refill):
+                self._wake.set()
 
     async def _still_ours(self, instance_id: int, lease_until: int) -> bool:
         """Before re-trying a lock conflict: still active, and not rescheduled by whoever held it?"""
@@ -532,6 +559,23 @@ class WorkflowDriver:
             pending = {task for task in pending if not task.done()}
         return pending
 
+    async def _settle(self) -> None:
+        """Wait until every pass this run started has ended, however long (passes that ignore their
+        cancellation included); cancelled meanwhile, cancel them all and still wait, then raise."""
+        cancelled: asyncio.CancelledError | None = None
+        while True:
+            pending = [task for task in self._inflight.values() if not task.done()]
+            if not pending:
+                break
+            try:
+                await asyncio.wait(pending)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+                for task in pending:
+                    task.cancel()
+        if cancelled is not None:
+            raise cancelled
+
     async def _release_interrupted(self) -> None:
         """Make interrupted instances due now (not after the claim lease), so any driver resumes them."""
         ids, self._interrupted = tuple(sorted(self._interrupted)), set()
@@ -547,6 +591,19 @@ class WorkflowDriver:
                 len(ids),
                 problem,
             )
+
+
+_Context = contextvars.Context
+
+
+def _task_maker(loop: asyncio.AbstractEventLoop) -> Any:
+    """How the driver makes a pass's task on ``loop``: ``asyncio.Task`` itself on a plain asyncio loop
+    without a task factory (what ``loop.create_task`` would do, without its Python frame), else
+    ``loop.create_task`` (a task factory, uvloop, debug mode's traceback trimming)."""
+    plain = type(loop).create_task is asyncio.BaseEventLoop.create_task
+    if plain and loop.get_task_factory() is None and not loop.get_debug():
+        return functools.partial(asyncio.Task, loop=loop)
+    return loop.create_task
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

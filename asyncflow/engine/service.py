@@ -423,6 +423,11 @@ class WorkflowService:
         (a stored id, never checked again)."""
         return self._run(instance_id, wait_interval=wait_interval, drive_here=True, due_only=True)
 
+    def _driver_passes(self, wait_interval: float) -> Callable[[int], Coroutine[Any, Any, WorkflowInstance]]:
+        """:meth:`_driver_pass` with ``wait_interval`` bound, for a driver to call once per pass: a
+        ``functools.partial`` (no Python frame of its own, as ``_driver_pass`` has)."""
+        return partial(self._run, wait_interval=wait_interval, drive_here=True, due_only=True)
+
     async def _run(
         self,
         instance_id: int,
