@@ -290,8 +290,8 @@ class WorkflowDriver:
                             if self._rechecks:
                                 self._rechecks.pop(instance_id, None)
                             self._spawn(instance_id, lease_until, 0)
-                    if len(ids) == requested or self._stopping:
-                        claim_at = None
+                    if len(ids) == requested or self._stopping:  # more is due: claim, no need to read
+                        claim_at, look_at = None, _NEVER  # when (a short claim reads it again)
                         continue
                     claim_at, look_at = _NEVER, self._now_ms() + poll_ms  # drained
                     query = query or not self._inflight  # else the passes still running will tell
