@@ -8,13 +8,23 @@ wake-up, whichever comes first: an in-process create/event/restart, or on Postgr
 process. Near the cap it claims once an eighth of the slots are free, or after one poll interval with
 any slot free (long passes never keep due work waiting longer). An instance claimed while its previous
 pass is still ending (an event came during its lock release) runs again as soon as that pass ends.
+
+While its passes keep ending, the driver claims ahead: it holds up to as many claimed instances as
+its passes ended in the last poll interval (at most one claim batch), and the end of each pass starts
+the oldest of them at once, so that no slot waits for a claim's round trip. A held instance is released
+(made due again, for any driver) when its slots are taken by long passes: no pass ended for a poll
+interval and a half while the event loop kept time and the database answered a read at once (a slow
+moment, when passes still end or the database or the event loop stalls, releases nothing); also once
+half its claim lease has gone by, and when the driver stops. (The poll interval here is at most half
+the claim lease.) With a clock other than the system clock the driver does not claim ahead.
+
 Lock conflicts are skipped quietly (and re-tried briefly, in case the holder was an event); a pass
 that raises is logged and its instance pushed back with exponential back-off; one failing
 instance never stops the others. A claim that fails (a database outage, or any other exception) is
 logged and tried again with back-off: ``run_forever`` keeps going until it is stopped or cancelled
 (``run_until_idle`` raises an exception that is not an ``AsyncflowError``).
-``stop()`` stops claiming, waits ``grace`` seconds for running passes, then cancels them (their nodes
-stay resumable) and waits ``stop_deadline`` more.
+``stop()`` stops claiming, releases the instances held ahead, waits ``grace`` seconds for running
+passes, then cancels them (their nodes stay resumable) and waits ``stop_deadline`` more.
 
 Passes run in a fresh ``contextvars`` context (they never inherit a caller's lock holds), each in a
 task of its own that the driver tracks itself (no task group: a pass's own ``finally`` does the
@@ -55,6 +65,8 @@ _LOCK_RETRIES = 8  # re-tries of a lock conflict: 10 ms, 20 ms, ... (capped at t
 _SHORT_WAIT = 0.01  # s: first lock re-try; also the pause before re-claiming a row others claim
 _SHORT_MS = 10
 _NEVER = 2**62
+# no pass ended for this many times the last gap between pass ends (and for the watch's window): stuck
+_USUAL_GAPS = 10
 
 
 @dataclass(slots=True)
@@ -122,6 +134,19 @@ class WorkflowDriver:
         self._notifier: DueListener | None = None
         self._task: asyncio.Task[None] | None = None
         self._fake_time = not isinstance(service.clock, SystemClock)  # e.g. a FakeClock in tests
+        # claiming ahead (see the module's docstring); the watch runs on the monotonic clock, in seconds
+        self._ahead: collections.deque[tuple[int, int]] = collections.deque()  # (id, lease_until ms)
+        self._starting = False  # _start_ahead() is starting passes (an eager task may end inside it)
+        self._ahead_max = 0  # how many to hold now: the passes that ended in the last poll interval
+        self._threshold = self._refill  # free room (slots and ahead) that makes a claim worth it
+        self._full = self._cap - self._refill  # claim once running and held ones are this many or fewer
+        self._window = min(config.poll_interval, lease / 2)  # the watch's: at most half the lease
+        self._tick_at = 0.0  # when the watch looks next (twice per window)
+        self._tick_done = 0  # _passes_done at the last look
+        self._tick_last = 0.0  # when that was
+        self._quiet = 0.0  # seconds the watch saw no pass end, looking on time
+        self._probed = False  # ... and the database then answered at once
+        self._gap = 0.0  # seconds between pass ends, when they last ended
         schedules = [
             s for s in service.registry.schedules if not self._types or s.workflow_type in self._types
         ]
@@ -233,8 +258,22 @@ class WorkflowDriver:
                 if self._notifier is not None:
                     listener = tg.create_task(self._notifier.run(), name="asyncflow-driver-listen")
                 try:
-                    await self._loop(until_idle)
-                    await self._drain()
+                    try:
+                        await self._loop(until_idle)
+                    except BaseException:
+                        self._interrupted.update(self._hold_none())
+                        raise
+                    held = self._hold_none()  # nothing more starts: released during the grace
+                    releasing = None
+                    if held:
+                        releasing = self._new_task(
+                            self._release(held, "held ahead"), name="asyncflow-driver-release"
+                        )
+                    try:
+                        await self._drain()
+                    finally:
+                        if releasing is not None:
+                            await releasing
                     if self._fatal is not None:  # a pass raised it meanwhile: no longer waited for
                         raise self._fatal
                 except BaseException:  # an error or a cancellation: the passes go too
@@ -268,10 +307,18 @@ class WorkflowDriver:
         query = False  # read it now
         errors = 0
         starved = False  # a poll interval passed with free slots below the refill: claim them anyway
+        ahead_ok = not self._fake_time
         while not self._stopping:
             self._wake.clear()
             self._spawn_rechecks()
+            if self._ahead:
+                self._start_ahead()
             try:
+                if ahead_ok and (self._inflight or self._ahead):
+                    if time.monotonic() >= self._tick_at:
+                        await self._watch_ahead()
+                elif self._ahead_max:  # nothing runs: hold none until passes are seen ending again
+                    self._hold(0)
                 firer = self._firer
                 if (
                     firer is not None
@@ -281,15 +328,9 @@ class WorkflowDriver:
                     claim_at = None  # the new instances are due now
                 if (claim_at is None or claim_at <= self._now_ms()) and self._can_claim(starved):
                     starved = False
-                    requested = min(self._cap - len(self._inflight), self._batch)
+                    requested = min(self._room(), self._batch)
                     ids, lease_until = await self._claim(requested)
-                    for instance_id in ids:
-                        if instance_id in self._inflight:  # its pass is still ending: run it again after
-                            self._rechecks[instance_id] = _Recheck(lease_until, 1, self._now_ms())
-                        else:
-                            if self._rechecks:
-                                self._rechecks.pop(instance_id, None)
-                            self._spawn(instance_id, lease_until, 0)
+                    self._take(ids, lease_until)
                     if len(ids) == requested or self._stopping:  # more is due: claim, no need to read
                         claim_at, look_at = None, _NEVER  # when (a short claim reads it again)
                         continue
@@ -336,6 +377,9 @@ class WorkflowDriver:
             if waiting and len(self._inflight) < self._cap:  # at the cap: a finishing pass wakes us
                 soonest = (min(waiting) - now) / 1000
                 timeout = max(0.0, soonest if timeout is None else min(timeout, soonest))
+            if ahead_ok and (self._inflight or self._ahead):  # the watch looks twice per window
+                watch_in = max(0.0, self._tick_at - time.monotonic())
+                timeout = watch_in if timeout is None else min(timeout, watch_in)
             woke = await self._wait(timeout)
             starved = self._want_slots and not woke
             self._want_slots = False
@@ -346,15 +390,20 @@ class WorkflowDriver:
             query = query or self._query_hint
             self._claim_hint = self._query_hint = False
 
+    def _room(self) -> int:
+        """How many more instances this driver takes now: its free slots, and room to hold ahead."""
+        return self._cap + self._ahead_max - len(self._inflight) - len(self._ahead)
+
     def _can_claim(self, any_free: bool = False) -> bool:
-        """Enough free slots for a claim: a batch's worth of refill, or any when nothing runs."""
-        free = self._cap - len(self._inflight)
-        return free >= self._refill or (free > 0 and (any_free or not self._inflight))
+        """Enough room for a claim: a batch's worth of refill, or any when nothing runs."""
+        room = self._room()
+        return room >= self._threshold or (room > 0 and (any_free or not self._inflight))
 
     def _idle(self, mark: tuple[int, bool]) -> bool:
-        """Nothing running or waiting to be re-tried, and nothing finished or woke us since ``mark``."""
+        """Nothing running, held or waiting to be re-tried, and nothing finished or woke us since
+        ``mark``."""
         unchanged = mark == (self._passes_done, False) and not self._claim_hint
-        return unchanged and not self._inflight and not self._rechecks
+        return unchanged and not self._inflight and not self._rechecks and not self._ahead
 
     async def _wait(self, seconds: float | None) -> bool:
         if seconds is None and self._fake_time and not self._want_slots:
@@ -388,6 +437,97 @@ class WorkflowDriver:
     async def _next_due(self) -> int | None:
         self._stats.idle_polls += 1
         return await self.service.repo.next_due_at(self._types or None)
+
+    # ------------------------------------------------------------------ claiming ahead
+
+    def _take(self, ids: list[int], lease_until: int) -> None:
+        """Start the claimed instances in free slots, in claim order; hold the others ahead."""
+        inflight, ahead, rechecks = self._inflight, self._ahead, self._rechecks
+        for instance_id in ids:
+            if instance_id in inflight:  # its pass is still ending: run it again after
+                rechecks[instance_id] = _Recheck(lease_until, 1, self._now_ms())
+                continue
+            if rechecks:
+                rechecks.pop(instance_id, None)
+            if not ahead and len(inflight) < self._cap:
+                self._spawn(instance_id, lease_until, 0)
+            else:
+                ahead.append((instance_id, lease_until))
+
+    def _start_ahead(self) -> None:
+        """Start held instances in the free slots, oldest first."""
+        if self._starting:  # a pass that an eager task ran to its end inside _spawn below
+            return
+        self._starting = True
+        ahead, inflight, cap = self._ahead, self._inflight, self._cap
+        try:
+            while ahead and len(inflight) < cap:
+                instance_id, lease_until = ahead.popleft()
+                if instance_id in inflight:  # claimed again while held (an event): run again after
+                    self._rechecks[instance_id] = _Recheck(lease_until, 1, self._now_ms())
+                else:
+                    self._spawn(instance_id, lease_until, 0)
+        finally:
+            self._starting = False
+
+    async def _watch_ahead(self) -> None:
+        """Twice per window (a poll interval, or half the claim lease if shorter) while passes run:
+        how many instances to hold ahead, and which held ones to release.
+
+        Holds as many as the passes that ended in the last window (at most a claim batch), so that a
+        held instance waits about a window at most. Releases every held instance once no pass ended
+        for a window (and for ten times the gap between pass ends before that) and half a window
+        more, although the event loop and the database were not slow: the looks came on time (a
+        late one means the event loop was held up) and a read of the next due time, made once no
+        pass ended for that long, came back within a quarter of a window (a database that stalls
+        holds the passes up, not long workers). Releases any instance held for half its claim
+        lease, before that lease can end."""
+        now = time.monotonic()
+        half = self._window / 2
+        done = self._passes_done
+        ended, elapsed = done - self._tick_done, now - self._tick_last
+        late = now - self._tick_at > half / 2
+        self._tick_done, self._tick_last, self._tick_at = done, now, now + half
+        self._hold(min(self._batch, int(ended * self._window / elapsed)) if elapsed > 0 else 0)
+        if ended:
+            self._gap = elapsed / ended
+        if ended or late:
+            self._quiet, self._probed = 0.0, False
+        else:
+            self._quiet += elapsed
+        ahead = self._ahead
+        if not ahead:
+            return
+        release: list[int] = []
+        stuck = self._quiet >= self._window and self._quiet >= _USUAL_GAPS * self._gap
+        if stuck and self._probed:  # the slots are taken by long passes
+            release = [instance_id for instance_id, _ in ahead]
+            ahead.clear()
+            self._probed = False
+        elif stuck:
+            await self._next_due()  # does the database answer?
+            answered = time.monotonic()
+            self._probed = answered - now < half / 2  # (a pass that ends meanwhile: the next look)
+            self._tick_at = answered + half
+        expires = self._now_ms() + self._lease_ms // 2  # half its lease gone: before it can expire
+        while ahead and ahead[0][1] <= expires:
+            release.append(ahead.popleft()[0])
+        if release:
+            await self._release(release, "held ahead")
+
+    def _hold(self, most: int) -> None:
+        """Hold up to ``most`` instances ahead; claim again once half of them started."""
+        self._ahead_max = most
+        self._threshold = max(self._refill, most // 2)
+        self._full = self._cap + most - self._threshold
+
+    def _hold_none(self) -> list[int]:
+        """The loop ended: the held instances, to be released (not started)."""
+        held = [instance_id for instance_id, _ in self._ahead]
+        self._ahead.clear()
+        self._hold(0)
+        self._quiet, self._probed, self._gap = 0.0, False, 0.0
+        return held
 
     # ------------------------------------------------------------------ passes
 
@@ -431,8 +571,8 @@ class WorkflowDriver:
         """One pass, counted; a lock conflict is re-tried later, an error backs the instance off.
 
         One coroutine (the service's :meth:`~WorkflowService._driver_passes` adds none): every step of
-        the pass resumes the task through each coroutine that awaits it. Its end wakes the loop when it
-        has something to do."""
+        the pass resumes the task through each coroutine that awaits it. Its end starts the next held
+        instance, and wakes the loop when it has something to do."""
         try:
             try:
                 if attempt and not await self._still_ours(instance_id, lease_until):
@@ -485,10 +625,12 @@ class WorkflowDriver:
             inflight = self._inflight
             inflight.pop(instance_id, None)
             self._passes_done += 1
+            if self._ahead and not self._rechecks:  # (due re-tries first: the loop starts both)
+                self._start_ahead()
             if not inflight:  # all done: time to read when the next instance is due
                 self._query_hint = True
                 self._wake.set()
-            elif self._rechecks or (self._want_slots and self._cap - len(inflight) >= self._refill):
+            elif self._rechecks or (self._want_slots and len(inflight) + len(self._ahead) <= self._full):
                 self._wake.set()
 
     async def _still_ours(self, instance_id: int, lease_until: int) -> bool:
@@ -579,17 +721,19 @@ class WorkflowDriver:
     async def _release_interrupted(self) -> None:
         """Make interrupted instances due now (not after the claim lease), so any driver resumes them."""
         ids, self._interrupted = tuple(sorted(self._interrupted)), set()
-        if not ids:
-            return
+        if ids:
+            await self._release(ids, "interrupted")
+
+    async def _release(self, ids: Sequence[int], what: str) -> None:
+        """Make claimed instances due now (not after the claim lease), so that any driver runs them."""
         write = self.service.repo.update_workflow_instances(
-            InstanceWhere(ids=ids, status_in=_ACTIVE), InstanceFields(next_run_at=self._now_ms())
+            InstanceWhere(ids=tuple(sorted(ids)), status_in=_ACTIVE),
+            InstanceFields(next_run_at=self._now_ms()),
         )
         problem = await bounded(write, max(self.config.stop_deadline, 0.1))
         if problem is not None:
             logger.warning(
-                "could not release %d interrupted instances (%s): they wait out their lease",
-                len(ids),
-                problem,
+                "could not release %d %s instances (%s): they wait out their lease", len(ids), what, problem
             )
 
 
