@@ -720,7 +720,7 @@ class WorkflowDriver:
 
     async def _release_interrupted(self) -> None:
         """Make interrupted instances due now (not after the claim lease), so any driver resumes them."""
-        ids, self._interrupted = tuple(sorted(self._interrupted)), set()
+        ids, self._interrupted = tuple(self._interrupted), set()  # _release() sorts them
         if ids:
             await self._release(ids, "interrupted")
 

@@ -421,7 +421,7 @@ class WorkflowService:
         Not a coroutine function: it returns :meth:`_run`'s coroutine, so that the pass's task resumes
         through one coroutine fewer at each of its steps. ``instance_id`` is one the driver claimed
         (a stored id, never checked again)."""
-        return self._run(instance_id, wait_interval=wait_interval, drive_here=True, due_only=True)
+        return self._driver_passes(wait_interval)(instance_id)
 
     def _driver_passes(self, wait_interval: float) -> Callable[[int], Coroutine[Any, Any, WorkflowInstance]]:
         """:meth:`_driver_pass` with ``wait_interval`` bound, for a driver to call once per pass: a
