@@ -186,7 +186,7 @@ class NodeWatch(WorkerCall):
         return True
 
     def abort(self) -> asyncio.Task[None] | None:
-        """The call was cut (cancelled): stop the timers; a write in flight lands in the pass's task group."""
+        """The call was cut (cancelled): stop the timers; a write in flight lands: the pass waits for it."""
         self._closed = True
         self._cancel_timers()
         return self._writer

@@ -235,6 +235,10 @@ class _PassFailed(Exception):
     """A node failed the instance; stop the other branches."""
 
 
+_UNGROUPED = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
+"""What a task group raises as it is, not in an exception group, when its body raises it."""
+
+
 _Write = TaskInsert | TaskUpdate
 
 
@@ -249,7 +253,9 @@ class PassRunner:
     _interrupted_here = False  # interrupt() cancelled the node run() drives itself
     _carrying = False  # a step carrying the root is in flight
     _carry_done: asyncio.Event | None = None  # set when it ends, made by a step that waits for it
-    _tg: asyncio.TaskGroup | None = None
+    _tg: asyncio.TaskGroup | None = None  # entered at the start, or by the first spawn (_alone)
+    _alone_over = False  # _alone() has waited for the visibility writes made without a task group
+    _loose: set[asyncio.Task[None]] | frozenset[asyncio.Task[None]] = frozenset()  # those writes
     _stopped = False
 
     def __init__(
@@ -339,18 +345,27 @@ class PassRunner:
             if self._rows and await self._repair():  # a new instance (no rows) has nothing to repair
                 return self._result()
             try:
-                async with asyncio.TaskGroup() as tg:
-                    self._tg = tg
-                    ready = self._initially_ready()
-                    here = ready.pop(0) if ready and self._drive_here_ok else None
-                    for task_type in ready:
-                        self._spawn(tg, task_type)
-                    if here is not None:
-                        await self._drive_here(tg, here)
+                ready = self._initially_ready()
+                if len(ready) <= 1 and self._drive_here_ok and self._watchtower is None:
+                    await self._alone(ready[0] if ready else None)  # a task group only once one is needed
+                else:
+                    async with asyncio.TaskGroup() as tg:
+                        self._tg = tg
+                        here = ready.pop(0) if ready and self._drive_here_ok else None
+                        for task_type in ready:
+                            self._spawn(task_type)
+                        if here is not None:
+                            await self._drive_here(here)
             except BaseExceptionGroup as group:
                 _, rest = group.split((_PassStopped, _PassFailed))
                 if rest is not None:
                     raise _first_leaf(rest) from None
+            except (_PassStopped, _PassFailed):  # the lone branch's, raised without a task group
+                pass
+            except BaseException as exc:  # raised without a task group: what the group would raise
+                if self._tg is not None or isinstance(exc, _UNGROUPED):
+                    raise
+                raise exc from None  # a group of one, as ``_first_leaf`` raises it
             finally:
                 # Python 3.11's TaskGroup cancels its task when a branch fails while it waits for
                 # the branches, and never takes that request back (CPython gh-116720): the caller
@@ -492,8 +507,61 @@ class PassRunner:
                 ready.append(succ)
         return ready
 
-    async def _drive_here(self, tg: asyncio.TaskGroup, task_type: str) -> None:
-        """:meth:`_drive` in the pass's own task, inside its task group: one task fewer per pass.
+    async def _alone(self, here: str | None) -> None:
+        """The pass's branches when at most one node is ready at its start (and no ``first`` join, no
+        watchtower): ``here`` is driven in the pass's own task (:meth:`_drive_here`) without a task
+        group, entered (:meth:`_enter_group`) only once a second branch starts, and left here as
+        ``async with`` would leave it. A task group costs about 9,000 CPU instructions per pass, and a
+        linear workflow never needs one. Raises what the branch raised (or the group's exception
+        group); :meth:`run` makes of a lone branch's exception what the group would have made of it.
+
+        Visibility writes started while there is no group (:meth:`spawn_write`) are waited for here,
+        as the group waits for its tasks, and cancelled first when the branch raised, as it cancels them."""
+        try:
+            if here is not None:
+                await self._drive_here(here)
+        except BaseException as exc:
+            tg = self._tg
+            if tg is not None:  # raises the group's exception group, or returns (as None): the branch's
+                await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        else:
+            tg = self._tg
+            if tg is not None:
+                await tg.__aexit__(None, None, None)
+        finally:
+            self._alone_over = True  # no visibility write starts outside a group any more
+            if self._loose:
+                await self._settle_loose(sys.exc_info()[0] is not None)
+
+    async def _enter_group(self) -> None:
+        """Enter the pass's task group, in the pass's own task (:meth:`_alone` leaves it)."""
+        tg = asyncio.TaskGroup()
+        await tg.__aenter__()
+        self._tg = tg
+
+    async def _settle_loose(self, failing: bool) -> None:
+        """Wait for the visibility writes started without a task group (cancelled first if ``failing``);
+        a cancellation meanwhile cancels them and is raised once they are done (a task group's way)."""
+        pending = [task for task in self._loose if not task.done()]
+        cancelled: BaseException | None = None
+        if failing:
+            for task in pending:
+                task.cancel()
+        while pending:
+            try:
+                await asyncio.wait(pending)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+                for task in pending:
+                    task.cancel()
+            pending = [task for task in pending if not task.done()]
+        if cancelled is not None:
+            raise cancelled
+
+    async def _drive_here(self, task_type: str) -> None:
+        """:meth:`_drive` in the pass's own task (in its task group, if it has one yet): one task fewer
+        per pass.
 
         Where the pass runs in a task asyncflow made for it (the driver's, ``drive_here``), the workers
         share that task's context; in a caller's task (``run_workflow``), a copy of the caller's
@@ -504,9 +572,9 @@ class PassRunner:
         the pass goes on."""
         try:
             if self._own_task:
-                await self._drive(tg, task_type)
+                await self._drive(task_type)
             else:
-                await _InContext(self._drive(tg, task_type), contextvars.copy_context())
+                await _InContext(self._drive(task_type), contextvars.copy_context())
         except asyncio.CancelledError:
             main = self._main_task
             if main is None:
@@ -518,8 +586,11 @@ class PassRunner:
             elif main.cancelling() > self._cancels:  # a cancellation of the pass's task
                 raise
 
-    def _spawn(self, tg: asyncio.TaskGroup, task_type: str) -> None:
-        drive = self._drive(tg, task_type)
+    def _spawn(self, task_type: str) -> None:
+        """Drive ``task_type`` in a task of the pass's task group (entered already)."""
+        tg = self._tg
+        assert tg is not None
+        drive = self._drive(task_type)
         if asyncio.get_running_loop().get_task_factory() is not None:
             # the application's task factory (asyncio.eager_task_factory, Python 3.12+) may run a
             # task at once, before the node that spawned it goes on: node tasks still start one loop
@@ -532,7 +603,7 @@ class PassRunner:
             drive.close()
             raise
 
-    async def _drive(self, tg: asyncio.TaskGroup, task_type: str) -> None:
+    async def _drive(self, task_type: str) -> None:
         """Process a node, then keep going inline with one newly ready successor (spawn the others).
 
         The task keeps its branch slot from one node to the next unless another branch waits for one
@@ -577,8 +648,10 @@ class PassRunner:
                 if not ready:
                     return
                 if len(ready) > 1:
+                    if self._tg is None:  # the first branch to spawn (the pass's own task, see _alone)
+                        await self._enter_group()  # returns at once: no other task runs meanwhile
                     for other in ready[1:]:
-                        self._spawn(tg, other)
+                        self._spawn(other)
                 current = ready[0]
         finally:
             if held:
@@ -772,13 +845,19 @@ class PassRunner:
         return self._rows.get(task_type)
 
     def spawn_write(self, write: Coroutine[Any, Any, None], task_type: str) -> asyncio.Task[None] | None:
-        """Run a visibility write in the pass's task group (never an orphan: the pass waits for it);
-        ``None`` when the pass is already ending (its task group shutting down)."""
+        """Run a visibility write in the pass's task group, or in a task :meth:`_alone` waits for while
+        the pass has no group (never an orphan: the pass waits for it); ``None`` when the pass is
+        already ending (its task group shutting down)."""
         name = f"asyncflow-{self._instance.id}-{task_type}-running"
         try:
-            if self._tg is None:
-                raise RuntimeError("no task group")
-            task = self._tg.create_task(write, name=name)
+            tg = self._tg
+            if tg is not None:
+                task = tg.create_task(write, name=name)
+            elif self._alone_over:  # _alone() has waited for its writes: the pass is ending
+                raise RuntimeError("the pass is ending")
+            else:  # no task group yet (_alone): a task _alone() waits for (or cancels), as a group would
+                task = asyncio.get_running_loop().create_task(write, name=name)
+                self._loose = {*self._loose, task}  # rare: heartbeats of a pass without a group
         except RuntimeError:  # the group is shutting down: the node's call is being cancelled too
             write.close()
             return None

@@ -353,3 +353,52 @@ async def test_a_retry_is_due_from_the_end_of_its_own_attempt_not_the_pass(
     record = await svc.repo.get_workflow_instance(inst.id)
     assert record is not None and record.next_run_at == int((failed_at[0] + 2) * 1000)  # not pass end + 2
     assert repo.steps == 2  # B's completion, then the pass's last write with A's retry: no extra commit
+
+
+class HeldRunningWrites(StepCounter):
+    """Holds every step that stores a node as ``running`` until ``release`` is set."""
+
+    def __init__(self, repo: Any) -> None:
+        super().__init__(repo)
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def apply_step(self, step: Any) -> Any:
+        rows = [*step.inserts, *step.updates]
+        if any(row.status == "running" for row in rows):
+            self.holding.set()
+            await self.release.wait()
+        return await super().apply_step(step)
+
+
+async def test_a_heartbeat_write_of_a_lone_branch_is_waited_for_when_the_pass_is_cancelled(
+    engine_repo: Any, local_lock: Any
+) -> None:
+    """A linear pass has no task group until a second branch starts: a heartbeat's write it started
+    meanwhile is still no orphan: cancelling the pass cancels it (held by the repo, it lands first)
+    and the pass ends only after it."""
+    calls, started = Calls(), asyncio.Event()
+
+    async def run(ctx: JSONContext) -> None:
+        await af.heartbeat("going")
+        started.set()
+        await asyncio.Event().wait()
+
+    cfg = config("lone", {"A": ["B"], "B": []})
+    repo = HeldRunningWrites(engine_repo)
+    svc = service(repo, local_lock, registry_with(cfg, calls, {"A": recording_worker(calls, run)}))
+    inst = await svc.create_workflow("lone", "l1")
+    passing = asyncio.create_task(svc.run_workflow(inst.id))
+    await started.wait()
+    await asyncio.wait_for(repo.holding.wait(), 5)  # the heartbeat's write (after 1 s) is in flight
+    writes = [t for t in asyncio.all_tasks() if t.get_name().endswith("-A-running")]
+    assert len(writes) == 1
+    passing.cancel()
+    await asyncio.sleep(0.05)
+    assert not passing.done()  # the pass waits for the write, which the repo holds
+    repo.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await passing
+    assert writes[0].done()
+    assert (await statuses(svc, inst.id)).get("A") == "running"  # the held write landed, as a group's would
+    assert "B" not in await statuses(svc, inst.id)
