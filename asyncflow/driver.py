@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
-import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -741,12 +740,14 @@ _Context = contextvars.Context
 
 
 def _task_maker(loop: asyncio.AbstractEventLoop) -> Any:
-    """How the driver makes a pass's task on ``loop``: ``asyncio.Task`` itself on a plain asyncio loop
-    without a task factory (what ``loop.create_task`` would do, without its Python frame), else
-    ``loop.create_task`` (a task factory, uvloop, debug mode's traceback trimming)."""
+    """How the driver makes a pass's task on ``loop`` (the running loop: tasks are made from it):
+    ``asyncio.Task`` itself on a plain asyncio loop without a task factory (what ``loop.create_task``
+    would do, without its Python frame; the task finds the running loop itself, which costs less than
+    a ``functools.partial`` binding ``loop=``), else ``loop.create_task`` (a task factory, uvloop,
+    debug mode's traceback trimming)."""
     plain = type(loop).create_task is asyncio.BaseEventLoop.create_task
     if plain and loop.get_task_factory() is None and not loop.get_debug():
-        return functools.partial(asyncio.Task, loop=loop)
+        return asyncio.Task
     return loop.create_task
 
 

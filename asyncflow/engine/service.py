@@ -57,6 +57,7 @@ from ..status import (
     NODE_EVENT,
     RUNNABLE_INSTANCE_STATUSES,
     SYSTEM,
+    TERMINAL_STATUSES,
     InstanceStatus,
     TaskStatus,
     is_over_instance_status,
@@ -87,6 +88,7 @@ _NON_TERMINAL_TASK = (
 )
 _ACTIVE = RUNNABLE_INSTANCE_STATUSES
 _FAILED = InstanceStatus.FAILED.value  # read once: an enum's .value is a Python-level property
+_OVER = frozenset(TERMINAL_STATUSES)  # is_over_instance_status(), without a call per pass
 _MAX_WAIT_INTERVAL = 1e15
 """The longest ``run_pass(wait_interval=)``: its due time in unix ms still fits in int64."""
 
@@ -287,7 +289,7 @@ class WorkflowService:
         # the defaults (no unique, no session, no delay) skip their checks' calls: every create
         mode = None if unique is None and on_duplicate == "return" else check_unique(unique, on_duplicate)
         in_session = None if session is None else session_scope(self.repo, session, run)
-        now_ms = self._now_ms()
+        now_ms = int(self.clock.time() * 1000)  # self._now_ms(), without its call
         observers = self._observers if self._observers.active else None
         start = None if start_at is None and start_in is None else start_ms(start_at, start_in, now_ms)
         if run and start is not None and start > now_ms:
@@ -298,7 +300,7 @@ class WorkflowService:
         new = NewWorkflowInstance(
             workflow_type=workflow_type,
             business_id=business_id,
-            workflow_context=_context_dict(context, "context"),
+            workflow_context={} if context is None else _context_dict(context, "context"),
             task_id=task_id,
             next_run_at=next_run_at,
             unique=mode,
@@ -425,8 +427,15 @@ class WorkflowService:
 
     def _driver_passes(self, wait_interval: float) -> Callable[[int], Coroutine[Any, Any, WorkflowInstance]]:
         """:meth:`_driver_pass` with ``wait_interval`` bound, for a driver to call once per pass: a
-        ``functools.partial`` (no Python frame of its own, as ``_driver_pass`` has)."""
-        return partial(self._run, wait_interval=wait_interval, drive_here=True, due_only=True)
+        function that returns :meth:`_run`'s coroutine at once (not a ``functools.partial``: one with
+        keywords copies its dict and builds a tuple and a dict of arguments per call, which cost more
+        than this function's frame)."""
+        run = self._run
+
+        def driver_pass(instance_id: int) -> Coroutine[Any, Any, WorkflowInstance]:
+            return run(instance_id, wait_interval=wait_interval, drive_here=True, due_only=True)
+
+        return driver_pass
 
     async def _run(
         self,
@@ -445,7 +454,8 @@ class WorkflowService:
                 f"workflow instance {instance_id} is being run by this very task (a worker cannot run "
                 "its own instance)"
             )
-        async with self.lock.hold(lock_key(instance_id), self.lock_ttl) as lease:
+        # lock_key(instance_id), without a call per pass
+        async with self.lock.hold(f"workflow_instance_execute_{instance_id}", self.lock_ttl) as lease:
             if known is None or known[0].lease_epoch != 0:
                 # the pass's first read takes its lease epoch; only the first pass of an instance just
                 # created runs on what the create returned (epoch 0: every other pass takes 1 or more)
@@ -481,8 +491,9 @@ class WorkflowService:
         unused = [*runner.dropped, *runner.continued]
         if failed or unused:  # children no node will use any more
             await self._cancel_children(instance_id, nodes=None if failed else unused)
-        if is_over_instance_status(after.status):
-            self._waiters.finished(instance_id)
+        if after.status in _OVER:
+            if self._waiters._futures:  # someone waits for an instance (else there is no one to wake)
+                self._waiters.finished(instance_id)
             if instance.parent_id is not None:
                 await self._wake_parent(instance, after.status)
         elif runner.wake_again:

@@ -2,7 +2,8 @@
 
 A lock implementation subclasses :class:`ReentrantLock` and supplies ``_acquire`` (take the key or raise
 ``LockFailedError`` at once) and ``_release`` (give back only its own lease); ``hold()`` adds the
-re-entrancy rules on top, the same for every backend.
+re-entrancy rules on top, the same for every backend. A lock that needs no round trip (the local one)
+also supplies ``_take`` and ``_give_back``, the same without a coroutine, and sets ``_sync``.
 
 Re-entrancy lives in one ``contextvars.ContextVar`` that maps ``(lock id, key)`` to the held lease. A task
 created inside the block copies the context, so it counts as inside; an unrelated task does not. The
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 _EMPTY: Mapping[tuple[int, str], Lease] = MappingProxyType({})
 _HELD: ContextVar[Mapping[tuple[int, str], Lease]] = ContextVar("asyncflow_lock_held", default=_EMPTY)
 _LOCK_IDS = itertools.count(1)
+_INF = float("inf")
 
 
 class Lease:
@@ -124,6 +126,10 @@ LeaseT = TypeVar("LeaseT", bound=Lease)
 class ReentrantLock(Generic[LeaseT]):
     """Base of the locks: ``hold()``, ``aclose()`` and ``async with``; subclasses acquire and release."""
 
+    _sync = False
+    """True on a lock whose ``_take``/``_give_back`` acquire and release at once (no round trip):
+    ``hold()`` then calls them instead of awaiting ``_acquire``/``_release`` (no coroutine each)."""
+
     def __init__(self) -> None:
         self._lock_id = next(_LOCK_IDS)
         self._closed = False
@@ -139,11 +145,20 @@ class ReentrantLock(Generic[LeaseT]):
         """
         if not isinstance(key, str) or not key:
             raise ParamInvalidError(f"lock key must be a non-empty string, got {shown(key)}")
-        if not isinstance(ttl, int | float) or not finite(ttl) or ttl < 0.001:
-            raise ParamInvalidError(
-                f"lock ttl must be a positive number of seconds (>= 0.001), got {shown(ttl)}"
-            )
-        return _Hold(self, key, float(ttl))
+        if type(ttl) is not float or not 0.001 <= ttl < _INF:  # the engine's is a float already checked
+            if not isinstance(ttl, int | float) or not finite(ttl) or ttl < 0.001:
+                raise ParamInvalidError(
+                    f"lock ttl must be a positive number of seconds (>= 0.001), got {shown(ttl)}"
+                )
+            ttl = float(ttl)
+        # _Hold(self, key, ttl), without the class call's __init__ frame (a hold per pass)
+        hold: _Hold[LeaseT] = _new_hold(_Hold)
+        hold._lock = self
+        hold._key = key
+        hold._ttl = ttl
+        hold._lease = None
+        hold._ctx_token = None
+        return hold
 
     @property
     def closed(self) -> bool:
@@ -171,13 +186,22 @@ class ReentrantLock(Generic[LeaseT]):
     async def _release(self, lease: LeaseT) -> None:
         raise NotImplementedError
 
+    def _take(self, key: str, ttl: float) -> LeaseT:
+        """``_acquire`` without a coroutine, on a lock with ``_sync`` set."""
+        raise NotImplementedError
+
+    def _give_back(self, lease: LeaseT) -> None:
+        """``_release`` without a coroutine, on a lock with ``_sync`` set."""
+        raise NotImplementedError
+
     def _check_open(self, key: str) -> None:
         if self._closed:
             raise LockFailedError(f"lock {key!r}: {type(self).__name__} is closed")
 
 
 class _Hold(AbstractAsyncContextManager[LeaseT]):
-    """The ``async with lock.hold(key, ttl)`` block (one per call; not reusable)."""
+    """The ``async with lock.hold(key, ttl)`` block (one per call; not reusable). ``hold()`` makes it
+    and sets its fields (those of ``__init__``)."""
 
     __slots__ = ("_ctx_token", "_key", "_lease", "_lock", "_ttl")
 
@@ -201,11 +225,11 @@ class _Hold(AbstractAsyncContextManager[LeaseT]):
                 # the marker is only ever set by this lock for this key, so the lease is a LeaseT
                 self._lease = outer  # type: ignore[assignment]
                 return outer  # type: ignore[return-value]
-            lease = await lock._acquire(key, self._ttl)
+            lease = lock._take(key, self._ttl) if lock._sync else await lock._acquire(key, self._ttl)
             self._lease = lease
             self._ctx_token = _HELD.set({**held, marker: lease})
             return lease
-        lease = await lock._acquire(key, self._ttl)
+        lease = lock._take(key, self._ttl) if lock._sync else await lock._acquire(key, self._ttl)
         self._lease = lease
         self._ctx_token = _HELD.set({marker: lease})
         return lease
@@ -221,9 +245,16 @@ class _Hold(AbstractAsyncContextManager[LeaseT]):
             return
         self._ctx_token = None
         lease: LeaseT = self._lease  # type: ignore[assignment]  # set with the token
+        lock = self._lock
         try:
             _HELD.reset(token)
         except ValueError:  # exited in another context than it was entered in: nothing to undo here
             pass
         finally:
-            await self._lock._release(lease)
+            if lock._sync:
+                lock._give_back(lease)
+            else:
+                await lock._release(lease)
+
+
+_new_hold = object.__new__

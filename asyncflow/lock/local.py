@@ -10,6 +10,7 @@ then takes the key over and marks the old lease lost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 
@@ -30,7 +31,13 @@ class LocalLease(Lease):
     __slots__ = ("_clock", "_expires_at")
 
     def __init__(self, key: str, ttl: float, clock: Clock) -> None:
-        super().__init__(key, ttl)
+        # Lease.__init__'s fields, set here (a lease per pass: no super() call and frame for them)
+        self._key = key
+        self._ttl = ttl
+        self._lost_reason: str | None = None
+        self._lost_cause: BaseException | None = None
+        self._lost_event: asyncio.Event | None = None
+        self._released = False
         self._clock = clock
         self._expires_at = _INF  # renewed continuously while the holder is alive
 
@@ -62,6 +69,10 @@ class LocalWorkflowLock(ReentrantLock[LocalLease]):
         super().__init__()
         self._clock: Clock = clock if clock is not None else SYSTEM_CLOCK
         self._held: dict[str, LocalLease] = {}
+        # hold() takes and gives back the key without a coroutine each (_take, _give_back), unless a
+        # subclass changed how it acquires or releases
+        cls = type(self)
+        self._sync = cls._acquire is LocalWorkflowLock._acquire and cls._release is LocalWorkflowLock._release
 
     @property
     def held_keys(self) -> frozenset[str]:
@@ -69,6 +80,12 @@ class LocalWorkflowLock(ReentrantLock[LocalLease]):
         return frozenset(self._held)
 
     async def _acquire(self, key: str, ttl: float) -> LocalLease:
+        return self._take(key, ttl)
+
+    async def _release(self, lease: LocalLease) -> None:
+        self._give_back(lease)
+
+    def _take(self, key: str, ttl: float) -> LocalLease:
         if self._closed:
             self._check_open(key)  # raises
         current = self._held.get(key)
@@ -81,7 +98,7 @@ class LocalWorkflowLock(ReentrantLock[LocalLease]):
         self._held[key] = lease
         return lease
 
-    async def _release(self, lease: LocalLease) -> None:
+    def _give_back(self, lease: LocalLease) -> None:
         if lease._released:
             return
         lease._released = True
