@@ -6,7 +6,6 @@ make them (a task factory included)."""
 from __future__ import annotations
 
 import asyncio
-import functools
 from typing import Any
 
 import pytest
@@ -104,7 +103,7 @@ async def test_passes_are_tasks_of_the_loop_and_its_task_factory() -> None:
 
     if factory is None and not loop.get_debug():  # a plain loop: Task itself, as create_task would
         maker = _task_maker(loop)
-        assert isinstance(maker, functools.partial) and maker.func is asyncio.Task
+        assert maker is asyncio.Task
     loop.set_task_factory(counting)
     try:
         assert _task_maker(loop) == loop.create_task
