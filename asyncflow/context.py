@@ -341,6 +341,17 @@ class JSONContext:
         return f"JSONContext({self._data!r})"
 
 
+def wrap_dict(m: JSONObject) -> JSONContext:
+    """:meth:`JSONContext.from_map` for an ``m`` the caller knows is a ``dict`` (the engine's node
+    context, a node's hot path): wraps it without copying, without the classmethod's call and check."""
+    ctx = _new_object(JSONContext)
+    ctx._data = m
+    return ctx
+
+
+_new_object = object.__new__
+
+
 def merge_json_contexts(*ctxs: JSONContext | None) -> JSONContext:
     """A new context with the top-level keys of each non-``None`` context in order; later keys win.
 

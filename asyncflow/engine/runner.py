@@ -29,13 +29,14 @@ import dataclasses
 import logging
 import sys
 import time
+import types
 from asyncio import current_task as _current_task
 from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from .._held import HOLD_STEPS, is_held, run_held
 from .._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
-from ..context import JSONContext
+from ..context import JSONContext, wrap_dict
 from ..errors import LockFailedError, ParamInvalidError, TaskFailedTerminate, TaskNotReady, is_serious_error
 from ..records import (
     TaskInsert,
@@ -235,6 +236,9 @@ class _PassFailed(Exception):
     """A node failed the instance; stop the other branches."""
 
 
+_NONE: Any = types.MappingProxyType({})
+"""The empty, read-only dict a :class:`PassRunner` container holds until its first entry."""
+
 _UNGROUPED = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
 """What a task group raises as it is, not in an exception group, when its body raises it."""
 
@@ -256,11 +260,22 @@ class PassRunner:
     _tg: asyncio.TaskGroup | None = None  # entered at the start, or by the first spawn (_alone)
     _alone_over = False  # _alone() has waited for the visibility writes made without a task group
     _loose: set[asyncio.Task[None]] | frozenset[asyncio.Task[None]] = frozenset()  # those writes
+    # what most passes never fill: an empty immutable default until the first entry (_NONE, a
+    # read-only dict, or an empty tuple or frozenset), so that a pass does not make eight empty
+    # containers (about 6,500 CPU instructions)
+    _awaiting: dict[str, list[str]] = _NONE  # node -> the keys of its children not all terminal
+    _deferred: dict[str, _Write] = _NONE  # node -> its write that goes with the pass's last step
+    _carry: list[tuple[str, _Write]] | tuple[()] = ()  # the root's write, carried by the next step
+    _due: list[int] | tuple[()] = ()  # when (ms) each node that did not advance wants the next pass
+    _writers: dict[str, asyncio.Task[None]] = _NONE  # node -> its in-flight visibility write
+    _outcomes: dict[str, tuple[str, Exception | None]] = _NONE  # a failed attempt's outcome (observers)
+    _skipped_with: dict[str, list[str]] = _NONE  # completed node -> nodes skipped in its write
+    _dropped: set[str] | frozenset[str] = frozenset()  # nodes a ``first`` join canceled in this pass
+    _continued: set[str] | frozenset[str] = frozenset()  # nodes whose run() failed and continued
     _stopped = False
 
-    def __init__(
+    def __init__(  # called positionally by the service: a type called with keywords builds a dict
         self,
-        *,
         repo: WorkflowRepo,
         clock: Clock,
         lease: LockLease | None,
@@ -286,7 +301,6 @@ class PassRunner:
         self._drive_here_ok = not definition.feeds_first
         self._own_task = drive_here
         self._start_child = start_child
-        self._awaiting: dict[str, list[str]] = {}  # node -> the keys of its children not all terminal
         self._clock = clock
         self._lease = lease
         self._instance = instance
@@ -301,19 +315,13 @@ class PassRunner:
         self._held_steps = is_held(repo.apply_step)  # its steps run inline, not in a task of their own
         self._status = instance.status
         self._visited: set[str] = set()
-        self._deferred: dict[str, _Write] = {}
-        self._carry: list[tuple[str, _Write]] = []
-        self._due: list[int] = []  # when (ms) each node that did not advance wants the next pass
         self._visible_after = visible_after
         self._watchtower = watchtower if visible_after is not None else None
-        self._writers: dict[str, asyncio.Task[None]] = {}  # node -> its in-flight visibility write
         self._stalls = stalls if stalls is not None else StallWarnings()
         self._observers = observers  # None when there are none: the pass then costs nothing extra
-        self._outcomes: dict[str, tuple[str, Exception | None]] = {}  # a failed attempt's outcome, for them
-        self._skipped_with: dict[str, list[str]] = {}  # completed node -> nodes skipped in its write
+        if observers is not None:
+            self._outcomes = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}  # node -> the task driving it (first joins)
-        self._dropped: set[str] = set()  # nodes a ``first`` join canceled in this pass
-        self._continued: set[str] = set()  # nodes whose run() failed and continued (TaskFailedContinue)
 
     @property
     def dropped(self) -> list[str]:
@@ -432,13 +440,13 @@ class PassRunner:
                     fail_count = 0 if row is None else row.fail_count
                     now = int(self._clock.time())
                     skip = _write_for(node.task_type, row, _SKIPPED, {}, fail_count, now)
-                    self._deferred[node.task_type] = skip  # written with the pass's last step
+                    self._defer(node.task_type, skip)  # written with the pass's last step
             elif row.status in (_RUNNING, _PENDING, _FINISHING):
                 retry_at = self._backing_off(row)
                 if retry_at is None:
                     ready.append(node.task_type)
                 else:  # its back-off is its own: a pass a sibling (an event, a restart) asked for skips it
-                    self._due.append(retry_at)
+                    self._due = [*self._due, retry_at]
             elif row.status not in _SETTLED and row.status != _SKIPPED:  # left alone: say once why it stalls
                 first = self._stalls.first_time((self._instance.id, node.task_type, row.status))
                 logger.log(
@@ -610,12 +618,12 @@ class PassRunner:
         (nothing else can take it in between: no await), and gives it back when it stops."""
         current = task_type
         task = asyncio.current_task()
-        tasks, slots, observers, dropped = self._tasks, self._slots, self._observers, self._dropped
+        tasks, slots, observers = self._tasks, self._slots, self._observers
         by_type = self._node_of
         held = False  # a branch slot
         try:
             while True:
-                if current in dropped:  # a ``first`` join dropped it before this task began
+                if current in self._dropped:  # a ``first`` join dropped it before this task began
                     return
                 node = by_type[current]
                 if current == ROOT_NODE:  # no work, no await (its write is carried): no slot, never a loser
@@ -684,7 +692,7 @@ class PassRunner:
         if task_type == END_NODE:
             await self._write_completed(node, row, context, fail_count, started_at)
             return True
-        ctx = JSONContext.from_map(context)  # wraps the pass's own dict (no copy)
+        ctx = wrap_dict(context)  # JSONContext.from_map(): wraps the pass's own dict (no copy)
         if status == _RUNNING:
             # the call under its NodeWatch (as _check() makes a wait_check's), inline: a node's hot path
             watch = NodeWatch(
@@ -861,6 +869,8 @@ class PassRunner:
         except RuntimeError:  # the group is shutting down: the node's call is being cancelled too
             write.close()
             return None
+        if self._writers is _NONE:
+            self._writers = {}
         self._writers[task_type] = task
 
         def forget(done: asyncio.Task[None]) -> None:
@@ -941,9 +951,12 @@ class PassRunner:
             if not is_over_instance_status(child.status):
                 waiting.append(key)
         if waiting:
+            if self._awaiting is _NONE:
+                self._awaiting = {}
             self._awaiting[task_type] = list(keys)
             raise TaskNotReady(f"waiting for {len(waiting)} of {len(keys)} child workflow(s)")
-        self._awaiting.pop(task_type, None)
+        if self._awaiting:
+            self._awaiting.pop(task_type, None)
         results: dict[str, Any] = {}
         for key in keys:
             child = found[key]
@@ -994,28 +1007,28 @@ class PassRunner:
         if self._observers is not None:
             self._outcomes[node.task_type] = (_observed_outcome(outcome, status), exc)
         if outcome is Outcome.NOT_READY:
-            self._deferred[node.task_type] = _write_for(
-                node.task_type, row, status, context, fail_count, started_at
+            self._defer(
+                node.task_type, _write_for(node.task_type, row, status, context, fail_count, started_at)
             )
-            self._due.append(int((now + self._wait_interval) * 1000))
+            self._due = [*self._due, int((now + self._wait_interval) * 1000)]
             return False
         if outcome is Outcome.RETRY:
             retry_at = int((now + (node.retry or self._retry).delay(fail_count + 1)) * 1000)  # from its end
             context[SYSTEM][RETRY_AT] = retry_at  # record_error made it a dict
-            self._deferred[node.task_type] = _write_for(
-                node.task_type, row, status, context, fail_count + 1, started_at
+            self._defer(
+                node.task_type, _write_for(node.task_type, row, status, context, fail_count + 1, started_at)
             )
-            self._due.append(retry_at)
+            self._due = [*self._due, retry_at]
             return False
         if outcome is Outcome.CONTINUE:
             try:
                 await self._write_completed(node, row, context, fail_count + 1, started_at)
             except BaseException:
-                if not self._has_status(node.task_type, _COMPLETED):
+                if self._outcomes and not self._has_status(node.task_type, _COMPLETED):
                     self._outcomes.pop(node.task_type, None)  # not written: the attempt was cut
                 raise
             if status == _RUNNING:
-                self._continued.add(node.task_type)
+                self._continued = {*self._continued, node.task_type}
             return True
         write = _write_for(node.task_type, row, _FAILED, context, fail_count + 1, started_at)
         try:
@@ -1023,7 +1036,7 @@ class PassRunner:
                 [(node.task_type, write)], instance_status=InstanceStatus.FAILED.value, cancel=True
             )
         except BaseException:
-            if not self._has_status(node.task_type, _FAILED):
+            if self._outcomes and not self._has_status(node.task_type, _FAILED):
                 self._outcomes.pop(node.task_type, None)  # not written: the attempt was cut
             raise
         logger.error(
@@ -1096,7 +1109,7 @@ class PassRunner:
         else:
             context = row.node_context
         write = _write_for(ROOT_NODE, row, _COMPLETED, context, 0, int(self._clock.time()))
-        self._carry.append((ROOT_NODE, write))
+        self._carry = [*self._carry, (ROOT_NODE, write)]
         self._rows[ROOT_NODE] = _provisional(self._instance.id, ROOT_NODE, row, write)
 
     async def _write_completed(
@@ -1161,6 +1174,12 @@ class PassRunner:
                 extra=self._extra(END_NODE, _COMPLETED),
             )
 
+    def _defer(self, task_type: str, write: _Write) -> None:
+        """Keep ``write`` for the pass's last step (:meth:`_flush`)."""
+        if self._deferred is _NONE:
+            self._deferred = {}
+        self._deferred[task_type] = write
+
     def _has_status(self, task_type: str, status: str) -> bool:
         row = self._rows.get(task_type)
         return row is not None and row.status == status
@@ -1170,6 +1189,8 @@ class PassRunner:
         (told even when a cancellation the repo deferred past the write is raised next)."""
         skipped = [t for t, w in extra if w.status == _SKIPPED] if extra else []
         if skipped:
+            if self._skipped_with is _NONE:
+                self._skipped_with = {}
             self._skipped_with[task_type] = skipped
         if self._observers is not None:
             if task_type != END_NODE:
@@ -1237,9 +1258,10 @@ class PassRunner:
             row = self._rows.get(loser)
             if row is not None and row.status in _SETTLED:
                 continue
-            self._deferred.pop(loser, None)
+            if self._deferred:
+                self._deferred.pop(loser, None)
             self._visited.add(loser)
-            self._dropped.add(loser)
+            self._dropped = {*self._dropped, loser}
             statuses[loser] = _CANCELED
             old = {} if row is None else row.node_context
             writes.append(
@@ -1325,8 +1347,8 @@ class PassRunner:
             self._lease.raise_if_lost()
         carried = self._carry
         if carried:
-            writes = carried + writes
-            self._carry = []
+            writes = [*carried, *writes]
+            self._carry = ()
             self._carrying = True
         if instance_status is None and self._status == _INSTANCE_INIT:
             instance_status = _INSTANCE_RUNNING
@@ -1357,7 +1379,7 @@ class PassRunner:
             # a repo that holds is awaited inline; any other runs in a task of its own, held the same way
             result = await (write if self._held_steps else run_held(write))
         except BaseException:
-            self._carry = carried + self._carry  # not written: the next step carries it
+            self._carry = [*carried, *self._carry]  # not written: the next step carries it
             raise
         finally:
             HOLD_STEPS.reset(hold)
@@ -1421,7 +1443,7 @@ class PassRunner:
         poll = int((self._clock.time() + self._wait_interval) * 1000)
         next_run_at = min(self._due) if self._due else poll
         writes = list(self._deferred.items())
-        self._deferred = {}
+        self._deferred = _NONE
         try:
             try:
                 await self._apply(writes, next_run_at=next_run_at)

@@ -467,24 +467,24 @@ class WorkflowService:
                 return WorkflowInstance.from_record(instance, self._definition_or_none(instance))
             if definition is None:
                 definition = self.registry.get_workflow_definition(instance.workflow_type)
-            runner = PassRunner(
-                repo=self.repo,
-                clock=self.clock,
-                lease=lease,
-                instance=instance,
-                definition=definition,
-                rows=rows,
-                retry=self.retry,
-                default_fail_max_count=self.default_fail_max_count,
-                wait_interval=self.schedule.poll_interval if wait_interval is None else wait_interval,
-                branch_concurrency=self.branch_concurrency,
-                stalls=self._stalls,
-                observers=self._observers if self._observers.active else None,
-                visible_after=self.visible_after,
-                watchtower=self._watchtower,
-                start_child=self._start_child,
-                drive_here=drive_here,
-                due_only=due_only,
+            runner = PassRunner(  # positionally: keywords would cost the type call a dict (8K instructions)
+                self.repo,
+                self.clock,
+                lease,
+                instance,
+                definition,
+                rows,
+                self.retry,
+                self.default_fail_max_count,
+                self.schedule.poll_interval if wait_interval is None else wait_interval,  # wait_interval
+                self.branch_concurrency,
+                self._stalls,
+                self._observers if self._observers.active else None,  # observers
+                self.visible_after,
+                self._watchtower,
+                self._start_child,
+                drive_here,
+                due_only,
             )
             after = await runner.run()
         failed = after.status == _FAILED
