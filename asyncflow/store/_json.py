@@ -158,8 +158,10 @@ def encode_context(value: object, what: str) -> tuple[str, bool]:
         except orjson.JSONEncodeError:
             pass  # json decides (see the module's docstring)
         else:
-            if b"null" not in raw:  # NaN and infinities are ``null`` in orjson: json refuses them
-                text = raw.decode()  # orjson writes UTF-8 only (a lone surrogate fails above)
+            text = raw.decode()  # orjson writes UTF-8 only (a lone surrogate fails above)
+            # NaN and infinities are ``null`` in orjson: json refuses them (searched in the text:
+            # ``bytes in bytes`` first tries the needle as an int, raising and clearing a TypeError)
+            if "null" not in text:
                 if "\\u0000" in text and _NUL_ESCAPE.search(text):
                     raise ParamInvalidError(
                         f"{what} must not contain a NUL character (\\x00) in a key or string"

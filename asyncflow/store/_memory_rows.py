@@ -17,7 +17,7 @@ from ..records import (
 )
 from ..status import RUNNABLE_INSTANCE_STATUSES
 from ._json import copy_context, page_window
-from ._prepare import InstanceChange, TaskChange
+from ._prepare import StepChange, TaskChange
 
 __all__ = [
     "Instance",
@@ -206,7 +206,7 @@ def paged(rows: list[Row], ascending: bool | None, pager: Pager | None) -> list[
     return rows if window is None else rows[window[0] : window[0] + window[1]]
 
 
-def changed_instance(instance: Instance, change: InstanceChange, now: int) -> Instance:
+def changed_instance(instance: Instance, change: StepChange, now: int) -> Instance:
     # every field positionally, in declaration order (dataclasses.replace() costs ten times more: the
     # engine's every step changes its instance); tests/unit/test_memory_rows.py checks the order
     status, context, next_run_at = change

@@ -7,7 +7,7 @@ written when an argument is invalid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 from .._text import SHORT_ID, shown, too_long
 from ..errors import ParamInvalidError
@@ -65,20 +65,12 @@ class Refused:
     existing: int | None
 
 
-# A step's rows and changes are named tuples: a pass builds several per step, and a tuple is built by
-# one call in C (``_tuple(TaskRow, (...))``), where a dataclass runs its ``__init__`` in Python.
-_tuple = tuple.__new__
-
-
-class TaskRow(NamedTuple):
-    """A new node row, checked; ``started_at`` 0 means "now"."""
-
-    task_type: str
-    status: str
-    context: str
-    fail_count: int
-    started_at: int
-    plain: bool = False  # orjson wrote ``context`` (see asyncflow.store._json.encode_context)
+TaskRow: TypeAlias = tuple[str, str, str, int, int, bool]
+"""A new node row, checked: ``(task_type, status, context, fail_count, started_at, plain)``;
+``started_at`` 0 means "now"; ``plain``: orjson wrote ``context`` (see
+asyncflow.store._json.encode_context). A plain tuple, read by position: a pass builds one per insert,
+and a tuple display is one instruction where a named tuple (even built by ``tuple.__new__``) costs a
+call, two more tuples and a heavier dealloc."""
 
 
 class InstanceChange(NamedTuple):
@@ -87,6 +79,11 @@ class InstanceChange(NamedTuple):
     status: str | None
     context: str | None
     next_run_at: int | None
+
+
+StepChange: TypeAlias = tuple[str | None, str | None, int | None]
+"""A step's instance change, a plain tuple in :class:`InstanceChange`'s field order ``(status,
+context, next_run_at)`` (an ``InstanceChange`` is one too)."""
 
 
 class TaskChange(NamedTuple):
@@ -109,16 +106,17 @@ class TaskFilter:
     version: int | None
 
 
-class PreparedStep(NamedTuple):
-    """A checked :class:`~asyncflow.records.Step`; updates are ``(id, expected_version, change)``."""
-
-    instance_id: int
-    instance_status_in: tuple[str, ...]
-    instance_change: InstanceChange
-    updates: tuple[tuple[int, int, TaskChange], ...]
-    inserts: tuple[TaskRow, ...]
-    cancel_other_tasks: bool
-    lease_epoch: int | None = None
+PreparedStep: TypeAlias = tuple[
+    int,  # instance_id
+    tuple[str, ...],  # instance_status_in
+    StepChange,  # instance_change
+    tuple[tuple[int, int, TaskChange], ...],  # updates: (id, expected_version, change)
+    tuple[TaskRow, ...],  # inserts
+    bool,  # cancel_other_tasks
+    int | None,  # lease_epoch
+]
+"""A checked :class:`~asyncflow.records.Step`, a plain tuple read by position (or unpacked): every
+step of every pass builds one (see :data:`TaskRow`)."""
 
 
 def instance_row(new: NewWorkflowInstance) -> InstanceRow:
@@ -178,7 +176,7 @@ def task_row(new: TaskInsert) -> TaskRow:
     if not (type(started_at) is int and 0 <= started_at <= INT64_MAX):
         started_at = check_int(started_at, "started_at", minimum=0)
     context, plain = encode_context(new.node_context, "node_context")
-    return _tuple(TaskRow, (task_type, status, context, fail_count, started_at, plain))
+    return (task_type, status, context, fail_count, started_at, plain)
 
 
 def _optional_text(value: object, what: str) -> str | None:
@@ -279,18 +277,20 @@ def prepared_step(step: Step) -> PreparedStep:
             started_at = check_int(started_at, "started_at", minimum=0)
         # encode_context's orjson path inline; anything else (not a dict, orjson refused it, a null
         # that may be a NaN, an escaped NUL) goes through encode_context, which decides and raises
+        # (searched in the decoded text: ``bytes in bytes`` first tries the needle as an int, and
+        # raises and clears a TypeError inside, each time)
         if type(context) is dict:
             try:
-                raw = orjson_dumps(context, option=ORJSON_OPTIONS)
+                text = orjson_dumps(context, option=ORJSON_OPTIONS).decode()
             except TypeError:  # orjson.JSONEncodeError
-                raw = b"null"
+                text = "null"
         else:
-            raw = b"null"
-        if b"null" in raw or b"\\u0000" in raw:
+            text = "null"
+        if "null" in text or "\\u0000" in text:
             text, plain = encode_context(context, "node_context")
         else:
-            text, plain = raw.decode(), True
-        inserts.append(_tuple(TaskRow, (task_type, status, text, fail_count, started_at, plain)))
+            plain = True
+        inserts.append((task_type, status, text, fail_count, started_at, plain))
     instance_id, status_in = step.instance_id, step.instance_status_in
     if not (type(instance_id) is int and INT64_MIN <= instance_id <= INT64_MAX):
         instance_id = check_int(instance_id, "Step.instance_id")
@@ -304,17 +304,14 @@ def prepared_step(step: Step) -> PreparedStep:
     cancel = bool(step.cancel_other_tasks)
     if epoch is not None and not (type(epoch) is int and 0 <= epoch <= INT64_MAX):
         epoch = check_int(epoch, "Step.lease_epoch", minimum=0)
-    return _tuple(  # in field order
-        PreparedStep,
-        (
-            instance_id,
-            status_in,
-            _tuple(InstanceChange, (new_status, None, next_run_at)),  # (status, context, next_run_at)
-            tuple(updates),
-            tuple(inserts),
-            cancel,
-            epoch,
-        ),
+    return (  # in PreparedStep's order
+        instance_id,
+        status_in,
+        (new_status, None, next_run_at),  # StepChange: (status, context, next_run_at)
+        tuple(updates) if updates else (),
+        tuple(inserts),
+        cancel,
+        epoch,
     )
 
 

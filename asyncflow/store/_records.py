@@ -53,16 +53,17 @@ def task_record(row: Sequence[Any]) -> TaskInstanceRecord:
 
 def inserted_task_record(task_id: int, instance_id: int, row: TaskRow, now: int) -> TaskInstanceRecord:
     """The record of a node row just inserted (no read back needed)."""
+    task_type, status, context, fail_count, started_at, plain = row
     return new_task_record(  # positional: a node's hot path (asyncflow._frozen.positional)
         task_id,
         instance_id,
-        row.task_type,
-        row.status,
-        copy_context(row.context, row.plain),
-        row.fail_count,
+        task_type,
+        status,
+        copy_context(context, plain),
+        fail_count,
         now,  # created_at
         now,  # updated_at
-        row.started_at or now,
+        started_at or now,
         1,  # version
     )
 
@@ -72,7 +73,12 @@ def inserted_task_records(
 ) -> tuple[TaskInstanceRecord, ...]:
     """:func:`inserted_task_record` of each row with its id (in order), in one comprehension: a step's
     inserts, on every pass. A ``plain`` context is read by orjson directly (``copy_context``'s first
-    path); should orjson refuse one after all, the rows go through :func:`inserted_task_record`."""
+    path); should orjson refuse one after all, the rows go through :func:`inserted_task_record`.
+    (``zip`` without ``strict=True``, whose keyword costs more than the rest of a one-row call: the
+    lengths are compared first.)"""
+    if len(ids) != len(rows):
+        raise ValueError(f"{len(ids)} ids for {len(rows)} inserted rows")
+    pairs = zip(ids, rows)  # noqa: B905 - the same length (compared above)
     try:
         return tuple(
             [
@@ -88,15 +94,9 @@ def inserted_task_records(
                     started_at or now,
                     1,  # version
                 )
-                for task_id, (task_type, status, context, fail_count, started_at, plain) in zip(
-                    ids, rows, strict=True
-                )
+                for task_id, (task_type, status, context, fail_count, started_at, plain) in pairs
             ]
         )
-    except ValueError:  # orjson.JSONDecodeError (or ids and rows of different lengths: raised again)
-        return tuple(
-            [
-                inserted_task_record(task_id, instance_id, row, now)
-                for task_id, row in zip(ids, rows, strict=True)
-            ]
-        )
+    except ValueError:  # orjson.JSONDecodeError
+        pairs = zip(ids, rows)  # noqa: B905 - the same length (compared above)
+        return tuple([inserted_task_record(task_id, instance_id, row, now) for task_id, row in pairs])

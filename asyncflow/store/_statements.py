@@ -261,15 +261,16 @@ def instance_change_params(change: InstanceChange, now: int) -> dict[str, Any]:
 
 def task_params(instance_id: int, row: TaskRow, now: int) -> dict[str, Any]:
     """Bind parameters of :data:`INSERT_TASK` (``started_at`` 0 = now)."""
+    task_type, status, context, fail_count, started_at, _ = row
     return {
         "workflow_instance_id": instance_id,
-        "task_type": row.task_type,
-        "status": row.status,
-        "node_context": row.context,
-        "fail_count": row.fail_count,
+        "task_type": task_type,
+        "status": status,
+        "node_context": context,
+        "fail_count": fail_count,
         "created_at": now,
         "updated_at": now,
-        "started_at": row.started_at or now,
+        "started_at": started_at or now,
     }
 
 

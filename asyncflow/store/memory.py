@@ -316,21 +316,22 @@ class MemoryWorkflowRepo:
     def _insert_task(self, state: State, instance_id: int, row: prep.TaskRow, now: int) -> Task:
         if instance_id not in state.instances:
             raise StoreError(f"create_task_instance failed: no workflow_instance {instance_id} (foreign key)")
-        if (instance_id, row.task_type) in state.task_keys:
+        task_type, status, context, fail_count, started_at, _ = row
+        if (instance_id, task_type) in state.task_keys:
             raise UniqueViolationError(
-                f"create_task_instance failed: instance {instance_id} already has a {row.task_type!r} row"
+                f"create_task_instance failed: instance {instance_id} already has a {task_type!r} row"
             )
         state.last_task_id += 1
         task = new_task_row(  # positional, in field order
             state.last_task_id,
             instance_id,
-            row.task_type,
-            row.status,
-            row.context,
-            row.fail_count,
+            task_type,
+            status,
+            context,
+            fail_count,
             now,  # created_at
             now,  # updated_at
-            row.started_at or now,
+            started_at or now,
             1,  # version
         )
         state.add_task(task)
@@ -499,7 +500,7 @@ class MemoryWorkflowRepo:
                 if (instance_id, row[0]) in task_keys:  # row[0]: task_type
                     return new_step_result(False, (), False)
         state.instances[instance_id] = changed_instance(instance, change, now)
-        status = change[0]  # the new status (InstanceChange: status, context, next_run_at)
+        status = change[0]  # the new status (StepChange: status, context, next_run_at)
         if status is not None:  # State.track, inline
             if status in _RUNNABLE:
                 state.runnable.add(instance_id)

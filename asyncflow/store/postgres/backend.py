@@ -158,7 +158,7 @@ class PostgresBackend:
             outcome: Any = RUN_ALONE
             if batcher is not None and steps is not None and steps.enabled:
                 body = pg.step_json(step, now)
-                outcome = await batcher.submit(step.instance_id, body, hold=HOLD_STEPS.get())
+                outcome = await batcher.submit(step[0], body, hold=HOLD_STEPS.get())  # [0]: instance_id
             if outcome is RUN_ALONE:
                 inserted = await held_if_asked(self._apply_alone(step, now))
             else:

@@ -267,11 +267,11 @@ def inserted_records(
     step: PreparedStep, ids: Sequence[int] | None, now: int
 ) -> tuple[TaskInstanceRecord, ...]:
     """The records of the rows a step inserted, from the ids the function returned (input order)."""
-    inserts = step.inserts
+    inserts = step[4]  # PreparedStep: inserts
     if not inserts:
         return ()
     assert ids is not None and len(ids) == len(inserts), (ids, inserts)
-    return inserted_task_records(step.instance_id, ids, inserts, now)
+    return inserted_task_records(step[0], ids, inserts, now)  # step[0]: instance_id
 
 
 async def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int | Refused]:

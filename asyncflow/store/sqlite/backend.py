@@ -136,7 +136,7 @@ class SqliteBackend:
         """One transaction (or SAVEPOINT); ``StepConflict`` (nothing written) if a condition failed."""
         if self._batcher is not None and self._direct():
             # the engine's step (asyncflow._held) holds a cancellation until its outcome
-            outcome = await self._batcher.submit(step.instance_id, (step, now), hold=HOLD_STEPS.get())
+            outcome = await self._batcher.submit(step[0], (step, now), hold=HOLD_STEPS.get())
             if outcome is None:
                 raise StepConflict
             if outcome is lite.STALE:

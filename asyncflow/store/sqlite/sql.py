@@ -262,14 +262,11 @@ def step(db: Any, prepared: PreparedStep, now: int) -> list[int] | _Stale | None
 
     Order: the instance row, the node updates (compare-and-set), the inserts, then the cancel.
     """
-    change = prepared.instance_change
-    instance_id = prepared.instance_id
-    statuses = prepared.instance_status_in
-    epoch = prepared.lease_epoch
+    instance_id, statuses, change, updates, inserts, cancel, epoch = prepared
     fence = () if epoch is None else (epoch,)
     cursor = db.execute(
         _update_instance(len(statuses), epoch is not None),
-        (change.status, change.next_run_at, now, instance_id, *statuses, *fence),
+        (change[0], change[2], now, instance_id, *statuses, *fence),  # StepChange: status, next_run_at
     )
     if cursor.rowcount != 1:
         if epoch is None:
@@ -277,22 +274,22 @@ def step(db: Any, prepared: PreparedStep, now: int) -> list[int] | _Stale | None
         row = db.execute(_IN_STATUS, (instance_id,)).fetchone()
         return STALE if row is not None and (not statuses or row[0] in statuses) else None
     touched = []
-    for task_id, version, fields in prepared.updates:
+    for task_id, version, fields in updates:
         changes = (fields.status, fields.context, fields.fail_count, fields.started_at, now)
         if db.execute(_UPDATE_TASK, (*changes, task_id, instance_id, version)).rowcount != 1:
             return None
         touched.append(task_id)
     ids = []
-    for row in prepared.inserts:
-        params = (instance_id, row.task_type, row.status, row.context, row.fail_count, now, now)
+    for task_type, status, context, fail_count, started_at, _ in inserts:
+        params = (instance_id, task_type, status, context, fail_count, now, now)
         try:
-            cursor = db.execute(_INSERT_TASK, (*params, row.started_at or now))
+            cursor = db.execute(_INSERT_TASK, (*params, started_at or now))
         except _INTEGRITY_ERRORS as error:
             if is_unique_violation(error):
                 return None
             raise
         ids.append(cursor.lastrowid)
-    if prepared.cancel_other_tasks:
+    if cancel:
         touched.extend(ids)
         db.execute(_cancel_others(len(touched)), (now, instance_id, *touched))
     return ids
@@ -300,7 +297,7 @@ def step(db: Any, prepared: PreparedStep, now: int) -> list[int] | _Stale | None
 
 def inserted(prepared: PreparedStep, ids: Sequence[int], now: int) -> tuple[TaskInstanceRecord, ...]:
     """The records of the rows a step inserted."""
-    return inserted_task_records(prepared.instance_id, ids, prepared.inserts, now)
+    return inserted_task_records(prepared[0], ids, prepared[4], now)  # instance_id, inserts
 
 
 def claim_due(db: Any, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]) -> list[int]:
