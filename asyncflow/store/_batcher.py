@@ -54,21 +54,40 @@ class StepBatcher(Generic[T]):
 
         ``hold``: a cancellation of the caller waits for the outcome; an outcome that is a result is
         then returned and the cancellation deferred to the caller's next ``await``
-        (:mod:`asyncflow._held`); otherwise the cancellation is raised."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = HeldFuture(loop=loop) if hold else loop.create_future()
-        self._queue.append((order, item, future))
-        if not self._scheduled and self._inflight < self._slots:  # a start to come takes it otherwise
-            self._schedule(loop)
+        (:mod:`asyncflow._held`); otherwise the cancellation is raised.
+
+        :meth:`enqueue` and :meth:`held_outcome` do the same without this coroutine (a caller on
+        every step of every pass awaits the future itself)."""
+        future = self.enqueue(order, item, hold)
         if not hold:
             return await future
         try:
             return await future
         except asyncio.CancelledError as cancel:
-            if future.cancelled() or future.exception() is not None:
-                raise
-            defer(cancel)
-            return future.result()
+            return self.held_outcome(future, cancel)
+
+    def enqueue(self, order: int, item: T, hold: bool = False) -> asyncio.Future[Any]:
+        """Queue ``item``; the future of its outcome, for the caller to await (see :meth:`submit`).
+
+        Awaiting it is :meth:`submit` without ``hold``. With ``hold`` the future refuses its caller's
+        cancellation (:class:`~asyncflow._held.HeldFuture`): the caller then awaits it in ``try`` and
+        hands the ``CancelledError`` it catches to :meth:`held_outcome`."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = HeldFuture(loop=loop) if hold else loop.create_future()
+        self._queue.append((order, item, future))
+        if not self._scheduled and self._inflight < self._slots:  # a start to come takes it otherwise
+            self._schedule(loop)
+        return future
+
+    @staticmethod
+    def held_outcome(future: asyncio.Future[Any], cancel: asyncio.CancelledError) -> Any:
+        """The outcome of a held future (:meth:`enqueue` with ``hold``) whose caller was cancelled while
+        awaiting it (the future is done then): a result is returned and the cancellation deferred to
+        the caller's next ``await``; after an error outcome, or a cut batch, the cancellation is raised."""
+        if future.cancelled() or future.exception() is not None:
+            raise cancel
+        defer(cancel)
+        return future.result()
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start batches after this turn: what else is submitted in it joins.
@@ -127,7 +146,9 @@ class StepBatcher(Generic[T]):
                     self._launch(loop, self._take())
         try:
             outcomes = await self._runner(list(map(_ITEM, batch)))
-            for future, outcome in zip(map(_FUTURE, batch), outcomes, strict=True):
+            if len(outcomes) != len(batch):  # (compared here: zip's strict=True costs a keyword call)
+                raise ValueError(f"{len(outcomes)} outcomes for a batch of {len(batch)}")
+            for future, outcome in zip(map(_FUTURE, batch), outcomes):  # noqa: B905 - compared above
                 if future.done():  # a caller cancelled meanwhile (not held)
                     continue
                 if isinstance(outcome, BaseException):

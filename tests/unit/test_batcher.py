@@ -213,3 +213,65 @@ async def test_aclose_waits_for_the_batch_a_finishing_batch_starts() -> None:
     assert second.done() and second.result() == 20
     assert first.result() == 10
     assert runner.batches == [[1], [2]]
+
+
+async def _held_await(batcher: StepBatcher[Any], order: int, item: Any) -> Any:
+    """A caller that awaits :meth:`StepBatcher.enqueue`'s future itself (as the PostgreSQL step does)."""
+    future = batcher.enqueue(order, item, True)
+    try:
+        return await future
+    except asyncio.CancelledError as cancel:
+        return batcher.held_outcome(future, cancel)
+
+
+async def test_an_enqueued_future_is_the_outcome_of_its_item() -> None:
+    runner = Runner()
+    batcher: StepBatcher[Any] = StepBatcher(runner, slots=2, max_batch=8)
+    futures = [batcher.enqueue(order, order) for order in (5, 3)]
+    assert [await future for future in futures] == [50, 30]
+    assert runner.batches == [[3, 5]]
+    with pytest.raises(ValueError, match="bad"):
+        await batcher.enqueue(1, "bad")
+
+
+async def test_a_held_enqueued_callers_cancellation_waits_for_its_outcome() -> None:
+    gate = asyncio.Event()
+    batcher: StepBatcher[Any] = StepBatcher(Runner(gate=gate), slots=1, max_batch=8)
+    seen: list[Any] = []
+
+    async def caller() -> None:
+        seen.append(await _held_await(batcher, 1, 1))
+        await asyncio.sleep(0)
+        seen.append("never")
+
+    task = asyncio.create_task(caller())
+    await asyncio.sleep(0.01)
+    assert task.cancel("stop") is True
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    gate.set()
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await task
+    assert seen == [10]
+    assert raised.value.args == ("stop",)
+    assert task.cancelling() == 1
+
+
+async def test_a_held_enqueued_caller_whose_outcome_is_an_error_gets_the_cancellation() -> None:
+    gate = asyncio.Event()
+    batcher: StepBatcher[Any] = StepBatcher(Runner(gate=gate), slots=1, max_batch=8)
+    task = asyncio.create_task(_held_await(batcher, 1, "bad"))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_batch_runner_with_the_wrong_number_of_outcomes_fails_every_caller() -> None:
+    async def short(items: Sequence[Any]) -> list[Any]:
+        return list(items)[:-1]
+
+    batcher: StepBatcher[Any] = StepBatcher(short, slots=1, max_batch=8)
+    results = await asyncio.gather(batcher.submit(1, 1), batcher.submit(2, 2), return_exceptions=True)
+    assert all(isinstance(result, ValueError) for result in results)

@@ -14,6 +14,7 @@ version 12) claims use the statement version 12 used, with a warning, until the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -107,7 +108,7 @@ class PostgresBackend:
         single creates share a statement)."""
         stamped = [(row, now) for row in rows]
         if len(stamped) == 1 and self._creates is not None and self._direct():
-            outcome = await self._creates.submit(0, stamped[0])
+            outcome = await self._creates.enqueue(0, stamped[0])  # submit() without its coroutine
             if outcome is not RUN_ALONE:
                 notify(self._observed, True)
                 return [outcome]
@@ -138,7 +139,7 @@ class PostgresBackend:
         reads = self._leased_reads if lease else self._reads
         if reads is not None and self._direct():
             state: tuple[WorkflowInstanceRecord, list[TaskInstanceRecord]] | None
-            state = await reads.submit(instance_id, instance_id)
+            state = await reads.enqueue(instance_id, instance_id)  # submit() without its coroutine
             if state is not RUN_ALONE:
                 notify(self._observed, lease)
                 return state
@@ -150,24 +151,28 @@ class PostgresBackend:
 
         Outside ``transaction()`` it is held for the engine (:mod:`asyncflow._held`): the batch's
         outcome, or the single statement's, is returned even if the caller is cancelled meanwhile (the
-        cancellation is then deferred). (One coroutine, not one per case: every step of every pass.)"""
+        cancellation is then deferred). (One coroutine, not one per case, and the batch's future
+        awaited here, not through ``StepBatcher.submit``: every step of every pass.)"""
         try:
             if not self._direct():
                 return await held_if_asked(self._apply_in_transaction(step, now))
             batcher, steps = self._step_batcher, self._steps
             outcome: Any = RUN_ALONE
             if batcher is not None and steps is not None and steps.enabled:
-                body = pg.step_json(step, now)
-                outcome = await batcher.submit(step[0], body, hold=HOLD_STEPS.get())  # [0]: instance_id
+                hold = HOLD_STEPS.get()
+                future = batcher.enqueue(step[0], pg.step_json(step, now), hold)  # [0]: instance_id
+                try:
+                    outcome = await future
+                except asyncio.CancelledError as cancel:
+                    if not hold:
+                        raise
+                    outcome = batcher.held_outcome(future, cancel)
             if outcome is RUN_ALONE:
                 inserted = await held_if_asked(self._apply_alone(step, now))
-            else:
-                code, ids = outcome
-                if code == pg.CONFLICT_SQLSTATE:
-                    raise StepConflict
-                if code == pg.STALE_SQLSTATE:
-                    raise StaleStep
-                inserted = pg.inserted_records(step, ids, now)
+            elif outcome.__class__ is str:  # refused in the batch: its SQLSTATE (see PgStepBatches)
+                raise StaleStep if outcome == pg.STALE_SQLSTATE else StepConflict
+            else:  # the ids of the inserted rows
+                inserted = pg.inserted_records(step, outcome, now)
         except StepConflict:
             raise
         except Exception as error:
@@ -247,7 +252,7 @@ class PostgresBackend:
     ) -> bool:
         self.units.check_open()
         if batcher is not None:
-            return bool(await batcher.submit(0, item))
+            return bool(await batcher.enqueue(0, item))
         async with self._lanes.lane() as db:
             [done] = await alone(db, [item])
             return bool(done)

@@ -11,9 +11,10 @@ fails whole and writes nothing, and the batch goes again as one call of ``asyncf
 subtransaction of its own (``BEGIN ... EXCEPTION``), so one step's failed condition or error rolls
 back that step alone, and the batch commits once. (A subtransaction per step cost the server 6-10%
 of its CPU per ``linear3`` workflow: an XID of its own for each step, and its start and end.)
-Outcomes per step: the inserted ids, a conflict (``applied=False``), or "run it alone": the step
-raised another error inside the batch, or the batch statement itself failed on the server (nothing
-was written either way), so the caller re-runs it as a single step and gets its own result or error.
+Outcomes per step: the inserted ids, a conflict or a stale lease (``applied=False``; its SQLSTATE),
+or "run it alone": the step raised another error inside the batch, or the batch statement itself
+failed on the server (nothing was written either way), so the caller re-runs it as a single step and
+gets its own result or error.
 A batch that fails on the connection (lost, cancelled) raises its error in every caller, as a single
 statement would.
 """
@@ -55,7 +56,7 @@ RUN_ALONE = object()
 BATCH_SLOTS = 4
 """Step statements a repo keeps in flight at most; steps beyond them wait and go together."""
 
-_OUTCOMES = (None, CONFLICT_SQLSTATE, STALE_SQLSTATE)
+_REFUSALS = (CONFLICT_SQLSTATE, STALE_SQLSTATE)
 
 MAX_BATCH = 32
 """Steps per statement at most (in ``asyncflow_steps_v1`` each is a subtransaction; PostgreSQL caches 64
@@ -72,9 +73,10 @@ def _connection_failed(error: Exception) -> bool:
 class PgStepBatches:
     """The :class:`~asyncflow.store._batcher.StepBatcher` runner of PostgreSQL: JSON steps in, outcomes out.
 
-    Outcomes: ``(code, ids)`` (``code`` ``None``: applied, ``ids`` of the inserted rows in order; or
-    the conflict SQLSTATE) or :data:`RUN_ALONE`. A batch of one is the plain step call, whose
-    errors (conflicts too) reach the caller as raised.
+    Outcomes: the step applied: the ids of its inserted rows in order (a ``list``, or ``None`` when it
+    inserted none); it was refused: the SQLSTATE (a ``str``) of the conflict or the stale lease; or
+    :data:`RUN_ALONE`. (The function's value as it comes: no tuple or error object per step.) A batch
+    of one is the plain step call, whose errors (conflicts too) reach the caller as raised.
     """
 
     def __init__(self, lanes: PgLanes) -> None:
@@ -84,12 +86,12 @@ class PgStepBatches:
     async def __call__(self, payloads: Sequence[str]) -> list[Any]:
         if len(payloads) == 1:
             async with self._lanes.lane() as conn:
-                return [(None, await conn.fetchval(STEP_CALL, payloads[0]))]
+                return [await conn.fetchval(STEP_CALL, payloads[0])]
         batch = "[" + ",".join(payloads) + "]"
         try:  # the common case first: every step applies, no subtransaction is begun
             async with self._lanes.lane() as conn:
                 rows = await conn.fetch(FAST_BATCH_CALL, batch)
-            return [(None, row[0]) for row in rows]
+            return [row[0] for row in rows]
         except Exception as error:
             if _connection_failed(error):
                 raise  # as a single statement would
@@ -109,7 +111,7 @@ class PgStepBatches:
             else:
                 logger.debug("a batch of %d steps failed (%s): each runs alone", len(payloads), error)
             return [RUN_ALONE] * len(payloads)  # the server refused the statement: nothing was written
-        return [(row[0], row[1]) if row[0] in _OUTCOMES else RUN_ALONE for row in rows]
+        return [row[1] if row[0] is None else row[0] if row[0] in _REFUSALS else RUN_ALONE for row in rows]
 
 
 class PgCreateBatches:
