@@ -265,7 +265,9 @@ async def _end_a_create_batch(repo: SQLAlchemyWorkflowRepo, name: str) -> None:
                 found = await conn.execute(
                     text(
                         "SELECT pid FROM pg_stat_activity WHERE state = 'active' "
-                        "AND query LIKE 'INSERT INTO workflow_instance%unnest%' AND application_name = :name"
+                        "AND query LIKE 'WITH r AS (SELECT nextval%jsonb_array_elements%"
+                        "INSERT INTO workflow_instance%' "
+                        "AND application_name = :name"
                     ),
                     {"name": name},
                 )

@@ -22,6 +22,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a platform without orjson's wheel (see asyncflow.store._json)
+    orjson = None  # type: ignore[assignment]
+
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -95,27 +100,29 @@ _TASK_COLUMNS = (
 )
 _GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM workflow_instance WHERE id = $1::bigint"
 _LOAD_TASKS = f"SELECT {_TASK_COLUMNS} FROM task_instance WHERE workflow_instance_id = $1::bigint ORDER BY id"
-_INSERT_INSTANCES = (
-    "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, task_id, "
-    "created_at, updated_at, next_run_at, version, trace_context) "
-    "SELECT r.workflow_type, r.business_id, r.status, r.context::jsonb, r.task_id, r.now, r.now, "
-    "r.next_run_at, 1, r.trace_context FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
-    "$5::bigint[], $6::bigint[], $7::bigint[], $8::text[]) WITH ORDINALITY "
-    "AS r(workflow_type, business_id, status, context, task_id, now, next_run_at, trace_context, ord) "
-    "ORDER BY r.ord RETURNING id"
-)
-"""One or many instances in one statement (a single create is a batch of one), none of them unique."""
-_INSERT_UNIQUE = (
-    "WITH r AS (SELECT u.*, nextval(pg_get_serial_sequence('workflow_instance', 'id')) AS id "
-    "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], "
-    "$7::bigint[], $8::text[], $9::text[]) WITH ORDINALITY "
-    "AS u(workflow_type, business_id, status, context, task_id, now, next_run_at, trace_context, "
-    "unique_key, ord)), "
+_CREATE_ROWS = (
+    "WITH r AS (SELECT nextval((SELECT pg_get_serial_sequence('workflow_instance', 'id')::regclass)) "
+    "AS id, s.ord, "
+    "s.e->>0 AS workflow_type, s.e->>1 AS business_id, s.e->>2 AS status, s.e->3 AS context, "
+    "(s.e->>4)::bigint AS task_id, (s.e->>5)::bigint AS now, (s.e->>6)::bigint AS next_run_at, "
+    "s.e->>7 AS trace_context, s.e->>8 AS unique_key "
+    "FROM jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS s(e, ord)), "
     "ins AS (INSERT INTO workflow_instance (id, workflow_type, business_id, status, workflow_context, "
     "task_id, created_at, updated_at, next_run_at, version, trace_context, unique_key) "
-    "SELECT r.id, r.workflow_type, r.business_id, r.status, r.context::jsonb, r.task_id, r.now, r.now, "
-    "r.next_run_at, 1, r.trace_context, r.unique_key FROM r "
-    "WHERE r.unique_key IS DISTINCT FROM 'always' OR NOT EXISTS (SELECT 1 FROM workflow_instance w "
+    "SELECT r.id, r.workflow_type, r.business_id, r.status, r.context, r.task_id, r.now, r.now, "
+    "r.next_run_at, 1, r.trace_context, r.unique_key FROM r"
+)
+"""The rows of a create batch: one JSON array (:func:`create_instances`) of ``[workflow_type,
+business_id, status, context, task_id, now, next_run_at, trace_context, unique]`` per row, the context
+embedded as it is (JSON), expanded ``WITH ORDINALITY``; each row's id is drawn from the table's
+sequence here (the sequence looked up once, not per row), so that the result pairs the ids with the
+input rows by ``ord``, not by the order the sequence hands them out."""
+_INSERT_INSTANCES = _CREATE_ROWS + ") SELECT r.id FROM r ORDER BY r.ord"
+"""One or many instances in one statement (a single create is a batch of one), none of them unique:
+their ids in input order."""
+_INSERT_UNIQUE = (
+    _CREATE_ROWS
+    + " WHERE r.unique_key IS DISTINCT FROM 'always' OR NOT EXISTS (SELECT 1 FROM workflow_instance w "
     "WHERE w.workflow_type = r.workflow_type AND w.business_id = r.business_id "
     "AND w.unique_key IS NOT NULL) "
     "ORDER BY r.ord ON CONFLICT DO NOTHING RETURNING id) "
@@ -126,8 +133,8 @@ _INSERT_UNIQUE = (
 """Instances of which some are unique: each row's id, or NULL and the instance that refused it where a
 unique index (or, for ``'always'``, an existing unique instance of the key) refused the row (NULL too
 if it committed after this statement began: the repo then reads it). A refused row fails nothing
-else: its neighbours in the statement are inserted (``ON CONFLICT DO NOTHING``). Ids are drawn per
-row from the table's sequence, so the result pairs them with the input rows."""
+else: its neighbours in the statement are inserted (``ON CONFLICT DO NOTHING``); rows go in input
+order, so of two rows of one key in a batch the first is inserted."""
 _NO_INSTANCE = (
     "NULL::bigint, "
     + "NULL::text, " * 4
@@ -274,27 +281,59 @@ def inserted_records(
     return inserted_task_records(step[0], ids, inserts, now)  # step[0]: instance_id
 
 
+if orjson is not None:
+
+    def _create_json(rows: Sequence[tuple[InstanceRow, int]]) -> str:
+        """The JSON argument of :data:`_INSERT_INSTANCES` and :data:`_INSERT_UNIQUE`: a row's context is
+        canonical JSON text already, embedded as it is (``orjson.Fragment``)."""
+        fragment = orjson.Fragment
+        return orjson.dumps(
+            [
+                [
+                    row.workflow_type,
+                    row.business_id,
+                    row.status,
+                    fragment(row.context),
+                    row.task_id,
+                    now,
+                    row.next_run_at,
+                    row.trace_context,
+                    row.unique,
+                ]
+                for row, now in rows
+            ]
+        ).decode()
+
+else:  # pragma: no cover - a platform without orjson's wheel
+
+    def _create_json(rows: Sequence[tuple[InstanceRow, int]]) -> str:
+        """:func:`_create_json` through :mod:`json` (the contexts embedded as they are)."""
+        return (
+            "["
+            + ",".join(
+                [
+                    f"[{_encode(row.workflow_type)},{_encode(row.business_id)},{_encode(row.status)},"
+                    f"{row.context},{row.task_id},{now},{row.next_run_at},{_encode(row.trace_context)},"
+                    f"{_encode(row.unique)}]"
+                    for row, now in rows
+                ]
+            )
+            + "]"
+        )
+
+
 async def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int | Refused]:
     """Insert instances (each with its own ``now``) in one statement; their ids, in order.
 
-    :class:`Refused` for a unique row that was refused (a unique instance of its key exists).
+    :class:`Refused` for a unique row that was refused (a unique instance of its key exists). The rows
+    travel as one JSON argument (:data:`_CREATE_ROWS`), not as eight column arrays: one value for the
+    driver to encode, built by one comprehension.
     """
-    columns = (
-        [row.workflow_type for row, _ in rows],
-        [row.business_id for row, _ in rows],
-        [row.status for row, _ in rows],
-        [row.context for row, _ in rows],
-        [row.task_id for row, _ in rows],
-        [now for _, now in rows],
-        [row.next_run_at for row, _ in rows],
-        [row.trace_context for row, _ in rows],
-    )
+    batch = _create_json(rows)
     if any(row.unique is not None for row, _ in rows):
-        found = await db.fetch(_INSERT_UNIQUE, *columns, [row.unique for row, _ in rows])
+        found = await db.fetch(_INSERT_UNIQUE, batch)
         return [Refused(record[1]) if record[0] is None else record[0] for record in found]
-    ids = await db.fetch(_INSERT_INSTANCES, *columns)
-    # ids come from one sequence in the order of the rows: sorted, they follow the input
-    return sorted(record[0] for record in ids)
+    return [record[0] for record in await db.fetch(_INSERT_INSTANCES, batch)]  # in input order (ord)
 
 
 async def load_states(
