@@ -454,8 +454,7 @@ class WorkflowService:
                 f"workflow instance {instance_id} is being run by this very task (a worker cannot run "
                 "its own instance)"
             )
-        # lock_key(instance_id), without a call per pass
-        async with self.lock.hold(f"workflow_instance_execute_{instance_id}", self.lock_ttl) as lease:
+        async with self.lock.hold(lock_key(instance_id), self.lock_ttl) as lease:
             if known is None or known[0].lease_epoch != 0:
                 # the pass's first read takes its lease epoch; only the first pass of an instance just
                 # created runs on what the create returned (epoch 0: every other pass takes 1 or more)
@@ -492,8 +491,7 @@ class WorkflowService:
         if failed or unused:  # children no node will use any more
             await self._cancel_children(instance_id, nodes=None if failed else unused)
         if after.status in _OVER:
-            if self._waiters._futures:  # someone waits for an instance (else there is no one to wake)
-                self._waiters.finished(instance_id)
+            self._waiters.finished(instance_id)
             if instance.parent_id is not None:
                 await self._wake_parent(instance, after.status)
         elif runner.wake_again:

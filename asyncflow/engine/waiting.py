@@ -71,7 +71,10 @@ class Waiters:
         if instance_id is None:
             groups = list(self._futures.values())
         else:
-            groups = [self._futures.get(instance_id, set())]
+            futures = self._futures.get(instance_id)
+            if futures is None:  # no one waits for it: every pass that ends an instance comes here
+                return
+            groups = [futures]
         for futures in groups:
             for future in futures:
                 if not future.done():
