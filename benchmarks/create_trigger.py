@@ -1,6 +1,6 @@
 """The server's CPU per created instance under the driver's NOTIFY triggers, without the engine around it.
 
-Inserts due instances through the create batch's own statement (``unnest`` of column arrays, as
+Inserts due instances through the create batch's own statement (one JSON array of rows, as
 ``create_instances`` sends it), ``--batch`` rows per statement, on one asyncpg connection, with each
 of three trigger set-ups in turn: none, the older single row trigger (``AFTER INSERT OR UPDATE OF
 next_run_at``, one call of its function per row) and the current ones (the row trigger on updates,
