@@ -10,7 +10,6 @@ then takes the key over and marks the old lease lost.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 
@@ -31,13 +30,7 @@ class LocalLease(Lease):
     __slots__ = ("_clock", "_expires_at")
 
     def __init__(self, key: str, ttl: float, clock: Clock) -> None:
-        # Lease.__init__'s fields, set here (a lease per pass: no super() call and frame for them)
-        self._key = key
-        self._ttl = ttl
-        self._lost_reason: str | None = None
-        self._lost_cause: BaseException | None = None
-        self._lost_event: asyncio.Event | None = None
-        self._released = False
+        super().__init__(key, ttl)
         self._clock = clock
         self._expires_at = _INF  # renewed continuously while the holder is alive
 
