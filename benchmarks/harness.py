@@ -109,15 +109,35 @@ class LatencySampler:
         return list(self._latencies)
 
 
-def _vm_hwm_bytes() -> int | None:
+def _vm_bytes(field: str) -> int | None:
+    """``VmHWM`` (the peak RSS) or ``VmRSS`` of this process from ``/proc/self/status``, in bytes."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def _vm_hwm_bytes() -> int | None:
+    return _vm_bytes("VmHWM:")
+
+
+_RESET_SLACK = 4 * 2**20
+"""How far above the current RSS the peak may read right after a reset that took (the kernel's RSS
+counters are per-CPU and approximate)."""
+
+
+def _peak_reset() -> bool:
+    """Reset the peak-RSS mark and check that it took: right after a reset the peak is the current RSS.
+    (A reset the kernel accepted and did not apply has been seen: a test process's two blocks then
+    reported the same lifetime peak.)"""
+    if not _reset_vm_hwm():
+        return False
+    hwm, rss = _vm_hwm_bytes(), _vm_bytes("VmRSS:")
+    return hwm is not None and rss is not None and hwm <= rss + _RESET_SLACK
 
 
 def _reset_vm_hwm() -> bool:
@@ -139,8 +159,8 @@ class ResourceProbe:
     """Wall time, process CPU time and peak RSS of the block it wraps.
 
     Peak RSS is the kernel's high-water mark reset at entry (``/proc/self/clear_refs``), so it belongs
-    to this block alone; where that is impossible it is the process's lifetime peak and
-    ``rss_scope`` says ``"process"``.
+    to this block alone; where that is impossible (or the reset did not take) it is the process's
+    lifetime peak and ``rss_scope`` says ``"process"``.
     """
 
     def __init__(self) -> None:
@@ -152,7 +172,7 @@ class ResourceProbe:
         self._cpu0 = 0.0
 
     def __enter__(self) -> ResourceProbe:
-        self.rss_scope = "block" if _reset_vm_hwm() and _vm_hwm_bytes() is not None else "process"
+        self.rss_scope = "block" if _peak_reset() else "process"
         self._cpu0 = time.process_time()
         self._t0 = time.perf_counter()
         return self
