@@ -525,6 +525,7 @@ class PassRunner:
 
         Visibility writes started while there is no group (:meth:`spawn_write`) are waited for here,
         as the group waits for its tasks, and cancelled first when the branch raised, as it cancels them."""
+        failing = True  # (a flag, not sys.exc_info(): that also sees an exception the caller handles)
         try:
             if here is not None:
                 await self._drive_here(here)
@@ -537,10 +538,11 @@ class PassRunner:
             tg = self._tg
             if tg is not None:
                 await tg.__aexit__(None, None, None)
+            failing = False
         finally:
             self._alone_over = True  # no visibility write starts outside a group any more
             if self._loose:
-                await self._settle_loose(sys.exc_info()[0] is not None)
+                await self._settle_loose(failing)
 
     async def _enter_group(self) -> None:
         """Enter the pass's task group, in the pass's own task (:meth:`_alone` leaves it)."""

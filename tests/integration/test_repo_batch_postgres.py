@@ -13,8 +13,9 @@ import pytest
 from sqlalchemy import text
 
 from asyncflow.errors import StoreError
-from asyncflow.records import Step, TaskUpdate
+from asyncflow.records import NewWorkflowInstance, Step, TaskUpdate
 from asyncflow.store.commit_counter import CommitCounter
+from asyncflow.store.postgres import sql as pg
 from asyncflow.store.sqlalchemy import SQLAlchemyWorkflowRepo
 from tests.conftest import isolated_pg_engine
 
@@ -217,6 +218,48 @@ async def test_a_refused_create_in_a_batch_fails_alone(repo: SQLAlchemyWorkflowR
         assert await repo.get_workflow_instance(item.id) == item
     async with repo.engine.connect() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM workflow_instance"))).scalar() == 3
+
+
+async def test_a_bulk_create_goes_in_several_statements_past_the_context_limit(
+    repo: SQLAlchemyWorkflowRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page's contexts travel in one jsonb array, which PostgreSQL caps at 256 MiB in all: past
+    CREATE_CONTEXT_CHARS (lowered here) the page goes in several statements of one transaction."""
+    monkeypatch.setattr(pg, "CREATE_CONTEXT_CHARS", 100)
+    news = [
+        NewWorkflowInstance(workflow_type="wf", business_id=f"big-{i}", workflow_context={"s": "x" * 40})
+        for i in range(7)
+    ]
+    statements: list[int] = []
+    original = pg.create_instances
+
+    async def counted(db: Any, rows: Any) -> Any:
+        statements.append(len(rows))
+        return await original(db, rows)
+
+    monkeypatch.setattr(pg, "create_instances", counted)
+    ids = await repo.create_workflow_instances(news)
+    assert statements == [2, 2, 2, 1]  # 48 characters of context each: two fit in 100
+    for i, instance_id in enumerate(ids):  # in input order
+        made = await repo.get_workflow_instance(instance_id)
+        assert made is not None and made.business_id == f"big-{i}"
+        assert made.workflow_context == {"s": "x" * 40}
+
+    await add_trigger(
+        repo.engine,
+        "workflow_instance",
+        "refuse_instance",
+        "IF NEW.business_id = 'late-5' THEN RAISE EXCEPTION 'refused instance'; END IF;",
+    )
+    late = [
+        NewWorkflowInstance(workflow_type="wf", business_id=f"late-{i}", workflow_context={"s": "x" * 40})
+        for i in range(7)
+    ]
+    with pytest.raises(StoreError, match="refused instance"):  # the third statement fails
+        await repo.create_workflow_instances(late)
+    async with repo.engine.connect() as conn:  # one transaction: the first two statements' rows too
+        query = text("SELECT count(*) FROM workflow_instance WHERE business_id LIKE 'late-%'")
+        assert (await conn.execute(query)).scalar() == 0
 
 
 async def test_concurrent_state_reads_share_statements(repo: SQLAlchemyWorkflowRepo) -> None:

@@ -117,10 +117,8 @@ class PostgresBackend:
                 return await pg.create_instances(db, stamped)
         ids: list[int | Refused] = []
         async with self.units.atomic() as conn:
-            for start in range(0, len(stamped), BULK_PAGE_SIZE):
-                ids += await pg.create_instances(
-                    pg.TxConnection(conn), stamped[start : start + BULK_PAGE_SIZE]
-                )
+            for page in pg.create_pages(stamped, BULK_PAGE_SIZE):
+                ids += await pg.create_instances(pg.TxConnection(conn), page)
         return ids
 
     async def get(self, instance_id: int) -> WorkflowInstanceRecord | None:

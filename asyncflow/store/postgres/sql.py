@@ -45,6 +45,7 @@ __all__ = [
     "CLAIM_STATEMENT",
     "CLAIM_STATEMENT_TYPED",
     "CONFLICT_SQLSTATE",
+    "CREATE_CONTEXT_CHARS",
     "INSERT_CHILD",
     "INSERT_TASK",
     "STALE_SQLSTATE",
@@ -54,6 +55,7 @@ __all__ = [
     "apply_step",
     "claim_due",
     "create_instances",
+    "create_pages",
     "get_instance",
     "inserted_records",
     "load_states",
@@ -320,6 +322,31 @@ else:  # pragma: no cover - a platform without orjson's wheel
             )
             + "]"
         )
+
+
+CREATE_CONTEXT_CHARS = 32 * 2**20
+"""The contexts of one create statement at most, in characters of JSON text (128 MiB of UTF-8 at most):
+PostgreSQL caps the elements of a jsonb array, the statement's one argument, at 256 MiB in all. A bulk
+create's page goes in several statements of its transaction beyond it (:func:`create_pages`)."""
+
+
+def create_pages(
+    rows: Sequence[tuple[InstanceRow, int]], page_size: int
+) -> list[Sequence[tuple[InstanceRow, int]]]:
+    """``rows`` cut, in order, into pages of at most ``page_size`` rows whose contexts hold at most
+    :data:`CREATE_CONTEXT_CHARS` characters together (a row whose context alone holds more is a page
+    of its own: the server decides about it, as it did when each context was its own value)."""
+    pages: list[Sequence[tuple[InstanceRow, int]]] = []
+    start, size = 0, 0
+    for at, (row, _) in enumerate(rows):
+        length = len(row.context)
+        if at > start and (at - start >= page_size or size + length > CREATE_CONTEXT_CHARS):
+            pages.append(rows[start:at])
+            start, size = at, 0
+        size += length
+    if start < len(rows):
+        pages.append(rows[start:])
+    return pages
 
 
 async def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[int | Refused]:
