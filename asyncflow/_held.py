@@ -34,6 +34,7 @@ __all__ = [
     "holds_cancellation",
     "is_held",
     "run_held",
+    "wait_cancelling",
     "wait_to_end",
 ]
 
@@ -114,5 +115,21 @@ async def wait_to_end(tasks: Iterable[asyncio.Task[Any]]) -> None:
             await asyncio.wait(tasks)
         except asyncio.CancelledError as error:
             cancelled = error
+    if cancelled is not None:
+        raise cancelled
+
+
+async def wait_cancelling(pending: Callable[[], list[asyncio.Task[Any]]]) -> None:
+    """Wait until ``pending()`` (read again after each wait) holds no task, as a task group waits for
+    its tasks: a cancellation of the caller meanwhile cancels the tasks still pending, waits on (tasks
+    that ignore it included), and is raised once none is left. (:func:`wait_to_end` cancels none.)"""
+    cancelled: asyncio.CancelledError | None = None
+    while tasks := pending():
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError as error:
+            cancelled = error
+            for task in tasks:
+                task.cancel()
     if cancelled is not None:
         raise cancelled

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._driver_config import DriverConfig, DriverStats, bounded, merge_config, seconds, wait_for_wake
+from ._held import wait_cancelling
 from ._schedule_firer import ScheduleFirer
 from .clock import SystemClock
 from .engine.service import WorkflowService
@@ -703,19 +704,8 @@ class WorkflowDriver:
     async def _settle(self) -> None:
         """Wait until every pass this run started has ended, however long (passes that ignore their
         cancellation included); cancelled meanwhile, cancel them all and still wait, then raise."""
-        cancelled: asyncio.CancelledError | None = None
-        while True:
-            pending = [task for task in self._inflight.values() if not task.done()]
-            if not pending:
-                break
-            try:
-                await asyncio.wait(pending)
-            except asyncio.CancelledError as exc:
-                cancelled = exc
-                for task in pending:
-                    task.cancel()
-        if cancelled is not None:
-            raise cancelled
+        inflight = self._inflight
+        await wait_cancelling(lambda: [task for task in inflight.values() if not task.done()])
 
     async def _release_interrupted(self) -> None:
         """Make interrupted instances due now (not after the claim lease), so any driver resumes them."""

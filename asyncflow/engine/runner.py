@@ -34,7 +34,7 @@ from asyncio import current_task as _current_task
 from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
-from .._held import HOLD_STEPS, is_held, run_held
+from .._held import HOLD_STEPS, is_held, run_held, wait_cancelling
 from .._json_depth import MAX_JSON_DEPTH, json_depth_exceeds
 from ..context import JSONContext, wrap_dict
 from ..errors import LockFailedError, ParamInvalidError, TaskFailedTerminate, TaskNotReady, is_serious_error
@@ -553,21 +553,11 @@ class PassRunner:
     async def _settle_loose(self, failing: bool) -> None:
         """Wait for the visibility writes started without a task group (cancelled first if ``failing``);
         a cancellation meanwhile cancels them and is raised once they are done (a task group's way)."""
-        pending = [task for task in self._loose if not task.done()]
-        cancelled: BaseException | None = None
+        loose = self._loose  # no write joins it any more (_alone_over)
         if failing:
-            for task in pending:
+            for task in loose:
                 task.cancel()
-        while pending:
-            try:
-                await asyncio.wait(pending)
-            except asyncio.CancelledError as exc:
-                cancelled = exc
-                for task in pending:
-                    task.cancel()
-            pending = [task for task in pending if not task.done()]
-        if cancelled is not None:
-            raise cancelled
+        await wait_cancelling(lambda: [task for task in loose if not task.done()])
 
     async def _drive_here(self, task_type: str) -> None:
         """:meth:`_drive` in the pass's own task (in its task group, if it has one yet): one task fewer

@@ -57,7 +57,6 @@ from ..status import (
     NODE_EVENT,
     RUNNABLE_INSTANCE_STATUSES,
     SYSTEM,
-    TERMINAL_STATUSES,
     InstanceStatus,
     TaskStatus,
     is_over_instance_status,
@@ -88,7 +87,6 @@ _NON_TERMINAL_TASK = (
 )
 _ACTIVE = RUNNABLE_INSTANCE_STATUSES
 _FAILED = InstanceStatus.FAILED.value  # read once: an enum's .value is a Python-level property
-_OVER = frozenset(TERMINAL_STATUSES)  # is_over_instance_status(), without a call per pass
 _MAX_WAIT_INTERVAL = 1e15
 """The longest ``run_pass(wait_interval=)``: its due time in unix ms still fits in int64."""
 
@@ -289,7 +287,7 @@ class WorkflowService:
         # the defaults (no unique, no session, no delay) skip their checks' calls: every create
         mode = None if unique is None and on_duplicate == "return" else check_unique(unique, on_duplicate)
         in_session = None if session is None else session_scope(self.repo, session, run)
-        now_ms = int(self.clock.time() * 1000)  # self._now_ms(), without its call
+        now_ms = self._now_ms()
         observers = self._observers if self._observers.active else None
         start = None if start_at is None and start_in is None else start_ms(start_at, start_in, now_ms)
         if run and start is not None and start > now_ms:
@@ -490,7 +488,7 @@ class WorkflowService:
         unused = [*runner.dropped, *runner.continued]
         if failed or unused:  # children no node will use any more
             await self._cancel_children(instance_id, nodes=None if failed else unused)
-        if after.status in _OVER:
+        if is_over_instance_status(after.status):
             self._waiters.finished(instance_id)
             if instance.parent_id is not None:
                 await self._wake_parent(instance, after.status)

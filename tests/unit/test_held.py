@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import asyncflow as af
-from asyncflow._held import HeldFuture, holds_cancellation, is_held, run_held
+from asyncflow._held import HeldFuture, holds_cancellation, is_held, run_held, wait_cancelling
 
 
 async def test_run_held_returns_the_result_and_defers_the_cancellation() -> None:
@@ -100,3 +100,42 @@ def test_the_repos_steps_are_held_and_a_wrapper_is_not() -> None:
         return None
 
     assert is_held(marked)
+
+
+async def test_wait_cancelling_cancels_the_pending_tasks_waits_for_them_then_raises() -> None:
+    ended: list[str] = []
+
+    async def obeys() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            ended.append("obeys")
+
+    async def ignores() -> None:  # takes its cancellation as a signal to finish its work first
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.01)
+            ended.append("ignores")
+
+    tasks = [asyncio.create_task(obeys()), asyncio.create_task(ignores())]
+    waiter = asyncio.create_task(wait_cancelling(lambda: [t for t in tasks if not t.done()]))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert sorted(ended) == ["ignores", "obeys"] and all(t.done() for t in tasks)
+    assert tasks[0].cancelled() and not tasks[1].cancelled()
+
+
+async def test_wait_cancelling_reads_the_pending_tasks_again_after_each_wait() -> None:
+    tasks: list[asyncio.Task[None]] = []
+
+    async def adds_one() -> None:
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(asyncio.sleep(0.01)))  # joins while the first is waited for
+
+    tasks.append(asyncio.create_task(adds_one()))
+    await wait_cancelling(lambda: [t for t in tasks if not t.done()])
+    assert len(tasks) == 2 and all(t.done() for t in tasks)
