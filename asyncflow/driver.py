@@ -48,7 +48,7 @@ from ._driver_config import DriverConfig, DriverStats, bounded, merge_config, se
 from ._held import wait_cancelling
 from ._schedule_firer import ScheduleFirer
 from .clock import SystemClock
-from .engine.service import WorkflowService
+from .engine.service import WorkflowService, lock_key
 from .errors import AsyncflowError, InvalidStateError, LockFailedError, ParamInvalidError, is_serious_error
 from .records import InstanceFields, InstanceWhere
 from .retry import RetryPolicy
@@ -426,9 +426,28 @@ class WorkflowDriver:
     async def _claim(self, limit: int) -> tuple[list[int], int]:
         now = self._now_ms()
         started = time.perf_counter()
-        ids = await self.service.repo.claim_due_instances(
-            now_ms=now, limit=limit, lease_ms=self._lease_ms, workflow_types=self._types or None
-        )
+        repo = self.service.repo
+        handoffs = self.service._handoffs()
+        # a repo class of asyncflow's (not a wrapper passing its attributes on: one that intercepts
+        # claim_due_instances is called as before)
+        claim_states: Any = None
+        if handoffs is not None and hasattr(type(repo), "claim_due_states"):
+            claim_states = repo.claim_due_states  # type: ignore[attr-defined]  # (not in the protocol)
+        if claim_states is None:
+            ids = await repo.claim_due_instances(
+                now_ms=now, limit=limit, lease_ms=self._lease_ms, workflow_types=self._types or None
+            )
+        else:  # the rows of instances nobody has run yet go to their passes (Handoffs: no read of their own)
+            assert handoffs is not None
+            mark, offered = handoffs.begin(), {}
+            try:
+                claimed = await claim_states(
+                    now_ms=now, limit=limit, lease_ms=self._lease_ms, workflow_types=self._types or None
+                )
+                ids = [instance_id for instance_id, _ in claimed]
+                offered = {lock_key(instance_id): row for instance_id, row in claimed if row is not None}
+            finally:
+                handoffs.end(mark, offered)
         self._stats.claim_seconds += time.perf_counter() - started
         self._stats.claims += 1
         self._stats.claimed += len(ids)
@@ -715,6 +734,10 @@ class WorkflowDriver:
 
     async def _release(self, ids: Sequence[int], what: str) -> None:
         """Make claimed instances due now (not after the claim lease), so that any driver runs them."""
+        handoffs = self.service._handoffs()
+        if handoffs is not None and len(handoffs):  # rows their claim handed over: no pass takes them now
+            for instance_id in ids:
+                handoffs.drop(lock_key(instance_id))
         write = self.service.repo.update_workflow_instances(
             InstanceWhere(ids=tuple(sorted(ids)), status_in=_ACTIVE),
             InstanceFields(next_run_at=self._now_ms()),

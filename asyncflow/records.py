@@ -239,6 +239,10 @@ class NewWorkflowInstance:
     next_run_at: int = 0
     trace_context: str | None = None  # stored with the instance (observers' trace_context())
     unique: str | None = None  # "active" | "always": refused when a unique instance of the key exists
+    # the instance's first lease epoch (0 or 1): 1 when its creator runs its first pass itself, as
+    # create_workflow(run=True) does; an instance at 0 that a driver claims is handed to its pass as it
+    # was created (the claim takes epoch 1 for it), one at 1 is read by its next pass (which takes 2)
+    lease_epoch: int = 0
 
 
 @quick_init  # built on every node: see asyncflow._frozen

@@ -34,6 +34,7 @@ from ..errors import (
     TaskInstanceNotFoundError,
     UniqueViolationError,
 )
+from ..lock.local import Handoffs, LocalWorkflowLock
 from ..lock.protocol import WorkflowLock
 from ..records import (
     InstanceFields,
@@ -303,6 +304,7 @@ class WorkflowService:
             next_run_at=next_run_at,
             unique=mode,
             trace_context=None if observers is None else observers.trace_context(),
+            lease_epoch=1 if run else 0,  # run=True: this call's first pass holds the instance's first epoch
         )
         if in_session is None:  # on its own: no context manager to enter
             try:
@@ -414,6 +416,13 @@ class WorkflowService:
             )
         return await self._run(instance_id, wait_interval=wait_interval)
 
+    def _handoffs(self) -> Handoffs | None:
+        """Where a driver's claim hands this service's passes the rows it read: the in-process lock's
+        (``LocalWorkflowLock.handoffs``, whose every holder is in this process), else ``None`` (another
+        process may run an instance between its claim and its pass: each pass reads it)."""
+        lock = self.lock
+        return lock.handoffs if type(lock) is LocalWorkflowLock else None
+
     def _driver_pass(self, instance_id: int, wait_interval: float) -> Coroutine[Any, Any, WorkflowInstance]:
         """:meth:`run_pass` for a driver, in a task the driver made for this pass alone (with a context
         of its own): the pass drives its first node in that task (``PassRunner(drive_here=True)``).
@@ -452,10 +461,19 @@ class WorkflowService:
                 f"workflow instance {instance_id} is being run by this very task (a worker cannot run "
                 "its own instance)"
             )
-        async with self.lock.hold(lock_key(instance_id), self.lock_ttl) as lease:
-            if known is None or known[0].lease_epoch != 0:
-                # the pass's first read takes its lease epoch; only the first pass of an instance just
-                # created runs on what the create returned (epoch 0: every other pass takes 1 or more)
+        key = lock_key(instance_id)
+        async with self.lock.hold(key, self.lock_ttl) as lease:
+            if known is None and due_only:
+                # a driver's pass: the row its claim read, if no other holder of the key ran since
+                # (LocalWorkflowLock.handoffs): an instance nobody had run, which the claim took to epoch 1
+                handoffs = self._handoffs()
+                record = None if handoffs is None else handoffs.take(key)
+                if record is not None:
+                    known = (record, [])
+            if known is None:
+                # the pass's first read takes its lease epoch; only the first pass of an instance nobody
+                # has run yet runs on what its create returned (create_workflow(run=True): epoch 1) or a
+                # driver's claim handed over (the claim took epoch 1); every other pass takes a new one
                 known = await self.repo.load_instance_state(instance_id, lease=True)
                 if known is None:
                     raise InstanceNotFoundError(f"workflow instance {instance_id} not found")

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from asyncflow.clock import SYSTEM_CLOCK, Clock
 from asyncflow.errors import LockFailedError
 from asyncflow.lock._reentrant import Lease, ReentrantLock
 
-__all__ = ["LocalLease", "LocalWorkflowLock"]
+__all__ = ["Handoffs", "LocalLease", "LocalWorkflowLock"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,76 @@ class LocalLease(Lease):
         return self._expires_at != _INF and self._clock.monotonic() >= self._expires_at
 
 
+class Handoffs:
+    """What a driver's claim read of instances nobody has run yet, handed to the pass that takes the key
+    next, so that the pass needs no read of its own (``LocalWorkflowLock.handoffs``).
+
+    A claim that finds an instance as it was created (no node row, never leased, never written) returns
+    its row; the driver offers it here under the instance's key between :meth:`begin` (before the claim
+    is sent) and :meth:`end` (after its rows came back), and the driver's pass :meth:`take` s it once it
+    holds the key. The row is still the instance's then only if no other holder of the key ran in
+    between: every holder is in this process (the lock's contract), so
+
+    * a key held when the claim's rows come back, or given back while the claim was on its way (the
+      holder may have written after the claim read the row), is not offered;
+    * an offered row is withdrawn when any holder gives the key back (:meth:`released`), so a pass, an
+      event or a cancel that held the key after the claim leaves the next pass to read the instance.
+
+    Writes outside the lock (an update of the instance fences the pass by its lease epoch, as for any
+    pass) are left to the fence. Rows are kept only for instances the driver claimed and has not
+    started: it withdraws the ones it gives back (:meth:`drop`)."""
+
+    __slots__ = ("_held", "_open", "_released", "_rows")
+
+    def __init__(self, held: dict[str, Any]) -> None:
+        self._held = held  # the lock's table of held keys (expired, not yet taken over leases included)
+        self._rows: dict[str, Any] = {}
+        self._open = 0  # claims on their way
+        self._released: list[str] = []  # keys given back since the first of them began
+
+    def begin(self) -> int:
+        """A claim is about to be sent: the mark :meth:`end` takes."""
+        self._open += 1
+        return len(self._released)
+
+    def end(self, mark: int, rows: dict[str, Any]) -> None:
+        """The claim begun at ``mark`` came back with ``rows`` (by key): offer those no holder touched
+        meanwhile. Called once per :meth:`begin`, ``{}`` when the claim failed."""
+        try:
+            if rows:
+                released = self._released[mark:]
+                held = self._held
+                for key, row in rows.items():
+                    if key not in held and key not in released:
+                        self._rows[key] = row
+        finally:
+            self._open -= 1
+            if not self._open:
+                self._released.clear()
+
+    def take(self, key: str) -> Any:
+        """The row offered under ``key`` (once), or ``None``: called by the holder of the key."""
+        rows = self._rows
+        return rows.pop(key, None) if rows else None
+
+    def drop(self, key: str) -> None:
+        """Withdraw what is offered under ``key`` (its claim was given back, or its pass never began)."""
+        self._rows.pop(key, None)
+
+    def released(self, key: str) -> None:
+        """A holder gave ``key`` back (or lost it): withdraw its row; remembered while claims are out."""
+        if self._rows:
+            self._rows.pop(key, None)
+        if self._open:
+            self._released.append(key)
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
 class LocalWorkflowLock(ReentrantLock[LocalLease]):
     """A non-blocking, re-entrant lock per key, for one process and one event loop.
 
@@ -66,6 +137,8 @@ class LocalWorkflowLock(ReentrantLock[LocalLease]):
         # subclass changed how it acquires or releases
         cls = type(self)
         self._sync = cls._acquire is LocalWorkflowLock._acquire and cls._release is LocalWorkflowLock._release
+        # a driver's claim hands rows to its passes only where every give-back goes through _give_back
+        self.handoffs: Handoffs | None = Handoffs(self._held) if self._sync else None
 
     @property
     def held_keys(self) -> frozenset[str]:
@@ -87,6 +160,8 @@ class LocalWorkflowLock(ReentrantLock[LocalLease]):
                 raise LockFailedError(f"lock {key!r} is held by another holder")
             current._mark_lost("a new holder took the key over")
             logger.debug("lock %r: took over a lost lease", key)
+            if self.handoffs is not None:
+                self.handoffs.released(key)
         lease = LocalLease(key, ttl, self._clock)
         self._held[key] = lease
         return lease
@@ -98,6 +173,9 @@ class LocalWorkflowLock(ReentrantLock[LocalLease]):
         key = lease._key
         if self._held.get(key) is lease:
             del self._held[key]
+        handoffs = self.handoffs
+        if handoffs is not None and (handoffs._rows or handoffs._open):
+            handoffs.released(key)
 
     async def aclose(self) -> None:
         """Close the lock: later ``hold()`` calls fail, and the leases still held are lost."""
@@ -106,5 +184,7 @@ class LocalWorkflowLock(ReentrantLock[LocalLease]):
         await super().aclose()
         held = list(self._held.values())
         self._held.clear()
+        if self.handoffs is not None:
+            self.handoffs.clear()
         for lease in held:
             lease._mark_lost("the lock was closed")

@@ -55,6 +55,7 @@ class InstanceRow:
     trace_context: str | None = None
     unique: str | None = None  # None, "active" or "always" (stored as workflow_instance.unique_key)
     plain: bool = False  # orjson wrote ``context`` (see asyncflow.store._json.encode_context)
+    lease_epoch: int = 0  # NewWorkflowInstance.lease_epoch
 
 
 @dataclass(slots=True)  # internal, never changed: not frozen (cheaper to build)
@@ -142,7 +143,14 @@ def instance_row(new: NewWorkflowInstance) -> InstanceRow:
         _trace_context(new.trace_context),
         _unique(new.unique),
         plain,
+        _first_epoch(new.lease_epoch),
     )
+
+
+def _first_epoch(value: object) -> int:
+    if value.__class__ is not int or not 0 <= value <= 1:
+        raise ParamInvalidError(f"lease_epoch of a new instance must be 0 or 1, got {shown(value)}")
+    return value
 
 
 def _trace_context(value: object) -> str | None:

@@ -181,7 +181,7 @@ class MemoryWorkflowRepo:
             row.next_run_at,
             1,  # version
             row.trace_context,
-            0,  # lease_epoch
+            row.lease_epoch,
             None,  # parent_id
             None,  # parent_node
             None,  # child_key
@@ -557,6 +557,29 @@ class MemoryWorkflowRepo:
             for item in picked:
                 state.instances[item.id] = leased_instance(item, lease)
             return [item.id for item in picked]
+
+    async def claim_due_states(
+        self, *, now_ms: int, limit: int, lease_ms: int, workflow_types: Sequence[str] | None = None
+    ) -> list[tuple[int, WorkflowInstanceRecord | None]]:
+        """:meth:`claim_due_instances`, with the record (as claimed) of each instance nobody has run yet:
+        no node row, never leased, never written since its creation; such an instance takes lease
+        epoch 1 (the epoch of the pass it is handed to)."""
+        check_int(now_ms, "now_ms", minimum=0)
+        check_int(lease_ms, "lease_ms", minimum=0)
+        lease = check_int(now_ms + lease_ms, "now_ms + lease_ms", minimum=0)
+        check_int(limit, "limit", minimum=0)
+        types = check_texts(workflow_types or (), "workflow_types")
+        async with self._unit() as state:
+            claimed: list[tuple[int, WorkflowInstanceRecord | None]] = []
+            for item in self._due(state, now_ms, types)[:limit]:
+                leased = leased_instance(item, lease)
+                if item.version == 1 and item.lease_epoch == 0 and not state.instance_tasks.get(item.id):
+                    leased = replace(leased, lease_epoch=1)  # the epoch of the pass it is handed to
+                    claimed.append((item.id, leased.record()))
+                else:
+                    claimed.append((item.id, None))
+                state.instances[item.id] = leased
+            return claimed
 
     async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
         """Take ``key`` for ``holder`` for ``ttl_ms`` if it is free or expired (DatabaseWorkflowLock)."""

@@ -138,6 +138,12 @@ class WorkflowRepo(Protocol):
 
         Oldest due first. Claimed rows get ``next_run_at = now_ms + lease_ms`` in the same statement
         or transaction, so concurrent claimers (other driver processes) never get the same id.
+
+        A repo may also offer ``claim_due_states`` (same arguments; ``[(id, record or None), ...]``):
+        the same claim, with the record of each claimed instance nobody has run yet (no node row,
+        version 1, lease epoch 0), which it moves to lease epoch 1. asyncflow's repos do; a driver on
+        ``LocalWorkflowLock`` then starts those passes from the records (``LocalWorkflowLock.handoffs``).
+        It is not part of this protocol: a repo without it is claimed from as before.
         """
 
     async def next_due_at(self, workflow_types: Sequence[str] | None = None) -> int | None:

@@ -259,7 +259,7 @@ class SQLAlchemyWorkflowRepo:
             row.next_run_at,
             1,  # version
             row.trace_context,
-            0,  # lease_epoch
+            row.lease_epoch,
             None,  # parent_id
             None,  # parent_node
             None,  # child_key
@@ -528,6 +528,25 @@ class SQLAlchemyWorkflowRepo:
         types = check_texts(workflow_types or (), "workflow_types")
         with StoreErrors("claim_due_instances"):
             return await self._backend.claim(now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
+
+    async def claim_due_states(
+        self, *, now_ms: int, limit: int, lease_ms: int, workflow_types: Sequence[str] | None = None
+    ) -> list[tuple[int, WorkflowInstanceRecord | None]]:
+        """:meth:`claim_due_instances`, and with each claimed instance that nobody has run yet (no node
+        row; never leased, never written since its creation) its record as claimed; ``None`` for the
+        others. A driver on an in-process lock starts such an instance's pass from the record
+        (``LocalWorkflowLock.handoffs``). PostgreSQL: one call of ``asyncflow_claim_states_v1`` (without
+        it, ``asyncflow_claim_v1`` and no records, until ``migrate()``); SQLite: the claim's transaction."""
+        check_int(now_ms, "now_ms", minimum=0)
+        check_int(lease_ms, "lease_ms", minimum=0)
+        check_int(now_ms + lease_ms, "now_ms + lease_ms", minimum=0)
+        if check_int(limit, "limit", minimum=0) == 0:
+            return []
+        types = check_texts(workflow_types or (), "workflow_types")
+        with StoreErrors("claim_due_states"):
+            return await self._backend.claim_states(
+                now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types
+            )
 
     async def next_due_at(self, workflow_types: Sequence[str] | None = None) -> int | None:
         """The smallest ``next_run_at`` among ``init``/``running`` instances, or ``None``."""

@@ -11,7 +11,9 @@ are Go's plus what the engine and the driver need:
 * ``version`` on both tables: bumped by every write, named by compare-and-set updates.
 * ``task_instance.started_at`` (unix seconds): the node's timeout clock.
 * ``workflow_instance.lease_epoch``: the fence of the passes. Each pass takes a new epoch with its
-  first read, and every write of the pass requires it, so an older pass can write nothing more.
+  first read, and every write of the pass requires it, so an older pass can write nothing more. An
+  instance is created at 0, or at 1 when its creator runs its first pass (``create_workflow(run=True)``);
+  a driver's claim that hands an instance at 0 to its pass (``claim_due_states``) takes 1 for it.
 * ``asyncflow_lock``: the leases of :class:`~asyncflow.lock.database.DatabaseWorkflowLock`
   (``expires_at`` in unix milliseconds: the database's clock on PostgreSQL).
 * ``workflow_instance.trace_context`` (schema 7, nullable): what an observer stored at creation (the

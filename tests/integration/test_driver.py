@@ -322,8 +322,8 @@ async def test_a_store_error_is_logged_as_a_warning_and_backed_off(
     try:
         service = WorkflowService(repo, LocalWorkflowLock(), registry_for("lin", LINEAR, Runs()))
         (instance_id,) = await create_many(service, "lin", 1)
-        async with repo.engine.begin() as conn:
-            await conn.exec_driver_sql("DROP TABLE task_instance")  # a real database failure
+        async with repo.engine.begin() as conn:  # a real database failure, in the pass's first step
+            await conn.exec_driver_sql("ALTER TABLE task_instance RENAME COLUMN node_context TO gone")
         driver = WorkflowDriver(service, concurrency=2, error_backoff_jitter=0.0)
         with caplog.at_level(logging.WARNING, logger="asyncflow.driver"):
             await driver.run_until_idle()
@@ -348,6 +348,13 @@ class ClaimsFailFirst:
             self.failures -= 1
             raise RuntimeError("unexpected claim failure")
         result: list[int] = await self.inner.claim_due_instances(**kwargs)
+        return result
+
+    async def claim_due_states(self, **kwargs: Any) -> list[tuple[int, Any]]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("unexpected claim failure")
+        result: list[tuple[int, Any]] = await self.inner.claim_due_states(**kwargs)
         return result
 
     def __getattr__(self, name: str) -> Any:
@@ -647,16 +654,19 @@ def gate_claims(repo: Any) -> tuple[asyncio.Event, asyncio.Event]:
     """Hold the repo's first claim that returns instances after it took them (its lease is written),
     until the second event is set: a race placed between a claim and the start of its passes."""
     claimed, gate = asyncio.Event(), asyncio.Event()
-    real = repo.claim_due_instances
 
-    async def claim(**kwargs: Any) -> list[int]:
-        ids = await real(**kwargs)
-        if ids and not gate.is_set():
-            claimed.set()
-            await gate.wait()
-        return ids
+    def gated(real: Any) -> Any:
+        async def claim(**kwargs: Any) -> list[Any]:
+            ids = await real(**kwargs)
+            if ids and not gate.is_set():
+                claimed.set()
+                await gate.wait()
+            return list(ids)
 
-    repo.claim_due_instances = claim
+        return claim
+
+    repo.claim_due_instances = gated(repo.claim_due_instances)
+    repo.claim_due_states = gated(repo.claim_due_states)  # what a driver on the local lock calls
     return claimed, gate
 
 

@@ -397,3 +397,29 @@ async def test_url_built_repo_owns_its_engine_and_schema_creation_is_serialized(
     await shared.aclose()
     async with pg_engine.connect() as conn:  # the caller's engine still works
         assert (await conn.execute(text("SELECT count(*) FROM workflow_instance"))).scalar() == 1
+
+
+async def test_without_the_claim_states_function_claims_hand_over_nothing_until_it_is_there(
+    repo: SQLAlchemyWorkflowRepo, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database an older release migrated has no ``asyncflow_claim_states_v1`` (definitions revision
+    2): claims go through ``asyncflow_claim_v1`` without rows (the passes read their instances), try the
+    function again every few claims, and use it once ``migrate()`` installed it."""
+    monkeypatch.setattr(pg_backend, "CLAIM_FUNCTION_RETRY_EVERY", 2)
+    ids = await repo.create_workflow_instances([new(str(i), next_run_at=i) for i in range(5)])
+    async with repo.engine.begin() as conn:
+        await conn.execute(text("DROP FUNCTION asyncflow_claim_states_v1"))
+    caplog.set_level(logging.INFO, logger="asyncflow.store.postgres.backend")
+
+    async def claim(limit: int) -> list[tuple[int, Any]]:
+        return await repo.claim_due_states(now_ms=10, limit=limit, lease_ms=1000)
+
+    assert await claim(1) == [(ids[0], None)]  # tried the function: missing, said once
+    assert await claim(1) == [(ids[1], None)]  # (1 to go)
+    assert await claim(1) == [(ids[2], None)]  # (0 to go)
+    assert sum("asyncflow_claim_states_v1" in r.getMessage() for r in caplog.records) == 1
+    await repo.migrate()  # installs it (a definitions repair), and claims try it at once
+    [(claimed, record)] = await claim(1)
+    assert claimed == ids[3] and record == await repo.get_workflow_instance(ids[3])
+    async with repo.transaction():  # inside a transaction: the plain claim, no rows
+        assert await claim(1) == [(ids[4], None)]

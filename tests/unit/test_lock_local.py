@@ -166,3 +166,67 @@ async def test_loss_while_held_is_logged(
         clock.advance(2.0)
         assert lease.lost
     assert any("lost while held" in record.getMessage() for record in caplog.records)
+
+
+# ---------------------------------------------------------------- handoffs (a driver's claimed rows)
+
+
+async def test_an_offered_row_is_taken_once_by_the_next_holder(lock: LocalWorkflowLock) -> None:
+    handoffs = lock.handoffs
+    assert handoffs is not None
+    mark = handoffs.begin()
+    handoffs.end(mark, {"k": "row"})
+    assert len(handoffs) == 1
+    async with lock.hold("k", 10.0):
+        assert handoffs.take("k") == "row"
+        assert handoffs.take("k") is None
+    assert len(handoffs) == 0 and handoffs._released == []  # nothing remembered with no claim out
+
+
+async def test_a_give_back_withdraws_a_row_and_one_during_a_claim_keeps_it_from_being_offered(
+    lock: LocalWorkflowLock,
+) -> None:
+    handoffs = lock.handoffs
+    assert handoffs is not None
+    handoffs.end(handoffs.begin(), {"a": 1, "b": 2})
+    async with lock.hold("a", 10.0):
+        pass  # another holder of "a" ran after the claim: its row may be stale
+    assert handoffs.take("a") is None and len(handoffs) == 1
+    mark = handoffs.begin()
+    async with lock.hold("c", 10.0):
+        pass  # "c" held and given back while the claim was out
+    inner = handoffs.begin()  # a second claim out at once: the log is kept for the older one
+    handoffs.end(inner, {"d": 4})
+    handoffs.end(mark, {"c": 3, "e": 5})
+    assert (handoffs.take("c"), handoffs.take("d"), handoffs.take("e")) == (None, 4, 5)
+    assert handoffs._released == []
+    held = lock._take("f", 10.0)
+    handoffs.end(handoffs.begin(), {"f": 6})  # held when the claim came back: not offered
+    assert handoffs.take("f") is None
+    lock._give_back(held)
+    handoffs.end(handoffs.begin(), {"g": 7})
+    handoffs.drop("g")  # the driver gave the claim back
+    assert handoffs.take("g") is None and len(handoffs) == 1  # "b" is still offered
+    await lock.aclose()
+    assert len(handoffs) == 0
+
+
+async def test_a_taken_over_lost_lease_withdraws_the_row(lock: LocalWorkflowLock, clock: FakeClock) -> None:
+    handoffs = lock.handoffs
+    assert handoffs is not None
+    old = lock._take("k", 1.0)
+    old._suspend_renewal()
+    clock.advance(2.0)
+    handoffs._rows["k"] = "row"  # offered while the old holder was gone (as end() would not: held)
+    new = lock._take("k", 10.0)
+    assert old.lost and handoffs.take("k") is None
+    lock._give_back(new)
+
+
+def test_a_lock_that_changes_how_it_takes_keys_hands_nothing_over() -> None:
+    class Subclassed(LocalWorkflowLock):
+        async def _release(self, lease: LocalLease) -> None:
+            await super()._release(lease)
+
+    assert Subclassed().handoffs is None
+    assert LocalWorkflowLock().handoffs is not None

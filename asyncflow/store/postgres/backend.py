@@ -78,6 +78,7 @@ class PostgresBackend:
         self._releases: StepBatcher[Any] | None = None
         self._claims_until_retry = 0  # claims by the older statement before trying the function again
         self._claim_warned = False
+        self._states_until_retry = 0  # claims without rows before trying asyncflow_claim_states_v1 again
         if self._lanes.limit > 0:
             slots = min(BATCH_SLOTS, self._lanes.limit)
             self._steps = PgStepBatches(self._lanes)
@@ -211,6 +212,37 @@ class PostgresBackend:
                 db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types, function=False
             )
 
+    async def claim_states(
+        self, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]
+    ) -> list[tuple[int, WorkflowInstanceRecord | None]]:
+        """:meth:`claim` through ``asyncflow_claim_states_v1``: with each new instance its record.
+
+        Outside ``transaction()`` only (a driver's claim). Without the function (a database this
+        release has not migrated yet: it comes with revision 2 of the definitions) the claim is
+        :meth:`claim`'s, without records, and the function is tried again every
+        :data:`CLAIM_FUNCTION_RETRY_EVERY` claims and at once after this repo's ``migrate()``."""
+        if self._states_until_retry > 0 or not self._direct():
+            self._states_until_retry = max(0, self._states_until_retry - 1)
+            ids = await self.claim(now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
+            return [(instance_id, None) for instance_id in ids]
+        try:
+            async with self._db(wrote=True) as db:
+                return await pg.claim_due_states(
+                    db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types
+                )
+        except Exception as error:
+            if sqlstate(error) != pg.UNDEFINED_FUNCTION_SQLSTATE or "asyncflow_claim_states" not in str(
+                error
+            ):
+                raise
+            self._states_until_retry = CLAIM_FUNCTION_RETRY_EVERY
+            logger.info(
+                "the database has no asyncflow_claim_states_v1() function yet: claims use "
+                "asyncflow_claim_v1 until `asyncflow migrate` (or `repo.migrate()`) installs it"
+            )
+            ids = await self.claim(now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
+            return [(instance_id, None) for instance_id in ids]
+
     def _claim_function_missing(self, error: Exception, *, in_transaction: bool) -> None:
         """After a failed claim call: return (claims take the older statement for a while) only if the
         function is missing and the call did not abort a transaction; else raise."""
@@ -276,6 +308,7 @@ class PostgresBackend:
         if self._steps is not None:
             self._steps.enabled = True
         self._claims_until_retry, self._claim_warned = 0, False
+        self._states_until_retry = 0
 
     async def aclose(self) -> None:
         """Wait for the batches in flight, then return the lanes."""

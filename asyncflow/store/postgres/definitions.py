@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 __all__ = ["REVISION", "install", "revision_of"]
 
-REVISION = 1
+REVISION = 2
 """The revision of the function and trigger definitions of this release (the step and claim functions,
 the driver's NOTIFY triggers and their functions). Bump it with any change of their text:
 ``tests/unit/test_pg_definitions.py`` pins the text's digest to it, so that two releases never mark

@@ -15,6 +15,9 @@ from :mod:`asyncflow.status`.
 * ``asyncflow_claim_v1(bigint, bigint, bigint, text[])``: the driver's claim (migration 13), with
   one plan per session for its two statements (``plan_cache_mode = force_generic_plan``), the index
   walk whatever the table's statistics (``enable_seqscan`` and ``enable_sort`` off in the function).
+* ``asyncflow_claim_states_v1(bigint, bigint, bigint, text[])``: the same claim, returning with each
+  instance nobody has run yet its row (definitions revision 2, installed by ``migrate()``; a database
+  without it gets ``asyncflow_claim_v1`` and its passes read their instances).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .._sql import RUNNABLE_SQL, TERMINAL_SQL
 _RUNNABLE_JSON = json.dumps(list(RUNNABLE_INSTANCE_STATUSES))
 """The runnable instance statuses as a JSON array (the step function's containment test)."""
 
-__all__ = ["ALL", "BATCH_FUNCTION", "CLAIM_FUNCTION", "STEP_FUNCTION"]
+__all__ = ["ALL", "BATCH_FUNCTION", "CLAIM_FUNCTION", "CLAIM_STATES_FUNCTION", "STEP_FUNCTION"]
 
 _INSTANCE_GUARD = """\
          WHERE id = v_instance
@@ -205,5 +208,54 @@ $asyncflow$;
 """
 """The claim function (migration 13)."""
 
-ALL = (STEP_FUNCTION, BATCH_FUNCTION, CLAIM_FUNCTION)
+CLAIM_STATES_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION asyncflow_claim_states_v1(
+    p_now bigint, p_limit bigint, p_until bigint, p_types text[])
+RETURNS TABLE (o_id bigint, o_workflow_type text, o_business_id text, o_status text, o_context text,
+               o_task_id bigint, o_created_at bigint, o_updated_at bigint, o_next_run_at bigint,
+               o_version bigint, o_lease_epoch bigint, o_trace_context text, o_parent_id bigint,
+               o_parent_node text, o_child_key text, o_new boolean) LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_sort = off AS $asyncflow$
+-- asyncflow_claim_v1's claim (the same rows, leased the same way), returning a row per claimed instance
+-- in claim order: where the instance is as it was created (o_new: never written since, never leased,
+-- no node row) its columns, and it takes lease epoch 1 for the pass it is handed to (no pass can hold
+-- epoch 0: create_workflow(run=True) creates at 1); else its id alone. A driver's pass starts from
+-- such a row without reading the instance again, where nobody else can have run it since the claim
+-- (asyncflow's in-process lock knows).
+DECLARE
+    v_ids bigint[];
+BEGIN
+    IF p_types IS NULL THEN
+{_CLAIM_PICK.format(typed="")}    ELSE
+{_CLAIM_PICK.format(typed=" AND array_position(p_types, w.workflow_type) IS NOT NULL")}    END IF;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH fresh AS (
+        SELECT f.id, f.version = 1 AND f.lease_epoch = 0
+                     AND NOT EXISTS (SELECT 1 FROM task_instance t WHERE t.workflow_instance_id = f.id) AS new
+          FROM workflow_instance f WHERE f.id = ANY (v_ids)
+    ), moved AS (
+        UPDATE workflow_instance w
+           SET next_run_at = p_until, lease_epoch = CASE WHEN fresh.new THEN 1 ELSE w.lease_epoch END
+          FROM fresh WHERE w.id = fresh.id
+        RETURNING w.id, w.workflow_type, w.business_id, w.status, w.workflow_context, w.task_id,
+                  w.created_at, w.updated_at, w.next_run_at, w.version, w.lease_epoch, w.trace_context,
+                  w.parent_id, w.parent_node, w.child_key, fresh.new
+    )
+    SELECT m.id,
+           CASE WHEN m.new THEN m.workflow_type END, CASE WHEN m.new THEN m.business_id END,
+           CASE WHEN m.new THEN m.status END, CASE WHEN m.new THEN m.workflow_context::text END,
+           m.task_id, m.created_at, m.updated_at, m.next_run_at, m.version, m.lease_epoch,
+           CASE WHEN m.new THEN m.trace_context END, m.parent_id,
+           CASE WHEN m.new THEN m.parent_node END, CASE WHEN m.new THEN m.child_key END, m.new
+      FROM unnest(v_ids) WITH ORDINALITY AS c(id, ord) JOIN moved m ON m.id = c.id
+     ORDER BY c.ord;
+END
+$asyncflow$;
+"""
+"""The claim that also hands over the rows of instances nobody has run yet (definitions revision 2)."""
+
+ALL = (STEP_FUNCTION, BATCH_FUNCTION, CLAIM_FUNCTION, CLAIM_STATES_FUNCTION)
 """Every function, in the order to create them."""

@@ -22,7 +22,7 @@ from ..migrations import (
 from ..tables import FILLFACTOR
 from . import definitions
 from .finished import FINISHED_DDL, FINISHED_DDL_V10, FINISHED_DDL_V12
-from .functions import BATCH_FUNCTION, CLAIM_FUNCTION, STEP_FUNCTION
+from .functions import BATCH_FUNCTION, CLAIM_FUNCTION, CLAIM_STATES_FUNCTION, STEP_FUNCTION
 
 __all__ = ["MIGRATIONS", "REPAIR", "has_version_table", "lock_schema", "repair"]
 
@@ -166,10 +166,12 @@ MIGRATIONS = check_migrations(
     ]
 )
 
-REPAIR = (STEP_FUNCTION, BATCH_FUNCTION, CLAIM_FUNCTION)
+REPAIR = (STEP_FUNCTION, BATCH_FUNCTION, CLAIM_FUNCTION, CLAIM_STATES_FUNCTION)
 """Re-installed by ``migrate()`` (``CREATE OR REPLACE``) where missing or not as written here, unless a
 newer release installed them (:func:`repair`, :mod:`.definitions`): functions someone dropped come
-back, and a rolling deploy's older processes do not put their own back."""
+back, and a rolling deploy's older processes do not put their own back. ``asyncflow_claim_states_v1``
+comes only this way (definitions revision 2, no migration of its own): a database an older release
+migrated gets it at this release's first ``migrate()``, and claims without it until then."""
 
 
 async def repair(conn: AsyncConnection) -> None:

@@ -54,6 +54,7 @@ __all__ = [
     "TxConnection",
     "apply_step",
     "claim_due",
+    "claim_due_states",
     "create_instances",
     "create_pages",
     "get_instance",
@@ -107,16 +108,16 @@ _CREATE_ROWS = (
     "AS id, s.ord, "
     "s.e->>0 AS workflow_type, s.e->>1 AS business_id, s.e->>2 AS status, s.e->3 AS context, "
     "(s.e->>4)::bigint AS task_id, (s.e->>5)::bigint AS now, (s.e->>6)::bigint AS next_run_at, "
-    "s.e->>7 AS trace_context, s.e->>8 AS unique_key "
+    "s.e->>7 AS trace_context, s.e->>8 AS unique_key, (s.e->>9)::bigint AS lease_epoch "
     "FROM jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS s(e, ord)), "
     "ins AS (INSERT INTO workflow_instance (id, workflow_type, business_id, status, workflow_context, "
-    "task_id, created_at, updated_at, next_run_at, version, trace_context, unique_key) "
+    "task_id, created_at, updated_at, next_run_at, version, trace_context, unique_key, lease_epoch) "
     "SELECT r.id, r.workflow_type, r.business_id, r.status, r.context, r.task_id, r.now, r.now, "
-    "r.next_run_at, 1, r.trace_context, r.unique_key FROM r"
+    "r.next_run_at, 1, r.trace_context, r.unique_key, r.lease_epoch FROM r"
 )
 """The rows of a create batch: one JSON array (:func:`create_instances`) of ``[workflow_type,
-business_id, status, context, task_id, now, next_run_at, trace_context, unique]`` per row, the context
-embedded as it is (JSON), expanded ``WITH ORDINALITY``; each row's id is drawn from the table's
+business_id, status, context, task_id, now, next_run_at, trace_context, unique, lease_epoch]`` per row,
+the context embedded as it is (JSON), expanded ``WITH ORDINALITY``; each row's id is drawn from the table's
 sequence here (the sequence looked up once, not per row), so that the result pairs the ids with the
 input rows by ``ord``, not by the order the sequence hands them out."""
 _INSERT_INSTANCES = _CREATE_ROWS + ") SELECT r.id FROM r ORDER BY r.ord"
@@ -160,6 +161,8 @@ _LEASE_STATES = (
 )
 """:data:`_LOAD_STATES` that also takes a new lease epoch of each instance (the passes' first read)."""
 CLAIM_CALL = "SELECT asyncflow_claim_v1($1::bigint, $2::bigint, $3::bigint, $4::text[])"
+CLAIM_STATES_CALL = "SELECT * FROM asyncflow_claim_states_v1($1::bigint, $2::bigint, $3::bigint, $4::text[])"
+"""The claim that hands over new instances' rows (:data:`~.functions.CLAIM_STATES_FUNCTION`)."""
 """The driver's claim: the plpgsql function :data:`~asyncflow.store.postgres.functions.CLAIM_FUNCTION`
 (migration 13), ``NULL`` types for any type. Its statements are planned once per session: sent as a
 statement of its own (:data:`CLAIM_STATEMENT`), the claim was planned again for every call
@@ -301,6 +304,7 @@ if orjson is not None:
                     row.next_run_at,
                     row.trace_context,
                     row.unique,
+                    row.lease_epoch,
                 ]
                 for row, now in rows
             ]
@@ -316,7 +320,7 @@ else:  # pragma: no cover - a platform without orjson's wheel
                 [
                     f"[{_encode(row.workflow_type)},{_encode(row.business_id)},{_encode(row.status)},"
                     f"{row.context},{row.task_id},{now},{row.next_run_at},{_encode(row.trace_context)},"
-                    f"{_encode(row.unique)}]"
+                    f"{_encode(row.unique)},{row.lease_epoch}]"
                     for row, now in rows
                 ]
             )
@@ -398,6 +402,15 @@ async def apply_step(db: Any, step: PreparedStep, now: int) -> tuple[TaskInstanc
     """One call of the step function (raises the conflict SQLSTATE when a condition fails)."""
     ids = await db.fetchval(STEP_CALL, step_json(step, now))
     return inserted_records(step, ids, now)
+
+
+async def claim_due_states(
+    db: Any, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]
+) -> list[tuple[int, WorkflowInstanceRecord | None]]:
+    """:func:`claim_due` through ``asyncflow_claim_states_v1``: each claimed id, in claim order, with its
+    record (as leased) where the instance is as it was created (no node row, never leased or written)."""
+    rows = await db.fetch(CLAIM_STATES_CALL, now_ms, limit, now_ms + lease_ms, list(types) if types else None)
+    return [(row[0], instance_record(row) if row[15] else None) for row in rows]
 
 
 async def claim_due(

@@ -160,6 +160,15 @@ class SqliteBackend:
         ids: list[int] = await self._write(lite.claim_due, now_ms, limit, lease_ms, tuple(types))
         return ids
 
+    async def claim_states(
+        self, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]
+    ) -> list[tuple[int, WorkflowInstanceRecord | None]]:
+        """:meth:`claim`, with the records of the claimed instances nobody has run yet (one transaction)."""
+        claimed: list[tuple[int, WorkflowInstanceRecord | None]] = await self._write(
+            lite.claim_due_states, now_ms, limit, lease_ms, tuple(types)
+        )
+        return claimed
+
     async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
         """DatabaseWorkflowLock's leases (:mod:`.leases`), each one write transaction (inside
         ``transaction()`` it joins it: SQLite has one writer, which the transaction already is)."""

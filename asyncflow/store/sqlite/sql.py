@@ -34,6 +34,7 @@ __all__ = [
     "SyncConnection",
     "apply_steps",
     "claim_due",
+    "claim_due_states",
     "create_instances",
     "get_instance",
     "inserted",
@@ -52,12 +53,13 @@ MAX_BATCH = 64
 
 _INSERT_INSTANCE = (
     "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, task_id, "
-    "created_at, updated_at, next_run_at, version, trace_context) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)"
+    "created_at, updated_at, next_run_at, version, trace_context, lease_epoch) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)"
 )
 _INSERT_UNIQUE = (
     "INSERT INTO workflow_instance (workflow_type, business_id, status, workflow_context, task_id, "
-    "created_at, updated_at, next_run_at, version, trace_context, unique_key) "
-    "SELECT ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ? "
+    "created_at, updated_at, next_run_at, version, trace_context, unique_key, lease_epoch) "
+    "SELECT ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ? "
     "WHERE ? <> 'always' OR NOT EXISTS (SELECT 1 FROM workflow_instance WHERE workflow_type = ? "
     "AND business_id = ? AND unique_key IS NOT NULL) ON CONFLICT DO NOTHING"
 )
@@ -218,11 +220,16 @@ def create_instances(db: Any, rows: Sequence[tuple[InstanceRow, int]]) -> list[i
     for row, now in rows:
         params = (row.workflow_type, row.business_id, row.status, row.context, row.task_id, now, now)
         if row.unique is None:
-            ids.append(db.execute(_INSERT_INSTANCE, (*params, row.next_run_at, row.trace_context)).lastrowid)
+            ids.append(
+                db.execute(
+                    _INSERT_INSTANCE, (*params, row.next_run_at, row.trace_context, row.lease_epoch)
+                ).lastrowid
+            )
             continue
         key = (row.workflow_type, row.business_id)
         cursor = db.execute(
-            _INSERT_UNIQUE, (*params, row.next_run_at, row.trace_context, row.unique, row.unique, *key)
+            _INSERT_UNIQUE,
+            (*params, row.next_run_at, row.trace_context, row.unique, row.lease_epoch, row.unique, *key),
         )
         if cursor.rowcount == 1:
             ids.append(cursor.lastrowid)
@@ -298,6 +305,34 @@ def step(db: Any, prepared: PreparedStep, now: int) -> list[int] | _Stale | None
 def inserted(prepared: PreparedStep, ids: Sequence[int], now: int) -> tuple[TaskInstanceRecord, ...]:
     """The records of the rows a step inserted."""
     return inserted_task_records(prepared[0], ids, prepared[4], now)  # instance_id, inserts
+
+
+def _new_ids(count: int) -> str:
+    return (
+        f"SELECT id FROM workflow_instance WHERE id IN ({marks(count)}) AND version = 1 AND lease_epoch = 0 "
+        "AND NOT EXISTS (SELECT 1 FROM task_instance t WHERE t.workflow_instance_id = workflow_instance.id)"
+    )
+
+
+def _rows_of(count: int) -> str:
+    return f"{_GET_INSTANCE.removesuffix(' WHERE id = ?')} WHERE id IN ({marks(count)})"
+
+
+def claim_due_states(
+    db: Any, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]
+) -> list[tuple[int, WorkflowInstanceRecord | None]]:
+    """:func:`claim_due`, with the record (as leased) of each claimed instance that is as it was
+    created: no node row, never leased or written; it takes lease epoch 1, the epoch of the pass it is
+    handed to (the same transaction)."""
+    ids = claim_due(db, now_ms, limit, lease_ms, types)
+    if not ids:
+        return []
+    new = [row[0] for row in db.execute(_new_ids(len(ids)), ids).fetchall()]
+    if not new:
+        return [(i, None) for i in ids]
+    db.execute(f"UPDATE workflow_instance SET lease_epoch = 1 WHERE id IN ({marks(len(new))})", new)
+    rows = {row[0]: instance_record(row) for row in db.execute(_rows_of(len(new)), new).fetchall()}
+    return [(i, rows.get(i)) for i in ids]
 
 
 def claim_due(db: Any, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]) -> list[int]:
