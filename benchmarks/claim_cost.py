@@ -7,7 +7,10 @@ has), then claims them all, ``--batch`` per call, on one asyncpg connection, in 
   session (``plan_cache_mode = force_generic_plan``);
 * ``statement``: the claim as one statement of its own, as before migration 13 (what a database
   without the function still gets: ``CLAIM_STATEMENT_TYPED``). PostgreSQL keeps custom plans for it
-  once the table has statistics, so it is planned again on every call.
+  once the table has statistics, so it is planned again on every call;
+* ``function+read``: the function, then the passes' leased read of the claimed instances (one
+  statement for the batch, as the driver's batched reads make it);
+* ``states``: ``asyncflow_claim_states_v1``, the claim that hands the new instances' rows over.
 
 It reports the CPU time (user + system, from ``/proc``) of that connection's server process per
 claimed instance. Rounds run the two in turn, so that the machine's noise falls on both alike.
@@ -30,10 +33,25 @@ from asyncflow.store.postgres import sql as pg
 from .hot_path import PG_URL
 from .step_server import _process_cpu_s, alternating_rounds, print_medians, server_connection
 
-WAYS = ("function", "statement")
+WAYS = ("function", "statement", "function+read", "states")
+"""``function+read``: the claim function, then the leased read (``load_states(lease=True)``) of the
+claimed instances, as a driver's passes read them when nothing is handed over (a shared lock);
+``states``: ``asyncflow_claim_states_v1``, which hands the rows of new instances over with their first
+lease epoch (a driver on ``LocalWorkflowLock``: no read of their own). The last two compare what a
+driver spends on the server per instance before its first step."""
 
 
 async def _claim(conn: Any, way: str, now: int, batch: int) -> int:
+    if way == "states":
+        handed = await pg.claim_due_states(conn, now_ms=now, limit=batch, lease_ms=60_000, types=["linear3"])
+        if any(record is None for _, record in handed):
+            raise RuntimeError("states: a new instance was not handed over")
+        return len(handed)
+    if way == "function+read":
+        ids = await pg.claim_due(conn, now_ms=now, limit=batch, lease_ms=60_000, types=["linear3"])
+        if ids:
+            await pg.load_states(conn, ids, lease=True)
+        return len(ids)
     function = way == "function"
     claimed = await pg.claim_due(
         conn, now_ms=now, limit=batch, lease_ms=60_000, types=["linear3"], function=function

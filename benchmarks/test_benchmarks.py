@@ -359,7 +359,7 @@ async def test_hot_path_analyze_gives_the_driver_rows_backlog_statistics(
 
 
 @pytest.mark.postgres
-async def test_claim_cost_claims_every_instance_both_ways_and_reports_server_cpu(postgres_url: str) -> None:
+async def test_claim_cost_claims_every_instance_every_way_and_reports_server_cpu(postgres_url: str) -> None:
     from benchmarks import claim_cost, hot_path
 
     if hot_path._postgres_cpu_s() is None:

@@ -9,7 +9,7 @@ from asyncflow.store.postgres import definitions, functions, notify, schema
 
 _DIGESTS = {
     1: "af10838be2ed4bbbc7b523abd1517586b2ceeb781c9beac4182654bb78f4ea67",
-    2: "78bbb4ea76d18f79fcc3d90a04224a88e986dcabaff63d9578ef1b47343347e5",  # asyncflow_claim_states_v1
+    2: "6308e5c09c26b732e18ee9149d5631bccedb6d8a2ba600e9873aa1f4a1e270b8",  # asyncflow_claim_states_v1
 }
 """The sha256 of the definitions' text at each revision (add a line when you bump it)."""
 

@@ -208,6 +208,17 @@ $asyncflow$;
 """
 """The claim function (migration 13)."""
 
+_CLAIM_STATES_PICK = f"""\
+        SELECT array_agg(picked.id ORDER BY picked.next_run_at, picked.id),
+               array_agg(picked.id) FILTER (
+                   WHERE picked.version = 1 AND picked.lease_epoch = 0
+                     AND NOT EXISTS (SELECT 1 FROM task_instance t WHERE t.workflow_instance_id = picked.id))
+          INTO v_ids, v_new
+          FROM (SELECT w.id, w.next_run_at, w.version, w.lease_epoch FROM workflow_instance w
+                 WHERE w.status IN ({RUNNABLE_SQL}) AND w.next_run_at <= p_now{{typed}}
+                 ORDER BY w.next_run_at, w.id LIMIT p_limit FOR UPDATE SKIP LOCKED) picked;
+"""
+
 CLAIM_STATES_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION asyncflow_claim_states_v1(
     p_now bigint, p_limit bigint, p_until bigint, p_types text[])
@@ -221,28 +232,26 @@ SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_sor
 -- no node row) its columns, and it takes lease epoch 1 for the pass it is handed to (no pass can hold
 -- epoch 0: create_workflow(run=True) creates at 1); else its id alone. A driver's pass starts from
 -- such a row without reading the instance again, where nobody else can have run it since the claim
--- (asyncflow's in-process lock knows).
+-- (asyncflow's in-process lock knows). The rows are locked from the pick on: what it read of them holds.
 DECLARE
     v_ids bigint[];
+    v_new bigint[];
 BEGIN
     IF p_types IS NULL THEN
-{_CLAIM_PICK.format(typed="")}    ELSE
-{_CLAIM_PICK.format(typed=" AND array_position(p_types, w.workflow_type) IS NOT NULL")}    END IF;
+{_CLAIM_STATES_PICK.format(typed="")}    ELSE
+{_CLAIM_STATES_PICK.format(typed=" AND array_position(p_types, w.workflow_type) IS NOT NULL")}    END IF;
     IF v_ids IS NULL THEN
         RETURN;
     END IF;
     RETURN QUERY
-    WITH fresh AS (
-        SELECT f.id, f.version = 1 AND f.lease_epoch = 0
-                     AND NOT EXISTS (SELECT 1 FROM task_instance t WHERE t.workflow_instance_id = f.id) AS new
-          FROM workflow_instance f WHERE f.id = ANY (v_ids)
-    ), moved AS (
+    WITH moved AS (
         UPDATE workflow_instance w
-           SET next_run_at = p_until, lease_epoch = CASE WHEN fresh.new THEN 1 ELSE w.lease_epoch END
-          FROM fresh WHERE w.id = fresh.id
+           SET next_run_at = p_until,
+               lease_epoch = CASE WHEN w.id = ANY (v_new) THEN 1 ELSE w.lease_epoch END
+         WHERE w.id = ANY (v_ids)
         RETURNING w.id, w.workflow_type, w.business_id, w.status, w.workflow_context, w.task_id,
                   w.created_at, w.updated_at, w.next_run_at, w.version, w.lease_epoch, w.trace_context,
-                  w.parent_id, w.parent_node, w.child_key, fresh.new
+                  w.parent_id, w.parent_node, w.child_key, coalesce(w.id = ANY (v_new), false) AS new
     )
     SELECT m.id,
            CASE WHEN m.new THEN m.workflow_type END, CASE WHEN m.new THEN m.business_id END,
