@@ -70,33 +70,40 @@ class Handoffs:
     pass) are left to the fence. Rows are kept only for instances the driver claimed and has not
     started: it withdraws the ones it gives back (:meth:`drop`)."""
 
-    __slots__ = ("_held", "_open", "_released", "_rows")
+    __slots__ = ("_base", "_held", "_marks", "_released", "_rows")
 
     def __init__(self, held: dict[str, Any]) -> None:
         self._held = held  # the lock's table of held keys (expired, not yet taken over leases included)
         self._rows: dict[str, Any] = {}
-        self._open = 0  # claims on their way
-        self._released: list[str] = []  # keys given back since the first of them began
+        self._marks: list[int] = []  # the marks of the claims on their way
+        self._released: list[str] = []  # keys given back since the oldest of those claims began
+        self._base = 0  # the mark of _released[0]
 
     def begin(self) -> int:
         """A claim is about to be sent: the mark :meth:`end` takes."""
-        self._open += 1
-        return len(self._released)
+        mark = self._base + len(self._released)
+        self._marks.append(mark)
+        return mark
 
     def end(self, mark: int, rows: dict[str, Any]) -> None:
         """The claim begun at ``mark`` came back with ``rows`` (by key): offer those no holder touched
-        meanwhile. Called once per :meth:`begin`, ``{}`` when the claim failed."""
+        meanwhile. Called once per :meth:`begin`, ``{}`` when the claim failed. What is remembered of
+        the give-backs goes back to the oldest claim still on its way (claims of several drivers that
+        overlap without end keep no more than that)."""
         try:
             if rows:
-                released = self._released[mark:]
+                released = set(self._released[mark - self._base :])
                 held = self._held
                 for key, row in rows.items():
                     if key not in held and key not in released:
                         self._rows[key] = row
         finally:
-            self._open -= 1
-            if not self._open:
-                self._released.clear()
+            marks = self._marks
+            marks.remove(mark)
+            oldest = min(marks) if marks else self._base + len(self._released)
+            if oldest > self._base:
+                del self._released[: oldest - self._base]
+                self._base = oldest
 
     def take(self, key: str) -> Any:
         """The row offered under ``key`` (once), or ``None``: called by the holder of the key."""
@@ -111,7 +118,7 @@ class Handoffs:
         """A holder gave ``key`` back (or lost it): withdraw its row; remembered while claims are out."""
         if self._rows:
             self._rows.pop(key, None)
-        if self._open:
+        if self._marks:
             self._released.append(key)
 
     def clear(self) -> None:
@@ -174,7 +181,7 @@ class LocalWorkflowLock(ReentrantLock[LocalLease]):
         if self._held.get(key) is lease:
             del self._held[key]
         handoffs = self.handoffs
-        if handoffs is not None and (handoffs._rows or handoffs._open):
+        if handoffs is not None and (handoffs._rows or handoffs._marks):
             handoffs.released(key)
 
     async def aclose(self) -> None:

@@ -230,3 +230,21 @@ def test_a_lock_that_changes_how_it_takes_keys_hands_nothing_over() -> None:
 
     assert Subclassed().handoffs is None
     assert LocalWorkflowLock().handoffs is not None
+
+
+async def test_overlapping_claims_remember_give_backs_only_back_to_the_oldest_one_out(
+    lock: LocalWorkflowLock,
+) -> None:
+    """Two drivers on one lock whose claims always overlap: the log of give-backs stays bounded."""
+    handoffs = lock.handoffs
+    assert handoffs is not None
+    first = handoffs.begin()
+    for round_number in range(1000):
+        second = handoffs.begin()
+        lock._give_back(lock._take(f"k{round_number}", 10.0))  # a pass ends while both are out
+        handoffs.end(first, {f"k{round_number}": "stale"})  # released while out: not offered
+        assert handoffs.take(f"k{round_number}") is None
+        assert len(handoffs._released) == 1  # back to the older claim still out (second)
+        first = second
+    handoffs.end(first, {"fresh": "row"})
+    assert handoffs.take("fresh") == "row" and handoffs._released == [] and handoffs._marks == []
