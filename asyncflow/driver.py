@@ -427,18 +427,13 @@ class WorkflowDriver:
         now = self._now_ms()
         started = time.perf_counter()
         repo = self.service.repo
-        handoffs = self.service._handoffs()
-        # a repo class of asyncflow's (not a wrapper passing its attributes on: one that intercepts
-        # claim_due_instances is called as before)
-        claim_states: Any = None
-        if handoffs is not None and hasattr(type(repo), "claim_due_states"):
-            claim_states = repo.claim_due_states  # type: ignore[attr-defined]  # (not in the protocol)
-        if claim_states is None:
+        claim_states = self.service._claims_rows()
+        handoffs = None if claim_states is None else self.service._handoffs()
+        if claim_states is None or handoffs is None:
             ids = await repo.claim_due_instances(
                 now_ms=now, limit=limit, lease_ms=self._lease_ms, workflow_types=self._types or None
             )
         else:  # the rows of instances nobody has run yet go to their passes (Handoffs: no read of their own)
-            assert handoffs is not None
             mark, offered = handoffs.begin(), {}
             try:
                 claimed = await claim_states(
@@ -447,7 +442,7 @@ class WorkflowDriver:
                 ids = [instance_id for instance_id, _ in claimed]
                 offered = {lock_key(instance_id): row for instance_id, row in claimed if row is not None}
             finally:
-                handoffs.end(mark, offered)
+                handoffs.end(mark, offered, repo)
         self._stats.claim_seconds += time.perf_counter() - started
         self._stats.claims += 1
         self._stats.claimed += len(ids)

@@ -92,6 +92,11 @@ _MAX_WAIT_INTERVAL = 1e15
 """The longest ``run_pass(wait_interval=)``: its due time in unix ms still fits in int64."""
 
 
+_CLAIM_AND_READ = ("claim_due_states", "claim_due_instances", "load_instance_state")
+"""What a driver's handed-over claim replaces: a repo must have all three from one class (see
+``WorkflowService._claims_rows``)."""
+
+
 def lock_key(instance_id: int) -> str:
     """The lock key of an instance, as in Go."""
     return f"workflow_instance_execute_{instance_id}"
@@ -423,6 +428,24 @@ class WorkflowService:
         lock = self.lock
         return lock.handoffs if type(lock) is LocalWorkflowLock else None
 
+    def _claims_rows(self) -> Callable[..., Awaitable[Any]] | None:
+        """The repo's ``claim_due_states``, for a driver whose claims hand rows over (:meth:`_handoffs`),
+        or ``None``: only where the repo is asyncflow's as written (the claim, the pass's read and the
+        handing claim all of one class, nothing patched on the object), so that a subclass or a patch
+        that changes how instances are claimed or read is called as before."""
+        if self._handoffs() is None:
+            return None
+        repo = self.repo
+        cls = type(repo)
+        owner = next((c for c in cls.__mro__ if "claim_due_states" in vars(c)), None)
+        if owner is None:
+            return None
+        own, patched = vars(owner), getattr(repo, "__dict__", {})
+        for name in _CLAIM_AND_READ:
+            if name in patched or own.get(name) is None or getattr(cls, name) is not own[name]:
+                return None
+        return repo.claim_due_states  # type: ignore[attr-defined, no-any-return]  # (not in the protocol)
+
     def _driver_pass(self, instance_id: int, wait_interval: float) -> Coroutine[Any, Any, WorkflowInstance]:
         """:meth:`run_pass` for a driver, in a task the driver made for this pass alone (with a context
         of its own): the pass drives its first node in that task (``PassRunner(drive_here=True)``).
@@ -467,7 +490,7 @@ class WorkflowService:
                 # a driver's pass: the row its claim read, if no other holder of the key ran since
                 # (LocalWorkflowLock.handoffs): an instance nobody had run, which the claim took to epoch 1
                 handoffs = self._handoffs()
-                record = None if handoffs is None else handoffs.take(key)
+                record = None if handoffs is None else handoffs.take(key, self.repo)
                 if record is not None:
                     known = (record, [])
             if known is None:
@@ -732,8 +755,12 @@ class WorkflowService:
         self._canceled(canceled)
 
     def _canceled(self, canceled: list[WorkflowInstanceRecord]) -> None:
-        """What follows a committed cancel of these instances: waiters, observers, a log line each."""
+        """What follows a committed cancel of these instances: waiters, observers, a log line each; a
+        driver's claimed rows of them are withdrawn (a cancel does not hold their lock keys)."""
+        handoffs = self._handoffs() if canceled else None
         for one in canceled:
+            if handoffs is not None:
+                handoffs.drop(lock_key(one.id))
             self._waiters.finished(one.id)
             if self._observers.active:
                 done = dataclasses.replace(one, status=InstanceStatus.CANCELED.value)

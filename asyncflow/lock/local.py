@@ -18,7 +18,7 @@ from asyncflow.clock import SYSTEM_CLOCK, Clock
 from asyncflow.errors import LockFailedError
 from asyncflow.lock._reentrant import Lease, ReentrantLock
 
-__all__ = ["Handoffs", "LocalLease", "LocalWorkflowLock"]
+__all__ = ["HANDOFF_MAX_AGE", "Handoffs", "LocalLease", "LocalWorkflowLock"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,12 @@ class LocalLease(Lease):
         return self._expires_at != _INF and self._clock.monotonic() >= self._expires_at
 
 
+HANDOFF_MAX_AGE = 0.25
+"""Seconds an offered row stays usable (:class:`Handoffs`): a pass that takes the key later reads the
+instance. It bounds what a write the lock does not see (a cancel from another process: the dashboard,
+the CLI) can miss; a driver's pass takes its row 10-50 ms after the claim (``hot_path``, c=32)."""
+
+
 class Handoffs:
     """What a driver's claim read of instances nobody has run yet, handed to the pass that takes the key
     next, so that the pass needs no read of its own (``LocalWorkflowLock.handoffs``).
@@ -58,23 +64,29 @@ class Handoffs:
     A claim that finds an instance as it was created (no node row, never leased, never written) returns
     its row; the driver offers it here under the instance's key between :meth:`begin` (before the claim
     is sent) and :meth:`end` (after its rows came back), and the driver's pass :meth:`take` s it once it
-    holds the key. The row is still the instance's then only if no other holder of the key ran in
-    between: every holder is in this process (the lock's contract), so
+    holds the key. The pass runs the first node before it writes anything, so the row must still be the
+    instance's then. Every holder of the key is in this process (the lock's contract), so
 
     * a key held when the claim's rows come back, or given back while the claim was on its way (the
       holder may have written after the claim read the row), is not offered;
     * an offered row is withdrawn when any holder gives the key back (:meth:`released`), so a pass, an
-      event or a cancel that held the key after the claim leaves the next pass to read the instance.
+      event or a restart that held the key after the claim leaves the next pass to read the instance;
+      a cancel (which does not hold the key) withdraws the rows of what it canceled (:meth:`drop`);
+    * a row is taken only by a pass on the repo its claim read (``owner``: services on two databases may
+      share a lock, and their instance ids, hence keys, overlap), and at most :data:`HANDOFF_MAX_AGE`
+      seconds after the claim: a write from another process (a cancel) that lands in between is not
+      seen here, and its fence (the lease epoch, the status) refuses the pass's first write, after the
+      first node ran.
 
-    Writes outside the lock (an update of the instance fences the pass by its lease epoch, as for any
-    pass) are left to the fence. Rows are kept only for instances the driver claimed and has not
-    started: it withdraws the ones it gives back (:meth:`drop`)."""
+    Rows are kept only for instances the driver claimed and has not started: it withdraws the ones it
+    gives back (:meth:`drop`)."""
 
-    __slots__ = ("_base", "_held", "_marks", "_released", "_rows")
+    __slots__ = ("_base", "_clock", "_held", "_marks", "_released", "_rows")
 
-    def __init__(self, held: dict[str, Any]) -> None:
+    def __init__(self, held: dict[str, Any], clock: Clock) -> None:
         self._held = held  # the lock's table of held keys (expired, not yet taken over leases included)
-        self._rows: dict[str, Any] = {}
+        self._clock = clock
+        self._rows: dict[str, tuple[object, Any, float]] = {}  # key: (owner, row, offered at)
         self._marks: list[int] = []  # the marks of the claims on their way
         self._released: list[str] = []  # keys given back since the oldest of those claims began
         self._base = 0  # the mark of _released[0]
@@ -85,18 +97,18 @@ class Handoffs:
         self._marks.append(mark)
         return mark
 
-    def end(self, mark: int, rows: dict[str, Any]) -> None:
-        """The claim begun at ``mark`` came back with ``rows`` (by key): offer those no holder touched
-        meanwhile. Called once per :meth:`begin`, ``{}`` when the claim failed. What is remembered of
-        the give-backs goes back to the oldest claim still on its way (claims of several drivers that
-        overlap without end keep no more than that)."""
+    def end(self, mark: int, rows: dict[str, Any], owner: object = None) -> None:
+        """The claim begun at ``mark`` came back with ``rows`` (by key) read from ``owner`` (the repo):
+        offer those no holder touched meanwhile. Called once per :meth:`begin`, ``{}`` when the claim
+        failed. What is remembered of the give-backs goes back to the oldest claim still on its way
+        (claims of several drivers that overlap without end keep no more than that)."""
         try:
             if rows:
                 released = set(self._released[mark - self._base :])
-                held = self._held
+                held, offered, now = self._held, self._rows, self._clock.monotonic()
                 for key, row in rows.items():
                     if key not in held and key not in released:
-                        self._rows[key] = row
+                        offered[key] = (owner, row, now)
         finally:
             marks = self._marks
             marks.remove(mark)
@@ -105,10 +117,14 @@ class Handoffs:
                 del self._released[: oldest - self._base]
                 self._base = oldest
 
-    def take(self, key: str) -> Any:
-        """The row offered under ``key`` (once), or ``None``: called by the holder of the key."""
+    def take(self, key: str, owner: object = None) -> Any:
+        """The row offered under ``key`` (once) by a claim on ``owner``, if it is not older than
+        :data:`HANDOFF_MAX_AGE`; else ``None``. Called by the holder of the key."""
         rows = self._rows
-        return rows.pop(key, None) if rows else None
+        offered = rows.pop(key, None) if rows else None
+        if offered is None or offered[0] is not owner:
+            return None
+        return offered[1] if self._clock.monotonic() - offered[2] <= HANDOFF_MAX_AGE else None
 
     def drop(self, key: str) -> None:
         """Withdraw what is offered under ``key`` (its claim was given back, or its pass never began)."""
@@ -145,7 +161,7 @@ class LocalWorkflowLock(ReentrantLock[LocalLease]):
         cls = type(self)
         self._sync = cls._acquire is LocalWorkflowLock._acquire and cls._release is LocalWorkflowLock._release
         # a driver's claim hands rows to its passes only where every give-back goes through _give_back
-        self.handoffs: Handoffs | None = Handoffs(self._held) if self._sync else None
+        self.handoffs: Handoffs | None = Handoffs(self._held, self._clock) if self._sync else None
 
     @property
     def held_keys(self) -> frozenset[str]:

@@ -350,13 +350,6 @@ class ClaimsFailFirst:
         result: list[int] = await self.inner.claim_due_instances(**kwargs)
         return result
 
-    async def claim_due_states(self, **kwargs: Any) -> list[tuple[int, Any]]:
-        if self.failures > 0:
-            self.failures -= 1
-            raise RuntimeError("unexpected claim failure")
-        result: list[tuple[int, Any]] = await self.inner.claim_due_states(**kwargs)
-        return result
-
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
@@ -654,19 +647,16 @@ def gate_claims(repo: Any) -> tuple[asyncio.Event, asyncio.Event]:
     """Hold the repo's first claim that returns instances after it took them (its lease is written),
     until the second event is set: a race placed between a claim and the start of its passes."""
     claimed, gate = asyncio.Event(), asyncio.Event()
+    real = repo.claim_due_instances
 
-    def gated(real: Any) -> Any:
-        async def claim(**kwargs: Any) -> list[Any]:
-            ids = await real(**kwargs)
-            if ids and not gate.is_set():
-                claimed.set()
-                await gate.wait()
-            return list(ids)
+    async def claim(**kwargs: Any) -> list[int]:
+        ids = await real(**kwargs)
+        if ids and not gate.is_set():
+            claimed.set()
+            await gate.wait()
+        return ids
 
-        return claim
-
-    repo.claim_due_instances = gated(repo.claim_due_instances)
-    repo.claim_due_states = gated(repo.claim_due_states)  # what a driver on the local lock calls
+    repo.claim_due_instances = claim
     return claimed, gate
 
 

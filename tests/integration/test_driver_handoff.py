@@ -15,6 +15,7 @@ from asyncflow.engine.service import WorkflowService, lock_key
 from asyncflow.errors import ParamInvalidError
 from asyncflow.lock.local import LocalWorkflowLock
 from asyncflow.records import InstanceFields, InstanceWhere, NewWorkflowInstance, TaskInsert
+from asyncflow.worker import current_node
 from tests.integration.test_driver import LINEAR, Runs, count, create_many, is_sqlite, registry_for
 
 
@@ -46,7 +47,7 @@ async def claim_and_offer(service: WorkflowService, between: Callable[[], Any] |
     claimed = await service.repo.claim_due_states(now_ms=service._now_ms(), limit=100, lease_ms=60_000)
     if between is not None:
         await between()
-    handoffs.end(mark, {lock_key(i): row for i, row in claimed if row is not None})
+    handoffs.end(mark, {lock_key(i): row for i, row in claimed if row is not None}, service.repo)
     return [i for i, _ in claimed]
 
 
@@ -54,12 +55,12 @@ async def test_a_driver_runs_new_instances_without_reading_them(engine_repo: Any
     runs = Runs()
     service = service_for(engine_repo, runs)
     ids = await create_many(service, "lin", 40)
-    reads = LeasedReads(engine_repo)
     driver = WorkflowDriver(service, concurrency=1 if is_sqlite(engine_repo) else 8, poll_interval=0.05)
     await driver.run_until_idle()
     assert await count(service, "completed") == 40
     assert runs.count == {(i, node): 1 for i in ids for node in LINEAR}
-    assert reads.ids == []  # every pass started from its claim's row
+    # every pass started from its claim's row, at the epoch the claim took (a read would take 2)
+    assert [(await engine_repo.get_workflow_instance(i)).lease_epoch for i in ids] == [1] * 40
     handoffs = service._handoffs()
     assert handoffs is not None and len(handoffs) == 0
 
@@ -208,3 +209,73 @@ async def test_an_instance_its_creator_runs_is_created_at_epoch_1_and_never_hand
                     workflow_type="lin", business_id="x", workflow_context={}, lease_epoch=bad
                 )
             )
+
+
+async def test_a_cancel_between_the_claim_and_the_pass_runs_no_node(engine_repo: Any) -> None:
+    """A cancel holds no lock key: it withdraws the rows of what it canceled itself, so the pass reads
+    the instance (canceled) and runs nothing."""
+    runs = Runs()
+    service = service_for(engine_repo, runs)
+    [instance_id] = await create_many(service, "lin", 1)
+    await claim_and_offer(service)
+    await service.cancel_workflow_instance(instance_id)
+    handoffs = service._handoffs()
+    assert handoffs is not None and len(handoffs) == 0
+    assert (await service._driver_pass(instance_id, 0.05)).status == "canceled"
+    assert runs.count == {}
+
+
+async def test_services_on_two_databases_sharing_a_lock_run_each_their_own_rows(tmp_path: Any) -> None:
+    """Instance ids (so lock keys) of two databases overlap: a row goes only to a pass on its own repo."""
+    from asyncflow.store.memory import MemoryWorkflowRepo
+
+    lock = LocalWorkflowLock()
+    seen: dict[str, str] = {}
+
+    async def note(ctx: Any) -> None:
+        seen[current_node().task_type] = ctx.get("workflow_context", "tenant")[0]
+
+    services = []
+    for tenant in ("a", "b"):
+        repo = MemoryWorkflowRepo()
+        service = WorkflowService(repo, lock, registry_for("lin", LINEAR, Runs(), run=note))
+        await repo.create_workflow_instance(
+            NewWorkflowInstance(workflow_type="lin", business_id=tenant, workflow_context={"tenant": tenant})
+        )
+        services.append(service)
+    for service in services:
+        await claim_and_offer(service)  # both offer a row under key 1: the second replaces the first
+    for service, tenant in zip(services, "ab", strict=True):
+        seen.clear()
+        assert (await service._driver_pass(1, 0.05)).status == "completed"
+        assert set(seen.values()) == {tenant}
+
+
+async def test_a_repo_that_changes_how_it_claims_or_reads_is_called_as_before(engine_repo: Any) -> None:
+    """A subclass's claim_due_instances, or a patched load_instance_state, is what the driver calls:
+    nothing is handed over past it."""
+    runs = Runs()
+    service = service_for(engine_repo, runs)
+    assert service._claims_rows() is not None
+    claims: list[int] = []
+    real = engine_repo.claim_due_instances
+
+    async def counted(**kwargs: Any) -> list[int]:
+        ids = await real(**kwargs)
+        claims.extend(ids)
+        return ids
+
+    engine_repo.claim_due_instances = counted
+    assert service._claims_rows() is None
+    ids = await create_many(service, "lin", 3)
+    await WorkflowDriver(service, concurrency=1, poll_interval=0.05).run_until_idle()
+    assert sorted(claims) == ids
+    del engine_repo.claim_due_instances
+    assert service._claims_rows() is not None
+
+    class Tenant(type(engine_repo)):  # type: ignore[misc]
+        async def load_instance_state(self, instance_id: int, *, lease: bool = False) -> Any:
+            return await super().load_instance_state(instance_id, lease=lease)
+
+    engine_repo.__class__ = Tenant
+    assert service._claims_rows() is None

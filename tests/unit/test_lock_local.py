@@ -217,7 +217,7 @@ async def test_a_taken_over_lost_lease_withdraws_the_row(lock: LocalWorkflowLock
     old = lock._take("k", 1.0)
     old._suspend_renewal()
     clock.advance(2.0)
-    handoffs._rows["k"] = "row"  # offered while the old holder was gone (as end() would not: held)
+    handoffs._rows["k"] = (None, "row", clock.monotonic())  # offered while the old holder was gone
     new = lock._take("k", 10.0)
     assert old.lost and handoffs.take("k") is None
     lock._give_back(new)
@@ -248,3 +248,24 @@ async def test_overlapping_claims_remember_give_backs_only_back_to_the_oldest_on
         first = second
     handoffs.end(first, {"fresh": "row"})
     assert handoffs.take("fresh") == "row" and handoffs._released == [] and handoffs._marks == []
+
+
+async def test_a_row_is_taken_only_by_a_pass_on_its_own_repo_and_only_while_young(
+    lock: LocalWorkflowLock, clock: FakeClock
+) -> None:
+    from asyncflow.lock.local import HANDOFF_MAX_AGE
+
+    handoffs = lock.handoffs
+    assert handoffs is not None
+    repo_a, repo_b = object(), object()
+    handoffs.end(handoffs.begin(), {"k": "a's row"}, repo_a)
+    handoffs.end(handoffs.begin(), {"k": "b's row"}, repo_b)  # the same id in another database
+    assert handoffs.take("k", repo_a) is None  # b's row: not for a pass on repo a (and gone now)
+    handoffs.end(handoffs.begin(), {"k": "a's row"}, repo_a)
+    assert handoffs.take("k", repo_a) == "a's row"
+    handoffs.end(handoffs.begin(), {"k": "a's row"}, repo_a)
+    clock.advance(HANDOFF_MAX_AGE)
+    handoffs.end(handoffs.begin(), {"j": "young"}, repo_a)
+    clock.advance(0.001)
+    assert handoffs.take("k", repo_a) is None  # too old: the pass reads the instance
+    assert handoffs.take("j", repo_a) == "young"
