@@ -1045,6 +1045,42 @@ async def test_claim_takes_due_runnable_instances_oldest_first(repo: WorkflowRep
     ]
 
 
+async def test_claim_due_states_claims_in_order_and_hands_over_new_instances(
+    repo: WorkflowRepo, request: pytest.FixtureRequest
+) -> None:
+    """``claim_due_states`` (asyncflow's repos; not in the protocol): the same ids in the same order as
+    ``claim_due_instances``, with the record of each new instance (taken to lease epoch 1); PostgreSQL
+    inside ``transaction()`` claims without records (the driver never claims there)."""
+    dues = [(50, "init", "a"), (10, "running", "b"), (30, "init", "a"), (10, "init", "a")]
+    dues.append((1000, "init", "a"))
+    made = [
+        await repo.create_workflow_instance(new(str(i), next_run_at=due, status=status, workflow_type=wt))
+        for i, (due, status, wt) in enumerate(dues)
+    ]
+    ids = [item.id for item in made]
+    await repo.load_instance_state(ids[3], lease=True)  # a pass leased it: not new any more
+    claim = repo.claim_due_states  # type: ignore[attr-defined]
+    assert await claim(now_ms=100, limit=0, lease_ms=500) == []
+    first = await claim(now_ms=100, limit=3, lease_ms=500)
+    assert [i for i, _ in first] == [ids[1], ids[3], ids[2]]
+    handed = [record is not None for _, record in first]
+    if "postgres-tx" in request.node.name:
+        assert handed == [False, False, False]
+    else:
+        assert handed == [True, False, True]
+    for instance_id, record in first:
+        if record is not None:
+            assert record == await repo.get_workflow_instance(instance_id)
+            assert (record.lease_epoch, record.version, record.next_run_at) == (1, 1, 600)
+    assert await claim(now_ms=100, limit=3, lease_ms=500, workflow_types=["b"]) == []
+    assert [i for i, _ in await claim(now_ms=2000, limit=9, lease_ms=5, workflow_types=["a"])] == [
+        ids[0],  # due at 50; the others were leased until 600 (ties by id), and one is due at 1000
+        ids[2],
+        ids[3],
+        ids[4],
+    ]
+
+
 async def test_concurrent_claimers_never_share_an_instance(repo: WorkflowRepo) -> None:
     await repo.create_workflow_instances([new(str(i), next_run_at=i) for i in range(60)])
     batches = await asyncio.gather(

@@ -9,7 +9,7 @@ from asyncflow.store.postgres import definitions, functions, notify, schema
 
 _DIGESTS = {
     1: "af10838be2ed4bbbc7b523abd1517586b2ceeb781c9beac4182654bb78f4ea67",
-    2: "6308e5c09c26b732e18ee9149d5631bccedb6d8a2ba600e9873aa1f4a1e270b8",  # asyncflow_claim_states_v1
+    2: "940c7114cbe39f4e4245954845cc98043e632ed504600a25ba716bc2a10906bc",  # asyncflow_claim_states_v1
 }
 """The sha256 of the definitions' text at each revision (add a line when you bump it)."""
 

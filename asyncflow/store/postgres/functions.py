@@ -225,12 +225,13 @@ CREATE OR REPLACE FUNCTION asyncflow_claim_states_v1(
 RETURNS TABLE (o_id bigint, o_workflow_type text, o_business_id text, o_status text, o_context text,
                o_task_id bigint, o_created_at bigint, o_updated_at bigint, o_next_run_at bigint,
                o_version bigint, o_lease_epoch bigint, o_trace_context text, o_parent_id bigint,
-               o_parent_node text, o_child_key text, o_new boolean) LANGUAGE plpgsql
+               o_parent_node text, o_child_key text, o_ord integer) LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_sort = off AS $asyncflow$
 -- asyncflow_claim_v1's claim (the same rows, leased the same way), returning a row per claimed instance
--- in claim order: where the instance is as it was created (o_new: never written since, never leased,
--- no node row) its columns, and it takes lease epoch 1 for the pass it is handed to (no pass can hold
--- epoch 0: create_workflow(run=True) creates at 1); else its id alone. A driver's pass starts from
+-- with its place in claim order (o_ord, from 1): where the instance is as it was created (never
+-- written since, never leased, no node row) its columns, and it takes lease epoch 1 for the pass it is
+-- handed to (no pass can hold epoch 0: create_workflow(run=True) creates at 1); else its id, with
+-- o_workflow_type NULL. A driver's pass starts from
 -- such a row without reading the instance again, where nobody else can have run it since the claim
 -- (asyncflow's in-process lock knows). The rows are locked from the pick on: what it read of them holds.
 DECLARE
@@ -244,23 +245,19 @@ BEGIN
         RETURN;
     END IF;
     RETURN QUERY
-    WITH moved AS (
-        UPDATE workflow_instance w
-           SET next_run_at = p_until,
-               lease_epoch = CASE WHEN w.id = ANY (v_new) THEN 1 ELSE w.lease_epoch END
-         WHERE w.id = ANY (v_ids)
-        RETURNING w.id, w.workflow_type, w.business_id, w.status, w.workflow_context, w.task_id,
-                  w.created_at, w.updated_at, w.next_run_at, w.version, w.lease_epoch, w.trace_context,
-                  w.parent_id, w.parent_node, w.child_key, coalesce(w.id = ANY (v_new), false) AS new
-    )
-    SELECT m.id,
-           CASE WHEN m.new THEN m.workflow_type END, CASE WHEN m.new THEN m.business_id END,
-           CASE WHEN m.new THEN m.status END, CASE WHEN m.new THEN m.workflow_context::text END,
-           m.task_id, m.created_at, m.updated_at, m.next_run_at, m.version, m.lease_epoch,
-           CASE WHEN m.new THEN m.trace_context END, m.parent_id,
-           CASE WHEN m.new THEN m.parent_node END, CASE WHEN m.new THEN m.child_key END, m.new
-      FROM unnest(v_ids) WITH ORDINALITY AS c(id, ord) JOIN moved m ON m.id = c.id
-     ORDER BY c.ord;
+    UPDATE workflow_instance w
+       SET next_run_at = p_until, lease_epoch = CASE WHEN w.id = ANY (v_new) THEN 1 ELSE w.lease_epoch END
+     WHERE w.id = ANY (v_ids)
+    RETURNING w.id,
+              CASE WHEN w.id = ANY (v_new) THEN w.workflow_type END,
+              CASE WHEN w.id = ANY (v_new) THEN w.business_id END,
+              CASE WHEN w.id = ANY (v_new) THEN w.status END,
+              CASE WHEN w.id = ANY (v_new) THEN w.workflow_context::text END,
+              w.task_id, w.created_at, w.updated_at, w.next_run_at, w.version, w.lease_epoch,
+              CASE WHEN w.id = ANY (v_new) THEN w.trace_context END, w.parent_id,
+              CASE WHEN w.id = ANY (v_new) THEN w.parent_node END,
+              CASE WHEN w.id = ANY (v_new) THEN w.child_key END,
+              array_position(v_ids, w.id);
 END
 $asyncflow$;
 """

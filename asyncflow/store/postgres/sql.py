@@ -19,6 +19,7 @@ several steps in one statement. Contexts travel as the canonical JSON text the r
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -404,13 +405,18 @@ async def apply_step(db: Any, step: PreparedStep, now: int) -> tuple[TaskInstanc
     return inserted_records(step, ids, now)
 
 
+_CLAIM_ORDER = operator.itemgetter(15)
+"""A row of :data:`CLAIM_STATES_CALL`'s place in claim order (``o_ord``)."""
+
+
 async def claim_due_states(
     db: Any, *, now_ms: int, limit: int, lease_ms: int, types: Sequence[str]
 ) -> list[tuple[int, WorkflowInstanceRecord | None]]:
     """:func:`claim_due` through ``asyncflow_claim_states_v1``: each claimed id, in claim order, with its
     record (as leased) where the instance is as it was created (no node row, never leased or written)."""
     rows = await db.fetch(CLAIM_STATES_CALL, now_ms, limit, now_ms + lease_ms, list(types) if types else None)
-    return [(row[0], instance_record(row) if row[15] else None) for row in rows]
+    rows.sort(key=_CLAIM_ORDER)  # the update returns them in no set order
+    return [(row[0], None if row[1] is None else instance_record(row)) for row in rows]
 
 
 async def claim_due(
