@@ -6,6 +6,7 @@ written when an argument is invalid.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeAlias
 
@@ -118,6 +119,18 @@ PreparedStep: TypeAlias = tuple[
 ]
 """A checked :class:`~asyncflow.records.Step`, a plain tuple read by position (or unpacked): every
 step of every pass builds one (see :data:`TaskRow`)."""
+
+
+def claim_args(
+    now_ms: object, limit: object, lease_ms: object, workflow_types: Sequence[str] | None
+) -> tuple[int, tuple[str, ...]]:
+    """Checked arguments of a claim (``claim_due_instances``, ``claim_due_states``): the lease's end
+    (``now_ms + lease_ms``) and the workflow types (``()``: any)."""
+    check_int(now_ms, "now_ms", minimum=0)
+    check_int(lease_ms, "lease_ms", minimum=0)
+    until = check_int(now_ms + lease_ms, "now_ms + lease_ms", minimum=0)  # type: ignore[operator]
+    check_int(limit, "limit", minimum=0)
+    return until, check_texts(workflow_types or (), "workflow_types")
 
 
 def instance_row(new: NewWorkflowInstance) -> InstanceRow:

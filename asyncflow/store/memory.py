@@ -547,11 +547,7 @@ class MemoryWorkflowRepo:
         self, *, now_ms: int, limit: int, lease_ms: int, workflow_types: Sequence[str] | None = None
     ) -> list[int]:
         """Lease up to ``limit`` due ``init``/``running`` instances, oldest due first."""
-        check_int(now_ms, "now_ms", minimum=0)
-        check_int(lease_ms, "lease_ms", minimum=0)
-        lease = check_int(now_ms + lease_ms, "now_ms + lease_ms", minimum=0)
-        check_int(limit, "limit", minimum=0)
-        types = check_texts(workflow_types or (), "workflow_types")
+        lease, types = prep.claim_args(now_ms, limit, lease_ms, workflow_types)
         async with self._unit() as state:
             picked = self._due(state, now_ms, types)[:limit]
             for item in picked:
@@ -564,11 +560,7 @@ class MemoryWorkflowRepo:
         """:meth:`claim_due_instances`, with the record (as claimed) of each instance nobody has run yet:
         no node row, never leased, never written since its creation; such an instance takes lease
         epoch 1 (the epoch of the pass it is handed to)."""
-        check_int(now_ms, "now_ms", minimum=0)
-        check_int(lease_ms, "lease_ms", minimum=0)
-        lease = check_int(now_ms + lease_ms, "now_ms + lease_ms", minimum=0)
-        check_int(limit, "limit", minimum=0)
-        types = check_texts(workflow_types or (), "workflow_types")
+        lease, types = prep.claim_args(now_ms, limit, lease_ms, workflow_types)
         async with self._unit() as state:
             claimed: list[tuple[int, WorkflowInstanceRecord | None]] = []
             for item in self._due(state, now_ms, types)[:limit]:

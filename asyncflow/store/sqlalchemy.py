@@ -520,12 +520,9 @@ class SQLAlchemyWorkflowRepo:
         ``FOR UPDATE SKIP LOCKED``) or the same write transaction (SQLite), so concurrent claimers
         never get the same id. A claim is a lease, not a change: ``updated_at``/``version`` stay.
         """
-        check_int(now_ms, "now_ms", minimum=0)
-        check_int(lease_ms, "lease_ms", minimum=0)
-        check_int(now_ms + lease_ms, "now_ms + lease_ms", minimum=0)
-        if check_int(limit, "limit", minimum=0) == 0:
+        _, types = prep.claim_args(now_ms, limit, lease_ms, workflow_types)
+        if limit == 0:
             return []
-        types = check_texts(workflow_types or (), "workflow_types")
         with StoreErrors("claim_due_instances"):
             return await self._backend.claim(now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
 
@@ -537,12 +534,9 @@ class SQLAlchemyWorkflowRepo:
         others. A driver on an in-process lock starts such an instance's pass from the record
         (``LocalWorkflowLock.handoffs``). PostgreSQL: one call of ``asyncflow_claim_states_v1`` (without
         it, ``asyncflow_claim_v1`` and no records, until ``migrate()``); SQLite: the claim's transaction."""
-        check_int(now_ms, "now_ms", minimum=0)
-        check_int(lease_ms, "lease_ms", minimum=0)
-        check_int(now_ms + lease_ms, "now_ms + lease_ms", minimum=0)
-        if check_int(limit, "limit", minimum=0) == 0:
+        _, types = prep.claim_args(now_ms, limit, lease_ms, workflow_types)
+        if limit == 0:
             return []
-        types = check_texts(workflow_types or (), "workflow_types")
         with StoreErrors("claim_due_states"):
             return await self._backend.claim_states(
                 now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types
