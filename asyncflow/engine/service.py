@@ -93,8 +93,8 @@ _MAX_WAIT_INTERVAL = 1e15
 
 
 _CLAIM_AND_READ = ("claim_due_states", "claim_due_instances", "load_instance_state")
-"""What a driver's handed-over claim replaces: a repo must have all three from one class (see
-``WorkflowService._claims_rows``)."""
+"""What a driver's handed-over claim replaces: a repo class that hands over lists these three methods
+as it defines them in ``_HANDS_OVER_WITH`` (see ``WorkflowService._claims_rows``)."""
 
 
 def lock_key(instance_id: int) -> str:
@@ -437,12 +437,12 @@ class WorkflowService:
             return None
         repo = self.repo
         cls = type(repo)
-        owner = next((c for c in cls.__mro__ if "claim_due_states" in vars(c)), None)
-        if owner is None:
+        pristine = getattr(cls, "_HANDS_OVER_WITH", None)  # the methods as the repo's class defined them
+        if pristine is None:
             return None
-        own, patched = vars(owner), getattr(repo, "__dict__", {})
-        for name in _CLAIM_AND_READ:
-            if name in patched or own.get(name) is None or getattr(cls, name) is not own[name]:
+        patched = getattr(repo, "__dict__", {})
+        for name, method in zip(_CLAIM_AND_READ, pristine, strict=True):
+            if name in patched or getattr(cls, name, None) is not method:
                 return None
         return repo.claim_due_states  # type: ignore[attr-defined, no-any-return]  # (not in the protocol)
 
@@ -755,12 +755,9 @@ class WorkflowService:
         self._canceled(canceled)
 
     def _canceled(self, canceled: list[WorkflowInstanceRecord]) -> None:
-        """What follows a committed cancel of these instances: waiters, observers, a log line each; a
-        driver's claimed rows of them are withdrawn (a cancel does not hold their lock keys)."""
-        handoffs = self._handoffs() if canceled else None
+        """What follows a committed cancel of these instances: waiters, observers, a log line each (a
+        driver's claimed rows of them were withdrawn by :meth:`_cancel_tree`)."""
         for one in canceled:
-            if handoffs is not None:
-                handoffs.drop(lock_key(one.id))
             self._waiters.finished(one.id)
             if self._observers.active:
                 done = dataclasses.replace(one, status=InstanceStatus.CANCELED.value)
@@ -782,6 +779,9 @@ class WorkflowService:
         )
         if changed == 0:  # became terminal meanwhile; nothing to cancel
             return []
+        handoffs = self._handoffs()
+        if handoffs is not None:  # a driver's claimed row of it is stale now (a cancel holds no key):
+            handoffs.released(lock_key(record.id))  # withdrawn, and not offered by a claim still out
         await self.repo.update_task_instances(
             TaskWhere(workflow_instance_id=record.id, status_in=_NON_TERMINAL_TASK),
             TaskFields(status=TaskStatus.CANCELED.value),

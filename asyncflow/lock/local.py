@@ -87,39 +87,42 @@ class Handoffs:
         self._held = held  # the lock's table of held keys (expired, not yet taken over leases included)
         self._clock = clock
         self._rows: dict[str, tuple[object, Any, float]] = {}  # key: (owner, row, offered at)
-        self._marks: list[int] = []  # the marks of the claims on their way
+        self._marks: list[tuple[int, float]] = []  # the marks of the claims on their way
         self._released: list[str] = []  # keys given back since the oldest of those claims began
         self._base = 0  # the mark of _released[0]
 
-    def begin(self) -> int:
-        """A claim is about to be sent: the mark :meth:`end` takes."""
-        mark = self._base + len(self._released)
+    def begin(self) -> tuple[int, float]:
+        """A claim is about to be sent: the mark :meth:`end` takes (where the give-backs since then
+        start, and when the claim began: a row's age counts from there)."""
+        mark = (self._base + len(self._released), self._clock.monotonic())
         self._marks.append(mark)
         return mark
 
-    def end(self, mark: int, rows: dict[str, Any], owner: object = None) -> None:
+    def end(self, mark: tuple[int, float], rows: dict[str, Any], owner: object = None) -> None:
         """The claim begun at ``mark`` came back with ``rows`` (by key) read from ``owner`` (the repo):
         offer those no holder touched meanwhile. Called once per :meth:`begin`, ``{}`` when the claim
         failed. What is remembered of the give-backs goes back to the oldest claim still on its way
         (claims of several drivers that overlap without end keep no more than that)."""
         try:
             if rows:
-                released = set(self._released[mark - self._base :])
-                held, offered, now = self._held, self._rows, self._clock.monotonic()
+                start, began = mark
+                released = set(self._released[start - self._base :])
+                held, offered = self._held, self._rows
                 for key, row in rows.items():
                     if key not in held and key not in released:
-                        offered[key] = (owner, row, now)
+                        offered[key] = (owner, row, began)
         finally:
             marks = self._marks
             marks.remove(mark)
-            oldest = min(marks) if marks else self._base + len(self._released)
+            oldest = min(marks)[0] if marks else self._base + len(self._released)
             if oldest > self._base:
                 del self._released[: oldest - self._base]
                 self._base = oldest
 
     def take(self, key: str, owner: object = None) -> Any:
-        """The row offered under ``key`` (once) by a claim on ``owner``, if it is not older than
-        :data:`HANDOFF_MAX_AGE`; else ``None``. Called by the holder of the key."""
+        """The row offered under ``key`` (once) by a claim on ``owner`` that began at most
+        :data:`HANDOFF_MAX_AGE` ago; else ``None`` (a row of another owner is dropped: its pass reads).
+        Called by the holder of the key."""
         rows = self._rows
         offered = rows.pop(key, None) if rows else None
         if offered is None or offered[0] is not owner:

@@ -573,6 +573,10 @@ class MemoryWorkflowRepo:
                 state.instances[item.id] = leased
             return claimed
 
+    _HANDS_OVER_WITH = (claim_due_states, claim_due_instances, load_instance_state)
+    """The claim that hands new instances over, and what it stands for, as this class defines them: a
+    driver hands over only while the repo's class still has these (not a subclass's, not a patch)."""
+
     async def acquire_lease(self, key: str, holder: str, ttl_ms: int) -> bool:
         """Take ``key`` for ``holder`` for ``ttl_ms`` if it is free or expired (DatabaseWorkflowLock)."""
         check_text(key, "key")

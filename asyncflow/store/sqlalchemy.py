@@ -542,6 +542,10 @@ class SQLAlchemyWorkflowRepo:
                 now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types
             )
 
+    _HANDS_OVER_WITH = (claim_due_states, claim_due_instances, load_instance_state)
+    """The claim that hands new instances over, and what it stands for, as this class defines them: a
+    driver hands over only while the repo's class still has these (not a subclass's, not a patch)."""
+
     async def next_due_at(self, workflow_types: Sequence[str] | None = None) -> int | None:
         """The smallest ``next_run_at`` among ``init``/``running`` instances, or ``None``."""
         types = check_texts(workflow_types or (), "workflow_types")

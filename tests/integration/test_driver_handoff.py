@@ -279,3 +279,46 @@ async def test_a_repo_that_changes_how_it_claims_or_reads_is_called_as_before(en
 
     engine_repo.__class__ = Tenant
     assert service._claims_rows() is None
+
+
+async def test_a_cancel_withdraws_the_row_when_it_writes_not_after_its_commit(engine_repo: Any) -> None:
+    """The cancel's follow-up reads (children canceled late) come after its commit: the row is gone
+    from the moment the cancel updates the instance, and stays gone if the cancel's caller gives up."""
+    runs = Runs()
+    service = service_for(engine_repo, runs)
+    [instance_id] = await create_many(service, "lin", 1)
+    await claim_and_offer(service)
+    handoffs = service._handoffs()
+    assert handoffs is not None and len(handoffs) == 1
+    entered, never = asyncio.Event(), asyncio.Event()
+    real = engine_repo.query_child_instances
+
+    async def stalls(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await never.wait()
+        return await real(*args, **kwargs)
+
+    engine_repo.query_child_instances = stalls  # (not what a driver's claim depends on)
+    cancel = asyncio.create_task(service.cancel_workflow_instance(instance_id))
+    await entered.wait()  # in the cancel's tree, after its update of the instance
+    assert len(handoffs) == 0
+    cancel.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancel
+    del engine_repo.query_child_instances
+    assert len(handoffs) == 0
+
+
+async def test_a_patch_on_the_repos_class_is_called_as_before(engine_repo: Any) -> None:
+    from unittest import mock
+
+    service = service_for(engine_repo, Runs())
+    assert service._claims_rows() is not None
+    real = type(engine_repo).claim_due_instances
+
+    async def counted(self: Any, **kwargs: Any) -> list[int]:
+        return list(await real(self, **kwargs))
+
+    with mock.patch.object(type(engine_repo), "claim_due_instances", counted):
+        assert service._claims_rows() is None
+    assert service._claims_rows() is not None

@@ -269,3 +269,14 @@ async def test_a_row_is_taken_only_by_a_pass_on_its_own_repo_and_only_while_youn
     clock.advance(0.001)
     assert handoffs.take("k", repo_a) is None  # too old: the pass reads the instance
     assert handoffs.take("j", repo_a) == "young"
+
+
+async def test_a_rows_age_counts_from_when_its_claim_began(lock: LocalWorkflowLock, clock: FakeClock) -> None:
+    from asyncflow.lock.local import HANDOFF_MAX_AGE
+
+    handoffs = lock.handoffs
+    assert handoffs is not None
+    mark = handoffs.begin()
+    clock.advance(HANDOFF_MAX_AGE + 0.01)  # a slow claim: its read is that old when its rows come back
+    handoffs.end(mark, {"k": "row"})
+    assert handoffs.take("k") is None

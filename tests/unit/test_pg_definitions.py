@@ -9,7 +9,7 @@ from asyncflow.store.postgres import definitions, functions, notify, schema
 
 _DIGESTS = {
     1: "af10838be2ed4bbbc7b523abd1517586b2ceeb781c9beac4182654bb78f4ea67",
-    2: "940c7114cbe39f4e4245954845cc98043e632ed504600a25ba716bc2a10906bc",  # asyncflow_claim_states_v1
+    2: "ef566b747400d633cd799ac0a6a1217d9f17a7a39539cc4977eb53f406bf12f4",  # asyncflow_claim_states_v1
 }
 """The sha256 of the definitions' text at each revision (add a line when you bump it)."""
 

@@ -210,9 +210,10 @@ $asyncflow$;
 
 _CLAIM_STATES_PICK = f"""\
         SELECT array_agg(picked.id ORDER BY picked.next_run_at, picked.id),
-               array_agg(picked.id) FILTER (
-                   WHERE picked.version = 1 AND picked.lease_epoch = 0
-                     AND NOT EXISTS (SELECT 1 FROM task_instance t WHERE t.workflow_instance_id = picked.id))
+               array_agg(picked.version = 1 AND picked.lease_epoch = 0
+                         AND NOT EXISTS (SELECT 1 FROM task_instance t
+                                          WHERE t.workflow_instance_id = picked.id)
+                         ORDER BY picked.next_run_at, picked.id)
           INTO v_ids, v_new
           FROM (SELECT w.id, w.next_run_at, w.version, w.lease_epoch FROM workflow_instance w
                  WHERE w.status IN ({RUNNABLE_SQL}) AND w.next_run_at <= p_now{{typed}}
@@ -236,7 +237,7 @@ SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_sor
 -- (asyncflow's in-process lock knows). The rows are locked from the pick on: what it read of them holds.
 DECLARE
     v_ids bigint[];
-    v_new bigint[];
+    v_new boolean[];  -- in v_ids's order: whether each instance is as it was created
 BEGIN
     IF p_types IS NULL THEN
 {_CLAIM_STATES_PICK.format(typed="")}    ELSE
@@ -246,18 +247,19 @@ BEGIN
     END IF;
     RETURN QUERY
     UPDATE workflow_instance w
-       SET next_run_at = p_until, lease_epoch = CASE WHEN w.id = ANY (v_new) THEN 1 ELSE w.lease_epoch END
-     WHERE w.id = ANY (v_ids)
+       SET next_run_at = p_until, lease_epoch = CASE WHEN c.new THEN 1 ELSE w.lease_epoch END
+      FROM unnest(v_ids, v_new) WITH ORDINALITY AS c(id, new, ord)
+     WHERE w.id = c.id
     RETURNING w.id,
-              CASE WHEN w.id = ANY (v_new) THEN w.workflow_type END,
-              CASE WHEN w.id = ANY (v_new) THEN w.business_id END,
-              CASE WHEN w.id = ANY (v_new) THEN w.status END,
-              CASE WHEN w.id = ANY (v_new) THEN w.workflow_context::text END,
+              CASE WHEN c.new THEN w.workflow_type END,
+              CASE WHEN c.new THEN w.business_id END,
+              CASE WHEN c.new THEN w.status END,
+              CASE WHEN c.new THEN w.workflow_context::text END,
               w.task_id, w.created_at, w.updated_at, w.next_run_at, w.version, w.lease_epoch,
-              CASE WHEN w.id = ANY (v_new) THEN w.trace_context END, w.parent_id,
-              CASE WHEN w.id = ANY (v_new) THEN w.parent_node END,
-              CASE WHEN w.id = ANY (v_new) THEN w.child_key END,
-              array_position(v_ids, w.id);
+              CASE WHEN c.new THEN w.trace_context END, w.parent_id,
+              CASE WHEN c.new THEN w.parent_node END,
+              CASE WHEN c.new THEN w.child_key END,
+              c.ord::integer;
 END
 $asyncflow$;
 """
