@@ -53,7 +53,9 @@ def free_port() -> int:
 
 
 async def _contend(url: str, prefix: str, attempts: int) -> tuple[int, int, int]:
-    """Try ``attempts`` holds on one key; count wins, refusals and exclusion violations."""
+    """Try ``attempts`` holds on one key, and more until one is won (a process whose attempts all fell
+    while the other held the key, as they can on a slow machine, tries on once the other is done);
+    count wins, refusals and exclusion violations."""
     wins = refusals = violations = 0
     raw = aioredis.Redis.from_url(url)
     try:
@@ -61,8 +63,10 @@ async def _contend(url: str, prefix: str, attempts: int) -> tuple[int, int, int]
         async with asyncio.timeout(GUARD):  # start together
             while int(await raw.get(prefix + "ready") or 0) < 2:
                 await asyncio.sleep(0.005)
-        async with RedisWorkflowLock(url, prefix=prefix) as lock:
-            for _ in range(attempts):
+        async with RedisWorkflowLock(url, prefix=prefix) as lock, asyncio.timeout(GUARD):
+            tried = 0
+            while tried < attempts or not wins:
+                tried += 1
                 try:
                     async with lock.hold("contended", 5.0) as lease:
                         wins += 1
@@ -93,7 +97,7 @@ async def test_two_processes_never_hold_at_the_same_time(redis_url: str, prefix:
     wins = sum(r[0] for r in results)
     refusals = sum(r[1] for r in results)
     violations = sum(r[2] for r in results)
-    assert wins + refusals == 1000
+    assert wins + refusals >= 1000
     assert violations == 0
     assert all(result[0] >= 1 for result in results)  # both processes held it at some point ...
     assert refusals >= 1  # ... and they really contended
