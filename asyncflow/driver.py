@@ -427,9 +427,9 @@ class WorkflowDriver:
         now = self._now_ms()
         started = time.perf_counter()
         repo = self.service.repo
-        claim_states = self.service._claims_rows()
-        handoffs = None if claim_states is None else self.service._handoffs()
-        if claim_states is None or handoffs is None:
+        handoffs = self.service._handoffs()
+        claim_states = None if handoffs is None else self.service._claims_rows()
+        if handoffs is None or claim_states is None:
             ids = await repo.claim_due_instances(
                 now_ms=now, limit=limit, lease_ms=self._lease_ms, workflow_types=self._types or None
             )

@@ -429,12 +429,11 @@ class WorkflowService:
         return lock.handoffs if type(lock) is LocalWorkflowLock else None
 
     def _claims_rows(self) -> Callable[..., Awaitable[Any]] | None:
-        """The repo's ``claim_due_states``, for a driver whose claims hand rows over (:meth:`_handoffs`),
-        or ``None``: only where the repo is asyncflow's as written (the claim, the pass's read and the
-        handing claim all of one class, nothing patched on the object), so that a subclass or a patch
-        that changes how instances are claimed or read is called as before."""
-        if self._handoffs() is None:
-            return None
+        """The repo's ``claim_due_states``, for a driver whose claims hand rows over (where
+        :meth:`_handoffs` is not ``None``), or ``None``: only where the repo is asyncflow's as written
+        (the claim, the pass's read and the handing claim all of one class, nothing patched on the
+        object), so that a subclass or a patch that changes how instances are claimed or read is called
+        as before."""
         repo = self.repo
         cls = type(repo)
         pristine = getattr(cls, "_HANDS_OVER_WITH", None)  # the methods as the repo's class defined them

@@ -71,7 +71,7 @@ class Handoffs:
       holder may have written after the claim read the row), is not offered;
     * an offered row is withdrawn when any holder gives the key back (:meth:`released`), so a pass, an
       event or a restart that held the key after the claim leaves the next pass to read the instance;
-      a cancel (which does not hold the key) withdraws the rows of what it canceled (:meth:`drop`);
+      a cancel (which does not hold the key) counts as a give-back of what it canceled;
     * a row is taken only by a pass on the repo its claim read (``owner``: services on two databases may
       share a lock, and their instance ids, hence keys, overlap), and at most :data:`HANDOFF_MAX_AGE`
       seconds after the claim: a write from another process (a cancel) that lands in between is not

@@ -9,7 +9,7 @@ from asyncflow.store.postgres import definitions, functions, notify, schema
 
 _DIGESTS = {
     1: "af10838be2ed4bbbc7b523abd1517586b2ceeb781c9beac4182654bb78f4ea67",
-    2: "ef566b747400d633cd799ac0a6a1217d9f17a7a39539cc4977eb53f406bf12f4",  # asyncflow_claim_states_v1
+    2: "1d74e881c1f0f243050dcf14cf194289366c96e036c4f6120bf40040f8a19ae6",  # asyncflow_claim_states_v1
 }
 """The sha256 of the definitions' text at each revision (add a line when you bump it)."""
 

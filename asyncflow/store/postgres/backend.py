@@ -223,25 +223,24 @@ class PostgresBackend:
         :data:`CLAIM_FUNCTION_RETRY_EVERY` claims and at once after this repo's ``migrate()``."""
         if self._states_until_retry > 0 or not self._direct():
             self._states_until_retry = max(0, self._states_until_retry - 1)
-            ids = await self.claim(now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
-            return [(instance_id, None) for instance_id in ids]
-        try:
-            async with self._db(wrote=True) as db:
-                return await pg.claim_due_states(
-                    db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types
+        else:
+            try:
+                async with self._db(wrote=True) as db:
+                    return await pg.claim_due_states(
+                        db, now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types
+                    )
+            except Exception as error:
+                if sqlstate(error) != pg.UNDEFINED_FUNCTION_SQLSTATE or "asyncflow_claim_states" not in str(
+                    error
+                ):
+                    raise
+                self._states_until_retry = CLAIM_FUNCTION_RETRY_EVERY
+                logger.info(
+                    "the database has no asyncflow_claim_states_v1() function yet: claims use "
+                    "asyncflow_claim_v1 until `asyncflow migrate` (or `repo.migrate()`) installs it"
                 )
-        except Exception as error:
-            if sqlstate(error) != pg.UNDEFINED_FUNCTION_SQLSTATE or "asyncflow_claim_states" not in str(
-                error
-            ):
-                raise
-            self._states_until_retry = CLAIM_FUNCTION_RETRY_EVERY
-            logger.info(
-                "the database has no asyncflow_claim_states_v1() function yet: claims use "
-                "asyncflow_claim_v1 until `asyncflow migrate` (or `repo.migrate()`) installs it"
-            )
-            ids = await self.claim(now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
-            return [(instance_id, None) for instance_id in ids]
+        ids = await self.claim(now_ms=now_ms, limit=limit, lease_ms=lease_ms, types=types)
+        return [(instance_id, None) for instance_id in ids]
 
     def _claim_function_missing(self, error: Exception, *, in_transaction: bool) -> None:
         """After a failed claim call: return (claims take the older statement for a while) only if the

@@ -232,9 +232,9 @@ SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_sor
 -- with its place in claim order (o_ord, from 1): where the instance is as it was created (never
 -- written since, never leased, no node row) its columns, and it takes lease epoch 1 for the pass it is
 -- handed to (no pass can hold epoch 0: create_workflow(run=True) creates at 1); else its id, with
--- o_workflow_type NULL. A driver's pass starts from
--- such a row without reading the instance again, where nobody else can have run it since the claim
--- (asyncflow's in-process lock knows). The rows are locked from the pick on: what it read of them holds.
+-- o_workflow_type NULL. A driver's pass starts from such a row without reading the instance again,
+-- where nobody else can have run it since the claim (asyncflow's in-process lock knows). The rows are
+-- locked from the pick on: what it read of them holds.
 DECLARE
     v_ids bigint[];
     v_new boolean[];  -- in v_ids's order: whether each instance is as it was created
