@@ -412,28 +412,6 @@ async def _measured(
     return setup_s, elapsed
 
 
-async def _load_backlog(
-    run: AsyncflowRun, workflow_type: str, registry: Any, repo: Any, make_repo: Callable[..., Any]
-) -> float:
-    """Load ``run.backlog`` due instances before the counted repo connects; the seconds it took.
-
-    On the SQL backends it loads through a repo (and service) of its own that nobody counts, closed
-    before the run's repo opens: the run's commits then count from the server's figure after the load
-    (the repo's own count takes each create of a group commit for a commit of its own). The memory
-    backend's store is its repo, so it loads into ``repo``.
-    """
-    loader = repo if repo is not None else make_repo(counted=False)
-    try:
-        svc = af.WorkflowService(loader, af.LocalWorkflowLock(), registry=registry)
-        seconds = await preload_backlog(
-            svc, loader, workflow_type, run.backlog, run.concurrency, bulk=run.backlog_create == "bulk"
-        )
-    finally:
-        if repo is None:
-            await loader.aclose()
-    return round(seconds, 3)
-
-
 async def run_asyncflow_once(
     run: AsyncflowRun, *, pg_admin: PgAdmin | None = None, redis_url: str | None = None
 ) -> RunMeasurement:
@@ -446,12 +424,7 @@ async def run_asyncflow_once(
     pool_size = run.concurrency if run.pool_size is None else run.pool_size
     backend = open_backend(run.backend, run.scenario, pg_admin, pool_size=pool_size)
     async with backend as (make_repo, read_commits):
-        repo = make_repo() if run.backend == "memory" else None  # one store: the backlog goes in it
-        if run.backlog:
-            extra["backlog_s"] = await _load_backlog(run, spec.workflow_type, registry, repo, make_repo)
-            await read_commits(rebase=True)
-        if repo is None:
-            repo = make_repo()
+        repo = make_repo()
         lock = make_lock(run.lock, redis_url, repo)
         try:
             svc = af.WorkflowService(
@@ -461,6 +434,18 @@ async def run_asyncflow_once(
                 observers=make_observers(run.observer),
                 visible_after=run.visible_after,
             )
+            if run.backlog:
+                extra["backlog_s"] = round(
+                    await preload_backlog(
+                        svc,
+                        repo,
+                        spec.workflow_type,
+                        run.backlog,
+                        run.concurrency,
+                        bulk=run.backlog_create == "bulk",
+                    ),
+                    3,
+                )
             warm = await _warm_up(svc, spec, run.concurrency)
             warm_commits, warm_writes = await read_commits(final=False)
             if run.gc_freeze:  # as asyncflow worker does once it is set up

@@ -55,13 +55,14 @@ class _CountingRepos:
         self.url = url
         self.engine_kwargs = engine_kwargs
         self.counter = SqlCommitCounter()
+        self.made: list[Any] = []
 
-    def make(self, counted: bool = True) -> Any:
-        """A repo on the run's store; ``counted=False``: one whose commits nobody counts (a backlog's)."""
+    def make(self) -> Any:
         repo = af.SQLAlchemyWorkflowRepo(self.url, **self.engine_kwargs)
         engine = _repo_engine(repo)
-        if engine is not None and counted:
+        if engine is not None:
             self.counter.attach(engine)
+        self.made.append(repo)
         return repo
 
     def counted(self, final: bool = True) -> tuple[int, int] | None:
@@ -73,12 +74,35 @@ class _CountingRepos:
         return self.counter.commits, self.counter.write_commits
 
 
-# (make_repo, read_commits): make_repo(counted=False) makes a repo on the same store whose commits are
-# not counted (SQL backends only; the memory backend's make_repo makes a new, empty store);
-# read_commits() is awaited after the repo is closed and returns (commits, write_commits), either of
-# which may be None; read_commits(final=False) reads them so far (the warm-up's, subtracted) and keeps
-# counting; read_commits(rebase=True), awaited while no counted repo has connected yet, starts the
-# count afresh (PostgreSQL: once the uncounted repos' sessions have gone, their commits published)
+async def flush_pg_statistics(repo: Any) -> None:
+    """Make every open session of ``repo`` publish its statistics now (PostgreSQL 15+).
+
+    A PostgreSQL session holds its counters (``xact_commit`` among them) back for up to 10 s while it
+    is open. ``pg_stat_force_next_flush()`` makes it publish them when it next goes idle, which is
+    before it answers: so each of the repo's kept connections (its lanes, and the pool's idle ones,
+    held together so that each is a different one) runs it once."""
+    statement = "SELECT pg_stat_force_next_flush()"
+    lanes = getattr(getattr(getattr(repo, "_backend", None), "_lanes", None), "_idle", None)
+    if lanes is None:
+        raise BenchmarkError(f"{type(repo).__name__} keeps no lanes where they were looked for")
+    for lane in list(lanes):
+        await lane.driver.execute(statement)
+    engine = repo.engine
+    held = []
+    try:
+        for _ in range(engine.sync_engine.pool.checkedin()):
+            held.append(await engine.connect())
+        for conn in held:
+            await conn.exec_driver_sql(statement)
+            await conn.commit()
+    finally:
+        for conn in held:
+            await conn.close()
+
+
+# (make_repo, read_commits): read_commits() is awaited after the repo is closed and returns
+# (commits, write_commits), either of which may be None; read_commits(final=False) reads them so far
+# (the warm-up's, subtracted) and keeps counting
 Backend = tuple[Callable[[], Any], Callable[..., Awaitable[tuple[int | None, int | None]]]]
 
 
@@ -94,15 +118,13 @@ async def open_backend(
     Commits: on PostgreSQL ``pg_stat_database.xact_commit`` of the run's own database (every
     committed transaction, reads and connection set-up included) and, from SQLAlchemy events, those
     that wrote; on SQLite both from SQLAlchemy events; none for the memory repo. Read mid-run
-    (``final=False``, the warm-up's, which the run subtracts), PostgreSQL's are the repo's own count:
-    the server publishes a live session's counters late. That count takes each unit of the hot path
-    for a commit, which group commit makes too many: a backlog created through ``create_workflow``
-    is therefore created on an uncounted repo (``make_repo(counted=False)``), closed before the
-    counted one connects, and ``read_commits(rebase=True)`` then counts from the server's figure.
+    (``final=False``, the warm-up's, which the run subtracts), PostgreSQL's come from the server too,
+    once the repos' sessions have published theirs (:func:`flush_pg_statistics`; before PostgreSQL 15,
+    the repo's own count, which takes each unit of a group commit for a commit of its own).
     """
     if backend == "memory":
 
-        async def nothing(final: bool = True, rebase: bool = False) -> tuple[None, None]:
+        async def nothing(final: bool = True) -> tuple[None, None]:
             return None, None
 
         yield af.MemoryWorkflowRepo, nothing
@@ -114,11 +136,7 @@ async def open_backend(
             await setup.aclose()
             repos = _CountingRepos(url, {})
 
-            async def sqlite_commits(
-                final: bool = True, rebase: bool = False
-            ) -> tuple[int | None, int | None]:
-                if rebase:  # the counter saw only counted repos, and none has run yet
-                    return None, None
+            async def sqlite_commits(final: bool = True) -> tuple[int | None, int | None]:
                 counted = repos.counted(final)
                 return (None, None) if counted is None else counted
 
@@ -134,15 +152,16 @@ async def open_backend(
             sizing = {"pool_size": pool_size, "max_overflow": 4} if pool_size > 0 else {}
             repos = _CountingRepos(db.sqlalchemy_url, sizing)
 
-            async def pg_commits(final: bool = True, rebase: bool = False) -> tuple[int | None, int | None]:
-                nonlocal before
-                if rebase:  # no counted session yet: waits until the uncounted ones have gone
-                    before = await pg_admin.xact_commit(db.name)
-                    return None, None
+            async def pg_commits(final: bool = True) -> tuple[int | None, int | None]:
                 counted = repos.counted(final)
-                if not final:  # mid-run: the server publishes a session's counters late; the repo's own
+                writes = None if counted is None else counted[1]
+                if final:  # the repo is closed: its sessions have published their counters
+                    return await pg_admin.xact_commit(db.name) - before, writes
+                if await pg_admin.server_version_num() < 150000:  # no flush: the repo's own count
                     return (None, None) if counted is None else counted
-                return await pg_admin.xact_commit(db.name) - before, None if counted is None else counted[1]
+                for repo in repos.made:  # mid-run: the sessions publish theirs now
+                    await flush_pg_statistics(repo)
+                return await pg_admin.xact_commit(db.name, wait_idle=False) - before, writes
 
             yield repos.make, pg_commits
     else:

@@ -86,6 +86,11 @@ class PgAdmin:
         rows = await self._fetch("SHOW server_version")
         return str(rows[0][0])
 
+    async def server_version_num(self) -> int:
+        """The server's ``server_version_num`` (150000 and up: PostgreSQL 15)."""
+        rows = await self._fetch("SELECT current_setting('server_version_num')::int")
+        return int(rows[0][0])
+
     def new_name(self, tag: str) -> str:
         return f"asyncflow_bench_{os.getpid()}_{next(_counter)}_{tag}".lower()
 

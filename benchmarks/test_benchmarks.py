@@ -143,6 +143,36 @@ async def test_a_backlog_created_through_the_service_is_not_in_the_runs_commits(
     assert 0 < m.write_commits <= 4 * completed
 
 
+@pytest.mark.postgres
+async def test_flushed_statistics_count_every_commit_of_an_open_repo(postgres_url: str) -> None:
+    """Mid-run, the server's commit count lags what the repo's open sessions committed (a session
+    publishes its counters at most once a second, or 10 s after going idle); flushed, it does not:
+    closing the repo, which commits nothing, then adds nothing."""
+    import asyncflow as af
+    from benchmarks.backends import flush_pg_statistics
+    from benchmarks.scenarios import BenchHooks, build_registry, get_scenario
+
+    admin = PgAdmin(postgres_url)
+    if await admin.server_version_num() < 150000:
+        pytest.skip("pg_stat_force_next_flush() needs PostgreSQL 15")
+    async with admin.fresh_database("flush") as db:
+        repo = af.SQLAlchemyWorkflowRepo(db.sqlalchemy_url)
+        await repo.create_schema()
+        before = await admin.xact_commit(db.name, wait_idle=False)
+        registry = build_registry(get_scenario("linear3"), BenchHooks())
+        svc = af.WorkflowService(repo, af.LocalWorkflowLock(), registry=registry)
+        try:
+            for i in range(5):  # several commits per session within a second
+                await svc.create_workflow("bench_linear3", f"flush-{i}", run=True)
+            await flush_pg_statistics(repo)
+            flushed = await admin.xact_commit(db.name, wait_idle=False)
+        finally:
+            await repo.aclose()
+        closed = await admin.xact_commit(db.name)
+    assert flushed - before >= 5  # the creates and steps, grouped or not
+    assert flushed == closed
+
+
 def test_backlog_rows_are_labelled_and_matched_apart() -> None:
     key = report.RowKey("asyncflow", "linear3", "driver", "postgres", "local", 100, 8, 3, backlog=1000)
     assert "backlog=1000" in key.label()
