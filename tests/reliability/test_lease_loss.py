@@ -173,11 +173,17 @@ class Gate:
                 await self.release.wait()
 
 
+TAKER_TTL = 10.0
+"""Runner 2's lock TTL: its leases are never made to run out, and a short one could run out on its own
+when a loaded machine delays the renewal (then its pass stops, and its retry runs ``D`` once more)."""
+
+
 def runner(setup: Setup, index: int, journal: Journal, gate: Gate | None, *, zombie: bool = False) -> Any:
     repo = CompletionCounter(setup.repos[index])
     lock = CapturingLock(setup.locks[index], zombie=zombie)
     registry = mixed_registry(journal, hook=gate)
-    svc = WorkflowService(repo, lock, registry, lock_ttl=setup.ttl, schedule=FAST, retry=FAST_RETRY)  # type: ignore[arg-type]
+    ttl = setup.ttl if index == 0 else max(setup.ttl, TAKER_TTL)  # only runner 1's lease is made to expire
+    svc = WorkflowService(repo, lock, registry, lock_ttl=ttl, schedule=FAST, retry=FAST_RETRY)  # type: ignore[arg-type]
     return svc, repo, lock
 
 
