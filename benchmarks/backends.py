@@ -6,6 +6,7 @@ temporary directory, or a new memory repo; the Redis lock gets a per-run key pre
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -74,23 +75,31 @@ class _CountingRepos:
         return self.counter.commits, self.counter.write_commits
 
 
-async def flush_pg_statistics(repo: Any) -> None:
-    """Make every open session of ``repo`` publish its statistics now (PostgreSQL 15+).
+async def flush_pg_statistics(repo: Any, *, timeout_s: float = 5.0) -> int:
+    """Make every open session of ``repo`` publish its statistics now (PostgreSQL 15+); how many it
+    keeps open (each of them flushed).
 
     A PostgreSQL session holds its counters (``xact_commit`` among them) back for up to 10 s while it
-    is open. ``pg_stat_force_next_flush()`` makes it publish them when it next goes idle, which is
-    before it answers: so each of the repo's kept connections (its lanes, and the pool's idle ones,
-    held together so that each is a different one) runs it once."""
-    statement = "SELECT pg_stat_force_next_flush()"
-    lanes = getattr(getattr(getattr(repo, "_backend", None), "_lanes", None), "_idle", None)
+    is open. ``pg_stat_force_next_flush()`` makes it publish them when it next goes idle, before it
+    answers, provided it has some table's counters pending too (else it publishes nothing): so the
+    statement also reads a catalog table. The repo's kept lanes go back to its pool first, then each
+    of the pool's connections, held together so that each is a different one, runs it once."""
+    statement = "SELECT pg_stat_force_next_flush(), (SELECT count(*) FROM pg_database)"
+    lanes = getattr(getattr(repo, "_backend", None), "_lanes", None)
     if lanes is None:
         raise BenchmarkError(f"{type(repo).__name__} keeps no lanes where they were looked for")
-    for lane in list(lanes):
-        await lane.driver.execute(statement)
+    await lanes.trim()
     engine = repo.engine
+    pool = engine.sync_engine.pool
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while pool.checkedout():  # a lane its idle release is giving back, or work still running
+        if loop.time() > deadline:
+            raise BenchmarkError(f"{pool.checkedout()} connections still in use: nothing may run now")
+        await asyncio.sleep(0.005)
     held = []
     try:
-        for _ in range(engine.sync_engine.pool.checkedin()):
+        for _ in range(pool.checkedin()):
             held.append(await engine.connect())
         for conn in held:
             await conn.exec_driver_sql(statement)
@@ -98,6 +107,7 @@ async def flush_pg_statistics(repo: Any) -> None:
     finally:
         for conn in held:
             await conn.close()
+    return len(held)
 
 
 # (make_repo, read_commits): read_commits() is awaited after the repo is closed and returns
@@ -149,6 +159,7 @@ async def open_backend(
             await setup.create_schema()
             await setup.aclose()
             before = await pg_admin.xact_commit(db.name)
+            flushes = await pg_admin.server_version_num() >= 150000  # pg_stat_force_next_flush()
             sizing = {"pool_size": pool_size, "max_overflow": 4} if pool_size > 0 else {}
             repos = _CountingRepos(db.sqlalchemy_url, sizing)
 
@@ -157,11 +168,11 @@ async def open_backend(
                 writes = None if counted is None else counted[1]
                 if final:  # the repo is closed: its sessions have published their counters
                     return await pg_admin.xact_commit(db.name) - before, writes
-                if await pg_admin.server_version_num() < 150000:  # no flush: the repo's own count
+                if not flushes:  # the repo's own count
                     return (None, None) if counted is None else counted
-                for repo in repos.made:  # mid-run: the sessions publish theirs now
-                    await flush_pg_statistics(repo)
-                return await pg_admin.xact_commit(db.name, wait_idle=False) - before, writes
+                # mid-run: the sessions publish theirs now, and any that closed have exited
+                sessions = sum([await flush_pg_statistics(repo) for repo in repos.made])
+                return await pg_admin.xact_commit(db.name, sessions=sessions) - before, writes
 
             yield repos.make, pg_commits
     else:

@@ -127,13 +127,15 @@ class PgAdmin:
         finally:
             await asyncio.shield(self.drop_database(db.name))
 
-    async def xact_commit(self, name: str, *, settle_timeout: float = 15.0, wait_idle: bool = True) -> int:
-        """Committed transactions of database ``name`` once no session is connected to it.
+    async def xact_commit(
+        self, name: str, *, settle_timeout: float = 15.0, wait_idle: bool = True, sessions: int = 0
+    ) -> int:
+        """Committed transactions of database ``name`` once at most ``sessions`` are connected to it.
 
         A backend publishes its counters when it exits (an idle one may hold them back up to 10 s), so
-        the caller closes its connections first and this waits until the database has no backend left.
-        With ``wait_idle=False`` it reads at once (the caller flushed its sessions with
-        ``pg_stat_force_next_flush()``).
+        the caller closes its connections first and this waits until the database has no backend left;
+        or it flushed the ``sessions`` it keeps open (``pg_stat_force_next_flush()``) and this waits
+        for the others to exit. With ``wait_idle=False`` it reads at once.
         """
         deadline = asyncio.get_running_loop().time() + settle_timeout
         query = (
@@ -146,7 +148,7 @@ class PgAdmin:
             commits, backends = rows[0][1], rows[0][2]
             if commits is None:
                 raise BenchDatabaseError(f"database {name!r} has no statistics row")
-            if backends == 0 or not wait_idle:
+            if backends <= sessions or not wait_idle:
                 return int(commits)
             if asyncio.get_running_loop().time() > deadline:
                 log.warning("database %s still has %d sessions; commit count may be short", name, backends)
