@@ -162,13 +162,13 @@ _LEASE_STATES = (
 )
 """:data:`_LOAD_STATES` that also takes a new lease epoch of each instance (the passes' first read)."""
 CLAIM_CALL = "SELECT asyncflow_claim_v1($1::bigint, $2::bigint, $3::bigint, $4::text[])"
-CLAIM_STATES_CALL = "SELECT * FROM asyncflow_claim_states_v1($1::bigint, $2::bigint, $3::bigint, $4::text[])"
-"""The claim that hands over new instances' rows (:data:`~.functions.CLAIM_STATES_FUNCTION`)."""
 """The driver's claim: the plpgsql function :data:`~asyncflow.store.postgres.functions.CLAIM_FUNCTION`
 (migration 13), ``NULL`` types for any type. Its statements are planned once per session: sent as a
 statement of its own (:data:`CLAIM_STATEMENT`), the claim was planned again for every call
 (PostgreSQL kept custom plans for it once the table had statistics), about 140 us of server CPU per
 claim (a quarter of it in batches of 16)."""
+CLAIM_STATES_CALL = "SELECT * FROM asyncflow_claim_states_v1($1::bigint, $2::bigint, $3::bigint, $4::text[])"
+"""The claim that hands over new instances' rows (:data:`~.functions.CLAIM_STATES_FUNCTION`)."""
 
 _CLAIM_STATEMENT = (
     "WITH picked AS MATERIALIZED (SELECT id, next_run_at AS due FROM workflow_instance "

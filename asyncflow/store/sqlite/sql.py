@@ -66,11 +66,12 @@ _INSERT_UNIQUE = (
 """A unique instance, unless a unique index (or, for ``'always'``, any unique instance of the key)
 refuses it: then no row, and nothing else fails."""
 _REFUSED_BY = refused_by("?", "?", "?")
-_GET_INSTANCE = (
-    "SELECT id, workflow_type, business_id, status, workflow_context, task_id, created_at, updated_at, "
-    "next_run_at, version, lease_epoch, trace_context, parent_id, parent_node, child_key "
-    "FROM workflow_instance WHERE id = ?"
+_INSTANCE_COLUMNS = (
+    "id, workflow_type, business_id, status, workflow_context, task_id, created_at, updated_at, "
+    "next_run_at, version, lease_epoch, trace_context, parent_id, parent_node, child_key"
 )
+"""A workflow_instance row as :func:`instance_record` reads it."""
+_GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM workflow_instance WHERE id = ?"
 _TAKE_LEASE = "UPDATE workflow_instance SET lease_epoch = lease_epoch + 1 WHERE id = ?"
 _IN_STATUS = "SELECT status FROM workflow_instance WHERE id = ?"
 _LOAD_TASKS = (
@@ -307,15 +308,13 @@ def inserted(prepared: PreparedStep, ids: Sequence[int], now: int) -> tuple[Task
     return inserted_task_records(prepared[0], ids, prepared[4], now)  # instance_id, inserts
 
 
-def _new_ids(count: int) -> str:
+def _hand_over(count: int) -> str:
     return (
-        f"SELECT id FROM workflow_instance WHERE id IN ({marks(count)}) AND version = 1 AND lease_epoch = 0 "
-        "AND NOT EXISTS (SELECT 1 FROM task_instance t WHERE t.workflow_instance_id = workflow_instance.id)"
+        f"UPDATE workflow_instance SET lease_epoch = 1 WHERE id IN ({marks(count)}) AND version = 1 "
+        "AND lease_epoch = 0 AND NOT EXISTS "
+        "(SELECT 1 FROM task_instance t WHERE t.workflow_instance_id = workflow_instance.id) "
+        f"RETURNING {_INSTANCE_COLUMNS}"
     )
-
-
-def _rows_of(count: int) -> str:
-    return f"{_GET_INSTANCE.removesuffix(' WHERE id = ?')} WHERE id IN ({marks(count)})"
 
 
 def claim_due_states(
@@ -327,11 +326,7 @@ def claim_due_states(
     ids = claim_due(db, now_ms, limit, lease_ms, types)
     if not ids:
         return []
-    new = [row[0] for row in db.execute(_new_ids(len(ids)), ids).fetchall()]
-    if not new:
-        return [(i, None) for i in ids]
-    db.execute(f"UPDATE workflow_instance SET lease_epoch = 1 WHERE id IN ({marks(len(new))})", new)
-    rows = {row[0]: instance_record(row) for row in db.execute(_rows_of(len(new)), new).fetchall()}
+    rows = {row[0]: instance_record(row) for row in db.execute(_hand_over(len(ids)), ids).fetchall()}
     return [(i, rows.get(i)) for i in ids]
 
 
